@@ -1,0 +1,145 @@
+"""The Plan: what one host's kernel should hold, as plain data.
+
+The agent's calculation (pure) produces a Plan from its replica of the desired state; the dataplane
+(`links.py` for netlink, `nft.py` for nftables) diffs a Plan against the kernel and changes only the
+difference. Everything here is immutable and hashable so plans can be compared and diffed cheaply.
+
+Ownership marks, so a restarted agent can tell what is its own:
+- links: names start with `LINK_PREFIX` (pod veths `tth<11 hex>`, the VTEP `tth.vxlan`);
+- routes: protocol number `RTPROT_TETHER`;
+- nftables: the whole table `inet tether`;
+- neighbours/FDB entries: those on the VTEP device (which is ours), plus pod-side gateway neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LINK_PREFIX = "tth"
+VTEP_NAME = "tth.vxlan"
+VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50
+RTPROT_TETHER = 201  # routes we install carry this protocol number
+NFT_TABLE = "tether"  # family inet
+POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)
+POD_GATEWAY6 = "fe80::1"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Route:
+    """A route in the host's main table. `dst` is a CIDR ("10.1.0.5/32")."""
+
+    dst: str
+    dev: str
+    via: str | None = None
+    onlink: bool = False
+    scope: Literal["link", "universe"] = "universe"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Neighbour:
+    """A permanent neighbour entry (IP -> MAC on a device)."""
+
+    ip: str
+    lladdr: str
+    dev: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FdbEntry:
+    """A static VXLAN forwarding entry: frames for `lladdr` go to the VTEP at `dst`."""
+
+    lladdr: str
+    dst: str
+    dev: str
+
+
+@dataclass(frozen=True, slots=True)
+class Vtep:
+    """The host's single VXLAN device (learning off, no flooding)."""
+
+    name: str
+    vni: int
+    local_ip: str
+    underlay_dev: str
+    mac: str
+    ip: str  # address of the VTEP device itself (/32), used as peers' onlink next hop
+    mtu: int
+    port: int = VXLAN_PORT
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class HostInterface:
+    """The host side of a pod veth that should exist (it is created by the CNI path, the plan keeps
+    its settings right and lets the dataplane remove owned veths that are not in the plan)."""
+
+    name: str
+    mtu: int
+    endpoint_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NftSet:
+    """A named set (or, with `map_type`, a map / verdict map) in the Tether table.
+
+    `type` is an nft type or a concatenation tuple, e.g. "ipv4_addr" or ("ipv4_addr", "inet_service").
+    Elements are JSON-able nft element values; for maps each element is a (key, value) pair.
+    """
+
+    name: str
+    type: str | tuple[str, ...]
+    flags: tuple[str, ...] = ()
+    map_type: str | tuple[str, ...] | None = None  # e.g. "verdict" for a verdict map
+    elements: frozenset[Any] = frozenset()
+    timeout: int | None = None  # seconds, for dynamic sets (session affinity)
+
+
+@dataclass(frozen=True, slots=True)
+class NftChain:
+    """A chain; `hook` set for base chains. Each rule is a tuple of nft JSON statement dicts,
+    kept as a JSON string so the plan stays hashable (see `rule()`)."""
+
+    name: str
+    rules: tuple[str, ...] = ()
+    hook: str | None = None  # prerouting, input, forward, output, postrouting
+    type: Literal["filter", "nat", "route"] | None = None
+    priority: int | None = None
+    policy: Literal["accept", "drop"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NftPlan:
+    """The whole `inet tether` table. Applied atomically; set elements are diffed incrementally."""
+
+    sets: tuple[NftSet, ...] = ()
+    chains: tuple[NftChain, ...] = ()
+
+    def set(self, name: str) -> NftSet | None:
+        return next((s for s in self.sets if s.name == name), None)
+
+    def chain(self, name: str) -> NftChain | None:
+        return next((c for c in self.chains if c.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one host's kernel should hold for Tether."""
+
+    vtep: Vtep | None = None
+    routes: frozenset[Route] = frozenset()
+    neighbours: frozenset[Neighbour] = frozenset()
+    fdb: frozenset[FdbEntry] = frozenset()
+    interfaces: frozenset[HostInterface] = frozenset()
+    nft: NftPlan = field(default_factory=NftPlan)
+    sysctls: tuple[tuple[str, str], ...] = ()  # (path under /proc/sys, value), e.g. ("net/ipv4/ip_forward", "1")
+
+
+def rule(*statements: dict[str, Any], comment: str | None = None) -> str:
+    """Encode one nft rule (a list of nft JSON statements) as a canonical JSON string."""
+    import json
+
+    body: dict[str, Any] = {"expr": list(statements)}
+    if comment:
+        body["comment"] = comment
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
