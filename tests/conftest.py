@@ -1,0 +1,7 @@
+"""Shared pytest set-up: fixtures live in tests/fixtures/<topic>.py, one module per topic."""
+
+pytest_plugins = [
+    "tests.fixtures.etcd",
+    "tests.fixtures.server",
+    "tests.fixtures.lab",
+]
