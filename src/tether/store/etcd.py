@@ -9,6 +9,7 @@ last delivered revision after such a switch, so there are no gaps and no duplica
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,10 +66,8 @@ class EtcdStore:
         client, self._client = self._client, None
         self._current = (self._current + 1) % len(self.endpoints)
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await client.close()
-            except Exception:  # noqa: BLE001
-                pass
 
     async def _call(self, fn: Any) -> Any:
         """Run `fn(client)`, retrying once on another endpoint when the connection fails."""
