@@ -1,0 +1,422 @@
+"""The /api/v1 routes. Thin: parse, call `Objects`, answer; the rules live in objects.py/validation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from tether.model import (
+    Block,
+    Endpoint,
+    Host,
+    Namespace,
+    Network,
+    NetworkPolicy,
+    SecurityGroup,
+    SecurityGroupRule,
+    Service,
+    decode,
+    kind_of_key,
+)
+from tether.server.objects import ApiError, Objects, with_retries
+from tether.server.validation import check_policy, require_namespace
+from tether.store.base import Compacted
+
+router = APIRouter(prefix="/api/v1")
+
+
+def objs(request: Request) -> Objects:
+    return request.app.state.objects
+
+
+def dump(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [o.model_dump(mode="json") for o in obj]
+    return obj.model_dump(mode="json")
+
+
+def answer(response: Response, obj: Any, created: bool) -> Any:
+    response.status_code = 201 if created else 200
+    return dump(obj)
+
+
+def same_name(path_name: str, body_name: str, kind: str) -> None:
+    if path_name != body_name:
+        raise ApiError(400, f"{kind} name in the URL ({path_name!r}) differs from the body ({body_name!r})")
+
+
+# --- hosts -----------------------------------------------------------------------------------------
+
+class HeartbeatBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: float = Field(default=15, gt=0, le=3600)
+
+
+@router.get("/hosts")
+async def list_hosts(request: Request) -> list[dict]:
+    hosts = await objs(request).list(Host)
+    live = await objs(request).live_hosts()
+    out = dump(hosts)
+    for h in out:
+        h["alive"] = h["name"] in live
+    return out
+
+
+@router.get("/hosts/{name}")
+async def get_host(name: str, request: Request) -> dict:
+    return dump(await objs(request).must(Host, name))
+
+
+@router.put("/hosts/{name}")
+async def put_host(name: str, host: Host, request: Request, response: Response) -> dict:
+    same_name(name, host.name, "host")
+    obj, created = await objs(request).register_host(host)
+    return answer(response, obj, created)
+
+
+@router.post("/hosts/{name}/heartbeat")
+async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = None) -> dict:
+    await objs(request).heartbeat(name, (body or HeartbeatBody()).ttl)
+    return {"ok": True}
+
+
+@router.delete("/hosts/{name}", status_code=204)
+async def delete_host(name: str, request: Request) -> None:
+    o = objs(request)
+    host = await o.must(Host, name)
+    eps = [e for e in await o.list(Endpoint) if e.host == name]
+    if eps:
+        raise ApiError(409, f"host {name!r} still has {len(eps)} endpoints; delete them first, or let the garbage "
+                            "collector reclaim them once the host's lease has expired")
+    await o.remove(host)
+
+
+# --- networks --------------------------------------------------------------------------------------
+
+@router.get("/networks")
+async def list_networks(request: Request) -> list[dict]:
+    return dump(await objs(request).list(Network))
+
+
+@router.get("/networks/{name}")
+async def get_network(name: str, request: Request) -> dict:
+    return dump(await objs(request).must(Network, name))
+
+
+@router.post("/networks", status_code=201)
+async def create_network(net: Network, request: Request) -> dict:
+    obj, _ = await objs(request).put_network(net, create_only=True)
+    return dump(obj)
+
+
+@router.put("/networks/{name}")
+async def put_network(name: str, net: Network, request: Request, response: Response) -> dict:
+    same_name(name, net.name, "network")
+    obj, created = await objs(request).put_network(net, create_only=False)
+    return answer(response, obj, created)
+
+
+@router.delete("/networks/{name}", status_code=204)
+async def delete_network(name: str, request: Request) -> None:
+    await objs(request).delete_network(name)
+
+
+# --- endpoints -------------------------------------------------------------------------------------
+
+@router.get("/endpoints")
+async def list_endpoints(
+    request: Request,
+    network: str | None = None,
+    host: str | None = None,
+    namespace: str | None = None,
+    name: str | None = None,
+    owner_container_id: str | None = None,
+) -> list[dict]:
+    eps = await objs(request).list(Endpoint)
+    eps = [e for e in eps if (network is None or e.network == network) and (host is None or e.host == host)
+           and (namespace is None or e.namespace == namespace) and (name is None or e.name == name)
+           and (owner_container_id is None or e.owner.container_id == owner_container_id)]
+    return dump(eps)
+
+
+@router.get("/endpoints/{ep_id}")
+async def get_endpoint(ep_id: str, request: Request) -> dict:
+    return dump(await objs(request).must(Endpoint, ep_id))
+
+
+@router.post("/endpoints", status_code=201)
+async def create_endpoint(ep: Endpoint, request: Request, response: Response) -> dict:
+    o = objs(request)
+    if await o.get(Namespace, ep.namespace) is None and ep.namespace != "default":
+        await require_namespace(o, ep.namespace)
+    obj, created = await o.create_endpoint(ep)
+    return answer(response, obj, created)
+
+
+@router.patch("/endpoints/{ep_id}")
+async def patch_endpoint(ep_id: str, request: Request, changes: dict[str, Any] = Body(...)) -> dict:
+    return dump(await objs(request).update_endpoint(ep_id, changes))
+
+
+@router.delete("/endpoints/by-handle/{handle:path}")
+async def release_by_handle(handle: str, request: Request) -> dict:
+    o = objs(request)
+    ep = await o.endpoint_by_handle(handle)
+    if ep is not None:
+        await o.delete_endpoint(ep.id)
+    return {"released": ep is not None, "endpoint": dump(ep) if ep else None}
+
+
+@router.delete("/endpoints/{ep_id}", status_code=204)
+async def delete_endpoint(ep_id: str, request: Request) -> None:
+    if await objs(request).delete_endpoint(ep_id) is None:
+        raise ApiError(404, f"endpoint {ep_id!r} not found")
+
+
+# --- namespaces ------------------------------------------------------------------------------------
+
+@router.get("/namespaces")
+async def list_namespaces(request: Request) -> list[dict]:
+    return dump(await objs(request).list(Namespace))
+
+
+@router.get("/namespaces/{name}")
+async def get_namespace(name: str, request: Request) -> dict:
+    return dump(await objs(request).must(Namespace, name))
+
+
+@router.put("/namespaces/{name}")
+async def put_namespace(name: str, ns: Namespace, request: Request, response: Response) -> dict:
+    same_name(name, ns.name, "namespace")
+    ns.labels.setdefault("kubernetes.io/metadata.name", name)
+    obj, created = await objs(request).upsert(ns)
+    return answer(response, obj, created)
+
+
+@router.delete("/namespaces/{name}", status_code=204)
+async def delete_namespace(name: str, request: Request) -> None:
+    o = objs(request)
+    ns = await o.must(Namespace, name)
+    eps = [e for e in await o.list(Endpoint) if e.namespace == name]
+    if eps:
+        raise ApiError(409, f"namespace {name!r} still has {len(eps)} endpoints; delete them first")
+    await o.remove(ns)
+
+
+# --- network policies ------------------------------------------------------------------------------
+
+@router.get("/networkpolicies")
+async def list_policies(request: Request, namespace: str | None = None) -> list[dict]:
+    return dump(await objs(request).list(NetworkPolicy, f"{namespace}/" if namespace else ""))
+
+
+@router.get("/namespaces/{ns}/networkpolicies/{name}")
+async def get_policy(ns: str, name: str, request: Request) -> dict:
+    return dump(await objs(request).must(NetworkPolicy, f"{ns}/{name}"))
+
+
+@router.put("/namespaces/{ns}/networkpolicies/{name}")
+async def put_policy(ns: str, name: str, pol: NetworkPolicy, request: Request, response: Response) -> dict:
+    same_name(name, pol.name, "network policy")
+    if pol.namespace != ns:
+        raise ApiError(400, f"namespace in the URL ({ns!r}) differs from the body ({pol.namespace!r})")
+    o = objs(request)
+    await require_namespace(o, ns)
+    check_policy(pol)
+    obj, created = await o.upsert(pol)
+    return answer(response, obj, created)
+
+
+@router.delete("/namespaces/{ns}/networkpolicies/{name}", status_code=204)
+async def delete_policy(ns: str, name: str, request: Request) -> None:
+    o = objs(request)
+    await o.remove(await o.must(NetworkPolicy, f"{ns}/{name}"))
+
+
+# --- security groups -------------------------------------------------------------------------------
+
+@router.get("/securitygroups")
+async def list_sgs(request: Request) -> list[dict]:
+    return dump(await objs(request).list(SecurityGroup))
+
+
+@router.get("/securitygroups/{sg_id}")
+async def get_sg(sg_id: str, request: Request) -> dict:
+    return dump(await find_sg(objs(request), sg_id))
+
+
+async def find_sg(o: Objects, ref: str) -> SecurityGroup:
+    """A security group by id, or by name when the name is unique."""
+    sg = await o.get(SecurityGroup, ref)
+    if sg is not None:
+        return sg
+    named = [s for s in await o.list(SecurityGroup) if s.name == ref]
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise ApiError(409, f"{len(named)} security groups are named {ref!r}; use the id")
+    raise ApiError(404, f"security group {ref!r} not found")
+
+
+async def check_sg_refs(o: Objects, sg: SecurityGroup) -> None:
+    for r in sg.rules:
+        if r.remote_group_id and r.remote_group_id != sg.id and await o.get(SecurityGroup, r.remote_group_id) is None:
+            raise ApiError(400, f"rule {r.id}: remote group {r.remote_group_id!r} does not exist")
+
+
+@router.post("/securitygroups", status_code=201)
+async def create_sg(sg: SecurityGroup, request: Request) -> dict:
+    o = objs(request)
+    await check_sg_refs(o, sg)
+    return dump(await with_retries(lambda: o.create(sg)))
+
+
+@router.put("/securitygroups/{sg_id}")
+async def put_sg(sg_id: str, sg: SecurityGroup, request: Request, response: Response) -> dict:
+    if sg.id != sg_id:
+        raise ApiError(400, f"security group id in the URL ({sg_id!r}) differs from the body ({sg.id!r})")
+    o = objs(request)
+    await check_sg_refs(o, sg)
+    obj, created = await o.upsert(sg)
+    return answer(response, obj, created)
+
+
+@router.post("/securitygroups/{sg_id}/rules", status_code=201)
+async def add_sg_rule(sg_id: str, rule: SecurityGroupRule, request: Request) -> dict:
+    o = objs(request)
+
+    async def attempt() -> SecurityGroup:
+        sg = await find_sg(o, sg_id)
+        sg.rules.append(rule)
+        await check_sg_refs(o, sg)
+        return await o.replace(sg, sg.revision)
+
+    await with_retries(attempt)
+    return dump(rule)
+
+
+@router.delete("/securitygroups/{sg_id}/rules/{rule_id}", status_code=204)
+async def delete_sg_rule(sg_id: str, rule_id: str, request: Request) -> None:
+    o = objs(request)
+
+    async def attempt() -> None:
+        sg = await find_sg(o, sg_id)
+        if not any(r.id == rule_id for r in sg.rules):
+            raise ApiError(404, f"rule {rule_id!r} not found in security group {sg.name!r}")
+        sg.rules = [r for r in sg.rules if r.id != rule_id]
+        await o.replace(sg, sg.revision)
+
+    await with_retries(attempt)
+
+
+@router.delete("/securitygroups/{sg_id}", status_code=204)
+async def delete_sg(sg_id: str, request: Request) -> None:
+    o = objs(request)
+    sg = await find_sg(o, sg_id)
+    users = [e.name for e in await o.list(Endpoint) if sg.id in e.security_groups]
+    if users:
+        raise ApiError(409, f"security group {sg.name!r} is used by {len(users)} endpoints ({', '.join(users[:5])}); "
+                            "detach it first")
+    await o.remove(sg)
+
+
+# --- services --------------------------------------------------------------------------------------
+
+@router.get("/services")
+async def list_services(request: Request, namespace: str | None = None) -> list[dict]:
+    return dump(await objs(request).list(Service, f"{namespace}/" if namespace else ""))
+
+
+@router.get("/namespaces/{ns}/services/{name}")
+async def get_service(ns: str, name: str, request: Request) -> dict:
+    return dump(await objs(request).must(Service, f"{ns}/{name}"))
+
+
+@router.put("/namespaces/{ns}/services/{name}")
+async def put_service(ns: str, name: str, svc: Service, request: Request, response: Response) -> dict:
+    same_name(name, svc.name, "service")
+    if svc.namespace != ns:
+        raise ApiError(400, f"namespace in the URL ({ns!r}) differs from the body ({svc.namespace!r})")
+    o = objs(request)
+    await require_namespace(o, ns)
+    if svc.network and await o.get(Network, svc.network) is None:
+        raise ApiError(400, f"network {svc.network!r} does not exist")
+    obj, created = await o.put_service(svc)
+    return answer(response, obj, created)
+
+
+@router.delete("/namespaces/{ns}/services/{name}", status_code=204)
+async def delete_service(ns: str, name: str, request: Request) -> None:
+    await objs(request).delete_service(ns, name)
+
+
+# --- blocks, snapshot, watch -----------------------------------------------------------------------
+
+@router.get("/blocks")
+async def list_blocks(request: Request, network: str | None = None) -> list[dict]:
+    return dump(await objs(request).list(Block, f"{network}:" if network else ""))
+
+
+@router.get("/snapshot")
+async def snapshot(request: Request) -> dict:
+    rev, items = await objs(request).snapshot()
+    return {"revision": rev, "objects": [{"kind": o.kind, "object": o.model_dump(mode="json")} for o in items]}
+
+
+@router.get("/watch")
+async def watch(request: Request, after_revision: int = Query(..., ge=0), bookmark_interval: float = 5.0):
+    store = objs(request).store
+    from tether.model import PREFIX
+
+    async def lines() -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+        last = after_revision
+
+        async def pump() -> None:
+            try:
+                async for ev in store.watch(PREFIX, after_revision):
+                    await queue.put(ev)
+            except Compacted as e:
+                await queue.put(e)
+            except Exception as e:  # noqa: BLE001 - reported to the client as a resync
+                await queue.put(e)
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), bookmark_interval)
+                except TimeoutError:
+                    yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
+                    continue
+                if isinstance(item, Compacted):
+                    yield (json.dumps({"type": "resync", "compact_revision": item.compact_revision}) + "\n").encode()
+                    return
+                if isinstance(item, Exception):
+                    yield (json.dumps({"type": "resync", "error": str(item)}) + "\n").encode()
+                    return
+                last = item.revision
+                kind = kind_of_key(item.key)
+                if kind is None:
+                    continue
+                obj = None
+                if item.value is not None:
+                    o = decode(item.key, item.value)
+                    if o is not None:
+                        o.revision = item.revision
+                        obj = o.model_dump(mode="json")
+                yield (json.dumps({"type": item.type, "kind": kind, "key": item.key, "object": obj,
+                                   "revision": item.revision}) + "\n").encode()
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

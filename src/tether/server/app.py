@@ -1,0 +1,147 @@
+"""The FastAPI application: routes, authentication, error shapes, metrics and the GC loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from tether.ipam import Ipam
+from tether.model import Namespace
+from tether.server.api import router
+from tether.server.auth import OPEN_PATHS, token_ok
+from tether.server.gc import GarbageCollector
+from tether.server.objects import ApiError, Objects, with_retries
+from tether.store.base import Store, StoreError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field; remove it (see /openapi.json for the fields this object has)"
+        elif err.get("type") == "json_invalid":
+            msg = f"malformed JSON ({err.get('ctx', {}).get('error', 'syntax error')})"
+        parts.append(f"{loc or 'body'}: {msg}")
+    return "; ".join(parts)
+
+
+def create_app(
+    store: Store,
+    *,
+    token: str | None,
+    service_cidr: str = "10.96.0.0/16",
+    vtep_cidr: str = "169.254.64.0/18",
+    dead_host_grace: float = 600.0,
+    empty_block_grace: float = 300.0,
+    gc_interval: float = 30.0,
+) -> FastAPI:
+    registry = CollectorRegistry()
+    requests = Counter("tether_api_requests", "API requests", ["method", "status"], registry=registry)
+    latency = Histogram("tether_api_request_seconds", "API request latency", registry=registry)
+    ipam = Ipam(store, empty_grace=empty_block_grace)
+    objects = Objects(store, ipam, service_cidr=service_cidr, vtep_cidr=vtep_cidr)
+    gc = GarbageCollector(objects, dead_host_grace=dead_host_grace, interval=gc_interval)
+    addresses = Gauge("tether_ipam_addresses_in_use", "Allocated addresses", ["network"], registry=registry)
+    blocks_g = Gauge("tether_ipam_blocks", "Claimed IPAM blocks", ["network"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def ensure_default() -> None:
+            if await objects.get(Namespace, "default") is None:
+                await objects.upsert(Namespace(name="default", labels={"kubernetes.io/metadata.name": "default"}))
+
+        with contextlib.suppress(StoreError):
+            await with_retries(ensure_default)
+        task = asyncio.create_task(gc.run()) if gc_interval > 0 else None
+        yield
+        if task:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    app = FastAPI(title="Tether API", version="1", lifespan=lifespan,
+                  description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
+    app.state.objects = objects
+    app.state.gc = gc
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def auth_and_metrics(request: Request, call_next):
+        start = time.perf_counter()
+        path = request.url.path
+        if token is not None and path not in OPEN_PATHS and not token_ok(request.headers.get("authorization"), token):
+            status = 401
+            response = JSONResponse({"detail": "missing or wrong bearer token: pass --token or set TETHER_TOKEN "
+                                               "(the server's token is in its state dir, file 'token')"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+        else:
+            response = await call_next(request)
+            status = response.status_code
+        requests.labels(request.method, str(status)).inc()
+        latency.observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_validation(exc), "errors": jsonable(exc.errors())}, 422)
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
+        return JSONResponse({"detail": f"the store is unavailable: {exc}"}, 503)
+
+    @app.exception_handler(ValueError)
+    async def value_error(_: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 400)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        await store.revision()
+        return {"ok": True}
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict:
+        return {"name": "tether", "api": "/api/v1", "openapi": "/openapi.json"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> PlainTextResponse:
+        from tether.model import Block
+
+        per_net: dict[str, list[int]] = {}
+        for b in await objects.list(Block):
+            c = per_net.setdefault(b.network, [0, 0])
+            c[0] += len(b.allocations)
+            c[1] += 1
+        for net, (n_addr, n_blocks) in per_net.items():
+            addresses.labels(net).set(n_addr)
+            blocks_g.labels(net).set(n_blocks)
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def jsonable(errors: list) -> list:
+    out = []
+    for e in errors:
+        e = dict(e)
+        e.pop("ctx", None)
+        e.pop("url", None)
+        if "input" in e:
+            e["input"] = repr(e["input"])[:200]
+        out.append(e)
+    return out

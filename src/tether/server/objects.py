@@ -1,0 +1,379 @@
+"""Typed reads and transactional writes of model objects, with the index keys that keep names unique.
+
+This is the only place that turns API intentions into store transactions. Every write is one
+transaction: the object, its index keys and (for endpoints) its IPAM block updates, so a crash at
+any moment leaves either all of it or none of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tether.ipam import Ipam, IpamError
+from tether.model import (
+    KINDS,
+    PREFIX,
+    Endpoint,
+    Host,
+    Network,
+    Obj,
+    Service,
+    decode,
+    encode,
+    key_of,
+    kind_of_key,
+    now,
+)
+from tether.store.base import Compare, Conflict, Delete, Op, Put, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=Obj)
+IDX = PREFIX + "idx/"
+NETWORK_GUARD = IDX + "network-guard"  # serialises network writes so overlap checks cannot race
+HOST_LEASE = PREFIX + "leases/hosts/"
+
+
+class ApiError(Exception):
+    """A request that cannot be done; `detail` says what is wrong and how to fix it."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def endpoint_name_key(ep: Endpoint) -> str:
+    return f"{IDX}endpoint-name/{ep.network}/{ep.namespace}/{ep.name}"
+
+
+def handle_key(handle: str) -> str:
+    return f"{IDX}handle/{handle}"
+
+
+def vtep_key(ip: str) -> str:
+    return f"{IDX}vtep/{ip}"
+
+
+def svcip_key(ip: str) -> str:
+    return f"{IDX}service-ip/{ip}"
+
+
+async def with_retries(fn: Callable[[], Awaitable[T]], attempts: int = 50) -> T:
+    """Run a read-compute-CAS function until it commits without a conflict."""
+    for i in range(attempts):
+        try:
+            return await fn()
+        except Conflict:
+            if i == attempts - 1:
+                raise ApiError(409, "the store was busy with conflicting writes; retry the request") from None
+            await asyncio.sleep(min(0.001 * (2**i), 0.05))
+    raise AssertionError("unreachable")
+
+
+class Objects:
+    def __init__(self, store: Store, ipam: Ipam, *, service_cidr: str, vtep_cidr: str) -> None:
+        self.store = store
+        self.ipam = ipam
+        self.service_cidr = ipaddress.ip_network(service_cidr)
+        self.vtep_cidr = ipaddress.ip_network(vtep_cidr)
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    async def get(self, cls: type[T], store_name: str) -> T | None:
+        kv = await self.store.get(key_of(cls.kind, store_name))
+        if kv is None:
+            return None
+        obj = cls.model_validate_json(kv.value)
+        obj.revision = kv.mod_revision
+        return obj
+
+    async def must(self, cls: type[T], store_name: str) -> T:
+        obj = await self.get(cls, store_name)
+        if obj is None:
+            raise ApiError(404, f"{cls.kind.lower()} {store_name!r} not found")
+        return obj
+
+    async def list(self, cls: type[T], prefix: str = "") -> list[T]:
+        listed = await self.store.list(key_of(cls.kind, prefix))
+        out = []
+        for kv in listed.items:
+            obj = cls.model_validate_json(kv.value)
+            obj.revision = kv.mod_revision
+            out.append(obj)
+        return out
+
+    async def snapshot(self) -> tuple[int, list[Obj]]:
+        listed = await self.store.list(PREFIX)
+        objs = []
+        for kv in listed.items:
+            if kind_of_key(kv.key) is None:
+                continue
+            obj = decode(kv.key, kv.value)
+            if obj is not None:
+                obj.revision = kv.mod_revision
+                objs.append(obj)
+        return listed.revision, objs
+
+    async def endpoint_by_handle(self, handle: str) -> Endpoint | None:
+        kv = await self.store.get(handle_key(handle))
+        return await self.get(Endpoint, kv.value.decode()) if kv else None
+
+    # --- generic writes -------------------------------------------------------------------------
+
+    async def create(self, obj: T, compares: list[Compare] | None = None, ops: list[Op] | None = None) -> T:
+        obj.created_at = now()
+        rev = await self.store.txn([Compare(obj.key(), 0), *(compares or [])],
+                                   [Put(obj.key(), encode(obj)), *(ops or [])])
+        obj.revision = rev
+        return obj
+
+    async def replace(self, obj: T, revision: int, compares: list[Compare] | None = None,
+                      ops: list[Op] | None = None) -> T:
+        rev = await self.store.txn([Compare(obj.key(), revision), *(compares or [])],
+                                   [Put(obj.key(), encode(obj)), *(ops or [])])
+        obj.revision = rev
+        return obj
+
+    async def remove(self, obj: Obj, compares: list[Compare] | None = None, ops: list[Op] | None = None) -> int:
+        return await self.store.txn([Compare(obj.key(), obj.revision), *(compares or [])],
+                                    [Delete(obj.key()), *(ops or [])])
+
+    async def upsert(self, obj: T) -> tuple[T, bool]:
+        """Create or replace (keeping id and created_at); returns (object, created)."""
+
+        async def attempt() -> tuple[T, bool]:
+            old = await self.get(type(obj), obj.store_name())
+            if old is None:
+                return await self.create(obj), True
+            obj.id, obj.created_at = old.id, old.created_at
+            return await self.replace(obj, old.revision), False
+
+        return await with_retries(attempt)
+
+    # --- networks -------------------------------------------------------------------------------
+
+    async def put_network(self, net: Network, create_only: bool) -> tuple[Network, bool]:
+        async def attempt() -> tuple[Network, bool]:
+            guard = await self.store.get(NETWORK_GUARD)
+            guard_cmp = Compare(NETWORK_GUARD, guard.mod_revision if guard else 0)
+            guard_op = Put(NETWORK_GUARD, b"1")
+            others = [n for n in await self.list(Network) if n.name != net.name]
+            check_overlap(net, others)
+            old = await self.get(Network, net.name)
+            if old is None:
+                return await self.create(net, [guard_cmp], [guard_op]), True
+            if create_only:
+                raise ApiError(409, f"network {net.name!r} already exists; use another name or update it")
+            if [s.cidr for s in old.subnets] != [s.cidr for s in net.subnets]:
+                eps = await self.endpoints_in(net.name)
+                if eps:
+                    raise ApiError(409, f"network {net.name!r} has {len(eps)} endpoints; its subnets cannot change "
+                                        "until they are deleted")
+            net.id, net.created_at = old.id, old.created_at
+            return await self.replace(net, old.revision, [guard_cmp], [guard_op]), False
+
+        return await with_retries(attempt)
+
+    async def endpoints_in(self, network: str) -> list[Endpoint]:
+        return [e for e in await self.list(Endpoint) if e.network == network]
+
+    async def delete_network(self, name: str) -> None:
+        async def attempt() -> None:
+            net = await self.must(Network, name)
+            eps = await self.endpoints_in(name)
+            if eps:
+                shown = ", ".join(e.name for e in eps[:5]) + (" ..." if len(eps) > 5 else "")
+                raise ApiError(409, f"network {name!r} still has {len(eps)} endpoints ({shown}); "
+                                    "delete them first (tether endpoint delete) or remove their containers")
+            blocks = await self.store.list(key_of("Block", f"{name}:"))
+            await self.remove(net, [Compare(kv.key, kv.mod_revision) for kv in blocks.items],
+                              [Delete(kv.key) for kv in blocks.items])
+            self.ipam.invalidate(name)
+
+        await with_retries(attempt)
+
+    # --- endpoints ------------------------------------------------------------------------------
+
+    async def create_endpoint(self, ep: Endpoint) -> tuple[Endpoint, bool]:
+        """Create an endpoint with its addresses in one transaction; idempotent per handle."""
+        ep.handle = ep.handle or ep.id
+        requested = list(ep.ips)
+
+        async def attempt() -> tuple[Endpoint, bool]:
+            existing = await self.endpoint_by_handle(ep.handle or "")
+            if existing is not None:
+                return existing, False
+            net = await self.get(Network, ep.network)
+            if net is None:
+                raise ApiError(400, f"network {ep.network!r} does not exist; create it with "
+                                    f"`tether network create {ep.network} --subnet CIDR`")
+            if ep.host and await self.get(Host, ep.host) is None:
+                raise ApiError(400, f"host {ep.host!r} is not registered; start `tether agent` on it first")
+            for sg in ep.security_groups:
+                if await self.store.get(key_of("SecurityGroup", sg)) is None:
+                    raise ApiError(400, f"security group {sg!r} does not exist")
+            name_kv = await self.store.get(endpoint_name_key(ep))
+            if name_kv is not None:
+                raise ApiError(409, f"an endpoint named {ep.name!r} already exists in namespace "
+                                    f"{ep.namespace!r} of network {ep.network!r}")
+            try:
+                alloc = await self.ipam.allocate(net, ep.host, ep.handle or ep.id, requested)
+            except IpamError as e:
+                raise ApiError(e.status, str(e)) from None
+            ep.ips = alloc.ips
+            ep.created_at = now()
+            compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0),
+                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares]
+            ops = [Put(ep.key(), encode(ep)), Put(endpoint_name_key(ep), ep.id.encode()),
+                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops]
+            try:
+                rev = await self.store.txn(compares, ops)
+            except Conflict:
+                self.ipam.invalidate(net.name)
+                raise
+            self.ipam.committed(alloc, rev)
+            ep.revision = rev
+            return ep, True
+
+        return await with_retries(attempt)
+
+    async def delete_endpoint(self, ep_id: str) -> Endpoint | None:
+        """Delete an endpoint and release its addresses in one transaction (None if absent)."""
+
+        async def attempt() -> Endpoint | None:
+            ep = await self.get(Endpoint, ep_id)
+            if ep is None:
+                return None
+            rel = await self.ipam.release(ep.network, ep.ips, ep.handle or ep.id)
+            try:
+                rev = await self.remove(ep, rel.compares, [
+                    Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops])
+            except Conflict:
+                self.ipam.invalidate(ep.network)
+                raise
+            self.ipam.committed(rel, rev)
+            return ep
+
+        return await with_retries(attempt)
+
+    async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
+        allowed = {"labels", "security_groups", "allowed_address_pairs", "ports", "ready", "status", "interface",
+                   "mac", "host", "parent"}
+        bad = set(changes) - allowed
+        if bad:
+            raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
+                                f"changeable fields: {', '.join(sorted(allowed))}")
+
+        async def attempt() -> Endpoint:
+            ep = await self.must(Endpoint, ep_id)
+            data = ep.model_dump()
+            data.update(changes)
+            new = Endpoint.model_validate(data)
+            for sg in new.security_groups:
+                if await self.store.get(key_of("SecurityGroup", sg)) is None:
+                    raise ApiError(400, f"security group {sg!r} does not exist")
+            return await self.replace(new, ep.revision)
+
+        return await with_retries(attempt)
+
+    # --- hosts ----------------------------------------------------------------------------------
+
+    async def register_host(self, host: Host) -> tuple[Host, bool]:
+        async def attempt() -> tuple[Host, bool]:
+            old = await self.get(Host, host.name)
+            compares: list[Compare] = []
+            ops: list[Op] = []
+            if old is not None and old.vtep_ip:
+                host.vtep_ip = old.vtep_ip
+            if not host.vtep_ip:
+                taken = {h.vtep_ip for h in await self.list(Host)}
+                ip = next(str(a) for a in self.vtep_cidr.hosts() if str(a) not in taken)
+                host.vtep_ip = ip
+                compares.append(Compare(vtep_key(ip), 0))
+                ops.append(Put(vtep_key(ip), host.name.encode()))
+            host.heartbeat = now()
+            if old is None:
+                return await self.create(host, compares, ops), True
+            host.id, host.created_at = old.id, old.created_at
+            return await self.replace(host, old.revision, compares, ops), False
+
+        return await with_retries(attempt)
+
+    async def heartbeat(self, name: str, ttl: float) -> None:
+        await self.must(Host, name)
+        key = HOST_LEASE + name
+        kv = await self.store.get(key)
+        if kv is not None and kv.lease and await self.store.keepalive(kv.lease):
+            return
+        lease = await self.store.grant_lease(ttl)
+        await self.store.put(key, b"alive", lease=lease)
+
+    async def live_hosts(self) -> set[str]:
+        listed = await self.store.list(HOST_LEASE)
+        return {kv.key[len(HOST_LEASE):] for kv in listed.items}
+
+    # --- services -------------------------------------------------------------------------------
+
+    async def put_service(self, svc: Service) -> tuple[Service, bool]:
+        async def attempt() -> tuple[Service, bool]:
+            old = await self.get(Service, svc.store_name())
+            compares: list[Compare] = []
+            ops: list[Op] = []
+            if not svc.cluster_ip and old is not None:
+                svc.cluster_ip = old.cluster_ip
+            if svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
+                ip = ipaddress.ip_address(svc.cluster_ip)
+                if ip not in self.service_cidr:
+                    raise ApiError(400, f"cluster IP {ip} is outside the service range {self.service_cidr}")
+                holder = await self.store.get(svcip_key(str(ip)))
+                if holder is not None and holder.value.decode() != svc.store_name():
+                    raise ApiError(409, f"cluster IP {ip} is already used by service {holder.value.decode()}")
+                compares.append(Compare(svcip_key(str(ip)), 0))
+                ops.append(Put(svcip_key(str(ip)), svc.store_name().encode()))
+            elif not svc.cluster_ip:
+                taken = {s.cluster_ip for s in await self.list(Service)}
+                hosts = self.service_cidr.hosts()
+                next(hosts)  # .1 is conventionally the API service
+                ip = next((str(a) for a in hosts if str(a) not in taken), None)
+                if ip is None:
+                    raise ApiError(409, f"service range {self.service_cidr} is exhausted")
+                svc.cluster_ip = ip
+                compares.append(Compare(svcip_key(ip), 0))
+                ops.append(Put(svcip_key(ip), svc.store_name().encode()))
+            if old is not None and old.cluster_ip and old.cluster_ip != svc.cluster_ip:
+                ops.append(Delete(svcip_key(old.cluster_ip)))
+            if old is None:
+                return await self.create(svc, compares, ops), True
+            svc.id, svc.created_at = old.id, old.created_at
+            return await self.replace(svc, old.revision, compares, ops), False
+
+        return await with_retries(attempt)
+
+    async def delete_service(self, ns: str, name: str) -> None:
+        async def attempt() -> None:
+            svc = await self.must(Service, f"{ns}/{name}")
+            await self.remove(svc, [], [Delete(svcip_key(svc.cluster_ip))] if svc.cluster_ip else [])
+
+        await with_retries(attempt)
+
+
+def check_overlap(net: Network, others: list[Network]) -> None:
+    mine = [ipaddress.ip_network(s.cidr) for s in net.subnets]
+    for i, a in enumerate(mine):
+        for b in mine[i + 1:]:
+            if a.version == b.version and a.overlaps(b):
+                raise ApiError(400, f"subnets {a} and {b} of network {net.name!r} overlap; list each range once")
+    for other in others:
+        for s in other.subnets:
+            b = ipaddress.ip_network(s.cidr)
+            for a in mine:
+                if a.version == b.version and a.overlaps(b):
+                    raise ApiError(409, f"network {net.name!r} overlaps {other.name!r} ({a} vs {b}); "
+                                        "choose another --subnet")
+
+
+__all__ = ["KINDS", "ApiError", "Objects", "check_overlap"]
