@@ -7,6 +7,7 @@ inside lab host namespaces talk to it.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -28,6 +29,9 @@ class ServerUnreachable(Exception):
     pass
 
 
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # headers and body go out in separate writes
+
+
 def _transport(server: str, async_: bool) -> tuple[str, Any]:
     if server.startswith("unix://"):
         path = server[len("unix://"):]
@@ -35,7 +39,8 @@ def _transport(server: str, async_: bool) -> tuple[str, Any]:
         return "http://tether", t
     if not server.startswith(("http://", "https://")):
         server = "http://" + server
-    return server.rstrip("/"), None
+    t = httpx.AsyncHTTPTransport(socket_options=NODELAY) if async_ else httpx.HTTPTransport(socket_options=NODELAY)
+    return server.rstrip("/"), t
 
 
 def path_of(kind: str, store_name: str | None = None, namespace: str | None = None) -> str:

@@ -31,6 +31,8 @@ def describe_validation(exc: RequestValidationError) -> str:
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field; remove it (see /openapi.json for the fields this object has)"
+        elif err.get("type") == "model_attributes_type" and isinstance(err.get("input"), bytes | str):
+            msg = "the body is not a JSON object: send JSON with Content-Type: application/json"
         elif err.get("type") == "json_invalid":
             msg = f"malformed JSON ({err.get('ctx', {}).get('error', 'syntax error')})"
         parts.append(f"{loc or 'body'}: {msg}")
@@ -108,6 +110,11 @@ def create_app(
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {exc.__class__.__name__}: {exc}; see the server log"}, 500)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:

@@ -189,12 +189,16 @@ class Objects:
                 shown = ", ".join(e.name for e in eps[:5]) + (" ..." if len(eps) > 5 else "")
                 raise ApiError(409, f"network {name!r} still has {len(eps)} endpoints ({shown}); "
                                     "delete them first (tether endpoint delete) or remove their containers")
-            blocks = await self.store.list(key_of("Block", f"{name}:"))
-            await self.remove(net, [Compare(kv.key, kv.mod_revision) for kv in blocks.items],
-                              [Delete(kv.key) for kv in blocks.items])
-            self.ipam.invalidate(name)
+            await self.remove(net)
 
         await with_retries(attempt)
+        # Endpoint creation compares the network's revision, so no address can be taken in these
+        # blocks any more; delete them in chunks (etcd limits operations per transaction).
+        blocks = await self.store.list(key_of("Block", f"{name}:"))
+        keys = [kv.key for kv in blocks.items]
+        for i in range(0, len(keys), 100):
+            await self.store.txn([], [Delete(k) for k in keys[i:i + 100]])
+        self.ipam.invalidate(name)
 
     # --- endpoints ------------------------------------------------------------------------------
 
@@ -226,7 +230,7 @@ class Objects:
                 raise ApiError(e.status, str(e)) from None
             ep.ips = alloc.ips
             ep.created_at = now()
-            compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0),
+            compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0), Compare(net.key(), net.revision),
                         Compare(handle_key(ep.handle or ""), 0), *alloc.compares]
             ops = [Put(ep.key(), encode(ep)), Put(endpoint_name_key(ep), ep.id.encode()),
                    Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops]

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError, etcd_errors.InternalError)
 
 
+GRPC_OPTIONS = {"grpc.max_receive_message_length": 1 << 30, "grpc.max_send_message_length": 64 << 20}
+
+
 def _range_end(prefix: bytes) -> bytes:
     return aetcd.utils.prefix_range_end(prefix)
 
@@ -50,7 +53,8 @@ class EtcdStore:
             for i in range(len(self.endpoints)):
                 idx = (self._current + i) % len(self.endpoints)
                 host, _, port = self.endpoints[idx].rpartition(":")
-                client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout)
+                client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout,
+                                      options=GRPC_OPTIONS)
                 try:
                     await client.connect()
                     await client.status()
