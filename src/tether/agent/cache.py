@@ -1,0 +1,112 @@
+"""The agent's replica of the desired state: a snapshot plus watch events, kept in memory and on disk.
+
+The disk copy lets a restarted agent compute the same plan (and answer DNS) while the server is
+down, so a restart never needs the server to keep the datapath as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+from tether.model import KINDS, Block, Endpoint, Host, Namespace, Network, NetworkPolicy, Obj, SecurityGroup, Service
+
+
+class Replica:
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
+        self.revision = 0
+        self.synced = False
+
+    # --- feeding --------------------------------------------------------------------------------
+
+    def load_snapshot(self, snap: dict[str, Any]) -> None:
+        objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
+        for item in snap["objects"]:
+            obj = KINDS[item["kind"]].model_validate(item["object"])
+            objects[obj.kind][obj.store_name()] = obj
+        self.objects = objects
+        self.revision = snap["revision"]
+        self.synced = True
+
+    def apply_event(self, ev: dict[str, Any]) -> bool:
+        """Apply one watch event; True if it changed something."""
+        kind = ev.get("kind")
+        if kind not in KINDS:
+            self.revision = max(self.revision, ev.get("revision", 0))
+            return False
+        self.revision = max(self.revision, ev["revision"])
+        store_name = ev["key"].split(f"/{_plural(kind)}/", 1)[1]
+        if ev["type"] == "delete":
+            return self.objects[kind].pop(store_name, None) is not None
+        obj = KINDS[kind].model_validate(ev["object"])
+        self.objects[kind][store_name] = obj
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"revision": self.revision,
+                "objects": [{"kind": k, "object": o.model_dump(mode="json")}
+                            for k, objs in self.objects.items() for o in objs.values()]}
+
+    def save(self, path: str) -> None:
+        d = os.path.dirname(path) or "."
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.snapshot(), f)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> bool:
+        try:
+            with open(path) as f:
+                self.load_snapshot(json.load(f))
+        except (OSError, ValueError, KeyError):
+            return False
+        self.synced = False  # usable for the datapath, but not a fresh sync
+        return True
+
+    # --- views ----------------------------------------------------------------------------------
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        return self.objects["Host"]  # type: ignore[return-value]
+
+    @property
+    def networks(self) -> dict[str, Network]:
+        return self.objects["Network"]  # type: ignore[return-value]
+
+    @property
+    def blocks(self) -> Iterable[Block]:
+        return self.objects["Block"].values()  # type: ignore[return-value]
+
+    @property
+    def endpoints(self) -> Iterable[Endpoint]:
+        return self.objects["Endpoint"].values()  # type: ignore[return-value]
+
+    @property
+    def namespaces(self) -> Iterable[Namespace]:
+        return self.objects["Namespace"].values()  # type: ignore[return-value]
+
+    @property
+    def policies(self) -> Iterable[NetworkPolicy]:
+        return self.objects["NetworkPolicy"].values()  # type: ignore[return-value]
+
+    @property
+    def security_groups(self) -> Iterable[SecurityGroup]:
+        return self.objects["SecurityGroup"].values()  # type: ignore[return-value]
+
+    @property
+    def services(self) -> Iterable[Service]:
+        return self.objects["Service"].values()  # type: ignore[return-value]
+
+    def endpoint(self, ep_id: str) -> Endpoint | None:
+        return self.objects["Endpoint"].get(ep_id)  # type: ignore[return-value]
+
+
+def _plural(kind: str) -> str:
+    from tether.model import PLURALS
+
+    return PLURALS[kind]

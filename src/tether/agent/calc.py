@@ -1,0 +1,234 @@
+"""Pure calculation: the replica of desired state -> this host's Plan.
+
+No I/O here. Routes for every remote block (VXLAN via the peer's VTEP address, or direct via its
+underlay address), /32 routes for local endpoints and for borrowed addresses, the VTEP with static
+FDB and neighbour entries, and the nftables table assembled from the base chains below plus the
+fragments of the policy and services compilers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from tether.agent.cache import Replica
+from tether.dataplane.plan import (
+    LINK_PREFIX,
+    VTEP_NAME,
+    VXLAN_OVERHEAD,
+    FdbEntry,
+    HostInterface,
+    Neighbour,
+    NftChain,
+    NftPlan,
+    NftSet,
+    Plan,
+    Route,
+    Vtep,
+    rule,
+)
+from tether.model import Host, Network
+
+SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
+HAIRPIN_MARK = 0x4000
+
+
+def vtep_mac_for(host_name: str) -> str:
+    """A stable, locally administered MAC for the host's VTEP (same after every restart)."""
+    h = hashlib.sha1(f"tether-vtep:{host_name}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """Host-side veth name for a pod interface: our prefix + 11 hex characters (15 in all)."""
+    return LINK_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+def endpoint_mtu(net: Network, underlay_mtu: int) -> int:
+    if net.mtu:
+        return net.mtu
+    return underlay_mtu if net.encap == "direct" else underlay_mtu - VXLAN_OVERHEAD
+
+
+def path_mode(net: Network, me: Host, peer: Host) -> str:
+    """`direct` or `vxlan` for traffic from `me` to `peer` on `net`."""
+    if net.encap != "auto":
+        return net.encap
+    if me.underlay_cidr:
+        try:
+            if ipaddress.ip_address(peer.underlay_ip) in ipaddress.ip_network(me.underlay_cidr, strict=False):
+                return "direct"
+        except ValueError:
+            pass
+    return "vxlan"
+
+
+@dataclass(frozen=True)
+class HostContext:
+    name: str
+    underlay_dev: str
+    underlay_mtu: int
+
+
+def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
+    me = rep.hosts.get(ctx.name)
+    networks = rep.networks
+    routes: set[Route] = set()
+    fdb: set[FdbEntry] = set()
+    neighbours: set[Neighbour] = set()
+    interfaces: set[HostInterface] = set()
+    vtep = None
+    needs_vtep = any(n.encap in ("vxlan", "auto") for n in networks.values())
+    if me is not None and needs_vtep and me.vtep_ip:
+        vtep = Vtep(VTEP_NAME, vni=4096, local_ip=me.underlay_ip, underlay_dev=ctx.underlay_dev,
+                    mac=me.vtep_mac or vtep_mac_for(me.name), ip=me.vtep_ip,
+                    mtu=ctx.underlay_mtu - VXLAN_OVERHEAD)
+
+    def route_to(peer: Host, net: Network, dst: str) -> None:
+        if me is None:
+            return
+        if path_mode(net, me, peer) == "direct":
+            routes.add(Route(dst, ctx.underlay_dev, via=peer.underlay_ip))
+            return
+        if vtep is None or not peer.vtep_ip:
+            return
+        mac = peer.vtep_mac or vtep_mac_for(peer.name)
+        routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
+        fdb.add(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
+        neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
+
+    block_owner: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str | None]] = []
+    for b in rep.blocks:
+        net = networks.get(b.network)
+        block_owner.append((ipaddress.ip_network(b.cidr), b.host))
+        if net is None or b.host in (None, ctx.name) or b.host not in rep.hosts:
+            continue
+        route_to(rep.hosts[b.host], net, b.cidr)
+
+    for ep in rep.endpoints:
+        net = networks.get(ep.network)
+        if net is None:
+            continue
+        if ep.host == ctx.name:
+            if ep.interface:
+                interfaces.add(HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id))
+                for ip in ep.ips:
+                    plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
+                    routes.add(Route(f"{ip}/{plen}", ep.interface, scope="link"))
+            continue
+        peer = rep.hosts.get(ep.host or "")
+        if peer is None:
+            continue
+        for ip in ep.ips:  # an address borrowed from a block of another host needs its own route
+            addr = ipaddress.ip_address(ip)
+            owner = next((h for cidr, h in block_owner if addr in cidr), None)
+            if owner != ep.host:
+                route_to(peer, net, f"{ip}/{32 if addr.version == 4 else 128}")
+
+    return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
+                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS)
+
+
+# --- nftables --------------------------------------------------------------------------------------
+
+def _meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def _ip(field: str) -> dict:
+    return {"payload": {"protocol": "ip", "field": field}}
+
+
+def _match(left: dict, right, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+ACCEPT: dict = {"accept": None}
+DROP: dict = {"drop": None}
+CT_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
+SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
+NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
+FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+POD_IFACES = LINK_PREFIX + "*"
+
+
+def base_nft(rep: Replica) -> NftPlan:
+    cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
+                    if ipaddress.ip_network(s.cidr).version == 4})
+    nat = sorted({s.cidr for n in rep.networks.values() if n.nat_outgoing for s in n.subnets
+                  if ipaddress.ip_network(s.cidr).version == 4})
+    sets = (
+        NftSet("tether_nets", "ipv4_addr", ("interval",), elements=frozenset(cidrs)),
+        NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
+        NftSet("ep_out", "ifname", map_type="verdict"),
+        NftSet("ep_in", "ifname", map_type="verdict"),
+        NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
+        NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict"),
+    )
+    svc_lookups = (
+        rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
+        rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
+    )
+    chains = (
+        NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
+        NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
+        NftChain("postrouting_nat", (
+            rule(_match({"&": [{"ct": {"key": "mark"}}, HAIRPIN_MARK]}, HAIRPIN_MARK), {"masquerade": None},
+                 comment="hairpin and published ports"),
+            rule(_match(_ip("saddr"), "@nat_sources"), _match(_ip("daddr"), "@tether_nets", "!="),
+                 {"masquerade": None}, comment="nat-outgoing"),
+        ), hook="postrouting", type="nat", priority=100, policy="accept"),
+        NftChain("forward", (
+            rule(CT_ESTABLISHED, ACCEPT),
+            rule(CT_INVALID, DROP),
+            rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
+            rule(_match(_meta("iifname"), POD_IFACES), {"counter": None}, DROP, comment="unknown pod interface"),
+            rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
+            rule(_match(_meta("oifname"), POD_IFACES), {"counter": None}, DROP, comment="unknown pod interface"),
+        ), hook="forward", type="filter", priority=0, policy="accept"),
+        NftChain("input", (
+            rule(CT_ESTABLISHED, ACCEPT),
+            rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
+        ), hook="input", type="filter", priority=0, policy="accept"),
+    )
+    return NftPlan(sets=sets, chains=chains)
+
+
+def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
+    """Add fragments to the base: chains by name are added; sets of the same name merge elements."""
+    sets = {s.name: s for s in base.sets}
+    chains = {c.name: c for c in base.chains}
+    for frag in fragments:
+        for s in frag.sets:
+            if s.name in sets:
+                old = sets[s.name]
+                sets[s.name] = NftSet(old.name, old.type, old.flags, old.map_type, old.elements | s.elements,
+                                      old.timeout)
+            else:
+                sets[s.name] = s
+        for c in frag.chains:
+            chains[c.name] = c
+    return NftPlan(sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
+                   chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
+
+
+def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
+    fragments = []
+    try:
+        from tether.agent import policy
+    except ImportError:
+        policy = None  # type: ignore[assignment]
+    if policy is not None:
+        fragments.append(policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies),
+                                        list(rep.security_groups), list(rep.networks.values()), ctx.name))
+    try:
+        from tether.agent import services
+    except ImportError:
+        services = None  # type: ignore[assignment]
+    if services is not None:
+        me = rep.hosts.get(ctx.name)
+        fragments.append(services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()),
+                                          ctx.name, [me.underlay_ip] if me else []))
+    return merge(base_nft(rep), *fragments)

@@ -1,0 +1,244 @@
+"""Applying a Plan's links, routes, neighbours and FDB entries with netlink (pyroute2), by difference.
+
+Only what Tether owns is touched: the VTEP and pod veths (names with our prefix), routes with our
+protocol number, neighbour and FDB entries on the VTEP. An unchanged plan changes nothing, so an
+agent restart is invisible to traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
+from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, host_side_sysctls, write_sysctl
+
+RTNH_F_ONLINK = 4
+AF_BRIDGE = 7
+NTF_SELF = 0x02
+
+
+@dataclass
+class ApplyReport:
+    changes: list[str] = field(default_factory=list)
+
+    def add(self, what: str) -> None:
+        self.changes.append(what)
+
+    @property
+    def changed(self) -> int:
+        return len(self.changes)
+
+
+def _attr(msg, name: str, default=None):
+    return msg.get(name, default)
+
+
+def _linkinfo(msg) -> dict:
+    info = msg.get(("IFLA_LINKINFO", "IFLA_INFO_DATA")) or {}
+    out = {}
+    if info:
+        for k, v in info.get("attrs", []) if isinstance(info, dict) else info["attrs"]:
+            out[k] = v
+    return out
+
+
+def _kind(msg) -> str | None:
+    return msg.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
+
+
+def _vxlan_matches(ipr: IPRoute, msg, vtep: Vtep, underlay_idx: int | None) -> bool:
+    data = _linkinfo(msg)
+    return (data.get("IFLA_VXLAN_ID") == vtep.vni and data.get("IFLA_VXLAN_LOCAL") == vtep.local_ip
+            and data.get("IFLA_VXLAN_PORT") == vtep.port and not data.get("IFLA_VXLAN_LEARNING")
+            and (underlay_idx is None or data.get("IFLA_VXLAN_LINK") == underlay_idx))
+
+
+def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
+    underlay = ipr.link_lookup(ifname=vtep.underlay_dev)
+    underlay_idx = underlay[0] if underlay else None
+    found = ipr.link_lookup(ifname=vtep.name)
+    if found:
+        msg = ipr.get_links(found[0])[0]
+        if _kind(msg) != "vxlan" or not _vxlan_matches(ipr, msg, vtep, underlay_idx):
+            ipr.link("del", index=found[0])
+            report.add(f"recreate {vtep.name}")
+            found = []
+    if not found:
+        kw = dict(ifname=vtep.name, kind="vxlan", vxlan_id=vtep.vni, vxlan_local=vtep.local_ip,
+                  vxlan_port=vtep.port, vxlan_learning=0, address=vtep.mac, mtu=vtep.mtu)
+        if underlay_idx is not None:
+            kw["vxlan_link"] = underlay_idx
+        ipr.link("add", **kw)
+        report.add(f"add {vtep.name}")
+    idx = ipr.link_lookup(ifname=vtep.name)[0]
+    msg = ipr.get_links(idx)[0]
+    if msg.get("IFLA_ADDRESS") != vtep.mac or msg.get("IFLA_MTU") != vtep.mtu:
+        ipr.link("set", index=idx, address=vtep.mac, mtu=vtep.mtu)
+        report.add(f"set {vtep.name} mac/mtu")
+    if not msg["flags"] & 1:
+        ipr.link("set", index=idx, state="up")
+        report.add(f"up {vtep.name}")
+    addrs = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=socket.AF_INET)}
+    if (vtep.ip, 32) not in addrs:
+        for a, plen in addrs:
+            ipr.addr("del", index=idx, address=a, prefixlen=plen)
+        ipr.addr("add", index=idx, address=vtep.ip, prefixlen=32)
+        report.add(f"address {vtep.ip} on {vtep.name}")
+    write_sysctl(f"net/ipv4/conf/{vtep.name}/rp_filter", "0")
+    return idx
+
+
+def current_routes(ipr: IPRoute, index_to_name: dict[int, str]) -> dict[Route, dict]:
+    out = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for r in ipr.get_routes(family=family, table=254):
+            if r["proto"] != RTPROT_TETHER:
+                continue
+            dst = r.get("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+            route = Route(f"{dst}/{r['dst_len']}", index_to_name.get(r.get("RTA_OIF"), "?"),
+                          via=r.get("RTA_GATEWAY"), onlink=bool(r["flags"] & RTNH_F_ONLINK),
+                          scope="link" if r["scope"] == RT_SCOPE_LINK else "universe")
+            out[route] = r
+    return out
+
+
+def _route_kw(route: Route, oif: int) -> dict:
+    kw: dict = {"dst": route.dst, "oif": oif, "proto": RTPROT_TETHER, "table": 254}
+    if route.via:
+        kw["gateway"] = route.via
+    if route.onlink:
+        kw["flags"] = RTNH_F_ONLINK
+    if route.scope == "link":
+        kw["scope"] = RT_SCOPE_LINK
+    return kw
+
+
+def apply_links(plan: Plan, *, keep_interfaces: frozenset[str] = frozenset(), netns: str | None = None,
+                remove_stale: bool = True) -> ApplyReport:
+    """Make the kernel hold exactly the plan's owned links/routes/neighbours/FDB entries."""
+    report = ApplyReport()
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        for path, value in plan.sysctls:
+            write_sysctl(path, value)
+        links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
+        vtep_idx = None
+        if plan.vtep is not None:
+            vtep_idx = ensure_vtep(ipr, plan.vtep, report)
+        elif VTEP_NAME in links:
+            ipr.link("del", index=links[VTEP_NAME]["index"])
+            report.add(f"del {VTEP_NAME}")
+
+        # pod interfaces: settings, and removal of veths we own that nobody wants any more
+        wanted = {i.name: i for i in plan.interfaces}
+        for name, msg in links.items():
+            if not name or not name.startswith(LINK_PREFIX) or name == VTEP_NAME:
+                continue
+            if name in wanted:
+                i = wanted[name]
+                if msg.get("IFLA_MTU") != i.mtu or not msg["flags"] & 1:
+                    ipr.link("set", index=msg["index"], mtu=i.mtu, state="up")
+                    report.add(f"set {name}")
+                host_side_sysctls(name)
+            elif remove_stale and name not in keep_interfaces:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=msg["index"])
+                report.add(f"del stale {name}")
+
+        index_of = {msg.get("IFLA_IFNAME"): msg["index"] for msg in ipr.get_links()}
+        name_of = {v: k for k, v in index_of.items()}
+
+        if vtep_idx is not None:
+            _apply_neighbours(ipr, vtep_idx, plan.neighbours, report)
+            _apply_fdb(ipr, vtep_idx, plan.fdb, report)
+
+        have = current_routes(ipr, name_of)
+        for route in sorted(plan.routes):
+            if route in have:
+                continue
+            oif = index_of.get(route.dev)
+            if oif is None:
+                continue  # its device is not there yet (a pod being plugged): next pass
+            try:
+                ipr.route("replace", **_route_kw(route, oif))
+                report.add(f"route {route.dst} dev {route.dev}")
+            except NetlinkError as e:
+                report.add(f"route {route.dst} failed: {e}")
+        for route, msg in have.items():
+            if route not in plan.routes and route.dev not in keep_interfaces:
+                with contextlib.suppress(NetlinkError):
+                    ipr.route("del", dst=route.dst, table=254, proto=RTPROT_TETHER, oif=msg.get("RTA_OIF"),
+                              gateway=route.via) if route.via else ipr.route(
+                        "del", dst=route.dst, table=254, proto=RTPROT_TETHER, oif=msg.get("RTA_OIF"))
+                report.add(f"del route {route.dst}")
+    return report
+
+
+def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], report: ApplyReport) -> None:
+    have = {}
+    for n in ipr.get_neighbours(ifindex=idx, family=socket.AF_INET):
+        have[n.get("NDA_DST")] = (n.get("NDA_LLADDR"), n["state"])
+    want = {n.ip: n.lladdr for n in wanted}
+    for ip, mac in want.items():
+        if have.get(ip) != (mac, NUD_PERMANENT):
+            ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=NUD_PERMANENT)
+            report.add(f"neigh {ip}")
+    for ip in have:
+        if ip not in want:
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", dst=ip, ifindex=idx)
+            report.add(f"del neigh {ip}")
+
+
+def _fdb_entries(ipr: IPRoute, idx: int) -> set[tuple[str, str]]:
+    out = set()
+    for n in ipr.get_neighbours(family=AF_BRIDGE, ifindex=idx):
+        if n["ifindex"] != idx:
+            continue
+        mac, dst = n.get("NDA_LLADDR"), n.get("NDA_DST")
+        if mac and dst:
+            out.add((mac, dst))
+    return out
+
+
+def _apply_fdb(ipr: IPRoute, idx: int, wanted: frozenset[FdbEntry], report: ApplyReport) -> None:
+    have = _fdb_entries(ipr, idx)
+    want = {(f.lladdr, f.dst) for f in wanted}
+    for mac, dst in want - have:
+        ipr.fdb("append", ifindex=idx, lladdr=mac, dst=dst, state=NUD_PERMANENT)
+        report.add(f"fdb {mac} -> {dst}")
+    for mac, dst in have - want:
+        with contextlib.suppress(NetlinkError):
+            ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst)
+        report.add(f"del fdb {mac} -> {dst}")
+
+
+def read_state(netns: str | None = None) -> dict:
+    """A canonical snapshot of everything Tether owns in a namespace (for 'nothing changed' checks)."""
+    import subprocess
+
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        links = {}
+        for msg in ipr.get_links():
+            name = msg.get("IFLA_IFNAME")
+            if name and name.startswith(LINK_PREFIX):
+                links[name] = {"index": msg["index"], "mtu": msg.get("IFLA_MTU"), "mac": msg.get("IFLA_ADDRESS"),
+                               "up": bool(msg["flags"] & 1), "kind": _kind(msg)}
+        name_of = {msg["index"]: msg.get("IFLA_IFNAME") for msg in ipr.get_links()}
+        routes = sorted(repr(r) for r in current_routes(ipr, name_of))
+        vtep = ipr.link_lookup(ifname=VTEP_NAME)
+        neigh, fdb = [], []
+        if vtep:
+            neigh = sorted((n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
+                           for n in ipr.get_neighbours(ifindex=vtep[0], family=socket.AF_INET))
+            fdb = sorted(_fdb_entries(ipr, vtep[0]))
+    cmd = ["nft", "-j", "list", "table", "inet", "tether"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    nft = subprocess.run(cmd, capture_output=True, text=True)
+    return {"links": links, "routes": routes, "neighbours": neigh, "fdb": fdb,
+            "nft": nft.stdout if nft.returncode == 0 else None}

@@ -1,0 +1,162 @@
+"""Plugging a pod: a veth whose far end is created directly inside the pod's network namespace.
+
+The pod side gets its addresses as /32 (/128), a static neighbour for the link-local gateway
+169.254.1.1 pointing at the host side's MAC, and a default route through it; the host side answers
+ARP by proxy and gets a /32 route. No thread ever switches namespace: netlink sockets are bound to
+the pod's namespace instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
+
+NUD_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+
+
+class AttachError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PodInterface:
+    host_ifname: str
+    host_mac: str
+    ifname: str
+    mac: str
+    ips: tuple[str, ...]
+    mtu: int
+
+
+def _lookup(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def write_sysctl(path: str, value: str) -> None:
+    full = os.path.join("/proc/sys", path)
+    try:
+        with open(full) as f:
+            if f.read().strip() == value:
+                return
+        with open(full, "w") as f:
+            f.write(value)
+    except OSError:
+        pass
+
+
+def host_side_sysctls(ifname: str) -> None:
+    write_sysctl(f"net/ipv4/conf/{ifname}/proxy_arp", "1")
+    write_sysctl(f"net/ipv4/neigh/{ifname}/proxy_delay", "0")
+    write_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "0")
+
+
+def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str], mac: str | None, mtu: int,
+               ipr: IPRoute | None = None) -> PodInterface:
+    """Create and configure the pod's interface. Retry-safe: a leftover host side is replaced."""
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        old = _lookup(ipr, host_ifname)
+        if old is not None:
+            ipr.link("del", index=old)
+        try:
+            fd = os.open(pod_netns, os.O_RDONLY)
+        except OSError as e:
+            raise AttachError(f"cannot open network namespace {pod_netns}: {e.strerror}") from e
+        try:
+            with IPRoute(netns=pod_netns) as pod:
+                if _lookup(pod, ifname) is not None:
+                    raise AttachError(f"interface {ifname} already exists in {pod_netns}; pick another CNI_IFNAME")
+                peer: dict = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
+                if mac:
+                    peer["address"] = mac
+                ipr.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer)
+                try:
+                    return _configure(ipr, pod, ifname, host_ifname, ips, mtu)
+                except Exception:
+                    with contextlib.suppress(NetlinkError):
+                        idx = _lookup(ipr, host_ifname)
+                        if idx is not None:
+                            ipr.link("del", index=idx)
+                    raise
+        finally:
+            os.close(fd)
+    except NetlinkError as e:
+        raise AttachError(f"netlink error while plugging {host_ifname}: {e}") from e
+    finally:
+        if own:
+            ipr.close()
+
+
+def _configure(ipr: IPRoute, pod: IPRoute, ifname: str, host_ifname: str, ips: list[str], mtu: int) -> PodInterface:
+    host_idx = _lookup(ipr, host_ifname)
+    assert host_idx is not None
+    host_mac = ipr.get_links(host_idx)[0].get("IFLA_ADDRESS")
+    host_side_sysctls(host_ifname)
+    ipr.link("set", index=host_idx, state="up")
+    pod_idx = _lookup(pod, ifname)
+    assert pod_idx is not None
+    lo = _lookup(pod, "lo")
+    if lo is not None:
+        pod.link("set", index=lo, state="up")
+    for ip in ips:
+        a = ipaddress.ip_address(ip)
+        pod.addr("add", index=pod_idx, address=ip, prefixlen=32 if a.version == 4 else 128)
+    pod.link("set", index=pod_idx, state="up")
+    pod_mac = pod.get_links(pod_idx)[0].get("IFLA_ADDRESS")
+    if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
+        pod.route("add", dst=f"{POD_GATEWAY}/32", oif=pod_idx, scope=RT_SCOPE_LINK)
+        pod.neigh("replace", dst=POD_GATEWAY, lladdr=host_mac, ifindex=pod_idx, state=NUD_PERMANENT)
+        pod.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=pod_idx)
+    for ip in ips:
+        a = ipaddress.ip_address(ip)
+        ipr.route("replace", dst=f"{ip}/{32 if a.version == 4 else 128}", oif=host_idx, scope=RT_SCOPE_LINK,
+                  proto=RTPROT_TETHER)
+    return PodInterface(host_ifname, host_mac, ifname, pod_mac, tuple(ips), mtu)
+
+
+def detach_pod(host_ifname: str, ipr: IPRoute | None = None) -> bool:
+    """Remove the pod's veth (both ends go together) and its routes; True if something was removed.
+    Missing interfaces and vanished namespaces are fine: DEL must be idempotent."""
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        idx = _lookup(ipr, host_ifname)
+        if idx is None:
+            return False
+        with contextlib.suppress(NetlinkError):
+            ipr.link("del", index=idx)  # routes through it disappear with it
+        return True
+    finally:
+        if own:
+            ipr.close()
+
+
+def check_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str]) -> list[str]:
+    """Problems with a pod's interface (empty list: all as expected), for CNI CHECK."""
+    problems = []
+    with IPRoute() as ipr:
+        if _lookup(ipr, host_ifname) is None:
+            problems.append(f"host interface {host_ifname} is missing")
+    if not os.path.exists(pod_netns):
+        return [*problems, f"network namespace {pod_netns} does not exist"]
+    with IPRoute(netns=pod_netns) as pod:
+        idx = _lookup(pod, ifname)
+        if idx is None:
+            return [*problems, f"interface {ifname} is missing in {pod_netns}"]
+        have = {a.get("IFA_ADDRESS") for a in pod.get_addr(index=idx)}
+        for ip in ips:
+            if ip not in have:
+                problems.append(f"address {ip} is missing on {ifname}")
+        if not any(r.get("RTA_GATEWAY") == POD_GATEWAY for r in pod.get_routes(family=2)):
+            problems.append(f"default route via {POD_GATEWAY} is missing")
+    return problems
