@@ -1,0 +1,235 @@
+"""The agent's side of tether-cni: a unix-socket server that runs ADD/DEL/CHECK/STATUS/GC.
+
+ADD creates the endpoint through the server (IPAM happens there, idempotently per
+`<container id>/<ifname>` handle), plugs the pod, and answers the CNI result. Anything that fails
+after the address was allocated releases it again, so a failed ADD leaks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from tether.agent import cni_protocol as cp
+from tether.agent.calc import endpoint_mtu, host_ifname
+from tether.client import ApiError, ServerUnreachable
+from tether.dataplane.plan import POD_GATEWAY
+from tether.model import Endpoint, Namespace, Owner, PortDecl
+
+if TYPE_CHECKING:
+    from tether.agent.main import Agent
+
+log = logging.getLogger("tether.cni")
+NOT_LABEL = re.compile(r"[^a-z0-9-]+")
+
+
+def dns_label(text: str, fallback: str) -> str:
+    label = NOT_LABEL.sub("-", text.lower()).strip("-")[:63].strip("-")
+    return label or fallback
+
+
+class CniServer:
+    def __init__(self, agent: Agent, path: str) -> None:
+        self.agent = agent
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+        self.in_flight: dict[str, float] = {}  # host ifname -> time plugged (kept from stale removal)
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # stale socket of a previous agent: remove it at once (runtimes wait on it)
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o660)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def protected(self) -> frozenset[str]:
+        now = time.monotonic()
+        for name, t in list(self.in_flight.items()):
+            if now - t > 120:
+                del self.in_flight[name]
+        return frozenset(self.in_flight)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            n = int.from_bytes(await reader.readexactly(4), "big")
+            env_raw = await reader.readexactly(n)
+            n = int.from_bytes(await reader.readexactly(4), "big")
+            stdin = await reader.readexactly(n)
+            env = dict(item.split("=", 1) for item in env_raw.decode().split("\0") if "=" in item)
+            code, out = await self.handle(env, stdin)
+            writer.write(code.to_bytes(4, "big") + out)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            log.warning("bad CNI request frame: %s", e)
+        finally:
+            writer.close()
+
+    async def handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
+        version = cp.LATEST
+        try:
+            req = cp.parse_request(env, stdin)
+            version = req.version
+            handler: dict[str, Callable[[cp.Request], Awaitable[bytes]]] = {
+                "ADD": self.add, "DEL": self.delete, "CHECK": self.check, "STATUS": self.status, "GC": self.gc,
+                "VERSION": self.version}
+            t0 = time.perf_counter()
+            out = await handler[req.command](req)
+            log.info("CNI %s %s %s: ok in %.1f ms", req.command, req.container_id[:12], req.ifname,
+                     (time.perf_counter() - t0) * 1000)
+            return 0, out
+        except cp.CniError as e:
+            log.warning("CNI %s failed: %s", env.get("CNI_COMMAND"), e.msg)
+            return 1, cp.error_json(version, e)
+        except Exception as e:  # noqa: BLE001 - always answer the runtime
+            log.exception("CNI request failed")
+            return 1, cp.error_json(version, cp.CniError(cp.IO_FAILURE, f"internal error in the agent: {e}"))
+
+    async def version(self, req: cp.Request) -> bytes:
+        return cp.version_json(req.version)
+
+    # --- ADD --------------------------------------------------------------------------------------
+
+    def _endpoint_for(self, req: cp.Request) -> Endpoint:
+        cfg = req.config
+        name = req.args.get("K8S_POD_NAME") or f"c-{req.container_id[:12]}"
+        namespace = req.args.get("K8S_POD_NAMESPACE") or cfg.get("namespace") or "default"
+        labels = dict(cfg.get("labels") or {})
+        labels.update((cfg.get("runtimeConfig") or {}).get("labels") or {})
+        ports = [PortDecl(name=p["name"], port=p["port"], protocol=p.get("protocol", "TCP").upper())
+                 for p in cfg.get("ports") or [] if p.get("name")]
+        ips = [ip.split("/")[0] for ip in req.args.get("IP", "").split(",") if ip]
+        ips += [ip.split("/")[0] for ip in (cfg.get("runtimeConfig") or {}).get("ips") or []]
+        mac = req.args.get("MAC") or (cfg.get("runtimeConfig") or {}).get("mac")
+        return Endpoint(name=dns_label(name, f"c-{req.container_id[:12].lower()}"), network=req.network,
+                        host=self.agent.host, namespace=dns_label(namespace, "default"), ips=ips,
+                        mac=mac.lower() if mac else None, labels=labels, handle=req.handle,
+                        owner=Owner(type="cni", container_id=req.container_id, ifname=req.ifname, netns=req.netns),
+                        interface=host_ifname(req.container_id, req.ifname),
+                        security_groups=list(cfg.get("security_groups") or []), ports=ports)
+
+    async def _create(self, ep: Endpoint) -> Endpoint:
+        client = self.agent.client
+        for attempt in range(3):
+            try:
+                return await client.create_endpoint(ep)
+            except ApiError as e:
+                if e.status == 400 and f"namespace {ep.namespace!r} does not exist" in e.detail and attempt == 0:
+                    await client.apply(Namespace(name=ep.namespace,
+                                                 labels={"kubernetes.io/metadata.name": ep.namespace}))
+                    continue
+                if e.status == 409 and "already exists" in e.detail and attempt < 2:
+                    ep.name = dns_label(f"{ep.name[:50]}-{ep.owner.container_id[:8]}", ep.name)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def add(self, req: cp.Request) -> bytes:
+        if not os.path.exists(req.netns):
+            raise cp.CniError(cp.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
+        net = self.agent.replica.networks.get(req.network)
+        try:
+            ep = await self._create(self._endpoint_for(req))
+        except ServerUnreachable as e:
+            raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
+        except ApiError as e:
+            code = cp.TRY_AGAIN_LATER if e.status >= 500 else cp.INVALID_CONFIG
+            raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
+        if net is None:
+            net = await self.agent.fetch_network(req.network)
+        mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
+        assert ep.interface is not None
+        self.in_flight[ep.interface] = time.monotonic()
+        from tether.dataplane.pods import AttachError, attach_pod
+
+        try:
+            pod = await asyncio.to_thread(attach_pod, pod_netns=req.netns, ifname=req.ifname,
+                                          host_ifname=ep.interface, ips=ep.ips, mac=ep.mac, mtu=mtu)
+        except (AttachError, OSError) as e:
+            await self._release(req.handle, ep.interface)
+            raise cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
+        self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
+        self.agent.kick()
+        attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
+                                   POD_GATEWAY, dns=self.agent.dns_config(net), mtu=mtu)
+        return self.agent.json(cp.result(req.version, attachment))
+
+    async def _release(self, handle: str, host_if: str) -> None:
+        from tether.dataplane.pods import detach_pod
+
+        await asyncio.to_thread(detach_pod, host_if)
+        try:
+            await self.agent.client.release_by_handle(handle)
+        except (ServerUnreachable, ApiError) as e:
+            log.error("could not release %s after a failed ADD: %s (the GC will reclaim it)", handle, e)
+
+    # --- DEL / CHECK / STATUS / GC ----------------------------------------------------------------
+
+    async def delete(self, req: cp.Request) -> bytes:
+        from tether.dataplane.pods import detach_pod
+
+        host_if = host_ifname(req.container_id, req.ifname)
+        await asyncio.to_thread(detach_pod, host_if)
+        self.in_flight.pop(host_if, None)
+        try:
+            await self.agent.client.release_by_handle(req.handle)
+        except ServerUnreachable as e:
+            raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: the pod is unplugged but its address "
+                                                  f"cannot be released yet: {e}") from None
+        for ep_id, ep in list(self.agent.replica.objects["Endpoint"].items()):
+            if getattr(ep, "handle", None) == req.handle:
+                del self.agent.replica.objects["Endpoint"][ep_id]
+        self.agent.kick()
+        return b""
+
+    async def check(self, req: cp.Request) -> bytes:
+        from tether.dataplane.pods import check_pod
+
+        ep = next((e for e in self.agent.replica.endpoints if e.handle == req.handle), None)
+        if ep is None:
+            raise cp.CniError(cp.UNKNOWN_CONTAINER, f"no Tether endpoint for container {req.container_id} "
+                                                    f"interface {req.ifname}")
+        problems = await asyncio.to_thread(check_pod, pod_netns=req.netns, ifname=req.ifname,
+                                           host_ifname=host_ifname(req.container_id, req.ifname), ips=ep.ips)
+        prev = set(cp.prev_ips(req.config))
+        if prev and prev != set(ep.ips):
+            problems.append(f"prevResult addresses {sorted(prev)} differ from the endpoint's {ep.ips}")
+        if problems:
+            raise cp.CniError(cp.CHECK_FAILED, "; ".join(problems))
+        return b""
+
+    async def status(self, req: cp.Request) -> bytes:
+        if not self.agent.ready():
+            raise cp.CniError(cp.PLUGIN_NOT_AVAILABLE, "the Tether agent has not synchronised with the server "
+                                                       f"yet ({self.agent.sync_state()}); pods cannot be added")
+        return b""
+
+    async def gc(self, req: cp.Request) -> bytes:
+        from tether.dataplane.pods import detach_pod
+
+        valid = cp.valid_attachments(req.config)
+        stale = [e for e in self.agent.replica.endpoints
+                 if e.host == self.agent.host and e.network == req.network and e.owner.type == "cni"
+                 and (e.owner.container_id or "", e.owner.ifname or "") not in valid]
+        for ep in stale:
+            if ep.interface:
+                await asyncio.to_thread(detach_pod, ep.interface)
+            try:
+                await self.agent.client.release_by_handle(ep.handle or ep.id)
+            except ServerUnreachable as e:
+                raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
+            log.info("GC released %s (%s)", ep.name, ", ".join(ep.ips))
+        return b""

@@ -1,0 +1,298 @@
+"""`tether agent`: one per host. Registers the host, mirrors the desired state, programs the kernel.
+
+Lifetime: the CNI socket is served at once; the host registers and heartbeats a lease; a snapshot
+then the watch stream feed the replica; each batch of changes recomputes the plan (pure) and applies
+the difference. No kernel writes happen before the first full sync, and nothing is ever flushed: a
+restarted agent with an unchanged plan changes nothing. When the server is unreachable, the datapath
+stays as it is, and the agent reconnects and resyncs by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether import __version__
+from tether.agent.cache import Replica
+from tether.agent.calc import HostContext, compute_plan, vtep_mac_for
+from tether.agent.cni_server import CniServer
+from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
+from tether.model import Host, Network
+
+log = logging.getLogger("tether.agent")
+
+
+@dataclass
+class AgentConfig:
+    server: str
+    host: str
+    underlay_ip: str
+    underlay_dev: str | None = None
+    state_dir: str = "/var/lib/tether-agent"
+    cni_socket: str = "/run/tether/cni.sock"
+    token: str | None = None
+    heartbeat_ttl: float = 15.0
+    reconcile_interval: float = 30.0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
+    """(device, MTU, CIDR) of the interface holding the underlay address."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for a in ipr.get_addr():
+            if a.get("IFA_ADDRESS") == ip:
+                link = ipr.get_links(a["index"])[0]
+                name = link.get("IFLA_IFNAME")
+                if dev and dev != name:
+                    continue
+                cidr = str(ipaddress.ip_network(f"{ip}/{a['prefixlen']}", strict=False))
+                return name, link.get("IFLA_MTU"), cidr
+    raise SystemExit(f"no interface in this network namespace has the underlay address {ip}; "
+                     "check --underlay-ip (and --underlay-dev)")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.host = cfg.host
+        self.replica = Replica()
+        self.client = AsyncTetherClient(cfg.server, cfg.token)
+        self.cni = CniServer(self, cfg.cni_socket)
+        self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay_of(cfg.underlay_ip, cfg.underlay_dev)
+        from tether.dataplane.nft import NftDataplane
+
+        self.nft = NftDataplane()
+        self._dirty = asyncio.Event()
+        self._apply_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._synced_once = False
+        self.connected = False
+        self.last_sync = 0.0
+        self.applies = 0
+        self.dns_ip: str | None = None
+        self.dns_search: list[str] = []
+
+    # --- small services used by the CNI handler ---------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a plan recomputation soon."""
+        self._dirty.set()
+
+    def ready(self) -> bool:
+        return self._synced_once and self.connected
+
+    def sync_state(self) -> str:
+        if not self._synced_once:
+            return "never synced"
+        return "connected" if self.connected else f"server unreachable since {time.time() - self.last_sync:.0f}s"
+
+    def dns_config(self, net: Network | None) -> dict[str, Any]:
+        if not self.dns_ip:
+            return {}
+        search = [f"{net.name}.{net.dns_domain}", f"svc.{net.dns_domain}", net.dns_domain] if net else []
+        return {"nameservers": [self.dns_ip], "search": search + self.dns_search}
+
+    @staticmethod
+    def json(data: dict) -> bytes:
+        return json.dumps(data).encode()
+
+    async def fetch_network(self, name: str) -> Network | None:
+        try:
+            return await self.client.get("Network", name)  # type: ignore[return-value]
+        except (ApiError, ServerUnreachable):
+            return None
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        if self.replica.load(self.replica_path):
+            log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
+        await self.cni.start()
+        log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
+                    self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
+        await self._start_extras()
+        tasks = [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
+                                                  self._reconcile_loop())]
+        await self._stop.wait()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        await self.cni.close()
+        await self._stop_extras()
+        await self.client.close()
+        log.warning("agent %s stopped (datapath left in place)", self.host)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def replica_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, "replica.json")
+
+    async def _start_extras(self) -> None:
+        """Optional services (DNS, metrics) that live in their own modules."""
+        self._extras: list[Any] = []
+        try:
+            from tether.agent import extras
+        except ImportError:
+            return
+        self._extras = await extras.start(self)
+
+    async def _stop_extras(self) -> None:
+        for e in getattr(self, "_extras", []):
+            with contextlib.suppress(Exception):
+                await e.close()
+
+    async def _register(self) -> None:
+        host = Host(name=self.host, underlay_ip=self.cfg.underlay_ip, underlay_cidr=self.underlay_cidr,
+                    vtep_mac=vtep_mac_for(self.host), dns_ip=self.dns_ip, agent_version=__version__,
+                    labels=self.cfg.labels)
+        await self.client.register_host(host)
+        await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
+
+    async def _sync_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._register()
+                snap = await self.client.snapshot()
+                self.replica.load_snapshot(snap)
+                self.connected = True
+                self.last_sync = time.time()
+                self._synced_once = True
+                backoff = 0.2
+                log.info("synced at revision %d", self.replica.revision)
+                self.kick()
+                await self._follow()
+            except (ServerUnreachable, ApiError, OSError) as e:
+                if self.connected:
+                    log.warning("lost the server (%s); keeping the datapath, retrying", e)
+                self.connected = False
+            except Exception:  # noqa: BLE001 - never die: retry
+                log.exception("sync failed")
+                self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _follow(self) -> None:
+        """Follow the watch stream until it ends; a resync answer makes the caller re-snapshot."""
+        while True:
+            async for ev in self.client.watch(self.replica.revision):
+                if ev["type"] == "resync":
+                    log.warning("watch history compacted: full resync")
+                    return
+                if ev["type"] == "bookmark":
+                    self.last_sync = time.time()
+                    continue
+                if self.replica.apply_event(ev):
+                    self.kick()
+                self.last_sync = time.time()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(0.005)  # gather a burst of events into one apply
+            self._dirty.clear()
+            if not self._synced_once:
+                continue  # no kernel writes before the first full sync
+            await self.apply()
+
+    async def apply(self, verify: bool = False) -> None:
+        async with self._apply_lock:
+            ctx = HostContext(self.host, self.underlay_dev, self.underlay_mtu)
+            plan = compute_plan(self.replica, ctx)
+            keep = self.cni.protected()
+            try:
+                await asyncio.to_thread(self._apply_sync, plan, keep, verify)
+            except Exception:  # noqa: BLE001 - the next pass retries
+                log.exception("applying the plan failed")
+                self.nft.forget()
+            self.applies += 1
+            with contextlib.suppress(OSError):
+                self.replica.save(self.replica_path)
+            if hasattr(self, "_extras"):
+                for e in self._extras:
+                    with contextlib.suppress(Exception):
+                        e.update(self.replica)
+
+    def _apply_sync(self, plan, keep, verify: bool) -> None:
+        from tether.dataplane.links import apply_links
+
+        if verify:
+            self.nft.verify(plan.nft)
+        nrep = self.nft.apply(plan.nft)
+        lrep = apply_links(plan, keep_interfaces=keep)
+        if nrep.changed or lrep.changed:
+            log.info("applied: %s", "; ".join(nrep.changes + lrep.changes)[:500])
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_ttl / 3)
+            if not self.connected:
+                continue
+            try:
+                await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
+            except (ApiError, ServerUnreachable) as e:
+                log.warning("heartbeat failed: %s", e)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reconcile_interval)
+            if self._synced_once:
+                await self.apply(verify=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tether agent", description="Run the Tether agent on this host: programs "
+                                "routes, VXLAN, nftables and answers CNI requests.")
+    p.add_argument("--server", default=os.environ.get("TETHER_SERVER", "unix:///run/tether/server.sock"),
+                   help="API address (http://host:port or unix:///path)")
+    p.add_argument("--token", default=os.environ.get("TETHER_TOKEN"), help="API bearer token")
+    p.add_argument("--token-file", help="read the token from this file")
+    p.add_argument("--host", default=socket.gethostname(), help="this host's name (a DNS label)")
+    p.add_argument("--underlay-ip", required=True, help="this host's address on the underlay network")
+    p.add_argument("--underlay-dev", help="device holding the underlay address (default: found by address)")
+    p.add_argument("--state-dir", default="/var/lib/tether-agent")
+    p.add_argument("--cni-socket", default="/run/tether/cni.sock")
+    p.add_argument("--label", action="append", default=[], help="host label k=v (repeatable)")
+    p.add_argument("--reconcile-interval", type=float, default=30.0)
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = a.token
+    if a.token_file:
+        with open(a.token_file) as f:
+            token = f.read().strip()
+    cfg = AgentConfig(server=a.server, host=a.host, underlay_ip=a.underlay_ip, underlay_dev=a.underlay_dev,
+                      state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
+                      reconcile_interval=a.reconcile_interval,
+                      labels=dict(x.split("=", 1) for x in a.label if "=" in x))
+
+    async def run() -> None:
+        agent = Agent(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

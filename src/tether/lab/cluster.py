@@ -1,0 +1,459 @@
+"""A virtual Tether cluster on one machine: hosts are network namespaces on a shared underlay.
+
+```
+ns <p>-ul   : bridge ul0 = the underlay switch and router (198.18.0.254, 198.18.1.254, 198.19.255.254)
+ns <p>-h<i> : eth0 198.18.<s>.<i>, an agent process; pods' host ends
+ns <p>-inet : eth0 198.19.255.1, a web server that echoes the caller's address and a DNS resolver
+```
+The server runs in the root namespace on a unix socket in the lab directory (reachable from every
+namespace) and on a loopback port for the CLI. Nothing is added to the root namespace's interfaces.
+All state lives in `/run/tether-lab/<name>/state.json`, so any later command can find, change or
+tear down the lab; processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LAB_ROOT = "/run/tether-lab"
+INET_IP = "198.19.255.1"
+INET_NET = "198.19.255"
+UNDERLAY = "198.18"
+CNI_VERSION = "1.0.0"
+
+
+def sh(*args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True, input=input, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def nsx(ns: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int | None, sig: int = signal.SIGTERM, wait: float = 10) -> None:
+    if not alive(pid):
+        return
+    assert pid is not None
+    os.kill(pid, sig)
+    deadline = time.time() + wait
+    while time.time() < deadline and alive(pid):
+        with __import__("contextlib").suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class HostInfo:
+    name: str
+    ns: str
+    ip: str
+    cidr: str
+    agent_pid: int | None = None
+
+
+@dataclass
+class PodInfo:
+    name: str
+    host: str
+    ns: str
+    network: str
+    namespace: str
+    container_id: str
+    ips: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ip(self) -> str:
+        return self.ips[0]
+
+
+@dataclass
+class LabState:
+    name: str
+    hosts: list[HostInfo] = field(default_factory=list)
+    pods: dict[str, PodInfo] = field(default_factory=dict)
+    store: str = "sqlite"
+    server_pid: int | None = None
+    server_port: int = 0
+    etcd_pid: int | None = None
+    inet_pids: list[int] = field(default_factory=list)
+
+
+class CniFailure(Exception):
+    def __init__(self, code: int, msg: str, raw: str) -> None:
+        super().__init__(f"CNI error {code}: {msg}")
+        self.code = code
+        self.msg = msg
+        self.raw = raw
+
+
+class Lab:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dir = os.path.join(LAB_ROOT, name)
+        self.state = LabState(name)
+        if os.path.exists(self.state_path):
+            self.load()
+
+    # --- state ------------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.dir, "state.json")
+
+    def load(self) -> None:
+        with open(self.state_path) as f:
+            d = json.load(f)
+        self.state = LabState(name=d["name"], hosts=[HostInfo(**h) for h in d["hosts"]],
+                              pods={k: PodInfo(**v) for k, v in d["pods"].items()}, store=d["store"],
+                              server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
+                              inet_pids=d.get("inet_pids", []))
+
+    def save(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(self.state), f, indent=1)
+        os.replace(tmp, self.state_path)
+
+    @property
+    def ul(self) -> str:
+        return f"{self.name}-ul"
+
+    @property
+    def inet(self) -> str:
+        return f"{self.name}-inet"
+
+    @property
+    def server_socket(self) -> str:
+        return os.path.join(self.dir, "server.sock")
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.state.server_port}"
+
+    @property
+    def token(self) -> str:
+        with open(os.path.join(self.dir, "server", "token")) as f:
+            return f.read().strip()
+
+    def host(self, name: str) -> HostInfo:
+        for h in self.state.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no host {name!r} in lab {self.name} (hosts: {', '.join(h.name for h in self.state.hosts)})")
+
+    def client(self):
+        from tether.client import TetherClient
+
+        return TetherClient(self.server_url, self.token)
+
+    # --- building ---------------------------------------------------------------------------------
+
+    def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print) -> None:
+        if os.path.exists(self.state_path) and self.state.hosts:
+            raise RuntimeError(f"lab {self.name} already exists; `tether lab down --name {self.name}` first")
+        os.makedirs(self.dir, exist_ok=True)
+        self.state = LabState(self.name, store=store)
+        self.save()
+        try:
+            progress(f"underlay switch {self.ul}")
+            self._underlay()
+            for i in range(1, hosts + 1):
+                subnet = 1 if across_subnets and i >= 3 else 0
+                h = HostInfo(f"h{i}", f"{self.name}-h{i}", f"{UNDERLAY}.{subnet}.{i}", f"{UNDERLAY}.{subnet}.0/24")
+                progress(f"host {h.name} ({h.ip})")
+                self._host(h, i)
+                self.state.hosts.append(h)
+                self.save()
+            progress(f"internet {self.inet} ({INET_IP}: web :80, DNS :53)")
+            self._internet()
+            progress(f"server ({store} store)")
+            self.start_server()
+            from tether.cni import install
+
+            install(os.path.join(self.dir, "cni-bin"))
+            for h in self.state.hosts:
+                progress(f"agent on {h.name}")
+                self.start_agent(h.name, wait=False)
+            for h in self.state.hosts:
+                self.wait_agent(h.name)
+            self.save()
+        except BaseException:
+            self.save()
+            raise
+
+    def _underlay(self) -> None:
+        sh("ip", "netns", "add", self.ul)
+        nsx(self.ul, "ip", "link", "set", "lo", "up")
+        nsx(self.ul, "ip", "link", "add", "ul0", "type", "bridge")
+        nsx(self.ul, "ip", "link", "set", "ul0", "up")
+        for a in (f"{UNDERLAY}.0.254/24", f"{UNDERLAY}.1.254/24", f"{INET_NET}.254/24"):
+            nsx(self.ul, "ip", "addr", "add", a, "dev", "ul0")
+        nsx(self.ul, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def _plug(self, ns: str, port: str, ip: str, gw: str) -> None:
+        sh("ip", "netns", "add", ns)
+        nsx(self.ul, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        nsx(self.ul, "ip", "link", "set", port, "master", "ul0", "up")
+        nsx(ns, "ip", "link", "set", "lo", "up")
+        nsx(ns, "ip", "link", "set", "eth0", "up")
+        nsx(ns, "ip", "addr", "add", ip, "dev", "eth0")
+        nsx(ns, "ip", "route", "add", "default", "via", gw)
+
+    def _host(self, h: HostInfo, i: int) -> None:
+        gw = h.ip.rsplit(".", 1)[0] + ".254"
+        self._plug(h.ns, f"p{h.name}", f"{h.ip}/24", gw)
+        nsx(h.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def _internet(self) -> None:
+        self._plug(self.inet, "pinet", f"{INET_IP}/24", f"{INET_NET}.254")
+        log = open(os.path.join(self.dir, "inet-web.log"), "ab")
+        web = subprocess.Popen(["ip", "netns", "exec", self.inet, sys.executable, "-m", "tether.lab.echo_web",
+                                "--port", "80"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        dns = subprocess.Popen(["ip", "netns", "exec", self.inet, "dnsmasq", "--no-daemon", "--no-resolv",
+                                "--no-hosts", f"--listen-address={INET_IP}", "--bind-interfaces", "--port=53",
+                                "--address=/example.test/198.19.255.80", "--address=/www.example.test/198.19.255.81",
+                                f"--pid-file={self.dir}/inet-dns.pid", "--log-facility=-"],
+                               stdout=open(os.path.join(self.dir, "inet-dns.log"), "ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        self.state.inet_pids = [web.pid, dns.pid]
+        self.save()
+        wait_for(lambda: _port_open(self.inet, INET_IP, 80), 10, "the internet web server")
+
+    # --- processes --------------------------------------------------------------------------------
+
+    def start_server(self) -> None:
+        state_dir = os.path.join(self.dir, "server")
+        os.makedirs(state_dir, exist_ok=True)
+        if self.state.store == "etcd":
+            if not alive(self.state.etcd_pid):
+                self._start_etcd()
+            store = f"etcd://127.0.0.1:{self._etcd_port}"
+        else:
+            store = f"sqlite://{state_dir}/tether.db"
+        if not self.state.server_port:
+            self.state.server_port = free_port()
+        log = open(os.path.join(self.dir, "server.log"), "ab")
+        p = subprocess.Popen([sys.executable, "-m", "tether.server.main", "--store", store, "--state-dir", state_dir,
+                              "--listen", f"unix://{self.server_socket}",
+                              "--listen", f"127.0.0.1:{self.state.server_port}", "--gc-interval", "10"],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.state.server_pid = p.pid
+        self.save()
+        wait_for(lambda: _http_ok(self.server_url + "/healthz"), 20, "the server")
+
+    @property
+    def _etcd_port(self) -> int:
+        with open(os.path.join(self.dir, "etcd.port")) as f:
+            return int(f.read())
+
+    def _start_etcd(self) -> None:
+        cport, pport = free_port(), free_port()
+        with open(os.path.join(self.dir, "etcd.port"), "w") as f:
+            f.write(str(cport))
+        data = os.path.join(self.dir, "etcd")
+        p = subprocess.Popen(["etcd", "--name", "lab", "--data-dir", data,
+                              "--listen-client-urls", f"http://127.0.0.1:{cport}",
+                              "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+                              "--listen-peer-urls", f"http://127.0.0.1:{pport}",
+                              "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
+                              "--initial-cluster", f"lab=http://127.0.0.1:{pport}", "--log-level", "error"],
+                             stdout=open(os.path.join(self.dir, "etcd.log"), "ab"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.state.etcd_pid = p.pid
+        self.save()
+        wait_for(lambda: _port_open(None, "127.0.0.1", cport), 20, "etcd")
+
+    def stop_server(self, sig: int = signal.SIGTERM) -> None:
+        stop_pid(self.state.server_pid, sig)
+        self.state.server_pid = None
+        self.save()
+
+    def agent_dir(self, host: str) -> str:
+        return os.path.join(self.dir, host)
+
+    def cni_socket(self, host: str) -> str:
+        return os.path.join(self.agent_dir(host), "cni.sock")
+
+    def start_agent(self, host: str, wait: bool = True) -> None:
+        h = self.host(host)
+        d = self.agent_dir(host)
+        os.makedirs(d, exist_ok=True)
+        log = open(os.path.join(d, "agent.log"), "ab")
+        p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main",
+                              "--server", f"unix://{self.server_socket}",
+                              "--token-file", os.path.join(self.dir, "server", "token"),
+                              "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
+                              "--cni-socket", self.cni_socket(host)],
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        h.agent_pid = p.pid
+        self.save()
+        if wait:
+            self.wait_agent(host)
+
+    def wait_agent(self, host: str, timeout: float = 30) -> None:
+        wait_for(lambda: os.path.exists(self.cni_socket(host)) and self.agent_status(host) == 0, timeout,
+                 f"the agent on {host}")
+
+    def agent_status(self, host: str) -> int:
+        code, _ = self.cni(host, "STATUS", {"cniVersion": "1.1.0", "name": "status", "type": "tether"})
+        return code
+
+    def kill_agent(self, host: str, sig: int = signal.SIGKILL) -> None:
+        h = self.host(host)
+        stop_pid(h.agent_pid, sig)
+        h.agent_pid = None
+        self.save()
+
+    # --- pods -------------------------------------------------------------------------------------
+
+    def cni(self, host: str, command: str, config: dict, *, container_id: str = "", netns: str = "",
+            ifname: str = "eth0", args: str = "") -> tuple[int, str]:
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
+               "CNI_ARGS": args, "CNI_PATH": os.path.join(self.dir, "cni-bin") + ":/usr/lib/cni",
+               "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        config = {"agent_socket": self.cni_socket(host), **config}
+        r = subprocess.run([os.path.join(self.dir, "cni-bin", "tether")], input=json.dumps(config),
+                           capture_output=True, text=True, env=env, timeout=120)
+        return r.returncode, r.stdout
+
+    def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
+                labels: dict[str, str] | None = None, ip: str | None = None, ports: list[dict] | None = None) -> PodInfo:
+        h = self.host(host)
+        ns = f"{self.name}-{host}-{name}"
+        sh("ip", "netns", "add", ns)
+        container_id = ns
+        args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
+        config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether",
+                                  "labels": labels or {}}
+        if ports:
+            config["ports"] = ports
+        code, out = self.cni(h.name, "ADD", config, container_id=container_id, netns=f"/var/run/netns/{ns}",
+                             args=args)
+        if code != 0:
+            sh("ip", "netns", "del", ns, check=False)
+            err = json.loads(out) if out.strip().startswith("{") else {"code": -1, "msg": out}
+            raise CniFailure(err.get("code", -1), err.get("msg", out), out)
+        res = json.loads(out)
+        pod = PodInfo(name, host, ns, network, namespace, container_id,
+                      [i["address"].split("/")[0] for i in res["ips"]], labels or {}, res)
+        nsx(ns, "ip", "link", "set", "lo", "up")
+        self.state.pods[f"{host}/{name}"] = pod
+        self.save()
+        return pod
+
+    def pod(self, ref: str) -> PodInfo:
+        if ref in self.state.pods:
+            return self.state.pods[ref]
+        found = [p for k, p in self.state.pods.items() if p.name == ref]
+        if len(found) != 1:
+            raise KeyError(f"pod {ref!r} not found (or ambiguous); use HOST/POD")
+        return found[0]
+
+    def rm_pod(self, ref: str) -> None:
+        pod = self.pod(ref)
+        config = {"cniVersion": CNI_VERSION, "name": pod.network, "type": "tether", "prevResult": pod.result}
+        code, out = self.cni(pod.host, "DEL", config, container_id=pod.container_id,
+                             netns=f"/var/run/netns/{pod.ns}")
+        if code != 0:
+            raise RuntimeError(f"CNI DEL failed: {out}")
+        sh("ip", "netns", "del", pod.ns, check=False)
+        del self.state.pods[f"{pod.host}/{pod.name}"]
+        self.save()
+
+    def exec(self, ref: str, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return nsx(self.pod(ref).ns, *cmd, check=False, timeout=timeout)
+
+    def ping(self, ref: str, ip: str, count: int = 1, wait: float = 1) -> bool:
+        r = self.exec(ref, "ping", "-c", str(count), "-W", str(wait), "-i", "0.2", ip)
+        return r.returncode == 0
+
+    # --- teardown ---------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        for h in self.state.hosts:
+            stop_pid(h.agent_pid)
+        stop_pid(self.state.server_pid)
+        stop_pid(self.state.etcd_pid)
+        for pid in self.state.inet_pids:
+            stop_pid(pid)
+        for ns in lab_namespaces(self.name):
+            sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def lab_namespaces(name: str) -> list[str]:
+    out = sh("ip", "netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(f"{name}-")]
+
+
+def all_labs() -> list[str]:
+    if not os.path.isdir(LAB_ROOT):
+        return []
+    return sorted(d for d in os.listdir(LAB_ROOT) if os.path.isdir(os.path.join(LAB_ROOT, d)))
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _port_open(ns: str | None, ip: str, port: int) -> bool:
+    if ns is None:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((ip, port)) == 0
+    return nsx(ns, sys.executable, "-c", f"import socket; socket.create_connection(('{ip}', {port}), 1)",
+               check=False).returncode == 0
