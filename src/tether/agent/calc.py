@@ -154,7 +154,10 @@ FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 POD_IFACES = LINK_PREFIX + "*"
 
 
-def base_nft(rep: Replica) -> NftPlan:
+def base_nft(rep: Replica, host: str = "") -> NftPlan:
+    """The table every host has. Local pod interfaces default to "accept" in both directions; the
+    policy fragment replaces those verdicts for pods that policies or security groups select."""
+    local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
                     if ipaddress.ip_network(s.cidr).version == 4})
     nat = sorted({s.cidr for n in rep.networks.values() if n.nat_outgoing for s in n.subnets
@@ -162,8 +165,8 @@ def base_nft(rep: Replica) -> NftPlan:
     sets = (
         NftSet("tether_nets", "ipv4_addr", ("interval",), elements=frozenset(cidrs)),
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
-        NftSet("ep_out", "ifname", map_type="verdict"),
-        NftSet("ep_in", "ifname", map_type="verdict"),
+        NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
+        NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
         NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict"),
     )
@@ -184,9 +187,11 @@ def base_nft(rep: Replica) -> NftPlan:
             rule(CT_ESTABLISHED, ACCEPT),
             rule(CT_INVALID, DROP),
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
-            rule(_match(_meta("iifname"), POD_IFACES), {"counter": None}, DROP, comment="unknown pod interface"),
+            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
+                 DROP, comment="unknown pod interface"),
             rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
-            rule(_match(_meta("oifname"), POD_IFACES), {"counter": None}, DROP, comment="unknown pod interface"),
+            rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
+                 DROP, comment="unknown pod interface"),
         ), hook="forward", type="filter", priority=0, policy="accept"),
         NftChain("input", (
             rule(CT_ESTABLISHED, ACCEPT),
@@ -197,15 +202,19 @@ def base_nft(rep: Replica) -> NftPlan:
 
 
 def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
-    """Add fragments to the base: chains by name are added; sets of the same name merge elements."""
+    """Add fragments to the base: chains by name are added; sets of the same name merge elements,
+    and in maps a fragment's entry replaces the base's entry for the same key."""
     sets = {s.name: s for s in base.sets}
     chains = {c.name: c for c in base.chains}
     for frag in fragments:
         for s in frag.sets:
             if s.name in sets:
                 old = sets[s.name]
-                sets[s.name] = NftSet(old.name, old.type, old.flags, old.map_type, old.elements | s.elements,
-                                      old.timeout)
+                elements = old.elements | s.elements
+                if old.map_type:
+                    keys = {k for k, _ in s.elements}
+                    elements = frozenset(e for e in old.elements if e[0] not in keys) | s.elements
+                sets[s.name] = NftSet(old.name, old.type, old.flags, old.map_type, elements, old.timeout)
             else:
                 sets[s.name] = s
         for c in frag.chains:
@@ -231,4 +240,4 @@ def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
         me = rep.hosts.get(ctx.name)
         fragments.append(services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()),
                                           ctx.name, [me.underlay_ip] if me else []))
-    return merge(base_nft(rep), *fragments)
+    return merge(base_nft(rep, ctx.name), *fragments)

@@ -45,6 +45,7 @@ class AgentConfig:
     heartbeat_ttl: float = 15.0
     reconcile_interval: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
+    underlay: tuple[str, int, str] | None = None  # (device, MTU, CIDR), found before the event loop starts
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -71,7 +72,9 @@ class Agent:
         self.replica = Replica()
         self.client = AsyncTetherClient(cfg.server, cfg.token)
         self.cni = CniServer(self, cfg.cni_socket)
-        self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay_of(cfg.underlay_ip, cfg.underlay_dev)
+        # pyroute2's synchronous sockets refuse to run inside an event loop: look up before it starts
+        underlay = cfg.underlay or underlay_of(cfg.underlay_ip, cfg.underlay_dev)
+        self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay
         from tether.dataplane.nft import NftDataplane
 
         self.nft = NftDataplane()
@@ -282,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AgentConfig(server=a.server, host=a.host, underlay_ip=a.underlay_ip, underlay_dev=a.underlay_dev,
                       state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
                       reconcile_interval=a.reconcile_interval,
-                      labels=dict(x.split("=", 1) for x in a.label if "=" in x))
+                      labels=dict(x.split("=", 1) for x in a.label if "=" in x),
+                      underlay=underlay_of(a.underlay_ip, a.underlay_dev))
 
     async def run() -> None:
         agent = Agent(cfg)

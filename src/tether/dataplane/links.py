@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
 from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, host_side_sysctls, write_sysctl
 
@@ -122,7 +123,7 @@ def apply_links(plan: Plan, *, keep_interfaces: frozenset[str] = frozenset(), ne
                 remove_stale: bool = True) -> ApplyReport:
     """Make the kernel hold exactly the plan's owned links/routes/neighbours/FDB entries."""
     report = ApplyReport()
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with ipr_in(netns) as ipr:
         for path, value in plan.sysctls:
             write_sysctl(path, value)
         links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
@@ -221,7 +222,7 @@ def read_state(netns: str | None = None) -> dict:
     """A canonical snapshot of everything Tether owns in a namespace (for 'nothing changed' checks)."""
     import subprocess
 
-    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+    with ipr_in(netns) as ipr:
         links = {}
         for msg in ipr.get_links():
             name = msg.get("IFLA_IFNAME")

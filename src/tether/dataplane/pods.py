@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
 
 NUD_PERMANENT = 0x80
@@ -73,7 +74,7 @@ def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str],
         except OSError as e:
             raise AttachError(f"cannot open network namespace {pod_netns}: {e.strerror}") from e
         try:
-            with IPRoute(netns=pod_netns) as pod:
+            with ipr_in(pod_netns) as pod:
                 if _lookup(pod, ifname) is not None:
                     raise AttachError(f"interface {ifname} already exists in {pod_netns}; pick another CNI_IFNAME")
                 peer: dict = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
@@ -149,7 +150,7 @@ def check_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str]) 
             problems.append(f"host interface {host_ifname} is missing")
     if not os.path.exists(pod_netns):
         return [*problems, f"network namespace {pod_netns} does not exist"]
-    with IPRoute(netns=pod_netns) as pod:
+    with ipr_in(pod_netns) as pod:
         idx = _lookup(pod, ifname)
         if idx is None:
             return [*problems, f"interface {ifname} is missing in {pod_netns}"]
