@@ -112,6 +112,7 @@ class LabState:
     server_port: int = 0
     etcd_pid: int | None = None
     inet_pids: list[int] = field(default_factory=list)
+    server_args: list[str] = field(default_factory=list)
 
 
 class CniFailure(Exception):
@@ -142,7 +143,7 @@ class Lab:
         self.state = LabState(name=d["name"], hosts=[HostInfo(**h) for h in d["hosts"]],
                               pods={k: PodInfo(**v) for k, v in d["pods"].items()}, store=d["store"],
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
-                              inet_pids=d.get("inet_pids", []))
+                              inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -185,11 +186,13 @@ class Lab:
 
     # --- building ---------------------------------------------------------------------------------
 
-    def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print) -> None:
+    def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print,
+           server_args: list[str] | None = None) -> None:
+        """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces)."""
         if os.path.exists(self.state_path) and self.state.hosts:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --name {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
-        self.state = LabState(self.name, store=store)
+        self.state = LabState(self.name, store=store, server_args=list(server_args or []))
         self.save()
         try:
             progress(f"underlay switch {self.ul}")
@@ -272,7 +275,8 @@ class Lab:
         log = open(os.path.join(self.dir, "server.log"), "ab")
         p = subprocess.Popen([sys.executable, "-m", "tether.server.main", "--store", store, "--state-dir", state_dir,
                               "--listen", f"unix://{self.server_socket}",
-                              "--listen", f"127.0.0.1:{self.state.server_port}", "--gc-interval", "10"],
+                              "--listen", f"127.0.0.1:{self.state.server_port}", "--gc-interval", "10",
+                              *self.state.server_args],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state.server_pid = p.pid
         self.save()
@@ -354,7 +358,8 @@ class Lab:
         return r.returncode, r.stdout
 
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
-                labels: dict[str, str] | None = None, ip: str | None = None, ports: list[dict] | None = None) -> PodInfo:
+                labels: dict[str, str] | None = None, ip: str | None = None,
+                ports: list[dict] | None = None) -> PodInfo:
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         sh("ip", "netns", "add", ns)

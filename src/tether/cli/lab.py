@@ -1,0 +1,233 @@
+"""`tether lab ...`: a Tether cluster in network namespaces on this machine, for demos and tests.
+
+Hosts, pods and the "internet" are namespaces; the server, agents and pods are the real things
+(agents program the hosts' kernels, pods are plugged by the real `tether-cni`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from tether.cli.output import Format, emit
+
+lab_app = typer.Typer(help="A virtual cluster of hosts in network namespaces on this machine (root needed).",
+                      no_args_is_help=True)
+
+NameOpt = Annotated[str, typer.Option("--name", "-n", help="lab name (prefix of its namespaces)")]
+OutOpt = Annotated[Format, typer.Option("--output", "-o", help="output format")]
+
+
+def _fail(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _lab(name: str, must_exist: bool = True):
+    from tether.lab.cluster import Lab, all_labs
+
+    if os.geteuid() != 0:
+        _fail("the lab creates network namespaces: run as root")
+    lab = Lab(name)
+    if must_exist and not lab.state.hosts:
+        labs = all_labs()
+        _fail(f"no lab named {name!r}" + (f" (labs: {', '.join(labs)})" if labs else "; create one with "
+                                          "`tether lab up`"))
+    return lab
+
+
+def _progress():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.time()
+
+    def say(msg: str) -> None:
+        console.print(f"[dim]{time.time() - start:5.1f}s[/dim] {msg}", highlight=False)
+
+    return say
+
+
+@lab_app.command()
+def up(name: NameOpt = "lab",
+       hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 3,
+       store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite") -> None:
+    """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
+    if store not in ("sqlite", "etcd"):
+        _fail("--store must be sqlite or etcd")
+    lab = _lab(name, must_exist=False)
+    if lab.state.hosts:
+        _fail(f"lab {name!r} already exists; `tether lab down --name {name}` first")
+    say = _progress()
+    try:
+        lab.up(hosts=hosts, store=store, progress=say)
+    except Exception as e:  # noqa: BLE001 - leave nothing half-built
+        say(f"failed: {e}; tearing down")
+        lab.down()
+        _fail(str(e))
+    say(f"lab {name!r} ready: {hosts} hosts. Use the CLI with: eval $(tether lab env --name {name})")
+
+
+@lab_app.command()
+def down(name: NameOpt = "lab", all_: Annotated[bool, typer.Option("--all", help="every lab")] = False) -> None:
+    """Stop the lab's processes (by PID) and delete its namespaces."""
+    from tether.lab.cluster import Lab, all_labs
+
+    names = all_labs() if all_ else [name]
+    for n in names:
+        Lab(n).down()
+        print(f"lab {n} removed")
+
+
+@lab_app.command()
+def env(name: NameOpt = "lab") -> None:
+    """Print shell exports that point the `tether` CLI at the lab's server."""
+    lab = _lab(name)
+    print(f"export TETHER_SERVER={lab.server_url}\nexport TETHER_TOKEN={lab.token}")
+
+
+def tunnels(lab) -> list[dict]:
+    """Per host: the VTEP, its static FDB peers and Tether routes, read from the host's kernel."""
+    out = []
+    for h in lab.state.hosts:
+        def ipj(*args: str, ns: str = h.ns) -> list:
+            r = subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True)
+            return json.loads(r.stdout or "[]") if r.returncode == 0 else []
+
+        addrs = [a["local"] for link in ipj("addr", "show", "dev", "tth.vxlan") for a in link.get("addr_info", [])
+                 if a.get("family") == "inet"]
+        fdb = subprocess.run(["bridge", "-n", h.ns, "-j", "fdb", "show", "dev", "tth.vxlan"], capture_output=True,
+                             text=True)
+        peers = sorted({e.get("dst") for e in json.loads(fdb.stdout or "[]") if e.get("dst")})
+        routes = [r for r in ipj("route", "show", "proto", "201")]
+        out.append({"host": h.name, "underlay": h.ip, "vtep": addrs[0] if addrs else "-",
+                    "peers": peers, "routes": len(routes),
+                    "agent": "up" if lab.agent_status(h.name) == 0 else "down"})
+    return out
+
+
+@lab_app.command()
+def status(name: NameOpt = "lab", output: OutOpt = Format.table) -> None:
+    """Hosts and their agents, pods, and the tunnels each host's kernel holds."""
+    lab = _lab(name)
+    pods = [{"name": p.name, "host": p.host, "network": p.network, "namespace": p.namespace, "ips": p.ips,
+             "netns": p.ns} for p in lab.state.pods.values()]
+    data = {"name": name, "store": lab.state.store, "server": lab.server_url, "tunnels": tunnels(lab), "pods": pods}
+    if output != Format.table:
+        emit("lab", data, output)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"lab {name} ({lab.state.store} store, server {lab.server_url})", box=None, header_style="bold")
+    for col in ("HOST", "UNDERLAY", "AGENT", "VTEP", "TUNNEL PEERS", "ROUTES"):
+        t.add_column(col)
+    for row in data["tunnels"]:
+        t.add_row(row["host"], row["underlay"], row["agent"], row["vtep"], ", ".join(row["peers"]) or "-",
+                  str(row["routes"]))
+    Console().print(t)
+    p = Table(title="pods", box=None, header_style="bold")
+    for col in ("POD", "HOST", "NETWORK", "NAMESPACE", "IPS", "NETNS"):
+        p.add_column(col)
+    for d in pods:
+        p.add_row(d["name"], d["host"], d["network"], d["namespace"], ",".join(d["ips"]), d["netns"])
+    Console().print(p)
+
+
+@lab_app.command()
+def run(host: str, pod: str, network: Annotated[str, typer.Option("--network", help="Tether network")],
+        namespace: Annotated[str, typer.Option(help="the pod's namespace")] = "default",
+        label: Annotated[list[str] | None, typer.Option(help="pod label k=v (repeatable)")] = None,
+        ip: Annotated[str | None, typer.Option(help="request this address")] = None,
+        name: NameOpt = "lab", output: OutOpt = Format.table) -> None:
+    """Start a pod on HOST: a network namespace plugged in through the real tether-cni plugin."""
+    from tether.lab.cluster import CniFailure
+
+    lab = _lab(name)
+    labels = {}
+    for item in label or []:
+        if "=" not in item:
+            _fail(f"label {item!r} must be key=value")
+        k, v = item.split("=", 1)
+        labels[k] = v
+    try:
+        p = lab.run_pod(host, pod, network, namespace=namespace, labels=labels, ip=ip)
+    except (CniFailure, KeyError, RuntimeError) as e:
+        _fail(str(e))
+    if output != Format.table:
+        emit("pod", {"name": p.name, "host": p.host, "ips": p.ips, "netns": p.ns}, output)
+    else:
+        print(f"pod {host}/{pod}: {', '.join(p.ips)} (netns {p.ns})")
+
+
+@lab_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec(ctx: typer.Context, pod: str, name: NameOpt = "lab") -> None:
+    """Run a command in a pod's namespace: `tether lab exec POD -- ping -c1 10.0.0.2`."""
+    lab = _lab(name)
+    try:
+        ns = lab.pod(pod).ns
+    except KeyError as e:
+        _fail(str(e))
+    if not ctx.args:
+        _fail("give a command after --")
+    sys.exit(subprocess.call(["ip", "netns", "exec", ns, *ctx.args]))
+
+
+@lab_app.command()
+def rm(pod: str, name: NameOpt = "lab") -> None:
+    """Delete a pod: CNI DEL, then its namespace."""
+    lab = _lab(name)
+    try:
+        lab.rm_pod(pod)
+    except (KeyError, RuntimeError) as e:
+        _fail(str(e))
+    print(f"pod {pod} removed")
+
+
+@lab_app.command()
+def demo(name: NameOpt = "demo", hosts: Annotated[int, typer.Option(min=2, max=20)] = 3,
+         keep: Annotated[bool, typer.Option(help="leave the lab running afterwards")] = True) -> None:
+    """The main job in one command: a lab, a VXLAN network, pods on every host, status and a cross-host ping."""
+    from tether.lab.cluster import Lab
+    from tether.model import Network, Subnet
+
+    old = Lab(name)
+    if old.state.hosts:
+        old.down()
+    lab = _lab(name, must_exist=False)
+    say = _progress()
+    try:
+        lab.up(hosts=hosts, progress=say)
+        say("network 'demo' 10.42.0.0/16 (vxlan, nat-outgoing)")
+        lab.client().create_network(Network(name="demo", subnets=[Subnet(cidr="10.42.0.0/16")], encap="vxlan",
+                                            nat_outgoing=True))
+        for h in lab.state.hosts:
+            for i in (1, 2):
+                p = lab.run_pod(h.name, f"web{i}", "demo", labels={"app": "web"})
+                say(f"pod {h.name}/{p.name}: {p.ip}")
+        time.sleep(0.2)
+    except Exception as e:  # noqa: BLE001
+        lab.down()
+        _fail(f"demo failed: {e}")
+    status(name=name, output=Format.table)
+    a, b = lab.state.pods["h1/web1"], lab.state.pods[f"{lab.state.hosts[-1].name}/web1"]
+    print(f"\nping from {a.host}/{a.name} ({a.ip}) to {b.host}/{b.name} ({b.ip}) across the VXLAN overlay:")
+    r = lab.exec(f"{a.host}/{a.name}", "ping", "-c", "3", "-i", "0.2", b.ip)
+    print(r.stdout.strip() or r.stderr.strip())
+    web = lab.exec(f"{a.host}/{a.name}", "curl", "-s", "-m", "3", "http://198.19.255.1/")
+    print(f"\negress with nat-outgoing: the internet namespace saw the request from {web.stdout.strip() or '?'}")
+    if keep:
+        print(f"\nThe lab keeps running. Try:\n  eval $(tether lab env --name {name}); tether endpoint list\n"
+              f"  tether lab exec --name {name} h2/web1 -- ping -c1 {a.ip}\n  tether lab down --name {name}")
+    else:
+        lab.down()
+    if r.returncode != 0:
+        raise typer.Exit(1)

@@ -1,0 +1,98 @@
+"""Every pod reaches every other pod, with real pings, for each encapsulation; egress NAT is real."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from tether.lab.cluster import INET_IP, Lab, nsx
+from tether.model import Network, Subnet
+from tests.fixtures.lab import unique
+
+pytestmark = pytest.mark.lab
+
+
+def make_net(lab: Lab, cidr: str, encap: str, nat: bool = False) -> str:
+    name = unique(encap[:3])
+    lab.client().create_network(Network(name=name, subnets=[Subnet(cidr=cidr)], encap=encap, nat_outgoing=nat))
+    return name
+
+
+def all_pairs_ping(lab: Lab, pods) -> list[str]:
+    """Every ordered pair, including a pod to itself; retried once to absorb the first ARP."""
+    failures = []
+    for p, q in itertools.product(pods, repeat=2):
+        ref = f"{p.host}/{p.name}"
+        if not (lab.ping(ref, q.ip) or lab.ping(ref, q.ip, count=2)):
+            failures.append(f"{ref} ({p.ip}) -> {q.host}/{q.name} ({q.ip})")
+    return failures
+
+
+@pytest.mark.parametrize(("encap", "cidr", "hosts"), [
+    ("vxlan", "10.31.0.0/16", ("h1", "h2", "h3")),     # across both underlay subnets, all tunnelled
+    ("direct", "10.32.0.0/16", ("h1", "h2")),          # one underlay subnet: plain routes via the peer
+    ("auto", "10.33.0.0/16", ("h1", "h2", "h3")),      # direct h1<->h2, vxlan to h3 on the other subnet
+])
+def test_every_pod_reaches_every_pod(lab: Lab, encap: str, cidr: str, hosts: tuple[str, ...]) -> None:
+    net = make_net(lab, cidr, encap)
+    pods = [lab.run_pod(h, unique("p"), net) for h in hosts for _ in range(2)]
+    time.sleep(0.2)
+    assert all_pairs_ping(lab, pods) == []
+
+
+def test_auto_uses_routes_inside_a_subnet_and_vxlan_across(lab: Lab) -> None:
+    net = make_net(lab, "10.34.0.0/16", "auto")
+    a, b, c = (lab.run_pod(h, unique("p"), net) for h in ("h1", "h2", "h3"))
+    routes = nsx(lab.host("h1").ns, "ip", "route", "show", "proto", "201").stdout
+    b_block = next(line for line in routes.splitlines() if line.startswith(b.ip.rsplit(".", 1)[0]) and "/" in
+                   line.split()[0] and "eth0" in line)
+    assert "via 198.18.0.2" in b_block
+    c_block = next(line for line in routes.splitlines() if "tth.vxlan" in line and "/" in line.split()[0]
+                   and c.ip.rsplit(".", 1)[0] in line)
+    assert "onlink" in c_block
+    assert lab.ping(f"{a.host}/{a.name}", c.ip, count=2)
+
+
+def test_direct_network_carries_pod_addresses_unencapsulated(lab: Lab) -> None:
+    """The underlay switch sees the pods' own addresses on the wire (no VXLAN header, no NAT)."""
+    net = make_net(lab, "10.35.0.0/16", "direct")
+    a, b = lab.run_pod("h1", unique("p"), net), lab.run_pod("h2", unique("p"), net)
+    assert lab.ping(f"h1/{a.name}", b.ip, count=2)
+    counters = nsx(lab.host("h2").ns, "ip", "-s", "link", "show", "tth.vxlan").stdout
+    tx_before = counters
+    assert lab.ping(f"h1/{a.name}", b.ip, count=3)
+    assert nsx(lab.host("h2").ns, "ip", "-s", "link", "show", "tth.vxlan").stdout == tx_before
+
+
+def test_nat_outgoing_masquerades_to_the_host_address(lab: Lab) -> None:
+    net = make_net(lab, "10.36.0.0/16", "vxlan", nat=True)
+    pod = lab.run_pod("h2", unique("p"), net)
+    seen = lab.exec(f"h2/{pod.name}", "curl", "-s", "-m", "5", f"http://{INET_IP}/")
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.strip() == lab.host("h2").ip
+
+
+def test_without_nat_outgoing_the_far_end_sees_the_pod_address(lab: Lab) -> None:
+    net = make_net(lab, "10.37.0.0/16", "vxlan", nat=False)
+    pod = lab.run_pod("h1", unique("p"), net)
+    # the underlay router learns the way back to this one pod, as a routed data centre would
+    nsx(lab.ul, "ip", "route", "add", f"{pod.ip}/32", "via", lab.host("h1").ip)
+    try:
+        seen = lab.exec(f"h1/{pod.name}", "curl", "-s", "-m", "5", f"http://{INET_IP}/")
+        assert seen.returncode == 0, seen.stderr
+        assert seen.stdout.strip() == pod.ip
+    finally:
+        nsx(lab.ul, "ip", "route", "del", f"{pod.ip}/32", check=False)
+
+
+def test_pods_get_the_mtu_of_the_underlay_minus_the_encapsulation(lab: Lab) -> None:
+    vx = make_net(lab, "10.38.0.0/16", "vxlan")
+    dr = make_net(lab, "10.39.0.0/16", "direct")
+    a, b = lab.run_pod("h1", unique("p"), vx), lab.run_pod("h1", unique("p"), dr)
+    assert "mtu 1450" in lab.exec(f"h1/{a.name}", "ip", "link", "show", "eth0").stdout
+    assert "mtu 1500" in lab.exec(f"h1/{b.name}", "ip", "link", "show", "eth0").stdout
+    c = lab.run_pod("h3", unique("p"), vx)
+    # a full-size packet crosses the tunnel without fragmentation
+    assert lab.exec(f"h1/{a.name}", "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1422", c.ip).returncode == 0
