@@ -1,0 +1,96 @@
+"""The plan is a pure function of the replica: routes, FDB, neighbours and nft per encapsulation."""
+
+from __future__ import annotations
+
+from tether.agent.cache import Replica
+from tether.agent.calc import HostContext, base_nft, compute_plan, merge, path_mode, vtep_mac_for
+from tether.dataplane.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route
+from tether.model import Block, Endpoint, Host, Network, Owner, Subnet
+
+
+def replica(encap: str = "vxlan") -> Replica:
+    r = Replica()
+    hosts = [Host(name="h1", underlay_ip="198.18.0.1", underlay_cidr="198.18.0.0/24", vtep_ip="169.254.64.1"),
+             Host(name="h2", underlay_ip="198.18.0.2", underlay_cidr="198.18.0.0/24", vtep_ip="169.254.64.2"),
+             Host(name="h3", underlay_ip="198.18.1.3", underlay_cidr="198.18.1.0/24", vtep_ip="169.254.64.3")]
+    for h in hosts:
+        r.objects["Host"][h.name] = h
+    net = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16")], encap=encap)
+    r.objects["Network"]["n"] = net
+    for i, h in enumerate(hosts):
+        b = Block(name=f"n:10.1.0.{64 * i}_26", network="n", cidr=f"10.1.0.{64 * i}/26", host=h.name,
+                  allocations={f"10.1.0.{64 * i + 1}": f"c{i}/eth0"})
+        r.objects["Block"][b.store_name()] = b
+        ep = Endpoint(id=f"e{i}", name=f"p{i}", network="n", host=h.name, ips=[f"10.1.0.{64 * i + 1}"],
+                      handle=f"c{i}/eth0", interface=f"tthe{i}", owner=Owner(type="cni"))
+        r.objects["Endpoint"][ep.id] = ep
+    return r
+
+
+CTX = HostContext("h1", "eth0", 1500)
+
+
+def test_vxlan_routes_each_remote_block_through_the_vtep_with_static_fdb_and_neighbour() -> None:
+    plan = compute_plan(replica("vxlan"), CTX)
+    assert plan.vtep is not None and plan.vtep.local_ip == "198.18.0.1" and plan.vtep.mtu == 1450
+    assert Route("10.1.0.64/26", VTEP_NAME, via="169.254.64.2", onlink=True) in plan.routes
+    assert Route("10.1.0.128/26", VTEP_NAME, via="169.254.64.3", onlink=True) in plan.routes
+    assert FdbEntry(vtep_mac_for("h2"), "198.18.0.2", VTEP_NAME) in plan.fdb
+    assert {n.ip for n in plan.neighbours} == {"169.254.64.2", "169.254.64.3"}
+    assert Route("10.1.0.1/32", "tthe0", scope="link") in plan.routes
+    assert not any(r.dst == "10.1.0.0/26" for r in plan.routes), "no route for our own block"
+
+
+def test_direct_routes_via_the_peer_underlay_address_and_needs_no_vtep() -> None:
+    plan = compute_plan(replica("direct"), CTX)
+    assert plan.vtep is None and not plan.fdb
+    assert Route("10.1.0.64/26", "eth0", via="198.18.0.2") in plan.routes
+
+
+def test_auto_is_direct_inside_the_underlay_subnet_and_vxlan_across() -> None:
+    r = replica("auto")
+    plan = compute_plan(r, CTX)
+    assert Route("10.1.0.64/26", "eth0", via="198.18.0.2") in plan.routes
+    assert Route("10.1.0.128/26", VTEP_NAME, via="169.254.64.3", onlink=True) in plan.routes
+    net = r.networks["n"]
+    assert path_mode(net, r.hosts["h1"], r.hosts["h2"]) == "direct"
+    assert path_mode(net, r.hosts["h1"], r.hosts["h3"]) == "vxlan"
+
+
+def test_a_borrowed_address_gets_its_own_host_route() -> None:
+    r = replica("vxlan")
+    ep = Endpoint(id="borrow", name="b", network="n", host="h3", ips=["10.1.0.70"], handle="x/eth0",
+                  interface="tthx", owner=Owner(type="cni"))
+    r.objects["Endpoint"]["borrow"] = ep
+    plan = compute_plan(r, CTX)
+    assert Route("10.1.0.70/32", VTEP_NAME, via="169.254.64.3", onlink=True) in plan.routes
+
+
+def test_the_plan_is_deterministic_and_hashable() -> None:
+    assert compute_plan(replica(), CTX) == compute_plan(replica(), CTX)
+    assert hash(compute_plan(replica(), CTX).nft) == hash(compute_plan(replica(), CTX).nft)
+
+
+def test_local_pods_default_to_accept_and_fragments_override_map_entries() -> None:
+    base = base_nft(replica(), "h1")
+    ep_in = next(s for s in base.sets if s.name == "ep_in")
+    assert ep_in.elements == frozenset({("tthe0", "accept")})
+    frag = NftPlan(sets=(NftSet("ep_in", "ifname", map_type="verdict",
+                                elements=frozenset({("tthe0", "jump pol-in-e0")})),), chains=())
+    merged = merge(base, frag)
+    assert next(s for s in merged.sets if s.name == "ep_in").elements == frozenset({("tthe0", "jump pol-in-e0")})
+
+
+def test_nat_sources_only_for_networks_with_nat_outgoing() -> None:
+    r = replica()
+    assert next(s for s in base_nft(r).sets if s.name == "nat_sources").elements == frozenset()
+    r.objects["Network"]["n"] = r.networks["n"].model_copy(update={"nat_outgoing": True})
+    assert next(s for s in base_nft(r).sets if s.name == "nat_sources").elements == frozenset({"10.1.0.0/16"})
+
+
+def test_no_host_record_yet_means_no_remote_routes() -> None:
+    r = replica()
+    del r.objects["Host"]["h1"]
+    plan = compute_plan(r, CTX)
+    assert plan.vtep is None
+    assert all(rt.dev != VTEP_NAME for rt in plan.routes)
