@@ -336,8 +336,14 @@ class Lab:
                  f"the agent on {host}")
 
     def agent_status(self, host: str) -> int:
-        code, _ = self.cni(host, "STATUS", {"cniVersion": "1.1.0", "name": "status", "type": "tether"})
-        return code
+        """0 when the agent is ready, else the CNI error code STATUS answered (50: not available)."""
+        code, out = self.cni(host, "STATUS", {"cniVersion": "1.1.0", "name": "status", "type": "tether"})
+        if code == 0:
+            return 0
+        try:
+            return int(json.loads(out)["code"])
+        except (ValueError, KeyError, TypeError):
+            return code
 
     def kill_agent(self, host: str, sig: int = signal.SIGKILL) -> None:
         h = self.host(host)
