@@ -8,10 +8,9 @@ Framing (docs/ARCHITECTURE.md): request = u32 length + "KEY=VALUE\\0..." environ
 stdin; reply = u32 exit code + stdout bytes until the agent closes the connection.
 """
 
+import _socket
 import os
 import sys
-
-import _socket
 
 DEFAULT_SOCKET = "/run/tether/cni.sock"
 VERSIONS = b'["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]'
@@ -39,7 +38,7 @@ def _quote(s):
 
 
 def _error(version, code, msg):
-    return ('{"cniVersion": "%s", "code": %d, "msg": "%s"}' % (version, code, _quote(msg))).encode()
+    return f'{{"cniVersion": "{version}", "code": {code}, "msg": "{_quote(msg)}"}}'.encode()
 
 
 def _recv_all(sock):
@@ -61,21 +60,21 @@ def run(environ, stdin):
     if not path:
         found = _string_after(stdin, b"agent_socket")
         path = found.decode() if found else DEFAULT_SOCKET
-    env = b"".join(("%s=%s\0" % (k, v)).encode() for k, v in environ.items() if k.startswith(("CNI_", "TETHER_")))
+    env = b"".join((f"{k}={v}\0").encode() for k, v in environ.items() if k.startswith(("CNI_", "TETHER_")))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(120)
     try:
         try:
             sock.connect(path)
         except OSError as e:
-            return 1, _error(version, 11, "try again later: the Tether agent on this host is not running (socket %s: "
-                                          "%s); start it with `tether agent`" % (path, e.strerror or e))
+            return 1, _error(version, 11, "try again later: the Tether agent on this host is not running "
+                                          f"(socket {path}: {e.strerror or e}); start it with `tether agent`")
         try:
             sock.sendall(len(env).to_bytes(4, "big") + env + len(stdin).to_bytes(4, "big") + stdin)
             sock.shutdown(_socket.SHUT_WR)
             reply = _recv_all(sock)
         except OSError as e:
-            return 1, _error(version, 11, "try again later: lost the connection to the Tether agent (%s)" % e)
+            return 1, _error(version, 11, f"try again later: lost the connection to the Tether agent ({e})")
     finally:
         sock.close()
     if len(reply) < 4:

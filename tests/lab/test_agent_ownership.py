@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from tests.fixtures.lab import unique
 from tether.lab.cluster import Lab, nsx, wait_for
 from tether.lab.inspect import kernel_state
 from tether.model import Network, Subnet
-from tests.fixtures.lab import unique
 
 pytestmark = pytest.mark.lab
 
@@ -19,7 +19,8 @@ def test_stale_owned_objects_are_removed_and_foreign_ones_kept(fresh_lab: Lab) -
     lab = fresh_lab
     net = unique("n")
     lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.46.0.0/16")], encap="vxlan"))
-    a, b = lab.run_pod("h1", "a", net), lab.run_pod("h2", "b", net)
+    lab.run_pod("h1", "a", net)
+    b = lab.run_pod("h2", "b", net)
     time.sleep(0.5)
     ns = lab.host("h1").ns
     good = kernel_state(ns)

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from tests.fixtures.lab import unique
 from tether.lab.cluster import Lab, wait_for
 from tether.lab.inspect import kernel_state
 from tether.model import Network, Subnet
-from tests.fixtures.lab import unique
 
 pytestmark = pytest.mark.lab
 STREAM = os.path.join(os.path.dirname(__file__), "tcp_stream.py")

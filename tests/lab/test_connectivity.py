@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from tether.lab.cluster import INET_IP, Lab, nsx
+from tests.fixtures.lab import make_lab, unique
+from tether.lab.cluster import INET_IP, Lab, nsx, wait_for
 from tether.model import Network, Subnet
-from tests.fixtures.lab import unique
 
 pytestmark = pytest.mark.lab
 
@@ -45,7 +45,13 @@ def test_every_pod_reaches_every_pod(lab: Lab, encap: str, cidr: str, hosts: tup
 def test_auto_uses_routes_inside_a_subnet_and_vxlan_across(lab: Lab) -> None:
     net = make_net(lab, "10.34.0.0/16", "auto")
     a, b, c = (lab.run_pod(h, unique("p"), net) for h in ("h1", "h2", "h3"))
-    routes = nsx(lab.host("h1").ns, "ip", "route", "show", "proto", "201").stdout
+    prefixes = (b.ip.rsplit(".", 1)[0], c.ip.rsplit(".", 1)[0])
+
+    def routes() -> str:
+        return nsx(lab.host("h1").ns, "ip", "route", "show", "proto", "201").stdout
+
+    wait_for(lambda: all(p in routes() for p in prefixes), 10, "h1 to learn the new blocks")
+    routes = routes()
     b_block = next(line for line in routes.splitlines() if line.startswith(b.ip.rsplit(".", 1)[0]) and "/" in
                    line.split()[0] and "eth0" in line)
     assert "via 198.18.0.2" in b_block
@@ -96,3 +102,13 @@ def test_pods_get_the_mtu_of_the_underlay_minus_the_encapsulation(lab: Lab) -> N
     c = lab.run_pod("h3", unique("p"), vx)
     # a full-size packet crosses the tunnel without fragmentation
     assert lab.exec(f"h1/{a.name}", "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1422", c.ip).returncode == 0
+
+
+def test_a_lab_on_the_etcd_store_connects_pods_across_hosts() -> None:
+    lab = make_lab(hosts=2, store="etcd")
+    try:
+        net = make_net(lab, "10.40.0.0/16", "vxlan")
+        a, b = lab.run_pod("h1", "a", net), lab.run_pod("h2", "b", net)
+        assert lab.ping("h1/a", b.ip, count=2) and lab.ping("h2/b", a.ip, count=2)
+    finally:
+        lab.down()

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fixtures.lab import make_lab, unique
 from tether.lab.cluster import Lab, lab_namespaces, wait_for
 from tether.lab.inspect import kernel_state, leftovers
 from tether.model import Network, Subnet
-from tests.fixtures.lab import make_lab, unique
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 PODS = 200

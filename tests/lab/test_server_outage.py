@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from tests.fixtures.lab import unique
 from tether.lab.cluster import Lab, wait_for
 from tether.lab.inspect import kernel_state
 from tether.model import Network, Subnet
-from tests.fixtures.lab import unique
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 OUTAGE = 60
@@ -54,7 +54,8 @@ def test_server_down_60s_traffic_unaffected_then_agents_resync(fresh_lab: Lab) -
     assert lab.ping("h1/a", d.ip, count=3)
     net2 = unique("n")
     lab.client().create_network(Network(name=net2, subnets=[Subnet(cidr="10.44.0.0/16")], encap="vxlan"))
-    e, f = lab.run_pod("h1", "e", net2), lab.run_pod("h2", "f", net2)
+    lab.run_pod("h1", "e", net2)
+    f = lab.run_pod("h2", "f", net2)
     wait_for(lambda: lab.ping("h1/e", f.ip), 5, "the new network to carry traffic")
     hosts = {h["name"]: h for h in lab.client().list_raw("Host")}
     assert all(hosts[h.name].get("alive") for h in lab.state.hosts)

@@ -96,7 +96,8 @@ class CniServer:
             return 1, cp.error_json(version, e)
         except Exception as e:  # noqa: BLE001 - always answer the runtime
             log.exception("CNI request failed")
-            return 1, cp.error_json(version, cp.CniError(cp.IO_FAILURE, f"internal error in the agent: {e}"))
+            return 1, cp.error_json(version, cp.CniError(cp.IO_FAILURE, f"internal error in the agent: "
+                                                                        f"{type(e).__name__}: {e}"))
 
     async def version(self, req: cp.Request) -> bytes:
         return cp.version_json(req.version)

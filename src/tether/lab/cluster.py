@@ -13,6 +13,7 @@ tear down the lab; processes are stopped by PID.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 LAB_ROOT = "/run/tether-lab"
+LOG_ROOT = "/tmp/tether-lab-logs"
 INET_IP = "198.19.255.1"
 INET_NET = "198.19.255"
 UNDERLAY = "198.18"
@@ -69,7 +71,7 @@ def stop_pid(pid: int | None, sig: int = signal.SIGTERM, wait: float = 10) -> No
     os.kill(pid, sig)
     deadline = time.time() + wait
     while time.time() < deadline and alive(pid):
-        with __import__("contextlib").suppress(ChildProcessError):
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.02)
     if alive(pid):
@@ -426,7 +428,19 @@ class Lab:
             stop_pid(pid)
         for ns in lab_namespaces(self.name):
             sh("ip", "netns", "del", ns, check=False)
+        self._keep_logs()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _keep_logs(self) -> None:
+        """Logs outlive the lab (in /tmp/tether-lab-logs/<name>) so a failed test can be explained."""
+        dest = os.path.join(LOG_ROOT, self.name)
+        for root, _dirs, files in os.walk(self.dir):
+            for f in files:
+                if f.endswith(".log"):
+                    rel = os.path.relpath(os.path.join(root, f), self.dir)
+                    os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+                    with contextlib.suppress(OSError):
+                        shutil.copy(os.path.join(root, f), os.path.join(dest, rel))
 
 
 def lab_namespaces(name: str) -> list[str]:

@@ -1,0 +1,274 @@
+"""Pod-to-pod TCP throughput and request/response latency across two hosts, Tether vs hand-built.
+
+    .venv/bin/python -m bench.dataplane [--seconds 4] [--rounds 3] [--rr 4000]
+
+In one run it measures four paths, each pod -> host -> (vxlan) -> underlay bridge -> host -> pod:
+- Tether `vxlan` and `direct` networks in a 2-host lab (`tether.lab.cluster.Lab`);
+- a hand-built flannel-style VXLAN pair (one VTEP per host, static FDB + neighbour + onlink route,
+  learning off) and a hand-built routed pair (plain routes via the peer's underlay address), on
+  hand-built namespaces that copy the lab's shape: two host namespaces on a bridge in a third
+  namespace, a pod namespace per host plugged by a veth with a /32 route and a link-local gateway.
+Paths are measured round-robin for `--rounds` rounds (order rotated) and the median of each figure
+is reported, because the machine is shared and noisy. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from tether.lab.cluster import Lab, nsx, sh, wait_for
+from tether.model import Network, Subnet
+
+IPERF_PORT = 5201
+RR_PORT = 5202
+
+# A 1-byte ping-pong over one TCP connection; the server echoes, the client times each round trip.
+RR_SCRIPT = r"""
+import json, socket, sys, time
+mode, port = sys.argv[1], int(sys.argv[2])
+if mode == "server":
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(8)
+    while True:
+        c, _ = s.accept()
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            b = c.recv(1)
+            if not b:
+                break
+            c.sendall(b)
+        c.close()
+else:
+    ip, n, warm = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    c = socket.create_connection((ip, port), 5)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    clock = time.perf_counter_ns
+    out = []
+    for i in range(n + warm):
+        t = clock()
+        c.sendall(b"x")
+        if not c.recv(1):
+            raise SystemExit("server closed")
+        if i >= warm:
+            out.append(clock() - t)
+    c.close()
+    out.sort()
+    print(json.dumps({"n": n, "mean_us": sum(out) / n / 1000, "p50_us": out[n // 2] / 1000,
+                      "p99_us": out[min(n - 1, n * 99 // 100)] / 1000}))
+"""
+
+
+@dataclass
+class Path:
+    """Two pods to measure between: client in `src_ns`, servers in `dst_ns` at `dst_ip`."""
+
+    name: str
+    src_ns: str
+    dst_ns: str
+    dst_ip: str
+
+
+class Procs:
+    """Background servers started by this benchmark, stopped by PID (process group) at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, ns: str, *cmd: str) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+
+def _listening(ns: str, port: int) -> bool:
+    return f":{port} " in nsx(ns, "ss", "-Hltn", check=False).stdout
+
+
+def start_servers(procs: Procs, path: Path) -> None:
+    procs.start(path.dst_ns, "iperf3", "-s", "-p", str(IPERF_PORT))
+    procs.start(path.dst_ns, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "server", str(RR_PORT))
+    wait_for(lambda: _listening(path.dst_ns, IPERF_PORT) and _listening(path.dst_ns, RR_PORT), 10,
+             f"servers in {path.dst_ns}")
+
+
+def measure_throughput(path: Path, seconds: int) -> float:
+    """Gbit/s received by the server side of one iperf3 TCP stream (first second omitted)."""
+    r = nsx(path.src_ns, "iperf3", "-c", path.dst_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1",
+            "-J", check=False, timeout=seconds + 30)
+    d = json.loads(r.stdout)
+    if "error" in d:
+        raise RuntimeError(f"iperf3 on {path.name}: {d['error']}")
+    return d["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure_rr(path: Path, n: int) -> dict:
+    r = nsx(path.src_ns, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "client", str(RR_PORT), path.dst_ip,
+            str(n), str(max(100, n // 10)), timeout=120)
+    return json.loads(r.stdout)
+
+
+# --- the hand-built baselines -----------------------------------------------------------------------
+
+GW = "169.254.1.1"
+
+
+def _plug_pod(host_ns: str, pod_ns: str, host_if: str, ip: str, mtu: int) -> None:
+    """Like Tether's pod plumbing: veth, pod /32 + static link-local gateway, host proxy ARP + /32 route."""
+    sh("ip", "netns", "add", pod_ns)
+    nsx(host_ns, "ip", "link", "add", host_if, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0",
+        "mtu", str(mtu), "netns", pod_ns)
+    nsx(host_ns, "sysctl", "-qw", f"net.ipv4.conf.{host_if}.proxy_arp=1", f"net.ipv4.neigh.{host_if}.proxy_delay=0",
+        f"net.ipv4.conf.{host_if}.rp_filter=0")
+    nsx(host_ns, "ip", "link", "set", host_if, "up")
+    nsx(host_ns, "ip", "route", "add", f"{ip}/32", "dev", host_if, "scope", "link")
+    mac = nsx(host_ns, "cat", f"/sys/class/net/{host_if}/address").stdout.strip()
+    nsx(pod_ns, "ip", "link", "set", "lo", "up")
+    nsx(pod_ns, "ip", "link", "set", "eth0", "up")
+    nsx(pod_ns, "ip", "addr", "add", f"{ip}/32", "dev", "eth0")
+    nsx(pod_ns, "ip", "route", "add", f"{GW}/32", "dev", "eth0", "scope", "link")
+    nsx(pod_ns, "ip", "neigh", "replace", GW, "lladdr", mac, "dev", "eth0", "nud", "permanent")
+    nsx(pod_ns, "ip", "route", "add", "default", "via", GW, "dev", "eth0")
+
+
+def build_baselines(prefix: str) -> dict[str, Path]:
+    """Hand-built namespaces `<prefix>-*`: underlay bridge, hosts b1/b2, VXLAN pods v1/v2, routed pods r1/r2."""
+    ul = f"{prefix}-ul"
+    sh("ip", "netns", "add", ul)
+    nsx(ul, "ip", "link", "set", "lo", "up")
+    nsx(ul, "ip", "link", "add", "br0", "type", "bridge")
+    nsx(ul, "ip", "link", "set", "br0", "up")
+    hosts = {1: f"{prefix}-b1", 2: f"{prefix}-b2"}
+    for i, hns in hosts.items():
+        sh("ip", "netns", "add", hns)
+        nsx(ul, "ip", "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", hns)
+        nsx(ul, "ip", "link", "set", f"p{i}", "master", "br0", "up")
+        nsx(hns, "ip", "link", "set", "lo", "up")
+        nsx(hns, "ip", "link", "set", "eth0", "up")
+        nsx(hns, "ip", "addr", "add", f"198.18.0.{i}/24", "dev", "eth0")
+        nsx(hns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # flannel-style VTEP: learning off, static FDB/neighbour per peer, onlink route to the peer's subnet
+        nsx(hns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "1", "local", f"198.18.0.{i}", "dev", "eth0",
+            "dstport", "4789", "nolearning")
+        nsx(hns, "ip", "link", "set", "vx0", "address", f"02:62:00:00:00:0{i}", "mtu", "1450", "up")
+        nsx(hns, "ip", "addr", "add", f"10.60.{i}.0/32", "dev", "vx0")
+        _plug_pod(hns, f"{prefix}-v{i}", "vpod", f"10.60.{i}.2", 1450)
+        _plug_pod(hns, f"{prefix}-r{i}", "rpod", f"10.61.{i}.2", 1500)
+    for i, hns in hosts.items():
+        j = 3 - i
+        mac = f"02:62:00:00:00:0{j}"
+        nsx(hns, "ip", "neigh", "replace", f"10.60.{j}.0", "lladdr", mac, "dev", "vx0", "nud", "permanent")
+        nsx(hns, "bridge", "fdb", "append", mac, "dev", "vx0", "dst", f"198.18.0.{j}")
+        nsx(hns, "ip", "route", "add", f"10.60.{j}.0/24", "via", f"10.60.{j}.0", "dev", "vx0", "onlink")
+        nsx(hns, "ip", "route", "add", f"10.61.{j}.0/24", "via", f"198.18.0.{j}", "dev", "eth0")
+    return {"vxlan": Path("hand-vxlan", f"{prefix}-v1", f"{prefix}-v2", "10.60.2.2"),
+            "direct": Path("hand-routed", f"{prefix}-r1", f"{prefix}-r2", "10.61.2.2")}
+
+
+def remove_namespaces(prefix: str) -> None:
+    for line in sh("ip", "netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(f"{prefix}-"):
+            sh("ip", "netns", "del", name, check=False)
+
+
+def build_tether(lab: Lab) -> dict[str, Path]:
+    lab.up(hosts=2, progress=lambda _m: None)
+    c = lab.client()
+    paths = {}
+    for mode, cidr in (("vxlan", "10.70.0.0/16"), ("direct", "10.71.0.0/16")):
+        c.create_network(Network(name=f"b{mode}", subnets=[Subnet(cidr=cidr)], encap=mode))
+        a = lab.run_pod("h1", f"{mode[0]}1", f"b{mode}")
+        b = lab.run_pod("h2", f"{mode[0]}2", f"b{mode}")
+        wait_for(lambda a=a, b=b: lab.ping(f"h1/{a.name}", b.ip), 20, f"{mode} pods to reach each other")
+        paths[mode] = Path(f"tether-{mode}", a.ns, b.ns, b.ip)
+    return paths
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=int, default=4, help="iperf3 duration per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--rr", type=int, default=4000, help="request/response round trips per measurement")
+    a = ap.parse_args()
+    tag = os.urandom(2).hex()
+    lab = Lab(f"b{tag}")
+    prefix = f"bh{tag}"
+    procs = Procs()
+    samples: dict[str, dict[str, list[float]]] = {}
+    try:
+        tether = build_tether(lab)
+        hand = build_baselines(prefix)
+        paths = [tether["vxlan"], hand["vxlan"], tether["direct"], hand["direct"]]
+        for p in paths:
+            start_servers(procs, p)
+            if not nsx(p.src_ns, "ping", "-c1", "-W2", p.dst_ip, check=False).returncode == 0:
+                raise RuntimeError(f"{p.name}: {p.dst_ip} unreachable from {p.src_ns}")
+            samples[p.name] = {"gbps": [], "p50_us": [], "mean_us": [], "p99_us": []}
+        for r in range(a.rounds):
+            order = paths[r % len(paths):] + paths[:r % len(paths)]
+            for p in order:
+                samples[p.name]["gbps"].append(measure_throughput(p, a.seconds))
+                rr = measure_rr(p, a.rr)
+                for k in ("p50_us", "mean_us", "p99_us"):
+                    samples[p.name][k].append(rr[k])
+    finally:
+        procs.stop()
+        lab.down()
+        remove_namespaces(prefix)
+
+    med = {name: {k: round(statistics.median(v), 3 if k == "gbps" else 1) for k, v in s.items()}
+           for name, s in samples.items()}
+    out: dict = {"benchmark": "dataplane", "seconds": a.seconds, "rounds": a.rounds, "rr_round_trips": a.rr,
+                 "method": "medians over interleaved rounds; iperf3 single TCP stream; RR = 1-byte TCP "
+                           "ping-pong in Python (same client/server for every path); both Tether and the "
+                           "hand-built pairs cross a Linux bridge in a separate underlay namespace",
+                 "samples": samples}
+    met = True
+    for mode, base in (("vxlan", "hand-vxlan"), ("direct", "hand-routed")):
+        t, b = med[f"tether-{mode}"], med[base]
+        entry = {"baseline": base, "tether": t, "hand_built": b,
+                 "throughput_ratio": _ratio(t["gbps"], b["gbps"]),
+                 "latency_p50_ratio": _ratio(t["p50_us"], b["p50_us"]),
+                 "latency_mean_ratio": _ratio(t["mean_us"], b["mean_us"])}
+        ok = (entry["throughput_ratio"] or 0) >= 0.95
+        if mode == "vxlan":
+            ok = ok and (entry["latency_p50_ratio"] or 9) <= 1.05
+        entry["target"] = ("throughput >= 0.95x and p50 latency <= 1.05x of hand-built VXLAN" if mode == "vxlan"
+                           else "throughput >= 0.95x of hand-built routed")
+        entry["target_met"] = ok
+        met = met and ok
+        out[mode] = entry
+    out["targets_met"] = met
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
