@@ -41,7 +41,7 @@ def test_stale_owned_objects_are_removed_and_foreign_ones_kept(fresh_lab: Lab) -
     assert "other0" in links and "tthdeadbeef" not in links
     assert "10.99.0.0/24" in nsx(ns, "ip", "route").stdout
     assert "someone_else" in nsx(ns, "nft", "list", "tables").stdout
-    assert lab.ping("h1/a", b.ip, count=2)
+    assert lab.reaches("h1/a", b.ip)
 
 
 def test_no_kernel_writes_before_the_first_full_sync(fresh_lab: Lab) -> None:

@@ -417,6 +417,16 @@ class Lab:
         r = self.exec(ref, "ping", "-c", str(count), "-W", str(wait), "-i", "0.2", ip)
         return r.returncode == 0
 
+    def reaches(self, ref: str, ip: str, within: float = 10) -> bool:
+        """Ping until one answer comes back or `within` seconds pass: a new pod's route reaches the
+        other hosts a moment after its CNI ADD returns (the agents converge asynchronously)."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.ping(ref, ip):
+                return True
+            if time.monotonic() > deadline:
+                return False
+
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
