@@ -67,8 +67,10 @@ def run(environ, stdin):
         try:
             sock.connect(path)
         except OSError as e:
-            return 1, _error(version, 11, "try again later: the Tether agent on this host is not running "
-                                          f"(socket {path}: {e.strerror or e}); start it with `tether agent`")
+            # STATUS answers "plugin not available" (50); other commands can succeed later (11)
+            return 1, _error(version, 50 if command == "STATUS" else 11,
+                             "try again later: the Tether agent on this host is not running "
+                             f"(socket {path}: {e.strerror or e}); start it with `tether agent`")
         try:
             sock.sendall(len(env).to_bytes(4, "big") + env + len(stdin).to_bytes(4, "big") + stdin)
             sock.shutdown(_socket.SHUT_WR)

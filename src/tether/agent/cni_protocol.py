@@ -129,6 +129,8 @@ def parse_request(env: dict[str, str], stdin: bytes) -> Request:
     if command in ("ADD", "CHECK") and not req.netns:
         raise CniError(INVALID_ENV, f"CNI_NETNS is not set (needed for {command})")
     req.args = parse_args(env.get("CNI_ARGS", ""))
+    if "prevResult" in config and not isinstance(config["prevResult"], dict):
+        raise CniError(INVALID_CONFIG, "prevResult must be the previous plugin's result object")
     if command == "CHECK" and "prevResult" not in config:
         raise CniError(INVALID_CONFIG, "CHECK needs prevResult in the network configuration")
     return req
@@ -183,6 +185,26 @@ def result(version: str, a: Attachment) -> dict[str, Any]:
     out: dict[str, Any] = {"cniVersion": version, "interfaces": ifaces, "ips": ips, "routes": routes}
     if a.dns:
         out["dns"] = a.dns
+    return out
+
+
+def chain(prev: dict[str, Any] | None, ours: dict[str, Any]) -> dict[str, Any]:
+    """Our result appended to the previous plugin's (CNI chaining: a plugin passes prevResult on).
+    Our `interface` indexes shift past the previous interfaces; our DNS wins when we have one."""
+    if not prev:
+        return ours
+    prev_ifaces = list(prev.get("interfaces") or [])
+    shift = len(prev_ifaces)
+    ips = list(prev.get("ips") or [])
+    for ip in ours["ips"]:
+        ip = dict(ip)
+        if "interface" in ip:
+            ip["interface"] += shift
+        ips.append(ip)
+    out = {**ours, "interfaces": prev_ifaces + ours["interfaces"], "ips": ips,
+           "routes": list(prev.get("routes") or []) + ours["routes"]}
+    if "dns" not in ours and prev.get("dns"):
+        out["dns"] = prev["dns"]
     return out
 
 

@@ -166,7 +166,7 @@ class CniServer:
         self.agent.kick()
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
                                    POD_GATEWAY, dns=self.agent.dns_config(net), mtu=mtu)
-        return self.agent.json(cp.result(req.version, attachment))
+        return self.agent.json(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment)))
 
     async def _release(self, handle: str, host_if: str) -> None:
         from tether.dataplane.pods import detach_pod
