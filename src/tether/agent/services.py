@@ -1,0 +1,232 @@
+"""Pure: Services -> the nftables fragment that load-balances them (the `svc_*` names of
+docs/ARCHITECTURE.md). No I/O.
+
+Why this shape: every packet-path decision is a map lookup keyed by the service frontend, and the
+chains are generic, so adding or removing a backend (or a whole service) changes only map elements,
+never rules:
+- `svc_vips` (vip . proto . port) and `svc_nodeports` (proto . port) send a new connection to a
+  shared chain `svc-lb-<N>` (N ready backends) or `svc-aff-<T>-<N>` (client-IP affinity, T seconds);
+- that chain writes a slot 1..N into the packet mark (`numgen random mod N offset 1`, or the slot
+  this client was given before) and DNATs through `svc_backend_ip`
+  and `svc_backend_port` (frontend ip . proto . port . slot -> backend ip, port; two maps because
+  nft 1.0.6's JSON cannot declare a map with concatenated data);
+- affinity remembers a client's slot in the dynamic sets `svc_aff_<k>` (client . frontend . proto .
+  port, per-element timeout): a client keeps its backend while the backend set is unchanged, and a
+  slot above the current N is never read, so a removed backend gets no new connection;
+- hairpin (a backend reaching its own service) and published-port traffic are source-NATed to the
+  host's address in `svc_postrouting`, so replies come back through the host that translated them;
+- a frontend without ready backends is rejected at once (`svc_empty`) instead of timing out.
+The packet mark is used as a scratch register for the slot on a connection's first packet only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
+from tether.model import Endpoint, Network, Service, ServicePort
+
+HAIRPIN_MARK = 0x4000  # ct mark bit: source-NAT this connection (calc's postrouting rule uses it too)
+PREDEFINED_SLOTS = 16  # lb chains that always exist, so growing a service to 16 backends is element-only
+
+FRONTEND = ("ipv4_addr", "inet_proto", "inet_service")
+_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
+_SADDR = {"payload": {"protocol": "ip", "field": "saddr"}}
+_PROTO = {"meta": {"key": "l4proto"}}
+_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
+_MARK = {"meta": {"key": "mark"}}
+_CTMARK = {"ct": {"key": "mark"}}
+CLIENT_KEY = {"concat": [_SADDR, _DADDR, _PROTO, _DPORT]}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    ip: str
+    port: int
+    local: bool = False  # on this host
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """One (address, protocol, port) a service answers on, with its ready backends."""
+
+    service: str  # namespace/name
+    ip: str
+    proto: str  # "tcp" | "udp"
+    port: int
+    backends: tuple[Backend, ...]
+    affinity: int | None  # seconds, when ClientIP affinity is on
+    published: bool = False  # a node port (source-NATed)
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _v4(ips: Iterable[str]) -> str | None:
+    return next((ip for ip in ips if ipaddress.ip_address(ip).version == 4), None)
+
+
+def target_port(sp: ServicePort, ep: Endpoint | None) -> int | None:
+    """The backend port for a service port: a number, or a named port the endpoint declares."""
+    t = sp.target_port
+    if t is None:
+        return sp.port
+    if isinstance(t, int) or (isinstance(t, str) and t.isdigit()):
+        return int(t)
+    if ep is None:
+        return None
+    return next((p.port for p in ep.ports if p.name == t and p.protocol == sp.protocol), None)
+
+
+def backends_of(svc: Service, sp: ServicePort, endpoints: list[Endpoint], host: str) -> tuple[Backend, ...]:
+    """Ready backends of one service port, in a stable order (so slots move as little as possible)."""
+    out: set[Backend] = set()
+    if svc.selector:
+        for ep in endpoints:
+            if ep.namespace != svc.namespace or not ep.ready or not selects(svc.selector, ep.labels):
+                continue
+            if svc.network and ep.network != svc.network:
+                continue
+            ip, port = _v4(ep.ips), target_port(sp, ep)
+            if ip and port:
+                out.add(Backend(ip, port, ep.host == host))
+    else:
+        by_id = {ep.id: ep for ep in endpoints}
+        for b in svc.backends:
+            ep = by_id.get(b.endpoint or "")
+            if ep is not None and not ep.ready:
+                continue
+            port = target_port(sp, ep)
+            if port and ipaddress.ip_address(b.ip).version == 4:
+                out.add(Backend(b.ip, port, ep is not None and ep.host == host))
+    return tuple(sorted(out))
+
+
+def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
+              node_ips: list[str]) -> list[Frontend]:
+    out: list[Frontend] = []
+    for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
+        if not svc.cluster_ip or ipaddress.ip_address(svc.cluster_ip).version != 4:
+            continue
+        aff = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
+        for sp in svc.ports:
+            backends = backends_of(svc, sp, endpoints, host)
+            ref = f"{svc.namespace}/{svc.name}"
+            proto = sp.protocol.lower()
+            out.append(Frontend(ref, svc.cluster_ip, proto, sp.port, backends, aff))
+            if svc.type == "NodePort" and sp.node_port:
+                for ip in node_ips:
+                    out.append(Frontend(ref, ip, proto, sp.node_port, backends, aff, published=True))
+    return out
+
+
+def lb_chain(n: int, affinity: int | None) -> str:
+    return f"svc-lb-{n}" if affinity is None else f"svc-aff-{affinity}-{n}"
+
+
+def _dnat() -> dict:
+    key = {"concat": [_DADDR, _PROTO, _DPORT, _MARK]}
+    return {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": "@svc_backend_ip"}},
+                     "port": {"map": {"key": key, "data": "@svc_backend_port"}}}}
+
+
+def _random_slot(n: int) -> dict:
+    return {"mangle": {"key": _MARK, "value": {"numgen": {"mode": "random", "mod": n, "offset": 1}}}}
+
+
+def _set_mark(value: int) -> dict:
+    return {"mangle": {"key": _MARK, "value": value}}
+
+
+def _mark_is(value: int) -> dict:
+    return {"match": {"op": "==", "left": _MARK, "right": value}}
+
+
+def random_chain(n: int) -> NftChain:
+    return NftChain(lb_chain(n, None), (rule(_random_slot(n)), rule(_dnat())))
+
+
+def affinity_chain(timeout: int, n: int) -> NftChain:
+    """Reuse the client's remembered slot when it is still valid (<= n), else draw one; refresh it."""
+    rules = [rule(_set_mark(0))]
+    for k in range(1, n + 1):
+        rules.append(rule({"match": {"op": "==", "left": CLIENT_KEY, "right": f"@svc_aff_{k}"}}, _set_mark(k)))
+    rules.append(rule(_mark_is(0), _random_slot(n)))
+    for k in range(1, n + 1):
+        rules.append(rule(_mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY,
+                                                                                    "timeout": timeout}},
+                                                 "set": f"@svc_aff_{k}"}}))
+    rules.append(rule(_dnat()))
+    return NftChain(lb_chain(n, timeout), tuple(rules))
+
+
+def published_chain(target: str) -> NftChain:
+    """Published-port entry: mark the connection for source NAT, then balance like the VIP."""
+    return NftChain(f"svc-np-{target.removeprefix('svc-')}", (
+        rule({"mangle": {"key": _CTMARK, "value": {"|": [_CTMARK, HAIRPIN_MARK]}}}),
+        rule({"goto": {"target": target}}),
+    ))
+
+
+def compile(services: list[Service], endpoints: list[Endpoint], networks: list[Network], host: str,
+            node_ips: list[str]) -> NftPlan:
+    """The services fragment for `host` (merged into the base table by calc.merge)."""
+    del networks  # services carry their own addresses; kept for the fragment signature
+    fes = frontends(services, endpoints, host, node_ips)
+    max_n = max([PREDEFINED_SLOTS, *(len(f.backends) for f in fes)])
+    timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
+    vips: set = set()
+    nodeports: set = set()
+    backend_ip: set = set()
+    backend_port: set = set()
+    empty: set = set()
+    hairpin: set = set()
+    for f in fes:
+        key = (f.ip, f.proto, f.port)
+        if not f.backends:
+            if not f.published:
+                empty.add(key)
+            continue
+        target = lb_chain(len(f.backends), f.affinity)
+        if f.published:
+            nodeports.add(((f.proto, f.port), f"goto svc-np-{target.removeprefix('svc-')}"))
+        else:
+            vips.add((key, f"goto {target}"))
+        for slot, b in enumerate(f.backends, start=1):
+            backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
+            backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
+            hairpin.add((b.ip, b.ip))
+
+    chains = [random_chain(n) for n in range(1, max_n + 1)]
+    chains += [affinity_chain(t, n) for t in timeouts for n in range(1, max_n + 1)]
+    chains += [published_chain(c.name) for c in list(chains)]
+    snat = [{"snat": {"family": "ip", "addr": node_ips[0]}}] if node_ips else [{"masquerade": None}]
+    chains.append(NftChain("svc_postrouting", (
+        rule({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+             {"match": {"op": "==", "left": {"concat": [_SADDR, _DADDR]}, "right": "@svc_hairpin"}},
+             *snat, comment="hairpin"),
+        rule({"match": {"op": "==", "left": {"&": [_CTMARK, HAIRPIN_MARK]}, "right": HAIRPIN_MARK}}, *snat,
+             comment="published port"),
+    ), hook="postrouting", type="nat", priority=99, policy="accept"))
+    no_backend = rule({"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
+                      {"counter": None}, {"reject": None}, comment="service without ready backends")
+    chains.append(NftChain("svc_reject_fwd", (no_backend,), hook="forward", type="filter", priority=-10,
+                           policy="accept"))
+    chains.append(NftChain("svc_reject_out", (no_backend,), hook="output", type="filter", priority=-10,
+                           policy="accept"))
+
+    sets = [
+        NftSet("svc_vips", FRONTEND, map_type="verdict", elements=frozenset(vips)),
+        NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict", elements=frozenset(nodeports)),
+        NftSet("svc_backend_ip", (*FRONTEND, "mark"), map_type="ipv4_addr", elements=frozenset(backend_ip)),
+        NftSet("svc_backend_port", (*FRONTEND, "mark"), map_type="inet_service", elements=frozenset(backend_port)),
+        NftSet("svc_empty", FRONTEND, elements=frozenset(empty)),
+        NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=frozenset(hairpin)),
+    ]
+    if timeouts:
+        sets += [NftSet(f"svc_aff_{k}", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),
+                        flags=("timeout",), timeout=max(timeouts)) for k in range(1, max_n + 1)]
+    return NftPlan(sets=tuple(sets), chains=tuple(chains))
