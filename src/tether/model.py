@@ -135,7 +135,7 @@ class Subnet(Strict):
 
 class Network(Obj):
     kind: ClassVar[str] = "Network"
-    subnets: list[Subnet] = Field(min_length=1)
+    subnets: list[Subnet] = Field(default_factory=list)  # /api/v1 requires one; a Neutron network starts empty
     encap: Encapsulation = "vxlan"
     mtu: int | None = Field(default=None, ge=576, le=9000)  # None: derived from the underlay
     nat_outgoing: bool = False

@@ -110,8 +110,14 @@ async def get_network(name: str, request: Request) -> dict:
     return dump(await objs(request).must(Network, name))
 
 
+def require_subnet(net: Network) -> None:
+    if not net.subnets:
+        raise ApiError(422, "subnets: a network needs at least one subnet, e.g. [{\"cidr\": \"10.1.0.0/16\"}]")
+
+
 @router.post("/networks", status_code=201)
 async def create_network(net: Network, request: Request) -> dict:
+    require_subnet(net)
     obj, _ = await objs(request).put_network(net, create_only=True)
     return dump(obj)
 
@@ -119,6 +125,7 @@ async def create_network(net: Network, request: Request) -> dict:
 @router.put("/networks/{name}")
 async def put_network(name: str, net: Network, request: Request, response: Response) -> dict:
     same_name(name, net.name, "network")
+    require_subnet(net)
     obj, created = await objs(request).put_network(net, create_only=False)
     return answer(response, obj, created)
 

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
-from tether.server.auth import OPEN_PATHS, token_ok
+from tether.server.auth import OPEN_PATHS, request_token_ok
 from tether.server.gc import GarbageCollector
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.store.base import Store, StoreError, Unavailable
@@ -78,16 +78,21 @@ def create_app(
     app.state.objects = objects
     app.state.gc = gc
     app.include_router(router)
+    from tether.server import neutron
+
+    app.include_router(neutron.router)
 
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
         start = time.perf_counter()
         path = request.url.path
-        if token is not None and path not in OPEN_PATHS and not token_ok(request.headers.get("authorization"), token):
+        if token is not None and path not in OPEN_PATHS and not request_token_ok(request.headers, token):
             status = 401
-            response = JSONResponse({"detail": "missing or wrong bearer token: pass --token or set TETHER_TOKEN "
-                                               "(the server's token is in its state dir, file 'token')"}, 401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+            message = ("missing or wrong bearer token: pass --token or set TETHER_TOKEN (the server's token is in "
+                       "its state dir, file 'token'); Neutron clients send it as X-Auth-Token")
+            body = ({"NeutronError": {"type": "HTTPUnauthorized", "message": message, "detail": ""}}
+                    if path.startswith("/v2.0") else {"detail": message})
+            response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
         else:
             response = await call_next(request)
             status = response.status_code
@@ -122,8 +127,12 @@ def create_app(
         return {"ok": True}
 
     @app.get("/", include_in_schema=False)
-    async def root() -> dict:
-        return {"name": "tether", "api": "/api/v1", "openapi": "/openapi.json"}
+    async def root(request: Request) -> dict:
+        from tether.server.neutron import version_document
+
+        # the Neutron version document lets openstack clients discover /v2.0 without Keystone
+        return {"name": "tether", "api": "/api/v1", "openapi": "/openapi.json",
+                **version_document(str(request.base_url))}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:

@@ -32,6 +32,14 @@ def token_ok(header: str | None, token: str) -> bool:
     return hmac.compare_digest(header[7:].strip().encode(), token.encode())
 
 
+def request_token_ok(headers, token: str) -> bool:
+    """`Authorization: Bearer <token>`, or `X-Auth-Token: <token>` as Neutron clients send it."""
+    if token_ok(headers.get("authorization"), token):
+        return True
+    x = headers.get("x-auth-token")
+    return bool(x) and hmac.compare_digest(x.strip().encode(), token.encode())
+
+
 def is_local_listen(addr: str) -> bool:
     """True for unix sockets and loopback TCP addresses (the only ones --insecure may serve)."""
     if addr.startswith("unix://"):

@@ -168,11 +168,14 @@ class Objects:
                 return await self.create(net, [guard_cmp], [guard_op]), True
             if create_only:
                 raise ApiError(409, f"network {net.name!r} already exists; use another name or update it")
-            if [s.cidr for s in old.subnets] != [s.cidr for s in net.subnets]:
-                eps = await self.endpoints_in(net.name)
+            removed = [ipaddress.ip_network(s.cidr) for s in old.subnets
+                       if s.cidr not in {n.cidr for n in net.subnets}]
+            if removed:  # adding a subnet is fine; removing one that holds addresses is not
+                eps = [e for e in await self.endpoints_in(net.name)
+                       if any(ipaddress.ip_address(ip) in r for ip in e.ips for r in removed)]
                 if eps:
-                    raise ApiError(409, f"network {net.name!r} has {len(eps)} endpoints; its subnets cannot change "
-                                        "until they are deleted")
+                    raise ApiError(409, f"network {net.name!r} has {len(eps)} endpoints with addresses in the "
+                                        "subnets being removed; its subnets cannot change until they are deleted")
             net.id, net.created_at = old.id, old.created_at
             return await self.replace(net, old.revision, [guard_cmp], [guard_op]), False
 
@@ -266,7 +269,7 @@ class Objects:
 
     async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
         allowed = {"labels", "security_groups", "allowed_address_pairs", "ports", "ready", "status", "interface",
-                   "mac", "host", "parent"}
+                   "mac", "host", "parent", "owner"}
         bad = set(changes) - allowed
         if bad:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "

@@ -1,0 +1,862 @@
+"""The Neutron-compatible `/v2.0` API: a translation layer over the same objects as `/api/v1`.
+
+A Neutron network *is* a Tether Network (its subnets are the network's subnets), a port is an
+Endpoint and a security group is a SecurityGroup, so whatever either API writes the other reads,
+and the agents plug it. Field names, filters (`?name=`, `?network_id=`, `fields=`), status codes
+and the error body `{"NeutronError": {"type", "message", "detail"}}` follow Neutron, so the
+`openstack` CLI and openstacksdk work against it without Keystone (token via `X-Auth-Token`).
+
+Deliberate differences: network and port names must be DNS labels (they become DNS names) and are
+unique per network; no `default` security group is created for ports implicitly; fixed IPs are
+chosen per address family (a `subnet_id` without `ip_address` does not pick the subnet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import secrets
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from tether.model import (
+    DNS_LABEL,
+    AddressPair,
+    Endpoint,
+    Network,
+    Owner,
+    SecurityGroup,
+    SecurityGroupRule,
+    Subnet,
+    new_id,
+)
+from tether.server.objects import ApiError, Objects, with_retries
+
+VIF_PREFIX = "tap"  # os-vif names the host side "tap" + the first 11 characters of the port id
+DEFAULT_MTU = 1450
+PROTOCOLS = {"1": "icmp", "6": "tcp", "17": "udp", "58": "icmpv6", "132": "sctp", "ipv6-icmp": "icmpv6"}
+LIST_CONTROL = {"fields", "limit", "marker", "sort_key", "sort_dir", "page_reverse"}
+
+
+def vif_name(port_id: str) -> str:
+    """The host-side device name os-vif would give this port's VIF."""
+    return VIF_PREFIX + port_id[:11]
+
+
+class NeutronError(Exception):
+    """An error answered in Neutron's body shape; `type` is Neutron's exception class name."""
+
+    def __init__(self, status: int, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return neutron_error(self.status, self.type, self.message)
+
+
+def neutron_error(status: int, type_: str, message: str) -> JSONResponse:
+    return JSONResponse({"NeutronError": {"type": type_, "message": message, "detail": ""}}, status)
+
+
+def bad_request(message: str) -> NeutronError:
+    return NeutronError(400, "HTTPBadRequest", message)
+
+
+def _describe(exc: ValidationError | RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "Invalid input: " + "; ".join(parts)
+
+
+class NeutronRoute(APIRoute):
+    """Answers every failure of a /v2.0 route in Neutron's error shape, whatever raised it."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except NeutronError as e:
+                return e.response()
+            except ApiError as e:
+                return neutron_error(e.status, _api_error_type(e), e.detail)
+            except (ValidationError, RequestValidationError) as e:
+                return neutron_error(400, "HTTPBadRequest", _describe(e))
+            except ValueError as e:
+                return neutron_error(400, "HTTPBadRequest", str(e))
+
+        return wrapped
+
+
+def _api_error_type(e: ApiError) -> str:
+    if e.status == 404:
+        return "HTTPNotFound"
+    if e.status == 409:
+        return "IpAddressAlreadyAllocated" if "already in use" in e.detail else "Conflict"
+    if e.status == 400:
+        return "HTTPBadRequest"
+    return "HTTPInternalServerError" if e.status >= 500 else "NeutronException"
+
+
+router = APIRouter(prefix="/v2.0", route_class=NeutronRoute)
+
+
+def objs(request: Request) -> Objects:
+    return request.app.state.objects
+
+
+# --- request helpers -------------------------------------------------------------------------------
+
+async def body_of(request: Request, resource: str) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except ValueError:
+        raise bad_request("Malformed request body: the body is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get(resource), dict):
+        raise bad_request(f"Unable to find '{resource}' in request body")
+    return data[resource]
+
+
+def check_attrs(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise bad_request(f"Unrecognized attribute(s) '{', '.join(unknown)}'")
+
+
+def filtered(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Neutron list semantics: each query parameter filters on the field of that name (repeated
+    values mean any of them); `fields=` keeps only those fields (plus nothing else)."""
+    q = request.query_params
+    for key in set(q.keys()) - LIST_CONTROL:
+        wanted = q.getlist(key)
+        items = [i for i in items if _matches(i, key, wanted)]
+    fields = q.getlist("fields")
+    if fields:
+        items = [{k: v for k, v in i.items() if k in fields} for i in items]
+    return items
+
+
+def _matches(item: dict[str, Any], key: str, wanted: list[str]) -> bool:
+    if key == "fixed_ips":  # ?fixed_ips=ip_address=10.0.0.5 or subnet_id=...
+        for w in wanted:
+            k, _, v = w.partition("=")
+            if not any(str(f.get(k)) == v for f in item.get("fixed_ips", [])):
+                return False
+        return True
+    if key not in item:
+        return False
+    value = item[key]
+    if isinstance(value, list):
+        return any(w in [str(x) for x in value] for w in wanted)
+    if isinstance(value, bool):
+        return str(value).lower() in [w.lower() for w in wanted]
+    if value is None:
+        return any(w in ("", "None", "null") for w in wanted)
+    return str(value) in wanted
+
+
+def project_of(body: dict[str, Any]) -> str | None:
+    return body.get("project_id") or body.get("tenant_id") or None
+
+
+def stamps(obj: Any) -> dict[str, Any]:
+    created = obj.created_at.isoformat(timespec="seconds").replace("+00:00", "Z") \
+        if isinstance(obj.created_at, datetime) else str(obj.created_at)
+    return {"created_at": created, "updated_at": created, "revision_number": obj.revision}
+
+
+# --- lookups ---------------------------------------------------------------------------------------
+
+async def network_by_id(o: Objects, net_id: str) -> Network:
+    for n in await o.list(Network):
+        if n.id == net_id:
+            return n
+    raise NeutronError(404, "NetworkNotFound", f"Network {net_id} could not be found.")
+
+
+async def subnet_by_id(o: Objects, subnet_id: str) -> tuple[Network, Subnet]:
+    for n in await o.list(Network):
+        for s in n.subnets:
+            if s.id == subnet_id:
+                return n, s
+    raise NeutronError(404, "SubnetNotFound", f"Subnet {subnet_id} could not be found.")
+
+
+async def port_by_id(o: Objects, port_id: str) -> Endpoint:
+    ep = await o.get(Endpoint, port_id) if "/" not in port_id else None
+    if ep is None:
+        raise NeutronError(404, "PortNotFound", f"Port {port_id} could not be found.")
+    return ep
+
+
+async def sg_by_id(o: Objects, sg_id: str) -> SecurityGroup:
+    sg = await o.get(SecurityGroup, sg_id) if "/" not in sg_id else None
+    if sg is None:
+        raise NeutronError(404, "SecurityGroupNotFound", f"Security group {sg_id} does not exist")
+    return sg
+
+
+def dns_name(name: str | None, fallback: str, what: str) -> str:
+    if not name:
+        return fallback
+    if not DNS_LABEL.match(name):
+        raise bad_request(f"Invalid input for name. Reason: {what} name {name!r} must be a DNS label here (Tether "
+                          "publishes it in DNS): 1-63 lower-case letters, digits and '-'.")
+    return name
+
+
+# --- version document and extensions ---------------------------------------------------------------
+
+def version_document(base_url: str) -> dict[str, Any]:
+    return {"versions": [{"id": "v2.0", "status": "CURRENT",
+                          "links": [{"href": base_url.rstrip("/") + "/v2.0/", "rel": "self"}]}]}
+
+
+EXTENSIONS = [
+    ("security-group", "security-group", "The security groups extension."),
+    ("binding", "Port Binding", "Expose port bindings of a virtual port to external application"),
+    ("allowed-address-pairs", "Allowed Address Pairs", "Provides allowed address pairs"),
+    ("port-security", "Port Security", "Provides port security"),
+    ("external-net", "Neutron external network", "Adds external network attribute to network resource."),
+    ("project-id", "project_id field enabled", "Extension that indicates that project_id field is enabled."),
+    ("standard-attr-description", "standard-attr-description", "Extension to add descriptions to standard "
+                                                                 "attributes"),
+    ("standard-attr-revisions", "Resource revision numbers", "This extension will display the revision number of "
+                                                              "neutron resources."),
+    ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron "
+                                                        "resources that have Neutron standard attributes."),
+    ("net-mtu", "Network MTU", "Provides MTU attribute for a network resource."),
+]
+
+
+def extension(alias: str, name: str, description: str) -> dict[str, Any]:
+    return {"alias": alias, "name": name, "description": description, "updated": "2024-01-01T00:00:00-00:00",
+            "links": []}
+
+
+@router.get("/")
+@router.get("", include_in_schema=False)
+async def resources(request: Request) -> dict:
+    base = str(request.base_url).rstrip("/") + "/v2.0/"
+    return {"resources": [{"name": n[:-1], "collection": n, "links": [{"href": base + n, "rel": "self"}]}
+                          for n in ("networks", "subnets", "ports", "security-groups", "security-group-rules")]}
+
+
+@router.get("/extensions")
+async def list_extensions() -> dict:
+    return {"extensions": [extension(*e) for e in EXTENSIONS]}
+
+
+@router.get("/extensions/{alias}")
+async def get_extension(alias: str) -> dict:
+    for e in EXTENSIONS:
+        if e[0] == alias:
+            return {"extension": extension(*e)}
+    raise NeutronError(404, "HTTPNotFound", f"Extension with alias {alias} does not exist")
+
+
+# --- networks --------------------------------------------------------------------------------------
+
+NETWORK_ATTRS = {"name", "admin_state_up", "shared", "router:external", "mtu", "description", "tenant_id",
+                 "project_id", "port_security_enabled", "provider:network_type", "provider:physical_network",
+                 "provider:segmentation_id", "availability_zone_hints", "dns_domain", "is_default", "tags"}
+
+
+def network_view(net: Network) -> dict[str, Any]:
+    return {
+        "id": net.id, "name": net.name, "tenant_id": net.project or "", "project_id": net.project or "",
+        "subnets": [s.id for s in net.subnets], "status": "ACTIVE", "admin_state_up": True, "shared": False,
+        "router:external": net.external, "mtu": net.mtu or DEFAULT_MTU, "port_security_enabled": True,
+        "description": "", "tags": [], "availability_zones": [], "availability_zone_hints": [],
+        "ipv4_address_scope": None, "ipv6_address_scope": None, "is_default": False,
+        "provider:network_type": "local" if net.encap == "direct" else "vxlan", "provider:physical_network": None,
+        "provider:segmentation_id": net.vni, "l2_adjacency": False, "dns_domain": net.dns_domain + ".",
+        **stamps(net),
+    }
+
+
+@router.get("/networks")
+async def list_networks(request: Request) -> dict:
+    return {"networks": filtered(request, [network_view(n) for n in await objs(request).list(Network)])}
+
+
+@router.get("/networks/{net_id}")
+async def get_network(net_id: str, request: Request) -> dict:
+    return {"network": network_view(await network_by_id(objs(request), net_id))}
+
+
+@router.post("/networks", status_code=201)
+async def create_network(request: Request) -> dict:
+    body = await body_of(request, "network")
+    check_attrs(body, NETWORK_ATTRS)
+    net_id = new_id()
+    net = Network(id=net_id, name=dns_name(body.get("name"), f"net-{net_id[:8]}", "network"),
+                  project=project_of(body), external=bool(body.get("router:external", False)),
+                  mtu=body.get("mtu"))
+    obj, _ = await objs(request).put_network(net, create_only=True)
+    return {"network": network_view(obj)}
+
+
+@router.put("/networks/{net_id}")
+async def update_network(net_id: str, request: Request) -> dict:
+    body = await body_of(request, "network")
+    check_attrs(body, NETWORK_ATTRS)
+    o = objs(request)
+    net = await network_by_id(o, net_id)
+    if "name" in body and body["name"] != net.name:
+        raise bad_request("Renaming a network is not supported: its name is its key in Tether")
+    data = net.model_dump()
+    if "router:external" in body:
+        data["external"] = bool(body["router:external"])
+    if "mtu" in body:
+        data["mtu"] = body["mtu"]
+    obj, _ = await o.put_network(Network.model_validate(data), create_only=False)
+    return {"network": network_view(obj)}
+
+
+@router.delete("/networks/{net_id}", status_code=204)
+async def delete_network(net_id: str, request: Request) -> Response:
+    o = objs(request)
+    net = await network_by_id(o, net_id)
+    try:
+        await o.delete_network(net.name)
+    except ApiError as e:
+        if e.status == 409:
+            raise NeutronError(409, "NetworkInUse", f"Unable to complete operation on network {net_id}. There are "
+                                                    f"one or more ports still in use on the network.") from None
+        raise
+    return Response(status_code=204)
+
+
+# --- subnets ---------------------------------------------------------------------------------------
+
+SUBNET_ATTRS = {"name", "network_id", "cidr", "ip_version", "gateway_ip", "allocation_pools", "enable_dhcp",
+                "dns_nameservers", "host_routes", "description", "tenant_id", "project_id", "ipv6_ra_mode",
+                "ipv6_address_mode", "subnetpool_id", "prefixlen", "use_default_subnetpool", "segment_id",
+                "service_types", "tags", "dns_publish_fixed_ip"}
+
+
+def pools_view(s: Subnet) -> list[dict[str, str]]:
+    if s.pools:
+        out = []
+        for p in s.pools:
+            start, _, end = p.partition("-")
+            out.append({"start": start.strip(), "end": (end or start).strip()})
+        return out
+    net = ipaddress.ip_network(s.cidr)
+    hosts = [h for h in (net.hosts() if net.num_addresses <= 65536 else ()) if str(h) != s.gateway]
+    if net.num_addresses > 65536:
+        first, last = net.network_address + 1, net.broadcast_address - 1
+        gw = ipaddress.ip_address(s.gateway) if s.gateway else None
+        if gw == first:
+            first += 1
+        return [{"start": str(first), "end": str(last)}]
+    # one range per run of consecutive addresses (the gateway splits the range in two)
+    out, run = [], []
+    for h in hosts:
+        if run and int(h) != int(run[-1]) + 1:
+            out.append({"start": str(run[0]), "end": str(run[-1])})
+            run = []
+        run.append(h)
+    if run:
+        out.append({"start": str(run[0]), "end": str(run[-1])})
+    return out
+
+
+def subnet_view(net: Network, s: Subnet) -> dict[str, Any]:
+    return {
+        "id": s.id, "name": s.name or "", "network_id": net.id, "tenant_id": net.project or "",
+        "project_id": net.project or "", "cidr": s.cidr, "ip_version": ipaddress.ip_network(s.cidr).version,
+        "gateway_ip": s.gateway, "allocation_pools": pools_view(s), "enable_dhcp": True, "dns_nameservers": [],
+        "host_routes": [], "ipv6_ra_mode": None, "ipv6_address_mode": None, "subnetpool_id": None,
+        "description": "", "tags": [], "service_types": [], "segment_id": None, **stamps(net),
+    }
+
+
+def parse_cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(str(text), strict=False)
+    except ValueError:
+        raise bad_request(f"Invalid input for cidr. Reason: '{text}' is not a valid IP subnet.") from None
+    if "/" not in str(text) or str(net) != str(text):
+        raise bad_request(f"Invalid input for cidr. Reason: '{text}' isn't a recommended IP address; did you mean "
+                          f"'{net}'?")
+    return net
+
+
+@router.get("/subnets")
+async def list_subnets(request: Request) -> dict:
+    items = [subnet_view(n, s) for n in await objs(request).list(Network) for s in n.subnets]
+    return {"subnets": filtered(request, items)}
+
+
+@router.get("/subnets/{subnet_id}")
+async def get_subnet(subnet_id: str, request: Request) -> dict:
+    net, s = await subnet_by_id(objs(request), subnet_id)
+    return {"subnet": subnet_view(net, s)}
+
+
+@router.post("/subnets", status_code=201)
+async def create_subnet(request: Request) -> dict:
+    body = await body_of(request, "subnet")
+    check_attrs(body, SUBNET_ATTRS)
+    if not body.get("network_id"):
+        raise bad_request("Invalid input for network_id. Reason: a subnet needs a network_id.")
+    if not body.get("cidr"):
+        raise bad_request("Invalid input for cidr. Reason: a cidr is required (subnet pools are not supported).")
+    cidr = parse_cidr(body["cidr"])
+    if "ip_version" in body and int(body["ip_version"]) != cidr.version:
+        raise bad_request(f"Invalid input for operation: cidr {cidr} is not an IPv{body['ip_version']} subnet.")
+    first = str(next(iter(cidr.hosts()), cidr.network_address))
+    gateway = body.get("gateway_ip", first)  # Neutron's default: the first address
+    pools = [f"{p['start']}-{p['end']}" for p in body.get("allocation_pools") or []]
+    subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=body.get("name") or None)
+    o = objs(request)
+    net_id = body["network_id"]
+
+    async def attempt() -> Network:
+        net = await network_by_id(o, net_id)
+        data = net.model_dump()
+        data["subnets"] = [*data["subnets"], subnet.model_dump()]
+        obj, _ = await o.put_network(Network.model_validate(data), create_only=False)
+        return obj
+
+    net = await with_retries(attempt)
+    return {"subnet": subnet_view(net, subnet)}
+
+
+@router.put("/subnets/{subnet_id}")
+async def update_subnet(subnet_id: str, request: Request) -> dict:
+    body = await body_of(request, "subnet")
+    check_attrs(body, SUBNET_ATTRS)
+    o = objs(request)
+    net, s = await subnet_by_id(o, subnet_id)
+    changeable = {"name", "description", "enable_dhcp", "dns_nameservers", "host_routes", "tags"}
+    if set(body) - changeable:
+        raise bad_request(f"Cannot update read-only attribute(s) {', '.join(sorted(set(body) - changeable))}")
+    if "name" in body:
+        s.name = body["name"] or None
+    obj, _ = await o.put_network(net, create_only=False)
+    return {"subnet": subnet_view(obj, s)}
+
+
+@router.delete("/subnets/{subnet_id}", status_code=204)
+async def delete_subnet(subnet_id: str, request: Request) -> Response:
+    o = objs(request)
+    net, s = await subnet_by_id(o, subnet_id)
+    cidr = ipaddress.ip_network(s.cidr)
+    users = [e for e in await o.endpoints_in(net.name) if any(ipaddress.ip_address(ip) in cidr for ip in e.ips)]
+    if users:
+        raise NeutronError(409, "SubnetInUse", f"Unable to complete operation on subnet {subnet_id}: One or more "
+                                               f"ports have an IP allocation from this subnet.")
+    net.subnets = [x for x in net.subnets if x.id != subnet_id]
+    await o.put_network(net, create_only=False)
+    return Response(status_code=204)
+
+
+# --- ports -----------------------------------------------------------------------------------------
+
+PORT_ATTRS = {"name", "network_id", "fixed_ips", "mac_address", "allowed_address_pairs", "security_groups",
+              "device_id", "device_owner", "binding:host_id", "binding:profile", "binding:vnic_type",
+              "admin_state_up", "description", "tenant_id", "project_id", "port_security_enabled", "tags",
+              "extra_dhcp_opts", "dns_name", "qos_policy_id", "propagate_uplink_status", "numa_affinity_policy"}
+UNNAMED = "tether.io/neutron-unnamed"
+STATUS = {"pending": "BUILD", "active": "ACTIVE", "down": "DOWN"}
+
+
+def random_mac() -> str:
+    """A MAC in OpenStack's default base fa:16:3e."""
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
+    net = nets.get(ep.network)
+    fixed = []
+    for ip in ep.ips:
+        addr = ipaddress.ip_address(ip)
+        sub = next((s for s in (net.subnets if net else []) if addr in ipaddress.ip_network(s.cidr)), None)
+        fixed.append({"subnet_id": sub.id if sub else None, "ip_address": ip})
+    mac = ep.mac or derived_mac(ep.id)
+    owner = ep.owner
+    device_owner = owner.device_owner or ("" if owner.type in ("api", "vm") else f"tether:{owner.type}")
+    profile = {"netns": owner.netns} if owner.type == "vm" and owner.netns else {}
+    return {
+        "id": ep.id, "name": "" if ep.labels.get(UNNAMED) else ep.name, "network_id": net.id if net else ep.network,
+        "tenant_id": net.project or "" if net else "", "project_id": net.project or "" if net else "",
+        "mac_address": mac, "fixed_ips": fixed,
+        "allowed_address_pairs": [{"ip_address": p.ip_address, "mac_address": p.mac_address or mac}
+                                  for p in ep.allowed_address_pairs],
+        "security_groups": list(ep.security_groups), "device_id": owner.device_id or owner.container_id or "",
+        "device_owner": device_owner, "binding:host_id": ep.host or "", "binding:profile": profile,
+        "binding:vif_type": "tap" if ep.host else "unbound", "binding:vif_details": {"port_filter": True},
+        "binding:vnic_type": "normal", "status": STATUS.get(ep.status, "DOWN"), "admin_state_up": True,
+        "port_security_enabled": True, "description": "", "tags": [], "extra_dhcp_opts": [], "dns_name": "",
+        "qos_policy_id": None, **stamps(ep),
+    }
+
+
+def derived_mac(ep_id: str) -> str:
+    """A stable MAC for endpoints created without one (e.g. by CNI, where the kernel picked it)."""
+    h = hashlib.sha1(ep_id.encode()).digest()
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+async def nets_by_name(o: Objects) -> dict[str, Network]:
+    return {n.name: n for n in await o.list(Network)}
+
+
+def address_pairs(body: dict[str, Any]) -> list[AddressPair]:
+    pairs = body.get("allowed_address_pairs") or []
+    if not isinstance(pairs, list):
+        raise bad_request("Invalid input for allowed_address_pairs. Reason: expected a list.")
+    out = []
+    for p in pairs:
+        if not isinstance(p, dict) or "ip_address" not in p:
+            raise bad_request("Invalid input for allowed_address_pairs. Reason: each pair needs an ip_address.")
+        try:
+            ipaddress.ip_network(p["ip_address"], strict=False)
+        except ValueError:
+            raise bad_request(f"Invalid input for allowed_address_pairs. Reason: '{p['ip_address']}' is not a valid "
+                              "IP address or CIDR.") from None
+        out.append(AddressPair(ip_address=p["ip_address"], mac_address=(p.get("mac_address") or None)))
+    return out
+
+
+async def check_groups(o: Objects, groups: Any) -> list[str]:
+    if not isinstance(groups, list):
+        raise bad_request("Invalid input for security_groups. Reason: expected a list of ids.")
+    for g in groups:
+        await sg_by_id(o, str(g))
+    return [str(g) for g in groups]
+
+
+def vm_owner(body: dict[str, Any], old: Owner | None = None) -> Owner:
+    """The port's owner: a VM port when it is bound to a host or owned by a compute instance."""
+    owner = (old or Owner()).model_copy()
+    if "device_id" in body:
+        owner.device_id = body["device_id"] or None
+    if "device_owner" in body:
+        owner.device_owner = body["device_owner"] or None
+    if "binding:profile" in body:
+        profile = body["binding:profile"] or {}
+        if not isinstance(profile, dict):
+            raise bad_request("Invalid input for binding:profile. Reason: expected a dictionary.")
+        owner.netns = profile.get("netns") or None
+    host = body.get("binding:host_id")
+    if owner.type in ("api", "vm"):
+        is_vm = bool(host) or (owner.device_owner or "").startswith("compute:") or bool(owner.netns)
+        owner.type = "vm" if is_vm else "api"
+    return owner
+
+
+@router.get("/ports")
+async def list_ports(request: Request) -> dict:
+    o = objs(request)
+    nets = await nets_by_name(o)
+    return {"ports": filtered(request, [port_view(e, nets) for e in await o.list(Endpoint)])}
+
+
+@router.get("/ports/{port_id}")
+async def get_port(port_id: str, request: Request) -> dict:
+    o = objs(request)
+    return {"port": port_view(await port_by_id(o, port_id), await nets_by_name(o))}
+
+
+@router.post("/ports", status_code=201)
+async def create_port(request: Request) -> dict:
+    body = await body_of(request, "port")
+    check_attrs(body, PORT_ATTRS)
+    if not body.get("network_id"):
+        raise bad_request("Invalid input for network_id. Reason: a port needs a network_id.")
+    o = objs(request)
+    net = await network_by_id(o, body["network_id"])
+    port_id = new_id()
+    ips = []
+    for f in body.get("fixed_ips") or []:
+        if not isinstance(f, dict):
+            raise bad_request("Invalid input for fixed_ips. Reason: each entry is a dictionary.")
+        if f.get("subnet_id"):
+            n, s = await subnet_by_id(o, f["subnet_id"])
+            if n.id != net.id:
+                raise bad_request(f"Invalid input for operation: Failed to create port on network {net.id}, "
+                                  f"because fixed_ips included invalid subnet {s.id}.")
+        if f.get("ip_address"):
+            ips.append(str(f["ip_address"]))
+    owner = vm_owner(body)
+    labels = {} if body.get("name") else {UNNAMED: "true"}
+    ep = Endpoint(id=port_id, name=dns_name(body.get("name"), f"port-{port_id[:8]}", "port"), network=net.name,
+                  host=body.get("binding:host_id") or None, ips=ips, mac=(body.get("mac_address") or random_mac()),
+                  owner=owner, labels=labels, interface=vif_name(port_id) if owner.type == "vm" else None,
+                  security_groups=await check_groups(o, body.get("security_groups") or []),
+                  allowed_address_pairs=address_pairs(body))
+    try:
+        obj, _ = await o.create_endpoint(ep)
+    except ApiError as e:
+        if e.status == 409 and "already in use" in e.detail:
+            ip = next((i for i in ips if i in e.detail), ips[0] if ips else "")
+            raise NeutronError(409, "IpAddressAlreadyAllocated",
+                               f"IP address {ip} already allocated in subnet "
+                               f"{subnet_of_ip(net, ip)}.") from None
+        raise
+    return {"port": port_view(obj, {net.name: net})}
+
+
+def subnet_of_ip(net: Network, ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    return next((s.id for s in net.subnets if addr in ipaddress.ip_network(s.cidr)), "")
+
+
+@router.put("/ports/{port_id}")
+async def update_port(port_id: str, request: Request) -> dict:
+    body = await body_of(request, "port")
+    check_attrs(body, PORT_ATTRS)
+    o = objs(request)
+    ep = await port_by_id(o, port_id)
+    if "name" in body and body["name"] != ("" if ep.labels.get(UNNAMED) else ep.name):
+        raise bad_request("Renaming a port is not supported: its name is its DNS name in Tether")
+    if "fixed_ips" in body and sorted(f.get("ip_address") for f in body["fixed_ips"] or []) != sorted(ep.ips):
+        raise bad_request("Changing fixed_ips of a port is not supported; create a new port")
+    if "network_id" in body and body["network_id"] != (await network_by_id(o, body["network_id"])).id:
+        raise bad_request("Cannot update read-only attribute network_id")
+    changes: dict[str, Any] = {}
+    if "security_groups" in body:
+        changes["security_groups"] = await check_groups(o, body["security_groups"] or [])
+    if "allowed_address_pairs" in body:
+        changes["allowed_address_pairs"] = [p.model_dump() for p in address_pairs(body)]
+    if "mac_address" in body and body["mac_address"] != ep.mac:
+        changes["mac"] = body["mac_address"]
+    if "binding:host_id" in body:
+        changes["host"] = body["binding:host_id"] or None
+    if {"device_id", "device_owner", "binding:profile", "binding:host_id"} & set(body):
+        owner = vm_owner(body, ep.owner)
+        changes["owner"] = owner.model_dump()
+        if owner.type == "vm" and not ep.interface:
+            changes["interface"] = vif_name(ep.id)
+    obj = await o.update_endpoint(ep.id, changes) if changes else ep
+    return {"port": port_view(obj, await nets_by_name(o))}
+
+
+@router.delete("/ports/{port_id}", status_code=204)
+async def delete_port(port_id: str, request: Request) -> Response:
+    o = objs(request)
+    await port_by_id(o, port_id)
+    if await o.delete_endpoint(port_id) is None:
+        raise NeutronError(404, "PortNotFound", f"Port {port_id} could not be found.")
+    return Response(status_code=204)
+
+
+# --- security groups -------------------------------------------------------------------------------
+
+SG_ATTRS = {"name", "description", "tenant_id", "project_id", "stateful", "tags"}
+RULE_ATTRS = {"security_group_id", "direction", "ethertype", "protocol", "port_range_min", "port_range_max",
+              "remote_ip_prefix", "remote_group_id", "remote_address_group_id", "description", "tenant_id",
+              "project_id", "normalized_cidr"}
+
+
+def rule_view(sg: SecurityGroup, r: SecurityGroupRule) -> dict[str, Any]:
+    return {
+        "id": r.id, "security_group_id": sg.id, "direction": r.direction, "ethertype": r.ethertype,
+        "protocol": r.protocol, "port_range_min": r.port_range_min, "port_range_max": r.port_range_max,
+        "remote_ip_prefix": r.remote_ip_prefix, "normalized_cidr": r.remote_ip_prefix,
+        "remote_group_id": r.remote_group_id, "remote_address_group_id": None, "description": r.description,
+        "tenant_id": sg.project or "", "project_id": sg.project or "", **stamps(sg),
+    }
+
+
+def sg_view(sg: SecurityGroup) -> dict[str, Any]:
+    return {"id": sg.id, "name": sg.name, "description": sg.description, "tenant_id": sg.project or "",
+            "project_id": sg.project or "", "stateful": True, "shared": False, "tags": [],
+            "security_group_rules": [rule_view(sg, r) for r in sg.rules], **stamps(sg)}
+
+
+@router.get("/security-groups")
+async def list_sgs(request: Request) -> dict:
+    return {"security_groups": filtered(request, [sg_view(s) for s in await objs(request).list(SecurityGroup)])}
+
+
+@router.get("/security-groups/{sg_id}")
+async def get_sg(sg_id: str, request: Request) -> dict:
+    return {"security_group": sg_view(await sg_by_id(objs(request), sg_id))}
+
+
+@router.post("/security-groups", status_code=201)
+async def create_sg(request: Request) -> dict:
+    body = await body_of(request, "security_group")
+    check_attrs(body, SG_ATTRS)
+    # Neutron gives every new group rules that allow all egress
+    sg = SecurityGroup(name=str(body.get("name") or ""), description=str(body.get("description") or ""),
+                       project=project_of(body),
+                       rules=[SecurityGroupRule(direction="egress", ethertype=e) for e in ("IPv4", "IPv6")])
+    o = objs(request)
+    obj = await with_retries(lambda: o.create(sg))
+    return {"security_group": sg_view(obj)}
+
+
+@router.put("/security-groups/{sg_id}")
+async def update_sg(sg_id: str, request: Request) -> dict:
+    body = await body_of(request, "security_group")
+    check_attrs(body, SG_ATTRS)
+    o = objs(request)
+
+    async def attempt() -> SecurityGroup:
+        sg = await sg_by_id(o, sg_id)
+        if "name" in body:
+            sg.name = str(body["name"] or "")
+        if "description" in body:
+            sg.description = str(body["description"] or "")
+        return await o.replace(sg, sg.revision)
+
+    return {"security_group": sg_view(await with_retries(attempt))}
+
+
+@router.delete("/security-groups/{sg_id}", status_code=204)
+async def delete_sg(sg_id: str, request: Request) -> Response:
+    o = objs(request)
+    sg = await sg_by_id(o, sg_id)
+    if any(sg.id in e.security_groups for e in await o.list(Endpoint)):
+        raise NeutronError(409, "SecurityGroupInUse", f"Security Group {sg.id} in use.")
+    others = [s for s in await o.list(SecurityGroup) if s.id != sg.id]
+    if any(r.remote_group_id == sg.id for s in others for r in s.rules):
+        raise NeutronError(409, "SecurityGroupInUse", f"Security Group {sg.id} in use (a rule of another group "
+                                                      "refers to it).")
+    await o.remove(sg)
+    return Response(status_code=204)
+
+
+def normalise_protocol(value: Any) -> str | None:
+    if value in (None, "", "any"):
+        return None
+    p = str(value).lower()
+    p = PROTOCOLS.get(p, p)
+    if p in ("tcp", "udp", "icmp", "icmpv6", "sctp"):
+        return p
+    if p.isdigit() and 0 <= int(p) <= 255:
+        return p
+    raise NeutronError(400, "SecurityGroupRuleInvalidProtocol",
+                       f"Security group rule protocol {value} not supported. Only protocol values "
+                       "[None, 'tcp', 'udp', 'icmp', 'icmpv6', 'sctp'] and integer representations [0 to 255] "
+                       "are supported.")
+
+
+def make_rule(body: dict[str, Any]) -> SecurityGroupRule:
+    direction = body.get("direction")
+    if direction not in ("ingress", "egress"):
+        raise bad_request(f"Invalid input for direction. Reason: {direction!r} is not in ['ingress', 'egress'].")
+    ethertype = body.get("ethertype") or "IPv4"
+    if ethertype not in ("IPv4", "IPv6"):
+        raise bad_request(f"Invalid input for ethertype. Reason: {ethertype!r} is not in ['IPv4', 'IPv6'].")
+    protocol = normalise_protocol(body.get("protocol"))
+    pmin, pmax = body.get("port_range_min"), body.get("port_range_max")
+    if (pmin is not None or pmax is not None) and protocol not in ("tcp", "udp", "sctp", "icmp", "icmpv6"):
+        raise NeutronError(400, "SecurityGroupProtocolRequiredWithPorts",
+                           "Must also specify protocol if port range is given.")
+    if protocol in ("tcp", "udp", "sctp"):
+        if pmin is not None and pmax is None:
+            pmax = pmin
+        if pmin is not None and pmax is not None and int(pmin) > int(pmax):
+            raise NeutronError(400, "SecurityGroupInvalidPortRange",
+                               "For TCP/UDP protocols, port_range_min must be <= port_range_max")
+    prefix = body.get("remote_ip_prefix")
+    if prefix and body.get("remote_group_id"):
+        raise NeutronError(400, "SecurityGroupRemoteGroupAndRemoteIpPrefix",
+                           "Only remote_ip_prefix or remote_group_id may be provided.")
+    if prefix:
+        try:
+            net = ipaddress.ip_network(str(prefix), strict=False)
+        except ValueError:
+            raise bad_request(f"Invalid input for remote_ip_prefix. Reason: '{prefix}' is not a valid IP "
+                              "subnet.") from None
+        if (net.version == 4) != (ethertype == "IPv4"):
+            raise NeutronError(400, "SecurityGroupRuleParameterConflict",
+                               f"Conflicting value ethertype {ethertype} for CIDR {prefix}")
+        prefix = str(net)
+    return SecurityGroupRule(direction=direction, ethertype=ethertype, protocol=protocol,
+                             port_range_min=None if pmin is None else int(pmin),
+                             port_range_max=None if pmax is None else int(pmax), remote_ip_prefix=prefix or None,
+                             remote_group_id=body.get("remote_group_id") or None,
+                             description=str(body.get("description") or ""))
+
+
+def same_rule(a: SecurityGroupRule, b: SecurityGroupRule) -> bool:
+    keys = ("direction", "ethertype", "protocol", "port_range_min", "port_range_max", "remote_ip_prefix",
+            "remote_group_id")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+async def find_rule(o: Objects, rule_id: str) -> tuple[SecurityGroup, SecurityGroupRule]:
+    for sg in await o.list(SecurityGroup):
+        for r in sg.rules:
+            if r.id == rule_id:
+                return sg, r
+    raise NeutronError(404, "SecurityGroupRuleNotFound", f"Security group rule {rule_id} does not exist")
+
+
+@router.get("/security-group-rules")
+async def list_rules(request: Request) -> dict:
+    items = [rule_view(sg, r) for sg in await objs(request).list(SecurityGroup) for r in sg.rules]
+    return {"security_group_rules": filtered(request, items)}
+
+
+@router.get("/security-group-rules/{rule_id}")
+async def get_rule(rule_id: str, request: Request) -> dict:
+    sg, r = await find_rule(objs(request), rule_id)
+    return {"security_group_rule": rule_view(sg, r)}
+
+
+@router.post("/security-group-rules", status_code=201)
+async def create_rule(request: Request) -> dict:
+    body = await body_of(request, "security_group_rule")
+    check_attrs(body, RULE_ATTRS)
+    if not body.get("security_group_id"):
+        raise bad_request("Invalid input for security_group_id. Reason: a rule needs a security_group_id.")
+    rule = make_rule(body)
+    o = objs(request)
+    if rule.remote_group_id and rule.remote_group_id != body["security_group_id"]:
+        await sg_by_id(o, rule.remote_group_id)
+
+    async def attempt() -> SecurityGroup:
+        sg = await sg_by_id(o, body["security_group_id"])
+        dup = next((r for r in sg.rules if same_rule(r, rule)), None)
+        if dup is not None:
+            raise NeutronError(409, "SecurityGroupRuleExists", f"Security group rule already exists. Rule id is "
+                                                               f"{dup.id}.")
+        sg.rules.append(rule)
+        return await o.replace(sg, sg.revision)
+
+    sg = await with_retries(attempt)
+    return {"security_group_rule": rule_view(sg, rule)}
+
+
+@router.delete("/security-group-rules/{rule_id}", status_code=204)
+async def delete_rule(rule_id: str, request: Request) -> Response:
+    o = objs(request)
+
+    async def attempt() -> None:
+        sg, _ = await find_rule(o, rule_id)
+        sg.rules = [r for r in sg.rules if r.id != rule_id]
+        await o.replace(sg, sg.revision)
+
+    await with_retries(attempt)
+    return Response(status_code=204)
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def unknown(rest: str) -> Response:
+    raise NeutronError(404, "HTTPNotFound", f"The resource could not be found: /v2.0/{rest} is not served here "
+                                            "(networks, subnets, ports, security-groups, security-group-rules, "
+                                            "extensions).")
