@@ -14,10 +14,10 @@ async def require_namespace(o: Objects, ns: str) -> None:
 
 def check_policy(pol: NetworkPolicy) -> None:
     """Reject a NetworkPolicy spec the Kubernetes API server would reject, with its wording."""
+    from tether.k8s_validation import PolicyInvalid
+    from tether.k8s_validation import check_policy as k8s_check
+
     try:
-        from tether.k8s_validation import validate_network_policy
-    except ImportError:  # pragma: no cover - the validator ships with the policy work
-        return
-    errors = validate_network_policy(pol.spec)
-    if errors:
-        raise ApiError(422, f'NetworkPolicy.networking.k8s.io "{pol.name}" is invalid: ' + ", ".join(errors))
+        k8s_check(pol.name, pol.spec)
+    except PolicyInvalid as e:
+        raise ApiError(422, str(e)) from None

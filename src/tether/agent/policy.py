@@ -1,0 +1,430 @@
+"""Pure compiler: NetworkPolicy, security groups, network isolation and anti-spoofing -> an nft fragment.
+
+Shape (see docs/ARCHITECTURE.md, "nftables layout"), chosen so the rule count grows with
+policies + endpoints, never their product, and so a new pod or a label change is a set-element
+update, not a rewrite of rules:
+- one chain per policy and direction (`npi-`/`npe-<id12>`) and per security group (`sgi-`/`sge-<id12>`),
+  whose rules say "this packet is allowed" by setting a mark bit;
+- peers are named sets of addresses (`sel-<hash>` per distinct selector, `sgm-<id12>` per remote
+  group, `pn-in-`/`pn-out-<port name>` for named ports), filled from every endpoint in the cluster;
+- endpoints with the same network, policies and groups share one dispatch chain (`in-`/`out-<hash>`),
+  reached through the `ep_in`/`ep_out` verdict maps: each applicable layer must have set its bit, or
+  the packet is dropped with a counter and an NFLOG record (group `LOG_GROUP`);
+- anti-spoofing runs before conntrack (prerouting, raw priority) against sets of (interface,
+  address) and (interface, MAC) pairs.
+The semantics are those of `tether.policy_eval`, which is written separately and checks this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule
+from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
+
+NP_OK = 0x100000  # meta mark bit: some NetworkPolicy rule allowed this packet
+SG_OK = 0x200000  # meta mark bit: some security group rule allowed it
+LOG_GROUP = 7  # NFLOG group of denied packets (read by tether.agent.flowlog)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
+L4_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "ipv6-icmp"}
+PORT_PROTOS = (6, 17, 132)
+
+
+# --- nft JSON building blocks ---------------------------------------------------------------------
+
+def meta(key: str) -> dict:
+    return {"meta": {"key": key}}
+
+
+def payload(proto: str, fld: str) -> dict:
+    return {"payload": {"protocol": proto, "field": fld}}
+
+
+def match(left: Any, right: Any, op: str = "==") -> dict:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def addr_field(version: int, which: str) -> dict:
+    return payload("ip" if version == 4 else "ip6", which)
+
+
+def prefix(cidr: str) -> Any:
+    net = ipaddress.ip_network(cidr, strict=False)
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def mark_set(bit: int) -> dict:
+    return {"mangle": {"key": meta("mark"), "value": {"|": [meta("mark"), bit]}}}
+
+
+MARK_CLEAR = {"mangle": {"key": meta("mark"), "value": {"&": [meta("mark"), 0xFFFFFFFF ^ (NP_OK | SG_OK)]}}}
+RETURN = {"return": None}
+ACCEPT = {"accept": None}
+DROP = {"drop": None}
+COUNTER = {"counter": None}
+FIB_LOCAL = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+POD_IF = [match(meta("iifname"), LINK_PREFIX + "*"), match(meta("iifname"), VTEP_NAME, "!=")]
+POD_OIF = [match(meta("oifname"), LINK_PREFIX + "*"), match(meta("oifname"), VTEP_NAME, "!=")]
+
+
+def mark_missing(bit: int) -> dict:
+    return match({"&": [meta("mark"), bit]}, 0)
+
+
+def denied(*matches: dict, comment: str) -> str:
+    """A counted, logged drop; the comment names who denied (the counter metric reads it back)."""
+    text = comment[:120]
+    return rule(*matches, COUNTER, {"log": {"prefix": text[:60], "group": LOG_GROUP}}, DROP, comment=text)
+
+
+def short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def id12(obj_id: str) -> str:
+    return obj_id.replace("-", "")[:12]
+
+
+# --- label selectors -------------------------------------------------------------------------------
+
+def label_match(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, vals = e.get("key"), e.get("operator"), set(e.get("values") or [])
+        present = k in labels
+        ok = {"In": present and labels.get(k) in vals, "NotIn": not present or labels.get(k) not in vals,
+              "Exists": present, "DoesNotExist": not present}.get(op, False)
+        if not ok:
+            return False
+    return True
+
+
+def rule_types(spec: dict[str, Any]) -> set[str]:
+    types = spec.get("policyTypes")
+    if types:
+        return set(types)
+    return {"Ingress", "Egress"} if spec.get("egress") else {"Ingress"}
+
+
+# --- the cluster, indexed once -----------------------------------------------------------------------
+
+@dataclass
+class Index:
+    endpoints: list[Endpoint]
+    ns_labels: dict[str, dict[str, str]]
+    policies: list[NetworkPolicy]
+    groups: dict[str, SecurityGroup]
+    networks: dict[str, Network]
+    v6: bool
+
+    @classmethod
+    def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
+              groups: Iterable[SecurityGroup], networks: Iterable[Network]) -> Index:
+        eps = sorted(endpoints, key=lambda e: e.id)
+        nsl: dict[str, dict[str, str]] = {}
+        for ns in namespaces:
+            nsl[ns.name] = {"kubernetes.io/metadata.name": ns.name, **ns.labels}
+        for ep in eps:
+            nsl.setdefault(ep.namespace, {"kubernetes.io/metadata.name": ep.namespace})
+        nets = {n.name: n for n in networks}
+        v6 = any(ipaddress.ip_network(s.cidr).version == 6 for n in nets.values() for s in n.subnets)
+        by_id: dict[str, SecurityGroup] = {}
+        for g in groups:
+            by_id[g.id] = g
+        return cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
+
+    def group(self, ref: str) -> SecurityGroup | None:
+        return self.groups.get(ref) or next((g for g in self.groups.values() if g.name == ref), None)
+
+    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any]) -> list[str]:
+        nsel = peer.get("namespaceSelector")
+        psel = peer.get("podSelector") or {}
+        out = []
+        for ep in self.endpoints:
+            if nsel is not None:
+                if not label_match(nsel, self.ns_labels.get(ep.namespace, {})):
+                    continue
+            elif ep.namespace != pol.namespace:
+                continue
+            if label_match(psel, ep.labels):
+                out.extend(ep.ips)
+        return out
+
+
+def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int) -> str:
+    key = {"ns": None if peer.get("namespaceSelector") is not None else pol.namespace,
+           "nsel": peer.get("namespaceSelector"), "psel": peer.get("podSelector") or {}}
+    return f"sel{'' if version == 4 else '6'}-{short(json.dumps(key, sort_keys=True))}"
+
+
+# --- compilation -----------------------------------------------------------------------------------
+
+class Builder:
+    def __init__(self, idx: Index, host: str) -> None:
+        self.idx = idx
+        self.host = host
+        self.sets: dict[str, NftSet] = {}
+        self.chains: dict[str, NftChain] = {}
+        self.versions = (4, 6) if idx.v6 else (4,)
+
+    def add_set(self, name: str, typ: str | tuple[str, ...], elements: Iterable[Any], flags: tuple[str, ...] = ()
+                ) -> str:
+        if name not in self.sets:
+            self.sets[name] = NftSet(name, typ, flags, elements=frozenset(elements))
+        return "@" + name
+
+    # --- NetworkPolicy --------------------------------------------------------------------------
+
+    def peer_matches(self, pol: NetworkPolicy, peer: dict[str, Any], which: str) -> list[list[dict]]:
+        """Alternatives (ORed) of statement lists (ANDed) matching one peer on the remote address."""
+        block = peer.get("ipBlock")
+        if block:
+            net = ipaddress.ip_network(block["cidr"], strict=False)
+            stmts = [match(addr_field(net.version, which), prefix(block["cidr"]))]
+            excepts = [x for x in block.get("except") or [] if ipaddress.ip_network(x, strict=False).version ==
+                       net.version]
+            if excepts:
+                stmts.append(match(addr_field(net.version, which), {"set": [prefix(x) for x in excepts]}, "!="))
+            return [stmts]
+        out = []
+        ips = self.idx.peer_ips(pol, peer)
+        for v in self.versions:
+            name = selector_set_name(pol, peer, v)
+            members = [ip for ip in ips if ipaddress.ip_address(ip).version == v]
+            ref = self.add_set(name, "ipv4_addr" if v == 4 else "ipv6_addr", members)
+            out.append([match(addr_field(v, which), ref)])
+        return out
+
+    def named_port_set(self, name: str, direction: str) -> str:
+        """(local interface | address) . protocol . port for every endpoint declaring port `name`."""
+        if direction == "Ingress":
+            elems = {(ep.interface, d.protocol.lower(), d.port) for ep in self.idx.endpoints
+                     if ep.host == self.host and ep.interface for d in ep.ports if d.name == name}
+            return self.add_set(f"pn-in-{name}", ("ifname", "inet_proto", "inet_service"), elems)
+        elems = {(ip, d.protocol.lower(), d.port) for ep in self.idx.endpoints for d in ep.ports if d.name == name
+                 for ip in ep.ips if ipaddress.ip_address(ip).version == 4}
+        return self.add_set(f"pn-out-{name}", ("ipv4_addr", "inet_proto", "inet_service"), elems)
+
+    def port_matches(self, ports: list[dict[str, Any]], direction: str) -> list[list[dict]]:
+        if not ports:
+            return [[]]
+        by_proto: dict[str, list[Any]] = {}
+        whole: set[str] = set()
+        out: list[list[dict]] = []
+        for p in ports:
+            proto = (p.get("protocol") or "TCP").lower()
+            port = p.get("port")
+            if port is None:
+                whole.add(proto)
+            elif isinstance(port, str) and not port.isdigit():
+                who = meta("oifname") if direction == "Ingress" else payload("ip", "daddr")
+                key = {"concat": [who, meta("l4proto"), payload("th", "dport")]}
+                out.append([match(meta("l4proto"), proto), match(key, self.named_port_set(port, direction))])
+            else:
+                lo, hi = int(port), int(p.get("endPort") or port)
+                by_proto.setdefault(proto, []).append(lo if lo == hi else {"range": [lo, hi]})
+        for proto in sorted(whole):
+            out.append([match(meta("l4proto"), proto)])
+        for proto, vals in sorted(by_proto.items()):
+            if proto in whole:
+                continue
+            right = vals[0] if len(vals) == 1 else {"set": vals}
+            out.append([match(meta("l4proto"), proto), match(payload("th", "dport"), right)])
+        return out
+
+    def policy_chain(self, pol: NetworkPolicy, direction: str) -> str:
+        name = f"np{'i' if direction == 'Ingress' else 'e'}-{id12(pol.id)}"
+        if name in self.chains:
+            return name
+        key, peers_key, which = (("ingress", "from", "saddr") if direction == "Ingress" else ("egress", "to", "daddr"))
+        rules: list[str] = []
+        for i, r in enumerate(pol.spec.get(key) or []):
+            r = r or {}
+            peers = r.get(peers_key) or []
+            peer_alts = [alt for pr in peers for alt in self.peer_matches(pol, pr, which)] if peers else [[]]
+            for peer in peer_alts:
+                for port in self.port_matches(r.get("ports") or [], direction):
+                    rules.append(rule(*peer, *port, mark_set(NP_OK), RETURN,
+                                      comment=f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]))
+        self.chains[name] = NftChain(name, tuple(rules))
+        return name
+
+    # --- security groups ------------------------------------------------------------------------
+
+    def group_members(self, group_id: str, version: int) -> str:
+        elems = set()
+        for ep in self.idx.endpoints:
+            if group_id in ep.security_groups:
+                for a in [*ep.ips, *(p.ip_address for p in ep.allowed_address_pairs)]:
+                    net = ipaddress.ip_network(a, strict=False)
+                    if net.version == version:
+                        elems.add(str(net))
+        return self.add_set(f"sgm{'' if version == 4 else '6'}-{id12(group_id)}",
+                            "ipv4_addr" if version == 4 else "ipv6_addr", elems, ("interval",))
+
+    def sg_rule(self, r: SecurityGroupRule, which: str) -> list[dict] | None:
+        version = 4 if r.ethertype == "IPv4" else 6
+        if version == 6 and not self.idx.v6:
+            return None
+        stmts: list[dict] = [match(meta("nfproto"), "ipv4" if version == 4 else "ipv6")]
+        if r.protocol not in (None, "", "any"):
+            num = PROTO_NUMBERS.get(str(r.protocol).lower())
+            if num is None:
+                num = int(r.protocol)
+            stmts.append(match(meta("l4proto"), num))
+            if num in PORT_PROTOS and r.port_range_min is not None:
+                hi = r.port_range_max if r.port_range_max is not None else r.port_range_min
+                stmts.append(match(payload("th", "dport"), r.port_range_min if hi == r.port_range_min
+                                   else {"range": [r.port_range_min, hi]}))
+            if num in (1, 58) and r.port_range_min is not None:
+                proto = "icmp" if num == 1 else "icmpv6"
+                stmts.append(match(payload(proto, "type"), r.port_range_min))
+                if r.port_range_max is not None:
+                    stmts.append(match(payload(proto, "code"), r.port_range_max))
+        if r.remote_ip_prefix:
+            net = ipaddress.ip_network(r.remote_ip_prefix, strict=False)
+            if net.version != version:
+                return None
+            if net.prefixlen:
+                stmts.append(match(addr_field(version, which), prefix(r.remote_ip_prefix)))
+        if r.remote_group_id:
+            stmts.append(match(addr_field(version, which), self.group_members(r.remote_group_id, version)))
+        return stmts
+
+    def group_chain(self, g: SecurityGroup, direction: str) -> str:
+        name = f"sg{'i' if direction == 'Ingress' else 'e'}-{id12(g.id)}"
+        if name in self.chains:
+            return name
+        want, which = ("ingress", "saddr") if direction == "Ingress" else ("egress", "daddr")
+        rules = []
+        for r in g.rules:
+            if r.direction != want:
+                continue
+            stmts = self.sg_rule(r, which)
+            if stmts is not None:
+                rules.append(rule(*stmts, mark_set(SG_OK), RETURN, comment=f"sg {g.name} {r.id}"[:120]))
+        self.chains[name] = NftChain(name, tuple(rules))
+        return name
+
+    # --- per-endpoint dispatch ------------------------------------------------------------------
+
+    def layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
+        pols = [p for p in self.idx.policies if p.namespace == ep.namespace and direction in rule_types(p.spec)
+                and label_match(p.spec.get("podSelector") or {}, ep.labels)]
+        groups = [g for g in (self.idx.group(ref) for ref in sorted(set(ep.security_groups))) if g is not None]
+        missing = [ref for ref in ep.security_groups if self.idx.group(ref) is None]
+        if missing and not groups:  # a group we have not seen yet: fail closed with an empty group
+            groups = [SecurityGroup(id=missing[0], name=missing[0])]
+        return pols, groups
+
+    def dispatch_chain(self, ep: Endpoint, direction: str) -> str:
+        pols, groups = self.layers(ep, direction)
+        d = "in" if direction == "Ingress" else "out"
+        sig = json.dumps([d, ep.network if direction == "Ingress" else "", [p.id for p in pols],
+                          [g.id for g in groups]])
+        name = f"{d}-{short(sig)}"
+        if name in self.chains:
+            return name
+        rules: list[str] = []
+        if direction == "Egress" and (pols or groups):
+            rules.append(rule(FIB_LOCAL, ACCEPT, comment="to its own host"))
+        if pols or groups:
+            rules.append(rule(MARK_CLEAR))
+        if pols:
+            rules.extend(rule({"jump": {"target": self.policy_chain(p, direction)}}) for p in pols)
+            names = " ".join(f"{p.namespace}/{p.name}" for p in pols)
+            rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}"))
+        if groups:
+            rules.extend(rule({"jump": {"target": self.group_chain(g, direction)}}) for g in groups)
+            names = " ".join(g.name for g in groups)
+            rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}"))
+        if direction == "Ingress":
+            if not pols and not groups:
+                for v in self.versions:
+                    others = [s.cidr for n in self.idx.networks.values() if n.name != ep.network for s in n.subnets
+                              if ipaddress.ip_network(s.cidr).version == v]
+                    if not others:
+                        continue
+                    ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
+                                       "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
+                    rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}"))
+            rules.append(rule(ACCEPT))
+        else:
+            rules.append(rule({"vmap": {"key": meta("oifname"), "data": "@ep_in"}}))
+            rules.append(rule(*POD_OIF, COUNTER, DROP, comment="unknown pod interface"))
+            rules.append(rule(ACCEPT))
+        self.chains[name] = NftChain(name, tuple(rules))
+        return name
+
+    # --- anti-spoofing ---------------------------------------------------------------------------
+
+    def antispoof(self, local: list[Endpoint]) -> None:
+        src4, src6, macs, known = set(), set(), set(), set()
+        for ep in local:
+            addrs = [*ep.ips, *(p.ip_address for p in ep.allowed_address_pairs)]
+            for a in addrs:
+                net = ipaddress.ip_network(a, strict=False)
+                (src4 if net.version == 4 else src6).add((ep.interface, str(net)))
+            src6.add((ep.interface, "fe80::/10"))
+            if ep.mac:
+                known.add(ep.interface)
+                macs.add((ep.interface, ep.mac.lower()))
+                macs.update((ep.interface, p.mac_address.lower()) for p in ep.allowed_address_pairs if p.mac_address)
+        s4 = self.add_set("ep_src4", ("ifname", "ipv4_addr"), src4, ("interval",))
+        s6 = self.add_set("ep_src6", ("ifname", "ipv6_addr"), src6, ("interval",))
+        m = self.add_set("ep_mac", ("ifname", "ether_addr"), macs)
+        k = self.add_set("ep_mac_known", "ifname", known)
+        self.chains["antispoof"] = NftChain("antispoof", (
+            rule(*POD_IF, {"jump": {"target": "pod_source"}}),
+        ), hook="prerouting", type="filter", priority=-300, policy="accept")
+        def pair(fld: dict) -> dict:
+            return {"concat": [meta("iifname"), fld]}
+
+        self.chains["pod_source"] = NftChain("pod_source", (
+            denied(match(meta("nfproto"), "ipv4"), match(pair(payload("ip", "saddr")), s4, "!="),
+                   comment="spoofed source address"),
+            denied(match(meta("nfproto"), "ipv6"), match(pair(payload("ip6", "saddr")), s6, "!="),
+                   comment="spoofed source address"),
+            denied(match(meta("iifname"), k), match(pair(payload("ether", "saddr")), m, "!="),
+                   comment="spoofed source MAC"),
+        ))
+
+
+def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
+            security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str) -> NftPlan:
+    """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`)."""
+    idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
+    b = Builder(idx, host)
+    local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
+    ep_out, ep_in = set(), set()
+    for ep in local:
+        ep_out.add((ep.interface, "goto " + b.dispatch_chain(ep, "Egress")))
+        ep_in.add((ep.interface, "goto " + b.dispatch_chain(ep, "Ingress")))
+    b.antispoof(local)
+    sets = [*b.sets.values(), NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset(ep_out)),
+            NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset(ep_in))]
+    return NftPlan(sets=tuple(sorted(sets, key=lambda s: s.name)),
+                   chains=tuple(sorted(b.chains.values(), key=lambda c: c.name)))
+
+
+def drop_owners(comment: str) -> list[str]:
+    """Which policies or groups a drop rule's comment names (`deny in np ns/a ns/b` -> [ns/a, ns/b])."""
+    parts = comment.split()
+    if len(parts) >= 4 and parts[0] == "deny" and parts[2] == "np":
+        return parts[3:]
+    if len(parts) >= 4 and parts[0] == "deny" and parts[2] == "sg":
+        return [f"sg:{p}" for p in parts[3:]]
+    if len(parts) >= 4 and parts[0] == "deny" and parts[2] == "isolation":
+        return [f"isolation:{parts[3]}"]
+    if comment.startswith("spoofed"):
+        return ["antispoof"]
+    return []
