@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.etcd",
     "tests.fixtures.server",
     "tests.fixtures.lab",
+    "tests.fixtures.openstack",
 ]
