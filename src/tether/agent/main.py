@@ -46,6 +46,9 @@ class AgentConfig:
     reconcile_interval: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
     underlay: tuple[str, int, str] | None = None  # (device, MTU, CIDR), found before the event loop starts
+    dns_ip: str | None = None  # where the DNS extra answers (None: its default; "off": no DNS)
+    dns_port: int = 53
+    upstream_dns: list[str] = field(default_factory=list)  # empty: the host's /etc/resolv.conf
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -276,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", action="append", default=[], help="host label k=v (repeatable)")
     p.add_argument("--reconcile-interval", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--dns-ip", help="address the agent's DNS answers on (default 169.254.20.10; 'off' disables)")
+    p.add_argument("--dns-port", type=int, default=53)
+    p.add_argument("--upstream-dns", action="append", default=[],
+                   help="resolver for non-cluster names (repeatable; default: /etc/resolv.conf)")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = a.token
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AgentConfig(server=a.server, host=a.host, underlay_ip=a.underlay_ip, underlay_dev=a.underlay_dev,
                       state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
                       reconcile_interval=a.reconcile_interval,
+                      dns_ip=a.dns_ip, dns_port=a.dns_port, upstream_dns=a.upstream_dns,
                       labels=dict(x.split("=", 1) for x in a.label if "=" in x),
                       underlay=underlay_of(a.underlay_ip, a.underlay_dev))
 

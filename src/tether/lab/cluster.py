@@ -326,7 +326,7 @@ class Lab:
                               "--server", f"unix://{self.server_socket}",
                               "--token-file", os.path.join(self.dir, "server", "token"),
                               "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
-                              "--cni-socket", self.cni_socket(host)],
+                              "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         h.agent_pid = p.pid
         self.save()

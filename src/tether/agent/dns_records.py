@@ -1,0 +1,234 @@
+"""Pure: the agent's replica -> DNS records, and a DNS query -> the answer (or "forward it").
+
+Why a hand-written wire codec: cluster names are answered on the hot path of every pod's name
+lookups, and a header + question parse with pre-encoded resource records is several times faster
+than building a message object per query. Anything outside the cluster zones returns None so the
+server forwards it (dns.py); dnspython is used there and in the tests.
+
+Names (DESIGN.md §5):
+- `<endpoint>.<network>.<domain>`       A / AAAA (every address, shuffled per answer)
+- `<service>.<namespace>.svc.<domain>`  A (cluster IP); SRV for the service's ports
+- `_<port>._<proto>.<service>.<namespace>.svc.<domain>`  SRV for one named port
+- PTR for every endpoint and service address.
+A name below a cluster zone that exists with other types (or only has names below it) answers
+NODATA (NOERROR, no answers, SOA); a name that does not exist answers NXDOMAIN with the SOA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tether.model import Endpoint, Network, Service
+
+A, NS, CNAME, SOA, PTR, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 28, 33, 41, 255
+CLASS_IN = 1
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+TTL = 30  # seconds, for cluster records
+NEGATIVE_TTL = 5  # SOA minimum: how long a resolver may cache "no such name"
+
+
+def encode_name(name: str) -> bytes:
+    out = bytearray()
+    for label in name.rstrip(".").split("."):
+        if label:
+            b = label.encode()
+            out.append(len(b))
+            out += b
+    out.append(0)
+    return bytes(out)
+
+
+def reverse_name(ip: str) -> str:
+    return ipaddress.ip_address(ip).reverse_pointer + "."
+
+
+def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
+    """An answer RR whose owner is the question name (compression pointer to offset 12)."""
+    return b"\xc0\x0c" + struct.pack("!HHIH", rtype, CLASS_IN, ttl, len(rdata)) + rdata
+
+
+@dataclass
+class Records:
+    """Pre-encoded records by owner name (lower case, trailing dot) and type."""
+
+    zones: tuple[str, ...] = ()  # authoritative forward zones ("tether.local.")
+    reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # PTR authority
+    rrs: dict[str, dict[int, list[bytes]]] = field(default_factory=dict)
+    existing: set[str] = field(default_factory=set)  # every owner name and every name between it and its zone
+    soa: dict[str, bytes] = field(default_factory=dict)  # zone -> authority-section SOA RR
+    serial: int = 0
+
+    def add(self, name: str, rtype: int, rdata: bytes, ttl: int = TTL) -> None:
+        name = name.lower()
+        self.rrs.setdefault(name, {}).setdefault(rtype, []).append(_rr(rtype, ttl, rdata))
+        self.existing.add(name)
+
+    def zone_of(self, name: str) -> str | None:
+        """The cluster zone `name` falls in (forward or reverse), or None when it is not ours."""
+        for z in self.zones:
+            if name == z or name.endswith("." + z):
+                return z
+        if name.endswith(".in-addr.arpa.") or name.endswith(".ip6.arpa."):
+            ip = ptr_address(name)
+            if ip is not None and any(ip in n for n in self.reverse_nets if n.version == ip.version):
+                return "in-addr.arpa." if ip.version == 4 else "ip6.arpa."
+        return None
+
+
+def ptr_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    labels = name.rstrip(".").split(".")
+    try:
+        if name.endswith(".in-addr.arpa.") and len(labels) == 6:
+            return ipaddress.IPv4Address(".".join(reversed(labels[:4])))
+        if name.endswith(".ip6.arpa.") and len(labels) == 34:
+            nib = "".join(reversed(labels[:32]))
+            return ipaddress.IPv6Address(":".join(nib[i:i + 4] for i in range(0, 32, 4)))
+    except ValueError:
+        return None
+    return None
+
+
+def _soa_rr(zone: str, serial: int) -> bytes:
+    z = encode_name(zone)
+    rdata = (encode_name("ns.dns." + zone) + encode_name("hostmaster." + zone)
+             + struct.pack("!IIIII", serial & 0xFFFFFFFF, 7200, 1800, 86400, NEGATIVE_TTL))
+    return z + struct.pack("!HHIH", SOA, CLASS_IN, NEGATIVE_TTL, len(rdata)) + rdata
+
+
+def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: Iterable[Network],
+          serial: int = 0, ttl: int = TTL) -> Records:
+    """All cluster records from the replica's objects (pure; cheap enough to rebuild per change)."""
+    nets = {n.name: n for n in networks}
+    domains = {n.dns_domain.lower().rstrip(".") + "." for n in nets.values()} or {"tether.local."}
+    rec = Records(zones=tuple(sorted(domains, key=len, reverse=True)), serial=serial)
+    rec.reverse_nets = tuple(ipaddress.ip_network(s.cidr) for n in nets.values() for s in n.subnets)
+    for z in rec.zones:
+        rec.soa[z] = _soa_rr(z, serial)
+    rec.soa["in-addr.arpa."] = _soa_rr("in-addr.arpa.", serial)
+    rec.soa["ip6.arpa."] = _soa_rr("ip6.arpa.", serial)
+
+    def add_addr(name: str, ip: str) -> None:
+        addr = ipaddress.ip_address(ip)
+        rec.add(name, A if addr.version == 4 else AAAA, addr.packed, ttl)
+        rec.add(reverse_name(ip), PTR, encode_name(name), ttl)
+
+    for ep in endpoints:
+        net = nets.get(ep.network)
+        if net is None or not ep.ips:
+            continue
+        name = f"{ep.name}.{net.name}.{net.dns_domain.rstrip('.')}."
+        for ip in ep.ips:
+            add_addr(name, ip)
+    for svc in services:
+        svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
+        for d in svc_domains:
+            name = f"{svc.name}.{svc.namespace}.svc.{d}"
+            if svc.cluster_ip:
+                add_addr(name, svc.cluster_ip)
+            else:
+                rec.existing.add(name.lower())
+            for p in svc.ports:
+                srv = struct.pack("!HHH", 0, 100, p.port) + encode_name(name)
+                rec.add(name, SRV, srv, ttl)
+                if p.name:
+                    rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
+    for name in list(rec.existing):  # empty non-terminals exist too (they answer NODATA)
+        zone = rec.zone_of(name)
+        if zone is None:
+            continue
+        labels = name.split(".")
+        for i in range(1, len(labels)):
+            parent = ".".join(labels[i:])
+            if len(parent) < len(zone):
+                break
+            rec.existing.add(parent)
+    rec.existing.update(rec.zones)
+    return rec
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    id: int
+    flags: int
+    name: str  # lower case, trailing dot
+    qtype: int
+    qclass: int
+    question: bytes  # the raw question section, echoed back as sent (case preserved)
+
+
+def parse_query(data: bytes) -> Query | None:
+    """Header + the single question; None for anything that is not a plain standard query."""
+    if len(data) < 17:
+        return None
+    qid, flags, qd = struct.unpack_from("!HHH", data)
+    if flags & 0x8000 or (flags >> 11) & 0xF or qd != 1:
+        return None
+    i, labels = 12, []
+    n = len(data)
+    while True:
+        if i >= n:
+            return None
+        ln = data[i]
+        if ln == 0:
+            i += 1
+            break
+        if ln & 0xC0 or i + 1 + ln > n:
+            return None
+        labels.append(data[i + 1:i + 1 + ln])
+        i += 1 + ln
+    if i + 4 > n:
+        return None
+    qtype, qclass = struct.unpack_from("!HH", data, i)
+    try:
+        name = b".".join(labels).decode("ascii").lower() + "."
+    except UnicodeDecodeError:
+        return None
+    return Query(qid, flags, name, qtype, qclass, data[12:i + 4])
+
+
+def response(q: Query, rcode: int, answers: list[bytes], authority: tuple[bytes, ...] = ()) -> bytes:
+    flags = 0x8000 | 0x0400 | (q.flags & 0x0100) | 0x0080 | rcode  # QR, AA, RD copied, RA
+    return (struct.pack("!HHHHHH", q.id, flags, 1, len(answers), len(authority), 0) + q.question
+            + b"".join(answers) + b"".join(authority))
+
+
+def error(data: bytes, rcode: int) -> bytes | None:
+    """A minimal error answer (FORMERR/NOTIMP) echoing the id, when the header can be read at all."""
+    if len(data) < 12:
+        return None
+    qid, flags = struct.unpack_from("!HH", data)
+    if flags & 0x8000:
+        return None
+    return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
+
+
+def answer(rec: Records, data: bytes) -> bytes | None:
+    """The answer for a cluster name, or None when the query must be forwarded upstream."""
+    q = parse_query(data)
+    if q is None:
+        return error(data, FORMERR)
+    zone = rec.zone_of(q.name)
+    if zone is None:
+        if q.name not in rec.rrs:
+            return None
+        zone = "ip6.arpa." if q.name.endswith(".ip6.arpa.") else "in-addr.arpa."  # a service address
+    if q.qclass != CLASS_IN:
+        return response(q, REFUSED, [])
+    types = rec.rrs.get(q.name)
+    if types is not None:
+        if q.qtype == ANY:
+            found = [rr for rrs in types.values() for rr in rrs]
+        else:
+            found = types.get(q.qtype, [])
+        if found:
+            if len(found) > 1 and q.qtype in (A, AAAA, ANY):
+                found = random.sample(found, len(found))
+            return response(q, NOERROR, found)
+    soa = (rec.soa[zone],)
+    if q.name in rec.existing:
+        return response(q, NOERROR, [], soa)  # NODATA
+    return response(q, NXDOMAIN, [], soa)
