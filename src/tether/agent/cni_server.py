@@ -8,11 +8,12 @@ after the address was allocated releases it again, so a failed ADD leaks nothing
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, KeysView
 from typing import TYPE_CHECKING
 
 from tether.agent import cni_protocol as cp
@@ -56,12 +57,14 @@ class CniServer:
             except FileNotFoundError:
                 pass
 
-    def protected(self) -> frozenset[str]:
+    def protected(self) -> KeysView[str]:
+        """Interfaces being plugged right now, as a live view: an apply that started before a pod's
+        veth appeared must still see it as protected when it lists the kernel's links."""
         now = time.monotonic()
         for name, t in list(self.in_flight.items()):
             if now - t > 120:
                 del self.in_flight[name]
-        return frozenset(self.in_flight)
+        return self.in_flight.keys()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -133,7 +136,9 @@ class CniServer:
                                                  labels={"kubernetes.io/metadata.name": ep.namespace}))
                     continue
                 if e.status == 409 and "already exists" in e.detail and attempt < 2:
-                    ep.name = dns_label(f"{ep.name[:50]}-{ep.owner.container_id[:8]}", ep.name)
+                    # same pod name (or container ids sharing a prefix): disambiguate by the whole handle
+                    suffix = hashlib.sha1((ep.handle or ep.id).encode()).hexdigest()[:8]
+                    ep.name = dns_label(f"{ep.name[:50]}-{suffix}", ep.name)
                     continue
                 raise
         raise AssertionError("unreachable")

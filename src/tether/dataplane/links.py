@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -119,7 +120,10 @@ def _route_kw(route: Route, oif: int) -> dict:
     return kw
 
 
-def apply_links(plan: Plan, *, keep_interfaces: frozenset[str] = frozenset(), netns: str | None = None,
+_sysctls_done: set[tuple[str, int]] = set()  # (host-side veth, ifindex) already configured by this process
+
+
+def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), netns: str | None = None,
                 remove_stale: bool = True) -> ApplyReport:
     """Make the kernel hold exactly the plan's owned links/routes/neighbours/FDB entries."""
     report = ApplyReport()
@@ -144,12 +148,15 @@ def apply_links(plan: Plan, *, keep_interfaces: frozenset[str] = frozenset(), ne
                 if msg.get("IFLA_MTU") != i.mtu or not msg["flags"] & 1:
                     ipr.link("set", index=msg["index"], mtu=i.mtu, state="up")
                     report.add(f"set {name}")
-                host_side_sysctls(name)
+                if (name, msg["index"]) not in _sysctls_done:  # once per link: hundreds of pods, every pass
+                    host_side_sysctls(name)
+                    _sysctls_done.add((name, msg["index"]))
             elif remove_stale and name not in keep_interfaces:
                 with contextlib.suppress(NetlinkError):
                     ipr.link("del", index=msg["index"])
                 report.add(f"del stale {name}")
 
+        _sysctls_done.intersection_update((n, m["index"]) for n, m in links.items())
         index_of = {msg.get("IFLA_IFNAME"): msg["index"] for msg in ipr.get_links()}
         name_of = {v: k for k, v in index_of.items()}
 

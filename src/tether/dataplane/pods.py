@@ -20,6 +20,7 @@ from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
 
 NUD_PERMANENT = 0x80
+LOOPBACK_INDEX = 1  # `lo` is interface 1 in every network namespace
 RT_SCOPE_LINK = 253
 
 
@@ -37,9 +38,20 @@ class PodInterface:
     mtu: int
 
 
+def _link(ipr: IPRoute, ifname: str) -> dict | None:
+    """The link named `ifname`, asked for by name: O(1), where `link_lookup` dumps every link (slow
+    with hundreds of pods on a host)."""
+    try:
+        return ipr.link("get", ifname=ifname)[0]
+    except NetlinkError as e:
+        if e.code == 19:  # ENODEV
+            return None
+        raise
+
+
 def _lookup(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
+    msg = _link(ipr, ifname)
+    return msg["index"] if msg else None
 
 
 def write_sysctl(path: str, value: str) -> None:
@@ -99,21 +111,19 @@ def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str],
 
 
 def _configure(ipr: IPRoute, pod: IPRoute, ifname: str, host_ifname: str, ips: list[str], mtu: int) -> PodInterface:
-    host_idx = _lookup(ipr, host_ifname)
-    assert host_idx is not None
-    host_mac = ipr.get_links(host_idx)[0].get("IFLA_ADDRESS")
+    host = _link(ipr, host_ifname)
+    inside = _link(pod, ifname)
+    if host is None or inside is None:
+        raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
+    host_idx, host_mac = host["index"], host.get("IFLA_ADDRESS")
+    pod_idx, pod_mac = inside["index"], inside.get("IFLA_ADDRESS")
     host_side_sysctls(host_ifname)
     ipr.link("set", index=host_idx, state="up")
-    pod_idx = _lookup(pod, ifname)
-    assert pod_idx is not None
-    lo = _lookup(pod, "lo")
-    if lo is not None:
-        pod.link("set", index=lo, state="up")
+    pod.link("set", index=LOOPBACK_INDEX, state="up")
     for ip in ips:
         a = ipaddress.ip_address(ip)
         pod.addr("add", index=pod_idx, address=ip, prefixlen=32 if a.version == 4 else 128)
     pod.link("set", index=pod_idx, state="up")
-    pod_mac = pod.get_links(pod_idx)[0].get("IFLA_ADDRESS")
     if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
         pod.route("add", dst=f"{POD_GATEWAY}/32", oif=pod_idx, scope=RT_SCOPE_LINK)
         pod.neigh("replace", dst=POD_GATEWAY, lladdr=host_mac, ifindex=pod_idx, state=NUD_PERMANENT)

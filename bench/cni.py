@@ -1,0 +1,161 @@
+"""CNI ADD/DEL latency: `tether` vs the reference `bridge` + `host-local` plugins, same run, same way.
+
+    .venv/bin/python -m bench.cni [--pods 200] [--more 100] [--present 500]
+
+A 1-host lab; both plugins are executed exactly as a runtime does (fork+exec of the plugin binary
+with the CNI_* environment and the config on stdin), from one driver process running inside the
+lab host's network namespace, alternating tether and reference call by call so machine noise hits
+both equally. Phases:
+  1. `--pods` ADDs from empty, then their DELs (p50/p99 each);
+  2. ADD (untimed) up to `--present` pods, then `--more` timed ADDs and their timed DELs.
+Targets: ADD p50 <= 1.5x and p99 <= 2x the reference; ADD p50 with `--present` pods <= 1.2x of phase 1.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from tether.lab.cluster import Lab, sh
+from tether.model import Network, Subnet
+
+REF_DIR = "/usr/lib/cni"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, int(len(s) * q))] * 1000, 2)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"n": len(xs), "p50_ms": _pct(xs, 0.5), "p99_ms": _pct(xs, 0.99)}
+
+
+class Plugin:
+    """One plugin binary and its config; `call` times one invocation."""
+
+    def __init__(self, name: str, exe: str, config: dict, path: str) -> None:
+        self.name, self.exe, self.stdin, self.path = name, exe, json.dumps(config).encode(), path
+
+    def call(self, command: str, cid: str, netns: str) -> float:
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns, "CNI_IFNAME": "eth0",
+               "CNI_ARGS": "IgnoreUnknown=1", "CNI_PATH": self.path, "PATH": os.environ["PATH"]}
+        t = time.perf_counter()
+        r = subprocess.run([self.exe], input=self.stdin, capture_output=True, env=env, timeout=60)
+        dt = time.perf_counter() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"{self.name} {command} {cid}: {r.stdout.decode()} {r.stderr.decode()}")
+        return dt
+
+
+def worker(spec: dict) -> dict:
+    """Runs inside the lab host's network namespace (the driver re-executes itself there)."""
+    plugins = [Plugin(**p) for p in spec["plugins"]]
+    prefix = spec["prefix"]
+
+    def netns(i: int) -> tuple[str, str]:
+        name = f"{prefix}-{i}"  # created by the driver: a mount made here would be private to `ip netns exec`
+        return name, f"/var/run/netns/{name}"
+
+    times = {p.name: {k: [] for k in ("add", "del", "add_present", "del_present")} for p in plugins}
+    def add_range(start: int, stop: int, key: str | None) -> None:
+        for i in range(start, stop):
+            for p in plugins if i % 2 else reversed(plugins):  # alternate who goes first
+                name, path = netns(i * 2 + (p is plugins[1]))
+                dt = p.call("ADD", name, path)
+                if key:
+                    times[p.name][key].append(dt)
+
+    def del_range(start: int, stop: int, key: str) -> None:
+        for i in range(start, stop):
+            for p in plugins if i % 2 else reversed(plugins):
+                name, path = netns(i * 2 + (p is plugins[1]))
+                times[p.name][key].append(p.call("DEL", name, path))
+
+    n, more, present = spec["pods"], spec["more"], spec["present"]
+    add_range(0, n, "add")
+    del_range(0, n, "del")
+    add_range(0, present, None)
+    add_range(present, present + more, "add_present")
+    del_range(present, present + more, "del_present")
+    for i in range(0, present):  # untimed clean-up
+        for p in plugins:
+            name, path = netns(i * 2 + (p is plugins[1]))
+            p.call("DEL", name, path)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pods", type=int, default=200)
+    ap.add_argument("--more", type=int, default=100)
+    ap.add_argument("--present", type=int, default=500)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return
+    for exe in ("bridge", "host-local"):
+        if not os.access(os.path.join(REF_DIR, exe), os.X_OK):
+            sys.exit(f"the reference plugin {REF_DIR}/{exe} is missing (apt-get install containernetworking-plugins)")
+    tag = os.urandom(2).hex()
+    lab = Lab(f"bc{tag}")
+    data_dir = tempfile.mkdtemp(prefix="tether-bench-hostlocal-")
+    try:
+        lab.up(hosts=1, progress=lambda _m: None)
+        lab.client().create_network(Network(name="bench", subnets=[Subnet(cidr="10.90.0.0/16")], encap="vxlan"))
+        h = lab.host("h1")
+        tether = {"name": "tether", "exe": os.path.join(lab.dir, "cni-bin", "tether"),
+                  "path": os.path.join(lab.dir, "cni-bin"),
+                  "config": {"cniVersion": "1.0.0", "name": "bench", "type": "tether",
+                             "agent_socket": lab.cni_socket("h1")}}
+        ref = {"name": "bridge+host-local", "exe": os.path.join(REF_DIR, "bridge"), "path": REF_DIR,
+               "config": {"cniVersion": "1.0.0", "name": "benchref", "type": "bridge", "bridge": f"bc{tag}br",
+                          "isGateway": True, "ipMasq": False,
+                          "ipam": {"type": "host-local", "subnet": "10.91.0.0/16", "dataDir": data_dir}}}
+        spec = {"plugins": [tether, ref], "prefix": f"{lab.name}-h1-b", "pods": a.pods, "more": a.more,
+                "present": a.present}
+        names = [f"{spec['prefix']}-{i}" for i in range(2 * (a.present + a.more))]
+        for name in names:
+            sh("ip", "netns", "add", name)
+        t0 = time.time()
+        r = subprocess.run(["ip", "netns", "exec", h.ns, sys.executable, "-m", "bench.cni", "--worker",
+                            json.dumps(spec)], capture_output=True, text=True, timeout=3600,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if r.returncode != 0:
+            sys.exit(f"worker failed: {r.stderr[-3000:]}")
+        times = json.loads(r.stdout.strip().splitlines()[-1])
+        elapsed = time.time() - t0
+    finally:
+        lab.down()  # also removes the sandboxes, which are named under the lab
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    out: dict = {"benchmark": "cni", "pods": a.pods, "more": a.more, "present": a.present,
+                 "elapsed_s": round(elapsed, 1),
+                 "method": "fork+exec of each plugin binary with CNI_* env and stdin, from one process in the "
+                           "lab host's netns, tether and reference alternating call by call; cniVersion 1.0.0"}
+    for name, t in times.items():
+        out[name] = {k: _stats(v) for k, v in t.items() if v}
+    tt, rr = out["tether"], out["bridge+host-local"]
+    ratios = {"add_p50": round(tt["add"]["p50_ms"] / rr["add"]["p50_ms"], 3),
+              "add_p99": round(tt["add"]["p99_ms"] / rr["add"]["p99_ms"], 3),
+              "del_p50": round(tt["del"]["p50_ms"] / rr["del"]["p50_ms"], 3),
+              "add_p50_growth_with_present": round(tt["add_present"]["p50_ms"] / tt["add"]["p50_ms"], 3),
+              "reference_add_p50_growth_with_present": round(rr["add_present"]["p50_ms"] / rr["add"]["p50_ms"], 3)}
+    out["ratios"] = ratios
+    out["targets"] = {"add_p50 <= 1.5x reference": ratios["add_p50"] <= 1.5,
+                      "add_p99 <= 2x reference": ratios["add_p99"] <= 2.0,
+                      "add_p50 growth with present pods <= 1.2x": ratios["add_p50_growth_with_present"] <= 1.2}
+    out["targets_met"] = all(out["targets"].values())
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
