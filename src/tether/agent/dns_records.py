@@ -220,10 +220,7 @@ def answer(rec: Records, data: bytes) -> bytes | None:
         return response(q, REFUSED, [])
     types = rec.rrs.get(q.name)
     if types is not None:
-        if q.qtype == ANY:
-            found = [rr for rrs in types.values() for rr in rrs]
-        else:
-            found = types.get(q.qtype, [])
+        found = [rr for rrs in types.values() for rr in rrs] if q.qtype == ANY else types.get(q.qtype, [])
         if found:
             if len(found) > 1 and q.qtype in (A, AAAA, ANY):
                 found = random.sample(found, len(found))

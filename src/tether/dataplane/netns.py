@@ -52,3 +52,24 @@ def ipr_in(netns: str | None = None) -> Iterator[IPRoute]:
         yield ipr
     finally:
         ipr.close()
+
+
+def socket_in(netns: str | None, family: int, type_: int):
+    """A socket created inside `netns` (same trick as open_ipr: the thread enters and comes back)."""
+    import socket
+
+    if not netns:
+        return socket.socket(family, type_)
+    path = netns if "/" in netns else f"/var/run/netns/{netns}"
+    target = os.open(path, os.O_RDONLY)
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    try:
+        with _lock:
+            _setns(target)
+            try:
+                return socket.socket(family, type_)
+            finally:
+                _setns(own)
+    finally:
+        os.close(target)
+        os.close(own)

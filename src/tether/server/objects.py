@@ -353,12 +353,39 @@ class Objects:
                 ops.append(Put(svcip_key(ip), svc.store_name().encode()))
             if old is not None and old.cluster_ip and old.cluster_ip != svc.cluster_ip:
                 ops.append(Delete(svcip_key(old.cluster_ip)))
+            await self._assign_node_ports(svc, old)
             if old is None:
                 return await self.create(svc, compares, ops), True
             svc.id, svc.created_at = old.id, old.created_at
             return await self.replace(svc, old.revision, compares, ops), False
 
         return await with_retries(attempt)
+
+    async def _assign_node_ports(self, svc: Service, old: Service | None) -> None:
+        """NodePort services get a published port per service port (30000-32767 unless given),
+        unique across services per protocol; an update keeps the ports it had."""
+        if svc.type != "NodePort":
+            if any(p.node_port for p in svc.ports):
+                raise ApiError(400, f"service {svc.name!r} sets a node port but its type is {svc.type}; "
+                                    "use type NodePort to publish ports on the hosts")
+            return
+        others = [s for s in await self.list(Service) if s.store_name() != svc.store_name()]
+        taken = {(p.protocol, p.node_port) for s in others for p in s.ports if p.node_port}
+        before = {(p.protocol, p.port): p.node_port for p in (old.ports if old else []) if p.node_port}
+        for p in svc.ports:
+            if p.node_port:
+                if (p.protocol, p.node_port) in taken:
+                    holder = next(s.store_name() for s in others for q in s.ports
+                                  if (q.protocol, q.node_port) == (p.protocol, p.node_port))
+                    raise ApiError(409, f"node port {p.node_port}/{p.protocol} is already published by service "
+                                        f"{holder}; choose another or leave it empty to get a free one")
+            else:
+                keep = before.get((p.protocol, p.port))
+                p.node_port = keep if keep and (p.protocol, keep) not in taken else next(
+                    (n for n in range(30000, 32768) if (p.protocol, n) not in taken), None)
+                if p.node_port is None:
+                    raise ApiError(409, "node port range 30000-32767 is exhausted")
+            taken.add((p.protocol, p.node_port))
 
     async def delete_service(self, ns: str, name: str) -> None:
         async def attempt() -> None:

@@ -1,0 +1,115 @@
+"""DNS answers are a pure function of the replica's objects and the query bytes."""
+
+from __future__ import annotations
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.reversename
+import dns.rrset
+
+from tether.agent.dns import ForwardCache
+from tether.agent.dns_records import NEGATIVE_TTL, TTL, answer, build
+from tether.model import Endpoint, Network, Service, ServicePort, Subnet
+
+NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
+EPS = [Endpoint(name="web", network="blue", ips=["10.1.0.5", "10.1.0.6", "10.1.0.7", "fd00:1::5"]),
+       Endpoint(name="db", network="blue", ips=["10.1.0.9"])]
+SVC = Service(name="api", namespace="prod", cluster_ip="10.96.0.10",
+              ports=[ServicePort(name="http", port=80), ServicePort(name="dns", port=53, protocol="UDP")])
+REC = build(EPS, [SVC], [NET], serial=7)
+
+
+def ask(name: str, rtype: str) -> dns.message.Message | None:
+    wire = answer(REC, dns.message.make_query(name, rtype).to_wire())
+    return None if wire is None else dns.message.from_wire(wire)
+
+
+def rdata(msg: dns.message.Message) -> list[str]:
+    return [rd.to_text() for rrset in msg.answer for rd in rrset]
+
+
+def test_endpoint_a_and_aaaa_with_the_cluster_ttl() -> None:
+    a = ask("web.blue.tether.local", "A")
+    assert a is not None and a.rcode() == dns.rcode.NOERROR and a.flags & dns.flags.AA
+    assert sorted(rdata(a)) == ["10.1.0.5", "10.1.0.6", "10.1.0.7"]
+    assert a.answer[0].ttl == TTL
+    aaaa = ask("web.blue.tether.local", "AAAA")
+    assert aaaa is not None and rdata(aaaa) == ["fd00:1::5"]
+
+
+def test_several_addresses_come_in_shuffled_order() -> None:
+    orders = set()
+    for _ in range(60):
+        wire = answer(REC, dns.message.make_query("web.blue.tether.local", "A").to_wire())
+        assert wire is not None
+        msg = dns.message.from_wire(wire)
+        orders.add(tuple(rd.to_text() for rd in msg.answer[0]))
+    # dnspython keeps wire order inside one rrset: several orders means the server shuffled
+    assert len(orders) >= 3
+
+
+def test_service_a_srv_and_named_port_srv() -> None:
+    a = ask("api.prod.svc.tether.local", "A")
+    assert a is not None and rdata(a) == ["10.96.0.10"]
+    srv = ask("_http._tcp.api.prod.svc.tether.local", "SRV")
+    assert srv is not None and rdata(srv) == ["0 100 80 api.prod.svc.tether.local."]
+    both = ask("api.prod.svc.tether.local", "SRV")
+    assert both is not None and sorted(rdata(both)) == ["0 100 53 api.prod.svc.tether.local.",
+                                                         "0 100 80 api.prod.svc.tether.local."]
+
+
+def test_ptr_for_endpoint_and_service_addresses() -> None:
+    for ip, name in (("10.1.0.9", "db.blue.tether.local."), ("10.96.0.10", "api.prod.svc.tether.local."),
+                     ("fd00:1::5", "web.blue.tether.local.")):
+        msg = ask(dns.reversename.from_address(ip).to_text(), "PTR")
+        assert msg is not None and rdata(msg) == [name], ip
+
+
+def test_nxdomain_and_nodata_are_told_apart_with_the_negative_ttl() -> None:
+    nx = ask("nobody.blue.tether.local", "A")
+    assert nx is not None and nx.rcode() == dns.rcode.NXDOMAIN
+    assert nx.authority and nx.authority[0].rdtype == dns.rdatatype.SOA and nx.authority[0].ttl == NEGATIVE_TTL
+    for name, rtype in (("db.blue.tether.local", "AAAA"), ("web.blue.tether.local", "MX"),
+                        ("blue.tether.local", "A"), ("prod.svc.tether.local", "A"), ("tether.local", "A")):
+        msg = ask(name, rtype)
+        assert msg is not None and msg.rcode() == dns.rcode.NOERROR and not msg.answer, (name, rtype)
+        assert msg.authority[0].rdtype == dns.rdatatype.SOA
+    unknown_ptr = ask(dns.reversename.from_address("10.1.200.200").to_text(), "PTR")
+    assert unknown_ptr is not None and unknown_ptr.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_names_outside_the_cluster_are_forwarded() -> None:
+    assert ask("example.test", "A") is None
+    assert ask(dns.reversename.from_address("8.8.8.8").to_text(), "PTR") is None
+
+
+def test_question_case_is_echoed_and_matching_is_case_insensitive() -> None:
+    msg = ask("WeB.Blue.Tether.Local", "A")
+    assert msg is not None and msg.question[0].name.to_text() == "WeB.Blue.Tether.Local."
+    assert len(rdata(msg)) == 3
+
+
+def test_garbage_gets_formerr_or_nothing() -> None:
+    assert answer(REC, b"\x12\x34") is None
+    bad = answer(REC, b"\x12\x34\x01\x00\x00\x02" + b"\x00" * 6 + b"\x00\x00\x01\x00\x01")
+    assert bad is not None and dns.message.from_wire(bad).rcode() == dns.rcode.FORMERR
+
+
+def test_forward_cache_counts_ttls_down_and_caches_negative_answers() -> None:
+    cache = ForwardCache()
+    q = dns.message.make_query("example.test", "A")
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text("example.test.", 100, "IN", "A", "198.19.255.80"))
+    cache.put(("example.test.", 1, 1), r, now=1000.0)
+    out = cache.get(("example.test.", 1, 1), 4242, now=1030.0)
+    assert out is not None
+    msg = dns.message.from_wire(out)
+    assert msg.id == 4242 and msg.answer[0].ttl == 70
+    assert cache.get(("example.test.", 1, 1), 1, now=1101.0) is None
+    nx = dns.message.make_response(dns.message.make_query("nope.test", "A"))
+    nx.set_rcode(dns.rcode.NXDOMAIN)
+    nx.authority.append(dns.rrset.from_text("test.", 300, "IN", "SOA", "ns. host. 1 2 3 4 20"))
+    cache.put(("nope.test.", 1, 1), nx, now=0.0)
+    assert cache.entries[("nope.test.", 1, 1)].expires == 20.0

@@ -1,0 +1,113 @@
+"""The services compiler is pure: services + endpoints -> map elements and generic chains."""
+
+from __future__ import annotations
+
+from tether.agent.cache import Replica
+from tether.agent.calc import HostContext, compute_nft
+from tether.agent.services import compile as compile_services
+from tether.dataplane.nft import structure_hash
+from tether.model import Endpoint, Network, PortDecl, Service, ServiceBackend, ServicePort, Subnet
+
+NET = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16")])
+
+
+def ep(i: int, host: str = "h1", labels: dict | None = None, ready: bool = True, ns: str = "default") -> Endpoint:
+    return Endpoint(id=f"e{i}", name=f"p{i}", network="n", host=host, namespace=ns, ips=[f"10.1.0.{i}"],
+                    labels={"app": "web"} if labels is None else labels, ready=ready, interface=f"tthe{i}",
+                    ports=[PortDecl(name="http", port=8080)])
+
+
+def web(**kw) -> Service:
+    args = {"name": "web", "cluster_ip": "10.96.0.10", "selector": {"app": "web"},
+            "ports": [ServicePort(port=80, target_port=8080)]}
+    args.update(kw)
+    return Service(**args)
+
+
+def elements(plan, name: str) -> set:
+    s = plan.set(name)
+    return set(s.elements) if s else set()
+
+
+def test_vip_goes_to_the_chain_for_its_number_of_ready_backends() -> None:
+    plan = compile_services([web()], [ep(1), ep(2), ep(3, ready=False), ep(4, labels={"app": "db"})], [NET], "h1", [])
+    assert elements(plan, "svc_vips") == {(("10.96.0.10", "tcp", 80), "goto svc-lb-2")}
+    assert elements(plan, "svc_backend_ip") == {(("10.96.0.10", "tcp", 80, 1), "10.1.0.1"),
+                                                (("10.96.0.10", "tcp", 80, 2), "10.1.0.2")}
+    assert elements(plan, "svc_backend_port") == {(("10.96.0.10", "tcp", 80, 1), 8080),
+                                                  (("10.96.0.10", "tcp", 80, 2), 8080)}
+    chain = plan.chain("svc-lb-2")
+    assert chain is not None and '"mod":2' in chain.rules[0] and '"offset":1' in chain.rules[0]
+
+
+def test_selector_stays_inside_the_service_namespace_and_named_target_ports_resolve() -> None:
+    svc = web(ports=[ServicePort(port=80, target_port="http")])
+    plan = compile_services([svc], [ep(1), ep(2, ns="other")], [NET], "h1", [])
+    assert elements(plan, "svc_backend_ip") == {(("10.96.0.10", "tcp", 80, 1), "10.1.0.1")}
+    assert elements(plan, "svc_backend_port") == {(("10.96.0.10", "tcp", 80, 1), 8080)}
+
+
+def test_explicit_backends_without_selector() -> None:
+    svc = web(selector=None, backends=[ServiceBackend(ip="10.9.9.9")], ports=[ServicePort(port=53, protocol="UDP")])
+    plan = compile_services([svc], [], [NET], "h1", [])
+    assert elements(plan, "svc_vips") == {(("10.96.0.10", "udp", 53), "goto svc-lb-1")}
+    assert elements(plan, "svc_backend_ip") == {(("10.96.0.10", "udp", 53, 1), "10.9.9.9")}
+
+
+def test_a_service_without_ready_backends_is_rejected_not_balanced() -> None:
+    plan = compile_services([web()], [ep(1, ready=False)], [NET], "h1", [])
+    assert elements(plan, "svc_vips") == set()
+    assert elements(plan, "svc_empty") == {("10.96.0.10", "tcp", 80)}
+
+
+def test_node_port_is_published_on_the_host_addresses_and_source_nated() -> None:
+    svc = web(type="NodePort", ports=[ServicePort(port=80, target_port=8080, node_port=30080)])
+    plan = compile_services([svc], [ep(1)], [NET], "h1", ["198.18.0.1"])
+    assert elements(plan, "svc_nodeports") == {(("tcp", 30080), "goto svc-np-lb-1")}
+    assert (("198.18.0.1", "tcp", 30080, 1), "10.1.0.1") in elements(plan, "svc_backend_ip")
+    np = plan.chain("svc-np-lb-1")
+    assert np is not None and "16384" in np.rules[0]  # ct mark | 0x4000: source NAT
+    post = plan.chain("svc_postrouting")
+    assert post is not None and all("198.18.0.1" in r for r in post.rules)
+
+
+def test_hairpin_pairs_cover_every_backend() -> None:
+    plan = compile_services([web()], [ep(1), ep(2, host="h2")], [NET], "h1", ["198.18.0.1"])
+    assert elements(plan, "svc_hairpin") == {("10.1.0.1", "10.1.0.1"), ("10.1.0.2", "10.1.0.2")}
+
+
+def test_affinity_uses_slot_sets_with_the_service_timeout() -> None:
+    plan = compile_services([web(session_affinity="ClientIP", affinity_timeout=60)], [ep(1), ep(2)], [NET], "h1", [])
+    assert elements(plan, "svc_vips") == {(("10.96.0.10", "tcp", 80), "goto svc-aff-60-2")}
+    chain = plan.chain("svc-aff-60-2")
+    assert chain is not None
+    text = "\n".join(chain.rules)
+    assert "@svc_aff_1" in text and "@svc_aff_2" in text and "@svc_aff_3" not in text
+    assert '"timeout":60' in text
+    s = plan.set("svc_aff_1")
+    assert s is not None and "timeout" in s.flags and s.timeout  # kernel-owned elements: not diffed
+
+
+def test_backend_changes_and_new_services_change_elements_only() -> None:
+    """Scaling 1 -> 10 backends and adding services keeps the table structure: no rule rewrite."""
+    rep = Replica()
+    rep.objects["Network"]["n"] = NET
+    rep.objects["Service"]["default/web"] = web()
+    ctx = HostContext("h1", "eth0", 1500)
+    hashes = set()
+    for n in range(1, 11):
+        rep.objects["Endpoint"] = {f"e{i}": ep(i) for i in range(1, n + 1)}
+        hashes.add(structure_hash(compute_nft(rep, ctx)))
+    rep.objects["Service"]["default/api"] = web(name="api", cluster_ip="10.96.0.11")
+    hashes.add(structure_hash(compute_nft(rep, ctx)))
+    assert len(hashes) == 1
+
+
+def test_5000_services_compile_quickly() -> None:
+    import time
+
+    svcs = [web(name=f"s{i}", cluster_ip=f"10.96.{i // 250}.{i % 250 + 1}") for i in range(5000)]
+    t = time.perf_counter()
+    plan = compile_services(svcs, [ep(1), ep(2)], [NET], "h1", [])
+    assert time.perf_counter() - t < 5
+    assert len(elements(plan, "svc_vips")) == 5000
