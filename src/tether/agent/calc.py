@@ -116,6 +116,12 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
                 for ip in ep.ips:
                     plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
                     routes.add(Route(f"{ip}/{plen}", ep.interface, scope="link"))
+            elif ep.parent:  # a nested container behind its VM's interface (issue 7)
+                parent = rep.endpoint(ep.parent)
+                if parent is not None and parent.interface and parent.host == ctx.name:
+                    for ip in ep.ips:
+                        plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
+                        routes.add(Route(f"{ip}/{plen}", parent.interface, scope="link"))
             continue
         peer = rep.hosts.get(ep.host or "")
         if peer is None:

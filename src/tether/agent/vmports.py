@@ -1,0 +1,89 @@
+"""VM ports: this host's agent plugs every port bound to it (`binding:host_id`) as os-vif would.
+
+A VM port is an Endpoint with `owner.type == "vm"`, `host` = this host and `interface` = its tap
+name. calc already treats it like any local endpoint (route, nftables maps); this service makes the
+device exist: after each applied plan it compares the wanted VIFs with the kernel in a worker
+thread, plugs or removes the difference, and asks for another plan pass so the routes through a
+new tap are installed at once. It is an optional agent service (see `extras.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from tether.agent.cache import Replica
+from tether.agent.calc import endpoint_mtu
+from tether.client import ApiError, ServerUnreachable
+from tether.dataplane.vif import VifSpec, reconcile_vifs
+
+log = logging.getLogger("tether.vmports")
+
+
+def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
+    out = []
+    for ep in rep.endpoints:
+        net = rep.networks.get(ep.network)
+        if ep.host != host or ep.owner.type != "vm" or not ep.interface or net is None:
+            continue
+        out.append(VifSpec(ep.id, ep.interface, ep.owner.netns, ep.owner.ifname or "eth0", tuple(ep.ips), ep.mac,
+                           endpoint_mtu(net, underlay_mtu)))
+    return sorted(out, key=lambda s: s.host_ifname)
+
+
+class VmPorts:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.specs: list[VifSpec] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+        self._waiting_logged: set[str] = set()
+
+    def update(self, replica: Replica) -> None:
+        """Called after every applied plan (cheap: the kernel work happens in `_run`)."""
+        self.specs = wanted_vifs(replica, self.agent.host, self.agent.underlay_mtu)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            specs = self.specs
+            try:
+                report = await asyncio.to_thread(reconcile_vifs, specs)
+            except Exception:  # noqa: BLE001 - retried on the next pass
+                log.exception("plugging VM ports failed")
+                continue
+            for name in report.plugged:
+                log.info("plugged VM port %s", name)
+            for name in report.removed:
+                log.info("removed VM port %s (its port is gone)", name)
+            for err in report.errors:
+                log.error("cannot plug VM port %s", err)
+            for name in set(report.waiting) - self._waiting_logged:
+                log.warning("VM port %s waits for its VM namespace (binding:profile netns)", name)
+            self._waiting_logged = set(report.waiting)
+            if report.plugged or report.removed:
+                self.agent.kick()  # routes through a new tap can now be installed
+                await self._mark_active([s for s in specs if s.host_ifname in report.plugged])
+            if report.waiting or report.errors:
+                await asyncio.sleep(1)  # the VM namespace may appear later: look again
+                self._wake.set()
+
+    async def _mark_active(self, specs: list[VifSpec]) -> None:
+        for s in specs:
+            try:
+                await self.agent.client.patch_endpoint(s.port_id, {"status": "active"})
+            except (ApiError, ServerUnreachable) as e:
+                log.info("could not mark port %s active: %s", s.port_id, e)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
+async def start(agent: Any) -> list[Any]:
+    return [VmPorts(agent)]

@@ -1,0 +1,80 @@
+"""VM interfaces (VIFs): a veth named as os-vif names a tap, `tap<first 11 chars of the port id>`.
+
+The host side is routed exactly like a pod's (proxy ARP, /32 route, link-local gateway), so a VM
+gets addressing, connectivity and policy like a container. The VM side is created directly in the
+namespace that stands for the VM (the port's `binding:profile` `netns`), where a hypervisor would
+attach the tap to the guest. Every VIF carries the alias `tether-vm:<port id>`, which is how the
+agent recognises its own after a restart and removes those whose port is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from tether.dataplane.pods import AttachError, attach_pod, host_side_sysctls, write_sysctl
+
+ALIAS_PREFIX = "tether-vm:"
+
+
+@dataclass(frozen=True)
+class VifSpec:
+    port_id: str
+    host_ifname: str
+    netns: str | None  # where the VM side goes; None: not known yet (nothing is plugged)
+    ifname: str
+    ips: tuple[str, ...]
+    mac: str | None
+    mtu: int
+
+
+@dataclass
+class VifReport:
+    plugged: list[str]
+    removed: list[str]
+    waiting: list[str]  # ports whose VM namespace does not exist (yet)
+    errors: list[str]
+
+
+def _netns_path(netns: str) -> str:
+    return netns if "/" in netns else f"/var/run/netns/{netns}"
+
+
+def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
+    """Plug the VIFs that should exist and are missing; remove ours that should not exist."""
+    report = VifReport([], [], [], [])
+    wanted = {s.host_ifname: s for s in specs}
+    with IPRoute() as ipr:
+        links = {m.get("IFLA_IFNAME"): m for m in ipr.get_links()}
+        for name, msg in links.items():
+            alias = msg.get("IFLA_IFALIAS") or ""
+            if alias.startswith(ALIAS_PREFIX) and name not in wanted:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=msg["index"])
+                report.removed.append(name)
+        for name, spec in wanted.items():
+            if name in links:
+                msg = links[name]
+                if msg.get("IFLA_MTU") != spec.mtu or not msg["flags"] & 1:
+                    with contextlib.suppress(NetlinkError):
+                        ipr.link("set", index=msg["index"], mtu=spec.mtu, state="up")
+                host_side_sysctls(name)
+                continue
+            if not spec.netns or not os.path.exists(_netns_path(spec.netns)):
+                report.waiting.append(name)
+                continue
+            try:
+                attach_pod(pod_netns=_netns_path(spec.netns), ifname=spec.ifname, host_ifname=name, ips=list(spec.ips),
+                           mac=spec.mac, mtu=spec.mtu, ipr=ipr)
+                idx = ipr.link_lookup(ifname=name)[0]
+                ipr.link("set", index=idx, ifalias=ALIAS_PREFIX + spec.port_id)
+                # nested containers' traffic between each other comes back out of the same tap: no redirects
+                write_sysctl(f"net/ipv4/conf/{name}/send_redirects", "0")
+                report.plugged.append(name)
+            except (AttachError, NetlinkError, OSError) as e:
+                report.errors.append(f"{name}: {e}")
+    return report
