@@ -17,7 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
-from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, host_side_sysctls, write_sysctl
+from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, get_link, host_side_sysctls, write_sysctl
 
 RTNH_F_ONLINK = 4
 AF_BRIDGE = 7
@@ -61,24 +61,23 @@ def _vxlan_matches(ipr: IPRoute, msg, vtep: Vtep, underlay_idx: int | None) -> b
 
 
 def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
-    underlay = ipr.link_lookup(ifname=vtep.underlay_dev)
-    underlay_idx = underlay[0] if underlay else None
-    found = ipr.link_lookup(ifname=vtep.name)
-    if found:
-        msg = ipr.get_links(found[0])[0]
-        if _kind(msg) != "vxlan" or not _vxlan_matches(ipr, msg, vtep, underlay_idx):
-            ipr.link("del", index=found[0])
-            report.add(f"recreate {vtep.name}")
-            found = []
-    if not found:
+    underlay = get_link(ipr, vtep.underlay_dev)
+    underlay_idx = underlay["index"] if underlay else None
+    msg = get_link(ipr, vtep.name)
+    if msg is not None and (_kind(msg) != "vxlan" or not _vxlan_matches(ipr, msg, vtep, underlay_idx)):
+        ipr.link("del", index=msg["index"])
+        report.add(f"recreate {vtep.name}")
+        msg = None
+    if msg is None:
         kw = dict(ifname=vtep.name, kind="vxlan", vxlan_id=vtep.vni, vxlan_local=vtep.local_ip,
                   vxlan_port=vtep.port, vxlan_learning=0, address=vtep.mac, mtu=vtep.mtu)
         if underlay_idx is not None:
             kw["vxlan_link"] = underlay_idx
         ipr.link("add", **kw)
         report.add(f"add {vtep.name}")
-    idx = ipr.link_lookup(ifname=vtep.name)[0]
-    msg = ipr.get_links(idx)[0]
+        msg = get_link(ipr, vtep.name)
+        assert msg is not None
+    idx = msg["index"]
     if msg.get("IFLA_ADDRESS") != vtep.mac or msg.get("IFLA_MTU") != vtep.mtu:
         ipr.link("set", index=idx, address=vtep.mac, mtu=vtep.mtu)
         report.add(f"set {vtep.name} mac/mtu")
@@ -157,7 +156,9 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                 report.add(f"del stale {name}")
 
         _sysctls_done.intersection_update((n, m["index"]) for n, m in links.items())
-        index_of = {msg.get("IFLA_IFNAME"): msg["index"] for msg in ipr.get_links()}
+        if report.changed:  # links came or went: look again
+            links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
+        index_of = {name: msg["index"] for name, msg in links.items()}
         name_of = {v: k for k, v in index_of.items()}
 
         if vtep_idx is not None:

@@ -38,7 +38,7 @@ class PodInterface:
     mtu: int
 
 
-def _link(ipr: IPRoute, ifname: str) -> dict | None:
+def get_link(ipr: IPRoute, ifname: str) -> dict | None:
     """The link named `ifname`, asked for by name: O(1), where `link_lookup` dumps every link (slow
     with hundreds of pods on a host)."""
     try:
@@ -50,7 +50,7 @@ def _link(ipr: IPRoute, ifname: str) -> dict | None:
 
 
 def _lookup(ipr: IPRoute, ifname: str) -> int | None:
-    msg = _link(ipr, ifname)
+    msg = get_link(ipr, ifname)
     return msg["index"] if msg else None
 
 
@@ -111,8 +111,8 @@ def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str],
 
 
 def _configure(ipr: IPRoute, pod: IPRoute, ifname: str, host_ifname: str, ips: list[str], mtu: int) -> PodInterface:
-    host = _link(ipr, host_ifname)
-    inside = _link(pod, ifname)
+    host = get_link(ipr, host_ifname)
+    inside = get_link(pod, ifname)
     if host is None or inside is None:
         raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
     host_idx, host_mac = host["index"], host.get("IFLA_ADDRESS")
