@@ -34,6 +34,12 @@ def dns_label(text: str, fallback: str) -> str:
     return label or fallback
 
 
+def pod_mac(container_id: str, ifname: str) -> str:
+    """A stable, locally administered unicast MAC for a pod interface that asked for none."""
+    h = hashlib.sha1(f"tether-pod:{container_id}/{ifname}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
 class CniServer:
     def __init__(self, agent: Agent, path: str) -> None:
         self.agent = agent
@@ -118,6 +124,7 @@ class CniServer:
         ips = [ip.split("/")[0] for ip in req.args.get("IP", "").split(",") if ip]
         ips += [ip.split("/")[0] for ip in (cfg.get("runtimeConfig") or {}).get("ips") or []]
         mac = req.args.get("MAC") or (cfg.get("runtimeConfig") or {}).get("mac")
+        mac = mac or pod_mac(req.container_id, req.ifname)  # known in advance, so anti-spoofing can pin it
         return Endpoint(name=dns_label(name, f"c-{req.container_id[:12].lower()}"), network=req.network,
                         host=self.agent.host, namespace=dns_label(namespace, "default"), ips=ips,
                         mac=mac.lower() if mac else None, labels=labels, handle=req.handle,

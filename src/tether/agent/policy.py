@@ -207,8 +207,10 @@ class Builder:
     def named_port_set(self, name: str, direction: str) -> str:
         """(local interface | address) . protocol . port for every endpoint declaring port `name`."""
         if direction == "Ingress":
-            elems = {(ep.interface, d.protocol.lower(), d.port) for ep in self.idx.endpoints
-                     if ep.host == self.host and ep.interface for d in ep.ports if d.name == name}
+            ifaces = {ep.id: ep.interface for ep in self.idx.endpoints if ep.host == self.host and ep.interface}
+            elems = {(ifaces.get(ep.id) or ifaces.get(ep.parent or ""), d.protocol.lower(), d.port)
+                     for ep in self.idx.endpoints for d in ep.ports if d.name == name}
+            elems = {e for e in elems if e[0]}
             return self.add_set(f"pn-in-{name}", ("ifname", "inet_proto", "inet_service"), elems)
         elems = {(ip, d.protocol.lower(), d.port) for ep in self.idx.endpoints for d in ep.ports if d.name == name
                  for ip in ep.ips if ipaddress.ip_address(ip).version == 4}
@@ -367,18 +369,24 @@ class Builder:
 
     # --- anti-spoofing ---------------------------------------------------------------------------
 
-    def antispoof(self, local: list[Endpoint]) -> None:
+    def antispoof(self, local: list[Endpoint], children: dict[str, list[Endpoint]]) -> None:
+        """Each interface may send from its endpoint's addresses and MAC, its allowed address pairs,
+        and those of the nested endpoints behind it."""
         src4, src6, macs, known = set(), set(), set(), set()
         for ep in local:
-            addrs = [*ep.ips, *(p.ip_address for p in ep.allowed_address_pairs)]
-            for a in addrs:
-                net = ipaddress.ip_network(a, strict=False)
-                (src4 if net.version == 4 else src6).add((ep.interface, str(net)))
+            senders = [ep, *children.get(ep.id, [])]
+            for who in senders:
+                for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
+                    net = ipaddress.ip_network(a, strict=False)
+                    (src4 if net.version == 4 else src6).add((ep.interface, str(net)))
             src6.add((ep.interface, "fe80::/10"))
             if ep.mac:
                 known.add(ep.interface)
-                macs.add((ep.interface, ep.mac.lower()))
-                macs.update((ep.interface, p.mac_address.lower()) for p in ep.allowed_address_pairs if p.mac_address)
+                for who in senders:
+                    if who.mac:
+                        macs.add((ep.interface, who.mac.lower()))
+                    macs.update((ep.interface, p.mac_address.lower()) for p in who.allowed_address_pairs
+                                if p.mac_address)
         s4 = self.add_set("ep_src4", ("ifname", "ipv4_addr"), src4, ("interval",))
         s6 = self.add_set("ep_src6", ("ifname", "ipv6_addr"), src6, ("interval",))
         m = self.add_set("ep_mac", ("ifname", "ether_addr"), macs)
@@ -401,17 +409,52 @@ class Builder:
 
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
             security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str) -> NftPlan:
-    """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`)."""
+    """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`).
+
+    Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
+    parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
+    and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
     idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
     b = Builder(idx, host)
     local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
-    ep_out, ep_in = set(), set()
+    children: dict[str, list[Endpoint]] = {}
+    for ep in idx.endpoints:
+        if ep.parent and not ep.interface:
+            children.setdefault(ep.parent, []).append(ep)
+    maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
+                                               "nested_in")}
     for ep in local:
-        ep_out.add((ep.interface, "goto " + b.dispatch_chain(ep, "Egress")))
-        ep_in.add((ep.interface, "goto " + b.dispatch_chain(ep, "Ingress")))
-    b.antispoof(local)
-    sets = [*b.sets.values(), NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset(ep_out)),
-            NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset(ep_in))]
+        out_v, in_v = "goto " + b.dispatch_chain(ep, "Egress"), "goto " + b.dispatch_chain(ep, "Ingress")
+        kids = children.get(ep.id, [])
+        if not kids:
+            maps["ep_out"].add((ep.interface, out_v))
+            maps["ep_in"].add((ep.interface, in_v))
+            continue
+        maps["ep_out"].add((ep.interface, "goto nested_out"))
+        maps["ep_in"].add((ep.interface, "goto nested_in"))
+        maps["parent_out"].add((ep.interface, out_v))
+        maps["parent_in"].add((ep.interface, in_v))
+        for kid in kids:
+            kout, kin = "goto " + b.dispatch_chain(kid, "Egress"), "goto " + b.dispatch_chain(kid, "Ingress")
+            for ip in kid.ips:
+                if ipaddress.ip_address(ip).version == 4:
+                    maps["nested_out"].add(((ep.interface, ip), kout))
+                    maps["nested_in"].add(((ep.interface, ip), kin))
+    b.antispoof(local, children)
+    b.chains["nested_out"] = NftChain("nested_out", (
+        rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
+        rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
+        rule(COUNTER, DROP, comment="nested: no endpoint"),
+    ))
+    b.chains["nested_in"] = NftChain("nested_in", (
+        rule({"vmap": {"key": {"concat": [meta("oifname"), payload("ip", "daddr")]}, "data": "@nested_in"}}),
+        rule({"vmap": {"key": meta("oifname"), "data": "@parent_in"}}),
+        rule(COUNTER, DROP, comment="nested: no endpoint"),
+    ))
+    sets = list(b.sets.values())
+    for name, elems in maps.items():
+        key: str | tuple[str, ...] = ("ifname", "ipv4_addr") if name.startswith("nested") else "ifname"
+        sets.append(NftSet(name, key, map_type="verdict", elements=frozenset(elems)))
     return NftPlan(sets=tuple(sorted(sets, key=lambda s: s.name)),
                    chains=tuple(sorted(b.chains.values(), key=lambda c: c.name)))
 
