@@ -36,7 +36,8 @@ import json, socket, sys, time
 ip, port, n, proto = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 interval = float(sys.argv[5]) if len(sys.argv) > 5 else 0
 counts, failures, errors = {}, 0, []
-for i in range(n):
+def one(i):
+    global failures
     try:
         if proto == "udp":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
@@ -56,8 +57,13 @@ for i in range(n):
         failures += 1
         if len(errors) < 5:
             errors.append(f"{i}: {e}")
-    if interval:
-        time.sleep(interval)
+try:
+    for i in range(n):
+        one(i)
+        if interval:
+            time.sleep(interval)
+except KeyboardInterrupt:
+    pass  # the caller ends a traffic run with SIGINT; an interrupted attempt is not a failure
 print(json.dumps({"counts": counts, "failures": failures, "errors": errors}))
 '''
 
