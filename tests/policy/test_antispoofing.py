@@ -1,0 +1,112 @@
+"""Anti-spoofing with real packets: a pod that sends from another address or another MAC is dropped
+at its own host, before conntrack, and counted; allowed address pairs widen what it may send."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fixtures.lab import unique
+from tests.policy.truth import make_network
+from tether.dataplane.nft import counters
+from tether.lab.cluster import Lab, PodInfo, nsx
+
+pytestmark = pytest.mark.lab
+
+LISTEN = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(0.1)
+print("ready", flush=True)
+end, seen = time.time() + float(sys.argv[2]), []
+while time.time() < end:
+    try:
+        data, addr = s.recvfrom(100)
+        seen.append(addr[0])
+    except socket.timeout:
+        pass
+print(json.dumps(seen), flush=True)
+"""
+SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for _ in range(3):
+    s.sendto(b"x", (sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.fixture(scope="module")
+def pods(lab: Lab) -> Iterator[tuple[Lab, PodInfo, PodInfo, PodInfo]]:
+    net = make_network(lab, unique("as"), "10.66.0.0/16")
+    a = lab.run_pod("h1", unique("a"), net)
+    b = lab.run_pod("h1", unique("b"), net)
+    c = lab.run_pod("h2", unique("c"), net)
+    assert lab.reaches(f"h1/{a.name}", b.ip) and lab.reaches(f"h1/{a.name}", c.ip)
+    yield lab, a, b, c
+
+
+def received(lab: Lab, sender: PodInfo, src: str, dst: PodInfo, port: int) -> list[str]:
+    """Datagrams `dst` receives when `sender` sends three from source address `src`."""
+    listener = subprocess.Popen(["ip", "netns", "exec", dst.ns, sys.executable, "-c", LISTEN, str(port), "1.5"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        nsx(sender.ns, sys.executable, "-c", SEND, src, dst.ip, str(port))
+        out, _ = listener.communicate(timeout=10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    return json.loads(out)
+
+
+def spoof_drops(lab: Lab, host: str, what: str) -> int:
+    return counters(lab.host(host).ns).get(f"pod_source/spoofed source {what}", 0)
+
+
+def test_another_source_address_is_dropped_and_counted(pods) -> None:
+    lab, a, b, c = pods
+    nsx(a.ns, "ip", "addr", "add", f"{c.ip}/32", "dev", "eth0")  # a claims c's address
+    nsx(a.ns, "ip", "addr", "add", "10.66.250.1/32", "dev", "eth0")  # and one nobody has
+    try:
+        before = spoof_drops(lab, "h1", "address")
+        assert received(lab, a, a.ip, b, 7001) == [a.ip] * 3, "the pod's own address must pass"
+        assert received(lab, a, c.ip, b, 7002) == []
+        assert received(lab, a, "10.66.250.1", b, 7003) == []
+        assert spoof_drops(lab, "h1", "address") >= before + 6
+    finally:
+        nsx(a.ns, "ip", "addr", "del", f"{c.ip}/32", "dev", "eth0", check=False)
+        nsx(a.ns, "ip", "addr", "del", "10.66.250.1/32", "dev", "eth0", check=False)
+
+
+def test_another_source_mac_is_dropped_and_counted(pods) -> None:
+    lab, a, b, c = pods
+    real = nsx(a.ns, "cat", "/sys/class/net/eth0/address").stdout.strip()
+    before = spoof_drops(lab, "h1", "MAC")
+    nsx(a.ns, "ip", "link", "set", "eth0", "address", "02:66:66:66:66:66")
+    try:
+        assert received(lab, a, a.ip, c, 7004) == []
+        assert spoof_drops(lab, "h1", "MAC") >= before + 3
+    finally:
+        nsx(a.ns, "ip", "link", "set", "eth0", "address", real)
+    assert received(lab, a, a.ip, c, 7005) == [a.ip] * 3
+
+
+def test_allowed_address_pairs_may_be_sent_from(pods) -> None:
+    lab, a, b, c = pods
+    nsx(a.ns, "ip", "addr", "add", "10.66.251.0/32", "dev", "eth0", check=False)
+    ep = next(e for e in lab.client().list_raw("Endpoint") if e["name"] == a.name)
+    lab.client().request("PATCH", f"/api/v1/endpoints/{ep['id']}",
+                         json={"allowed_address_pairs": [{"ip_address": "10.66.251.0/28"}]})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if received(lab, a, "10.66.251.0", c, 7006):
+            break
+    else:
+        pytest.fail("a source inside the allowed address pair is still dropped")
