@@ -91,6 +91,7 @@ class Agent:
         self.dns_ip: str | None = None
         self.dns_search: list[str] = []
         self._plan_ms = 0.0
+        self._saved_rev, self._saved_at = -1, 0.0
 
     # --- small services used by the CNI handler ---------------------------------------------------
 
@@ -141,6 +142,7 @@ class Agent:
             with contextlib.suppress(BaseException):
                 await t
         await self.cni.close()
+        self._save_replica(force=True)
         await self._stop_extras()
         await self.client.close()
         log.warning("agent %s stopped (datapath left in place)", self.host)
@@ -233,12 +235,21 @@ class Agent:
                 log.exception("applying the plan failed")
                 self.nft.forget()
             self.applies += 1
-            with contextlib.suppress(OSError):
-                self.replica.save(self.replica_path)
+            self._save_replica()
             if hasattr(self, "_extras"):
                 for e in self._extras:
                     with contextlib.suppress(Exception):
                         e.update(self.replica)
+
+    def _save_replica(self, force: bool = False) -> None:
+        """The replica on disk lets a restarted agent serve before it reaches the server. Writing it
+        is O(objects), so during bursts it is written at most once a second (and at every stop)."""
+        now = time.monotonic()
+        if self.replica.revision == self._saved_rev or (not force and now - self._saved_at < 1.0):
+            return
+        with contextlib.suppress(OSError):
+            self.replica.save(self.replica_path)
+            self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, plan, keep, verify: bool) -> None:
         from tether.dataplane.links import apply_links
@@ -258,6 +269,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_ttl / 3)
+            self._save_replica()  # the tail of a burst that the throttle skipped
             if not self.connected:
                 continue
             try:
