@@ -254,6 +254,7 @@ class Lab:
         dns = subprocess.Popen(["ip", "netns", "exec", self.inet, "dnsmasq", "--no-daemon", "--no-resolv",
                                 "--no-hosts", f"--listen-address={INET_IP}", "--bind-interfaces", "--port=53",
                                 "--address=/example.test/198.19.255.80", "--address=/www.example.test/198.19.255.81",
+                                "--local-ttl=60",
                                 f"--pid-file={self.dir}/inet-dns.pid", "--log-facility=-"],
                                stdout=open(os.path.join(self.dir, "inet-dns.log"), "ab"), stderr=subprocess.STDOUT,
                                start_new_session=True)
