@@ -1,0 +1,228 @@
+"""The agent's flow log: denied packets read from NFLOG, and per-policy drop counters.
+
+Every drop rule of the policy fragment logs to NFLOG group `LOG_GROUP` with a prefix naming who
+denied (`deny in np x/p1`, `spoofed source MAC`...). This service binds that group with a plain
+netlink socket (no library speaks NFLOG), keeps the last records in memory, and answers on a unix
+socket next to the CNI socket (`flows.sock`):
+- a JSON line `{"cmd": "flows", "limit": N, "denied": true}` -> the recent records as JSON;
+- `GET /metrics` (HTTP, e.g. `curl --unix-socket flows.sock http://agent/metrics`) -> Prometheus text
+  with `tether_policy_dropped_packets_total{policy=...}` summed from the nft drop counters.
+Without it (another listener on the group, no permission) the datapath still drops and counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+
+from tether.agent.policy import LOG_GROUP, drop_owners
+
+log = logging.getLogger("tether.agent.flowlog")
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NLM_F_REQUEST = 1
+NLM_F_ACK = 4
+PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    length = 4 + len(data)
+    return struct.pack("HH", length, kind) + data + b"\0" * ((4 - length % 4) % 4)
+
+
+def _config(group: int, *attrs: bytes, seq: int = 1) -> bytes:
+    body = struct.pack("BBH", socket.AF_UNSPEC, 0, socket.htons(group)) + b"".join(attrs)
+    return struct.pack("IHHII", 16 + len(body), (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+                       NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def open_nflog(group: int = LOG_GROUP) -> socket.socket:
+    """A non-blocking netlink socket bound to NFLOG `group`, copying the first 128 bytes of each packet."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    s.bind((0, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    for seq, msg in enumerate((
+            _config(group, _attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND))),
+            _config(group, _attr(NFULA_CFG_MODE, struct.pack(">IBB", 128, NFULNL_COPY_PACKET, 0)))), 1):
+        s.send(msg[:8] + struct.pack("I", seq) + msg[12:])
+        reply = s.recv(65536)
+        _, mtype = struct.unpack_from("IH", reply)
+        if mtype == 2:  # NLMSG_ERROR
+            (err,) = struct.unpack_from("i", reply, 16)
+            if err:
+                s.close()
+                raise OSError(-err, f"NFLOG group {group}: {os.strerror(-err)}")
+    s.setblocking(False)
+    return s
+
+
+def parse_packet(data: bytes) -> dict[str, Any] | None:
+    """One NFULNL_MSG_PACKET netlink message -> a flow record."""
+    _length, mtype = struct.unpack_from("IH", data)
+    if mtype != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+        return None
+    off = 16 + 4
+    attrs: dict[int, bytes] = {}
+    while off + 4 <= len(data):
+        alen, akind = struct.unpack_from("HH", data, off)
+        if alen < 4:
+            break
+        attrs[akind & 0x7FFF] = data[off + 4: off + alen]
+        off += (alen + 3) & ~3
+    rec: dict[str, Any] = {"time": time.time(), "verdict": "deny"}
+    rec["reason"] = attrs.get(NFULA_PREFIX, b"").rstrip(b"\0").decode(errors="replace").strip()
+    for key, kind in (("interface", NFULA_IFINDEX_INDEV), ("out_interface", NFULA_IFINDEX_OUTDEV)):
+        if kind in attrs:
+            with contextlib.suppress(OSError):
+                rec[key] = socket.if_indextoname(struct.unpack(">I", attrs[kind][:4])[0])
+    pkt = attrs.get(NFULA_PAYLOAD, b"")
+    if len(pkt) >= 20 and pkt[0] >> 4 == 4:
+        ihl = (pkt[0] & 0xF) * 4
+        proto = pkt[9]
+        rec.update(src=str(ipaddress.IPv4Address(pkt[12:16])), dst=str(ipaddress.IPv4Address(pkt[16:20])),
+                   proto=PROTOS.get(proto, str(proto)))
+        if proto in (6, 17, 132) and len(pkt) >= ihl + 4:
+            rec["sport"], rec["dport"] = struct.unpack_from(">HH", pkt, ihl)
+    elif len(pkt) >= 40 and pkt[0] >> 4 == 6:
+        proto = pkt[6]
+        rec.update(src=str(ipaddress.IPv6Address(pkt[8:24])), dst=str(ipaddress.IPv6Address(pkt[24:40])),
+                   proto=PROTOS.get(proto, str(proto)))
+        if proto in (6, 17, 132) and len(pkt) >= 44:
+            rec["sport"], rec["dport"] = struct.unpack_from(">HH", pkt, 40)
+    return rec
+
+
+def drop_metrics(host: str, counts: dict[str, int]) -> str:
+    """Prometheus text: packets dropped per policy / group / cause, from `nft.counters()`."""
+    per: dict[str, int] = {}
+    for key, packets in counts.items():
+        for owner in drop_owners(key.split("/", 1)[1] if "/" in key else key):
+            per[owner] = per.get(owner, 0) + packets
+    lines = ["# HELP tether_policy_dropped_packets_total Packets dropped, by the policy, security group or check "
+             "that denied them.", "# TYPE tether_policy_dropped_packets_total counter"]
+    for owner, n in sorted(per.items()):
+        lines.append(f'tether_policy_dropped_packets_total{{host="{host}",policy="{owner}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+class FlowLog:
+    """Reads NFLOG into a ring buffer; serves it and the drop metrics on a unix socket."""
+
+    def __init__(self, host: str, path: str, size: int = 2000) -> None:
+        self.host = host
+        self.path = path
+        self.records: deque[dict[str, Any]] = deque(maxlen=size)
+        self.names: dict[str, str] = {}
+        self.sock: socket.socket | None = None
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.sock = open_nflog()
+            loop.add_reader(self.sock.fileno(), self._readable)
+        except OSError as e:
+            log.warning("flow log disabled (%s); drops are still counted", e)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.server = await asyncio.start_unix_server(self._serve, self.path)
+
+    def _readable(self) -> None:
+        assert self.sock is not None
+        for _ in range(256):
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ENOBUFS: we fell behind; keep going
+                log.debug("nflog: %s", e)
+                return
+            off = 0
+            while off + 16 <= len(data):
+                (length,) = struct.unpack_from("I", data, off)
+                if length < 16:
+                    break
+                rec = parse_packet(data[off:off + length])
+                if rec is not None:
+                    rec["host"] = self.host
+                    rec["src_name"] = self.names.get(rec.get("src", ""), "")
+                    rec["dst_name"] = self.names.get(rec.get("dst", ""), "")
+                    rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+                    self.records.append(rec)
+                off += (length + 3) & ~3
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = (await reader.readline()).decode(errors="replace")
+            if line.startswith("GET "):
+                from tether.dataplane.nft import counters
+
+                body = drop_metrics(self.host, await asyncio.to_thread(counters)).encode()
+                writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+            else:
+                req = json.loads(line or "{}")
+                recs = [r for r in self.records if not req.get("denied") or r.get("verdict") == "deny"]
+                writer.write((json.dumps(recs[-int(req.get("limit", 50)):]) + "\n").encode())
+            await writer.drain()
+        except (ValueError, OSError) as e:
+            log.debug("flows socket: %s", e)
+        finally:
+            writer.close()
+
+    def update(self, replica: Any) -> None:
+        """Address -> `namespace/name`, so records name the endpoints involved."""
+        self.names = {ip: f"{ep.namespace}/{ep.name}" for ep in replica.endpoints for ip in ep.ips}
+
+    async def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+        if self.server is not None:
+            self.server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+async def start(agent: Any) -> list[FlowLog]:
+    path = os.path.join(os.path.dirname(agent.cfg.cni_socket) or ".", "flows.sock")
+    flows = FlowLog(agent.host, path)
+    await flows.start()
+    return [flows]
+
+
+def query(path: str, limit: int = 50, denied: bool = True) -> list[dict[str, Any]]:
+    """Ask one agent's flows socket for its recent records (used by `tether flows`)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(path)
+        s.sendall((json.dumps({"cmd": "flows", "limit": limit, "denied": denied}) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data or b"[]")
