@@ -124,6 +124,20 @@ def test_vm_port_from_the_cli_is_plugged_on_its_host_and_talks_to_a_pod(lab: Lab
     wait_for(lambda: cloud.sdk().network.get_port(vm.port["id"]).status == "ACTIVE", 10, "the port to be ACTIVE")
 
 
+def resolve(ns: str, name: str, server: str = "169.254.20.10") -> list[str]:
+    code = ("import dns.resolver, sys; r = dns.resolver.Resolver(configure=False); r.nameservers = [sys.argv[2]]; "
+            "r.lifetime = 2; print(' '.join(a.address for a in r.resolve(sys.argv[1], 'A')))")
+    out = nsx(ns, sys.executable, "-c", code, name, server, check=False)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def test_vm_resolves_pods_and_pods_resolve_the_vm_through_the_agents_dns(lab: Lab, vm: Vm) -> None:
+    pod_name = f"{vm.pod.name}.{vm.net}.tether.local"
+    vm_name = f"{vm.port['name']}.{vm.net}.tether.local"
+    wait_for(lambda: resolve(vm.ns, pod_name) == [vm.pod.ip], 10, f"the VM to resolve {pod_name}")
+    wait_for(lambda: resolve(vm.pod.ns, vm_name) == [vm.ip], 10, f"the pod to resolve {vm_name}")
+
+
 def test_security_group_made_with_the_cli_restricts_the_vm(lab: Lab, vm: Vm, cloud: OpenStack) -> None:
     other = lab.run_pod("h3", unique("p"), vm.net)
     listener = subprocess.Popen(
