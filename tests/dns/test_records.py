@@ -113,3 +113,24 @@ def test_forward_cache_counts_ttls_down_and_caches_negative_answers() -> None:
     nx.authority.append(dns.rrset.from_text("test.", 300, "IN", "SOA", "ns. host. 1 2 3 4 20"))
     cache.put(("nope.test.", 1, 1), nx, now=0.0)
     assert cache.entries[("nope.test.", 1, 1)].expires == 20.0
+
+
+def test_memoised_answers_equal_fresh_ones_and_keep_shuffling() -> None:
+    from tether.agent.dns_records import respond
+
+    rec = build(EPS, [SVC], [NET])
+    for name, rtype in (("api.prod.svc.tether.local", "A"), ("nobody.blue.tether.local", "A"),
+                        ("db.blue.tether.local", "AAAA")):
+        q = dns.message.make_query(name, rtype)
+        first, again = respond(rec, q.to_wire()), respond(rec, q.to_wire())
+        assert first == again == answer(rec, q.to_wire())
+        q.id = (q.id + 1) % 65536
+        out = respond(rec, q.to_wire())
+        assert out is not None and dns.message.from_wire(out).id == q.id
+    orders = set()
+    for _ in range(60):
+        out = respond(rec, dns.message.make_query("web.blue.tether.local", "A").to_wire())
+        assert out is not None
+        orders.add(tuple(rd.to_text() for rd in dns.message.from_wire(out).answer[0]))
+    assert len(orders) >= 3
+    assert respond(rec, dns.message.make_query("example.test", "A").to_wire()) is None

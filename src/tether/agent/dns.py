@@ -131,7 +131,6 @@ class DnsServer:
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         udp.bind((self.ip, self.port))
-        udp.settimeout(0.5)
         self._udp = udp
         self.port = udp.getsockname()[1]
         self._thread = threading.Thread(target=self._serve_udp, name="dns-udp", daemon=True)
@@ -143,7 +142,9 @@ class DnsServer:
         self._stop.set()
         if self._tcp is not None:
             self._tcp.close()
-        if self._thread is not None:
+        if self._thread is not None:  # wake the blocking recvfrom with one datagram
+            with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", (self.ip, self.port))
             await asyncio.to_thread(self._thread.join, 2)
         if self._udp is not None:
             self._udp.close()
@@ -161,18 +162,18 @@ class DnsServer:
     def _serve_udp(self) -> None:
         sock = self._udp
         assert sock is not None and self._loop is not None
-        recv, send, answer = sock.recvfrom, sock.sendto, dns_records.answer
+        recv, send, respond = sock.recvfrom, sock.sendto, dns_records.respond
         loop = self._loop
-        while not self._stop.is_set():
+        while True:
             try:
                 data, addr = recv(4096)
-            except TimeoutError:
-                continue
             except OSError:
+                return
+            if self._stop.is_set():
                 return
             self.queries += 1
             try:
-                out = answer(self.records, data)
+                out = respond(self.records, data)
             except Exception:  # noqa: BLE001 - a malformed packet must not stop the server
                 log.exception("answering a query failed")
                 continue
@@ -201,7 +202,7 @@ class DnsServer:
                 head = await asyncio.wait_for(reader.readexactly(2), 10)
                 data = await reader.readexactly(struct.unpack("!H", head)[0])
                 self.queries += 1
-                out = dns_records.answer(self.records, data)
+                out = dns_records.respond(self.records, data)
                 if out is None:
                     out = await self.resolve(data)
                 if out is None:

@@ -29,6 +29,7 @@ CLASS_IN = 1
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 TTL = 30  # seconds, for cluster records
 NEGATIVE_TTL = 5  # SOA minimum: how long a resolver may cache "no such name"
+MEMO_LIMIT = 100_000
 
 
 def encode_name(name: str) -> bytes:
@@ -61,6 +62,7 @@ class Records:
     existing: set[str] = field(default_factory=set)  # every owner name and every name between it and its zone
     soa: dict[str, bytes] = field(default_factory=dict)  # zone -> authority-section SOA RR
     serial: int = 0
+    memo: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # see respond()
 
     def add(self, name: str, rtype: int, rdata: bytes, ttl: int = TTL) -> None:
         name = name.lower()
@@ -206,26 +208,63 @@ def error(data: bytes, rcode: int) -> bytes | None:
     return struct.pack("!HHHHHH", qid, 0x8000 | (flags & 0x7900) | rcode, 0, 0, 0, 0)
 
 
-def answer(rec: Records, data: bytes) -> bytes | None:
-    """The answer for a cluster name, or None when the query must be forwarded upstream."""
-    q = parse_query(data)
-    if q is None:
-        return error(data, FORMERR)
+def lookup(rec: Records, q: Query) -> tuple[int, list[bytes], tuple[bytes, ...]] | None:
+    """(rcode, answer RRs, authority RRs) for a cluster name; None when it must be forwarded."""
     zone = rec.zone_of(q.name)
     if zone is None:
         if q.name not in rec.rrs:
             return None
         zone = "ip6.arpa." if q.name.endswith(".ip6.arpa.") else "in-addr.arpa."  # a service address
     if q.qclass != CLASS_IN:
-        return response(q, REFUSED, [])
+        return REFUSED, [], ()
     types = rec.rrs.get(q.name)
     if types is not None:
         found = [rr for rrs in types.values() for rr in rrs] if q.qtype == ANY else types.get(q.qtype, [])
         if found:
-            if len(found) > 1 and q.qtype in (A, AAAA, ANY):
-                found = random.sample(found, len(found))
-            return response(q, NOERROR, found)
+            return NOERROR, found, ()
     soa = (rec.soa[zone],)
     if q.name in rec.existing:
-        return response(q, NOERROR, [], soa)  # NODATA
-    return response(q, NXDOMAIN, [], soa)
+        return NOERROR, [], soa  # NODATA
+    return NXDOMAIN, [], soa
+
+
+def answer(rec: Records, data: bytes) -> bytes | None:
+    """The answer for a cluster name, or None when the query must be forwarded upstream."""
+    q = parse_query(data)
+    if q is None:
+        return error(data, FORMERR)
+    found = lookup(rec, q)
+    if found is None:
+        return None
+    rcode, answers, authority = found
+    if len(answers) > 1 and q.qtype in (A, AAAA, ANY):
+        answers = random.sample(answers, len(answers))
+    return response(q, rcode, answers, authority)
+
+
+SHUFFLES = 24  # distinct orders kept per multi-address name
+
+
+def respond(rec: Records, data: bytes) -> bytes | None:
+    """`answer`, memoised on the query bytes after the id: the hot path is one dict lookup.
+
+    A name with several addresses keeps up to SHUFFLES orders and serves one at random, so answers
+    stay shuffled. The memo lives on the Records object, so new records start with an empty one."""
+    tails = rec.memo.get(data[2:])
+    if tails is not None:
+        return data[:2] + (tails[0] if len(tails) == 1 else random.choice(tails))
+    q = parse_query(data)
+    if q is None:
+        return error(data, FORMERR)
+    found = lookup(rec, q)
+    if found is None:
+        return None
+    rcode, answers, authority = found
+    if len(answers) > 1 and q.qtype in (A, AAAA, ANY):
+        orders = {tuple(random.sample(answers, len(answers))) for _ in range(SHUFFLES * 2)}
+        tails = tuple(response(q, rcode, list(o), authority)[2:] for o in list(orders)[:SHUFFLES])
+    else:
+        tails = (response(q, rcode, answers, authority)[2:],)
+    if len(rec.memo) < MEMO_LIMIT:
+        rec.memo[data[2:]] = tails
+    return data[:2] + random.choice(tails)
