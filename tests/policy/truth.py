@@ -19,10 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tether.cli.policy_cli import trace_once
 from tether.lab.cluster import Lab, stop_pid, wait_for
 from tether.lab.probe import ask
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Subnet
-from tether.policy_eval import World, decide
+from tether.policy_eval import World
 
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
@@ -134,13 +135,15 @@ class Cluster:
                      networks=by_kind.get("Network", []), hosts=by_kind.get("Host", []))
 
     def expected(self, world: World | None = None) -> dict[Key, bool]:
+        """Through `tether trace`'s own resolution and parsing (NAMESPACE/NAME, DST:PORT/PROTO), so every
+        truth-table case is also a case where trace must agree with the probe."""
         world = world or self.world()
-        eps = {e.id: e for e in world.endpoints}
+        names = {e.id: f"{e.namespace}/{e.name}" for e in world.endpoints}
         out = {}
         for s, d in itertools.product(self.pods.values(), repeat=2):
             for port, proto in PROBES:
-                out[(s.key, d.key, port, proto)] = decide(world, eps[s.endpoint_id], eps[d.endpoint_id], port,
-                                                          proto).allowed
+                *_, decision = trace_once(world, names[s.endpoint_id], f"{names[d.endpoint_id]}:{port}/{proto}")
+                out[(s.key, d.key, port, proto)] = decision.allowed
         return out
 
     def probe(self) -> dict[Key, bool]:

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.main import OutOpt, ServerOpt, TokenOpt, client, fail, run
 from tether.cli.output import Format
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup
 from tether.policy_eval import Decision, World, decide
@@ -25,6 +24,12 @@ from tether.policy_eval import Decision, World, decide
 LabOpt = Annotated[str | None, typer.Option("--lab", help="lab name (default: env TETHER_LAB, or the only lab)")]
 CLASSES = {"Endpoint": Endpoint, "Namespace": Namespace, "NetworkPolicy": NetworkPolicy,
            "SecurityGroup": SecurityGroup, "Network": Network, "Host": Host}
+
+
+def fail(message: str) -> None:
+    from tether.cli.main import fail as cli_fail  # imported late: tether.cli.main imports this module
+
+    cli_fail(message)
 
 
 def world_from(snapshot: dict) -> World:
@@ -122,10 +127,13 @@ def trace_once(world: World, src_ref: str, dst_spec: str) -> tuple[Endpoint | st
 
 
 def register(app: typer.Typer) -> None:
+    global OutOpt, ServerOpt, TokenOpt  # the option types typer reads from this module's globals
+    from tether.cli.main import OutOpt, ServerOpt, TokenOpt, client, run
+
     @app.command()
     def trace(
         src: Annotated[str, typer.Argument(help="source: NAMESPACE/NAME, endpoint name, IP, or host:<name>")],
-        dst: Annotated[str, typer.Argument(help="destination[:PORT[/PROTO]], e.g. x/a:80/tcp (default 80/TCP)")],
+        dst: Annotated[str, typer.Argument(help="destination, optionally :PORT or :PORT/PROTO, e.g. x/a:80/tcp")],
         probe_: Annotated[bool, typer.Option("--probe", help="in a lab: confirm with a real packet")] = False,
         lab: LabOpt = None,
         timeout: Annotated[float, typer.Option(help="probe timeout in seconds")] = 1.0,
