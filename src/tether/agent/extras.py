@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger("tether.agent")
 
-MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports")
+MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports", "tether.agent.docker_plugin")
 
 
 async def start(agent: Any) -> list[Any]:

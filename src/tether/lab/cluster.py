@@ -318,17 +318,29 @@ class Lab:
     def cni_socket(self, host: str) -> str:
         return os.path.join(self.agent_dir(host), "cni.sock")
 
+    def docker_plugin_dir(self, host: str) -> str:
+        """Where this host's agent serves Docker's plugin socket (a lab dockerd bind-mounts it over
+        /run/docker/plugins), so hosts never share the machine's /run/docker/plugins."""
+        return os.path.join(self.agent_dir(host), "docker-plugins")
+
+    def docker_socket(self, host: str) -> str:
+        """The API socket of a lab dockerd on this host (see tether.lab.dockerd), which its agent asks
+        for container names and labels."""
+        return os.path.join(self.agent_dir(host), "docker.sock")
+
     def start_agent(self, host: str, wait: bool = True) -> None:
         h = self.host(host)
         d = self.agent_dir(host)
         os.makedirs(d, exist_ok=True)
+        env = {**os.environ, "TETHER_DOCKER_PLUGIN_SOCKET": os.path.join(self.docker_plugin_dir(host), "tether.sock"),
+               "TETHER_DOCKER_HOST": f"unix://{self.docker_socket(host)}"}
         log = open(os.path.join(d, "agent.log"), "ab")
         p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main",
                               "--server", f"unix://{self.server_socket}",
                               "--token-file", os.path.join(self.dir, "server", "token"),
                               "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
                               "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         h.agent_pid = p.pid
         self.save()
         if wait:

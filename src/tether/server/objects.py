@@ -269,7 +269,7 @@ class Objects:
 
     async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
         allowed = {"labels", "security_groups", "allowed_address_pairs", "ports", "ready", "status", "interface",
-                   "mac", "host", "parent", "owner"}
+                   "mac", "host", "parent", "owner", "name"}
         bad = set(changes) - allowed
         if bad:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
@@ -283,7 +283,14 @@ class Objects:
             for sg in new.security_groups:
                 if await self.store.get(key_of("SecurityGroup", sg)) is None:
                     raise ApiError(400, f"security group {sg!r} does not exist")
-            return await self.replace(new, ep.revision)
+            if new.name == ep.name:
+                return await self.replace(new, ep.revision)
+            # a rename (Docker endpoints learn their container's name after the address is taken)
+            if await self.store.get(endpoint_name_key(new)) is not None:
+                raise ApiError(409, f"an endpoint named {new.name!r} already exists in namespace "
+                                    f"{new.namespace!r} of network {new.network!r}")
+            return await self.replace(new, ep.revision, [Compare(endpoint_name_key(new), 0)],
+                                      [Delete(endpoint_name_key(ep)), Put(endpoint_name_key(new), new.id.encode())])
 
         return await with_retries(attempt)
 

@@ -1,0 +1,608 @@
+"""Docker's libnetwork remote network driver and remote IPAM driver, served by the agent.
+
+dockerd finds the plugin by its socket (`/run/docker/plugins/tether.sock`, or
+`$TETHER_DOCKER_PLUGIN_SOCKET`) and calls `POST /<Method>` with JSON. How Docker's calls map onto
+Tether objects, and why:
+- A Docker network is a view of a Tether network, matched by its subnet: `docker network create`
+  on every Docker host names the same Tether network, so containers on all hosts share it. The
+  first host creates it (named after the Docker network, asked of dockerd's API); others adopt it.
+- IPAM comes before the endpoint in Docker's order (RequestAddress, CreateEndpoint, Join), so
+  RequestAddress creates the Tether Endpoint at once (the server allocates the address
+  atomically, as for CNI) under a provisional name; CreateEndpoint records the Docker endpoint
+  id, MAC and host interface; after Join, dockerd is asked which container it is, and the
+  endpoint takes the container's name (so Tether DNS resolves it everywhere) and its labels (so
+  NetworkPolicy selects it). dockerd cannot be asked during Join itself: it holds the container.
+- The container gets a /32, a route to the link-local gateway 169.254.1.1 and a default route
+  through it, like a pod (no docker_gwbridge); the host side answers ARP by proxy.
+- Published ports (-p) become a NodePort Service whose backend is the container.
+Every call is idempotent, so retries by dockerd and restarts of either side are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from tether.agent.calc import endpoint_mtu, host_ifname
+from tether.agent.cni_server import dns_label
+from tether.agent.plugin_http import PluginHttpServer
+from tether.client import ApiError, ServerUnreachable
+from tether.dataplane.plan import POD_GATEWAY
+from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, Subnet
+
+log = logging.getLogger("tether.docker")
+
+DEFAULT_SOCKET = "/run/docker/plugins/tether.sock"
+DEFAULT_DOCKER_HOST = "unix:///run/docker.sock"
+GATEWAY_TYPE = "com.docker.network.gateway"
+GENERIC = "com.docker.network.generic"
+PORTMAP = "com.docker.network.portmap"
+PROTOCOLS = {6: "TCP", 17: "UDP"}
+PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
+
+
+class DriverError(Exception):
+    """An error dockerd shows to the user as `remote: <message>`: say what to do."""
+
+
+def endpoint_mac(docker_endpoint_id: str) -> str:
+    """A stable, locally administered MAC, known before the veth exists (anti-spoofing pins it)."""
+    h = hashlib.sha1(f"tether-docker:{docker_endpoint_id}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+def veth_names(docker_endpoint_id: str) -> tuple[str, str]:
+    """(host side, container side before dockerd renames it)."""
+    return host_ifname(docker_endpoint_id, "docker"), PEER_PREFIX + docker_endpoint_id[:12]
+
+
+def parse_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise DriverError(f"option {what}={value!r} is not a boolean; use true or false")
+
+
+def network_options(generic: dict[str, Any]) -> dict[str, Any]:
+    """`docker network create -o k=v` options -> Tether Network fields (and security groups)."""
+    out: dict[str, Any] = {}
+    for key, value in (generic or {}).items():
+        k = key.removeprefix("tether.").replace("_", "-")
+        if k in ("encap", "encapsulation"):
+            if value not in ("vxlan", "direct", "auto"):
+                raise DriverError(f"option {key}={value!r}: encap must be vxlan, direct or auto")
+            out["encap"] = value
+        elif k in ("nat-outgoing", "nat"):
+            out["nat_outgoing"] = parse_bool(value, key)
+        elif k in ("mtu", "com.docker.network.driver.mtu"):
+            try:
+                out["mtu"] = int(value)
+            except ValueError:
+                raise DriverError(f"option {key}={value!r}: the MTU must be a number (576-9000)") from None
+        elif k in ("security-groups", "security-group", "sg"):
+            out["security_groups"] = [s for s in str(value).replace(";", ",").split(",") if s]
+        elif k in ("network", "name"):
+            out["name"] = str(value)
+        elif k in ("dns-domain",):
+            out["dns_domain"] = str(value)
+        else:
+            raise DriverError(f"unknown option {key!r}; tether understands encap, nat-outgoing, mtu, "
+                              "security-groups, dns-domain and network (the Tether network's name)")
+    return out
+
+
+class DockerApi:
+    """Just enough of dockerd's API to learn a network's name and a container's name and labels."""
+
+    def __init__(self, url: str) -> None:
+        path = url.removeprefix("unix://")
+        self.http = httpx.AsyncClient(base_url="http://docker", transport=httpx.AsyncHTTPTransport(uds=path),
+                                      timeout=10)
+
+    async def get(self, path: str, timeout: float = 10) -> Any:
+        r = await self.http.get(path, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class DockerPlugin:
+    def __init__(self, agent: Any, socket_path: str, docker_host: str) -> None:
+        self.agent = agent
+        self.server = PluginHttpServer(socket_path, self.call)
+        self.docker = DockerApi(docker_host)
+        self.state_path = os.path.join(agent.cfg.state_dir, "docker.json")
+        self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "security_groups"}
+        self.tasks: set[asyncio.Task] = set()
+        self._load()
+        self.methods = {
+            "/Plugin.Activate": self.activate,
+            "/NetworkDriver.GetCapabilities": self.net_capabilities,
+            "/NetworkDriver.CreateNetwork": self.create_network,
+            "/NetworkDriver.DeleteNetwork": self.delete_network,
+            "/NetworkDriver.AllocateNetwork": self.empty,
+            "/NetworkDriver.FreeNetwork": self.empty,
+            "/NetworkDriver.CreateEndpoint": self.create_endpoint,
+            "/NetworkDriver.DeleteEndpoint": self.delete_endpoint,
+            "/NetworkDriver.EndpointOperInfo": self.oper_info,
+            "/NetworkDriver.Join": self.join,
+            "/NetworkDriver.Leave": self.leave,
+            "/NetworkDriver.ProgramExternalConnectivity": self.program_external,
+            "/NetworkDriver.RevokeExternalConnectivity": self.revoke_external,
+            "/NetworkDriver.DiscoverNew": self.empty,
+            "/NetworkDriver.DiscoverDelete": self.empty,
+            "/IpamDriver.GetCapabilities": self.ipam_capabilities,
+            "/IpamDriver.GetDefaultAddressSpaces": self.address_spaces,
+            "/IpamDriver.RequestPool": self.request_pool,
+            "/IpamDriver.ReleasePool": self.empty,
+            "/IpamDriver.RequestAddress": self.request_address,
+            "/IpamDriver.ReleaseAddress": self.release_address,
+        }
+
+    # --- lifetime -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.server.start()
+        for nid, info in self.networks.items():
+            if info.get("network") is None and not info.get("error"):
+                self._spawn(self._name_network(nid))  # a restart interrupted the naming
+        log.warning("docker plugin serving %s", self.server.path)
+
+    async def close(self) -> None:
+        await self.server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        await self.docker.close()
+
+    def update(self, replica: Any) -> None:
+        """Nothing to do after a plan: the plugin acts on dockerd's calls."""
+
+    def _load(self) -> None:
+        with contextlib.suppress(OSError, ValueError), open(self.state_path) as f:
+            self.networks = json.load(f).get("networks", {})
+
+    def _save(self) -> None:
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"networks": self.networks}, f)
+        os.replace(tmp, self.state_path)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    # --- dispatch -----------------------------------------------------------------------------------
+
+    async def call(self, path: str, req: dict) -> dict:
+        fn = self.methods.get(path)
+        if fn is None:
+            log.warning("docker called an unknown method %s", path)
+            return {"Err": f"tether does not implement {path.lstrip('/')}"}
+        t0 = time.perf_counter()
+        try:
+            out = await fn(req)
+        except DriverError as e:
+            log.warning("docker %s refused: %s", path.lstrip("/"), e)
+            return {"Err": str(e)}
+        except ServerUnreachable as e:
+            return {"Err": f"the Tether server is unreachable, try again: {e}"}
+        except ApiError as e:
+            return {"Err": f"Tether server refused: {e.detail}"}
+        log.info("docker %s ok in %.1f ms", path.lstrip("/"), (time.perf_counter() - t0) * 1000)
+        return out
+
+    async def empty(self, req: dict) -> dict:
+        return {}
+
+    async def activate(self, req: dict) -> dict:
+        return {"Implements": ["NetworkDriver", "IpamDriver"]}
+
+    async def net_capabilities(self, req: dict) -> dict:
+        return {"Scope": "local", "ConnectivityScope": "global"}
+
+    async def ipam_capabilities(self, req: dict) -> dict:
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    async def address_spaces(self, req: dict) -> dict:
+        return {"LocalDefaultAddressSpace": "tether", "GlobalDefaultAddressSpace": "tether"}
+
+    # --- networks -----------------------------------------------------------------------------------
+
+    async def network_by_cidr(self, cidr: str) -> tuple[Network, Subnet] | None:
+        nets = list(self.agent.replica.networks.values())
+        for attempt in range(2):
+            for net in nets:
+                for sub in net.subnets:
+                    if sub.cidr == cidr:
+                        return net, sub
+            if attempt == 0:  # not in the replica yet: ask the server
+                nets = await self.agent.client.list("Network")
+        return None
+
+    async def request_pool(self, req: dict) -> dict:
+        if req.get("V6"):
+            raise DriverError("tether's Docker IPAM serves IPv4 pools only; drop --ipv6")
+        pool = req.get("Pool") or ""
+        if not pool:
+            raise DriverError("tether needs the network's subnet: docker network create -d tether "
+                              "--ipam-driver tether --subnet CIDR NAME")
+        try:
+            cidr = str(ipaddress.ip_network(pool, strict=True))
+        except ValueError as e:
+            raise DriverError(f"--subnet {pool!r} is not a valid CIDR ({e}); write it like 10.77.0.0/16") from None
+        if req.get("SubPool") and req["SubPool"] != cidr:
+            raise DriverError("tether allocates from the whole subnet; drop --ip-range")
+        return {"PoolID": f"tether/{cidr}", "Pool": cidr, "Data": {}}
+
+    def _overlap(self, cidr: str) -> Network | None:
+        mine = ipaddress.ip_network(cidr)
+        for net in self.agent.replica.networks.values():
+            for sub in net.subnets:
+                other = ipaddress.ip_network(sub.cidr)
+                if other.version == mine.version and other != mine and other.overlaps(mine):
+                    return net
+        return None
+
+    async def create_network(self, req: dict) -> dict:
+        nid = req["NetworkID"]
+        data = [d for d in req.get("IPv4Data") or [] if d.get("Pool")]
+        if len(data) != 1:
+            raise DriverError("a tether network needs exactly one IPv4 subnet (--subnet CIDR) and the tether IPAM "
+                              "driver (--ipam-driver tether)")
+        if req.get("IPv6Data"):
+            raise DriverError("tether networks in Docker are IPv4 only; drop --ipv6")
+        cidr = data[0]["Pool"]
+        opts = network_options((req.get("Options") or {}).get(GENERIC) or {})
+        sgs = opts.pop("security_groups", [])
+        wanted_name = opts.pop("name", None)
+        info: dict[str, Any] = {"network": None, "cidr": cidr, "security_groups": sgs, "options": opts,
+                                "gateway": data[0].get("Gateway", "").split("/")[0] or None, "error": None}
+        found = await self.network_by_cidr(cidr)
+        if found is not None:
+            net, _ = found
+            if wanted_name and wanted_name != net.name:
+                raise DriverError(f"subnet {cidr} belongs to Tether network {net.name!r}, not {wanted_name!r}; "
+                                  f"use -o network={net.name} or another --subnet")
+            clash = {k: (getattr(net, k), v) for k, v in opts.items() if getattr(net, k) != v}
+            if clash:
+                what = ", ".join(f"{k} is {a!r} there, {b!r} asked" for k, (a, b) in clash.items())
+                raise DriverError(f"Tether network {net.name!r} ({cidr}) already exists with other settings ({what});"
+                                  " drop those -o options to join it as it is")
+            info["network"] = net.name
+            log.info("docker network %s adopts Tether network %s (%s)", nid[:12], net.name, cidr)
+        else:
+            other = self._overlap(cidr)
+            if other is not None:
+                raise DriverError(f"subnet {cidr} overlaps Tether network {other.name!r} "
+                                  f"({', '.join(s.cidr for s in other.subnets)}); choose another --subnet, or the "
+                                  "same subnet to share that network")
+            if wanted_name:
+                info["network"] = await self._create_tether_network(dns_label(wanted_name, wanted_name), info)
+            else:
+                # dockerd stores the network (and its name) only after this call returns: name it then
+                self._spawn(self._name_network(nid))
+        self.networks[nid] = info
+        self._save()
+        return {}
+
+    async def _create_tether_network(self, name: str, info: dict[str, Any]) -> str:
+        try:
+            net = await self.agent.client.apply(Network(name=name, subnets=[Subnet(cidr=info["cidr"],
+                                                                                   gateway=info.get("gateway"))],
+                                                        **info.get("options", {})))
+        except ValueError as e:
+            raise DriverError(f"invalid network options: {e}") from None
+        except ApiError as e:
+            raise DriverError(f"cannot create Tether network {name!r} with subnet {info['cidr']}: {e.detail}") \
+                from None
+        log.info("created Tether network %s (%s) for Docker", net.name, info["cidr"])
+        return net.name
+
+    async def _name_network(self, nid: str) -> None:
+        """Create the Tether network under the Docker network's name, once dockerd can tell it."""
+        deadline, delay = time.monotonic() + 60, 0.02
+        while time.monotonic() < deadline and nid in self.networks:
+            try:
+                name = (await self.docker.get(f"/networks/{nid}", timeout=5)).get("Name")
+            except (httpx.HTTPError, ValueError):
+                name = None
+            if name:
+                info = self.networks[nid]
+                found = await self.network_by_cidr(info["cidr"])
+                try:
+                    if found is not None:  # another host created it meanwhile
+                        info["network"] = found[0].name
+                    else:
+                        info["network"] = await self._create_tether_network(dns_label(name, f"docker-{nid[:12]}"),
+                                                                            info)
+                except DriverError as e:
+                    info["error"] = str(e)
+                    log.error("docker network %s (%s): %s", name, nid[:12], e)
+                self._save()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def delete_network(self, req: dict) -> dict:
+        """The Tether network stays: other hosts (Docker or not) may still use it."""
+        if self.networks.pop(req.get("NetworkID", ""), None) is not None:
+            self._save()
+        return {}
+
+    async def _wait_named(self, info: dict[str, Any], timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while info.get("network") is None:
+            if info.get("error"):
+                raise DriverError(info["error"])
+            if time.monotonic() > deadline:
+                raise DriverError(f"the Tether network for subnet {info['cidr']} is not created yet (dockerd did "
+                                  "not tell its name); try again, or recreate it with -o network=NAME")
+            await asyncio.sleep(0.02)
+        return info["network"]
+
+    async def _network_of(self, nid: str) -> tuple[str, dict[str, Any]]:
+        info = self.networks.get(nid)
+        if info is None:
+            raise DriverError(f"docker network {nid[:12]} is not known to this host's Tether agent; recreate it with "
+                              "docker network create -d tether --ipam-driver tether --subnet CIDR NAME")
+        return await self._wait_named(info), info
+
+    # --- addresses ----------------------------------------------------------------------------------
+
+    async def request_address(self, req: dict) -> dict:
+        pool_id = req.get("PoolID", "")
+        cidr = pool_id.removeprefix("tether/")
+        opts = req.get("Options") or {}
+        wanted = req.get("Address") or ""
+        pending = next((i for i in self.networks.values() if i["cidr"] == cidr and i.get("network") is None), None)
+        if pending is not None and opts.get("RequestAddressType") != GATEWAY_TYPE:
+            await self._wait_named(pending)
+        found = await self.network_by_cidr(cidr)
+        if opts.get("RequestAddressType") == GATEWAY_TYPE:
+            # Docker's notion of a gateway; containers route via the link-local gateway instead
+            plen = ipaddress.ip_network(cidr).prefixlen
+            gw = wanted or (found[1].gateway if found and found[1].gateway else None)
+            gw = gw or str(next(ipaddress.ip_network(cidr).hosts()))
+            return {"Address": f"{gw}/{plen}", "Data": {}}
+        if found is None:
+            raise DriverError(f"no Tether network has subnet {cidr}; create the Docker network again")
+        net, _ = found
+        handle = f"docker/{net.name}/{wanted}" if wanted else f"docker/{uuid.uuid4()}"
+        ep = Endpoint(name=f"docker-{uuid.uuid4().hex[:12]}", network=net.name, host=self.agent.host,
+                      ips=[wanted] if wanted else [], handle=handle, owner=Owner(type="docker"),
+                      labels={"tether.io/docker": "true"})
+        try:
+            ep = await self.agent.client.create_endpoint(ep)
+        except ApiError as e:
+            if e.status in (400, 409):
+                raise DriverError(f"cannot allocate {wanted or 'an address'} in {net.name} ({cidr}): {e.detail}") \
+                    from None
+            raise
+        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        return {"Address": f"{ep.ips[0]}/32", "Data": {}}
+
+    async def _find_by_ip(self, network: str, ip: str) -> Endpoint | None:
+        for ep in self.agent.replica.endpoints:
+            if ep.network == network and ip in ep.ips:
+                return ep
+        for ep in await self.agent.client.list("Endpoint", network=network):
+            if ip in ep.ips:  # type: ignore[attr-defined]
+                return ep  # type: ignore[return-value]
+        return None
+
+    async def release_address(self, req: dict) -> dict:
+        cidr = req.get("PoolID", "").removeprefix("tether/")
+        ip = (req.get("Address") or "").split("/")[0]
+        found = await self.network_by_cidr(cidr)
+        if found is None or not ip:
+            return {}
+        ep = await self._find_by_ip(found[0].name, ip)
+        if ep is None or ep.owner.type != "docker" or ep.host != self.agent.host:
+            return {}  # Docker's gateway address, or already released
+        await self.agent.client.release_by_handle(ep.handle or ep.id)
+        self.agent.replica.objects["Endpoint"].pop(ep.id, None)
+        self.agent.kick()
+        log.info("released %s (%s)", ip, ep.name)
+        return {}
+
+    # --- endpoints ----------------------------------------------------------------------------------
+
+    async def _endpoint(self, docker_ep: str, network: str | None = None, ip: str | None = None) -> Endpoint:
+        for ep in self.agent.replica.endpoints:
+            if ep.owner.docker_endpoint_id == docker_ep:
+                return ep
+        if network and ip:
+            ep = await self._find_by_ip(network, ip)
+            if ep is not None:
+                return ep
+        for ep in await self.agent.client.list("Endpoint", host=self.agent.host):
+            if ep.owner.docker_endpoint_id == docker_ep:  # type: ignore[attr-defined]
+                return ep  # type: ignore[return-value]
+        raise DriverError(f"no Tether endpoint for docker endpoint {docker_ep[:12]}; its address was not "
+                          "allocated by tether (use --ipam-driver tether)")
+
+    async def create_endpoint(self, req: dict) -> dict:
+        network, info = await self._network_of(req["NetworkID"])
+        iface = req.get("Interface") or {}
+        ip = (iface.get("Address") or "").split("/")[0]
+        if not ip:
+            raise DriverError("no IPv4 address for the endpoint; the network must use --ipam-driver tether")
+        if iface.get("AddressIPv6"):
+            raise DriverError("tether networks in Docker are IPv4 only")
+        docker_ep = req["EndpointID"]
+        ep = await self._endpoint(docker_ep, network, ip)
+        mac = (iface.get("MacAddress") or endpoint_mac(docker_ep)).lower()
+        host_if, _ = veth_names(docker_ep)
+        self.agent.cni.in_flight[host_if] = time.monotonic()  # no apply may remove it while it is plugged
+        changes: dict[str, Any] = {"owner": Owner(type="docker", docker_endpoint_id=docker_ep).model_dump(),
+                                   "interface": host_if, "mac": mac, "host": self.agent.host}
+        if info.get("security_groups"):
+            changes["security_groups"] = info["security_groups"]
+        try:
+            ep = await self.agent.client.patch_endpoint(ep.id, changes)
+        except ApiError as e:
+            raise DriverError(f"cannot set up the endpoint: {e.detail}") from None
+        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
+
+    async def delete_endpoint(self, req: dict) -> dict:
+        from tether.dataplane.veth import delete_link
+
+        host_if, peer = veth_names(req["EndpointID"])
+        await asyncio.to_thread(delete_link, host_if)
+        await asyncio.to_thread(delete_link, peer)
+        self.agent.cni.in_flight.pop(host_if, None)
+        return {}
+
+    async def oper_info(self, req: dict) -> dict:
+        return {"Value": {}}
+
+    async def join(self, req: dict) -> dict:
+        from tether.dataplane.veth import create_veth
+
+        network, _ = await self._network_of(req["NetworkID"])
+        docker_ep = req["EndpointID"]
+        ep = await self._endpoint(docker_ep)
+        net = self.agent.replica.networks.get(network) or await self.agent.fetch_network(network)
+        mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
+        host_if, peer = veth_names(docker_ep)
+        self.agent.cni.in_flight[host_if] = time.monotonic()
+        await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac, ips=list(ep.ips))
+        self.agent.kick()
+        self._spawn(self._adopt_container_identity(req["NetworkID"], docker_ep, ep.id))
+        return {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+                "Gateway": POD_GATEWAY,
+                "StaticRoutes": [{"Destination": f"{POD_GATEWAY}/32", "RouteType": 1}],
+                "DisableGatewayService": True}
+
+    async def leave(self, req: dict) -> dict:
+        from tether.dataplane.veth import delete_link
+
+        host_if, peer = veth_names(req["EndpointID"])
+        await asyncio.to_thread(delete_link, host_if)
+        await asyncio.to_thread(delete_link, peer)
+        return {}
+
+    async def _adopt_container_identity(self, network_id: str, docker_ep: str, ep_id: str) -> None:
+        """Rename the endpoint after its container and copy the container's labels (after Join, once
+        dockerd can answer). Retried for a while: dockerd answers inspect only after the start."""
+        deadline = time.monotonic() + 60
+        delay = 0.05
+        while time.monotonic() < deadline:
+            try:
+                nw = await self.docker.get(f"/networks/{network_id}")
+                cid = next((c for c, v in (nw.get("Containers") or {}).items()
+                            if v.get("EndpointID") == docker_ep and not c.startswith("ep-")), None)
+                if cid is not None:
+                    info = await self.docker.get(f"/containers/{cid}/json", timeout=30)
+                    name = (info.get("Name") or "").lstrip("/")
+                    labels = {k: v for k, v in ((info.get("Config") or {}).get("Labels") or {}).items()}
+                    await self._identify(ep_id, name, labels, cid)
+                    return
+            except (httpx.HTTPError, ValueError) as e:
+                log.debug("docker API not answering yet for %s: %s", docker_ep[:12], e)
+            except (ApiError, ServerUnreachable) as e:
+                log.warning("cannot name docker endpoint %s yet: %s", docker_ep[:12], e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        log.warning("docker endpoint %s: dockerd never said which container it is; it keeps its provisional name",
+                    docker_ep[:12])
+
+    async def _identify(self, ep_id: str, name: str, labels: dict[str, str], container_id: str) -> None:
+        from tether.model import check_labels
+
+        good = {}
+        for k, v in labels.items():
+            try:
+                check_labels({k: v})
+                good[k] = v
+            except ValueError:
+                log.info("container label %s=%s is not a valid Tether label; skipped", k, v)
+        ep = self.agent.replica.endpoint(ep_id) or await self.agent.client.get("Endpoint", ep_id)
+        owner = ep.owner.model_copy(update={"container_id": container_id})
+        changes: dict[str, Any] = {"labels": {**good, "tether.io/docker": "true"}, "owner": owner.model_dump()}
+        base = dns_label(name, ep.name)
+        for candidate in (base, dns_label(f"{base[:50]}-{self.agent.host}", base),
+                          dns_label(f"{base[:50]}-{ep_id[:8]}", base)):
+            try:
+                new = await self.agent.client.patch_endpoint(ep_id, {**changes, "name": candidate})
+                break
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        else:
+            new = await self.agent.client.patch_endpoint(ep_id, changes)
+        self.agent.replica.objects["Endpoint"][ep_id] = new
+        self.agent.kick()
+        log.info("docker endpoint %s is container %s (%s)", ep_id[:8], new.name, ", ".join(new.ips))
+
+    # --- published ports ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _service_name(docker_ep: str) -> str:
+        return f"docker-{docker_ep[:12]}"
+
+    async def program_external(self, req: dict) -> dict:
+        maps = (req.get("Options") or {}).get(PORTMAP) or []
+        if not maps:
+            return {}
+        network, _ = await self._network_of(req["NetworkID"])
+        docker_ep = req["EndpointID"]
+        ep = await self._endpoint(docker_ep)
+        ports = []
+        for m in maps:
+            proto = PROTOCOLS.get(int(m.get("Proto", 6)))
+            if proto is None:
+                raise DriverError(f"tether publishes TCP and UDP ports only, not protocol {m.get('Proto')}")
+            if m.get("HostPortEnd") and m.get("HostPortEnd") != m.get("HostPort"):
+                raise DriverError("tether publishes single ports, not ranges; write -p HOST:CONTAINER")
+            if m.get("HostIP") not in (None, "", "0.0.0.0"):
+                raise DriverError("tether publishes on every address of the host; drop the IP in -p")
+            ports.append(ServicePort(name=f"{proto.lower()}-{m['Port']}", protocol=proto, port=int(m["Port"]),
+                                     target_port=int(m["Port"]), node_port=int(m["HostPort"]) or None))
+        svc = Service(name=self._service_name(docker_ep), namespace=ep.namespace, network=network, type="NodePort",
+                      ports=ports, backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips],
+                      labels={"tether.io/docker": "true"})
+        try:
+            await self.agent.client.apply(svc)
+        except ApiError as e:
+            raise DriverError(f"cannot publish {', '.join(str(p.node_port) for p in ports)}: {e.detail}") from None
+        return {}
+
+    async def revoke_external(self, req: dict) -> dict:
+        ep = None
+        with contextlib.suppress(DriverError):
+            ep = await self._endpoint(req["EndpointID"])
+        ns = ep.namespace if ep else "default"
+        try:
+            await self.agent.client.delete("Service", f"{ns}/{self._service_name(req['EndpointID'])}")
+        except ApiError as e:
+            if e.status != 404:
+                raise
+        return {}
+
+
+async def start(agent: Any) -> list[Any]:
+    path = os.environ.get("TETHER_DOCKER_PLUGIN_SOCKET", DEFAULT_SOCKET)
+    if path == "off":
+        return []
+    plugin = DockerPlugin(agent, path, os.environ.get("TETHER_DOCKER_HOST", DEFAULT_DOCKER_HOST))
+    await plugin.start()
+    return [plugin]

@@ -1,0 +1,144 @@
+"""A private dockerd inside a lab host namespace, for tests, benchmarks and the demo.
+
+Why it looks like this (../shared/recipes/README.md): `ip netns exec` gives a private mount
+namespace with a fresh /sys that lacks cgroup mounts, so a small shell prelude remounts them, and
+bind-mounts the host's own plugin directory over /run/docker/plugins (dockerd always looks there),
+so each lab host's dockerd finds only its own agent's `tether.sock`. A holder process keeps that
+mount namespace alive and dockerd is entered into it with nsenter, so a restarted dockerd
+(`--live-restore`) still sees the mounts and network namespaces of the containers it left running.
+Everything dockerd writes (data root, exec root, pid file, API socket) lives in one directory of
+ours; nothing touches the machine's own Docker, interfaces or iptables. Processes stop by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tether.lab.cluster import alive, sh, stop_pid, wait_for
+
+DOCKERD = "/usr/sbin/dockerd"
+DOCKER = "/usr/bin/docker"  # Debian's client, the same version as the daemon
+IMAGE = "tether-bb:local"
+
+PRELUDE = r"""set -e
+if [ "$1" = "--plugins" ]; then mkdir -p "$2" /run/docker/plugins; mount --bind "$2" /run/docker/plugins; shift 2; fi
+if ! mountpoint -q /sys/fs/cgroup; then
+  mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+  for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+    mkdir -p /sys/fs/cgroup/$c; mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c; done
+  mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+  mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+fi
+exec "$@"
+"""
+
+
+def available() -> str | None:
+    """Why dockerd cannot run here (None: it can)."""
+    for tool in (DOCKERD, DOCKER):
+        if not os.path.exists(tool):
+            return f"{tool} is missing (Debian's docker.io; scripts/install-deps installs it)"
+    if shutil.which("busybox") is None:
+        return "busybox is missing (busybox-static)"
+    return None
+
+
+class Dockerd:
+    """One dockerd in network namespace `ns`, its files under `root`, its plugins in `plugin_dir`."""
+
+    def __init__(self, ns: str, root: str | Path, plugin_dir: str, socket_path: str) -> None:
+        self.ns, self.root, self.plugin_dir, self.socket = ns, Path(root), plugin_dir, socket_path
+        self.pid: int | None = None
+        self.holder_pid: int | None = None
+
+    @property
+    def host_url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def _hold(self) -> None:
+        """The holder: the prelude's mount namespace, kept alive while this object lives."""
+        if alive(self.holder_pid):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "prelude.sh").write_text(PRELUDE)
+        ready = self.root / "holder.ready"
+        ready.unlink(missing_ok=True)
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns, "sh", str(self.root / "prelude.sh"), "--plugins",
+                              self.plugin_dir, "sh", "-c", f"touch {ready}; exec sleep 1000000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.holder_pid = p.pid
+        wait_for(ready.exists, 30, f"the mount namespace holder for {self.ns}")
+
+    def start(self, timeout: float = 60) -> None:
+        self._hold()
+        log = open(self.root / "dockerd.log", "ab")
+        p = subprocess.Popen(
+            ["nsenter", f"--target={self.holder_pid}", "--mount", "--net",
+             DOCKERD, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+             "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host_url, "--bridge=none",
+             "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
+             "--userland-proxy=false", "--live-restore", "--log-level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = p.pid
+        wait_for(lambda: self.docker("version", "--format", "{{.Server.Version}}", check=False).returncode == 0,
+                 timeout, f"dockerd in {self.ns}")
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        r = subprocess.run([DOCKER, "-H", self.host_url, *args], capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def import_busybox(self) -> None:
+        """An image made offline: busybox-static and the applets the tests use."""
+        tar = self.root / "busybox.tar"
+        if not tar.exists():
+            img = self.root / "img"
+            (img / "bin").mkdir(parents=True, exist_ok=True)
+            shutil.copy(shutil.which("busybox") or "/bin/busybox", img / "bin" / "busybox")
+            for tool in ("sh", "httpd", "sleep", "ip", "ping", "wget", "nc", "nslookup", "cat", "hostname", "true"):
+                if not (img / "bin" / tool).exists():
+                    (img / "bin" / tool).symlink_to("busybox")
+            (img / "www").mkdir(exist_ok=True)
+            (img / "www" / "index.html").write_text("hello from docker\n")
+            sh("tar", "-C", str(img), "-cf", str(tar), ".")
+        with open(tar, "rb") as f:
+            r = subprocess.run([DOCKER, "-H", self.host_url, "import", "-", IMAGE], stdin=f, capture_output=True,
+                               text=True, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"docker import failed: {r.stderr.strip()}")
+
+    def stop(self, remove_containers: bool = True) -> None:
+        """Stop the daemon by PID (its containerd and shims go with it after a clean shutdown)."""
+        if self.pid is None:
+            return
+        if remove_containers and alive(self.pid):
+            ids = self.docker("ps", "-aq", check=False, timeout=60).stdout.split()
+            if ids:
+                self.docker("rm", "-f", *ids, check=False, timeout=120)
+        stop_pid(self.pid, signal.SIGTERM, wait=30)
+        deadline = time.time() + 5
+        while alive(self.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon only (containers keep running, as after a dockerd crash)."""
+        stop_pid(self.pid, signal.SIGKILL, wait=5)
+        self.pid = None
+
+    def cleanup(self) -> None:
+        """Containers, dockerd, the containerd it started (by its pid file), then the holder."""
+        self.stop()
+        with contextlib.suppress(OSError, ValueError):
+            stop_pid(int((self.root / "exec" / "containerd" / "containerd.pid").read_text().strip()), wait=10)
+        stop_pid(self.holder_pid, signal.SIGKILL, wait=5)
+        self.holder_pid = None
+        shutil.rmtree(self.root, ignore_errors=True)
