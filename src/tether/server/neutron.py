@@ -631,8 +631,10 @@ async def update_port(port_id: str, request: Request) -> dict:
         raise bad_request("Renaming a port is not supported: its name is its DNS name in Tether")
     if "fixed_ips" in body and sorted(f.get("ip_address") for f in body["fixed_ips"] or []) != sorted(ep.ips):
         raise bad_request("Changing fixed_ips of a port is not supported; create a new port")
-    if "network_id" in body and body["network_id"] != (await network_by_id(o, body["network_id"])).id:
-        raise bad_request("Cannot update read-only attribute network_id")
+    if "network_id" in body:
+        current = (await nets_by_name(o)).get(ep.network)
+        if current is None or body["network_id"] != current.id:
+            raise bad_request("Cannot update read-only attribute network_id")
     changes: dict[str, Any] = {}
     if "security_groups" in body:
         changes["security_groups"] = await check_groups(o, body["security_groups"] or [])
