@@ -191,20 +191,21 @@ class DockerPlugin:
     # --- dispatch -----------------------------------------------------------------------------------
 
     async def call(self, path: str, req: dict) -> dict:
+        err = "Error" if path.startswith("/IpamDriver.") else "Err"  # the two APIs name the field differently
         fn = self.methods.get(path)
         if fn is None:
             log.warning("docker called an unknown method %s", path)
-            return {"Err": f"tether does not implement {path.lstrip('/')}"}
+            return {err: f"tether does not implement {path.lstrip('/')}"}
         t0 = time.perf_counter()
         try:
             out = await fn(req)
         except DriverError as e:
             log.warning("docker %s refused: %s", path.lstrip("/"), e)
-            return {"Err": str(e)}
+            return {err: str(e)}
         except ServerUnreachable as e:
-            return {"Err": f"the Tether server is unreachable, try again: {e}"}
+            return {err: f"the Tether server is unreachable, try again: {e}"}
         except ApiError as e:
-            return {"Err": f"Tether server refused: {e.detail}"}
+            return {err: f"Tether server refused: {e.detail}"}
         log.info("docker %s ok in %.1f ms", path.lstrip("/"), (time.perf_counter() - t0) * 1000)
         return out
 
@@ -384,7 +385,7 @@ class DockerPlugin:
         if found is None:
             raise DriverError(f"no Tether network has subnet {cidr}; create the Docker network again")
         net, _ = found
-        handle = f"docker/{net.name}/{wanted}" if wanted else f"docker/{uuid.uuid4()}"
+        handle = f"docker/{uuid.uuid4()}"  # never shared: a second --ip X must fail, not adopt the first
         ep = Endpoint(name=f"docker-{uuid.uuid4().hex[:12]}", network=net.name, host=self.agent.host,
                       ips=[wanted] if wanted else [], handle=handle, owner=Owner(type="docker"),
                       labels={"tether.io/docker": "true"})
