@@ -170,3 +170,25 @@ def test_answers_with_the_server_stopped_and_across_an_agent_restart(lab: Lab, w
         lab.start_server()
         lab.wait_agent("h2")
     assert addrs(ask(lab, pod_on_h2, (name, "A"))[0]) == [a.ip]
+
+
+def test_tcp_queries_and_the_cli_asking_one_host(lab: Lab, world) -> None:
+    import os
+    import subprocess
+
+    net, a = world["net"], world["a"]
+    name = f"{a.name}.{net}.tether.local"
+    tcp = nsx(world["b"].ns, sys.executable, "-c",
+              "import sys, dns.message, dns.query; r = dns.query.tcp(dns.message.make_query(sys.argv[1], 'A'), "
+              "sys.argv[2], timeout=3); print(r.answer[0][0].to_text())", name, DNS_IP, check=False)
+    assert tcp.stdout.strip() == a.ip, tcp.stderr
+    env = {**os.environ, "TETHER_SERVER": lab.server_url, "TETHER_TOKEN": lab.token}
+    for args in (["--host", "h3"], []):
+        r = subprocess.run([sys.executable, "-m", "tether.cli.main", "dns", "lookup", name, *args, "-o", "json"],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert [x["data"] for x in out["answers"]] == [a.ip] and out["rcode"] == "NOERROR"
+    r = subprocess.run([sys.executable, "-m", "tether.cli.main", "dns", "lookup", "example.test", "--host", "h1",
+                        "-o", "json"], capture_output=True, text=True, env=env, timeout=60)
+    assert [x["data"] for x in json.loads(r.stdout)["answers"]] == ["198.19.255.80"], r.stderr
