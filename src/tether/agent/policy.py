@@ -21,7 +21,7 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule
@@ -125,6 +125,10 @@ class Index:
     groups: dict[str, SecurityGroup]
     networks: dict[str, Network]
     v6: bool
+    by_label: dict[tuple[str, str], list[Endpoint]] = field(default_factory=dict)
+    pols_by_label: dict[tuple[str, str, str], list[NetworkPolicy]] = field(default_factory=dict)
+    pols_any: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
+    peer_cache: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
@@ -140,7 +144,36 @@ class Index:
         by_id: dict[str, SecurityGroup] = {}
         for g in groups:
             by_id[g.id] = g
-        return cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
+        idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
+        idx.by_label = {}
+        for ep in eps:
+            for kv in ep.labels.items():
+                idx.by_label.setdefault(kv, []).append(ep)
+        idx.pols_by_label = {}
+        idx.pols_any = {}
+        for p in idx.policies:
+            ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
+            if ml:
+                k, v = next(iter(sorted(ml.items())))
+                idx.pols_by_label.setdefault((p.namespace, k, v), []).append(p)
+            else:
+                idx.pols_any.setdefault(p.namespace, []).append(p)
+        idx.peer_cache = {}
+        return idx
+
+    def candidates(self, selector: dict[str, Any]) -> list[Endpoint]:
+        """Endpoints that may match: the shortest matchLabels posting list, else all."""
+        ml = selector.get("matchLabels") or {}
+        if not ml:
+            return self.endpoints
+        return min((self.by_label.get(kv, []) for kv in ml.items()), key=len)
+
+    def selecting(self, ep: Endpoint) -> list[NetworkPolicy]:
+        """Policies whose podSelector may select `ep` (checked fully by the caller), in policy order."""
+        found = list(self.pols_any.get(ep.namespace, []))
+        for k, v in ep.labels.items():
+            found.extend(self.pols_by_label.get((ep.namespace, k, v), []))
+        return sorted(found, key=lambda p: (p.namespace, p.name))
 
     def group(self, ref: str) -> SecurityGroup | None:
         return self.groups.get(ref) or next((g for g in self.groups.values() if g.name == ref), None)
@@ -148,8 +181,12 @@ class Index:
     def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any]) -> list[str]:
         nsel = peer.get("namespaceSelector")
         psel = peer.get("podSelector") or {}
-        out = []
-        for ep in self.endpoints:
+        key = json.dumps([None if nsel is not None else pol.namespace, nsel, psel], sort_keys=True)
+        if key in self.peer_cache:
+            return self.peer_cache[key]
+        out: list[str] = []
+        self.peer_cache[key] = out
+        for ep in self.candidates(psel):
             if nsel is not None:
                 if not label_match(nsel, self.ns_labels.get(ep.namespace, {})):
                     continue
@@ -320,7 +357,7 @@ class Builder:
     # --- per-endpoint dispatch ------------------------------------------------------------------
 
     def layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
-        pols = [p for p in self.idx.policies if p.namespace == ep.namespace and direction in rule_types(p.spec)
+        pols = [p for p in self.idx.selecting(ep) if direction in rule_types(p.spec)
                 and label_match(p.spec.get("podSelector") or {}, ep.labels)]
         groups = [g for g in (self.idx.group(ref) for ref in sorted(set(ep.security_groups))) if g is not None]
         missing = [ref for ref in ep.security_groups if self.idx.group(ref) is None]
