@@ -101,3 +101,13 @@ def test_service_cli_create_list_show_delete(srv: ServerProc) -> None:
     assert bad.returncode == 1 and "PORT" in bad.stderr
     assert cli(srv, "service", "delete", "clisvc").returncode == 0
     assert "clisvc" not in {s["name"] for s in json.loads(cli(srv, "service", "list", "-o", "json").stdout)}
+
+
+def test_tether_apply_takes_a_kubernetes_service_manifest(srv: ServerProc, tmp_path) -> None:
+    path = tmp_path / "svc.yaml"
+    path.write_text(MANIFEST.replace("name: web,", "name: applied,"))
+    r = cli(srv, "apply", "-f", str(path))
+    assert r.returncode == 0, r.stderr
+    svc = srv.client().get("Service", "default/applied")
+    assert isinstance(svc, Service) and svc.type == "NodePort" and svc.cluster_ip
+    assert all(p.node_port for p in svc.ports)
