@@ -122,6 +122,7 @@ class DnsServer:
         self._stop = threading.Event()
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self._revision = -1
+        self._tasks: set[asyncio.Future] = set()
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -192,7 +193,9 @@ class DnsServer:
                 with contextlib.suppress(OSError):
                     self._udp.sendto(out, addr)
 
-        asyncio.ensure_future(run())
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     # --- TCP --------------------------------------------------------------------------------------
 
