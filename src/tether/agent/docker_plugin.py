@@ -55,15 +55,15 @@ class DriverError(Exception):
     """An error dockerd shows to the user as `remote: <message>`: say what to do."""
 
 
-def endpoint_mac(docker_endpoint_id: str) -> str:
+def endpoint_mac(endpoint_id: str) -> str:
     """A stable, locally administered MAC, known before the veth exists (anti-spoofing pins it)."""
-    h = hashlib.sha1(f"tether-docker:{docker_endpoint_id}".encode()).digest()
+    h = hashlib.sha1(f"tether-docker:{endpoint_id}".encode()).digest()
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
-def veth_names(docker_endpoint_id: str) -> tuple[str, str]:
-    """(host side, container side before dockerd renames it)."""
-    return host_ifname(docker_endpoint_id, "docker"), PEER_PREFIX + docker_endpoint_id[:12]
+def peer_name(docker_endpoint_id: str) -> str:
+    """The container side of the veth until dockerd moves and renames it."""
+    return PEER_PREFIX + docker_endpoint_id[:12]
 
 
 def parse_bool(value: Any, what: str) -> bool:
@@ -128,7 +128,8 @@ class DockerPlugin:
         self.server = PluginHttpServer(socket_path, self.call)
         self.docker = DockerApi(docker_host)
         self.state_path = os.path.join(agent.cfg.state_dir, "docker.json")
-        self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "security_groups"}
+        self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "cidr", ...}
+        self.endpoints: dict[str, str] = {}  # docker endpoint id -> Tether endpoint id
         self.tasks: set[asyncio.Task] = set()
         self._load()
         self.methods = {
@@ -175,12 +176,13 @@ class DockerPlugin:
 
     def _load(self) -> None:
         with contextlib.suppress(OSError, ValueError), open(self.state_path) as f:
-            self.networks = json.load(f).get("networks", {})
+            data = json.load(f)
+            self.networks, self.endpoints = data.get("networks", {}), data.get("endpoints", {})
 
     def _save(self) -> None:
         tmp = self.state_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"networks": self.networks}, f)
+            json.dump({"networks": self.networks, "endpoints": self.endpoints}, f)
         os.replace(tmp, self.state_path)
 
     def _spawn(self, coro: Any) -> None:
@@ -385,10 +387,14 @@ class DockerPlugin:
         if found is None:
             raise DriverError(f"no Tether network has subnet {cidr}; create the Docker network again")
         net, _ = found
-        handle = f"docker/{uuid.uuid4()}"  # never shared: a second --ip X must fail, not adopt the first
-        ep = Endpoint(name=f"docker-{uuid.uuid4().hex[:12]}", network=net.name, host=self.agent.host,
-                      ips=[wanted] if wanted else [], handle=handle, owner=Owner(type="docker"),
+        # Interface and MAC follow from the Tether id, so this one write is all the server sees until
+        # the container is known; the handle is never shared: a second --ip X must fail, not adopt the first
+        ep_id = str(uuid.uuid4())
+        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=net.name, host=self.agent.host,
+                      ips=[wanted] if wanted else [], handle=f"docker/{ep_id}", owner=Owner(type="docker"),
+                      interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
                       labels={"tether.io/docker": "true"})
+        self.agent.cni.in_flight[ep.interface] = time.monotonic()  # no apply may remove its veth meanwhile
         try:
             ep = await self.agent.client.create_endpoint(ep)
         except ApiError as e:
@@ -426,6 +432,13 @@ class DockerPlugin:
     # --- endpoints ----------------------------------------------------------------------------------
 
     async def _endpoint(self, docker_ep: str, network: str | None = None, ip: str | None = None) -> Endpoint:
+        known = self.endpoints.get(docker_ep)
+        if known is not None:
+            ep = self.agent.replica.endpoint(known)
+            if ep is not None:
+                return ep
+            with contextlib.suppress(ApiError):
+                return await self.agent.client.get("Endpoint", known)  # type: ignore[return-value]
         for ep in self.agent.replica.endpoints:
             if ep.owner.docker_endpoint_id == docker_ep:
                 return ep
@@ -449,27 +462,41 @@ class DockerPlugin:
             raise DriverError("tether networks in Docker are IPv4 only")
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep, network, ip)
-        mac = (iface.get("MacAddress") or endpoint_mac(docker_ep)).lower()
-        host_if, _ = veth_names(docker_ep)
-        self.agent.cni.in_flight[host_if] = time.monotonic()  # no apply may remove it while it is plugged
-        changes: dict[str, Any] = {"owner": Owner(type="docker", docker_endpoint_id=docker_ep).model_dump(),
-                                   "interface": host_if, "mac": mac, "host": self.agent.host}
-        if info.get("security_groups"):
+        self.endpoints[docker_ep] = ep.id
+        self._save()
+        changes: dict[str, Any] = {}
+        mac = (iface.get("MacAddress") or "").lower()
+        if mac and mac != ep.mac:
+            changes["mac"] = mac
+        if info.get("security_groups") and not ep.security_groups:
             changes["security_groups"] = info["security_groups"]
-        try:
-            ep = await self.agent.client.patch_endpoint(ep.id, changes)
-        except ApiError as e:
-            raise DriverError(f"cannot set up the endpoint: {e.detail}") from None
+        if changes:  # rare (--mac-address, -o security-groups): the common path writes nothing here
+            try:
+                ep = await self.agent.client.patch_endpoint(ep.id, changes)
+            except ApiError as e:
+                raise DriverError(f"cannot set up the endpoint: {e.detail}") from None
+        ep = ep.model_copy(update={"owner": ep.owner.model_copy(update={"docker_endpoint_id": docker_ep})})
         self.agent.replica.objects["Endpoint"][ep.id] = ep
-        return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
+        return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": ep.mac}}
 
-    async def delete_endpoint(self, req: dict) -> dict:
+    async def _unplug(self, docker_ep: str) -> str | None:
         from tether.dataplane.veth import delete_link
 
-        host_if, peer = veth_names(req["EndpointID"])
-        await asyncio.to_thread(delete_link, host_if)
-        await asyncio.to_thread(delete_link, peer)
-        self.agent.cni.in_flight.pop(host_if, None)
+        ep = None
+        with contextlib.suppress(DriverError, ApiError, ServerUnreachable):
+            ep = await self._endpoint(docker_ep)
+        host_if = ep.interface if ep is not None else None
+        if host_if:
+            await asyncio.to_thread(delete_link, host_if)
+        await asyncio.to_thread(delete_link, peer_name(docker_ep))
+        return host_if
+
+    async def delete_endpoint(self, req: dict) -> dict:
+        host_if = await self._unplug(req["EndpointID"])
+        if host_if:
+            self.agent.cni.in_flight.pop(host_if, None)
+        if self.endpoints.pop(req["EndpointID"], None) is not None:
+            self._save()
         return {}
 
     async def oper_info(self, req: dict) -> dict:
@@ -483,7 +510,7 @@ class DockerPlugin:
         ep = await self._endpoint(docker_ep)
         net = self.agent.replica.networks.get(network) or await self.agent.fetch_network(network)
         mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
-        host_if, peer = veth_names(docker_ep)
+        host_if, peer = ep.interface or host_ifname(ep.id, "docker"), peer_name(docker_ep)
         self.agent.cni.in_flight[host_if] = time.monotonic()
         await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac, ips=list(ep.ips))
         self.agent.kick()
@@ -494,11 +521,7 @@ class DockerPlugin:
                 "DisableGatewayService": True}
 
     async def leave(self, req: dict) -> dict:
-        from tether.dataplane.veth import delete_link
-
-        host_if, peer = veth_names(req["EndpointID"])
-        await asyncio.to_thread(delete_link, host_if)
-        await asyncio.to_thread(delete_link, peer)
+        await self._unplug(req["EndpointID"])
         return {}
 
     async def _adopt_container_identity(self, network_id: str, docker_ep: str, ep_id: str) -> None:
@@ -537,7 +560,8 @@ class DockerPlugin:
             except ValueError:
                 log.info("container label %s=%s is not a valid Tether label; skipped", k, v)
         ep = self.agent.replica.endpoint(ep_id) or await self.agent.client.get("Endpoint", ep_id)
-        owner = ep.owner.model_copy(update={"container_id": container_id})
+        owner = Owner(type="docker", docker_endpoint_id=next((d for d, t in self.endpoints.items() if t == ep_id),
+                                                             ep.owner.docker_endpoint_id), container_id=container_id)
         changes: dict[str, Any] = {"labels": {**good, "tether.io/docker": "true"}, "owner": owner.model_dump()}
         base = dns_label(name, ep.name)
         for candidate in (base, dns_label(f"{base[:50]}-{self.agent.host}", base),
