@@ -33,7 +33,7 @@ def test_200_pods_created_and_deleted_leak_nothing(gc_lab: Lab) -> None:
     c.create_network(Network(name=net, subnets=[Subnet(cidr="10.45.0.0/16")], encap="auto", block_size=27))
     time.sleep(0.5)
     hosts = [h.name for h in lab.state.hosts]
-    before = {h: kernel_state(lab.host(h).ns) for h in hosts}
+    before = {h: kernel_state(lab.host(h).ns, handles=False) for h in hosts}
 
     pods = [lab.run_pod(hosts[i % len(hosts)], f"p{i}", net) for i in range(PODS)]
     assert len({p.ip for p in pods}) == PODS
@@ -48,8 +48,14 @@ def test_200_pods_created_and_deleted_leak_nothing(gc_lab: Lab) -> None:
     assert c.list_raw("Endpoint", network=net) == []
     # empty blocks go back to the pool after the (shortened) grace; agents then drop the block routes
     wait_for(lambda: c.list_raw("Block", network=net) == [], 30, "empty blocks to return to the pool")
-    wait_for(lambda: all(kernel_state(lab.host(h).ns) == before[h] for h in hosts), 15,
-             "every host's kernel state to return to what it was before the pods")
+    def state(h: str) -> dict:
+        return kernel_state(lab.host(h).ns, handles=False)
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not all(state(h) == before[h] for h in hosts):
+        time.sleep(0.5)
+    for h in hosts:  # every host's kernel state is back to what it was before the pods
+        assert state(h) == before[h], h
     for h in hosts:
         assert leftovers(lab.host(h).ns) == {"veths": [], "pod_routes": [], "nft_elements": []}
     assert [ns for ns in lab_namespaces(lab.name) if ns.count("-") > 1] == []

@@ -154,6 +154,7 @@ class CniServer:
         if not os.path.exists(req.netns):
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
         net = self.agent.replica.networks.get(req.network)
+        t0 = time.perf_counter()
         try:
             ep = await self._create(self._endpoint_for(req))
         except ServerUnreachable as e:
@@ -166,6 +167,7 @@ class CniServer:
         mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
         assert ep.interface is not None
         self.in_flight[ep.interface] = time.monotonic()
+        t1 = time.perf_counter()
         from tether.dataplane.pods import AttachError, attach_pod
 
         try:
@@ -174,6 +176,7 @@ class CniServer:
         except (AttachError, OSError) as e:
             await self._release(req.handle, ep.interface)
             raise cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
+        log.info("ADD %s: endpoint %.1f ms, plug %.1f ms", ep.name, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
         self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
         self.agent.kick()
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),

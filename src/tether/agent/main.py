@@ -28,6 +28,7 @@ from tether.agent.cache import Replica
 from tether.agent.calc import HostContext, compute_plan, vtep_mac_for
 from tether.agent.cni_server import CniServer
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
+from tether.dataplane.links import Applied
 from tether.model import Host, Network
 
 log = logging.getLogger("tether.agent")
@@ -91,6 +92,7 @@ class Agent:
         self.dns_ip: str | None = None
         self.dns_search: list[str] = []
         self._plan_ms = 0.0
+        self._links_applied: Applied | None = None
         self._saved_rev, self._saved_at = -1, 0.0
 
     # --- small services used by the CNI handler ---------------------------------------------------
@@ -256,7 +258,10 @@ class Agent:
 
         t0 = time.perf_counter()
         # links and routes first: a new pod's route is what other hosts wait for (convergence)
-        lrep = apply_links(plan, keep_interfaces=keep)
+        # full read-back at start, on every reconcile and after a failure; otherwise by difference
+        previous = None if verify else self._links_applied
+        self._links_applied = None  # if this raises, the next pass is a full one
+        lrep, self._links_applied = apply_links(plan, keep_interfaces=keep, applied=previous)
         t1 = time.perf_counter()
         if verify:
             self.nft.verify(plan.nft)

@@ -29,7 +29,16 @@ def _zero_counters(obj: Any) -> Any:
     return obj
 
 
-def kernel_state(ns: str) -> dict[str, Any]:
+def _drop_handles(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_handles(v) for k, v in obj.items() if k != "handle"}
+    if isinstance(obj, list):
+        return [_drop_handles(v) for v in obj]
+    return obj
+
+
+def kernel_state(ns: str, handles: bool = True) -> dict[str, Any]:
+    """`handles=False` compares nft content only (a table rebuilt with the same content is equal)."""
     links = sorted((link["ifname"], link["ifindex"], link.get("mtu"), link.get("address"), tuple(link.get("flags", [])))
                    for link in _json("ip", "-n", ns, "-j", "link", "show") if link["ifname"].startswith(LINK_PREFIX))
     routes = sorted(json.dumps(r, sort_keys=True) for r in _json("ip", "-n", ns, "-j", "route", "show", "proto",
@@ -41,7 +50,7 @@ def kernel_state(ns: str) -> dict[str, Any]:
     nft = _json("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "tether")
     nft_items = nft.get("nftables", []) if isinstance(nft, dict) else []
     return {"links": links, "routes": routes, "neighbours": neigh, "fdb": fdb,
-            "nft": _zero_counters([i for i in nft_items if "metainfo" not in i])}
+            "nft": _zero_counters([i if handles else _drop_handles(i) for i in nft_items if "metainfo" not in i])}
 
 
 def leftovers(ns: str) -> dict[str, list]:
