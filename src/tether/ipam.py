@@ -42,6 +42,12 @@ def block_prefix(network: str) -> str:
     return key_of("Block", f"{network}:")
 
 
+def inside(cidr: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """`cidr` lies in `net`; False across address families (a dual-stack network has both)."""
+    block = ipaddress.ip_network(cidr)
+    return block.version == net.version and block.subnet_of(net)  # type: ignore[arg-type]
+
+
 def block_length(net: IPNet, block_size: int) -> int:
     """Prefix length of blocks for `net`: `block_size` for IPv4, the same number of addresses for IPv6."""
     want = block_size if net.version == 4 else 128 - (32 - block_size)
@@ -184,7 +190,7 @@ class Ipam:
         for subnet in subnets:
             net = ipaddress.ip_network(subnet.cidr)
             mine = [(k, b) for k, b in by_cidr.values()
-                    if b.host == host and ipaddress.ip_network(b.cidr).subnet_of(net)]
+                    if b.host == host and inside(b.cidr, net)]
             for key, block in sorted(mine, key=lambda kb: ipaddress.ip_network(kb[1].cidr)):
                 ip = next(free_addresses(block, subnet), None)
                 if ip is not None:
@@ -203,7 +209,7 @@ class Ipam:
         for subnet in subnets:  # borrow from another host's block
             net = ipaddress.ip_network(subnet.cidr)
             for key, block in by_cidr.values():
-                if not ipaddress.ip_network(block.cidr).subnet_of(net):
+                if not inside(block.cidr, net):
                     continue
                 ip = next(free_addresses(block, subnet), None)
                 if ip is not None:

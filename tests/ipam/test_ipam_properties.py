@@ -85,3 +85,17 @@ async def test_host_prefers_own_blocks_then_claims_then_borrows(tmp_path):
     assert await o.delete_endpoint(s.id) is not None
     assert await o.delete_endpoint(s.id) is None
     await store.close()
+
+
+def test_a_dual_stack_network_gives_one_address_of_each_family() -> None:
+    async def go() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            store = SqliteStore(f"{d}/t.db")
+            o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
+            await o.put_network(Network(name="ds", subnets=[Subnet(cidr="10.71.0.0/16"),
+                                                            Subnet(cidr="fd00:71::/64")]), True)
+            await o.register_host(Host(name="h0", underlay_ip="198.18.0.1"))
+            for i in range(3):  # the second and third find the host's blocks of both families
+                ep, _ = await o.create_endpoint(Endpoint(name=f"e{i}", network="ds", host="h0"))
+                assert sorted(ipaddress.ip_address(ip).version for ip in ep.ips) == [4, 6]
+    asyncio.run(go())
