@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from tether.agent.cache import Replica
@@ -40,11 +41,17 @@ class VmPorts:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
         self._waiting_logged: set[str] = set()
+        self._last_full = 0.0
 
     def update(self, replica: Replica) -> None:
-        """Called after every applied plan (cheap: the kernel work happens in `_run`)."""
-        self.specs = wanted_vifs(replica, self.agent.host, self.agent.underlay_mtu)
-        self._wake.set()
+        """Called after every applied plan. The kernel is read (a dump of every link: costly with
+        hundreds of pods) only when this host's VM ports changed, at start, and every 30 s."""
+        specs = wanted_vifs(replica, self.agent.host, self.agent.underlay_mtu)
+        now = time.monotonic()
+        if specs != self.specs or now - self._last_full > 30:
+            self.specs = specs
+            self._last_full = now
+            self._wake.set()
 
     async def _run(self) -> None:
         while True:
