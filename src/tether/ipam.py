@@ -89,9 +89,12 @@ def candidate_blocks(network: Network, subnet: Subnet) -> Iterator[IPNet]:
 
 
 def free_addresses(block: Block, subnet: Subnet) -> Iterator[str]:
+    net = ipaddress.ip_network(block.cidr)
     taken = block.allocations
+    if len(taken) + len(block.reserved) >= net.num_addresses:
+        return  # full: a host holds dozens of full blocks, and walking each one made allocation O(n)
     reserved = set(block.reserved)
-    for ip in ipaddress.ip_network(block.cidr):
+    for ip in net:
         s = str(ip)
         if s not in taken and s not in reserved and in_pools(subnet, ip):
             yield s
