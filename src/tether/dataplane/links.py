@@ -108,6 +108,25 @@ def current_routes(ipr: IPRoute, index_to_name: dict[int, str]) -> dict[Route, d
     return out
 
 
+def _add_route(ipr: IPRoute, route: Route, oif: int, report: ApplyReport) -> bool:
+    try:
+        ipr.route("replace", **_route_kw(route, oif))
+    except NetlinkError as e:
+        report.add(f"route {route.dst} failed: {e}")
+        return False
+    report.add(f"route {route.dst} dev {route.dev}")
+    return True
+
+
+def _del_route(ipr: IPRoute, route: Route, oif: int | None, report: ApplyReport) -> None:
+    kw: dict = {"dst": route.dst, "table": 254, "proto": RTPROT_TETHER, "oif": oif}
+    if route.via:
+        kw["gateway"] = route.via
+    with contextlib.suppress(NetlinkError):
+        ipr.route("del", **kw)
+    report.add(f"del route {route.dst}")
+
+
 def _route_kw(route: Route, oif: int) -> dict:
     kw: dict = {"dst": route.dst, "oif": oif, "proto": RTPROT_TETHER, "table": 254}
     if route.via:
@@ -193,20 +212,12 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             oif = index_of.get(route.dev)
             if oif is None:
                 continue  # its device is not there yet (a pod being plugged): next pass
-            try:
-                ipr.route("replace", **_route_kw(route, oif))
+            if _add_route(ipr, route, oif, report):
                 done.routes.add(route)
-                report.add(f"route {route.dst} dev {route.dev}")
-            except NetlinkError as e:
-                report.add(f"route {route.dst} failed: {e}")
         for route, msg in have.items():
             # "?": a device newer than our link list (a pod plugged meanwhile): not ours to judge yet
             if route not in plan.routes and route.dev not in keep_interfaces and route.dev != "?":
-                with contextlib.suppress(NetlinkError):
-                    ipr.route("del", dst=route.dst, table=254, proto=RTPROT_TETHER, oif=msg.get("RTA_OIF"),
-                              gateway=route.via) if route.via else ipr.route(
-                        "del", dst=route.dst, table=254, proto=RTPROT_TETHER, oif=msg.get("RTA_OIF"))
-                report.add(f"del route {route.dst}")
+                _del_route(ipr, route, msg.get("RTA_OIF"), report)
     return report, done
 
 
@@ -279,12 +290,8 @@ def _apply_delta(ipr: IPRoute, plan: Plan, st: Applied, keep: Container[str]) ->
         oif = idx(route.dev)
         if oif is None:
             continue  # its device is not there yet: stays outside `st`, so the next pass retries
-        try:
-            ipr.route("replace", **_route_kw(route, oif))
+        if _add_route(ipr, route, oif, report):
             st.routes.add(route)
-            report.add(f"route {route.dst} dev {route.dev}")
-        except NetlinkError as e:
-            report.add(f"route {route.dst} failed: {e}")
     for route in sorted(st.routes - plan.routes):
         st.routes.discard(route)
         if route.dev in keep:
@@ -292,12 +299,7 @@ def _apply_delta(ipr: IPRoute, plan: Plan, st: Applied, keep: Container[str]) ->
         oif = idx(route.dev)
         if oif is None:
             continue  # the device is gone, and its routes with it
-        kw = {"dst": route.dst, "table": 254, "proto": RTPROT_TETHER, "oif": oif}
-        if route.via:
-            kw["gateway"] = route.via
-        with contextlib.suppress(NetlinkError):
-            ipr.route("del", **kw)
-        report.add(f"del route {route.dst}")
+        _del_route(ipr, route, oif, report)
     return report, st
 
 
