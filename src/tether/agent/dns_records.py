@@ -228,16 +228,29 @@ def lookup(rec: Records, q: Query) -> tuple[int, list[bytes], tuple[bytes, ...]]
     return NXDOMAIN, [], soa
 
 
-def answer(rec: Records, data: bytes) -> bytes | None:
-    """The answer for a cluster name, or None when the query must be forwarded upstream."""
+def _resolve(rec: Records, data: bytes) -> tuple[Query, int, list[bytes], tuple[bytes, ...]] | bytes | None:
+    """(query, rcode, answers, authority) for a cluster name; an error reply for a malformed
+    query; None when the query must be forwarded upstream."""
     q = parse_query(data)
     if q is None:
         return error(data, FORMERR)
     found = lookup(rec, q)
     if found is None:
         return None
-    rcode, answers, authority = found
-    if len(answers) > 1 and q.qtype in (A, AAAA, ANY):
+    return (q, *found)
+
+
+def _shuffled(q: Query, answers: list[bytes]) -> bool:
+    return len(answers) > 1 and q.qtype in (A, AAAA, ANY)
+
+
+def answer(rec: Records, data: bytes) -> bytes | None:
+    """The answer for a cluster name, or None when the query must be forwarded upstream."""
+    found = _resolve(rec, data)
+    if found is None or isinstance(found, bytes):
+        return found
+    q, rcode, answers, authority = found
+    if _shuffled(q, answers):
         answers = random.sample(answers, len(answers))
     return response(q, rcode, answers, authority)
 
@@ -253,14 +266,11 @@ def respond(rec: Records, data: bytes) -> bytes | None:
     tails = rec.memo.get(data[2:])
     if tails is not None:
         return data[:2] + (tails[0] if len(tails) == 1 else random.choice(tails))
-    q = parse_query(data)
-    if q is None:
-        return error(data, FORMERR)
-    found = lookup(rec, q)
-    if found is None:
-        return None
-    rcode, answers, authority = found
-    if len(answers) > 1 and q.qtype in (A, AAAA, ANY):
+    found = _resolve(rec, data)
+    if found is None or isinstance(found, bytes):
+        return found
+    q, rcode, answers, authority = found
+    if _shuffled(q, answers):
         orders = {tuple(random.sample(answers, len(answers))) for _ in range(SHUFFLES * 2)}
         tails = tuple(response(q, rcode, list(o), authority)[2:] for o in list(orders)[:SHUFFLES])
     else:
