@@ -24,6 +24,7 @@ import time
 from collections import deque
 from typing import Any
 
+from tether import jsonline
 from tether.agent.policy import LOG_GROUP, drop_owners
 
 log = logging.getLogger("tether.agent.flowlog")
@@ -215,14 +216,4 @@ async def start(agent: Any) -> list[FlowLog]:
 
 def query(path: str, limit: int = 50, denied: bool = True) -> list[dict[str, Any]]:
     """Ask one agent's flows socket for its recent records (used by `tether flows`)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(path)
-        s.sendall((json.dumps({"cmd": "flows", "limit": limit, "denied": denied}) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data or b"[]")
+    return jsonline.request(path, {"cmd": "flows", "limit": limit, "denied": denied}, 5, if_closed=[])

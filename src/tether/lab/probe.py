@@ -19,6 +19,8 @@ import os
 import socket
 import sys
 
+from tether import jsonline
+
 DEFAULT_PORTS = (80, 81)
 
 
@@ -110,17 +112,7 @@ async def serve(ports: list[int], control: str) -> None:
 
 def ask(control: str, targets: list[tuple[str, int, str]], timeout: float = 0.8) -> list[bool]:
     """Run probes from the pod whose `serve` listens on `control` (blocking)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout * 4 + 10)
-        s.connect(control)
-        s.sendall((json.dumps({"targets": [list(t) for t in targets], "timeout": timeout}) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return jsonline.request(control, {"targets": [list(t) for t in targets], "timeout": timeout}, timeout * 4 + 10)
 
 
 def main(argv: list[str] | None = None) -> None:
