@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fixtures.lab import unique
-from tests.policy.truth import Cluster, make_network
+from tests.policy.truth import Cluster, make_network, running_cluster
 from tether.lab.cluster import Lab
 from tether.model import SecurityGroup, SecurityGroupRule
 
@@ -25,13 +25,8 @@ EGRESS_ALL = rule("egress")
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> Iterator[Cluster]:
-    net = make_network(lab, unique("sg"), "10.64.0.0/16")
-    c = Cluster(lab, unique("s"), net)
-    try:
-        c.create()
+    with running_cluster(lab, unique("sg"), unique("s"), "10.64.0.0/16") as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture

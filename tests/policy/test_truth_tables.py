@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.fixtures.lab import unique
-from tests.policy.truth import Cluster, make_network
+from tests.policy.truth import Cluster, make_network, running_cluster
 from tether.lab.cluster import Lab
 
 pytestmark = pytest.mark.lab
@@ -124,13 +124,8 @@ SCENARIOS: dict[str, Scenario] = {
 
 @pytest.fixture(scope="module")
 def cluster(lab: Lab) -> Iterator[Cluster]:
-    net = make_network(lab, unique("np"), "10.61.0.0/16")
-    c = Cluster(lab, unique("t"), net)
-    try:
-        c.create()
+    with running_cluster(lab, unique("np"), unique("t"), "10.61.0.0/16") as c:
         yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tether.cli.policy_cli import trace_once
@@ -186,3 +188,14 @@ class Cluster:
 def make_network(lab: Lab, name: str, cidr: str) -> str:
     lab.client().create_network(Network(name=name, subnets=[Subnet(cidr=cidr)], encap="vxlan"))
     return name
+
+
+@contextmanager
+def running_cluster(lab: Lab, network: str, prefix: str, cidr: str) -> Iterator[Cluster]:
+    """The x/y/z namespaces with pods a/b/c on a new network of `lab`, closed even on failure."""
+    c = Cluster(lab, prefix, make_network(lab, network, cidr))
+    try:
+        c.create()
+        yield c
+    finally:
+        c.close()
