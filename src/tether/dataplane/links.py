@@ -138,9 +138,6 @@ def _route_kw(route: Route, oif: int) -> dict:
     return kw
 
 
-_sysctls_done: set[tuple[str, int]] = set()  # (host-side veth, ifindex) already configured by this process
-
-
 @dataclass
 class Applied:
     """What this process last made the kernel hold, so the next plan is applied as a difference
@@ -186,15 +183,12 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                 if msg.get("IFLA_MTU") != i.mtu or not msg["flags"] & 1:
                     ipr.link("set", index=msg["index"], mtu=i.mtu, state="up")
                     report.add(f"set {name}")
-                if (name, msg["index"]) not in _sysctls_done:  # once per link: hundreds of pods, every pass
-                    host_side_sysctls(name)
-                    _sysctls_done.add((name, msg["index"]))
+                host_side_sysctls(name)  # full passes are rare (start, reconcile): checking them all is fine
             elif remove_stale and name not in keep_interfaces:
                 with contextlib.suppress(NetlinkError):
                     ipr.link("del", index=msg["index"])
                 report.add(f"del stale {name}")
 
-        _sysctls_done.intersection_update((n, m["index"]) for n, m in links.items())
         if report.changed:  # links came or went: look again
             links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
         index_of = {name: msg["index"] for name, msg in links.items()}

@@ -21,19 +21,13 @@ def _json(*cmd: str) -> Any:
     return json.loads(r.stdout)
 
 
-def _zero_counters(obj: Any) -> Any:
+def _comparable(obj: Any, handles: bool) -> Any:
+    """nft JSON with counters zeroed and, unless `handles`, without object handles."""
     if isinstance(obj, dict):
-        return {k: ({"packets": 0, "bytes": 0} if k == "counter" else _zero_counters(v)) for k, v in obj.items()}
+        return {k: ({"packets": 0, "bytes": 0} if k == "counter" else _comparable(v, handles))
+                for k, v in obj.items() if handles or k != "handle"}
     if isinstance(obj, list):
-        return [_zero_counters(v) for v in obj]
-    return obj
-
-
-def _drop_handles(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _drop_handles(v) for k, v in obj.items() if k != "handle"}
-    if isinstance(obj, list):
-        return [_drop_handles(v) for v in obj]
+        return [_comparable(v, handles) for v in obj]
     return obj
 
 
@@ -50,7 +44,7 @@ def kernel_state(ns: str, handles: bool = True) -> dict[str, Any]:
     nft = _json("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "tether")
     nft_items = nft.get("nftables", []) if isinstance(nft, dict) else []
     return {"links": links, "routes": routes, "neighbours": neigh, "fdb": fdb,
-            "nft": _zero_counters([i if handles else _drop_handles(i) for i in nft_items if "metainfo" not in i])}
+            "nft": _comparable([i for i in nft_items if "metainfo" not in i], handles)}
 
 
 def leftovers(ns: str) -> dict[str, list]:
