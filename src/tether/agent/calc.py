@@ -17,6 +17,7 @@ from tether.dataplane.plan import (
     LINK_PREFIX,
     VTEP_NAME,
     VXLAN_OVERHEAD,
+    VXLAN_PORT,
     FdbEntry,
     HostInterface,
     Neighbour,
@@ -154,15 +155,35 @@ ACCEPT: dict = {"accept": None}
 DROP: dict = {"drop": None}
 CT_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
+CT_PASSED = _match({"ct": {"key": "state"}}, ["established", "related", "untracked"], "in")  # see base_nft
+NOTRACK: dict = {"notrack": None}
+UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
 SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 POD_IFACES = LINK_PREFIX + "*"
 
 
+def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
+    """(subnet, subnet) pairs of every network's IPv4 subnets: traffic that network isolation allows."""
+    pairs = set()
+    for n in rep.networks.values():
+        v4 = [s.cidr for s in n.subnets if ipaddress.ip_network(s.cidr).version == 4]
+        pairs.update((a, b) for a in v4 for b in v4)
+    return frozenset(pairs)
+
+
 def base_nft(rep: Replica, host: str = "") -> NftPlan:
     """The table every host has. Local pod interfaces default to "accept" in both directions; the
-    policy fragment replaces those verdicts for pods that policies or security groups select."""
+    policy fragment replaces those verdicts for pods that policies or security groups select.
+
+    Stateless fast path: conntrack costs about a fifth of a pod's throughput, and it is only needed
+    for stateful decisions (policies, security groups, service NAT, masquerade). So packets between
+    two addresses of one network are not tracked (`notrack` in `raw_prerouting`) unless either
+    address is in `stateful`, which the policy fragment fills with its selected local endpoints and
+    the services fragment with every backend and frontend address; the forward chain accepts
+    untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
+    Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
                     if ipaddress.ip_network(s.cidr).version == 4})
@@ -171,6 +192,8 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     sets = (
         NftSet("tether_nets", "ipv4_addr", ("interval",), elements=frozenset(cidrs)),
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
+        NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
+        NftSet("stateful", "ipv4_addr"),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
@@ -180,7 +203,25 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
+    me = rep.hosts.get(host)
+    vxlan_in: tuple[str, ...] = ()
+    vxlan_out: tuple[str, ...] = ()
+    if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
+        vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK,
+                         comment="vxlan underlay"),)
+        vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK,
+                          comment="vxlan underlay"),)
     chains = (
+        NftChain("raw_prerouting", (
+            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="),
+                 {"jump": {"target": "pod_source"}}),
+            *vxlan_in,
+            rule(_match({"concat": [_ip("saddr"), _ip("daddr")]}, "@same_net"),
+                 _match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="), NOTRACK,
+                 comment="stateless"),
+        ), hook="prerouting", type="filter", priority=-300, policy="accept"),
+        NftChain("raw_output", vxlan_out, hook="output", type="filter", priority=-300, policy="accept"),
+        NftChain("pod_source", ()),  # anti-spoofing; the policy fragment fills it
         NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
         NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
         NftChain("postrouting_nat", (
@@ -190,7 +231,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
                  {"masquerade": None}, comment="nat-outgoing"),
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
-            rule(CT_ESTABLISHED, ACCEPT),
+            rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},

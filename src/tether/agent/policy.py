@@ -10,8 +10,10 @@ update, not a rewrite of rules:
 - endpoints with the same network, policies and groups share one dispatch chain (`in-`/`out-<hash>`),
   reached through the `ep_in`/`ep_out` verdict maps: each applicable layer must have set its bit, or
   the packet is dropped with a counter and an NFLOG record (group `LOG_GROUP`);
-- anti-spoofing runs before conntrack (prerouting, raw priority) against sets of (interface,
-  address) and (interface, MAC) pairs.
+- anti-spoofing runs before conntrack (`pod_source`, jumped to from the base table's raw
+  prerouting chain) against sets of (interface, address) and (interface, MAC) pairs;
+- endpoints with any policy or security group go into `stateful`, so their traffic is tracked
+  (see `calc.base_nft`'s stateless fast path).
 The semantics are those of `tether.policy_eval`, which is written separately and checks this module.
 """
 
@@ -428,9 +430,8 @@ class Builder:
         s6 = self.add_set("ep_src6", ("ifname", "ipv6_addr"), src6, ("interval",))
         m = self.add_set("ep_mac", ("ifname", "ether_addr"), macs)
         k = self.add_set("ep_mac_known", "ifname", known)
-        self.chains["antispoof"] = NftChain("antispoof", (
-            rule(*POD_IF, {"jump": {"target": "pod_source"}}),
-        ), hook="prerouting", type="filter", priority=-300, policy="accept")
+        # the base table's raw_prerouting chain jumps here for packets from pod interfaces
+
         def pair(fld: dict) -> dict:
             return {"concat": [meta("iifname"), fld]}
 
@@ -478,6 +479,11 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
                     maps["nested_out"].add(((ep.interface, ip), kout))
                     maps["nested_in"].add(((ep.interface, ip), kin))
     b.antispoof(local, children)
+    stateful = set()  # see calc.base_nft: endpoints whose traffic needs conntrack on this host
+    for ep in [*local, *(kid for parent in local for kid in children.get(parent.id, []))]:
+        if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):
+            stateful.update(ip for ip in ep.ips if ipaddress.ip_address(ip).version == 4)
+    sets_extra = [NftSet("stateful", "ipv4_addr", elements=frozenset(stateful))]
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
@@ -488,7 +494,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
         rule({"vmap": {"key": meta("oifname"), "data": "@parent_in"}}),
         rule(COUNTER, DROP, comment="nested: no endpoint"),
     ))
-    sets = list(b.sets.values())
+    sets = list(b.sets.values()) + sets_extra
     for name, elems in maps.items():
         key: str | tuple[str, ...] = ("ifname", "ipv4_addr") if name.startswith("nested") else "ifname"
         sets.append(NftSet(name, key, map_type="verdict", elements=frozenset(elems)))

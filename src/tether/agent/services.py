@@ -211,7 +211,8 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
         rule({"match": {"op": "==", "left": {"&": [_CTMARK, HAIRPIN_MARK]}, "right": HAIRPIN_MARK}}, *snat,
              comment="published port"),
     ), hook="postrouting", type="nat", priority=99, policy="accept"))
-    no_backend = rule({"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
+    no_backend = rule({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
+                      {"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
                       {"counter": None}, {"reject": None}, comment="service without ready backends")
     chains.append(NftChain("svc_reject_fwd", (no_backend,), hook="forward", type="filter", priority=-10,
                            policy="accept"))
@@ -225,6 +226,9 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
         NftSet("svc_backend_port", (*FRONTEND, "mark"), map_type="inet_service", elements=frozenset(backend_port)),
         NftSet("svc_empty", FRONTEND, elements=frozenset(empty)),
         NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=frozenset(hairpin)),
+        # service traffic needs conntrack for its NAT: frontends and every backend stay tracked
+        NftSet("stateful", "ipv4_addr", elements=frozenset(
+            ip for f in fes for ip in (f.ip, *(b.ip for b in f.backends)) if ipaddress.ip_address(ip).version == 4)),
     ]
     if timeouts:
         sets += [NftSet(f"svc_aff_{k}", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),
