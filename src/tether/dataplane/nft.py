@@ -1,11 +1,20 @@
 """Applying the Plan's nftables table (`inet tether`) through `nft -j -f -`.
 
-Two kinds of change:
-- structure (set/map definitions, chains, rules): the whole table is replaced in one atomic batch;
-- elements only (a pod joins a label set, a backend is added): `add element` / `delete element`
-  commands only, so rules and chains are untouched.
-An empty marker set named after a hash of the structure, so a restarted agent recognises a table it
-wrote and, when its plan is unchanged, changes nothing at all.
+Every apply is one atomic `nft -j -f -` batch, and changes only what differs from the last apply:
+- set elements (a pod joins a label set, a backend is added): `add element` / `delete element`;
+- structure, at chain and set granularity: a chain whose rules changed is flushed and refilled, new
+  chains and sets are added, removed ones deleted, a base chain whose hook/priority/policy changed or
+  a set whose definition (type, flags, map type, timeout) changed is deleted and re-added in the same
+  batch (chains whose unchanged rules reference it are refilled too). Order inside the batch, so nft
+  accepts it: element deletes, chain flushes, set and chain deletes, chain adds (all before any rule
+  or map element that jumps to them), set adds, element adds, rules, marker rename.
+- the whole table is replaced (still atomic) only when the dataplane has no memory of the kernel's
+  structure (first apply, restart with another plan, after `forget()`) or when an incremental batch
+  failed (logged; the table is then rebuilt from the plan).
+A marker, a hash of the structure kept as the one element of the `plan_marker` set, so a restarted
+agent recognises a table it wrote and, when its plan is unchanged, changes nothing at all;
+incremental batches replace the element. After a successful apply the dataplane keeps, per chain
+and per set, a digest of its definition and rules (`_structure`): the next apply diffs against it.
 
 Element notation in `NftSet.elements`: addresses and CIDRs as strings ("10.1.0.0/16", "10.1.0.5"),
 ranges "a-b", concatenations as tuples, map entries as (key, value) pairs whose value is a verdict
@@ -17,14 +26,19 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.dataplane.plan import NFT_TABLE, NftChain, NftPlan, NftSet
 
+log = logging.getLogger(__name__)
+
 FAMILY = "inet"
 VERDICTS = ("jump ", "goto ")
+MARKER_SET = "plan_marker"  # type ifname, one element: structure_hash() of the table's plan
+IFNAMSIZ = 15
 
 
 class NftError(Exception):
@@ -33,13 +47,20 @@ class NftError(Exception):
 
 @dataclass
 class NftReport:
-    full: bool = False
+    full: bool = False  # the whole table was replaced
     element_commands: int = 0
+    structure_commands: int = 0  # chain/set/rule commands of an incremental structure change
+    chains_replaced: list[str] = field(default_factory=list)  # flushed and refilled (or re-created)
+    chains_added: list[str] = field(default_factory=list)
+    chains_removed: list[str] = field(default_factory=list)
+    sets_added: list[str] = field(default_factory=list)
+    sets_removed: list[str] = field(default_factory=list)
+    sets_redefined: list[str] = field(default_factory=list)  # deleted and re-added
     changes: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
-        return (1 if self.full else 0) + self.element_commands
+        return (1 if self.full else 0) + self.element_commands + self.structure_commands
 
 
 def run_nft(commands: list[dict], netns: str | None = None) -> None:
@@ -115,19 +136,43 @@ def chain_definition(c: NftChain) -> dict:
     return {"chain": body}
 
 
-def structure_of(plan: NftPlan) -> str:
-    """Everything but dynamic elements, as a canonical string (hashed into the table comment)."""
-    parts = [json.dumps(set_definition(s), sort_keys=True) for s in sorted(plan.sets, key=lambda s: s.name)]
-    for c in sorted(plan.chains, key=lambda c: c.name):
-        parts.append(json.dumps(chain_definition(c), sort_keys=True))
-        parts.extend(c.rules)
-    return "\n".join(parts)
+Layout = dict[tuple[str, str], tuple[str, str]]
+"""The structure of a table, per item: ("set", name) -> (kind "set"/"map", definition) and
+("chain", name) -> (definition, digest of its rules). Sets and chains have separate name spaces in
+nft (`nested_out` is both a map and a chain)."""
+
+
+def set_key(s: NftSet) -> tuple[str, str]:
+    return ("map" if s.map_type is not None else "set",
+            f"{s.type}|{s.flags}|{s.map_type}|{s.timeout}")
+
+
+def chain_key(c: NftChain) -> str:
+    return f"{c.hook}|{c.type}|{c.priority}|{c.policy}" if c.hook else ""
+
+
+def rules_digest(rules: tuple[str, ...]) -> str:
+    return hashlib.sha256("\n".join(rules).encode()).hexdigest()[:24]
+
+
+def layout_of(plan: NftPlan) -> Layout:
+    out: Layout = {("set", s.name): set_key(s) for s in plan.sets}
+    for c in plan.chains:
+        out[("chain", c.name)] = (chain_key(c), rules_digest(c.rules))
+    return out
+
+
+def layout_hash(layout: Layout) -> str:
+    text = "\n".join(f"{k}:{n}:{a}:{b}" for (k, n), (a, b) in sorted(layout.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:IFNAMSIZ]
 
 
 def structure_hash(plan: NftPlan) -> str:
-    """Name of the empty marker set that records which structure a table was built from
-    (nft 1.0.6 does not list table comments, so the marker is a set)."""
-    return "plan-" + hashlib.sha256(structure_of(plan).encode()).hexdigest()[:24]
+    """The marker recording which structure a table was built from: the one element of the
+    `plan_marker` set (nft 1.0.6 does not list table comments; an element rather than a set name, so
+    the set keeps its place in listings when the structure changes and changes back). Elements of
+    the plan's sets do not count."""
+    return layout_hash(layout_of(plan))
 
 
 def managed(s: NftSet) -> bool:
@@ -135,23 +180,34 @@ def managed(s: NftSet) -> bool:
     return s.timeout is None and "dynamic" not in s.flags
 
 
-def full_commands(plan: NftPlan) -> list[dict]:
+def marker_command(verb: str, marker: str) -> dict:
+    return {verb: {"element": {"family": FAMILY, "table": NFT_TABLE, "name": MARKER_SET, "elem": [marker]}}}
+
+
+def rule_commands(c: NftChain) -> list[dict]:
+    return [{"add": {"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": c.name, **json.loads(r)}}}
+            for r in c.rules]
+
+
+def elements_command(verb: str, s: NftSet, elems: list[Any]) -> dict:
+    return {verb: {"element": {"family": FAMILY, "table": NFT_TABLE, "name": s.name, "elem": elems}}}
+
+
+def full_commands(plan: NftPlan, marker: str | None = None) -> list[dict]:
     table = {"family": FAMILY, "name": NFT_TABLE}
     cmds: list[dict] = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}},
-                        {"add": {"set": {"family": FAMILY, "table": NFT_TABLE, "name": structure_hash(plan),
-                                         "type": "ipv4_addr"}}}]
+                        {"add": {"set": {"family": FAMILY, "table": NFT_TABLE, "name": MARKER_SET,
+                                         "type": "ifname"}}},
+                        marker_command("add", marker or structure_hash(plan))]
     for s in plan.sets:
         cmds.append({"add": set_definition(s)})
     for c in plan.chains:  # all chains before any rule, so jumps resolve
         cmds.append({"add": chain_definition(c)})
     for s in plan.sets:
         if s.elements and managed(s):
-            cmds.append({"add": {"element": {"family": FAMILY, "table": NFT_TABLE, "name": s.name,
-                                             "elem": [render_element(s, e) for e in sorted(s.elements, key=repr)]}}})
+            cmds.append(elements_command("add", s, [render_element(s, e) for e in sorted(s.elements, key=repr)]))
     for c in plan.chains:
-        for r in c.rules:
-            body = json.loads(r)
-            cmds.append({"add": {"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": c.name, **body}}})
+        cmds.extend(rule_commands(c))
     return cmds
 
 
@@ -214,13 +270,29 @@ def kernel_elements(table: list[dict]) -> dict[str, set]:
     return out
 
 
+def rule_counts(table: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in table:
+        if "chain" in item:
+            out.setdefault(item["chain"]["name"], 0)
+        elif "rule" in item:
+            name = item["rule"]["chain"]
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
 def table_comment(table: list[dict]) -> str | None:
     """The structure marker of a table we wrote (see structure_hash)."""
     for item in table:
-        name = item.get("set", {}).get("name", "")
-        if name.startswith("plan-"):
-            return name
+        body = item.get("set", {})
+        if body.get("name") == MARKER_SET and len(body.get("elem", [])) == 1:
+            return str(body["elem"][0])
     return None
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 class NftDataplane:
@@ -228,73 +300,173 @@ class NftDataplane:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._structure: str | None = None
-        self._elements: dict[str, set] | None = None
+        self._structure: Layout | None = None  # per chain/set digests of what the kernel holds
+        self._marker: str | None = None
+        self._elements: dict[str, set] | None = None  # managed sets: elements as the kernel lists them
+        self._raw: dict[str, frozenset] = {}  # the plan elements behind _elements (unchanged -> no re-diff)
+        self._counts: dict[str, int] = {}  # rules per chain, for verify
 
     def forget(self) -> None:
         """Drop the memory of the last apply (the next apply re-reads the kernel)."""
         self._structure = None
+        self._marker = None
         self._elements = None
+        self._raw = {}
+        self._counts = {}
+
+    def _remember(self, plan: NftPlan, layout: Layout, marker: str, elements: dict[str, set],
+                  raw: dict[str, frozenset]) -> None:
+        self._structure, self._marker, self._elements, self._raw = layout, marker, elements, raw
+        self._counts = {c.name: len(c.rules) for c in plan.chains}
 
     def apply(self, plan: NftPlan) -> NftReport:
         report = NftReport()
-        want_hash = structure_hash(plan)
+        layout = layout_of(plan)
+        marker = layout_hash(layout)
         if self._structure is None:
             table = list_table(self.netns)
-            if table is not None and table_comment(table) == want_hash:
-                self._structure = want_hash
-                self._elements = kernel_elements(table)
-        if self._structure != want_hash:
-            run_nft(full_commands(plan), self.netns)
-            report.full = True
-            report.changes.append("table replaced")
-            self._structure = want_hash
-            self._elements = {s.name: {canon_mine(s, e) for e in s.elements} for s in plan.sets if managed(s)}
+            if table is not None and table_comment(table) == marker:
+                kernel = kernel_elements(table)
+                self._remember(plan, layout, marker, {s.name: kernel.get(s.name, set()) for s in plan.sets
+                                                      if managed(s)}, {})
+        if self._structure is None:
+            self._full(plan, layout, marker, report, "table replaced")
             return report
-        cmds = self.element_commands(plan, report)
-        run_nft(cmds, self.netns)
+        try:
+            cmds, elements, raw = self._commands(plan, layout, marker, report)
+            run_nft(cmds, self.netns)
+        except NftError as e:  # the batch is atomic: the kernel still holds the previous table
+            log.warning("incremental nft update failed, replacing the whole table: %s", e)
+            self.forget()
+            report = NftReport()
+            self._full(plan, layout, marker, report, "table replaced (incremental update failed)")
+            return report
+        self._remember(plan, layout, marker, elements, raw)
         return report
 
-    def element_commands(self, plan: NftPlan, report: NftReport) -> list[dict]:
+    def _full(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, why: str) -> None:
+        run_nft(full_commands(plan, marker), self.netns)
+        report.full = True
+        report.changes.append(why)
+        managed_sets = [s for s in plan.sets if managed(s)]
+        self._remember(plan, layout, marker, {s.name: {canon_mine(s, e) for e in s.elements} for s in managed_sets},
+                       {s.name: s.elements for s in managed_sets})
+
+    def _commands(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport
+                  ) -> tuple[list[dict], dict[str, set], dict[str, frozenset]]:
+        """One batch taking the kernel from `_structure`/`_elements` to `plan`, and the element memory
+        after it. Touches only chains and sets that differ (see the module docstring for the order)."""
+        old = self._structure
+        assert old is not None
+        if old == layout:
+            deletes, adds, elements, raw = self._element_diff(plan, set(), report)
+            report.element_commands = len(deletes) + len(adds)
+            return deletes + adds, elements, raw
+        sets = {s.name: s for s in plan.sets}
+        chains = {c.name: c for c in plan.chains}
+        old_sets = {n: v for (k, n), v in old.items() if k == "set"}
+        old_chains = {n: v for (k, n), v in old.items() if k == "chain"}
+        s_added = [n for n in sets if n not in old_sets]
+        s_removed = sorted(n for n in old_sets if n not in sets)
+        s_redef = [n for n in sets if n in old_sets and old_sets[n] != layout[("set", n)]]
+        c_added = [n for n in chains if n not in old_chains]
+        c_removed = sorted(n for n in old_chains if n not in chains)
+        c_redef = [n for n in chains if n in old_chains and old_chains[n][0] != layout[("chain", n)][0]]
+        c_refill = [n for n in chains if n in old_chains and old_chains[n][0] == layout[("chain", n)][0]
+                    and old_chains[n][1] != layout[("chain", n)][1]]
+        if s_redef:  # a set is deleted and re-added: rules that name it must go first, even unchanged ones
+            needles = [f'"@{n}"' for n in s_redef]
+            busy = {*c_refill, *c_redef, *c_added}
+            c_refill += [c.name for c in plan.chains if c.name not in busy
+                         and any(nd in r for r in c.rules for nd in needles)]
+        # base chains cannot be jump or goto targets, so nothing references a re-created (base) chain
+
+        deletes, adds, elements, raw = self._element_diff(plan, {*s_added, *s_redef}, report)
+        t = {"family": FAMILY, "table": NFT_TABLE}
+        cmds: list[dict] = list(deletes)  # first: map entries pointing at chains about to go
+        cmds += [{"flush": {"chain": {**t, "name": n}}} for n in (*c_refill, *c_removed, *c_redef)]
+        cmds += [{"delete": {old_sets[n][0]: {**t, "name": n}}} for n in (*s_removed, *s_redef)]
+        cmds += [{"delete": {"chain": {**t, "name": n}}} for n in (*c_removed, *c_redef)]
+        cmds += [{"add": chain_definition(chains[n])} for n in (*c_added, *c_redef)]
+        cmds += [{"add": set_definition(sets[n])} for n in (*s_added, *s_redef)]
+        cmds += adds
+        refill = {*c_refill, *c_added, *c_redef}
+        for c in plan.chains:
+            if c.name in refill:
+                cmds += rule_commands(c)
+        if marker != self._marker:
+            if self._marker:
+                cmds.append(marker_command("delete", self._marker))
+            cmds.append(marker_command("add", marker))
+        report.element_commands = len(deletes) + len(adds)
+        report.structure_commands = len(cmds) - report.element_commands
+        report.chains_replaced = sorted({*c_refill, *c_redef})
+        report.chains_added, report.chains_removed = sorted(c_added), c_removed
+        report.sets_added, report.sets_removed, report.sets_redefined = sorted(s_added), s_removed, sorted(s_redef)
+        for what, names in (("chains replaced", report.chains_replaced), ("chains added", report.chains_added),
+                            ("chains removed", report.chains_removed), ("sets added", report.sets_added),
+                            ("sets removed", report.sets_removed), ("sets redefined", report.sets_redefined)):
+            if names:
+                report.changes.insert(0, f"{what}: {_names(names)}")
+        return cmds, elements, raw
+
+    def _element_diff(self, plan: NftPlan, fresh: set[str], report: NftReport
+                      ) -> tuple[list[dict], list[dict], dict[str, set], dict[str, frozenset]]:
+        """Element deletes and adds for managed sets, and the element memory after them. Sets in
+        `fresh` are (re)created in the batch, so they get all their elements."""
         assert self._elements is not None
         deletes: list[dict] = []
         adds: list[dict] = []
+        elements: dict[str, set] = {}
+        raw: dict[str, frozenset] = {}
         for s in plan.sets:
             if not managed(s):
                 continue
+            raw[s.name] = s.elements
+            if s.name not in fresh and self._raw.get(s.name) == s.elements and s.name in self._elements:
+                elements[s.name] = self._elements[s.name]  # same plan elements as last time
+                continue
             want = {canon_mine(s, e): e for e in s.elements}
+            elements[s.name] = set(want)
+            if s.name in fresh:
+                if s.elements:
+                    adds.append(elements_command("add", s, [render_element(s, e)
+                                                            for e in sorted(s.elements, key=repr)]))
+                continue
             have = self._elements.get(s.name, set())
             gone = have - set(want)
             new = [want[k] for k in set(want) - have]
             if s.map_type is not None:  # a key whose value changed: delete the old entry first
-                gone_keys = [k for k, _ in gone]
-                if gone_keys:
-                    deletes.append({"delete": {"element": {"family": FAMILY, "table": NFT_TABLE, "name": s.name,
-                                                           "elem": [render_value(k) for k in gone_keys]}}})
+                if gone:
+                    deletes.append(elements_command("delete", s, [render_value(k) for k, _ in gone]))
             elif gone:
-                deletes.append({"delete": {"element": {"family": FAMILY, "table": NFT_TABLE, "name": s.name,
-                                                       "elem": [render_value(x) for x in gone]}}})
+                deletes.append(elements_command("delete", s, [render_value(x) for x in gone]))
             if new:
-                adds.append({"add": {"element": {"family": FAMILY, "table": NFT_TABLE, "name": s.name,
-                                                 "elem": [render_element(s, e) for e in sorted(new, key=repr)]}}})
+                adds.append(elements_command("add", s, [render_element(s, e) for e in sorted(new, key=repr)]))
             if gone or new:
                 report.changes.append(f"{s.name}: +{len(new)} -{len(gone)}")
-            self._elements[s.name] = set(want)
-        report.element_commands = len(deletes) + len(adds)
-        return deletes + adds
+        return deletes, adds, elements, raw
 
     def verify(self, plan: NftPlan) -> bool:
-        """Full reconcile: does the kernel still hold what we think? If not, forget and re-apply later."""
+        """Full reconcile: does the kernel still hold what we think (what we applied last, or else
+        `plan`)? Compares the structure marker, every managed set's elements and every chain's rule
+        count. If not, forget, so the next apply replaces the table."""
         table = list_table(self.netns)
-        if table is None or table_comment(table) != structure_hash(plan):
+        if self._structure is not None and self._elements is not None:
+            marker, elements, counts = self._marker, self._elements, self._counts
+        else:
+            marker = structure_hash(plan)
+            elements = {s.name: {canon_mine(s, e) for e in s.elements} for s in plan.sets if managed(s)}
+            counts = {c.name: len(c.rules) for c in plan.chains}
+        ok = table is not None and table_comment(table) == marker
+        if ok:
+            assert table is not None
+            kernel = kernel_elements(table)
+            ok = all(kernel.get(name, set()) == want for name, want in elements.items())
+            ok = ok and rule_counts(table) == counts
+        if not ok:
             self.forget()
-            return False
-        kernel = kernel_elements(table)
-        for s in plan.sets:
-            if managed(s) and kernel.get(s.name, set()) != {canon_mine(s, e) for e in s.elements}:
-                self.forget()
-                return False
-        return True
+        return ok
 
 
 def delete_table(netns: str | None = None) -> None:

@@ -1,0 +1,265 @@
+"""Incremental nft updates without a kernel: given the plan applied last and a new plan, the batch
+holds only the commands for what differs, in an order nft accepts (see `tether.dataplane.nft`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+from tether.dataplane import nft
+from tether.dataplane.nft import NftDataplane, NftError
+from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
+
+
+def jump(target: str) -> str:
+    return rule({"jump": {"target": target}})
+
+
+def uses(set_name: str, comment: str = "") -> str:
+    return rule({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                           "right": "@" + set_name}}, {"accept": None}, comment=comment or None)
+
+
+def base_plan() -> NftPlan:
+    return NftPlan(
+        sets=(NftSet("ep_in", "ifname", map_type="verdict",
+                     elements=frozenset({("tth1", "goto in-a"), ("tth2", "goto in-b")})),
+              NftSet("sel-1", "ipv4_addr", elements=frozenset({"10.0.0.1"})),
+              NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2"})),
+              NftSet("stateful", "ipv4_addr", elements=frozenset({"10.0.0.9"}))),
+        chains=(NftChain("forward", (rule({"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@ep_in"}}),),
+                         hook="forward", type="filter", priority=0, policy="accept"),
+                NftChain("raw", (uses("stateful"),), hook="prerouting", type="filter", priority=-300,
+                         policy="accept"),
+                NftChain("in-a", (jump("npi-1"), rule({"accept": None}))),
+                NftChain("in-b", (jump("npi-2"), rule({"accept": None}))),
+                NftChain("npi-1", (uses("sel-1", "p1"),)),
+                NftChain("npi-2", (uses("sel-2", "p2"),))),
+    )
+
+
+def with_chain(plan: NftPlan, chain: NftChain) -> NftPlan:
+    chains = {c.name: c for c in plan.chains}
+    chains[chain.name] = chain
+    return replace(plan, chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
+
+
+def with_set(plan: NftPlan, s: NftSet) -> NftPlan:
+    sets = {x.name: x for x in plan.sets}
+    sets[s.name] = s
+    return replace(plan, sets=tuple(sorted(sets.values(), key=lambda x: x.name)))
+
+
+def without(plan: NftPlan, chains: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> NftPlan:
+    return NftPlan(sets=tuple(s for s in plan.sets if s.name not in sets),
+                   chains=tuple(c for c in plan.chains if c.name not in chains))
+
+
+class FakeKernel:
+    """Records batches instead of running nft; `fail` makes the next n batches fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[dict]] = []
+        self.fail = 0
+
+    def run(self, commands: list[dict], netns: str | None = None) -> None:
+        if not commands:
+            return
+        if self.fail:
+            self.fail -= 1
+            raise NftError("nft failed: simulated")
+        self.batches.append(commands)
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
+    k = FakeKernel()
+    monkeypatch.setattr(nft, "run_nft", k.run)
+    monkeypatch.setattr(nft, "list_table", lambda netns=None: None)
+    yield k
+
+
+def applied(old: NftPlan, kernel: FakeKernel) -> NftDataplane:
+    dp = NftDataplane("nowhere")
+    assert dp.apply(old).full
+    kernel.batches.clear()
+    return dp
+
+
+def ops(batch: list[dict]) -> list[str]:
+    """Each command as "verb kind name" (rules: "add rule <chain>")."""
+    out = []
+    for cmd in batch:
+        (verb, body), = cmd.items()
+        (kind, obj), = body.items()
+        out.append(f"{verb} {kind} {obj.get('chain') or obj.get('name')}")
+    return out
+
+
+def test_one_chain_whose_rules_changed_is_flushed_and_refilled_alone(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    new = with_chain(old, NftChain("npi-1", (uses("sel-1", "p1 port 8080"),)))
+    report = dp.apply(new)
+    batch, = kernel.batches
+    assert ops(batch) == ["flush chain npi-1", "add rule npi-1", "delete element plan_marker",
+                          "add element plan_marker"]
+    assert batch[1]["add"]["rule"]["comment"] == "p1 port 8080"
+    assert not report.full and report.chains_replaced == ["npi-1"] and report.structure_commands == 4
+    assert report.changes == ["chains replaced: npi-1"]
+
+
+def test_unchanged_plan_issues_nothing_and_element_changes_are_element_commands(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    assert dp.apply(old).changed == 0 and kernel.batches == []
+    new = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2", "10.0.0.3"})))
+    report = dp.apply(new)
+    assert ops(kernel.batches[0]) == ["add element sel-2"]
+    assert report.element_commands == 1 and report.structure_commands == 0 and not report.full
+
+
+def test_a_new_chain_exists_before_the_rule_and_the_map_entry_that_jump_to_it(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    new = with_chain(old, NftChain("in-b", (jump("npi-2"), jump("npi-3"), rule({"accept": None}))))
+    new = with_chain(new, NftChain("npi-3", (uses("sel-3"),)))
+    new = with_chain(new, NftChain("in-c", (rule({"accept": None}),)))
+    new = with_set(new, NftSet("sel-3", "ipv4_addr", elements=frozenset({"10.0.0.3"})))
+    new = with_set(new, NftSet("ep_in", "ifname", map_type="verdict",
+                               elements=frozenset({("tth1", "goto in-a"), ("tth2", "goto in-b"),
+                                                   ("tth3", "goto in-c")})))
+    report = dp.apply(new)
+    o = ops(kernel.batches[0])
+    assert o == ["flush chain in-b",
+                 "add chain in-c", "add chain npi-3", "add set sel-3",
+                 "add element ep_in", "add element sel-3",
+                 "add rule in-b", "add rule in-b", "add rule in-b", "add rule in-c", "add rule npi-3",
+                 "delete element plan_marker", "add element plan_marker"]
+    assert report.chains_added == ["in-c", "npi-3"] and report.sets_added == ["sel-3"]
+    assert report.chains_replaced == ["in-b"]
+
+
+def test_a_removed_chain_is_flushed_unreferenced_and_only_then_deleted(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    # in-b goes (with its map entry), npi-2 and its selector set go with it
+    new = without(old, chains=("in-b", "npi-2"), sets=("sel-2",))
+    new = with_set(new, NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset({("tth1", "goto in-a")})))
+    report = dp.apply(new)
+    o = ops(kernel.batches[0])
+    assert o == ["delete element ep_in", "flush chain in-b", "flush chain npi-2", "delete set sel-2",
+                 "delete chain in-b", "delete chain npi-2", "delete element plan_marker", "add element plan_marker"]
+    assert report.chains_removed == ["in-b", "npi-2"] and report.sets_removed == ["sel-2"]
+    assert not report.chains_replaced and not report.full
+
+
+def test_a_chain_moving_its_jump_to_another_chain(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    # in-a now jumps to a new npi-9 instead of npi-1, which goes away
+    new = without(old, chains=("npi-1",), sets=("sel-1",))
+    new = with_chain(new, NftChain("in-a", (jump("npi-9"), rule({"accept": None}))))
+    new = with_chain(new, NftChain("npi-9", (uses("sel-2", "p9"),)))
+    dp.apply(new)
+    o = ops(kernel.batches[0])
+    flush_a, flush_1 = o.index("flush chain in-a"), o.index("flush chain npi-1")
+    assert o.index("delete chain npi-1") > max(flush_a, flush_1)
+    assert o.index("delete set sel-1") > max(flush_a, flush_1)
+    assert o.index("add chain npi-9") < o.index("add rule in-a")
+    assert "flush chain in-b" not in o and "flush chain npi-2" not in o and "flush chain forward" not in o
+
+
+def test_a_base_chain_whose_hook_settings_changed_is_recreated(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    fwd = old.chain("forward")
+    assert fwd is not None
+    report = dp.apply(with_chain(old, replace(fwd, priority=10, policy="drop")))
+    o = ops(kernel.batches[0])
+    assert o == ["flush chain forward", "delete chain forward", "add chain forward", "add rule forward",
+                 "delete element plan_marker", "add element plan_marker"]
+    assert kernel.batches[0][2]["add"]["chain"]["prio"] == 10
+    assert report.chains_replaced == ["forward"]
+
+
+def test_a_redefined_set_is_recreated_after_the_rules_naming_it_are_flushed(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    # raw's rules are unchanged but name @stateful, whose flags change
+    report = dp.apply(with_set(old, NftSet("stateful", "ipv4_addr", ("interval",),
+                                           elements=frozenset({"10.0.0.0/24"}))))
+    o = ops(kernel.batches[0])
+    assert o == ["flush chain raw", "delete set stateful", "add set stateful", "add element stateful",
+                 "add rule raw", "delete element plan_marker", "add element plan_marker"]
+    assert report.sets_redefined == ["stateful"] and report.chains_replaced == ["raw"]
+    # a set turning into a map keeps its name but is deleted as what it was
+    dp.apply(with_set(old, NftSet("sel-1", "ipv4_addr", map_type="verdict")))
+    o = ops(kernel.batches[1])
+    assert o.index("flush chain npi-1") < o.index("delete set sel-1") < o.index("add map sel-1")
+
+
+def test_a_failed_incremental_batch_falls_back_to_a_full_replace(kernel: FakeKernel,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    new = with_chain(old, NftChain("npi-1", (uses("sel-1", "changed"),)))
+    kernel.fail = 1
+    report = dp.apply(new)
+    assert report.full and "incremental update failed" in report.changes[0]
+    assert "replacing the whole table" in caplog.text
+    batch, = kernel.batches
+    assert ops(batch)[:3] == ["add table tether", "delete table tether", "add table tether"]
+    kernel.batches.clear()
+    assert dp.apply(new).changed == 0 and kernel.batches == []  # and it remembers the full apply
+
+
+def test_a_failed_element_update_falls_back_too(kernel: FakeKernel) -> None:
+    old = base_plan()
+    dp = applied(old, kernel)
+    kernel.fail = 1
+    report = dp.apply(with_set(old, NftSet("sel-1", "ipv4_addr", elements=frozenset({"10.0.0.7"}))))
+    assert report.full and len(kernel.batches) == 1
+
+
+def test_restart_with_the_same_structure_adopts_the_kernel_and_issues_nothing(
+        kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = base_plan()
+    listed = [{"set": {"name": "plan_marker", "elem": [nft.structure_hash(plan)]}},
+              {"map": {"name": "ep_in", "elem": [["tth1", {"goto": {"target": "in-a"}}],
+                                                 ["tth2", {"goto": {"target": "in-b"}}]]}},
+              {"set": {"name": "sel-1", "elem": ["10.0.0.1"]}}, {"set": {"name": "sel-2", "elem": ["10.0.0.2"]}},
+              {"set": {"name": "stateful", "elem": ["10.0.0.9"]}}]
+    monkeypatch.setattr(nft, "list_table", lambda netns=None: listed)
+    dp = NftDataplane("nowhere")
+    assert dp.apply(plan).changed == 0 and kernel.batches == []
+    # and then it updates incrementally from what it adopted
+    report = dp.apply(with_chain(plan, NftChain("npi-2", ())))
+    assert ops(kernel.batches[0])[:1] == ["flush chain npi-2"] and not report.full
+
+
+def test_restart_with_another_structure_replaces_the_table(kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setattr(nft, "list_table", lambda netns=None: [{"set": {"name": "plan_marker", "elem": ["x"]}}])
+    assert NftDataplane("nowhere").apply(base_plan()).full
+
+
+def test_the_marker_depends_on_structure_not_elements() -> None:
+    a = base_plan()
+    b = with_set(a, NftSet("sel-1", "ipv4_addr", elements=frozenset({"10.9.9.9"})))
+    c = with_chain(a, NftChain("npi-1", (uses("sel-1", "other"),)))
+    assert nft.structure_hash(a) == nft.structure_hash(b) != nft.structure_hash(c)
+    assert len(nft.structure_hash(a)) <= 15  # an ifname element
+
+
+def test_full_commands_are_unchanged_in_shape() -> None:
+    cmds = nft.full_commands(base_plan())
+    o = ops(cmds)
+    assert o[:5] == ["add table tether", "delete table tether", "add table tether", "add set plan_marker",
+                     "add element plan_marker"]
+    first_rule = next(i for i, x in enumerate(o) if x.startswith("add rule"))
+    assert all(not x.startswith("add chain") for x in o[first_rule:])
+    assert json.dumps(cmds)  # JSON-able
