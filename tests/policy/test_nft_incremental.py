@@ -95,7 +95,8 @@ def ops(batch: list[dict]) -> list[str]:
     for cmd in batch:
         (verb, body), = cmd.items()
         (kind, obj), = body.items()
-        out.append(f"{verb} {kind} {obj.get('chain') or obj.get('name')}")
+        name = obj.get("chain") or obj.get("name")
+        out.append("rename marker" if verb == "rename" and name.startswith("plan-") else f"{verb} {kind} {name}")
     return out
 
 
@@ -105,10 +106,9 @@ def test_one_chain_whose_rules_changed_is_flushed_and_refilled_alone(kernel: Fak
     new = with_chain(old, NftChain("npi-1", (uses("sel-1", "p1 port 8080"),)))
     report = dp.apply(new)
     batch, = kernel.batches
-    assert ops(batch) == ["flush chain npi-1", "add rule npi-1", "delete element plan_marker",
-                          "add element plan_marker"]
+    assert ops(batch) == ["flush chain npi-1", "add rule npi-1", "rename marker"]
     assert batch[1]["add"]["rule"]["comment"] == "p1 port 8080"
-    assert not report.full and report.chains_replaced == ["npi-1"] and report.structure_commands == 4
+    assert not report.full and report.chains_replaced == ["npi-1"] and report.structure_commands == 3
     assert report.changes == ["chains replaced: npi-1"]
 
 
@@ -138,7 +138,7 @@ def test_a_new_chain_exists_before_the_rule_and_the_map_entry_that_jump_to_it(ke
                  "add chain in-c", "add chain npi-3", "add set sel-3",
                  "add element ep_in", "add element sel-3",
                  "add rule in-b", "add rule in-b", "add rule in-b", "add rule in-c", "add rule npi-3",
-                 "delete element plan_marker", "add element plan_marker"]
+                 "rename marker"]
     assert report.chains_added == ["in-c", "npi-3"] and report.sets_added == ["sel-3"]
     assert report.chains_replaced == ["in-b"]
 
@@ -152,7 +152,7 @@ def test_a_removed_chain_is_flushed_unreferenced_and_only_then_deleted(kernel: F
     report = dp.apply(new)
     o = ops(kernel.batches[0])
     assert o == ["delete element ep_in", "flush chain in-b", "flush chain npi-2", "delete set sel-2",
-                 "delete chain in-b", "delete chain npi-2", "delete element plan_marker", "add element plan_marker"]
+                 "delete chain in-b", "delete chain npi-2", "rename marker"]
     assert report.chains_removed == ["in-b", "npi-2"] and report.sets_removed == ["sel-2"]
     assert not report.chains_replaced and not report.full
 
@@ -181,7 +181,7 @@ def test_a_base_chain_whose_hook_settings_changed_is_recreated(kernel: FakeKerne
     report = dp.apply(with_chain(old, replace(fwd, priority=10, policy="drop")))
     o = ops(kernel.batches[0])
     assert o == ["flush chain forward", "delete chain forward", "add chain forward", "add rule forward",
-                 "delete element plan_marker", "add element plan_marker"]
+                 "rename marker"]
     assert kernel.batches[0][2]["add"]["chain"]["prio"] == 10
     assert report.chains_replaced == ["forward"]
 
@@ -194,7 +194,7 @@ def test_a_redefined_set_is_recreated_after_the_rules_naming_it_are_flushed(kern
                                            elements=frozenset({"10.0.0.0/24"}))))
     o = ops(kernel.batches[0])
     assert o == ["flush chain raw", "delete set stateful", "add set stateful", "add element stateful",
-                 "add rule raw", "delete element plan_marker", "add element plan_marker"]
+                 "add rule raw", "rename marker"]
     assert report.sets_redefined == ["stateful"] and report.chains_replaced == ["raw"]
     # a set turning into a map keeps its name but is deleted as what it was
     dp.apply(with_set(old, NftSet("sel-1", "ipv4_addr", map_type="verdict")))
@@ -228,7 +228,7 @@ def test_a_failed_element_update_falls_back_too(kernel: FakeKernel) -> None:
 def test_restart_with_the_same_structure_adopts_the_kernel_and_issues_nothing(
         kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = base_plan()
-    listed = [{"set": {"name": "plan_marker", "elem": [nft.structure_hash(plan)]}},
+    listed = [{"chain": {"name": nft.structure_hash(plan)}},
               {"map": {"name": "ep_in", "elem": [["tth1", {"goto": {"target": "in-a"}}],
                                                  ["tth2", {"goto": {"target": "in-b"}}]]}},
               {"set": {"name": "sel-1", "elem": ["10.0.0.1"]}}, {"set": {"name": "sel-2", "elem": ["10.0.0.2"]}},
@@ -243,7 +243,7 @@ def test_restart_with_the_same_structure_adopts_the_kernel_and_issues_nothing(
 
 def test_restart_with_another_structure_replaces_the_table(kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    monkeypatch.setattr(nft, "list_table", lambda netns=None: [{"set": {"name": "plan_marker", "elem": ["x"]}}])
+    monkeypatch.setattr(nft, "list_table", lambda netns=None: [{"chain": {"name": "plan-x"}}])
     assert NftDataplane("nowhere").apply(base_plan()).full
 
 
@@ -252,14 +252,13 @@ def test_the_marker_depends_on_structure_not_elements() -> None:
     b = with_set(a, NftSet("sel-1", "ipv4_addr", elements=frozenset({"10.9.9.9"})))
     c = with_chain(a, NftChain("npi-1", (uses("sel-1", "other"),)))
     assert nft.structure_hash(a) == nft.structure_hash(b) != nft.structure_hash(c)
-    assert len(nft.structure_hash(a)) <= 15  # an ifname element
 
 
 def test_full_commands_are_unchanged_in_shape() -> None:
     cmds = nft.full_commands(base_plan())
     o = ops(cmds)
-    assert o[:5] == ["add table tether", "delete table tether", "add table tether", "add set plan_marker",
-                     "add element plan_marker"]
+    assert o[:4] == ["add table tether", "delete table tether", "add table tether",
+                     f"add chain {nft.structure_hash(base_plan())}"]
     first_rule = next(i for i, x in enumerate(o) if x.startswith("add rule"))
     assert all(not x.startswith("add chain") for x in o[first_rule:])
     assert json.dumps(cmds)  # JSON-able

@@ -11,10 +11,12 @@ Every apply is one atomic `nft -j -f -` batch, and changes only what differs fro
 - the whole table is replaced (still atomic) only when the dataplane has no memory of the kernel's
   structure (first apply, restart with another plan, after `forget()`) or when an incremental batch
   failed (logged; the table is then rebuilt from the plan).
-A marker, a hash of the structure kept as the one element of the `plan_marker` set, so a restarted
-agent recognises a table it wrote and, when its plan is unchanged, changes nothing at all;
-incremental batches replace the element. After a successful apply the dataplane keeps, per chain
-and per set, a digest of its definition and rules (`_structure`): the next apply diffs against it.
+A marker, an empty chain named after a hash of the structure (`plan-<hash>`), so a restarted agent
+recognises a table it wrote and, when its plan is unchanged, changes nothing at all; incremental
+batches rename it (a chain, not a set or an element: a rename keeps its place in listings, and in
+nft 1.0.6 any element command costs a fetch of every set's elements, ~0.25 s on a big table).
+After a successful apply the dataplane keeps, per chain and per set, a digest of its definition and
+rules (`_structure`): the next apply diffs against it.
 
 Element notation in `NftSet.elements`: addresses and CIDRs as strings ("10.1.0.0/16", "10.1.0.5"),
 ranges "a-b", concatenations as tuples, map entries as (key, value) pairs whose value is a verdict
@@ -37,8 +39,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "inet"
 VERDICTS = ("jump ", "goto ")
-MARKER_SET = "plan_marker"  # type ifname, one element: structure_hash() of the table's plan
-IFNAMSIZ = 15
+MARKER_PREFIX = "plan-"  # the marker chain: MARKER_PREFIX + hash of the table's structure
 
 
 class NftError(Exception):
@@ -164,14 +165,12 @@ def layout_of(plan: NftPlan) -> Layout:
 
 def layout_hash(layout: Layout) -> str:
     text = "\n".join(f"{k}:{n}:{a}:{b}" for (k, n), (a, b) in sorted(layout.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:IFNAMSIZ]
+    return MARKER_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def structure_hash(plan: NftPlan) -> str:
-    """The marker recording which structure a table was built from: the one element of the
-    `plan_marker` set (nft 1.0.6 does not list table comments; an element rather than a set name, so
-    the set keeps its place in listings when the structure changes and changes back). Elements of
-    the plan's sets do not count."""
+    """Name of the empty marker chain that records which structure a table was built from (nft
+    1.0.6 does not list table comments). Elements of the plan's sets do not count."""
     return layout_hash(layout_of(plan))
 
 
@@ -180,8 +179,6 @@ def managed(s: NftSet) -> bool:
     return s.timeout is None and "dynamic" not in s.flags
 
 
-def marker_command(verb: str, marker: str) -> dict:
-    return {verb: {"element": {"family": FAMILY, "table": NFT_TABLE, "name": MARKER_SET, "elem": [marker]}}}
 
 
 def rule_commands(c: NftChain) -> list[dict]:
@@ -196,9 +193,8 @@ def elements_command(verb: str, s: NftSet, elems: list[Any]) -> dict:
 def full_commands(plan: NftPlan, marker: str | None = None) -> list[dict]:
     table = {"family": FAMILY, "name": NFT_TABLE}
     cmds: list[dict] = [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}},
-                        {"add": {"set": {"family": FAMILY, "table": NFT_TABLE, "name": MARKER_SET,
-                                         "type": "ifname"}}},
-                        marker_command("add", marker or structure_hash(plan))]
+                        {"add": {"chain": {"family": FAMILY, "table": NFT_TABLE,
+                                           "name": marker or structure_hash(plan)}}}]
     for s in plan.sets:
         cmds.append({"add": set_definition(s)})
     for c in plan.chains:  # all chains before any rule, so jumps resolve
@@ -271,9 +267,10 @@ def kernel_elements(table: list[dict]) -> dict[str, set]:
 
 
 def rule_counts(table: list[dict]) -> dict[str, int]:
+    """Rules per chain (but the marker chain)."""
     out: dict[str, int] = {}
     for item in table:
-        if "chain" in item:
+        if "chain" in item and not item["chain"]["name"].startswith(MARKER_PREFIX):
             out.setdefault(item["chain"]["name"], 0)
         elif "rule" in item:
             name = item["rule"]["chain"]
@@ -284,9 +281,9 @@ def rule_counts(table: list[dict]) -> dict[str, int]:
 def table_comment(table: list[dict]) -> str | None:
     """The structure marker of a table we wrote (see structure_hash)."""
     for item in table:
-        body = item.get("set", {})
-        if body.get("name") == MARKER_SET and len(body.get("elem", [])) == 1:
-            return str(body["elem"][0])
+        name = item.get("chain", {}).get("name", "")
+        if name.startswith(MARKER_PREFIX):
+            return name
     return None
 
 
@@ -396,8 +393,9 @@ class NftDataplane:
                 cmds += rule_commands(c)
         if marker != self._marker:
             if self._marker:
-                cmds.append(marker_command("delete", self._marker))
-            cmds.append(marker_command("add", marker))
+                cmds.append({"rename": {"chain": {**t, "name": self._marker, "newname": marker}}})
+            else:
+                cmds.append({"add": {"chain": {**t, "name": marker}}})
         report.element_commands = len(deletes) + len(adds)
         report.structure_commands = len(cmds) - report.element_commands
         report.chains_replaced = sorted({*c_refill, *c_redef})
