@@ -7,18 +7,38 @@ a dummy device in the host's namespace. Pods reach it through their default rout
 gateway), with no NAT in the path, so the conntrack race that drops one of two parallel A/AAAA
 queries from one socket under DNAT cannot happen.
 
-Why a thread for UDP: a blocking recvfrom/sendto loop answers cluster names several times faster
-than an asyncio protocol; misses are handed to the event loop, which forwards them (dnspython).
+Why a worker process for UDP: a blocking recvfrom/sendto loop answers cluster names several times
+faster than an asyncio protocol, and it runs in its own small process (`python -m tether.agent.dns`,
+sharing the bound socket) rather than in a thread of the agent, because a thread shares the agent's
+GIL: whenever the agent computes (a reconcile pass, a plan, a heartbeat) an I/O thread that gives
+the GIL up on every recvfrom/sendto gets it back only after the switch interval (5 ms), so it
+answers about one query per 5 ms for as long as the agent computes (the "convoy effect"; measured:
+2-3 ms stalls at every 5 s heartbeat, 60-150 ms stalls at every 30 s reconcile pass).
+
+The worker holds its own copy of the records, sent by the agent over a unix stream pair after each
+change (a pickled `Records`; when several are waiting the worker loads only the newest). Misses go
+back over a unix datagram pair to the agent's event loop, which forwards them (dnspython) and
+replies on the shared socket; when the agent is too busy to take them they are dropped (the client
+retries), never queued in front of cluster answers. The worker exits when the records pair closes
+(the agent stopped or died); the agent starts a new worker when one dies. TCP (rare: clients retrying
+an answer truncated over UDP) is served by the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gc
 import logging
 import os
+import pickle
+import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +61,10 @@ DNS_DEVICE = "tether-dns"
 MAX_CACHE = 10000
 MAX_CACHE_TTL = 3600
 UPSTREAM_TIMEOUT = 2.0
+WORKER_RESTART_DELAY = 1.0
+FRAME = struct.Struct("!Ic")  # agent -> worker stream: payload length, kind; then the payload
+RECORDS = b"R"  # a pickled Records
+MISS = struct.Struct("!4sH")  # worker -> agent datagram: the client's address and port, then the query
 
 
 def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf") -> list[str]:
@@ -106,20 +130,25 @@ class ForwardCache:
 
 
 class DnsServer:
-    """UDP and TCP on `ip:port` in the agent's network namespace."""
+    """UDP (in a worker process) and TCP (on the event loop) on `ip:port` in the agent's namespace."""
 
     def __init__(self, ip: str, port: int, upstreams: list[str], records: Records | None = None) -> None:
         self.ip, self.port = ip, port
         self.upstreams = upstreams
         self.records = records or Records()
         self.cache = ForwardCache()
-        self.queries = 0
+        self.tcp_queries = 0
         self.forwarded = 0
+        self.worker_starts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._worker: subprocess.Popen | None = None
+        self._to_worker: asyncio.StreamWriter | None = None
+        self._from_worker: asyncio.StreamReader | None = None
+        self._misses: socket.socket | None = None
+        self._worker_task: asyncio.Task | None = None
         self._tcp: asyncio.base_events.Server | None = None
-        self._stop = threading.Event()
+        self._closing = False
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self._revision = -1
         self._tasks: set[asyncio.Future] = set()
@@ -134,19 +163,20 @@ class DnsServer:
         udp.bind((self.ip, self.port))
         self._udp = udp
         self.port = udp.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve_udp, name="dns-udp", daemon=True)
-        self._thread.start()
+        await self._spawn_worker()
+        self._worker_task = asyncio.ensure_future(self._worker_loop())
         self._tcp = await asyncio.start_server(self._serve_tcp, self.ip, self.port, reuse_address=True)
         log.warning("DNS on %s:%d (udp+tcp), upstream %s", self.ip, self.port, ", ".join(self.upstreams) or "none")
 
     async def close(self) -> None:
-        self._stop.set()
+        self._closing = True
         if self._tcp is not None:
             self._tcp.close()
-        if self._thread is not None:  # wake the blocking recvfrom with one datagram
-            with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.sendto(b"", (self.ip, self.port))
-            await asyncio.to_thread(self._thread.join, 2)
+        if self._worker_task is not None:
+            self._worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+        await self._stop_worker()
         if self._udp is not None:
             self._udp.close()
 
@@ -157,32 +187,88 @@ class DnsServer:
         self._revision = replica.revision
         self.records = dns_records.build(replica.endpoints, replica.services, replica.networks.values(),
                                          serial=replica.revision)
+        self._send_records()
 
-    # --- UDP: the fast path in a thread -----------------------------------------------------------
+    # --- UDP: the fast path in a worker process ---------------------------------------------------
 
-    def _serve_udp(self) -> None:
-        sock = self._udp
-        assert sock is not None and self._loop is not None
-        recv, send, respond = sock.recvfrom, sock.sendto, dns_records.respond
-        loop = self._loop
-        while True:
+    async def _spawn_worker(self) -> None:
+        assert self._udp is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        misses, misses_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        misses.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        fds = (self._udp.fileno(), theirs.fileno(), misses_theirs.fileno())
+        try:
+            self._worker = subprocess.Popen([sys.executable, "-m", "tether.agent.dns", "--udp-worker", *map(str, fds)],
+                                            pass_fds=fds, stdin=subprocess.DEVNULL)
+        except OSError:
+            ours.close()
+            misses.close()
+            raise
+        finally:  # the worker holds the only copies: it sees EOF when the agent goes away
+            theirs.close()
+            misses_theirs.close()
+        self.worker_starts += 1
+        self._from_worker, self._to_worker = await asyncio.open_unix_connection(sock=ours)
+        misses.setblocking(False)
+        self._misses = misses
+        assert self._loop is not None
+        self._loop.add_reader(misses.fileno(), self._take_misses)
+        self._send_records()
+
+    async def _stop_worker(self) -> None:
+        if self._misses is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._misses.fileno())
+            self._misses.close()
+            self._misses = None
+        if self._to_worker is not None:
+            self._to_worker.close()  # the worker exits on EOF
+            self._to_worker = None
+        p, self._worker = self._worker, None
+        if p is not None:
             try:
-                data, addr = recv(4096)
+                await asyncio.to_thread(p.wait, 2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                await asyncio.to_thread(p.wait)
+
+    def _send_records(self) -> None:
+        if self._to_worker is None or self._to_worker.is_closing():
+            return
+        payload = pickle.dumps(dataclasses.replace(self.records, memo={}), pickle.HIGHEST_PROTOCOL)
+        self._to_worker.write(FRAME.pack(len(payload), RECORDS) + payload)
+
+    def _take_misses(self) -> None:
+        assert self._misses is not None
+        for _ in range(256):  # then let the loop run other work
+            try:
+                msg = self._misses.recv(8192)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
                 return
-            if self._stop.is_set():
+            if len(msg) < MISS.size:
+                continue
+            ip, port = MISS.unpack_from(msg)
+            self._forward_udp(msg[MISS.size:], (socket.inet_ntoa(ip), port))
+
+    async def _worker_loop(self) -> None:
+        """Start a new worker when one dies (it never writes on the records pair: EOF is its end)."""
+        while True:
+            assert self._from_worker is not None
+            with contextlib.suppress(ConnectionError):
+                while await self._from_worker.read(4096):
+                    pass
+            if self._closing:
                 return
-            self.queries += 1
+            code = self._worker.poll() if self._worker is not None else None
+            log.error("the DNS worker stopped (exit status %s); starting another", code)
+            await self._stop_worker()
+            await asyncio.sleep(WORKER_RESTART_DELAY)
             try:
-                out = respond(self.records, data)
-            except Exception:  # noqa: BLE001 - a malformed packet must not stop the server
-                log.exception("answering a query failed")
-                continue
-            if out is not None:
-                with contextlib.suppress(OSError):
-                    send(out, addr)
-                continue
-            loop.call_soon_threadsafe(self._forward_udp, data, addr)
+                await self._spawn_worker()
+            except OSError as e:
+                log.error("cannot start the DNS worker: %s", e)
 
     def _forward_udp(self, data: bytes, addr: tuple[str, int]) -> None:
         async def run() -> None:
@@ -204,7 +290,7 @@ class DnsServer:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), 10)
                 data = await reader.readexactly(struct.unpack("!H", head)[0])
-                self.queries += 1
+                self.tcp_queries += 1
                 out = dns_records.respond(self.records, data)
                 if out is None:
                     out = await self.resolve(data)
@@ -281,6 +367,85 @@ def _truncated(out: bytes) -> bytes:
     return msg.to_wire()
 
 
+def _frames(buf: bytearray) -> list[tuple[bytes, bytes]]:
+    """Take the complete frames off the front of `buf`."""
+    out, i = [], 0
+    while len(buf) - i >= FRAME.size:
+        size, kind = FRAME.unpack_from(buf, i)
+        if len(buf) - i - FRAME.size < size:
+            break
+        out.append((kind, bytes(buf[i + FRAME.size:i + FRAME.size + size])))
+        i += FRAME.size + size
+    del buf[:i]
+    return out
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def udp_worker(udp_fd: int, pair_fd: int, misses_fd: int) -> None:
+    """The worker process: answer cluster names on the agent's UDP socket, hand misses back.
+
+    One thread reads the pair (new records; EOF: the agent is gone, exit at once); when several
+    record sets are waiting only the newest is loaded (a burst of changes costs one load). The main
+    thread is the recvfrom/respond/sendto loop, alone with its GIL. Garbage collection: the loop
+    allocates no cycles, and the records are frozen out of the collector's view after each load,
+    so a collection never walks them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C goes to the agent, which closes us
+    udp = socket.socket(fileno=udp_fd)
+    pair = socket.socket(fileno=pair_fd)
+    misses = socket.socket(fileno=misses_fd)
+    loaded = threading.Event()
+    holder: list[Records] = [Records()]
+
+    def control() -> None:
+        buf = bytearray()
+        while True:
+            chunk = pair.recv(1 << 20)
+            if not chunk:
+                os._exit(0)
+            buf += chunk
+            newest = [payload for kind, payload in _frames(buf) if kind == RECORDS][-1:]
+            if newest and not _readable(pair):  # else a newer set is already on its way: wait for it
+                try:
+                    holder[0] = pickle.loads(newest[0])
+                except Exception:  # noqa: BLE001 - keep the records we have
+                    log.exception("loading new DNS records failed")
+                    continue
+                gc.collect()
+                gc.freeze()
+                loaded.set()
+
+    threading.Thread(target=control, name="dns-control", daemon=True).start()
+    loaded.wait()  # the agent sends its records first: never answer NXDOMAIN from an empty table
+    recv, send, respond, miss = udp.recvfrom, udp.sendto, dns_records.respond, misses.send
+    pack, aton, dontwait = MISS.pack, socket.inet_aton, socket.MSG_DONTWAIT
+    dropped = 0
+    while True:
+        try:
+            data, addr = recv(4096)
+        except OSError:
+            return
+        try:
+            out = respond(holder[0], data)
+        except Exception:  # noqa: BLE001 - a malformed packet must not stop the server
+            log.exception("answering a query failed")
+            continue
+        if out is not None:
+            with contextlib.suppress(OSError):
+                send(out, addr)
+            continue
+        try:
+            miss(pack(aton(addr[0]), addr[1]) + data, dontwait)
+        except BlockingIOError:  # the agent is behind: drop, the client retries
+            dropped += 1
+            if dropped & (dropped - 1) == 0:
+                log.warning("DNS worker: %d queries to forward dropped (the agent is busy)", dropped)
+        except OSError:
+            os._exit(0)
+
+
 async def start(agent: Any) -> list[DnsServer]:
     """Agent extra: bring up the address, start serving, and tell pods (CNI `dns`) where we are."""
     cfg = agent.cfg
@@ -297,3 +462,8 @@ async def start(agent: Any) -> list[DnsServer]:
     await server.start()
     agent.dns_ip = ip
     return [server]
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--udp-worker":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    udp_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -21,8 +21,10 @@ import random
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tether.model import Endpoint, Network, Service
+if TYPE_CHECKING:  # the DNS worker process imports this module: it needs no models (or pydantic)
+    from tether.model import Endpoint, Network, Service
 
 A, NS, CNAME, SOA, PTR, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 28, 33, 41, 255
 CLASS_IN = 1
