@@ -153,7 +153,6 @@ def _match(left: dict, right, op: str = "==") -> dict:
 
 ACCEPT: dict = {"accept": None}
 DROP: dict = {"drop": None}
-CT_ESTABLISHED = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
 CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
 CT_PASSED = _match({"ct": {"key": "state"}}, ["established", "related", "untracked"], "in")  # see base_nft
 NOTRACK: dict = {"notrack": None}
@@ -207,7 +206,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
     if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
-        vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK,
+        vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                          comment="vxlan underlay"),)
         vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK,
                           comment="vxlan underlay"),)
@@ -241,7 +240,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
                  DROP, comment="unknown pod interface"),
         ), hook="forward", type="filter", priority=0, policy="accept"),
         NftChain("input", (
-            rule(CT_ESTABLISHED, ACCEPT),
+            rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )
