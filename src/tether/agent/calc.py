@@ -208,8 +208,9 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
         vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                          comment="vxlan underlay"),)
-        vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK,
+        vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                           comment="vxlan underlay"),)
+    svc_reject = rule({"jump": {"target": "svc_reject"}})
     chains = (
         NftChain("raw_prerouting", (
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="),
@@ -219,8 +220,10 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
                  _match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="), NOTRACK,
                  comment="stateless"),
         ), hook="prerouting", type="filter", priority=-300, policy="accept"),
-        NftChain("raw_output", vxlan_out, hook="output", type="filter", priority=-300, policy="accept"),
+        NftChain("raw_output", (*vxlan_out, svc_reject), hook="output", type="filter", priority=-300,
+                 policy="accept"),
         NftChain("pod_source", ()),  # anti-spoofing; the policy fragment fills it
+        NftChain("svc_reject", ()),  # frontends without backends; the services fragment fills it
         NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
         NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
         NftChain("postrouting_nat", (
@@ -232,6 +235,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftChain("forward", (
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
+            svc_reject,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
                  DROP, comment="unknown pod interface"),

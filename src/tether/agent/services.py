@@ -211,13 +211,11 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
         rule({"match": {"op": "==", "left": {"&": [_CTMARK, HAIRPIN_MARK]}, "right": HAIRPIN_MARK}}, *snat,
              comment="published port"),
     ), hook="postrouting", type="nat", priority=99, policy="accept"))
-    no_backend = rule({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}},
-                      {"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
-                      {"counter": None}, {"reject": None}, comment="service without ready backends")
-    chains.append(NftChain("svc_reject_fwd", (no_backend,), hook="forward", type="filter", priority=-10,
-                           policy="accept"))
-    chains.append(NftChain("svc_reject_out", (no_backend,), hook="output", type="filter", priority=-10,
-                           policy="accept"))
+    # jumped to from the base table's forward chain (new connections) and raw_output chain: no base
+    # chain of its own, because every base chain is one more hook on every packet's path
+    chains.append(NftChain("svc_reject", (
+        rule({"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
+             {"counter": None}, {"reject": None}, comment="service without ready backends"),)))
 
     sets = [
         NftSet("svc_vips", FRONTEND, map_type="verdict", elements=frozenset(vips)),
