@@ -97,7 +97,7 @@ def model(n_pols: int = 12, n_eps: int = 30) -> Replica:
     for j in range(n_pols):
         set_policy(r, j, n_pols, port=80)
     r.objects["SecurityGroup"]["g1"] = SecurityGroup(id="g1", name="web", rules=[
-        SecurityGroupRule(direction="ingress", protocol="tcp", port_range_min=80, port_range_max=81,
+        SecurityGroupRule(id="r1", direction="ingress", protocol="tcp", port_range_min=80, port_range_max=81,
                           remote_group_id="g1")])
     return r
 

@@ -19,6 +19,7 @@ The semantics are those of `tether.policy_eval`, which is written separately and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -55,8 +56,14 @@ def addr_field(version: int, which: str) -> dict:
     return payload("ip" if version == 4 else "ip6", which)
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR or address, parsed once (host bits allowed)."""
+    return ipaddress.ip_network(cidr, strict=False)
+
+
 def prefix(cidr: str) -> Any:
-    net = ipaddress.ip_network(cidr, strict=False)
+    net = network(cidr)
     if net.prefixlen == net.max_prefixlen:
         return str(net.network_address)
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
@@ -78,6 +85,33 @@ POD_OIF = [match(meta("oifname"), LINK_PREFIX + "*"), match(meta("oifname"), VTE
 
 def mark_missing(bit: int) -> dict:
     return match({"&": [meta("mark"), bit]}, 0)
+
+
+# rules every dispatch chain shares, encoded once
+TO_OWN_HOST = rule(FIB_LOCAL, ACCEPT, comment="to its own host")
+CLEAR_MARKS = rule(MARK_CLEAR)
+ACCEPT_RULE = rule(ACCEPT)
+TO_EP_IN = rule({"vmap": {"key": meta("oifname"), "data": "@ep_in"}})
+UNKNOWN_OIF = rule(*POD_OIF, COUNTER, DROP, comment="unknown pod interface")
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def jump_rule(target: str) -> str:
+    return rule({"jump": {"target": target}})
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def dispatch_name(d: str, network: str, policy_ids: tuple[str, ...], group_ids: tuple[str, ...]) -> str:
+    """`in-`/`out-<hash>` of a dispatch chain: endpoints with the same layers share it."""
+    return f"{d}-{short(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
+
+
+_POLICY_RULES: dict[tuple, tuple[str, ...]] = {}  # see Builder.policy_chain
+
+
+def ip_version(address: str) -> int:
+    """4 or 6 for a valid address (without parsing it)."""
+    return 6 if ":" in address else 4
 
 
 def denied(*matches: dict, comment: str) -> str:
@@ -131,6 +165,7 @@ class Index:
     pols_by_label: dict[tuple[str, str, str], list[NetworkPolicy]] = field(default_factory=dict)
     pols_any: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
     peer_cache: dict[str, list[str]] = field(default_factory=dict)
+    selecting_cache: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
@@ -172,18 +207,23 @@ class Index:
 
     def selecting(self, ep: Endpoint) -> list[NetworkPolicy]:
         """Policies whose podSelector may select `ep` (checked fully by the caller), in policy order."""
+        cached = self.selecting_cache.get(ep.id)
+        if cached is not None:
+            return cached
         found = list(self.pols_any.get(ep.namespace, []))
         for k, v in ep.labels.items():
             found.extend(self.pols_by_label.get((ep.namespace, k, v), []))
-        return sorted(found, key=lambda p: (p.namespace, p.name))
+        out = self.selecting_cache[ep.id] = sorted(found, key=lambda p: (p.namespace, p.name))
+        return out
 
     def group(self, ref: str) -> SecurityGroup | None:
         return self.groups.get(ref) or next((g for g in self.groups.values() if g.name == ref), None)
 
-    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any]) -> list[str]:
+    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any], key: str | None = None) -> list[str]:
+        """Addresses of the endpoints a selector peer matches; `key` is its `selector_json`."""
         nsel = peer.get("namespaceSelector")
         psel = peer.get("podSelector") or {}
-        key = json.dumps([None if nsel is not None else pol.namespace, nsel, psel], sort_keys=True)
+        key = key or selector_json(pol, peer)
         if key in self.peer_cache:
             return self.peer_cache[key]
         out: list[str] = []
@@ -199,10 +239,15 @@ class Index:
         return out
 
 
-def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int) -> str:
+def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
+    """A selector peer, canonically (names its set and keys the peer cache)."""
     key = {"ns": None if peer.get("namespaceSelector") is not None else pol.namespace,
            "nsel": peer.get("namespaceSelector"), "psel": peer.get("podSelector") or {}}
-    return f"sel{'' if version == 4 else '6'}-{short(json.dumps(key, sort_keys=True))}"
+    return json.dumps(key, sort_keys=True)
+
+
+def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int, key: str | None = None) -> str:
+    return f"sel{'' if version == 4 else '6'}-{short(key or selector_json(pol, peer))}"
 
 
 # --- compilation -----------------------------------------------------------------------------------
@@ -214,6 +259,7 @@ class Builder:
         self.sets: dict[str, NftSet] = {}
         self.chains: dict[str, NftChain] = {}
         self.versions = (4, 6) if idx.v6 else (4,)
+        self._layers: dict[tuple[str, str], tuple[list[NetworkPolicy], list[SecurityGroup]]] = {}
 
     def add_set(self, name: str, typ: str | tuple[str, ...], elements: Iterable[Any], flags: tuple[str, ...] = ()
                 ) -> str:
@@ -227,18 +273,19 @@ class Builder:
         """Alternatives (ORed) of statement lists (ANDed) matching one peer on the remote address."""
         block = peer.get("ipBlock")
         if block:
-            net = ipaddress.ip_network(block["cidr"], strict=False)
+            net = network(block["cidr"])
             stmts = [match(addr_field(net.version, which), prefix(block["cidr"]))]
-            excepts = [x for x in block.get("except") or [] if ipaddress.ip_network(x, strict=False).version ==
+            excepts = [x for x in block.get("except") or [] if network(x).version ==
                        net.version]
             if excepts:
                 stmts.append(match(addr_field(net.version, which), {"set": [prefix(x) for x in excepts]}, "!="))
             return [stmts]
         out = []
-        ips = self.idx.peer_ips(pol, peer)
+        key = selector_json(pol, peer)
+        ips = self.idx.peer_ips(pol, peer, key)
         for v in self.versions:
-            name = selector_set_name(pol, peer, v)
-            members = [ip for ip in ips if ipaddress.ip_address(ip).version == v]
+            name = selector_set_name(pol, peer, v, key)
+            members = [ip for ip in ips if ip_version(ip) == v]
             ref = self.add_set(name, "ipv4_addr" if v == 4 else "ipv6_addr", members)
             out.append([match(addr_field(v, which), ref)])
         return out
@@ -287,16 +334,26 @@ class Builder:
         if name in self.chains:
             return name
         key, peers_key, which = (("ingress", "from", "saddr") if direction == "Ingress" else ("egress", "to", "daddr"))
+        spec_rules = pol.spec.get(key) or []
+        # the encoded rules depend only on this (set names follow from the policy and its peers; the
+        # sets' elements are added below either way), so an unchanged policy is not re-encoded
+        memo = (pol.namespace, pol.name, direction, self.versions, json.dumps(spec_rules, sort_keys=True, default=str))
+        encoded = _POLICY_RULES.get(memo)
         rules: list[str] = []
-        for i, r in enumerate(pol.spec.get(key) or []):
+        for i, r in enumerate(spec_rules):
             r = r or {}
             peers = r.get(peers_key) or []
             peer_alts = [alt for pr in peers for alt in self.peer_matches(pol, pr, which)] if peers else [[]]
-            for peer in peer_alts:
-                for port in self.port_matches(r.get("ports") or [], direction):
-                    rules.append(rule(*peer, *port, mark_set(NP_OK), RETURN,
-                                      comment=f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]))
-        self.chains[name] = NftChain(name, tuple(rules))
+            ports = self.port_matches(r.get("ports") or [], direction)
+            if encoded is None:
+                comment = f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]
+                rules.extend(rule(*peer, *port, mark_set(NP_OK), RETURN, comment=comment)
+                             for peer in peer_alts for port in ports)
+        if encoded is None:
+            if len(_POLICY_RULES) >= 1 << 15:
+                _POLICY_RULES.clear()
+            encoded = _POLICY_RULES[memo] = tuple(rules)
+        self.chains[name] = NftChain(name, encoded)
         return name
 
     # --- security groups ------------------------------------------------------------------------
@@ -306,7 +363,7 @@ class Builder:
         for ep in self.idx.endpoints:
             if group_id in ep.security_groups:
                 for a in [*ep.ips, *(p.ip_address for p in ep.allowed_address_pairs)]:
-                    net = ipaddress.ip_network(a, strict=False)
+                    net = network(a)
                     if net.version == version:
                         elems.add(str(net))
         return self.add_set(f"sgm{'' if version == 4 else '6'}-{id12(group_id)}",
@@ -332,7 +389,7 @@ class Builder:
                 if r.port_range_max is not None:
                     stmts.append(match(payload(proto, "code"), r.port_range_max))
         if r.remote_ip_prefix:
-            net = ipaddress.ip_network(r.remote_ip_prefix, strict=False)
+            net = network(r.remote_ip_prefix)
             if net.version != version:
                 return None
             if net.prefixlen:
@@ -359,6 +416,12 @@ class Builder:
     # --- per-endpoint dispatch ------------------------------------------------------------------
 
     def layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
+        found = self._layers.get((ep.id, direction))
+        if found is None:
+            found = self._layers[(ep.id, direction)] = self._find_layers(ep, direction)
+        return found
+
+    def _find_layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
         pols = [p for p in self.idx.selecting(ep) if direction in rule_types(p.spec)
                 and label_match(p.spec.get("podSelector") or {}, ep.labels)]
         groups = [g for g in (self.idx.group(ref) for ref in sorted(set(ep.security_groups))) if g is not None]
@@ -370,22 +433,21 @@ class Builder:
     def dispatch_chain(self, ep: Endpoint, direction: str) -> str:
         pols, groups = self.layers(ep, direction)
         d = "in" if direction == "Ingress" else "out"
-        sig = json.dumps([d, ep.network if direction == "Ingress" else "", [p.id for p in pols],
-                          [g.id for g in groups]])
-        name = f"{d}-{short(sig)}"
+        name = dispatch_name(d, ep.network if direction == "Ingress" else "", tuple(p.id for p in pols),
+                             tuple(g.id for g in groups))
         if name in self.chains:
             return name
         rules: list[str] = []
         if direction == "Egress" and (pols or groups):
-            rules.append(rule(FIB_LOCAL, ACCEPT, comment="to its own host"))
+            rules.append(TO_OWN_HOST)
         if pols or groups:
-            rules.append(rule(MARK_CLEAR))
+            rules.append(CLEAR_MARKS)
         if pols:
-            rules.extend(rule({"jump": {"target": self.policy_chain(p, direction)}}) for p in pols)
+            rules.extend(jump_rule(self.policy_chain(p, direction)) for p in pols)
             names = " ".join(f"{p.namespace}/{p.name}" for p in pols)
             rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}"))
         if groups:
-            rules.extend(rule({"jump": {"target": self.group_chain(g, direction)}}) for g in groups)
+            rules.extend(jump_rule(self.group_chain(g, direction)) for g in groups)
             names = " ".join(g.name for g in groups)
             rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}"))
         if direction == "Ingress":
@@ -398,11 +460,9 @@ class Builder:
                     ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
                                        "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
                     rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}"))
-            rules.append(rule(ACCEPT))
+            rules.append(ACCEPT_RULE)
         else:
-            rules.append(rule({"vmap": {"key": meta("oifname"), "data": "@ep_in"}}))
-            rules.append(rule(*POD_OIF, COUNTER, DROP, comment="unknown pod interface"))
-            rules.append(rule(ACCEPT))
+            rules.extend((TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))
         self.chains[name] = NftChain(name, tuple(rules))
         return name
 
@@ -475,14 +535,14 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
         for kid in kids:
             kout, kin = "goto " + b.dispatch_chain(kid, "Egress"), "goto " + b.dispatch_chain(kid, "Ingress")
             for ip in kid.ips:
-                if ipaddress.ip_address(ip).version == 4:
+                if ip_version(ip) == 4:
                     maps["nested_out"].add(((ep.interface, ip), kout))
                     maps["nested_in"].add(((ep.interface, ip), kin))
     b.antispoof(local, children)
     stateful = set()  # see calc.base_nft: endpoints whose traffic needs conntrack on this host
     for ep in [*local, *(kid for parent in local for kid in children.get(parent.id, []))]:
         if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):
-            stateful.update(ip for ip in ep.ips if ipaddress.ip_address(ip).version == 4)
+            stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     sets_extra = [NftSet("stateful", "ipv4_addr", elements=frozenset(stateful))]
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
