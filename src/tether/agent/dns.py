@@ -243,9 +243,7 @@ class DnsServer:
         for _ in range(256):  # then let the loop run other work
             try:
                 msg = self._misses.recv(8192)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more waiting
                 return
             if len(msg) < MISS.size:
                 continue
