@@ -141,6 +141,8 @@ def test_a_new_chain_exists_before_the_rule_and_the_map_entry_that_jump_to_it(ke
                  "rename marker"]
     assert report.chains_added == ["in-c", "npi-3"] and report.sets_added == ["sel-3"]
     assert report.chains_replaced == ["in-b"]
+    assert report.changes == ["chains replaced: in-b", "chains added: in-c, npi-3", "sets added: sel-3",
+                              "ep_in: +1 -0"]
 
 
 def test_a_removed_chain_is_flushed_unreferenced_and_only_then_deleted(kernel: FakeKernel) -> None:

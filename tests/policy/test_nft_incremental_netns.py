@@ -17,7 +17,7 @@ import pytest
 
 from tether.agent.cache import Replica
 from tether.agent.calc import HostContext, compute_nft
-from tether.dataplane.nft import NftDataplane
+from tether.dataplane.nft import NftDataplane, structure_hash
 from tether.dataplane.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
 
@@ -169,6 +169,23 @@ def test_a_removed_policy_leaves_no_chain_or_set_and_a_restart_changes_nothing(n
     # the restarted dataplane continues incrementally
     set_policy(r, 5, 12, port=9090)
     assert not again.apply(compute_nft(r, CTX)).full
+
+
+def test_a_refused_batch_falls_back_to_a_full_replace(netns: Callable[[], str]) -> None:
+    ns = netns()
+    r = model()
+    dp = NftDataplane(ns)
+    plan = compute_nft(r, CTX)
+    dp.apply(plan)
+    marker = structure_hash(plan)  # drift: the marker chain vanishes, so renaming it fails
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "chain", "inet", "tether", marker], check=True,
+                   timeout=30)
+    set_policy(r, 4, 12, port=7070)
+    report = dp.apply(compute_nft(r, CTX))
+    assert report.full and report.changes == ["table replaced (incremental update failed)"]
+    fresh = netns()
+    NftDataplane(fresh).apply(compute_nft(r, CTX))
+    assert content(ns) == content(fresh)
 
 
 def mutate(r: Replica, rng: random.Random, step: int, n_pols: int, next_ep: list[int]) -> str:

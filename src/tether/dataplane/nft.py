@@ -401,11 +401,10 @@ class NftDataplane:
         report.chains_replaced = sorted({*c_refill, *c_redef})
         report.chains_added, report.chains_removed = sorted(c_added), c_removed
         report.sets_added, report.sets_removed, report.sets_redefined = sorted(s_added), s_removed, sorted(s_redef)
-        for what, names in (("chains replaced", report.chains_replaced), ("chains added", report.chains_added),
-                            ("chains removed", report.chains_removed), ("sets added", report.sets_added),
-                            ("sets removed", report.sets_removed), ("sets redefined", report.sets_redefined)):
-            if names:
-                report.changes.insert(0, f"{what}: {_names(names)}")
+        report.changes[:0] = [f"{what}: {_names(names)}" for what, names in (
+            ("chains replaced", report.chains_replaced), ("chains added", report.chains_added),
+            ("chains removed", report.chains_removed), ("sets added", report.sets_added),
+            ("sets removed", report.sets_removed), ("sets redefined", report.sets_redefined)) if names]
         return cmds, elements, raw
 
     def _element_diff(self, plan: NftPlan, fresh: set[str], report: NftReport
