@@ -96,7 +96,12 @@ def ops(batch: list[dict]) -> list[str]:
         (verb, body), = cmd.items()
         (kind, obj), = body.items()
         name = obj.get("chain") or obj.get("name")
-        out.append("rename marker" if verb == "rename" and name.startswith("plan-") else f"{verb} {kind} {name}")
+        if verb == "rename" and name.startswith("plan-"):
+            out.append("rename marker")
+        elif verb == "add" and kind in ("set", "map") and "elem" in obj:
+            out.append(f"fill {kind} {name}")  # add set|map with elements: adds them
+        else:
+            out.append(f"{verb} {kind} {name}")
     return out
 
 
@@ -118,8 +123,29 @@ def test_unchanged_plan_issues_nothing_and_element_changes_are_element_commands(
     assert dp.apply(old).changed == 0 and kernel.batches == []
     new = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2", "10.0.0.3"})))
     report = dp.apply(new)
-    assert ops(kernel.batches[0]) == ["add element sel-2"]
+    assert ops(kernel.batches[0]) == ["fill set sel-2"]
+    assert kernel.batches[0][0]["add"]["set"]["elem"] == ["10.0.0.3"]
     assert report.element_commands == 1 and report.structure_commands == 0 and not report.full
+
+
+def test_shrinking_sets_are_refilled_unless_an_interval_set_shrinks(kernel: FakeKernel) -> None:
+    old = with_set(base_plan(), NftSet("nets", "ipv4_addr", ("interval",), elements=frozenset({"10.1.0.0/16",
+                                                                                               "10.2.0.0/16"})))
+    dp = applied(old, kernel)
+    # a map entry whose verdict changes and a selector losing a member: flushed and refilled
+    new = with_set(old, NftSet("ep_in", "ifname", map_type="verdict",
+                               elements=frozenset({("tth1", "goto in-b"), ("tth2", "goto in-b")})))
+    new = with_set(new, NftSet("sel-1", "ipv4_addr"))
+    dp.apply(new)
+    assert ops(kernel.batches[0]) == ["flush map ep_in", "flush set sel-1", "fill map ep_in"]
+    assert kernel.batches[0][2]["add"]["map"]["elem"] == [["tth1", {"goto": {"target": "in-b"}}],
+                                                          ["tth2", {"goto": {"target": "in-b"}}]]
+    # an interval set shrinks: nft fetches elements anyway, so deletes are element deletes
+    newer = with_set(new, NftSet("nets", "ipv4_addr", ("interval",), elements=frozenset({"10.1.0.0/16"})))
+    newer = with_set(newer, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.4"})))
+    dp.apply(newer)
+    assert ops(kernel.batches[1]) == ["delete element nets", "delete element sel-2", "fill set sel-2"]
+    assert kernel.batches[1][0]["delete"]["element"]["elem"] == [{"prefix": {"addr": "10.2.0.0", "len": 16}}]
 
 
 def test_a_new_chain_exists_before_the_rule_and_the_map_entry_that_jump_to_it(kernel: FakeKernel) -> None:
@@ -136,7 +162,7 @@ def test_a_new_chain_exists_before_the_rule_and_the_map_entry_that_jump_to_it(ke
     o = ops(kernel.batches[0])
     assert o == ["flush chain in-b",
                  "add chain in-c", "add chain npi-3", "add set sel-3",
-                 "add element ep_in", "add element sel-3",
+                 "fill set sel-3", "fill map ep_in",
                  "add rule in-b", "add rule in-b", "add rule in-b", "add rule in-c", "add rule npi-3",
                  "rename marker"]
     assert report.chains_added == ["in-c", "npi-3"] and report.sets_added == ["sel-3"]
@@ -153,8 +179,8 @@ def test_a_removed_chain_is_flushed_unreferenced_and_only_then_deleted(kernel: F
     new = with_set(new, NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset({("tth1", "goto in-a")})))
     report = dp.apply(new)
     o = ops(kernel.batches[0])
-    assert o == ["delete element ep_in", "flush chain in-b", "flush chain npi-2", "delete set sel-2",
-                 "delete chain in-b", "delete chain npi-2", "rename marker"]
+    assert o == ["flush map ep_in", "flush chain in-b", "flush chain npi-2", "delete set sel-2",
+                 "delete chain in-b", "delete chain npi-2", "fill map ep_in", "rename marker"]
     assert report.chains_removed == ["in-b", "npi-2"] and report.sets_removed == ["sel-2"]
     assert not report.chains_replaced and not report.full
 
@@ -195,7 +221,7 @@ def test_a_redefined_set_is_recreated_after_the_rules_naming_it_are_flushed(kern
     report = dp.apply(with_set(old, NftSet("stateful", "ipv4_addr", ("interval",),
                                            elements=frozenset({"10.0.0.0/24"}))))
     o = ops(kernel.batches[0])
-    assert o == ["flush chain raw", "delete set stateful", "add set stateful", "add element stateful",
+    assert o == ["flush chain raw", "delete set stateful", "add set stateful", "fill set stateful",
                  "add rule raw", "rename marker"]
     assert report.sets_redefined == ["stateful"] and report.chains_replaced == ["raw"]
     # a set turning into a map keeps its name but is deleted as what it was
