@@ -1,7 +1,9 @@
 """Applying the Plan's nftables table (`inet tether`) through `nft -j -f -`.
 
 Every apply is one atomic `nft -j -f -` batch, and changes only what differs from the last apply:
-- set elements (a pod joins a label set, a backend is added): `add element` / `delete element`;
+- set elements (a pod joins a label set, a backend is added): new elements through `add set|map`
+  with elements, a shrinking plain set flushed and refilled, `delete element` only when an interval
+  set shrinks (see `_element_diff`: element commands make nft 1.0.6 fetch every set's elements);
 - structure, at chain and set granularity: a chain whose rules changed is flushed and refilled, new
   chains and sets are added, removed ones deleted, a base chain whose hook/priority/policy changed or
   a set whose definition (type, flags, map type, timeout) changed is deleted and re-added in the same
@@ -13,8 +15,8 @@ Every apply is one atomic `nft -j -f -` batch, and changes only what differs fro
   failed (logged; the table is then rebuilt from the plan).
 A marker, an empty chain named after a hash of the structure (`plan-<hash>`), so a restarted agent
 recognises a table it wrote and, when its plan is unchanged, changes nothing at all; incremental
-batches rename it (a chain, not a set or an element: a rename keeps its place in listings, and in
-nft 1.0.6 any element command costs a fetch of every set's elements, ~0.25 s on a big table).
+batches rename it (a chain, not a set or an element: a rename keeps its place in listings and
+costs no element fetch).
 After a successful apply the dataplane keeps, per chain and per set, a digest of its definition and
 rules (`_structure`): the next apply diffs against it.
 
