@@ -49,7 +49,8 @@ def test_no_kernel_writes_before_the_first_full_sync(fresh_lab: Lab) -> None:
     ns = lab.host("h3").ns
     lab.kill_agent("h3")
     lab.stop_server()
-    nsx(ns, "nft", "delete", "table", "inet", "tether")
+    # a fresh lab's h3 may not have written its table yet when it is killed (a busy machine)
+    nsx(ns, "nft", "delete", "table", "inet", "tether", check=False)
     nsx(ns, "ip", "link", "del", "tth.vxlan", check=False)
     # the agent's saved replica would allow a plan, but the agent must wait for the server
     lab.start_agent("h3", wait=False)
