@@ -79,7 +79,6 @@ ACCEPT = {"accept": None}
 DROP = {"drop": None}
 COUNTER = {"counter": None}
 FIB_LOCAL = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-POD_IF = [match(meta("iifname"), LINK_PREFIX + "*"), match(meta("iifname"), VTEP_NAME, "!=")]
 POD_OIF = [match(meta("oifname"), LINK_PREFIX + "*"), match(meta("oifname"), VTEP_NAME, "!=")]
 
 
@@ -182,12 +181,9 @@ class Index:
         for g in groups:
             by_id[g.id] = g
         idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
-        idx.by_label = {}
         for ep in eps:
             for kv in ep.labels.items():
                 idx.by_label.setdefault(kv, []).append(ep)
-        idx.pols_by_label = {}
-        idx.pols_any = {}
         for p in idx.policies:
             ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
             if ml:
@@ -195,7 +191,6 @@ class Index:
                 idx.pols_by_label.setdefault((p.namespace, k, v), []).append(p)
             else:
                 idx.pols_any.setdefault(p.namespace, []).append(p)
-        idx.peer_cache = {}
         return idx
 
     def candidates(self, selector: dict[str, Any]) -> list[Endpoint]:
@@ -490,11 +485,10 @@ class Builder:
         s6 = self.add_set("ep_src6", ("ifname", "ipv6_addr"), src6, ("interval",))
         m = self.add_set("ep_mac", ("ifname", "ether_addr"), macs)
         k = self.add_set("ep_mac_known", "ifname", known)
-        # the base table's raw_prerouting chain jumps here for packets from pod interfaces
-
         def pair(fld: dict) -> dict:
             return {"concat": [meta("iifname"), fld]}
 
+        # the base table's raw_prerouting chain jumps here for packets from pod interfaces
         self.chains["pod_source"] = NftChain("pod_source", (
             denied(match(meta("nfproto"), "ipv4"), match(pair(payload("ip", "saddr")), s4, "!="),
                    comment="spoofed source address"),
@@ -543,7 +537,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     for ep in [*local, *(kid for parent in local for kid in children.get(parent.id, []))]:
         if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
-    sets_extra = [NftSet("stateful", "ipv4_addr", elements=frozenset(stateful))]
+    b.add_set("stateful", "ipv4_addr", stateful)
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
@@ -554,7 +548,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
         rule({"vmap": {"key": meta("oifname"), "data": "@parent_in"}}),
         rule(COUNTER, DROP, comment="nested: no endpoint"),
     ))
-    sets = list(b.sets.values()) + sets_extra
+    sets = list(b.sets.values())
     for name, elems in maps.items():
         key: str | tuple[str, ...] = ("ifname", "ipv4_addr") if name.startswith("nested") else "ifname"
         sets.append(NftSet(name, key, map_type="verdict", elements=frozenset(elems)))

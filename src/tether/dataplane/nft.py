@@ -120,6 +120,11 @@ def render_element(s: NftSet, e: Any) -> Any:
     return render_value(e)
 
 
+def rendered(s: NftSet, elems: Any) -> list[Any]:
+    """Elements of `s` in nft JSON, in a stable order (batches are reproducible)."""
+    return [render_element(s, e) for e in sorted(elems, key=repr)]
+
+
 def set_definition(s: NftSet) -> dict:
     body: dict[str, Any] = {"family": FAMILY, "table": NFT_TABLE, "name": s.name,
                             "type": list(s.type) if isinstance(s.type, tuple) else s.type}
@@ -182,8 +187,6 @@ def managed(s: NftSet) -> bool:
     return s.timeout is None and "dynamic" not in s.flags
 
 
-
-
 def rule_commands(c: NftChain) -> list[dict]:
     return [{"add": {"rule": {"family": FAMILY, "table": NFT_TABLE, "chain": c.name, **json.loads(r)}}}
             for r in c.rules]
@@ -212,7 +215,7 @@ def full_commands(plan: NftPlan, marker: str | None = None) -> list[dict]:
         cmds.append({"add": chain_definition(c)})
     for s in plan.sets:
         if s.elements and managed(s):
-            cmds.append(elements_command("add", s, [render_element(s, e) for e in sorted(s.elements, key=repr)]))
+            cmds.append(elements_command("add", s, rendered(s, s.elements)))
     for c in plan.chains:
         cmds.extend(rule_commands(c))
     return cmds
@@ -439,7 +442,7 @@ class NftDataplane:
             elements[s.name] = set(want)
             if s.name in fresh:
                 if s.elements:
-                    adds.append(add_into(s, [render_element(s, e) for e in sorted(s.elements, key=repr)]))
+                    adds.append(add_into(s, rendered(s, s.elements)))
                 continue
             have = self._elements.get(s.name, set())
             gone = have - set(want)
@@ -457,14 +460,14 @@ class NftDataplane:
                 deletes.append({"flush": {"map" if s.map_type is not None else "set":
                                           {"family": FAMILY, "table": NFT_TABLE, "name": s.name}}})
                 if want:
-                    adds.append(add_into(s, [render_element(s, e) for e in sorted(want.values(), key=repr)]))
+                    adds.append(add_into(s, rendered(s, want.values())))
                 continue
             if gone and s.map_type is not None:  # a key whose value changed: delete the old entry first
                 deletes.append(elements_command("delete", s, [render_value(k) for k, _ in gone]))
             elif gone:
                 deletes.append(elements_command("delete", s, [render_value(x) for x in gone]))
             if new:
-                adds.append(add_into(s, [render_element(s, e) for e in sorted(new, key=repr)]))
+                adds.append(add_into(s, rendered(s, new)))
         return deletes, adds, elements, raw
 
     def verify(self, plan: NftPlan) -> bool:
