@@ -134,8 +134,6 @@ def test_containers_resolve_each_other_by_name_through_tether_dns(env: Env) -> N
     env.endpoint(b)
     fqdn = f"{b}.{env.blue}.tether.local"
     r = env.exec("h1", a, "nslookup", fqdn, DNS_IP)
-    if r.returncode != 0 and "can't resolve" in (r.stdout + r.stderr):
-        pytest.xfail(f"Tether DNS does not answer {fqdn} yet: {r.stdout} {r.stderr}")
     assert env.ip("h2", b) in r.stdout, r.stdout + r.stderr
     assert env.pings("h1", a, fqdn)
     assert env.pings("h1", a, b)  # the short name through the network's search domain
@@ -251,7 +249,18 @@ def test_dockerd_restart_keeps_connectivity(env: Env) -> None:
 
 def test_agent_restart_is_fast_and_removes_the_stale_socket(env: Env) -> None:
     sock = os.path.join(env.lab.docker_plugin_dir("h1"), "tether.sock")
+    # an address released just before the crash, which the replica on disk (written at most once a
+    # second) has not caught up with: the restarted agent's replica still gives it to the removed
+    # container, while the server hands it to the next one
+    gone = unique("gone")
+    ip_gone = env.run("h1", gone)
+    replica = os.path.join(env.lab.agent_dir("h1"), "replica.json")
+    wait_for(lambda: f'"{ip_gone}"' in open(replica).read(), 30, "the agent to save a replica holding `gone`")
+    stale = open(replica).read()
+    env.d["h1"].docker("rm", "-f", gone)
     env.lab.kill_agent("h1", signal.SIGKILL)
+    with open(replica, "w") as f:
+        f.write(stale)
     assert os.path.exists(sock)  # left behind by the killed agent
     t0 = time.monotonic()
     env.lab.start_agent("h1", wait=False)
@@ -259,6 +268,9 @@ def test_agent_restart_is_fast_and_removes_the_stale_socket(env: Env) -> None:
     ip_n = env.run("h1", n)  # blocks until the plugin answers
     took = time.monotonic() - t0
     assert took < 10, f"docker run after an agent restart took {took:.1f}s"
+    assert env.endpoint(n).ips == [ip_n]
+    if ip_n != ip_gone:
+        print(f"note: the new container got {ip_n}, not the released {ip_gone}")
     assert env.pings("h2", env.names["b"], ip_n)
     assert env.pings("h1", env.names["a"], env.ip("h2", env.names["b"]))
     env.lab.wait_agent("h1")

@@ -17,34 +17,10 @@ import pytest
 from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
 from tether.lab.cluster import Lab, PodInfo, nsx, sh, wait_for
-from tether.model import Endpoint, Namespace, Network, NetworkPolicy, Owner, Subnet
+from tether.model import Namespace, NetworkPolicy
 from tether.nested import add_nested
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
-
-NESTED_POLICY_REASON = (
-    "needs NetworkPolicy for nested endpoints in tether.agent.policy: a nested container has no interface of its "
-    "own (owner.type=nested, parent=the VM port), so the policy compiler must dispatch by its address on the "
-    "parent's tap; policy.compile currently dispatches by interface only")
-
-
-def nested_policy_supported() -> bool:
-    """True once the policy compiler gives a nested endpoint (parent set, no interface) rules of its own:
-    probed by compiling a policy that selects only a nested endpoint and looking for its address."""
-    try:
-        from tether.agent import policy
-    except ImportError:
-        return False
-    net = Network(name="n", subnets=[Subnet(cidr="10.9.0.0/24")])
-    vm = Endpoint(name="vm", network="n", host="h", ips=["10.9.0.2"], interface="tapaaaaaaaaaaa",
-                  owner=Owner(type="vm"))
-    child = Endpoint(name="c", network="n", host="h", ips=["10.9.0.77"], parent=vm.id, labels={"app": "x"},
-                     owner=Owner(type="nested"))
-    pol = NetworkPolicy(name="p", spec={"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"],
-                                        "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.1/32"}}]}]})
-    plan = policy.compile([vm, child], [Namespace(name="default")], [pol], [], [net], "h")
-    return "10.9.0.77" in repr(plan)
-
 
 @dataclass
 class Vm:
@@ -199,7 +175,6 @@ def test_nested_containers_get_macvlans_address_pairs_and_reach_a_pod_on_another
     assert reaches(ns1, ep2.ips[0]) and reaches(ns2, ep1.ips[0]), "nested siblings do not reach each other"
 
 
-@pytest.mark.xfail(not nested_policy_supported(), reason=NESTED_POLICY_REASON, strict=False)
 def test_network_policy_isolates_nested_containers_from_each_other(lab: Lab, vm: Vm, nested) -> None:
     kns, containers = nested
     (ns1, ep1), (ns2, ep2) = containers

@@ -130,6 +130,9 @@ class DockerPlugin:
         self.state_path = os.path.join(agent.cfg.state_dir, "docker.json")
         self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "cidr", ...}
         self.endpoints: dict[str, str] = {}  # docker endpoint id -> Tether endpoint id
+        # (Tether network, address) -> Tether endpoint id, from RequestAddress until CreateEndpoint: a
+        # restarted agent's replica (loaded from disk) may still hold an older endpoint with that address
+        self.allocated: dict[tuple[str, str], str] = {}
         self.tasks: set[asyncio.Task] = set()
         self._load()
         self.methods = {
@@ -403,16 +406,22 @@ class DockerPlugin:
                     from None
             raise
         self.agent.replica.objects["Endpoint"][ep.id] = ep
+        self.allocated[(net.name, ep.ips[0])] = ep.id
         return {"Address": f"{ep.ips[0]}/32", "Data": {}}
 
     async def _find_by_ip(self, network: str, ip: str) -> Endpoint | None:
-        for ep in self.agent.replica.endpoints:
-            if ep.network == network and ip in ep.ips:
-                return ep
-        for ep in await self.agent.client.list("Endpoint", network=network):
-            if ip in ep.ips:  # type: ignore[attr-defined]
-                return ep  # type: ignore[return-value]
-        return None
+        """The endpoint holding an address: the server decides (a replica loaded from disk by a
+        restarted agent may still show an older holder); the replica only while the server is away."""
+        ep_id = self.allocated.get((network, ip))
+        if ep_id is not None:
+            ep = self.agent.replica.endpoint(ep_id)
+            with contextlib.suppress(ApiError):
+                return ep or await self.agent.client.get("Endpoint", ep_id)  # type: ignore[return-value]
+        try:
+            held = await self.agent.client.list("Endpoint", network=network)
+        except ServerUnreachable:
+            held = [e for e in self.agent.replica.endpoints if e.network == network]
+        return next((ep for ep in held if ip in ep.ips), None)  # type: ignore[misc, attr-defined]
 
     async def release_address(self, req: dict) -> dict:
         cidr = req.get("PoolID", "").removeprefix("tether/")
@@ -421,6 +430,7 @@ class DockerPlugin:
         if found is None or not ip:
             return {}
         ep = await self._find_by_ip(found[0].name, ip)
+        self.allocated.pop((found[0].name, ip), None)
         if ep is None or ep.owner.type != "docker" or ep.host != self.agent.host:
             return {}  # Docker's gateway address, or already released
         await self.agent.client.release_by_handle(ep.handle or ep.id)
@@ -462,6 +472,7 @@ class DockerPlugin:
             raise DriverError("tether networks in Docker are IPv4 only")
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep, network, ip)
+        self.allocated.pop((network, ip), None)
         self.endpoints[docker_ep] = ep.id
         self._save()
         changes: dict[str, Any] = {}
