@@ -9,7 +9,11 @@ In one run it measures four paths, each pod -> host -> (vxlan) -> underlay bridg
   hand-built namespaces that copy the lab's shape: two host namespaces on a bridge in a third
   namespace, a pod namespace per host plugged by a veth with a /32 route and a link-local gateway.
 Paths are measured round-robin for `--rounds` rounds (order rotated) and the median of each figure
-is reported, because the machine is shared and noisy. Prints one JSON object.
+is reported, because the machine is shared and noisy; the ratios are medians of per-round ratios
+(Tether and its baseline measured back to back). Clients run on CPU 0 and servers on CPU 1, so
+every path gets the same placement (this did not remove the spread: on the 2-core machine a round's
+p50 still falls in one of two modes, about 55 or 75-80 us, on every path).
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from tether.lab.cluster import Lab, nsx, sh, wait_for
 from tether.model import Network, Subnet
 
 IPERF_PORT = 5201
+# Same CPU placement for every path: the sending side's softirq work runs on the client's CPU.
+CLIENT_CPU, SERVER_CPU = ("taskset", "-c", "0"), ("taskset", "-c", "1" if (os.cpu_count() or 1) > 1 else "0")
 RR_PORT = 5202
 
 # A 1-byte ping-pong over one TCP connection; the server echoes, the client times each round trip.
@@ -109,15 +115,15 @@ def _listening(ns: str, port: int) -> bool:
 
 
 def start_servers(procs: Procs, path: Path) -> None:
-    procs.start(path.dst_ns, "iperf3", "-s", "-p", str(IPERF_PORT))
-    procs.start(path.dst_ns, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "server", str(RR_PORT))
+    procs.start(path.dst_ns, *SERVER_CPU, "iperf3", "-s", "-p", str(IPERF_PORT))
+    procs.start(path.dst_ns, *SERVER_CPU, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "server", str(RR_PORT))
     wait_for(lambda: _listening(path.dst_ns, IPERF_PORT) and _listening(path.dst_ns, RR_PORT), 10,
              f"servers in {path.dst_ns}")
 
 
 def measure_throughput(path: Path, seconds: int) -> float:
     """Gbit/s received by the server side of one iperf3 TCP stream (first second omitted)."""
-    r = nsx(path.src_ns, "iperf3", "-c", path.dst_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1",
+    r = nsx(path.src_ns, *CLIENT_CPU, "iperf3", "-c", path.dst_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1",
             "-J", check=False, timeout=seconds + 30)
     d = json.loads(r.stdout)
     if "error" in d:
@@ -126,7 +132,7 @@ def measure_throughput(path: Path, seconds: int) -> float:
 
 
 def measure_rr(path: Path, n: int) -> dict:
-    r = nsx(path.src_ns, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "client", str(RR_PORT), path.dst_ip,
+    r = nsx(path.src_ns, *CLIENT_CPU, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "client", str(RR_PORT), path.dst_ip,
             str(n), str(max(100, n // 10)), timeout=120)
     return json.loads(r.stdout)
 
@@ -212,6 +218,12 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def _paired(samples: dict[str, dict[str, list[float]]], name: str, base: str, key: str) -> float | None:
+    """Median over rounds of (Tether / baseline) for one figure, each round's pair measured back to back."""
+    rs = [x / y for x, y in zip(samples[name][key], samples[base][key], strict=True) if y]
+    return round(statistics.median(rs), 3) if rs else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=int, default=4, help="iperf3 duration per measurement")
@@ -232,8 +244,11 @@ def main() -> None:
             if not nsx(p.src_ns, "ping", "-c1", "-W2", p.dst_ip, check=False).returncode == 0:
                 raise RuntimeError(f"{p.name}: {p.dst_ip} unreachable from {p.src_ns}")
             samples[p.name] = {"gbps": [], "p50_us": [], "mean_us": [], "p99_us": []}
+        pairs = [(tether["vxlan"], hand["vxlan"]), (tether["direct"], hand["direct"])]
         for r in range(a.rounds):
-            order = paths[r % len(paths):] + paths[:r % len(paths)]
+            # each Tether path next to its baseline, the pair's order and the pairs' order alternating
+            order = [p for pair in (pairs if r % 2 == 0 else pairs[::-1])
+                     for p in (pair if (r // 2) % 2 == 0 else pair[::-1])]
             for p in order:
                 samples[p.name]["gbps"].append(measure_throughput(p, a.seconds))
                 rr = measure_rr(p, a.rr)
@@ -247,7 +262,8 @@ def main() -> None:
     med = {name: {k: round(statistics.median(v), 3 if k == "gbps" else 1) for k, v in s.items()}
            for name, s in samples.items()}
     out: dict = {"benchmark": "dataplane", "seconds": a.seconds, "rounds": a.rounds, "rr_round_trips": a.rr,
-                 "method": "medians over interleaved rounds; iperf3 single TCP stream; RR = 1-byte TCP "
+                 "method": "medians over interleaved rounds, ratios as medians of per-round ratios; clients on CPU 0, "
+                           "servers on CPU 1; iperf3 single TCP stream; RR = 1-byte TCP "
                            "ping-pong in Python (same client/server for every path); both Tether and the "
                            "hand-built pairs cross a Linux bridge in a separate underlay namespace",
                  "samples": samples}
@@ -255,9 +271,10 @@ def main() -> None:
     for mode, base in (("vxlan", "hand-vxlan"), ("direct", "hand-routed")):
         t, b = med[f"tether-{mode}"], med[base]
         entry = {"baseline": base, "tether": t, "hand_built": b,
-                 "throughput_ratio": _ratio(t["gbps"], b["gbps"]),
-                 "latency_p50_ratio": _ratio(t["p50_us"], b["p50_us"]),
-                 "latency_mean_ratio": _ratio(t["mean_us"], b["mean_us"])}
+                 "throughput_ratio": _paired(samples, f"tether-{mode}", base, "gbps"),
+                 "latency_p50_ratio": _paired(samples, f"tether-{mode}", base, "p50_us"),
+                 "latency_mean_ratio": _paired(samples, f"tether-{mode}", base, "mean_us"),
+                 "ratio_of_medians": {"gbps": _ratio(t["gbps"], b["gbps"]), "p50_us": _ratio(t["p50_us"], b["p50_us"])}}
         ok = (entry["throughput_ratio"] or 0) >= 0.95
         if mode == "vxlan":
             ok = ok and (entry["latency_p50_ratio"] or 9) <= 1.05

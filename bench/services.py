@@ -1,27 +1,27 @@
 """Service VIPs: first-packet latency and throughput through a VIP vs straight to the pod, with 10
 and with 5,000 services installed.
 
-    .venv/bin/python -m bench.services [--services 5000] [--connects 1000] [--seconds 3] [--rounds 6]
+    .venv/bin/python -m bench.services [--services 5000] [--connect-rounds 60] [--rounds 16]
 
-A 2-host lab (vxlan): the client pod on h1, the backend pod on h2 (a TCP accept loop and iperf3).
-First-packet latency is the time of a TCP connect (SYN -> SYN/ACK), each a new connection, so
-every one goes through the nat chain's map lookups; throughput is one iperf3 stream. Each figure
-is the median over `--rounds` alternating rounds, measured once with 10 services and again after
-the rest are added (every service selects the same backend, so each has a VIP and a backend
-entry). Prints one JSON object.
+Two identical 2-host labs (vxlan) run side by side: one holds 10 services, the other `--services`
+(every service selects the same backend, so each has a VIP and a backend entry). In each lab the
+client pod is on h1 and the backend pod on h2 (a TCP accept loop and iperf3). First-packet latency
+is the time of a TCP connect (SYN -> SYN/ACK), each a new connection, so every one goes through the
+nat chain's map lookups; throughput is one iperf3 stream. Clients run on CPU 0 and servers on CPU 1,
+the same placement for every path. Even so, a round's connect latency falls in one of two modes
+(about 80 or 110 us on the 2-core machine, in either lab, the direct path too).
 
-Judging "within 5%" on a shared 2-core machine: a single iperf3 stream through vxlan is CPU-bound,
-so run-to-run noise is often larger than 5%. Each phase therefore reports its spread (min, max and
-the relative half-range of every figure over the rounds), and each round also pairs the VIP with the
-direct path measured right before or after it (`vip/pod`), which cancels the machine's drift between
-the two phases. `big_vs_10` gives, for every ratio, the ratio of the phase medians and a 90%
-bootstrap interval for it (the rounds of each phase resampled with replacement, 2,000 times, fixed
-seed). `verdict` says "within 5%" only when that interval lies inside 0.95..1.05, "outside 5%"
-when it lies wholly outside, else "noise too large to judge" (then add rounds). The interval
-covers the noise within each phase only, not a drift of the machine between the phases (other
-work starting during the second one slows the direct path too): judge by the `_normalised` ratios,
-and read the raw ones with the direct path's own change next to them. Before each round
-the bench waits for a quiet machine, as bench/dns.py does (`cpu_busy_before` per round; `quiet`).
+Judging "within 5%" on a shared 2-core machine: a single iperf3 stream through vxlan is CPU-bound
+and run-to-run noise is often larger than 5%, and the machine drifts over minutes. So the two labs
+are measured round by round, back to back (order alternating; `--connect-rounds` short rounds of
+`--connects` connects, then `--rounds` iperf3 rounds), and every figure of the big lab is
+divided by the same figure of the small lab *in the same round*: `big_vs_10` gives the median of
+those per-round ratios with a 90% bootstrap interval (rounds resampled with replacement, 2,000
+times, fixed seed). `verdict` says "within 5%" only when the interval lies inside 0.95..1.05,
+"outside 5%" when it lies wholly outside, else "noise too large to judge" (then add rounds).
+`_normalised` ratios divide each lab's VIP figure by its direct path first. Every 5 rounds the
+bench waits for a quiet machine, as bench/dns.py does (`cpu_busy_before`; `quiet`).
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 from bench.dns import wait_quiet
 from tether.lab.cluster import Lab, nsx, stop_pid, wait_for
@@ -66,14 +67,17 @@ print(json.dumps({"p50_us": out[len(out) // 2], "p99_us": out[int(len(out) * 0.9
 """
 
 
+CLIENT_CPU, SERVER_CPU = ("taskset", "-c", "0"), ("taskset", "-c", "1" if (os.cpu_count() or 1) > 1 else "0")
+
+
 def connect_latency(ns: str, ip: str, port: int, n: int) -> dict:
-    r = nsx(ns, sys.executable, "-c", CONNECT, ip, str(port), str(n), timeout=300)
+    r = nsx(ns, *CLIENT_CPU, sys.executable, "-c", CONNECT, ip, str(port), str(n), timeout=300)
     return json.loads(r.stdout)
 
 
 def throughput(ns: str, ip: str, seconds: int) -> float:
-    r = nsx(ns, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J", check=False,
-            timeout=seconds + 30)
+    r = nsx(ns, *CLIENT_CPU, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J",
+            check=False, timeout=seconds + 30)
     d = json.loads(r.stdout)
     if "error" in d:
         raise RuntimeError(f"iperf3: {d['error']}")
@@ -91,113 +95,133 @@ def spread(values: list[float]) -> dict:
             "half_range_pct": round((max(values) - min(values)) / 2 / med * 100, 1) if med else None}
 
 
-def measure(lab: Lab, client_ns: str, vip: str, pod_ip: str, a) -> dict:
-    runs: dict[str, list] = {"vip_connect": [], "pod_connect": [], "vip_gbps": [], "pod_gbps": []}
-    busy: list[float] = []
-    for r in range(a.rounds):
-        busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
-        order = [("vip", vip), ("pod", pod_ip)]
-        for label, ip in order if r % 2 == 0 else order[::-1]:
-            runs[f"{label}_connect"].append(connect_latency(client_ns, ip, ACCEPT_PORT if label == "pod" else 80,
-                                                            a.connects))
-            runs[f"{label}_gbps"].append(throughput(client_ns, ip, a.seconds))
-    out: dict = {"rounds": {  # per round, in order: the raw figures behind the medians
-        "vip_connect_p50_us": [round(x["p50_us"], 1) for x in runs["vip_connect"]],
-        "pod_connect_p50_us": [round(x["p50_us"], 1) for x in runs["pod_connect"]],
-        "vip_gbps": [round(x, 3) for x in runs["vip_gbps"]], "pod_gbps": [round(x, 3) for x in runs["pod_gbps"]],
-        "cpu_busy_before": busy}, "quiet": all(b <= a.quiet_busy for b in busy)}
-    for label in ("vip", "pod"):
-        out[label] = {"connect_p50_us": round(statistics.median(x["p50_us"] for x in runs[f"{label}_connect"]), 1),
-                      "connect_p99_us": round(statistics.median(x["p99_us"] for x in runs[f"{label}_connect"]), 1),
-                      "gbps": round(statistics.median(runs[f"{label}_gbps"]), 3),
-                      "spread": {"connect_p50_us": spread([x["p50_us"] for x in runs[f"{label}_connect"]]),
-                                 "gbps": spread(runs[f"{label}_gbps"])}}
-    paired = {"connect_p50": [v["p50_us"] / p["p50_us"]
-                              for v, p in zip(runs["vip_connect"], runs["pod_connect"], strict=True)],
-              "gbps": [v / p for v, p in zip(runs["vip_gbps"], runs["pod_gbps"], strict=True)]}
-    out["vip_vs_pod"] = {k: round(statistics.median(v), 3) for k, v in paired.items()}
-    out["vip_vs_pod_spread"] = {k: spread(v) for k, v in paired.items()}
-    out["_raw"] = {"vip_connect_p50": [x["p50_us"] for x in runs["vip_connect"]], "vip_gbps": runs["vip_gbps"],
-                   **{f"paired_{k}": v for k, v in paired.items()}}  # for big_vs_10; dropped from the JSON
-    return out
+@dataclass
+class Side:
+    """One lab of the pair: its client pod, the VIP of service s0 and the backend pod's address."""
+    label: str
+    lab: Lab
+    client_ns: str = ""
+    vip: str = ""
+    pod_ip: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    runs: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in FIGURES})
 
 
-def compare(big: list[float], small: list[float], resamples: int = 2000) -> dict:
-    """Ratio of the phase medians, with a 90% bootstrap interval (rounds resampled in each phase)."""
+FIGURES = ("vip_connect_p50_us", "pod_connect_p50_us", "vip_connect_p99_us", "vip_gbps", "pod_gbps")
+BASE = ipaddress.ip_address("10.96.64.1")
+
+
+def build(side: Side, services: int) -> dict:
+    """Bring up the lab with `services` services on one backend; returns how long programming took."""
+    lab = side.lab
+    lab.up(hosts=2, progress=lambda _m: None)
+    c = lab.client()
+    c.create_network(Network(name="bench", subnets=[Subnet(cidr="10.82.0.0/16")], encap="vxlan"))
+    client = lab.run_pod("h1", "client", "bench")
+    backend = lab.run_pod("h2", "backend", "bench", labels={"app": "bench"})
+    for cmd in ([sys.executable, "-c", ACCEPT], ["iperf3", "-s", "-p", str(IPERF_PORT)]):
+        side.procs.append(subprocess.Popen(["ip", "netns", "exec", backend.ns, *SERVER_CPU, *cmd],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True))
+
+    def make(i: int) -> None:
+        c.apply(Service(name=f"s{i}", selector={"app": "bench"}, cluster_ip=str(BASE + i),
+                        ports=[ServicePort(name="accept", port=80, target_port=ACCEPT_PORT),
+                               ServicePort(name="iperf", port=IPERF_PORT)]))
+
+    t = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(make, range(services)))
+    created = time.monotonic() - t
+    wait_for(lambda: vip_count(lab, "h1") >= 2 * services, 600, f"{services} services on h1")
+    side.client_ns, side.vip, side.pod_ip = client.ns, str(BASE), backend.ip
+    wait_for(lambda: nsx(client.ns, sys.executable, "-c", f"import socket; socket.create_connection(('{side.vip}', 80),"
+                         " 1)", check=False).returncode == 0, 30, "the VIP")
+    return {"services": services, "create_s": round(created, 1), "create_and_program_s": round(time.monotonic() - t, 1)}
+
+
+def measure_connects(side: Side, a) -> None:
+    for label, ip, port in (("vip", side.vip, 80), ("pod", side.pod_ip, ACCEPT_PORT)):
+        lat = connect_latency(side.client_ns, ip, port, a.connects)
+        side.runs[f"{label}_connect_p50_us"].append(lat["p50_us"])
+        if label == "vip":
+            side.runs["vip_connect_p99_us"].append(lat["p99_us"])
+
+
+def measure_throughput(side: Side, a) -> None:
+    for label, ip in (("vip", side.vip), ("pod", side.pod_ip)):
+        side.runs[f"{label}_gbps"].append(throughput(side.client_ns, ip, a.seconds))
+
+
+def summary(side: Side) -> dict:
+    return {k: {"median": round(statistics.median(v), 3), "spread": spread(v), "rounds": [round(x, 3) for x in v]}
+            for k, v in side.runs.items()}
+
+
+def paired(big: list[float], small: list[float], resamples: int = 2000) -> dict:
+    """Median of the per-round ratios big/small, with a 90% bootstrap interval (rounds resampled)."""
+    ratios = [b / s for b, s in zip(big, small, strict=True)]
     rng = random.Random(0)
-    boot = sorted(statistics.median(rng.choices(big, k=len(big))) / statistics.median(rng.choices(small, k=len(small)))
-                  for _ in range(resamples))
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     lo, hi = boot[int(resamples * 0.05)], boot[int(resamples * 0.95)]
     verdict = ("within 5%" if lo >= 0.95 and hi <= 1.05 else
                "outside 5%" if hi < 0.95 or lo > 1.05 else "noise too large to judge")
-    return {"ratio": round(statistics.median(big) / statistics.median(small), 3),
-            "interval_90": [round(lo, 3), round(hi, 3)], "verdict": verdict}
+    return {"ratio": round(statistics.median(ratios), 3), "interval_90": [round(lo, 3), round(hi, 3)],
+            "verdict": verdict}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=5000)
-    ap.add_argument("--connects", type=int, default=1000)
+    ap.add_argument("--connects", type=int, default=400, help="connects per latency round")
+    ap.add_argument("--connect-rounds", type=int, default=60, help="latency rounds (each lab, alternating)")
     ap.add_argument("--seconds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=16, help="throughput rounds (each lab, alternating)")
     ap.add_argument("--quiet-busy", type=float, default=0.2, help="CPU share other work may use (default 0.2)")
     ap.add_argument("--quiet-wait", type=float, default=120, help="longest wait for it, per round (s)")
     a = ap.parse_args()
-    lab = Lab(f"bs{os.getpid() % 10000}")
-    procs: list[subprocess.Popen] = []
+    tag = os.getpid() % 10000
+    small, big = Side("services_10", Lab(f"bs{tag}a")), Side(f"services_{a.services}", Lab(f"bs{tag}b"))
     try:
-        lab.up(hosts=2, progress=lambda _m: None)
-        c = lab.client()
-        c.create_network(Network(name="bench", subnets=[Subnet(cidr="10.82.0.0/16")], encap="vxlan"))
-        client = lab.run_pod("h1", "client", "bench")
-        backend = lab.run_pod("h2", "backend", "bench", labels={"app": "bench"})
-        for cmd in ([sys.executable, "-c", ACCEPT], ["iperf3", "-s", "-p", str(IPERF_PORT)]):
-            procs.append(subprocess.Popen(["ip", "netns", "exec", backend.ns, *cmd], stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))
-        base = ipaddress.ip_address("10.96.64.1")
-
-        def make(i: int) -> None:
-            c.apply(Service(name=f"s{i}", selector={"app": "bench"}, cluster_ip=str(base + i),
-                            ports=[ServicePort(name="accept", port=80, target_port=ACCEPT_PORT),
-                                   ServicePort(name="iperf", port=IPERF_PORT)]))
-
-        for i in range(10):
-            make(i)
-        vip = str(base)
-        wait_for(lambda: vip_count(lab, "h1") >= 20, 60, "10 services on h1")
-        wait_for(lambda: nsx(client.ns, sys.executable, "-c", f"import socket; socket.create_connection(('{vip}', 80),"
-                             " 1)", check=False).returncode == 0, 30, "the VIP")
-        result: dict = {"lab": {"hosts": 2, "encap": "vxlan", "path": "pod h1 -> VIP (DNAT on h1) -> pod h2"}}
-        result["services_10"] = measure(lab, client.ns, vip, backend.ip, a)
-        load_small = os.getloadavg()[0]
-        t = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(make, range(10, a.services)))
-        created = time.monotonic() - t
-        wait_for(lambda: vip_count(lab, "h1") >= 2 * a.services, 600, f"{a.services} services on h1")
-        result["create_and_program_s"] = round(time.monotonic() - t, 1)
-        result["create_s"] = round(created, 1)
-        result[f"services_{a.services}"] = big = measure(lab, client.ns, vip, backend.ip, a)
-        small = result["services_10"]
-        load_big = os.getloadavg()[0]
-        b, sm = big.pop("_raw"), small.pop("_raw")
+        result: dict = {"lab": {"hosts": 2, "encap": "vxlan", "path": "pod h1 -> VIP (DNAT on h1) -> pod h2",
+                                "method": "two labs side by side, measured round by round"}}
+        result["setup"] = {small.label: build(small, 10), big.label: build(big, a.services)}
+        busy: list[float] = []
+        # connects are cheap, so they get many short rounds: a round's latency falls in one of two
+        # modes (about 80 or 110 us here, whatever the lab), and only many pairs even that out
+        for rounds, step in ((a.connect_rounds, measure_connects), (a.rounds, measure_throughput)):
+            for r in range(rounds):
+                if r % 5 == 0:
+                    busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
+                for side in ((small, big) if r % 2 == 0 else (big, small)):
+                    step(side, a)
+        result["cpu_busy_before"] = busy
+        result["quiet"] = all(b <= a.quiet_busy for b in busy)
+        result[small.label], result[big.label] = summary(small), summary(big)
+        norm = {s.label: {"connect": [v / p for v, p in zip(s.runs["vip_connect_p50_us"], s.runs["pod_connect_p50_us"],
+                                                              strict=True)],
+                          "gbps": [v / p for v, p in zip(s.runs["vip_gbps"], s.runs["pod_gbps"], strict=True)]}
+                for s in (small, big)}
+        result["vip_vs_pod"] = {label: {k: round(statistics.median(v), 3) for k, v in n.items()}
+                                for label, n in norm.items()}
         result["big_vs_10"] = {
-            "vip_connect_p50": compare(b["vip_connect_p50"], sm["vip_connect_p50"]),
-            "vip_gbps": compare(b["vip_gbps"], sm["vip_gbps"]),
-            # the same ratios relative to the direct path measured in the same round: cancels the
-            # drift of a shared machine between the two phases
-            "vip_connect_p50_normalised": compare(b["paired_connect_p50"], sm["paired_connect_p50"]),
-            "vip_gbps_normalised": compare(b["paired_gbps"], sm["paired_gbps"])}
-        result["target"] = "big_vs_10 within 5% (0.95..1.05), judged by the _normalised ratios"
-        result["pod_big_vs_10"] = {  # the direct path's own drift between the phases
-            "connect_p50": round(big["pod"]["connect_p50_us"] / small["pod"]["connect_p50_us"], 3),
-            "gbps": round(big["pod"]["gbps"] / small["pod"]["gbps"], 3)}
-        result["load_average"] = {"services_10": load_small, f"services_{a.services}": load_big}
+            "vip_connect_p50": paired(big.runs["vip_connect_p50_us"], small.runs["vip_connect_p50_us"]),
+            "vip_connect_p99": paired(big.runs["vip_connect_p99_us"], small.runs["vip_connect_p99_us"]),
+            "vip_gbps": paired(big.runs["vip_gbps"], small.runs["vip_gbps"]),
+            "vip_connect_p50_normalised": paired(norm[big.label]["connect"], norm[small.label]["connect"]),
+            "vip_gbps_normalised": paired(norm[big.label]["gbps"], norm[small.label]["gbps"]),
+            "pod_connect_p50": paired(big.runs["pod_connect_p50_us"], small.runs["pod_connect_p50_us"]),
+            "pod_gbps": paired(big.runs["pod_gbps"], small.runs["pod_gbps"])}
+        judged = ("vip_connect_p50", "vip_gbps")
+        result["target"] = "big_vs_10 vip_connect_p50 and vip_gbps within 5% (0.95..1.05)"
+        result["target_met"] = all(result["big_vs_10"][k]["verdict"] == "within 5%" for k in judged)
+        result["load_average"] = os.getloadavg()[0]
         print(json.dumps(result, indent=1))
     finally:
-        for p in procs:
-            stop_pid(p.pid)
-        lab.down()
+        for side in (small, big):
+            for p in side.procs:
+                stop_pid(p.pid)
+            side.lab.down()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,28 @@ def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
                 return name, link.get("IFLA_MTU"), cidr
     raise SystemExit(f"no interface in this network namespace has the underlay address {ip}; "
                      "check --underlay-ip (and --underlay-dev)")
+
+
+@contextlib.contextmanager
+def background_priority(enabled: bool = True, nice: int = 10) -> Any:
+    """Run the calling thread at a lower CPU priority for a while: the periodic full reconcile (a
+    read-back of every link and the whole nft table, 60-150 ms of CPU) must not delay the work that
+    answers pods at once (the DNS worker, CNI calls) on a busy host. Linux nice values are per thread."""
+    if not enabled:
+        yield
+        return
+    tid = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(before, nice))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # raising the priority back needs CAP_SYS_NICE (the agent is root)
+            os.setpriority(os.PRIO_PROCESS, tid, before)
 
 
 class Agent:
@@ -254,6 +277,10 @@ class Agent:
             self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, plan, keep, verify: bool) -> None:
+        with background_priority(verify):
+            self._apply_plan(plan, keep, verify)
+
+    def _apply_plan(self, plan, keep, verify: bool) -> None:
         from tether.dataplane.links import apply_links
 
         t0 = time.perf_counter()

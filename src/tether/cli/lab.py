@@ -20,7 +20,8 @@ from tether.cli.output import Format, emit
 lab_app = typer.Typer(help="A virtual cluster of hosts in network namespaces on this machine (root needed).",
                       no_args_is_help=True)
 
-NameOpt = Annotated[str, typer.Option("--name", "-n", help="lab name (prefix of its namespaces)")]
+NameOpt = Annotated[str, typer.Option("--name", "-n", envvar="TETHER_LAB",
+                                      help="lab name (prefix of its namespaces); `tether lab env` sets TETHER_LAB")]
 OutOpt = Annotated[Format, typer.Option("--output", "-o", help="output format")]
 
 
@@ -89,9 +90,9 @@ def down(name: NameOpt = "lab", all_: Annotated[bool, typer.Option("--all", help
 
 @lab_app.command()
 def env(name: NameOpt = "lab") -> None:
-    """Print shell exports that point the `tether` CLI at the lab's server."""
+    """Print shell exports that point the `tether` CLI at the lab's server (and `tether lab ...` at the lab)."""
     lab = _lab(name)
-    print(f"export TETHER_SERVER={lab.server_url}\nexport TETHER_TOKEN={lab.token}")
+    print(f"export TETHER_SERVER={lab.server_url}\nexport TETHER_TOKEN={lab.token}\nexport TETHER_LAB={name}")
 
 
 def tunnels(lab) -> list[dict]:
