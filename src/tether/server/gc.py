@@ -57,11 +57,13 @@ class GarbageCollector:
                     log.warning("reclaiming endpoint %s (%s) of dead host %s", ep.name, ", ".join(ep.ips), ep.host)
                     await self.o.delete_endpoint(ep.id)
                     counts["endpoints"] += 1
-        for block in await self.o.list(Block):
-            stale = []
-            for ip, handle in block.allocations.items():
-                if await self.o.store.get(handle_key(handle)) is None:
-                    stale.append(ip)
+        # one listing of the handles, after the blocks (an allocation writes its block and its
+        # handle in one transaction, so a handle missing here is missing or released since);
+        # `_release_stale` checks each candidate again before releasing it
+        listed_blocks = await self.o.list(Block)
+        handles = {kv.key for kv in (await self.o.store.list(handle_key(""))).items}
+        for block in listed_blocks:
+            stale = [ip for ip, handle in block.allocations.items() if handle_key(handle) not in handles]
             if stale:
                 await with_retries(lambda b=block, s=stale: self._release_stale(b, s))
                 counts["addresses"] += len(stale)
