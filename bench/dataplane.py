@@ -121,14 +121,18 @@ def start_servers(procs: Procs, path: Path) -> None:
              f"servers in {path.dst_ns}")
 
 
-def measure_throughput(path: Path, seconds: int) -> float:
-    """Gbit/s received by the server side of one iperf3 TCP stream (first second omitted)."""
-    r = nsx(path.src_ns, *CLIENT_CPU, "iperf3", "-c", path.dst_ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1",
-            "-J", check=False, timeout=seconds + 30)
+def iperf3_gbps(ns: str, ip: str, seconds: int, what: str) -> float:
+    """Gbit/s received by the server side of one iperf3 TCP stream from `ns` (first second omitted)."""
+    r = nsx(ns, *CLIENT_CPU, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J",
+            check=False, timeout=seconds + 30)
     d = json.loads(r.stdout)
     if "error" in d:
-        raise RuntimeError(f"iperf3 on {path.name}: {d['error']}")
+        raise RuntimeError(f"iperf3 on {what}: {d['error']}")
     return d["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure_throughput(path: Path, seconds: int) -> float:
+    return iperf3_gbps(path.src_ns, path.dst_ip, seconds, path.name)
 
 
 def measure_rr(path: Path, n: int) -> dict:

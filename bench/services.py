@@ -38,11 +38,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from bench.dataplane import CLIENT_CPU, IPERF_PORT, SERVER_CPU, iperf3_gbps
 from bench.dns import wait_quiet
 from tether.lab.cluster import Lab, nsx, stop_pid, wait_for
 from tether.model import Network, Service, ServicePort, Subnet
 
-ACCEPT_PORT, IPERF_PORT = 8080, 5201
+ACCEPT_PORT = 8080
 
 ACCEPT = r"""
 import socket
@@ -67,21 +68,9 @@ print(json.dumps({"p50_us": out[len(out) // 2], "p99_us": out[int(len(out) * 0.9
 """
 
 
-CLIENT_CPU, SERVER_CPU = ("taskset", "-c", "0"), ("taskset", "-c", "1" if (os.cpu_count() or 1) > 1 else "0")
-
-
 def connect_latency(ns: str, ip: str, port: int, n: int) -> dict:
     r = nsx(ns, *CLIENT_CPU, sys.executable, "-c", CONNECT, ip, str(port), str(n), timeout=300)
     return json.loads(r.stdout)
-
-
-def throughput(ns: str, ip: str, seconds: int) -> float:
-    r = nsx(ns, *CLIENT_CPU, "iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", "1", "-J",
-            check=False, timeout=seconds + 30)
-    d = json.loads(r.stdout)
-    if "error" in d:
-        raise RuntimeError(f"iperf3: {d['error']}")
-    return d["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def vip_count(lab: Lab, host: str) -> int:
@@ -150,7 +139,7 @@ def measure_connects(side: Side, a) -> None:
 
 def measure_throughput(side: Side, a) -> None:
     for label, ip in (("vip", side.vip), ("pod", side.pod_ip)):
-        side.runs[f"{label}_gbps"].append(throughput(side.client_ns, ip, a.seconds))
+        side.runs[f"{label}_gbps"].append(iperf3_gbps(side.client_ns, ip, a.seconds, f"{side.label} {label}"))
 
 
 def summary(side: Side) -> dict:
