@@ -1,26 +1,36 @@
 """Service VIPs: first-packet latency and throughput through a VIP vs straight to the pod, with 10
 and with 5,000 services installed.
 
-    .venv/bin/python -m bench.services [--services 5000] [--connect-rounds 60] [--rounds 16]
+    .venv/bin/python -m bench.services [--services 5000] [--connect-rounds 60] [--stream-rounds 400]
 
-Two identical 2-host labs (vxlan) run side by side: one holds 10 services, the other `--services`
-(every service selects the same backend, so each has a VIP and a backend entry). In each lab the
-client pod is on h1 and the backend pod on h2 (a TCP accept loop and iperf3). First-packet latency
-is the time of a TCP connect (SYN -> SYN/ACK), each a new connection, so every one goes through the
-nat chain's map lookups; throughput is one iperf3 stream. Clients run on CPU 0 and servers on CPU 1,
-the same placement for every path. Even so, a round's connect latency falls in one of two modes
-(about 80 or 110 us on the 2-core machine, in either lab, the direct path too).
+Two identical 2-host labs (vxlan) run side by side, one holding 10 services and the other
+`--services` (every service selects the same backend, so each has a VIP and a backend entry). In
+each lab the client pod is on h1 and the backend pod on h2 (a TCP accept loop, iperf3 and a sink).
+First-packet latency is the time of a TCP connect (SYN -> SYN/ACK), each a new connection, so every
+one goes through the nat chain's map lookups; throughput is one bulk TCP stream. Clients run on
+CPU 0 and servers on CPU 1, the same placement for every path.
 
-Judging "within 5%" on a shared 2-core machine: a single iperf3 stream through vxlan is CPU-bound
-and run-to-run noise is often larger than 5%, and the machine drifts over minutes. So the two labs
-are measured round by round, back to back (order alternating; `--connect-rounds` short rounds of
-`--connects` connects, then `--rounds` iperf3 rounds), and every figure of the big lab is
-divided by the same figure of the small lab *in the same round*: `big_vs_10` gives the median of
-those per-round ratios with a 90% bootstrap interval (rounds resampled with replacement, 2,000
-times, fixed seed). `verdict` says "within 5%" only when the interval lies inside 0.95..1.05,
-"outside 5%" when it lies wholly outside, else "noise too large to judge" (then add rounds).
-`_normalised` ratios divide each lab's VIP figure by its direct path first. Every 5 rounds the
-bench waits for a quiet machine, as bench/dns.py does (`cpu_busy_before`; `quiet`).
+Judging "within 5%" on a shared 2-core machine:
+- A single stream through vxlan is CPU-bound and swings between about 5 and 13 Gbit/s from run to
+  run, in either lab and on the direct path too, so per-round iperf3 ratios spread by +-50% and no
+  affordable number of rounds judges 5%. Throughput is therefore measured by one process (on the
+  client CPU) that holds four bulk TCP connections (client pod -> VIP and client pod -> pod, in each
+  lab) and sends on one at a time for `--slice` s, rotating through them for `--stream-rounds`
+  rounds (order reversed every other round), so each round compares the labs within about a second.
+  `--rounds` iperf3 rounds per lab are still run and reported (`vip_gbps`, `pod_gbps`), not judged.
+- Latency: the two labs are measured round by round, back to back (order alternating,
+  `--connect-rounds` short rounds of `--connects` connects).
+- Two labs are never quite equal: with 300 stream rounds, the big lab's VIP stream came out 5%
+  faster and its pod stream 3% slower than the small lab's, both outside their intervals, though
+  the pod path does not touch services. So the bench is a crossover: halfway, the labs swap roles
+  (the big one deletes its extra services, the small one creates them), and each figure's estimate
+  is the geometric mean of the two phases' medians of per-round big/small ratios, in which the labs'
+  own difference cancels (`per_phase` shows both).
+`big_vs_10` gives each estimate with a 90% bootstrap interval (each phase's rounds resampled with
+replacement, 2,000 times, fixed seed). `verdict` says "within 5%" only when the interval lies inside
+0.95..1.05, "outside 5%" when it lies wholly outside, else "noise too large to judge" (then add
+rounds). `_normalised` ratios divide each lab's VIP figure by its direct path first. Every 5 rounds
+the bench waits for a quiet machine, as bench/dns.py does (`cpu_busy_before`; `quiet`).
 Prints one JSON object.
 """
 
@@ -30,6 +40,7 @@ import argparse
 import concurrent.futures
 import ipaddress
 import json
+import math
 import os
 import random
 import statistics
@@ -40,10 +51,54 @@ from dataclasses import dataclass, field
 
 from bench.dataplane import CLIENT_CPU, IPERF_PORT, SERVER_CPU, iperf3_gbps
 from bench.dns import wait_quiet
-from tether.lab.cluster import Lab, nsx, stop_pid, wait_for
+from tether.lab.cluster import Lab, nsx, sh, stop_pid, wait_for
 from tether.model import Network, Service, ServicePort, Subnet
 
 ACCEPT_PORT = 8080
+SINK_PORT = 5301
+
+SINK = r"""
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5301)); s.listen(16)
+def drain(c):
+    b = bytearray(1 << 20)
+    while c.recv_into(b):
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+
+# One process holds a bulk TCP connection per target (each made inside its client pod's netns) and
+# sends on one at a time, in slices, rotating through the targets round after round (order reversed
+# every other round). Prints every target's Gbit/s per round (bytes the kernel accepted / slice).
+STREAMS = r"""
+import ctypes, json, os, socket, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+targets, rounds, slice_s = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for label, ns, ip, port in targets:
+    fd = os.open("/run/netns/" + ns, os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:
+        raise OSError(ctypes.get_errno(), "setns " + ns)
+    os.close(fd)
+    socks.append(socket.create_connection((ip, port), 5))
+buf, clock = memoryview(bytearray(1 << 20)), time.perf_counter
+out = {t[0]: [] for t in targets}
+for r in range(rounds + 1):  # round 0 warms every connection up and is not counted
+    for i in (range(len(socks)) if r % 2 == 0 else range(len(socks) - 1, -1, -1)):
+        send, sent, t0 = socks[i].send, 0, clock()
+        end = t0 + slice_s
+        while True:
+            sent += send(buf)
+            now = clock()
+            if now >= end:
+                break
+        if r:
+            out[targets[i][0]].append(sent * 8 / (now - t0) / 1e9)
+print(json.dumps(out))
+"""
 
 ACCEPT = r"""
 import socket
@@ -92,122 +147,189 @@ class Side:
     client_ns: str = ""
     vip: str = ""
     pod_ip: str = ""
+    services: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
-    runs: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in FIGURES})
 
 
-FIGURES = ("vip_connect_p50_us", "pod_connect_p50_us", "vip_connect_p99_us", "vip_gbps", "pod_gbps")
+FIGURES = ("vip_connect_p50_us", "pod_connect_p50_us", "vip_connect_p99_us", "vip_gbps", "pod_gbps",
+           "vip_stream_gbps", "pod_stream_gbps")
 BASE = ipaddress.ip_address("10.96.64.1")
+SMALL = 10
+PORTS = (ServicePort(name="accept", port=80, target_port=ACCEPT_PORT), ServicePort(name="iperf", port=IPERF_PORT),
+         ServicePort(name="sink", port=SINK_PORT))
+
+Runs = dict[str, list[float]]
 
 
-def build(side: Side, services: int) -> dict:
-    """Bring up the lab with `services` services on one backend; returns how long programming took."""
+def build(side: Side) -> None:
+    """Bring up the lab, its two pods and their servers, with SMALL services on the backend."""
     lab = side.lab
     lab.up(hosts=2, progress=lambda _m: None)
     c = lab.client()
     c.create_network(Network(name="bench", subnets=[Subnet(cidr="10.82.0.0/16")], encap="vxlan"))
     client = lab.run_pod("h1", "client", "bench")
     backend = lab.run_pod("h2", "backend", "bench", labels={"app": "bench"})
-    for cmd in ([sys.executable, "-c", ACCEPT], ["iperf3", "-s", "-p", str(IPERF_PORT)]):
+    # a pod's TCP keeps its window across the idle gaps of the interleaved streams (its own netns)
+    nsx(client.ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
+    for cmd in ([sys.executable, "-c", ACCEPT], ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                [sys.executable, "-I", "-S", "-c", SINK]):
         side.procs.append(subprocess.Popen(["ip", "netns", "exec", backend.ns, *SERVER_CPU, *cmd],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                            start_new_session=True))
-
-    def make(i: int) -> None:
-        c.apply(Service(name=f"s{i}", selector={"app": "bench"}, cluster_ip=str(BASE + i),
-                        ports=[ServicePort(name="accept", port=80, target_port=ACCEPT_PORT),
-                               ServicePort(name="iperf", port=IPERF_PORT)]))
-
-    t = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(make, range(services)))
-    created = time.monotonic() - t
-    wait_for(lambda: vip_count(lab, "h1") >= 2 * services, 600, f"{services} services on h1")
     side.client_ns, side.vip, side.pod_ip = client.ns, str(BASE), backend.ip
+    resize(side, SMALL)
     wait_for(lambda: nsx(client.ns, sys.executable, "-c", f"import socket; socket.create_connection(('{side.vip}', 80),"
                          " 1)", check=False).returncode == 0, 30, "the VIP")
-    return {"services": services, "create_s": round(created, 1), "create_and_program_s": round(time.monotonic() - t, 1)}
 
 
-def measure_connects(side: Side, a) -> None:
+def resize(side: Side, services: int) -> dict:
+    """Create or delete services (all on the one backend) until the lab has `services`, and wait
+    until both hosts have programmed them; how long that took."""
+    c = side.lab.client()
+
+    def make(i: int) -> None:
+        c.apply(Service(name=f"s{i}", selector={"app": "bench"}, cluster_ip=str(BASE + i), ports=list(PORTS)))
+
+    def remove(i: int) -> None:
+        c.delete("Service", f"default/s{i}")
+
+    t = time.monotonic()
+    work = (make, range(side.services, services)) if services > side.services else (remove, range(services,
+                                                                                                     side.services))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(*work))
+    changed = time.monotonic() - t
+    want = len(PORTS) * services
+    for host in ("h1", "h2"):
+        wait_for(lambda host=host: vip_count(side.lab, host) == want, 600, f"{services} services on {host}")
+    side.services = services
+    return {"lab": side.label, "services": services, "api_s": round(changed, 1),
+            "api_and_program_s": round(time.monotonic() - t, 1)}
+
+
+def measure_connects(side: Side, runs: Runs, a) -> None:
     for label, ip, port in (("vip", side.vip, 80), ("pod", side.pod_ip, ACCEPT_PORT)):
         lat = connect_latency(side.client_ns, ip, port, a.connects)
-        side.runs[f"{label}_connect_p50_us"].append(lat["p50_us"])
+        runs[f"{label}_connect_p50_us"].append(lat["p50_us"])
         if label == "vip":
-            side.runs["vip_connect_p99_us"].append(lat["p99_us"])
+            runs["vip_connect_p99_us"].append(lat["p99_us"])
 
 
-def measure_throughput(side: Side, a) -> None:
+def measure_throughput(side: Side, runs: Runs, a) -> None:
     for label, ip in (("vip", side.vip), ("pod", side.pod_ip)):
-        side.runs[f"{label}_gbps"].append(iperf3_gbps(side.client_ns, ip, a.seconds, f"{side.label} {label}"))
+        runs[f"{label}_gbps"].append(iperf3_gbps(side.client_ns, ip, a.seconds, f"{side.label} {label}"))
 
 
-def summary(side: Side) -> dict:
+def measure_streams(small: Side, big: Side, runs: dict[str, Runs], a, rounds: int) -> None:
+    """Both labs' VIP and pod streams, interleaved slice by slice (see STREAMS)."""
+    targets = [[f"{role}/{label}", s.client_ns, ip, SINK_PORT]
+               for role, s in (("small", small), ("big", big)) for label, ip in (("vip", s.vip), ("pod", s.pod_ip))]
+    r = sh(*CLIENT_CPU, sys.executable, "-I", "-S", "-c", STREAMS, json.dumps(targets), str(rounds), str(a.slice),
+           timeout=rounds * a.slice * len(targets) + 120)
+    for key, values in json.loads(r.stdout).items():
+        role, label = key.split("/")
+        runs[role][f"{label}_stream_gbps"] += values
+
+
+def measure_phase(small: Side, big: Side, a, busy: list[float]) -> dict[str, Runs]:
+    """Half of every kind of round, with `big` holding the services: {"small"|"big": figure -> per round}."""
+    runs: dict[str, Runs] = {role: {k: [] for k in FIGURES} for role in ("small", "big")}
+    sides = {"small": small, "big": big}
+    # connects are cheap, so they get many short rounds: a round's latency falls in one of two
+    # modes (about 80 or 110 us here, whatever the lab), and only many pairs even that out
+    for rounds, step in ((a.connect_rounds // 2, measure_connects), (a.rounds // 2, measure_throughput)):
+        for r in range(rounds):
+            if r % 5 == 0:
+                busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
+            for role in (("small", "big") if r % 2 == 0 else ("big", "small")):
+                step(sides[role], runs[role], a)
+    busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
+    measure_streams(small, big, runs, a, a.stream_rounds // 2)
+    return runs
+
+
+def summary(runs: Runs) -> dict:
     return {k: {"median": round(statistics.median(v), 3), "spread": spread(v), "rounds": [round(x, 3) for x in v]}
-            for k, v in side.runs.items()}
+            for k, v in runs.items() if v}
 
 
-def paired(big: list[float], small: list[float], resamples: int = 2000) -> dict:
-    """Median of the per-round ratios big/small, with a 90% bootstrap interval (rounds resampled)."""
-    ratios = [b / s for b, s in zip(big, small, strict=True)]
+def crossover(phases: list[tuple[list[float], list[float]]], resamples: int = 2000) -> dict:
+    """Big/small from the two phases, in which the two labs swapped roles: per phase the median of
+    the per-round ratios; the estimate is their geometric mean, so a difference between the labs
+    themselves (it is there: up to +-5% in single-phase runs) enters once as b and once as 1/b and
+    cancels. 90% interval: bootstrap, each phase's rounds resampled with replacement, fixed seed."""
+    per_phase = [[b / s for b, s in zip(big, small, strict=True)] for big, small in phases]
     rng = random.Random(0)
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+
+    def estimate(samples: list[list[float]]) -> float:
+        return math.prod(statistics.median(x) for x in samples) ** (1 / len(samples))
+
+    boot = sorted(estimate([rng.choices(x, k=len(x)) for x in per_phase]) for _ in range(resamples))
     lo, hi = boot[int(resamples * 0.05)], boot[int(resamples * 0.95)]
     verdict = ("within 5%" if lo >= 0.95 and hi <= 1.05 else
                "outside 5%" if hi < 0.95 or lo > 1.05 else "noise too large to judge")
-    return {"ratio": round(statistics.median(ratios), 3), "interval_90": [round(lo, 3), round(hi, 3)],
-            "verdict": verdict}
+    return {"ratio": round(estimate(per_phase), 3), "interval_90": [round(lo, 3), round(hi, 3)], "verdict": verdict,
+            "per_phase": [round(statistics.median(x), 3) for x in per_phase]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--services", type=int, default=5000)
     ap.add_argument("--connects", type=int, default=400, help="connects per latency round")
-    ap.add_argument("--connect-rounds", type=int, default=60, help="latency rounds (each lab, alternating)")
+    ap.add_argument("--connect-rounds", type=int, default=60, help="latency rounds (each lab, both phases)")
     ap.add_argument("--seconds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=16, help="throughput rounds (each lab, alternating)")
+    ap.add_argument("--rounds", type=int, default=8, help="iperf3 rounds (each lab, both phases)")
+    ap.add_argument("--stream-rounds", type=int, default=400, help="interleaved stream rounds (both phases)")
+    ap.add_argument("--slice", type=float, default=0.3, help="seconds each stream sends per round")
     ap.add_argument("--quiet-busy", type=float, default=0.2, help="CPU share other work may use (default 0.2)")
     ap.add_argument("--quiet-wait", type=float, default=120, help="longest wait for it, per round (s)")
     a = ap.parse_args()
     tag = os.getpid() % 10000
-    small, big = Side("services_10", Lab(f"bs{tag}a")), Side(f"services_{a.services}", Lab(f"bs{tag}b"))
+    one, two = Side("A", Lab(f"bs{tag}a")), Side("B", Lab(f"bs{tag}b"))
     try:
         result: dict = {"lab": {"hosts": 2, "encap": "vxlan", "path": "pod h1 -> VIP (DNAT on h1) -> pod h2",
-                                "method": "two labs side by side, measured round by round"}}
-        result["setup"] = {small.label: build(small, 10), big.label: build(big, a.services)}
+                                "method": "two labs side by side, measured round by round; crossover: the labs "
+                                          "swap roles (10 / N services) halfway"}}
+        for side in (one, two):
+            build(side)
         busy: list[float] = []
-        # connects are cheap, so they get many short rounds: a round's latency falls in one of two
-        # modes (about 80 or 110 us here, whatever the lab), and only many pairs even that out
-        for rounds, step in ((a.connect_rounds, measure_connects), (a.rounds, measure_throughput)):
-            for r in range(rounds):
-                if r % 5 == 0:
-                    busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
-                for side in ((small, big) if r % 2 == 0 else (big, small)):
-                    step(side, a)
+        phases, setup = [], []
+        for small, big in ((one, two), (two, one)):
+            if small.services != SMALL:
+                setup.append(resize(small, SMALL))
+            setup.append(resize(big, a.services))
+            runs = measure_phase(small, big, a, busy)
+            phases.append({"big_lab": big.label, "services_10": summary(runs["small"]),
+                           f"services_{a.services}": summary(runs["big"]), "runs": runs})
+        result["setup"] = setup
         result["cpu_busy_before"] = busy
         result["quiet"] = all(b <= a.quiet_busy for b in busy)
-        result[small.label], result[big.label] = summary(small), summary(big)
-        norm = {s.label: {"connect": [v / p for v, p in zip(s.runs["vip_connect_p50_us"], s.runs["pod_connect_p50_us"],
-                                                              strict=True)],
-                          "gbps": [v / p for v, p in zip(s.runs["vip_gbps"], s.runs["pod_gbps"], strict=True)]}
-                for s in (small, big)}
-        result["vip_vs_pod"] = {label: {k: round(statistics.median(v), 3) for k, v in n.items()}
-                                for label, n in norm.items()}
+
+        def pairs(key: str, norm: str | None = None) -> list[tuple[list[float], list[float]]]:
+            def fig(runs: Runs) -> list[float]:
+                return runs[key] if norm is None else [v / p for v, p in zip(runs[key], runs[norm], strict=True)]
+            return [(fig(p["runs"]["big"]), fig(p["runs"]["small"])) for p in phases]
+
         result["big_vs_10"] = {
-            "vip_connect_p50": paired(big.runs["vip_connect_p50_us"], small.runs["vip_connect_p50_us"]),
-            "vip_connect_p99": paired(big.runs["vip_connect_p99_us"], small.runs["vip_connect_p99_us"]),
-            "vip_gbps": paired(big.runs["vip_gbps"], small.runs["vip_gbps"]),
-            "vip_connect_p50_normalised": paired(norm[big.label]["connect"], norm[small.label]["connect"]),
-            "vip_gbps_normalised": paired(norm[big.label]["gbps"], norm[small.label]["gbps"]),
-            "pod_connect_p50": paired(big.runs["pod_connect_p50_us"], small.runs["pod_connect_p50_us"]),
-            "pod_gbps": paired(big.runs["pod_gbps"], small.runs["pod_gbps"])}
-        judged = ("vip_connect_p50", "vip_gbps")
-        result["target"] = "big_vs_10 vip_connect_p50 and vip_gbps within 5% (0.95..1.05)"
+            "vip_connect_p50": crossover(pairs("vip_connect_p50_us")),
+            "vip_connect_p99": crossover(pairs("vip_connect_p99_us")),
+            "vip_connect_p50_normalised": crossover(pairs("vip_connect_p50_us", "pod_connect_p50_us")),
+            "pod_connect_p50": crossover(pairs("pod_connect_p50_us")),
+            "vip_stream_gbps": crossover(pairs("vip_stream_gbps")),
+            "pod_stream_gbps": crossover(pairs("pod_stream_gbps")),
+            "vip_stream_gbps_normalised": crossover(pairs("vip_stream_gbps", "pod_stream_gbps")),
+            "vip_gbps": crossover(pairs("vip_gbps")),
+            "pod_gbps": crossover(pairs("pod_gbps"))}
+        for p in phases:
+            del p["runs"]
+        result["phases"] = phases
+        judged = ("vip_connect_p50", "vip_stream_gbps")
+        result["target"] = "big_vs_10 vip_connect_p50 and vip_stream_gbps within 5% (0.95..1.05)"
         result["target_met"] = all(result["big_vs_10"][k]["verdict"] == "within 5%" for k in judged)
         result["load_average"] = os.getloadavg()[0]
         print(json.dumps(result, indent=1))
     finally:
-        for side in (small, big):
+        for side in (one, two):
             for p in side.procs:
                 stop_pid(p.pid)
             side.lab.down()

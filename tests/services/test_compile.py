@@ -111,3 +111,12 @@ def test_5000_services_compile_quickly() -> None:
     plan = compile_services(svcs, [ep(1), ep(2)], [NET], "h1", [])
     assert time.perf_counter() - t < 5
     assert len(elements(plan, "svc_vips")) == 5000
+
+
+def test_only_backends_and_frontends_inside_a_network_are_kept_stateful() -> None:
+    """`stateful` exempts addresses from the stateless rule, which only matches network subnet
+    pairs: a VIP outside every subnet is tracked anyway and stays out of the set (a big cluster's
+    VIPs there slowed every packet's lookup); a frontend inside a subnet must be listed."""
+    inside = web(name="inside", cluster_ip="10.1.200.1")
+    plan = compile_services([web(), inside], [ep(1), ep(2, ready=False)], [NET], "h1", [])
+    assert elements(plan, "stateful") == {"10.1.0.1", "10.1.200.1"}

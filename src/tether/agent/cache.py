@@ -43,6 +43,10 @@ class Replica:
         if ev["type"] == "delete":
             return self.objects[kind].pop(store_name, None) is not None
         obj = KINDS[kind].model_validate(ev["object"])
+        if self.objects[kind].get(store_name) == obj:
+            # the echo of a write this agent already put in its replica (a CNI ADD's endpoint):
+            # nothing to plan again, and during a burst of ADDs that halves the agent's work
+            return False
         self.objects[kind][store_name] = obj
         return True
 

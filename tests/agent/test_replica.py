@@ -1,0 +1,24 @@
+"""The replica applies watch events; an echo of what the agent already holds is not a change."""
+
+from __future__ import annotations
+
+from tether.agent.cache import Replica
+from tether.model import Endpoint, key_of
+
+
+def event(ep: Endpoint, kind: str = "put", revision: int = 7) -> dict:
+    return {"type": kind, "kind": "Endpoint", "key": key_of("Endpoint", ep.id), "revision": revision,
+            "object": ep.model_dump(mode="json")}
+
+
+def test_the_echo_of_a_local_write_changes_nothing_but_the_revision() -> None:
+    r = Replica()
+    ep = Endpoint(id="e1", name="p1", network="n", host="h1", ips=["10.1.0.1"], revision=7)
+    r.objects["Endpoint"][ep.id] = ep  # what a CNI ADD puts in before the watch echoes it
+    assert r.apply_event(event(ep)) is False
+    assert r.revision == 7
+    changed = ep.model_copy(update={"ready": not ep.ready, "revision": 8})
+    assert r.apply_event(event(changed, revision=8)) is True
+    assert r.objects["Endpoint"]["e1"] == changed
+    assert r.apply_event(event(changed, "delete", 9)) is True
+    assert r.apply_event(event(changed, "delete", 10)) is False
