@@ -115,14 +115,12 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             if ep.interface:
                 interfaces.add(HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id))
                 for ip in ep.ips:
-                    plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
-                    routes.add(Route(f"{ip}/{plen}", ep.interface, scope="link"))
+                    routes.add(Route(f"{ip}/{32 if ':' not in ip else 128}", ep.interface, scope="link"))
             elif ep.parent:  # a nested container behind its VM's interface (issue 7)
                 parent = rep.endpoint(ep.parent)
                 if parent is not None and parent.interface and parent.host == ctx.name:
                     for ip in ep.ips:
-                        plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
-                        routes.add(Route(f"{ip}/{plen}", parent.interface, scope="link"))
+                        routes.add(Route(f"{ip}/{32 if ':' not in ip else 128}", parent.interface, scope="link"))
             continue
         peer = rep.hosts.get(ep.host or "")
         if peer is None:

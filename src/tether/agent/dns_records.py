@@ -16,6 +16,7 @@ NODATA (NOERROR, no answers, SOA); a name that does not exist answers NXDOMAIN w
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import struct
@@ -46,7 +47,15 @@ def encode_name(name: str) -> bytes:
 
 
 def reverse_name(ip: str) -> str:
-    return ipaddress.ip_address(ip).reverse_pointer + "."
+    return address_record(ip)[2]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def address_record(ip: str) -> tuple[int, bytes, str]:
+    """(version, packed address, PTR owner name) of an address. Memoised: the records are rebuilt
+    after every applied plan, and parsing every address again was most of that rebuild."""
+    addr = ipaddress.ip_address(ip)
+    return addr.version, addr.packed, addr.reverse_pointer + "."
 
 
 def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
@@ -116,9 +125,9 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     rec.soa["ip6.arpa."] = _soa_rr("ip6.arpa.", serial)
 
     def add_addr(name: str, ip: str) -> None:
-        addr = ipaddress.ip_address(ip)
-        rec.add(name, A if addr.version == 4 else AAAA, addr.packed, ttl)
-        rec.add(reverse_name(ip), PTR, encode_name(name), ttl)
+        version, packed, ptr = address_record(ip)
+        rec.add(name, A if version == 4 else AAAA, packed, ttl)
+        rec.add(ptr, PTR, encode_name(name), ttl)
 
     for ep in endpoints:
         net = nets.get(ep.network)
