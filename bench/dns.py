@@ -37,7 +37,7 @@ the machine to be quiet: at most `--quiet-busy` of all CPU busy over a 1 s sampl
 bench's own servers are idle, i.e. other work. Each run reports the busy share it started with and
 the 1-minute load average. Other work can also start during a run: a latency run whose client sent
 late (p99 send lag > `--max-send-lag`, 2 ms) measured the machine, not the server, and is run
-again, up to `--attempts` (3) times, by the same rule for both servers; the replaced runs stay in
+again, up to `--attempts` (5) times, by the same rule for both servers; the replaced runs stay in
 the JSON (`discarded_runs`) and only the kept ones are pooled. `quiet` in the JSON is false when a
 kept run started on a busy machine or is the last attempt and still lagged. Prints one JSON object.
 """
