@@ -194,10 +194,12 @@ def resize(side: Side, services: int) -> dict:
         c.delete("Service", f"default/s{i}")
 
     t = time.monotonic()
-    work = (make, range(side.services, services)) if services > side.services else (remove, range(services,
-                                                                                                     side.services))
+    if services > side.services:
+        step, indices = make, range(side.services, services)
+    else:
+        step, indices = remove, range(services, side.services)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(*work))
+        list(pool.map(step, indices))
     changed = time.monotonic() - t
     want = len(PORTS) * services
     for host in ("h1", "h2"):

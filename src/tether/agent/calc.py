@@ -12,7 +12,9 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
+from tether.agent import policy, services
 from tether.agent.cache import Replica
+from tether.agent.policy import ip_version
 from tether.dataplane.plan import (
     LINK_PREFIX,
     VTEP_NAME,
@@ -72,6 +74,11 @@ class HostContext:
     underlay_mtu: int
 
 
+def host_prefix(ip: str) -> str:
+    """The /32 or /128 of an endpoint address (validated by the model: no parsing needed)."""
+    return f"{ip}/{32 if ip_version(ip) == 4 else 128}"
+
+
 def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
     me = rep.hosts.get(ctx.name)
     networks = rep.networks
@@ -115,12 +122,12 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             if ep.interface:
                 interfaces.add(HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id))
                 for ip in ep.ips:
-                    routes.add(Route(f"{ip}/{32 if ':' not in ip else 128}", ep.interface, scope="link"))
+                    routes.add(Route(host_prefix(ip), ep.interface, scope="link"))
             elif ep.parent:  # a nested container behind its VM's interface (issue 7)
                 parent = rep.endpoint(ep.parent)
                 if parent is not None and parent.interface and parent.host == ctx.name:
                     for ip in ep.ips:
-                        routes.add(Route(f"{ip}/{32 if ':' not in ip else 128}", parent.interface, scope="link"))
+                        routes.add(Route(host_prefix(ip), parent.interface, scope="link"))
             continue
         peer = rep.hosts.get(ep.host or "")
         if peer is None:
@@ -129,7 +136,7 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             addr = ipaddress.ip_address(ip)
             owner = next((h for cidr, h in block_owner if addr in cidr), None)
             if owner != ep.host:
-                route_to(peer, net, f"{ip}/{32 if addr.version == 4 else 128}")
+                route_to(peer, net, host_prefix(ip))
 
     return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
                 interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS)
@@ -178,8 +185,8 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     for stateful decisions (policies, security groups, service NAT, masquerade). So packets between
     two addresses of one network are not tracked (`notrack` in `raw_prerouting`) unless either
     address is in `stateful`, which the policy fragment fills with its selected local endpoints and
-    the services fragment with every backend and frontend address; the forward chain accepts
-    untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
+    the services fragment with every backend and the frontends inside a network subnet; the forward
+    chain accepts untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
     Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
@@ -272,20 +279,11 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
 
 
 def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
-    fragments = []
-    try:
-        from tether.agent import policy
-    except ImportError:
-        policy = None  # type: ignore[assignment]
-    if policy is not None:
-        fragments.append(policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies),
-                                        list(rep.security_groups), list(rep.networks.values()), ctx.name))
-    try:
-        from tether.agent import services
-    except ImportError:
-        services = None  # type: ignore[assignment]
-    if services is not None:
-        me = rep.hosts.get(ctx.name)
-        fragments.append(services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()),
-                                          ctx.name, [me.underlay_ip] if me else []))
+    me = rep.hosts.get(ctx.name)
+    fragments = [
+        policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
+                       list(rep.networks.values()), ctx.name),
+        services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
+                         [me.underlay_ip] if me else []),
+    ]
     return merge(base_nft(rep, ctx.name), *fragments)

@@ -25,6 +25,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tether.agent.policy import ip_version
 from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
 from tether.model import Endpoint, Network, Service, ServicePort
 
@@ -179,10 +180,9 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
     bench/services.py), for no change in what is tracked."""
     subnets = [net for n in networks for s in n.subnets
                if (net := ipaddress.ip_network(s.cidr)).version == 4]
-    tracked = {b.ip for f in fes for b in f.backends if ipaddress.ip_address(b.ip).version == 4}
+    tracked = {b.ip for f in fes for b in f.backends if ip_version(b.ip) == 4}
     for f in fes:
-        ip = ipaddress.ip_address(f.ip)
-        if ip.version == 4 and any(ip in net for net in subnets):
+        if ip_version(f.ip) == 4 and any(ipaddress.ip_address(f.ip) in net for net in subnets):
             tracked.add(f.ip)
     return frozenset(tracked)
 
