@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.dataplane import CLIENT_CPU, SERVER_CPU
+from bench.paired import CLIENT_CPU, SERVER_CPU
 from tether.agent.dns import DNS_IP
 from tether.lab.cluster import Lab, PodInfo, nsx, sh, stop_pid, wait_for
 from tether.model import Endpoint, Network, Service, ServicePort, Subnet

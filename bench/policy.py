@@ -1,8 +1,8 @@
 """NetworkPolicy at scale on one host: programming time, update latency, rule count, datapath cost.
 
-    .venv/bin/python -m bench.policy [--policies 1000] [--endpoints 2000] [--changes 40] [--rounds 3]
+    .venv/bin/python -m bench.policy [--policies 1000] [--endpoints 2000] [--changes 40]
 
-One host namespace with 2,000 endpoints in the model (two of them real pods plugged like Tether's,
+A host namespace with 2,000 endpoints in the model (two of them real pods plugged like Tether's,
 the rest only in the model) and 1,000 policies, each selecting one app label and allowing ingress
 from the next app on a port, every tenth also restricting egress. It measures, in one run:
 - programming from empty: the pure calculation (`compute_nft`) and the atomic `nft -j -f` apply;
@@ -10,26 +10,42 @@ from the next app on a port, every tenth also restricting egress. It measures, i
   an atomic batch) and of one label change (an element update), each calculation + apply, with the
   p50 of each part and how many applies replaced the whole table (`table_replaced`, should be 0);
 - nft rule counts for (policies, endpoints) pairs, to show they add rather than multiply;
-- pod-to-pod throughput (iperf3), request/response latency on one connection, and connect latency
-  (a new connection per request, which walks the policy chains) with the ruleset vs no table at all,
-  alternated per round. Prints one JSON object.
+- the datapath with that ruleset vs no table at all: bulk throughput, request/response latency
+  (1-byte round trips on one connection) and connect latency (a new connection per request, which
+  walks the policy chains), client pod -> server pod, both selected by policies (so tracked).
+  Two identical host namespaces (A and B, each with its two pods) are measured as a crossover:
+  phase 1 has the ruleset on A and no table on B, phase 2 the other way round. Streams and round
+  trips run interleaved in one process (bench.paired: each round compares the two within about a
+  second), connects alternate per round. Each ratio (ruleset / none) is the geometric mean of the
+  phases' medians of per-round ratios, with a 90% bootstrap interval; the target is judged on the
+  intervals: throughput >= 0.95 and request/response latency <= 1.05. Clients on CPU 0, servers
+  on CPU 1; the bench waits for a quiet machine before each measurement (`quiet`).
+- for reference, the same measurement of conntrack alone (a table with one forward chain that
+  accepts established traffic) vs no table: the floor that any stateful firewall pays here
+  (`conntrack_only_vs_none`; `--no-conntrack-reference` skips it).
+Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
-from bench.dataplane import Path, Procs, _plug_pod, measure_rr, measure_throughput, start_servers
+from bench.dataplane import _plug_pod
+from bench.dns import wait_quiet
+from bench.paired import CLIENT_CPU, SERVER_CPU, crossover, interleaved_rr, interleaved_streams, start_sink_and_echo
 from tether.agent.cache import Replica
 from tether.agent.calc import HostContext, compute_nft
 from tether.dataplane.nft import NftDataplane, delete_table
-from tether.lab.cluster import nsx, sh
+from tether.lab.cluster import nsx, sh, stop_pid, wait_for
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Subnet
 
 CTX = HostContext("b", "eth0", 1500)
@@ -105,28 +121,137 @@ def timed(dp: NftDataplane, rep: Replica) -> tuple[float, float, bool]:
     return t1 - t0, time.perf_counter() - t1, report.full
 
 
+SERVER_IP, CLIENT_IP = "10.250.0.2", "10.250.0.3"
+CT_TABLE = "tether_bench_ct"
+SINK_PORT, ECHO_PORT = 5201, 5202  # inside the bench ports that policy p0 opens to the client
+
+
+@dataclass
+class Side:
+    """One host namespace with the two real pods: e0 the server (app a0, which p0 opens to app a1)
+    and e1 the client (app a1); `real` is what the model needs to know of them."""
+    host: str
+    client: str
+    server: str
+    real: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    procs: list = field(default_factory=list)
+
+
+def build_side(name: str) -> Side:
+    side = Side(name, f"{name}-c", f"{name}-s")
+    sh("ip", "netns", "add", side.host)
+    nsx(side.host, "ip", "link", "set", "lo", "up")
+    nsx(side.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    _plug_pod(side.host, side.server, "tthbsrv", SERVER_IP, 1500)
+    _plug_pod(side.host, side.client, "tthbcli", CLIENT_IP, 1500)
+    # the client's TCP keeps its window across the idle gaps of the interleaved streams
+    nsx(side.client, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
+    mac = {ns: nsx(ns, "cat", "/sys/class/net/eth0/address").stdout.strip() for ns in (side.client, side.server)}
+    side.real = {"e0": ("tthbsrv", SERVER_IP, mac[side.server]), "e1": ("tthbcli", CLIENT_IP, mac[side.client])}
+    side.procs = start_sink_and_echo(side.server, SINK_PORT, ECHO_PORT)
+    side.procs.append(subprocess.Popen(["ip", "netns", "exec", side.server, *SERVER_CPU, sys.executable, "-I", "-S",
+                                        "-c", CRR_SCRIPT, "server", str(CRR_PORT)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True))
+    for port in (SINK_PORT, ECHO_PORT, CRR_PORT):
+        wait_for(lambda port=port: f":{port} " in nsx(side.server, "ss", "-Hltn").stdout, 10, f"port {port}")
+    return side
+
+
+def connect_p50(side: Side, n: int) -> float:
+    r = nsx(side.client, *CLIENT_CPU, sys.executable, "-I", "-S", "-c", CRR_SCRIPT, "client", str(CRR_PORT),
+            SERVER_IP, str(n), timeout=120)
+    return json.loads(r.stdout)["p50_us"]
+
+
+CONNTRACK_ONLY = ("add table inet {t}; add chain inet {t} forward {{ type filter hook forward priority 0; }}; "
+                  "add rule inet {t} forward ct state established,related accept")
+
+
+def install(side: Side, what: str, a) -> None:
+    """Give `side` the bench's ruleset, or only conntrack (one forward chain accepting established
+    traffic: what any stateful firewall pays), or no table at all."""
+    delete_table(side.host)
+    nsx(side.host, "nft", "delete", "table", "inet", CT_TABLE, check=False)
+    if what == "rules":
+        NftDataplane(side.host).apply(compute_nft(model(a.policies, a.endpoints, side.real), CTX))
+    elif what == "conntrack":
+        nsx(side.host, "nft", CONNTRACK_ONLY.format(t=CT_TABLE))
+
+
+def measure_pair(sides: list[Side], what: str, a, busy: list[float]) -> dict:
+    """`what` vs no table at all, as a crossover: in phase 1 side A holds it and B nothing, in
+    phase 2 the other way round; every figure is measured on both sides in the same round
+    (bench.paired), and each ratio (`what` / none) is the geometric mean of the phases'."""
+    phases: dict[str, list[tuple[list[float], list[float]]]] = {"gbps": [], "rr_p50_us": [], "connect_p50_us": []}
+    for with_it, without in ((sides[0], sides[1]), (sides[1], sides[0])):
+        install(without, "none", a)
+        install(with_it, what, a)
+        for side in sides:  # the policies really decide: e1 (app a1) -> e0 (app a0) is allowed on TCP
+            nsx(side.client, sys.executable, "-c", f"import socket; socket.create_connection(('{SERVER_IP}', "
+                f"{SINK_PORT}), 2)")
+        pair = ((what, with_it), ("none", without))
+        busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
+        g = interleaved_streams([(label, side.client, SERVER_IP, SINK_PORT) for label, side in pair],
+                                a.stream_rounds // 2, a.slice)
+        busy.append(wait_quiet(a.quiet_busy, a.quiet_wait)["busy_before"])
+        rr = interleaved_rr([(label, side.client, SERVER_IP, ECHO_PORT) for label, side in pair],
+                            a.rr_rounds // 2, a.round_trips)
+        crr: dict[str, list[float]] = {what: [], "none": []}
+        for r in range(a.connect_rounds // 2):
+            for label, side in (pair if r % 2 == 0 else pair[::-1]):
+                crr[label].append(connect_p50(side, a.connects))
+        for fig, values in (("gbps", g), ("rr_p50_us", rr), ("connect_p50_us", crr)):
+            phases[fig].append((values[what], values["none"]))
+    return {"medians": {fig: {label: round(statistics.median(v for ph in p for v in ph[i]), 3)
+                              for i, label in enumerate((what, "none"))} for fig, p in phases.items()},
+            "throughput_ratio": crossover(phases["gbps"], 0.95, math.inf),
+            "rr_latency_ratio": crossover(phases["rr_p50_us"], 0, 1.05),
+            "connect_latency_ratio": crossover(phases["connect_p50_us"], 0, 1.05)}
+
+
+def measure_datapath(sides: list[Side], a) -> dict:
+    busy: list[float] = []
+    out: dict = {"method": "two identical host namespaces, crossover (the ruleset on A then on B, the other "
+                           "without a table); interleaved in one process: bulk streams in slices, 1-byte round "
+                           "trips; connects alternated per round; ratios are ruleset / none (bench.paired.crossover)"}
+    out["ruleset_vs_none"] = measure_pair(sides, "rules", a, busy)
+    if a.conntrack_reference:
+        out["conntrack_only_vs_none"] = measure_pair(sides, "conntrack", a, busy)
+    for side in sides:
+        install(side, "none", a)
+    out["cpu_busy_before"] = busy
+    out["quiet"] = all(b <= a.quiet_busy for b in busy)
+    judged = out["ruleset_vs_none"]
+    out["target"] = "ruleset vs none: throughput loss <= 5% and request/response latency added <= 5% (90% intervals)"
+    out["target_met"] = (judged["throughput_ratio"]["verdict"] == "within" and
+                         judged["rr_latency_ratio"]["verdict"] == "within")
+    return out
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=2000)
     ap.add_argument("--changes", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--stream-rounds", type=int, default=300, help="interleaved stream rounds (both phases)")
+    ap.add_argument("--slice", type=float, default=0.3, help="seconds each stream sends per round")
+    ap.add_argument("--rr-rounds", type=int, default=200, help="interleaved request/response rounds (both phases)")
+    ap.add_argument("--round-trips", type=int, default=300, help="round trips per side per rr round")
+    ap.add_argument("--connect-rounds", type=int, default=40, help="connect latency rounds (both phases)")
+    ap.add_argument("--connects", type=int, default=300, help="connects per round")
+    ap.add_argument("--no-conntrack-reference", dest="conntrack_reference", action="store_false",
+                    help="skip measuring conntrack alone (one forward chain) vs no table, the floor of any "
+                         "stateful firewall")
+    ap.add_argument("--quiet-busy", type=float, default=0.2, help="CPU share other work may use (default 0.2)")
+    ap.add_argument("--quiet-wait", type=float, default=120, help="longest wait for it (s)")
     a = ap.parse_args()
     prefix = f"bp{os.getpid() % 100000}"
-    host, client, server = f"{prefix}-host", f"{prefix}-c", f"{prefix}-s"
-    procs = Procs()
+    sides: list[Side] = []
     out: dict = {"policies": a.policies, "endpoints": a.endpoints}
     try:
-        sh("ip", "netns", "add", host)
-        nsx(host, "ip", "link", "set", "lo", "up")
-        nsx(host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        # e0 is the server (app a0, allowed from app a1), e1 the client (app a1); both are real pods
-        _plug_pod(host, server, "tthbsrv", "10.250.0.2", 1500)
-        _plug_pod(host, client, "tthbcli", "10.250.0.3", 1500)
-        mac = {ns: nsx(ns, "cat", "/sys/class/net/eth0/address").stdout.strip() for ns in (client, server)}
-        real = {"e0": ("tthbsrv", "10.250.0.2", mac[server]), "e1": ("tthbcli", "10.250.0.3", mac[client])}
-        rep = model(a.policies, a.endpoints, real)
+        sides = [build_side(f"{prefix}a"), build_side(f"{prefix}b")]
+        host = sides[0].host
+        rep = model(a.policies, a.endpoints, sides[0].real)
         dp = NftDataplane(host)
         calc_s, apply_s, _ = timed(dp, rep)
         plan = compute_nft(rep, CTX)
@@ -167,40 +292,14 @@ def main() -> None:
         out["rule_count"] = {**counts, "additive_prediction": added,
                              "product_would_be": a.policies * a.endpoints}
 
-        # datapath: the ruleset vs no table at all, alternated
-        path = Path("pod-to-pod", client, server, "10.250.0.2")
-        start_servers(procs, path)
-        procs.start(server, sys.executable, "-I", "-S", "-c", CRR_SCRIPT, "server", str(CRR_PORT))
-        time.sleep(0.5)
-        # the policies really decide: e1 (app a1) -> e0 (app a0) is allowed on the bench ports by p0
-        plan = compute_nft(rep, CTX)
-        samples: dict[str, dict[str, list[float]]] = {m: {"gbps": [], "rr_p50_us": [], "crr_p50_us": []}
-                                                      for m in ("policy", "none")}
-        for r in range(a.rounds):
-            for mode in (("policy", "none") if r % 2 == 0 else ("none", "policy")):
-                if mode == "policy":
-                    dp.forget()
-                    dp.apply(plan)
-                else:
-                    delete_table(host)
-                    dp.forget()
-                s = samples[mode]
-                s["gbps"].append(measure_throughput(path, a.seconds))
-                s["rr_p50_us"].append(measure_rr(path, 3000)["p50_us"])
-                crr = json.loads(nsx(client, sys.executable, "-I", "-S", "-c", CRR_SCRIPT, "client", str(CRR_PORT),
-                                     "10.250.0.2", "1500", timeout=120).stdout)
-                s["crr_p50_us"].append(crr["p50_us"])
-        med = {m: {k: round(statistics.median(v), 3) for k, v in s.items()} for m, s in samples.items()}
-        out["datapath"] = {**med, "throughput_loss_pct": round(100 * (1 - med["policy"]["gbps"] /
-                                                                       med["none"]["gbps"]), 2),
-                           "rr_latency_added_pct": round(100 * (med["policy"]["rr_p50_us"] /
-                                                                med["none"]["rr_p50_us"] - 1), 2),
-                           "connect_latency_added_pct": round(100 * (med["policy"]["crr_p50_us"] /
-                                                                     med["none"]["crr_p50_us"] - 1), 2)}
+        out["datapath"] = measure_datapath(sides, a)
     finally:
-        procs.stop()
-        for ns in (client, server, host):
-            sh("ip", "netns", "del", ns, check=False)
+        for side in sides:
+            for proc in side.procs:
+                stop_pid(proc.pid)
+        for side in sides:
+            for ns in (side.client, side.server, side.host):
+                sh("ip", "netns", "del", ns, check=False)
     out["host"] = socket.gethostname()
     print(json.dumps(out, indent=1))
 

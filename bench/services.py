@@ -26,11 +26,11 @@ Judging "within 5%" on a shared 2-core machine:
   (the big one deletes its extra services, the small one creates them), and each figure's estimate
   is the geometric mean of the two phases' medians of per-round big/small ratios, in which the labs'
   own difference cancels (`per_phase` shows both).
-`big_vs_10` gives each estimate with a 90% bootstrap interval (each phase's rounds resampled with
-replacement, 2,000 times, fixed seed). `verdict` says "within 5%" only when the interval lies inside
-0.95..1.05, "outside 5%" when it lies wholly outside, else "noise too large to judge" (then add
-rounds). `_normalised` ratios divide each lab's VIP figure by its direct path first. Every 5 rounds
-the bench waits for a quiet machine, as bench/dns.py does (`cpu_busy_before`; `quiet`).
+`big_vs_10` gives each estimate with a 90% bootstrap interval (bench.paired.crossover). `verdict`
+says "within" only when the interval lies inside 0.95..1.05, "outside" when it lies wholly outside,
+else "noise too large to judge" (then add rounds). `_normalised` ratios divide each lab's VIP
+figure by its direct path first. Every 5 rounds the bench waits for a quiet machine, as
+bench/dns.py does (`cpu_busy_before`; `quiet`).
 Prints one JSON object.
 """
 
@@ -40,65 +40,20 @@ import argparse
 import concurrent.futures
 import ipaddress
 import json
-import math
 import os
-import random
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-from bench.dataplane import CLIENT_CPU, IPERF_PORT, SERVER_CPU, iperf3_gbps
+from bench.dataplane import IPERF_PORT, iperf3_gbps
 from bench.dns import wait_quiet
-from tether.lab.cluster import Lab, nsx, sh, stop_pid, wait_for
+from bench.paired import CLIENT_CPU, SERVER_CPU, SINK, SINK_PORT, crossover, interleaved_streams
+from tether.lab.cluster import Lab, nsx, stop_pid, wait_for
 from tether.model import Network, Service, ServicePort, Subnet
 
 ACCEPT_PORT = 8080
-SINK_PORT = 5301
-
-SINK = r"""
-import socket, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5301)); s.listen(16)
-def drain(c):
-    b = bytearray(1 << 20)
-    while c.recv_into(b):
-        pass
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=drain, args=(c,), daemon=True).start()
-"""
-
-# One process holds a bulk TCP connection per target (each made inside its client pod's netns) and
-# sends on one at a time, in slices, rotating through the targets round after round (order reversed
-# every other round). Prints every target's Gbit/s per round (bytes the kernel accepted / slice).
-STREAMS = r"""
-import ctypes, json, os, socket, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-targets, rounds, slice_s = json.loads(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-socks = []
-for label, ns, ip, port in targets:
-    fd = os.open("/run/netns/" + ns, os.O_RDONLY)
-    if libc.setns(fd, 0x40000000) != 0:
-        raise OSError(ctypes.get_errno(), "setns " + ns)
-    os.close(fd)
-    socks.append(socket.create_connection((ip, port), 5))
-buf, clock = memoryview(bytearray(1 << 20)), time.perf_counter
-out = {t[0]: [] for t in targets}
-for r in range(rounds + 1):  # round 0 warms every connection up and is not counted
-    for i in (range(len(socks)) if r % 2 == 0 else range(len(socks) - 1, -1, -1)):
-        send, sent, t0 = socks[i].send, 0, clock()
-        end = t0 + slice_s
-        while True:
-            sent += send(buf)
-            now = clock()
-            if now >= end:
-                break
-        if r:
-            out[targets[i][0]].append(sent * 8 / (now - t0) / 1e9)
-print(json.dumps(out))
-"""
 
 ACCEPT = r"""
 import socket
@@ -172,7 +127,7 @@ def build(side: Side) -> None:
     # a pod's TCP keeps its window across the idle gaps of the interleaved streams (its own netns)
     nsx(client.ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
     for cmd in ([sys.executable, "-c", ACCEPT], ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                [sys.executable, "-I", "-S", "-c", SINK]):
+                [sys.executable, "-I", "-S", "-c", SINK, str(SINK_PORT)]):
         side.procs.append(subprocess.Popen(["ip", "netns", "exec", backend.ns, *SERVER_CPU, *cmd],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                            start_new_session=True))
@@ -223,12 +178,10 @@ def measure_throughput(side: Side, runs: Runs, a) -> None:
 
 
 def measure_streams(small: Side, big: Side, runs: dict[str, Runs], a, rounds: int) -> None:
-    """Both labs' VIP and pod streams, interleaved slice by slice (see STREAMS)."""
+    """Both labs' VIP and pod streams, interleaved slice by slice (bench.paired.STREAMS)."""
     targets = [[f"{role}/{label}", s.client_ns, ip, SINK_PORT]
                for role, s in (("small", small), ("big", big)) for label, ip in (("vip", s.vip), ("pod", s.pod_ip))]
-    r = sh(*CLIENT_CPU, sys.executable, "-I", "-S", "-c", STREAMS, json.dumps(targets), str(rounds), str(a.slice),
-           timeout=rounds * a.slice * len(targets) + 120)
-    for key, values in json.loads(r.stdout).items():
+    for key, values in interleaved_streams(targets, rounds, a.slice).items():
         role, label = key.split("/")
         runs[role][f"{label}_stream_gbps"] += values
 
@@ -253,25 +206,6 @@ def measure_phase(small: Side, big: Side, a, busy: list[float]) -> dict[str, Run
 def summary(runs: Runs) -> dict:
     return {k: {"median": round(statistics.median(v), 3), "spread": spread(v), "rounds": [round(x, 3) for x in v]}
             for k, v in runs.items() if v}
-
-
-def crossover(phases: list[tuple[list[float], list[float]]], resamples: int = 2000) -> dict:
-    """Big/small from the two phases, in which the two labs swapped roles: per phase the median of
-    the per-round ratios; the estimate is their geometric mean, so a difference between the labs
-    themselves (it is there: up to +-5% in single-phase runs) enters once as b and once as 1/b and
-    cancels. 90% interval: bootstrap, each phase's rounds resampled with replacement, fixed seed."""
-    per_phase = [[b / s for b, s in zip(big, small, strict=True)] for big, small in phases]
-    rng = random.Random(0)
-
-    def estimate(samples: list[list[float]]) -> float:
-        return math.prod(statistics.median(x) for x in samples) ** (1 / len(samples))
-
-    boot = sorted(estimate([rng.choices(x, k=len(x)) for x in per_phase]) for _ in range(resamples))
-    lo, hi = boot[int(resamples * 0.05)], boot[int(resamples * 0.95)]
-    verdict = ("within 5%" if lo >= 0.95 and hi <= 1.05 else
-               "outside 5%" if hi < 0.95 or lo > 1.05 else "noise too large to judge")
-    return {"ratio": round(estimate(per_phase), 3), "interval_90": [round(lo, 3), round(hi, 3)], "verdict": verdict,
-            "per_phase": [round(statistics.median(x), 3) for x in per_phase]}
 
 
 def main() -> None:
@@ -327,7 +261,7 @@ def main() -> None:
         result["phases"] = phases
         judged = ("vip_connect_p50", "vip_stream_gbps")
         result["target"] = "big_vs_10 vip_connect_p50 and vip_stream_gbps within 5% (0.95..1.05)"
-        result["target_met"] = all(result["big_vs_10"][k]["verdict"] == "within 5%" for k in judged)
+        result["target_met"] = all(result["big_vs_10"][k]["verdict"] == "within" for k in judged)
         result["load_average"] = os.getloadavg()[0]
         print(json.dumps(result, indent=1))
     finally:

@@ -108,8 +108,14 @@ def test_anti_spoofing_pins_addresses_macs_address_pairs_and_nested_children() -
     r.objects["Endpoint"]["kid"] = Endpoint(id="kid", name="kid", network="n", host="h1", namespace="x",
                                             ips=["10.1.5.5"], mac="02:00:00:00:55:55", parent="xa")
     plan = compute_nft(r, CTX)
-    src4 = plan.set("ep_src4").elements
-    assert {("tthxa", "10.1.0.1/32"), ("tthxa", "10.1.200.0/24"), ("tthxa", "10.1.5.5/32")} <= src4
+    assert {("tthxa", "10.1.0.1"), ("tthxa", "10.1.5.5")} <= plan.set("ep_src4").elements
+    assert ("tthxa", "10.1.200.0/24") in plan.set("ep_net4").elements
+    assert ("tthxa", "fe80::/10") in plan.set("ep_net6").elements and not plan.set("ep_src4").flags
+    # the one-lookup fast path: every allowed (MAC, single address) of the interface, no prefixes
+    ids = dict(plan.set("ep_id4").elements)
+    assert ids[("tthxa", "02:aa:bb:cc:dd:ee", "10.1.5.5")] == "goto pod_stateless"
+    assert ids[("tthxa", "02:00:00:00:55:55", "10.1.0.1")] == "goto pod_stateless"
+    assert not any(k[2] == "10.1.200.0/24" for k in ids)
     macs = plan.set("ep_mac").elements
     assert {("tthxa", "02:00:00:00:00:00"), ("tthxa", "02:aa:bb:cc:dd:ee"), ("tthxa", "02:00:00:00:55:55")} <= macs
     assert dict(plan.set("ep_out").elements)["tthxa"] == "goto nested_out"

@@ -152,6 +152,10 @@ def _ip(field: str) -> dict:
     return {"payload": {"protocol": "ip", "field": field}}
 
 
+def _ip6(field: str) -> dict:
+    return {"payload": {"protocol": "ip6", "field": field}}
+
+
 def _match(left: dict, right, op: str = "==") -> dict:
     return {"match": {"op": op, "left": left, "right": right}}
 
@@ -162,6 +166,7 @@ CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
 CT_PASSED = _match({"ct": {"key": "state"}}, ["established", "related", "untracked"], "in")  # see base_nft
 NOTRACK: dict = {"notrack": None}
 UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
+ETHER_SADDR = {"payload": {"protocol": "ether", "field": "saddr"}}
 SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
@@ -198,6 +203,8 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
         NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
         NftSet("stateful", "ipv4_addr"),
+        NftSet("ep_id4", ("ifname", "ether_addr", "ipv4_addr"), map_type="verdict"),
+        NftSet("ep_id6", ("ifname", "ether_addr", "ipv6_addr"), map_type="verdict"),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
@@ -216,15 +223,21 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                           comment="vxlan underlay"),)
     svc_reject = rule({"jump": {"target": "svc_reject"}})
+    # hash lookups first: a tracked pod's packets then never reach the pipapo `same_net`
+    stateless = (rule(_match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="),
+                      _match({"concat": [_ip("saddr"), _ip("daddr")]}, "@same_net"), NOTRACK, comment="stateless"),)
     chains = (
         NftChain("raw_prerouting", (
+            # anti-spoofing in one hash lookup per packet; what misses (spoofed, a prefix source, an
+            # interface without a known MAC) is judged in full by `pod_source`
+            rule({"vmap": {"key": {"concat": [_meta("iifname"), ETHER_SADDR, _ip("saddr")]}, "data": "@ep_id4"}}),
+            rule({"vmap": {"key": {"concat": [_meta("iifname"), ETHER_SADDR, _ip6("saddr")]}, "data": "@ep_id6"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="),
                  {"jump": {"target": "pod_source"}}),
             *vxlan_in,
-            rule(_match({"concat": [_ip("saddr"), _ip("daddr")]}, "@same_net"),
-                 _match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="), NOTRACK,
-                 comment="stateless"),
+            *stateless,
         ), hook="prerouting", type="filter", priority=-300, policy="accept"),
+        NftChain("pod_stateless", stateless),  # a pod's packet that passed the `ep_id4` check
         NftChain("raw_output", (*vxlan_out, svc_reject), hook="output", type="filter", priority=-300,
                  policy="accept"),
         NftChain("pod_source", ()),  # anti-spoofing; the policy fragment fills it
