@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tether.agent.cache import Replica
 from tether.agent.calc import HostContext, base_nft, compute_plan, merge, path_mode, vtep_mac_for
-from tether.dataplane.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route
+from tether.dataplane.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route, stateless_chain
 from tether.model import Block, Endpoint, Host, Network, Owner, Subnet
 
 
@@ -94,3 +94,18 @@ def test_no_host_record_yet_means_no_remote_routes() -> None:
     plan = compute_plan(r, CTX)
     assert plan.vtep is None
     assert all(rt.dev != VTEP_NAME for rt in plan.routes)
+
+
+def test_each_network_gets_a_stateless_chain_and_local_pods_reach_it_by_address() -> None:
+    r = replica()
+    r.objects["Network"]["v6"] = Network(name="v6", subnets=[Subnet(cidr="fd00::/64")])
+    base = base_nft(r, "h1")
+    chains = {c.name: c for c in base.chains}
+    st = chains[stateless_chain("n")]
+    assert stateless_chain("v6") not in chains  # no IPv4 subnet, nothing to leave untracked
+    body = st.rules[0]
+    assert '"@stateful"' in body and '"notrack"' in body and '"addr":"10.1.0.0","len":16' in body
+    local = next(s for s in base.sets if s.name == "local_dst4").elements
+    assert local == frozenset({("10.1.0.1", "goto " + stateless_chain("n"))})  # only h1's pod
+    raw = "\n".join(chains["raw_prerouting"].rules)
+    assert raw.index("vxlan underlay") < raw.index("@ep_id4") < raw.index("@same_net")

@@ -64,3 +64,27 @@ def test_unselected_pods_are_untracked_until_a_policy_or_service_needs_state(lab
     flush(lab, "h1", "h2")
     assert lab.ping(f"h1/{a.name}", b.ip, count=3)
     assert tracked(lab, "h1", a, b) and tracked(lab, "h2", a, b)
+
+
+def test_direct_routing_and_same_host_pods_are_untracked_and_spoofing_still_drops(lab: Lab) -> None:
+    """The per-network stateless chains: a pod's packet reaches its network's chain from the
+    anti-spoofing map, a routed packet to a local pod from `local_dst4`; neither is tracked."""
+    net = unique("sd")
+    lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.68.0.0/16")], encap="direct"))
+    a = lab.run_pod("h1", unique("a"), net)
+    b = lab.run_pod("h2", unique("b"), net)
+    c = lab.run_pod("h1", unique("c"), net)
+    assert lab.reaches(f"h1/{a.name}", b.ip) and lab.reaches(f"h1/{a.name}", c.ip)
+    flush(lab, "h1", "h2")
+    assert lab.ping(f"h1/{a.name}", b.ip, count=3)
+    assert lab.ping(f"h1/{a.name}", c.ip, count=3)
+    for h in ("h1", "h2"):
+        assert not tracked(lab, h, a, b), f"{h} tracked direct-routed traffic between two unselected pods"
+    assert not tracked(lab, "h1", a, c), "h1 tracked traffic between two of its own unselected pods"
+    # a packet from a's interface with c's source address misses the fast path and is dropped
+    nsx(a.ns, "ip", "addr", "add", f"{c.ip}/32", "dev", "eth0")
+    try:
+        spoofed = nsx(a.ns, "ping", "-c", "2", "-W", "1", "-I", c.ip, b.ip, check=False)
+        assert spoofed.returncode != 0, "a spoofed source address got through"
+    finally:
+        nsx(a.ns, "ip", "addr", "del", f"{c.ip}/32", "dev", "eth0", check=False)

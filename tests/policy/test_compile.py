@@ -11,6 +11,7 @@ from tests.policy.world import add, make_replica, policy
 from tether.agent import policy as compiler
 from tether.agent.calc import HostContext, compute_nft
 from tether.dataplane.nft import NftDataplane, structure_hash
+from tether.dataplane.plan import stateless_chain
 from tether.model import AddressPair, Endpoint, SecurityGroup, SecurityGroupRule
 
 CTX = HostContext("h1", "eth0", 1500)
@@ -113,8 +114,8 @@ def test_anti_spoofing_pins_addresses_macs_address_pairs_and_nested_children() -
     assert ("tthxa", "fe80::/10") in plan.set("ep_net6").elements and not plan.set("ep_src4").flags
     # the one-lookup fast path: every allowed (MAC, single address) of the interface, no prefixes
     ids = dict(plan.set("ep_id4").elements)
-    assert ids[("tthxa", "02:aa:bb:cc:dd:ee", "10.1.5.5")] == "goto pod_stateless"
-    assert ids[("tthxa", "02:00:00:00:55:55", "10.1.0.1")] == "goto pod_stateless"
+    assert ids[("tthxa", "02:aa:bb:cc:dd:ee", "10.1.5.5")] == "goto " + stateless_chain("n")
+    assert ids[("tthxa", "02:00:00:00:55:55", "10.1.0.1")] == "goto " + stateless_chain("n")
     assert not any(k[2] == "10.1.200.0/24" for k in ids)
     macs = plan.set("ep_mac").elements
     assert {("tthxa", "02:00:00:00:00:00"), ("tthxa", "02:aa:bb:cc:dd:ee"), ("tthxa", "02:00:00:00:55:55")} <= macs

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule
+from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
 NP_OK = 0x100000  # meta mark bit: some NetworkPolicy rule allowed this packet
@@ -469,12 +469,12 @@ class Builder:
 
         Every packet from a pod takes this check, so its common case is one hash lookup: the base
         table's `raw_prerouting` looks (interface . MAC . address) up in `ep_id4`/`ep_id6`, whose
-        verdict sends a pod's IPv4 packet on to `pod_stateless`. Only a miss (a spoofed packet, a
-        prefix source, link-local IPv6, an interface without a known MAC) comes to `pod_source`,
-        which checks address and MAC separately and counts the drop. There single addresses are in
-        hash sets (`ep_src4`/`ep_src6`) and only prefixes in interval sets (`ep_net4`/`ep_net6`),
-        consulted when the hash misses: an interval set keyed by a concatenation is a pipapo set,
-        whose AVX2 lookup saves the FPU state in softirq. Measured with bench/policy.py's
+        verdict sends a pod's IPv4 packet on to its network's stateless chain (`st-<digest>`). Only
+        a miss (a spoofed packet, a prefix source, link-local IPv6, an interface without a known
+        MAC) comes to `pod_source`, which checks address and MAC separately and counts the drop.
+        There single addresses are in hash sets (`ep_src4`/`ep_src6`) and only prefixes in interval
+        sets (`ep_net4`/`ep_net6`), consulted when the hash misses: an interval set keyed by a
+        concatenation is a pipapo set, whose lookup costs a round trip several percent. Measured with bench/policy.py's
         interleaved request/response (1,000 policies): the old path (pipapo first, then two MAC
         lookups) added 19% to a tracked pod's round trip over no table at all, this one 14-15%;
         conntrack alone adds 7-8% (docs/ARCHITECTURE.md, "What a tracked pod pays")."""
@@ -484,12 +484,15 @@ class Builder:
         macs, known = set(), set()
         for ep in local:
             senders = [ep, *children.get(ep.id, [])]
-            singles: dict[int, set] = {4: set(), 6: set()}
+            singles: dict[int, dict[str, str]] = {4: {}, 6: {}}  # address -> verdict after the check
             for who in senders:
+                owner = self.idx.networks.get(who.network)
+                after4 = ("goto " + stateless_chain(who.network)
+                          if owner and any(ip_version(s.cidr) == 4 for s in owner.subnets) else "accept")
                 for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
                     version, net, single = source_prefix(a)
                     if single:
-                        singles[version].add(net)
+                        singles[version][net] = after4 if version == 4 else "accept"
                     else:
                         nets[version].add((ep.interface, net))
             nets[6].add((ep.interface, "fe80::/10"))
@@ -504,8 +507,8 @@ class Builder:
                     allowed.update(p.mac_address.lower() for p in who.allowed_address_pairs if p.mac_address)
                 macs.update((ep.interface, m) for m in allowed)
                 # the fast path: every (MAC, address) the interface may send from, as one key
-                for v, verdict in ((4, "goto pod_stateless"), (6, "accept")):
-                    ids[v].update(((ep.interface, m, a), verdict) for m in allowed for a in singles[v])
+                for v in (4, 6):
+                    ids[v].update(((ep.interface, m, a), verdict) for m in allowed for a, verdict in singles[v].items())
         for v in (4, 6):
             self.add_set(f"ep_id{v}", ("ifname", "ether_addr", f"ipv{v}_addr"), ids[v])
         addr = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
