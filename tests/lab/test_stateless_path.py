@@ -1,5 +1,5 @@
 """The stateless fast path: traffic between two pods of one network that no policy, security group
-or service needs to remember is not tracked by conntrack (about a fifth of the throughput); as soon
+or service needs to remember is not tracked by conntrack (a few percent of a round trip); as soon
 as a policy selects a pod, or a service uses it as a backend, its traffic is tracked again on the
 host that needs the state, and still flows."""
 

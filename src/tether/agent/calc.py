@@ -224,13 +224,14 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     """The table every host has. Local pod interfaces default to "accept" in both directions; the
     policy fragment replaces those verdicts for pods that policies or security groups select.
 
-    Stateless fast path: conntrack costs about a fifth of a pod's throughput, and it is only needed
-    for stateful decisions (policies, security groups, service NAT, masquerade). So packets between
-    two addresses of one network are not tracked (`notrack` in `raw_prerouting`) unless either
-    address is in `stateful`, which the policy fragment fills with its selected local endpoints and
-    the services fragment with every backend and the frontends inside a network subnet; the forward
-    chain accepts untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
-    Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
+    Stateless fast path: conntrack (7% of a round trip here, bench/policy.py) is only needed for
+    stateful decisions (policies, security groups, service NAT, masquerade). So packets between two
+    addresses of one network are not tracked (`notrack`, in the network's `st-` chain) unless
+    either address is in `stateful`, which the policy fragment fills with its selected local
+    endpoints and the services fragment with every backend and the frontends inside a network
+    subnet; the forward chain accepts untracked packets (they have passed anti-spoofing, and
+    isolation allows same-network traffic). Encapsulated VXLAN packets to and from this host's
+    underlay address are not tracked either."""
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
                     if ipaddress.ip_network(s.cidr).version == 4})

@@ -477,7 +477,7 @@ class Builder:
         concatenation is a pipapo set, whose lookup costs a round trip several percent. Measured with bench/policy.py's
         interleaved request/response (1,000 policies): the old path (pipapo first, then two MAC
         lookups) added 19% to a tracked pod's round trip over no table at all, this one 14-15%;
-        conntrack alone adds 7-8% (docs/ARCHITECTURE.md, "What a tracked pod pays")."""
+        conntrack alone adds 7% (docs/ARCHITECTURE.md, "What a pod's packet pays")."""
         src: dict[int, set] = {4: set(), 6: set()}
         nets: dict[int, set] = {4: set(), 6: set()}
         ids: dict[int, set] = {4: set(), 6: set()}
