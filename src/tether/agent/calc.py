@@ -184,7 +184,7 @@ def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
 
 
 def v4_subnets(net: Network) -> list[str]:
-    return [s.cidr for s in net.subnets if ipaddress.ip_network(s.cidr).version == 4]
+    return [s.cidr for s in net.subnets if ip_version(s.cidr) == 4]
 
 
 def _in_subnets(field: str, cidrs: list[str]) -> dict:

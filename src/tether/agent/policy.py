@@ -474,10 +474,10 @@ class Builder:
         MAC) comes to `pod_source`, which checks address and MAC separately and counts the drop.
         There single addresses are in hash sets (`ep_src4`/`ep_src6`) and only prefixes in interval
         sets (`ep_net4`/`ep_net6`), consulted when the hash misses: an interval set keyed by a
-        concatenation is a pipapo set, whose lookup costs a round trip several percent. Measured with bench/policy.py's
-        interleaved request/response (1,000 policies): the old path (pipapo first, then two MAC
-        lookups) added 19% to a tracked pod's round trip over no table at all, this one 14-15%;
-        conntrack alone adds 7% (docs/ARCHITECTURE.md, "What a pod's packet pays")."""
+        concatenation is a pipapo set, whose lookup costs a round trip several percent. Measured
+        with bench/policy.py's interleaved request/response (1,000 policies): the old path (pipapo
+        first, then two MAC lookups) added 19% to a tracked pod's round trip over no table at all,
+        this one 15-16%; conntrack alone adds 7% (docs/ARCHITECTURE.md, "What a pod's packet pays")."""
         src: dict[int, set] = {4: set(), 6: set()}
         nets: dict[int, set] = {4: set(), 6: set()}
         ids: dict[int, set] = {4: set(), 6: set()}

@@ -24,13 +24,13 @@ VXLAN_OVERHEAD = 50
 RTPROT_TETHER = 201  # routes we install carry this protocol number
 NFT_TABLE = "tether"  # family inet
 POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)
+POD_GATEWAY6 = "fe80::1"
 
 
 def stateless_chain(network: str) -> str:
     """The base table's stateless chain for one network (calc.base_nft), named by a digest so that
     any network name gives a short, valid chain name."""
     return "st-" + hashlib.sha256(network.encode()).hexdigest()[:12]
-POD_GATEWAY6 = "fe80::1"
 
 
 @dataclass(frozen=True, slots=True, order=True)
