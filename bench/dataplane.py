@@ -30,6 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from bench import paired
 from bench.dns import wait_quiet
 from bench.paired import (
     CLIENT_CPU,
@@ -45,43 +46,26 @@ from tether.lab.cluster import Lab, nsx, sh, wait_for
 from tether.model import Network, Subnet
 
 IPERF_PORT = 5201
-RR_PORT = 5202
 
-# A 1-byte ping-pong over one TCP connection; the server echoes, the client times each round trip.
+# A 1-byte ping-pong over one TCP connection to bench.paired's ECHO; the client times each round trip.
 RR_SCRIPT = r"""
 import json, socket, sys, time
-mode, port = sys.argv[1], int(sys.argv[2])
-if mode == "server":
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(8)
-    while True:
-        c, _ = s.accept()
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while True:
-            b = c.recv(1)
-            if not b:
-                break
-            c.sendall(b)
-        c.close()
-else:
-    ip, n, warm = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    c = socket.create_connection((ip, port), 5)
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    clock = time.perf_counter_ns
-    out = []
-    for i in range(n + warm):
-        t = clock()
-        c.sendall(b"x")
-        if not c.recv(1):
-            raise SystemExit("server closed")
-        if i >= warm:
-            out.append(clock() - t)
-    c.close()
-    out.sort()
-    print(json.dumps({"n": n, "mean_us": sum(out) / n / 1000, "p50_us": out[n // 2] / 1000,
-                      "p99_us": out[min(n - 1, n * 99 // 100)] / 1000}))
+ip, port, n, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+c = socket.create_connection((ip, port), 5)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+clock = time.perf_counter_ns
+out = []
+for i in range(n + warm):
+    t = clock()
+    c.sendall(b"x")
+    if not c.recv(1):
+        raise SystemExit("server closed")
+    if i >= warm:
+        out.append(clock() - t)
+c.close()
+out.sort()
+print(json.dumps({"n": n, "mean_us": sum(out) / n / 1000, "p50_us": out[n // 2] / 1000,
+                  "p99_us": out[min(n - 1, n * 99 // 100)] / 1000}))
 """
 
 
@@ -127,9 +111,10 @@ def _listening(ns: str, port: int) -> bool:
 
 
 def start_servers(procs: Procs, path: Path) -> None:
+    """iperf3, and bench.paired's sink and echo, in the path's server namespace."""
     procs.start(path.dst_ns, *SERVER_CPU, "iperf3", "-s", "-p", str(IPERF_PORT))
-    procs.start(path.dst_ns, *SERVER_CPU, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "server", str(RR_PORT))
-    wait_for(lambda: _listening(path.dst_ns, IPERF_PORT) and _listening(path.dst_ns, RR_PORT), 10,
+    procs.procs += start_sink_and_echo(path.dst_ns)
+    wait_for(lambda: all(_listening(path.dst_ns, port) for port in (IPERF_PORT, SINK_PORT, ECHO_PORT)), 10,
              f"servers in {path.dst_ns}")
 
 
@@ -148,7 +133,7 @@ def measure_throughput(path: Path, seconds: int) -> float:
 
 
 def measure_rr(path: Path, n: int) -> dict:
-    r = nsx(path.src_ns, *CLIENT_CPU, sys.executable, "-I", "-S", "-c", RR_SCRIPT, "client", str(RR_PORT), path.dst_ip,
+    r = nsx(path.src_ns, *CLIENT_CPU, sys.executable, "-I", "-S", "-c", RR_SCRIPT, path.dst_ip, str(ECHO_PORT),
             str(n), str(max(100, n // 10)), timeout=120)
     return json.loads(r.stdout)
 
@@ -246,10 +231,7 @@ PAIRS = (("tether-vxlan", "hand-vxlan", 0.95, 1.05), ("tether-direct", "hand-rou
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stream-rounds", type=int, default=200, help="interleaved stream rounds")
-    ap.add_argument("--slice", type=float, default=0.3, help="seconds each stream sends per round")
-    ap.add_argument("--rr-rounds", type=int, default=100, help="interleaved request/response rounds")
-    ap.add_argument("--round-trips", type=int, default=300, help="round trips per path per rr round")
+    paired.add_arguments(ap, stream_rounds=200, rr_rounds=100)
     ap.add_argument("--seconds", type=int, default=3, help="iperf3 duration per measurement (reported only)")
     ap.add_argument("--rounds", type=int, default=2, help="iperf3 + RR rounds (reported only)")
     ap.add_argument("--rr", type=int, default=3000, help="round trips per separate RR measurement")
@@ -265,15 +247,11 @@ def main() -> None:
         paths = [tether["vxlan"], hand["vxlan"], tether["direct"], hand["direct"]]
         for p in paths:
             start_servers(procs, p)
-            procs.procs += start_sink_and_echo(p.dst_ns)
             # the client's TCP keeps its window across the idle gaps of the interleaved streams
             nsx(p.src_ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
             if not nsx(p.src_ns, "ping", "-c1", "-W2", p.dst_ip, check=False).returncode == 0:
                 raise RuntimeError(f"{p.name}: {p.dst_ip} unreachable from {p.src_ns}")
             samples[p.name] = {"gbps": [], "p50_us": [], "mean_us": [], "p99_us": []}
-        for p in paths:
-            wait_for(lambda p=p: _listening(p.dst_ns, SINK_PORT) and _listening(p.dst_ns, ECHO_PORT), 10,
-                     f"sink and echo in {p.dst_ns}")
         pairs = [(tether["vxlan"], hand["vxlan"]), (tether["direct"], hand["direct"])]
         for r in range(a.rounds):
             # each Tether path next to its baseline, the pair's order and the pairs' order alternating

@@ -17,6 +17,7 @@ Clients run on CPU 0 and servers on CPU 1 (`CLIENT_CPU`, `SERVER_CPU`), in every
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -121,6 +122,14 @@ print(json.dumps(out))
 """
 
 Target = tuple[str, str, str, int]  # label, client netns, server ip, port
+
+
+def add_arguments(ap: argparse.ArgumentParser, stream_rounds: int, rr_rounds: int, note: str = "") -> None:
+    """The command-line options of the interleaved measurements, with a bench's defaults."""
+    ap.add_argument("--stream-rounds", type=int, default=stream_rounds, help=f"interleaved stream rounds{note}")
+    ap.add_argument("--slice", type=float, default=0.3, help="seconds each stream sends per round")
+    ap.add_argument("--rr-rounds", type=int, default=rr_rounds, help=f"interleaved request/response rounds{note}")
+    ap.add_argument("--round-trips", type=int, default=300, help="round trips per path per request/response round")
 
 
 def start_sink_and_echo(server_ns: str, sink_port: int = SINK_PORT, echo_port: int = ECHO_PORT

@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from bench import paired
 from bench.dataplane import _plug_pod
 from bench.dns import wait_quiet
 from bench.paired import CLIENT_CPU, SERVER_CPU, crossover, interleaved_rr, interleaved_streams, start_sink_and_echo
@@ -233,10 +234,7 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=1000)
     ap.add_argument("--endpoints", type=int, default=2000)
     ap.add_argument("--changes", type=int, default=40)
-    ap.add_argument("--stream-rounds", type=int, default=300, help="interleaved stream rounds (both phases)")
-    ap.add_argument("--slice", type=float, default=0.3, help="seconds each stream sends per round")
-    ap.add_argument("--rr-rounds", type=int, default=200, help="interleaved request/response rounds (both phases)")
-    ap.add_argument("--round-trips", type=int, default=300, help="round trips per side per rr round")
+    paired.add_arguments(ap, stream_rounds=300, rr_rounds=200, note=" (both phases)")
     ap.add_argument("--connect-rounds", type=int, default=40, help="connect latency rounds (both phases)")
     ap.add_argument("--connects", type=int, default=300, help="connects per round")
     ap.add_argument("--no-conntrack-reference", dest="conntrack_reference", action="store_false",
