@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tether.agent import policy, services
 from tether.agent.cache import Replica
-from tether.agent.policy import ip_version
+from tether.agent.policy import ip_version, stateless_targets, v4_subnets
 from tether.dataplane.plan import (
     LINK_PREFIX,
     VTEP_NAME,
@@ -178,20 +178,13 @@ def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
     """(subnet, subnet) pairs of every network's IPv4 subnets: traffic that network isolation allows."""
     pairs = set()
     for n in rep.networks.values():
-        v4 = [s.cidr for s in n.subnets if ipaddress.ip_network(s.cidr).version == 4]
+        v4 = v4_subnets(n)
         pairs.update((a, b) for a in v4 for b in v4)
     return frozenset(pairs)
 
 
-def v4_subnets(net: Network) -> list[str]:
-    return [s.cidr for s in net.subnets if ip_version(s.cidr) == 4]
-
-
 def _in_subnets(field: str, cidrs: list[str]) -> dict:
-    prefixes = []
-    for c in cidrs:
-        addr, length = c.split("/")
-        prefixes.append({"prefix": {"addr": addr, "len": int(length)}})
+    prefixes = [policy.prefix(c) for c in cidrs]
     return _match(_ip(field), prefixes[0] if len(prefixes) == 1 else {"set": prefixes})
 
 
@@ -212,12 +205,9 @@ def stateless_chains(rep: Replica) -> list[NftChain]:
 
 def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
     """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain."""
-    out = set()
-    for ep in rep.endpoints:
-        net = rep.networks.get(ep.network)
-        if ep.host == host and net is not None and v4_subnets(net):
-            out.update((ip, "goto " + stateless_chain(net.name)) for ip in ep.ips if ip_version(ip) == 4)
-    return frozenset(out)
+    targets = stateless_targets(rep.networks.values())
+    return frozenset((ip, targets[ep.network]) for ep in rep.endpoints if ep.host == host and ep.network in targets
+                     for ip in ep.ips if ip_version(ip) == 4)
 
 
 def base_nft(rep: Replica, host: str = "") -> NftPlan:
@@ -233,10 +223,8 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     isolation allows same-network traffic). Encapsulated VXLAN packets to and from this host's
     underlay address are not tracked either."""
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
-    cidrs = sorted({s.cidr for n in rep.networks.values() for s in n.subnets
-                    if ipaddress.ip_network(s.cidr).version == 4})
-    nat = sorted({s.cidr for n in rep.networks.values() if n.nat_outgoing for s in n.subnets
-                  if ipaddress.ip_network(s.cidr).version == 4})
+    cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
+    nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})
     sets = (
         NftSet("tether_nets", "ipv4_addr", ("interval",), elements=frozenset(cidrs)),
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),

@@ -109,8 +109,18 @@ _POLICY_RULES: dict[tuple, tuple[str, ...]] = {}  # see Builder.policy_chain
 
 
 def ip_version(address: str) -> int:
-    """4 or 6 for a valid address (without parsing it)."""
+    """4 or 6 for a valid address or CIDR (without parsing it)."""
     return 6 if ":" in address else 4
+
+
+def v4_subnets(net: Network) -> list[str]:
+    return [s.cidr for s in net.subnets if ip_version(s.cidr) == 4]
+
+
+def stateless_targets(networks: Iterable[Network]) -> dict[str, str]:
+    """Network name -> the verdict that takes an IPv4 packet of that network to its stateless chain,
+    for networks with an IPv4 subnet (calc.stateless_chains makes exactly those chains)."""
+    return {n.name: "goto " + stateless_chain(n.name) for n in networks if v4_subnets(n)}
 
 
 def denied(*matches: dict, comment: str) -> str:
@@ -482,13 +492,12 @@ class Builder:
         nets: dict[int, set] = {4: set(), 6: set()}
         ids: dict[int, set] = {4: set(), 6: set()}
         macs, known = set(), set()
+        targets = stateless_targets(self.idx.networks.values())
         for ep in local:
             senders = [ep, *children.get(ep.id, [])]
             singles: dict[int, dict[str, str]] = {4: {}, 6: {}}  # address -> verdict after the check
             for who in senders:
-                owner = self.idx.networks.get(who.network)
-                after4 = ("goto " + stateless_chain(who.network)
-                          if owner and any(ip_version(s.cidr) == 4 for s in owner.subnets) else "accept")
+                after4 = targets.get(who.network, "accept")
                 for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
                     version, net, single = source_prefix(a)
                     if single:

@@ -25,7 +25,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tether.agent.policy import ip_version
+from tether.agent.policy import ip_version, network, v4_subnets
 from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
 from tether.model import Endpoint, Network, Service, ServicePort
 
@@ -178,11 +178,10 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
     network subnets (calc.same_network_pairs), so traffic to a VIP outside them is tracked anyway.
     Listing them only grew the set that two lookups per packet search (5,000 VIPs in
     bench/services.py), for no change in what is tracked."""
-    subnets = [net for n in networks for s in n.subnets
-               if (net := ipaddress.ip_network(s.cidr)).version == 4]
+    subnets = [network(c) for n in networks for c in v4_subnets(n)]
     tracked = {b.ip for f in fes for b in f.backends if ip_version(b.ip) == 4}
     for f in fes:
-        if ip_version(f.ip) == 4 and any(ipaddress.ip_address(f.ip) in net for net in subnets):
+        if ip_version(f.ip) == 4 and any(network(f.ip).network_address in net for net in subnets):
             tracked.add(f.ip)
     return frozenset(tracked)
 
