@@ -109,3 +109,21 @@ def test_each_network_gets_a_stateless_chain_and_local_pods_reach_it_by_address(
     assert local == frozenset({("10.1.0.1", "goto " + stateless_chain("n"))})  # only h1's pod
     raw = "\n".join(chains["raw_prerouting"].rules)
     assert raw.index("vxlan underlay") < raw.index("@ep_id4") < raw.index("@same_net")
+
+
+def test_vxlan_is_decapsulated_only_from_peer_hosts_and_never_sent_by_a_pod() -> None:
+    base = base_nft(replica(), "h1")
+    chains = {c.name: c for c in base.chains}
+    peers = next(s for s in base.sets if s.name == "vxlan_peers").elements
+    assert peers == frozenset({"198.18.0.2", "198.18.1.3"})  # not h1 itself
+    raw = "\n".join(chains["raw_prerouting"].rules)
+    assert "@vxlan_peers" in raw.splitlines()[0]  # untracked (and so accepted) only from a peer
+    # anything else to the VXLAN port is tracked and refused on input, before the per-pod verdicts
+    inp = chains["input"].rules
+    refused = next(i for i, r in enumerate(inp) if "VXLAN from a pod or an unknown host" in r)
+    assert '"drop"' in inp[refused] and refused < next(i for i, r in enumerate(inp) if "@ep_out" in r)
+    # a pod's own VXLAN packets to another host are dropped on the way out (new flows, counted)
+    fwd = chains["forward"].rules
+    out = next(r for r in fwd if '"VXLAN from a pod"' in r)
+    assert '"counter"' in out and '"drop"' in out and '"dport"' in out
+    assert fwd.index(out) < next(i for i, r in enumerate(fwd) if "@ep_out" in r)

@@ -41,6 +41,22 @@ for _ in range(3):
     s.sendto(b"x", (sys.argv[2], int(sys.argv[3])))
 """
 
+TUNNEL = r"""
+import socket, struct, sys
+underlay, vni, vtep_mac, inner_src, inner_dst, port = sys.argv[1:7]
+udp = struct.pack("!HHHH", 40000, int(port), 9, 0) + b"x"  # checksum 0: none, valid in IPv4
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(inner_src),
+                 socket.inet_aton(inner_dst))
+words = struct.unpack("!10H", ip)
+total = sum(words)
+total = (total >> 16) + (total & 0xFFFF)
+ip = ip[:10] + struct.pack("!H", ~(total + (total >> 16)) & 0xFFFF) + ip[12:]
+frame = bytes.fromhex(vtep_mac.replace(":", "")) + bytes.fromhex("02aabbccddee") + b"\x08\x00" + ip + udp
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(3):
+    s.sendto(struct.pack("!II", 0x08000000, int(vni) << 8) + frame, (underlay, 4789))
+"""
+
 
 @pytest.fixture(scope="module")
 def pods(lab: Lab) -> Iterator[tuple[Lab, PodInfo, PodInfo, PodInfo]]:
@@ -59,6 +75,25 @@ def received(lab: Lab, sender: PodInfo, src: str, dst: PodInfo, port: int) -> li
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         nsx(sender.ns, sys.executable, "-c", SEND, src, dst.ip, str(port))
+        out, _ = listener.communicate(timeout=10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    return json.loads(out)
+
+
+def tunnelled(lab: Lab, sender_ns: str, via_host: str, src: str, dst: PodInfo, port: int) -> list[str]:
+    """Datagrams `dst` receives when network namespace `sender_ns` wraps three (inner source `src`)
+    in VXLAN itself and sends them to `via_host`'s underlay address, with that host's VTEP MAC and
+    VNI inside."""
+    ns = lab.host(via_host).ns
+    link = nsx(ns, "ip", "-d", "link", "show", "tth.vxlan").stdout.split()
+    vni, mac = link[link.index("id") + 1], link[link.index("link/ether") + 1]
+    listener = subprocess.Popen(["ip", "netns", "exec", dst.ns, sys.executable, "-c", LISTEN, str(port), "1.5"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        nsx(sender_ns, sys.executable, "-c", TUNNEL, lab.host(via_host).ip, vni, mac, src, dst.ip, str(port))
         out, _ = listener.communicate(timeout=10)
     finally:
         if listener.poll() is None:
@@ -110,3 +145,21 @@ def test_allowed_address_pairs_may_be_sent_from(pods) -> None:
             break
     else:
         pytest.fail("a source inside the allowed address pair is still dropped")
+
+
+def test_a_pod_cannot_tunnel_a_spoofed_packet_through_a_vtep(pods) -> None:
+    """VXLAN that a pod builds itself would be decapsulated by a host with any inner source: to
+    another host it is dropped on the way out, to its own host on input (both counted). A machine
+    on the underlay that is not a Tether host is refused too."""
+    lab, a, b, c = pods
+    out_before = counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0)
+    in_before = counters(lab.host("h1").ns).get("input/VXLAN from a pod or an unknown host", 0)
+    assert tunnelled(lab, a.ns, "h2", "10.66.250.2", c, 7007) == []
+    assert tunnelled(lab, a.ns, "h1", "10.66.250.3", b, 7008) == []
+    after = counters(lab.host("h1").ns)
+    assert after.get("forward/VXLAN from a pod", 0) >= out_before + 3
+    assert after.get("input/VXLAN from a pod or an unknown host", 0) >= in_before + 3
+    assert received(lab, a, a.ip, c, 7009) == [a.ip] * 3  # the pod itself still talks across hosts
+    in_before = counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0)
+    assert tunnelled(lab, lab.inet, "h2", "10.66.250.4", c, 7010) == []
+    assert counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0) >= in_before + 3

@@ -172,6 +172,8 @@ SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 POD_IFACES = LINK_PREFIX + "*"
+VXLAN_FROM_POD = "VXLAN from a pod"
+VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
 
 def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
@@ -203,6 +205,12 @@ def stateless_chains(rep: Replica) -> list[NftChain]:
     return chains
 
 
+def vxlan_peers(rep: Replica, host: str) -> frozenset[str]:
+    """The other hosts' IPv4 underlay addresses: the only sources this host decapsulates VXLAN from."""
+    return frozenset(h.underlay_ip for h in rep.hosts.values()
+                     if h.name != host and h.underlay_ip and ip_version(h.underlay_ip) == 4)
+
+
 def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
     """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain."""
     targets = stateless_targets(rep.networks.values())
@@ -230,6 +238,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
         NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
         NftSet("stateful", "ipv4_addr"),
+        NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host)),
         NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host)),
         NftSet("ep_id4", ("ifname", "ether_addr", "ipv4_addr"), map_type="verdict"),
         NftSet("ep_id6", ("ifname", "ether_addr", "ipv6_addr"), map_type="verdict"),
@@ -245,11 +254,16 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
     me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
+    vxlan_refused: tuple[str, ...] = ()
     if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
         vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT),
-                         _match(_meta("iifname"), POD_IFACES, "!="), NOTRACK, ACCEPT, comment="vxlan underlay"),)
+                         _match(_ip("saddr"), "@vxlan_peers"), _match(_meta("iifname"), POD_IFACES, "!="),
+                         NOTRACK, ACCEPT, comment="vxlan underlay"),)
         vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                           comment="vxlan underlay"),)
+        # what the rule above did not let through (tracked, so only its first packets come here):
+        # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
+        vxlan_refused = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     svc_reject = rule({"jump": {"target": "svc_reject"}})
     to_local_pod = {"vmap": {"key": _ip("daddr"), "data": "@local_dst4"}}
     chains = (
@@ -286,6 +300,10 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftChain("forward", (
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
+            # a pod's VXLAN packet to another host would be decapsulated there with any inner source
+            # (Calico drops these too); new flows only, so the cost is per connection, not per packet
+            policy.denied(_match(UDP_DPORT, VXLAN_PORT), _match(_meta("iifname"), POD_IFACES),
+                          _match(_meta("iifname"), VTEP_NAME, "!="), comment=VXLAN_FROM_POD),
             svc_reject,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
@@ -296,6 +314,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         ), hook="forward", type="filter", priority=0, policy="accept"),
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
+            *vxlan_refused,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )
