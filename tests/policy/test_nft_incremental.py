@@ -128,6 +128,26 @@ def test_unchanged_plan_issues_nothing_and_element_changes_are_element_commands(
     assert report.element_commands == 1 and report.structure_commands == 0 and not report.full
 
 
+def test_only_changed_elements_are_compared_unless_two_normalise_alike(kernel: FakeKernel) -> None:
+    """The element diff normalises only the plan elements that changed; written differently but
+    equal for the kernel (an address and its /32) is no change, and a set whose elements collide
+    that way is compared in full, so losing one spelling keeps the address."""
+    old = base_plan()
+    dp = applied(old, kernel)
+    respelled = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2/32"})))
+    assert dp.apply(respelled).changed == 0 and kernel.batches == []
+    both = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2", "10.0.0.2/32", "10.0.0.5"})))
+    dp.apply(both)
+    assert ops(kernel.batches[-1]) == ["fill set sel-2"] and kernel.batches[-1][0]["add"]["set"]["elem"] == ["10.0.0.5"]
+    one = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2/32", "10.0.0.5"})))
+    kernel.batches.clear()
+    assert dp.apply(one).changed == 0 and kernel.batches == []
+    gone = with_set(old, NftSet("sel-2", "ipv4_addr", elements=frozenset({"10.0.0.2/32"})))
+    dp.apply(gone)
+    assert ops(kernel.batches[-1]) == ["flush set sel-2", "fill set sel-2"]
+    assert kernel.batches[-1][1]["add"]["set"]["elem"] == ["10.0.0.2"]
+
+
 def test_shrinking_sets_are_refilled_unless_an_interval_set_shrinks(kernel: FakeKernel) -> None:
     old = with_set(base_plan(), NftSet("nets", "ipv4_addr", ("interval",), elements=frozenset({"10.1.0.0/16",
                                                                                                "10.2.0.0/16"})))

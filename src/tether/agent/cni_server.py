@@ -1,20 +1,23 @@
 """The agent's side of tether-cni: a unix-socket server that runs ADD/DEL/CHECK/STATUS/GC.
 
 ADD creates the endpoint through the server (IPAM happens there, idempotently per
-`<container id>/<ifname>` handle), plugs the pod, and answers the CNI result. Anything that fails
-after the address was allocated releases it again, so a failed ADD leaks nothing.
+`<container id>/<ifname>` handle) while the pod's veth is made, then gives the pod its addresses and
+answers the CNI result. Anything that fails removes the veth and releases the addresses again, so a
+failed ADD leaks nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable, KeysView
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether.agent import cni_protocol as cp
 from tether.agent.calc import endpoint_mtu, host_ifname
@@ -24,8 +27,10 @@ from tether.model import Endpoint, Namespace, Owner, PortDecl
 
 if TYPE_CHECKING:
     from tether.agent.main import Agent
+    from tether.dataplane.pods import PodLink
 
 log = logging.getLogger("tether.cni")
+T = TypeVar("T")
 NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 
 
@@ -40,12 +45,25 @@ def pod_mac(container_id: str, ifname: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
+def _drop(link: PodLink) -> None:
+    link.remove()
+    link.close()
+
+
 class CniServer:
     def __init__(self, agent: Agent, path: str) -> None:
         self.agent = agent
         self.path = path
         self.server: asyncio.AbstractServer | None = None
         self.in_flight: dict[str, float] = {}  # host ifname -> time plugged (kept from stale removal)
+        self.active = 0  # requests being handled (the agent holds its applies back meanwhile)
+        # pyroute2's sockets belong to the thread that opened them (an ADD's two halves share them),
+        # so all of this server's netlink work runs on one thread of its own
+        self._netlink_thread = ThreadPoolExecutor(1, thread_name_prefix="tether-cni-netlink")
+
+    async def _netlink(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._netlink_thread,
+                                                                functools.partial(fn, *args, **kwargs))
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -62,6 +80,7 @@ class CniServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        self._netlink_thread.shutdown(wait=False)
 
     def protected(self) -> KeysView[str]:
         """Interfaces being plugged right now, as a live view: an apply that started before a pod's
@@ -88,6 +107,13 @@ class CniServer:
             writer.close()
 
     async def handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
+        self.active += 1
+        try:
+            return await self._handle(env, stdin)
+        finally:
+            self.active -= 1
+
+    async def _handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
         version = cp.LATEST
         try:
             req = cp.parse_request(env, stdin)
@@ -151,42 +177,78 @@ class CniServer:
         raise AssertionError("unreachable")
 
     async def add(self, req: cp.Request) -> bytes:
+        """The server allocates the addresses while a worker thread makes the veth (its name and MAC
+        do not depend on them): the round trip and the netlink work overlap, then the addresses go on."""
         if not os.path.exists(req.netns):
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
         net = self.agent.replica.networks.get(req.network)
+        want = self._endpoint_for(req)
+        assert want.interface is not None
+        self.in_flight[want.interface] = time.monotonic()
         t0 = time.perf_counter()
+        early = None
+        if net is not None:  # otherwise the MTU is known only once the network is fetched
+            early = asyncio.ensure_future(self._plug(req, want, endpoint_mtu(net, self.agent.underlay_mtu)))
         try:
-            ep = await self._create(self._endpoint_for(req))
-        except ServerUnreachable as e:
-            raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
-        except ApiError as e:
-            code = cp.TRY_AGAIN_LATER if e.status >= 500 else cp.INVALID_CONFIG
-            raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
+            ep = await self._create(want)
+        except BaseException as e:
+            if early is not None:
+                await self._discard(early)
+            if isinstance(e, ServerUnreachable):
+                raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
+            if isinstance(e, ApiError):
+                code = cp.TRY_AGAIN_LATER if e.status >= 500 else cp.INVALID_CONFIG
+                raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
+            raise
+        t1 = time.perf_counter()
         if net is None:
             net = await self.agent.fetch_network(req.network)
         mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
         assert ep.interface is not None
         self.in_flight[ep.interface] = time.monotonic()
-        t1 = time.perf_counter()
-        from tether.dataplane.pods import AttachError, attach_pod
+        from tether.dataplane.pods import AttachError, address_pod
 
         try:
-            pod = await asyncio.to_thread(attach_pod, pod_netns=req.netns, ifname=req.ifname,
-                                          host_ifname=ep.interface, ips=ep.ips, mac=ep.mac, mtu=mtu)
-        except (AttachError, OSError) as e:
+            link = await early if early is not None else None
+            if link is not None and (link.host_ifname, link.mac, link.mtu) != (ep.interface, ep.mac or link.mac, mtu):
+                # the server answered an earlier ADD's endpoint (same handle) that differs: plug that one
+                await self._netlink(_drop, link)
+                link = None
+            link = link or await self._plug(req, ep, mtu)
+            pod = await self._netlink(address_pod, link, list(ep.ips))
+        except (cp.CniError, AttachError, OSError) as e:
             await self._release(req.handle, ep.interface)
-            raise cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
-        log.info("ADD %s: endpoint %.1f ms, plug %.1f ms", ep.name, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+            raise e if isinstance(e, cp.CniError) else cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
+        log.info("ADD %s: endpoint %.1f ms, plug %.1f ms after it", ep.name, (t1 - t0) * 1000,
+                 (time.perf_counter() - t1) * 1000)
         self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
-        self.agent.kick()
+        self.agent.kick(gather=False)
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
                                    POD_GATEWAY, dns=self.agent.dns_config(net), mtu=mtu)
         return self.agent.json(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment)))
 
+    async def _plug(self, req: cp.Request, ep: Endpoint, mtu: int) -> PodLink:
+        from tether.dataplane.pods import AttachError, plug_link
+
+        assert ep.interface is not None
+        try:
+            return await self._netlink(plug_link, pod_netns=req.netns, ifname=req.ifname,
+                                       host_ifname=ep.interface, mac=ep.mac, mtu=mtu)
+        except (AttachError, OSError) as e:
+            raise cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
+
+    async def _discard(self, early: asyncio.Future) -> None:
+        """Remove a veth made for an ADD that failed on the server side (or a plug that failed)."""
+        try:
+            link = await early
+        except (cp.CniError, OSError):
+            return  # nothing was made (plug_link cleans up after itself)
+        await self._netlink(_drop, link)
+
     async def _release(self, handle: str, host_if: str) -> None:
         from tether.dataplane.pods import detach_pod
 
-        await asyncio.to_thread(detach_pod, host_if)
+        await self._netlink(detach_pod, host_if)
         try:
             await self.agent.client.release_by_handle(handle)
         except (ServerUnreachable, ApiError) as e:
@@ -198,7 +260,7 @@ class CniServer:
         from tether.dataplane.pods import detach_pod
 
         host_if = host_ifname(req.container_id, req.ifname)
-        await asyncio.to_thread(detach_pod, host_if)
+        await self._netlink(detach_pod, host_if)
         self.in_flight.pop(host_if, None)
         try:
             await self.agent.client.release_by_handle(req.handle)
@@ -218,8 +280,8 @@ class CniServer:
         if ep is None:
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"no Tether endpoint for container {req.container_id} "
                                                     f"interface {req.ifname}")
-        problems = await asyncio.to_thread(check_pod, pod_netns=req.netns, ifname=req.ifname,
-                                           host_ifname=host_ifname(req.container_id, req.ifname), ips=ep.ips)
+        problems = await self._netlink(check_pod, pod_netns=req.netns, ifname=req.ifname,
+                                       host_ifname=host_ifname(req.container_id, req.ifname), ips=ep.ips)
         prev = set(cp.prev_ips(req.config))
         if prev and prev != set(ep.ips):
             problems.append(f"prevResult addresses {sorted(prev)} differ from the endpoint's {ep.ips}")
@@ -242,7 +304,7 @@ class CniServer:
                  and (e.owner.container_id or "", e.owner.ifname or "") not in valid]
         for ep in stale:
             if ep.interface:
-                await asyncio.to_thread(detach_pod, ep.interface)
+                await self._netlink(detach_pod, ep.interface)
             try:
                 await self.agent.client.release_by_handle(ep.handle or ep.id)
             except ServerUnreachable as e:

@@ -243,6 +243,7 @@ def _apply_delta(ipr: IPRoute, plan: Plan, st: Applied, keep: Container[str]) ->
         if st.interfaces.get(name) == mtu:
             continue
         msg = get_link(ipr, name)
+        index[name] = msg["index"] if msg else None  # its routes come next
         if msg is None:
             continue  # being plugged, or gone: a later pass (or the reconcile) sees it
         if msg.get("IFLA_MTU") != mtu or not msg["flags"] & 1:
@@ -261,7 +262,8 @@ def _apply_delta(ipr: IPRoute, plan: Plan, st: Applied, keep: Container[str]) ->
             report.add(f"del stale {name}")
             index[name] = None
 
-    vtep_idx = idx(VTEP_NAME) if plan.vtep is not None else None
+    same_peers = plan.neighbours == st.neighbours and plan.fdb == st.fdb
+    vtep_idx = idx(VTEP_NAME) if plan.vtep is not None and not same_peers else None
     if vtep_idx is not None:
         for n in sorted(plan.neighbours - st.neighbours):
             ipr.neigh("replace", dst=n.ip, lladdr=n.lladdr, ifindex=vtep_idx, state=NUD_PERMANENT)
