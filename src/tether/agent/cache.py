@@ -60,7 +60,7 @@ class Replica:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
         with os.fdopen(fd, "w") as f:
-            json.dump(self.snapshot(), f)
+            f.write(json.dumps(self.snapshot()))  # one C-encoded string: json.dump streams in Python, 10x slower
         os.replace(tmp, path)
 
     def load(self, path: str) -> bool:

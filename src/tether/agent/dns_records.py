@@ -92,6 +92,7 @@ class Records:
         return None
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def ptr_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     labels = name.rstrip(".").split(".")
     try:
@@ -125,9 +126,9 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     rec.soa["ip6.arpa."] = _soa_rr("ip6.arpa.", serial)
 
     def add_addr(name: str, ip: str) -> None:
-        version, packed, ptr = address_record(ip)
-        rec.add(name, A if version == 4 else AAAA, packed, ttl)
-        rec.add(ptr, PTR, encode_name(name), ttl)
+        for owner, rtype, rr in address_rrs(name, ip, ttl):
+            rec.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
+            rec.existing.add(owner)
 
     for ep in endpoints:
         net = nets.get(ep.network)
@@ -151,16 +152,32 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
                     rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
     for name in list(rec.existing):  # empty non-terminals exist too (they answer NODATA)
         zone = rec.zone_of(name)
-        if zone is None:
-            continue
-        labels = name.split(".")
-        for i in range(1, len(labels)):
-            parent = ".".join(labels[i:])
-            if len(parent) < len(zone):
-                break
-            rec.existing.add(parent)
+        if zone is not None:
+            rec.existing.update(parents(name, zone))
     rec.existing.update(rec.zones)
     return rec
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def address_rrs(name: str, ip: str, ttl: int) -> tuple[tuple[str, int, bytes], ...]:
+    """(owner, type, encoded RR) of a name's A/AAAA record and of its address's PTR. Memoised like
+    `address_record`: an unchanged endpoint encodes to the same bytes at every rebuild."""
+    version, packed, ptr = address_record(ip)
+    return ((name.lower(), A if version == 4 else AAAA, _rr(A if version == 4 else AAAA, ttl, packed)),
+            (ptr, PTR, _rr(PTR, ttl, encode_name(name))))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parents(name: str, zone: str) -> tuple[str, ...]:
+    """The names between `name` and its `zone` (the zone included)."""
+    labels = name.split(".")
+    out = []
+    for i in range(1, len(labels)):
+        parent = ".".join(labels[i:])
+        if len(parent) < len(zone):
+            break
+        out.append(parent)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

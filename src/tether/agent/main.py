@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -164,6 +165,10 @@ class Agent:
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
         await self._start_extras()
+        # what start-up created (modules, classes, functions: ~60,000 objects) lives as long as the
+        # process; out of the collector's sight, a full collection takes 0.6 ms instead of 20 ms,
+        # a pause that otherwise lands on a CNI or DNS answer every few seconds under load
+        gc.freeze()
         tasks = [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
                                                   self._reconcile_loop())]
         await self._stop.wait()

@@ -264,7 +264,8 @@ class Builder:
         self.sets: dict[str, NftSet] = {}
         self.chains: dict[str, NftChain] = {}
         self.versions = (4, 6) if idx.v6 else (4,)
-        self._layers: dict[tuple[str, str], tuple[list[NetworkPolicy], list[SecurityGroup]]] = {}
+        self._layers: dict[tuple, tuple[list[NetworkPolicy], list[SecurityGroup]]] = {}
+        self._dispatch: dict[tuple, str] = {}
 
     def add_set(self, name: str, typ: str | tuple[str, ...], elements: Iterable[Any], flags: tuple[str, ...] = ()
                 ) -> str:
@@ -420,10 +421,17 @@ class Builder:
 
     # --- per-endpoint dispatch ------------------------------------------------------------------
 
+    @staticmethod
+    def _layer_key(ep: Endpoint, direction: str) -> tuple:
+        """What an endpoint's layers depend on: replicas of one workload share it, so the layers
+        (and the dispatch chain) are found once for all of them."""
+        return direction, ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups)
+
     def layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
-        found = self._layers.get((ep.id, direction))
+        key = self._layer_key(ep, direction)
+        found = self._layers.get(key)
         if found is None:
-            found = self._layers[(ep.id, direction)] = self._find_layers(ep, direction)
+            found = self._layers[key] = self._find_layers(ep, direction)
         return found
 
     def _find_layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
@@ -436,6 +444,13 @@ class Builder:
         return pols, groups
 
     def dispatch_chain(self, ep: Endpoint, direction: str) -> str:
+        key = (self._layer_key(ep, direction), ep.network)
+        name = self._dispatch.get(key)
+        if name is None:
+            name = self._dispatch[key] = self._dispatch_chain(ep, direction)
+        return name
+
+    def _dispatch_chain(self, ep: Endpoint, direction: str) -> str:
         pols, groups = self.layers(ep, direction)
         d = "in" if direction == "Ingress" else "out"
         name = dispatch_name(d, ep.network if direction == "Ingress" else "", tuple(p.id for p in pols),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -66,6 +67,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     log.warning("tether server on %s, store %s", ", ".join(listen), store_url)
+    gc.freeze()  # see tether.agent.main.Agent.run
     try:
         await server.serve(sockets=sockets)
     finally:
