@@ -45,11 +45,6 @@ def pod_mac(container_id: str, ifname: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
-def _drop(link: PodLink) -> None:
-    link.remove()
-    link.close()
-
-
 class CniServer:
     def __init__(self, agent: Agent, path: str) -> None:
         self.agent = agent
@@ -159,6 +154,17 @@ class CniServer:
                         security_groups=list(cfg.get("security_groups") or []), ports=ports)
 
     async def _create(self, ep: Endpoint) -> Endpoint:
+        """The endpoint as the server stored it (its addresses allocated); what went wrong as a CNI
+        error: try again later when the server is unreachable or failing, invalid config otherwise."""
+        try:
+            return await self._create_once_named(ep)
+        except ServerUnreachable as e:
+            raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
+        except ApiError as e:
+            code = cp.TRY_AGAIN_LATER if e.status >= 500 else cp.INVALID_CONFIG
+            raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
+
+    async def _create_once_named(self, ep: Endpoint) -> Endpoint:
         client = self.agent.client
         for attempt in range(3):
             try:
@@ -191,14 +197,9 @@ class CniServer:
             early = asyncio.ensure_future(self._plug(req, want, endpoint_mtu(net, self.agent.underlay_mtu)))
         try:
             ep = await self._create(want)
-        except BaseException as e:
+        except BaseException:
             if early is not None:
                 await self._discard(early)
-            if isinstance(e, ServerUnreachable):
-                raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
-            if isinstance(e, ApiError):
-                code = cp.TRY_AGAIN_LATER if e.status >= 500 else cp.INVALID_CONFIG
-                raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
             raise
         t1 = time.perf_counter()
         if net is None:
@@ -210,9 +211,9 @@ class CniServer:
 
         try:
             link = await early if early is not None else None
-            if link is not None and (link.host_ifname, link.mac, link.mtu) != (ep.interface, ep.mac or link.mac, mtu):
+            if link is not None and (link.host_ifname, link.mac) != (ep.interface, ep.mac or link.mac):
                 # the server answered an earlier ADD's endpoint (same handle) that differs: plug that one
-                await self._netlink(_drop, link)
+                await self._netlink(link.discard)
                 link = None
             link = link or await self._plug(req, ep, mtu)
             pod = await self._netlink(address_pod, link, list(ep.ips))
@@ -243,7 +244,7 @@ class CniServer:
             link = await early
         except (cp.CniError, OSError):
             return  # nothing was made (plug_link cleans up after itself)
-        await self._netlink(_drop, link)
+        await self._netlink(link.discard)
 
     async def _release(self, handle: str, host_if: str) -> None:
         from tether.dataplane.pods import detach_pod

@@ -76,9 +76,12 @@ class Records:
     memo: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # see respond()
 
     def add(self, name: str, rtype: int, rdata: bytes, ttl: int = TTL) -> None:
-        name = name.lower()
-        self.rrs.setdefault(name, {}).setdefault(rtype, []).append(_rr(rtype, ttl, rdata))
-        self.existing.add(name)
+        self.add_rr(name.lower(), rtype, _rr(rtype, ttl, rdata))
+
+    def add_rr(self, owner: str, rtype: int, rr: bytes) -> None:
+        """An encoded RR (`_rr`) under a lower-case owner name."""
+        self.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
+        self.existing.add(owner)
 
     def zone_of(self, name: str) -> str | None:
         """The cluster zone `name` falls in (forward or reverse), or None when it is not ours."""
@@ -127,8 +130,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
 
     def add_addr(name: str, ip: str) -> None:
         for owner, rtype, rr in address_rrs(name, ip, ttl):
-            rec.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
-            rec.existing.add(owner)
+            rec.add_rr(owner, rtype, rr)
 
     for ep in endpoints:
         net = nets.get(ep.network)

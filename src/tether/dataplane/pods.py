@@ -100,19 +100,26 @@ class PodLink:
         with contextlib.suppress(NetlinkError):
             self.host.link("del", index=self.host_index)
 
+    def discard(self) -> None:
+        """Remove the veth and close the sockets: the ADD it was made for failed."""
+        self.remove()
+        self.close()
+
 
 def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None, mtu: int,
               ipr: IPRoute | None = None) -> PodLink:
     """Create the veth with its far end directly in the pod's namespace, both ends up. Retry-safe: a
     leftover host side of an earlier attempt is replaced. Five netlink requests in the usual case
     (each costs about half a millisecond of Python in pyroute2), which is why nothing is looked up
-    before the create: a name clash is sorted out when the kernel reports it."""
+    before the create: a name clash is sorted out when the kernel reports it. On failure nothing is
+    left: a veth made before the failure is removed and the sockets are closed."""
     try:
         fd = os.open(pod_netns, os.O_RDONLY)
     except OSError as e:
         raise AttachError(f"cannot open network namespace {pod_netns}: {e.strerror}") from e
     host = ipr or IPRoute()
     pod = None
+    made = False
     try:
         pod = open_ipr(pod_netns)
         peer: dict = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
@@ -121,6 +128,7 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
         for attempt in (1, 2):
             try:
                 host.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer, state="up")
+                made = True
                 break
             except NetlinkError as e:
                 if e.code != errno.EEXIST or attempt == 2:
@@ -131,34 +139,29 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
                 elif _lookup(pod, ifname) is not None:
                     raise AttachError(f"interface {ifname} already exists in {pod_netns}; "
                                       "pick another CNI_IFNAME") from None
-        made = get_link(host, host_ifname)
+        outside = get_link(host, host_ifname)
         inside = get_link(pod, ifname)
-        if made is None or inside is None:
+        if outside is None or inside is None:
             raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
-        link = PodLink(host, pod, host_ifname, made["index"], made.get("IFLA_ADDRESS"), ifname, inside["index"],
-                       inside.get("IFLA_ADDRESS"), mtu, own_host=ipr is None)
-        try:
-            host_side_sysctls(host_ifname)
-            pod.link("set", index=LOOPBACK_INDEX, state="up")
-            pod.link("set", index=link.pod_index, state="up")
-        except Exception:
-            link.remove()
-            raise
-        return link
-    except NetlinkError as e:
-        _close(host if ipr is None else None, pod)
-        raise AttachError(f"netlink error while plugging {host_ifname}: {e}") from e
-    except BaseException:
-        _close(host if ipr is None else None, pod)
+        host_side_sysctls(host_ifname)
+        pod.link("set", index=LOOPBACK_INDEX, state="up")
+        pod.link("set", index=inside["index"], state="up")
+        return PodLink(host, pod, host_ifname, outside["index"], outside.get("IFLA_ADDRESS"), ifname,
+                       inside["index"], inside.get("IFLA_ADDRESS"), mtu, own_host=ipr is None)
+    except BaseException as e:
+        if made:
+            with contextlib.suppress(NetlinkError):
+                idx = _lookup(host, host_ifname)
+                if idx is not None:
+                    host.link("del", index=idx)
+        for sock in (pod, host if ipr is None else None):
+            if sock is not None:
+                sock.close()
+        if isinstance(e, NetlinkError):
+            raise AttachError(f"netlink error while plugging {host_ifname}: {e}") from e
         raise
     finally:
         os.close(fd)
-
-
-def _close(*sockets: IPRoute | None) -> None:
-    for s in sockets:
-        if s is not None:
-            s.close()
 
 
 def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
@@ -179,11 +182,10 @@ def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
             host.route("replace", dst=f"{ip}/{32 if a.version == 4 else 128}", oif=link.host_index,
                        scope=RT_SCOPE_LINK, proto=RTPROT_TETHER)
         return PodInterface(link.host_ifname, link.host_mac, link.ifname, link.mac, tuple(ips), link.mtu)
-    except NetlinkError as e:
+    except BaseException as e:
         link.remove()
-        raise AttachError(f"netlink error while addressing {link.host_ifname}: {e}") from e
-    except BaseException:
-        link.remove()
+        if isinstance(e, NetlinkError):
+            raise AttachError(f"netlink error while addressing {link.host_ifname}: {e}") from e
         raise
     finally:
         link.close()
