@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.server",
     "tests.fixtures.lab",
     "tests.fixtures.openstack",
+    "tests.fixtures.netns",
 ]

@@ -4,12 +4,10 @@ any sequence of plan changes leaves the same table as one fresh apply of the fin
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import random
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,25 +20,6 @@ from tether.dataplane.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
 
 CTX = HostContext("b", "eth0", 1500)
-_counter = itertools.count()
-
-
-@pytest.fixture
-def netns() -> Iterator[Callable[[], str]]:
-    """Makes namespaces named t4i<pid>x<n>; all of them are deleted at the end, whatever happens."""
-    made: list[str] = []
-
-    def make() -> str:
-        name = f"t4i{os.getpid()}x{next(_counter)}"
-        subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-        made.append(name)
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
 def listing(ns: str) -> list[dict]:

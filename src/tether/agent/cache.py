@@ -20,6 +20,7 @@ class Replica:
         self.objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
         self.revision = 0
         self.synced = False
+        self._encoded: dict[tuple[str, str], tuple[Obj, str]] = {}  # (kind, name) -> (object, its JSON)
 
     # --- feeding --------------------------------------------------------------------------------
 
@@ -50,17 +51,31 @@ class Replica:
         self.objects[kind][store_name] = obj
         return True
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"revision": self.revision,
-                "objects": [{"kind": k, "object": o.model_dump(mode="json")}
-                            for k, objs in self.objects.items() for o in objs.values()]}
+    def encoded(self) -> str:
+        """The replica as the JSON text `load` reads. Each object's text is kept until the object is
+        replaced (objects in the replica are replaced, never changed in place), so writing the file
+        during a burst of ADDs encodes only what changed: with 400 endpoints a full encoding is
+        ~10 ms of the event loop, once a second."""
+        cache = self._encoded
+        items = []
+        for kind, objs in self.objects.items():
+            for name, obj in objs.items():
+                hit = cache.get((kind, name))
+                if hit is None or hit[0] is not obj:
+                    hit = cache[(kind, name)] = (obj, json.dumps({"kind": kind, "object": obj.model_dump(mode="json")}))
+                items.append(hit[1])
+        if len(cache) > len(items):  # forget what was deleted
+            live = {(k, n) for k, objs in self.objects.items() for n in objs}
+            for key in [key for key in cache if key not in live]:
+                del cache[key]
+        return f'{{"revision": {self.revision}, "objects": [{", ".join(items)}]}}'
 
     def save(self, path: str) -> None:
         d = os.path.dirname(path) or "."
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.snapshot()))  # one C-encoded string: json.dump streams in Python, 10x slower
+            f.write(self.encoded())
         os.replace(tmp, path)
 
     def load(self, path: str) -> bool:

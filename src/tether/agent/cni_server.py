@@ -34,9 +34,26 @@ T = TypeVar("T")
 NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 
 
+HEX_ID = re.compile(r"[0-9a-f]{32,}")
+
+
 def dns_label(text: str, fallback: str) -> str:
     label = NOT_LABEL.sub("-", text.lower()).strip("-")[:63].strip("-")
     return label or fallback
+
+
+def pod_name(container_id: str) -> str:
+    """The name of a pod whose runtime passed no K8S_POD_NAME: for the hex IDs that runtimes make,
+    "c-" and the short form `docker ps` shows; for other IDs (cnitool, Mesos and scripts pass IDs
+    such as "web-1" and "web-12" that share prefixes) the whole ID, so that two pods' names do
+    not collide and cost the ADD a second round trip to the server."""
+    cid = container_id.lower()
+    if HEX_ID.fullmatch(cid):
+        return f"c-{cid[:12]}"
+    name = dns_label(f"c-{cid}", "c")
+    if name != f"c-{cid}":  # cut to 63 or changed: a digest of the ID keeps it apart from the rest
+        name = f"{name[:52].strip('-')}-{hashlib.sha1(container_id.encode()).hexdigest()[:8]}"
+    return name
 
 
 def pod_mac(container_id: str, ifname: str) -> str:
@@ -136,7 +153,7 @@ class CniServer:
 
     def _endpoint_for(self, req: cp.Request) -> Endpoint:
         cfg = req.config
-        name = req.args.get("K8S_POD_NAME") or f"c-{req.container_id[:12]}"
+        name = req.args.get("K8S_POD_NAME") or pod_name(req.container_id)
         namespace = req.args.get("K8S_POD_NAMESPACE") or cfg.get("namespace") or "default"
         labels = dict(cfg.get("labels") or {})
         labels.update((cfg.get("runtimeConfig") or {}).get("labels") or {})

@@ -17,7 +17,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
-from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, get_link, host_side_sysctls, write_sysctl
+from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
+from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK
 
 RTNH_F_ONLINK = 4
 AF_BRIDGE = 7

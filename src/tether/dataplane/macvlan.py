@@ -15,7 +15,8 @@ import secrets
 
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import POD_GATEWAY
-from tether.dataplane.pods import NUD_PERMANENT, RT_SCOPE_LINK, AttachError
+from tether.dataplane.pods import AttachError
+from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK
 
 
 def _netns_path(netns: str) -> str:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
-_lock = threading.Lock()
+T = TypeVar("T")
 
 
 def _setns(fd: int) -> None:
@@ -27,22 +29,26 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def open_ipr(netns: str | None = None) -> IPRoute:
-    """An IPRoute in `netns` (a path like /var/run/netns/x, or a name under it); None: this one."""
-    if not netns:
-        return IPRoute()
+def opened_in(netns: str, make: Callable[[], T]) -> T:
+    """What `make()` opens (a socket), opened inside `netns` (a path like /var/run/netns/x, or a
+    name under it): this thread enters the namespace for the call and comes back."""
     path = netns if "/" in netns else f"/var/run/netns/{netns}"
     target = os.open(path, os.O_RDONLY)
     own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
     try:
         _setns(target)
         try:
-            return IPRoute()
+            return make()
         finally:
             _setns(own)
     finally:
         os.close(target)
         os.close(own)
+
+
+def open_ipr(netns: str | None = None) -> IPRoute:
+    """An IPRoute in `netns` (a path, or a name under /var/run/netns); None: this thread's."""
+    return opened_in(netns, IPRoute) if netns else IPRoute()
 
 
 @contextmanager
@@ -54,22 +60,6 @@ def ipr_in(netns: str | None = None) -> Iterator[IPRoute]:
         ipr.close()
 
 
-def socket_in(netns: str | None, family: int, type_: int):
-    """A socket created inside `netns` (same trick as open_ipr: the thread enters and comes back)."""
-    import socket
-
-    if not netns:
-        return socket.socket(family, type_)
-    path = netns if "/" in netns else f"/var/run/netns/{netns}"
-    target = os.open(path, os.O_RDONLY)
-    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-    try:
-        with _lock:
-            _setns(target)
-            try:
-                return socket.socket(family, type_)
-            finally:
-                _setns(own)
-    finally:
-        os.close(target)
-        os.close(own)
+def socket_in(netns: str | None, family: int, type_: int) -> socket.socket:
+    """A socket created inside `netns` (None: this thread's namespace)."""
+    return opened_in(netns, lambda: socket.socket(family, type_)) if netns else socket.socket(family, type_)

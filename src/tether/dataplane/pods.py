@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.dataplane.netns import ipr_in, open_ipr
+from tether.dataplane import rtnl_batch as nl
+from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
+from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket
 
-NUD_PERMANENT = 0x80
 LOOPBACK_INDEX = 1  # `lo` is interface 1 in every network namespace
-RT_SCOPE_LINK = 253
 
 
 class AttachError(Exception):
@@ -79,8 +79,8 @@ class PodLink:
     allocates the addresses (see CniServer.add), then `address_pod` finishes. It keeps the two
     netlink sockets (host side, pod side) open until then."""
 
-    host: IPRoute
-    pod: IPRoute
+    host: RtnlSocket
+    pod: RtnlSocket
     host_ifname: str
     host_index: int
     host_mac: str
@@ -88,17 +88,15 @@ class PodLink:
     pod_index: int
     mac: str
     mtu: int
-    own_host: bool = True
 
     def close(self) -> None:
         self.pod.close()
-        if self.own_host:
-            self.host.close()
+        self.host.close()
 
     def remove(self) -> None:
         """Undo: deleting the host side takes the pod side with it."""
-        with contextlib.suppress(NetlinkError):
-            self.host.link("del", index=self.host_index)
+        with contextlib.suppress(OSError):
+            self.host.run(nl.del_link(self.host_index))
 
     def discard(self) -> None:
         """Remove the veth and close the sockets: the ADD it was made for failed."""
@@ -106,58 +104,48 @@ class PodLink:
         self.close()
 
 
-def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None, mtu: int,
-              ipr: IPRoute | None = None) -> PodLink:
+def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None, mtu: int) -> PodLink:
     """Create the veth with its far end directly in the pod's namespace, both ends up. Retry-safe: a
-    leftover host side of an earlier attempt is replaced. Five netlink requests in the usual case
-    (each costs about half a millisecond of Python in pyroute2), which is why nothing is looked up
-    before the create: a name clash is sorted out when the kernel reports it. On failure nothing is
-    left: a veth made before the failure is removed and the sockets are closed."""
+    leftover host side of an earlier attempt is replaced. Two batches of netlink requests
+    (rtnl_batch: create and look up the host side; bring up `lo` and the pod side, look it up),
+    nothing looked up before the create: a name clash is sorted out when the kernel reports it.
+    On failure nothing is left: a veth made before the failure is removed, the sockets closed."""
     try:
         fd = os.open(pod_netns, os.O_RDONLY)
     except OSError as e:
         raise AttachError(f"cannot open network namespace {pod_netns}: {e.strerror}") from e
-    host = ipr or IPRoute()
-    pod = None
+    host = pod = None
     made = False
     try:
-        pod = open_ipr(pod_netns)
-        peer: dict = {"ifname": ifname, "net_ns_fd": fd, "mtu": mtu}
-        if mac:
-            peer["address"] = mac
+        host = RtnlSocket()
+        pod = RtnlSocket(pod_netns)
         for attempt in (1, 2):
-            try:
-                host.link("add", ifname=host_ifname, kind="veth", mtu=mtu, peer=peer, state="up")
-                made = True
+            create, outside = host.run(nl.veth(host_ifname, ifname, fd, mtu, mac), nl.get_link(host_ifname))
+            if create.error != errno.EEXIST or attempt == 2:
                 break
-            except NetlinkError as e:
-                if e.code != errno.EEXIST or attempt == 2:
-                    raise
-                old = _lookup(host, host_ifname)
-                if old is not None:
-                    host.link("del", index=old)  # with its peer
-                elif _lookup(pod, ifname) is not None:
-                    raise AttachError(f"interface {ifname} already exists in {pod_netns}; "
-                                      "pick another CNI_IFNAME") from None
-        outside = get_link(host, host_ifname)
-        inside = get_link(pod, ifname)
-        if outside is None or inside is None:
-            raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
+            if not outside.error:  # the host side of an earlier attempt: replace it (its peer goes with it)
+                host.run(nl.del_link(outside.link.index))[0].check()
+            elif not pod.run(nl.get_link(ifname))[0].error:
+                raise AttachError(f"interface {ifname} already exists in {pod_netns}; pick another CNI_IFNAME")
+        create.check()
+        made = True
+        out = outside.check().link
         host_side_sysctls(host_ifname)
-        pod.link("set", index=LOOPBACK_INDEX, state="up")
-        pod.link("set", index=inside["index"], state="up")
-        return PodLink(host, pod, host_ifname, outside["index"], outside.get("IFLA_ADDRESS"), ifname,
-                       inside["index"], inside.get("IFLA_ADDRESS"), mtu, own_host=ipr is None)
+        lo, up, look = pod.run(nl.link_up(LOOPBACK_INDEX), nl.link_up(ifname), nl.get_link(ifname))
+        lo.check(), up.check()
+        inside = look.check().link
+        assert out is not None and inside is not None
+        return PodLink(host, pod, host_ifname, out.index, out.mac or "", ifname, inside.index, inside.mac or "", mtu)
     except BaseException as e:
-        if made:
-            with contextlib.suppress(NetlinkError):
-                idx = _lookup(host, host_ifname)
-                if idx is not None:
-                    host.link("del", index=idx)
-        for sock in (pod, host if ipr is None else None):
+        if made and host is not None:
+            with contextlib.suppress(OSError):
+                look = host.run(nl.get_link(host_ifname))[0]
+                if look.link is not None:
+                    host.run(nl.del_link(look.link.index))
+        for sock in (pod, host):
             if sock is not None:
                 sock.close()
-        if isinstance(e, NetlinkError):
+        if isinstance(e, OSError) and not isinstance(e, AttachError):
             raise AttachError(f"netlink error while plugging {host_ifname}: {e}") from e
         raise
     finally:
@@ -166,36 +154,34 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
 
 def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
     """Give a plugged pod its addresses (/32, /128), the gateway neighbour and default route inside,
-    and the /32 routes to it on the host. On failure the veth is removed; the sockets are closed
-    either way."""
-    pod, host = link.pod, link.host
+    and the /32 routes to it on the host: one batch on each side. On failure the veth is removed;
+    the sockets are closed either way."""
+    idx = link.pod_index
+    inside = [nl.address(idx, ip) for ip in ips]
+    if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
+        inside += [nl.route(f"{POD_GATEWAY}/32", idx, scope=RT_SCOPE_LINK),
+                   nl.permanent_neighbour(idx, POD_GATEWAY, link.host_mac),
+                   nl.route("0.0.0.0/0", idx, gateway=POD_GATEWAY)]
+    outside = [nl.route(f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}", link.host_index, scope=RT_SCOPE_LINK,
+                        proto=RTPROT_TETHER, replace=True) for ip in ips]
     try:
-        for ip in ips:
-            a = ipaddress.ip_address(ip)
-            pod.addr("add", index=link.pod_index, address=ip, prefixlen=32 if a.version == 4 else 128)
-        if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
-            pod.route("add", dst=f"{POD_GATEWAY}/32", oif=link.pod_index, scope=RT_SCOPE_LINK)
-            pod.neigh("replace", dst=POD_GATEWAY, lladdr=link.host_mac, ifindex=link.pod_index, state=NUD_PERMANENT)
-            pod.route("add", dst="0.0.0.0/0", gateway=POD_GATEWAY, oif=link.pod_index)
-        for ip in ips:
-            a = ipaddress.ip_address(ip)
-            host.route("replace", dst=f"{ip}/{32 if a.version == 4 else 128}", oif=link.host_index,
-                       scope=RT_SCOPE_LINK, proto=RTPROT_TETHER)
+        for r in [*link.pod.run(*inside), *(link.host.run(*outside) if outside else [])]:
+            r.check()
         return PodInterface(link.host_ifname, link.host_mac, link.ifname, link.mac, tuple(ips), link.mtu)
     except BaseException as e:
         link.remove()
-        if isinstance(e, NetlinkError):
+        if isinstance(e, OSError):
             raise AttachError(f"netlink error while addressing {link.host_ifname}: {e}") from e
         raise
     finally:
         link.close()
 
 
-def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str], mac: str | None, mtu: int,
-               ipr: IPRoute | None = None) -> PodInterface:
+def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str], mac: str | None,
+               mtu: int) -> PodInterface:
     """Create and configure the pod's interface in one go (`plug_link` then `address_pod`)."""
-    return address_pod(plug_link(pod_netns=pod_netns, ifname=ifname, host_ifname=host_ifname, mac=mac, mtu=mtu,
-                                 ipr=ipr), ips)
+    return address_pod(plug_link(pod_netns=pod_netns, ifname=ifname, host_ifname=host_ifname, mac=mac, mtu=mtu),
+                       ips)
 
 
 def detach_pod(host_ifname: str, ipr: IPRoute | None = None) -> bool:

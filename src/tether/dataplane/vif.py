@@ -69,7 +69,7 @@ def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
                 continue
             try:
                 attach_pod(pod_netns=_netns_path(spec.netns), ifname=spec.ifname, host_ifname=name, ips=list(spec.ips),
-                           mac=spec.mac, mtu=spec.mtu, ipr=ipr)
+                           mac=spec.mac, mtu=spec.mtu)
                 idx = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=idx, ifalias=ALIAS_PREFIX + spec.port_id)
                 # nested containers' traffic between each other comes back out of the same tap: no redirects

@@ -1,0 +1,121 @@
+"""Plugging a pod with batched netlink requests (dataplane.rtnl_batch), in throwaway namespaces: the
+kernel state is what the datapath expects, each request of a batch is answered on its own, a
+leftover of an earlier attempt is replaced, and a failure leaves nothing behind."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tether.dataplane import rtnl_batch as nl
+from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
+from tether.dataplane.pods import AttachError, address_pod, attach_pod, plug_link
+
+CLONE_NEWNET = 0x40000000
+
+
+def inside(ns: str, fn: Callable[[], Any]) -> Any:
+    """fn() on a thread that lives in `ns` (as the agent lives in its host's namespace)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        with open(f"/var/run/netns/{ns}") as f:
+            if ctypes.CDLL(None, use_errno=True).setns(f.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def ip_json(ns: str, *args: str) -> list[dict]:
+    r = subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(r.stdout or "[]")
+
+
+def links(ns: str) -> set[str]:
+    return {link["ifname"] for link in ip_json(ns, "link", "show")}
+
+
+def test_a_plugged_pod_has_what_the_datapath_expects(netns: Callable[[], str]) -> None:
+    host, pod = netns(), netns()
+    got = inside(host, lambda: attach_pod(pod_netns=f"/var/run/netns/{pod}", ifname="eth0", host_ifname="tthpp0",
+                                          ips=["10.9.0.5", "fd00:9::5"], mac="02:00:00:00:09:05", mtu=1400))
+    (outside,) = ip_json(host, "link", "show", "tthpp0")
+    (eth0,) = ip_json(pod, "link", "show", "eth0")
+    assert got.host_mac == outside["address"] and got.mac == eth0["address"] == "02:00:00:00:09:05"
+    assert "UP" in outside["flags"] and "UP" in eth0["flags"] and outside["mtu"] == eth0["mtu"] == 1400
+    assert "UP" in ip_json(pod, "link", "show", "lo")[0]["flags"]
+    addrs = {(a["local"], a["prefixlen"]) for a in ip_json(pod, "addr", "show", "eth0")[0]["addr_info"]
+             if a.get("scope") == "global"}
+    assert addrs == {("10.9.0.5", 32), ("fd00:9::5", 128)}
+    routes = {(r["dst"], r.get("gateway"), r.get("scope")) for r in ip_json(pod, "route", "show")}
+    assert routes == {("default", POD_GATEWAY, None), (POD_GATEWAY, None, "link")}
+    (neigh,) = ip_json(pod, "neigh", "show", POD_GATEWAY)
+    assert neigh["lladdr"] == got.host_mac and neigh["state"] == ["PERMANENT"]
+    host_routes = ip_json(host, "route", "show", "10.9.0.5") + ip_json(host, "-6", "route", "show", "fd00:9::5")
+    assert [(r["dev"], r["protocol"], r.get("scope")) for r in host_routes][0] == ("tthpp0", str(RTPROT_TETHER),
+                                                                                  "link")
+    assert len(host_routes) == 2
+    sysctl = subprocess.run(["ip", "netns", "exec", host, "sysctl", "-n", "net.ipv4.conf.tthpp0.proxy_arp"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert sysctl == "1"
+
+
+def test_each_request_of_a_batch_is_answered_on_its_own(netns: Callable[[], str]) -> None:
+    ns = netns()
+
+    def batch() -> list[nl.Request]:
+        sock = nl.RtnlSocket()
+        try:
+            return sock.run(nl.link_up("lo"), nl.link_up("nosuch0"), nl.get_link("lo"))
+        finally:
+            sock.close()
+
+    up, missing, look = inside(ns, batch)
+    assert (up.error, missing.error, look.error) == (0, errno.ENODEV, 0)
+    assert look.link is not None and look.link.index == 1 and look.link.mac == "00:00:00:00:00:00"
+    with pytest.raises(OSError, match="bring up nosuch0"):
+        missing.check()
+
+
+def test_a_leftover_host_side_is_replaced_and_a_clash_in_the_pod_is_explained(netns: Callable[[], str]) -> None:
+    host, pod = netns(), netns()
+    path = f"/var/run/netns/{pod}"
+    inside(host, lambda: attach_pod(pod_netns=path, ifname="eth0", host_ifname="tthpp1", ips=["10.9.0.6"],
+                                    mac=None, mtu=1450))
+    # the same host-side name again (a retried ADD): the old pair goes, the new one is made
+    inside(host, lambda: attach_pod(pod_netns=path, ifname="eth1", host_ifname="tthpp1", ips=["10.9.0.6"],
+                                    mac=None, mtu=1450))
+    assert links(pod) == {"lo", "eth1"}
+    # another host-side name but an interface name the pod already has: nothing is made
+    with pytest.raises(AttachError, match="eth1 already exists .* pick another CNI_IFNAME"):
+        inside(host, lambda: plug_link(pod_netns=path, ifname="eth1", host_ifname="tthpp2", mac=None, mtu=1450))
+    assert links(host) == {"lo", "tthpp1"} and links(pod) == {"lo", "eth1"}
+
+
+def test_a_failed_addressing_removes_the_veth(netns: Callable[[], str]) -> None:
+    host, pod = netns(), netns()
+    path = f"/var/run/netns/{pod}"
+
+    def plug_then_fail() -> None:
+        link = plug_link(pod_netns=path, ifname="eth0", host_ifname="tthpp3", mac=None, mtu=1450)
+        address_pod(link, ["10.9.0.7", "10.9.0.7"])  # the second add of the same address: EEXIST
+
+    with pytest.raises(AttachError, match="add address 10.9.0.7"):
+        inside(host, plug_then_fail)
+    assert links(host) == {"lo"} and links(pod) == {"lo"}
