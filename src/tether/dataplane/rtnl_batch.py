@@ -78,6 +78,7 @@ class RtnlSocket:
     def __init__(self, netns: str | None = None) -> None:
         self.sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC)  # NETLINK_ROUTE
         self.sock.bind((0, 0))
+        self.sock.settimeout(10)  # the kernel answers at once; a lost answer becomes an error, not a hang
         self.seq = 0
 
     def close(self) -> None:
