@@ -51,6 +51,14 @@ class Replica:
         self.objects[kind][store_name] = obj
         return True
 
+    def view(self) -> Replica:
+        """A copy to read on another thread while this one changes: the same objects (replaced,
+        never changed in place) in dicts of its own."""
+        r = Replica()
+        r.objects = {k: dict(v) for k, v in self.objects.items()}
+        r.revision, r.synced = self.revision, self.synced
+        return r
+
     def encoded(self) -> str:
         """The replica as the JSON text `load` reads. Each object's text is kept until the object is
         replaced (objects in the replica are replaced, never changed in place), so writing the file

@@ -131,10 +131,10 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
         made = True
         out = outside.check().link
         host_side_sysctls(host_ifname)
-        lo, up, look = pod.run(nl.link_up(LOOPBACK_INDEX), nl.link_up(ifname), nl.get_link(ifname))
-        lo.check(), up.check()
-        inside = look.check().link
-        assert out is not None and inside is not None
+        replies = pod.run(nl.link_up(LOOPBACK_INDEX), nl.link_up(ifname), nl.get_link(ifname))
+        inside = [r.check() for r in replies][-1].link
+        if out is None or inside is None:
+            raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
         return PodLink(host, pod, host_ifname, out.index, out.mac or "", ifname, inside.index, inside.mac or "", mtu)
     except BaseException as e:
         if made and host is not None:
@@ -165,7 +165,7 @@ def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
     outside = [nl.route(f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}", link.host_index, scope=RT_SCOPE_LINK,
                         proto=RTPROT_TETHER, replace=True) for ip in ips]
     try:
-        for r in [*link.pod.run(*inside), *(link.host.run(*outside) if outside else [])]:
+        for r in [*link.pod.run(*inside), *link.host.run(*outside)]:
             r.check()
         return PodInterface(link.host_ifname, link.host_mac, link.ifname, link.mac, tuple(ips), link.mtu)
     except BaseException as e:

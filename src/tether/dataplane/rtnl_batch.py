@@ -86,6 +86,8 @@ class RtnlSocket:
 
     def run(self, *requests: Request) -> list[Request]:
         """Send the requests in one batch and fill in each one's error (and link)."""
+        if not requests:
+            return []
         by_seq = {}
         out = bytearray()
         for r in requests:
