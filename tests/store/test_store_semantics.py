@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from tether.store.base import Compacted, Compare, Conflict, Delete, Put
+from tether.store.sqlite import SqliteStore
 
 P = "/tether/v1/test/"
 
@@ -128,3 +130,35 @@ async def test_keepalive_extends_and_revoke_deletes(store):
     assert await store.get(P + "a") is not None
     await store.revoke(lease)
     assert await store.get(P + "a") is None
+
+
+
+@pytest.mark.timeout(60)
+async def test_watchers_cancelled_at_any_moment_never_block_writes(tmp_path):
+    """Agents die while watching: their watches are cancelled at arbitrary points, including while a
+    wait for the next change times out. Writes must still complete: the SQLite engine once left its
+    wake-up lock held by such a watcher, and every later commit waited for it forever. (SQLite only:
+    a short poll interval makes those timeouts frequent.)"""
+    store = SqliteStore(str(tmp_path / "t.db"), poll_interval=0.002)
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            await asyncio.wait_for(store.put(P + "k", str(n).encode()), 5)  # a stuck commit fails here
+            n += 1
+            await asyncio.sleep(0.003)
+
+    w = asyncio.ensure_future(writer())
+    try:
+        for i in range(300):
+            task = asyncio.ensure_future(collect(store, P, 0, 10**9, timeout=3600))
+            await asyncio.sleep((i % 23) * 0.001)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert not w.done(), w.exception()
+    finally:
+        stop.set()
+        await w
+        await store.close()

@@ -53,23 +53,34 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable against process crashes in WAL mode
         self._db.executescript(SCHEMA)
-        self._changed: asyncio.Condition | None = None
+        # completed at the next commit (a new one per generation): the watchers of this process wait
+        # on it. Not an asyncio.Condition waited on with wait_for: a watch cancelled (its agent was
+        # killed) as its wait ended could keep the condition's lock for good, and every later commit
+        # then waited for that lock forever (seen once in the kill -9 test: the server hung)
+        self._changed: asyncio.Future[None] | None = None
         self._bg: asyncio.Task[None] | None = None
         self._closed = False
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _cond(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
+    def _start(self) -> None:
         if self._bg is None and not self._closed:
             self._bg = asyncio.get_running_loop().create_task(self._housekeeping())
-        return self._changed
 
-    async def _notify(self) -> None:
-        cond = self._cond()
-        async with cond:
-            cond.notify_all()
+    def _notify(self) -> None:
+        """Wake this process's watchers: something was committed."""
+        self._start()
+        fut, self._changed = self._changed, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _next_change(self, timeout: float) -> None:
+        """Return at the next commit in this process, or after `timeout` (other processes' writes)."""
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        # asyncio.wait, not wait_for: in Python 3.11 wait_for swallows a cancellation that arrives as
+        # the awaited future completes, and the cancelled watch then went on for ever
+        await asyncio.wait((self._changed,), timeout=timeout)
 
     def _meta(self, name: str) -> int:
         return self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()[0]
@@ -85,7 +96,7 @@ class SqliteStore:
                     await self.compact(rev - self.history)
                 if rev != last_rev:
                     last_rev = rev
-                    await self._notify()
+                    self._notify()
             except sqlite3.Error as e:  # pragma: no cover - logged, retried
                 log.warning("sqlite housekeeping failed: %s", e)
             await asyncio.sleep(self.poll_interval)
@@ -146,7 +157,7 @@ class SqliteStore:
 
     async def txn(self, compares: list[Compare], ops: list[Op]) -> int:
         rev = self._write(compares, ops)
-        await self._notify()
+        self._notify()
         return rev
 
     async def create(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -179,7 +190,7 @@ class SqliteStore:
             raise
 
     async def watch(self, prefix: str, after_revision: int) -> AsyncIterator[Event]:
-        cond = self._cond()
+        self._start()
         last = after_revision
         end = prefix_end(prefix)
         while not self._closed:
@@ -207,13 +218,11 @@ class SqliteStore:
                 continue
             if not rows:
                 last = max(last, head)  # nothing under prefix up to head: skip ahead
-            async with cond:
-                if self._meta("rev") <= last:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(cond.wait(), self.poll_interval * 5)
+            if self._meta("rev") <= last:  # no await since the check: a commit cannot slip in between
+                await self._next_change(self.poll_interval * 5)
 
     async def grant_lease(self, ttl: float) -> int:
-        self._cond()
+        self._start()
         lease = random.randrange(1, 2**62)
         with self._db:
             self._db.execute("INSERT INTO leases VALUES (?,?,?)", (lease, ttl, time.time() + ttl))
@@ -246,7 +255,5 @@ class SqliteStore:
             self._bg.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._bg
-        if self._changed is not None:
-            async with self._changed:
-                self._changed.notify_all()
+        self._notify()
         self._db.close()
