@@ -213,6 +213,7 @@ class Agent:
 
     async def _sync_loop(self) -> None:
         backoff = 0.2
+        failed = ""  # the last reason a sync failed, logged once until it changes or a sync succeeds
         while True:
             try:
                 await self._register()
@@ -223,11 +224,15 @@ class Agent:
                 self._synced_once = True
                 backoff = 0.2
                 log.info("synced at revision %d", self.replica.revision)
+                failed = ""
                 self.kick()
                 await self._follow()
             except (ServerUnreachable, ApiError, OSError) as e:
                 if self.connected:
                     log.warning("lost the server (%s); keeping the datapath, retrying", e)
+                elif str(e) != failed:  # e.g. at start: say why no pod can be added yet
+                    log.warning("cannot sync with the server (%s); keeping the datapath, retrying", e)
+                failed = str(e)
                 self.connected = False
             except Exception:  # noqa: BLE001 - never die: retry
                 log.exception("sync failed")
