@@ -40,6 +40,8 @@ def test_links_by_index_and_by_name() -> None:
     assert named["index"] == 0 and named.get_attr("IFLA_IFNAME") == "eth0"
     assert decoded(ifinfmsg, nl.get_link("tthx")).get_attr("IFLA_IFNAME") == "tthx"
     assert decoded(ifinfmsg, nl.del_link(42))["index"] == 42
+    by_name = decoded(ifinfmsg, nl.del_link("tthx"))
+    assert by_name["index"] == 0 and by_name.get_attr("IFLA_IFNAME") == "tthx"
 
 
 def test_addresses_routes_and_the_gateway_neighbour() -> None:

@@ -69,8 +69,9 @@ class CniServer:
         self.server: asyncio.AbstractServer | None = None
         self.in_flight: dict[str, float] = {}  # host ifname -> time plugged (kept from stale removal)
         self.active = 0  # requests being handled (the agent holds its applies back meanwhile)
-        # pyroute2's sockets belong to the thread that opened them (an ADD's two halves share them),
-        # so all of this server's netlink work runs on one thread of its own
+        # all of this server's netlink work runs on one thread of its own: pyroute2's sockets (DEL,
+        # CHECK) belong to the thread that opened them, and the plugging stays off the default
+        # executor, where an apply can hold a thread for tens of ms
         self._netlink_thread = ThreadPoolExecutor(1, thread_name_prefix="tether-cni-netlink")
 
     async def _netlink(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -163,7 +164,7 @@ class CniServer:
         ips += [ip.split("/")[0] for ip in (cfg.get("runtimeConfig") or {}).get("ips") or []]
         mac = req.args.get("MAC") or (cfg.get("runtimeConfig") or {}).get("mac")
         mac = mac or pod_mac(req.container_id, req.ifname)  # known in advance, so anti-spoofing can pin it
-        return Endpoint(name=dns_label(name, f"c-{req.container_id[:12].lower()}"), network=req.network,
+        return Endpoint(name=dns_label(name, pod_name(req.container_id)), network=req.network,
                         host=self.agent.host, namespace=dns_label(namespace, "default"), ips=ips,
                         mac=mac.lower() if mac else None, labels=labels, handle=req.handle,
                         owner=Owner(type="cni", container_id=req.container_id, ifname=req.ifname, netns=req.netns),

@@ -123,9 +123,9 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
             create, outside = host.run(nl.veth(host_ifname, ifname, fd, mtu, mac), nl.get_link(host_ifname))
             if create.error != errno.EEXIST or attempt == 2:
                 break
-            if not outside.error:  # the host side of an earlier attempt: replace it (its peer goes with it)
-                host.run(nl.del_link(outside.link.index))[0].check()
-            elif not pod.run(nl.get_link(ifname))[0].error:
+            if not host.run(nl.del_link(host_ifname))[0].error:
+                continue  # it was the host side of an earlier attempt (its peer went with it): again
+            if not pod.run(nl.get_link(ifname))[0].error:
                 raise AttachError(f"interface {ifname} already exists in {pod_netns}; pick another CNI_IFNAME")
         create.check()
         made = True
@@ -139,9 +139,7 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
     except BaseException as e:
         if made and host is not None:
             with contextlib.suppress(OSError):
-                look = host.run(nl.get_link(host_ifname))[0]
-                if look.link is not None:
-                    host.run(nl.del_link(look.link.index))
+                host.run(nl.del_link(host_ifname))
         for sock in (pod, host):
             if sock is not None:
                 sock.close()

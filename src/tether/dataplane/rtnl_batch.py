@@ -174,21 +174,25 @@ def veth(host_ifname: str, peer_ifname: str, peer_netns_fd: int, mtu: int, peer_
     return Request(f"create veth {host_ifname}", RTM_NEWLINK, body, CREATE)
 
 
+def _ifinfo(link: int | str, flags: int = 0) -> bytes:
+    """An ifinfomsg for the interface with this index or name (the kernel looks a name up itself)."""
+    if isinstance(link, int):
+        return IFINFOMSG.pack(0, 0, link, flags, flags)
+    return IFINFOMSG.pack(0, 0, 0, flags, flags) + _attr(IFLA_IFNAME, _name(link))
+
+
 def get_link(ifname: str) -> Request:
-    return Request(f"look up {ifname}", RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(ifname)))
+    return Request(f"look up {ifname}", RTM_GETLINK, _ifinfo(ifname))
 
 
-def del_link(index: int) -> Request:
-    return Request(f"remove interface {index}", RTM_DELLINK, IFINFOMSG.pack(0, 0, index, 0, 0))
+def del_link(link: int | str) -> Request:
+    """Remove the interface with this index or name (a veth goes with its peer)."""
+    return Request(f"remove {link}", RTM_DELLINK, _ifinfo(link))
 
 
 def link_up(link: int | str) -> Request:
     """Bring up the interface with this index or name."""
-    if isinstance(link, int):
-        body = IFINFOMSG.pack(0, 0, link, IFF_UP, IFF_UP)
-    else:
-        body = IFINFOMSG.pack(0, 0, 0, IFF_UP, IFF_UP) + _attr(IFLA_IFNAME, _name(link))
-    return Request(f"bring up {link}", RTM_NEWLINK, body)
+    return Request(f"bring up {link}", RTM_NEWLINK, _ifinfo(link, IFF_UP))
 
 
 def address(index: int, ip: str) -> Request:
