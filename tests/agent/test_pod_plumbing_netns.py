@@ -1,45 +1,21 @@
-"""Plugging a pod with batched netlink requests (dataplane.rtnl_batch), in throwaway namespaces: the
+"""Plugging a pod with batched netlink requests (dataplane.rtnl_batch), in throwaway namespaces (the
+code runs with its thread in a scratch "host" namespace, as the agent lives in its host's): the
 kernel state is what the datapath expects, each request of a batch is answered on its own, a
 leftover of an earlier attempt is replaced, and a failure leaves nothing behind."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import subprocess
-import threading
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from tether.dataplane import rtnl_batch as nl
+from tether.dataplane.netns import opened_in
 from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
 from tether.dataplane.pods import AttachError, address_pod, attach_pod, plug_link
-
-CLONE_NEWNET = 0x40000000
-
-
-def inside(ns: str, fn: Callable[[], Any]) -> Any:
-    """fn() on a thread that lives in `ns` (as the agent lives in its host's namespace)."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        with open(f"/var/run/netns/{ns}") as f:
-            if ctypes.CDLL(None, use_errno=True).setns(f.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join(30)
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 def ip_json(ns: str, *args: str) -> list[dict]:
@@ -53,7 +29,7 @@ def links(ns: str) -> set[str]:
 
 def test_a_plugged_pod_has_what_the_datapath_expects(netns: Callable[[], str]) -> None:
     host, pod = netns(), netns()
-    got = inside(host, lambda: attach_pod(pod_netns=f"/var/run/netns/{pod}", ifname="eth0", host_ifname="tthpp0",
+    got = opened_in(host, lambda: attach_pod(pod_netns=f"/var/run/netns/{pod}", ifname="eth0", host_ifname="tthpp0",
                                           ips=["10.9.0.5", "fd00:9::5"], mac="02:00:00:00:09:05", mtu=1400))
     (outside,) = ip_json(host, "link", "show", "tthpp0")
     (eth0,) = ip_json(pod, "link", "show", "eth0")
@@ -86,7 +62,7 @@ def test_each_request_of_a_batch_is_answered_on_its_own(netns: Callable[[], str]
         finally:
             sock.close()
 
-    up, missing, look = inside(ns, batch)
+    up, missing, look = opened_in(ns, batch)
     assert (up.error, missing.error, look.error) == (0, errno.ENODEV, 0)
     assert look.link is not None and look.link.index == 1 and look.link.mac == "00:00:00:00:00:00"
     with pytest.raises(OSError, match="bring up nosuch0"):
@@ -96,15 +72,15 @@ def test_each_request_of_a_batch_is_answered_on_its_own(netns: Callable[[], str]
 def test_a_leftover_host_side_is_replaced_and_a_clash_in_the_pod_is_explained(netns: Callable[[], str]) -> None:
     host, pod = netns(), netns()
     path = f"/var/run/netns/{pod}"
-    inside(host, lambda: attach_pod(pod_netns=path, ifname="eth0", host_ifname="tthpp1", ips=["10.9.0.6"],
+    opened_in(host, lambda: attach_pod(pod_netns=path, ifname="eth0", host_ifname="tthpp1", ips=["10.9.0.6"],
                                     mac=None, mtu=1450))
     # the same host-side name again (a retried ADD): the old pair goes, the new one is made
-    inside(host, lambda: attach_pod(pod_netns=path, ifname="eth1", host_ifname="tthpp1", ips=["10.9.0.6"],
+    opened_in(host, lambda: attach_pod(pod_netns=path, ifname="eth1", host_ifname="tthpp1", ips=["10.9.0.6"],
                                     mac=None, mtu=1450))
     assert links(pod) == {"lo", "eth1"}
     # another host-side name but an interface name the pod already has: nothing is made
     with pytest.raises(AttachError, match="eth1 already exists .* pick another CNI_IFNAME"):
-        inside(host, lambda: plug_link(pod_netns=path, ifname="eth1", host_ifname="tthpp2", mac=None, mtu=1450))
+        opened_in(host, lambda: plug_link(pod_netns=path, ifname="eth1", host_ifname="tthpp2", mac=None, mtu=1450))
     assert links(host) == {"lo", "tthpp1"} and links(pod) == {"lo", "eth1"}
 
 
@@ -117,5 +93,5 @@ def test_a_failed_addressing_removes_the_veth(netns: Callable[[], str]) -> None:
         address_pod(link, ["10.9.0.7", "10.9.0.7"])  # the second add of the same address: EEXIST
 
     with pytest.raises(AttachError, match="add address 10.9.0.7"):
-        inside(host, plug_then_fail)
+        opened_in(host, plug_then_fail)
     assert links(host) == {"lo"} and links(pod) == {"lo"}
