@@ -134,3 +134,26 @@ def test_memoised_answers_equal_fresh_ones_and_keep_shuffling() -> None:
         orders.add(tuple(rd.to_text() for rd in dns.message.from_wire(out).answer[0]))
     assert len(orders) >= 3
     assert respond(rec, dns.message.make_query("example.test", "A").to_wire()) is None
+
+
+def test_records_are_built_off_the_event_loop_and_installed_in_one_step() -> None:
+    """The agent builds the records on its apply thread (`prepare`, from its copy of the replica)
+    and installs them on the event loop: until then the server answers from the old records."""
+    from tether.agent.cache import Replica
+    from tether.agent.dns import DnsServer
+
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    for ep in EPS:
+        rep.objects["Endpoint"][ep.name] = ep
+    rep.revision = 3
+    install = server.prepare(rep.view())
+    assert install is not None and "web.blue.tether.local." not in server.records.existing
+    install()
+    assert "web.blue.tether.local." in server.records.existing and server.records.serial == 3
+    assert server.prepare(rep.view()) is None  # the same revision: nothing to rebuild
+    del rep.objects["Endpoint"]["web"]
+    rep.revision = 4
+    server.update(rep)  # prepare and install at once (the agent's start, before any apply)
+    assert "web.blue.tether.local." not in server.records.existing and server.records.serial == 4

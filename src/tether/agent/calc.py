@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from tether.agent import policy, services
+from tether.agent import policy, services, yielding
 from tether.agent.cache import Replica
 from tether.agent.policy import ip_version, stateless_targets, v4_subnets
 from tether.dataplane.plan import (
@@ -116,6 +116,7 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
         route_to(rep.hosts[b.host], net, b.cidr)
 
     for ep in rep.endpoints:
+        yielding.checkpoint()
         net = networks.get(ep.network)
         if net is None:
             continue
@@ -345,10 +346,12 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
 
 def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
     me = rep.hosts.get(ctx.name)
-    fragments = [
-        policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
-                       list(rep.networks.values()), ctx.name),
-        services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
-                         [me.underlay_ip] if me else []),
-    ]
-    return merge(base_nft(rep, ctx.name), *fragments)
+    pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
+                         list(rep.networks.values()), ctx.name)
+    yielding.checkpoint()
+    svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
+                           [me.underlay_ip] if me else [])
+    yielding.checkpoint()
+    base = base_nft(rep, ctx.name)
+    yielding.checkpoint()
+    return merge(base, pol, svc)

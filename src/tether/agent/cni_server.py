@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether.agent import cni_protocol as cp
+from tether.agent import yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.client import ApiError, ServerUnreachable
 from tether.dataplane.plan import POD_GATEWAY
@@ -68,7 +69,6 @@ class CniServer:
         self.path = path
         self.server: asyncio.AbstractServer | None = None
         self.in_flight: dict[str, float] = {}  # host ifname -> time plugged (kept from stale removal)
-        self.active = 0  # requests being handled (the agent holds its applies back meanwhile)
         # all of this server's netlink work runs on one thread of its own: pyroute2's sockets (DEL,
         # CHECK) belong to the thread that opened them, and the plugging stays off the default
         # executor, where an apply can hold a thread for tens of ms
@@ -105,6 +105,7 @@ class CniServer:
         return self.in_flight.keys()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        yielding.enter()  # from the moment the plugin connects until it has its answer, applies step aside
         try:
             n = int.from_bytes(await reader.readexactly(4), "big")
             env_raw = await reader.readexactly(n)
@@ -118,15 +119,9 @@ class CniServer:
             log.warning("bad CNI request frame: %s", e)
         finally:
             writer.close()
+            yielding.leave()
 
     async def handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
-        self.active += 1
-        try:
-            return await self._handle(env, stdin)
-        finally:
-            self.active -= 1
-
-    async def _handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
         version = cp.LATEST
         try:
             req = cp.parse_request(env, stdin)

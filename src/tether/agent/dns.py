@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,13 +182,24 @@ class DnsServer:
             self._udp.close()
 
     def update(self, replica: Any) -> None:
-        """Rebuild the cluster records when the replica changed (called after each applied plan)."""
-        if replica.revision == self._revision:
-            return
-        self._revision = replica.revision
-        self.records = dns_records.build(replica.endpoints, replica.services, replica.networks.values(),
-                                         serial=replica.revision)
-        self._send_records()
+        """Rebuild the cluster records when the replica changed."""
+        install = self.prepare(replica)
+        if install is not None:
+            install()
+
+    def prepare(self, view: Any) -> Callable[[], None] | None:
+        """The records for a copy of the replica, built on the agent's apply thread (O(endpoints):
+        ~2.5 ms with 500 pods, which on the event loop held up CNI answers); what it returns installs
+        them, on the event loop. None when the replica has not changed since the last records."""
+        if view.revision == self._revision:
+            return None
+        revision = view.revision
+        records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
+
+        def install() -> None:  # installs run in the order of their applies (the apply lock)
+            self._revision, self.records = revision, records
+            self._send_records()
+        return install
 
     # --- UDP: the fast path in a worker process ---------------------------------------------------
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tether.agent import yielding
+
 if TYPE_CHECKING:  # the DNS worker process imports this module: it needs no models (or pydantic)
     from tether.model import Endpoint, Network, Service
 
@@ -133,6 +135,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             rec.add_rr(owner, rtype, rr)
 
     for ep in endpoints:
+        yielding.checkpoint()
         net = nets.get(ep.network)
         if net is None or not ep.ips:
             continue

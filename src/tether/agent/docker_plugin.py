@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from tether.agent import yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.agent.cni_server import dns_label
 from tether.agent.plugin_http import PluginHttpServer
@@ -202,6 +203,7 @@ class DockerPlugin:
             log.warning("docker called an unknown method %s", path)
             return {err: f"tether does not implement {path.lstrip('/')}"}
         t0 = time.perf_counter()
+        yielding.enter()  # dockerd waits for this answer: applies step aside meanwhile
         try:
             out = await fn(req)
         except DriverError as e:
@@ -211,6 +213,8 @@ class DockerPlugin:
             return {err: f"the Tether server is unreachable, try again: {e}"}
         except ApiError as e:
             return {err: f"Tether server refused: {e.detail}"}
+        finally:
+            yielding.leave()
         log.info("docker %s ok in %.1f ms", path.lstrip("/"), (time.perf_counter() - t0) * 1000)
         return out
 

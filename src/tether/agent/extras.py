@@ -1,7 +1,10 @@
 """Optional agent services (DNS, flow log, metrics...) that live in their own modules.
 
 Each module listed in `MODULES` exposes `async def start(agent) -> list[object]`; every returned
-object has `async close()` and `update(replica)` (called after each applied plan). A module that is
+object has `async close()` and `update(replica)`, called on the event loop after each applied plan.
+An object whose update is O(objects) also has `prepare(view)`, which the agent calls instead on its
+apply thread with the apply's copy of the replica; it returns None (nothing changed) or a function
+that the agent then runs on the event loop to install the result. A module that is
 absent or fails to start is logged and skipped, so one broken service never stops the datapath.
 """
 

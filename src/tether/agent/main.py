@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether import __version__
+from tether.agent import yielding
 from tether.agent.cache import Replica
 from tether.agent.calc import HostContext, compute_plan, vtep_mac_for
 from tether.agent.cni_server import CniServer
@@ -34,6 +35,7 @@ from tether.dataplane.links import Applied
 from tether.model import Host, Network
 
 log = logging.getLogger("tether.agent")
+NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
 
 
 @dataclass
@@ -75,7 +77,9 @@ def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
 def background_priority(enabled: bool = True, nice: int = 10) -> Any:
     """Run the calling thread at a lower CPU priority for a while: the periodic full reconcile (a
     read-back of every link and the whole nft table, 60-150 ms of CPU) must not delay the work that
-    answers pods at once (the DNS worker, CNI calls) on a busy host. Linux nice values are per thread."""
+    answers pods at once (the DNS worker process) on a busy host. Linux nice values are per thread.
+    Only for that: a niced thread that holds the GIL and loses its CPU holds up every thread of the
+    agent (CNI answers are protected from applies by `yielding` instead)."""
     if not enabled:
         yield
         return
@@ -269,9 +273,10 @@ class Agent:
     async def _after_cni_requests(self, patience: float = 0.1) -> None:
         """Wait (a little) for the CNI requests in progress to answer: an apply is tens of ms of
         Python, and run alongside an ADD it doubles the ADD's time (one GIL, bench/cni.py). The
-        runtime waits for the ADD; the apply only makes the pod reachable a few ms later."""
+        runtime waits for the ADD; the apply only makes the pod reachable a few ms later. Requests
+        that arrive once the apply has begun make it pause at its checkpoints (`yielding`)."""
         deadline = time.monotonic() + patience
-        while self.cni.active and time.monotonic() < deadline:
+        while yielding.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.002)
 
     async def apply(self, verify: bool = False) -> None:
@@ -289,10 +294,30 @@ class Agent:
                 self.nft.forget()
             self.applies += 1
             self._save_replica()
-            if hasattr(self, "_extras"):
-                for e in self._extras:
-                    with contextlib.suppress(Exception):
+            extras = getattr(self, "_extras", [])
+            installs = await asyncio.to_thread(self._prepare_extras, extras, view)
+            for e, install in zip(extras, installs, strict=True):
+                with contextlib.suppress(Exception):
+                    if install is NOT_PREPARED:
                         e.update(self.replica)
+                    elif install is not None:
+                        install()
+
+    @staticmethod
+    def _prepare_extras(extras: list[Any], view: Replica) -> list[Any]:
+        """On the apply thread, the O(objects) part of the extras' updates (an extra's `prepare`,
+        such as rebuilding the DNS records) from the apply's copy of the replica; each returns what
+        to run on the event loop (or None: nothing changed). NOT_PREPARED: the extra has no `prepare`."""
+        out: list[Any] = []
+        with yielding.background():
+            for e in extras:
+                prepare = getattr(e, "prepare", None)
+                try:
+                    out.append(NOT_PREPARED if prepare is None else prepare(view))
+                except Exception:  # noqa: BLE001 - optional services never stop the datapath
+                    log.exception("updating %s failed", type(e).__name__)
+                    out.append(None)
+        return out
 
     def _plan(self, view: Replica, key: tuple) -> Any:
         """The plan for the replica as it was when the apply began. The periodic reconcile finds
@@ -318,7 +343,7 @@ class Agent:
             self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
-        with background_priority(verify):
+        with background_priority(verify), yielding.background():
             self._apply_plan(self._plan(view, key), keep, verify)
 
     def _apply_plan(self, plan, keep, verify: bool) -> None:
@@ -331,6 +356,7 @@ class Agent:
         self._links_applied = None  # if this raises, the next pass is a full one
         lrep, self._links_applied = apply_links(plan, keep_interfaces=keep, applied=previous)
         t1 = time.perf_counter()
+        yielding.checkpoint()
         if verify:
             self.nft.verify(plan.nft)
         nrep = self.nft.apply(plan.nft)

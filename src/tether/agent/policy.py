@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.agent import yielding
 from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
@@ -511,6 +512,7 @@ class Builder:
         global _SOURCES
         memo: dict[str, tuple[tuple, tuple, Sources]] = {}
         for ep in local:
+            yielding.checkpoint()
             senders = (ep, *children.get(ep.id, []))
             verdicts = tuple(targets.get(who.network, "accept") for who in senders)
             # the same objects (replaced, never changed in place; the entry keeps them alive, so
@@ -627,6 +629,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
                                                "nested_in")}
     for ep in local:
+        yielding.checkpoint()
         out_v, in_v = "goto " + b.dispatch_chain(ep, "Egress"), "goto " + b.dispatch_chain(ep, "Ingress")
         kids = children.get(ep.id, [])
         if not kids:

@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
-from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK
+from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK, RouteState, RtnlSocket
 
 RTNH_F_ONLINK = 4
 AF_BRIDGE = 7
@@ -95,16 +95,14 @@ def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
     return idx
 
 
-def current_routes(ipr: IPRoute, index_to_name: dict[int, str]) -> dict[Route, dict]:
+def current_routes(rt: RtnlSocket, index_to_name: dict[int, str]) -> dict[Route, RouteState]:
+    """Our routes (protocol RTPROT_TETHER) in the main table."""
     out = {}
     for family in (socket.AF_INET, socket.AF_INET6):
-        for r in ipr.get_routes(family=family, table=254):
-            if r["proto"] != RTPROT_TETHER:
-                continue
-            dst = r.get("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
-            route = Route(f"{dst}/{r['dst_len']}", index_to_name.get(r.get("RTA_OIF"), "?"),
-                          via=r.get("RTA_GATEWAY"), onlink=bool(r["flags"] & RTNH_F_ONLINK),
-                          scope="link" if r["scope"] == RT_SCOPE_LINK else "universe")
+        for r in rt.routes(family, proto=RTPROT_TETHER):
+            route = Route(r.dst, index_to_name.get(r.oif, "?") if r.oif is not None else "?", via=r.gateway,
+                          onlink=bool(r.flags & RTNH_F_ONLINK),
+                          scope="link" if r.scope == RT_SCOPE_LINK else "universe")
             out[route] = r
     return out
 
@@ -162,44 +160,44 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             return _apply_delta(ipr, plan, applied, keep_interfaces)
     report = ApplyReport()
     done = Applied(vtep=plan.vtep, neighbours=set(plan.neighbours), fdb=set(plan.fdb))
-    with ipr_in(netns) as ipr:
+    with ipr_in(netns) as ipr, contextlib.closing(RtnlSocket(netns)) as rt:
         for path, value in plan.sysctls:
             write_sysctl(path, value)
-        links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
+        links = {link.name: link for link in rt.links()}
         vtep_idx = None
         if plan.vtep is not None:
             vtep_idx = ensure_vtep(ipr, plan.vtep, report)
         elif VTEP_NAME in links:
-            ipr.link("del", index=links[VTEP_NAME]["index"])
+            ipr.link("del", index=links[VTEP_NAME].index)
             report.add(f"del {VTEP_NAME}")
 
         # pod interfaces: settings, and removal of veths we own that nobody wants any more
         wanted = {i.name: i for i in plan.interfaces}
-        for name, msg in links.items():
+        for name, link in links.items():
             if not name or not name.startswith(LINK_PREFIX) or name == VTEP_NAME:
                 continue
             if name in wanted:
                 i = wanted[name]
                 done.interfaces[name] = i.mtu
-                if msg.get("IFLA_MTU") != i.mtu or not msg["flags"] & 1:
-                    ipr.link("set", index=msg["index"], mtu=i.mtu, state="up")
+                if link.mtu != i.mtu or not link.flags & 1:
+                    ipr.link("set", index=link.index, mtu=i.mtu, state="up")
                     report.add(f"set {name}")
                 host_side_sysctls(name)  # full passes are rare (start, reconcile): checking them all is fine
             elif remove_stale and name not in keep_interfaces:
                 with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=msg["index"])
+                    ipr.link("del", index=link.index)
                 report.add(f"del stale {name}")
 
         if report.changed:  # links came or went: look again
-            links = {msg.get("IFLA_IFNAME"): msg for msg in ipr.get_links()}
-        index_of = {name: msg["index"] for name, msg in links.items()}
+            links = {link.name: link for link in rt.links()}
+        index_of = {name: link.index for name, link in links.items()}
         name_of = {v: k for k, v in index_of.items()}
 
         if vtep_idx is not None:
             _apply_neighbours(ipr, vtep_idx, plan.neighbours, report)
             _apply_fdb(ipr, vtep_idx, plan.fdb, report)
 
-        have = current_routes(ipr, name_of)
+        have = current_routes(rt, name_of)
         for route in sorted(plan.routes):
             if route in have:
                 done.routes.add(route)
@@ -209,10 +207,10 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                 continue  # its device is not there yet (a pod being plugged): next pass
             if _add_route(ipr, route, oif, report):
                 done.routes.add(route)
-        for route, msg in have.items():
+        for route, state in have.items():
             # "?": a device newer than our link list (a pod plugged meanwhile): not ours to judge yet
             if route not in plan.routes and route.dev not in keep_interfaces and route.dev != "?":
-                _del_route(ipr, route, msg.get("RTA_OIF"), report)
+                _del_route(ipr, route, state.oif, report)
     return report, done
 
 
@@ -338,29 +336,3 @@ def _apply_fdb(ipr: IPRoute, idx: int, wanted: frozenset[FdbEntry], report: Appl
             ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst)
         report.add(f"del fdb {mac} -> {dst}")
 
-
-def read_state(netns: str | None = None) -> dict:
-    """A canonical snapshot of everything Tether owns in a namespace (for 'nothing changed' checks)."""
-    import subprocess
-
-    with ipr_in(netns) as ipr:
-        links = {}
-        for msg in ipr.get_links():
-            name = msg.get("IFLA_IFNAME")
-            if name and name.startswith(LINK_PREFIX):
-                links[name] = {"index": msg["index"], "mtu": msg.get("IFLA_MTU"), "mac": msg.get("IFLA_ADDRESS"),
-                               "up": bool(msg["flags"] & 1), "kind": _kind(msg)}
-        name_of = {msg["index"]: msg.get("IFLA_IFNAME") for msg in ipr.get_links()}
-        routes = sorted(repr(r) for r in current_routes(ipr, name_of))
-        vtep = ipr.link_lookup(ifname=VTEP_NAME)
-        neigh, fdb = [], []
-        if vtep:
-            neigh = sorted((n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
-                           for n in ipr.get_neighbours(ifindex=vtep[0], family=socket.AF_INET))
-            fdb = sorted(_fdb_entries(ipr, vtep[0]))
-    cmd = ["nft", "-j", "list", "table", "inet", "tether"]
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    nft = subprocess.run(cmd, capture_output=True, text=True)
-    return {"links": links, "routes": routes, "neighbours": neigh, "fdb": fdb,
-            "nft": nft.stdout if nft.returncode == 0 else None}

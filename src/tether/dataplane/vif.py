@@ -17,6 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane.pods import AttachError, attach_pod, host_side_sysctls, write_sysctl
+from tether.dataplane.rtnl_batch import RtnlSocket
 
 ALIAS_PREFIX = "tether-vm:"
 
@@ -48,20 +49,19 @@ def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
     """Plug the VIFs that should exist and are missing; remove ours that should not exist."""
     report = VifReport([], [], [], [])
     wanted = {s.host_ifname: s for s in specs}
-    with IPRoute() as ipr:
-        links = {m.get("IFLA_IFNAME"): m for m in ipr.get_links()}
-        for name, msg in links.items():
-            alias = msg.get("IFLA_IFALIAS") or ""
-            if alias.startswith(ALIAS_PREFIX) and name not in wanted:
+    with IPRoute() as ipr, contextlib.closing(RtnlSocket()) as rt:
+        links = {link.name: link for link in rt.links()}  # pyroute2 decodes a dump 17x slower
+        for name, link in links.items():
+            if link.alias.startswith(ALIAS_PREFIX) and name not in wanted:
                 with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=msg["index"])
+                    ipr.link("del", index=link.index)
                 report.removed.append(name)
         for name, spec in wanted.items():
             if name in links:
-                msg = links[name]
-                if msg.get("IFLA_MTU") != spec.mtu or not msg["flags"] & 1:
+                link = links[name]
+                if link.mtu != spec.mtu or not link.flags & 1:
                     with contextlib.suppress(NetlinkError):
-                        ipr.link("set", index=msg["index"], mtu=spec.mtu, state="up")
+                        ipr.link("set", index=link.index, mtu=spec.mtu, state="up")
                 host_side_sysctls(name)
                 continue
             if not spec.netns or not os.path.exists(_netns_path(spec.netns)):
