@@ -76,3 +76,37 @@ def test_a_full_pass_corrects_ours_and_leaves_the_rest(netns: Callable[[], str])
     again, _ = apply_links(plan, netns=path)  # nothing left to do: an unchanged plan changes nothing
     assert again.changes == [], again.changes
     assert report.changed
+
+
+def test_a_difference_adds_and_removes_only_what_changed(netns: Callable[[], str]) -> None:
+    """The per-event path (`applied` given): a new pod's route, an onlink route via a peer, the
+    route and veth of a pod that went; a route whose device is not there yet waits for a later pass."""
+    ns = netns()
+    path = f"/var/run/netns/{ns}"
+    ip(ns, "link", "set", "lo", "up")  # an onlink gateway must not be a local-table address
+    for name in ("tthd1", "tthd2", "tthd3"):
+        ip(ns, "link", "add", name, "type", "veth", "peer", "name", name.replace("tth", "tp"))
+    first = Plan(routes=frozenset({Route("10.49.0.1/32", "tthd1", scope="link"),
+                                   Route("10.49.0.2/32", "tthd2", scope="link")}),
+                 interfaces=frozenset({HostInterface("tthd1", 1450), HostInterface("tthd2", 1450),
+                                       HostInterface("tthd3", 1450)}))
+    _, done = apply_links(first, netns=path)
+    second = Plan(routes=frozenset({Route("10.49.0.1/32", "tthd1", scope="link"),
+                                    Route("10.49.0.3/32", "tthd3", scope="link"),
+                                    Route("10.50.0.0/24", "tthd3", via="10.49.0.3", onlink=True),
+                                    Route("10.49.0.4/32", "tthd4", scope="link")}),  # tthd4: not plugged yet
+                  interfaces=frozenset({HostInterface("tthd1", 1450), HostInterface("tthd3", 1400)}))
+    report, after = apply_links(second, netns=path, applied=done)
+    routes = {r["dst"]: r for r in ip_json(ns, "route", "show")}
+    assert set(routes) == {"10.49.0.1", "10.49.0.3", "10.50.0.0/24"}, routes
+    assert routes["10.50.0.0/24"]["gateway"] == "10.49.0.3" and "onlink" in routes["10.50.0.0/24"]["flags"]
+    assert routes["10.49.0.3"]["protocol"] in (str(RTPROT_TETHER), "201")
+    names = {link["ifname"]: link for link in ip_json(ns, "link", "show")}
+    assert "tthd2" not in names and names["tthd3"]["mtu"] == 1400 and "UP" in names["tthd3"]["flags"]
+    assert Route("10.49.0.4/32", "tthd4", scope="link") not in after.routes  # retried on the next pass
+    assert "del stale tthd2" in report.changes
+    ip(ns, "link", "add", "tthd4", "type", "veth", "peer", "name", "tpd4")
+    ip(ns, "link", "set", "tthd4", "up")  # as the CNI ADD leaves it
+    later, _ = apply_links(second, netns=path, applied=after)
+    assert later.changes == ["route 10.49.0.4/32 dev tthd4"]
+    assert "10.49.0.4" in {r["dst"] for r in ip_json(ns, "route", "show")}

@@ -1,5 +1,5 @@
 """The messages rtnl_batch packs by hand read back, through pyroute2's own decoders, as the requests
-pyroute2 would have made; and a link answer yields its index and MAC."""
+pyroute2 would have made; and a link answer yields its index, MAC, MTU and flags."""
 
 from __future__ import annotations
 
@@ -60,15 +60,23 @@ def test_addresses_routes_and_the_gateway_neighbour() -> None:
     h = decoded(rtmsg, host)
     assert host.flags == nl.NLM_F_CREATE | nl.NLM_F_REPLACE
     assert (h["family"], h["dst_len"], h["proto"], h.get_attr("RTA_DST")) == (socket.AF_INET6, 128, 201, "fd00::3")
+    onlink = decoded(rtmsg, nl.route("10.2.0.0/24", 4, gateway="169.254.64.2", proto=201, replace=True, onlink=True))
+    assert onlink["flags"] == nl.RTNH_F_ONLINK and onlink.get_attr("RTA_GATEWAY") == "169.254.64.2"
+    gone = nl.del_route("10.2.0.0/24", 4, gateway="169.254.64.2", proto=201)
+    d = decoded(rtmsg, gone)
+    assert (gone.type, gone.flags) == (nl.RTM_DELROUTE, 0)
+    assert (d["dst_len"], d["proto"], d["scope"], d["type"], d["table"]) == (24, 201, nl.RT_SCOPE_NOWHERE, 0, 254)
+    assert (d.get_attr("RTA_DST"), d.get_attr("RTA_OIF"), d.get_attr("RTA_GATEWAY")) == ("10.2.0.0", 4, "169.254.64.2")
     n = decoded(ndmsg, nl.permanent_neighbour(3, "169.254.1.1", "ee:ee:ee:ee:ee:01"))
     assert (n["ifindex"], n["state"]) == (3, nl.NUD_PERMANENT)
     assert n.get_attr("NDA_DST") == "169.254.1.1" and n.get_attr("NDA_LLADDR") == "ee:ee:ee:ee:ee:01"
 
 
-def test_a_link_answer_gives_its_index_and_mac() -> None:
+def test_a_link_answer_gives_its_index_mac_mtu_and_flags() -> None:
     answer = ifinfmsg()
     answer["index"] = 17
+    answer["flags"] = nl.IFF_UP
     answer["attrs"] = [("IFLA_IFNAME", "tthx"), ("IFLA_MTU", 1450), ("IFLA_ADDRESS", "02:aa:bb:cc:dd:ee")]
     answer.encode()
     link = nl._link(bytes(answer.data[nl.HEADER.size:]))
-    assert (link.index, link.mac) == (17, "02:aa:bb:cc:dd:ee")
+    assert (link.index, link.mac, link.mtu, link.flags) == (17, "02:aa:bb:cc:dd:ee", 1450, nl.IFF_UP)

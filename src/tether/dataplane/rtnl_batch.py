@@ -40,7 +40,7 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 CREATE = NLM_F_CREATE | NLM_F_EXCL
 REPLACE = NLM_F_CREATE | NLM_F_REPLACE
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR = 16, 17, 18, 20
-RTM_NEWROUTE, RTM_GETROUTE, RTM_NEWNEIGH = 24, 26, 28
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH = 24, 25, 26, 28
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -52,15 +52,19 @@ RTPROT_BOOT = 3
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete: any scope
+RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 
 
 @dataclass
 class Link:
-    """What a link lookup answers that plugging needs."""
+    """What a link lookup answers that plugging and applying need."""
 
     index: int
     mac: str | None
+    mtu: int | None = None
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,9 +255,12 @@ def _family(ip: str) -> int:
 
 
 def _link(msg: bytes) -> Link:
-    """Index and MAC of an RTM_NEWLINK answer (its other attributes are skipped)."""
-    mac = _attrs(msg, IFINFOMSG.size, (IFLA_ADDRESS,)).get(IFLA_ADDRESS)
-    return Link(IFINFOMSG.unpack_from(msg)[2], mac.hex(":") if mac else None)
+    """Index, MAC, MTU and flags of an RTM_NEWLINK answer (its other attributes are skipped)."""
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(msg)
+    attrs = _attrs(msg, IFINFOMSG.size, (IFLA_ADDRESS, IFLA_MTU))
+    mac = attrs.get(IFLA_ADDRESS)
+    mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None
+    return Link(index, mac.hex(":") if mac else None, mtu, flags)
 
 
 # --- the messages ------------------------------------------------------------------------------
@@ -303,17 +310,28 @@ def address(index: int, ip: str) -> Request:
 
 
 def route(dst: str, index: int, *, gateway: str | None = None, scope: int = RT_SCOPE_UNIVERSE,
-          proto: int = RTPROT_BOOT, replace: bool = False) -> Request:
+          proto: int = RTPROT_BOOT, replace: bool = False, onlink: bool = False) -> Request:
     """A route to `dst` ("10.0.0.1/32", "0.0.0.0/0") out of interface `index`, via `gateway` or on link."""
+    body = _rtmsg(dst, index, gateway, proto, scope, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
+    return Request(f"{'replace' if replace else 'add'} route {dst}", RTM_NEWROUTE, body, REPLACE if replace else CREATE)
+
+
+def del_route(dst: str, index: int, *, gateway: str | None = None, proto: int = 0) -> Request:
+    """Remove the route to `dst` out of interface `index` (and via `gateway`, of protocol `proto`:
+    0 matches any), whatever its scope and type, as `ip route del` asks."""
+    return Request(f"remove route {dst}", RTM_DELROUTE, _rtmsg(dst, index, gateway, proto, RT_SCOPE_NOWHERE, 0, 0))
+
+
+def _rtmsg(dst: str, index: int, gateway: str | None, proto: int, scope: int, rtype: int, flags: int) -> bytes:
     net = ipaddress.ip_network(dst)
     family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-    body = RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST, 0)
+    body = RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, rtype, flags)
     if net.prefixlen:
         body += _attr(RTA_DST, net.network_address.packed)
     body += _attr(RTA_OIF, _u32(index))
     if gateway:
         body += _attr(RTA_GATEWAY, _ip(gateway))
-    return Request(f"{'replace' if replace else 'add'} route {dst}", RTM_NEWROUTE, body, REPLACE if replace else CREATE)
+    return body
 
 
 def permanent_neighbour(index: int, ip: str, mac: str) -> Request:
