@@ -80,6 +80,12 @@ def host_prefix(ip: str) -> str:
     return f"{ip}/{32 if ip_version(ip) == 4 else 128}"
 
 
+# endpoint id -> (endpoint, its network, underlay MTU, its HostInterface, its host routes): the last
+# plan's local pods, kept per object (the entry holds them, so their identities are not reused), so a
+# plan with hundreds of pods builds these for the changed ones only
+_LOCAL: dict[str, tuple] = {}
+
+
 def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
     me = rep.hosts.get(ctx.name)
     networks = rep.networks
@@ -115,6 +121,8 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             continue
         route_to(rep.hosts[b.host], net, b.cidr)
 
+    global _LOCAL
+    local: dict[str, tuple] = {}
     for ep in rep.endpoints:
         yielding.checkpoint()
         net = networks.get(ep.network)
@@ -122,9 +130,14 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             continue
         if ep.host == ctx.name:
             if ep.interface:
-                interfaces.add(HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id))
-                for ip in ep.ips:
-                    routes.add(Route(host_prefix(ip), ep.interface, scope="link"))
+                hit = _LOCAL.get(ep.id)
+                if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != ctx.underlay_mtu:
+                    hit = (ep, net, ctx.underlay_mtu,
+                           HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id),
+                           tuple(Route(host_prefix(ip), ep.interface, scope="link") for ip in ep.ips))
+                local[ep.id] = hit
+                interfaces.add(hit[3])
+                routes.update(hit[4])
             elif ep.parent:  # a nested container behind its VM's interface (issue 7)
                 parent = rep.endpoint(ep.parent)
                 if parent is not None and parent.interface and parent.host == ctx.name:
@@ -140,6 +153,7 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             if owner != ep.host:
                 route_to(peer, net, host_prefix(ip))
 
+    _LOCAL = local
     return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
                 interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS)
 

@@ -267,6 +267,7 @@ class Builder:
         self.versions = (4, 6) if idx.v6 else (4,)
         self._layers: dict[tuple, tuple[list[NetworkPolicy], list[SecurityGroup]]] = {}
         self._dispatch: dict[tuple, str] = {}
+        self.workloads: dict[str, tuple[Endpoint, tuple]] = {}  # this plan's part of _WORKLOADS
 
     def add_set(self, name: str, typ: str | tuple[str, ...], elements: Iterable[Any], flags: tuple[str, ...] = ()
                 ) -> str:
@@ -422,11 +423,17 @@ class Builder:
 
     # --- per-endpoint dispatch ------------------------------------------------------------------
 
-    @staticmethod
-    def _layer_key(ep: Endpoint, direction: str) -> tuple:
+    def _layer_key(self, ep: Endpoint, direction: str) -> tuple:
         """What an endpoint's layers depend on: replicas of one workload share it, so the layers
-        (and the dispatch chain) are found once for all of them."""
-        return direction, ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups)
+        (and the dispatch chain) are found once for all of them. Its workload part (namespace,
+        sorted labels, groups) is kept per endpoint object from one plan to the next."""
+        hit = self.workloads.get(ep.id)
+        if hit is None or hit[0] is not ep:
+            hit = _WORKLOADS.get(ep.id)
+            if hit is None or hit[0] is not ep:
+                hit = (ep, (ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups)))
+            self.workloads[ep.id] = hit
+        return direction, hit[1]
 
     def layers(self, ep: Endpoint, direction: str) -> tuple[list[NetworkPolicy], list[SecurityGroup]]:
         key = self._layer_key(ep, direction)
@@ -504,17 +511,16 @@ class Builder:
         with bench/policy.py's interleaved request/response (1,000 policies): the old path (pipapo
         first, then two MAC lookups) added 19% to a tracked pod's round trip over no table at all,
         this one 15-16%; conntrack alone adds 7% (docs/ARCHITECTURE.md, "What a pod's packet pays")."""
-        src: dict[int, set] = {4: set(), 6: set()}
-        nets: dict[int, set] = {4: set(), 6: set()}
-        ids: dict[int, set] = {4: set(), 6: set()}
-        macs, known = set(), set()
         targets = stateless_targets(self.idx.networks.values())
         global _SOURCES
         memo: dict[str, tuple[tuple, tuple, Sources]] = {}
+        founds: list[Sources] = []
         for ep in local:
             yielding.checkpoint()
-            senders = (ep, *children.get(ep.id, []))
-            verdicts = tuple(targets.get(who.network, "accept") for who in senders)
+            kids = children.get(ep.id)
+            senders = (ep, *kids) if kids else (ep,)
+            verdicts = tuple(targets.get(who.network, "accept") for who in senders) if kids else (
+                targets.get(ep.network, "accept"),)
             # the same objects (replaced, never changed in place; the entry keeps them alive, so
             # their ids are not reused) with the same verdicts: the same elements
             key = (tuple(map(id, senders)), verdicts)
@@ -522,14 +528,14 @@ class Builder:
             if hit is None or hit[0] != key:
                 hit = (key, senders, _sources(ep.interface or "", senders, verdicts))
             memo[ep.id] = hit
-            found = hit[2]
-            for v in (4, 6):
-                src[v].update(found.src[v])
-                nets[v].update(found.nets[v])
-                ids[v].update(found.ids[v])
-            macs.update(found.macs)
-            known.update(found.known)
+            founds.append(hit[2])
         _SOURCES = memo
+        # one union per set over every interface's part (one C call, not one update per interface)
+        src = {v: set().union(*(f.src[v] for f in founds)) for v in (4, 6)}
+        nets = {v: set().union(*(f.nets[v] for f in founds)) for v in (4, 6)}
+        ids = {v: set().union(*(f.ids[v] for f in founds)) for v in (4, 6)}
+        macs = set().union(*(f.macs for f in founds))
+        known = set().union(*(f.known for f in founds))
         for v in (4, 6):
             self.add_set(f"ep_id{v}", ("ifname", "ether_addr", f"ipv{v}_addr"), ids[v])
         addr = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
@@ -563,6 +569,10 @@ class Sources:
     macs: tuple
     known: tuple
 
+
+# endpoint id -> (the endpoint, its workload key): the last plan's (Builder._layer_key). The entry
+# holds the object, so its identity is not reused while the entry lives
+_WORKLOADS: dict[str, tuple[Endpoint, tuple]] = {}
 
 # endpoint id -> ((ids of its senders, their verdicts), the senders, Sources): the last plan's, so
 # that a plan with 500 pods recomputes only the changed ones (done per pod on every apply, this was a
@@ -652,6 +662,8 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
         if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     b.add_set("stateful", "ipv4_addr", stateful)
+    global _WORKLOADS
+    _WORKLOADS = b.workloads
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
