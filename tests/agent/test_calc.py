@@ -150,3 +150,18 @@ def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan()
     assert {(i.name, i.mtu) for i in fourth.interfaces} == {("tthe0", 1300)}  # the network's own MTU wins
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"mtu": None})
     assert {(i.name, i.mtu) for i in compute_plan(r, HostContext("h1", "eth0", 9000)).interfaces} == {("tthe0", 8950)}
+
+
+def test_block_owners_find_the_host_of_the_block_an_address_is_in() -> None:
+    from tether.agent.calc import BlockOwners
+
+    owners = BlockOwners()
+    owners.add("10.1.0.0/26", "h1")
+    owners.add("10.1.0.64/26", "h2")
+    owners.add("10.9.0.7/32", "h3")
+    owners.add("fd00:1::/122", "h2")
+    owners.add("10.1.0.128/26", None)  # allocated to no host yet
+    assert [owners.owner(ip) for ip in ("10.1.0.1", "10.1.0.63", "10.1.0.64", "10.1.0.127")] == ["h1", "h1", "h2", "h2"]
+    assert owners.owner("10.9.0.7") == "h3" and owners.owner("10.9.0.8") is None
+    assert owners.owner("fd00:1::3f") == "h2" and owners.owner("fd00:1::40") is None
+    assert owners.owner("10.1.0.130") is None and owners.owner("10.2.0.1") is None

@@ -8,6 +8,7 @@ fragments of the policy and services compilers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -80,6 +81,35 @@ def host_prefix(ip: str) -> str:
     return f"{ip}/{32 if ip_version(ip) == 4 else 128}"
 
 
+class BlockOwners:
+    """Which host owns the block an address is in: one dict lookup per block size, where testing
+    the address against every block was O(remote pods x blocks) per plan (40% of a plan with 1,000
+    remote pods in 24 blocks). Blocks do not overlap (the server allocates them)."""
+
+    def __init__(self) -> None:
+        self.by_size: dict[tuple[int, int], dict[int, str | None]] = {}  # (version, shift) -> {prefix: host}
+
+    def add(self, cidr: str, host: str | None) -> None:
+        net = ipaddress.ip_network(cidr)
+        shift = net.max_prefixlen - net.prefixlen
+        self.by_size.setdefault((net.version, shift), {})[int(net.network_address) >> shift] = host
+
+    def owner(self, ip: str) -> str | None:
+        version, value = _address(ip)
+        for (v, shift), table in self.by_size.items():
+            if v == version:
+                key = value >> shift
+                if key in table:
+                    return table[key]
+        return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _address(ip: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(ip)
+    return a.version, int(a)
+
+
 # endpoint id -> (endpoint, its network, underlay MTU, its HostInterface, its host routes): the last
 # plan's local pods, kept per object (the entry holds them, so their identities are not reused), so a
 # plan with hundreds of pods builds these for the changed ones only
@@ -113,10 +143,10 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
         fdb.add(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
         neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
 
-    block_owner: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str | None]] = []
+    owners = BlockOwners()
     for b in rep.blocks:
         net = networks.get(b.network)
-        block_owner.append((ipaddress.ip_network(b.cidr), b.host))
+        owners.add(b.cidr, b.host)
         if net is None or b.host in (None, ctx.name) or b.host not in rep.hosts:
             continue
         route_to(rep.hosts[b.host], net, b.cidr)
@@ -148,9 +178,7 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
         if peer is None:
             continue
         for ip in ep.ips:  # an address borrowed from a block of another host needs its own route
-            addr = ipaddress.ip_address(ip)
-            owner = next((h for cidr, h in block_owner if addr in cidr), None)
-            if owner != ep.host:
+            if owners.owner(ip) != ep.host:
                 route_to(peer, net, host_prefix(ip))
 
     _LOCAL = local
