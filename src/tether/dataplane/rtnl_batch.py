@@ -57,22 +57,13 @@ RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 
 
-@dataclass
-class Link:
-    """What a link lookup answers that plugging and applying need."""
-
-    index: int
-    mac: str | None
-    mtu: int | None = None
-    flags: int = 0
-
-
 @dataclass(frozen=True, slots=True)
-class LinkState:
-    """One link of a dump: what the dataplane compares."""
+class Link:
+    """A link as a lookup or a dump answers it: what plugging and applying use."""
 
     index: int
     name: str
+    mac: str | None
     mtu: int | None
     flags: int
     alias: str = ""
@@ -174,19 +165,10 @@ class RtnlSocket:
                         yield rtype, data[offset + HEADER.size:offset + length]
                 offset += _align(length)
 
-    def links(self) -> list[LinkState]:
+    def links(self) -> list[Link]:
         """Every link of the namespace."""
-        out = []
-        for rtype, msg in self.dump(RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0)):
-            if rtype != RTM_NEWLINK:
-                continue
-            _family, _type, index, flags, _change = IFINFOMSG.unpack_from(msg)
-            attrs = _attrs(msg, IFINFOMSG.size, (IFLA_IFNAME, IFLA_MTU, IFLA_IFALIAS))
-            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
-            mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None
-            alias = attrs.get(IFLA_IFALIAS, b"").rstrip(b"\0").decode(errors="replace")
-            out.append(LinkState(index, name, mtu, flags, alias))
-        return out
+        return [_link(msg) for rtype, msg in self.dump(RTM_GETLINK, IFINFOMSG.pack(0, 0, 0, 0, 0))
+                if rtype == RTM_NEWLINK]
 
     def routes(self, family: int, table: int = RT_TABLE_MAIN, proto: int | None = None) -> list[RouteState]:
         """The routes of one family in `table` (and of protocol `proto`, if given)."""
@@ -255,12 +237,18 @@ def _family(ip: str) -> int:
 
 
 def _link(msg: bytes) -> Link:
-    """Index, MAC, MTU and flags of an RTM_NEWLINK answer (its other attributes are skipped)."""
+    """An RTM_NEWLINK message, answer or dump (its other attributes are skipped)."""
     _family, _type, index, flags, _change = IFINFOMSG.unpack_from(msg)
-    attrs = _attrs(msg, IFINFOMSG.size, (IFLA_ADDRESS, IFLA_MTU))
+    attrs = _attrs(msg, IFINFOMSG.size, (IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_IFALIAS))
     mac = attrs.get(IFLA_ADDRESS)
-    mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None
-    return Link(index, mac.hex(":") if mac else None, mtu, flags)
+    return Link(index, _text(attrs.get(IFLA_IFNAME, b"")), mac.hex(":") if mac else None,
+                struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else None, flags,
+                _text(attrs.get(IFLA_IFALIAS, b"")))
+
+
+def _text(attr: bytes) -> str:
+    """A NUL-terminated string attribute."""
+    return attr.rstrip(b"\0").decode(errors="replace")
 
 
 # --- the messages ------------------------------------------------------------------------------
