@@ -157,3 +157,23 @@ def test_records_are_built_off_the_event_loop_and_installed_in_one_step() -> Non
     rep.revision = 4
     server.update(rep)  # prepare and install at once (the agent's start, before any apply)
     assert "web.blue.tether.local." not in server.records.existing and server.records.serial == 4
+
+
+def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
+    """What an endpoint contributes is kept from one build to the next (by object): a replaced
+    endpoint, a removed one, or another DNS domain must give exactly the records of a first build."""
+    from tether.agent import dns_records
+
+    web, db = EPS
+    renamed = web.model_copy(update={"name": "www", "ips": ["10.1.0.50", "fd00:1::50"]})
+    other_domain = NET.model_copy(update={"dns_domain": "example.internal"})
+    steps = (([web, db], [NET]), ([renamed, db], [NET]), ([db], [NET]), ([renamed, db], [other_domain]),
+             ([renamed, db], [NET]))
+    for endpoints, nets in steps:
+        again = build(endpoints, [SVC], nets, serial=9)  # reuses the parts of the step before
+        kept, dns_records._ENDPOINTS = dns_records._ENDPOINTS, ((), {})
+        expected = build(endpoints, [SVC], nets, serial=9)
+        dns_records._ENDPOINTS = kept
+        assert again.rrs == expected.rrs and again.existing == expected.existing
+    assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
+    assert "10.in-addr.arpa." in again.existing  # an empty non-terminal of an endpoint's PTR

@@ -152,6 +152,7 @@ class DnsServer:
         self._closing = False
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self._revision = -1
+        self._payload: tuple[Records, bytes] | None = None  # the records as last encoded for the worker
         self._tasks: set[asyncio.Future] = set()
 
     # --- lifetime ---------------------------------------------------------------------------------
@@ -188,16 +189,17 @@ class DnsServer:
             install()
 
     def prepare(self, view: Any) -> Callable[[], None] | None:
-        """The records for a copy of the replica, built on the agent's apply thread (O(endpoints):
-        ~2.5 ms with 500 pods, which on the event loop held up CNI answers); what it returns installs
-        them, on the event loop. None when the replica has not changed since the last records."""
+        """The records for a copy of the replica, built and encoded for the worker on the agent's
+        apply thread (O(endpoints): on the event loop it held up CNI answers); what it returns
+        installs them, on the event loop. None when the replica has not changed since the last records."""
         if view.revision == self._revision:
             return None
         revision = view.revision
         records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
+        payload = _encoded(records)
 
         def install() -> None:  # installs run in the order of their applies (the apply lock)
-            self._revision, self.records = revision, records
+            self._revision, self.records, self._payload = revision, records, payload
             self._send_records()
         return install
 
@@ -247,8 +249,9 @@ class DnsServer:
     def _send_records(self) -> None:
         if self._to_worker is None or self._to_worker.is_closing():
             return
-        payload = pickle.dumps(dataclasses.replace(self.records, memo={}), pickle.HIGHEST_PROTOCOL)
-        self._to_worker.write(FRAME.pack(len(payload), RECORDS) + payload)
+        if self._payload is None or self._payload[0] is not self.records:
+            self._payload = _encoded(self.records)
+        self._to_worker.write(FRAME.pack(len(self._payload[1]), RECORDS) + self._payload[1])
 
     def _take_misses(self) -> None:
         assert self._misses is not None
@@ -363,6 +366,11 @@ class DnsServer:
             except (dns.exception.DNSException, OSError) as e:
                 log.warning("upstream %s did not answer: %s", upstream, e)
         return None
+
+
+def _encoded(records: Records) -> tuple[Records, bytes]:
+    """The records as the worker reads them (without the answer memo, which it builds itself)."""
+    return records, pickle.dumps(dataclasses.replace(records, memo={}), pickle.HIGHEST_PROTOCOL)
 
 
 def _has_edns(data: bytes) -> bool:

@@ -133,7 +133,8 @@ class FlowLog:
         self.host = host
         self.path = path
         self.records: deque[dict[str, Any]] = deque(maxlen=size)
-        self.names: dict[str, str] = {}
+        self._endpoints: Any = ()  # the replica's endpoints as of the last update (see `name`)
+        self._names: dict[str, str] | None = {}
         self.sock: socket.socket | None = None
         self.server: asyncio.AbstractServer | None = None
 
@@ -167,8 +168,8 @@ class FlowLog:
                 rec = parse_packet(data[off:off + length])
                 if rec is not None:
                     rec["host"] = self.host
-                    rec["src_name"] = self.names.get(rec.get("src", ""), "")
-                    rec["dst_name"] = self.names.get(rec.get("dst", ""), "")
+                    rec["src_name"] = self.name(rec.get("src", ""))
+                    rec["dst_name"] = self.name(rec.get("dst", ""))
                     rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
                     self.records.append(rec)
                 off += (length + 3) & ~3
@@ -193,8 +194,16 @@ class FlowLog:
             writer.close()
 
     def update(self, replica: Any) -> None:
-        """Address -> `namespace/name`, so records name the endpoints involved."""
-        self.names = {ip: f"{ep.namespace}/{ep.name}" for ep in replica.endpoints for ip in ep.ips}
+        """Called after every apply: keeps the endpoints (one list copy) and forgets the names, which
+        `name` rebuilds when a record next needs one. Building them here cost the event loop a dict
+        entry per address for every pod added, while most hosts log no flow between two changes."""
+        self._endpoints, self._names = list(replica.endpoints), None
+
+    def name(self, ip: str) -> str:
+        """`namespace/name` of the endpoint holding `ip` ("" if none), so records name who was involved."""
+        if self._names is None:
+            self._names = {a: f"{ep.namespace}/{ep.name}" for ep in self._endpoints for a in ep.ips}
+        return self._names.get(ip, "")
 
     async def close(self) -> None:
         if self.sock is not None:

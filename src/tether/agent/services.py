@@ -21,6 +21,7 @@ The packet mark is used as a scratch register for the slot on a connection's fir
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,10 +147,14 @@ def _mark_is(value: int) -> dict:
     return {"match": {"op": "==", "left": _MARK, "right": value}}
 
 
+# The balancing chains depend only on their arguments, and every plan has at least PREDEFINED_SLOTS
+# of them (with their published-port entries): made once, not encoded again for every plan
+@functools.lru_cache(maxsize=1024)
 def random_chain(n: int) -> NftChain:
     return NftChain(lb_chain(n, None), (rule(_random_slot(n)), rule(_dnat())))
 
 
+@functools.lru_cache(maxsize=1024)
 def affinity_chain(timeout: int, n: int) -> NftChain:
     """Reuse the client's remembered slot when it is still valid (<= n), else draw one; refresh it."""
     rules = [rule(_set_mark(0))]
@@ -164,6 +169,7 @@ def affinity_chain(timeout: int, n: int) -> NftChain:
     return NftChain(lb_chain(n, timeout), tuple(rules))
 
 
+@functools.lru_cache(maxsize=1024)
 def published_chain(target: str) -> NftChain:
     """Published-port entry: mark the connection for source NAT, then balance like the VIP."""
     return NftChain(f"svc-np-{target.removeprefix('svc-')}", (

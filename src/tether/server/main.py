@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -14,6 +13,7 @@ import sys
 
 import uvicorn
 
+from tether import heap
 from tether.server.auth import is_local_listen, load_or_create_token
 from tether.store.base import open_store
 
@@ -67,7 +67,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     log.warning("tether server on %s, store %s", ", ".join(listen), store_url)
-    gc.freeze()  # see tether.agent.main.Agent.run
+    heap.settle()
     try:
         await server.serve(sockets=sockets)
     finally:
