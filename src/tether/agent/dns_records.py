@@ -85,6 +85,16 @@ class Records:
         self.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
         self.existing.add(owner)
 
+    def with_parents(self, names: Iterable[str]) -> set[str]:
+        """The names and every name between each and its zone: empty non-terminals exist too (they
+        answer NODATA)."""
+        out = set(names)
+        for name in list(out):
+            zone = self.zone_of(name)
+            if zone is not None:
+                out.update(parents(name, zone))
+        return out
+
     def zone_of(self, name: str) -> str | None:
         """The cluster zone `name` falls in (forward or reverse), or None when it is not ours."""
         for z in self.zones:
@@ -136,6 +146,21 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         for owner, rtype, rr in address_rrs(name, ip, ttl):
             rec.add_rr(owner, rtype, rr)
 
+    for svc in services:
+        svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
+        for d in svc_domains:
+            name = f"{svc.name}.{svc.namespace}.svc.{d}"
+            if svc.cluster_ip:
+                add_addr(name, svc.cluster_ip)
+            else:
+                rec.existing.add(name.lower())
+            for p in svc.ports:
+                srv = struct.pack("!HHH", 0, 100, p.port) + encode_name(name)
+                rec.add(name, SRV, srv, ttl)
+                if p.name:
+                    rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
+    rec.existing = rec.with_parents(rec.existing)  # so far the services' names only
+
     context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
     memo = _ENDPOINTS[1] if _ENDPOINTS[0] == context else {}
     kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
@@ -153,29 +178,6 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
         existing.update(hit[2].names)
     _ENDPOINTS = (context, kept)
-    named = set()
-    for svc in services:
-        svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
-        for d in svc_domains:
-            name = f"{svc.name}.{svc.namespace}.svc.{d}"
-            if svc.cluster_ip:
-                for owner, rtype, rr in address_rrs(name, svc.cluster_ip, ttl):
-                    rec.add_rr(owner, rtype, rr)
-                    named.add(owner)
-            else:
-                named.add(name.lower())
-            for p in svc.ports:
-                srv = struct.pack("!HHH", 0, 100, p.port) + encode_name(name)
-                rec.add(name, SRV, srv, ttl)
-                named.add(name.lower())
-                if p.name:
-                    rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
-                    named.add(f"_{p.name}._{p.protocol.lower()}.{name}".lower())
-    rec.existing.update(named)
-    for name in named:  # empty non-terminals exist too (they answer NODATA)
-        zone = rec.zone_of(name)
-        if zone is not None:
-            rec.existing.update(parents(name, zone))
     rec.existing.update(rec.zones)
     return rec
 
@@ -192,13 +194,7 @@ class EndpointRecords:
 def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int) -> EndpointRecords:
     """An endpoint's part, for the zones and reverse networks of `rec`."""
     rrs = tuple(r for ip in ips for r in address_rrs(name, ip, ttl))
-    names = set()
-    for owner, _rtype, _rr in rrs:
-        names.add(owner)
-        zone = rec.zone_of(owner)
-        if zone is not None:
-            names.update(parents(owner, zone))
-    return EndpointRecords(rrs, frozenset(names))
+    return EndpointRecords(rrs, frozenset(rec.with_parents(owner for owner, _rtype, _rr in rrs)))
 
 
 # (zones, reverse networks, TTL) of the last build, and endpoint id -> (the endpoint, its network, its

@@ -315,6 +315,7 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
         _del_route(rt, route, oif, report)
     return report, st
 
+
 def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], report: ApplyReport) -> None:
     have = {}
     for n in ipr.get_neighbours(ifindex=idx, family=socket.AF_INET):
