@@ -1,13 +1,18 @@
 """CNI ADD/DEL latency: `tether` vs the reference `bridge` + `host-local` plugins, same run, same way.
 
-    .venv/bin/python -m bench.cni [--pods 200] [--more 100] [--present 500]
+    .venv/bin/python -m bench.cni [--pods 200] [--more 100] [--present 500] [--both-present]
 
 A 1-host lab; both plugins are executed exactly as a runtime does (fork+exec of the plugin binary
 with the CNI_* environment and the config on stdin), from one driver process running inside the
 lab host's network namespace, alternating tether and reference call by call so machine noise hits
 both equally. Phases:
   1. `--pods` ADDs from empty, then their DELs (p50/p99 each);
-  2. ADD (untimed) up to `--present` pods, then `--more` timed ADDs and their timed DELs.
+  2. ADD (untimed) up to `--present` pods, then `--more` timed ADDs and their timed DELs. Each
+     plugin in turn (tether first) with only its own pods on the host: with both plugins' pods
+     present, the reference's bridge floods every new port's IPv6 router solicitations and MLD
+     reports to its 500 ports, and that softirq load on the same CPUs was most of the "growth" of
+     Tether's ADDs (median 1.36x against 1.10x alone, sessions 12-13). `--both-present` measures
+     this phase the old way: both plugins' pods present, calls alternating.
 Each timed phase waits for the CPUs to be quiet first (QUIET_BUSY).
 Targets: ADD p50 <= 1.5x and p99 <= 2x the reference; ADD p50 with `--present` pods <= 1.2x of phase 1.
 Prints one JSON object.
@@ -72,32 +77,33 @@ def worker(spec: dict) -> dict:
         return name, f"/var/run/netns/{name}"
 
     times = {p.name: {k: [] for k in ("add", "del", "add_present", "del_present")} for p in plugins}
-    def add_range(start: int, stop: int, key: str | None) -> None:
+    def add_range(start: int, stop: int, key: str | None, only: list[Plugin] = plugins) -> None:
         for i in range(start, stop):
-            for p in plugins if i % 2 else reversed(plugins):  # alternate who goes first
+            for p in only if i % 2 else reversed(only):  # alternate who goes first
                 name, path = netns(i * 2 + (p is plugins[1]))
                 dt = p.call("ADD", name, path)
                 if key:
                     times[p.name][key].append(dt)
 
-    def del_range(start: int, stop: int, key: str) -> None:
+    def del_range(start: int, stop: int, key: str | None, only: list[Plugin] = plugins) -> None:
         for i in range(start, stop):
-            for p in plugins if i % 2 else reversed(plugins):
+            for p in only if i % 2 else reversed(only):
                 name, path = netns(i * 2 + (p is plugins[1]))
-                times[p.name][key].append(p.call("DEL", name, path))
+                dt = p.call("DEL", name, path)
+                if key:
+                    times[p.name][key].append(dt)
 
     n, more, present = spec["pods"], spec["more"], spec["present"]
     quiet = {"before_add": wait_quiet(QUIET_BUSY, QUIET_WAIT)}
     add_range(0, n, "add")
     del_range(0, n, "del")
-    add_range(0, present, None)
-    quiet["before_add_present"] = wait_quiet(QUIET_BUSY, QUIET_WAIT)
-    add_range(present, present + more, "add_present")
-    del_range(present, present + more, "del_present")
-    for i in range(0, present):  # untimed clean-up
-        for p in plugins:
-            name, path = netns(i * 2 + (p is plugins[1]))
-            p.call("DEL", name, path)
+    for group in [plugins] if spec["both_present"] else [[p] for p in plugins]:
+        add_range(0, present, None, group)
+        quiet["before_add_present" + ("_" + group[0].name if len(group) == 1 else "")] = wait_quiet(
+            QUIET_BUSY, QUIET_WAIT)
+        add_range(present, present + more, "add_present", group)
+        del_range(present, present + more, "del_present", group)
+        del_range(0, present, None, group)  # untimed clean-up
     return {"times": times, "quiet": quiet}
 
 
@@ -106,6 +112,8 @@ def main() -> None:
     ap.add_argument("--pods", type=int, default=200)
     ap.add_argument("--more", type=int, default=100)
     ap.add_argument("--present", type=int, default=500)
+    ap.add_argument("--both-present", action="store_true",
+                    help="phase 2 with both plugins' pods present, calls alternating (the method before session 13)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -130,7 +138,7 @@ def main() -> None:
                           "isGateway": True, "ipMasq": False,
                           "ipam": {"type": "host-local", "subnet": "10.91.0.0/16", "dataDir": data_dir}}}
         spec = {"plugins": [tether, ref], "prefix": f"{lab.name}-h1-b", "pods": a.pods, "more": a.more,
-                "present": a.present}
+                "present": a.present, "both_present": a.both_present}
         names = [f"{spec['prefix']}-{i}" for i in range(2 * (a.present + a.more))]
         for name in names:
             sh("ip", "netns", "add", name)
@@ -150,7 +158,9 @@ def main() -> None:
     out: dict = {"benchmark": "cni", "pods": a.pods, "more": a.more, "present": a.present,
                  "elapsed_s": round(elapsed, 1), "quiet": result["quiet"],
                  "method": "fork+exec of each plugin binary with CNI_* env and stdin, from one process in the "
-                           "lab host's netns, tether and reference alternating call by call; cniVersion 1.0.0"}
+                           "lab host's netns, tether and reference alternating call by call; cniVersion 1.0.0; "
+                           + ("phase 2 with both plugins' pods present, alternating" if a.both_present else
+                              "phase 2 one plugin at a time, each with only its own pods present")}
     for name, t in times.items():
         out[name] = {k: _stats(v) for k, v in t.items() if v}
     tt, rr = out["tether"], out["bridge+host-local"]

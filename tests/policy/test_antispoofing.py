@@ -14,7 +14,7 @@ import pytest
 from tests.fixtures.lab import unique
 from tests.policy.truth import make_network
 from tether.dataplane.nft import counters
-from tether.lab.cluster import Lab, PodInfo, nsx
+from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx
 
 pytestmark = pytest.mark.lab
 
@@ -163,3 +163,13 @@ def test_a_pod_cannot_tunnel_a_spoofed_packet_through_a_vtep(pods) -> None:
     in_before = counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0)
     assert tunnelled(lab, lab.inet, "h2", "10.66.250.4", c, 7010) == []
     assert counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0) >= in_before + 3
+
+
+def test_a_pod_may_send_udp_4789_to_a_machine_that_is_not_a_tether_host(pods) -> None:
+    """Only the hosts that would decapsulate a pod's VXLAN are out of its reach on port 4789: its own
+    tunnel to a machine outside the cluster (here the lab's "internet") still goes out, uncounted."""
+    lab, a, _b, _c = pods
+    before = counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0)
+    outside = PodInfo("inet", "", lab.inet, "", "", "", [INET_IP])
+    assert received(lab, a, a.ip, outside, 4789) == [a.ip] * 3
+    assert counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0) == before

@@ -344,9 +344,12 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
             # a pod's VXLAN packet to another host would be decapsulated there with any inner source
-            # (Calico drops these too); new flows only, so the cost is per connection, not per packet
+            # (Calico drops these too): to the hosts that accept VXLAN from this one, so a pod's own
+            # VXLAN or UDP 4789 elsewhere still goes out; new flows only, so the cost is per
+            # connection, not per packet
             policy.denied(_match(UDP_DPORT, VXLAN_PORT), _match(_meta("iifname"), POD_IFACES),
-                          _match(_meta("iifname"), VTEP_NAME, "!="), comment=VXLAN_FROM_POD),
+                          _match(_meta("iifname"), VTEP_NAME, "!="), _match(_ip("daddr"), "@vxlan_peers"),
+                          comment=VXLAN_FROM_POD),
             svc_reject,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
