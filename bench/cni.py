@@ -11,7 +11,7 @@ both equally. Phases:
      plugin in turn (tether first) with only its own pods on the host: with both plugins' pods
      present, the reference's bridge floods every new port's IPv6 router solicitations and MLD
      reports to its 500 ports, and that softirq load on the same CPUs was most of the "growth" of
-     Tether's ADDs (median 1.36x against 1.14x alone, sessions 12-13). `--both-present` measures
+     Tether's ADDs (median 1.36x against 1.15x alone, sessions 12-13). `--both-present` measures
      this phase the old way: both plugins' pods present, calls alternating.
 Each timed phase waits for the CPUs to be quiet first (QUIET_BUSY).
 Targets: ADD p50 <= 1.5x and p99 <= 2x the reference; ADD p50 with `--present` pods <= 1.2x of phase 1.
