@@ -77,33 +77,26 @@ def worker(spec: dict) -> dict:
         return name, f"/var/run/netns/{name}"
 
     times = {p.name: {k: [] for k in ("add", "del", "add_present", "del_present")} for p in plugins}
-    def add_range(start: int, stop: int, key: str | None, only: list[Plugin] = plugins) -> None:
+    def calls(command: str, start: int, stop: int, key: str | None, only: list[Plugin] = plugins) -> None:
+        """`command` for sandboxes start..stop-1 of each plugin in `only`, timed under `key` (None: untimed)."""
         for i in range(start, stop):
             for p in only if i % 2 else reversed(only):  # alternate who goes first
                 name, path = netns(i * 2 + (p is plugins[1]))
-                dt = p.call("ADD", name, path)
-                if key:
-                    times[p.name][key].append(dt)
-
-    def del_range(start: int, stop: int, key: str | None, only: list[Plugin] = plugins) -> None:
-        for i in range(start, stop):
-            for p in only if i % 2 else reversed(only):
-                name, path = netns(i * 2 + (p is plugins[1]))
-                dt = p.call("DEL", name, path)
+                dt = p.call(command, name, path)
                 if key:
                     times[p.name][key].append(dt)
 
     n, more, present = spec["pods"], spec["more"], spec["present"]
     quiet = {"before_add": wait_quiet(QUIET_BUSY, QUIET_WAIT)}
-    add_range(0, n, "add")
-    del_range(0, n, "del")
+    calls("ADD", 0, n, "add")
+    calls("DEL", 0, n, "del")
     for group in [plugins] if spec["both_present"] else [[p] for p in plugins]:
-        add_range(0, present, None, group)
-        quiet["before_add_present" + ("_" + group[0].name if len(group) == 1 else "")] = wait_quiet(
-            QUIET_BUSY, QUIET_WAIT)
-        add_range(present, present + more, "add_present", group)
-        del_range(present, present + more, "del_present", group)
-        del_range(0, present, None, group)  # untimed clean-up
+        calls("ADD", 0, present, None, group)
+        label = "before_add_present" if len(group) > 1 else f"before_add_present_{group[0].name}"
+        quiet[label] = wait_quiet(QUIET_BUSY, QUIET_WAIT)
+        calls("ADD", present, present + more, "add_present", group)
+        calls("DEL", present, present + more, "del_present", group)
+        calls("DEL", 0, present, None, group)  # untimed clean-up
     return {"times": times, "quiet": quiet}
 
 

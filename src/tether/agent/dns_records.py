@@ -164,7 +164,6 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
     memo = _ENDPOINTS[1] if _ENDPOINTS[0] == context else {}
     kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
-    rrs, existing = rec.rrs, rec.existing
     for ep in endpoints:
         yielding.checkpoint()
         net = nets.get(ep.network)
@@ -175,8 +174,8 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             hit = (ep, net, endpoint_records(rec, f"{ep.name}.{net.name}.{net.dns_domain.rstrip('.')}.", ep.ips, ttl))
         kept[ep.id] = hit
         for owner, rtype, rr in hit[2].rrs:
-            rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
-        existing.update(hit[2].names)
+            rec.add_rr(owner, rtype, rr)
+        rec.existing.update(hit[2].names)
     _ENDPOINTS = (context, kept)
     rec.existing.update(rec.zones)
     return rec
