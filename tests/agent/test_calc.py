@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, base_nft, compute_plan, merge, path_mode, vtep_mac_for
+from tether.agent.calc import HostContext, base_nft, compute_nft, compute_plan, merge, path_mode, vtep_mac_for
 from tether.dataplane.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route, stateless_chain
 from tether.model import Block, Endpoint, Host, Network, Owner, Subnet
 
@@ -108,11 +108,13 @@ def test_each_network_gets_a_stateless_chain_and_local_pods_reach_it_by_address(
     local = next(s for s in base.sets if s.name == "local_dst4").elements
     assert local == frozenset({("10.1.0.1", "goto " + stateless_chain("n"))})  # only h1's pod
     raw = "\n".join(chains["raw_prerouting"].rules)
-    assert raw.index("vxlan underlay") < raw.index("@ep_id4") < raw.index("@same_net")
+    assert raw.index("vxlan underlay") < raw.index("ingress chain") < raw.index("@same_net")
 
 
 def test_vxlan_is_decapsulated_only_from_peer_hosts_and_never_sent_by_a_pod() -> None:
-    base = base_nft(replica(), "h1")
+    r = replica()
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})  # stateful
+    base = base_nft(r, "h1")
     chains = {c.name: c for c in base.chains}
     peers = next(s for s in base.sets if s.name == "vxlan_peers").elements
     assert peers == frozenset({"198.18.0.2", "198.18.1.3"})  # not h1 itself
@@ -122,11 +124,10 @@ def test_vxlan_is_decapsulated_only_from_peer_hosts_and_never_sent_by_a_pod() ->
     inp = chains["input"].rules
     refused = next(i for i, r in enumerate(inp) if "VXLAN from a pod or an unknown host" in r)
     assert '"drop"' in inp[refused] and refused < next(i for i, r in enumerate(inp) if "@ep_out" in r)
-    # a pod's own VXLAN packets to another host are dropped on the way out (new flows, counted)
-    fwd = chains["forward"].rules
-    out = next(r for r in fwd if '"VXLAN from a pod"' in r)
-    assert '"counter"' in out and '"drop"' in out and '"dport"' in out
-    assert fwd.index(out) < next(i for i, r in enumerate(fwd) if "@ep_out" in r)
+    # a pod's own VXLAN packets to another host are dropped by its ingress chain (counted)
+    ing = compute_nft(r, CTX).chain("ing-tthe0")
+    out = next(r for r in ing.rules if '"VXLAN from a pod"' in r)
+    assert '"counter"' in out and '"drop"' in out and '"dport"' in out and "@vxlan_peers" in out
 
 
 def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan() -> None:
@@ -135,6 +136,7 @@ def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan()
     from tether.agent import policy
 
     r = replica("vxlan")
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})  # stateful
     first = compute_plan(r, CTX)
     assert {(i.name, i.mtu) for i in first.interfaces} == {("tthe0", 1450)}
     ep = r.objects["Endpoint"]["e0"]

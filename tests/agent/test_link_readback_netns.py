@@ -11,7 +11,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-from tether.dataplane.links import apply_links
+from tether.dataplane.links import apply_links, raise_interfaces
 from tether.dataplane.plan import RTPROT_TETHER, HostInterface, Plan, Route
 from tether.dataplane.rtnl_batch import RtnlSocket
 
@@ -69,10 +69,15 @@ def test_a_full_pass_corrects_ours_and_leaves_the_rest(netns: Callable[[], str])
     report, done = apply_links(plan, netns=path)
     names = {link["ifname"]: link for link in ip_json(ns, "link", "show")}
     assert "tthstale" not in names and "other0" in names and "other1" in names
-    assert names["tthkeep"]["mtu"] == 1400 and "UP" in names["tthkeep"]["flags"]
+    # a pod veth that is down stays down, without its routes, until its ingress chain is there (the
+    # agent applies the nft table between the two calls)
+    assert names["tthkeep"]["mtu"] == 1400 and "UP" not in names["tthkeep"]["flags"]
+    assert "10.47.0.5" not in {r["dst"] for r in ip_json(ns, "route", "show")}
+    assert raise_interfaces(plan, done, netns=path) == ["tthkeep"] and not done.down
+    assert "UP" in {link["ifname"]: link for link in ip_json(ns, "link", "show")}["tthkeep"]["flags"]
     routes = {r["dst"]: r for r in ip_json(ns, "route", "show")}
     assert "10.47.0.9" not in routes and routes["10.47.0.5"]["dev"] == "tthkeep" and "10.48.0.0/24" in routes
-    assert done.interfaces == {"tthkeep": 1400} and Route("10.47.0.5/32", "tthkeep", scope="link") in done.routes
+    assert done.interfaces == {"tthkeep": (1400, "")} and Route("10.47.0.5/32", "tthkeep", scope="link") in done.routes
     again, _ = apply_links(plan, netns=path)  # nothing left to do: an unchanged plan changes nothing
     assert again.changes == [], again.changes
     assert report.changed
@@ -91,12 +96,14 @@ def test_a_difference_adds_and_removes_only_what_changed(netns: Callable[[], str
                  interfaces=frozenset({HostInterface("tthd1", 1450), HostInterface("tthd2", 1450),
                                        HostInterface("tthd3", 1450)}))
     _, done = apply_links(first, netns=path)
+    raise_interfaces(first, done, netns=path)
     second = Plan(routes=frozenset({Route("10.49.0.1/32", "tthd1", scope="link"),
                                     Route("10.49.0.3/32", "tthd3", scope="link"),
                                     Route("10.50.0.0/24", "tthd3", via="10.49.0.3", onlink=True),
                                     Route("10.49.0.4/32", "tthd4", scope="link")}),  # tthd4: not plugged yet
                   interfaces=frozenset({HostInterface("tthd1", 1450), HostInterface("tthd3", 1400)}))
     report, after = apply_links(second, netns=path, applied=done)
+    raise_interfaces(second, after, netns=path)
     routes = {r["dst"]: r for r in ip_json(ns, "route", "show")}
     assert set(routes) == {"10.49.0.1", "10.49.0.3", "10.50.0.0/24"}, routes
     assert routes["10.50.0.0/24"]["gateway"] == "10.49.0.3" and "onlink" in routes["10.50.0.0/24"]["flags"]

@@ -57,5 +57,5 @@ def test_200_pods_created_and_deleted_leak_nothing(gc_lab: Lab) -> None:
     for h in hosts:  # every host's kernel state is back to what it was before the pods
         assert state(h) == before[h], h
     for h in hosts:
-        assert leftovers(lab.host(h).ns) == {"veths": [], "pod_routes": [], "nft_elements": []}
+        assert leftovers(lab.host(h).ns) == {"veths": [], "pod_routes": [], "nft_elements": [], "nft_chains": []}
     assert [ns for ns in lab_namespaces(lab.name) if ns.count("-") > 1] == []

@@ -45,5 +45,9 @@ def test_vm_and_nested_addresses_route_through_the_vms_tap() -> None:
     assert Route("10.1.0.10/32", "tap11111111-22", scope="link") in plan.routes
     assert Route("10.1.0.11/32", "tap11111111-22", scope="link") in plan.routes
     assert Route("10.1.0.20/32", "eth0", via="198.18.0.2") in plan.routes  # unbound-block address on h2
-    ep_in = plan.nft.set("ep_in")
+    ing = plan.nft.chain("ing-tap11111111-22")  # the tap may send from its child's address too
+    assert ing is not None and ing.device == "tap11111111-22" and '"10.1.0.11"' in "\n".join(ing.rules)
+    r = replica()
+    r.objects["Endpoint"]["p"] = r.objects["Endpoint"]["p"].model_copy(update={"security_groups": ["g"]})
+    ep_in = compute_plan(r, HostContext("h1", "eth0", 1500)).nft.set("ep_in")
     assert ep_in is not None and "tap11111111-22" in {k for k, _ in ep_in.elements}

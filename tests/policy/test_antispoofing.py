@@ -14,7 +14,8 @@ import pytest
 from tests.fixtures.lab import unique
 from tests.policy.truth import make_network
 from tether.dataplane.nft import counters
-from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx
+from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx, wait_for
+from tether.model import NetworkPolicy
 
 pytestmark = pytest.mark.lab
 
@@ -58,14 +59,33 @@ for _ in range(3):
 """
 
 
-@pytest.fixture(scope="module")
-def pods(lab: Lab) -> Iterator[tuple[Lab, PodInfo, PodInfo, PodInfo]]:
-    net = make_network(lab, unique("as"), "10.66.0.0/16")
+def inside(pod: PodInfo, rest: str) -> str:
+    """An address in the pod's network (its /16) that no pod has: `inside(a, "250.1")`."""
+    return ".".join(pod.ip.split(".")[:2]) + "." + rest
+
+
+def stateful(lab: Lab, host: str) -> bool:
+    """Does `host`'s table have conntrack (calc.needs_state)?"""
+    return "raw_prerouting" in nsx(lab.host(host).ns, "nft", "list", "table", "inet", "tether").stdout
+
+
+@pytest.fixture(scope="module", params=["without conntrack", "with conntrack"])
+def pods(lab: Lab, request: pytest.FixtureRequest) -> Iterator[tuple[Lab, PodInfo, PodInfo, PodInfo]]:
+    """Three pods, in each kind of table: without conntrack (nothing needs state) and with it (a
+    policy that selects no pod is enough); the anti-spoofing is the same pods' ingress chains."""
+    net = make_network(lab, unique("as"), "10.66.0.0/16" if request.param == "without conntrack" else "10.65.0.0/16")
     a = lab.run_pod("h1", unique("a"), net)
     b = lab.run_pod("h1", unique("b"), net)
     c = lab.run_pod("h2", unique("c"), net)
+    pol = None
+    if request.param == "with conntrack":
+        pol = lab.client().apply(NetworkPolicy(name=unique("np"), namespace="default", spec={
+            "podSelector": {"matchLabels": {"selects": "nothing"}}}))
+    wait_for(lambda: all(stateful(lab, h) == (pol is not None) for h in ("h1", "h2")), 15, "the kind of table")
     assert lab.reaches(f"h1/{a.name}", b.ip) and lab.reaches(f"h1/{a.name}", c.ip)
     yield lab, a, b, c
+    if pol is not None:
+        lab.client().delete("NetworkPolicy", pol.store_name())
 
 
 def received(lab: Lab, sender: PodInfo, src: str, dst: PodInfo, port: int) -> list[str]:
@@ -101,23 +121,29 @@ def tunnelled(lab: Lab, sender_ns: str, via_host: str, src: str, dst: PodInfo, p
     return json.loads(out)
 
 
+def drops(lab: Lab, host: str, comment: str) -> int:
+    """Packets dropped by `host`'s rules with this comment, in any chain (each pod's ingress chain
+    has its own anti-spoofing rules)."""
+    return sum(n for key, n in counters(lab.host(host).ns).items() if key.split("/", 1)[1] == comment)
+
+
 def spoof_drops(lab: Lab, host: str, what: str) -> int:
-    return counters(lab.host(host).ns).get(f"pod_source/spoofed source {what}", 0)
+    return drops(lab, host, f"spoofed source {what}")
 
 
 def test_another_source_address_is_dropped_and_counted(pods) -> None:
     lab, a, b, c = pods
     nsx(a.ns, "ip", "addr", "add", f"{c.ip}/32", "dev", "eth0")  # a claims c's address
-    nsx(a.ns, "ip", "addr", "add", "10.66.250.1/32", "dev", "eth0")  # and one nobody has
+    nsx(a.ns, "ip", "addr", "add", f"{inside(a, '250.1')}/32", "dev", "eth0")  # and one nobody has
     try:
         before = spoof_drops(lab, "h1", "address")
         assert received(lab, a, a.ip, b, 7001) == [a.ip] * 3, "the pod's own address must pass"
         assert received(lab, a, c.ip, b, 7002) == []
-        assert received(lab, a, "10.66.250.1", b, 7003) == []
+        assert received(lab, a, inside(a, "250.1"), b, 7003) == []
         assert spoof_drops(lab, "h1", "address") >= before + 6
     finally:
         nsx(a.ns, "ip", "addr", "del", f"{c.ip}/32", "dev", "eth0", check=False)
-        nsx(a.ns, "ip", "addr", "del", "10.66.250.1/32", "dev", "eth0", check=False)
+        nsx(a.ns, "ip", "addr", "del", f"{inside(a, '250.1')}/32", "dev", "eth0", check=False)
 
 
 def test_another_source_mac_is_dropped_and_counted(pods) -> None:
@@ -135,41 +161,45 @@ def test_another_source_mac_is_dropped_and_counted(pods) -> None:
 
 def test_allowed_address_pairs_may_be_sent_from(pods) -> None:
     lab, a, b, c = pods
-    nsx(a.ns, "ip", "addr", "add", "10.66.251.0/32", "dev", "eth0", check=False)
+    nsx(a.ns, "ip", "addr", "add", f"{inside(a, '251.0')}/32", "dev", "eth0", check=False)
     ep = next(e for e in lab.client().list_raw("Endpoint") if e["name"] == a.name)
     lab.client().request("PATCH", f"/api/v1/endpoints/{ep['id']}",
-                         json={"allowed_address_pairs": [{"ip_address": "10.66.251.0/28"}]})
+                         json={"allowed_address_pairs": [{"ip_address": f"{inside(a, '251.0')}/28"}]})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if received(lab, a, "10.66.251.0", c, 7006):
+        if received(lab, a, inside(a, "251.0"), c, 7006):
             break
     else:
         pytest.fail("a source inside the allowed address pair is still dropped")
 
 
 def test_a_pod_cannot_tunnel_a_spoofed_packet_through_a_vtep(pods) -> None:
-    """VXLAN that a pod builds itself would be decapsulated by a host with any inner source: to
-    another host it is dropped on the way out, to its own host on input (both counted). A machine
-    on the underlay that is not a Tether host is refused too."""
+    """VXLAN that a pod builds itself would be decapsulated by a host with any inner source. To
+    another host: with conntrack (where it may be masqueraded to its host's address) its ingress
+    chain drops it; without, it carries the pod's own address and the other host refuses it on
+    input. To its own host: refused on input. A machine on the underlay that is not a Tether host
+    is refused too. All counted."""
     lab, a, b, c = pods
-    out_before = counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0)
-    in_before = counters(lab.host("h1").ns).get("input/VXLAN from a pod or an unknown host", 0)
-    assert tunnelled(lab, a.ns, "h2", "10.66.250.2", c, 7007) == []
-    assert tunnelled(lab, a.ns, "h1", "10.66.250.3", b, 7008) == []
-    after = counters(lab.host("h1").ns)
-    assert after.get("forward/VXLAN from a pod", 0) >= out_before + 3
-    assert after.get("input/VXLAN from a pod or an unknown host", 0) >= in_before + 3
+    refused = "VXLAN from a pod or an unknown host"
+    before = drops(lab, "h1", "VXLAN from a pod") + drops(lab, "h2", refused)
+    in_before = drops(lab, "h1", refused)
+    assert tunnelled(lab, a.ns, "h2", inside(a, "250.2"), c, 7007) == []
+    assert tunnelled(lab, a.ns, "h1", inside(a, "250.3"), b, 7008) == []
+    assert drops(lab, "h1", "VXLAN from a pod") + drops(lab, "h2", refused) >= before + 3
+    if stateful(lab, "h1"):
+        assert drops(lab, "h1", "VXLAN from a pod") >= 3
+    assert drops(lab, "h1", refused) >= in_before + 3
     assert received(lab, a, a.ip, c, 7009) == [a.ip] * 3  # the pod itself still talks across hosts
-    in_before = counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0)
-    assert tunnelled(lab, lab.inet, "h2", "10.66.250.4", c, 7010) == []
-    assert counters(lab.host("h2").ns).get("input/VXLAN from a pod or an unknown host", 0) >= in_before + 3
+    in_before = drops(lab, "h2", refused)
+    assert tunnelled(lab, lab.inet, "h2", inside(a, "250.4"), c, 7010) == []
+    assert drops(lab, "h2", refused) >= in_before + 3
 
 
 def test_a_pod_may_send_udp_4789_to_a_machine_that_is_not_a_tether_host(pods) -> None:
     """Only the hosts that would decapsulate a pod's VXLAN are out of its reach on port 4789: its own
     tunnel to a machine outside the cluster (here the lab's "internet") still goes out, uncounted."""
     lab, a, _b, _c = pods
-    before = counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0)
+    before = drops(lab, "h1", "VXLAN from a pod")
     outside = PodInfo("inet", "", lab.inet, "", "", "", [INET_IP])
     assert received(lab, a, a.ip, outside, 4789) == [a.ip] * 3
-    assert counters(lab.host("h1").ns).get("forward/VXLAN from a pod", 0) == before
+    assert drops(lab, "h1", "VXLAN from a pod") == before

@@ -281,9 +281,15 @@ def test_restart_with_the_same_structure_adopts_the_kernel_and_issues_nothing(
                                                  ["tth2", {"goto": {"target": "in-b"}}]]}},
               {"set": {"name": "sel-1", "elem": ["10.0.0.1"]}}, {"set": {"name": "sel-2", "elem": ["10.0.0.2"]}},
               {"set": {"name": "stateful", "elem": ["10.0.0.9"]}}]
+    listed += [{"chain": {"name": c.name}} for c in plan.chains]
+    listed += [{"rule": {"chain": c.name}} for c in plan.chains for _ in c.rules]
     monkeypatch.setattr(nft, "list_table", lambda netns=None: listed)
     dp = NftDataplane("nowhere")
     assert dp.apply(plan).changed == 0 and kernel.batches == []
+    # a chain more than the plan's (the marker would not show it): not adopted but replaced
+    monkeypatch.setattr(nft, "list_table", lambda netns=None: [*listed, {"chain": {"name": "ing-stale"}}])
+    assert NftDataplane("nowhere").apply(plan).full
+    kernel.batches.clear()
     # and then it updates incrementally from what it adopted
     report = dp.apply(with_chain(plan, NftChain("npi-2", ())))
     assert ops(kernel.batches[0])[:1] == ["flush chain npi-2"] and not report.full

@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from tether.agent import policy, services, yielding
+from tether.agent import pod_ingress, policy, services, yielding
 from tether.agent.cache import Replica
 from tether.agent.policy import ip_version, stateless_targets, v4_subnets
 from tether.dataplane.plan import (
@@ -163,7 +163,8 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
                 hit = _LOCAL.get(ep.id)
                 if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != ctx.underlay_mtu:
                     hit = (ep, net, ctx.underlay_mtu,
-                           HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id),
+                           HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id,
+                                         (ep.mac or "").lower(), tuple(ep.ips)),
                            tuple(Route(host_prefix(ip), ep.interface, scope="link") for ip in ep.ips))
                 local[ep.id] = hit
                 interfaces.add(hit[3])
@@ -196,10 +197,6 @@ def _ip(field: str) -> dict:
     return {"payload": {"protocol": "ip", "field": field}}
 
 
-def _ip6(field: str) -> dict:
-    return {"payload": {"protocol": "ip6", "field": field}}
-
-
 def _match(left: dict, right, op: str = "==") -> dict:
     return {"match": {"op": op, "left": left, "right": right}}
 
@@ -210,12 +207,11 @@ CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
 CT_PASSED = _match({"ct": {"key": "state"}}, ["established", "related", "untracked"], "in")  # see base_nft
 NOTRACK: dict = {"notrack": None}
 UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
-ETHER_SADDR = {"payload": {"protocol": "ether", "field": "saddr"}}
 SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 POD_IFACES = LINK_PREFIX + "*"
-VXLAN_FROM_POD = "VXLAN from a pod"
+PEER_COMPARES = 8  # see vxlan_refused
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
 
@@ -235,9 +231,10 @@ def _in_subnets(field: str, cidrs: list[str]) -> dict:
 
 def stateless_chains(rep: Replica) -> list[NftChain]:
     """One chain per network with IPv4 subnets: not tracked when both ends are in the network and
-    neither is in `stateful`. Pod packets reach it from `ep_id4` and packets to a local pod from
-    `local_dst4`, so the common case is hash lookups and prefix compares, never the pipapo
-    `same_net` (measured in bench/policy.py: that lookup alone added 4-5% to a round trip)."""
+    neither is in `stateful`. Pod packets reach it from their ingress chain (`pod_ingress`) and
+    packets to a local pod from `local_dst4`, so the common case is hash lookups and prefix
+    compares, never the pipapo `same_net` (bench/policy.py: that lookup alone added 4-5% to a round
+    trip)."""
     chains = []
     for net in rep.networks.values():
         cidrs = v4_subnets(net)
@@ -261,18 +258,61 @@ def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
                      for ip in ep.ips if ip_version(ip) == 4)
 
 
-def base_nft(rep: Replica, host: str = "") -> NftPlan:
-    """The table every host has. Local pod interfaces default to "accept" in both directions; the
-    policy fragment replaces those verdicts for pods that policies or security groups select.
+def needs_state(rep: Replica) -> str:
+    """Why the hosts' tables need conntrack, or "" when nothing does: then a table has no `ct`
+    expression, no nat chain and no `notrack`, so the kernel does not register conntrack in the
+    host's namespace at all (registered, it costs a round trip between pods about 5% even when
+    every packet is `notrack`ed, docs/ARCHITECTURE.md). Services (their VIPs are reached from every
+    host, published ports too), masquerading networks, policies and security groups need state;
+    they are cluster-wide conditions, so every host's table is of the same kind."""
+    if next(iter(rep.services), None) is not None:
+        return "services"
+    if any(n.nat_outgoing for n in rep.networks.values()):
+        return "a nat-outgoing network"
+    if next(iter(rep.policies), None) is not None:
+        return "network policies"
+    if next(iter(rep.security_groups), None) is not None or any(ep.security_groups for ep in rep.endpoints):
+        return "security groups"
+    return ""
 
-    Stateless fast path: conntrack (7% of a round trip here, bench/policy.py) is only needed for
-    stateful decisions (policies, security groups, service NAT, masquerade). So packets between two
-    addresses of one network are not tracked (`notrack`, in the network's `st-` chain) unless
-    either address is in `stateful`, which the policy fragment fills with its selected local
-    endpoints and the services fragment with every backend and the frontends inside a network
-    subnet; the forward chain accepts untracked packets (they have passed anti-spoofing, and
-    isolation allows same-network traffic). Encapsulated VXLAN packets to and from this host's
-    underlay address are not tracked either."""
+
+def vxlan_refused(rep: Replica, host: str) -> tuple[str, ...]:
+    """For `input` without conntrack: UDP 4789 from anyone but a peer host is dropped (the VTEP would
+    decapsulate it and its inner source would bypass anti-spoofing). The peers are compared one by
+    one up to `PEER_COMPARES` (a set lookup costs a receiving host 2.5% of a round trip, a compare
+    nothing measurable), and looked up in `@vxlan_peers` beyond."""
+    peers = sorted(vxlan_peers(rep, host))
+    if len(peers) <= PEER_COMPARES:
+        checks = [_match(_ip("saddr"), p, "!=") for p in peers]
+    else:
+        checks = [_match(_ip("saddr"), "@vxlan_peers", "!=")]
+    return (policy.denied(_match(UDP_DPORT, VXLAN_PORT), *checks, comment=VXLAN_REFUSED),)
+
+
+def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
+    """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
+    anti-spoofing.
+
+    Without state (`needs_state`): only the VXLAN check in `input`, and only while a network may
+    use VXLAN (each base chain is one more hook call on a packet's path).
+
+    With state: local pod interfaces default to "accept" in both directions (`ep_out`/`ep_in`); the
+    policy fragment replaces those verdicts for pods that policies or security groups select.
+    Stateless fast path: conntrack is only needed for stateful decisions, so packets between two
+    addresses of one network are not tracked (`notrack`, in the network's `st-` chain, reached from
+    a pod's ingress chain or here for packets to a local pod) unless either address is in
+    `stateful`, which the policy fragment fills with its selected local endpoints and the services
+    fragment with every backend and the frontends inside a network subnet; the forward chain accepts
+    untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
+    Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
+    peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
+    me = rep.hosts.get(host)
+    v4_underlay = me is not None and bool(me.underlay_ip) and ipaddress.ip_address(me.underlay_ip).version == 4
+    if not stateful:
+        vxlan = v4_underlay and any(n.encap in ("vxlan", "auto") for n in rep.networks.values())
+        return NftPlan(sets=(peers,), chains=(
+            NftChain("input", vxlan_refused(rep, host), hook="input", type="filter", priority=0, policy="accept"),
+        ) if vxlan else ())
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
     nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})
@@ -281,10 +321,8 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
         NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
         NftSet("stateful", "ipv4_addr"),
-        NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host)),
+        peers,
         NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host)),
-        NftSet("ep_id4", ("ifname", "ether_addr", "ipv4_addr"), map_type="verdict"),
-        NftSet("ep_id6", ("ifname", "ether_addr", "ipv6_addr"), map_type="verdict"),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
@@ -294,11 +332,10 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
-    me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
-    vxlan_refused: tuple[str, ...] = ()
-    if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
+    vxlan_tracked: tuple[str, ...] = ()
+    if me is not None and v4_underlay:
         vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT),
                          _match(_ip("saddr"), "@vxlan_peers"), _match(_meta("iifname"), POD_IFACES, "!="),
                          NOTRACK, ACCEPT, comment="vxlan underlay"),)
@@ -306,7 +343,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
                           comment="vxlan underlay"),)
         # what the rule above did not let through (tracked, so only its first packets come here):
         # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
-        vxlan_refused = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
+        vxlan_tracked = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     svc_reject = rule({"jump": {"target": "svc_reject"}})
     to_local_pod = {"vmap": {"key": _ip("daddr"), "data": "@local_dst4"}}
     chains = (
@@ -315,13 +352,9 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
             *vxlan_in,
             # decapsulated packets to a local pod: straight to their network's stateless chain
             rule(_match(_meta("iifname"), VTEP_NAME), to_local_pod),
-            # anti-spoofing in one hash lookup per packet, whose verdict sends a pod's IPv4 packet to
-            # its network's stateless chain; what misses (spoofed, a prefix source, an interface
-            # without a known MAC) is judged in full by `pod_source`
-            rule({"vmap": {"key": {"concat": [_meta("iifname"), ETHER_SADDR, _ip("saddr")]}, "data": "@ep_id4"}}),
-            rule({"vmap": {"key": {"concat": [_meta("iifname"), ETHER_SADDR, _ip6("saddr")]}, "data": "@ep_id6"}}),
-            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="),
-                 {"jump": {"target": "pod_source"}}),
+            # a pod's packet: its ingress chain has checked it and sent it to its stateless chain
+            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), ACCEPT,
+                 comment="decided by the pod's ingress chain"),
             rule(to_local_pod),  # e.g. from the underlay device (direct routing)
             # anything else (transit, prefix sources): the general pair lookup, hash lookups first
             rule(_match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="),
@@ -330,7 +363,6 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         *stateless_chains(rep),
         NftChain("raw_output", (*vxlan_out, svc_reject), hook="output", type="filter", priority=-300,
                  policy="accept"),
-        NftChain("pod_source", ()),  # anti-spoofing; the policy fragment fills it
         NftChain("svc_reject", ()),  # frontends without backends; the services fragment fills it
         NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
         NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
@@ -343,13 +375,6 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         NftChain("forward", (
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
-            # a pod's VXLAN packet to another host would be decapsulated there with any inner source
-            # (Calico drops these too): to the hosts that accept VXLAN from this one, so a pod's own
-            # VXLAN or UDP 4789 elsewhere still goes out; new flows only, so the cost is per
-            # connection, not per packet
-            policy.denied(_match(UDP_DPORT, VXLAN_PORT), _match(_meta("iifname"), POD_IFACES),
-                          _match(_meta("iifname"), VTEP_NAME, "!="), _match(_ip("daddr"), "@vxlan_peers"),
-                          comment=VXLAN_FROM_POD),
             svc_reject,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
             rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
@@ -360,7 +385,7 @@ def base_nft(rep: Replica, host: str = "") -> NftPlan:
         ), hook="forward", type="filter", priority=0, policy="accept"),
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
-            *vxlan_refused,
+            *vxlan_tracked,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )
@@ -390,6 +415,17 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
 
 
 def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
+    stateful = bool(needs_state(rep))
+    local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
+    children: dict[str, list] = {}
+    for ep in rep.endpoints:
+        if ep.parent and not ep.interface:
+            children.setdefault(ep.parent, []).append(ep)
+    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, children, rep.networks, stateful)))
+    yielding.checkpoint()
+    base = base_nft(rep, ctx.name, stateful)
+    if not stateful:
+        return merge(base, ingress)
     me = rep.hosts.get(ctx.name)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
                          list(rep.networks.values()), ctx.name)
@@ -397,6 +433,4 @@ def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
     svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
                            [me.underlay_ip] if me else [])
     yielding.checkpoint()
-    base = base_nft(rep, ctx.name)
-    yielding.checkpoint()
-    return merge(base, pol, svc)
+    return merge(base, pol, svc, ingress)

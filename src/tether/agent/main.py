@@ -343,7 +343,7 @@ class Agent:
             self._apply_plan(self._plan(view, key), keep, verify)
 
     def _apply_plan(self, plan, keep, verify: bool) -> None:
-        from tether.dataplane.links import apply_links
+        from tether.dataplane.links import apply_links, raise_interfaces
 
         t0 = time.perf_counter()
         # links and routes first: a new pod's route is what other hosts wait for (convergence)
@@ -356,6 +356,9 @@ class Agent:
         if verify:
             self.nft.verify(plan.nft)
         nrep = self.nft.apply(plan.nft)
+        raised = raise_interfaces(plan, self._links_applied)  # after their ingress chains (pod_ingress)
+        if raised:
+            lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
         t2 = time.perf_counter()
         if nrep.changed or lrep.changed:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,

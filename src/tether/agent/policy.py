@@ -1,4 +1,4 @@
-"""Pure compiler: NetworkPolicy, security groups, network isolation and anti-spoofing -> an nft fragment.
+"""Pure compiler: NetworkPolicy, security groups and network isolation -> an nft fragment.
 
 Shape (see docs/ARCHITECTURE.md, "nftables layout"), chosen so the rule count grows with
 policies + endpoints, never their product, and so a new pod or a label change is a set-element
@@ -10,8 +10,7 @@ update, not a rewrite of rules:
 - endpoints with the same network, policies and groups share one dispatch chain (`in-`/`out-<hash>`),
   reached through the `ep_in`/`ep_out` verdict maps: each applicable layer must have set its bit, or
   the packet is dropped with a counter and an NFLOG record (group `LOG_GROUP`);
-- anti-spoofing runs before conntrack (`pod_source`, jumped to from the base table's raw
-  prerouting chain) against sets of (interface, address) and (interface, MAC) pairs;
+- anti-spoofing is not here: each pod interface's own ingress chain does it (`pod_ingress`);
 - endpoints with any policy or security group go into `stateful`, so their traffic is tracked
   (see `calc.base_nft`'s stateless fast path).
 The semantics are those of `tether.policy_eval`, which is written separately and checks this module.
@@ -494,132 +493,10 @@ class Builder:
         self.chains[name] = NftChain(name, tuple(rules))
         return name
 
-    # --- anti-spoofing ---------------------------------------------------------------------------
-
-    def antispoof(self, local: list[Endpoint], children: dict[str, list[Endpoint]]) -> None:
-        """Each interface may send from its endpoint's addresses and MAC, its allowed address pairs,
-        and those of the nested endpoints behind it.
-
-        Every packet from a pod takes this check, so its common case is one hash lookup: the base
-        table's `raw_prerouting` looks (interface . MAC . address) up in `ep_id4`/`ep_id6`, whose
-        verdict sends a pod's IPv4 packet on to its network's stateless chain (`st-<digest>`). Only
-        a miss (a spoofed packet, a prefix source, link-local IPv6, an interface without a known
-        MAC) comes to `pod_source`, which checks address and MAC separately and counts the drop.
-        There single addresses are in hash sets (`ep_src4`/`ep_src6`) and only prefixes in interval
-        sets (`ep_net4`/`ep_net6`), consulted when the hash misses: an interval set keyed by a
-        concatenation is a pipapo set, whose lookup costs a round trip several percent. Measured
-        with bench/policy.py's interleaved request/response (1,000 policies): the old path (pipapo
-        first, then two MAC lookups) added 19% to a tracked pod's round trip over no table at all,
-        this one 15-16%; conntrack alone adds 7% (docs/ARCHITECTURE.md, "What a pod's packet pays")."""
-        targets = stateless_targets(self.idx.networks.values())
-        global _SOURCES
-        memo: dict[str, tuple[tuple, tuple, Sources]] = {}
-        founds: list[Sources] = []
-        for ep in local:
-            yielding.checkpoint()
-            kids = children.get(ep.id)
-            senders = (ep, *kids) if kids else (ep,)
-            verdicts = tuple(targets.get(who.network, "accept") for who in senders) if kids else (
-                targets.get(ep.network, "accept"),)
-            # the same objects (replaced, never changed in place; the entry keeps them alive, so
-            # their ids are not reused) with the same verdicts: the same elements
-            key = (tuple(map(id, senders)), verdicts)
-            hit = _SOURCES.get(ep.id)
-            if hit is None or hit[0] != key:
-                hit = (key, senders, _sources(ep.interface or "", senders, verdicts))
-            memo[ep.id] = hit
-            founds.append(hit[2])
-        _SOURCES = memo
-        # one union per set over every interface's part (one C call, not one update per interface)
-        src = {v: set().union(*(f.src[v] for f in founds)) for v in (4, 6)}
-        nets = {v: set().union(*(f.nets[v] for f in founds)) for v in (4, 6)}
-        ids = {v: set().union(*(f.ids[v] for f in founds)) for v in (4, 6)}
-        macs = set().union(*(f.macs for f in founds))
-        known = set().union(*(f.known for f in founds))
-        for v in (4, 6):
-            self.add_set(f"ep_id{v}", ("ifname", "ether_addr", f"ipv{v}_addr"), ids[v])
-        addr = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
-        m = self.add_set("ep_mac", ("ifname", "ether_addr"), macs)
-        k = self.add_set("ep_mac_known", "ifname", known)
-
-        def pair(fld: dict) -> dict:
-            return {"concat": [meta("iifname"), fld]}
-
-        checks = []
-        for v, (proto, typ) in addr.items():
-            exact = self.add_set(f"ep_src{v}", ("ifname", typ), src[v])
-            ranges = self.add_set(f"ep_net{v}", ("ifname", typ), nets[v], ("interval",))
-            checks.append(denied(match(meta("nfproto"), f"ipv{v}"), match(pair(payload(proto, "saddr")), exact, "!="),
-                                 match(pair(payload(proto, "saddr")), ranges, "!="), comment="spoofed source address"))
-        # the base table's raw_prerouting chain jumps here for packets from pod interfaces
-        self.chains["pod_source"] = NftChain("pod_source", (
-            *checks,
-            denied(match(meta("iifname"), k), match(pair(payload("ether", "saddr")), m, "!="),
-                   comment="spoofed source MAC"),
-        ))
-
-
-@dataclass(frozen=True)
-class Sources:
-    """What one pod interface may send from: its part of the anti-spoofing sets (Builder.antispoof)."""
-
-    src: dict[int, tuple]
-    nets: dict[int, tuple]
-    ids: dict[int, tuple]
-    macs: tuple
-    known: tuple
-
 
 # endpoint id -> (the endpoint, its workload key): the last plan's (Builder._layer_key). The entry
 # holds the object, so its identity is not reused while the entry lives
 _WORKLOADS: dict[str, tuple[Endpoint, tuple]] = {}
-
-# endpoint id -> ((ids of its senders, their verdicts), the senders, Sources): the last plan's, so
-# that a plan with 500 pods recomputes only the changed ones (done per pod on every apply, this was a
-# third of the plan's time)
-_SOURCES: dict[str, tuple[tuple, tuple, Sources]] = {}
-
-
-def _sources(interface: str, senders: tuple[Endpoint, ...], verdicts: tuple[str, ...]) -> Sources:
-    """An interface's addresses, prefixes, MACs and fast-path keys, from its endpoint and the nested
-    endpoints behind it (`verdicts`: each sender's IPv4 verdict after the check)."""
-    singles: dict[int, dict[str, str]] = {4: {}, 6: {}}  # address -> verdict after the check
-    nets: dict[int, set] = {4: set(), 6: {(interface, "fe80::/10")}}
-    for who, after4 in zip(senders, verdicts, strict=True):
-        for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
-            version, net, single = source_prefix(a)
-            if single:
-                singles[version][net] = after4 if version == 4 else "accept"
-            else:
-                nets[version].add((interface, net))
-    src = {v: tuple((interface, a) for a in singles[v]) for v in (4, 6)}
-    ids: dict[int, tuple] = {4: (), 6: ()}
-    macs: tuple = ()
-    known: tuple = ()
-    if senders[0].mac:
-        known = (interface,)
-        allowed = set()
-        for who in senders:
-            if who.mac:
-                allowed.add(who.mac.lower())
-            allowed.update(p.mac_address.lower() for p in who.allowed_address_pairs if p.mac_address)
-        macs = tuple((interface, m) for m in allowed)
-        # the fast path: every (MAC, address) the interface may send from, as one key
-        ids = {v: tuple(((interface, m, a), verdict) for m in allowed for a, verdict in singles[v].items())
-               for v in (4, 6)}
-    return Sources(src, {v: tuple(nets[v]) for v in (4, 6)}, ids, macs, known)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def source_prefix(address: str) -> tuple[int, str, bool]:
-    """(IP version, canonical form, single address?) of an address or prefix a pod may send from:
-    a single address as the address, a wider prefix as the prefix. Memoised: the fragment is
-    recompiled for every local change, and parsing every pod's addresses again was a fifth of the
-    compile with a few hundred pods."""
-    net = ipaddress.ip_network(address, strict=False)
-    if net.num_addresses == 1:
-        return net.version, str(net.network_address), True
-    return net.version, str(net), False
 
 
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
@@ -656,7 +533,6 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
                 if ip_version(ip) == 4:
                     maps["nested_out"].add(((ep.interface, ip), kout))
                     maps["nested_in"].add(((ep.interface, ip), kin))
-    b.antispoof(local, children)
     stateful = set()  # see calc.base_nft: endpoints whose traffic needs conntrack on this host
     for ep in [*local, *(kid for parent in local for kid in children.get(parent.id, []))]:
         if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):

@@ -144,7 +144,8 @@ class Applied:
     routes: set[Route] = field(default_factory=set)
     neighbours: set[Neighbour] = field(default_factory=set)
     fdb: set[FdbEntry] = field(default_factory=set)
-    interfaces: dict[str, int] = field(default_factory=dict)  # pod veth -> mtu
+    interfaces: dict[str, tuple[int, str]] = field(default_factory=dict)  # pod veth -> (mtu, endpoint id)
+    down: dict[str, int] = field(default_factory=dict)  # pod veths found down -> ifindex (raise_interfaces)
 
 
 def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), netns: str | None = None,
@@ -175,10 +176,12 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                 continue
             if name in wanted:
                 i = wanted[name]
-                done.interfaces[name] = i.mtu
-                if link.mtu != i.mtu or not link.flags & 1:
-                    ipr.link("set", index=link.index, mtu=i.mtu, state="up")
+                done.interfaces[name] = (i.mtu, i.endpoint_id)
+                if link.mtu != i.mtu:
+                    ipr.link("set", index=link.index, mtu=i.mtu)
                     report.add(f"set {name}")
+                if not link.flags & 1:
+                    done.down[name] = link.index
                 host_side_sysctls(name)  # full passes are rare (start, reconcile): checking them all is fine
             elif remove_stale and name not in keep_interfaces:
                 with contextlib.suppress(NetlinkError):
@@ -200,8 +203,8 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                 done.routes.add(route)
                 continue
             oif = index_of.get(route.dev)
-            if oif is None:
-                continue  # its device is not there yet (a pod being plugged): next pass
+            if oif is None or route.dev in done.down:
+                continue  # its device is not there yet (a pod being plugged): next pass; or not up yet
             if _add_route(rt, route, oif, report):
                 done.routes.add(route)
         for route, state in have.items():
@@ -209,6 +212,34 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             if route not in plan.routes and route.dev not in keep_interfaces and route.dev != "?" and state.oif:
                 _del_route(rt, route, state.oif, report)
     return report, done
+
+
+def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None) -> list[str]:
+    """Bring up the pod veths `apply_links` found down, and add the routes through them (a route
+    cannot go through a device that is down): called after the nft table with their ingress chains
+    (anti-spoofing) is in place, so a new pod sends nothing before it is checked. Updates `applied`
+    and returns the names; a veth gone meanwhile is skipped (its routes wait for the next pass).
+
+    The pod's own addresses also get permanent neighbour entries with its MAC (as Calico does): a
+    veth just brought up drops what it sends until the kernel's link watcher has activated its
+    queue, and an ARP request lost then is only retried after a second."""
+    if not applied.down:
+        return []
+    names = list(applied.down)
+    pins = {i.name: i for i in plan.interfaces if i.mac}
+    with contextlib.closing(RtnlSocket(netns)) as rt:
+        ups = rt.run(*(nl.link_up(i) for i in applied.down.values()))
+        report = ApplyReport()
+        for (name, index), up in zip(applied.down.items(), ups, strict=True):
+            if up.error:
+                continue
+            if name in pins:
+                rt.run(*(nl.permanent_neighbour(index, ip, pins[name].mac) for ip in pins[name].ips))
+            for route in sorted(r for r in plan.routes if r.dev == name):
+                if _add_route(rt, route, index, report):
+                    applied.routes.add(route)
+    applied.down.clear()
+    return names
 
 
 class _LazyIpr:
@@ -235,7 +266,7 @@ class _LazyIpr:
 def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: Container[str]
                  ) -> tuple[ApplyReport, Applied]:
     report = ApplyReport()
-    st = Applied(st.vtep, set(st.routes), set(st.neighbours), set(st.fdb), dict(st.interfaces))
+    st = Applied(st.vtep, set(st.routes), set(st.neighbours), set(st.fdb), dict(st.interfaces), dict(st.down))
     if plan.vtep != st.vtep:
         if plan.vtep is not None:
             ensure_vtep(ipr(), plan.vtep, report)
@@ -256,21 +287,25 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
             index[name] = link.index if link else None
         return index[name]
 
-    wanted = {i.name: i.mtu for i in plan.interfaces}
-    for name, mtu in wanted.items():
-        if st.interfaces.get(name) == mtu:
+    # an interface of another endpoint (a pod deleted and added again under the same name) is a new veth
+    wanted = {i.name: (i.mtu, i.endpoint_id) for i in plan.interfaces}
+    for name, (mtu, ep_id) in wanted.items():
+        if st.interfaces.get(name) == (mtu, ep_id):
             continue
         link = _link_named(rt, name)
         index[name] = link.index if link else None  # its routes come next
         if link is None:
             continue  # being plugged, or gone: a later pass (or the reconcile) sees it
-        if link.mtu != mtu or not link.flags & 1:
-            ipr().link("set", index=link.index, mtu=mtu, state="up")
+        if link.mtu != mtu:
+            ipr().link("set", index=link.index, mtu=mtu)
             report.add(f"set {name}")
+        if not link.flags & 1:
+            st.down[name] = link.index
         host_side_sysctls(name)
-        st.interfaces[name] = mtu
+        st.interfaces[name] = (mtu, ep_id)
     for name in [n for n in st.interfaces if n not in wanted]:
         del st.interfaces[name]
+        st.down.pop(name, None)
         if name in keep:
             continue
         i = idx(name)
@@ -300,6 +335,8 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
         st.fdb = set(plan.fdb)
 
     for route in sorted(plan.routes - st.routes):
+        if route.dev in st.down:
+            continue  # with its device, once up (raise_interfaces)
         oif = idx(route.dev)
         if oif is None:
             continue  # its device is not there yet: stays outside `st`, so the next pass retries

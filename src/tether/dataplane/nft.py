@@ -144,6 +144,8 @@ def chain_definition(c: NftChain) -> dict:
     if c.hook:
         body.update({"type": c.type or "filter", "hook": c.hook, "prio": c.priority or 0,
                      "policy": c.policy or "accept"})
+        if c.device:
+            body["dev"] = c.device
     return {"chain": body}
 
 
@@ -159,7 +161,9 @@ def set_key(s: NftSet) -> tuple[str, str]:
 
 
 def chain_key(c: NftChain) -> str:
-    return f"{c.hook}|{c.type}|{c.priority}|{c.policy}" if c.hook else ""
+    if not c.hook:
+        return ""
+    return f"{c.hook}|{c.type}|{c.priority}|{c.policy}" + (f"|{c.device}" if c.device else "")
 
 
 def rules_digest(rules: tuple[str, ...]) -> str:
@@ -345,7 +349,10 @@ class NftDataplane:
         marker = layout_hash(layout)
         if self._structure is None:
             table = list_table(self.netns)
-            if table is not None and table_comment(table) == marker:
+            # adopt a table of the same structure and no more: a chain someone added (a stale ingress
+            # chain of ours, say) does not change the marker, so the rule counts are compared too
+            if (table is not None and table_comment(table) == marker
+                    and rule_counts(table) == {c.name: len(c.rules) for c in plan.chains}):
                 kernel = kernel_elements(table)
                 self._remember(plan, layout, marker, {s.name: kernel.get(s.name, set()) for s in plan.sets
                                                       if managed(s)}, {})

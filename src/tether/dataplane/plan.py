@@ -84,6 +84,8 @@ class HostInterface:
     name: str
     mtu: int
     endpoint_id: str = ""
+    mac: str = ""  # the pod side's MAC: with `ips`, permanent neighbours once the veth is up
+    ips: tuple[str, ...] = ()  # the endpoint's own addresses (not those of nested endpoints behind it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +111,11 @@ class NftChain:
 
     name: str
     rules: tuple[str, ...] = ()
-    hook: str | None = None  # prerouting, input, forward, output, postrouting
+    hook: str | None = None  # prerouting, input, forward, output, postrouting; ingress with `device`
     type: Literal["filter", "nat", "route"] | None = None
     priority: int | None = None
     policy: Literal["accept", "drop"] | None = None
+    device: str | None = None  # the device of an ingress chain
 
 
 @dataclass(frozen=True, slots=True)

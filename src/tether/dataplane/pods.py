@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in
-from tether.dataplane.plan import POD_GATEWAY, RTPROT_TETHER
+from tether.dataplane.plan import POD_GATEWAY
 from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket
 
 LOOPBACK_INDEX = 1  # `lo` is interface 1 in every network namespace
@@ -105,7 +105,9 @@ class PodLink:
 
 
 def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None, mtu: int) -> PodLink:
-    """Create the veth with its far end directly in the pod's namespace, both ends up. Retry-safe: a
+    """Create the veth with its far end directly in the pod's namespace, that end up. The host side
+    stays down, so the pod can send nothing until the agent has applied the plan with the pod's
+    ingress chain (anti-spoofing) and brought it up (`links.raise_interfaces`). Retry-safe: a
     leftover host side of an earlier attempt is replaced. Two batches of netlink requests
     (rtnl_batch: create and look up the host side; bring up `lo` and the pod side, look it up),
     nothing looked up before the create: a name clash is sorted out when the kernel reports it.
@@ -152,18 +154,17 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
 
 def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
     """Give a plugged pod its addresses (/32, /128), the gateway neighbour and default route inside,
-    and the /32 routes to it on the host: one batch on each side. On failure the veth is removed;
-    the sockets are closed either way."""
+    in one batch. The /32 routes to it on the host come with its host side, which the agent brings
+    up once the pod's ingress chain exists (`links.raise_interfaces`). On failure the veth is
+    removed; the sockets are closed either way."""
     idx = link.pod_index
     inside = [nl.address(idx, ip) for ip in ips]
     if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
         inside += [nl.route(f"{POD_GATEWAY}/32", idx, scope=RT_SCOPE_LINK),
                    nl.permanent_neighbour(idx, POD_GATEWAY, link.host_mac),
                    nl.route("0.0.0.0/0", idx, gateway=POD_GATEWAY)]
-    outside = [nl.route(f"{ip}/{ipaddress.ip_address(ip).max_prefixlen}", link.host_index, scope=RT_SCOPE_LINK,
-                        proto=RTPROT_TETHER, replace=True) for ip in ips]
     try:
-        for r in [*link.pod.run(*inside), *link.host.run(*outside)]:
+        for r in link.pod.run(*inside):
             r.check()
         return PodInterface(link.host_ifname, link.host_mac, link.ifname, link.mac, tuple(ips), link.mtu)
     except BaseException as e:

@@ -1,24 +1,22 @@
 """A veth pair left in the host namespace for a container runtime to take one end (Docker's remote
 driver contract: dockerd moves `peer` into the container and renames it; it also sets the address).
 
-The host side is configured like a pod's: proxy ARP (it answers for the link-local gateway),
-the endpoint's MTU, and /32 routes to the container's addresses, so the first packet works before
-the next plan pass.
+The host side is configured like a pod's: proxy ARP (it answers for the link-local gateway) and
+the endpoint's MTU. It stays down: the agent's next apply (Join kicks one) creates the container's
+ingress chain, then brings the host side up and adds the /32 routes (`links.raise_interfaces`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.dataplane.plan import RTPROT_TETHER
-from tether.dataplane.pods import RT_SCOPE_LINK, AttachError, get_link, host_side_sysctls
+from tether.dataplane.pods import AttachError, get_link, host_side_sysctls
 
 
-def create_veth(host_ifname: str, peer_ifname: str, *, mtu: int, peer_mac: str | None, ips: list[str]) -> str:
+def create_veth(host_ifname: str, peer_ifname: str, *, mtu: int, peer_mac: str | None) -> str:
     """Create (or re-create) the pair and return the host side's MAC. Retry-safe."""
     with IPRoute() as ipr:
         try:
@@ -34,10 +32,6 @@ def create_veth(host_ifname: str, peer_ifname: str, *, mtu: int, peer_mac: str |
             if host is None:
                 raise AttachError(f"veth {host_ifname} vanished while it was being created")
             host_side_sysctls(host_ifname)
-            ipr.link("set", index=host["index"], state="up")
-            for ip in ips:
-                plen = 32 if ipaddress.ip_address(ip).version == 4 else 128
-                ipr.route("replace", dst=f"{ip}/{plen}", oif=host["index"], scope=RT_SCOPE_LINK, proto=RTPROT_TETHER)
             return host.get("IFLA_ADDRESS")
         except NetlinkError as e:
             with contextlib.suppress(NetlinkError):

@@ -32,7 +32,8 @@ def _comparable(obj: Any, handles: bool) -> Any:
 
 
 def kernel_state(ns: str, handles: bool = True) -> dict[str, Any]:
-    """`handles=False` compares nft content only (a table rebuilt with the same content is equal)."""
+    """`handles=False` compares nft content only: a table rebuilt with the same content is equal,
+    whatever order its chains and sets were created in (rules keep their order within a chain)."""
     links = sorted((link["ifname"], link["ifindex"], link.get("mtu"), link.get("address"), tuple(link.get("flags", [])))
                    for link in _json("ip", "-n", ns, "-j", "link", "show") if link["ifname"].startswith(LINK_PREFIX))
     routes = sorted(json.dumps(r, sort_keys=True) for r in _json("ip", "-n", ns, "-j", "route", "show", "proto",
@@ -44,19 +45,32 @@ def kernel_state(ns: str, handles: bool = True) -> dict[str, Any]:
     nft = _json("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "tether")
     nft_items = nft.get("nftables", []) if isinstance(nft, dict) else []
     return {"links": links, "routes": routes, "neighbours": neigh, "fdb": fdb,
-            "nft": _comparable([i for i in nft_items if "metainfo" not in i], handles)}
+            "nft": _comparable(_by_object([i for i in nft_items if "metainfo" not in i], handles), handles)}
+
+
+def _by_object(items: list[dict], handles: bool) -> list[dict]:
+    """Unless `handles`, the listing sorted by object (stable: a chain's rules stay in order)."""
+    if handles:
+        return items
+
+    def key(item: dict) -> tuple[str, str]:
+        kind, body = next(iter(item.items()))
+        return body.get("chain", body.get("name", "")), "" if kind != "rule" else "~"
+    return sorted(items, key=key)
 
 
 def leftovers(ns: str) -> dict[str, list]:
-    """Per-pod objects still present in a host namespace: veths, /32 routes, ep map elements."""
+    """Per-pod objects still present in a host namespace: veths, /32 routes, ep map elements and
+    ingress chains."""
     veths = [link["ifname"] for link in _json("ip", "-n", ns, "-j", "link", "show")
              if link["ifname"].startswith(LINK_PREFIX) and link["ifname"] != VTEP_NAME]
     host_routes = [r["dst"] for r in _json("ip", "-n", ns, "-j", "route", "show", "proto", str(RTPROT_TETHER))
                    if r.get("dev", "").startswith(LINK_PREFIX) and r.get("dev") != VTEP_NAME]
-    elements = []
-    for name in ("ep_in", "ep_out"):
-        m = _json("ip", "netns", "exec", ns, "nft", "-j", "list", "map", "inet", "tether", name)
-        for item in (m.get("nftables", []) if isinstance(m, dict) else []):
-            if "map" in item:
-                elements += [f"{name}:{e[0]}" for e in item["map"].get("elem", [])]
-    return {"veths": veths, "pod_routes": host_routes, "nft_elements": elements}
+    table = _json("ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "tether")
+    elements, chains = [], []
+    for item in (table.get("nftables", []) if isinstance(table, dict) else []):
+        if "map" in item and item["map"]["name"] in ("ep_in", "ep_out"):
+            elements += [f"{item['map']['name']}:{e[0]}" for e in item["map"].get("elem", [])]
+        if "chain" in item and item["chain"].get("hook") == "ingress":  # a pod's own (pod_ingress)
+            chains.append(item["chain"]["name"])
+    return {"veths": veths, "pod_routes": host_routes, "nft_elements": elements, "nft_chains": chains}

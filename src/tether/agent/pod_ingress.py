@@ -1,0 +1,172 @@
+"""Pure compiler: each local pod interface's own ingress chain, the first thing its packets meet.
+
+A base chain of family `inet` hooked at `ingress` on the host-side device (`ing-<interface>`),
+holding compares against that one pod's values:
+- anti-spoofing: the interface may send from its endpoint's addresses and MAC, its allowed address
+  pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses);
+- in a table without conntrack (`calc.needs_state`), isolation between networks, at the sender;
+- in a table with conntrack, a pod's VXLAN to the hosts that would decapsulate it (with any inner
+  source, once masqueraded) is dropped, and an IPv4 packet goes on to its network's stateless
+  chain (`st-<digest>`: not tracked when neither end needs state).
+A new pod's host-side veth is created down and comes up only after the apply that made its chain
+(`links.raise_interfaces`), so it sends nothing unchecked.
+
+Why a chain per interface and not one lookup in a shared set keyed by (interface, MAC, address):
+on these VMs the first set lookup in a packet's pass through a host costs 1-2 us, about 4% of a
+round trip between pods on two hosts, while compares and a per-device chain cost nothing measurable
+(docs/ARCHITECTURE.md, "What a pod's packet pays"). The hook is bound to the device's name
+(kernel 6.16 or later): the chain may be created before its veth exists, it stays when the veth is
+deleted, and it applies again to a veth re-created with the same name.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from tether.agent import yielding
+from tether.agent.policy import ACCEPT, addr_field, denied, match, meta, payload, prefix
+from tether.dataplane.plan import VXLAN_PORT, NftChain, rule, stateless_chain
+from tether.model import Endpoint, Network
+
+PRIORITY = -500  # before anything else on the device
+VXLAN_FROM_POD = "VXLAN from a pod"
+SPOOFED_ADDRESS = "spoofed source address"
+SPOOFED_MAC = "spoofed source MAC"
+
+
+def chain_name(interface: str) -> str:
+    return "ing-" + interface
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def source_prefix(address: str) -> tuple[int, str, bool]:
+    """(IP version, canonical form, single address?) of an address or prefix a pod may send from.
+    Memoised: every plan builds the changed pods' chains, and parsing is most of that."""
+    net = ipaddress.ip_network(address, strict=False)
+    if net.num_addresses == 1:
+        return net.version, str(net.network_address), True
+    return net.version, str(net), False
+
+
+def one_or_set(values: list[str]) -> Any:
+    """A compare's right side: the value itself, or an anonymous set of several (prefixes allowed)."""
+    items = [prefix(v) for v in sorted(values)]
+    return items[0] if len(items) == 1 else {"set": items}
+
+
+def isolation_rules(senders: Iterable[Endpoint], networks: dict[str, Network], several: bool) -> list[str]:
+    """Without conntrack: a pod's packet to another network's subnets is dropped where it is sent
+    (`several`: the interface sends for endpoints of more than one network, so each rule names its
+    senders' addresses too). Only when no policy or security group exists, so nothing could allow it."""
+    out = []
+    by_net: dict[str, list[str]] = {}
+    for who in senders:
+        by_net.setdefault(who.network, []).extend(who.ips)
+    for name, ips in sorted(by_net.items()):
+        net = networks.get(name)
+        if net is None:
+            continue
+        for v in (4, 6):
+            own = [s.cidr for s in net.subnets if source_prefix(s.cidr)[0] == v]
+            others = [s.cidr for n in networks.values() if n.name != name for s in n.subnets
+                      if source_prefix(s.cidr)[0] == v]
+            if not others:
+                continue
+            stmts = []
+            mine = [ip for ip in ips if source_prefix(ip)[0] == v]
+            if several:
+                if not mine:
+                    continue
+                stmts.append(match(addr_field(v, "saddr"), one_or_set(mine)))
+            if own:
+                stmts.append(match(addr_field(v, "daddr"), one_or_set(own), "!="))
+            stmts.append(match(addr_field(v, "daddr"), one_or_set(others)))
+            out.append(denied(*stmts, comment=f"deny out isolation {name}"))
+    return out
+
+
+def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[str, Network], stateful: bool
+                  ) -> NftChain:
+    """The chain of one interface; `senders`: its endpoint, then the nested endpoints behind it.
+    Ordered for the common packet (IPv4, to its own network), which leaves after the fewest
+    expressions: every expression counts on these VMs, where the chain is a pod's whole table."""
+    nets = [networks.get(who.network) for who in senders]
+    several = len({who.network for who in senders}) > 1
+    rules: list[str] = []
+    if senders[0].mac:
+        macs = set()
+        for who in senders:
+            if who.mac:
+                macs.add(who.mac.lower())
+            macs.update(p.mac_address.lower() for p in who.allowed_address_pairs if p.mac_address)
+        right = sorted(macs)[0] if len(macs) == 1 else {"set": sorted(macs)}
+        rules.append(denied(match(payload("ether", "saddr"), right, "!="), comment=SPOOFED_MAC))
+    allowed: dict[int, set[str]] = {4: set(), 6: {"fe80::/10"}}
+    for who in senders:
+        for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
+            version, canonical, _ = source_prefix(a)
+            allowed[version].add(canonical)
+    for v, proto in ((4, "ipv4"), (6, "ipv6")):
+        if allowed[v]:
+            rules.append(denied(match(addr_field(v, "saddr"), one_or_set(list(allowed[v])), "!="),
+                                comment=SPOOFED_ADDRESS))
+        else:
+            rules.append(denied(match(meta("nfproto"), proto), comment=SPOOFED_ADDRESS))
+        own = [s.cidr for s in nets[0].subnets if source_prefix(s.cidr)[0] == v] if nets[0] is not None else []
+        if not stateful and not several and own:  # isolation allows its own network: done
+            rules.append(rule(match(addr_field(v, "daddr"), one_or_set(own)), ACCEPT))
+    if not stateful:
+        # no masquerade here, so a pod's own VXLAN carries its own address, which no host accepts
+        rules.extend(isolation_rules(senders, networks, several))
+        return _chain(interface, rules)
+    # the peers accept VXLAN from this host's address, which a masqueraded packet has (calc.base_nft)
+    rules.append(denied(match(payload("udp", "dport"), VXLAN_PORT), match(payload("ip", "daddr"), "@vxlan_peers"),
+                        comment=VXLAN_FROM_POD))
+    if several:  # nested endpoints of another network: by source address first
+        for who, net in zip(senders[1:], nets[1:], strict=True):
+            mine = [ip for ip in who.ips if source_prefix(ip)[0] == 4]
+            if net is not None and mine and who.network != senders[0].network and _has_v4(net):
+                rules.append(rule(match(payload("ip", "saddr"), one_or_set(mine)),
+                                  {"goto": {"target": stateless_chain(net.name)}}))
+    if nets[0] is not None and _has_v4(nets[0]):
+        rules.append(rule({"goto": {"target": stateless_chain(nets[0].name)}}))
+    return _chain(interface, rules)
+
+
+def _chain(interface: str, rules: list[str]) -> NftChain:
+    return NftChain(chain_name(interface), tuple(rules), hook="ingress", type="filter", priority=PRIORITY,
+                    policy="accept", device=interface)
+
+
+def _has_v4(net: Network) -> bool:
+    return any(source_prefix(s.cidr)[0] == 4 for s in net.subnets)
+
+
+# endpoint id -> (key, chain): the last plan's chains, so a plan with 500 pods builds the changed
+# ones only. The key holds the endpoint objects (replaced, never changed in place), so their ids
+# are not reused while it lives.
+_CHAINS: dict[str, tuple[tuple, NftChain]] = {}
+
+
+def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks: dict[str, Network],
+            stateful: bool) -> list[NftChain]:
+    """The ingress chains of this host's pod interfaces."""
+    global _CHAINS
+    nets_key = tuple(sorted((n.name, tuple(s.cidr for s in n.subnets)) for n in networks.values()))
+    memo: dict[str, tuple[tuple, NftChain]] = {}
+    out = []
+    for ep in local:
+        yielding.checkpoint()
+        senders = (ep, *children.get(ep.id, ()))
+        key = (senders, stateful, nets_key)
+        hit = _CHAINS.get(ep.id)
+        if hit is None or len(hit[0][0]) != len(senders) or any(
+                a is not b for a, b in zip(hit[0][0], senders, strict=True)) or hit[0][1:] != key[1:]:
+            hit = (key, ingress_chain(ep.interface or "", senders, networks, stateful))
+        memo[ep.id] = hit
+        out.append(hit[1])
+    _CHAINS = memo
+    return out

@@ -1,0 +1,97 @@
+"""Each local pod interface's ingress chain (pure): anti-spoofing by compares against that pod's
+values, then the stateless chain (with conntrack) or isolation at the sender (without); and when
+the table does without conntrack at all (calc.needs_state)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.agent.test_calc import CTX, replica
+from tether.agent import pod_ingress
+from tether.agent.calc import compute_nft, needs_state
+from tether.dataplane.plan import stateless_chain
+from tether.model import AddressPair, Endpoint, Network, NetworkPolicy, Service, ServicePort, Subnet
+
+
+def body(chain) -> str:
+    return "\n".join(chain.rules)
+
+
+def test_a_pod_may_send_from_its_addresses_macs_address_pairs_and_nested_children_only() -> None:
+    r = replica()
+    e0 = r.objects["Endpoint"]["e0"]
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"mac": "02:00:00:00:00:01", "allowed_address_pairs": [
+        AddressPair(ip_address="10.1.200.0/24", mac_address="02:AA:BB:CC:DD:EE")]})
+    r.objects["Endpoint"]["kid"] = Endpoint(id="kid", name="kid", network="n", host="h1", ips=["10.1.5.5"],
+                                            mac="02:00:00:00:55:55", parent="e0")
+    ing = compute_nft(r, CTX).chain("ing-tthe0")
+    assert ing is not None and ing.hook == "ingress" and ing.device == "tthe0" and ing.priority < -300
+    rules = [json.loads(x) for x in ing.rules]
+    mac = next(x for x in rules if x.get("comment") == pod_ingress.SPOOFED_MAC)
+    assert mac["expr"][0]["match"]["op"] == "!=" and mac["expr"][0]["match"]["right"] == {
+        "set": ["02:00:00:00:00:01", "02:00:00:00:55:55", "02:aa:bb:cc:dd:ee"]}
+    v4, v6 = [x for x in rules if x.get("comment") == pod_ingress.SPOOFED_ADDRESS]
+    assert v4["expr"][0]["match"]["right"] == {"set": [
+        "10.1.0.1", {"prefix": {"addr": "10.1.200.0", "len": 24}}, "10.1.5.5"]}
+    assert v6["expr"][0]["match"]["right"] == {"prefix": {"addr": "fe80::", "len": 10}}  # link-local only
+    assert all("log" in str(x["expr"]) and "drop" in str(x["expr"]) for x in (mac, v4, v6))
+    # nothing for the remote pods; a pod without a MAC is still pinned to its address
+    assert compute_nft(r, CTX).chain("ing-tthe1") is None
+    assert pod_ingress.SPOOFED_MAC not in body(compute_nft(replica(), CTX).chain("ing-tthe0"))
+
+
+def test_with_conntrack_a_checked_packet_goes_on_to_its_networks_stateless_chain() -> None:
+    r = replica()
+    r.objects["Network"]["m"] = Network(name="m", subnets=[Subnet(cidr="10.2.0.0/16")], nat_outgoing=True)
+    r.objects["Endpoint"]["kid"] = Endpoint(id="kid", name="kid", network="m", host="h1", ips=["10.2.0.9"],
+                                            parent="e0")
+    assert needs_state(r) == "a nat-outgoing network"
+    rules = compute_nft(r, CTX).chain("ing-tthe0").rules
+    assert pod_ingress.VXLAN_FROM_POD in rules[-3] and "@vxlan_peers" in rules[-3]  # masqueraded VXLAN
+    assert '"10.2.0.9"' in rules[-2] and stateless_chain("m") in rules[-2]  # the nested one by its address
+    assert json.loads(rules[-1])["expr"] == [{"goto": {"target": stateless_chain("n")}}]
+    assert "isolation" not in "\n".join(rules)  # with conntrack, isolation is the receiver's `in-` chain
+
+
+def test_without_anything_stateful_the_table_has_no_conntrack_and_isolates_at_the_sender() -> None:
+    r = replica()
+    r.objects["Network"]["m"] = Network(name="m", subnets=[Subnet(cidr="10.2.0.0/16"), Subnet(cidr="fd02::/64")])
+    assert needs_state(r) == ""
+    plan = compute_nft(r, CTX)
+    text = json.dumps([c.rules for c in plan.chains])
+    assert '\\"ct\\"' not in text and "notrack" not in text and "masquerade" not in text
+    assert {c.hook for c in plan.chains} == {"input", "ingress"} and not any(c.type == "nat" for c in plan.chains)
+    rules = [json.loads(x) for x in plan.chain("ing-tthe0").rules]
+    assert [x.get("comment") for x in rules] == [pod_ingress.SPOOFED_ADDRESS, None, pod_ingress.SPOOFED_ADDRESS,
+                                                 "deny out isolation n", "deny out isolation n"]  # v4, v6
+    own = rules[1]["expr"]  # same network: accepted right after the check of its source
+    assert own == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                              "right": {"prefix": {"addr": "10.1.0.0", "len": 16}}}}, {"accept": None}]
+    assert rules[3]["expr"][1]["match"]["right"] == {"prefix": {"addr": "10.2.0.0", "len": 16}}
+    assert "VXLAN" not in json.dumps(rules)  # unmasqueraded, a pod's VXLAN has its address: no host takes it
+    # VXLAN only from the peers, by compares
+    refused = json.loads(plan.chain("input").rules[0])
+    assert [m["match"]["right"] for m in refused["expr"][1:3]] == ["198.18.0.2", "198.18.1.3"]
+    direct = replica("direct")
+    direct.objects["Network"]["m"] = r.objects["Network"]["m"].model_copy(update={"encap": "direct"})
+    assert {c.hook for c in compute_nft(direct, CTX).chains} == {"ingress"}  # no VTEP, no base chain at all
+    # each of these turns conntrack on, on every host
+    for change, why in ((lambda: r.objects["Service"].__setitem__("d/s", Service(
+            name="s", namespace="d", selector={"a": "b"}, ports=[ServicePort(port=80)])), "services"),
+                        (lambda: r.objects["NetworkPolicy"].__setitem__("d/p", NetworkPolicy(
+                            name="p", namespace="d", spec={"podSelector": {}})), "network policies")):
+        change()
+        assert needs_state(r) == why
+        assert compute_nft(r, CTX).chain("raw_prerouting") is not None
+        r.objects["Service"].clear()
+
+
+def test_a_replaced_endpoint_or_a_changed_mode_gets_a_new_chain() -> None:
+    r = replica()
+    first = compute_nft(r, CTX).chain("ing-tthe0")
+    assert compute_nft(r, CTX).chain("ing-tthe0") is first  # kept from the last plan
+    r.objects["Endpoint"]["e0"] = r.objects["Endpoint"]["e0"].model_copy(update={"ips": ["10.1.0.7"]})
+    second = compute_nft(r, CTX).chain("ing-tthe0")
+    assert '"10.1.0.7"' in body(second) and '"10.1.0.1"' not in body(second)
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
+    assert stateless_chain("n") in body(compute_nft(r, CTX).chain("ing-tthe0"))
