@@ -14,9 +14,9 @@ A new pod's host-side veth is created down and comes up only after the apply tha
 Why a chain per interface and not one lookup in a shared set keyed by (interface, MAC, address):
 on these VMs the first set lookup in a packet's pass through a host costs 1-2 us, about 4% of a
 round trip between pods on two hosts, while compares and a per-device chain cost nothing measurable
-(docs/ARCHITECTURE.md, "What a pod's packet pays"). The hook is bound to the device's name
-(kernel 6.16 or later): the chain may be created before its veth exists, it stays when the veth is
-deleted, and it applies again to a veth re-created with the same name.
+(docs/ARCHITECTURE.md, "What a pod's packet pays"). The hook is bound to the device's name on
+recent kernels (checked on 6.18): the chain may be created before its veth exists, it stays when
+the veth is deleted, and it applies again to a veth re-created with the same name.
 """
 
 from __future__ import annotations
