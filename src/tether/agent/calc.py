@@ -225,8 +225,7 @@ def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
 
 
 def _in_subnets(field: str, cidrs: list[str]) -> dict:
-    prefixes = [policy.prefix(c) for c in cidrs]
-    return _match(_ip(field), prefixes[0] if len(prefixes) == 1 else {"set": prefixes})
+    return _match(_ip(field), policy.one_or_set(cidrs))
 
 
 def stateless_chains(rep: Replica) -> list[NftChain]:
@@ -417,11 +416,8 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
 def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
     stateful = bool(needs_state(rep))
     local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
-    children: dict[str, list] = {}
-    for ep in rep.endpoints:
-        if ep.parent and not ep.interface:
-            children.setdefault(ep.parent, []).append(ep)
-    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, children, rep.networks, stateful)))
+    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
+                                                       stateful)))
     yielding.checkpoint()
     base = base_nft(rep, ctx.name, stateful)
     if not stateful:

@@ -24,10 +24,19 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
 
 from tether.agent import yielding
-from tether.agent.policy import ACCEPT, addr_field, denied, match, meta, payload, prefix
+from tether.agent.policy import (
+    ACCEPT,
+    addr_field,
+    denied,
+    ip_version,
+    match,
+    meta,
+    one_or_set,
+    payload,
+    v4_subnets,
+)
 from tether.dataplane.plan import VXLAN_PORT, NftChain, rule, stateless_chain
 from tether.model import Endpoint, Network
 
@@ -51,10 +60,8 @@ def source_prefix(address: str) -> tuple[int, str, bool]:
     return net.version, str(net), False
 
 
-def one_or_set(values: list[str]) -> Any:
-    """A compare's right side: the value itself, or an anonymous set of several (prefixes allowed)."""
-    items = [prefix(v) for v in sorted(values)]
-    return items[0] if len(items) == 1 else {"set": items}
+def _subnets(net: Network, version: int) -> list[str]:
+    return [s.cidr for s in net.subnets if ip_version(s.cidr) == version]
 
 
 def isolation_rules(senders: Iterable[Endpoint], networks: dict[str, Network], several: bool) -> list[str]:
@@ -70,20 +77,19 @@ def isolation_rules(senders: Iterable[Endpoint], networks: dict[str, Network], s
         if net is None:
             continue
         for v in (4, 6):
-            own = [s.cidr for s in net.subnets if source_prefix(s.cidr)[0] == v]
-            others = [s.cidr for n in networks.values() if n.name != name for s in n.subnets
-                      if source_prefix(s.cidr)[0] == v]
+            own = _subnets(net, v)
+            others = [c for n in networks.values() if n.name != name for c in _subnets(n, v)]
             if not others:
                 continue
             stmts = []
-            mine = [ip for ip in ips if source_prefix(ip)[0] == v]
+            mine = sorted(ip for ip in ips if ip_version(ip) == v)
             if several:
                 if not mine:
                     continue
                 stmts.append(match(addr_field(v, "saddr"), one_or_set(mine)))
             if own:
-                stmts.append(match(addr_field(v, "daddr"), one_or_set(own), "!="))
-            stmts.append(match(addr_field(v, "daddr"), one_or_set(others)))
+                stmts.append(match(addr_field(v, "daddr"), one_or_set(sorted(own)), "!="))
+            stmts.append(match(addr_field(v, "daddr"), one_or_set(sorted(others))))
             out.append(denied(*stmts, comment=f"deny out isolation {name}"))
     return out
 
@@ -111,13 +117,13 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
             allowed[version].add(canonical)
     for v, proto in ((4, "ipv4"), (6, "ipv6")):
         if allowed[v]:
-            rules.append(denied(match(addr_field(v, "saddr"), one_or_set(list(allowed[v])), "!="),
+            rules.append(denied(match(addr_field(v, "saddr"), one_or_set(sorted(allowed[v])), "!="),
                                 comment=SPOOFED_ADDRESS))
         else:
             rules.append(denied(match(meta("nfproto"), proto), comment=SPOOFED_ADDRESS))
-        own = [s.cidr for s in nets[0].subnets if source_prefix(s.cidr)[0] == v] if nets[0] is not None else []
+        own = _subnets(nets[0], v) if nets[0] is not None else []
         if not stateful and not several and own:  # isolation allows its own network: done
-            rules.append(rule(match(addr_field(v, "daddr"), one_or_set(own)), ACCEPT))
+            rules.append(rule(match(addr_field(v, "daddr"), one_or_set(sorted(own))), ACCEPT))
     if not stateful:
         # no masquerade here, so a pod's own VXLAN carries its own address, which no host accepts
         rules.extend(isolation_rules(senders, networks, several))
@@ -127,11 +133,11 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
                         comment=VXLAN_FROM_POD))
     if several:  # nested endpoints of another network: by source address first
         for who, net in zip(senders[1:], nets[1:], strict=True):
-            mine = [ip for ip in who.ips if source_prefix(ip)[0] == 4]
-            if net is not None and mine and who.network != senders[0].network and _has_v4(net):
+            mine = sorted(ip for ip in who.ips if ip_version(ip) == 4)
+            if net is not None and mine and who.network != senders[0].network and v4_subnets(net):
                 rules.append(rule(match(payload("ip", "saddr"), one_or_set(mine)),
                                   {"goto": {"target": stateless_chain(net.name)}}))
-    if nets[0] is not None and _has_v4(nets[0]):
+    if nets[0] is not None and v4_subnets(nets[0]):
         rules.append(rule({"goto": {"target": stateless_chain(nets[0].name)}}))
     return _chain(interface, rules)
 
@@ -141,14 +147,10 @@ def _chain(interface: str, rules: list[str]) -> NftChain:
                     policy="accept", device=interface)
 
 
-def _has_v4(net: Network) -> bool:
-    return any(source_prefix(s.cidr)[0] == 4 for s in net.subnets)
-
-
-# endpoint id -> (key, chain): the last plan's chains, so a plan with 500 pods builds the changed
-# ones only. The key holds the endpoint objects (replaced, never changed in place), so their ids
-# are not reused while it lives.
-_CHAINS: dict[str, tuple[tuple, NftChain]] = {}
+# endpoint id -> (key: ids of its senders, mode, networks; the senders; chain): the last plan's
+# chains, so a plan with 500 pods builds the changed ones only. The entry holds the endpoint objects
+# (replaced, never changed in place), so their ids are not reused while it lives.
+_CHAINS: dict[str, tuple[tuple, tuple, NftChain]] = {}
 
 
 def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks: dict[str, Network],
@@ -156,17 +158,16 @@ def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks
     """The ingress chains of this host's pod interfaces."""
     global _CHAINS
     nets_key = tuple(sorted((n.name, tuple(s.cidr for s in n.subnets)) for n in networks.values()))
-    memo: dict[str, tuple[tuple, NftChain]] = {}
+    memo: dict[str, tuple[tuple, tuple, NftChain]] = {}
     out = []
     for ep in local:
         yielding.checkpoint()
         senders = (ep, *children.get(ep.id, ()))
-        key = (senders, stateful, nets_key)
+        key = (tuple(map(id, senders)), stateful, nets_key)
         hit = _CHAINS.get(ep.id)
-        if hit is None or len(hit[0][0]) != len(senders) or any(
-                a is not b for a, b in zip(hit[0][0], senders, strict=True)) or hit[0][1:] != key[1:]:
-            hit = (key, ingress_chain(ep.interface or "", senders, networks, stateful))
+        if hit is None or hit[0] != key:
+            hit = (key, senders, ingress_chain(ep.interface or "", senders, networks, stateful))
         memo[ep.id] = hit
-        out.append(hit[1])
+        out.append(hit[2])
     _CHAINS = memo
     return out

@@ -69,6 +69,21 @@ def prefix(cidr: str) -> Any:
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
+def one_or_set(values: list[str]) -> Any:
+    """A compare's right side for addresses or prefixes: the one value, or an anonymous set."""
+    items = [prefix(v) for v in values]
+    return items[0] if len(items) == 1 else {"set": items}
+
+
+def nested_children(endpoints: Iterable[Endpoint]) -> dict[str, list[Endpoint]]:
+    """Parent endpoint id -> the nested endpoints behind its interface (`parent` set, no interface)."""
+    children: dict[str, list[Endpoint]] = {}
+    for ep in endpoints:
+        if ep.parent and not ep.interface:
+            children.setdefault(ep.parent, []).append(ep)
+    return children
+
+
 def mark_set(bit: int) -> dict:
     return {"mangle": {"key": meta("mark"), "value": {"|": [meta("mark"), bit]}}}
 
@@ -509,10 +524,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
     b = Builder(idx, host)
     local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
-    children: dict[str, list[Endpoint]] = {}
-    for ep in idx.endpoints:
-        if ep.parent and not ep.interface:
-            children.setdefault(ep.parent, []).append(ep)
+    children = nested_children(idx.endpoints)
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
                                                "nested_in")}
     for ep in local:

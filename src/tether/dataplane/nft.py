@@ -305,6 +305,11 @@ def rule_counts(table: list[dict]) -> dict[str, int]:
     return out
 
 
+def planned_rule_counts(plan: NftPlan) -> dict[str, int]:
+    """Rules per chain of a plan, to compare with `rule_counts` of a listed table."""
+    return {c.name: len(c.rules) for c in plan.chains}
+
+
 def table_comment(table: list[dict]) -> str | None:
     """The structure marker of a table we wrote (see structure_hash)."""
     for item in table:
@@ -341,7 +346,7 @@ class NftDataplane:
     def _remember(self, plan: NftPlan, layout: Layout, marker: str, elements: dict[str, set],
                   raw: dict[str, frozenset]) -> None:
         self._structure, self._marker, self._elements, self._raw = layout, marker, elements, raw
-        self._counts = {c.name: len(c.rules) for c in plan.chains}
+        self._counts = planned_rule_counts(plan)
 
     def apply(self, plan: NftPlan) -> NftReport:
         report = NftReport()
@@ -352,7 +357,7 @@ class NftDataplane:
             # adopt a table of the same structure and no more: a chain someone added (a stale ingress
             # chain of ours, say) does not change the marker, so the rule counts are compared too
             if (table is not None and table_comment(table) == marker
-                    and rule_counts(table) == {c.name: len(c.rules) for c in plan.chains}):
+                    and rule_counts(table) == planned_rule_counts(plan)):
                 kernel = kernel_elements(table)
                 self._remember(plan, layout, marker, {s.name: kernel.get(s.name, set()) for s in plan.sets
                                                       if managed(s)}, {})
@@ -509,7 +514,7 @@ class NftDataplane:
         else:
             marker = structure_hash(plan)
             elements = {s.name: {canon_mine(s, e) for e in s.elements} for s in plan.sets if managed(s)}
-            counts = {c.name: len(c.rules) for c in plan.chains}
+            counts = planned_rule_counts(plan)
         ok = table is not None and table_comment(table) == marker
         if ok:
             assert table is not None
