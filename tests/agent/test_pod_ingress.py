@@ -60,21 +60,19 @@ def test_without_anything_stateful_the_table_has_no_conntrack_and_isolates_at_th
     plan = compute_nft(r, CTX)
     text = json.dumps([c.rules for c in plan.chains])
     assert '\\"ct\\"' not in text and "notrack" not in text and "masquerade" not in text
-    assert {c.hook for c in plan.chains} == {"input", "ingress"} and not any(c.type == "nat" for c in plan.chains)
+    assert {c.hook for c in plan.chains} == {"ingress"}  # no base chain: each would be a hook call per packet
     rules = [json.loads(x) for x in plan.chain("ing-tthe0").rules]
     assert [x.get("comment") for x in rules] == [pod_ingress.SPOOFED_ADDRESS, None, pod_ingress.SPOOFED_ADDRESS,
+                                                 pod_ingress.VXLAN_FROM_POD,
                                                  "deny out isolation n", "deny out isolation n"]  # v4, v6
     own = rules[1]["expr"]  # same network: accepted right after the check of its source
     assert own == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                               "right": {"prefix": {"addr": "10.1.0.0", "len": 16}}}}, {"accept": None}]
-    assert rules[3]["expr"][1]["match"]["right"] == {"prefix": {"addr": "10.2.0.0", "len": 16}}
-    assert "VXLAN" not in json.dumps(rules)  # unmasqueraded, a pod's VXLAN has its address: no host takes it
-    # VXLAN only from the peers, by compares
-    refused = json.loads(plan.chain("input").rules[0])
-    assert [m["match"]["right"] for m in refused["expr"][1:3]] == ["198.18.0.2", "198.18.1.3"]
-    direct = replica("direct")
-    direct.objects["Network"]["m"] = r.objects["Network"]["m"].model_copy(update={"encap": "direct"})
-    assert {c.hook for c in compute_nft(direct, CTX).chains} == {"ingress"}  # no VTEP, no base chain at all
+    assert rules[4]["expr"][1]["match"]["right"] == {"prefix": {"addr": "10.2.0.0", "len": 16}}
+    # no host checks VXLAN's outer source here, so a pod's own is dropped unless to its own network
+    vxlan = [m["match"] for m in rules[3]["expr"][:3]]
+    assert [(m["op"], m["right"]) for m in vxlan] == [("==", "ipv4"), ("!=", {"prefix": {"addr": "10.1.0.0",
+                                                                                        "len": 16}}), ("==", 4789)]
     # each of these turns conntrack on, on every host
     for change, why in ((lambda: r.objects["Service"].__setitem__("d/s", Service(
             name="s", namespace="d", selector={"a": "b"}, ports=[ServicePort(port=80)])), "services"),

@@ -211,7 +211,6 @@ SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
 POD_IFACES = LINK_PREFIX + "*"
-PEER_COMPARES = 8  # see vxlan_refused
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
 
@@ -275,25 +274,16 @@ def needs_state(rep: Replica) -> str:
     return ""
 
 
-def vxlan_refused(rep: Replica, host: str) -> tuple[str, ...]:
-    """For `input` without conntrack: UDP 4789 from anyone but a peer host is dropped (the VTEP would
-    decapsulate it and its inner source would bypass anti-spoofing). The peers are compared one by
-    one up to `PEER_COMPARES` (a set lookup costs a receiving host 2.5% of a round trip, a compare
-    nothing measurable), and looked up in `@vxlan_peers` beyond."""
-    peers = sorted(vxlan_peers(rep, host))
-    if len(peers) <= PEER_COMPARES:
-        checks = [_match(_ip("saddr"), p, "!=") for p in peers]
-    else:
-        checks = [_match(_ip("saddr"), "@vxlan_peers", "!=")]
-    return (policy.denied(_match(UDP_DPORT, VXLAN_PORT), *checks, comment=VXLAN_REFUSED),)
-
-
 def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
     anti-spoofing.
 
-    Without state (`needs_state`): only the VXLAN check in `input`, and only while a network may
-    use VXLAN (each base chain is one more hook call on a packet's path).
+    Without state (`needs_state`): no base chain at all (each is one more hook call on a packet's
+    path, and `input` would be one per encapsulated packet on the receiving host, 1-2% of vxlan
+    throughput here). So no host checks where VXLAN comes from: a pod's own is dropped where it is
+    sent (`pod_ingress.vxlan_out_of_network`), and a machine on the underlay could route a packet
+    to a pod with any source without VXLAN anyway (as it can with conntrack, for same-network
+    sources). `vxlan_peers` stays, unused, so a switch between the kinds of table keeps the set.
 
     With state: local pod interfaces default to "accept" in both directions (`ep_out`/`ep_in`); the
     policy fragment replaces those verdicts for pods that policies or security groups select.
@@ -305,13 +295,10 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
     Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
+    if not stateful:
+        return NftPlan(sets=(peers,))
     me = rep.hosts.get(host)
     v4_underlay = me is not None and bool(me.underlay_ip) and ipaddress.ip_address(me.underlay_ip).version == 4
-    if not stateful:
-        vxlan = v4_underlay and any(n.encap in ("vxlan", "auto") for n in rep.networks.values())
-        return NftPlan(sets=(peers,), chains=(
-            NftChain("input", vxlan_refused(rep, host), hook="input", type="filter", priority=0, policy="accept"),
-        ) if vxlan else ())
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
     nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})

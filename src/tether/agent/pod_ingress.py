@@ -4,7 +4,8 @@ A base chain of family `inet` hooked at `ingress` on the host-side device (`ing-
 holding compares against that one pod's values:
 - anti-spoofing: the interface may send from its endpoint's addresses and MAC, its allowed address
   pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses);
-- in a table without conntrack (`calc.needs_state`), isolation between networks, at the sender;
+- in a table without conntrack (`calc.needs_state`), isolation between networks and the refusal of
+  a pod's VXLAN outside its network, both at the sender (that table has no other chain);
 - in a table with conntrack, a pod's VXLAN to the hosts that would decapsulate it (with any inner
   source, once masqueraded) is dropped, and an IPv4 packet goes on to its network's stateless
   chain (`st-<digest>`: not tracked when neither end needs state).
@@ -94,6 +95,18 @@ def isolation_rules(senders: Iterable[Endpoint], networks: dict[str, Network], s
     return out
 
 
+def vxlan_out_of_network(senders: tuple[Endpoint, ...], nets: list[Network | None]) -> str:
+    """Without conntrack: a pod's UDP 4789 to anything outside its own network(s) is dropped here.
+    Every host decapsulates VXLAN sent to any of its addresses (the kernel's socket is bound to
+    none), a pod reaches its own host's (the resolver's, the VTEP's) and the other hosts' addresses,
+    and no host checks the outer source in this table: so the sender does. Outside the network a
+    pod's unmasqueraded packets find no way back anyway, unless the underlay routes pod subnets."""
+    own = sorted({c for net in nets if net is not None for c in v4_subnets(net)})
+    stmts = [match(addr_field(4, "daddr"), one_or_set(own), "!=")] if own else []
+    return denied(match(meta("nfproto"), "ipv4"), *stmts, match(payload("udp", "dport"), VXLAN_PORT),
+                  comment=VXLAN_FROM_POD)
+
+
 def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[str, Network], stateful: bool
                   ) -> NftChain:
     """The chain of one interface; `senders`: its endpoint, then the nested endpoints behind it.
@@ -125,7 +138,7 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
         if not stateful and not several and own:  # isolation allows its own network: done
             rules.append(rule(match(addr_field(v, "daddr"), one_or_set(sorted(own))), ACCEPT))
     if not stateful:
-        # no masquerade here, so a pod's own VXLAN carries its own address, which no host accepts
+        rules.append(vxlan_out_of_network(senders, nets))
         rules.extend(isolation_rules(senders, networks, several))
         return _chain(interface, rules)
     # the peers accept VXLAN from this host's address, which a masqueraded packet has (calc.base_nft)
