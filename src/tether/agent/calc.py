@@ -283,7 +283,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     throughput here). So no host checks where VXLAN comes from: a pod's own is dropped where it is
     sent (`pod_ingress.vxlan_out_of_network`), and a machine on the underlay could route a packet
     to a pod with any source without VXLAN anyway (as it can with conntrack, for same-network
-    sources). `vxlan_peers` stays, unused, so a switch between the kinds of table keeps the set.
+    sources). `vxlan_peers` stays, though nothing in this table looks it up (no cost per packet).
 
     With state: local pod interfaces default to "accept" in both directions (`ep_out`/`ep_in`); the
     policy fragment replaces those verdicts for pods that policies or security groups select.
@@ -297,8 +297,6 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
     if not stateful:
         return NftPlan(sets=(peers,))
-    me = rep.hosts.get(host)
-    v4_underlay = me is not None and bool(me.underlay_ip) and ipaddress.ip_address(me.underlay_ip).version == 4
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
     cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
     nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})
@@ -318,10 +316,11 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
+    me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
-    vxlan_tracked: tuple[str, ...] = ()
-    if me is not None and v4_underlay:
+    vxlan_refused: tuple[str, ...] = ()
+    if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
         vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT),
                          _match(_ip("saddr"), "@vxlan_peers"), _match(_meta("iifname"), POD_IFACES, "!="),
                          NOTRACK, ACCEPT, comment="vxlan underlay"),)
@@ -329,7 +328,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                           comment="vxlan underlay"),)
         # what the rule above did not let through (tracked, so only its first packets come here):
         # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
-        vxlan_tracked = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
+        vxlan_refused = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     svc_reject = rule({"jump": {"target": "svc_reject"}})
     to_local_pod = {"vmap": {"key": _ip("daddr"), "data": "@local_dst4"}}
     chains = (
@@ -371,7 +370,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         ), hook="forward", type="filter", priority=0, policy="accept"),
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
-            *vxlan_tracked,
+            *vxlan_refused,
             rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )

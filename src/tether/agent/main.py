@@ -356,7 +356,7 @@ class Agent:
         if verify:
             self.nft.verify(plan.nft)
         nrep = self.nft.apply(plan.nft)
-        raised = raise_interfaces(plan, self._links_applied)  # after their ingress chains (pod_ingress)
+        raised = raise_interfaces(plan, self._links_applied, report=lrep)  # after their ingress chains (pod_ingress)
         if raised:
             lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
         t2 = time.perf_counter()

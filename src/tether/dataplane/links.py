@@ -214,32 +214,36 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
     return report, done
 
 
-def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None) -> list[str]:
+def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None, report: ApplyReport | None = None
+                     ) -> list[str]:
     """Bring up the pod veths `apply_links` found down, and add the routes through them (a route
     cannot go through a device that is down): called after the nft table with their ingress chains
-    (anti-spoofing) is in place, so a new pod sends nothing before it is checked. Updates `applied`
-    and returns the names; a veth gone meanwhile is skipped (its routes wait for the next pass).
+    (anti-spoofing) is in place, so a new pod sends nothing before it is checked. Updates `applied`,
+    adds the routes and failures to `report` and returns the names brought up; a veth gone
+    meanwhile is skipped (its routes wait for the next pass).
 
     The pod's own addresses also get permanent neighbour entries with its MAC (as Calico does): a
     veth just brought up drops what it sends until the kernel's link watcher has activated its
     queue, and an ARP request lost then is only retried after a second."""
     if not applied.down:
         return []
-    names = list(applied.down)
+    report = ApplyReport() if report is None else report
+    raised = []
     pins = {i.name: i for i in plan.interfaces if i.mac}
     with contextlib.closing(RtnlSocket(netns)) as rt:
         ups = rt.run(*(nl.link_up(i) for i in applied.down.values()))
-        report = ApplyReport()
         for (name, index), up in zip(applied.down.items(), ups, strict=True):
             if up.error:
+                report.add(f"up {name} failed: {os.strerror(up.error)}")
                 continue
+            raised.append(name)
             if name in pins:
                 rt.run(*(nl.permanent_neighbour(index, ip, pins[name].mac) for ip in pins[name].ips))
             for route in sorted(r for r in plan.routes if r.dev == name):
                 if _add_route(rt, route, index, report):
                     applied.routes.add(route)
     applied.down.clear()
-    return names
+    return raised
 
 
 class _LazyIpr:
