@@ -55,6 +55,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -268,8 +269,9 @@ class Setup:
     dnsmasq: subprocess.Popen | None = None
 
 
-def setup(lab: Lab, names: int) -> Setup:
-    """The lab host, the names in the agent's replica and in dnsmasq's hosts file, the query file."""
+def setup(lab: Lab, names: int, started: list[subprocess.Popen]) -> Setup:
+    """The lab host, the names in the agent's replica and in dnsmasq's hosts file, the query file.
+    dnsmasq is put in `started` as soon as it runs, so a failure later in set-up still stops it."""
     lab.up(hosts=1, progress=lambda _m: None)
     c = lab.client()
     net = "bench"
@@ -302,12 +304,13 @@ def setup(lab: Lab, names: int) -> Setup:
                                   f"--listen-address={DNSMASQ_IP}", "--bind-interfaces", "--port=53",
                                   "--local-ttl=30", "--cache-size=10000"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started.append(s.dnsmasq)
     pin_servers(lab)
     last = hosts[-1][1]
     for server in (DNS_IP, DNSMASQ_IP):
         code = (f"import dns.message,dns.query; print(dns.query.udp(dns.message.make_query('{last}','A'),"
                 f"'{server}',timeout=1).answer)")
-        wait_for(lambda code=code: "IN A" in nsx(client.ns, "/work/main/.venv/bin/python", "-c", code,
+        wait_for(lambda code=code: "IN A" in nsx(client.ns, sys.executable, "-c", code,
                                                  check=False).stdout, 60, f"{server} to know the names")
     return s
 
@@ -337,9 +340,10 @@ def pin_servers(lab: Lab) -> None:
         sh("taskset", "-a", "-p", "-c", SERVER_CPU[-1], str(pid))
 
 
-def teardown(s: Setup | None, lab: Lab) -> None:
-    if s is not None and s.dnsmasq is not None:
-        stop_pid(s.dnsmasq.pid, signal.SIGTERM)
+def teardown(started: list[subprocess.Popen], lab: Lab) -> None:
+    """Stops what set-up started (even when set-up failed half-way), then removes the lab."""
+    for proc in started:
+        stop_pid(proc.pid, signal.SIGTERM)
     lab.down()
 
 
@@ -384,9 +388,9 @@ def main() -> None:
     ap.add_argument("--attempts", type=int, default=5, help="tries per latency run to get a valid one")
     a = ap.parse_args()
     lab = Lab(f"bd{os.getpid() % 10000}")
-    s = None
+    started: list[subprocess.Popen] = []
     try:
-        s = setup(lab, a.names)
+        s = setup(lab, a.names, started)
         binary = build_dnslat(s.dir)
         load_start = load()
         runs: dict[str, list[dict]] = {"agent": [], "dnsmasq": []}
@@ -443,7 +447,7 @@ def main() -> None:
                                    and (at_half["agent"]["p99_ms"] or float("inf")) <= 2.0)
         print(json.dumps(result, indent=1))
     finally:
-        teardown(s, lab)
+        teardown(started, lab)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """podman (Debian's 4.3, CNI backend) runs containers on a Tether network inside a lab host; a pod on
 another host reaches them; removing a container releases its address.
 
-Set-up follows ../shared/recipes/README.md: a private containers.conf selecting the CNI backend and
+Set-up follows docs/RUNTIMES.md: a private containers.conf selecting the CNI backend and
 the lab's plugin directory, private storage, runc (crun refuses this machine's hybrid cgroups), and
 `nsenter --net=` so podman sees the lab host's network namespace but keeps the machine's mounts.
 """

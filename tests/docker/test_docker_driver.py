@@ -2,7 +2,7 @@
 agent's libnetwork remote network and IPAM drivers; a CNI pod on a third host, NetworkPolicy, published
 ports, --ip, docker rm, and restarts of dockerd and of the agent.
 
-Set-up follows ../shared/recipes/README.md through `tether.lab.dockerd`: each dockerd runs inside its lab
+Set-up follows docs/RUNTIMES.md through `tether.lab.dockerd`: each dockerd runs inside its lab
 host's namespace with its own data/exec roots and sees only its own agent's plugin socket.
 """
 

@@ -1,6 +1,6 @@
 """A private dockerd inside a lab host namespace, for tests, benchmarks and the demo.
 
-Why it looks like this (../shared/recipes/README.md): `ip netns exec` gives a private mount
+Why it looks like this (docs/RUNTIMES.md): `ip netns exec` gives a private mount
 namespace with a fresh /sys that lacks cgroup mounts, so a small shell prelude remounts them, and
 bind-mounts the host's own plugin directory over /run/docker/plugins (dockerd always looks there),
 so each lab host's dockerd finds only its own agent's `tether.sock`. A holder process keeps that
