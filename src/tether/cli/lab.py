@@ -27,8 +27,9 @@ OutOpt = Annotated[Format, typer.Option("--output", "-o", help="output format")]
 
 def _fail(msg: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {msg}", highlight=False)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(msg)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -83,6 +84,8 @@ def down(name: NameOpt = "lab", all_: Annotated[bool, typer.Option("--all", help
     from tether.lab.cluster import Lab, all_labs
 
     names = all_labs() if all_ else [name]
+    if not all_ and name not in all_labs():
+        _fail(f"no lab named {name!r} on this machine (labs: {', '.join(all_labs()) or 'none'})")
     for n in names:
         Lab(n).down()
         print(f"lab {n} removed")

@@ -21,6 +21,22 @@ app.add_typer(network_app, name="network")
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(host_app, name="host")
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tether import __version__
+
+        print(f"tether {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Tether: container networking. Addresses, cross-host routing, policy, services, DNS."""
+
+
 ServerOpt = Annotated[str | None, typer.Option("--server", "-s", help="API address: host:port, http://..., or "
                                                 "unix:///path (env TETHER_SERVER)", show_default=False)]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="bearer token (env TETHER_TOKEN; default: the local "
@@ -40,9 +56,11 @@ ALIASES = {
 
 
 def fail(message: str) -> None:
+    """Print an error and exit 1. The message is text, never markup (it may quote "[...]" syntax)."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
     raise typer.Exit(1)
 
 
@@ -97,9 +115,10 @@ def server(
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def agent(ctx: typer.Context) -> None:
-    """Run the host agent (see `tether agent --help` for its options)."""
+    """Run the host agent: registers this host, programs its routes, VXLAN and nftables, serves CNI, Docker
+    and DNS. `tether agent --help` lists its options."""
     from tether.agent.main import main as agent_main
 
     agent_main(ctx.args)

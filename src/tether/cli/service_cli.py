@@ -40,7 +40,7 @@ def parse_port(spec: str):
 @service_app.command("create")
 def service_create(
     name: str,
-    port: Annotated[list[str], typer.Option("--port", "-p", help="[NAME=]PORT[:TARGET[:NODEPORT]][/tcp|udp], "
+    port: Annotated[list[str], typer.Option("--port", "-p", help="\\[NAME=]PORT\\[:TARGET\\[:NODEPORT]]\\[/tcp|udp], "
                                             "repeatable")],
     namespace: NsOpt = "default",
     selector: Annotated[list[str], typer.Option(help="backend label k=v (repeatable)")] = [],  # noqa: B006
