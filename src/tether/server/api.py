@@ -16,6 +16,7 @@ from tether.model import (
     Block,
     Endpoint,
     Host,
+    HostStatus,
     Namespace,
     Network,
     NetworkPolicy,
@@ -77,8 +78,24 @@ async def get_host(name: str, request: Request) -> dict:
 @router.put("/hosts/{name}")
 async def put_host(name: str, host: Host, request: Request, response: Response) -> dict:
     same_name(name, host.name, "host")
+    old = await objs(request).get(Host, name)
+    host.status = old.status if old is not None else HostStatus()  # only PUT .../status writes it
     obj, created = await objs(request).register_host(host)
     return answer(response, obj, created)
+
+
+@router.put("/hosts/{name}/status")
+async def put_host_status(name: str, status: HostStatus, request: Request) -> dict:
+    """The host's agent reports what it could not apply (quarantined objects, failed kernel
+    operations); only this field of the host changes."""
+    o = objs(request)
+
+    async def attempt() -> Host:
+        host = await o.must(Host, name)
+        host.status = status
+        return await o.replace(host, host.revision)
+
+    return dump(await with_retries(attempt))
 
 
 @router.post("/hosts/{name}/heartbeat")
