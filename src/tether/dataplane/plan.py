@@ -62,11 +62,17 @@ def confined_netns(path: str | None) -> str:
     full = path if "/" in path else f"/var/run/netns/{path}"
     if ".." in full.split("/"):
         raise ValueError(f"network namespace {path!r} contains '..'; give a name under /run/netns")
-    real = os.path.realpath(full)
-    dirs = {os.path.realpath(d) for d in NETNS_DIRS}
-    if os.path.dirname(real) not in dirs or os.path.dirname(full.rstrip("/")) not in (*NETNS_DIRS, *dirs):
-        raise ValueError(f"network namespace {path!r} is outside {' and '.join(NETNS_DIRS)}; "
+    outside = ValueError(f"network namespace {path!r} is outside {' and '.join(NETNS_DIRS)}; "
                          "name a namespace made by `ip netns add` (or the runtime) there")
+    if os.path.dirname(full.rstrip("/")) not in NETNS_DIRS:
+        raise outside
+    try:
+        real = os.path.realpath(full)  # a symlink in there may point anywhere
+        dirs = {os.path.realpath(d) for d in NETNS_DIRS}
+    except OSError:
+        raise outside from None
+    if os.path.dirname(real) not in dirs:
+        raise outside
     return real
 
 
