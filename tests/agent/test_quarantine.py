@@ -222,7 +222,7 @@ def test_each_quarantined_object_is_logged_once_not_on_every_retry(caplog) -> No
     with caplog.at_level(logging.WARNING, logger="tether.agent.quarantine"):
         for _ in range(3):
             quarantine.note(compute_plan(r, CTX).quarantined, "h1")
-    assert len([x for x in caplog.records if "quarantined Endpoint bad" in x.getMessage()]) == 1
+    assert len([x for x in caplog.records if "quarantined Endpoint 'bad'" in x.getMessage()]) == 1
     assert 'tether_agent_quarantined_objects{host="h1",kind="Endpoint"} 1' in quarantine.metrics("h1")
 
 

@@ -45,7 +45,7 @@ def _skip(kind: str, name: str, why: str) -> None:
     """Leave one object out of the records (the others are still built), logged once."""
     if (kind, name) not in _SKIPPED:
         _SKIPPED.add((kind, name))
-        log.warning("DNS: %s %s left out of the records: %s", kind, name[:100], why)
+        log.warning("DNS: %s %r left out of the records: %s", kind, name[:100], why)
 
 
 def _names_ok(*labels: str) -> bool:

@@ -273,10 +273,10 @@ def note(quarantined: tuple[Quarantined, ...] | list[Quarantined], host: str) ->
     global _LOGGED
     now = set(quarantined)
     for q in sorted(now - _LOGGED):
-        log.warning("%s: quarantined %s %s (left out of the plan, everything else is applied): %s", host, q.kind,
+        log.warning("%s: quarantined %s %r (left out of the plan, everything else is applied): %s", host, q.kind,
                     q.name[:100], q.reason)
     for q in sorted(_LOGGED - now):
-        log.warning("%s: %s %s is no longer quarantined", host, q.kind, q.name[:100])
+        log.warning("%s: %s %r is no longer quarantined", host, q.kind, q.name[:100])
     _LOGGED = now
     COUNTS.clear()
     for q in now:
