@@ -157,3 +157,30 @@ def test_poisoned_objects_are_quarantined_and_the_cluster_keeps_working(lab: Lab
                                       capture_output=True, text=True, timeout=60, check=True).stdout)
     assert "h2" in {q["host"] for q in shown["quarantined"]}  # its own host (the others leave it out too)
     assert all("garbage" in q["reason"] for q in shown["quarantined"])
+
+
+def test_a_failed_route_is_logged_and_shown_in_tether_status(lab: Lab) -> None:
+    """`direct` between hosts on different underlay subnets (h1 198.18.0.0/24, h3 198.18.1.0/24),
+    written around the server's checks: h1's route to h3's block fails with "Network is
+    unreachable", which h1 reports in its status (and logs at WARNING) instead of only at INFO."""
+    net = unique("pd")
+    raw = Network(name=net, subnets=[Subnet(cidr="10.53.0.0/16")], encap="direct").model_dump(mode="json")
+    write_raw(lab, {f"/tether/v1/networks/{net}": raw})
+    wait_for(lambda: net in {n["name"] for n in lab.client().list_raw("Network")}, 10, "the network")
+    far = lab.run_pod("h3", unique("d"), net)
+    block = next(b["cidr"] for b in lab.client().list_raw("Block", network=net) if b["host"] == "h3")
+
+    def failed() -> list[dict]:
+        h1 = next(h for h in lab.client().list_raw("Host") if h["name"] == "h1")
+        return [p for p in h1["status"]["failed_ops"] if block in p["name"]]
+
+    wait_for(lambda: failed(), 30, "h1 to report its failed route")
+    assert "unreachable" in failed()[0]["reason"].lower()
+    cli = [sys.executable, "-m", "tether.cli.main", "status", "--server", lab.server_url, "--token", lab.token]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True,
+                         env={**os.environ, "COLUMNS": "1000"}).stdout
+    assert "failed" in out and block in out and "unreachable" in out.lower()
+    log = open(os.path.join(lab.agent_dir("h1"), "agent.log")).read()
+    assert any("WARNING kernel operation failed: route " + block in line for line in log.splitlines())
+    lab.rm_pod(f"h3/{far.name}")
+    write_raw(lab, {}, delete=(f"/tether/v1/networks/{net}",))
