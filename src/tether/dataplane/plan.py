@@ -5,7 +5,9 @@ The agent's calculation (pure) produces a Plan from its replica of the desired s
 difference. Everything here is immutable and hashable so plans can be compared and diffed cheaply.
 
 Ownership marks, so a restarted agent can tell what is its own:
-- links: names start with `LINK_PREFIX` (pod veths `tth<11 hex>`, the VTEP `tth.vxlan`);
+- links: names start with `LINK_PREFIX` (pod veths `tth<11 hex>`, the VTEP `tth.vxlan`), or are a VM
+  port's `tap<port id[:11]>`; `own_link` says which, and the dataplane never creates, changes, hooks
+  or deletes any other link whatever a plan says (an endpoint's `interface` comes from the API);
 - routes: protocol number `RTPROT_TETHER`;
 - nftables: the whole table `inet tether`;
 - neighbours/FDB entries: those on the VTEP device (which is ours), plus pod-side gateway neighbours.
