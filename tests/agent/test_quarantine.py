@@ -236,3 +236,16 @@ def test_a_clean_replica_has_nothing_quarantined_and_is_not_copied() -> None:
 def test_quarantined_objects_are_described_by_kind_name_and_reason() -> None:
     q = Quarantined("Endpoint", "bad", "mac 'x' is not a MAC address")
     assert (q.kind, q.name) == ("Endpoint", "bad")
+
+
+def test_a_security_group_with_a_long_unicode_name_keeps_every_rule_comment_within_nfts_limit() -> None:
+    """nft refuses a comment over 128 bytes, and the whole table with it: a group's name (free text,
+    as in Neutron) cut at 120 characters was still 240 bytes in a two-byte script."""
+    import json
+
+    r = replica()
+    r.objects["SecurityGroup"]["sg-ok"] = r.objects["SecurityGroup"]["sg-ok"].model_copy(update={"name": "é" * 200})
+    plan = compute_plan(r, CTX)
+    assert plan.quarantined == ()
+    comments = [json.loads(x).get("comment", "") for c in plan.nft.chains for x in c.rules]
+    assert any("éé" in c for c in comments) and all(len(c.encode()) <= 128 for c in comments)

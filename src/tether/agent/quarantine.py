@@ -145,8 +145,7 @@ def _security_group(sg: SecurityGroup, me: str) -> None:
 def _policy(p: NetworkPolicy, me: str) -> None:
     from tether.k8s_validation import validate_network_policy
 
-    _label(p.name, "policy name")
-    _label(p.namespace, "policy namespace")
+    _label(p.namespace, "policy namespace")  # the name: a DNS subdomain, checked below
     errors = validate_network_policy(p.spec, p.name)
     if errors:
         raise ValueError("; ".join(errors)[:300])

@@ -213,5 +213,7 @@ def rule(*statements: dict[str, Any], comment: str | None = None) -> str:
 
     body: dict[str, Any] = {"expr": list(statements)}
     if comment:
-        body["comment"] = comment
+        # nft refuses a comment over 128 bytes, and with it the whole table: one long object name
+        # (a policy's, a group's) must not cost every other rule
+        body["comment"] = comment.encode()[:120].decode(errors="ignore") if len(comment) > 30 else comment
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
