@@ -82,6 +82,26 @@ class Obj(Strict):
 # --- cluster objects ---------------------------------------------------------------------------
 
 
+class Problem(Strict):
+    """Something a host's agent could not apply: an object it quarantined (`kind`/`name` say which)
+    or a kernel operation that failed (`kind` "operation")."""
+
+    kind: str = Field(max_length=64)
+    name: str = Field(max_length=256)
+    reason: str = Field(max_length=1024)
+    since: datetime = Field(default_factory=now)
+
+
+class HostStatus(Strict):
+    """What a host's agent reports back about its last apply (written only by the agent, through
+    PUT /api/v1/hosts/{name}/status, and only when it changes)."""
+
+    problems: list[Problem] = Field(default_factory=list, max_length=500)  # quarantined objects
+    failed_ops: list[Problem] = Field(default_factory=list, max_length=200)  # failed kernel operations
+    applied_revision: int = 0  # the replica revision of the last plan applied
+    updated_at: datetime | None = None
+
+
 class Host(Obj):
     kind: ClassVar[str] = "Host"
     underlay_ip: str
@@ -92,6 +112,7 @@ class Host(Obj):
     agent_version: str | None = None
     heartbeat: datetime | None = None
     lease_id: int | None = None
+    status: HostStatus = Field(default_factory=HostStatus)  # reported by the host's agent
 
     @field_validator("name")
     @classmethod

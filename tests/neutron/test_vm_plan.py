@@ -20,7 +20,8 @@ def replica() -> Replica:
                   owner=Owner(type="vm", netns="/var/run/netns/vm"))
     child = Endpoint(id="c1", name="c1", network="n", host="h1", ips=["10.1.0.11"], parent=vm.id,
                      owner=Owner(type="nested"))
-    other_vm = Endpoint(id="vm2", name="vm2", network="n", host="h2", ips=["10.1.0.20"], interface="tapvm2",
+    other_vm = Endpoint(id="22222222-3333-4444-5555-666666666666", name="vm2", network="n", host="h2",
+                        ips=["10.1.0.20"], interface=vif_name("22222222-3333-4444-5555-666666666666"),
                         owner=Owner(type="vm"))
     pod = Endpoint(id="p", name="p", network="n", host="h1", ips=["10.1.0.30"], interface="tthpod",
                    owner=Owner(type="cni"))
@@ -37,7 +38,7 @@ def test_host_plugs_only_vm_ports_bound_to_it() -> None:
     specs = wanted_vifs(replica(), "h1", 1500)
     assert [(s.host_ifname, s.netns, s.ips, s.mac, s.mtu) for s in specs] == [
         ("tap11111111-22", "/var/run/netns/vm", ("10.1.0.10",), "fa:16:3e:00:00:01", 1500)]
-    assert [s.host_ifname for s in wanted_vifs(replica(), "h2", 1500)] == ["tapvm2"]
+    assert [s.host_ifname for s in wanted_vifs(replica(), "h2", 1500)] == ["tap22222222-33"]
 
 
 def test_vm_and_nested_addresses_route_through_the_vms_tap() -> None:

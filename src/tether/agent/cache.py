@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import ValidationError
+
 from tether.model import KINDS, Block, Endpoint, Host, Namespace, Network, NetworkPolicy, Obj, SecurityGroup, Service
 
 
@@ -21,15 +23,25 @@ class Replica:
         self.revision = 0
         self.synced = False
         self._encoded: dict[tuple[str, str], tuple[Obj, str]] = {}  # (kind, name) -> (object, its JSON)
+        # objects the model refused, (kind, store name, why): left out and reported, never fatal
+        self.undecodable: list[tuple[str, str, str]] = []
 
     # --- feeding --------------------------------------------------------------------------------
 
     def load_snapshot(self, snap: dict[str, Any]) -> None:
         objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
+        undecodable = []
         for item in snap["objects"]:
-            obj = KINDS[item["kind"]].model_validate(item["object"])
+            kind = item.get("kind") if isinstance(item, dict) else None
+            if kind not in KINDS:
+                continue
+            obj, why = _decode(kind, item.get("object"))
+            if obj is None:
+                undecodable.append((kind, _raw_name(kind, item.get("object")), why))
+                continue
             objects[obj.kind][obj.store_name()] = obj
         self.objects = objects
+        self.undecodable = undecodable
         self.revision = snap["revision"]
         self.synced = True
 
@@ -41,9 +53,16 @@ class Replica:
             return False
         self.revision = max(self.revision, ev["revision"])
         store_name = ev["key"].split(f"/{_plural(kind)}/", 1)[1]
+        before = len(self.undecodable)
+        self.undecodable = [u for u in self.undecodable if (u[0], u[1]) != (kind, store_name)]
+        forgot = len(self.undecodable) != before
         if ev["type"] == "delete":
-            return self.objects[kind].pop(store_name, None) is not None
-        obj = KINDS[kind].model_validate(ev["object"])
+            return self.objects[kind].pop(store_name, None) is not None or forgot
+        obj, why = _decode(kind, ev.get("object"))
+        if obj is None:  # the model refuses it: the old version goes too (it was replaced), reported
+            self.objects[kind].pop(store_name, None)
+            self.undecodable.append((kind, store_name, why))
+            return True
         if self.objects[kind].get(store_name) == obj:
             # the echo of a write this agent already put in its replica (a CNI ADD's endpoint):
             # nothing to plan again, and during a burst of ADDs that halves the agent's work
@@ -56,6 +75,7 @@ class Replica:
         never changed in place) in dicts of its own."""
         r = Replica()
         r.objects = {k: dict(v) for k, v in self.objects.items()}
+        r.undecodable = list(self.undecodable)
         r.revision, r.synced = self.revision, self.synced
         return r
 
@@ -131,6 +151,29 @@ class Replica:
 
     def endpoint(self, ep_id: str) -> Endpoint | None:
         return self.objects["Endpoint"].get(ep_id)  # type: ignore[return-value]
+
+
+def _decode(kind: str, raw: Any) -> tuple[Obj | None, str]:
+    """The object, or None and why the model refuses it (one bad object never stops a replica)."""
+    try:
+        return KINDS[kind].model_validate(raw), ""
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return None, f"cannot decode it: {where}: {first.get('msg', '')}"[:300]
+    except Exception as e:  # noqa: BLE001 - a value that is not even a dict
+        return None, f"cannot decode it: {type(e).__name__}: {e}"[:300]
+
+
+def _raw_name(kind: str, raw: Any) -> str:
+    """The store name of an object the model refuses, as far as its raw fields tell."""
+    if not isinstance(raw, dict):
+        return "?"
+    if kind in ("Endpoint", "SecurityGroup"):
+        return str(raw.get("id", "?"))[:200]
+    if kind in ("NetworkPolicy", "Service"):
+        return f"{raw.get('namespace', 'default')}/{raw.get('name', '?')}"[:200]
+    return str(raw.get("name", "?"))[:200]
 
 
 def _plural(kind: str) -> str:

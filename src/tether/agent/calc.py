@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tether.agent import pod_ingress, policy, services, yielding
 from tether.agent.cache import Replica
@@ -117,6 +117,20 @@ _LOCAL: dict[str, tuple] = {}
 
 
 def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
+    """This host's plan, compiled per object: an object this host cannot apply (`quarantine`) is
+    left out, and listed in the plan's `quarantined`, while every other object is applied."""
+    from tether.agent import quarantine
+
+    clean, bad = quarantine.screen(rep, ctx.name)
+    try:
+        plan = _compute_plan(clean, ctx)
+    except Exception as e:  # noqa: BLE001 - find the objects that make it raise, plan without them
+        plan, more = quarantine.isolate(clean, lambda r: _compute_plan(r, ctx), e)
+        bad = [*bad, *more]
+    return replace(plan, quarantined=tuple(sorted(bad))) if bad else plan
+
+
+def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
     me = rep.hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
@@ -184,7 +198,8 @@ def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
 
     _LOCAL = local
     return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
-                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS)
+                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS,
+                underlay_dev=ctx.underlay_dev)
 
 
 # --- nftables --------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import random
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +35,21 @@ A, NS, CNAME, SOA, PTR, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 28, 33, 41, 255
 CLASS_IN = 1
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 TTL = 30  # seconds, for cluster records
+log = logging.getLogger("tether.agent.dns")
+LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.?$")
+_SKIPPED: set[tuple[str, str]] = set()  # objects left out of the records, each logged once
+
+
+def _skip(kind: str, name: str, why: str) -> None:
+    """Leave one object out of the records (the others are still built), logged once."""
+    if (kind, name) not in _SKIPPED:
+        _SKIPPED.add((kind, name))
+        log.warning("DNS: %s %r left out of the records: %s", kind, name[:100], why)
+
+
+def _names_ok(*labels: str) -> bool:
+    return all(isinstance(x, str) and LABEL.match(x) for x in labels)
 NEGATIVE_TTL = 5  # SOA minimum: how long a resolver may cache "no such name"
 MEMO_LIMIT = 100_000
 
@@ -133,7 +150,18 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     """All cluster records from the replica's objects (pure). Rebuilt for every change, so what an
     endpoint contributes is kept from one build to the next (`_ENDPOINTS`)."""
     global _ENDPOINTS
-    nets = {n.name: n for n in networks}
+    nets = {}
+    for n in networks:
+        if not _names_ok(n.name) or not DOMAIN.match(str(n.dns_domain).lower()):
+            _skip("Network", str(n.name), f"name or dns_domain {str(n.dns_domain)[:64]!r} is not a DNS name")
+            continue
+        try:
+            for sub in n.subnets:
+                ipaddress.ip_network(sub.cidr)
+        except ValueError as e:
+            _skip("Network", n.name, str(e))
+            continue
+        nets[n.name] = n
     domains = {n.dns_domain.lower().rstrip(".") + "." for n in nets.values()} or {"tether.local."}
     rec = Records(zones=tuple(sorted(domains, key=len, reverse=True)), serial=serial)
     rec.reverse_nets = tuple(ipaddress.ip_network(s.cidr) for n in nets.values() for s in n.subnets)
@@ -147,15 +175,26 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             rec.add_rr(owner, rtype, rr)
 
     for svc in services:
+        if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
+            _skip("Service", f"{svc.namespace}/{svc.name}", "its name, namespace or a port name is not a DNS label")
+            continue
         svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
-        for d in svc_domains:
-            name = f"{svc.name}.{svc.namespace}.svc.{d}"
+        try:
+            if svc.cluster_ip:
+                address_record(svc.cluster_ip)
+            parts = []
+            for d in svc_domains:
+                name = f"{svc.name}.{svc.namespace}.svc.{d}"
+                parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
+        except (ValueError, struct.error) as e:
+            _skip("Service", f"{svc.namespace}/{svc.name}", str(e))
+            continue
+        for name, srvs in parts:
             if svc.cluster_ip:
                 add_addr(name, svc.cluster_ip)
             else:
                 rec.existing.add(name.lower())
-            for p in svc.ports:
-                srv = struct.pack("!HHH", 0, 100, p.port) + encode_name(name)
+            for srv, p in srvs:
                 rec.add(name, SRV, srv, ttl)
                 if p.name:
                     rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
@@ -171,7 +210,15 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             continue
         hit = memo.get(ep.id)
         if hit is None or hit[0] is not ep or hit[1] is not net:  # objects are replaced, never changed
-            hit = (ep, net, endpoint_records(rec, f"{ep.name}.{net.name}.{net.dns_domain.rstrip('.')}.", ep.ips, ttl))
+            if not _names_ok(ep.name):
+                _skip("Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
+                continue
+            try:
+                hit = (ep, net, endpoint_records(rec, f"{ep.name}.{net.name}.{net.dns_domain.rstrip('.')}.", ep.ips,
+                                                 ttl))
+            except ValueError as e:  # an address that is not one
+                _skip("Endpoint", ep.id, str(e))
+                continue
         kept[ep.id] = hit
         for owner, rtype, rr in hit[2].rrs:
             rec.add_rr(owner, rtype, rr)

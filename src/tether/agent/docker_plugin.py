@@ -527,7 +527,13 @@ class DockerPlugin:
         mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
         host_if, peer = ep.interface or host_ifname(ep.id, "docker"), peer_name(docker_ep)
         self.agent.cni.in_flight[host_if] = time.monotonic()
-        await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac)
+        from tether.dataplane.pods import AttachError
+
+        try:
+            await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac)
+        except AttachError as e:  # e.g. an endpoint whose interface names a device that is not Tether's
+            self.agent.cni.in_flight.pop(host_if, None)
+            raise DriverError(str(e)) from None
         self.agent.kick()
         self._spawn(self._adopt_container_identity(req["NetworkID"], docker_ep, ep.id))
         return {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},

@@ -178,9 +178,10 @@ class FlowLog:
         try:
             line = (await reader.readline()).decode(errors="replace")
             if line.startswith("GET "):
+                from tether.agent.quarantine import metrics
                 from tether.dataplane.nft import counters
 
-                body = drop_metrics(self.host, await asyncio.to_thread(counters)).encode()
+                body = (drop_metrics(self.host, await asyncio.to_thread(counters)) + metrics(self.host)).encode()
                 writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: "
                              + str(len(body)).encode() + b"\r\n\r\n" + body)
             else:

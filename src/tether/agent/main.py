@@ -124,6 +124,12 @@ class Agent:
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
         self._saved_rev, self._saved_at = -1, 0.0
+        # what the last apply could not do, reported in the host's status (`_report_status`)
+        self._quarantined: tuple = ()  # plan.quarantined of the last plan
+        self._failures: list[str] = []  # kernel operations that failed in the last apply
+        self._logged_failures: set[str] = set()  # logged at WARNING once, until they stop failing
+        self._since: dict[tuple, Any] = {}  # problem -> when it was first seen
+        self._status_sent: tuple | None = None  # what the server holds (None: unknown, write it)
 
     # --- small services used by the CNI handler ---------------------------------------------------
 
@@ -217,6 +223,7 @@ class Agent:
         while True:
             try:
                 await self._register()
+                self._status_sent = None  # a new server, or a host re-created: report again
                 snap = await self.client.snapshot()
                 self.replica.load_snapshot(snap)
                 self.connected = True
@@ -285,10 +292,12 @@ class Agent:
             keep = self.cni.protected()
             try:
                 await asyncio.to_thread(self._apply_sync, view, key, keep, verify)
-            except Exception:  # noqa: BLE001 - the next pass retries
+            except Exception as e:  # noqa: BLE001 - the next pass retries
                 log.exception("applying the plan failed")
                 self.nft.forget()
+                self._note_failures([*self._failures, f"apply: {type(e).__name__}: {e}"[:500]])
             self.applies += 1
+            await self._report_status(view.revision)
             self._save_replica()
             extras = getattr(self, "_extras", [])
             installs = await asyncio.to_thread(self._prepare_extras, extras, view)
@@ -343,8 +352,12 @@ class Agent:
             self._apply_plan(self._plan(view, key), keep, verify)
 
     def _apply_plan(self, plan, keep, verify: bool) -> None:
+        from tether.agent import quarantine
         from tether.dataplane.links import apply_links, raise_interfaces
 
+        quarantine.note(plan.quarantined, self.host)
+        self._quarantined = plan.quarantined
+        self._failures = []
         t0 = time.perf_counter()
         # links and routes first: a new pod's route is what other hosts wait for (convergence)
         # full read-back at start, on every reconcile and after a failure; otherwise by difference
@@ -363,6 +376,51 @@ class Agent:
         if nrep.changed or lrep.changed:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, "; ".join(lrep.changes + nrep.changes)[:500])
+        self._note_failures(lrep.failures + nrep.failures)
+
+    def _note_failures(self, failures: list[str]) -> None:
+        """Keep the failed kernel operations of this apply for the host's status; each is logged at
+        WARNING when it first fails (not on every retry) and when it stops failing."""
+        self._failures = failures
+        now = set(failures)
+        for f in sorted(now - self._logged_failures):
+            log.warning("kernel operation failed: %s", f[:500])
+        for f in sorted(self._logged_failures - now):
+            log.warning("kernel operation no longer fails: %s", f[:500])
+        self._logged_failures = now
+
+    def host_status(self, revision: int) -> Any:
+        """The HostStatus of the last apply: quarantined objects and failed kernel operations."""
+        from tether.model import HostStatus, Problem, now
+
+        def since(key: tuple) -> Any:
+            return self._since.setdefault(key, now())
+
+        problems = [Problem(kind=q.kind[:64], name=q.name[:256], reason=q.reason[:1024], since=since(("q", q)))
+                    for q in self._quarantined[:500]]
+        failed = []
+        for f in self._failures[:200]:
+            what, _, why = f.partition(": ")
+            failed.append(Problem(kind="operation", name=what[:256], reason=(why or f)[:1024], since=since(("f", f))))
+        live = {("q", q) for q in self._quarantined} | {("f", f) for f in self._failures}
+        for k in [k for k in self._since if k not in live]:
+            del self._since[k]
+        return HostStatus(problems=problems, failed_ops=failed, applied_revision=revision, updated_at=now())
+
+    async def _report_status(self, revision: int) -> None:
+        """Write the host's status when what it reports has changed (not on every apply: each write
+        is a Host event every agent receives)."""
+        st = self.host_status(revision)
+        key = (tuple((p.kind, p.name, p.reason) for p in st.problems),
+               tuple((p.name, p.reason) for p in st.failed_ops))
+        if key == self._status_sent or not self.connected:
+            return
+        try:
+            await self.client.request("PUT", f"/api/v1/hosts/{self.host}/status",
+                                      content=st.model_dump_json())
+            self._status_sent = key
+        except (ApiError, ServerUnreachable) as e:
+            log.warning("could not report this host's status (retried after the next apply): %s", e)
 
     async def _heartbeat_loop(self) -> None:
         while True:

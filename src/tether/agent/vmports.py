@@ -24,10 +24,16 @@ log = logging.getLogger("tether.vmports")
 
 
 def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
+    """This host's VM ports to plug; a quarantined one (a foreign interface name, a netns outside
+    the runtime's directories...) is not plugged (quarantine reports it)."""
+    from tether.agent.quarantine import problem
+
     out = []
     for ep in rep.endpoints:
         net = rep.networks.get(ep.network)
         if ep.host != host or ep.owner.type != "vm" or not ep.interface or net is None:
+            continue
+        if problem("Endpoint", ep, host) is not None or problem("Network", net, host) is not None:
             continue
         out.append(VifSpec(ep.id, ep.interface, ep.owner.netns, ep.owner.ifname or "eth0", tuple(ep.ips), ep.mac,
                            endpoint_mtu(net, underlay_mtu)))
@@ -41,6 +47,7 @@ class VmPorts:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
         self._waiting_logged: set[str] = set()
+        self._errors_logged: set[str] = set()
         self._last_full = 0.0
 
     def update(self, replica: Replica) -> None:
@@ -67,8 +74,9 @@ class VmPorts:
                 log.info("plugged VM port %s", name)
             for name in report.removed:
                 log.info("removed VM port %s (its port is gone)", name)
-            for err in report.errors:
+            for err in set(report.errors) - self._errors_logged:  # once each, not on every retry
                 log.error("cannot plug VM port %s", err)
+            self._errors_logged = set(report.errors)
             for name in set(report.waiting) - self._waiting_logged:
                 log.warning("VM port %s waits for its VM namespace (binding:profile netns)", name)
             self._waiting_logged = set(report.waiting)
@@ -84,7 +92,7 @@ class VmPorts:
             try:
                 await self.agent.client.patch_endpoint(s.port_id, {"status": "active"})
             except (ApiError, ServerUnreachable) as e:
-                log.info("could not mark port %s active: %s", s.port_id, e)
+                log.warning("could not mark port %s active: %s", s.port_id, e)
 
     async def close(self) -> None:
         self._task.cancel()

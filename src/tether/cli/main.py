@@ -233,8 +233,16 @@ def endpoint_list(
 @endpoint_app.command("show")
 def endpoint_show(ref: str, network: Annotated[str | None, typer.Option()] = None, server: ServerOpt = None,
                   token: TokenOpt = None, output: OutOpt = Format.yaml) -> None:
-    """Show one endpoint (by name, id or id prefix)."""
-    emit("Endpoint", find_endpoint(client(server, token), ref, network), output)
+    """Show one endpoint (by name, id or id prefix), with why a host's agent left it out of its plan
+    (`quarantined`), if one did."""
+    c = client(server, token)
+    ep = find_endpoint(c, ref, network)
+    hosts = run(lambda: c.list_raw("Host"))
+    held = [{"host": h["name"], "reason": p["reason"], "since": p["since"]} for h in hosts
+            for p in (h.get("status") or {}).get("problems", []) if p["kind"] == "Endpoint" and p["name"] == ep["id"]]
+    if held:
+        ep["quarantined"] = held
+    emit("Endpoint", ep, output)
 
 
 @endpoint_app.command("delete")
@@ -354,10 +362,29 @@ def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Fo
     for h in hosts:
         h.setdefault("labels", {})
     emit("Host", hosts, output, title="hosts")
+    print_problems(hosts)
     for n in nets:
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
+
+
+def print_problems(hosts: list[dict]) -> None:
+    """Per host, what its agent could not apply: quarantined objects and failed kernel operations."""
+    rows = [(h["name"], "quarantined" if which == "problems" else "failed", p["kind"], p["name"], p["reason"])
+            for h in hosts for which in ("problems", "failed_ops")
+            for p in (h.get("status") or {}).get(which, [])]
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="problems", box=None, header_style="bold")
+    for col in ("HOST", "WHAT", "KIND", "NAME", "REASON"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(x)[:300] for x in row))
+    Console().print(table)
 
 
 def _register_optional() -> None:

@@ -1,7 +1,9 @@
 """Applying a Plan's links, routes, neighbours and FDB entries with netlink, by difference.
 
-Only what Tether owns is touched: the VTEP and pod veths (names with our prefix), routes with our
-protocol number, neighbour and FDB entries on the VTEP. An unchanged plan changes nothing, so an
+Only what Tether owns is touched: the VTEP and pod veths (names with our prefix, `plan.own_link`),
+routes with our protocol number, neighbour and FDB entries on the VTEP. That holds whatever the
+plan says, on the full and the incremental pass alike: a planned interface or link-scope route on a
+device that is not ours is refused and reported as a failure, never applied. An unchanged plan changes nothing, so an
 agent restart is invisible to traffic. Link lookups, routes and dumps go through rtnl_batch (they
 are on every apply's path, and the dumps on every reconcile's); the VTEP, its neighbours and FDB
 entries, which change with hosts rather than pods, through pyroute2.
@@ -21,7 +23,17 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in, open_ipr
-from tether.dataplane.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, FdbEntry, Neighbour, Plan, Route, Vtep
+from tether.dataplane.plan import (
+    LINK_PREFIX,
+    RTPROT_TETHER,
+    VTEP_NAME,
+    FdbEntry,
+    Neighbour,
+    Plan,
+    Route,
+    Vtep,
+    own_link,
+)
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK, RTNH_F_ONLINK, RouteState, RtnlSocket
 
@@ -32,9 +44,15 @@ NTF_SELF = 0x02
 @dataclass
 class ApplyReport:
     changes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # kernel operations that failed or were refused
 
     def add(self, what: str) -> None:
         self.changes.append(what)
+
+    def fail(self, what: str) -> None:
+        """A failed (or refused) operation: the agent logs these at WARNING and reports them in the
+        host's status."""
+        self.failures.append(what)
 
     @property
     def changed(self) -> int:
@@ -111,11 +129,25 @@ def current_routes(rt: RtnlSocket, index_to_name: dict[int, str]) -> dict[Route,
     return out
 
 
+def route_allowed(route: Route, plan: Plan) -> bool:
+    """A route the agent may install: through a device of its own, or a gateway route through the
+    underlay device (direct routing); never a link-scope route on someone else's device."""
+    if own_link(route.dev):
+        return True
+    return route.via is not None and (not plan.underlay_dev or route.dev == plan.underlay_dev)
+
+
 def _add_route(rt: RtnlSocket, route: Route, oif: int, report: ApplyReport) -> bool:
-    (r,) = rt.run(nl.route(route.dst, oif, gateway=route.via, proto=RTPROT_TETHER, replace=True, onlink=route.onlink,
-                           scope=RT_SCOPE_LINK if route.scope == "link" else nl.RT_SCOPE_UNIVERSE))
+    try:
+        msg = nl.route(route.dst, oif, gateway=route.via, proto=RTPROT_TETHER, replace=True, onlink=route.onlink,
+                       scope=RT_SCOPE_LINK if route.scope == "link" else nl.RT_SCOPE_UNIVERSE)
+    except (ValueError, TypeError) as e:  # an address that is not one: this route only
+        report.fail(f"route {route.dst} via {route.via} dev {route.dev}: {e}")
+        return False
+    (r,) = rt.run(msg)
     if r.error:
-        report.add(f"route {route.dst} failed: {os.strerror(r.error)}")
+        report.fail(f"route {route.dst}{f' via {route.via}' if route.via else ''} dev {route.dev}: "
+                    f"{os.strerror(r.error)}")
         return False
     report.add(f"route {route.dst} dev {route.dev}")
     return True
@@ -170,7 +202,7 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             report.add(f"del {VTEP_NAME}")
 
         # pod interfaces: settings, and removal of veths we own that nobody wants any more
-        wanted = {i.name: i for i in plan.interfaces}
+        wanted = {i.name: i for i in plan.interfaces if _own_interface(i.name, report)}
         for name, link in links.items():
             if not name or not name.startswith(LINK_PREFIX) or name == VTEP_NAME:
                 continue
@@ -202,6 +234,9 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             if route in have:
                 done.routes.add(route)
                 continue
+            if not route_allowed(route, plan):
+                report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
+                continue
             oif = index_of.get(route.dev)
             if oif is None or route.dev in done.down:
                 continue  # its device is not there yet (a pod being plugged): next pass; or not up yet
@@ -212,6 +247,15 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
             if route not in plan.routes and route.dev not in keep_interfaces and route.dev != "?" and state.oif:
                 _del_route(rt, route, state.oif, report)
     return report, done
+
+
+def _own_interface(name: str, report: ApplyReport) -> bool:
+    """Whether a planned interface is ours to configure; a foreign one is reported, not touched."""
+    if own_link(name):
+        return True
+    report.fail(f"interface {name!r} refused: not Tether's device (MTU, sysctls, routes and removal are "
+                "only ever applied to its own links)")
+    return False
 
 
 def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None, report: ApplyReport | None = None
@@ -234,7 +278,7 @@ def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None, rep
         ups = rt.run(*(nl.link_up(i) for i in applied.down.values()))
         for (name, index), up in zip(applied.down.items(), ups, strict=True):
             if up.error:
-                report.add(f"up {name} failed: {os.strerror(up.error)}")
+                report.fail(f"up {name}: {os.strerror(up.error)}")
                 continue
             raised.append(name)
             if name in pins:
@@ -292,7 +336,7 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
         return index[name]
 
     # an interface of another endpoint (a pod deleted and added again under the same name) is a new veth
-    wanted = {i.name: (i.mtu, i.endpoint_id) for i in plan.interfaces}
+    wanted = {i.name: (i.mtu, i.endpoint_id) for i in plan.interfaces if _own_interface(i.name, report)}
     for name, (mtu, ep_id) in wanted.items():
         if st.interfaces.get(name) == (mtu, ep_id):
             continue
@@ -310,7 +354,7 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
     for name in [n for n in st.interfaces if n not in wanted]:
         del st.interfaces[name]
         st.down.pop(name, None)
-        if name in keep:
+        if name in keep or not own_link(name):
             continue
         i = idx(name)
         if i is not None:
@@ -322,16 +366,18 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
     vtep_idx = idx(VTEP_NAME) if plan.vtep is not None and not same_peers else None
     if vtep_idx is not None:
         for n in sorted(plan.neighbours - st.neighbours):
-            ipr().neigh("replace", dst=n.ip, lladdr=n.lladdr, ifindex=vtep_idx, state=NUD_PERMANENT)
-            report.add(f"neigh {n.ip}")
+            if _try(report, f"neigh {n.ip} {n.lladdr}", ipr().neigh, "replace", dst=n.ip, lladdr=n.lladdr,
+                    ifindex=vtep_idx, state=NUD_PERMANENT):
+                report.add(f"neigh {n.ip}")
         for n in sorted(st.neighbours - plan.neighbours):
             with contextlib.suppress(NetlinkError):
                 ipr().neigh("del", dst=n.ip, ifindex=vtep_idx)
             report.add(f"del neigh {n.ip}")
         st.neighbours = set(plan.neighbours)
         for f in sorted(plan.fdb - st.fdb):
-            ipr().fdb("append", ifindex=vtep_idx, lladdr=f.lladdr, dst=f.dst, state=NUD_PERMANENT)
-            report.add(f"fdb {f.lladdr} -> {f.dst}")
+            if _try(report, f"fdb {f.lladdr} -> {f.dst}", ipr().fdb, "append", ifindex=vtep_idx, lladdr=f.lladdr,
+                    dst=f.dst, state=NUD_PERMANENT):
+                report.add(f"fdb {f.lladdr} -> {f.dst}")
         for f in sorted(st.fdb - plan.fdb):
             with contextlib.suppress(NetlinkError):
                 ipr().fdb("del", ifindex=vtep_idx, lladdr=f.lladdr, dst=f.dst)
@@ -341,6 +387,9 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
     for route in sorted(plan.routes - st.routes):
         if route.dev in st.down:
             continue  # with its device, once up (raise_interfaces)
+        if not route_allowed(route, plan):
+            report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
+            continue
         oif = idx(route.dev)
         if oif is None:
             continue  # its device is not there yet: stays outside `st`, so the next pass retries
@@ -357,6 +406,16 @@ def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: C
     return report, st
 
 
+def _try(report: ApplyReport, what: str, op, *args, **kw) -> bool:
+    """One netlink operation whose failure concerns it alone: reported, the others go on."""
+    try:
+        op(*args, **kw)
+        return True
+    except (NetlinkError, ValueError, TypeError, OSError) as e:
+        report.fail(f"{what}: {e}")
+        return False
+
+
 def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], report: ApplyReport) -> None:
     have = {}
     for n in ipr.get_neighbours(ifindex=idx, family=socket.AF_INET):
@@ -364,8 +423,9 @@ def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], repo
     want = {n.ip: n.lladdr for n in wanted}
     for ip, mac in want.items():
         if have.get(ip) != (mac, NUD_PERMANENT):
-            ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state=NUD_PERMANENT)
-            report.add(f"neigh {ip}")
+            if _try(report, f"neigh {ip} {mac}", ipr.neigh, "replace", dst=ip, lladdr=mac, ifindex=idx,
+                    state=NUD_PERMANENT):
+                report.add(f"neigh {ip}")
     for ip in have:
         if ip not in want:
             with contextlib.suppress(NetlinkError):
@@ -388,8 +448,9 @@ def _apply_fdb(ipr: IPRoute, idx: int, wanted: frozenset[FdbEntry], report: Appl
     have = _fdb_entries(ipr, idx)
     want = {(f.lladdr, f.dst) for f in wanted}
     for mac, dst in want - have:
-        ipr.fdb("append", ifindex=idx, lladdr=mac, dst=dst, state=NUD_PERMANENT)
-        report.add(f"fdb {mac} -> {dst}")
+        if _try(report, f"fdb {mac} -> {dst}", ipr.fdb, "append", ifindex=idx, lladdr=mac, dst=dst,
+                state=NUD_PERMANENT):
+            report.add(f"fdb {mac} -> {dst}")
     for mac, dst in have - want:
         with contextlib.suppress(NetlinkError):
             ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst)

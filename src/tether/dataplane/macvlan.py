@@ -14,7 +14,7 @@ import os
 import secrets
 
 from tether.dataplane.netns import ipr_in
-from tether.dataplane.plan import POD_GATEWAY
+from tether.dataplane.plan import POD_GATEWAY, confined_netns
 from tether.dataplane.pods import AttachError
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK
 
@@ -23,9 +23,17 @@ def _netns_path(netns: str) -> str:
     return netns if "/" in netns else f"/var/run/netns/{netns}"
 
 
+def _vm_netns(vm_netns: str) -> str:
+    """The VM's namespace (from its port, i.e. the API): only under the runtime's netns directories."""
+    try:
+        return confined_netns(vm_netns)
+    except ValueError as e:
+        raise AttachError(str(e)) from None
+
+
 def gateway_mac(vm_netns: str, parent_if: str) -> str:
     """The host-side MAC the VM reaches its gateway through (set by the agent when it plugged the VM)."""
-    with ipr_in(_netns_path(vm_netns)) as vm:
+    with ipr_in(_vm_netns(vm_netns)) as vm:
         idx = vm.link_lookup(ifname=parent_if)
         if not idx:
             raise AttachError(f"the VM has no interface {parent_if}: is its port plugged?")
@@ -40,7 +48,7 @@ def plug_macvlan(*, vm_netns: str, parent_if: str, netns: str, ifname: str, ips:
     tmp = "nv" + secrets.token_hex(5)
     fd = os.open(_netns_path(netns), os.O_RDONLY)
     try:
-        with ipr_in(_netns_path(vm_netns)) as vm:
+        with ipr_in(_vm_netns(vm_netns)) as vm:
             parent = vm.link_lookup(ifname=parent_if)[0]
             vm.link("add", ifname=tmp, kind="macvlan", link=parent, macvlan_mode="bridge", address=mac, net_ns_fd=fd)
     finally:

@@ -37,7 +37,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.dataplane.plan import NFT_TABLE, NftChain, NftPlan, NftSet
+from tether.dataplane.plan import NFT_TABLE, NftChain, NftPlan, NftSet, own_link
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class NftReport:
     sets_removed: list[str] = field(default_factory=list)
     sets_redefined: list[str] = field(default_factory=list)  # deleted and re-added
     changes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # ingress chains refused (a device that is not ours)
 
     @property
     def changed(self) -> int:
@@ -350,6 +351,10 @@ class NftDataplane:
 
     def apply(self, plan: NftPlan) -> NftReport:
         report = NftReport()
+        foreign = [c for c in plan.chains if c.device is not None and not own_link(c.device)]
+        if foreign:  # never hook a device that is not Tether's, whatever the plan says
+            report.failures += [f"ingress chain {c.name} on {c.device!r} refused: not Tether's device" for c in foreign]
+            plan = NftPlan(sets=plan.sets, chains=tuple(c for c in plan.chains if c not in foreign))
         layout = layout_of(plan)
         marker = layout_hash(layout)
         if self._structure is None:
@@ -370,7 +375,7 @@ class NftDataplane:
         except NftError as e:  # the batch is atomic: the kernel still holds the previous table
             log.warning("incremental nft update failed, replacing the whole table: %s", e)
             self.forget()
-            report = NftReport()
+            report = NftReport(failures=report.failures)
             self._full(plan, layout, marker, report, "table replaced (incremental update failed)")
             return report
         self._remember(plan, layout, marker, elements, raw)

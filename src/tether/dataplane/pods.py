@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,9 +20,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in
-from tether.dataplane.plan import POD_GATEWAY
+from tether.dataplane.plan import POD_GATEWAY, ForeignLink, own_link, require_own_link
 from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket
 
+log = logging.getLogger("tether.dataplane")
 LOOPBACK_INDEX = 1  # `lo` is interface 1 in every network namespace
 
 
@@ -63,11 +65,15 @@ def write_sysctl(path: str, value: str) -> None:
                 return
         with open(full, "w") as f:
             f.write(value)
-    except OSError:
-        pass
+    except FileNotFoundError:
+        pass  # the device is gone (a pod removed meanwhile): nothing to set
+    except OSError as e:
+        log.warning("cannot set sysctl %s to %s: %s", path, value, e.strerror or e)
 
 
 def host_side_sysctls(ifname: str) -> None:
+    """Proxy ARP on, rp_filter off: only ever on a link of our own (the name is also a path)."""
+    require_own_link(ifname, "set proxy_arp/rp_filter on")
     write_sysctl(f"net/ipv4/conf/{ifname}/proxy_arp", "1")
     write_sysctl(f"net/ipv4/neigh/{ifname}/proxy_delay", "0")
     write_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "0")
@@ -111,7 +117,12 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
     leftover host side of an earlier attempt is replaced. Two batches of netlink requests
     (rtnl_batch: create and look up the host side; bring up `lo` and the pod side, look it up),
     nothing looked up before the create: a name clash is sorted out when the kernel reports it.
-    On failure nothing is left: a veth made before the failure is removed, the sockets closed."""
+    On failure nothing is left: a veth made before the failure is removed, the sockets closed.
+    A clash with a link that is not ours (not Tether's name) fails the request: it is never deleted."""
+    try:
+        require_own_link(host_ifname, "create")
+    except ForeignLink as e:
+        raise AttachError(str(e)) from None
     try:
         fd = os.open(pod_netns, os.O_RDONLY)
     except OSError as e:
@@ -185,7 +196,10 @@ def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str],
 
 def detach_pod(host_ifname: str, ipr: IPRoute | None = None) -> bool:
     """Remove the pod's veth (both ends go together) and its routes; True if something was removed.
-    Missing interfaces and vanished namespaces are fine: DEL must be idempotent."""
+    Missing interfaces and vanished namespaces are fine: DEL must be idempotent. A name that is not
+    Tether's (an endpoint's `interface` comes from the API) is never deleted: False."""
+    if not own_link(host_ifname):
+        return False
     own = ipr is None
     ipr = ipr or IPRoute()
     try:

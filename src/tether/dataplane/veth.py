@@ -9,15 +9,29 @@ ingress chain, then brings the host side up and adds the /32 routes (`links.rais
 from __future__ import annotations
 
 import contextlib
+import re
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tether.dataplane.plan import own_link
 from tether.dataplane.pods import AttachError, get_link, host_side_sysctls
+
+DOCKER_PEER = re.compile(r"^tdk[0-9a-f]{1,12}$")  # docker_plugin.peer_name: the container end before dockerd takes it
+
+
+def ours(name: str) -> bool:
+    """A link this module may create or delete: Tether's own, or a Docker peer end it made."""
+    return own_link(name) or DOCKER_PEER.match(name or "") is not None
 
 
 def create_veth(host_ifname: str, peer_ifname: str, *, mtu: int, peer_mac: str | None) -> str:
-    """Create (or re-create) the pair and return the host side's MAC. Retry-safe."""
+    """Create (or re-create) the pair and return the host side's MAC. Retry-safe: a leftover of
+    ours is replaced; a name that is not ours is refused (an endpoint's `interface` comes from the API)."""
+    for name in (host_ifname, peer_ifname):
+        if not ours(name):
+            raise AttachError(f"refusing to create veth {host_ifname}/{peer_ifname}: {name!r} is not a Tether "
+                              "device name")
     with IPRoute() as ipr:
         try:
             for name in (host_ifname, peer_ifname):
@@ -42,7 +56,9 @@ def create_veth(host_ifname: str, peer_ifname: str, *, mtu: int, peer_mac: str |
 
 
 def delete_link(name: str) -> bool:
-    """Remove a link (a veth takes its peer with it); False if it was not there."""
+    """Remove a link of ours (a veth takes its peer with it); False if it was not there or is not ours."""
+    if not ours(name):
+        return False
     with IPRoute() as ipr:
         link = get_link(ipr, name)
         if link is None:

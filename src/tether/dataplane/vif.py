@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from tether.dataplane.plan import confined_netns, own_link
 from tether.dataplane.pods import AttachError, attach_pod, host_side_sysctls, write_sysctl
 from tether.dataplane.rtnl_batch import RtnlSocket
 
@@ -41,18 +42,21 @@ class VifReport:
     errors: list[str]
 
 
-def _netns_path(netns: str) -> str:
-    return netns if "/" in netns else f"/var/run/netns/{netns}"
-
-
 def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
-    """Plug the VIFs that should exist and are missing; remove ours that should not exist."""
+    """Plug the VIFs that should exist and are missing; remove ours that should not exist. Only
+    links with Tether's names are touched, and only namespaces under the runtime's netns
+    directories are entered (a port's netns comes from the API): anything else is an error."""
     report = VifReport([], [], [], [])
-    wanted = {s.host_ifname: s for s in specs}
+    wanted = {}
+    for s in specs:
+        if not own_link(s.host_ifname):
+            report.errors.append(f"{s.host_ifname}: not a Tether device name (tap<port id>); not plugged")
+        else:
+            wanted[s.host_ifname] = s
     with IPRoute() as ipr, contextlib.closing(RtnlSocket()) as rt:
         links = {link.name: link for link in rt.links()}  # pyroute2 decodes a dump 17x slower
         for name, link in links.items():
-            if link.alias.startswith(ALIAS_PREFIX) and name not in wanted:
+            if link.alias.startswith(ALIAS_PREFIX) and name not in wanted and own_link(name):
                 with contextlib.suppress(NetlinkError):
                     ipr.link("del", index=link.index)
                 report.removed.append(name)
@@ -64,11 +68,19 @@ def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
                         ipr.link("set", index=link.index, mtu=spec.mtu, state="up")
                 host_side_sysctls(name)
                 continue
-            if not spec.netns or not os.path.exists(_netns_path(spec.netns)):
+            if not spec.netns:
                 report.waiting.append(name)
                 continue
             try:
-                attach_pod(pod_netns=_netns_path(spec.netns), ifname=spec.ifname, host_ifname=name, ips=list(spec.ips),
+                path = confined_netns(spec.netns)
+            except ValueError as e:
+                report.errors.append(f"{name}: {e}; not plugged")
+                continue
+            if not os.path.exists(path):
+                report.waiting.append(name)
+                continue
+            try:
+                attach_pod(pod_netns=path, ifname=spec.ifname, host_ifname=name, ips=list(spec.ips),
                            mac=spec.mac, mtu=spec.mtu)
                 idx = ipr.link_lookup(ifname=name)[0]
                 ipr.link("set", index=idx, ifalias=ALIAS_PREFIX + spec.port_id)

@@ -16,6 +16,7 @@ from tether.model import (
     Block,
     Endpoint,
     Host,
+    HostStatus,
     Namespace,
     Network,
     NetworkPolicy,
@@ -77,8 +78,24 @@ async def get_host(name: str, request: Request) -> dict:
 @router.put("/hosts/{name}")
 async def put_host(name: str, host: Host, request: Request, response: Response) -> dict:
     same_name(name, host.name, "host")
+    old = await objs(request).get(Host, name)
+    host.status = old.status if old is not None else HostStatus()  # only PUT .../status writes it
     obj, created = await objs(request).register_host(host)
     return answer(response, obj, created)
+
+
+@router.put("/hosts/{name}/status")
+async def put_host_status(name: str, status: HostStatus, request: Request) -> dict:
+    """The host's agent reports what it could not apply (quarantined objects, failed kernel
+    operations); only this field of the host changes."""
+    o = objs(request)
+
+    async def attempt() -> Host:
+        host = await o.must(Host, name)
+        host.status = status
+        return await o.replace(host, host.revision)
+
+    return dump(await with_retries(attempt))
 
 
 @router.post("/hosts/{name}/heartbeat")
@@ -371,10 +388,34 @@ async def list_blocks(request: Request, network: str | None = None) -> list[dict
     return dump(await objs(request).list(Block, f"{network}:" if network else ""))
 
 
+def wire_object(key: str, value: bytes, revision: int) -> Any:
+    """A stored object as agents receive it. One the model refuses (written around the API, or by an
+    older server) goes out as stored: each agent quarantines it, where raising here would stop
+    every agent's snapshot and watch (one bad object must not stop a cluster)."""
+    try:
+        o = decode(key, value)
+    except Exception:  # noqa: BLE001 - ValidationError, or not JSON at all
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    if o is None:
+        return None
+    o.revision = revision
+    return o.model_dump(mode="json")
+
+
 @router.get("/snapshot")
 async def snapshot(request: Request) -> dict:
-    rev, items = await objs(request).snapshot()
-    return {"revision": rev, "objects": [{"kind": o.kind, "object": o.model_dump(mode="json")} for o in items]}
+    from tether.model import PREFIX
+
+    listed = await objs(request).store.list(PREFIX)
+    out = []
+    for kv in listed.items:
+        kind = kind_of_key(kv.key)
+        if kind is not None:
+            out.append({"kind": kind, "object": wire_object(kv.key, kv.value, kv.mod_revision)})
+    return {"revision": listed.revision, "objects": out}
 
 
 @router.get("/watch")
@@ -413,12 +454,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0), bookma
                 kind = kind_of_key(item.key)
                 if kind is None:
                     continue
-                obj = None
-                if item.value is not None:
-                    o = decode(item.key, item.value)
-                    if o is not None:
-                        o.revision = item.revision
-                        obj = o.model_dump(mode="json")
+                obj = wire_object(item.key, item.value, item.revision) if item.value is not None else None
                 yield (json.dumps({"type": item.type, "kind": kind, "key": item.key, "object": obj,
                                    "revision": item.revision}) + "\n").encode()
         finally:

@@ -1,0 +1,51 @@
+"""The agent reports what it could not apply on its host, only when that changes (each write is a
+Host event every agent receives), and logs each failed kernel operation once at WARNING."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from tether.agent.main import Agent, AgentConfig
+from tether.dataplane.plan import Quarantined
+
+
+def agent(tmp_path) -> tuple[Agent, list]:
+    cfg = AgentConfig(server="http://127.0.0.1:9", host="h1", underlay_ip="198.18.0.1", state_dir=str(tmp_path),
+                      cni_socket=str(tmp_path / "cni.sock"), underlay=("eth0", 1500, "198.18.0.0/24"))
+    a = Agent(cfg)
+    sent: list = []
+
+    async def request(method: str, path: str, **kw) -> dict:
+        sent.append((method, path, json.loads(kw["content"])))
+        return {}
+
+    a.client.request = request  # type: ignore[method-assign]
+    a.connected = True
+    return a, sent
+
+
+def test_status_is_written_when_it_changes_and_not_on_every_apply(tmp_path, caplog) -> None:
+    async def run() -> list:
+        a, sent = agent(tmp_path)
+        a._quarantined = (Quarantined("Endpoint", "e1", "mac 'x' is not a MAC address"),)
+        with caplog.at_level(logging.WARNING, logger="tether.agent"):
+            for _ in range(3):
+                a._note_failures(["route 10.1.0.0/26 via 198.18.1.3 dev eth0: Network is unreachable"])
+                await a._report_status(7)
+        a._note_failures([])
+        await a._report_status(8)
+        await a._report_status(9)
+        await a.client.close()
+        return sent
+
+    sent = asyncio.run(run())
+    assert [(m, p) for m, p, _ in sent] == [("PUT", "/api/v1/hosts/h1/status")] * 2
+    first, second = sent[0][2], sent[1][2]
+    assert first["problems"][0]["name"] == "e1" and first["applied_revision"] == 7
+    assert first["failed_ops"] == [{"kind": "operation", "name": "route 10.1.0.0/26 via 198.18.1.3 dev eth0",
+                                    "reason": "Network is unreachable", "since": first["failed_ops"][0]["since"]}]
+    assert second["failed_ops"] == [] and second["problems"][0]["since"] == first["problems"][0]["since"]
+    failed = [r for r in caplog.records if "kernel operation failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
