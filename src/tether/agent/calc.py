@@ -210,6 +210,21 @@ UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
 SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+CT_MARK = {"ct": {"key": "mark"}}
+EPHEMERAL = 32768  # the lowest port of Linux's default ip_local_port_range (32768-60999)
+
+
+def _ct_bits(bits: int, value: int | None = None) -> dict:
+    """ct mark & bits == value (default: all of them set)."""
+    return _match({"&": [CT_MARK, bits]}, bits if value is None else value)
+
+
+def _tcp(field: str) -> dict:
+    return {"payload": {"protocol": "tcp", "field": field}}
+
+
+REJUDGED = _ct_bits(policy.CT_REJUDGE)
+NOT_SYN = _match({"&": [_tcp("flags"), "syn"]}, 0)
 POD_IFACES = LINK_PREFIX + "*"
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
@@ -272,6 +287,53 @@ def needs_state(rep: Replica) -> str:
     if next(iter(rep.security_groups), None) is not None or any(ep.security_groups for ep in rep.endpoints):
         return "security groups"
     return ""
+
+
+DISPATCH = (  # the forward chain's verdict for a packet that conntrack does not pass
+    rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
+    rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
+         DROP, comment="unknown pod interface"),
+    rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
+    rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
+         DROP, comment="unknown pod interface"),
+)
+MIDSTREAM_DENIED = "denied connection, from its server"
+
+
+def midstream_chains() -> tuple[NftChain, ...]:
+    """Connections whose verdict is not settled: conntrack picked them up mid-stream (their pod
+    became stateful, or the table switched from the one without conntrack), or a policy change
+    marked them for judging again (`tether.dataplane.conntrack.rejudge`, ct mark `CT_REJUDGE`).
+
+    Such a connection's packets towards its server are judged like a new connection's first
+    packet (the policies' drops set `CT_DENIED`, an accept clears the marks: it is then an ordinary
+    connection). Its packets from its server pass until one towards the server was denied: judging
+    them as new connections from the server, which is what conntrack made of them, stalled a
+    server push into a pod with default-deny ingress until its silent client sent a byte.
+    Which end is the server: for a connection tracked from its SYN, conntrack's original direction;
+    for one picked up mid-stream, the end whose port is below the ephemeral range when the other's is
+    in it (otherwise each packet is judged on its own, as conntrack sees it)."""
+    to_server = {"goto": {"target": "midstream_judge"}}
+    from_server = {"goto": {"target": "midstream_from_server"}}
+    picked = policy.CT_PICKED
+    return (
+        NftChain("midstream", (
+            rule(_ct_bits(picked, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
+            rule(_ct_bits(picked, 0), to_server),
+            rule(_match(_tcp("sport"), EPHEMERAL, "<"), _match(_tcp("dport"), EPHEMERAL, ">="), from_server),
+            rule(to_server),
+        )),
+        NftChain("midstream_from_server", (
+            rule(_ct_bits(policy.CT_DENIED), {"counter": None}, DROP, comment=MIDSTREAM_DENIED),
+            rule(ACCEPT),
+        )),
+        NftChain("midstream_judge", (
+            rule({"mangle": {"key": CT_MARK, "value": {"&": [CT_MARK, 0xFFFFFFFF ^ (policy.CT_REJUDGE |
+                                                                                   policy.CT_DENIED)]}}}),
+            *DISPATCH,
+            rule(ACCEPT),
+        )),
+    )
 
 
 def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
@@ -358,16 +420,18 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                  {"masquerade": None}, comment="nat-outgoing"),
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
+            # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`
+            rule(REJUDGED, _match({"ct": {"key": "state"}}, "related", "!="), {"goto": {"target": "midstream"}}),
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
+            # TCP that was not tracked until now (its pod just became stateful): no SYN, so not new
+            rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
+                 policy.ct_mark_or(policy.CT_PICKED | policy.CT_REJUDGE), {"goto": {"target": "midstream"}},
+                 comment="picked up mid-stream"),
             svc_reject,
-            rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
-            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
-                 DROP, comment="unknown pod interface"),
-            rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
-            rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
-                 DROP, comment="unknown pod interface"),
+            *DISPATCH,
         ), hook="forward", type="filter", priority=0, policy="accept"),
+        *midstream_chains(),
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
             *vxlan_refused,
