@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tether.agent import pod_ingress, policy, services, yielding
 from tether.agent.cache import Replica
 from tether.agent.policy import ip_version, stateless_targets, v4_subnets
+from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE
 from tether.dataplane.plan import (
     LINK_PREFIX,
     VTEP_NAME,
@@ -223,7 +224,7 @@ def _tcp(field: str) -> dict:
     return {"payload": {"protocol": "tcp", "field": field}}
 
 
-REJUDGED = _ct_bits(policy.CT_REJUDGE)
+REJUDGED = _ct_bits(CT_REJUDGE)
 NOT_SYN = _match({"&": [_tcp("flags"), "syn"]}, 0)
 POD_IFACES = LINK_PREFIX + "*"
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
@@ -315,7 +316,7 @@ def midstream_chains() -> tuple[NftChain, ...]:
     in it (otherwise each packet is judged on its own, as conntrack sees it)."""
     to_server = {"goto": {"target": "midstream_judge"}}
     from_server = {"goto": {"target": "midstream_from_server"}}
-    picked = policy.CT_PICKED
+    picked = CT_PICKED
     return (
         NftChain("midstream", (
             rule(_ct_bits(picked, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
@@ -324,12 +325,12 @@ def midstream_chains() -> tuple[NftChain, ...]:
             rule(to_server),
         )),
         NftChain("midstream_from_server", (
-            rule(_ct_bits(policy.CT_DENIED), {"counter": None}, DROP, comment=MIDSTREAM_DENIED),
+            rule(_ct_bits(CT_DENIED), {"counter": None}, DROP, comment=MIDSTREAM_DENIED),
             rule(ACCEPT),
         )),
         NftChain("midstream_judge", (
-            rule({"mangle": {"key": CT_MARK, "value": {"&": [CT_MARK, 0xFFFFFFFF ^ (policy.CT_REJUDGE |
-                                                                                   policy.CT_DENIED)]}}}),
+            rule({"mangle": {"key": CT_MARK, "value": {"&": [CT_MARK, 0xFFFFFFFF ^ (CT_REJUDGE |
+                                                                                   CT_DENIED)]}}}),
             *DISPATCH,
             rule(ACCEPT),
         )),
@@ -426,7 +427,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
             rule(CT_INVALID, DROP),
             # TCP that was not tracked until now (its pod just became stateful): no SYN, so not new
             rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
-                 policy.ct_mark_or(policy.CT_PICKED | policy.CT_REJUDGE), {"goto": {"target": "midstream"}},
+                 policy.ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}},
                  comment="picked up mid-stream"),
             svc_reject,
             *DISPATCH,
@@ -480,3 +481,42 @@ def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
                            [me.underlay_ip] if me else [])
     yielding.checkpoint()
     return merge(base, pol, svc, ingress)
+
+
+# --- connections a table change may now forbid ------------------------------------------------------
+
+# chains and sets whose change can narrow a verdict: policy and group chains, dispatch chains and
+# maps, peer and member sets, named ports, isolation (see agent/policy.py); not services, `st-` or
+# `ing-` chains, and not `stateful` (a pod that becomes stateful is picked up mid-stream)
+POLICY_PREFIXES = ("np", "sg", "in-", "out-", "sel", "pn-", "others", "ep_", "nested", "parent")
+
+
+def _policy_name(name: str) -> bool:
+    return name.startswith(POLICY_PREFIXES)
+
+
+def rejudge_needed(report) -> bool:
+    """Did an nft apply (its `NftReport`) change something that may forbid a connection it allowed
+    before? Elements only added (a new pod, a new selector member) never do; the whole table
+    replaced (first apply, a restart) may."""
+    if report.full:
+        return True
+    if any(_policy_name(n) for n in (*report.chains_replaced, *report.chains_removed, *report.chains_added,
+                                     *report.sets_removed, *report.sets_redefined)):
+        return True
+    for change in report.changes:  # element changes: "<set>: +<added> -<removed>"
+        name, _, counts = change.partition(": ")
+        if counts.startswith("+") and _policy_name(name) and not counts.endswith(" -0"):
+            return True
+    return False
+
+
+def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:
+    """The addresses of this host's endpoints (nested ones included) that the table tracks for a
+    policy or group (in `stateful`): the connections a policy change may now forbid."""
+    stateful = next((s.elements for s in nft.sets if s.name == "stateful"), frozenset())
+    if not stateful:
+        return frozenset()
+    local = {ep.id for ep in rep.endpoints if ep.host == host and ep.interface}
+    return frozenset(ip for ep in rep.endpoints if ep.host == host and (ep.id in local or ep.parent in local)
+                     if any(a in stateful for a in ep.ips) for ip in ep.ips)

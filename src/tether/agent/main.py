@@ -123,6 +123,7 @@ class Agent:
         self._now = False  # the pending kick asked not to wait
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
+        self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
         self._saved_rev, self._saved_at = -1, 0.0
 
     # --- small services used by the CNI handler ---------------------------------------------------
@@ -340,9 +341,26 @@ class Agent:
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
         with background_priority(verify), yielding.background():
-            self._apply_plan(self._plan(view, key), keep, verify)
+            plan = self._plan(view, key)
+            self._rejudge(view, plan, self._apply_plan(plan, keep, verify))
 
-    def _apply_plan(self, plan, keep, verify: bool) -> None:
+    def _rejudge(self, view: Replica, plan, nrep) -> None:
+        """After a policy change, mark the connections of the pods it may concern (before or after
+        it) for judging again, so established ones the policies now forbid stop (docs/ARCHITECTURE.md,
+        "What a policy change does to existing connections")."""
+        from tether.agent.calc import rejudge_needed, rejudge_scope
+        from tether.dataplane.conntrack import rejudge
+
+        needed = rejudge_needed(nrep)
+        if not (needed or nrep.full or any(c.startswith("stateful: ") for c in nrep.changes)
+                or "stateful" in nrep.sets_added):
+            return  # neither a verdict nor the tracked addresses changed (a pod's ADD, say)
+        scope = rejudge_scope(view, self.host, plan.nft)
+        before, self._judged = self._judged, scope
+        if needed and (scope or before):
+            rejudge(scope | before)
+
+    def _apply_plan(self, plan, keep, verify: bool):
         from tether.dataplane.links import apply_links, raise_interfaces
 
         t0 = time.perf_counter()
@@ -363,6 +381,7 @@ class Agent:
         if nrep.changed or lrep.changed:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, "; ".join(lrep.changes + nrep.changes)[:500])
+        return nrep
 
     async def _heartbeat_loop(self) -> None:
         while True:

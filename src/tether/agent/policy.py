@@ -27,18 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.agent import yielding
+from tether.dataplane.conntrack import CT_DENIED, CT_REJUDGE
 from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
 NP_OK = 0x100000  # meta mark bit: some NetworkPolicy rule allowed this packet
 SG_OK = 0x200000  # meta mark bit: some security group rule allowed it
 LOG_GROUP = 7  # NFLOG group of denied packets (read by tether.agent.flowlog)
-# ct mark bits of connections whose verdict is not settled (calc.base_nft's `midstream` chains; the
-# services fragment uses 0x4000): judge the connection's next packet towards its server again; its
-# last judged packet was denied; conntrack picked it up mid-stream (its direction is a guess)
-CT_REJUDGE = 0x10000
-CT_DENIED = 0x20000
-CT_PICKED = 0x40000
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
 L4_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "ipv6-icmp"}
 PORT_PROTOS = (6, 17, 132)

@@ -1,0 +1,55 @@
+"""Marking a host's conntrack entries for judging again after a policy change (`conntrack -U`).
+
+The forward chain accepts an established connection without looking at policies, so a policy
+that now forbids it would never stop it. Instead of deleting the entries (a deleted entry is picked
+up again mid-stream: a NAT-ed connection would be translated anew, and which end began it is lost),
+the agent sets the ct mark bit `CT_REJUDGE` on the entries of the pods whose verdicts may have
+changed; the table's `midstream` chains then judge each such connection's next packet towards its
+server with the current policies (calc.midstream_chains): allowed, it is an ordinary connection
+again; denied, both its directions are dropped from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+# ct mark bits of connections whose verdict is not settled (calc.midstream_chains; the services
+# fragment uses 0x4000): judge the connection's next packet towards its server again; its last
+# judged packet was denied; conntrack picked it up mid-stream (which end is the server is a guess)
+CT_REJUDGE = 0x10000
+CT_DENIED = 0x20000
+CT_PICKED = 0x40000
+
+UPDATED = "flow entries have been updated"  # conntrack's report, also when none matched (exit code 1)
+
+
+def rejudge_commands(addresses: Iterable[str]) -> list[list[str]]:
+    """`conntrack -U` commands setting CT_REJUDGE (and only it: mask = value) on every entry with one
+    of `addresses` as its original source (the pod began it) or its reply source (the pod answers
+    it, also behind a service's DNAT)."""
+    mark = f"{CT_REJUDGE:#x}/{CT_REJUDGE:#x}"
+    return [["conntrack", "-U", flag, address, "--mark", mark]
+            for address in sorted(set(addresses)) for flag in ("--orig-src", "--reply-src")]
+
+
+def rejudge(addresses: Iterable[str], netns: str | None = None) -> list[str]:
+    """Mark the entries of `addresses` for judging again; returns what failed (logged as warnings)."""
+    failed = []
+    for cmd in rejudge_commands(addresses):
+        if netns:
+            cmd = ["ip", "netns", "exec", netns, *cmd]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failed.append(f"{' '.join(cmd)}: {e}")
+            continue
+        if r.returncode != 0 and UPDATED not in r.stderr:
+            failed.append(f"{' '.join(cmd)}: {r.stderr.strip()[:200]}")
+    for f in failed:
+        log.warning("marking connections for judging again after a policy change failed (they keep their "
+                    "verdict until they end; is conntrack-tools installed?): %s", f)
+    return failed
