@@ -346,8 +346,9 @@ class Agent:
 
     def _rejudge(self, view: Replica, plan, nrep) -> None:
         """After a policy change, mark the connections of the pods it may concern (before or after
-        it) for judging again, so established ones the policies now forbid stop (docs/ARCHITECTURE.md,
-        "What a policy change does to existing connections")."""
+        it) for judging again, so established ones the policies now forbid stop; those of pods
+        tracked from now on as picked up mid-stream (docs/ARCHITECTURE.md, "What a policy change
+        does to existing connections")."""
         from tether.agent.calc import rejudge_needed, rejudge_scope
         from tether.dataplane.conntrack import rejudge
 
@@ -357,8 +358,10 @@ class Agent:
             return  # neither a verdict nor the tracked addresses changed (a pod's ADD, say)
         scope = rejudge_scope(view, self.host, plan.nft)
         before, self._judged = self._judged, scope
-        if needed and (scope or before):
-            rejudge(scope | before)
+        if scope - before:  # newly tracked: their entries' direction is unknown
+            rejudge(scope - before, picked=True)
+        if needed and (scope & before or before - scope):
+            rejudge((scope & before) | (before - scope))
 
     def _apply_plan(self, plan, keep, verify: bool):
         from tether.dataplane.links import apply_links, raise_interfaces

@@ -27,19 +27,26 @@ CT_PICKED = 0x40000
 UPDATED = "flow entries have been updated"  # conntrack's report, also when none matched (exit code 1)
 
 
-def rejudge_commands(addresses: Iterable[str]) -> list[list[str]]:
-    """`conntrack -U` commands setting CT_REJUDGE (and only it: mask = value) on every entry with one
-    of `addresses` as its original source (the pod began it) or its reply source (the pod answers
-    it, also behind a service's DNAT)."""
-    mark = f"{CT_REJUDGE:#x}/{CT_REJUDGE:#x}"
-    return [["conntrack", "-U", flag, address, "--mark", mark]
+def rejudge_commands(addresses: Iterable[str], picked: bool = False) -> list[list[str]]:
+    """`conntrack -U` commands marking every entry with one of `addresses` as its original source
+    (the pod began it) or its reply source (the pod answers it, also behind a service's DNAT):
+    CT_REJUDGE set, other bits kept (conntrack: mark = (mark & ~mask) ^ value). `picked`: the
+    addresses were not tracked until now, so their entries were made mid-stream, or are stale ones
+    from an earlier tracked period, or were made while conntrack registered in the namespace and the
+    new table was not in place yet (`nft` registers it before its batch commits): which end began
+    them is unknown, so CT_PICKED is set too and CT_DENIED cleared."""
+    if picked:
+        value, mask = CT_REJUDGE | CT_PICKED, CT_REJUDGE | CT_PICKED | CT_DENIED
+    else:
+        value = mask = CT_REJUDGE
+    return [["conntrack", "-U", flag, address, "--mark", f"{value:#x}/{mask:#x}"]
             for address in sorted(set(addresses)) for flag in ("--orig-src", "--reply-src")]
 
 
-def rejudge(addresses: Iterable[str], netns: str | None = None) -> list[str]:
+def rejudge(addresses: Iterable[str], picked: bool = False, netns: str | None = None) -> list[str]:
     """Mark the entries of `addresses` for judging again; returns what failed (logged as warnings)."""
     failed = []
-    for cmd in rejudge_commands(addresses):
+    for cmd in rejudge_commands(addresses, picked):
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
         try:
