@@ -117,10 +117,17 @@ CASES = {
     "deny-all-egress-x": ("x", DENY_OUT, "x"),
     "deny-all-ingress-y": ("y", DENY_IN, "x"),
     "deny-all-egress-y": ("y", DENY_OUT, "y"),
+    # namespace names "x" and "y" in a selector stand for the pods' namespaces (see `actual`)
     "ingress-x-from-y": ("x", {"podSelector": {}, "ingress": [{"from": [from_ns("y")]}]}, ""),
     "egress-y-to-x": ("y", {"podSelector": {}, "egress": [{"to": [from_ns("x")]}], "policyTypes": ["Egress"]}, ""),
     "deny-all-both-ways-x": ("x", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}, "xy"),
 }
+
+
+def actual(spec: dict, p: Pods) -> dict:
+    """`spec` with the namespace names of its selectors replaced by the pods' unique ones."""
+    return json.loads(json.dumps(spec).replace('.name": "x"', f'.name": "{p.x}"').replace('.name": "y"',
+                                                                                            f'.name": "{p.y}"'))
 
 
 def check(streams: list[Stream], got: list[dict], forbidden_by: str, policy_at: float, gone_at: float) -> list[str]:
@@ -145,6 +152,7 @@ def run_case(p: Pods, ns: str, spec: dict, forbidden_by: str, edit_from: dict | 
     POLICY_FOR later deleted (or edited back)."""
     c = p.lab.client()
     target = p.x if ns == "x" else p.y
+    spec = actual(spec, p)
     name = unique("np")
     if edit_from is not None:
         c.apply(NetworkPolicy(name=name, namespace=target, spec=edit_from))
