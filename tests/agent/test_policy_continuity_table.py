@@ -122,3 +122,10 @@ def test_entries_are_marked_by_either_end_and_newly_tracked_ones_as_picked_up() 
                     ["conntrack", "-U", "--reply-src", "10.1.0.1", "--mark", f"{CT_REJUDGE:#x}/{CT_REJUDGE:#x}"]]
     value, mask = (int(x, 16) for x in rejudge_commands(["10.1.0.1"], picked=True)[0][-1].split("/"))
     assert value == CT_REJUDGE | CT_PICKED and mask == CT_REJUDGE | CT_PICKED | CT_DENIED
+
+
+def test_many_addresses_are_marked_per_subnet_and_the_rest_per_address() -> None:
+    many = [f"10.1.0.{i}" for i in range(1, 40)] + ["192.0.2.7"]
+    cmds = rejudge_commands(many, subnets=["10.1.0.0/16", "10.9.0.0/16"])
+    assert [c[2:4] for c in cmds] == [["--orig-src", "10.1.0.0/16"], ["--orig-dst", "10.1.0.0/16"],
+                                      ["--orig-src", "192.0.2.7"], ["--reply-src", "192.0.2.7"]]

@@ -358,10 +358,11 @@ class Agent:
             return  # neither a verdict nor the tracked addresses changed (a pod's ADD, say)
         scope = rejudge_scope(view, self.host, plan.nft)
         before, self._judged = self._judged, scope
+        subnets = [sn.cidr for n in view.networks.values() for sn in n.subnets]
         if scope - before:  # newly tracked: their entries' direction is unknown
-            rejudge(scope - before, picked=True)
+            rejudge(scope - before, picked=True, subnets=subnets)
         if needed and (scope & before or before - scope):
-            rejudge((scope & before) | (before - scope))
+            rejudge((scope & before) | (before - scope), subnets=subnets)
 
     def _apply_plan(self, plan, keep, verify: bool):
         from tether.dataplane.links import apply_links, raise_interfaces
