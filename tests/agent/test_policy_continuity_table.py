@@ -129,3 +129,31 @@ def test_many_addresses_are_marked_per_subnet_and_the_rest_per_address() -> None
     cmds = rejudge_commands(many, subnets=["10.1.0.0/16", "10.9.0.0/16"])
     assert [c[2:4] for c in cmds] == [["--orig-src", "10.1.0.0/16"], ["--orig-dst", "10.1.0.0/16"],
                                       ["--orig-src", "192.0.2.7"], ["--reply-src", "192.0.2.7"]]
+
+
+def test_the_agent_marks_newly_tracked_pods_as_picked_up_and_the_rest_only_after_a_narrowing_change(
+        monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from tether.agent.main import Agent
+    from tether.dataplane import conntrack
+
+    calls: list[tuple[frozenset, bool]] = []
+    monkeypatch.setattr(conntrack, "rejudge", lambda a, picked=False, subnets=(): calls.append((frozenset(a), picked)))
+    agent = SimpleNamespace(host="h1", _judged=frozenset())
+    lean, tracked = replica(), with_policy()
+
+    def apply(rep, report: NftReport) -> list[tuple[frozenset, bool]]:
+        calls.clear()
+        Agent._rejudge(agent, rep, SimpleNamespace(nft=compute_nft(rep, CTX)), report)
+        return list(calls)
+
+    # the first policy: the table is replaced, the pod is tracked from now on
+    assert apply(tracked, NftReport(full=True)) == [(frozenset({"10.1.0.1"}), True)]
+    # a pod added elsewhere: nothing to judge again
+    assert apply(tracked, NftReport(changes=["ep_in: +1 -0"])) == []
+    # the policy edited: its pods' connections are judged again, their direction known
+    assert apply(tracked, NftReport(chains_replaced=["npi-0123456789ab"])) == [(frozenset({"10.1.0.1"}), False)]
+    # the last policy gone: judged again once more (nothing tracked any longer)
+    assert apply(lean, NftReport(full=True)) == [(frozenset({"10.1.0.1"}), False)]
+    assert agent._judged == frozenset()
