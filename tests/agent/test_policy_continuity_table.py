@@ -8,7 +8,15 @@ from __future__ import annotations
 import json
 
 from tests.agent.test_calc import CTX, replica
-from tether.agent.calc import EPHEMERAL, base_nft, compute_nft, rejudge_needed, rejudge_scope
+from tether.agent.calc import (
+    EPHEMERAL,
+    PICKUP_GRACE,
+    base_nft,
+    compute_nft,
+    pickup_grace,
+    rejudge_needed,
+    rejudge_scope,
+)
 from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE, rejudge_commands
 from tether.dataplane.nft import NftReport
 from tether.model import NetworkPolicy
@@ -47,13 +55,26 @@ def test_a_connection_marked_for_judging_again_leaves_before_the_established_acc
                                                                               "untracked"]}} in fwd[1]["expr"]
 
 
-def test_tcp_without_syn_that_conntrack_sees_as_new_is_marked_picked_up_and_judged_in_midstream() -> None:
-    fwd = chain(base_nft(replica(), "h1"), "forward")
-    pickup = next(r for r in fwd if r.get("comment") == "picked up mid-stream")
-    assert fwd.index(pickup) < next(i for i, r in enumerate(fwd) if "svc_reject" in json.dumps(r))
-    text = json.dumps(pickup)
-    assert '"syn"' in text and '"new"' in text and targets(pickup) == "midstream"
-    assert str(CT_PICKED | CT_REJUDGE) in text
+def test_tcp_without_syn_to_or_from_a_newly_tracked_pod_is_marked_picked_up_and_judged_in_midstream() -> None:
+    plan = base_nft(replica(), "h1")
+    fwd = chain(plan, "forward")
+    pickups = [r for r in fwd if r.get("comment") == "picked up mid-stream"]
+    assert len(pickups) == 4  # source or destination, IPv4 or IPv6
+    assert fwd.index(pickups[-1]) < next(i for i, r in enumerate(fwd) if "svc_reject" in json.dumps(r))
+    for pickup in pickups:
+        text = json.dumps(pickup)
+        assert '"syn"' in text and '"new"' in text and targets(pickup) == "midstream"
+        assert str(CT_PICKED | CT_REJUDGE) in text
+    assert {r["expr"][2]["match"]["right"] for r in pickups} == {"@picked_grace", "@picked_grace6"}
+    grace = {s.name: s for s in plan.sets if s.name.startswith("picked_grace")}
+    assert {s.timeout for s in grace.values()} == {PICKUP_GRACE} and all("timeout" in s.flags for s in grace.values())
+
+
+def test_newly_tracked_addresses_enter_the_grace_sets_in_the_applys_own_batch() -> None:
+    cmds = pickup_grace(frozenset({"10.1.0.1", "fd00::1"}))
+    assert [c["add"]["set"]["name"] for c in cmds] == ["picked_grace", "picked_grace6"]
+    assert cmds[0]["add"]["set"]["elem"] == ["10.1.0.1"] and cmds[0]["add"]["set"]["timeout"] == PICKUP_GRACE
+    assert pickup_grace(frozenset()) == []
 
 
 def test_the_server_is_conntracks_reply_end_or_for_a_pickup_the_port_below_the_ephemeral_range() -> None:
@@ -145,7 +166,7 @@ def test_the_agent_marks_newly_tracked_pods_as_picked_up_and_the_rest_only_after
 
     def apply(rep, report: NftReport) -> list[tuple[frozenset, bool]]:
         calls.clear()
-        Agent._rejudge(agent, rep, SimpleNamespace(nft=compute_nft(rep, CTX)), report)
+        Agent._rejudge(agent, rep, rejudge_scope(rep, "h1", compute_nft(rep, CTX)), report)
         return list(calls)
 
     # the first policy: the table is replaced, the pod is tracked from now on

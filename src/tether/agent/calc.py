@@ -226,6 +226,10 @@ def _tcp(field: str) -> dict:
 
 REJUDGED = _ct_bits(CT_REJUDGE)
 NOT_SYN = _match({"&": [_tcp("flags"), "syn"]}, 0)
+# addresses tracked since less than PICKUP_GRACE seconds (the agent adds them in the batch that starts
+# tracking them; the kernel expires them): only their connections are picked up mid-stream
+PICKUP_SETS = {4: "picked_grace", 6: "picked_grace6"}
+PICKUP_GRACE = 30
 POD_IFACES = LINK_PREFIX + "*"
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
@@ -290,6 +294,11 @@ def needs_state(rep: Replica) -> str:
     return ""
 
 
+PICKUPS = tuple(  # TCP of a pod tracked since PICKUP_GRACE at most: no SYN, so not a new connection
+    rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
+         _match({"payload": {"protocol": "ip" if v == 4 else "ip6", "field": end}}, "@" + name),
+         policy.ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}}, comment="picked up mid-stream")
+    for v, name in PICKUP_SETS.items() for end in ("saddr", "daddr"))
 DISPATCH = (  # the forward chain's verdict for a packet that conntrack does not pass
     rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
     rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
@@ -374,6 +383,8 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
         NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict"),
+        *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
+          for v, name in PICKUP_SETS.items()),
     )
     svc_lookups = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
@@ -425,10 +436,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
             rule(REJUDGED, _match({"ct": {"key": "state"}}, "related", "!="), {"goto": {"target": "midstream"}}),
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
-            # TCP that was not tracked until now (its pod just became stateful): no SYN, so not new
-            rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
-                 policy.ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}},
-                 comment="picked up mid-stream"),
+            *PICKUPS,
             svc_reject,
             *DISPATCH,
         ), hook="forward", type="filter", priority=0, policy="accept"),
@@ -509,6 +517,20 @@ def rejudge_needed(report) -> bool:
         if counts.startswith("+") and _policy_name(name) and not counts.endswith(" -0"):
             return True
     return False
+
+
+def pickup_grace(addresses: frozenset[str]) -> list[dict]:
+    """nft commands for the apply's batch: the addresses enter the `picked_grace` sets (expiring
+    after PICKUP_GRACE s), so their connections are picked up mid-stream from the batch's commit on.
+    `add set` with elements, not `add element` (see nft.add_into)."""
+    out = []
+    for v, name in PICKUP_SETS.items():
+        elems = sorted(a for a in addresses if ip_version(a) == v)
+        if elems:
+            body = {"family": "inet", "table": "tether", "name": name, "type": "ipv4_addr" if v == 4 else "ipv6_addr",
+                    "flags": ["timeout"], "timeout": PICKUP_GRACE, "elem": elems}
+            out.append({"add": {"set": body}})
+    return out
 
 
 def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:

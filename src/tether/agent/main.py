@@ -27,7 +27,7 @@ from typing import Any
 from tether import __version__, heap
 from tether.agent import yielding
 from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan, vtep_mac_for
+from tether.agent.calc import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope, vtep_mac_for
 from tether.agent.cni_server import CniServer
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.links import Applied
@@ -342,21 +342,17 @@ class Agent:
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
         with background_priority(verify), yielding.background():
             plan = self._plan(view, key)
-            self._rejudge(view, plan, self._apply_plan(plan, keep, verify))
+            scope = rejudge_scope(view, self.host, plan.nft)
+            self._rejudge(view, scope, self._apply_plan(plan, keep, verify, pickup_grace(scope - self._judged)))
 
-    def _rejudge(self, view: Replica, plan, nrep) -> None:
+    def _rejudge(self, view: Replica, scope: frozenset[str], nrep) -> None:
         """After a policy change, mark the connections of the pods it may concern (before or after
-        it) for judging again, so established ones the policies now forbid stop; those of pods
-        tracked from now on as picked up mid-stream (docs/ARCHITECTURE.md, "What a policy change
-        does to existing connections")."""
-        from tether.agent.calc import rejudge_needed, rejudge_scope
+        it, `scope`: calc.rejudge_scope) for judging again, so established ones the policies now
+        forbid stop; those of pods tracked from now on as picked up mid-stream (docs/ARCHITECTURE.md,
+        "What a policy change does to existing connections")."""
         from tether.dataplane.conntrack import rejudge
 
         needed = rejudge_needed(nrep)
-        if not (needed or nrep.full or any(c.startswith("stateful: ") for c in nrep.changes)
-                or "stateful" in nrep.sets_added):
-            return  # neither a verdict nor the tracked addresses changed (a pod's ADD, say)
-        scope = rejudge_scope(view, self.host, plan.nft)
         before, self._judged = self._judged, scope
         subnets = [sn.cidr for n in view.networks.values() for sn in n.subnets]
         if scope - before:  # newly tracked: their entries' direction is unknown
@@ -364,7 +360,7 @@ class Agent:
         if needed and (scope & before or before - scope):
             rejudge((scope & before) | (before - scope), subnets=subnets)
 
-    def _apply_plan(self, plan, keep, verify: bool):
+    def _apply_plan(self, plan, keep, verify: bool, extra_nft: list[dict] | None = None):
         from tether.dataplane.links import apply_links, raise_interfaces
 
         t0 = time.perf_counter()
@@ -377,7 +373,7 @@ class Agent:
         yielding.checkpoint()
         if verify:
             self.nft.verify(plan.nft)
-        nrep = self.nft.apply(plan.nft)
+        nrep = self.nft.apply(plan.nft, extra_nft)
         raised = raise_interfaces(plan, self._links_applied, report=lrep)  # after their ingress chains (pod_ingress)
         if raised:
             lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
