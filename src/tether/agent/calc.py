@@ -325,11 +325,10 @@ def midstream_chains() -> tuple[NftChain, ...]:
     in it (otherwise each packet is judged on its own, as conntrack sees it)."""
     to_server = {"goto": {"target": "midstream_judge"}}
     from_server = {"goto": {"target": "midstream_from_server"}}
-    picked = CT_PICKED
     return (
         NftChain("midstream", (
-            rule(_ct_bits(picked, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
-            rule(_ct_bits(picked, 0), to_server),
+            rule(_ct_bits(CT_PICKED, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
+            rule(_ct_bits(CT_PICKED, 0), to_server),
             rule(_match(_tcp("sport"), EPHEMERAL, "<"), _match(_tcp("dport"), EPHEMERAL, ">="), from_server),
             rule(to_server),
         )),
@@ -539,6 +538,7 @@ def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:
     stateful = next((s.elements for s in nft.sets if s.name == "stateful"), frozenset())
     if not stateful:
         return frozenset()
-    local = {ep.id for ep in rep.endpoints if ep.host == host and ep.interface}
-    return frozenset(ip for ep in rep.endpoints if ep.host == host and (ep.id in local or ep.parent in local)
-                     if any(a in stateful for a in ep.ips) for ip in ep.ips)
+    mine = [ep for ep in rep.endpoints if ep.host == host]
+    local = {ep.id for ep in mine if ep.interface}
+    return frozenset(ip for ep in mine if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips)
+                     for ip in ep.ips)
