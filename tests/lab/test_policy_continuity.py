@@ -205,3 +205,38 @@ def test_an_edited_policy_stops_only_the_established_streams_it_now_forbids(pods
     """From a tracked table: an allow-all policy on the namespace becomes a default deny."""
     ns, spec, forbidden_by = CASES[case]
     run_case(pods, ns, spec, forbidden_by, edit_from=ALLOW_ALL)
+
+
+RAW = os.path.join(os.path.dirname(__file__), "raw_tcp.py")
+
+
+def forged_ack_arrives(p: Pods, text: str) -> bool:
+    """A bare ACK with a payload, of no connection, from x/a's port 80 to y/b's port 40000: would
+    pass as a server's packet picked up mid-stream."""
+    listener = _py_raw(p.yb.ns, "expect", "40000", text, "3")
+    time.sleep(0.5)
+    nsx(p.xa.ns, sys.executable, RAW, "send", p.xa.ip, "80", p.yb.ip, "40000", "A", text)
+    out, _ = listener.communicate(timeout=10)
+    return out.strip() == "got"
+
+
+def _py_raw(ns: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, RAW, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def test_after_the_pickup_grace_a_pod_cannot_send_through_its_default_deny_egress_without_a_syn(pods: Pods) -> None:
+    from tether.agent.calc import PICKUP_GRACE
+
+    p = pods
+    c = p.lab.client()
+    wait_for(lambda: tracking(p.lab) == [False, False], 15, "both hosts' tables without conntrack")
+    assert forged_ack_arrives(p, "before-any-policy"), "the probe does not work: nothing arrives without policies"
+    name = unique("np")
+    c.apply(NetworkPolicy(name=name, namespace=p.x, spec=DENY_OUT))
+    try:
+        wait_for(lambda: tracking(p.lab) == [True, True], 15, "both hosts to track")
+        time.sleep(PICKUP_GRACE + 2)
+        assert not forged_ack_arrives(p, "after-the-grace"), "a non-SYN segment left through default-deny egress"
+    finally:
+        c.delete("NetworkPolicy", f"{p.x}/{name}")
