@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from tether.agent import pod_ingress, policy, services, yielding
 from tether.agent.cache import Replica
 from tether.agent.policy import ip_version, stateless_targets, v4_subnets
+from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE
 from tether.dataplane.plan import (
     LINK_PREFIX,
     VTEP_NAME,
@@ -225,6 +226,25 @@ UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
 SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
 FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+CT_MARK = {"ct": {"key": "mark"}}
+EPHEMERAL = 32768  # the lowest port of Linux's default ip_local_port_range (32768-60999)
+
+
+def _ct_bits(bits: int, value: int | None = None) -> dict:
+    """ct mark & bits == value (default: all of them set)."""
+    return _match({"&": [CT_MARK, bits]}, bits if value is None else value)
+
+
+def _tcp(field: str) -> dict:
+    return {"payload": {"protocol": "tcp", "field": field}}
+
+
+REJUDGED = _ct_bits(CT_REJUDGE)
+NOT_SYN = _match({"&": [_tcp("flags"), "syn"]}, 0)
+# addresses tracked since less than PICKUP_GRACE seconds (the agent adds them in the batch that starts
+# tracking them; the kernel expires them): only their connections are picked up mid-stream
+PICKUP_SETS = {4: "picked_grace", 6: "picked_grace6"}
+PICKUP_GRACE = 30
 POD_IFACES = LINK_PREFIX + "*"
 VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 
@@ -289,6 +309,57 @@ def needs_state(rep: Replica) -> str:
     return ""
 
 
+PICKUPS = tuple(  # TCP of a pod tracked since PICKUP_GRACE at most: no SYN, so not a new connection
+    rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
+         _match({"payload": {"protocol": "ip" if v == 4 else "ip6", "field": end}}, "@" + name),
+         policy.ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}}, comment="picked up mid-stream")
+    for v, name in PICKUP_SETS.items() for end in ("saddr", "daddr"))
+DISPATCH = (  # the forward chain's verdict for a packet that conntrack does not pass
+    rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
+    rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
+         DROP, comment="unknown pod interface"),
+    rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
+    rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
+         DROP, comment="unknown pod interface"),
+)
+MIDSTREAM_DENIED = "denied connection, from its server"
+
+
+def midstream_chains() -> tuple[NftChain, ...]:
+    """Connections whose verdict is not settled: conntrack picked them up mid-stream (their pod
+    became stateful, or the table switched from the one without conntrack), or a policy change
+    marked them for judging again (`tether.dataplane.conntrack.rejudge`, ct mark `CT_REJUDGE`).
+
+    Such a connection's packets towards its server are judged like a new connection's first
+    packet (the policies' drops set `CT_DENIED`, an accept clears the marks: it is then an ordinary
+    connection). Its packets from its server pass until one towards the server was denied: judging
+    them as new connections from the server, which is what conntrack made of them, stalled a
+    server push into a pod with default-deny ingress until its silent client sent a byte.
+    Which end is the server: for a connection tracked from its SYN, conntrack's original direction;
+    for one picked up mid-stream, the end whose port is below the ephemeral range when the other's is
+    in it (otherwise each packet is judged on its own, as conntrack sees it)."""
+    to_server = {"goto": {"target": "midstream_judge"}}
+    from_server = {"goto": {"target": "midstream_from_server"}}
+    return (
+        NftChain("midstream", (
+            rule(_ct_bits(CT_PICKED, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
+            rule(_ct_bits(CT_PICKED, 0), to_server),
+            rule(_match(_tcp("sport"), EPHEMERAL, "<"), _match(_tcp("dport"), EPHEMERAL, ">="), from_server),
+            rule(to_server),
+        )),
+        NftChain("midstream_from_server", (
+            rule(_ct_bits(CT_DENIED), {"counter": None}, DROP, comment=MIDSTREAM_DENIED),
+            rule(ACCEPT),
+        )),
+        NftChain("midstream_judge", (
+            rule({"mangle": {"key": CT_MARK, "value": {"&": [CT_MARK, 0xFFFFFFFF ^ (CT_REJUDGE |
+                                                                                   CT_DENIED)]}}}),
+            *DISPATCH,
+            rule(ACCEPT),
+        )),
+    )
+
+
 def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
     anti-spoofing.
@@ -326,6 +397,8 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
         NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict"),
+        *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
+          for v, name in PICKUP_SETS.items()),
     )
     svc_lookups = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
@@ -373,16 +446,15 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                  {"masquerade": None}, comment="nat-outgoing"),
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
+            # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`
+            rule(REJUDGED, _match({"ct": {"key": "state"}}, "related", "!="), {"goto": {"target": "midstream"}}),
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
+            *PICKUPS,
             svc_reject,
-            rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
-            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
-                 DROP, comment="unknown pod interface"),
-            rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
-            rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
-                 DROP, comment="unknown pod interface"),
+            *DISPATCH,
         ), hook="forward", type="filter", priority=0, policy="accept"),
+        *midstream_chains(),
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
             *vxlan_refused,
@@ -431,3 +503,57 @@ def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
                            [me.underlay_ip] if me else [])
     yielding.checkpoint()
     return merge(base, pol, svc, ingress)
+
+
+# --- connections a table change may now forbid ------------------------------------------------------
+
+# chains and sets whose change can narrow a verdict: policy and group chains, dispatch chains and
+# maps, peer and member sets, named ports, isolation (see agent/policy.py); not services, `st-` or
+# `ing-` chains, and not `stateful` (a pod that becomes stateful is picked up mid-stream)
+POLICY_PREFIXES = ("np", "sg", "in-", "out-", "sel", "pn-", "others", "ep_", "nested", "parent")
+
+
+def _policy_name(name: str) -> bool:
+    return name.startswith(POLICY_PREFIXES)
+
+
+def rejudge_needed(report) -> bool:
+    """Did an nft apply (its `NftReport`) change something that may forbid a connection it allowed
+    before? Elements only added (a new pod, a new selector member) never do; the whole table
+    replaced (first apply, a restart) may."""
+    if report.full:
+        return True
+    if any(_policy_name(n) for n in (*report.chains_replaced, *report.chains_removed, *report.chains_added,
+                                     *report.sets_removed, *report.sets_redefined)):
+        return True
+    for change in report.changes:  # element changes: "<set>: +<added> -<removed>"
+        name, _, counts = change.partition(": ")
+        if counts.startswith("+") and _policy_name(name) and not counts.endswith(" -0"):
+            return True
+    return False
+
+
+def pickup_grace(addresses: frozenset[str]) -> list[dict]:
+    """nft commands for the apply's batch: the addresses enter the `picked_grace` sets (expiring
+    after PICKUP_GRACE s), so their connections are picked up mid-stream from the batch's commit on.
+    `add set` with elements, not `add element` (see nft.add_into)."""
+    out = []
+    for v, name in PICKUP_SETS.items():
+        elems = sorted(a for a in addresses if ip_version(a) == v)
+        if elems:
+            body = {"family": "inet", "table": "tether", "name": name, "type": "ipv4_addr" if v == 4 else "ipv6_addr",
+                    "flags": ["timeout"], "timeout": PICKUP_GRACE, "elem": elems}
+            out.append({"add": {"set": body}})
+    return out
+
+
+def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:
+    """The addresses of this host's endpoints (nested ones included) that the table tracks for a
+    policy or group (in `stateful`): the connections a policy change may now forbid."""
+    stateful = next((s.elements for s in nft.sets if s.name == "stateful"), frozenset())
+    if not stateful:
+        return frozenset()
+    mine = [ep for ep in rep.endpoints if ep.host == host]
+    local = {ep.id for ep in mine if ep.interface}
+    return frozenset(ip for ep in mine if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips)
+                     for ip in ep.ips)

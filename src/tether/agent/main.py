@@ -27,7 +27,7 @@ from typing import Any
 from tether import __version__, heap
 from tether.agent import yielding
 from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan, vtep_mac_for
+from tether.agent.calc import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope, vtep_mac_for
 from tether.agent.cni_server import CniServer
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.links import Applied
@@ -123,6 +123,7 @@ class Agent:
         self._now = False  # the pending kick asked not to wait
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
+        self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
         self._saved_rev, self._saved_at = -1, 0.0
         # what the last apply could not do, reported in the host's status (`_report_status`)
         self._quarantined: tuple = ()  # plan.quarantined of the last plan
@@ -349,9 +350,26 @@ class Agent:
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
         with background_priority(verify), yielding.background():
-            self._apply_plan(self._plan(view, key), keep, verify)
+            plan = self._plan(view, key)
+            scope = rejudge_scope(view, self.host, plan.nft)
+            self._rejudge(view, scope, self._apply_plan(plan, keep, verify, pickup_grace(scope - self._judged)))
 
-    def _apply_plan(self, plan, keep, verify: bool) -> None:
+    def _rejudge(self, view: Replica, scope: frozenset[str], nrep) -> None:
+        """After a policy change, mark the connections of the pods it may concern (before or after
+        it, `scope`: calc.rejudge_scope) for judging again, so established ones the policies now
+        forbid stop; those of pods tracked from now on as picked up mid-stream (docs/ARCHITECTURE.md,
+        "What a policy change does to existing connections")."""
+        from tether.dataplane.conntrack import rejudge
+
+        needed = rejudge_needed(nrep)
+        before, self._judged = self._judged, scope
+        subnets = [sn.cidr for n in view.networks.values() for sn in n.subnets]
+        if scope - before:  # newly tracked: their entries' direction is unknown
+            rejudge(scope - before, picked=True, subnets=subnets)
+        if needed and (scope & before or before - scope):
+            rejudge((scope & before) | (before - scope), subnets=subnets)
+
+    def _apply_plan(self, plan, keep, verify: bool, extra_nft: list[dict] | None = None):
         from tether.agent import quarantine
         from tether.dataplane.links import apply_links, raise_interfaces
 
@@ -368,7 +386,7 @@ class Agent:
         yielding.checkpoint()
         if verify:
             self.nft.verify(plan.nft)
-        nrep = self.nft.apply(plan.nft)
+        nrep = self.nft.apply(plan.nft, extra_nft)
         raised = raise_interfaces(plan, self._links_applied, report=lrep)  # after their ingress chains (pod_ingress)
         if raised:
             lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
@@ -377,6 +395,7 @@ class Agent:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, "; ".join(lrep.changes + nrep.changes)[:500])
         self._note_failures(lrep.failures + nrep.failures)
+        return nrep
 
     def _note_failures(self, failures: list[str]) -> None:
         """Keep the failed kernel operations of this apply for the host's status; each is logged at

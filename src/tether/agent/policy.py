@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.agent import yielding
+from tether.dataplane.conntrack import CT_DENIED, CT_REJUDGE
 from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
@@ -138,10 +139,22 @@ def stateless_targets(networks: Iterable[Network]) -> dict[str, str]:
     return {n.name: "goto " + stateless_chain(n.name) for n in networks if v4_subnets(n)}
 
 
-def denied(*matches: dict, comment: str) -> str:
-    """A counted, logged drop; the comment names who denied (the counter metric reads it back)."""
+def ct_mark_or(bits: int) -> dict:
+    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, bits]}}}
+
+
+# a dispatch chain's drop marks the connection: harmless for a new one (its entry goes with the
+# packet), and for an established one being judged again (calc's `midstream_judge`) it stops the
+# packets coming back from its server too
+REMEMBER_DENIAL = ct_mark_or(CT_REJUDGE | CT_DENIED)
+
+
+def denied(*matches: dict, comment: str, remember: bool = False) -> str:
+    """A counted, logged drop; the comment names who denied (the counter metric reads it back).
+    `remember`: also mark the connection denied (only in chains of hooks that have conntrack)."""
     text = comment[:120]
-    return rule(*matches, COUNTER, {"log": {"prefix": text[:60], "group": LOG_GROUP}}, DROP, comment=text)
+    marks = (REMEMBER_DENIAL,) if remember else ()
+    return rule(*matches, COUNTER, *marks, {"log": {"prefix": text[:60], "group": LOG_GROUP}}, DROP, comment=text)
 
 
 def short(text: str) -> str:
@@ -487,11 +500,11 @@ class Builder:
         if pols:
             rules.extend(jump_rule(self.policy_chain(p, direction)) for p in pols)
             names = " ".join(f"{p.namespace}/{p.name}" for p in pols)
-            rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}"))
+            rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}", remember=True))
         if groups:
             rules.extend(jump_rule(self.group_chain(g, direction)) for g in groups)
             names = " ".join(g.name for g in groups)
-            rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}"))
+            rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}", remember=True))
         if direction == "Ingress":
             if not pols and not groups:
                 for v in self.versions:
@@ -501,7 +514,8 @@ class Builder:
                         continue
                     ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
                                        "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
-                    rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}"))
+                    rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}",
+                                        remember=True))
             rules.append(ACCEPT_RULE)
         else:
             rules.extend((TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))

@@ -349,7 +349,10 @@ class NftDataplane:
         self._structure, self._marker, self._elements, self._raw = layout, marker, elements, raw
         self._counts = planned_rule_counts(plan)
 
-    def apply(self, plan: NftPlan) -> NftReport:
+    def apply(self, plan: NftPlan, extra: list[dict] | None = None) -> NftReport:
+        """`extra`: commands to run in the same batch, after the plan's (elements for sets whose
+        elements the kernel owns, e.g. calc.pickup_grace)."""
+        extra = extra or []
         report = NftReport()
         foreign = [c for c in plan.chains if c.device is not None and not own_link(c.device)]
         if foreign:  # never hook a device that is not Tether's, whatever the plan says
@@ -367,22 +370,23 @@ class NftDataplane:
                 self._remember(plan, layout, marker, {s.name: kernel.get(s.name, set()) for s in plan.sets
                                                       if managed(s)}, {})
         if self._structure is None:
-            self._full(plan, layout, marker, report, "table replaced")
+            self._full(plan, layout, marker, report, "table replaced", extra)
             return report
         try:
             cmds, elements, raw = self._commands(plan, layout, marker, report)
-            run_nft(cmds, self.netns)
+            run_nft(cmds + extra, self.netns)
         except NftError as e:  # the batch is atomic: the kernel still holds the previous table
             log.warning("incremental nft update failed, replacing the whole table: %s", e)
             self.forget()
             report = NftReport(failures=report.failures)
-            self._full(plan, layout, marker, report, "table replaced (incremental update failed)")
+            self._full(plan, layout, marker, report, "table replaced (incremental update failed)", extra)
             return report
         self._remember(plan, layout, marker, elements, raw)
         return report
 
-    def _full(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, why: str) -> None:
-        run_nft(full_commands(plan, marker), self.netns)
+    def _full(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, why: str,
+              extra: list[dict] | None = None) -> None:
+        run_nft(full_commands(plan, marker) + (extra or []), self.netns)
         report.full = True
         report.changes.append(why)
         managed_sets = [s for s in plan.sets if managed(s)]
