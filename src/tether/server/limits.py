@@ -26,11 +26,11 @@ class Limits:
     header_timeout: float = 5.0  # seconds from connect (or the first byte of a request) to its last header
     idle_timeout: float = 5.0  # seconds a keep-alive connection may wait for its next request
     write_timeout: float = 15.0  # seconds a client may leave our answer unread before it is cut off
-    send_buffer: int = 256 << 10  # kernel send buffer of a TCP connection: what a stalled client pins there
+    send_buffer: int = 128 << 10  # kernel send buffer of a TCP connection: what a stalled client pins there
     max_connections: int = 1000  # open connections, all listeners together
     max_watches: int = 1000  # watch streams in all
     max_watches_per_client: int = 16  # per peer: an IP address, or a unix-socket peer process
-    watch_buffer: int = 256 << 10  # event bytes buffered for one watcher
+    watch_buffer: int = 128 << 10  # event bytes buffered for one watcher
     watch_stall: float = 10.0  # seconds a full watch buffer may go undrained before the watcher is cut off
     watch_max_replay: int = 10_000  # revisions a watch may start behind the head; further back: resync
     shutdown_deadline: float = 4.5  # seconds from SIGTERM to exit, whatever the clients do
