@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import struct
 import time
@@ -97,7 +98,10 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
 
         def _arm_header_timer(self) -> None:
             if self.header_timer is None and not self.transport.is_closing():
-                self.header_timer = self.loop.call_later(limits.header_timeout, self._headers_late)
+                # 75-100% of the deadline: connections opened in one burst are not all closed (and
+                # re-opened by their client) in one burst, which would stall every request behind it
+                delay = limits.header_timeout * (0.75 + 0.25 * random.random())
+                self.header_timer = self.loop.call_later(delay, self._headers_late)
 
         def _cancel_header_timer(self) -> None:
             if self.header_timer is not None:

@@ -98,7 +98,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
     sockets = [bind(a) for a in listen]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             http=guarded_protocol(limits), timeout_keep_alive=max(1, round(limits.idle_timeout)),
-                            timeout_graceful_shutdown=2, h11_max_incomplete_event_size=64 << 10)
+                            timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16 << 10)
     server = uvicorn.Server(config)
     loop = asyncio.get_running_loop()
 
