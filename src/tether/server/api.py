@@ -394,21 +394,30 @@ class WatchResponse(StreamingResponse):
 
 
 LINE_CACHE = 8192  # encoded events kept for the next watcher that sends the same one
-_lines: OrderedDict[tuple[int, str], bytes | None] = OrderedDict()
+LineCache = OrderedDict[tuple[int, str], bytes | None]
 
 
-def event_line(item: Any) -> bytes | None:
+def line_cache(app: Any) -> LineCache:
+    """The app's cache of encoded events (per app: revisions of two stores are unrelated)."""
+    try:
+        return app.state.watch_lines
+    except AttributeError:
+        app.state.watch_lines = OrderedDict()
+        return app.state.watch_lines
+
+
+def event_line(item: Any, cache: LineCache) -> bytes | None:
     """The JSON line of a store event, encoded once for all watchers: every watcher (each agent,
     and a client replaying history) is sent the same events, and decoding and dumping one costs
     ~50 us - per watcher, that was the server's main cost of a write with many watch streams."""
     key = (item.revision, item.key)
-    line = _lines.get(key, b"")
+    line = cache.get(key, b"")
     if line != b"":
         return line
     line = encode_event(item)
-    _lines[key] = line
-    if len(_lines) > LINE_CACHE:
-        _lines.popitem(last=False)
+    cache[key] = line
+    if len(cache) > LINE_CACHE:
+        cache.popitem(last=False)
     return line
 
 
@@ -451,6 +460,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
     except TooManyWatches as e:
         raise ApiError(e.status, e.detail) from None
     cap, stall = limits.watch_buffer, limits.watch_stall
+    cache = line_cache(request.app)
 
     async def lines() -> AsyncIterator[bytes]:
         buffered: deque[tuple[Any, int]] = deque()
@@ -507,7 +517,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                     yield resync_line(error=str(item))
                     return
                 last = item.revision
-                line = event_line(item)
+                line = event_line(item, cache)
                 if line is not None:
                     yield line
         finally:
