@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether.agent import cni_protocol as cp
-from tether.agent import yielding
+from tether.agent import unix_socket, yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.client import ApiError, ServerUnreachable
 from tether.dataplane.plan import POD_GATEWAY
@@ -36,6 +36,23 @@ NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 
 
 HEX_ID = re.compile(r"[0-9a-f]{32,}")
+MAX_ENV = 64 << 10  # the environment frame: CNI_* variables, a few hundred bytes in practice
+MAX_STDIN = 1 << 20  # the network configuration (with a prevResult)
+READ_DEADLINE = 10.0  # seconds for a client to send its whole request
+MAX_CLIENTS = 256  # connections served at once
+
+
+class FrameTooLarge(ValueError):
+    pass
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> bytes:
+    """One length-prefixed frame; a declared length over `limit` is refused before anything is
+    allocated for it (a client that declares 1 GiB gets an error, not 1 GiB of buffers)."""
+    n = int.from_bytes(await reader.readexactly(4), "big")
+    if n > limit:
+        raise FrameTooLarge(f"the {what} frame declares {n} bytes, more than the limit of {limit}")
+    return await reader.readexactly(n)
 
 
 def dns_label(text: str, fallback: str) -> str:
@@ -82,8 +99,9 @@ class CniServer:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)  # stale socket of a previous agent: remove it at once (runtimes wait on it)
-        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
-        os.chmod(self.path, 0o660)
+        # root only: whoever can connect can plug any namespace into any network
+        self.server = await unix_socket.start_server(unix_socket.ConnectionCap(MAX_CLIENTS).wrap(self._serve),
+                                                     self.path, 0o600)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -105,21 +123,34 @@ class CniServer:
         return self.in_flight.keys()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        yielding.enter()  # from the moment the plugin connects until it has its answer, applies step aside
         try:
-            n = int.from_bytes(await reader.readexactly(4), "big")
-            env_raw = await reader.readexactly(n)
-            n = int.from_bytes(await reader.readexactly(4), "big")
-            stdin = await reader.readexactly(n)
-            env = dict(item.split("=", 1) for item in env_raw.decode().split("\0") if "=" in item)
-            code, out = await self.handle(env, stdin)
-            writer.write(code.to_bytes(4, "big") + out)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            log.warning("bad CNI request frame: %s", e)
+            try:
+                async with asyncio.timeout(READ_DEADLINE):
+                    env_raw = await read_frame(reader, MAX_ENV, "environment")
+                    stdin = await read_frame(reader, MAX_STDIN, "network configuration")
+                env = dict(item.split("=", 1) for item in env_raw.decode().split("\0") if "=" in item)
+            except TimeoutError:
+                log.warning("closing a CNI connection that sent no complete request within %g s", READ_DEADLINE)
+                return
+            except ValueError as e:  # too large, or not UTF-8
+                log.warning("bad CNI request frame: %s", e)
+                err = cp.CniError(cp.DECODE_FAILURE, f"bad request frame: {e}")
+                writer.write((1).to_bytes(4, "big") + cp.error_json(cp.LATEST, err))
+                await asyncio.wait_for(writer.drain(), READ_DEADLINE)
+                return
+            # only now, with the whole request read, do applies step aside until it is answered: a
+            # client that connects and sends nothing must not hold them up
+            yielding.enter()
+            try:
+                code, out = await self.handle(env, stdin)
+                writer.write(code.to_bytes(4, "big") + out)
+                await asyncio.wait_for(writer.drain(), READ_DEADLINE)
+            finally:
+                yielding.leave()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as e:
+            log.warning("bad CNI request frame: %s", e or type(e).__name__)
         finally:
             writer.close()
-            yielding.leave()
 
     async def handle(self, env: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
         version = cp.LATEST

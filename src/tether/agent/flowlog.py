@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any
 
 from tether import jsonline
+from tether.agent import unix_socket
 from tether.agent.policy import LOG_GROUP, drop_owners
 
 log = logging.getLogger("tether.agent.flowlog")
@@ -145,10 +146,9 @@ class FlowLog:
             loop.add_reader(self.sock.fileno(), self._readable)
         except OSError as e:
             log.warning("flow log disabled (%s); drops are still counted", e)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.server = await asyncio.start_unix_server(self._serve, self.path)
+        # an explicit mode, not the umask's: records name pods and addresses (root and its group)
+        self.server = await unix_socket.start_server(unix_socket.ConnectionCap(32).wrap(self._serve), self.path,
+                                                     0o660)
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -176,7 +176,7 @@ class FlowLog:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = (await reader.readline()).decode(errors="replace")
+            line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
             if line.startswith("GET "):
                 from tether.agent.quarantine import metrics
                 from tether.dataplane.nft import counters
@@ -189,8 +189,8 @@ class FlowLog:
                 recs = [r for r in self.records if not req.get("denied") or r.get("verdict") == "deny"]
                 writer.write((json.dumps(recs[-int(req.get("limit", 50)):]) + "\n").encode())
             await writer.drain()
-        except (ValueError, OSError) as e:
-            log.debug("flows socket: %s", e)
+        except (ValueError, OSError, TimeoutError) as e:
+            log.debug("flows socket: %s", e or type(e).__name__)
         finally:
             writer.close()
 

@@ -108,11 +108,15 @@ def server(
     service_cidr: Annotated[str, typer.Option(help="range for service virtual IPs")] = "10.96.0.0/16",
     dead_host_grace: Annotated[float, typer.Option(help="seconds after a host's lease expires before its "
                                                         "addresses are reclaimed")] = 600.0,
+    max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above it); the other limits "
+                                               "are flags of `python -m tether.server.main`")] = 1 << 20,
 ) -> None:
     """Run the control plane: the API over the store (SQLite by default, or etcd)."""
+    from tether.server.limits import Limits
     from tether.server.main import run_server
 
-    run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace)
+    run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
+               limits=Limits(max_body=max_body))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

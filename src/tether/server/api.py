@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from tether.model import (
     decode,
     kind_of_key,
 )
+from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.server.validation import check_policy, require_namespace
 from tether.store.base import Compacted
@@ -418,48 +420,145 @@ async def snapshot(request: Request) -> dict:
     return {"revision": listed.revision, "objects": out}
 
 
+class WatchResponse(StreamingResponse):
+    """A watch stream that gives its slot back however it ends (even if it never started)."""
+
+    def __init__(self, lines: AsyncIterator[bytes], release: Any) -> None:
+        super().__init__(lines, media_type="application/x-ndjson")
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+LINE_CACHE = 8192  # encoded events kept for the next watcher that sends the same one
+LineCache = OrderedDict[tuple[int, str], bytes | None]
+
+
+def line_cache(app: Any) -> LineCache:
+    """The app's cache of encoded events (per app: revisions of two stores are unrelated)."""
+    try:
+        return app.state.watch_lines
+    except AttributeError:
+        app.state.watch_lines = OrderedDict()
+        return app.state.watch_lines
+
+
+def event_line(item: Any, cache: LineCache) -> bytes | None:
+    """The JSON line of a store event, encoded once for all watchers: every watcher (each agent,
+    and a client replaying history) is sent the same events, and decoding and dumping one costs
+    ~50 us - per watcher, that was the server's main cost of a write with many watch streams."""
+    key = (item.revision, item.key)
+    line = cache.get(key, b"")
+    if line != b"":
+        return line
+    line = encode_event(item)
+    cache[key] = line
+    if len(cache) > LINE_CACHE:
+        cache.popitem(last=False)
+    return line
+
+
+def encode_event(item: Any) -> bytes | None:
+    kind = kind_of_key(item.key)
+    if kind is None:
+        return None
+    obj = wire_object(item.key, item.value, item.revision) if item.value is not None else None
+    return (json.dumps({"type": item.type, "kind": kind, "key": item.key, "object": obj,
+                        "revision": item.revision}) + "\n").encode()
+
+
+def resync_line(**why: Any) -> bytes:
+    return (json.dumps({"type": "resync", **why}) + "\n").encode()
+
+
 @router.get("/watch")
-async def watch(request: Request, after_revision: int = Query(..., ge=0), bookmark_interval: float = 5.0):
+async def watch(request: Request, after_revision: int = Query(..., ge=0),
+                bookmark_interval: float = Query(5.0, ge=1.0, le=3600.0,
+                                                 description="seconds between bookmarks on a quiet stream")):
+    """Events after `after_revision`, one JSON line each. Bounded: a watch that starts too far
+    behind, or whose client does not keep up, gets a `resync` line and ends (list, then watch again)."""
     store = objs(request).store
+    limits: Limits = request.app.state.limits
+    slots: WatchSlots = request.app.state.watches
     from tether.model import PREFIX
 
+    head = await store.revision()
+    if head - after_revision > limits.watch_max_replay:
+        return Response(resync_line(revision=head, reason=f"revision {after_revision} is more than "
+                                    f"{limits.watch_max_replay} revisions behind the head ({head}); list, then "
+                                    "watch from the list's revision"), media_type="application/x-ndjson")
+    try:
+        watcher = slots.acquire(peer_of(request.scope))
+    except TooManyWatches as e:
+        raise ApiError(e.status, e.detail) from None
+    cap, stall = limits.watch_buffer, limits.watch_stall
+    cache = line_cache(request.app)
+
     async def lines() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10000)
+        buffered: deque[tuple[Any, int]] = deque()
+        size = 0
+        room = asyncio.Event()
+        overflow: str | None = None
         last = after_revision
 
         async def pump() -> None:
+            nonlocal size, overflow
             try:
                 async for ev in store.watch(PREFIX, after_revision):
-                    await queue.put(ev)
-            except Compacted as e:
-                await queue.put(e)
-            except Exception as e:  # noqa: BLE001 - reported to the client as a resync
-                await queue.put(e)
+                    n = len(ev.key) + len(ev.value or b"") + 64
+                    while size and size + n > cap:  # full: wait for the client to take some
+                        room.clear()
+                        try:
+                            async with asyncio.timeout(stall):
+                                await room.wait()
+                        except TimeoutError:
+                            overflow = (f"this watcher fell behind: {size} bytes of events waited over {stall:g} s "
+                                        "(--watch-stall); list, then watch again")
+                            watcher.wake.set()
+                            return
+                    buffered.append((ev, n))
+                    size += n
+                    watcher.wake.set()
+            except Exception as e:  # noqa: BLE001 - Compacted or a store failure: the client resyncs
+                buffered.append((e, 0))
+                watcher.wake.set()
 
         task = asyncio.create_task(pump())
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), bookmark_interval)
-                except TimeoutError:
-                    yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
+                if not buffered and overflow is None and not watcher.stopping:
+                    watcher.wake.clear()
+                    try:
+                        async with asyncio.timeout(bookmark_interval):
+                            await watcher.wake.wait()
+                    except TimeoutError:
+                        yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
                     continue
+                if watcher.stopping:
+                    return  # the server is stopping: the stream just ends, the client reconnects
+                if not buffered:
+                    yield resync_line(revision=last, reason=overflow)
+                    return
+                item, n = buffered.popleft()
+                size -= n
+                room.set()
                 if isinstance(item, Compacted):
-                    yield (json.dumps({"type": "resync", "compact_revision": item.compact_revision}) + "\n").encode()
+                    yield resync_line(compact_revision=item.compact_revision)
                     return
                 if isinstance(item, Exception):
-                    yield (json.dumps({"type": "resync", "error": str(item)}) + "\n").encode()
+                    yield resync_line(error=str(item))
                     return
                 last = item.revision
-                kind = kind_of_key(item.key)
-                if kind is None:
-                    continue
-                obj = wire_object(item.key, item.value, item.revision) if item.value is not None else None
-                yield (json.dumps({"type": item.type, "kind": kind, "key": item.key, "object": obj,
-                                   "revision": item.revision}) + "\n").encode()
+                line = event_line(item, cache)
+                if line is not None:
+                    yield line
         finally:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return WatchResponse(lines(), lambda: slots.release(watcher))

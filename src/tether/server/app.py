@@ -19,6 +19,7 @@ from tether.model import Namespace
 from tether.server.api import router
 from tether.server.auth import OPEN_PATHS, request_token_ok
 from tether.server.gc import GarbageCollector
+from tether.server.limits import BodyLimit, Limits, WatchSlots
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.store.base import Store, StoreError, Unavailable
 
@@ -87,7 +88,9 @@ def create_app(
     dead_host_grace: float = 600.0,
     empty_block_grace: float = 300.0,
     gc_interval: float = 30.0,
+    limits: Limits | None = None,
 ) -> FastAPI:
+    limits = limits or Limits()
     registry = CollectorRegistry()
     requests = Counter("tether_api_requests", "API requests", ["method", "status"], registry=registry)
     latency = Histogram("tether_api_request_seconds", "API request latency", registry=registry)
@@ -107,6 +110,7 @@ def create_app(
             await with_retries(ensure_default)
         task = asyncio.create_task(gc.run()) if gc_interval > 0 else None
         yield
+        app.state.watches.stop_all()
         if task:
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -116,11 +120,14 @@ def create_app(
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
     app.state.gc = gc
+    app.state.limits = limits
+    app.state.watches = WatchSlots(limits.max_watches, limits.max_watches_per_client)
     app.include_router(router)
     from tether.server import neutron
 
     app.include_router(neutron.router)
 
+    app.add_middleware(BodyLimit, limits=limits)  # inside the token check: no body is read before it
     app.add_middleware(AuthAndMetrics, token=token, requests=requests, latency=latency)
 
     @app.exception_handler(ApiError)
