@@ -34,6 +34,15 @@ def report(kind: str, request: str, response: httpx.Response) -> None:
     raise AssertionError(message)
 
 
+def finding(kind: str, message: str) -> None:
+    """A failed property: raised, or appended to TETHER_FUZZ_FINDINGS."""
+    if FINDINGS:
+        with open(FINDINGS, "a") as f:
+            f.write(json.dumps({"kind": kind, "message": message}) + "\n")
+        return
+    raise AssertionError(message)
+
+
 def checked(srv: InProcessServer, method: str, url: str, body_desc: Any,
             send: Callable[[], httpx.Response]) -> httpx.Response:
     """Send one request and apply both checks."""
