@@ -52,13 +52,14 @@ class InProcessServer:
         self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
         return response
 
-    def state(self) -> tuple[int, tuple[tuple[str, int], ...]]:
-        """The store's revision and every key with its mod revision: equal before and after a request
-        exactly when the request wrote nothing."""
+    def state(self) -> tuple[int, tuple[tuple[str, int, int], ...]]:
+        """The store's revision and every key with its mod revision and lease: equal before and after
+        a request exactly when nothing wrote (a host's heartbeat lease may expire meanwhile: the
+        store deletes its key by itself, see `changes_by_request`)."""
 
-        async def read() -> tuple[int, tuple[tuple[str, int], ...]]:
+        async def read() -> tuple[int, tuple[tuple[str, int, int], ...]]:
             listing = await self.store.list("")
-            return await self.store.revision(), tuple((kv.key, kv.mod_revision) for kv in listing.items)
+            return await self.store.revision(), tuple((kv.key, kv.mod_revision, kv.lease) for kv in listing.items)
 
         return self.run(read())
 
