@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -183,10 +184,21 @@ FRAMES = {
 }
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 @pytest.mark.parametrize("name", sorted(FRAMES))
 def test_a_malformed_cni_frame_gets_an_error_object_or_a_close_and_the_agent_keeps_serving(cni, name) -> None:
-    assert_cni_error_or_close(exchange(cni.server.path, FRAMES[name]))
+    assert_still_serving(cni)  # warm: the first request opens what every later one reuses
+    fds = open_fds()
+    for _ in range(3):
+        assert_cni_error_or_close(exchange(cni.server.path, FRAMES[name]))
     assert_still_serving(cni)
+    deadline = time.monotonic() + 2
+    while open_fds() > fds and time.monotonic() < deadline:  # the agent closes its side asynchronously
+        time.sleep(0.02)
+    assert open_fds() <= fds, "the agent kept a descriptor of a finished connection"
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 99999), st.text(max_size=10),
