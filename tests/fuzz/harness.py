@@ -70,6 +70,8 @@ class InProcessServer:
             self.run(self._lifespan.__aexit__(None, None, None))
         with contextlib.suppress(Exception):
             self.run(self.store.close())
+        with contextlib.suppress(Exception):  # else their finalizers run after the loop closed (noise at exit)
+            self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
