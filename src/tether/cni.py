@@ -55,6 +55,8 @@ def _recv_all(sock):
 def run(environ, stdin):
     """Return (exit code, stdout bytes) for one CNI invocation."""
     version = (_string_after(stdin, b"cniVersion") or b"1.1.0").decode("ascii", "replace")
+    if not version or version.strip("0123456789.") or len(version) > 16:
+        version = "1.1.0"  # not a CNI version (a quote or backslash in it would break our JSON): the latest
     command = environ.get("CNI_COMMAND", "")
     if command == "VERSION":
         return 0, b'{"cniVersion": "%s", "supportedVersions": %s}' % (version.encode(), VERSIONS)
@@ -62,7 +64,8 @@ def run(environ, stdin):
     if not path:
         found = _string_after(stdin, b"agent_socket")
         path = found.decode() if found else DEFAULT_SOCKET
-    env = b"".join((f"{k}={v}\0").encode() for k, v in environ.items() if k.startswith(("CNI_", "TETHER_")))
+    env = b"".join((f"{k}={v}\0").encode("utf-8", "surrogateescape")  # the runtime's bytes, as they came
+                   for k, v in environ.items() if k.startswith(("CNI_", "TETHER_")))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(120)
     try:

@@ -56,6 +56,72 @@ class DriverError(Exception):
     """An error dockerd shows to the user as `remote: <message>`: say what to do."""
 
 
+# the fields each libnetwork/IPAM method cannot do without (dockerd always sends them)
+REQUIRED = {
+    "/NetworkDriver.CreateNetwork": ("NetworkID",), "/NetworkDriver.CreateEndpoint": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.DeleteEndpoint": ("EndpointID",), "/NetworkDriver.Join": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.Leave": ("EndpointID",), "/NetworkDriver.ProgramExternalConnectivity": ("NetworkID", "EndpointID"),
+    "/NetworkDriver.RevokeExternalConnectivity": ("EndpointID",),
+}
+
+
+def _is_network(text: Any) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def check_request(path: str, req: dict[str, Any]) -> None:
+    """The shape of a driver request, checked before any method reads it: a missing ID or a field of
+    the wrong type (a crafted request, or another dockerd version) is refused with what is wrong
+    instead of failing inside the method as an internal error with a traceback."""
+    for key in REQUIRED.get(path, ()):
+        if not isinstance(req.get(key), str) or not req[key]:
+            raise DriverError(f"the request has no {key} (a non-empty string); is this dockerd's libnetwork?")
+    for key in ("NetworkID", "EndpointID", "PoolID", "Pool", "SubPool", "Address", "AddressSpace", "SandboxKey"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            raise DriverError(f"{key} must be a string, not {type(req[key]).__name__}")
+    for key in ("Options", "Interface"):
+        if req.get(key) is not None and not isinstance(req[key], dict):
+            raise DriverError(f"{key} must be an object, not {type(req[key]).__name__}")
+    for key in ("Pool", "SubPool"):
+        if req.get(key) and not _is_network(req[key]):
+            raise DriverError(f"{key} {req[key]!r} is not a CIDR; write it like 10.77.0.0/16")
+    if req.get("PoolID") and not _is_network(req["PoolID"].removeprefix("tether/")):
+        raise DriverError(f"PoolID {req['PoolID']!r} is not a pool of tether's IPAM (tether/<CIDR>)")
+    if req.get("Address") and not _is_network(req["Address"]):
+        raise DriverError(f"Address {req['Address']!r} is not an IP address")
+    data = req.get("IPv4Data")
+    if data is not None and (not isinstance(data, list) or not all(isinstance(d, dict) for d in data)):
+        raise DriverError("IPv4Data must be a list of objects")
+    for d in data or []:
+        for key in ("Pool", "Gateway"):
+            if d.get(key) is not None and (not isinstance(d[key], str) or not _is_network(d[key])):
+                raise DriverError(f"IPv4Data {key} {d[key]!r} is not a CIDR or address")
+    iface = req.get("Interface") or {}
+    for key in ("Address", "AddressIPv6", "MacAddress"):
+        if iface.get(key) is not None and not isinstance(iface[key], str):
+            raise DriverError(f"Interface.{key} must be a string")
+    if iface.get("Address") and not _is_network(iface["Address"]):
+        raise DriverError(f"Interface.Address {iface['Address']!r} is not an IP address")
+    options = req.get("Options") or {}
+    generic = options.get(GENERIC)
+    if generic is not None and (not isinstance(generic, dict)
+                                or not all(isinstance(v, str | int | bool) for v in generic.values())):
+        raise DriverError("the network's -o options must be an object of strings")
+    ports = options.get(PORTMAP)
+    if ports is not None:
+        if not isinstance(ports, list) or not all(isinstance(m, dict) for m in ports):
+            raise DriverError("the published ports must be a list of objects")
+        for m in ports:
+            for key in ("Proto", "Port", "HostPort", "HostPortEnd"):
+                if m.get(key) is not None and (not isinstance(m[key], int) or isinstance(m[key], bool)
+                                               or not 0 <= m[key] <= 65535):
+                    raise DriverError(f"published port field {key}={m[key]!r} must be a number 0-65535")
+
+
 def endpoint_mac(endpoint_id: str) -> str:
     """A stable, locally administered MAC, known before the veth exists (anti-spoofing pins it)."""
     h = hashlib.sha1(f"tether-docker:{endpoint_id}".encode()).digest()
@@ -205,6 +271,7 @@ class DockerPlugin:
         t0 = time.perf_counter()
         yielding.enter()  # dockerd waits for this answer: applies step aside meanwhile
         try:
+            check_request(path, req)
             out = await fn(req)
         except DriverError as e:
             log.warning("docker %s refused: %s", path.lstrip("/"), e)
