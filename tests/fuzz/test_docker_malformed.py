@@ -299,3 +299,11 @@ def test_malformed_http_to_the_docker_socket_gets_err_or_4xx_or_a_close_and_it_k
             assert_driver_answer(HTTP_CASES[name].split(b" ")[1].decode("latin-1"), body)
     again = responses(exchange(served.plugin.server.path, post("/Plugin.Activate", b"{}")))
     assert again == [(200, {"Implements": ["NetworkDriver", "IpamDriver"]})]
+
+
+def test_ipam_calls_get_their_error_in_the_field_ipam_clients_read(served) -> None:
+    """libnetwork's IPAM API reads `Error`, its network API `Err`: a bad body gets the right one."""
+    [(status, body)] = responses(exchange(served.plugin.server.path, post("/IpamDriver.RequestPool", b"{bad")))
+    assert status == 400 and "Error" in body and "Err" not in body
+    [(status, body)] = responses(exchange(served.plugin.server.path, post("/NetworkDriver.CreateNetwork", b"{bad")))
+    assert status == 400 and "Err" in body and "Error" not in body

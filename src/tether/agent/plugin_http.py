@@ -67,15 +67,16 @@ class PluginHttpServer:
                 if request is None:
                     return
                 path, body, keep = request
+                err = "Error" if path.startswith("/IpamDriver.") else "Err"  # the two APIs name it differently
                 status, answer = 200, {}
                 try:
                     data = json.loads(body) if body.strip() else {}
                     answer = await self.handler(path, data if isinstance(data, dict) else {})
                 except json.JSONDecodeError as e:
-                    status, answer = 400, {"Err": f"bad JSON: {e}"}
+                    status, answer = 400, {err: f"bad JSON: {e}"}
                 except Exception as e:  # noqa: BLE001 - dockerd must always get an answer
                     log.exception("docker plugin call %s failed", path)
-                    answer = {"Err": f"tether: internal error in {path}: {type(e).__name__}: {e}"}
+                    answer = {err: f"tether: internal error in {path}: {type(e).__name__}: {e}"}
                 self._answer(writer, status, "OK" if status == 200 else "Bad Request", answer, keep)
                 await asyncio.wait_for(writer.drain(), REQUEST_DEADLINE)
                 if not keep:
