@@ -89,13 +89,7 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
 
 @router.delete("/hosts/{name}", status_code=204)
 async def delete_host(name: str, request: Request) -> None:
-    o = objs(request)
-    host = await o.must(Host, name)
-    eps = [e for e in await o.list(Endpoint) if e.host == name]
-    if eps:
-        raise ApiError(409, f"host {name!r} still has {len(eps)} endpoints; delete them first, or let the garbage "
-                            "collector reclaim them once the host's lease has expired")
-    await o.remove(host)
+    await objs(request).delete_host(name)
 
 
 # --- networks --------------------------------------------------------------------------------------

@@ -164,6 +164,14 @@ class Objects:
             others = [n for n in await self.list(Network) if n.name != net.name]
             check_overlap(net, others)
             old = await self.get(Network, net.name)
+            from tether.server.validation import check_direct, check_subnet_ranges
+
+            before = {s.cidr for s in old.subnets} if old is not None else set()
+            added = [s.cidr for s in net.subnets if s.cidr not in before]  # what existed stays (older data)
+            hosts = await self.list(Host) if added or net.encap == "direct" else []
+            check_subnet_ranges(net, added, hosts, self.service_cidr, self.vtep_cidr)
+            if old is None or old.encap != "direct":
+                check_direct(net, hosts)
             if old is None:
                 return await self.create(net, [guard_cmp], [guard_op]), True
             if create_only:
@@ -205,10 +213,15 @@ class Objects:
 
     # --- endpoints ------------------------------------------------------------------------------
 
-    async def create_endpoint(self, ep: Endpoint) -> tuple[Endpoint, bool]:
-        """Create an endpoint with its addresses in one transaction; idempotent per handle."""
+    async def create_endpoint(self, ep: Endpoint, *, require_subnet: bool = True) -> tuple[Endpoint, bool]:
+        """Create an endpoint with its addresses in one transaction; idempotent per handle.
+
+        `require_subnet=False` (Neutron) allows a port without addresses on a network without subnets."""
+        from tether.server.validation import check_endpoint_interface
+
         ep.handle = ep.handle or ep.id
         requested = list(ep.ips)
+        check_endpoint_interface(ep)
 
         async def attempt() -> tuple[Endpoint, bool]:
             existing = await self.endpoint_by_handle(ep.handle or "")
@@ -218,6 +231,14 @@ class Objects:
             if net is None:
                 raise ApiError(400, f"network {ep.network!r} does not exist; create it with "
                                     f"`tether network create {ep.network} --subnet CIDR`")
+            if require_subnet and not net.subnets:
+                raise ApiError(400, f"network {net.name!r} has no subnet, so the endpoint would get no address; add "
+                                    "a subnet to the network first (PUT /api/v1/networks with subnets, or "
+                                    "`openstack subnet create`)")
+            if ep.owner.type == "vm" and ep.interface and any(
+                    e.interface == ep.interface for e in await self.list(Endpoint)):
+                raise ApiError(409, f"another port already has the device name {ep.interface!r} (the first 11 "
+                                    "characters of the id); use another id")
             if ep.host and await self.get(Host, ep.host) is None:
                 raise ApiError(400, f"host {ep.host!r} is not registered; start `tether agent` on it first")
             for sg in ep.security_groups:
@@ -275,11 +296,25 @@ class Objects:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
                                 f"changeable fields: {', '.join(sorted(allowed))}")
 
+        from tether.names import endpoint_interface
+        from tether.server.validation import check_owner_change
+
         async def attempt() -> Endpoint:
             ep = await self.must(Endpoint, ep_id)
             data = ep.model_dump()
             data.update(changes)
             new = Endpoint.model_validate(data)
+            check_owner_change(ep, new)
+            want = endpoint_interface(new.owner.type, new.id, new.owner.container_id, new.owner.ifname)
+            if "interface" in changes and new.interface != want and new.interface != ep.interface:
+                raise ApiError(400, f"interface {new.interface!r} is refused: the server assigns the host-side device "
+                                    f"name ({want!r} here) and it cannot be changed; leave interface out")
+            if new.owner.type != ep.owner.type or (want and not ep.interface):
+                new.interface = want  # Neutron bound (or unbound) a port: its VIF follows
+            else:
+                new.interface = ep.interface
+            if new.host and new.host != ep.host and await self.get(Host, new.host) is None:
+                raise ApiError(400, f"host {new.host!r} is not registered; start `tether agent` on it first")
             for sg in new.security_groups:
                 if await self.store.get(key_of("SecurityGroup", sg)) is None:
                     raise ApiError(400, f"security group {sg!r} does not exist")
@@ -297,25 +332,69 @@ class Objects:
     # --- hosts ----------------------------------------------------------------------------------
 
     async def register_host(self, host: Host) -> tuple[Host, bool]:
+        """Create or update a host. The server assigns its VTEP address, unique across hosts through an
+        index key that every attempt (CAS retries included) compares; a client cannot choose one."""
+        from tether.server.validation import check_host_underlay
+
+        asked = host.vtep_ip
+
         async def attempt() -> tuple[Host, bool]:
-            old = await self.get(Host, host.name)
+            h = host.model_copy(deep=True)  # nothing of a failed attempt leaks into the next one
+            old = await self.get(Host, h.name)
             compares: list[Compare] = []
             ops: list[Op] = []
-            if old is not None and old.vtep_ip:
-                host.vtep_ip = old.vtep_ip
-            if not host.vtep_ip:
-                taken = {h.vtep_ip for h in await self.list(Host)}
-                ip = next(str(a) for a in self.vtep_cidr.hosts() if str(a) not in taken)
-                host.vtep_ip = ip
+            assigned = old.vtep_ip if old is not None else None
+            if asked and asked != assigned:
+                raise ApiError(400, f"vtep_ip {asked} is refused: the server assigns VTEP addresses"
+                                    + (f" ({assigned} is this host's)" if assigned else "") + "; leave vtep_ip out")
+            if old is None or (old.underlay_ip, old.underlay_cidr) != (h.underlay_ip, h.underlay_cidr):
+                check_host_underlay(h, await self.list(Host), await self.list(Network))
+            if assigned:
+                h.vtep_ip = assigned
+                kv = await self.store.get(vtep_key(assigned))
+                if kv is None:  # written before the index existed, or lost: claim it again
+                    compares.append(Compare(vtep_key(assigned), 0))
+                    ops.append(Put(vtep_key(assigned), h.name.encode()))
+                elif kv.value.decode() != h.name:
+                    log.warning("host %s: its VTEP address %s is indexed to %s", h.name, assigned, kv.value.decode())
+            else:
+                indexed = await self.store.list(vtep_key(""))
+                taken = {kv.key[len(vtep_key("")):] for kv in indexed.items}
+                taken |= {o.vtep_ip for o in await self.list(Host) if o.vtep_ip}
+                ip = next((str(a) for a in self.vtep_cidr.hosts() if str(a) not in taken), None)
+                if ip is None:
+                    raise ApiError(409, f"the VTEP range {self.vtep_cidr} is exhausted; delete hosts that are gone "
+                                        "or start the server with a larger --vtep-cidr")
+                h.vtep_ip = ip
                 compares.append(Compare(vtep_key(ip), 0))
-                ops.append(Put(vtep_key(ip), host.name.encode()))
-            host.heartbeat = now()
+                ops.append(Put(vtep_key(ip), h.name.encode()))
+            h.heartbeat = now()
             if old is None:
-                return await self.create(host, compares, ops), True
-            host.id, host.created_at = old.id, old.created_at
-            return await self.replace(host, old.revision, compares, ops), False
+                return await self.create(h, compares, ops), True
+            h.id, h.created_at = old.id, old.created_at
+            return await self.replace(h, old.revision, compares, ops), False
 
         return await with_retries(attempt)
+
+    async def delete_host(self, name: str) -> None:
+        """Delete a host without endpoints, with its VTEP index key (so the address is free again)."""
+
+        async def attempt() -> None:
+            host = await self.must(Host, name)
+            eps = [e for e in await self.list(Endpoint) if e.host == name]
+            if eps:
+                raise ApiError(409, f"host {name!r} still has {len(eps)} endpoints; delete them first, or let the "
+                                    "garbage collector reclaim them once the host's lease has expired")
+            ops: list[Op] = []
+            compares: list[Compare] = []
+            if host.vtep_ip:
+                kv = await self.store.get(vtep_key(host.vtep_ip))
+                if kv is not None and kv.value.decode() == name:
+                    compares.append(Compare(kv.key, kv.mod_revision))
+                    ops.append(Delete(kv.key))
+            await self.remove(host, compares, ops)
+
+        await with_retries(attempt)
 
     async def heartbeat(self, name: str, ttl: float) -> None:
         await self.must(Host, name)
