@@ -485,7 +485,7 @@ class Endpoint(Obj):
     @classmethod
     def _ips(cls, v: list[str]) -> list[str]:
         check_unique_count(v, "addresses", MAX_ENDPOINT_IPS)
-        out = [check_ip(ip, "ips: address") for ip in v]
+        out = [check_ip(ip, "address") for ip in v]
         dups = sorted({ip for ip in out if out.count(ip) > 1})
         if dups:
             raise ValueError(f"address {', '.join(dups)} is listed twice; list each address once")

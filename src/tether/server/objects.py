@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from pydantic import ValidationError
+
 from tether.ipam import Ipam, IpamError
 from tether.model import (
     KINDS,
@@ -35,6 +37,12 @@ T = TypeVar("T", bound=Obj)
 IDX = PREFIX + "idx/"
 NETWORK_GUARD = IDX + "network-guard"  # serialises network writes so overlap checks cannot race
 HOST_LEASE = PREFIX + "leases/hosts/"
+
+
+def describe_errors(e: ValidationError) -> str:
+    """A model's validation errors as 'field: what is wrong' (the shape of the API's 422 answers)."""
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: "
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
 
 
 class ApiError(Exception):
@@ -303,7 +311,10 @@ class Objects:
             ep = await self.must(Endpoint, ep_id)
             data = ep.model_dump()
             data.update(changes)
-            new = Endpoint.model_validate(data)
+            try:
+                new = Endpoint.model_validate(data)
+            except ValidationError as e:
+                raise ApiError(422, describe_errors(e)) from None
             check_owner_change(ep, new)
             want = endpoint_interface(new.owner.type, new.id, new.owner.container_id, new.owner.ifname)
             if "interface" in changes and new.interface != want and new.interface != ep.interface:
