@@ -299,3 +299,47 @@ def test_endpoint_on_a_network_without_subnet_is_refused_but_a_neutron_port_is_n
     refused(http, "POST", "/api/v1/endpoints", ep(network="bare"), 400, "add a subnet")
     r = http.post("/v2.0/ports", json={"port": {"network_id": net["id"]}})
     assert r.status_code == 201 and r.json()["port"]["fixed_ips"] == []
+
+
+async def test_a_cas_retry_keeps_the_vtep_uniqueness_check(store):
+    """Another server takes the same free address between this one's read and its commit: the retry
+    must pick another address, not commit the first one without the index check."""
+    from tether.ipam import Ipam
+    from tether.model import Host
+    from tether.server.objects import Objects, vtep_key
+
+    o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
+    real_txn = store.txn
+    raced = False
+
+    async def racing_txn(compares, ops):
+        nonlocal raced
+        if not raced and any(getattr(op, "key", "").startswith(vtep_key("")) for op in ops):
+            raced = True
+            store.txn = real_txn
+            await o.register_host(Host(name="other", underlay_ip="198.18.0.9"))
+            store.txn = racing_txn
+        return await real_txn(compares, ops)
+
+    store.txn = racing_txn
+    try:
+        mine, _ = await o.register_host(Host(name="mine", underlay_ip="198.18.0.8"))
+    finally:
+        store.txn = real_txn
+    other = await o.get(Host, "other")
+    assert raced and mine.vtep_ip != other.vtep_ip
+    for h in (mine, other):
+        assert (await store.get(vtep_key(h.vtep_ip))).value.decode() == h.name
+
+
+async def test_deleting_a_host_removes_its_vtep_index_key(store):
+    from tether.ipam import Ipam
+    from tether.model import Host
+    from tether.server.objects import Objects, vtep_key
+
+    o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
+    a, _ = await o.register_host(Host(name="a", underlay_ip="198.18.0.1"))
+    await o.delete_host("a")
+    assert await store.get(vtep_key(a.vtep_ip)) is None
+    c, _ = await o.register_host(Host(name="c", underlay_ip="198.18.0.3"))
+    assert c.vtep_ip == a.vtep_ip and (await store.get(vtep_key(c.vtep_ip))).value.decode() == "c"
