@@ -343,3 +343,20 @@ async def test_deleting_a_host_removes_its_vtep_index_key(store):
     assert await store.get(vtep_key(a.vtep_ip)) is None
     c, _ = await o.register_host(Host(name="c", underlay_ip="198.18.0.3"))
     assert c.vtep_ip == a.vtep_ip and (await store.get(vtep_key(c.vtep_ip))).value.decode() == "c"
+
+
+async def test_an_object_stored_under_looser_rules_is_passed_on_not_fatal(store):
+    """An older version stored a rule today's validators refuse: listing skips it, the snapshot carries it
+    as stored (for the agents to quarantine), and nothing answers 500."""
+    from tether.ipam import Ipam
+    from tether.model import SecurityGroup, key_of
+    from tether.server.objects import Objects
+
+    o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
+    bad = {"id": "old", "name": "old", "rules": [{"id": "r", "direction": "ingress", "protocol": "tcp; drop"}]}
+    await store.put(key_of("SecurityGroup", "old"), json.dumps(bad).encode())
+    await o.create(SecurityGroup(id="good", name="good"))
+    assert [g.id for g in await o.list(SecurityGroup)] == ["good"]
+    _, items = await o.snapshot()
+    old = next(i for i in items if i.kind == "SecurityGroup" and i.model_dump()["id"] == "old")
+    assert old.model_dump()["rules"][0]["protocol"] == "tcp; drop"

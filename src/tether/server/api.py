@@ -409,7 +409,11 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0), bookma
                     continue
                 obj = None
                 if item.value is not None:
-                    o = decode(item.key, item.value)
+                    try:
+                        o = decode(item.key, item.value)
+                    except ValueError:  # stored by an older version: sent as stored, for the agent to quarantine
+                        obj = {**json.loads(item.value), "revision": item.revision}
+                        o = None
                     if o is not None:
                         o.revision = item.revision
                         obj = o.model_dump(mode="json")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -37,6 +39,19 @@ T = TypeVar("T", bound=Obj)
 IDX = PREFIX + "idx/"
 NETWORK_GUARD = IDX + "network-guard"  # serialises network writes so overlap checks cannot race
 HOST_LEASE = PREFIX + "leases/hosts/"
+
+
+@dataclass
+class Undecodable:
+    """A stored object today's validators refuse (written by an older version): passed on as stored,
+    so agents can quarantine it and an operator can see and delete it."""
+
+    kind: str
+    data: dict
+    revision: int = 0
+
+    def model_dump(self, mode: str = "json") -> dict:
+        return {**self.data, "revision": self.revision}
 
 
 def describe_errors(e: ValidationError) -> str:
@@ -109,18 +124,27 @@ class Objects:
         listed = await self.store.list(key_of(cls.kind, prefix))
         out = []
         for kv in listed.items:
-            obj = cls.model_validate_json(kv.value)
+            try:
+                obj = cls.model_validate_json(kv.value)
+            except ValidationError as e:  # stored by an older version with looser rules: skipped, not fatal
+                log.warning("stored %s %s fails validation and is skipped: %s", cls.kind, kv.key, describe_errors(e))
+                continue
             obj.revision = kv.mod_revision
             out.append(obj)
         return out
 
-    async def snapshot(self) -> tuple[int, list[Obj]]:
+    async def snapshot(self) -> tuple[int, list[Obj | Undecodable]]:
         listed = await self.store.list(PREFIX)
-        objs = []
+        objs: list[Obj | Undecodable] = []
         for kv in listed.items:
-            if kind_of_key(kv.key) is None:
+            kind = kind_of_key(kv.key)
+            if kind is None:
                 continue
-            obj = decode(kv.key, kv.value)
+            try:
+                obj = decode(kv.key, kv.value)
+            except ValidationError:
+                objs.append(Undecodable(kind, json.loads(kv.value), kv.mod_revision))
+                continue
             if obj is not None:
                 obj.revision = kv.mod_revision
                 objs.append(obj)
