@@ -73,6 +73,17 @@ def endpoint_interface(owner_type: str, ep_id: str, container_id: str | None, if
     return None
 
 
+def endpoint_mac(owner_type: str, ep_id: str, container_id: str | None, ifname: str | None) -> str | None:
+    """The MAC an endpoint gets when its runtime gave none: the one its plugging path would pick."""
+    if owner_type == "cni":
+        return pod_mac(container_id, ifname) if container_id and ifname else None
+    if owner_type == "docker":
+        return docker_endpoint_mac(ep_id)
+    if owner_type == "vm":
+        return neutron_mac(ep_id)
+    return None
+
+
 def ifname_problem(name: str) -> str | None:
     """Why the kernel (or Tether's rule of thumb) would refuse this interface name; None if fine."""
     if not name:

@@ -360,3 +360,22 @@ async def test_an_object_stored_under_looser_rules_is_passed_on_not_fatal(store)
     _, items = await o.snapshot()
     old = next(i for i in items if i.kind == "SecurityGroup" and i.model_dump()["id"] == "old")
     assert old.model_dump()["rules"][0]["protocol"] == "tcp; drop"
+
+
+def test_one_endpoint_per_host_device(http):
+    """A second endpoint with a pod's container id and ifname would route through, and later delete, its veth."""
+    owner = {"type": "cni", "container_id": "victim", "ifname": "eth0"}
+    first = http.post("/api/v1/endpoints", json=ep(owner=owner))
+    assert first.status_code == 201
+    refused(http, "POST", "/api/v1/endpoints", ep(owner=owner), 409, "already belongs")
+    assert http.delete(f"/api/v1/endpoints/{first.json()['id']}").status_code == 204
+    assert http.post("/api/v1/endpoints", json=ep(owner=owner)).status_code == 201  # freed with its endpoint
+
+
+def test_neutron_binding_moves_the_device_name_with_the_port(http):
+    net_id = http.get("/api/v1/networks/red").json()["id"]
+    port = http.post("/v2.0/ports", json={"port": {"network_id": net_id}}).json()["port"]
+    assert http.get(f"/api/v1/endpoints/{port['id']}").json()["interface"] is None
+    r = http.put(f"/v2.0/ports/{port['id']}", json={"port": {"binding:host_id": "h1"}})
+    assert r.status_code == 200, r.text
+    assert http.get(f"/api/v1/endpoints/{port['id']}").json()["interface"] == "tap" + port["id"][:11]

@@ -81,6 +81,10 @@ def vtep_key(ip: str) -> str:
     return f"{IDX}vtep/{ip}"
 
 
+def interface_key(ifname: str) -> str:
+    return f"{IDX}interface/{ifname}"
+
+
 def svcip_key(ip: str) -> str:
     return f"{IDX}service-ip/{ip}"
 
@@ -267,10 +271,7 @@ class Objects:
                 raise ApiError(400, f"network {net.name!r} has no subnet, so the endpoint would get no address; add "
                                     "a subnet to the network first (PUT /api/v1/networks with subnets, or "
                                     "`openstack subnet create`)")
-            if ep.owner.type == "vm" and ep.interface and any(
-                    e.interface == ep.interface for e in await self.list(Endpoint)):
-                raise ApiError(409, f"another port already has the device name {ep.interface!r} (the first 11 "
-                                    "characters of the id); use another id")
+            iface_cmp, iface_ops = await self._claim_interface(ep)
             if ep.host and await self.get(Host, ep.host) is None:
                 raise ApiError(400, f"host {ep.host!r} is not registered; start `tether agent` on it first")
             for sg in ep.security_groups:
@@ -287,9 +288,9 @@ class Objects:
             ep.ips = alloc.ips
             ep.created_at = now()
             compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0), Compare(net.key(), net.revision),
-                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares]
+                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares, *iface_cmp]
             ops = [Put(ep.key(), encode(ep)), Put(endpoint_name_key(ep), ep.id.encode()),
-                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops]
+                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops, *iface_ops]
             try:
                 rev = await self.store.txn(compares, ops)
             except Conflict:
@@ -311,7 +312,8 @@ class Objects:
             rel = await self.ipam.release(ep.network, ep.ips, ep.handle or ep.id)
             try:
                 rev = await self.remove(ep, rel.compares, [
-                    Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops])
+                    Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops,
+                    *await self._release_interface(ep)])
             except Conflict:
                 self.ipam.invalidate(ep.network)
                 raise
@@ -353,16 +355,41 @@ class Objects:
             for sg in new.security_groups:
                 if await self.store.get(key_of("SecurityGroup", sg)) is None:
                     raise ApiError(400, f"security group {sg!r} does not exist")
+            compares: list[Compare] = []
+            ops: list[Op] = []
+            if new.interface != ep.interface:  # Neutron bound or unbound a port: its device name follows
+                compares, ops = await self._claim_interface(new)
+                ops += await self._release_interface(ep)
             if new.name == ep.name:
-                return await self.replace(new, ep.revision)
+                return await self.replace(new, ep.revision, compares, ops)
             # a rename (Docker endpoints learn their container's name after the address is taken)
             if await self.store.get(endpoint_name_key(new)) is not None:
                 raise ApiError(409, f"an endpoint named {new.name!r} already exists in namespace "
                                     f"{new.namespace!r} of network {new.network!r}")
-            return await self.replace(new, ep.revision, [Compare(endpoint_name_key(new), 0)],
-                                      [Delete(endpoint_name_key(ep)), Put(endpoint_name_key(new), new.id.encode())])
+            return await self.replace(new, ep.revision, [Compare(endpoint_name_key(new), 0), *compares],
+                                      [Delete(endpoint_name_key(ep)), Put(endpoint_name_key(new), new.id.encode()),
+                                       *ops])
 
         return await with_retries(attempt)
+
+    async def _claim_interface(self, ep: Endpoint) -> tuple[list[Compare], list[Op]]:
+        """One endpoint per host-side device: a second endpoint with another pod's container id and
+        ifname would otherwise make the agent route through (and later delete) that pod's veth."""
+        if not ep.interface:
+            return [], []
+        kv = await self.store.get(interface_key(ep.interface))
+        if kv is not None and kv.value.decode() != ep.id:
+            raise ApiError(409, f"device {ep.interface!r} already belongs to endpoint {kv.value.decode()!r} (same "
+                                "owner container id and ifname, or port id prefix); use another owner or id")
+        if kv is not None:
+            return [], []
+        return [Compare(interface_key(ep.interface), 0)], [Put(interface_key(ep.interface), ep.id.encode())]
+
+    async def _release_interface(self, ep: Endpoint) -> list[Op]:
+        if not ep.interface:
+            return []
+        kv = await self.store.get(interface_key(ep.interface))
+        return [Delete(kv.key)] if kv is not None and kv.value.decode() == ep.id else []
 
     # --- hosts ----------------------------------------------------------------------------------
 

@@ -109,13 +109,15 @@ def check_host_underlay(host: Host, hosts: list[Host], networks: list[Network]) 
 
 def check_endpoint_interface(ep: Endpoint) -> None:
     """The server derives the host-side device from the owner; any other name is refused."""
-    from tether.names import endpoint_interface
+    from tether.names import endpoint_interface, endpoint_mac
 
     want = endpoint_interface(ep.owner.type, ep.id, ep.owner.container_id, ep.owner.ifname)
     if ep.interface is not None and ep.interface != want:
         raise ApiError(400, f"interface {ep.interface!r} is refused: the server assigns the host-side device name "
                             f"({want!r} for a {ep.owner.type!r} endpoint with this id and owner); leave interface out")
     ep.interface = want
+    if ep.mac is None:  # the MAC its plugging path picks, known in advance (anti-spoofing pins it)
+        ep.mac = endpoint_mac(ep.owner.type, ep.id, ep.owner.container_id, ep.owner.ifname)
 
 
 def check_owner_change(old: Endpoint, new: Endpoint) -> None:
