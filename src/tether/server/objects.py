@@ -410,6 +410,10 @@ class Objects:
                 raise ApiError(400, f"vtep_ip {asked} is refused: the server assigns VTEP addresses"
                                     + (f" ({assigned} is this host's)" if assigned else "") + "; leave vtep_ip out")
             if old is None or (old.underlay_ip, old.underlay_cidr) != (h.underlay_ip, h.underlay_cidr):
+                # the network guard serialises this check with network writes (each checks the other's side)
+                guard = await self.store.get(NETWORK_GUARD)
+                compares.append(Compare(NETWORK_GUARD, guard.mod_revision if guard else 0))
+                ops.append(Put(NETWORK_GUARD, b"1"))
                 check_host_underlay(h, await self.list(Host), await self.list(Network))
             if assigned:
                 h.vtep_ip = assigned
