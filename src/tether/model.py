@@ -13,13 +13,37 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PREFIX = "/tether/v1/"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # uuid-like or a DNS label: never '/', ':' or whitespace
+IANA_SVC_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")  # plus: a letter, and no "--" (RFC 6335)
+PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")  # no NUL, newline or other control characters
+
+# Size caps (issue 22): what one object may hold, close to Neutron's and Kubernetes' own limits, so no
+# write can make every agent compile (or every watcher receive) something unbounded.
+MAX_ID = 128  # ids and references to ids (uuid: 36; Docker ids: 64)
+MAX_TEXT = 255  # descriptions and free-text names, as Neutron's
+MAX_CONTAINER_ID = 256  # CNI container ids (the spec does not bound them; runtimes use 64)
+MAX_HANDLE = 512  # IPAM handles: "<container id>/<ifname>" and friends
+MAX_LABELS = 64  # labels (and selector terms) per object
+MAX_SUBNETS = 16  # subnets per network
+MAX_ENDPOINT_IPS = 10  # fixed addresses per endpoint
+MAX_ADDRESS_PAIRS = 10  # Neutron's max_allowed_address_pair
+MAX_SECURITY_GROUPS = 32  # security groups per endpoint
+MAX_PORT_DECLS = 64  # declared container ports per endpoint
+MAX_RULES = 512  # rules per security group
+MAX_SERVICE_PORTS = 64  # ports per service
+MAX_BACKENDS = 1000  # explicit backends per service (an EndpointSlice holds at most 1000)
+MAX_POOLS = 64  # allocation pools per subnet
+# The longest name the agent's DNS serves is `_<port>._<proto>.<service>.<namespace>.svc.<domain>`:
+# 17 + 5 + 64 + 64 + 4 characters before the domain, and a DNS name has at most 253.
+MAX_DNS_DOMAIN = 253 - (17 + 5 + 64 + 64 + 4)
+VNI = 4096  # one VTEP per host carries every network with this VNI
 
 Encapsulation = Literal["vxlan", "direct", "auto"]
 
@@ -42,12 +66,83 @@ def check_dns_label(value: str, what: str = "name") -> str:
 
 
 def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} labels; at most {MAX_LABELS} are allowed")
     for k, v in labels.items():
         if not LABEL_KEY.match(k):
             raise ValueError(f"label key {k!r} is invalid: use [prefix/]name with letters, digits, '-', '_', '.'")
         if not LABEL_VALUE.match(v):
             raise ValueError(f"label value {v!r} for {k!r} is invalid: at most 63 letters, digits, '-', '_', '.'")
     return labels
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Ids end up in store keys, chain and set names: uuid-like or a DNS label, nothing path-like."""
+    if len(value) > MAX_ID or not SAFE_ID.match(value) or ".." in value:
+        raise ValueError(f"{what} {value[:80]!r} is not a valid id: use at most {MAX_ID} letters, digits, '-', '_' "
+                         "and '.', starting with a letter or digit (a uuid is best); no '/', '..' or spaces")
+    return value
+
+
+def check_text(value: str, what: str, limit: int = MAX_TEXT) -> str:
+    if len(value) > limit:
+        raise ValueError(f"{what} has {len(value)} characters; at most {limit} are allowed")
+    if not PRINTABLE.match(value):
+        raise ValueError(f"{what} holds a control character (NUL, newline, tab...); remove it")
+    return value
+
+
+def check_token(value: str, what: str, limit: int) -> str:
+    """A printable string without whitespace (container ids, handles)."""
+    check_text(value, what, limit)
+    if not value or any(c.isspace() for c in value):
+        raise ValueError(f"{what} {value[:80]!r} must be non-empty and hold no whitespace")
+    return value
+
+
+def check_ip(value: str, what: str = "address") -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{what} {value[:80]!r} is not an IP address; write it like 10.1.0.5 or fd00::5") from None
+
+
+def check_ip_or_cidr(value: str, what: str = "address") -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{what} {value[:80]!r} is not an IP address or CIDR; write it like 10.1.0.5 or "
+                         "10.1.0.0/24") from None
+    return value
+
+
+def check_mac(value: str, what: str = "mac") -> str:
+    """A unicast Ethernet address: the kernel refuses a multicast or all-zero MAC on a device."""
+    mac = value.lower().replace("-", ":")
+    if not MAC.match(mac):
+        raise ValueError(f"{what} {value[:80]!r} is not a MAC address; write it like 02:00:00:00:00:01")
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise ValueError(f"{what} {value} is a multicast or zero MAC; use a unicast one (first byte even), "
+                         "or leave it out to get one")
+    return mac
+
+
+def check_dns_domain(value: str) -> str:
+    """A DNS name of labels (letters, digits, '-'), short enough for every name the agent derives from it."""
+    name = value.lower().rstrip(".")
+    if not name or len(name) > MAX_DNS_DOMAIN:
+        raise ValueError(f"dns_domain {value[:80]!r} must have 1-{MAX_DNS_DOMAIN} characters (the agent's longest "
+                         "service names add 154 to it, and DNS allows 253)")
+    for label in name.split("."):
+        if not DNS_LABEL.match(label):
+            raise ValueError(f"dns_domain {value[:80]!r} is not a DNS name: use dot-separated labels of 1-63 "
+                             "letters, digits and '-', like cluster.local")
+    return name
+
+
+def check_unique_count(values: list, what: str, limit: int) -> None:
+    if len(values) > limit:
+        raise ValueError(f"{len(values)} {what}; at most {limit} are allowed")
 
 
 class Strict(BaseModel):
@@ -70,6 +165,16 @@ class Obj(Strict):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v)
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v: str) -> str:
+        return check_text(v, "name")
 
     def key(self) -> str:
         return key_of(self.kind, self.store_name())
@@ -122,7 +227,36 @@ class Host(Obj):
     @field_validator("underlay_ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        return str(ipaddress.ip_address(v))
+        return check_ip(v, "underlay_ip")
+
+    @field_validator("vtep_ip", "dns_ip")
+    @classmethod
+    def _addresses(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else check_ip(v, info.field_name or "address")
+
+    @field_validator("vtep_mac")
+    @classmethod
+    def _vtep_mac(cls, v: str | None) -> str | None:
+        return None if v is None else check_mac(v, "vtep_mac")
+
+    @field_validator("agent_version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "agent_version", 64)
+
+    @model_validator(mode="after")
+    def _underlay(self) -> Host:
+        if self.underlay_cidr is not None:
+            try:
+                net = ipaddress.ip_network(self.underlay_cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"underlay_cidr {self.underlay_cidr[:80]!r} is not a CIDR; write it like "
+                                 "192.168.1.0/24") from None
+            if ipaddress.ip_address(self.underlay_ip) not in net:
+                raise ValueError(f"underlay_cidr {net} does not contain underlay_ip {self.underlay_ip}; give the "
+                                 "subnet of the underlay interface")
+            self.underlay_cidr = str(net)
+        return self
 
 
 class Subnet(Strict):
@@ -131,6 +265,24 @@ class Subnet(Strict):
     pools: list[str] = Field(default_factory=list)  # allocation ranges "a.b.c.d-a.b.c.e"; empty = whole CIDR
     id: str = Field(default_factory=new_id)
     name: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v, "subnet id")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "subnet name")
+
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, v: list[str]) -> list[str]:
+        check_unique_count(v, "allocation pools", MAX_POOLS)
+        for p in v:
+            check_text(p, "pool", 100)
+        return v
 
     @field_validator("cidr")
     @classmethod
@@ -151,6 +303,15 @@ class Subnet(Strict):
                 raise ValueError(f"gateway {self.gateway!r} is not an IP address") from None
             if gw not in net:
                 raise ValueError(f"gateway {gw} is outside its subnet {net}; pick an address inside it")
+        for pool in self.pools:
+            start, _, end = pool.partition("-")
+            try:
+                lo, hi = ipaddress.ip_address(start.strip()), ipaddress.ip_address((end or start).strip())
+            except ValueError:
+                raise ValueError(f"pool {pool!r} is not 'first-last' of two addresses, like 10.1.0.10-10.1.0.99") \
+                    from None
+            if lo not in ipaddress.ip_network(self.cidr) or hi not in ipaddress.ip_network(self.cidr) or lo > hi:
+                raise ValueError(f"pool {pool!r} must run from a first to a last address inside {self.cidr}")
         return self
 
 
@@ -163,13 +324,37 @@ class Network(Obj):
     dns_domain: str = "tether.local"
     project: str | None = None  # Neutron tenant/project
     block_size: int = Field(default=26, ge=16, le=32)  # IPv4 prefix length of IPAM blocks
-    vni: int = Field(default=4096, ge=1, le=16777215)  # one VTEP per host carries all networks
+    vni: int = Field(default=VNI, ge=1, le=16777215)  # one VTEP per host carries all networks
     external: bool = False
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "network name")
+
+    @field_validator("subnets")
+    @classmethod
+    def _subnets(cls, v: list[Subnet]) -> list[Subnet]:
+        check_unique_count(v, "subnets", MAX_SUBNETS)
+        return v
+
+    @field_validator("dns_domain")
+    @classmethod
+    def _dns_domain(cls, v: str) -> str:
+        return check_dns_domain(v)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "project")
+
+    @field_validator("vni")
+    @classmethod
+    def _vni(cls, v: int) -> int:
+        if v != VNI:
+            raise ValueError(f"vni {v} cannot be honoured: every host has one VTEP that carries all networks with "
+                             f"VNI {VNI}; leave vni out")
+        return v
 
 
 class Block(Obj):
@@ -204,6 +389,41 @@ class Owner(Strict):
     device_id: str | None = None
     device_owner: str | None = None
 
+    @field_validator("container_id")
+    @classmethod
+    def _container_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_token(v, "owner.container_id", MAX_CONTAINER_ID)
+
+    @field_validator("docker_endpoint_id")
+    @classmethod
+    def _docker_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_token(v, "owner.docker_endpoint_id", MAX_CONTAINER_ID)
+
+    @field_validator("device_id", "device_owner")
+    @classmethod
+    def _device(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else check_text(v, f"owner.{info.field_name}")
+
+    @field_validator("ifname")
+    @classmethod
+    def _ifname(cls, v: str | None) -> str | None:
+        from tether.names import ifname_problem
+
+        problem = None if v is None else ifname_problem(v)
+        if problem:
+            raise ValueError(f"owner.ifname {v[:80]!r} {problem}")
+        return v
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: str | None) -> str | None:
+        from tether.names import netns_problem
+
+        problem = None if v is None else netns_problem(v)
+        if problem:
+            raise ValueError(f"owner.netns {v[:80]!r} {problem}")
+        return v
+
 
 class PortDecl(Strict):
     """A declared container port, so NetworkPolicy can use named ports."""
@@ -212,10 +432,32 @@ class PortDecl(Strict):
     port: int = Field(ge=1, le=65535)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_port_name(v, "port name")
+
+
+def check_port_name(value: str, what: str) -> str:
+    if not IANA_SVC_NAME.match(value) or "--" in value or not any(c.isalpha() for c in value):
+        raise ValueError(f"{what} {value[:80]!r} is not an IANA service name: 1-15 lower-case letters, digits and "
+                         "'-' with at least one letter, no '-' at either end or twice in a row")
+    return value
+
 
 class AddressPair(Strict):
     ip_address: str  # an address or CIDR
     mac_address: str | None = None
+
+    @field_validator("ip_address")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return check_ip_or_cidr(v, "ip_address")
+
+    @field_validator("mac_address")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        return None if v is None else check_mac(v, "mac_address")
 
 
 class Endpoint(Obj):
@@ -245,6 +487,74 @@ class Endpoint(Obj):
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "endpoint name")
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return check_dns_label(v, "namespace")
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str) -> str:
+        return check_dns_label(v, "network name")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        return None if v is None else check_dns_label(v, "host name")
+
+    @field_validator("ips")
+    @classmethod
+    def _ips(cls, v: list[str]) -> list[str]:
+        check_unique_count(v, "addresses", MAX_ENDPOINT_IPS)
+        out = [check_ip(ip, "address") for ip in v]
+        dups = sorted({ip for ip in out if out.count(ip) > 1})
+        if dups:
+            raise ValueError(f"address {', '.join(dups)} is listed twice; list each address once")
+        return out
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        return None if v is None else check_mac(v, "mac")
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, v: str | None) -> str | None:
+        from tether.names import ifname_problem
+
+        problem = None if v is None else ifname_problem(v)
+        if problem:
+            raise ValueError(f"interface {v[:80]!r} {problem}")
+        return v
+
+    @field_validator("handle")
+    @classmethod
+    def _handle(cls, v: str | None) -> str | None:
+        return None if v is None else check_token(v, "handle", MAX_HANDLE)
+
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "parent")
+
+    @field_validator("security_groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        check_unique_count(v, "security groups", MAX_SECURITY_GROUPS)
+        return list(dict.fromkeys(check_id(g, "security group id") for g in v))
+
+    @field_validator("allowed_address_pairs")
+    @classmethod
+    def _pairs(cls, v: list[AddressPair]) -> list[AddressPair]:
+        check_unique_count(v, "allowed address pairs", MAX_ADDRESS_PAIRS)
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[PortDecl]) -> list[PortDecl]:
+        check_unique_count(v, "declared ports", MAX_PORT_DECLS)
+        return v
+
 
 class NetworkPolicy(Obj):
     """Kubernetes networking.k8s.io/v1 NetworkPolicy; `spec` keeps the Kubernetes schema verbatim."""
@@ -253,6 +563,11 @@ class NetworkPolicy(Obj):
     namespaced: ClassVar[bool] = True
     namespace: str = "default"
     spec: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return check_dns_label(v, "namespace")
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -269,12 +584,95 @@ class SecurityGroupRule(Strict):
     remote_group_id: str | None = None
     description: str = ""
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v, "rule id")
+
+    @field_validator("remote_group_id")
+    @classmethod
+    def _group(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "remote_group_id")
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        return check_text(v, "description")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> str | None:
+        """What the agent's compiler understands: a name nftables knows or an IP protocol number."""
+        if v is None or v in ("", "any"):
+            return None
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError("protocol must be a string or a number")
+        p = v.lower()
+        if p in RULE_PROTOCOLS:
+            return p
+        if p.isascii() and p.isdigit() and len(p) <= 3 and 0 <= int(p) <= 255:
+            return str(int(p))
+        raise ValueError(f"protocol {v[:80]!r} is not supported: use one of {', '.join(sorted(RULE_PROTOCOLS))}, "
+                         "'any', or an IP protocol number 0-255")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SecurityGroupRule:
+        lo, hi = self.port_range_min, self.port_range_max
+        p = self.protocol
+        num = None if p is None else PROTOCOL_NUMBERS[p] if p in PROTOCOL_NUMBERS else int(p)
+        if lo is None and hi is None:
+            pass
+        elif num in (6, 17, 132):
+            if lo is None:
+                raise ValueError("port_range_max is set without port_range_min; give both (or only the minimum)")
+            if hi is not None and lo > hi:
+                raise ValueError(f"port_range_min {lo} is above port_range_max {hi}; swap them")
+        elif num in (1, 58):  # Neutron's convention: min is the ICMP type, max the code
+            if lo is None:
+                raise ValueError("an ICMP code (port_range_max) needs a type (port_range_min)")
+            if lo > 255 or (hi is not None and hi > 255):
+                raise ValueError("ICMP type (port_range_min) and code (port_range_max) are 0-255")
+        else:
+            raise ValueError(f"port ranges need protocol tcp, udp, sctp, icmp or icmpv6, not {self.protocol or 'any'}")
+        if self.remote_ip_prefix is not None:
+            try:
+                net = ipaddress.ip_network(self.remote_ip_prefix, strict=False)
+            except ValueError:
+                raise ValueError(f"remote_ip_prefix {self.remote_ip_prefix[:80]!r} is not a CIDR; write it like "
+                                 "10.0.0.0/8") from None
+            if (net.version == 4) != (self.ethertype == "IPv4"):
+                raise ValueError(f"remote_ip_prefix {net} is IPv{net.version} but the rule's ethertype is "
+                                 f"{self.ethertype}; make them match")
+        return self
+
+
+RULE_PROTOCOLS = {"tcp", "udp", "icmp", "icmpv6", "ipv6-icmp", "sctp"}
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
+
 
 class SecurityGroup(Obj):
     kind: ClassVar[str] = "SecurityGroup"
     description: str = ""
     project: str | None = None
     rules: list[SecurityGroupRule] = Field(default_factory=list)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, v: str) -> str:
+        return check_text(v, "description")
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "project")
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, v: list[SecurityGroupRule]) -> list[SecurityGroupRule]:
+        check_unique_count(v, "rules", MAX_RULES)
+        return v
 
     def store_name(self) -> str:
         return self.id
@@ -287,10 +685,36 @@ class ServicePort(Strict):
     target_port: int | str | None = None  # number or a named port; default = port
     node_port: int | None = Field(default=None, ge=1, le=65535)  # published on every host's address
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_dns_label(v, "service port name")
+
+    @field_validator("target_port")
+    @classmethod
+    def _target(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and v.isascii() and v.isdigit():
+            v = int(v)
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError(f"target_port {v} is not a port: use 1-65535 or a named port")
+        if isinstance(v, str):
+            check_port_name(v, "target_port")
+        return v
+
 
 class ServiceBackend(Strict):
     ip: str
     endpoint: str | None = None  # endpoint id, when known
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        return check_ip(v, "backend ip")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_id(v, "backend endpoint")
 
 
 class Service(Obj):
@@ -308,6 +732,43 @@ class Service(Obj):
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_dns_label(v, "service name")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        return check_dns_label(v, "namespace")
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str | None) -> str | None:
+        return None if v is None else check_dns_label(v, "network name")
+
+    @field_validator("cluster_ip")
+    @classmethod
+    def _cluster_ip(cls, v: str | None) -> str | None:
+        return None if v is None else check_ip(v, "cluster_ip")
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else check_labels(v)
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[ServicePort]) -> list[ServicePort]:
+        check_unique_count(v, "ports", MAX_SERVICE_PORTS)
+        return v
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[ServiceBackend]) -> list[ServiceBackend]:
+        check_unique_count(v, "backends", MAX_BACKENDS)
+        return v
 
 
 KINDS: dict[str, type[Obj]] = {

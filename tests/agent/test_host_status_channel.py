@@ -72,5 +72,5 @@ def test_an_object_the_model_refuses_reaches_agents_as_stored(sqlite_server: Ser
     with httpx.stream("GET", f"{sqlite_server.url}/api/v1/watch", params={"after_revision": rev},
                       headers={"Authorization": f"Bearer {sqlite_server.token}"}, timeout=10) as w:
         ev = json.loads(next(w.iter_lines()))
-    assert ev["kind"] == "Network" and ev["object"] == {"name": "bad", "mtu": "huge"}
+    assert ev["kind"] == "Network" and ev["object"] == {"name": "bad", "mtu": "huge", "revision": ev["revision"]}
     assert rep.apply_event(ev) and not rep.networks

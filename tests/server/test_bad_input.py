@@ -43,7 +43,7 @@ CASES = [
     ("POST", "/api/v1/endpoints", {"name": "a", "network": "red"}, 409, "already exists"),
     ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "ips": ["10.9.0.1"]}, 400, "outside network"),
     ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "ips": ["10.1.0.1"]}, 409, "already in use"),
-    ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "ips": ["bogus"]}, 400, "not an IP"),
+    ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "ips": ["bogus"]}, 422, "not an IP"),
     ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "security_groups": ["sg-x"]}, 400,
      "does not exist"),
     ("POST", "/api/v1/endpoints", {"name": "b", "network": "red", "namespace": "nope"}, 400, "namespace"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import httpx
 from bench.ipam import prepare
@@ -54,7 +55,7 @@ def test_restart_loses_nothing(server) -> None:
     assert snapshot(server) == before
     # and it keeps allocating after the restart without reusing an address
     made = c.create_endpoint(c.get("Endpoint", before["Endpoint"][0]["id"]).model_copy(
-        update={"id": "", "name": "after", "ips": [], "handle": "", "interface": None}))
+        update={"id": str(uuid.uuid4()), "name": "after", "ips": [], "handle": None, "interface": None}))
     assert made.ips[0] not in {ip for e in before["Endpoint"] for ip in e["ips"]}
 
 

@@ -9,7 +9,6 @@ fragments of the policy and services compilers.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 from dataclasses import dataclass, replace
 
@@ -35,20 +34,10 @@ from tether.dataplane.plan import (
     stateless_chain,
 )
 from tether.model import Host, Network
+from tether.names import host_ifname, vtep_mac_for  # noqa: F401 - re-exported: the names moved to tether.names
 
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
 HAIRPIN_MARK = 0x4000
-
-
-def vtep_mac_for(host_name: str) -> str:
-    """A stable, locally administered MAC for the host's VTEP (same after every restart)."""
-    h = hashlib.sha1(f"tether-vtep:{host_name}".encode()).digest()
-    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
-
-
-def host_ifname(container_id: str, ifname: str) -> str:
-    """Host-side veth name for a pod interface: our prefix + 11 hex characters (15 in all)."""
-    return LINK_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
 
 
 def endpoint_mtu(net: Network, underlay_mtu: int) -> int:

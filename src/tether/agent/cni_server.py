@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, KeysView
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tether import names
 from tether.agent import cni_protocol as cp
 from tether.agent import unix_socket, yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
@@ -74,10 +75,7 @@ def pod_name(container_id: str) -> str:
     return name
 
 
-def pod_mac(container_id: str, ifname: str) -> str:
-    """A stable, locally administered unicast MAC for a pod interface that asked for none."""
-    h = hashlib.sha1(f"tether-pod:{container_id}/{ifname}".encode()).digest()
-    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+pod_mac = names.pod_mac  # a stable, locally administered MAC for a pod interface that asked for none
 
 
 class CniServer:

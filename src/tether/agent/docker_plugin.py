@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -33,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from tether import names
 from tether.agent import yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.agent.cni_server import dns_label
@@ -122,10 +122,7 @@ def check_request(path: str, req: dict[str, Any]) -> None:
                     raise DriverError(f"published port field {key}={m[key]!r} must be a number 0-65535")
 
 
-def endpoint_mac(endpoint_id: str) -> str:
-    """A stable, locally administered MAC, known before the veth exists (anti-spoofing pins it)."""
-    h = hashlib.sha1(f"tether-docker:{endpoint_id}".encode()).digest()
-    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+endpoint_mac = names.docker_endpoint_mac  # stable, known before the veth exists (anti-spoofing pins it)
 
 
 def peer_name(docker_endpoint_id: str) -> str:

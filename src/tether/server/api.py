@@ -108,13 +108,7 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
 
 @router.delete("/hosts/{name}", status_code=204)
 async def delete_host(name: str, request: Request) -> None:
-    o = objs(request)
-    host = await o.must(Host, name)
-    eps = [e for e in await o.list(Endpoint) if e.host == name]
-    if eps:
-        raise ApiError(409, f"host {name!r} still has {len(eps)} endpoints; delete them first, or let the garbage "
-                            "collector reclaim them once the host's lease has expired")
-    await o.remove(host)
+    await objs(request).delete_host(name)
 
 
 # --- networks --------------------------------------------------------------------------------------
@@ -398,9 +392,10 @@ def wire_object(key: str, value: bytes, revision: int) -> Any:
         o = decode(key, value)
     except Exception:  # noqa: BLE001 - ValidationError, or not JSON at all
         try:
-            return json.loads(value)
+            raw = json.loads(value)
         except ValueError:
             return None
+        return {**raw, "revision": revision} if isinstance(raw, dict) else raw
     if o is None:
         return None
     o.revision = revision

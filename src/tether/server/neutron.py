@@ -13,7 +13,6 @@ chosen per address family (a `subnet_id` without `ip_address` does not pick the 
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import secrets
 from collections.abc import Callable, Coroutine
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 
 from tether.model import (
     DNS_LABEL,
+    VNI,
     AddressPair,
     Endpoint,
     Network,
@@ -37,17 +37,12 @@ from tether.model import (
     Subnet,
     new_id,
 )
+from tether.names import netns_problem, neutron_mac, vif_name
 from tether.server.objects import ApiError, Objects, with_retries
 
-VIF_PREFIX = "tap"  # os-vif names the host side "tap" + the first 11 characters of the port id
 DEFAULT_MTU = 1450
 PROTOCOLS = {"1": "icmp", "6": "tcp", "17": "udp", "58": "icmpv6", "132": "sctp", "ipv6-icmp": "icmpv6"}
 LIST_CONTROL = {"fields", "limit", "marker", "sort_key", "sort_dir", "page_reverse"}
-
-
-def vif_name(port_id: str) -> str:
-    """The host-side device name os-vif would give this port's VIF."""
-    return VIF_PREFIX + port_id[:11]
 
 
 class NeutronError(Exception):
@@ -287,6 +282,14 @@ def network_view(net: Network) -> dict[str, Any]:
     }
 
 
+def check_segment(body: dict[str, Any]) -> None:
+    """One VTEP per host carries every network with one VNI: a different segment cannot be honoured."""
+    seg = body.get("provider:segmentation_id")
+    if seg is not None and seg != VNI:
+        raise bad_request(f"Invalid input for provider:segmentation_id. Reason: {str(seg)[:40]!r} cannot be honoured: "
+                          f"Tether carries every network over one VXLAN segment ({VNI}); leave it out.")
+
+
 @router.get("/networks")
 async def list_networks(request: Request) -> dict:
     return {"networks": filtered(request, [network_view(n) for n in await objs(request).list(Network)])}
@@ -301,6 +304,7 @@ async def get_network(net_id: str, request: Request) -> dict:
 async def create_network(request: Request) -> dict:
     body = await body_of(request, "network")
     check_attrs(body, NETWORK_ATTRS)
+    check_segment(body)
     net_id = new_id()
     net = Network(id=net_id, name=dns_name(body.get("name"), f"net-{net_id[:8]}", "network"),
                   project=project_of(body), external=bool(body.get("router:external", False)),
@@ -313,6 +317,7 @@ async def create_network(request: Request) -> dict:
 async def update_network(net_id: str, request: Request) -> dict:
     body = await body_of(request, "network")
     check_attrs(body, NETWORK_ATTRS)
+    check_segment(body)
     o = objs(request)
     net = await network_by_id(o, net_id)
     if "name" in body and body["name"] != net.name:
@@ -507,10 +512,7 @@ def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
     }
 
 
-def derived_mac(ep_id: str) -> str:
-    """A stable MAC for endpoints created without one (e.g. by CNI, where the kernel picked it)."""
-    h = hashlib.sha1(ep_id.encode()).digest()
-    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in h[:3])
+derived_mac = neutron_mac  # a stable MAC for endpoints created without one (e.g. by CNI: the kernel picked it)
 
 
 async def nets_by_name(o: Objects) -> dict[str, Network]:
@@ -553,12 +555,16 @@ def vm_owner(body: dict[str, Any], old: Owner | None = None) -> Owner:
         profile = body["binding:profile"] or {}
         if not isinstance(profile, dict):
             raise bad_request("Invalid input for binding:profile. Reason: expected a dictionary.")
-        owner.netns = profile.get("netns") or None
+        netns = profile.get("netns") or None
+        problem = netns_problem(netns) if isinstance(netns, str) else None if netns is None else "is not a string"
+        if problem:
+            raise bad_request(f"Invalid input for binding:profile. Reason: netns {str(netns)[:80]!r} {problem}.")
+        owner.netns = netns
     host = body.get("binding:host_id")
     if owner.type in ("api", "vm"):
         is_vm = bool(host) or (owner.device_owner or "").startswith("compute:") or bool(owner.netns)
         owner.type = "vm" if is_vm else "api"
-    return owner
+    return Owner.model_validate(owner.model_dump())  # model_copy and assignment skip the validators
 
 
 @router.get("/ports")
@@ -602,7 +608,7 @@ async def create_port(request: Request) -> dict:
                   security_groups=await check_groups(o, body.get("security_groups") or []),
                   allowed_address_pairs=address_pairs(body))
     try:
-        obj, _ = await o.create_endpoint(ep)
+        obj, _ = await o.create_endpoint(ep, require_subnet=False)  # Neutron allows a port without fixed IPs
     except ApiError as e:
         if e.status == 409 and "already in use" in e.detail:
             ip = next((i for i in ips if i in e.detail), ips[0] if ips else "")
@@ -647,8 +653,6 @@ async def update_port(port_id: str, request: Request) -> dict:
     if {"device_id", "device_owner", "binding:profile", "binding:host_id"} & set(body):
         owner = vm_owner(body, ep.owner)
         changes["owner"] = owner.model_dump()
-        if owner.type == "vm" and not ep.interface:
-            changes["interface"] = vif_name(ep.id)
     obj = await o.update_endpoint(ep.id, changes) if changes else ep
     return {"port": port_view(obj, await nets_by_name(o))}
 

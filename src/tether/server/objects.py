@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
+
+from pydantic import ValidationError
 
 from tether.ipam import Ipam, IpamError
 from tether.model import (
@@ -37,6 +41,25 @@ NETWORK_GUARD = IDX + "network-guard"  # serialises network writes so overlap ch
 HOST_LEASE = PREFIX + "leases/hosts/"
 
 
+@dataclass
+class Undecodable:
+    """A stored object today's validators refuse (written by an older version): passed on as stored,
+    so agents can quarantine it and an operator can see and delete it."""
+
+    kind: str
+    data: dict
+    revision: int = 0
+
+    def model_dump(self, mode: str = "json") -> dict:
+        return {**self.data, "revision": self.revision}
+
+
+def describe_errors(e: ValidationError) -> str:
+    """A model's validation errors as 'field: what is wrong' (the shape of the API's 422 answers)."""
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: "
+                     f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+
+
 class ApiError(Exception):
     """A request that cannot be done; `detail` says what is wrong and how to fix it."""
 
@@ -56,6 +79,10 @@ def handle_key(handle: str) -> str:
 
 def vtep_key(ip: str) -> str:
     return f"{IDX}vtep/{ip}"
+
+
+def interface_key(ifname: str) -> str:
+    return f"{IDX}interface/{ifname}"
 
 
 def svcip_key(ip: str) -> str:
@@ -101,18 +128,27 @@ class Objects:
         listed = await self.store.list(key_of(cls.kind, prefix))
         out = []
         for kv in listed.items:
-            obj = cls.model_validate_json(kv.value)
+            try:
+                obj = cls.model_validate_json(kv.value)
+            except ValidationError as e:  # stored by an older version with looser rules: skipped, not fatal
+                log.warning("stored %s %s fails validation and is skipped: %s", cls.kind, kv.key, describe_errors(e))
+                continue
             obj.revision = kv.mod_revision
             out.append(obj)
         return out
 
-    async def snapshot(self) -> tuple[int, list[Obj]]:
+    async def snapshot(self) -> tuple[int, list[Obj | Undecodable]]:
         listed = await self.store.list(PREFIX)
-        objs = []
+        objs: list[Obj | Undecodable] = []
         for kv in listed.items:
-            if kind_of_key(kv.key) is None:
+            kind = kind_of_key(kv.key)
+            if kind is None:
                 continue
-            obj = decode(kv.key, kv.value)
+            try:
+                obj = decode(kv.key, kv.value)
+            except ValidationError:
+                objs.append(Undecodable(kind, json.loads(kv.value), kv.mod_revision))
+                continue
             if obj is not None:
                 obj.revision = kv.mod_revision
                 objs.append(obj)
@@ -164,6 +200,14 @@ class Objects:
             others = [n for n in await self.list(Network) if n.name != net.name]
             check_overlap(net, others)
             old = await self.get(Network, net.name)
+            from tether.server.validation import check_direct, check_subnet_ranges
+
+            before = {s.cidr for s in old.subnets} if old is not None else set()
+            added = [s.cidr for s in net.subnets if s.cidr not in before]  # what existed stays (older data)
+            hosts = await self.list(Host) if added or net.encap == "direct" else []
+            check_subnet_ranges(net, added, hosts, self.service_cidr, self.vtep_cidr)
+            if old is None or old.encap != "direct":
+                check_direct(net, hosts)
             if old is None:
                 return await self.create(net, [guard_cmp], [guard_op]), True
             if create_only:
@@ -205,10 +249,15 @@ class Objects:
 
     # --- endpoints ------------------------------------------------------------------------------
 
-    async def create_endpoint(self, ep: Endpoint) -> tuple[Endpoint, bool]:
-        """Create an endpoint with its addresses in one transaction; idempotent per handle."""
+    async def create_endpoint(self, ep: Endpoint, *, require_subnet: bool = True) -> tuple[Endpoint, bool]:
+        """Create an endpoint with its addresses in one transaction; idempotent per handle.
+
+        `require_subnet=False` (Neutron) allows a port without addresses on a network without subnets."""
+        from tether.server.validation import check_endpoint_interface
+
         ep.handle = ep.handle or ep.id
         requested = list(ep.ips)
+        check_endpoint_interface(ep)
 
         async def attempt() -> tuple[Endpoint, bool]:
             existing = await self.endpoint_by_handle(ep.handle or "")
@@ -218,6 +267,11 @@ class Objects:
             if net is None:
                 raise ApiError(400, f"network {ep.network!r} does not exist; create it with "
                                     f"`tether network create {ep.network} --subnet CIDR`")
+            if require_subnet and not net.subnets:
+                raise ApiError(400, f"network {net.name!r} has no subnet, so the endpoint would get no address; add "
+                                    "a subnet to the network first (PUT /api/v1/networks with subnets, or "
+                                    "`openstack subnet create`)")
+            iface_cmp, iface_ops = await self._claim_interface(ep)
             if ep.host and await self.get(Host, ep.host) is None:
                 raise ApiError(400, f"host {ep.host!r} is not registered; start `tether agent` on it first")
             for sg in ep.security_groups:
@@ -234,9 +288,9 @@ class Objects:
             ep.ips = alloc.ips
             ep.created_at = now()
             compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0), Compare(net.key(), net.revision),
-                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares]
+                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares, *iface_cmp]
             ops = [Put(ep.key(), encode(ep)), Put(endpoint_name_key(ep), ep.id.encode()),
-                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops]
+                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops, *iface_ops]
             try:
                 rev = await self.store.txn(compares, ops)
             except Conflict:
@@ -258,7 +312,8 @@ class Objects:
             rel = await self.ipam.release(ep.network, ep.ips, ep.handle or ep.id)
             try:
                 rev = await self.remove(ep, rel.compares, [
-                    Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops])
+                    Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops,
+                    *await self._release_interface(ep)])
             except Conflict:
                 self.ipam.invalidate(ep.network)
                 raise
@@ -275,47 +330,137 @@ class Objects:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
                                 f"changeable fields: {', '.join(sorted(allowed))}")
 
+        from tether.names import endpoint_interface
+        from tether.server.validation import check_owner_change
+
         async def attempt() -> Endpoint:
             ep = await self.must(Endpoint, ep_id)
             data = ep.model_dump()
             data.update(changes)
-            new = Endpoint.model_validate(data)
+            try:
+                new = Endpoint.model_validate(data)
+            except ValidationError as e:
+                raise ApiError(422, describe_errors(e)) from None
+            check_owner_change(ep, new)
+            want = endpoint_interface(new.owner.type, new.id, new.owner.container_id, new.owner.ifname)
+            if "interface" in changes and new.interface != want and new.interface != ep.interface:
+                raise ApiError(400, f"interface {new.interface!r} is refused: the server assigns the host-side device "
+                                    f"name ({want!r} here) and it cannot be changed; leave interface out")
+            if new.owner.type != ep.owner.type or (want and not ep.interface):
+                new.interface = want  # Neutron bound (or unbound) a port: its VIF follows
+            else:
+                new.interface = ep.interface
+            if new.host and new.host != ep.host and await self.get(Host, new.host) is None:
+                raise ApiError(400, f"host {new.host!r} is not registered; start `tether agent` on it first")
             for sg in new.security_groups:
                 if await self.store.get(key_of("SecurityGroup", sg)) is None:
                     raise ApiError(400, f"security group {sg!r} does not exist")
+            compares: list[Compare] = []
+            ops: list[Op] = []
+            if new.interface != ep.interface:  # Neutron bound or unbound a port: its device name follows
+                compares, ops = await self._claim_interface(new)
+                ops += await self._release_interface(ep)
             if new.name == ep.name:
-                return await self.replace(new, ep.revision)
+                return await self.replace(new, ep.revision, compares, ops)
             # a rename (Docker endpoints learn their container's name after the address is taken)
             if await self.store.get(endpoint_name_key(new)) is not None:
                 raise ApiError(409, f"an endpoint named {new.name!r} already exists in namespace "
                                     f"{new.namespace!r} of network {new.network!r}")
-            return await self.replace(new, ep.revision, [Compare(endpoint_name_key(new), 0)],
-                                      [Delete(endpoint_name_key(ep)), Put(endpoint_name_key(new), new.id.encode())])
+            return await self.replace(new, ep.revision, [Compare(endpoint_name_key(new), 0), *compares],
+                                      [Delete(endpoint_name_key(ep)), Put(endpoint_name_key(new), new.id.encode()),
+                                       *ops])
 
         return await with_retries(attempt)
+
+    async def _claim_interface(self, ep: Endpoint) -> tuple[list[Compare], list[Op]]:
+        """One endpoint per host-side device: a second endpoint with another pod's container id and
+        ifname would otherwise make the agent route through (and later delete) that pod's veth."""
+        if not ep.interface:
+            return [], []
+        kv = await self.store.get(interface_key(ep.interface))
+        if kv is not None and kv.value.decode() != ep.id:
+            raise ApiError(409, f"device {ep.interface!r} already belongs to endpoint {kv.value.decode()!r} (same "
+                                "owner container id and ifname, or port id prefix); use another owner or id")
+        if kv is not None:
+            return [], []
+        return [Compare(interface_key(ep.interface), 0)], [Put(interface_key(ep.interface), ep.id.encode())]
+
+    async def _release_interface(self, ep: Endpoint) -> list[Op]:
+        if not ep.interface:
+            return []
+        kv = await self.store.get(interface_key(ep.interface))
+        return [Delete(kv.key)] if kv is not None and kv.value.decode() == ep.id else []
 
     # --- hosts ----------------------------------------------------------------------------------
 
     async def register_host(self, host: Host) -> tuple[Host, bool]:
+        """Create or update a host. The server assigns its VTEP address, unique across hosts through an
+        index key that every attempt (CAS retries included) compares; a client cannot choose one."""
+        from tether.server.validation import check_host_underlay
+
+        asked = host.vtep_ip
+
         async def attempt() -> tuple[Host, bool]:
-            old = await self.get(Host, host.name)
+            h = host.model_copy(deep=True)  # nothing of a failed attempt leaks into the next one
+            old = await self.get(Host, h.name)
             compares: list[Compare] = []
             ops: list[Op] = []
-            if old is not None and old.vtep_ip:
-                host.vtep_ip = old.vtep_ip
-            if not host.vtep_ip:
-                taken = {h.vtep_ip for h in await self.list(Host)}
-                ip = next(str(a) for a in self.vtep_cidr.hosts() if str(a) not in taken)
-                host.vtep_ip = ip
+            assigned = old.vtep_ip if old is not None else None
+            if asked and asked != assigned:
+                raise ApiError(400, f"vtep_ip {asked} is refused: the server assigns VTEP addresses"
+                                    + (f" ({assigned} is this host's)" if assigned else "") + "; leave vtep_ip out")
+            if old is None or (old.underlay_ip, old.underlay_cidr) != (h.underlay_ip, h.underlay_cidr):
+                # the network guard serialises this check with network writes (each checks the other's side)
+                guard = await self.store.get(NETWORK_GUARD)
+                compares.append(Compare(NETWORK_GUARD, guard.mod_revision if guard else 0))
+                ops.append(Put(NETWORK_GUARD, b"1"))
+                check_host_underlay(h, await self.list(Host), await self.list(Network))
+            if assigned:
+                h.vtep_ip = assigned
+                kv = await self.store.get(vtep_key(assigned))
+                if kv is None:  # written before the index existed, or lost: claim it again
+                    compares.append(Compare(vtep_key(assigned), 0))
+                    ops.append(Put(vtep_key(assigned), h.name.encode()))
+                elif kv.value.decode() != h.name:
+                    log.warning("host %s: its VTEP address %s is indexed to %s", h.name, assigned, kv.value.decode())
+            else:
+                indexed = await self.store.list(vtep_key(""))
+                taken = {kv.key[len(vtep_key("")):] for kv in indexed.items}
+                taken |= {o.vtep_ip for o in await self.list(Host) if o.vtep_ip}
+                ip = next((str(a) for a in self.vtep_cidr.hosts() if str(a) not in taken), None)
+                if ip is None:
+                    raise ApiError(409, f"the VTEP range {self.vtep_cidr} is exhausted; delete hosts that are gone "
+                                        "or start the server with a larger --vtep-cidr")
+                h.vtep_ip = ip
                 compares.append(Compare(vtep_key(ip), 0))
-                ops.append(Put(vtep_key(ip), host.name.encode()))
-            host.heartbeat = now()
+                ops.append(Put(vtep_key(ip), h.name.encode()))
+            h.heartbeat = now()
             if old is None:
-                return await self.create(host, compares, ops), True
-            host.id, host.created_at = old.id, old.created_at
-            return await self.replace(host, old.revision, compares, ops), False
+                return await self.create(h, compares, ops), True
+            h.id, h.created_at = old.id, old.created_at
+            return await self.replace(h, old.revision, compares, ops), False
 
         return await with_retries(attempt)
+
+    async def delete_host(self, name: str) -> None:
+        """Delete a host without endpoints, with its VTEP index key (so the address is free again)."""
+
+        async def attempt() -> None:
+            host = await self.must(Host, name)
+            eps = [e for e in await self.list(Endpoint) if e.host == name]
+            if eps:
+                raise ApiError(409, f"host {name!r} still has {len(eps)} endpoints; delete them first, or let the "
+                                    "garbage collector reclaim them once the host's lease has expired")
+            ops: list[Op] = []
+            compares: list[Compare] = []
+            if host.vtep_ip:
+                kv = await self.store.get(vtep_key(host.vtep_ip))
+                if kv is not None and kv.value.decode() == name:
+                    compares.append(Compare(kv.key, kv.mod_revision))
+                    ops.append(Delete(kv.key))
+            await self.remove(host, compares, ops)
+
+        await with_retries(attempt)
 
     async def heartbeat(self, name: str, ttl: float) -> None:
         await self.must(Host, name)

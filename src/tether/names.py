@@ -1,0 +1,115 @@
+"""The names and addresses the kernel sees, derived from ids: one place, shared by server and agent.
+
+Pure: imports nothing from the agent or the server. The server derives an endpoint's host-side
+device name from its owner with these functions and refuses any other, so no API client can make
+an agent configure, hook or delete a device that is not Tether's (issue 22). The agent and its CNI,
+Docker and VM-port paths name their devices with the same functions, so both sides always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+from tether.dataplane.plan import LINK_PREFIX
+
+VIF_PREFIX = "tap"  # os-vif names a VM port's host side "tap" + the first 11 characters of the port id
+IFNAMSIZ = 16  # the kernel's limit including the NUL: at most 15 characters
+NETNS_DIRS = ("/run/netns/", "/var/run/netns/")  # where `ip netns` and the container runtimes put them
+IFNAME = re.compile(r"^[A-Za-z0-9_.@+=-]{1,15}$")  # printable, no '/', ':' or whitespace (dev_valid_name)
+NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+
+
+def host_ifname(container_id: str, ifname: str) -> str:
+    """Host-side veth name for a pod interface: our prefix + 11 hex characters (15 in all)."""
+    return LINK_PREFIX + hashlib.sha1(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+def vif_name(port_id: str) -> str:
+    """The host-side device name os-vif would give a VM port's VIF."""
+    return VIF_PREFIX + port_id[:11]
+
+
+def docker_ifname(endpoint_id: str) -> str:
+    """Host-side veth name of a Docker endpoint (known before the container exists)."""
+    return host_ifname(endpoint_id, "docker")
+
+
+def _mac(seed: str, base: str = "02", n: int = 5) -> str:
+    h = hashlib.sha1(seed.encode()).digest()
+    return base + ":" + ":".join(f"{b:02x}" for b in h[:n])
+
+
+def vtep_mac_for(host_name: str) -> str:
+    """A stable, locally administered MAC for the host's VTEP (same after every restart)."""
+    return _mac(f"tether-vtep:{host_name}")
+
+
+def pod_mac(container_id: str, ifname: str) -> str:
+    """A stable, locally administered unicast MAC for a pod interface that asked for none."""
+    return _mac(f"tether-pod:{container_id}/{ifname}")
+
+
+def docker_endpoint_mac(endpoint_id: str) -> str:
+    """A stable, locally administered MAC, known before the veth exists (anti-spoofing pins it)."""
+    return _mac(f"tether-docker:{endpoint_id}")
+
+
+def neutron_mac(ep_id: str) -> str:
+    """A stable MAC in OpenStack's base fa:16:3e for endpoints created without one."""
+    return _mac(ep_id, "fa:16:3e", 3)
+
+
+def endpoint_interface(owner_type: str, ep_id: str, container_id: str | None, ifname: str | None) -> str | None:
+    """The host-side device an endpoint's owner gets, as the agent names it; None: no device of its own
+    (an API-owned endpoint, or a nested container living behind its VM's interface)."""
+    if owner_type == "cni":
+        return host_ifname(container_id, ifname) if container_id and ifname else None
+    if owner_type == "docker":
+        return docker_ifname(ep_id)
+    if owner_type == "vm":
+        return vif_name(ep_id)
+    return None
+
+
+def endpoint_mac(owner_type: str, ep_id: str, container_id: str | None, ifname: str | None) -> str | None:
+    """The MAC an endpoint gets when its runtime gave none: the one its plugging path would pick."""
+    if owner_type == "cni":
+        return pod_mac(container_id, ifname) if container_id and ifname else None
+    if owner_type == "docker":
+        return docker_endpoint_mac(ep_id)
+    if owner_type == "vm":
+        return neutron_mac(ep_id)
+    return None
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why the kernel (or Tether's rule of thumb) would refuse this interface name; None if fine."""
+    if not name:
+        return "is empty"
+    if len(name) >= IFNAMSIZ:
+        return f"has {len(name)} characters; Linux interface names have at most {IFNAMSIZ - 1}"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    if not IFNAME.match(name):
+        return "may only hold letters, digits and '_.@+=-' (no '/', ':' or whitespace)"
+    return None
+
+
+def netns_problem(netns: str) -> str | None:
+    """Why a network namespace reference is outside the runtime's netns directories; None if fine.
+
+    A bare name means /var/run/netns/<name> (as `ip netns` does); a path must name an entry directly
+    in /run/netns or /var/run/netns (never /proc, never '..', never a subdirectory)."""
+    if "/" not in netns:
+        if netns in (".", "..") or not NETNS_NAME.match(netns):
+            return "is not a valid network namespace name (letters, digits, '_', '.', '-')"
+        return None
+    for d in NETNS_DIRS:
+        if netns.startswith(d):
+            rest = netns[len(d):]
+            if rest and "/" not in rest and rest not in (".", "..") and NETNS_NAME.match(rest) \
+                    and os.path.normpath(netns) == netns:
+                return None
+    return f"must be a namespace name or a path directly under {' or '.join(NETNS_DIRS)} (e.g. /run/netns/vm1)"
