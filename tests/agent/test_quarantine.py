@@ -170,7 +170,8 @@ def test_another_hosts_endpoint_with_a_foreign_interface_does_not_concern_this_h
 
 def test_a_vm_port_whose_netns_is_outside_the_runtime_directories_is_quarantined() -> None:
     r = replica()
-    add_endpoint(r, bad_endpoint(interface="tap01234567-89", owner=Owner.model_construct(type="vm", netns="/proc/1/ns/net")))
+    owner = Owner.model_construct(type="vm", netns="/proc/1/ns/net")  # the model refuses it now
+    add_endpoint(r, bad_endpoint(interface="tap01234567-89", owner=owner))
     plan = compute_plan(r, CTX)
     assert quarantined(plan) == {("Endpoint", "bad")}
     assert "outside" in plan.quarantined[0].reason
