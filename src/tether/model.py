@@ -227,7 +227,11 @@ class Host(Obj):
     @field_validator("underlay_ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        return check_ip(v, "underlay_ip")
+        ip = check_ip(v, "underlay_ip")
+        if ipaddress.ip_address(ip).version != 4:  # VXLAN peers, FDB and the nft peer sets are IPv4 today
+            raise ValueError(f"underlay_ip {ip} is IPv6: Tether needs an IPv4 underlay address per host for now "
+                             "(pods may still get IPv6 addresses); give the host's IPv4 address")
+        return ip
 
     @field_validator("vtep_ip", "dns_ip")
     @classmethod

@@ -74,3 +74,31 @@ def test_an_object_the_model_refuses_reaches_agents_as_stored(sqlite_server: Ser
         ev = json.loads(next(w.iter_lines()))
     assert ev["kind"] == "Network" and ev["object"] == {"name": "bad", "mtu": "huge", "revision": ev["revision"]}
     assert rep.apply_event(ev) and not rep.networks
+
+
+def test_an_endpoint_the_model_refuses_can_be_shown_and_deleted(sqlite_server: ServerProc) -> None:
+    """Stored under looser rules (an older version, or around the API): GET shows it as stored with
+    `invalid` saying why, and DELETE removes it with its index keys, so an operator can clean up."""
+    http = sqlite_server.http()
+    net = {"name": "blue", "subnets": [{"cidr": "10.9.0.0/24"}]}
+    assert http.post("/api/v1/networks", json=net).status_code == 201
+    ep = http.post("/api/v1/endpoints", json={"name": "web", "network": "blue"}).json()
+    bad = {**{k: v for k, v in ep.items() if k != "revision"},
+           "allowed_address_pairs": [{"ip_address": "garbage"}]}
+
+    async def poison() -> None:
+        store = SqliteStore(os.path.join(sqlite_server.state_dir, "tether.db"))
+        try:
+            await store.put(f"/tether/v1/endpoints/{ep['id']}", json.dumps(bad).encode())
+        finally:
+            await store.close()
+
+    asyncio.run(poison())
+    shown = http.get(f"/api/v1/endpoints/{ep['id']}")
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["name"] == "web" and "garbage" in shown.json()["invalid"]
+    assert http.delete(f"/api/v1/endpoints/{ep['id']}").status_code == 204
+    assert http.get(f"/api/v1/endpoints/{ep['id']}").status_code == 404
+    # its name and address are free again
+    again = http.post("/api/v1/endpoints", json={"name": "web", "network": "blue", "ips": ep["ips"]})
+    assert again.status_code == 201, again.text

@@ -32,12 +32,13 @@ def all_pairs_ping(lab: Lab, pods) -> list[str]:
     return failures
 
 
-@pytest.mark.parametrize(("encap", "cidr", "hosts"), [
-    ("vxlan", "10.31.0.0/16", ("h1", "h2", "h3")),     # across both underlay subnets, all tunnelled
-    ("direct", "10.32.0.0/16", ("h1", "h2")),          # one underlay subnet: plain routes via the peer
-    ("auto", "10.33.0.0/16", ("h1", "h2", "h3")),      # direct h1<->h2, vxlan to h3 on the other subnet
+@pytest.mark.parametrize(("encap", "cidr", "hosts", "which"), [
+    ("vxlan", "10.31.0.0/16", ("h1", "h2", "h3"), "lab"),              # across both underlay subnets, tunnelled
+    ("direct", "10.32.0.0/16", ("h1", "h2"), "one_subnet_lab"),        # one underlay subnet: routes via the peer
+    ("auto", "10.33.0.0/16", ("h1", "h2", "h3"), "lab"),               # direct h1<->h2, vxlan to h3
 ])
-def test_every_pod_reaches_every_pod(lab: Lab, encap: str, cidr: str, hosts: tuple[str, ...]) -> None:
+def test_every_pod_reaches_every_pod(request, encap: str, cidr: str, hosts: tuple[str, ...], which: str) -> None:
+    lab: Lab = request.getfixturevalue(which)
     net = make_net(lab, cidr, encap)
     pods = [lab.run_pod(h, unique("p"), net) for h in hosts for _ in range(2)]
     assert all_pairs_ping(lab, pods) == []
@@ -64,11 +65,12 @@ def test_auto_uses_routes_inside_a_subnet_and_vxlan_across(lab: Lab) -> None:
     assert lab.reaches(f"{a.host}/{a.name}", c.ip)
 
 
-def test_direct_network_carries_pod_addresses_unencapsulated(lab: Lab) -> None:
+def test_direct_network_carries_pod_addresses_unencapsulated(one_subnet_lab: Lab) -> None:
     """The underlay switch sees the pods' own addresses on the wire (no VXLAN header, no NAT).
 
     A test-owned nft table on h2 counts a->b packets by the device they arrive on; the VTEP's own
     link counters are not used because other networks in the shared lab may tunnel meanwhile."""
+    lab = one_subnet_lab
     net = make_net(lab, "10.35.0.0/16", "direct")
     a, b = lab.run_pod("h1", unique("p"), net), lab.run_pod("h2", unique("p"), net)
     assert lab.reaches(f"h1/{a.name}", b.ip)
@@ -112,12 +114,12 @@ def test_without_nat_outgoing_the_far_end_sees_the_pod_address(lab: Lab) -> None
         nsx(lab.ul, "ip", "route", "del", f"{pod.ip}/32", check=False)
 
 
-def test_pods_get_the_mtu_of_the_underlay_minus_the_encapsulation(lab: Lab) -> None:
+def test_pods_get_the_mtu_of_the_underlay_minus_the_encapsulation(lab: Lab, one_subnet_lab: Lab) -> None:
     vx = make_net(lab, "10.38.0.0/16", "vxlan")
-    dr = make_net(lab, "10.39.0.0/16", "direct")
-    a, b = lab.run_pod("h1", unique("p"), vx), lab.run_pod("h1", unique("p"), dr)
+    dr = make_net(one_subnet_lab, "10.39.0.0/16", "direct")
+    a, b = lab.run_pod("h1", unique("p"), vx), one_subnet_lab.run_pod("h1", unique("p"), dr)
     assert "mtu 1450" in lab.exec(f"h1/{a.name}", "ip", "link", "show", "eth0").stdout
-    assert "mtu 1500" in lab.exec(f"h1/{b.name}", "ip", "link", "show", "eth0").stdout
+    assert "mtu 1500" in one_subnet_lab.exec(f"h1/{b.name}", "ip", "link", "show", "eth0").stdout
     c = lab.run_pod("h3", unique("p"), vx)
     # a full-size packet crosses the tunnel without fragmentation
     assert lab.reaches(f"h1/{a.name}", c.ip)

@@ -66,9 +66,15 @@ def test_unselected_pods_are_untracked_until_a_policy_or_service_needs_state(lab
     assert tracked(lab, "h1", a, b) and tracked(lab, "h2", a, b)
 
 
-def test_direct_routing_and_same_host_pods_are_untracked_and_spoofing_still_drops(lab: Lab) -> None:
+def test_direct_routing_and_same_host_pods_are_untracked_and_spoofing_still_drops(one_subnet_lab: Lab) -> None:
     """The per-network stateless chains: a pod's packet reaches its network's chain from the
-    anti-spoofing map, a routed packet to a local pod from `local_dst4`; neither is tracked."""
+    anti-spoofing map, a routed packet to a local pod from `local_dst4`; neither is tracked.
+    (`direct` needs hosts on one underlay subnet; a service that selects nothing gives the hosts
+    the table with conntrack, whose stateless path this is.)"""
+    lab = one_subnet_lab
+    lab.client().apply(Service(name=unique("svc"), selector={"app": unique("nobody")}, ports=[ServicePort(port=80)]))
+    wait_for(lambda: all("hook forward" in nsx(lab.host(h).ns, "nft", "list", "table", "inet", "tether").stdout
+                         for h in ("h1", "h2")), 15, "both hosts to have the table with conntrack")
     net = unique("sd")
     lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.68.0.0/16")], encap="direct"))
     a = lab.run_pod("h1", unique("a"), net)

@@ -379,3 +379,11 @@ def test_neutron_binding_moves_the_device_name_with_the_port(http):
     r = http.put(f"/v2.0/ports/{port['id']}", json={"port": {"binding:host_id": "h1"}})
     assert r.status_code == 200, r.text
     assert http.get(f"/api/v1/endpoints/{port['id']}").json()["interface"] == "tap" + port["id"][:11]
+
+
+def test_a_host_with_an_ipv6_underlay_is_refused_with_the_reason(http) -> None:
+    """An IPv6 underlay made every host's nft table fail (`nft -c`: address family not supported);
+    until IPv6 underlays exist it is refused at registration and nothing is stored."""
+    r = http.put("/api/v1/hosts/h6", json={"name": "h6", "underlay_ip": "fd00:18::2"})
+    assert r.status_code == 422 and "IPv4 underlay" in r.text
+    assert http.get("/api/v1/hosts/h6").status_code == 404

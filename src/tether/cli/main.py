@@ -213,9 +213,17 @@ def endpoint_create(
 
 
 def find_endpoint(c, ref: str, network: str | None) -> dict:
-    eps = [e for e in run(lambda: c.list_raw("Endpoint", network=network))
-           if ref in (e["id"], e["name"]) or e["id"].startswith(ref)]
+    """By exact id or name first, then by id prefix; an id the list leaves out (an endpoint stored
+    under older, looser rules) is fetched directly, and shows why it is invalid."""
+    listed = run(lambda: c.list_raw("Endpoint", network=network))
+    eps = [e for e in listed if ref in (e["id"], e["name"])] or [e for e in listed if e["id"].startswith(ref)]
     if not eps:
+        from tether.client import ApiError
+
+        try:
+            return c.request("GET", f"/api/v1/endpoints/{ref}")
+        except ApiError:
+            pass
         fail(f"endpoint {ref!r} not found" + (f" in network {network!r}" if network else ""))
     if len(eps) > 1:
         fail(f"{len(eps)} endpoints match {ref!r}; give --network or the id")

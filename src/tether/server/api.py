@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tether.model import (
     Block,
@@ -168,7 +168,16 @@ async def list_endpoints(
 
 @router.get("/endpoints/{ep_id}")
 async def get_endpoint(ep_id: str, request: Request) -> dict:
-    return dump(await objs(request).must(Endpoint, ep_id))
+    """The endpoint; one today's validators refuse is shown as stored, with `invalid` saying why."""
+    o = objs(request)
+    try:
+        return dump(await o.must(Endpoint, ep_id))
+    except ValidationError:
+        found = await o.stored_as_is(Endpoint, ep_id)
+        if found is None:  # rewritten meanwhile
+            raise ApiError(409, f"endpoint {ep_id!r} changed while it was read; try again") from None
+        ep, problem = found
+        return {**ep.model_dump(mode="json", warnings=False), "invalid": problem}
 
 
 @router.post("/endpoints", status_code=201)
