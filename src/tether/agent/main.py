@@ -238,6 +238,10 @@ class Agent:
             except (ServerUnreachable, ApiError, OSError) as e:
                 if self.connected:
                     log.warning("lost the server (%s); keeping the datapath, retrying", e)
+                    # no more events until it is back: from now on the disk copy is what a restarted
+                    # agent serves, so write the tail the 1 s throttle skipped (the heartbeat's
+                    # catch-up comes up to 5 s later: an agent restarted sooner lost the last changes)
+                    self._save_replica(force=True)
                 elif str(e) != failed:  # e.g. at start: say why no pod can be added yet
                     log.warning("cannot sync with the server (%s); keeping the datapath, retrying", e)
                 failed = str(e)
