@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PREFIX = "/tether/v1/"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -145,6 +146,18 @@ def check_unique_count(values: list, what: str, limit: int) -> None:
         raise ValueError(f"{len(values)} {what}; at most {limit} are allowed")
 
 
+def checked(check: Callable[..., str], *args: Any) -> AfterValidator:
+    """A field's check as an annotation (`Annotated[str, checked(check_ip, "cluster_ip")]`): one
+    line on the field instead of a validator method per field."""
+    return AfterValidator(lambda v: check(v, *args))
+
+
+# references to other objects by name, checked as those objects' names are
+NamespaceName = Annotated[str, checked(check_dns_label, "namespace")]
+NetworkName = Annotated[str, checked(check_dns_label, "network name")]
+HostName = Annotated[str, checked(check_dns_label, "host name")]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -155,8 +168,8 @@ class Obj(Strict):
     kind: ClassVar[str]
     namespaced: ClassVar[bool] = False
 
-    id: str = Field(default_factory=new_id)
-    name: str
+    id: Annotated[str, checked(check_id)] = Field(default_factory=new_id)
+    name: Annotated[str, checked(check_text, "name")]
     labels: dict[str, str] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=now)
     revision: int = 0
@@ -165,16 +178,6 @@ class Obj(Strict):
     @classmethod
     def _labels(cls, v: dict[str, str]) -> dict[str, str]:
         return check_labels(v)
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_id(v)
-
-    @field_validator("name")
-    @classmethod
-    def _printable_name(cls, v: str) -> str:
-        return check_text(v, "name")
 
     def key(self) -> str:
         return key_of(self.kind, self.store_name())
@@ -211,10 +214,10 @@ class Host(Obj):
     kind: ClassVar[str] = "Host"
     underlay_ip: str
     underlay_cidr: str | None = None  # the underlay subnet, for `auto` (direct inside it, vxlan across)
-    vtep_mac: str | None = None
+    vtep_mac: Annotated[str, checked(check_mac, "vtep_mac")] | None = None
     vtep_ip: str | None = None  # the VXLAN device address (link-local style, unique per host)
     dns_ip: str | None = None  # where the host's agent answers DNS for its pods
-    agent_version: str | None = None
+    agent_version: Annotated[str, checked(check_text, "agent_version", 64)] | None = None
     heartbeat: datetime | None = None
     lease_id: int | None = None
     status: HostStatus = Field(default_factory=HostStatus)  # reported by the host's agent
@@ -238,16 +241,6 @@ class Host(Obj):
     def _addresses(cls, v: str | None, info: ValidationInfo) -> str | None:
         return None if v is None else check_ip(v, info.field_name or "address")
 
-    @field_validator("vtep_mac")
-    @classmethod
-    def _vtep_mac(cls, v: str | None) -> str | None:
-        return None if v is None else check_mac(v, "vtep_mac")
-
-    @field_validator("agent_version")
-    @classmethod
-    def _version(cls, v: str | None) -> str | None:
-        return None if v is None else check_text(v, "agent_version", 64)
-
     @model_validator(mode="after")
     def _underlay(self) -> Host:
         if self.underlay_cidr is not None:
@@ -267,18 +260,8 @@ class Subnet(Strict):
     cidr: str
     gateway: str | None = None  # informational for routed endpoints; Neutron and Docker expose it
     pools: list[str] = Field(default_factory=list)  # allocation ranges "a.b.c.d-a.b.c.e"; empty = whole CIDR
-    id: str = Field(default_factory=new_id)
-    name: str | None = None
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_id(v, "subnet id")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_text(v, "subnet name")
+    id: Annotated[str, checked(check_id, "subnet id")] = Field(default_factory=new_id)
+    name: Annotated[str, checked(check_text, "subnet name")] | None = None
 
     @field_validator("pools")
     @classmethod
@@ -325,8 +308,8 @@ class Network(Obj):
     encap: Encapsulation = "vxlan"
     mtu: int | None = Field(default=None, ge=576, le=9000)  # None: derived from the underlay
     nat_outgoing: bool = False
-    dns_domain: str = "tether.local"
-    project: str | None = None  # Neutron tenant/project
+    dns_domain: Annotated[str, checked(check_dns_domain)] = "tether.local"
+    project: Annotated[str, checked(check_text, "project")] | None = None  # Neutron tenant/project
     block_size: int = Field(default=26, ge=16, le=32)  # IPv4 prefix length of IPAM blocks
     vni: int = Field(default=VNI, ge=1, le=16777215)  # one VTEP per host carries all networks
     external: bool = False
@@ -341,16 +324,6 @@ class Network(Obj):
     def _subnets(cls, v: list[Subnet]) -> list[Subnet]:
         check_unique_count(v, "subnets", MAX_SUBNETS)
         return v
-
-    @field_validator("dns_domain")
-    @classmethod
-    def _dns_domain(cls, v: str) -> str:
-        return check_dns_domain(v)
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, v: str | None) -> str | None:
-        return None if v is None else check_text(v, "project")
 
     @field_validator("vni")
     @classmethod
@@ -386,22 +359,12 @@ class Owner(Strict):
     """Who an endpoint belongs to, so release by owner is idempotent."""
 
     type: Literal["cni", "docker", "vm", "api", "nested"] = "api"
-    container_id: str | None = None
+    container_id: Annotated[str, checked(check_token, "owner.container_id", MAX_CONTAINER_ID)] | None = None
     ifname: str | None = None
     netns: str | None = None
-    docker_endpoint_id: str | None = None
+    docker_endpoint_id: Annotated[str, checked(check_token, "owner.docker_endpoint_id", MAX_CONTAINER_ID)] | None = None
     device_id: str | None = None
     device_owner: str | None = None
-
-    @field_validator("container_id")
-    @classmethod
-    def _container_id(cls, v: str | None) -> str | None:
-        return None if v is None else check_token(v, "owner.container_id", MAX_CONTAINER_ID)
-
-    @field_validator("docker_endpoint_id")
-    @classmethod
-    def _docker_id(cls, v: str | None) -> str | None:
-        return None if v is None else check_token(v, "owner.docker_endpoint_id", MAX_CONTAINER_ID)
 
     @field_validator("device_id", "device_owner")
     @classmethod
@@ -432,14 +395,10 @@ class Owner(Strict):
 class PortDecl(Strict):
     """A declared container port, so NetworkPolicy can use named ports."""
 
-    name: str
+    name: Annotated[str, checked(check_port_name, "port name")]
     port: int = Field(ge=1, le=65535)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_port_name(v, "port name")
 
 
 def check_port_name(value: str, what: str) -> str:
@@ -451,35 +410,31 @@ def check_port_name(value: str, what: str) -> str:
 
 class AddressPair(Strict):
     ip_address: str  # an address or CIDR
-    mac_address: str | None = None
+    mac_address: Annotated[str, checked(check_mac, "mac_address")] | None = None
 
     @field_validator("ip_address")
     @classmethod
     def _ip(cls, v: str) -> str:
         return check_ip_or_cidr(v, "ip_address")
 
-    @field_validator("mac_address")
-    @classmethod
-    def _mac(cls, v: str | None) -> str | None:
-        return None if v is None else check_mac(v, "mac_address")
 
 
 class Endpoint(Obj):
     """A container's or VM's interface. Keyed by id; `name` is unique within its network."""
 
     kind: ClassVar[str] = "Endpoint"
-    network: str
-    host: str | None = None
-    namespace: str = "default"
+    network: NetworkName
+    host: HostName | None = None
+    namespace: NamespaceName = "default"
     ips: list[str] = Field(default_factory=list)
-    mac: str | None = None
+    mac: Annotated[str, checked(check_mac, "mac")] | None = None
     owner: Owner = Field(default_factory=Owner)
-    handle: str | None = None  # IPAM handle; defaults to the id
+    handle: Annotated[str, checked(check_token, "handle", MAX_HANDLE)] | None = None  # IPAM handle; defaults to the id
     interface: str | None = None  # host-side device name
     security_groups: list[str] = Field(default_factory=list)
     allowed_address_pairs: list[AddressPair] = Field(default_factory=list)
     ports: list[PortDecl] = Field(default_factory=list)
-    parent: str | None = None  # nested: the VM port this endpoint lives behind
+    parent: Annotated[str, checked(check_id, "parent")] | None = None  # nested: the VM port this endpoint lives behind
     ready: bool = True
     status: Literal["pending", "active", "down"] = "pending"
 
@@ -491,21 +446,6 @@ class Endpoint(Obj):
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "endpoint name")
 
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        return check_dns_label(v, "namespace")
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, v: str) -> str:
-        return check_dns_label(v, "network name")
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str | None) -> str | None:
-        return None if v is None else check_dns_label(v, "host name")
-
     @field_validator("ips")
     @classmethod
     def _ips(cls, v: list[str]) -> list[str]:
@@ -516,11 +456,6 @@ class Endpoint(Obj):
             raise ValueError(f"address {', '.join(dups)} is listed twice; list each address once")
         return out
 
-    @field_validator("mac")
-    @classmethod
-    def _mac(cls, v: str | None) -> str | None:
-        return None if v is None else check_mac(v, "mac")
-
     @field_validator("interface")
     @classmethod
     def _interface(cls, v: str | None) -> str | None:
@@ -530,16 +465,6 @@ class Endpoint(Obj):
         if problem:
             raise ValueError(f"interface {v[:80]!r} {problem}")
         return v
-
-    @field_validator("handle")
-    @classmethod
-    def _handle(cls, v: str | None) -> str | None:
-        return None if v is None else check_token(v, "handle", MAX_HANDLE)
-
-    @field_validator("parent")
-    @classmethod
-    def _parent(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "parent")
 
     @field_validator("security_groups")
     @classmethod
@@ -565,43 +490,23 @@ class NetworkPolicy(Obj):
 
     kind: ClassVar[str] = "NetworkPolicy"
     namespaced: ClassVar[bool] = True
-    namespace: str = "default"
+    namespace: NamespaceName = "default"
     spec: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        return check_dns_label(v, "namespace")
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
 
 
 class SecurityGroupRule(Strict):
-    id: str = Field(default_factory=new_id)
+    id: Annotated[str, checked(check_id, "rule id")] = Field(default_factory=new_id)
     direction: Literal["ingress", "egress"]
     ethertype: Literal["IPv4", "IPv6"] = "IPv4"
     protocol: str | None = None  # tcp, udp, icmp, icmpv6, sctp, a number, or None for any
     port_range_min: int | None = Field(default=None, ge=0, le=65535)
     port_range_max: int | None = Field(default=None, ge=0, le=65535)
     remote_ip_prefix: str | None = None
-    remote_group_id: str | None = None
-    description: str = ""
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_id(v, "rule id")
-
-    @field_validator("remote_group_id")
-    @classmethod
-    def _group(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "remote_group_id")
-
-    @field_validator("description")
-    @classmethod
-    def _description(cls, v: str) -> str:
-        return check_text(v, "description")
+    remote_group_id: Annotated[str, checked(check_id, "remote_group_id")] | None = None
+    description: Annotated[str, checked(check_text, "description")] = ""
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -658,19 +563,9 @@ PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "
 
 class SecurityGroup(Obj):
     kind: ClassVar[str] = "SecurityGroup"
-    description: str = ""
-    project: str | None = None
+    description: Annotated[str, checked(check_text, "description")] = ""
+    project: Annotated[str, checked(check_text, "project")] | None = None
     rules: list[SecurityGroupRule] = Field(default_factory=list)
-
-    @field_validator("description")
-    @classmethod
-    def _description(cls, v: str) -> str:
-        return check_text(v, "description")
-
-    @field_validator("project")
-    @classmethod
-    def _project(cls, v: str | None) -> str | None:
-        return None if v is None else check_text(v, "project")
 
     @field_validator("rules")
     @classmethod
@@ -683,16 +578,11 @@ class SecurityGroup(Obj):
 
 
 class ServicePort(Strict):
-    name: str | None = None
+    name: Annotated[str, checked(check_dns_label, "service port name")] | None = None
     protocol: Literal["TCP", "UDP"] = "TCP"
     port: int = Field(ge=1, le=65535)
     target_port: int | str | None = None  # number or a named port; default = port
     node_port: int | None = Field(default=None, ge=1, le=65535)  # published on every host's address
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_dns_label(v, "service port name")
 
     @field_validator("target_port")
     @classmethod
@@ -707,26 +597,19 @@ class ServicePort(Strict):
 
 
 class ServiceBackend(Strict):
-    ip: str
-    endpoint: str | None = None  # endpoint id, when known
+    ip: Annotated[str, checked(check_ip, "backend ip")]
+    endpoint: Annotated[str, checked(check_id, "backend endpoint")] | None = None  # endpoint id, when known
 
-    @field_validator("ip")
-    @classmethod
-    def _ip(cls, v: str) -> str:
-        return check_ip(v, "backend ip")
 
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        return None if v is None else check_id(v, "backend endpoint")
 
 
 class Service(Obj):
     kind: ClassVar[str] = "Service"
     namespaced: ClassVar[bool] = True
-    namespace: str = "default"
-    network: str | None = None
-    cluster_ip: str | None = None  # assigned from the service range when absent
+    namespace: NamespaceName = "default"
+    network: NetworkName | None = None
+    # assigned from the service range when absent
+    cluster_ip: Annotated[str, checked(check_ip, "cluster_ip")] | None = None
     ports: list[ServicePort] = Field(default_factory=list)
     selector: dict[str, str] | None = None
     backends: list[ServiceBackend] = Field(default_factory=list)  # explicit, when no selector
@@ -741,21 +624,6 @@ class Service(Obj):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "service name")
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        return check_dns_label(v, "namespace")
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, v: str | None) -> str | None:
-        return None if v is None else check_dns_label(v, "network name")
-
-    @field_validator("cluster_ip")
-    @classmethod
-    def _cluster_ip(cls, v: str | None) -> str | None:
-        return None if v is None else check_ip(v, "cluster_ip")
 
     @field_validator("selector")
     @classmethod
