@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 
 import tether.cni as cni_exe
 from tests.fuzz.harness import examples
+from tests.fuzz.sockets import exchange
 from tether.agent import cni_protocol as cp
 from tether.agent import yielding
 from tether.agent.cache import Replica
@@ -112,29 +112,6 @@ def frame(env: dict[str, str], stdin: bytes) -> bytes:
     return len(raw).to_bytes(4, "big") + raw + len(stdin).to_bytes(4, "big") + stdin
 
 
-def exchange(path: str, data: bytes, timeout: float = 10) -> bytes:
-    """Send `data`, end our side, read the whole answer (b"" when the agent just closes)."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the agent refused the frame before reading all of it: as good as an answer
-        chunks = []
-        while True:
-            try:
-                b = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        s.close()
 
 
 def assert_cni_error_or_close(answer: bytes) -> None:

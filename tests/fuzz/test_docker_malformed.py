@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tests.fuzz.harness import examples
+from tests.fuzz.sockets import exchange
 from tether.agent.cache import Replica
 from tether.agent.docker_plugin import GATEWAY_TYPE, GENERIC, PORTMAP, DockerPlugin
 from tether.client import ApiError
@@ -218,28 +218,6 @@ def served(tmp_path, no_dataplane) -> Iterator[Served]:
         s.close()
 
 
-def exchange(path: str, data: bytes, timeout: float = 10) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        chunks = []
-        while True:
-            try:
-                b = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not b:
-                break
-            chunks.append(b)
-        return b"".join(chunks)
-    finally:
-        s.close()
 
 
 def responses(raw: bytes) -> list[tuple[int, Any]]:
