@@ -146,6 +146,17 @@ def check_unique_count(values: list, what: str, limit: int) -> None:
         raise ValueError(f"{len(values)} {what}; at most {limit} are allowed")
 
 
+def check_named(v: str, problem: str, what: str) -> str:
+    """`v`, or ValueError with why `tether.names.<problem>` refuses it (a device name, a netns path).
+    Imported when called: names imports the dataplane's plan, which imports this module."""
+    from tether import names
+
+    why = getattr(names, problem)(v)
+    if why:
+        raise ValueError(f"{what} {v[:80]!r} {why}")
+    return v
+
+
 def checked(check: Callable[..., str], *args: Any) -> AfterValidator:
     """A field's check as an annotation (`Annotated[str, checked(check_ip, "cluster_ip")]`): one
     line on the field instead of a validator method per field."""
@@ -360,8 +371,8 @@ class Owner(Strict):
 
     type: Literal["cni", "docker", "vm", "api", "nested"] = "api"
     container_id: Annotated[str, checked(check_token, "owner.container_id", MAX_CONTAINER_ID)] | None = None
-    ifname: str | None = None
-    netns: str | None = None
+    ifname: Annotated[str, checked(check_named, "ifname_problem", "owner.ifname")] | None = None
+    netns: Annotated[str, checked(check_named, "netns_problem", "owner.netns")] | None = None
     docker_endpoint_id: Annotated[str, checked(check_token, "owner.docker_endpoint_id", MAX_CONTAINER_ID)] | None = None
     device_id: str | None = None
     device_owner: str | None = None
@@ -371,25 +382,7 @@ class Owner(Strict):
     def _device(cls, v: str | None, info: ValidationInfo) -> str | None:
         return None if v is None else check_text(v, f"owner.{info.field_name}")
 
-    @field_validator("ifname")
-    @classmethod
-    def _ifname(cls, v: str | None) -> str | None:
-        from tether.names import ifname_problem
 
-        problem = None if v is None else ifname_problem(v)
-        if problem:
-            raise ValueError(f"owner.ifname {v[:80]!r} {problem}")
-        return v
-
-    @field_validator("netns")
-    @classmethod
-    def _netns(cls, v: str | None) -> str | None:
-        from tether.names import netns_problem
-
-        problem = None if v is None else netns_problem(v)
-        if problem:
-            raise ValueError(f"owner.netns {v[:80]!r} {problem}")
-        return v
 
 
 class PortDecl(Strict):
@@ -430,7 +423,8 @@ class Endpoint(Obj):
     mac: Annotated[str, checked(check_mac, "mac")] | None = None
     owner: Owner = Field(default_factory=Owner)
     handle: Annotated[str, checked(check_token, "handle", MAX_HANDLE)] | None = None  # IPAM handle; defaults to the id
-    interface: str | None = None  # host-side device name
+    # the host-side device name, derived by the server from the owner
+    interface: Annotated[str, checked(check_named, "ifname_problem", "interface")] | None = None
     security_groups: list[str] = Field(default_factory=list)
     allowed_address_pairs: list[AddressPair] = Field(default_factory=list)
     ports: list[PortDecl] = Field(default_factory=list)
@@ -455,16 +449,6 @@ class Endpoint(Obj):
         if dups:
             raise ValueError(f"address {', '.join(dups)} is listed twice; list each address once")
         return out
-
-    @field_validator("interface")
-    @classmethod
-    def _interface(cls, v: str | None) -> str | None:
-        from tether.names import ifname_problem
-
-        problem = None if v is None else ifname_problem(v)
-        if problem:
-            raise ValueError(f"interface {v[:80]!r} {problem}")
-        return v
 
     @field_validator("security_groups")
     @classmethod
