@@ -144,3 +144,50 @@ def test_the_kernel_accepts_the_table_and_a_second_apply_changes_nothing() -> No
         assert again.verify(plan) and again.apply(plan).changed == 0
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _rich_replica():
+    """Every kind of layer: selector, namespace and ipBlock peers with except, named and ranged
+    ports, egress, default deny, matchExpressions, security groups alone and with others."""
+    r = make_replica()
+    add(r, policy("np1", "x", {
+        "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}},
+                              {"namespaceSelector": {"matchLabels": {"ns": "y"}}, "podSelector": {}},
+                              {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.2.0/24"]}}],
+                     "ports": [{"port": "serve-80"}, {"port": 81, "protocol": "UDP"},
+                               {"port": 1000, "endPort": 2000}]}],
+        "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "serve-81-udp", "protocol": "UDP"}]}, {}]}))
+    add(r, policy("deny", "y", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+    add(r, policy("allns", "z", {"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In",
+                                                                        "values": ["a", "c"]}]},
+                                 "ingress": [{"from": [{"namespaceSelector": {}}]}]}))
+    add(r, SecurityGroup(id="sg1", name="web", rules=[
+        SecurityGroupRule(id="r1", direction="ingress", protocol="tcp", port_range_min=80, port_range_max=90,
+                          remote_group_id="sg1"),
+        SecurityGroupRule(id="r2", direction="egress"),
+        SecurityGroupRule(id="r3", direction="ingress", protocol="icmp", remote_ip_prefix="10.0.0.0/8")]))
+    add(r, SecurityGroup(id="sg2", name="db"))
+    for key, groups in (("xa", ["sg1"]), ("yb", ["sg1", "sg2"]), ("zc", ["sg2"])):
+        r.objects["Endpoint"][key] = r.objects["Endpoint"][key].model_copy(update={"security_groups": groups})
+    return r
+
+
+@pytest.mark.parametrize("host", ["h1", "h2", "h3"])
+def test_a_compile_from_the_memos_equals_a_cold_one(host: str) -> None:
+    """The encoded policy and dispatch chains are reused across plans (only their sets are made
+    again): a plan built from those memos must be exactly the plan built without them."""
+    ctx = HostContext(host, "eth0", 1500)
+    compiler._POLICY_RULES.clear()
+    compiler._DISPATCH_RULES.clear()
+    cold = compute_nft(_rich_replica(), ctx)
+    assert compiler._POLICY_RULES and compiler._DISPATCH_RULES
+    warm = compute_nft(_rich_replica(), ctx)
+    assert warm == cold
+    # a changed member of a selector still reaches the reused chain's set
+    r = _rich_replica()
+    r.objects["Endpoint"]["xb"] = r.objects["Endpoint"]["xb"].model_copy(update={"ips": ["10.1.0.99"]})
+    changed = compute_nft(r, ctx)
+    compiler._POLICY_RULES.clear()
+    compiler._DISPATCH_RULES.clear()
+    assert changed == compute_nft(r, ctx)

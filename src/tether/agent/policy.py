@@ -121,7 +121,8 @@ def dispatch_name(d: str, network: str, policy_ids: tuple[str, ...], group_ids: 
     return f"{d}-{short(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
 
 
-_POLICY_RULES: dict[tuple, tuple[str, ...]] = {}  # see Builder.policy_chain
+# (policy, direction, spec) -> its encoded rules and what makes its sets: see Builder.policy_chain
+_POLICY_RULES: dict[tuple, tuple[tuple[str, ...], tuple[tuple[dict[str, Any], str, str | None], ...]]] = {}
 
 
 def ip_version(address: str) -> int:
@@ -315,15 +316,18 @@ class Builder:
             if excepts:
                 stmts.append(match(addr_field(net.version, which), {"set": [prefix(x) for x in excepts]}, "!="))
             return [stmts]
-        out = []
-        key = selector_json(pol, peer)
+        refs = self.selector_sets(pol, peer, selector_json(pol, peer))
+        return [[match(addr_field(v, which), ref)] for v, ref in zip(self.versions, refs, strict=True)]
+
+    def selector_sets(self, pol: NetworkPolicy, peer: dict[str, Any], key: str) -> list[str]:
+        """The per-IP-version sets of the addresses a selector peer matches (`key`: its selector_json)."""
         ips = self.idx.peer_ips(pol, peer, key)
+        refs = []
         for v in self.versions:
-            name = selector_set_name(pol, peer, v, key)
             members = [ip for ip in ips if ip_version(ip) == v]
-            ref = self.add_set(name, "ipv4_addr" if v == 4 else "ipv6_addr", members)
-            out.append([match(addr_field(v, which), ref)])
-        return out
+            refs.append(self.add_set(selector_set_name(pol, peer, v, key), "ipv4_addr" if v == 4 else "ipv6_addr",
+                                     members))
+        return refs
 
     def named_port_set(self, name: str, direction: str) -> str:
         """(local interface | address) . protocol . port for every endpoint declaring port `name`."""
@@ -370,24 +374,36 @@ class Builder:
             return name
         key, peers_key, which = (("ingress", "from", "saddr") if direction == "Ingress" else ("egress", "to", "daddr"))
         spec_rules = pol.spec.get(key) or []
-        # the encoded rules depend only on this (set names follow from the policy and its peers; the
-        # sets' elements are added below either way), so an unchanged policy is not re-encoded
+        # the encoded rules depend only on this (set names follow from the policy and its peers), so an
+        # unchanged policy is not re-encoded: only its sets are made again, from the recorded peers
         memo = (pol.namespace, pol.name, direction, self.versions, json.dumps(spec_rules, sort_keys=True, default=str))
-        encoded = _POLICY_RULES.get(memo)
+        hit = _POLICY_RULES.get(memo)
+        if hit is not None:
+            encoded, sets = hit
+            for peer, peer_key, port_name in sets:
+                if port_name is not None:
+                    self.named_port_set(port_name, direction)
+                else:
+                    self.selector_sets(pol, peer, peer_key)
+            self.chains[name] = NftChain(name, encoded)
+            return name
         rules: list[str] = []
+        recipe: list[tuple[dict[str, Any], str, str | None]] = []  # what makes this chain's sets, in order
         for i, r in enumerate(spec_rules):
             r = r or {}
             peers = r.get(peers_key) or []
             peer_alts = [alt for pr in peers for alt in self.peer_matches(pol, pr, which)] if peers else [[]]
+            recipe += [(pr, selector_json(pol, pr), None) for pr in peers if not pr.get("ipBlock")]
             ports = self.port_matches(r.get("ports") or [], direction)
-            if encoded is None:
-                comment = f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]
-                rules.extend(rule(*peer, *port, mark_set(NP_OK), RETURN, comment=comment)
-                             for peer in peer_alts for port in ports)
-        if encoded is None:
-            if len(_POLICY_RULES) >= 1 << 15:
-                _POLICY_RULES.clear()
-            encoded = _POLICY_RULES[memo] = tuple(rules)
+            recipe += [({}, "", str(p["port"])) for p in r.get("ports") or []
+                       if isinstance(p.get("port"), str) and not p["port"].isdigit()]
+            comment = f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]
+            rules.extend(rule(*peer, *port, mark_set(NP_OK), RETURN, comment=comment)
+                         for peer in peer_alts for port in ports)
+        if len(_POLICY_RULES) >= 1 << 15:
+            _POLICY_RULES.clear()
+        encoded = tuple(rules)
+        _POLICY_RULES[memo] = (encoded, tuple(recipe))
         self.chains[name] = NftChain(name, encoded)
         return name
 
@@ -485,6 +501,23 @@ class Builder:
             name = self._dispatch[key] = self._dispatch_chain(ep, direction)
         return name
 
+    @staticmethod
+    def _layered_rules(d: str, pols: tuple[tuple[str, str], ...], groups: tuple[tuple[str, str], ...]
+                       ) -> tuple[str, ...]:
+        """A dispatch chain for endpoints with policies or groups: (chain, name) of each, in order."""
+        rules: list[str] = [TO_OWN_HOST] if d == "out" else []
+        rules.append(CLEAR_MARKS)
+        if pols:
+            rules.extend(jump_rule(chain) for chain, _ in pols)
+            names = " ".join(n for _, n in pols)
+            rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}", remember=True))
+        if groups:
+            rules.extend(jump_rule(chain) for chain, _ in groups)
+            names = " ".join(n for _, n in groups)
+            rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}", remember=True))
+        rules.extend((ACCEPT_RULE,) if d == "in" else (TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))
+        return tuple(rules)
+
     def _dispatch_chain(self, ep: Endpoint, direction: str) -> str:
         pols, groups = self.layers(ep, direction)
         d = "in" if direction == "Ingress" else "out"
@@ -492,36 +525,37 @@ class Builder:
                              tuple(g.id for g in groups))
         if name in self.chains:
             return name
-        rules: list[str] = []
-        if direction == "Egress" and (pols or groups):
-            rules.append(TO_OWN_HOST)
         if pols or groups:
-            rules.append(CLEAR_MARKS)
-        if pols:
-            rules.extend(jump_rule(self.policy_chain(p, direction)) for p in pols)
-            names = " ".join(f"{p.namespace}/{p.name}" for p in pols)
-            rules.append(denied(mark_missing(NP_OK), comment=f"deny {d} np {names}", remember=True))
-        if groups:
-            rules.extend(jump_rule(self.group_chain(g, direction)) for g in groups)
-            names = " ".join(g.name for g in groups)
-            rules.append(denied(mark_missing(SG_OK), comment=f"deny {d} sg {names}", remember=True))
-        if direction == "Ingress":
-            if not pols and not groups:
-                for v in self.versions:
-                    others = [s.cidr for n in self.idx.networks.values() if n.name != ep.network for s in n.subnets
-                              if ipaddress.ip_network(s.cidr).version == v]
-                    if not others:
-                        continue
-                    ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
-                                       "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
-                    rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}",
-                                        remember=True))
-            rules.append(ACCEPT_RULE)
-        else:
-            rules.extend((TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))
+            # the rules follow from the chains jumped to and the names in the drop comments alone
+            targets = (tuple((self.policy_chain(p, direction), f"{p.namespace}/{p.name}") for p in pols),
+                       tuple((self.group_chain(g, direction), g.name) for g in groups))
+            encoded = _DISPATCH_RULES.get((d, targets))
+            if encoded is None:
+                if len(_DISPATCH_RULES) >= 1 << 15:
+                    _DISPATCH_RULES.clear()
+                encoded = _DISPATCH_RULES[(d, targets)] = self._layered_rules(d, *targets)
+            self.chains[name] = NftChain(name, encoded)
+            return name
+        if direction == "Egress":
+            self.chains[name] = NftChain(name, (TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))
+            return name
+        rules: list[str] = []  # ingress without layers: only the network isolation
+        for v in self.versions:
+            others = [s.cidr for n in self.idx.networks.values() if n.name != ep.network for s in n.subnets
+                      if ipaddress.ip_network(s.cidr).version == v]
+            if not others:
+                continue
+            ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
+                               "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
+            rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}",
+                                remember=True))
+        rules.append(ACCEPT_RULE)
         self.chains[name] = NftChain(name, tuple(rules))
         return name
 
+
+# (direction, the chains a dispatch chain jumps to and their names) -> its encoded rules
+_DISPATCH_RULES: dict[tuple, tuple[str, ...]] = {}
 
 # endpoint id -> (the endpoint, its workload key): the last plan's (Builder._layer_key). The entry
 # holds the object, so its identity is not reused while the entry lives
