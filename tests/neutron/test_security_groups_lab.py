@@ -3,7 +3,8 @@ and h2 (namespaces standing for the VMs, plugged by their agents as os-vif would
 h3, all on one network.
 
 - Ports created without groups are in their project's `default` group: members reach each other,
-  a non-member (the pod) reaches neither, and the members reach out (all egress, replies pass).
+  a non-member (the pod) reaches neither, and the members reach out (all egress, replies pass); a
+  container that names `default` in its CNI configuration is a member like a port.
 - `port set --no-security-group` leaves the port with port security and no group: nothing in,
   nothing out.
 - Deleting a rule ends the established connection it allowed within a second (its conntrack entry
@@ -120,6 +121,17 @@ def test_new_port_without_groups_accepts_traffic_only_from_other_members_of_defa
     assert not ping(pod.ns, v1.ip) and not ping(pod.ns, v2.ip), "a non-member pings a member of default"
     assert not tcp(pod.ns, v1.ip) and not tcp(pod.ns, v2.ip), "a non-member opens TCP to a member of default"
     assert ping(v1.ns, pod.ip) and ping(v2.ns, pod.ip), "default's egress rules should let members out"
+
+
+def test_container_naming_default_is_a_member_like_a_port(cloud: Cloud) -> None:
+    v1, pod = cloud.v1, cloud.pod
+    member = cloud.lab.run_pod("h3", unique("m"), cloud.net, security_groups=["default"])
+    try:
+        assert eventually(lambda: ping(member.ns, v1.ip), True), "the container in default cannot reach a member"
+        assert eventually(lambda: ping(v1.ns, member.ip), True), "a member of default cannot reach the container"
+        assert not ping(pod.ns, member.ip), "a container outside default reaches one inside"
+    finally:
+        cloud.lab.rm_pod(f"h3/{member.name}")
 
 
 def test_port_set_no_security_group_blocks_everything(cloud: Cloud) -> None:
