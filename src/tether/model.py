@@ -426,6 +426,11 @@ class Endpoint(Obj):
     # the host-side device name, derived by the server from the owner
     interface: Annotated[str, checked(check_named, "ifname_problem", "interface")] | None = None
     security_groups: list[str] = Field(default_factory=list)
+    # Neutron's port security: on, the endpoint's security groups are its whole filter, so with no
+    # group it passes nothing; off (Tether's and Kubernetes' default), an endpoint without groups is
+    # filtered by NetworkPolicy and network isolation only. Naming a group turns it on; the Neutron
+    # API turns it on for every port unless `port_security_enabled` is false.
+    port_security: bool = False
     allowed_address_pairs: list[AddressPair] = Field(default_factory=list)
     ports: list[PortDecl] = Field(default_factory=list)
     parent: Annotated[str, checked(check_id, "parent")] | None = None  # nested: the VM port this endpoint lives behind
@@ -455,6 +460,14 @@ class Endpoint(Obj):
     def _groups(cls, v: list[str]) -> list[str]:
         check_unique_count(v, "security groups", MAX_SECURITY_GROUPS)
         return list(dict.fromkeys(check_id(g, "security group id") for g in v))
+
+    @model_validator(mode="after")
+    def _groups_mean_port_security(self) -> Endpoint:
+        """An endpoint that names a group uses security groups: removing its groups later closes it
+        (as in Neutron) instead of opening it to everyone."""
+        if self.security_groups:
+            self.port_security = True
+        return self
 
     @field_validator("allowed_address_pairs")
     @classmethod
@@ -559,6 +572,29 @@ class SecurityGroup(Obj):
 
     def store_name(self) -> str:
         return self.id
+
+
+DEFAULT_GROUP = "default"  # the name of every project's default group, and what a container names to join it
+_DEFAULT_GROUP_IDS = uuid.UUID("5b0c3a52-5e8f-4d43-9a59-3c1f26d1f5a7")  # uuid5 namespace of default group ids
+
+
+def default_group_id(project: str | None) -> str:
+    """The id of a project's default group, derived from the project: every writer that creates it
+    on first use writes the same key, so two racing writers cannot make two default groups."""
+    return str(uuid.uuid5(_DEFAULT_GROUP_IDS, project or ""))
+
+
+def default_security_group(project: str | None) -> SecurityGroup:
+    """Neutron's default group: ingress only from its own members, all egress, IPv4 and IPv6."""
+    gid = default_group_id(project)
+    rules = [SecurityGroupRule(direction="ingress", ethertype=e, remote_group_id=gid) for e in ("IPv4", "IPv6")]
+    rules += [SecurityGroupRule(direction="egress", ethertype=e) for e in ("IPv4", "IPv6")]
+    return SecurityGroup(id=gid, name=DEFAULT_GROUP, description="Default security group", project=project or None,
+                         rules=rules)
+
+
+def is_default_group(sg: SecurityGroup) -> bool:
+    return sg.id == default_group_id(sg.project)
 
 
 class ServicePort(Strict):

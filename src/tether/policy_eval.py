@@ -8,7 +8,8 @@ reading of the Kubernetes and Neutron rules), so a truth-table test that compare
 Layers, all decided at the endpoints' own hosts:
 - loopback (a pod to itself) and traffic from the destination's own host are always allowed;
 - egress at the source: each layer that applies to the source must allow the packet: NetworkPolicy
-  (when a policy with Egress selects it) and security groups (when it has any);
+  (when a policy with Egress selects it) and security groups (when it has any, or has port security
+  on: then with no group nothing passes, as in Neutron);
 - ingress at the destination: the same with Ingress rules; when no layer applies, only sources of
   the destination's own network, or from outside every Tether network, get in;
 - a layer that applies and allows is an explicit allow, which also lets traffic cross networks.
@@ -208,9 +209,12 @@ def sg_rule_matches(world: World, r: SecurityGroupRule, peer_ip: str, port: int,
 
 
 def sg_layer(world: World, ep: Endpoint, direction: str, peer_ip: str, port: int, proto: str) -> Decision | None:
-    if not ep.security_groups:
-        return None
     want = "ingress" if direction == "Ingress" else "egress"
+    if not ep.security_groups:
+        if not ep.port_security:
+            return None
+        return Decision(False, f"{want} denied: {ep.name} has port security on and no security group, so nothing "
+                               "passes", "sg:no-groups")
     for ref in sorted(ep.security_groups):
         g = world.sg(ref)
         if g is None:

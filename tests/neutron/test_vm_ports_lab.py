@@ -74,9 +74,11 @@ def vm(lab: Lab, cloud: OpenStack) -> Iterator[Vm]:
     cloud.cli("subnet", "create", "--network", net, "--subnet-range", "10.71.0.0/24", sub)
     ns = f"{lab.name}-{port_name}"  # lab-prefixed: `lab.down` removes it whatever happens
     sh("ip", "netns", "add", ns)
+    # port security off: open to the pod (with it, the port would be in `default`, which the pod is not in;
+    # tests/neutron/test_security_groups_lab.py covers that)
     port = cloud.cli("port", "create", "--network", net, "--fixed-ip", f"subnet={sub},ip-address=10.71.0.10",
                      "--host", "h1", "--device-owner", "compute:nova", "--device", port_name,
-                     "--binding-profile", f"netns=/var/run/netns/{ns}", port_name)
+                     "--binding-profile", f"netns=/var/run/netns/{ns}", "--disable-port-security", port_name)
     tap = "tap" + port["id"][:11]
     h1 = lab.host("h1").ns
     wait_for(lambda: nsx(h1, "ip", "link", "show", tap, check=False).returncode == 0, 20, f"{tap} on h1")
@@ -127,7 +129,7 @@ def test_security_group_made_with_the_cli_restricts_the_vm(lab: Lab, vm: Vm, clo
         cloud.cli("security", "group", "create", sg)
         cloud.cli("security", "group", "rule", "create", "--protocol", "tcp", "--dst-port", "22",
                   "--remote-ip", f"{vm.pod.ip}/32", sg)
-        cloud.run("port", "set", "--security-group", sg, vm.port["id"])
+        cloud.run("port", "set", "--security-group", sg, vm.port["id"])  # turns port security on
 
         assert blocked(vm.pod.ns, vm.ip), "ping is not in the group's rules but still reaches the VM"
         assert tcp_connects(vm.pod.ns, vm.ip, 22), "TCP 22 from the allowed prefix is refused"
@@ -136,12 +138,12 @@ def test_security_group_made_with_the_cli_restricts_the_vm(lab: Lab, vm: Vm, clo
     finally:
         listener.kill()
         listener.wait()
-        conn = cloud.sdk()
-        conn.network.update_port(vm.port["id"], security_group_ids=[])
+        conn = cloud.sdk()  # without groups a port with port security passes nothing: turn it off again
+        conn.network.update_port(vm.port["id"], security_group_ids=[], port_security_enabled=False)
         found = conn.network.find_security_group(sg)
         if found is not None:
             conn.network.delete_security_group(found)
-    assert reaches(vm.pod.ns, vm.ip), "removing the group did not restore access"
+    assert reaches(vm.pod.ns, vm.ip), "removing the group and port security did not restore access"
 
 
 @pytest.fixture(scope="module")

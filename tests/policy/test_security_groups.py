@@ -1,6 +1,7 @@
 """Security groups with real packets, same method as the NetworkPolicy truth tables: every ordered
 pair of 9 pods on TCP/UDP 80/81 against `tether.policy_eval`, including remote-group membership
-changes, the combination with NetworkPolicy (both must allow), and statefulness (replies pass)."""
+changes, a pod that leaves its last group (port security on: it passes nothing), the combination
+with NetworkPolicy (both must allow), and statefulness (replies pass)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def sgs(cluster: Cluster) -> Iterator[tuple[Cluster, list[str]]]:
         yield cluster, made
     finally:
         for key in cluster.pods:
-            cluster.set_groups(key, [])
+            cluster.set_groups(key, [], port_security=False)
         cluster.clear_policies()
         for gid in made:
             cluster.client.request("DELETE", f"/api/v1/securitygroups/{gid}")
@@ -94,7 +95,9 @@ def test_remote_group_membership_changes_are_followed(sgs) -> None:
     assert c.converge() == []
     c.set_groups("z/c", [peers])  # joins: now reachable from and reaching members
     assert c.converge() == []
-    c.set_groups("y/b", [])  # leaves: open again, and no longer a member
+    c.set_groups("y/b", [])  # leaves its last group: no longer a member, and passes nothing (Neutron)
+    assert c.converge() == []
+    c.set_groups("y/b", [], port_security=False)  # port security off: open again
     assert c.converge() == []
 
 

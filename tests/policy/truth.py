@@ -117,9 +117,13 @@ class Cluster:
     def label_namespace(self, short: str, labels: dict[str, str]) -> None:
         self.client.apply(Namespace(name=self.ns(short), labels=labels))
 
-    def set_groups(self, key: str, groups: list[str]) -> None:
-        self.client.request("PATCH", f"/api/v1/endpoints/{self.pods[key].endpoint_id}",
-                            json={"security_groups": groups})
+    def set_groups(self, key: str, groups: list[str], port_security: bool | None = None) -> None:
+        """Naming a group turns the pod's port security on; it stays on when the groups go (then the
+        pod passes nothing) unless `port_security=False` turns it off again."""
+        change: dict = {"security_groups": groups}
+        if port_security is not None:
+            change["port_security"] = port_security
+        self.client.request("PATCH", f"/api/v1/endpoints/{self.pods[key].endpoint_id}", json=change)
 
     # --- expectation and probes ---------------------------------------------------------------
 

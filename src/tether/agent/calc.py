@@ -293,7 +293,7 @@ def needs_state(rep: Replica) -> str:
         return "a nat-outgoing network"
     if next(iter(rep.policies), None) is not None:
         return "network policies"
-    if next(iter(rep.security_groups), None) is not None or any(ep.security_groups for ep in rep.endpoints):
+    if any(ep.security_groups or ep.port_security for ep in rep.endpoints):  # a group nobody uses filters nothing
         return "security groups"
     return ""
 

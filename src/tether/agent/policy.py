@@ -11,6 +11,8 @@ update, not a rewrite of rules:
   reached through the `ep_in`/`ep_out` verdict maps: each applicable layer must have set its bit, or
   the packet is dropped with a counter and an NFLOG record (group `LOG_GROUP`);
 - anti-spoofing is not here: each pod interface's own ingress chain does it (`pod_ingress`);
+- an endpoint with port security and no group (Neutron's semantics, `Endpoint.port_security`) has a
+  security-group layer with no rule (`NO_GROUPS`): everything but its own host is denied;
 - endpoints with any policy or security group go into `stateful`, so their traffic is tracked
   (see `calc.base_nft`'s stateless fast path).
 The semantics are those of `tether.policy_eval`, which is written separately and checks this module.
@@ -474,7 +476,8 @@ class Builder:
         if hit is None or hit[0] is not ep:
             hit = _WORKLOADS.get(ep.id)
             if hit is None or hit[0] is not ep:
-                hit = (ep, (ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups)))
+                hit = (ep, (ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups),
+                            ep.port_security))
             self.workloads[ep.id] = hit
         return direction, hit[1]
 
@@ -492,6 +495,8 @@ class Builder:
         missing = [ref for ref in ep.security_groups if self.idx.group(ref) is None]
         if missing and not groups:  # a group we have not seen yet: fail closed with an empty group
             groups = [SecurityGroup(id=missing[0], name=missing[0])]
+        if ep.port_security and not ep.security_groups:  # Neutron: port security on, no group: nothing passes
+            groups = [NO_GROUPS]
         return pols, groups
 
     def dispatch_chain(self, ep: Endpoint, direction: str) -> str:
@@ -556,6 +561,9 @@ class Builder:
 
 # (direction, the chains a dispatch chain jumps to and their names) -> its encoded rules
 _DISPATCH_RULES: dict[tuple, tuple[str, ...]] = {}
+
+# the layer of an endpoint with port security and no group: a group without rules (chains `sgi-`/`sge-nogroups`)
+NO_GROUPS = SecurityGroup(id="no-groups", name="no-groups")
 
 # endpoint id -> (the endpoint, its workload key): the last plan's (Builder._layer_key). The entry
 # holds the object, so its identity is not reused while the entry lives

@@ -380,7 +380,7 @@ class Lab:
 
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
                 labels: dict[str, str] | None = None, ip: str | None = None,
-                ports: list[dict] | None = None) -> PodInfo:
+                ports: list[dict] | None = None, security_groups: list[str] | None = None) -> PodInfo:
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         sh("ip", "netns", "add", ns)
@@ -390,6 +390,8 @@ class Lab:
                                   "labels": labels or {}}
         if ports:
             config["ports"] = ports
+        if security_groups is not None:
+            config["security_groups"] = security_groups
         code, out = self.cni(h.name, "ADD", config, container_id=container_id, netns=f"/var/run/netns/{ns}",
                              args=args)
         if code != 0:

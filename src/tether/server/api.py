@@ -25,6 +25,7 @@ from tether.model import (
     SecurityGroupRule,
     Service,
     decode,
+    is_default_group,
     kind_of_key,
 )
 from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
@@ -349,6 +350,9 @@ async def delete_sg_rule(sg_id: str, rule_id: str, request: Request) -> None:
 async def delete_sg(sg_id: str, request: Request) -> None:
     o = objs(request)
     sg = await find_sg(o, sg_id)
+    if is_default_group(sg):
+        raise ApiError(409, f"security group {sg.id!r} is the default group of project {sg.project or '(none)'!r}, "
+                            "which cannot be deleted (as in Neutron); remove its rules instead")
     users = [e.name for e in await o.list(Endpoint) if sg.id in e.security_groups]
     if users:
         raise ApiError(409, f"security group {sg.name!r} is used by {len(users)} endpoints ({', '.join(users[:5])}); "

@@ -6,9 +6,14 @@ and the agents plug it. Field names, filters (`?name=`, `?network_id=`, `fields=
 and the error body `{"NeutronError": {"type", "message", "detail"}}` follow Neutron, so the
 `openstack` CLI and openstacksdk work against it without Keystone (token via `X-Auth-Token`).
 
+Security groups as in Neutron: every project has a `default` group (ingress only from its members,
+all egress), created on its first network, port or group list, which cannot be deleted or renamed; a
+port created without `security_groups` is put in it; a port with port security on and no group
+passes nothing (`Endpoint.port_security`).
+
 Deliberate differences: network and port names must be DNS labels (they become DNS names) and are
-unique per network; no `default` security group is created for ports implicitly; fixed IPs are
-chosen per address family (a `subnet_id` without `ip_address` does not pick the subnet).
+unique per network; fixed IPs are chosen per address family (a `subnet_id` without `ip_address`
+does not pick the subnet); a port's project is its network's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
 from tether.model import (
+    DEFAULT_GROUP,
     DNS_LABEL,
     VNI,
     AddressPair,
@@ -35,6 +41,8 @@ from tether.model import (
     SecurityGroup,
     SecurityGroupRule,
     Subnet,
+    default_group_id,
+    is_default_group,
     new_id,
 )
 from tether.names import netns_problem, neutron_mac, vif_name
@@ -309,7 +317,9 @@ async def create_network(request: Request) -> dict:
     net = Network(id=net_id, name=dns_name(body.get("name"), f"net-{net_id[:8]}", "network"),
                   project=project_of(body), external=bool(body.get("router:external", False)),
                   mtu=body.get("mtu"))
-    obj, _ = await objs(request).put_network(net, create_only=True)
+    o = objs(request)
+    obj, _ = await o.put_network(net, create_only=True)
+    await o.ensure_default_group(obj.project)  # Neutron: a project's first network makes its default group
     return {"network": network_view(obj)}
 
 
@@ -507,7 +517,7 @@ def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
         "device_owner": device_owner, "binding:host_id": ep.host or "", "binding:profile": profile,
         "binding:vif_type": "tap" if ep.host else "unbound", "binding:vif_details": {"port_filter": True},
         "binding:vnic_type": "normal", "status": STATUS.get(ep.status, "DOWN"), "admin_state_up": True,
-        "port_security_enabled": True, "description": "", "tags": [], "extra_dhcp_opts": [], "dns_name": "",
+        "port_security_enabled": ep.port_security, "description": "", "tags": [], "extra_dhcp_opts": [], "dns_name": "",
         "qos_policy_id": None, **stamps(ep),
     }
 
@@ -536,12 +546,75 @@ def address_pairs(body: dict[str, Any]) -> list[AddressPair]:
     return out
 
 
-async def check_groups(o: Objects, groups: Any) -> list[str]:
+async def check_groups(o: Objects, groups: Any, project: str | None) -> list[str]:
+    """The ids of existing groups; the project's default group may not exist yet (the port's own
+    write creates it: Objects.create_endpoint)."""
     if not isinstance(groups, list):
         raise bad_request("Invalid input for security_groups. Reason: expected a list of ids.")
     for g in groups:
-        await sg_by_id(o, str(g))
+        if str(g) != default_group_id(project):
+            await sg_by_id(o, str(g))
     return [str(g) for g in groups]
+
+
+def port_security_of(body: dict[str, Any]) -> bool | None:
+    """`port_security_enabled` as a boolean, None when absent (Neutron also takes "true"/"false")."""
+    value = body.get("port_security_enabled")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise bad_request(f"Invalid input for port_security_enabled. Reason: '{str(value)[:40]}' is not a valid "
+                      "boolean value.")
+
+
+def trusted(device_owner: Any) -> bool:
+    """Neutron's own ports (DHCP, router interfaces: device_owner `network:...`) get no default group."""
+    return isinstance(device_owner, str) and device_owner.startswith("network:")
+
+
+def groups_need_port_security() -> NeutronError:
+    return NeutronError(400, "PortSecurityAndIPRequiredForSecurityGroups",
+                        "Port security must be enabled and port must have an IP address in order to use security "
+                        "groups.")
+
+
+async def new_port_groups(o: Objects, body: dict[str, Any], net: Network) -> tuple[bool, list[str]]:
+    """A new port's port security and groups, as Neutron decides them: without `security_groups`
+    (absent or null), the project's default group, unless port security is off or the port is
+    Neutron's own; an explicit empty list means no group (and, with port security, no traffic)."""
+    secure = port_security_of(body)
+    given = body.get("security_groups")
+    if secure is False:
+        if given:
+            raise groups_need_port_security()
+        return False, []
+    if given is None:
+        if trusted(body.get("device_owner")):
+            return False, []
+        return True, [default_group_id(net.project)]
+    return True, await check_groups(o, given, net.project)
+
+
+async def port_group_changes(o: Objects, body: dict[str, Any], ep: Endpoint) -> dict[str, Any]:
+    """What a port update does to its groups and port security: port security cannot be turned off
+    while the port keeps groups (Neutron's 400 when both are in the request, 409 otherwise)."""
+    secure = port_security_of(body)
+    changes: dict[str, Any] = {}
+    if "security_groups" in body:
+        net = (await nets_by_name(o)).get(ep.network)
+        changes["security_groups"] = await check_groups(o, body["security_groups"] or [], net.project if net else None)
+    if secure is None:  # groups given to a port without port security turn it on (Endpoint.port_security)
+        return changes
+    groups = changes.get("security_groups", ep.security_groups)
+    if not secure and groups:
+        if "security_groups" in body:
+            raise groups_need_port_security()
+        raise NeutronError(409, "PortSecurityPortHasSecurityGroup",
+                           "Port has security group associated. Cannot disable port security or ip address until "
+                           "security group is removed")
+    changes["port_security"] = secure
+    return changes
 
 
 def vm_owner(body: dict[str, Any], old: Owner | None = None) -> Owner:
@@ -602,11 +675,11 @@ async def create_port(request: Request) -> dict:
             ips.append(str(f["ip_address"]))
     owner = vm_owner(body)
     labels = {} if body.get("name") else {UNNAMED: "true"}
+    secure, groups = await new_port_groups(o, body, net)
     ep = Endpoint(id=port_id, name=dns_name(body.get("name"), f"port-{port_id[:8]}", "port"), network=net.name,
                   host=body.get("binding:host_id") or None, ips=ips, mac=(body.get("mac_address") or random_mac()),
                   owner=owner, labels=labels, interface=vif_name(port_id) if owner.type == "vm" else None,
-                  security_groups=await check_groups(o, body.get("security_groups") or []),
-                  allowed_address_pairs=address_pairs(body))
+                  security_groups=groups, port_security=secure, allowed_address_pairs=address_pairs(body))
     try:
         obj, _ = await o.create_endpoint(ep, require_subnet=False)  # Neutron allows a port without fixed IPs
     except ApiError as e:
@@ -641,9 +714,7 @@ async def update_port(port_id: str, request: Request) -> dict:
         current = (await nets_by_name(o)).get(ep.network)
         if current is None or body["network_id"] != current.id:
             raise bad_request("Cannot update read-only attribute network_id")
-    changes: dict[str, Any] = {}
-    if "security_groups" in body:
-        changes["security_groups"] = await check_groups(o, body["security_groups"] or [])
+    changes: dict[str, Any] = await port_group_changes(o, body, ep)
     if "allowed_address_pairs" in body:
         changes["allowed_address_pairs"] = [p.model_dump() for p in address_pairs(body)]
     if "mac_address" in body and body["mac_address"] != ep.mac:
@@ -692,7 +763,14 @@ def sg_view(sg: SecurityGroup) -> dict[str, Any]:
 
 @router.get("/security-groups")
 async def list_sgs(request: Request) -> dict:
-    return {"security_groups": filtered(request, [sg_view(s) for s in await objs(request).list(SecurityGroup)])}
+    o = objs(request)
+    q = request.query_params
+    project = q.get("project_id") or q.get("tenant_id") or None
+    try:  # Neutron: listing a project's groups makes its default group (the caller's project: none here)
+        await o.ensure_default_group(project)
+    except ValidationError:
+        pass  # a filter no project can have: nothing to make, and the filter matches nothing
+    return {"security_groups": filtered(request, [sg_view(s) for s in await o.list(SecurityGroup)])}
 
 
 @router.get("/security-groups/{sg_id}")
@@ -704,13 +782,21 @@ async def get_sg(sg_id: str, request: Request) -> dict:
 async def create_sg(request: Request) -> dict:
     body = await body_of(request, "security_group")
     check_attrs(body, SG_ATTRS)
+    check_not_default_name(body)
     # Neutron gives every new group rules that allow all egress
     sg = SecurityGroup(name=str(body.get("name") or ""), description=str(body.get("description") or ""),
                        project=project_of(body),
                        rules=[SecurityGroupRule(direction="egress", ethertype=e) for e in ("IPv4", "IPv6")])
     o = objs(request)
     obj = await with_retries(lambda: o.create(sg))
+    await o.ensure_default_group(obj.project)
     return {"security_group": sg_view(obj)}
+
+
+def check_not_default_name(body: dict[str, Any]) -> None:
+    """`default` is the name of each project's default group only (Neutron's 409)."""
+    if isinstance(body.get("name"), str) and body["name"].lower() == DEFAULT_GROUP:
+        raise NeutronError(409, "SecurityGroupDefaultAlreadyExists", "Default security group already exists.")
 
 
 @router.put("/security-groups/{sg_id}")
@@ -721,6 +807,9 @@ async def update_sg(sg_id: str, request: Request) -> dict:
 
     async def attempt() -> SecurityGroup:
         sg = await sg_by_id(o, sg_id)
+        if "name" in body and is_default_group(sg):
+            raise NeutronError(409, "SecurityGroupCannotUpdateDefault", "Updating default security group not allowed.")
+        check_not_default_name(body)
         if "name" in body:
             sg.name = str(body["name"] or "")
         if "description" in body:
@@ -734,6 +823,9 @@ async def update_sg(sg_id: str, request: Request) -> dict:
 async def delete_sg(sg_id: str, request: Request) -> Response:
     o = objs(request)
     sg = await sg_by_id(o, sg_id)
+    if is_default_group(sg):
+        raise NeutronError(409, "SecurityGroupCannotRemoveDefault", "Insufficient rights for removing default "
+                                                                    "security group.")
     if any(sg.id in e.security_groups for e in await o.list(Endpoint)):
         raise NeutronError(409, "SecurityGroupInUse", f"Security Group {sg.id} in use.")
     others = [s for s in await o.list(SecurityGroup) if s.id != sg.id]

@@ -19,14 +19,18 @@ from pydantic import ValidationError
 
 from tether.ipam import Ipam, IpamError
 from tether.model import (
+    DEFAULT_GROUP,
     KINDS,
     PREFIX,
     Endpoint,
     Host,
     Network,
     Obj,
+    SecurityGroup,
     Service,
     decode,
+    default_group_id,
+    default_security_group,
     encode,
     key_of,
     kind_of_key,
@@ -297,9 +301,8 @@ class Objects:
             iface_cmp, iface_ops = await self._claim_interface(ep)
             if ep.host and await self.get(Host, ep.host) is None:
                 raise ApiError(400, f"host {ep.host!r} is not registered; start `tether agent` on it first")
-            for sg in ep.security_groups:
-                if await self.store.get(key_of("SecurityGroup", sg)) is None:
-                    raise ApiError(400, f"security group {sg!r} does not exist")
+            ep.security_groups = await self._named_groups(ep.security_groups, net.project)
+            sg_cmp, sg_ops = await self._group_writes(ep.security_groups, net.project)
             name_kv = await self.store.get(endpoint_name_key(ep))
             if name_kv is not None:
                 raise ApiError(409, f"an endpoint named {ep.name!r} already exists in namespace "
@@ -311,9 +314,9 @@ class Objects:
             ep.ips = alloc.ips
             ep.created_at = now()
             compares = [Compare(ep.key(), 0), Compare(endpoint_name_key(ep), 0), Compare(net.key(), net.revision),
-                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares, *iface_cmp]
+                        Compare(handle_key(ep.handle or ""), 0), *alloc.compares, *iface_cmp, *sg_cmp]
             ops = [Put(ep.key(), encode(ep)), Put(endpoint_name_key(ep), ep.id.encode()),
-                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops, *iface_ops]
+                   Put(handle_key(ep.handle or ""), ep.id.encode()), *alloc.ops, *iface_ops, *sg_ops]
             try:
                 rev = await self.store.txn(compares, ops)
             except Conflict:
@@ -351,8 +354,8 @@ class Objects:
         return await with_retries(attempt)
 
     async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
-        allowed = {"labels", "security_groups", "allowed_address_pairs", "ports", "ready", "status", "interface",
-                   "mac", "host", "parent", "owner", "name"}
+        allowed = {"labels", "security_groups", "port_security", "allowed_address_pairs", "ports", "ready", "status",
+                   "interface", "mac", "host", "parent", "owner", "name"}
         bad = set(changes) - allowed
         if bad:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
@@ -380,14 +383,14 @@ class Objects:
                 new.interface = ep.interface
             if new.host and new.host != ep.host and await self.get(Host, new.host) is None:
                 raise ApiError(400, f"host {new.host!r} is not registered; start `tether agent` on it first")
-            for sg in new.security_groups:
-                if await self.store.get(key_of("SecurityGroup", sg)) is None:
-                    raise ApiError(400, f"security group {sg!r} does not exist")
-            compares: list[Compare] = []
-            ops: list[Op] = []
+            net = await self.get(Network, new.network)
+            project = net.project if net is not None else None
+            new.security_groups = await self._named_groups(new.security_groups, project)
+            compares, ops = await self._group_writes(new.security_groups, project)
             if new.interface != ep.interface:  # Neutron bound or unbound a port: its device name follows
-                compares, ops = await self._claim_interface(new)
-                ops += await self._release_interface(ep)
+                iface_cmp, iface_ops = await self._claim_interface(new)
+                compares += iface_cmp
+                ops += [*iface_ops, *await self._release_interface(ep)]
             if new.name == ep.name:
                 return await self.replace(new, ep.revision, compares, ops)
             # a rename (Docker endpoints learn their container's name after the address is taken)
@@ -399,6 +402,44 @@ class Objects:
                                        *ops])
 
         return await with_retries(attempt)
+
+    # --- security groups ------------------------------------------------------------------------
+
+    async def ensure_default_group(self, project: str | None) -> SecurityGroup:
+        """The project's default group, created on first use (Neutron: a project's first network,
+        port or group list). Its id follows from the project, so racing callers make one group."""
+        sg = default_security_group(project)
+        found = await self.get(SecurityGroup, sg.id)
+        if found is not None:
+            return found
+        try:
+            return await self.create(sg)
+        except Conflict:
+            return await self.must(SecurityGroup, sg.id)
+
+    async def _named_groups(self, groups: list[str], project: str | None) -> list[str]:
+        """An endpoint's groups with the name `default` read as its network's project's default
+        group (unless a group has the id `default`): how a container joins that group."""
+        if DEFAULT_GROUP not in groups or await self.store.get(key_of("SecurityGroup", DEFAULT_GROUP)) is not None:
+            return groups
+        return list(dict.fromkeys(default_group_id(project) if g == DEFAULT_GROUP else g for g in groups))
+
+    async def _group_writes(self, groups: list[str], project: str | None) -> tuple[list[Compare], list[Op]]:
+        """Every group an endpoint names must exist, except its project's default group, which is
+        created in the endpoint's own transaction (so a refused endpoint leaves no group behind)."""
+        compares: list[Compare] = []
+        ops: list[Op] = []
+        default = default_security_group(project)
+        for sg in groups:
+            if await self.store.get(key_of("SecurityGroup", sg)) is not None:
+                continue
+            if sg != default.id:
+                raise ApiError(400, f"security group {sg!r} does not exist; create it first or name an existing one "
+                                    f"(`{DEFAULT_GROUP}` is the default group of the network's project)")
+            default.created_at = now()
+            compares.append(Compare(default.key(), 0))
+            ops.append(Put(default.key(), encode(default)))
+        return compares, ops
 
     async def _claim_interface(self, ep: Endpoint) -> tuple[list[Compare], list[Op]]:
         """One endpoint per host-side device: a second endpoint with another pod's container id and
