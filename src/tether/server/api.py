@@ -142,7 +142,7 @@ async def revoke_host_credential(name: str, request: Request) -> dict:
 
 class BootstrapBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ttl: float = Field(default=1800, ge=10, le=7 * 86400, description="seconds the token is valid")
+    ttl: float = Field(default=1800, ge=1, le=7 * 86400, description="seconds the token is valid")
     description: str = Field(default="", max_length=200)
 
 
