@@ -13,12 +13,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.fixtures.etcd import free_port
+from tests.fixtures.server import ServerProc, start_server
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable, TetherClient
 from tether.join import JoinError, join
 from tether.model import Endpoint, Host, Network, Subnet
 from tether.trust import ca_hash
-from tests.fixtures.etcd import free_port
-from tests.fixtures.server import ServerProc, start_server
 
 
 @pytest.fixture
