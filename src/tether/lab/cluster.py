@@ -369,7 +369,8 @@ class Lab:
         for container names and labels."""
         return os.path.join(self.agent_dir(host), "docker.sock")
 
-    def start_agent(self, host: str, wait: bool = True) -> None:
+    def start_agent(self, host: str, wait: bool = True, servers: list[str] | None = None) -> None:
+        """Start the host's agent; `servers` (host-credential labs only) replaces the server list."""
         h = self.host(host)
         d = self.agent_dir(host)
         os.makedirs(d, exist_ok=True)
@@ -377,7 +378,7 @@ class Lab:
                "TETHER_DOCKER_HOST": f"unix://{self.docker_socket(host)}"}
         log = open(os.path.join(d, "agent.log"), "ab")
         if self.state.agent_auth == "host":  # over the underlay, TLS, its own credential (joins at first start)
-            auth = ["--server", self.underlay_url, "--join-token", self.state.bootstrap_token,
+            auth = ["--server", ",".join(servers or [self.underlay_url]), "--join-token", self.state.bootstrap_token,
                     "--ca-hash", self.state.ca_hash]
         else:
             auth = ["--server", f"unix://{self.server_socket}",
