@@ -51,11 +51,25 @@ def default_sans(listen: list[str], extra: list[str]) -> tuple[set[str], set[str
         if addr.startswith(("unix://", "fd://")):
             continue
         host = addr.split("://", 1)[-1].rpartition(":")[0].strip("[]")
-        if host and host not in ("0.0.0.0", "::"):
+        if host in ("", "0.0.0.0", "::"):
+            ips |= machine_addresses()
+            if not extra:
+                log.warning("--listen %s: the certificate covers this machine's name and the addresses it resolves "
+                            "to; add --tls-san NAME_OR_IP for every other name hosts use to reach this server", addr)
+        else:
             ips.add(host) if _is_ip(host) else names.add(host)
     for san in extra:
         ips.add(san) if _is_ip(san) else names.add(san)
     return names, ips
+
+
+def machine_addresses() -> set[str]:
+    """The addresses this machine's name resolves to (a wildcard listener serves them all)."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return set()
+    return {str(ipaddress.ip_address(i[4][0].split("%")[0])) for i in infos}
 
 
 def _is_ip(value: str) -> bool:
