@@ -288,3 +288,25 @@ def test_a_watch_moves_to_the_next_server_when_its_server_stops_without_losing_a
     TetherClient(b.url, b.token).request("PUT", "/api/v1/hosts/h1", json={
         "name": "h1", "underlay_ip": "198.18.0.1", "underlay_cidr": "198.18.0.0/24"})
     assert asyncio.run(scenario()) == names
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("GET", "/api/v1/snapshot", True), ("GET", "/api/v1/watch", True), ("GET", "/api/v1/networks/blue", True),
+    ("PUT", "/api/v1/hosts/h1", True), ("PUT", "/api/v1/hosts/h1/status", True),
+    ("POST", "/api/v1/hosts/h1/heartbeat", True), ("POST", "/api/v1/endpoints", True),
+    ("PATCH", "/api/v1/endpoints/e1", True), ("DELETE", "/api/v1/endpoints/by-handle/c1", True),
+    ("PUT", "/api/v1/namespaces/shop", True),
+    ("PUT", "/api/v1/hosts/h2", False), ("POST", "/api/v1/hosts/h2/heartbeat", False),
+    ("DELETE", "/api/v1/hosts/h1", False), ("POST", "/api/v1/hosts/h1", False),
+    ("POST", "/api/v1/networks", False), ("PUT", "/api/v1/networks/blue", False),
+    ("DELETE", "/api/v1/networks/blue", False), ("DELETE", "/api/v1/namespaces/shop", False),
+    ("PUT", "/api/v1/namespaces/shop/networkpolicies/p", False), ("PUT", "/api/v1/namespaces/shop/services/s", False),
+    ("POST", "/api/v1/securitygroups", False), ("POST", "/api/v1/apply", False),
+    ("POST", "/api/v1/bootstrap-tokens", False), ("DELETE", "/api/v1/hosts/h2/credential", False),
+    ("GET", "/v2.0/networks", False), ("POST", "/v2.0/ports", False), ("GET", "/openapi.json", False),
+])
+def test_the_node_authorizer_lets_a_host_make_only_its_agents_calls(method: str, path: str, allowed: bool) -> None:
+    from tether.server.auth import host_rule
+
+    why = host_rule("h1", method, path)
+    assert (why is None) == allowed, why

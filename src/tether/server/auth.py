@@ -168,26 +168,22 @@ class HostHasCredential(Exception):
 
 HOST_READS = re.compile(r"^/api/v1/")
 OWN_HOST = re.compile(r"^/api/v1/hosts/(?P<name>[^/]+)(?P<sub>/status|/heartbeat)?$")
-OWNED_ROUTES = {  # allowed to a host here, then checked against the stored/sent object by the route
-    ("POST", "/api/v1/endpoints"),
-    ("PATCH", "endpoint"), ("DELETE", "endpoint"),
-    ("PUT", "namespace"),
-}
+OWNED_ROUTES = {("POST", "/api/v1/endpoints")}  # the route checks the body's host (api.require_own)
 ENDPOINT = re.compile(r"^/api/v1/endpoints/[^/]+$|^/api/v1/endpoints/by-handle/.+$")
 NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
 
 
 def host_rule(host: str, method: str, path: str) -> str | None:
-    """None when a host credential may make this call (some routes then check that the object is
-    the host's own: `OWNED_ROUTES`), else why not. Reads: everything its agent mirrors. Writes: its
-    own host object, status and heartbeat; endpoints on itself (addresses come with them); a
-    namespace that does not exist yet (CNI ADD for a pod in a new namespace)."""
+    """None when a host credential may make this call (the endpoint and namespace routes then check
+    that the object is the host's own, or new: `api.require_own`), else why not. Reads: everything
+    its agent mirrors. Writes: its own host object, status and heartbeat; endpoints on itself
+    (addresses come with them); a namespace that does not exist yet (CNI ADD in a new namespace)."""
     if method in ("GET", "HEAD"):
         if HOST_READS.match(path):
             return None
         return f"host {host!r} may read only the /api/v1 objects its agent mirrors"
     m = OWN_HOST.match(path)
-    if m and method in ("PUT", "POST") and (m.group("sub") != "/heartbeat" or method == "POST"):
+    if m and (method, m.group("sub")) in (("PUT", None), ("PUT", "/status"), ("POST", "/heartbeat")):
         if m.group("name") == host:
             return None
         return f"host {host!r} may write only its own host object, not {m.group('name')!r}"
