@@ -36,6 +36,8 @@ def read_config(path: str = CONFIG_PATH) -> dict:
 def resolve(server: str | None, token: str | None, config_path: str = CONFIG_PATH) -> Settings:
     cfg = read_config(config_path)
     server = server or os.environ.get("TETHER_SERVER") or cfg.get("server")
+    if isinstance(server, list):  # `server: [https://a:7443, https://b:7443]` in the config file
+        server = ",".join(str(s) for s in server)
     token = token or os.environ.get("TETHER_TOKEN") or cfg.get("token")
     if not server:
         server = f"unix://{LOCAL_SOCKET}" if os.path.exists(LOCAL_SOCKET) else LOCAL_TCP
