@@ -310,3 +310,48 @@ def test_the_node_authorizer_lets_a_host_make_only_its_agents_calls(method: str,
 
     why = host_rule("h1", method, path)
     assert (why is None) == allowed, why
+
+
+def test_operator_supplied_certificate_files_are_served(tmp_path) -> None:
+    from tether.server.tls import ensure_tls
+
+    own = ensure_tls(str(tmp_path / "pki"), [], ["tether.example"])  # stands in for the operator's PKI
+    port = free_port()
+    s = start_server("sqlite://" + str(tmp_path / "tether.db"), str(tmp_path / "server"),
+                     "--listen", f"https://127.0.0.1:{port}", "--tls-cert", own.cert, "--tls-key", own.key,
+                     "--tls-ca", own.ca)
+    try:
+        assert TetherClient(f"https://127.0.0.1:{port}", s.token, ca_file=own.ca).list("Network") == []
+        assert not os.path.exists(os.path.join(s.state_dir, "ca.key"))  # no CA of its own was made
+        with open(own.ca, "rb") as f:
+            assert httpx.get(f"https://127.0.0.1:{port}/ca.crt", verify=False).content == f.read()
+    finally:
+        s.stop()
+
+
+def test_the_cli_makes_a_token_joins_a_host_and_revokes_it(srv, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    s, https = srv
+    cli = [sys.executable, "-m", "tether.cli.main"]
+    env = {**os.environ, "TETHER_SERVER": s.url, "TETHER_TOKEN": s.token}
+    made = subprocess.run([*cli, "host", "token", "create", "--ttl", "5m", "-o", "json"], env=env,
+                          capture_output=True, text=True, check=True)
+    out = json.loads(made.stdout)
+    assert out["expires"] - time.time() == pytest.approx(300, abs=30)
+    state = str(tmp_path / "agent")
+    joined_ = subprocess.run([*cli, "host", "join", "--server", https, "--token", out["token"], "--ca-hash",
+                              out["ca_hash"], "--host", "n1", "--state-dir", state], capture_output=True, text=True)
+    assert joined_.returncode == 0, joined_.stderr
+    with open(os.path.join(state, "credential")) as f:
+        credential = f.read().strip()
+    as_host = {**os.environ, "TETHER_SERVER": https, "TETHER_TOKEN": credential,
+               "TETHER_CA_FILE": os.path.join(state, "ca.crt")}
+    denied = subprocess.run([*cli, "network", "create", "x", "--subnet", "10.83.0.0/16"], env=as_host,
+                            capture_output=True, text=True)
+    assert denied.returncode == 1 and "HTTP 403" in " ".join(denied.stderr.split())
+    assert subprocess.run([*cli, "host", "revoke", "n1"], env=env, capture_output=True).returncode == 0
+    locked = subprocess.run([*cli, "network", "list"], env=as_host, capture_output=True, text=True)
+    assert locked.returncode == 1 and "HTTP 401" in " ".join(locked.stderr.split())
