@@ -355,3 +355,27 @@ def test_the_cli_makes_a_token_joins_a_host_and_revokes_it(srv, tmp_path) -> Non
     assert subprocess.run([*cli, "host", "revoke", "n1"], env=env, capture_output=True).returncode == 0
     locked = subprocess.run([*cli, "network", "list"], env=as_host, capture_output=True, text=True)
     assert locked.returncode == 1 and "HTTP 401" in " ".join(locked.stderr.split())
+
+
+def test_a_watch_through_another_server_ends_when_the_host_is_revoked(two_servers, tmp_path) -> None:
+    a, b = two_servers
+    out = TetherClient(a.url, a.token).request("POST", "/api/v1/bootstrap-tokens", json={"ttl": 60})
+    credential = TetherClient(a.url, out["token"]).request("POST", "/api/v1/join", json={"host": "h1"})["credential"]
+    rev = TetherClient(a.url, a.token).snapshot()["revision"]
+
+    async def scenario() -> float:
+        c = AsyncTetherClient(a.url, credential)
+
+        async def follow() -> None:
+            async for _ in c.watch(rev):
+                pass
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await asyncio.to_thread(TetherClient(b.url, b.token).request, "DELETE", "/api/v1/hosts/h1/credential")
+        await asyncio.wait_for(task, 15)
+        await c.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 12  # the next credential check (5 s) or bookmark, not never

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +35,7 @@ from tether.server.validation import check_policy, require_namespace
 from tether.store.base import Compacted, Conflict
 
 router = APIRouter(prefix="/api/v1")
+CREDENTIAL_RECHECK = 5.0  # seconds between checks that a host's watch stream is still authorized
 OWN_HOST_ONLY = "a host credential may write only endpoints on its own host"
 
 
@@ -589,6 +591,16 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
         room = asyncio.Event()
         overflow: str | None = None
         last = after_revision
+        checked = time.monotonic()
+
+        async def still_valid() -> bool:
+            """A host's credential revoked through another server ends its streams here too, within
+            CREDENTIAL_RECHECK seconds (through this server: at once, WatchSlots.stop_holder)."""
+            nonlocal checked
+            if not watcher.holder or time.monotonic() - checked < CREDENTIAL_RECHECK:
+                return True
+            checked = time.monotonic()
+            return await credentials.host_valid(watcher.holder)
 
         async def pump() -> None:
             nonlocal size, overflow
@@ -621,8 +633,8 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                         async with asyncio.timeout(bookmark_interval):
                             await watcher.wake.wait()
                     except TimeoutError:
-                        if watcher.holder and not await credentials.host_valid(watcher.holder):
-                            return  # revoked through another server: this stream ends too
+                        if not await still_valid():
+                            return
                         yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
                     continue
                 if watcher.stopping:
@@ -640,6 +652,8 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                     yield resync_line(error=str(item))
                     return
                 last = item.revision
+                if not await still_valid():
+                    return
                 line = event_line(item, cache)
                 if line is not None:
                     yield line

@@ -14,6 +14,7 @@ snapshot, watch or object write reaches them. Deleting the key locks the holder 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from tether.model import check_dns_label
-from tether.store.base import Store
+from tether.store.base import Conflict, Store
 
 OPEN_PATHS = {"/", "/healthz", "/metrics", "/ca.crt"}
 AUTH_PREFIX = "/tether/auth/"  # not under tether.model.PREFIX: never listed, watched or written as an object
@@ -121,12 +122,24 @@ class Credentials:
                      "host's credential (its agent's state dir, file 'credential')")
 
     async def create_bootstrap(self, ttl: float, description: str = "") -> tuple[str, float]:
+        await self._forget_expired()
         token_id = "".join(secrets.choice(ALPHABET) for _ in range(6))
         secret = "".join(secrets.choice(ALPHABET) for _ in range(16))
         expires = time.time() + ttl
         rec = {"sha256": digest(secret), "expires": expires, "created": time.time(), "description": description}
         await self.store.put(BOOTSTRAP_TOKENS + token_id, json.dumps(rec).encode())
         return f"{token_id}.{secret}", expires
+
+    async def _forget_expired(self) -> None:
+        """Expired bootstrap tokens are useless: drop them when a new one is made."""
+        for kv in (await self.store.list(BOOTSTRAP_TOKENS)).items:
+            try:
+                expired = json.loads(kv.value).get("expires", 0) <= time.time()
+            except ValueError:
+                expired = True
+            if expired:
+                with contextlib.suppress(Conflict):  # used or dropped meanwhile
+                    await self.store.delete(kv.key, kv.mod_revision)
 
     async def forget_bootstrap(self, token_id: str) -> bool:
         kv = await self.store.get(BOOTSTRAP_TOKENS + token_id)
@@ -141,8 +154,6 @@ class Credentials:
         check_dns_label(name, "host name")
         secret = secrets.token_urlsafe(32)
         rec = {"sha256": digest(secret), "created": time.time(), "by": by}
-        from tether.store.base import Conflict
-
         try:
             await self.store.create(HOST_CREDENTIALS + name, json.dumps(rec).encode())
         except Conflict:
