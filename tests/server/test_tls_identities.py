@@ -379,3 +379,26 @@ def test_a_watch_through_another_server_ends_when_the_host_is_revoked(two_server
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 12  # the next credential check (5 s) or bookmark, not never
+
+
+def test_the_server_certificate_is_reissued_for_a_new_name_from_the_same_ca(tmp_path) -> None:
+    from cryptography import x509
+
+    from tether.server.tls import ensure_tls
+
+    first = ensure_tls(str(tmp_path), [], [])
+    with open(first.ca, "rb") as f:
+        ca_before = f.read()
+    again = ensure_tls(str(tmp_path), ["10.9.8.7:7443"], ["api.example"])
+    with open(again.cert, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "api.example" in san.get_values_for_type(x509.DNSName)
+    assert "10.9.8.7" in {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    with open(again.ca, "rb") as f:
+        assert f.read() == ca_before  # hosts keep trusting the same CA
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_before))
+    os.unlink(tmp_path / "ca.key")  # CA key taken offline: a certificate that still fits is kept
+    assert ensure_tls(str(tmp_path), ["10.9.8.7:7443"], ["api.example"]).cert == again.cert
+    with pytest.raises(SystemExit, match="ca.key is missing"):
+        ensure_tls(str(tmp_path), [], ["other.example"])

@@ -95,6 +95,19 @@ def _covers(cert_pem: bytes, names: set[str], ips: set[str]) -> bool:
     return names <= have_names and {str(ipaddress.ip_address(i)) for i in ips} <= have_ips
 
 
+def _issued_by(cert_path: str, ca_pem: bytes) -> bool:
+    """The certificate was signed by this CA (not by one made before it was replaced)."""
+    from cryptography import x509
+
+    with open(cert_path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+        return True
+    except Exception:  # noqa: BLE001 - InvalidSignature, wrong key type...: re-issue
+        return False
+
+
 def _new_key():
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -157,16 +170,23 @@ def ensure_tls(state_dir: str, listen: list[str], sans: list[str]) -> TlsFiles:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     ca, ca_key = os.path.join(state_dir, "ca.crt"), os.path.join(state_dir, "ca.key")
     cert, key = os.path.join(state_dir, "server.crt"), os.path.join(state_dir, "server.key")
-    if not (os.path.exists(ca) and os.path.exists(ca_key)):
+    names, ips = default_sans(listen, sans)
+    have_cert = os.path.exists(cert) and os.path.exists(key)
+    if os.path.exists(ca) and not os.path.exists(ca_key):  # the operator took the CA key offline
+        if have_cert and _covers(open(cert, "rb").read(), names, ips):
+            return TlsFiles(cert, key, ca)
+        raise SystemExit(f"{ca_key} is missing, and {cert} must be re-issued (absent, near its end, or not covering "
+                         f"{', '.join(sorted(names | ips))}): put the CA key back for this start, or pass "
+                         "--tls-cert/--tls-key/--tls-ca")
+    if not os.path.exists(ca):
         ca_pem, ca_key_pem = _make_ca(f"tether CA ({socket.gethostname()})")
         _write_private(ca_key, ca_key_pem)
         _write_public(ca, ca_pem)
         log.warning("made a new cluster CA in %s (agents and the CLI trust it with --ca-file; pin: %s)",
                     ca, ca_hash(ca_pem))
-    names, ips = default_sans(listen, sans)
     with open(ca, "rb") as f:
         ca_pem = f.read()
-    if not (os.path.exists(cert) and os.path.exists(key)) or not _covers(open(cert, "rb").read(), names, ips):
+    if not have_cert or not _covers(open(cert, "rb").read(), names, ips) or not _issued_by(cert, ca_pem):
         with open(ca_key, "rb") as f:
             cert_pem, key_pem = _make_server_cert(ca_pem, f.read(), names, ips)
         _write_private(key, key_pem)
