@@ -1,13 +1,16 @@
-"""Clients of the Tether REST API (sync for the CLI, async for the agent), over TCP or a unix socket.
+"""Clients of the Tether REST API (sync for the CLI, async for the agent), over HTTPS, loopback
+HTTP or a unix socket, to one server or several (`a,b,c`): a request that cannot reach one server,
+or gets 503 from it, goes to the next, and a watch stream that breaks resumes on the next server
+from the last revision it delivered.
 
-`unix:///run/tether/server.sock` reaches a server from any network namespace, which is how agents
-inside lab host namespaces talk to it.
+HTTPS servers are verified against the cluster CA (`ca_file`, the server's `ca.crt`).
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -32,14 +35,34 @@ class ServerUnreachable(Exception):
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # headers and body go out in separate writes
 
 
-def _transport(server: str, async_: bool) -> tuple[str, Any]:
+def server_list(server: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`a,b,c`, or a list of such, as a list of addresses (the order is the order of preference)."""
+    items = [server] if isinstance(server, str) else list(server)
+    out = [s.strip() for item in items for s in item.split(",") if s.strip()]
+    if not out:
+        raise ValueError("no server address given: pass --server URL (several: a,b,c or --server repeated)")
+    return out
+
+
+def _verify(server: str, ca_file: str | None) -> ssl.SSLContext | bool:
+    if not server.startswith("https://"):
+        return False
+    from tether.trust import client_context
+
+    return client_context(ca_file)
+
+
+def _transport(server: str, async_: bool, ca_file: str | None = None) -> tuple[str, Any]:
     if server.startswith("unix://"):
         path = server[len("unix://"):]
         t = httpx.AsyncHTTPTransport(uds=path) if async_ else httpx.HTTPTransport(uds=path)
         return "http://tether", t
     if not server.startswith(("http://", "https://")):
         server = "http://" + server
-    t = httpx.AsyncHTTPTransport(socket_options=NODELAY) if async_ else httpx.HTTPTransport(socket_options=NODELAY)
+    kw: dict[str, Any] = {"socket_options": NODELAY}
+    if server.startswith("https://"):
+        kw["verify"] = _verify(server, ca_file)
+    t = httpx.AsyncHTTPTransport(**kw) if async_ else httpx.HTTPTransport(**kw)
     return server.rstrip("/"), t
 
 
@@ -61,12 +84,38 @@ def _detail(r: httpx.Response) -> str:
 
 
 def _unreachable(server: str, e: Exception) -> ServerUnreachable:
+    if "CERTIFICATE_VERIFY_FAILED" in str(e) or isinstance(e, ssl.SSLCertVerificationError):
+        return ServerUnreachable(f"the Tether server at {server} is not the one you trust: its TLS certificate does "
+                                 f"not verify against the CA given ({e}); pass the cluster's CA with --ca-file (the "
+                                 "server's state dir, file ca.crt), or join with `tether host join --ca-hash ...`")
     return ServerUnreachable(f"cannot reach the Tether server at {server} ({e.__class__.__name__}: {e}); "
                              "start it with `tether server`, or point --server / TETHER_SERVER at it")
 
 
+IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
+
+
+def may_retry_elsewhere(method: str, e: httpx.TransportError) -> bool:
+    """A request that never reached a server can go to the next one; one that may have been done
+    only when doing it twice is harmless (an idempotent method)."""
+    return isinstance(e, httpx.ConnectError | httpx.ConnectTimeout) or method.upper() in IDEMPOTENT
+
+
 class _Common:
     server: str
+    servers: list[str]
+    current: int = 0  # the server that answered last: the next request starts there
+
+    def _order(self) -> list[int]:
+        n = len(self.servers)
+        return [(self.current + i) % n for i in range(n)]
+
+    @staticmethod
+    def _headers(token: str | None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     @staticmethod
     def _check(r: httpx.Response) -> Any:
@@ -91,20 +140,37 @@ class _Common:
 
 
 class TetherClient(_Common):
-    def __init__(self, server: str, token: str | None = None, timeout: float = 30) -> None:
-        self.server = server
-        base, transport = _transport(server, False)
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self.http = httpx.Client(base_url=base, transport=transport, headers=headers, timeout=timeout)
+    def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 30,
+                 ca_file: str | None = None) -> None:
+        self.servers = server_list(server)
+        self.server = ",".join(self.servers)
+        headers = self._headers(token)
+        self.https: list[httpx.Client] = []
+        for s in self.servers:
+            base, transport = _transport(s, False, ca_file)
+            self.https.append(httpx.Client(base_url=base, transport=transport, headers=headers, timeout=timeout))
+
+    @property
+    def http(self) -> httpx.Client:
+        return self.https[self.current]
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise _unreachable(self.server, e) from e
-        return self._check(r)
+        failure: Exception | None = None
+        for i in self._order():
+            try:
+                r = self.https[i].request(method, path, **kw)
+            except httpx.TransportError as e:
+                failure = _unreachable(self.servers[i], e)
+                if may_retry_elsewhere(method, e):
+                    continue
+                raise failure from e
+            if r.status_code == 503 and i != self._order()[-1]:
+                failure = ApiError(503, _detail(r))
+                continue
+            self.current = i
+            return self._check(r)
+        assert failure is not None
+        raise failure
 
     def list(self, kind: str, **filters: Any) -> list[Obj]:
         params = {k: v for k, v in filters.items() if v is not None}
@@ -135,24 +201,43 @@ class TetherClient(_Common):
         return self.request("GET", "/api/v1/snapshot")
 
     def close(self) -> None:
-        self.http.close()
+        for h in self.https:
+            h.close()
 
 
 class AsyncTetherClient(_Common):
-    def __init__(self, server: str, token: str | None = None, timeout: float = 10) -> None:
-        self.server = server
-        base, transport = _transport(server, True)
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self.http = httpx.AsyncClient(base_url=base, transport=transport, headers=headers, timeout=timeout)
+    def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 10,
+                 ca_file: str | None = None) -> None:
+        self.servers = server_list(server)
+        self.server = ",".join(self.servers)
+        headers = self._headers(token)
+        self.https: list[httpx.AsyncClient] = []
+        for s in self.servers:
+            base, transport = _transport(s, True, ca_file)
+            self.https.append(httpx.AsyncClient(base_url=base, transport=transport, headers=headers, timeout=timeout))
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self.https[self.current]
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
-        try:
-            r = await self.http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise _unreachable(self.server, e) from e
-        return self._check(r)
+        failure: Exception | None = None
+        order = self._order()
+        for i in order:
+            try:
+                r = await self.https[i].request(method, path, **kw)
+            except httpx.TransportError as e:
+                failure = _unreachable(self.servers[i], e)
+                if may_retry_elsewhere(method, e):
+                    continue
+                raise failure from e
+            if r.status_code == 503 and i != order[-1]:
+                failure = ApiError(503, _detail(r))
+                continue
+            self.current = i
+            return self._check(r)
+        assert failure is not None
+        raise failure
 
     async def register_host(self, host: Host) -> Host:
         data = await self.request("PUT", path_of("Host", host.name), content=host.model_dump_json(exclude={"revision"}))
@@ -189,18 +274,39 @@ class AsyncTetherClient(_Common):
         return await self.request("GET", "/api/v1/snapshot")
 
     async def watch(self, after_revision: int) -> AsyncIterator[dict]:
-        """Events after a revision, one dict per line; ends after a `resync` line or on disconnect."""
-        try:
-            async with self.http.stream("GET", "/api/v1/watch", params={"after_revision": after_revision},
-                                        timeout=httpx.Timeout(10, read=30)) as r:
-                if r.status_code >= 400:
-                    await r.aread()
-                    raise ApiError(r.status_code, _detail(r))
-                async for line in r.aiter_lines():
-                    if line:
-                        yield json.loads(line)
-        except httpx.TransportError as e:
-            raise _unreachable(self.server, e) from e
+        """Events after a revision, one dict per line; ends after a `resync` line or when the server
+        ends the stream. A stream that breaks, or a server that cannot be reached or answers 503,
+        moves to the next server from the last revision delivered (events are never skipped or
+        repeated); ServerUnreachable once no server can be reached."""
+        last = after_revision
+        failures = 0
+        while True:
+            i = self.current
+            try:
+                async with self.https[i].stream("GET", "/api/v1/watch", params={"after_revision": last},
+                                                timeout=httpx.Timeout(10, read=30)) as r:
+                    if r.status_code == 503 and failures + 1 < len(self.servers):
+                        await r.aread()
+                        failures += 1
+                        self.current = (i + 1) % len(self.servers)
+                        continue
+                    if r.status_code >= 400:
+                        await r.aread()
+                        raise ApiError(r.status_code, _detail(r))
+                    async for line in r.aiter_lines():
+                        if line:
+                            ev = json.loads(line)
+                            if isinstance(ev.get("revision"), int) and ev.get("type") != "resync":
+                                last = ev["revision"]
+                                failures = 0
+                            yield ev
+                    return
+            except httpx.TransportError as e:
+                failures += 1
+                if failures >= len(self.servers):
+                    raise _unreachable(self.servers[i], e) from e
+                self.current = (i + 1) % len(self.servers)
 
     async def close(self) -> None:
-        await self.http.aclose()
+        for h in self.https:
+            await h.aclose()

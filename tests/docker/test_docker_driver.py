@@ -83,7 +83,10 @@ def env(tmp_path_factory) -> Iterator[Env]:
     why = available()
     if why:
         pytest.skip(why)
-    lab = make_lab(hosts=3)
+    # `docker network create` makes Tether networks and `-p` publishes services: cluster-wide writes
+    # that a host credential may not make (docs/ARCHITECTURE.md, security model), so these agents
+    # hold the admin token
+    lab = make_lab(hosts=3, agent_auth="admin")
     d: dict[str, Dockerd] = {}
     root = tmp_path_factory.mktemp("docker")
     try:

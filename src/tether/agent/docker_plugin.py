@@ -384,7 +384,9 @@ class DockerPlugin:
         except ValueError as e:
             raise DriverError(f"invalid network options: {e}") from None
         except ApiError as e:
-            raise DriverError(f"cannot create Tether network {name!r} with subnet {info['cidr']}: {e.detail}") \
+            hint = (f"; create it as the admin first (tether network create {name} --subnet {info['cidr']}), then "
+                    "this command adopts it" if e.status == 403 else "")
+            raise DriverError(f"cannot create Tether network {name!r} with subnet {info['cidr']}: {e.detail}{hint}") \
                 from None
         log.info("created Tether network %s (%s) for Docker", net.name, info["cidr"])
         return net.name

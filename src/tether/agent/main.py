@@ -46,6 +46,7 @@ class AgentConfig:
     state_dir: str = "/var/lib/tether-agent"
     cni_socket: str = "/run/tether/cni.sock"
     token: str | None = None
+    ca_file: str | None = None  # the cluster CA that https:// servers are verified against
     heartbeat_ttl: float = 15.0
     reconcile_interval: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
@@ -101,7 +102,7 @@ class Agent:
         self.cfg = cfg
         self.host = cfg.host
         self.replica = Replica()
-        self.client = AsyncTetherClient(cfg.server, cfg.token)
+        self.client = AsyncTetherClient(cfg.server, cfg.token, ca_file=cfg.ca_file)
         self.cni = CniServer(self, cfg.cni_socket)
         # pyroute2's synchronous sockets refuse to run inside an event loop: look up before it starts
         underlay = cfg.underlay or underlay_of(cfg.underlay_ip, cfg.underlay_dev)
@@ -463,13 +464,59 @@ class Agent:
                 await self.apply(verify=True)
 
 
+def credentials(a: argparse.Namespace, servers: list[str]) -> tuple[str | None, str | None]:
+    """(token, CA file) of this agent: --token/--token-file, else the host credential in the state
+    dir, which a first start with --join-token makes."""
+    from tether.join import CA_FILE, CREDENTIAL_FILE, JoinError, join
+
+    ca_file = a.ca_file
+    if not ca_file and os.path.exists(os.path.join(a.state_dir, CA_FILE)):
+        ca_file = os.path.join(a.state_dir, CA_FILE)
+    if a.token_file:
+        with open(a.token_file) as f:
+            return f.read().strip(), ca_file
+    if a.token:
+        return a.token, ca_file
+    path = os.path.join(a.state_dir, CREDENTIAL_FILE)
+    if not os.path.exists(path) and a.join_token:
+        for attempt in range(30):  # the server may be starting too
+            try:
+                path, ca_file = join(servers, a.join_token, a.host, a.state_dir, ca_file, a.ca_hash)
+                log.warning("joined as host %s: credential in %s", a.host, path)
+                break
+            except JoinError as e:
+                raise SystemExit(f"cannot join: {e}") from None
+            except ApiError as e:
+                raise SystemExit(f"cannot join: {e.detail} (HTTP {e.status})") from None
+            except ServerUnreachable as e:
+                if attempt == 29:
+                    raise SystemExit(f"cannot join: {e}") from None
+                time.sleep(1)
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip(), ca_file
+    if any(s.startswith("https://") for s in servers):
+        raise SystemExit(f"no credential: this host has not joined ({path} does not exist); run `tether host join` "
+                         "or pass --join-token (or --token/--token-file)")
+    return None, ca_file
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tether agent", description="Run the Tether agent on this host: programs "
                                 "routes, VXLAN, nftables and answers CNI requests.")
-    p.add_argument("--server", default=os.environ.get("TETHER_SERVER", "unix:///run/tether/server.sock"),
-                   help="API address (http://host:port or unix:///path)")
-    p.add_argument("--token", default=os.environ.get("TETHER_TOKEN"), help="API bearer token")
+    p.add_argument("--server", action="append",
+                   help="API address: https://host:port, or unix:///path on the server's machine; several as "
+                        "a,b,c or --server repeated (the agent moves to the next when one is down, resuming its "
+                        "watch where it was) (default: env TETHER_SERVER, else unix:///run/tether/server.sock)")
+    p.add_argument("--ca-file", help="cluster CA the servers' certificates are verified against (default: "
+                                     "<state-dir>/ca.crt, written by `tether host join`)")
+    p.add_argument("--token", default=os.environ.get("TETHER_TOKEN"),
+                   help="API bearer token (default: this host's credential, <state-dir>/credential)")
     p.add_argument("--token-file", help="read the token from this file")
+    p.add_argument("--join-token", default=os.environ.get("TETHER_JOIN_TOKEN"),
+                   help="bootstrap token (tether host token create): at first start, join and keep this host's "
+                        "own credential in <state-dir>/credential (env TETHER_JOIN_TOKEN)")
+    p.add_argument("--ca-hash", help="sha256:... pin of the cluster CA, to fetch and trust it when joining")
     p.add_argument("--host", default=socket.gethostname(), help="this host's name (a DNS label)")
     p.add_argument("--underlay-ip", required=True, help="this host's address on the underlay network")
     p.add_argument("--underlay-dev", help="device holding the underlay address (default: found by address)")
@@ -486,11 +533,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if logging.getLogger().level > logging.DEBUG:  # httpx logs every request at INFO: one per CNI ADD/DEL
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    token = a.token
-    if a.token_file:
-        with open(a.token_file) as f:
-            token = f.read().strip()
-    cfg = AgentConfig(server=a.server, host=a.host, underlay_ip=a.underlay_ip, underlay_dev=a.underlay_dev,
+    from tether.client import server_list
+
+    try:
+        servers = server_list(a.server or [os.environ.get("TETHER_SERVER", "unix:///run/tether/server.sock")])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    token, ca_file = credentials(a, servers)
+    cfg = AgentConfig(server=",".join(servers), host=a.host, ca_file=ca_file, underlay_ip=a.underlay_ip,
+                      underlay_dev=a.underlay_dev,
                       state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
                       reconcile_interval=a.reconcile_interval,
                       dns_ip=a.dns_ip, dns_port=a.dns_port, upstream_dns=a.upstream_dns,

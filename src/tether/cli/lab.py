@@ -61,16 +61,22 @@ def _progress():
 @lab_app.command()
 def up(name: NameOpt = "lab",
        hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 3,
-       store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite") -> None:
+       store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite",
+       agent_auth: Annotated[str, typer.Option(help="host: each agent joins with a bootstrap token and talks HTTPS "
+                                                    "over the underlay with its own credential; admin: agents hold "
+                                                    "the admin token (needed by the Docker driver to create "
+                                                    "networks and publish ports)")] = "host") -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
+    if agent_auth not in ("host", "admin"):
+        _fail("--agent-auth must be host or admin")
     lab = _lab(name, must_exist=False)
     if lab.state.hosts:
         _fail(f"lab {name!r} already exists; `tether lab down --name {name}` first")
     say = _progress()
     try:
-        lab.up(hosts=hosts, store=store, progress=say)
+        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth)
     except Exception as e:  # noqa: BLE001 - leave nothing half-built
         say(f"failed: {e}; tearing down")
         lab.down()

@@ -16,10 +16,12 @@ app = typer.Typer(help="Tether: container networking. Addresses, cross-host rout
 network_app = typer.Typer(help="Create, list, show and delete networks.", no_args_is_help=True)
 endpoint_app = typer.Typer(help="Create, list, show and delete endpoints (container/VM interfaces).",
                            no_args_is_help=True)
-host_app = typer.Typer(help="Hosts registered by their agents.", no_args_is_help=True)
+host_app = typer.Typer(help="Hosts registered by their agents; joining and revoking them.", no_args_is_help=True)
 app.add_typer(network_app, name="network")
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(host_app, name="host")
+host_token_app = typer.Typer(help="Bootstrap tokens that join hosts (admin).", no_args_is_help=True)
+host_app.add_typer(host_token_app, name="token")
 
 
 
@@ -33,12 +35,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="print the version and exit")] = False) -> None:
+                                                help="print the version and exit")] = False,
+          ca_file: Annotated[str | None, typer.Option("--ca-file", help="cluster CA to verify an https:// server "
+                                                      "with (env TETHER_CA_FILE, config ca_file; default: "
+                                                      "/var/lib/tether/ca.crt when it exists)",
+                                                      show_default=False)] = None) -> None:
     """Tether: container networking. Addresses, cross-host routing, policy, services, DNS."""
+    from tether.cli import config
+
+    config.ca_file_flag = ca_file
 
 
-ServerOpt = Annotated[str | None, typer.Option("--server", "-s", help="API address: host:port, http://..., or "
-                                                "unix:///path (env TETHER_SERVER)", show_default=False)]
+ServerOpt = Annotated[str | None, typer.Option("--server", "-s", help="API address: https://host:port, "
+                                                "http://127.0.0.1:port, or unix:///path; several as a,b,c (the "
+                                                "next is tried when one is down) (env TETHER_SERVER)",
+                                                show_default=False)]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="bearer token (env TETHER_TOKEN; default: the local "
                                                "server's token file)", show_default=False)]
 OutOpt = Annotated[Format, typer.Option("--output", "-o", help="output format")]
@@ -68,7 +79,10 @@ def client(server: str | None, token: str | None):
     from tether.client import TetherClient
 
     s = resolve(server, token)
-    return TetherClient(s.server, s.token)
+    try:
+        return TetherClient(s.server, s.token, ca_file=s.ca_file)
+    except ValueError as e:
+        fail(str(e))
 
 
 def run(fn):
@@ -100,9 +114,10 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 def server(
     store: Annotated[str | None, typer.Option(help="sqlite:///path/tether.db (default: in --state-dir) or "
                                                    "etcd://host:port[,host:port...]")] = None,
-    listen: Annotated[list[str] | None, typer.Option(help="host:port or unix:///path; repeatable "
-                                                          "[default: unix:///run/tether/server.sock and "
-                                                          "127.0.0.1:7443]")] = None,
+    listen: Annotated[list[str] | None, typer.Option(help="host:port (HTTPS; plain HTTP on loopback), "
+                                                          "https://host:port, http://127.0.0.1:port or "
+                                                          "unix:///path; repeatable [default: "
+                                                          "unix:///run/tether/server.sock and 127.0.0.1:7443]")] = None,
     state_dir: Annotated[str, typer.Option(help="token and SQLite database live here")] = "/var/lib/tether",
     insecure: Annotated[bool, typer.Option(help="no token; only with loopback or unix listeners")] = False,
     service_cidr: Annotated[str, typer.Option(help="range for service virtual IPs")] = "10.96.0.0/16",
@@ -110,13 +125,22 @@ def server(
                                                         "addresses are reclaimed")] = 600.0,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above it); the other limits "
                                                "are flags of `python -m tether.server.main`")] = 1 << 20,
+    tls_cert: Annotated[str | None, typer.Option(help="server certificate (PEM); default: one made from the state "
+                                                      "dir's own CA (ca.crt) at first start")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="private key of --tls-cert")] = None,
+    tls_ca: Annotated[str | None, typer.Option(help="CA that signed --tls-cert (given to joining hosts)")] = None,
+    tls_san: Annotated[list[str] | None, typer.Option(help="extra name or IP the made certificate covers "
+                                                           "(repeatable)")] = None,
+    insecure_http: Annotated[bool, typer.Option(help="DANGEROUS: allow http://ADDR:PORT listeners off loopback; "
+                                                     "tokens then cross the network in clear")] = False,
 ) -> None:
-    """Run the control plane: the API over the store (SQLite by default, or etcd)."""
+    """Run the control plane: the API over the store (SQLite by default, or etcd), HTTPS on TCP listeners."""
     from tether.server.limits import Limits
-    from tether.server.main import run_server
+    from tether.server.main import TlsOptions, run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
-               limits=Limits(max_body=max_body))
+               limits=Limits(max_body=max_body),
+               tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -272,6 +296,70 @@ def host_list(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt =
     """List hosts and whether their agents are alive."""
     c = client(server, token)
     emit("Host", run(lambda: c.list_raw("Host")), output)
+
+
+@host_app.command("revoke")
+def host_revoke(name: str, server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Revoke a host's credential now: its agent's next call gets 401 and its watch streams end (admin).
+    Join it again with a new bootstrap token."""
+    c = client(server, token)
+    out = run(lambda: c.request("DELETE", f"/api/v1/hosts/{name}/credential"))
+    print(f"host {name}: credential revoked" if out["revoked"] else f"host {name} had no credential")
+
+
+def parse_duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except (ValueError, IndexError):
+        fail(f"--ttl {text!r}: write a duration like 90s, 30m, 2h or 1d")
+        return 0.0
+
+
+@host_token_app.command("create")
+def host_token_create(ttl: Annotated[str, typer.Option(help="how long the token may be used: 30m, 2h, 1d")] = "30m",
+                      description: Annotated[str, typer.Option(help="what it is for")] = "",
+                      server: ServerOpt = None, token: TokenOpt = None,
+                      output: OutOpt = Format.table) -> None:
+    """Make a short-lived bootstrap token that joins hosts (admin); prints the join command with the CA pin."""
+    c = client(server, token)
+    out = run(lambda: c.request("POST", "/api/v1/bootstrap-tokens", json={"ttl": parse_duration(ttl),
+                                                                          "description": description}))
+    if output != Format.table:
+        emit("BootstrapToken", out, output)
+        return
+    pin = f" --ca-hash {out['ca_hash']}" if out.get("ca_hash") else ""
+    import time
+
+    print(f"token {out['token']} (valid until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(out['expires']))})")
+    print(f"on each new host:  tether host join --server https://SERVER:7443 --token {out['token']}{pin} --host NAME")
+
+
+@host_app.command("join")
+def host_join(join_token: Annotated[str, typer.Option("--token", help="bootstrap token (tether host token create)")],
+              server: Annotated[str, typer.Option("--server", "-s", help="https://SERVER:7443 (several: a,b,c)")],
+              host: Annotated[str, typer.Option(help="this host's name, as its agent's --host")] = "",
+              ca_hash: Annotated[str | None, typer.Option(help="sha256:... pin of the cluster CA (printed by "
+                                                               "`tether host token create`)")] = None,
+              ca_file: Annotated[str | None, typer.Option(help="the cluster CA file, instead of --ca-hash")] = None,
+              state_dir: Annotated[str, typer.Option(help="the agent's state dir: the credential (0600) and "
+                                                          "ca.crt are written here")] = "/var/lib/tether-agent",
+              ) -> None:
+    """Join this host: trade a bootstrap token for its own credential, which the agent then uses."""
+    import socket
+
+    from tether.client import ApiError, ServerUnreachable, server_list
+    from tether.join import JoinError, join
+
+    try:
+        path, ca = join(server_list(server), join_token, host or socket.gethostname(), state_dir, ca_file, ca_hash)
+    except (JoinError, ServerUnreachable, ValueError) as e:
+        fail(str(e))
+    except ApiError as e:
+        fail(f"{e.detail} (HTTP {e.status})")
+    print(f"joined: credential in {path}" + (f", cluster CA in {ca}" if ca else ""))
+    print(f"start the agent: tether agent --server {server} --state-dir {state_dir} --host {host or 'NAME'} "
+          "--underlay-ip ADDR")
 
 
 # --- documents -----------------------------------------------------------------------------------

@@ -4,9 +4,15 @@
 ns <p>-ul   : bridge ul0 = the underlay switch and router (198.18.0.254, 198.18.1.254, 198.19.255.254)
 ns <p>-h<i> : eth0 198.18.<s>.<i>, an agent process; pods' host ends
 ns <p>-inet : eth0 198.19.255.1, a web server that echoes the caller's address and a DNS resolver
+ns <p>-ctl  : eth0 198.18.0.250, where the server's HTTPS listener (:7443) sits on the underlay
 ```
-The server runs in the root namespace on a unix socket in the lab directory (reachable from every
-namespace) and on a loopback port for the CLI. Nothing is added to the root namespace's interfaces.
+The server process runs in the root namespace with three listeners: HTTPS on 198.18.0.250:7443 in
+the ctl namespace (bound there by `tether.lab.netns_listen`), which the agents use over the underlay
+as real hosts would; a unix socket in the lab directory; and plain HTTP on a loopback port for the
+CLI and the tests (admin token). Each agent joins at first start with a bootstrap token and the CA
+pin, and keeps its own host credential in its state dir (`agent_auth="admin"` gives agents the admin
+token instead, for the Docker driver's network creation). Nothing is added to the root namespace's
+interfaces.
 All state lives in `/run/tether-lab/<name>/state.json`, so any later command can find, change or
 tear down the lab; processes are stopped by PID.
 """
@@ -30,6 +36,8 @@ LOG_ROOT = "/tmp/tether-lab-logs"
 INET_IP = "198.19.255.1"
 INET_NET = "198.19.255"
 UNDERLAY = "198.18"
+CTL_IP = "198.18.0.250"  # the server's underlay address (in the ctl namespace)
+API_PORT = 7443
 CNI_VERSION = "1.0.0"
 
 
@@ -115,6 +123,9 @@ class LabState:
     etcd_pid: int | None = None
     inet_pids: list[int] = field(default_factory=list)
     server_args: list[str] = field(default_factory=list)
+    agent_auth: str = "host"  # "host": each agent joins and holds its own credential; "admin": the admin token
+    bootstrap_token: str = ""
+    ca_hash: str = ""
 
 
 class CniFailure(Exception):
@@ -145,7 +156,9 @@ class Lab:
         self.state = LabState(name=d["name"], hosts=[HostInfo(**h) for h in d["hosts"]],
                               pods={k: PodInfo(**v) for k, v in d["pods"].items()}, store=d["store"],
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
-                              inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []))
+                              inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []),
+                              agent_auth=d.get("agent_auth", "admin"), bootstrap_token=d.get("bootstrap_token", ""),
+                              ca_hash=d.get("ca_hash", ""))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -171,6 +184,24 @@ class Lab:
         return f"http://127.0.0.1:{self.state.server_port}"
 
     @property
+    def ctl(self) -> str:
+        return f"{self.name}-ctl"
+
+    @property
+    def underlay_url(self) -> str:
+        """The server as the hosts reach it: HTTPS over the underlay."""
+        return f"https://{CTL_IP}:{API_PORT}"
+
+    @property
+    def ca_file(self) -> str:
+        return os.path.join(self.dir, "server", "ca.crt")
+
+    def credential(self, host: str) -> str:
+        """The host's own credential, as its agent keeps it."""
+        with open(os.path.join(self.agent_dir(host), "credential")) as f:
+            return f.read().strip()
+
+    @property
     def token(self) -> str:
         with open(os.path.join(self.dir, "server", "token")) as f:
             return f.read().strip()
@@ -189,12 +220,15 @@ class Lab:
     # --- building ---------------------------------------------------------------------------------
 
     def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print,
-           server_args: list[str] | None = None) -> None:
-        """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces)."""
+           server_args: list[str] | None = None, agent_auth: str = "host") -> None:
+        """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces);
+        `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token)."""
+        if agent_auth not in ("host", "admin"):
+            raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
         if os.path.exists(self.state_path) and self.state.hosts:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --name {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
-        self.state = LabState(self.name, store=store, server_args=list(server_args or []))
+        self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth)
         self.save()
         try:
             progress(f"underlay switch {self.ul}")
@@ -208,8 +242,14 @@ class Lab:
                 self.save()
             progress(f"internet {self.inet} ({INET_IP}: web :80, DNS :53)")
             self._internet()
-            progress(f"server ({store} store)")
+            progress(f"server ({store} store, https://{CTL_IP}:{API_PORT} on the underlay)")
+            self._plug(self.ctl, "pctl", f"{CTL_IP}/24", f"{UNDERLAY}.0.254")
             self.start_server()
+            if agent_auth == "host":
+                out = self.client().request("POST", "/api/v1/bootstrap-tokens",
+                                            json={"ttl": 7200, "description": f"lab {self.name}"})
+                self.state.bootstrap_token, self.state.ca_hash = out["token"], out["ca_hash"]
+                self.save()
             from tether.cni import install
 
             install(os.path.join(self.dir, "cni-bin"))
@@ -276,10 +316,11 @@ class Lab:
         if not self.state.server_port:
             self.state.server_port = free_port()
         log = open(os.path.join(self.dir, "server.log"), "ab")
-        p = subprocess.Popen([sys.executable, "-m", "tether.server.main", "--store", store, "--state-dir", state_dir,
+        p = subprocess.Popen([sys.executable, "-m", "tether.lab.netns_listen", self.ctl, f"{CTL_IP}:{API_PORT}", "--",
+                              sys.executable, "-m", "tether.server.main", "--store", store, "--state-dir", state_dir,
                               "--listen", f"unix://{self.server_socket}",
-                              "--listen", f"127.0.0.1:{self.state.server_port}", "--gc-interval", "10",
-                              *self.state.server_args],
+                              "--listen", f"127.0.0.1:{self.state.server_port}", "--listen", "fd://{fd}",
+                              "--tls-san", CTL_IP, "--gc-interval", "10", *self.state.server_args],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state.server_pid = p.pid
         self.save()
@@ -328,16 +369,21 @@ class Lab:
         for container names and labels."""
         return os.path.join(self.agent_dir(host), "docker.sock")
 
-    def start_agent(self, host: str, wait: bool = True) -> None:
+    def start_agent(self, host: str, wait: bool = True, servers: list[str] | None = None) -> None:
+        """Start the host's agent; `servers` (host-credential labs only) replaces the server list."""
         h = self.host(host)
         d = self.agent_dir(host)
         os.makedirs(d, exist_ok=True)
         env = {**os.environ, "TETHER_DOCKER_PLUGIN_SOCKET": os.path.join(self.docker_plugin_dir(host), "tether.sock"),
                "TETHER_DOCKER_HOST": f"unix://{self.docker_socket(host)}"}
         log = open(os.path.join(d, "agent.log"), "ab")
-        p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main",
-                              "--server", f"unix://{self.server_socket}",
-                              "--token-file", os.path.join(self.dir, "server", "token"),
+        if self.state.agent_auth == "host":  # over the underlay, TLS, its own credential (joins at first start)
+            auth = ["--server", ",".join(servers or [self.underlay_url]), "--join-token", self.state.bootstrap_token,
+                    "--ca-hash", self.state.ca_hash]
+        else:
+            auth = ["--server", f"unix://{self.server_socket}",
+                    "--token-file", os.path.join(self.dir, "server", "token")]
+        p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main", *auth,
                               "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
                               "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,12 +29,15 @@ from tether.model import (
     is_default_group,
     kind_of_key,
 )
+from tether.server.auth import ADMIN, HostHasCredential, Identity
 from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.server.validation import check_policy, require_namespace
-from tether.store.base import Compacted
+from tether.store.base import Compacted, Conflict
 
 router = APIRouter(prefix="/api/v1")
+CREDENTIAL_RECHECK = 5.0  # seconds between checks that a host's watch stream is still authorized
+OWN_HOST_ONLY = "a host credential may write only endpoints on its own host"
 
 
 def objs(request: Request) -> Objects:
@@ -49,6 +53,18 @@ def dump(obj: Any) -> Any:
 def answer(response: Response, obj: Any, created: bool) -> Any:
     response.status_code = 201 if created else 200
     return dump(obj)
+
+
+def caller(request: Request) -> Identity:
+    """Who is calling (set by the authentication middleware; admin when the app runs without it)."""
+    return (request.scope.get("state") or {}).get("tether_identity", ADMIN)
+
+
+def require_own(request: Request, host: str | None, what: str) -> None:
+    """403 unless the caller is the admin or the host `host` (the node authorizer's rule)."""
+    who = caller(request)
+    if who.kind != "admin" and host != who.name:
+        raise ApiError(403, f"host {who.name!r} may not write {what} on host {host!r}: {OWN_HOST_ONLY}")
 
 
 def same_name(path_name: str, body_name: str, kind: str) -> None:
@@ -110,6 +126,53 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
 @router.delete("/hosts/{name}", status_code=204)
 async def delete_host(name: str, request: Request) -> None:
     await objs(request).delete_host(name)
+    await revoke(request, name)
+
+
+async def revoke(request: Request, name: str) -> bool:
+    revoked = await request.app.state.credentials.revoke_host(name)
+    request.app.state.watches.stop_holder(name)
+    return revoked
+
+
+@router.delete("/hosts/{name}/credential")
+async def revoke_host_credential(name: str, request: Request) -> dict:
+    """Lock a host out at once: its next call gets 401 and its watch streams end."""
+    return {"host": name, "revoked": await revoke(request, name)}
+
+
+# --- joining ---------------------------------------------------------------------------------------
+
+class BootstrapBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: float = Field(default=1800, ge=1, le=7 * 86400, description="seconds the token is valid")
+    description: str = Field(default="", max_length=200)
+
+
+@router.post("/bootstrap-tokens", status_code=201)
+async def create_bootstrap_token(request: Request, body: BootstrapBody | None = None) -> dict:
+    from tether.trust import ca_hash
+
+    body = body or BootstrapBody()
+    token, expires = await request.app.state.credentials.create_bootstrap(body.ttl, body.description)
+    ca = request.app.state.ca_pem
+    return {"token": token, "expires": expires, "ca_hash": ca_hash(ca) if ca else None}
+
+
+class JoinBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str
+
+
+@router.post("/join", status_code=201)
+async def join(body: JoinBody, request: Request) -> dict:
+    """Exchange a bootstrap token for this host's own credential (shown once, stored only hashed)."""
+    who = caller(request)
+    try:
+        credential = await request.app.state.credentials.issue_host(body.host, by=str(who))
+    except HostHasCredential as e:
+        raise ApiError(409, str(e)) from None
+    return {"host": body.host, "credential": credential}
 
 
 # --- networks --------------------------------------------------------------------------------------
@@ -183,6 +246,7 @@ async def get_endpoint(ep_id: str, request: Request) -> dict:
 
 @router.post("/endpoints", status_code=201)
 async def create_endpoint(ep: Endpoint, request: Request, response: Response) -> dict:
+    require_own(request, ep.host, f"endpoint {ep.name!r}")
     o = objs(request)
     if await o.get(Namespace, ep.namespace) is None and ep.namespace != "default":
         await require_namespace(o, ep.namespace)
@@ -192,6 +256,10 @@ async def create_endpoint(ep: Endpoint, request: Request, response: Response) ->
 
 @router.patch("/endpoints/{ep_id}")
 async def patch_endpoint(ep_id: str, request: Request, changes: dict[str, Any] = Body(...)) -> dict:
+    if caller(request).kind != "admin":
+        ep = await objs(request).must(Endpoint, ep_id)
+        require_own(request, ep.host, f"endpoint {ep_id!r}")
+        require_own(request, changes.get("host", ep.host), f"endpoint {ep_id!r}")
     return dump(await objs(request).update_endpoint(ep_id, changes))
 
 
@@ -200,12 +268,16 @@ async def release_by_handle(handle: str, request: Request) -> dict:
     o = objs(request)
     ep = await o.endpoint_by_handle(handle)
     if ep is not None:
+        require_own(request, ep.host, f"endpoint {ep.id!r}")
         await o.delete_endpoint(ep.id)
     return {"released": ep is not None, "endpoint": dump(ep) if ep else None}
 
 
 @router.delete("/endpoints/{ep_id}", status_code=204)
 async def delete_endpoint(ep_id: str, request: Request) -> None:
+    if caller(request).kind != "admin":
+        ep = await objs(request).get(Endpoint, ep_id)
+        require_own(request, ep.host if ep else caller(request).name, f"endpoint {ep_id!r}")
     if await objs(request).delete_endpoint(ep_id) is None:
         raise ApiError(404, f"endpoint {ep_id!r} not found")
 
@@ -226,6 +298,15 @@ async def get_namespace(name: str, request: Request) -> dict:
 async def put_namespace(name: str, ns: Namespace, request: Request, response: Response) -> dict:
     same_name(name, ns.name, "namespace")
     ns.labels.setdefault("kubernetes.io/metadata.name", name)
+    who = caller(request)
+    if who.kind != "admin":  # a pod's CNI ADD in a namespace nobody made yet: create it bare, nothing more
+        if ns.labels != {"kubernetes.io/metadata.name": name}:
+            raise ApiError(403, f"host {who.name!r} may only create namespace {name!r} without labels; "
+                                "the admin sets namespace labels")
+        try:
+            return answer(response, await objs(request).create(ns), True)
+        except Conflict:  # made meanwhile (another pod's ADD): the host may not change it, only use it
+            return answer(response, await objs(request).must(Namespace, name), False)
     obj, created = await objs(request).upsert(ns)
     return answer(response, obj, created)
 
@@ -500,10 +581,12 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                                     f"{limits.watch_max_replay} revisions behind the head ({head}); list, then "
                                     "watch from the list's revision"), media_type="application/x-ndjson")
     try:
-        watcher = slots.acquire(peer_of(request.scope))
+        who = caller(request)
+        watcher = slots.acquire(peer_of(request.scope), who.name if who.kind == "host" else "")
     except TooManyWatches as e:
         raise ApiError(e.status, e.detail) from None
     cap, stall = limits.watch_buffer, limits.watch_stall
+    credentials = request.app.state.credentials
     cache = line_cache(request.app)
 
     async def lines() -> AsyncIterator[bytes]:
@@ -512,6 +595,16 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
         room = asyncio.Event()
         overflow: str | None = None
         last = after_revision
+        checked = time.monotonic()
+
+        async def still_valid() -> bool:
+            """A host's credential revoked through another server ends its streams here too, within
+            CREDENTIAL_RECHECK seconds (through this server: at once, WatchSlots.stop_holder)."""
+            nonlocal checked
+            if not watcher.holder or time.monotonic() - checked < CREDENTIAL_RECHECK:
+                return True
+            checked = time.monotonic()
+            return await credentials.host_valid(watcher.holder)
 
         async def pump() -> None:
             nonlocal size, overflow
@@ -544,6 +637,8 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                         async with asyncio.timeout(bookmark_interval):
                             await watcher.wake.wait()
                     except TimeoutError:
+                        if not await still_valid():
+                            return
                         yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
                     continue
                 if watcher.stopping:
@@ -561,6 +656,8 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                     yield resync_line(error=str(item))
                     return
                 last = item.revision
+                if not await still_valid():
+                    return
                 line = event_line(item, cache)
                 if line is not None:
                     yield line

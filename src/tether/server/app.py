@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import Headers
 
 from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
-from tether.server.auth import OPEN_PATHS, request_token_ok
+from tether.server.auth import OPEN_PATHS, Credentials, Denied, authorize, bearer
 from tether.server.gc import GarbageCollector
 from tether.server.limits import BodyLimit, Limits, WatchSlots
 from tether.server.objects import ApiError, Objects, with_retries
@@ -42,12 +42,13 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 
 class AuthAndMetrics:
-    """Bearer-token check and request metrics as a plain ASGI middleware (Starlette's
+    """Authentication, authorization and request metrics as a plain ASGI middleware (Starlette's
     `BaseHTTPMiddleware` costs a task and a stream per request: a fifth of the server's CPU in the
-    IPAM storms) that also passes the streaming watch answer straight through."""
+    IPAM storms) that also passes the streaming watch answer straight through. The caller's
+    `Identity` goes to the routes in `scope["state"]["tether_identity"]`."""
 
-    def __init__(self, app, *, token: str | None, requests: Counter, latency: Histogram) -> None:
-        self.app, self.token, self.requests, self.latency = app, token, requests, latency
+    def __init__(self, app, *, credentials: Credentials, requests: Counter, latency: Histogram) -> None:
+        self.app, self.credentials, self.requests, self.latency = app, credentials, requests, latency
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -57,15 +58,25 @@ class AuthAndMetrics:
         path = scope["path"]
         status = 500
         try:
-            if self.token is not None and path not in OPEN_PATHS and not request_token_ok(Headers(scope=scope),
-                                                                                           self.token):
-                status = 401
-                message = ("missing or wrong bearer token: pass --token or set TETHER_TOKEN (the server's token is "
-                           "in its state dir, file 'token'); Neutron clients send it as X-Auth-Token")
-                body = ({"NeutronError": {"type": "HTTPUnauthorized", "message": message, "detail": ""}}
-                        if path.startswith("/v2.0") else {"detail": message})
-                await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-                return
+            if path not in OPEN_PATHS:
+                try:
+                    who = await self.credentials.identify(bearer(Headers(scope=scope)))
+                except Denied as e:
+                    status = 401
+                    await refusal(scope, receive, send, 401, "HTTPUnauthorized", str(e),
+                                  {"WWW-Authenticate": "Bearer"})
+                    return
+                except StoreError as e:
+                    status = 503
+                    await refusal(scope, receive, send, 503, "HTTPServiceUnavailable",
+                                  f"cannot check the credential: the store is unavailable ({e}); retry")
+                    return
+                why = authorize(who, scope["method"], path)
+                if why is not None:
+                    status = 403
+                    await refusal(scope, receive, send, 403, "HTTPForbidden", why)
+                    return
+                scope.setdefault("state", {})["tether_identity"] = who
 
             async def send_status(message) -> None:
                 nonlocal status
@@ -79,6 +90,13 @@ class AuthAndMetrics:
             self.latency.observe(time.perf_counter() - start)
 
 
+async def refusal(scope, receive, send, status: int, neutron_type: str, message: str,
+                  headers: dict[str, str] | None = None) -> None:
+    body = ({"NeutronError": {"type": neutron_type, "message": message, "detail": ""}}
+            if scope["path"].startswith("/v2.0") else {"detail": message})
+    await JSONResponse(body, status, headers=headers)(scope, receive, send)
+
+
 def create_app(
     store: Store,
     *,
@@ -89,6 +107,7 @@ def create_app(
     empty_block_grace: float = 300.0,
     gc_interval: float = 30.0,
     limits: Limits | None = None,
+    ca_pem: bytes | None = None,
 ) -> FastAPI:
     limits = limits or Limits()
     registry = CollectorRegistry()
@@ -119,6 +138,8 @@ def create_app(
     app = FastAPI(title="Tether API", version="1", lifespan=lifespan,
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
+    app.state.credentials = Credentials(store, token)
+    app.state.ca_pem = ca_pem
     app.state.gc = gc
     app.state.limits = limits
     app.state.watches = WatchSlots(limits.max_watches, limits.max_watches_per_client)
@@ -128,7 +149,7 @@ def create_app(
     app.include_router(neutron.router)
 
     app.add_middleware(BodyLimit, limits=limits)  # inside the token check: no body is read before it
-    app.add_middleware(AuthAndMetrics, token=token, requests=requests, latency=latency)
+    app.add_middleware(AuthAndMetrics, credentials=app.state.credentials, requests=requests, latency=latency)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -155,6 +176,15 @@ def create_app(
     async def healthz() -> dict:
         await store.revision()
         return {"ok": True}
+
+    @app.get("/ca.crt", include_in_schema=False)
+    async def ca_certificate() -> Response:
+        """The cluster CA, open: a joining host fetches it, then trusts it only if its hash matches
+        the pin it was given (`tether host join --ca-hash`)."""
+        if ca_pem is None:
+            return JSONResponse({"detail": "this server has no CA of its own (operator certificates without "
+                                           "--tls-ca); give hosts the CA file with --ca-file"}, 404)
+        return Response(ca_pem, media_type="application/x-pem-file")
 
     @app.get("/", include_in_schema=False)
     async def root(request: Request) -> dict:

@@ -1,13 +1,39 @@
-"""Bearer-token authentication: a token made at first start, kept in a 0600 file."""
+"""Who is calling, and what they may do.
+
+Three kinds of bearer token:
+- the admin token (made at first start, kept in a 0600 file `token` in the state dir): people and
+  automation, everything;
+- bootstrap tokens (`<id>.<secret>`, made by `tether host token create --ttl 30m`): only exchange
+  themselves for a host credential at `POST /api/v1/join`, until they expire;
+- host credentials (`host.<name>.<secret>`, one per host, from the join): what that host's agent
+  needs and no more, on the model of the Kubernetes node authorizer (`host_rule`).
+Bootstrap tokens and host credentials are kept in the store as SHA-256 hashes (the secrets are 128+
+random bits, so a fast hash suffices) under `AUTH_PREFIX`, outside the object prefix: no list,
+snapshot, watch or object write reaches them. Deleting the key locks the holder out on its next call.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import hmac
 import ipaddress
+import json
 import os
+import re
 import secrets
+import time
+from dataclasses import dataclass
 
-OPEN_PATHS = {"/", "/healthz", "/metrics"}
+from tether.model import check_dns_label
+from tether.store.base import Conflict, Store
+
+OPEN_PATHS = {"/", "/healthz", "/metrics", "/ca.crt"}
+AUTH_PREFIX = "/tether/auth/"  # not under tether.model.PREFIX: never listed, watched or written as an object
+HOST_CREDENTIALS = AUTH_PREFIX + "hosts/"
+BOOTSTRAP_TOKENS = AUTH_PREFIX + "bootstrap/"
+BOOTSTRAP_RE = re.compile(r"^([a-z0-9]{6})\.([a-z0-9]{16})$")
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def load_or_create_token(state_dir: str) -> str:
@@ -26,24 +52,169 @@ def load_or_create_token(state_dir: str) -> str:
     return token
 
 
-def token_ok(header: str | None, token: str) -> bool:
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[7:].strip().encode(), token.encode())
-
-
-def request_token_ok(headers, token: str) -> bool:
+def bearer(headers) -> str | None:
     """`Authorization: Bearer <token>`, or `X-Auth-Token: <token>` as Neutron clients send it."""
-    if token_ok(headers.get("authorization"), token):
-        return True
+    h = headers.get("authorization")
+    if h and h.startswith("Bearer "):
+        return h[7:].strip()
     x = headers.get("x-auth-token")
-    return bool(x) and hmac.compare_digest(x.strip().encode(), token.encode())
+    return x.strip() if x else None
+
+
+def same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    kind: str  # "admin" | "host" | "bootstrap"
+    name: str = ""  # the host's name; the bootstrap token's id
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "admin" else f"{self.kind} {self.name!r}"
+
+
+ADMIN = Identity("admin")
+
+
+class Denied(Exception):
+    """401: no valid credential (`detail` says which and what to do)."""
+
+
+class Credentials:
+    """Admin token, bootstrap tokens and host credentials over one store."""
+
+    def __init__(self, store: Store, admin_token: str | None) -> None:
+        self.store, self.admin_token = store, admin_token
+
+    async def identify(self, token: str | None) -> Identity:
+        if self.admin_token is None:
+            return ADMIN  # --insecure: no tokens at all (loopback/unix listeners only)
+        if not token:
+            raise Denied("no bearer token: pass --token or set TETHER_TOKEN (the admin token is in the server's "
+                         "state dir, file 'token'; a host's credential is in its agent's state dir, file "
+                         "'credential'); Neutron clients send it as X-Auth-Token")
+        if same(token, self.admin_token):
+            return ADMIN
+        if token.startswith("host."):
+            name, _, secret = token[5:].partition(".")
+            kv = await self.store.get(HOST_CREDENTIALS + name) if name and secret else None
+            if kv is None or not same(json.loads(kv.value).get("sha256", ""), digest(secret)):
+                raise Denied(f"the credential of host {name!r} is not valid (revoked, or the host was deleted); "
+                             "join the host again with a new bootstrap token: tether host join")
+            return Identity("host", name)
+        m = BOOTSTRAP_RE.match(token)
+        if m:
+            kv = await self.store.get(BOOTSTRAP_TOKENS + m.group(1))
+            rec = json.loads(kv.value) if kv is not None else {}
+            if not rec or not same(rec.get("sha256", ""), digest(m.group(2))):
+                raise Denied("unknown bootstrap token; create one with `tether host token create` (admin)")
+            if rec.get("expires", 0) <= time.time():
+                raise Denied(f"bootstrap token {m.group(1)} expired at "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(rec.get('expires', 0)))}; "
+                             "create a new one with `tether host token create --ttl 30m`")
+            return Identity("bootstrap", m.group(1))
+        raise Denied("wrong bearer token: pass the admin token (the server's state dir, file 'token') or this "
+                     "host's credential (its agent's state dir, file 'credential')")
+
+    async def create_bootstrap(self, ttl: float, description: str = "") -> tuple[str, float]:
+        await self._forget_expired()
+        token_id = "".join(secrets.choice(ALPHABET) for _ in range(6))
+        secret = "".join(secrets.choice(ALPHABET) for _ in range(16))
+        expires = time.time() + ttl
+        rec = {"sha256": digest(secret), "expires": expires, "created": time.time(), "description": description}
+        await self.store.put(BOOTSTRAP_TOKENS + token_id, json.dumps(rec).encode())
+        return f"{token_id}.{secret}", expires
+
+    async def _forget_expired(self) -> None:
+        """Expired bootstrap tokens are useless: drop them when a new one is made."""
+        for kv in (await self.store.list(BOOTSTRAP_TOKENS)).items:
+            try:
+                expired = json.loads(kv.value).get("expires", 0) <= time.time()
+            except ValueError:
+                expired = True
+            if expired:
+                with contextlib.suppress(Conflict):  # used or dropped meanwhile
+                    await self.store.delete(kv.key, kv.mod_revision)
+
+    async def forget_bootstrap(self, token_id: str) -> bool:
+        kv = await self.store.get(BOOTSTRAP_TOKENS + token_id)
+        if kv is None:
+            return False
+        await self.store.delete(kv.key)
+        return True
+
+    async def issue_host(self, name: str, by: str) -> str:
+        """A new credential for a host; refused if it has one (a bootstrap token must not let anyone
+        take over an existing host's identity: revoke it first to re-join)."""
+        check_dns_label(name, "host name")
+        secret = secrets.token_urlsafe(32)
+        rec = {"sha256": digest(secret), "created": time.time(), "by": by}
+        try:
+            await self.store.create(HOST_CREDENTIALS + name, json.dumps(rec).encode())
+        except Conflict:
+            raise HostHasCredential(name) from None
+        return f"host.{name}.{secret}"
+
+    async def revoke_host(self, name: str) -> bool:
+        kv = await self.store.get(HOST_CREDENTIALS + name)
+        if kv is None:
+            return False
+        await self.store.delete(kv.key)
+        return True
+
+    async def host_valid(self, name: str) -> bool:
+        return await self.store.get(HOST_CREDENTIALS + name) is not None
+
+
+class HostHasCredential(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"host {name!r} already has a credential; if it is being re-installed, revoke the old "
+                         f"one first (tether host revoke {name}), then join again")
+
+
+HOST_READS = re.compile(r"^/api/v1/")
+OWN_HOST = re.compile(r"^/api/v1/hosts/(?P<name>[^/]+)(?P<sub>/status|/heartbeat)?$")
+OWNED_ROUTES = {("POST", "/api/v1/endpoints")}  # the route checks the body's host (api.require_own)
+ENDPOINT = re.compile(r"^/api/v1/endpoints/[^/]+$|^/api/v1/endpoints/by-handle/.+$")
+NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
+
+
+def host_rule(host: str, method: str, path: str) -> str | None:
+    """None when a host credential may make this call (the endpoint and namespace routes then check
+    that the object is the host's own, or new: `api.require_own`), else why not. Reads: everything
+    its agent mirrors. Writes: its own host object, status and heartbeat; endpoints on itself
+    (addresses come with them); a namespace that does not exist yet (CNI ADD in a new namespace)."""
+    if method in ("GET", "HEAD"):
+        if HOST_READS.match(path):
+            return None
+        return f"host {host!r} may read only the /api/v1 objects its agent mirrors"
+    m = OWN_HOST.match(path)
+    if m and (method, m.group("sub")) in (("PUT", None), ("PUT", "/status"), ("POST", "/heartbeat")):
+        if m.group("name") == host:
+            return None
+        return f"host {host!r} may write only its own host object, not {m.group('name')!r}"
+    if (method, path) in OWNED_ROUTES:
+        return None
+    if method in ("PATCH", "DELETE") and ENDPOINT.match(path):
+        return None
+    if method == "PUT" and NAMESPACE.match(path):
+        return None
+    return (f"host {host!r} may not {method} {path}: a host credential writes only its own host, status and "
+            "endpoints; use the admin token for anything else")
 
 
 def is_local_listen(addr: str) -> bool:
     """True for unix sockets and loopback TCP addresses (the only ones --insecure may serve)."""
     if addr.startswith("unix://"):
         return True
+    if addr.startswith("fd://"):
+        return False
+    addr = addr.split("://", 1)[-1]
     host = addr.rsplit(":", 1)[0].strip("[]") if ":" in addr else addr
     if host == "localhost":
         return True
@@ -51,3 +222,16 @@ def is_local_listen(addr: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def authorize(who: Identity, method: str, path: str) -> str | None:
+    """None when `who` may make this call (before the route's own checks), else why not (403)."""
+    if who.kind == "admin":
+        return None
+    if who.kind == "bootstrap":
+        if (method, path) == ("POST", "/api/v1/join"):
+            return None
+        return "a bootstrap token can only join a host (tether host join); use the admin token or the host's credential"
+    if path == "/api/v1/join":
+        return f"host {who.name!r} already has a credential; joining again needs a bootstrap token"
+    return host_rule(who.name, method, path)

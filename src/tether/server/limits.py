@@ -137,10 +137,11 @@ class TooManyWatches(Exception):
 class Watcher:
     """One watch stream's wake-up: set when events arrive, or when the server stops."""
 
-    __slots__ = ("client", "wake", "stopping")
+    __slots__ = ("client", "wake", "stopping", "holder")
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, holder: str = "") -> None:
         self.client = client
+        self.holder = holder  # the host whose credential opened it ("" for the admin)
         self.wake = asyncio.Event()
         self.stopping = False
 
@@ -154,7 +155,7 @@ class WatchSlots:
         self.open: set[Watcher] = set()
         self.stopping = False
 
-    def acquire(self, client: str) -> Watcher:
+    def acquire(self, client: str, holder: str = "") -> Watcher:
         if self.stopping:
             raise TooManyWatches(503, "the server is shutting down; watch again once it is back")
         if self.by_client[client] >= self.per_client:
@@ -164,7 +165,7 @@ class WatchSlots:
         if len(self.open) >= self.total:
             raise TooManyWatches(503, f"the server has {len(self.open)} watch streams open, its limit "
                                       "(--max-watches); retry later")
-        w = Watcher(client)
+        w = Watcher(client, holder)
         self.by_client[client] += 1
         self.open.add(w)
         return w
@@ -175,6 +176,13 @@ class WatchSlots:
             self.by_client[w.client] -= 1
             if self.by_client[w.client] <= 0:
                 del self.by_client[w.client]
+
+    def stop_holder(self, host: str) -> None:
+        """A host's credential was revoked: its streams end now (its next call gets 401)."""
+        for w in self.open:
+            if w.holder == host:
+                w.stopping = True
+                w.wake.set()
 
     def stop_all(self) -> None:
         self.stopping = True

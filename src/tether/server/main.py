@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import threading
 
@@ -27,6 +29,10 @@ DEFAULT_LISTEN = ["unix:///run/tether/server.sock", "127.0.0.1:7443"]
 
 
 def bind(addr: str) -> socket.socket:
+    if addr.startswith("fd://"):  # a socket bound by whoever started us (systemd, the lab's netns launcher)
+        sock = socket.socket(fileno=int(addr[len("fd://"):]))
+        sock.set_inheritable(True)
+        return sock
     if addr.startswith("unix://"):
         path = addr[len("unix://"):]
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -43,7 +49,7 @@ def bind(addr: str) -> socket.socket:
         sock.bind(path)
         os.chmod(path, 0o660)
     else:
-        host, _, port = addr.rpartition(":")
+        host, _, port = addr.split("://", 1)[-1].rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
@@ -52,6 +58,26 @@ def bind(addr: str) -> socket.socket:
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
+def wants_tls(addr: str, sock: socket.socket, insecure_http: bool) -> bool:
+    """HTTPS on every TCP listener, except plain HTTP on loopback (it never leaves the machine) unless
+    `https://` asks for TLS there too. Plain HTTP elsewhere only as `http://ADDR:PORT` with --insecure-http."""
+    if sock.family == socket.AF_UNIX:
+        return False
+    if addr.startswith("https://"):
+        return True
+    local = is_loopback(sock)
+    if addr.startswith("http://"):
+        if not local and not insecure_http:
+            raise SystemExit(f"--listen {addr}: plain HTTP off loopback sends every token in clear over the network; "
+                             "drop http:// (TLS is the default) or, on a network you fully trust, add --insecure-http")
+        return False
+    return not local
 
 
 def fd_budget(wanted: int) -> int:
@@ -79,8 +105,58 @@ def force_exit_after(seconds: float) -> None:
     timer.start()
 
 
+@dataclasses.dataclass
+class TlsOptions:
+    cert: str | None = None  # operator files; None: the state dir's own CA and certificate
+    key: str | None = None
+    ca: str | None = None
+    sans: list[str] = dataclasses.field(default_factory=list)
+    insecure_http: bool = False
+
+
+class TetherServer(uvicorn.Server):
+    """uvicorn's server with one SSL context per listener (uvicorn has one for all): plain HTTP on
+    unix sockets and loopback, HTTPS on the others."""
+
+    def __init__(self, config: uvicorn.Config, tls: dict[int, ssl.SSLContext | None], handshake_timeout: float) -> None:
+        super().__init__(config)
+        self.tls, self.handshake_timeout = tls, handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(3)
+        config = self.config
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                              app_state=self.lifespan.state, _loop=_loop)
+
+        loop = asyncio.get_running_loop()
+        self.servers = []
+        for sock in sockets or []:
+            ctx = self.tls.get(sock.fileno())
+            kw = {"ssl": ctx, "ssl_handshake_timeout": self.handshake_timeout} if ctx else {}
+            self.servers.append(await loop.create_server(create_protocol, sock=sock, backlog=config.backlog, **kw))
+        self.started = True
+
+
+def tls_context(tls: TlsOptions, state_dir: str, listen: list[str]) -> tuple[ssl.SSLContext, bytes | None]:
+    """The listeners' SSL context and the CA PEM clients verify with (served at /ca.crt)."""
+    from tether.server.tls import TlsFiles, ensure_tls, server_context
+
+    if bool(tls.cert) != bool(tls.key):
+        raise SystemExit("--tls-cert and --tls-key go together (the certificate and its private key)")
+    files = TlsFiles(tls.cert, tls.key, tls.ca) if tls.cert and tls.key else ensure_tls(state_dir, listen, tls.sans)
+    ca_pem = None
+    if files.ca:
+        with open(files.ca, "rb") as f:
+            ca_pem = f.read()
+    return server_context(files), ca_pem
+
+
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
-                **app_options) -> None:
+                tls: TlsOptions | None = None, **app_options) -> None:
     from tether.server.app import create_app
     from tether.server.listener import guarded_protocol
 
@@ -92,14 +168,21 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         log.warning("--max-connections %d lowered to %d: the file-descriptor limit (ulimit -n) allows no more",
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
+    tls = tls or TlsOptions()
     token = None if insecure else load_or_create_token(state_dir)
-    store = open_store(store_url)
-    app = create_app(store, token=token, limits=limits, **app_options)
     sockets = [bind(a) for a in listen]
+    secure = {s.fileno(): wants_tls(a, s, tls.insecure_http) for a, s in zip(listen, sockets, strict=True)}
+    ctx, ca_pem = tls_context(tls, state_dir, listen) if any(secure.values()) or tls.cert else (None, None)
+    for a, s in zip(listen, sockets, strict=True):
+        if s.family != socket.AF_UNIX and not secure[s.fileno()] and not is_loopback(s):
+            log.warning("--listen %s serves plain HTTP off loopback (--insecure-http): tokens cross the network "
+                        "in clear, and anyone on the path can read and change every answer", a)
+    store = open_store(store_url)
+    app = create_app(store, token=token, limits=limits, ca_pem=ca_pem, **app_options)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             http=guarded_protocol(limits), timeout_keep_alive=max(1, round(limits.idle_timeout)),
                             timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16 << 10)
-    server = uvicorn.Server(config)
+    server = TetherServer(config, {fd: ctx if on else None for fd, on in secure.items()}, limits.header_timeout)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -111,7 +194,9 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    log.warning("tether server on %s, store %s", ", ".join(listen), store_url)
+    log.warning("tether server on %s, store %s", ", ".join(
+        f"{a} ({'https' if secure[s.fileno()] else 'http'})" if s.family != socket.AF_UNIX else a
+        for a, s in zip(listen, sockets, strict=True)), store_url)
     heap.settle()
     try:
         await server.serve(sockets=sockets)
@@ -137,9 +222,13 @@ def run_server(store_url: str | None, listen: list[str] | None, state_dir: str =
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tether server", description="Serve the Tether API over a store.")
     p.add_argument("--store", help="sqlite:///path/tether.db (default, in --state-dir) or etcd://host:port[,...]")
-    p.add_argument("--listen", action="append", help="host:port or unix:///path (repeatable)")
+    p.add_argument("--listen", action="append",
+                   help="host:port (HTTPS, or plain HTTP on loopback), https://host:port (HTTPS even on loopback), "
+                        "http://host:port (plain: loopback, or with --insecure-http), unix:///path, or fd://N "
+                        "(an inherited bound socket); repeatable")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     p.add_argument("--insecure", action="store_true", help="no token (loopback/unix listeners only)")
+    add_tls_flags(p)
     p.add_argument("--service-cidr", default="10.96.0.0/16")
     p.add_argument("--dead-host-grace", type=float, default=600.0)
     p.add_argument("--empty-block-grace", type=float, default=300.0)
@@ -148,7 +237,24 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
-               limits=limits_from(a))
+               limits=limits_from(a), tls=tls_from(a))
+
+
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="server certificate (PEM) instead of the one made from the state dir's own CA")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", help="CA bundle that signed --tls-cert, served to joining hosts at /ca.crt")
+    p.add_argument("--tls-san", action="append", default=[],
+                   help="extra name or address the made certificate covers (repeatable; the listen addresses, "
+                        "localhost and this machine's name are always in it)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="DANGEROUS: plain HTTP on non-loopback TCP listeners. Every token (the admin's and the "
+                        "hosts') then crosses the network in clear and anyone on the path can change answers; "
+                        "only for a network you fully trust, or behind your own TLS proxy")
+
+
+def tls_from(a: argparse.Namespace) -> TlsOptions:
+    return TlsOptions(a.tls_cert, a.tls_key, a.tls_ca, list(a.tls_san), a.insecure_http)
 
 
 LIMIT_HELP = {
