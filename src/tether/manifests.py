@@ -1,7 +1,9 @@
 """YAML/JSON documents -> Tether objects: Tether kinds and unchanged Kubernetes manifests.
 
 Tether documents look like Kubernetes ones: `apiVersion: tether.dev/v1`, `kind`, `metadata`
-(name, namespace, labels) and `spec` (the object's fields). Kubernetes `Namespace` (v1),
+(name, namespace, labels, and the server's id, created_at, revision) and `spec` (the object's
+fields); `status` is what the system reports and is never applied. `tether get -o yaml` prints this
+form (`to_document`), so its output can be applied again. Kubernetes `Namespace` (v1),
 `NetworkPolicy` (networking.k8s.io/v1) and `Service` (v1) are accepted as they are.
 """
 
@@ -18,8 +20,38 @@ TETHER_API = "tether.dev/v1"
 K8S_KINDS = {("v1", "Namespace"), ("networking.k8s.io/v1", "NetworkPolicy"), ("v1", "Service")}
 
 
+METADATA = ("name", "namespace", "id", "labels", "created_at", "revision")
+# what the system reports rather than what a user declares: shown under `status`, never applied
+STATUS = {"Host": ("status", "heartbeat", "lease_id", "alive"), "Endpoint": ("status", "quarantined", "invalid")}
+
+
 class ManifestError(ValueError):
     pass
+
+
+def has_namespace(kind: str) -> bool:
+    return KINDS[kind].namespaced or kind == "Endpoint"
+
+
+def to_document(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An object as the API returns it -> the document `apply -f` takes back unchanged."""
+    meta_keys = [k for k in METADATA if k != "namespace" or has_namespace(kind)]
+    metadata = {k: data[k] for k in meta_keys if k in data}
+    reported = STATUS.get(kind, ())
+    spec = {k: v for k, v in data.items() if k not in metadata and k not in reported}
+    doc: dict[str, Any] = {"apiVersion": TETHER_API, "kind": kind, "metadata": metadata, "spec": spec}
+    status: dict[str, Any] = {}
+    for k in reported:
+        if k in data:
+            v = data[k]
+            status.update(v if isinstance(v, dict) and k == "status" else {("state" if k == "status" else k): v})
+    if status:
+        doc["status"] = status
+    return doc
+
+
+def to_list(kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": TETHER_API, "kind": "List", "items": [to_document(kind, d) for d in items]}
 
 
 def load_documents(text: str) -> list[dict[str, Any]]:
@@ -50,12 +82,16 @@ def to_object(doc: dict[str, Any], index: int = 0) -> Obj:
                 raise ManifestError(f"{where}: unknown kind {kind!r}; Tether kinds: {', '.join(sorted(KINDS))}")
             cls = KINDS[kind]
             data = dict(doc.get("spec") or {})
+            unknown = sorted(set(meta) - set(METADATA))
+            if unknown:
+                raise ManifestError(f"{where}: unknown metadata field(s) {', '.join(unknown)}; metadata holds "
+                                    f"{', '.join(METADATA)} (the rest goes under spec)")
             data["name"] = meta.get("name")
             if meta.get("labels"):
                 data["labels"] = meta["labels"]
-            if cls.namespaced or kind == "Endpoint":
+            if has_namespace(kind):
                 data["namespace"] = meta.get("namespace", data.get("namespace", "default"))
-            for k in ("id",):
+            for k in ("id", "created_at", "revision"):
                 if k in meta:
                     data[k] = meta[k]
             return cls.model_validate(data)

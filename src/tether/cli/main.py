@@ -60,7 +60,7 @@ def fail(message: str) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -159,6 +159,67 @@ def network_create(
     c = client(server, token)
     made = run(lambda: c.create_network(net))
     emit("Network", made.model_dump(mode="json"), output)
+
+
+@network_app.command("update")
+def network_update(
+    name: str,
+    add_subnet: Annotated[list[str] | None, typer.Option(help="add a subnet CIDR (repeatable)")] = None,
+    remove_subnet: Annotated[list[str] | None, typer.Option(help="remove a subnet (refused while endpoints hold "
+                                                                 "addresses in it)")] = None,
+    encap: Annotated[str | None, typer.Option(help="vxlan | direct | auto (direct: every host on one underlay "
+                                                   "subnet)")] = None,
+    nat_outgoing: Annotated[bool | None, typer.Option("--nat-outgoing/--no-nat-outgoing",
+                                                      help="masquerade traffic leaving all Tether networks",
+                                                      show_default=False)] = None,
+    mtu: Annotated[int | None, typer.Option(help="pods plugged from now on get it; 0 = derived from the underlay",
+                                            show_default=False)] = None,
+    domain: Annotated[str | None, typer.Option(help="DNS domain")] = None,
+    block_size: Annotated[int | None, typer.Option(help="prefix length of IPAM blocks (refused once the network "
+                                                        "has blocks)")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="set a label k=v; k= removes it (repeatable)")] = None,
+    server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
+) -> None:
+    """Change a network in place. The name cannot change (it is the network's key: create another
+    network); a subnet holding addresses cannot be removed and the block size cannot change once
+    addresses were handed out; the server refuses those and says why."""
+    from pydantic import ValidationError
+
+    from tether.model import Network, Subnet
+
+    c = client(server, token)
+    data = run(lambda: c.request("GET", f"/api/v1/networks/{name}"))
+    changes: dict = {}
+    if add_subnet or remove_subnet:
+        subnets = [s for s in data["subnets"] if s["cidr"] not in set(remove_subnet or [])]
+        missing = sorted(set(remove_subnet or []) - {s["cidr"] for s in data["subnets"]})
+        if missing:
+            fail(f"network {name!r} has no subnet {', '.join(missing)}; its subnets: "
+                 f"{', '.join(s['cidr'] for s in data['subnets'])}")
+        try:
+            subnets += [Subnet(cidr=cidr).model_dump(mode="json") for cidr in add_subnet or []]
+        except ValidationError as e:
+            fail("; ".join(x["msg"] for x in e.errors()))
+        changes["subnets"] = subnets
+    for key, value in (("encap", encap), ("nat_outgoing", nat_outgoing), ("dns_domain", domain),
+                       ("block_size", block_size), ("mtu", None if mtu == 0 else mtu)):
+        if value is not None or (key == "mtu" and mtu == 0):
+            changes[key] = value
+    if label:
+        changes["labels"] = {k: v for k, v in {**data["labels"], **parse_labels(label)}.items() if v}
+    if not changes:
+        fail("nothing to change: give --add-subnet, --remove-subnet, --encap, --[no-]nat-outgoing, --mtu, --domain, "
+             "--block-size or --label")
+    try:
+        net = Network.model_validate({**data, **changes})
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        return
+    made = run(lambda: c.request("PUT", f"/api/v1/networks/{name}", content=net.model_dump_json(exclude={"revision"})))
+    if output != Format.table:
+        emit("Network", made, output)
+        return
+    print(f"network {name} updated: {', '.join(sorted(changes))}")
 
 
 @network_app.command("list")
@@ -290,25 +351,14 @@ def read_input(path: str) -> str:
 @app.command()
 def apply(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin")],
           server: ServerOpt = None, token: TokenOpt = None) -> None:
-    """Create or update objects from documents: Tether kinds and Kubernetes Namespace, NetworkPolicy, Service."""
+    """Create or update objects from documents: Tether kinds (the form `tether get -o yaml` prints) and
+    Kubernetes Namespace, NetworkPolicy, Service. Objects the documents do not change are left alone."""
+    from tether.cli.documents import apply_objects
     from tether.manifests import parse
 
     objs = run(lambda: parse(read_input(file)))
     c = client(server, token)
-    for obj in objs:
-        if obj.kind == "Network":
-            made = run(lambda o=obj: c.request("PUT", f"/api/v1/networks/{o.name}",
-                                               content=o.model_dump_json(exclude={"revision"})))
-            print(f"network/{made['name']} applied")
-            continue
-        if obj.kind == "Endpoint":
-            existing = [e for e in c.list_raw("Endpoint", network=obj.network, namespace=obj.namespace)
-                        if e["name"] == obj.name]
-            if existing:
-                print(f"endpoint/{obj.name} unchanged")
-                continue
-        made = run(lambda o=obj: c.apply(o))
-        print(f"{obj.kind.lower()}/{made.store_name()} applied")
+    run(lambda: apply_objects(c, objs, print))
 
 
 @app.command()
@@ -340,8 +390,10 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
         name: Annotated[str | None, typer.Argument(help="one object (namespace/name for namespaced kinds)")] = None,
         namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
         server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
-    """Show objects of a kind."""
+    """Show objects of a kind; `-o yaml|json` prints documents (apiVersion, kind, metadata, spec, status)
+    that `tether apply -f` takes back unchanged."""
     from tether.client import path_of
+    from tether.manifests import to_document, to_list
     from tether.model import KINDS
 
     k = ALIASES.get(kind.lower())
@@ -351,14 +403,20 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
     c = client(server, token)
     if name is None:
         params = {"namespace": namespace} if namespace and k in ("NetworkPolicy", "Service", "Endpoint") else {}
-        emit(k, run(lambda: c.request("GET", path_of(k), params=params)), output)
+        items = run(lambda: c.request("GET", path_of(k), params=params))
+        emit(k, items if output == Format.table else to_list(k, items), output)
         return
     if k == "Endpoint":
-        emit(k, find_endpoint(c, name, None), output)
-        return
-    if KINDS[k].namespaced and "/" not in name:
-        name = f"{namespace or 'default'}/{name}"
-    emit(k, run(lambda: c.request("GET", path_of(k, name))), output)
+        one = find_endpoint(c, name, None)
+    elif k == "Block":  # no route for one block
+        one = next((b for b in run(lambda: c.list_raw("Block")) if b["name"] == name), None)
+        if one is None:
+            fail(f"no block {name!r}; `tether get blocks` lists them")
+    else:
+        if KINDS[k].namespaced and "/" not in name:
+            name = f"{namespace or 'default'}/{name}"
+        one = run(lambda: c.request("GET", path_of(k, name)))
+    emit(k, one if output == Format.table else to_document(k, one), output)
 
 
 @app.command()

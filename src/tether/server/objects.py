@@ -234,7 +234,12 @@ class Objects:
             if old is None:
                 return await self.create(net, [guard_cmp], [guard_op]), True
             if create_only:
-                raise ApiError(409, f"network {net.name!r} already exists; use another name or update it")
+                raise ApiError(409, f"network {net.name!r} already exists; use another name, or change it with "
+                                    "`tether network update` or `tether apply`")
+            if net.block_size != old.block_size and (await self.store.list(key_of("Block", f"{net.name}:"))).items:
+                raise ApiError(409, f"network {net.name!r} has IPAM blocks of /{old.block_size} already: its block "
+                                    "size cannot change while they exist (delete its endpoints first, or create "
+                                    "another network)")
             removed = [ipaddress.ip_network(s.cidr) for s in old.subnets
                        if s.cidr not in {n.cidr for n in net.subnets}]
             if removed:  # adding a subnet is fine; removing one that holds addresses is not

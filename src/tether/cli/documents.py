@@ -1,0 +1,87 @@
+"""`tether apply -f`: each document is compared with what is stored and written only when it says
+something new, so the output of `tether get -o yaml` applied again changes nothing.
+
+A field counts as said when the document sets it (a hand-written document with only a few fields
+changes only those); fields the system owns (revision, created_at, status) never count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tether.client import ApiError, path_of
+from tether.model import Obj
+
+SYSTEM = {"id", "revision", "created_at", "status", "heartbeat", "lease_id"}  # the server's, not the user's
+REFUSED = {
+    "Block": "blocks are IPAM's own: they change when endpoints get or release addresses; "
+             "create or delete endpoints instead",
+    "Host": "a host is registered by its agent (`tether agent`); only its labels can be changed here",
+}
+
+
+def changed_fields(desired: Obj, stored: dict[str, Any]) -> dict[str, Any]:
+    """The fields the document sets to something other than what is stored."""
+    want = desired.model_dump(mode="json")
+    return {k: want[k] for k in sorted(desired.model_fields_set - SYSTEM) if want[k] != stored.get(k)}
+
+
+def find_stored(c: Any, obj: Obj) -> dict[str, Any] | None:
+    """The stored object a document means: by key, or for endpoints and security groups (keyed by a
+    server-made id) by id when the document gives one, else by name."""
+    if obj.kind in ("Endpoint", "SecurityGroup") and "id" not in obj.model_fields_set:
+        if obj.kind == "Endpoint":
+            found = c.list_raw("Endpoint", network=obj.network, namespace=obj.namespace, name=obj.name)
+        else:
+            found = [g for g in c.list_raw("SecurityGroup") if g["name"] == obj.name]
+        if len(found) > 1:
+            raise ApiError(409, f"{len(found)} {obj.kind} objects are named {obj.name!r}; give metadata.id")
+        return found[0] if found else None
+    if obj.kind == "Block":  # no route for one block
+        return next((b for b in c.list_raw("Block", network=obj.network) if b["name"] == obj.name), None)
+    try:
+        return c.request("GET", path_of(obj.kind, obj.store_name()))
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def write(c: Any, obj: Obj, stored: dict[str, Any] | None, changes: dict[str, Any]) -> None:
+    body = obj.model_dump_json(exclude={"revision"})
+    if obj.kind in REFUSED and stored is None:
+        raise ApiError(400, f"{obj.kind} {obj.name!r} does not exist and cannot be created by apply: "
+                            f"{REFUSED[obj.kind]}")
+    if obj.kind == "Block" or (obj.kind == "Host" and set(changes) - {"labels"}):
+        raise ApiError(400, f"{obj.kind} {obj.name!r}: cannot change {', '.join(changes)}: {REFUSED[obj.kind]}")
+    if obj.kind == "Host":
+        assert stored is not None
+        host = {k: v for k, v in stored.items() if k not in ("alive", "revision")} | {"labels": obj.labels}
+        c.request("PUT", path_of("Host", obj.name), json=host)
+    elif obj.kind == "Endpoint":
+        if stored is None:
+            c.request("POST", path_of("Endpoint"), content=body)
+        else:
+            c.request("PATCH", path_of("Endpoint", stored["id"]), json=changes)
+    elif obj.kind == "SecurityGroup":
+        if stored is None:
+            c.request("POST", path_of("SecurityGroup"), content=body)
+        else:
+            c.request("PUT", path_of("SecurityGroup", stored["id"]),
+                      content=obj.model_copy(update={"id": stored["id"]}).model_dump_json(exclude={"revision"}))
+    else:
+        c.request("PUT", path_of(obj.kind, obj.store_name()), content=body)
+
+
+def apply_objects(c: Any, objs: list[Obj], say: Callable[[str], None]) -> None:
+    """Create what does not exist, update what the document changes, leave the rest alone."""
+    for obj in objs:
+        stored = find_stored(c, obj)
+        changes = changed_fields(obj, stored) if stored is not None else {}
+        what = f"{obj.kind.lower()}/{obj.name if obj.kind in ('Endpoint', 'SecurityGroup') else obj.store_name()}"
+        if stored is not None and not changes:
+            say(f"{what} unchanged")
+            continue
+        write(c, obj, stored, changes)
+        say(f"{what} {'created' if stored is None else 'configured (' + ', '.join(changes) + ')'}")
