@@ -62,3 +62,21 @@ def test_shell_completion_script_and_answers() -> None:
     answer = subprocess.run([sys.executable, "-c", "from tether.cli.main import main; main()"], env=env,
                             capture_output=True, text=True, timeout=60)
     assert "network" in answer.stdout.split()
+
+
+def test_each_short_flag_has_one_meaning_and_n_is_the_namespace() -> None:
+    meanings: dict[str, set[str]] = {}
+    for _path, cmd in command_paths():
+        for param in getattr(cmd, "params", []):
+            shorts = [o for o in param.opts if len(o) == 2 and o.startswith("-")]
+            longs = [o for o in param.opts if o.startswith("--")]
+            for s in shorts:
+                meanings.setdefault(s, set()).add(longs[0] if longs else param.name)
+    assert meanings["-n"] == {"--namespace"}
+    assert {s: m for s, m in meanings.items() if len(m) > 1} == {}
+
+
+def test_the_lab_name_flag_is_lab_and_the_old_name_still_works() -> None:
+    for flag in ("--lab", "--name"):
+        r = runner.invoke(app, ["lab", "down", flag, "no-such-lab-xyz"])
+        assert r.exit_code == 1 and "no lab named" in r.output

@@ -258,7 +258,7 @@ def endpoint_create(
     name: str,
     network: Annotated[str, typer.Option(help="network to attach to")],
     host: Annotated[str | None, typer.Option(help="host the endpoint lives on")] = None,
-    namespace: Annotated[str, typer.Option(help="namespace (for policies and DNS)")] = "default",
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="namespace (for policies and DNS)")] = "default",
     ip: Annotated[list[str] | None, typer.Option(help="static address (default: from IPAM)")] = None,
     label: Annotated[list[str] | None, typer.Option(help="k=v (repeatable)")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
@@ -295,7 +295,7 @@ def find_endpoint(c, ref: str, network: str | None) -> dict:
 def endpoint_list(
     network: Annotated[str | None, typer.Option(help="only this network")] = None,
     host: Annotated[str | None, typer.Option(help="only this host")] = None,
-    namespace: Annotated[str | None, typer.Option(help="only this namespace")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="only this namespace")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
     """List endpoints."""

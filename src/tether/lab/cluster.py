@@ -192,7 +192,7 @@ class Lab:
            server_args: list[str] | None = None) -> None:
         """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces)."""
         if os.path.exists(self.state_path) and self.state.hosts:
-            raise RuntimeError(f"lab {self.name} already exists; `tether lab down --name {self.name}` first")
+            raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
         self.state = LabState(self.name, store=store, server_args=list(server_args or []))
         self.save()
