@@ -9,6 +9,7 @@ form (`to_document`), so its output can be applied again. Kubernetes `Namespace`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -70,7 +71,7 @@ def load_documents(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def to_object(doc: dict[str, Any], index: int = 0) -> Obj:
+def to_object(doc: dict[str, Any], index: int = 0, warn: Callable[[str], None] = lambda _m: None) -> Obj:
     api, kind = doc.get("apiVersion"), doc.get("kind")
     meta = doc.get("metadata") or {}
     where = f"document {index + 1} ({kind or '?'} {meta.get('name', '?')})"
@@ -103,26 +104,87 @@ def to_object(doc: dict[str, Any], index: int = 0) -> Obj:
         if kind == "NetworkPolicy":
             return NetworkPolicy(name=meta.get("name"), namespace=meta.get("namespace", "default"),
                                  labels=meta.get("labels") or {}, spec=doc.get("spec") or {})
-        return k8s_service(doc)
+        return k8s_service(doc, warn)
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ManifestError(f"{where}: {msgs}") from None
 
 
-def k8s_service(doc: dict[str, Any]) -> Service:
+# Kubernetes Service fields: what Tether does with each. Anything else is refused by name.
+SERVICE_DONE = {"selector", "ports", "clusterIP", "clusterIPs", "type", "sessionAffinity", "sessionAffinityConfig",
+                "externalTrafficPolicy", "internalTrafficPolicy", "ipFamilies", "ipFamilyPolicy"}
+SERVICE_REFUSED = {
+    "externalIPs": "Tether does not answer on extra external addresses; use type NodePort",
+    "externalName": "ExternalName services (DNS aliases) are not implemented",
+    "loadBalancerIP": "there is no load-balancer integration; use type NodePort",
+    "loadBalancerSourceRanges": "there is no load-balancer integration; use a NetworkPolicy",
+    "loadBalancerClass": "there is no load-balancer integration",
+    "allocateLoadBalancerNodePorts": "there is no load-balancer integration",
+    "healthCheckNodePort": "there is no load-balancer health check",
+    "publishNotReadyAddresses": "only ready endpoints are published",
+    "trafficDistribution": "backends are chosen at random, with no topology preference",
+}
+PORT_DONE = {"name", "protocol", "port", "targetPort", "nodePort"}
+PORT_IGNORED = {"appProtocol": "informational: Tether balances connections whatever the protocol"}
+
+
+def _service_fields(name: str, spec: dict[str, Any], warn: Callable[[str], None]) -> None:
+    """Refuse by name what Tether does not implement; warn about what it accepts but does not use."""
+    where = f"Service {name}"
+    for field, why in SERVICE_REFUSED.items():
+        if spec.get(field) not in (None, [], False):
+            raise ManifestError(f"{where}: spec.{field} is not supported: {why}; remove it")
+    unknown = sorted(set(spec) - SERVICE_DONE - set(SERVICE_REFUSED))
+    if unknown:
+        raise ManifestError(f"{where}: unknown field(s) spec.{', spec.'.join(unknown)}; Tether reads "
+                            f"{', '.join(sorted(SERVICE_DONE))}")
+    if spec.get("internalTrafficPolicy", "Cluster") != "Cluster":
+        raise ManifestError(f"{where}: spec.internalTrafficPolicy {spec['internalTrafficPolicy']!r} is not "
+                            "supported: service traffic goes to any ready backend; use Cluster or leave it out")
+    families = spec.get("ipFamilies") or ["IPv4"]
+    if families != ["IPv4"] or spec.get("ipFamilyPolicy", "SingleStack") != "SingleStack":
+        raise ManifestError(f"{where}: spec.ipFamilies {families} / ipFamilyPolicy "
+                            f"{spec.get('ipFamilyPolicy', 'SingleStack')!r}: services have IPv4 virtual IPs only; "
+                            "use [IPv4] and SingleStack, or leave them out")
+    ips = spec.get("clusterIPs")
+    if ips and (len(ips) > 1 or ips[0] != spec.get("clusterIP", ips[0])):
+        raise ManifestError(f"{where}: spec.clusterIPs {ips} must be one address equal to spec.clusterIP "
+                            "(services have one IPv4 virtual IP)")
+    for i, p in enumerate(spec.get("ports") or []):
+        if not isinstance(p, dict):
+            raise ManifestError(f"{where}: spec.ports[{i}] must be a mapping with port")
+        bad = sorted(set(p) - PORT_DONE - set(PORT_IGNORED))
+        if bad:
+            raise ManifestError(f"{where}: unknown field(s) spec.ports[{i}].{', '.join(bad)}; a port has "
+                                f"{', '.join(sorted(PORT_DONE | set(PORT_IGNORED)))}")
+        for field, why in PORT_IGNORED.items():
+            if field in p:
+                warn(f"{where}: spec.ports[{i}].{field} is ignored ({why})")
+
+
+def k8s_service(doc: dict[str, Any], warn: Callable[[str], None] = lambda _m: None) -> Service:
     meta, spec = doc.get("metadata") or {}, doc.get("spec") or {}
+    name = meta.get("name")
     typ = spec.get("type", "ClusterIP")
     if typ not in ("ClusterIP", "NodePort"):
-        raise ManifestError(f"Service {meta.get('name')}: type {typ!r} is not supported (ClusterIP, NodePort)")
-    ports = [ServicePort(name=p.get("name"), protocol=p.get("protocol", "TCP"), port=p["port"],
+        raise ManifestError(f"Service {name}: type {typ!r} is not supported (ClusterIP, NodePort)")
+    _service_fields(name, spec, warn)
+    ports = [ServicePort(name=p.get("name"), protocol=p.get("protocol", "TCP"), port=p.get("port"),
                          target_port=p.get("targetPort"), node_port=p.get("nodePort")) for p in spec.get("ports") or []]
     timeout = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds", 10800)
-    cluster_ip = spec.get("clusterIP")
-    return Service(name=meta.get("name"), namespace=meta.get("namespace", "default"), labels=meta.get("labels") or {},
-                   ports=ports, selector=spec.get("selector"), type=typ,
-                   cluster_ip=None if cluster_ip in (None, "", "None") else cluster_ip,
-                   session_affinity=spec.get("sessionAffinity", "None"), affinity_timeout=timeout)
+    cluster_ip = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
+    fields: dict[str, Any] = {
+        "name": name, "namespace": meta.get("namespace", "default"), "labels": meta.get("labels") or {},
+        "ports": ports, "selector": spec.get("selector"), "type": typ,
+        "session_affinity": spec.get("sessionAffinity", "None"), "affinity_timeout": timeout,
+        "headless": cluster_ip == "None",
+        "external_traffic_policy": spec.get("externalTrafficPolicy", "Cluster"),
+    }
+    if cluster_ip not in (None, "", "None"):
+        fields["cluster_ip"] = cluster_ip  # absent: the server assigns (or keeps) one
+    return Service(**fields)
 
 
-def parse(text: str) -> list[Obj]:
-    return [to_object(d, i) for i, d in enumerate(load_documents(text))]
+def parse(text: str, warn: Callable[[str], None] = lambda _m: None) -> list[Obj]:
+    """Every document as an object; `warn` hears about fields accepted but not used."""
+    return [to_object(d, i, warn) for i, d in enumerate(load_documents(text))]

@@ -174,6 +174,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         for owner, rtype, rr in address_rrs(name, ip, ttl):
             rec.add_rr(owner, rtype, rr)
 
+    endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
     for svc in services:
         if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
             _skip("Service", f"{svc.namespace}/{svc.name}", "its name, namespace or a port name is not a DNS label")
@@ -189,9 +190,13 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         except (ValueError, struct.error) as e:
             _skip("Service", f"{svc.namespace}/{svc.name}", str(e))
             continue
+        headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
         for name, srvs in parts:
             if svc.cluster_ip:
                 add_addr(name, svc.cluster_ip)
+            elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
+                for rtype, rr in headless:
+                    rec.add_rr(name.lower(), rtype, rr)
             else:
                 rec.existing.add(name.lower())
             for srv, p in srvs:
@@ -235,6 +240,20 @@ class EndpointRecords:
 
     rrs: tuple[tuple[str, int, bytes], ...]
     names: frozenset[str]
+
+
+def _headless_answers(svc: Service, endpoints: list[Endpoint], ttl: int) -> list[tuple[int, bytes]]:
+    from tether.agent.services import headless_addresses
+
+    out = []
+    for ip in headless_addresses(svc, endpoints):
+        try:
+            version, packed, _ = address_record(ip)
+        except ValueError:
+            continue
+        rtype = A if version == 4 else AAAA
+        out.append((rtype, _rr(rtype, ttl, packed)))
+    return out
 
 
 def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int) -> EndpointRecords:

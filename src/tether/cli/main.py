@@ -356,7 +356,7 @@ def apply(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON 
     from tether.cli.documents import apply_objects
     from tether.manifests import parse
 
-    objs = run(lambda: parse(read_input(file)))
+    objs = run(lambda: parse(read_input(file), warn=lambda m: print(f"warning: {m}", file=sys.stderr)))
     c = client(server, token)
     run(lambda: apply_objects(c, objs, print))
 

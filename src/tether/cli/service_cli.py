@@ -49,10 +49,16 @@ def service_create(
     type: Annotated[str, typer.Option("--type", help="ClusterIP or NodePort (published on every host)")] = "ClusterIP",
     cluster_ip: Annotated[str | None, typer.Option(help="a fixed virtual IP inside the service range")] = None,
     affinity: Annotated[int | None, typer.Option(help="client-IP affinity, timeout in seconds")] = None,
+    headless: Annotated[bool, typer.Option("--headless", help="no virtual IP: the name answers the ready "
+                                                              "backends' addresses (clusterIP: None)")] = False,
+    local: Annotated[bool, typer.Option("--local-traffic", help="NodePort: only backends on the receiving host, "
+                                                                "client address kept (externalTrafficPolicy: "
+                                                                "Local)")] = False,
     label: Annotated[list[str], typer.Option(help="label k=v (repeatable)")] = [],  # noqa: B006
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
-    """Create or update a service."""
+    """Create or update a service. Each --port is \\[NAME=]PORT\\[:TARGET\\[:NODEPORT]]\\[/tcp|udp], e.g.
+    http=80:8080 or 53/udp."""
     from pydantic import ValidationError
 
     from tether.model import Service, ServiceBackend
@@ -63,7 +69,8 @@ def service_create(
         svc = Service(name=name, namespace=namespace, ports=[parse_port(p) for p in port],
                       selector=parse_labels(selector) or None, backends=[ServiceBackend(ip=b) for b in backend],
                       network=network, type=type, cluster_ip=cluster_ip, labels=parse_labels(label),
-                      session_affinity="ClientIP" if affinity else "None", affinity_timeout=affinity or 10800)
+                      session_affinity="ClientIP" if affinity else "None", affinity_timeout=affinity or 10800,
+                      headless=headless, external_traffic_policy="Local" if local else "Cluster")
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
         raise

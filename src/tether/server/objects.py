@@ -515,9 +515,11 @@ class Objects:
             old = await self.get(Service, svc.store_name())
             compares: list[Compare] = []
             ops: list[Op] = []
-            if not svc.cluster_ip and old is not None:
+            if not svc.cluster_ip and old is not None and not svc.headless:
                 svc.cluster_ip = old.cluster_ip
-            if svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
+            if svc.headless:
+                pass  # DNS-only: no virtual IP to assign
+            elif svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
                 ip = ipaddress.ip_address(svc.cluster_ip)
                 if ip not in self.service_cidr:
                     raise ApiError(400, f"cluster IP {ip} is outside the service range {self.service_cidr}")
