@@ -41,6 +41,26 @@ DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0
 _SKIPPED: set[tuple[str, str]] = set()  # objects left out of the records, each logged once
 
 
+NDOTS = 5  # like Kubernetes: a name with fewer dots is tried with the search domains first
+
+
+def search_path(namespace: str | None, network: str | None, domain: str) -> list[str]:
+    """The search domains a pod gets: its namespace's services, every service, its network's
+    endpoints, then the cluster domain; so `web` finds the service web in the pod's namespace,
+    `web.other` the one in namespace other, and `pod-a` a pod on the same network."""
+    d = domain.rstrip(".")
+    out = ([f"{namespace}.svc.{d}"] if namespace else []) + [f"svc.{d}"]
+    return out + ([f"{network}.{d}"] if network else []) + [d]
+
+
+def candidates(name: str, search: list[str], ndots: int = NDOTS) -> list[str]:
+    """The names a stub resolver asks, in order, for `name` (resolv.conf(5) semantics)."""
+    if name.endswith("."):
+        return [name]
+    listed = [f"{name}.{s}." for s in search]
+    return [f"{name}.", *listed] if name.count(".") >= ndots else [*listed, f"{name}."]
+
+
 def _skip(kind: str, name: str, why: str) -> None:
     """Leave one object out of the records (the others are still built), logged once."""
     if (kind, name) not in _SKIPPED:

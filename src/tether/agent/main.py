@@ -155,11 +155,14 @@ class Agent:
             return "never synced"
         return "connected" if self.connected else f"server unreachable since {time.time() - self.last_sync:.0f}s"
 
-    def dns_config(self, net: Network | None) -> dict[str, Any]:
+    def dns_config(self, net: Network | None, namespace: str | None = None) -> dict[str, Any]:
+        """The CNI result's `dns`: the runtime writes it into the pod's resolv.conf."""
+        from tether.agent.dns_records import NDOTS, search_path
+
         if not self.dns_ip:
             return {}
-        search = [f"{net.name}.{net.dns_domain}", f"svc.{net.dns_domain}", net.dns_domain] if net else []
-        return {"nameservers": [self.dns_ip], "search": search + self.dns_search}
+        search = search_path(namespace, net.name, net.dns_domain) if net else []
+        return {"nameservers": [self.dns_ip], "search": search + self.dns_search, "options": [f"ndots:{NDOTS}"]}
 
     @staticmethod
     def json(data: dict) -> bytes:

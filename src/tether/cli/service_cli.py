@@ -150,9 +150,14 @@ def dns_lookup(
     type: Annotated[str, typer.Option("--type", "-t", help="A, AAAA, PTR, SRV, ... (an IP address means PTR)")] = "A",
     host: Annotated[str | None, typer.Option("--host", help="ask this host's agent (default: answer from the "
                                              "server's state, as every agent would)")] = None,
+    namespace: NsOpt = "default",
+    network: Annotated[str | None, typer.Option(help="the asking pod's network (its search domain and DNS "
+                                                     "domain; default: the only domain in use)")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
-    """Resolve a name the way pods do."""
+    """Resolve a name the way pods do: a name with fewer than 5 dots is tried with the pod's search
+    domains first (NAMESPACE.svc.DOMAIN, svc.DOMAIN, NETWORK.DOMAIN, DOMAIN), so `web` finds the
+    service web in --namespace. End the name with a dot to skip the search."""
     import ipaddress
 
     import dns.message
@@ -162,23 +167,33 @@ def dns_lookup(
     from tether.agent import dns_records
     from tether.cli.config import resolve
 
+    names = None
     try:
         ipaddress.ip_address(name)
         name, type = ipaddress.ip_address(name).reverse_pointer, "PTR"
+        names = [name]
     except ValueError:
         pass
-    query = dns.message.make_query(name, type.upper())
     c = client(server, token)
+    nets = run(lambda: c.list_raw("Network"))
+    if names is None:
+        domains = sorted({n["dns_domain"] for n in nets if network in (None, n["name"])})
+        if network and not domains:
+            fail(f"no network {network!r}")
+        domain = domains[0] if len(domains) == 1 else "tether.local"
+        names = dns_records.candidates(name, dns_records.search_path(namespace, network, domain))
     if host:
         h = run(lambda: c.get("Host", host))
         if not h.dns_ip:
             fail(f"host {host!r} has no DNS address registered (is its agent running with DNS on?)")
         netns = _lab_namespace(resolve(server, token).server, host)
-        try:
-            wire = ask(h.dns_ip, query.to_wire(), netns)
-        except OSError as e:
-            fail(f"the DNS on {host} ({h.dns_ip}) did not answer: {e}")
-            raise
+
+        def ask_one(q: bytes) -> bytes | None:
+            try:
+                return ask(h.dns_ip, q, netns)
+            except OSError as e:
+                fail(f"the DNS on {host} ({h.dns_ip}) did not answer: {e}")
+                raise
         where = f"{host} ({h.dns_ip})"
     else:
         snap = run(c.snapshot)
@@ -187,11 +202,20 @@ def dns_lookup(
         rep = Replica()
         rep.load_snapshot(snap)
         rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values(), serial=rep.revision)
-        wire = dns_records.answer(rec, query.to_wire())
+
+        def ask_one(q: bytes) -> bytes | None:
+            return dns_records.answer(rec, q)
         where = "server state"
-        if wire is None:
-            fail(f"{name} is not a cluster name; ask a host's agent with --host to have it forwarded")
-            raise typer.Exit(1)
+    wire = None
+    for candidate in names:  # the first name with an answer, as a stub resolver does
+        got = ask_one(dns.message.make_query(candidate, type.upper()).to_wire())
+        if got is not None:
+            wire, name = got, candidate.rstrip(".")
+            if dns.message.from_wire(got).answer:
+                break
+    if wire is None:
+        fail(f"{name} is not a cluster name; ask a host's agent with --host to have it forwarded")
+        raise typer.Exit(1)
     msg = dns.message.from_wire(wire)
     answers = [{"name": rrset.name.to_text(), "type": dns.rdatatype.to_text(rrset.rdtype), "ttl": rrset.ttl,
                 "data": rd.to_text()} for rrset in msg.answer for rd in rrset]
