@@ -40,6 +40,8 @@ def to_document(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     metadata = {k: data[k] for k in meta_keys if k in data}
     reported = STATUS.get(kind, ())
     spec = {k: v for k, v in data.items() if k not in metadata and k not in reported}
+    if kind == "NetworkPolicy":  # its spec is the Kubernetes one, as in networking.k8s.io/v1
+        spec = data.get("spec") or {}
     doc: dict[str, Any] = {"apiVersion": TETHER_API, "kind": kind, "metadata": metadata, "spec": spec}
     status: dict[str, Any] = {}
     for k in reported:
@@ -83,6 +85,8 @@ def to_object(doc: dict[str, Any], index: int = 0, warn: Callable[[str], None] =
                 raise ManifestError(f"{where}: unknown kind {kind!r}; Tether kinds: {', '.join(sorted(KINDS))}")
             cls = KINDS[kind]
             data = dict(doc.get("spec") or {})
+            if kind == "NetworkPolicy":
+                data = {"spec": data}
             unknown = sorted(set(meta) - set(METADATA))
             if unknown:
                 raise ManifestError(f"{where}: unknown metadata field(s) {', '.join(unknown)}; metadata holds "

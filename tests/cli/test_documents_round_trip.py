@@ -111,3 +111,15 @@ def test_status_is_shown_apart_and_never_applied(srv: ServerProc) -> None:
     doc = yaml.safe_load(cli(srv, "get", "endpoints", "-o", "yaml").output)["items"][0]
     assert "state" in doc["status"] and "status" not in doc["spec"]
     assert doc["metadata"]["namespace"] == "shop" and doc["metadata"]["id"]
+
+
+def test_a_hand_written_network_applied_twice_is_unchanged_and_keeps_its_subnet_ids(srv: ServerProc) -> None:
+    doc = ("apiVersion: tether.dev/v1\nkind: Network\nmetadata: {name: green}\n"
+           "spec: {subnets: [{cidr: 10.76.0.0/16}], nat_outgoing: true}\n")
+    assert "network/green created" in cli(srv, "apply", "-f", "-", stdin=doc).output
+    before = srv.client().get("Network", "green").subnets[0].id
+    r = cli(srv, "apply", "-f", "-", stdin=doc)
+    assert "network/green unchanged" in r.output, r.output
+    r = cli(srv, "apply", "-f", "-", stdin=doc.replace("true", "false"))
+    assert "network/green configured (nat_outgoing)" in r.output, r.output
+    assert srv.client().get("Network", "green").subnets[0].id == before

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel
+
 from tether.client import ApiError, path_of
 from tether.model import Obj
 
@@ -21,8 +23,26 @@ REFUSED = {
 }
 
 
+def adopt_ids(desired: Obj, stored: dict[str, Any]) -> None:
+    """List items a document gives without an id (a subnet, a rule) that are stored already keep
+    the stored id: otherwise every apply would make new ones, and Neutron clients would see their
+    subnets replaced."""
+    for name in desired.model_fields_set:
+        value, before = getattr(desired, name), stored.get(name)
+        if not isinstance(value, list) or not isinstance(before, list):
+            continue
+        for item in value:
+            if isinstance(item, BaseModel) and "id" in type(item).model_fields and "id" not in item.model_fields_set:
+                mine = item.model_dump(mode="json", exclude={"id"})
+                same = next((b for b in before if isinstance(b, dict) and {k: v for k, v in b.items() if k != "id"}
+                             == mine), None)
+                if same is not None:
+                    item.id = same["id"]
+
+
 def changed_fields(desired: Obj, stored: dict[str, Any]) -> dict[str, Any]:
     """The fields the document sets to something other than what is stored."""
+    adopt_ids(desired, stored)
     want = desired.model_dump(mode="json")
     return {k: want[k] for k in sorted(desired.model_fields_set - SYSTEM) if want[k] != stored.get(k)}
 
