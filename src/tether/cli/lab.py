@@ -187,6 +187,29 @@ def exec(ctx: typer.Context, pod: str, name: NameOpt = "lab") -> None:
 
 
 @lab_app.command()
+def docker(host: str, name: NameOpt = "lab") -> None:
+    """Start a private dockerd on HOST (its agent serves the Tether network and IPAM drivers to it), with
+    a busybox image `tether-bb:local`; prints the DOCKER_HOST to use. `tether lab down` stops it."""
+    from tether.lab.dockerd import IMAGE, available, lab_dockerd, save_pids
+
+    lab = _lab(name)
+    why = available()
+    if why:
+        _fail(why)
+    try:
+        d = lab_dockerd(lab, host)
+    except KeyError as e:
+        _fail(str(e))
+    try:
+        d.start()
+        save_pids(d)
+        d.import_busybox()
+    except (RuntimeError, TimeoutError) as e:
+        _fail(f"dockerd on {host} did not start: {e} (its log: {d.root / 'dockerd.log'})")
+    print(f"export DOCKER_HOST={d.host_url}  # dockerd on {host}, image {IMAGE}")
+
+
+@lab_app.command()
 def rm(pod: str, name: NameOpt = "lab") -> None:
     """Delete a pod: CNI DEL, then its namespace."""
     lab = _lab(name)

@@ -448,6 +448,9 @@ class Lab:
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
+        from tether.lab.dockerd import stop_lab_dockerds
+
+        stop_lab_dockerds(self.dir)  # before the agents: dockerd asks them to release its endpoints
         for h in self.state.hosts:
             stop_pid(h.agent_pid)
         stop_pid(self.state.server_pid)

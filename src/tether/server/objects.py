@@ -527,7 +527,9 @@ class Objects:
         out = []
         for e in eps:
             h = hosts.get(e.host or "")
-            if (e.status == "pending" and h is not None and 0 < e.revision <= h.status.applied_revision
+            # a VM port is active when its VM plugs in (the agent says so, vmports.py), not when planned
+            if (e.status == "pending" and e.owner.type != "vm" and h is not None
+                    and 0 < e.revision <= h.status.applied_revision
                     and not any(p.kind == "Endpoint" and p.name == e.id for p in h.status.problems)):
                 e = e.model_copy(update={"status": "active"})
             out.append(e)
