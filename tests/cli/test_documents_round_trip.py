@@ -123,3 +123,35 @@ def test_a_hand_written_network_applied_twice_is_unchanged_and_keeps_its_subnet_
     r = cli(srv, "apply", "-f", "-", stdin=doc.replace("true", "false"))
     assert "network/green configured (nat_outgoing)" in r.output, r.output
     assert srv.client().get("Network", "green").subnets[0].id == before
+
+
+def test_describe_shows_the_document_and_what_the_system_says(srv: ServerProc) -> None:
+    r = cli(srv, "describe", "network", "blue")
+    assert r.exit_code == 0 and "kind: Network" in r.output and "shop/web 10.77." in r.output, r.output
+    r = cli(srv, "describe", "svc", "web", "-n", "shop")
+    assert r.exit_code == 0 and "ready backends" in r.output, r.output
+    r = cli(srv, "describe", "svc", "nothere", "-n", "shop")
+    assert r.exit_code == 1 and "no Service 'nothere'" in r.output
+
+
+def test_delete_by_kind_and_name_and_missing_objects_exit_1(srv: ServerProc) -> None:
+    sg = "apiVersion: tether.dev/v1\nkind: SecurityGroup\nmetadata: {name: ssh}\nspec: {}\n"
+    r = cli(srv, "delete", "-f", "-", stdin=sg)  # a hand-written document finds the group by its name
+    assert r.exit_code == 0 and "securitygroup/ssh deleted" in r.output, r.output
+    r = cli(srv, "delete", "-f", "-", stdin=sg)
+    assert r.exit_code == 1 and "securitygroup/ssh not found" in r.output
+    assert cli(srv, "delete", "-f", "-", "--ignore-not-found", stdin=sg).exit_code == 0
+    r = cli(srv, "delete", "netpol", "deny", "-n", "shop")
+    assert r.exit_code == 0 and "deleted" in r.output, r.output
+    assert cli(srv, "delete", "netpol", "deny", "-n", "shop").exit_code == 1
+    assert "give -f FILE, or KIND NAME" in cli(srv, "delete").output
+
+
+def test_flows_without_a_lab_or_socket_does_not_talk_about_probe(monkeypatch) -> None:
+    import tether.lab.cluster as cluster
+
+    monkeypatch.setattr(cluster, "all_labs", lambda: [])
+    monkeypatch.delenv("TETHER_LAB", raising=False)
+    r = runner.invoke(app, ["flows", "--denied"])
+    assert r.exit_code == 1 and "--probe" not in r.output, r.output
+    assert "`tether flows` needs a lab: give --lab NAME" in r.output and "--socket PATH" in r.output

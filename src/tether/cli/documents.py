@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tether.client import ApiError, path_of
-from tether.model import Obj
+from tether.model import KINDS, Obj
 
 SYSTEM = {"id", "revision", "created_at", "status", "heartbeat", "lease_id"}  # the server's, not the user's
 REFUSED = {
@@ -105,3 +105,55 @@ def apply_objects(c: Any, objs: list[Obj], say: Callable[[str], None]) -> None:
             continue
         write(c, obj, stored, changes)
         say(f"{what} {'created' if stored is None else 'configured (' + ', '.join(changes) + ')'}")
+
+
+def stored_ref(kind: str, stored: dict[str, Any]) -> str:
+    """The key part of a stored object, as the API routes take it."""
+    if kind in ("Endpoint", "SecurityGroup"):
+        return stored["id"]
+    if KINDS[kind].namespaced:
+        return f"{stored['namespace']}/{stored['name']}"
+    return stored["name"]
+
+
+def find_named(c: Any, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+    """One object by a name the user typed: namespace/name (or -n) for namespaced kinds, a name or
+    an id for endpoints and security groups (exact matches only), the name otherwise."""
+    if kind in ("Endpoint", "SecurityGroup"):
+        listed = c.list_raw(kind) if kind == "SecurityGroup" else c.list_raw(kind, namespace=namespace)
+        found = [o for o in listed if name in (o["id"], o["name"])]
+        if len(found) > 1:
+            raise ApiError(409, f"{len(found)} {kind} objects are named {name!r}; give the id")
+        return found[0] if found else None
+    if kind == "Block":
+        return next((b for b in c.list_raw("Block") if b["name"] == name), None)
+    ref = name if not KINDS[kind].namespaced or "/" in name else f"{namespace}/{name}"
+    try:
+        return c.request("GET", path_of(kind, ref))
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def delete_objects(c: Any, objs: list[Obj], say: Callable[[str], None],
+                   one: tuple[str, str, str] | None = None) -> list[str]:
+    """Delete what the documents (last first, so dependents go before what they use) or `one`
+    (kind, name, namespace) name; returns what did not exist."""
+    targets: list[tuple[str, str, dict[str, Any] | None]] = []
+    if one is not None:
+        kind, name, namespace = one
+        targets.append((kind, name, find_named(c, kind, name, namespace)))
+    for obj in reversed(objs):
+        shown = obj.name if obj.kind in ("Endpoint", "SecurityGroup") else obj.store_name()
+        targets.append((obj.kind, shown, find_stored(c, obj)))
+    missing = []
+    for kind, shown, stored in targets:
+        what = f"{kind.lower()}/{shown}"
+        if stored is None:
+            say(f"{what} not found")
+            missing.append(what)
+            continue
+        c.delete(kind, stored_ref(kind, stored))
+        say(f"{what} deleted")
+    return missing

@@ -362,26 +362,35 @@ def apply(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON 
 
 
 @app.command()
-def delete(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin")],
+def delete(kind: Annotated[str | None, typer.Argument(help="a kind (as for `get`), with NAME, instead of -f",
+                                                      show_default=False)] = None,
+           name: Annotated[str | None, typer.Argument(help="the object: a name, namespace/name, or an id",
+                                                      show_default=False)] = None,
+           file: Annotated[str | None, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin",
+                                                    show_default=False)] = None,
+           namespace: Annotated[str, typer.Option("--namespace", "-n", help="for namespaced kinds")] = "default",
+           ignore_not_found: Annotated[bool, typer.Option("--ignore-not-found",
+                                                          help="exit 0 when an object does not exist")] = False,
            server: ServerOpt = None, token: TokenOpt = None) -> None:
-    """Delete the objects described in documents."""
-    from tether.client import ApiError
+    """Delete the objects described in documents (-f), or one object (KIND NAME). Exits 1 when one
+    does not exist, unless --ignore-not-found."""
+    from tether.cli.documents import delete_objects
     from tether.manifests import parse
 
-    objs = run(lambda: parse(read_input(file)))
+    if (file is None) == (kind is None) or (kind is not None and name is None):
+        fail("give -f FILE, or KIND NAME (e.g. `tether delete service web -n shop`)")
     c = client(server, token)
-    for obj in reversed(objs):
-        ref = obj.store_name()
-        if obj.kind == "Endpoint":
-            ref = find_endpoint(c, obj.name, obj.network)["id"]
-        try:
-            c.delete(obj.kind, ref)
-            print(f"{obj.kind.lower()}/{obj.store_name() if obj.kind != 'Endpoint' else obj.name} deleted")
-        except ApiError as e:
-            if e.status == 404:
-                print(f"{obj.kind.lower()}/{obj.name} not found")
-            else:
-                fail(f"{e.detail} (HTTP {e.status})")
+    if file is not None:
+        objs = run(lambda: parse(read_input(file)))
+        missing = run(lambda: delete_objects(c, objs, print))
+    else:
+        k = ALIASES.get((kind or "").lower())
+        if k is None:
+            fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
+            return
+        missing = run(lambda: delete_objects(c, [], print, one=(k, name or "", namespace)))
+    if missing and not ignore_not_found:
+        fail(f"not found: {', '.join(missing)} (--ignore-not-found to accept that)")
 
 
 @app.command()
@@ -417,6 +426,60 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
             name = f"{namespace or 'default'}/{name}"
         one = run(lambda: c.request("GET", path_of(k, name)))
     emit(k, one if output == Format.table else to_document(k, one), output)
+
+
+@app.command()
+def describe(kind: Annotated[str, typer.Argument(help="a kind, as for `get`")],
+             name: Annotated[str, typer.Argument(help="the object: a name, namespace/name, or an id")],
+             namespace: Annotated[str, typer.Option("--namespace", "-n", help="for namespaced kinds")] = "default",
+             server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """One object as a document, then what the system says about it: a network's endpoints and
+    blocks, an endpoint's state and why an agent quarantined it, a service's ready backends, a host's
+    problems."""
+    import yaml
+
+    from tether.cli.documents import find_named
+    from tether.manifests import to_document
+
+    k = ALIASES.get(kind.lower())
+    if k is None:
+        fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
+        return
+    c = client(server, token)
+    obj = run(lambda: find_named(c, k, name, namespace))
+    if obj is None:
+        fail(f"no {k} {name!r}" + (f" in namespace {namespace!r}" if KIND_NAMESPACED.get(k) else "")
+             + f"; `tether get {kind}` lists them")
+        return
+    about: dict = {}
+    if k == "Network":
+        eps = run(lambda: c.list_raw("Endpoint", network=obj["name"]))
+        about["endpoints"] = [f"{e['namespace']}/{e['name']} {','.join(e['ips'])} on {e['host'] or '-'} "
+                              f"({e['status']})" for e in eps]
+        about["blocks"] = [f"{b['cidr']} on {b['host']}: {len(b['allocations'])} in use"
+                           for b in run(lambda: c.list_raw("Block", network=obj["name"]))]
+    elif k == "Endpoint":
+        about["quarantined"] = [f"by {h['name']}: {p['reason']}" for h in run(lambda: c.list_raw("Host"))
+                                for p in (h.get("status") or {}).get("problems", [])
+                                if p["kind"] == "Endpoint" and p["name"] == obj["id"]]
+    elif k == "Service":
+        from tether.agent.services import backends_of
+        from tether.model import Service
+
+        svc = Service.model_validate(obj)
+        eps = run(lambda: c.list("Endpoint"))
+        about["ready backends"] = {f"{p.port}/{p.protocol}": [f"{b.ip}:{b.port}" for b in
+                                                              backends_of(svc, p, eps, "")] for p in svc.ports}
+    elif k == "Host":
+        st = obj.get("status") or {}
+        about["problems"] = [f"{p['kind']} {p['name']}: {p['reason']}" for p in st.get("problems", [])
+                             + st.get("failed_ops", [])]
+    print(yaml.safe_dump(to_document(k, obj), sort_keys=False), end="")
+    if about:
+        print("---\n# what the system says\n" + yaml.safe_dump(about, sort_keys=False), end="")
+
+
+KIND_NAMESPACED = {"NetworkPolicy": True, "Service": True, "Endpoint": True}
 
 
 @app.command()
