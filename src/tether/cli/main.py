@@ -483,6 +483,64 @@ KIND_NAMESPACED = {"NetworkPolicy": True, "Service": True, "Endpoint": True}
 
 
 @app.command()
+def explain(kind: Annotated[str, typer.Argument(help="a kind, as for `get`")],
+            output: OutOpt = Format.table) -> None:
+    """The fields of a kind's document: where each goes (metadata, spec, status), its type and default
+    (`-o json` prints the JSON schema)."""
+    from tether.manifests import METADATA, STATUS
+    from tether.model import KINDS
+
+    k = ALIASES.get(kind.lower())
+    if k is None:
+        fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
+        return
+    cls = KINDS[k]
+    if output != Format.table:
+        emit(k, cls.model_json_schema(), output)
+        return
+    props = cls.model_json_schema()["properties"]
+    rows = []
+    for name, f in cls.model_fields.items():
+        if name == "namespace" and not (cls.namespaced or k == "Endpoint"):
+            continue
+        where = "metadata" if name in METADATA else "status" if name in STATUS.get(k, ()) else "spec"
+        if k == "NetworkPolicy" and name == "spec":
+            rows.append(("spec", "", "the Kubernetes networking.k8s.io/v1 NetworkPolicy spec", ""))
+            continue
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            default = "set by the server" if name in ("id", "created_at") else "empty when left out"
+        else:
+            default = f"default {f.default!r}"
+        rows.append((where, name, schema_type(props.get(name, {})), default))
+    print(f"apiVersion: tether.dev/v1\nkind: {k}")
+    for where in ("metadata", "spec", "status"):
+        for w, name, typ, default in rows:
+            if w == where:
+                print(f"{w}{'.' + name if name else ''}: {typ} ({default})")
+
+
+def schema_type(p: dict) -> str:
+    """A JSON-schema property as a short phrase: `string`, `one of vxlan|direct|auto`, `list of Subnet`."""
+    if "enum" in p:
+        return "one of " + "|".join(map(str, p["enum"]))
+    if "const" in p:
+        return repr(p["const"])
+    if "$ref" in p:
+        return p["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in p:
+        kinds = [schema_type(x) for x in p["anyOf"] if x.get("type") != "null"]
+        return " or ".join(kinds) + (" or null" if len(kinds) < len(p["anyOf"]) else "")
+    if p.get("type") == "array":
+        return "list of " + schema_type(p.get("items", {}))
+    if p.get("type") == "object":
+        return "map of string to " + schema_type(p.get("additionalProperties") or {}) \
+            if isinstance(p.get("additionalProperties"), dict) else "map"
+    return p.get("format") or p.get("type") or "any"
+
+
+@app.command()
 def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
     """Hosts, networks and endpoint counts at a glance."""
     c = client(server, token)
