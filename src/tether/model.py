@@ -636,6 +636,11 @@ class Service(Obj):
     session_affinity: Literal["None", "ClientIP"] = "None"
     affinity_timeout: int = Field(default=10800, ge=1)
     type: Literal["ClusterIP", "NodePort"] = "ClusterIP"
+    # no virtual IP: the service's DNS name answers its ready backends' addresses (`clusterIP: None`)
+    headless: bool = False
+    # Local: node ports go only to backends on the host that received the packet, and keep the
+    # client's address (no source NAT); Cluster: any backend, source-NATed to the host
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -644,6 +649,19 @@ class Service(Obj):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "service name")
+
+    @model_validator(mode="after")
+    def _headless(self) -> Service:
+        if self.headless and self.cluster_ip:
+            raise ValueError(f"a headless service has no virtual IP, but cluster_ip is {self.cluster_ip}; "
+                             "leave cluster_ip out or set headless false")
+        if self.headless and self.type != "ClusterIP":
+            raise ValueError("a headless service cannot be NodePort: there is no virtual IP to publish; "
+                             "use type ClusterIP")
+        if self.external_traffic_policy == "Local" and self.type != "NodePort":
+            raise ValueError("external_traffic_policy Local applies to node ports: use type NodePort or leave the "
+                             "policy at Cluster")
+        return self
 
     @field_validator("selector")
     @classmethod

@@ -42,3 +42,13 @@ def test_removing_a_lab_that_does_not_exist_fails() -> None:
     r = runner.invoke(app, ["lab", "down", "--name", "no-such-lab-xyz"])
     assert r.exit_code == 1
     assert "no lab named" in r.output
+
+
+def test_explain_gives_the_fields_of_a_kinds_document() -> None:
+    r = runner.invoke(app, ["explain", "network"])
+    assert r.exit_code == 0, r.output
+    assert "spec.subnets: list of Subnet" in r.output and "spec.encap: one of vxlan|direct|auto" in r.output
+    assert "metadata.name: string (required)" in r.output
+    r = runner.invoke(app, ["explain", "svc", "-o", "json"])
+    assert r.exit_code == 0 and '"headless"' in r.output and '"$defs"' in r.output
+    assert runner.invoke(app, ["explain", "pods"]).exit_code == 1

@@ -111,6 +111,10 @@ def test_a_podman_container_is_reachable_from_a_pod_on_another_host(env: tuple[L
        "httpd", "-f", "-p", "80", "-h", "/www")
     ip = pm("h1", "inspect", name, "--format", f"{{{{.NetworkSettings.Networks.{net}.IPAddress}}}}").stdout.strip()
     assert ip == static
+    # the container's resolv.conf comes from the CNI result's dns (the image has no cat)
+    resolv = pm("h1", "exec", name, "sh", "-c", "while read -r l; do echo \"$l\"; done < /etc/resolv.conf").stdout
+    assert "nameserver 169.254.20.10" in resolv and f"default.svc.tether.local svc.tether.local {net}." in resolv, \
+        resolv
 
     [ep] = [e for e in lab.client().list("Endpoint") if e.network == net]
     assert ep.name == name and ep.host == "h1" and ep.ips == [static] and ep.owner.type == "cni"

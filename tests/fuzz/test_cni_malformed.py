@@ -53,7 +53,7 @@ class FakeClient:
 def fake_agent() -> SimpleNamespace:
     return SimpleNamespace(host="h1", replica=Replica(), client=FakeClient(), underlay_mtu=1500, dns_ip=None,
                            kick=lambda gather=True: None, ready=lambda: False, sync_state=lambda: "never synced",
-                           dns_config=lambda net: {}, json=lambda data: json.dumps(data).encode(),
+                           dns_config=lambda net, namespace=None: {}, json=lambda data: json.dumps(data).encode(),
                            fetch_network=lambda name: asyncio.sleep(0, None))
 
 

@@ -27,7 +27,7 @@ def tether_get(server, kind: str) -> list[dict]:
     r = subprocess.run([tether, "get", kind, "-o", "json", "--server", server.url, "--token", server.token],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return [{**d["spec"], **d["metadata"]} for d in json.loads(r.stdout)["items"]]  # documents, flattened
 
 
 def test_cli_creates_network_subnet_port_and_security_group_that_tether_sees(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -193,3 +194,26 @@ def test_udp_service_and_a_service_without_backends_is_refused_at_once(lab: Lab,
     r = connect_many(client.ns, empty.cluster_ip, 80, 1)
     assert r["failures"] == 1 and "refused" in r["errors"][0].lower(), r
     assert time.monotonic() - t < 3
+
+
+def caller_seen(lab: Lab, ip: str, port: int) -> str | None:
+    """One TCP connection from the lab's internet namespace; the backend answers with the caller address."""
+    code = ("import socket,sys\ns=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)\n"
+            "print(s.recv(200).decode().split()[1])")
+    r = nsx(lab.inet, sys.executable, "-c", code, ip, str(port), check=False, timeout=30)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def test_local_traffic_policy_keeps_the_client_address_and_uses_only_local_backends(lab: Lab, net: str,
+                                                                                     servers: list) -> None:
+    app = unique("loc")
+    backend(lab, servers, "h2", net, app)
+    local = service(lab, app, type="NodePort", external_traffic_policy="Local")
+    cluster = service(lab, app, type="NodePort")
+    h1, h2 = lab.host("h1"), lab.host("h2")
+    wait_for(lambda: caller_seen(lab, h2.ip, cluster.ports[0].node_port) is not None, 15, "the node ports")
+    assert caller_seen(lab, h2.ip, cluster.ports[0].node_port) == h2.ip  # Cluster: source-NATed to the host
+    seen = caller_seen(lab, h2.ip, local.ports[0].node_port)
+    assert seen is not None and seen not in {h.ip for h in lab.state.hosts}, seen  # Local: the client's own
+    assert caller_seen(lab, h1.ip, local.ports[0].node_port) is None  # h1 has no local backend
+    assert caller_seen(lab, h1.ip, cluster.ports[0].node_port) == h1.ip

@@ -267,7 +267,7 @@ class CniServer:
         self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
         self.agent.kick(gather=False)
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
-                                   POD_GATEWAY, dns=self.agent.dns_config(net), mtu=mtu)
+                                   POD_GATEWAY, dns=self.agent.dns_config(net, ep.namespace), mtu=mtu)
         return self.agent.json(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment)))
 
     async def _plug(self, req: cp.Request, ep: Endpoint, mtu: int) -> PodLink:

@@ -41,6 +41,26 @@ DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0
 _SKIPPED: set[tuple[str, str]] = set()  # objects left out of the records, each logged once
 
 
+NDOTS = 5  # like Kubernetes: a name with fewer dots is tried with the search domains first
+
+
+def search_path(namespace: str | None, network: str | None, domain: str) -> list[str]:
+    """The search domains a pod gets: its namespace's services, every service, its network's
+    endpoints, then the cluster domain; so `web` finds the service web in the pod's namespace,
+    `web.other` the one in namespace other, and `pod-a` a pod on the same network."""
+    d = domain.rstrip(".")
+    out = ([f"{namespace}.svc.{d}"] if namespace else []) + [f"svc.{d}"]
+    return out + ([f"{network}.{d}"] if network else []) + [d]
+
+
+def candidates(name: str, search: list[str], ndots: int = NDOTS) -> list[str]:
+    """The names a stub resolver asks, in order, for `name` (resolv.conf(5) semantics)."""
+    if name.endswith("."):
+        return [name]
+    listed = [f"{name}.{s}." for s in search]
+    return [f"{name}.", *listed] if name.count(".") >= ndots else [*listed, f"{name}."]
+
+
 def _skip(kind: str, name: str, why: str) -> None:
     """Leave one object out of the records (the others are still built), logged once."""
     if (kind, name) not in _SKIPPED:
@@ -174,6 +194,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         for owner, rtype, rr in address_rrs(name, ip, ttl):
             rec.add_rr(owner, rtype, rr)
 
+    endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
     for svc in services:
         if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
             _skip("Service", f"{svc.namespace}/{svc.name}", "its name, namespace or a port name is not a DNS label")
@@ -189,9 +210,13 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         except (ValueError, struct.error) as e:
             _skip("Service", f"{svc.namespace}/{svc.name}", str(e))
             continue
+        headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
         for name, srvs in parts:
             if svc.cluster_ip:
                 add_addr(name, svc.cluster_ip)
+            elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
+                for rtype, rr in headless:
+                    rec.add_rr(name.lower(), rtype, rr)
             else:
                 rec.existing.add(name.lower())
             for srv, p in srvs:
@@ -235,6 +260,20 @@ class EndpointRecords:
 
     rrs: tuple[tuple[str, int, bytes], ...]
     names: frozenset[str]
+
+
+def _headless_answers(svc: Service, endpoints: list[Endpoint], ttl: int) -> list[tuple[int, bytes]]:
+    from tether.agent.services import headless_addresses
+
+    out = []
+    for ip in headless_addresses(svc, endpoints):
+        try:
+            version, packed, _ = address_record(ip)
+        except ValueError:
+            continue
+        rtype = A if version == 4 else AAAA
+        out.append((rtype, _rr(rtype, ttl, packed)))
+    return out
 
 
 def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int) -> EndpointRecords:

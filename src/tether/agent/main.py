@@ -132,6 +132,12 @@ class Agent:
         self._logged_failures: set[str] = set()  # logged at WARNING once, until they stop failing
         self._since: dict[tuple, Any] = {}  # problem -> when it was first seen
         self._status_sent: tuple | None = None  # what the server holds (None: unknown, write it)
+        # the replica revision of the last apply that did not fail, sent with every heartbeat: the
+        # server shows this host's endpoints `active` up to it (`_beat_now`: send one at once)
+        self.applied_revision = 0
+        self._apply_ok = False
+        self._beat_sent = -1
+        self._beat_now = asyncio.Event()
 
     # --- small services used by the CNI handler ---------------------------------------------------
 
@@ -150,11 +156,14 @@ class Agent:
             return "never synced"
         return "connected" if self.connected else f"server unreachable since {time.time() - self.last_sync:.0f}s"
 
-    def dns_config(self, net: Network | None) -> dict[str, Any]:
+    def dns_config(self, net: Network | None, namespace: str | None = None) -> dict[str, Any]:
+        """The CNI result's `dns`: the runtime writes it into the pod's resolv.conf."""
+        from tether.agent.dns_records import NDOTS, search_path
+
         if not self.dns_ip:
             return {}
-        search = [f"{net.name}.{net.dns_domain}", f"svc.{net.dns_domain}", net.dns_domain] if net else []
-        return {"nameservers": [self.dns_ip], "search": search + self.dns_search}
+        search = search_path(namespace, net.name, net.dns_domain) if net else []
+        return {"nameservers": [self.dns_ip], "search": search + self.dns_search, "options": [f"ndots:{NDOTS}"]}
 
     @staticmethod
     def json(data: dict) -> bytes:
@@ -265,6 +274,8 @@ class Agent:
                     continue
                 if self.replica.apply_event(ev):
                     self.kick()
+                else:
+                    self._unchanged_since_apply()
                 self.last_sync = time.time()
 
     async def _apply_loop(self) -> None:
@@ -298,7 +309,10 @@ class Agent:
             keep = self.cni.protected()
             try:
                 await asyncio.to_thread(self._apply_sync, view, key, keep, verify)
+                self._apply_ok = True
+                self._applied(view)
             except Exception as e:  # noqa: BLE001 - the next pass retries
+                self._apply_ok = False
                 log.exception("applying the plan failed")
                 self.nft.forget()
                 self._note_failures([*self._failures, f"apply: {type(e).__name__}: {e}"[:500]])
@@ -446,14 +460,34 @@ class Agent:
         except (ApiError, ServerUnreachable) as e:
             log.warning("could not report this host's status (retried after the next apply): %s", e)
 
+    def _unchanged_since_apply(self) -> None:
+        """An event that changed nothing (the echo of a pod's endpoint this agent already planned):
+        when no change waits to be applied either, what is programmed is the replica at its new
+        revision, and the echo's endpoint may now be shown `active`."""
+        if self._apply_ok and not self._dirty.is_set() and not self._apply_lock.locked():
+            self._applied(self.replica)
+
+    def _applied(self, view: Replica) -> None:
+        """Note the revision now programmed; a local endpoint still shown pending gets a heartbeat
+        at once, so it shows `active` within moments rather than at the next beat."""
+        self.applied_revision = view.revision
+        if any(e.host == self.host and e.status == "pending" and e.revision > self._beat_sent
+               for e in view.objects["Endpoint"].values()):
+            self._beat_now.set()
+
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.heartbeat_ttl / 3)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.cfg.heartbeat_ttl / 3)
+            self._beat_now.clear()
             self._save_replica()  # the tail of a burst that the throttle skipped
             if not self.connected:
                 continue
+            revision = self.applied_revision
             try:
-                await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
+                await self.client.request("POST", f"/api/v1/hosts/{self.host}/heartbeat",
+                                          json={"ttl": self.cfg.heartbeat_ttl, "applied_revision": revision})
+                self._beat_sent = revision
             except (ApiError, ServerUnreachable) as e:
                 log.warning("heartbeat failed: %s", e)
 

@@ -60,7 +60,8 @@ class Frontend:
     port: int
     backends: tuple[Backend, ...]
     affinity: int | None  # seconds, when ClientIP affinity is on
-    published: bool = False  # a node port (source-NATed)
+    published: bool = False  # a node port (source-NATed unless keep_source)
+    keep_source: bool = False  # externalTrafficPolicy Local: local backends only, the client's address kept
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -83,15 +84,27 @@ def target_port(sp: ServicePort, ep: Endpoint | None) -> int | None:
     return next((p.port for p in ep.ports if p.name == t and p.protocol == sp.protocol), None)
 
 
+def selected(svc: Service, endpoints: Iterable[Endpoint]) -> list[Endpoint]:
+    """The ready endpoints a service's selector picks (same namespace, and network when it names one)."""
+    if not svc.selector:
+        return []
+    return [ep for ep in endpoints if ep.namespace == svc.namespace and ep.ready and selects(svc.selector, ep.labels)
+            and (not svc.network or ep.network == svc.network)]
+
+
+def headless_addresses(svc: Service, endpoints: Iterable[Endpoint]) -> list[str]:
+    """What a headless service's name answers: its ready backends' addresses, sorted."""
+    if svc.selector:
+        return sorted({ip for ep in selected(svc, endpoints) for ip in ep.ips})
+    ready = {ep.id for ep in endpoints if ep.ready}
+    return sorted({b.ip for b in svc.backends if b.endpoint is None or b.endpoint in ready})
+
+
 def backends_of(svc: Service, sp: ServicePort, endpoints: list[Endpoint], host: str) -> tuple[Backend, ...]:
     """Ready backends of one service port, in a stable order (so slots move as little as possible)."""
     out: set[Backend] = set()
     if svc.selector:
-        for ep in endpoints:
-            if ep.namespace != svc.namespace or not ep.ready or not selects(svc.selector, ep.labels):
-                continue
-            if svc.network and ep.network != svc.network:
-                continue
+        for ep in selected(svc, endpoints):
             ip, port = _v4(ep.ips), target_port(sp, ep)
             if ip and port:
                 out.add(Backend(ip, port, ep.host == host))
@@ -114,14 +127,17 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
         if not svc.cluster_ip or ipaddress.ip_address(svc.cluster_ip).version != 4:
             continue
         aff = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
+        local = svc.external_traffic_policy == "Local"
         for sp in svc.ports:
             backends = backends_of(svc, sp, endpoints, host)
             ref = f"{svc.namespace}/{svc.name}"
             proto = sp.protocol.lower()
             out.append(Frontend(ref, svc.cluster_ip, proto, sp.port, backends, aff))
             if svc.type == "NodePort" and sp.node_port:
+                published = tuple(b for b in backends if b.local) if local else backends
                 for ip in node_ips:
-                    out.append(Frontend(ref, ip, proto, sp.node_port, backends, aff, published=True))
+                    out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
+                                        keep_source=local))
     return out
 
 
@@ -211,8 +227,9 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
                 empty.add(key)
             continue
         target = lb_chain(len(f.backends), f.affinity)
-        if f.published:
-            nodeports.add(((f.proto, f.port), f"goto svc-np-{target.removeprefix('svc-')}"))
+        if f.published:  # Local skips the entry chain that marks the connection for source NAT
+            nodeports.add(((f.proto, f.port), f"goto {target}" if f.keep_source
+                           else f"goto svc-np-{target.removeprefix('svc-')}"))
         else:
             vips.add((key, f"goto {target}"))
         for slot, b in enumerate(f.backends, start=1):

@@ -20,7 +20,8 @@ from tether.cli.output import Format, emit
 lab_app = typer.Typer(help="A virtual cluster of hosts in network namespaces on this machine (root needed).",
                       no_args_is_help=True)
 
-NameOpt = Annotated[str, typer.Option("--name", "-n", envvar="TETHER_LAB",
+# `-n` is the namespace everywhere in the CLI; the lab's name is `--lab` (`--name` still works)
+NameOpt = Annotated[str, typer.Option("--lab", "--name", envvar="TETHER_LAB",
                                       help="lab name (prefix of its namespaces); `tether lab env` sets TETHER_LAB")]
 OutOpt = Annotated[Format, typer.Option("--output", "-o", help="output format")]
 
@@ -73,7 +74,7 @@ def up(name: NameOpt = "lab",
         _fail("--agent-auth must be host or admin")
     lab = _lab(name, must_exist=False)
     if lab.state.hosts:
-        _fail(f"lab {name!r} already exists; `tether lab down --name {name}` first")
+        _fail(f"lab {name!r} already exists; `tether lab down --lab {name}` first")
     say = _progress()
     try:
         lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth)
@@ -81,7 +82,7 @@ def up(name: NameOpt = "lab",
         say(f"failed: {e}; tearing down")
         lab.down()
         _fail(str(e))
-    say(f"lab {name!r} ready: {hosts} hosts. Use the CLI with: eval $(tether lab env --name {name})")
+    say(f"lab {name!r} ready: {hosts} hosts. Use the CLI with: eval $(tether lab env --lab {name})")
 
 
 @lab_app.command()
@@ -154,7 +155,7 @@ def status(name: NameOpt = "lab", output: OutOpt = Format.table) -> None:
 
 @lab_app.command()
 def run(host: str, pod: str, network: Annotated[str, typer.Option("--network", help="Tether network")],
-        namespace: Annotated[str, typer.Option(help="the pod's namespace")] = "default",
+        namespace: Annotated[str, typer.Option("--namespace", "-n", help="the pod's namespace")] = "default",
         label: Annotated[list[str] | None, typer.Option(help="pod label k=v (repeatable)")] = None,
         ip: Annotated[str | None, typer.Option(help="request this address")] = None,
         name: NameOpt = "lab", output: OutOpt = Format.table) -> None:
@@ -189,6 +190,29 @@ def exec(ctx: typer.Context, pod: str, name: NameOpt = "lab") -> None:
     if not ctx.args:
         _fail("give a command after --")
     sys.exit(subprocess.call(["ip", "netns", "exec", ns, *ctx.args]))
+
+
+@lab_app.command()
+def docker(host: str, name: NameOpt = "lab") -> None:
+    """Start a private dockerd on HOST (its agent serves the Tether network and IPAM drivers to it), with
+    a busybox image `tether-bb:local`; prints the DOCKER_HOST to use. `tether lab down` stops it."""
+    from tether.lab.dockerd import IMAGE, available, lab_dockerd, save_pids
+
+    lab = _lab(name)
+    why = available()
+    if why:
+        _fail(why)
+    try:
+        d = lab_dockerd(lab, host)
+    except KeyError as e:
+        _fail(str(e))
+    try:
+        d.start()
+        save_pids(d)
+        d.import_busybox()
+    except (RuntimeError, TimeoutError) as e:
+        _fail(f"dockerd on {host} did not start: {e} (its log: {d.root / 'dockerd.log'})")
+    print(f"export DOCKER_HOST={d.host_url}  # dockerd on {host}, image {IMAGE}")
 
 
 @lab_app.command()
@@ -235,8 +259,8 @@ def demo(name: NameOpt = "demo", hosts: Annotated[int, typer.Option(min=2, max=2
     web = lab.exec(f"{a.host}/{a.name}", "curl", "-s", "-m", "3", "http://198.19.255.1/")
     print(f"\negress with nat-outgoing: the internet namespace saw the request from {web.stdout.strip() or '?'}")
     if keep:
-        print(f"\nThe lab keeps running. Try:\n  eval $(tether lab env --name {name}); tether endpoint list\n"
-              f"  tether lab exec --name {name} h2/web1 -- ping -c1 {a.ip}\n  tether lab down --name {name}")
+        print(f"\nThe lab keeps running. Try:\n  eval $(tether lab env --lab {name}); tether endpoint list\n"
+              f"  tether lab exec --lab {name} h2/web1 -- ping -c1 {a.ip}\n  tether lab down --lab {name}")
     else:
         lab.down()
     if r.returncode != 0:

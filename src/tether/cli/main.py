@@ -71,7 +71,7 @@ def fail(message: str) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -185,6 +185,67 @@ def network_create(
     emit("Network", made.model_dump(mode="json"), output)
 
 
+@network_app.command("update")
+def network_update(
+    name: str,
+    add_subnet: Annotated[list[str] | None, typer.Option(help="add a subnet CIDR (repeatable)")] = None,
+    remove_subnet: Annotated[list[str] | None, typer.Option(help="remove a subnet (refused while endpoints hold "
+                                                                 "addresses in it)")] = None,
+    encap: Annotated[str | None, typer.Option(help="vxlan | direct | auto (direct: every host on one underlay "
+                                                   "subnet)")] = None,
+    nat_outgoing: Annotated[bool | None, typer.Option("--nat-outgoing/--no-nat-outgoing",
+                                                      help="masquerade traffic leaving all Tether networks",
+                                                      show_default=False)] = None,
+    mtu: Annotated[int | None, typer.Option(help="pods plugged from now on get it; 0 = derived from the underlay",
+                                            show_default=False)] = None,
+    domain: Annotated[str | None, typer.Option(help="DNS domain")] = None,
+    block_size: Annotated[int | None, typer.Option(help="prefix length of IPAM blocks (refused once the network "
+                                                        "has blocks)")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="set a label k=v; k= removes it (repeatable)")] = None,
+    server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
+) -> None:
+    """Change a network in place. The name cannot change (it is the network's key: create another
+    network); a subnet holding addresses cannot be removed and the block size cannot change once
+    addresses were handed out; the server refuses those and says why."""
+    from pydantic import ValidationError
+
+    from tether.model import Network, Subnet
+
+    c = client(server, token)
+    data = run(lambda: c.request("GET", f"/api/v1/networks/{name}"))
+    changes: dict = {}
+    if add_subnet or remove_subnet:
+        subnets = [s for s in data["subnets"] if s["cidr"] not in set(remove_subnet or [])]
+        missing = sorted(set(remove_subnet or []) - {s["cidr"] for s in data["subnets"]})
+        if missing:
+            fail(f"network {name!r} has no subnet {', '.join(missing)}; its subnets: "
+                 f"{', '.join(s['cidr'] for s in data['subnets'])}")
+        try:
+            subnets += [Subnet(cidr=cidr).model_dump(mode="json") for cidr in add_subnet or []]
+        except ValidationError as e:
+            fail("; ".join(x["msg"] for x in e.errors()))
+        changes["subnets"] = subnets
+    for key, value in (("encap", encap), ("nat_outgoing", nat_outgoing), ("dns_domain", domain),
+                       ("block_size", block_size), ("mtu", None if mtu == 0 else mtu)):
+        if value is not None or (key == "mtu" and mtu == 0):
+            changes[key] = value
+    if label:
+        changes["labels"] = {k: v for k, v in {**data["labels"], **parse_labels(label)}.items() if v}
+    if not changes:
+        fail("nothing to change: give --add-subnet, --remove-subnet, --encap, --[no-]nat-outgoing, --mtu, --domain, "
+             "--block-size or --label")
+    try:
+        net = Network.model_validate({**data, **changes})
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        return
+    made = run(lambda: c.request("PUT", f"/api/v1/networks/{name}", content=net.model_dump_json(exclude={"revision"})))
+    if output != Format.table:
+        emit("Network", made, output)
+        return
+    print(f"network {name} updated: {', '.join(sorted(changes))}")
+
+
 @network_app.command("list")
 def network_list(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
     """List networks."""
@@ -221,7 +282,7 @@ def endpoint_create(
     name: str,
     network: Annotated[str, typer.Option(help="network to attach to")],
     host: Annotated[str | None, typer.Option(help="host the endpoint lives on")] = None,
-    namespace: Annotated[str, typer.Option(help="namespace (for policies and DNS)")] = "default",
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="namespace (for policies and DNS)")] = "default",
     ip: Annotated[list[str] | None, typer.Option(help="static address (default: from IPAM)")] = None,
     label: Annotated[list[str] | None, typer.Option(help="k=v (repeatable)")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
@@ -258,7 +319,7 @@ def find_endpoint(c, ref: str, network: str | None) -> dict:
 def endpoint_list(
     network: Annotated[str | None, typer.Option(help="only this network")] = None,
     host: Annotated[str | None, typer.Option(help="only this host")] = None,
-    namespace: Annotated[str | None, typer.Option(help="only this namespace")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="only this namespace")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
     """List endpoints."""
@@ -378,48 +439,46 @@ def read_input(path: str) -> str:
 @app.command()
 def apply(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin")],
           server: ServerOpt = None, token: TokenOpt = None) -> None:
-    """Create or update objects from documents: Tether kinds and Kubernetes Namespace, NetworkPolicy, Service."""
+    """Create or update objects from documents: Tether kinds (the form `tether get -o yaml` prints) and
+    Kubernetes Namespace, NetworkPolicy, Service. Objects the documents do not change are left alone."""
+    from tether.cli.documents import apply_objects
     from tether.manifests import parse
 
-    objs = run(lambda: parse(read_input(file)))
+    objs = run(lambda: parse(read_input(file), warn=lambda m: print(f"warning: {m}", file=sys.stderr)))
     c = client(server, token)
-    for obj in objs:
-        if obj.kind == "Network":
-            made = run(lambda o=obj: c.request("PUT", f"/api/v1/networks/{o.name}",
-                                               content=o.model_dump_json(exclude={"revision"})))
-            print(f"network/{made['name']} applied")
-            continue
-        if obj.kind == "Endpoint":
-            existing = [e for e in c.list_raw("Endpoint", network=obj.network, namespace=obj.namespace)
-                        if e["name"] == obj.name]
-            if existing:
-                print(f"endpoint/{obj.name} unchanged")
-                continue
-        made = run(lambda o=obj: c.apply(o))
-        print(f"{obj.kind.lower()}/{made.store_name()} applied")
+    run(lambda: apply_objects(c, objs, print))
 
 
 @app.command()
-def delete(file: Annotated[str, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin")],
+def delete(kind: Annotated[str | None, typer.Argument(help="a kind (as for `get`), with NAME, instead of -f",
+                                                      show_default=False)] = None,
+           name: Annotated[str | None, typer.Argument(help="the object: a name, namespace/name, or an id",
+                                                      show_default=False)] = None,
+           file: Annotated[str | None, typer.Option("--filename", "-f", help="YAML/JSON file, or - for stdin",
+                                                    show_default=False)] = None,
+           namespace: Annotated[str, typer.Option("--namespace", "-n", help="for namespaced kinds")] = "default",
+           ignore_not_found: Annotated[bool, typer.Option("--ignore-not-found",
+                                                          help="exit 0 when an object does not exist")] = False,
            server: ServerOpt = None, token: TokenOpt = None) -> None:
-    """Delete the objects described in documents."""
-    from tether.client import ApiError
+    """Delete the objects described in documents (-f), or one object (KIND NAME). Exits 1 when one
+    does not exist, unless --ignore-not-found."""
+    from tether.cli.documents import delete_objects
     from tether.manifests import parse
 
-    objs = run(lambda: parse(read_input(file)))
+    if (file is None) == (kind is None) or (kind is not None and name is None):
+        fail("give -f FILE, or KIND NAME (e.g. `tether delete service web -n shop`)")
     c = client(server, token)
-    for obj in reversed(objs):
-        ref = obj.store_name()
-        if obj.kind == "Endpoint":
-            ref = find_endpoint(c, obj.name, obj.network)["id"]
-        try:
-            c.delete(obj.kind, ref)
-            print(f"{obj.kind.lower()}/{obj.store_name() if obj.kind != 'Endpoint' else obj.name} deleted")
-        except ApiError as e:
-            if e.status == 404:
-                print(f"{obj.kind.lower()}/{obj.name} not found")
-            else:
-                fail(f"{e.detail} (HTTP {e.status})")
+    if file is not None:
+        objs = run(lambda: parse(read_input(file)))
+        missing = run(lambda: delete_objects(c, objs, print))
+    else:
+        k = ALIASES.get((kind or "").lower())
+        if k is None:
+            fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
+            return
+        missing = run(lambda: delete_objects(c, [], print, one=(k, name or "", namespace)))
+    if missing and not ignore_not_found:
+        fail(f"not found: {', '.join(missing)} (--ignore-not-found to accept that)")
 
 
 @app.command()
@@ -428,8 +487,10 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
         name: Annotated[str | None, typer.Argument(help="one object (namespace/name for namespaced kinds)")] = None,
         namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
         server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
-    """Show objects of a kind."""
+    """Show objects of a kind; `-o yaml|json` prints documents (apiVersion, kind, metadata, spec, status)
+    that `tether apply -f` takes back unchanged."""
     from tether.client import path_of
+    from tether.manifests import to_document, to_list
     from tether.model import KINDS
 
     k = ALIASES.get(kind.lower())
@@ -439,14 +500,132 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
     c = client(server, token)
     if name is None:
         params = {"namespace": namespace} if namespace and k in ("NetworkPolicy", "Service", "Endpoint") else {}
-        emit(k, run(lambda: c.request("GET", path_of(k), params=params)), output)
+        items = run(lambda: c.request("GET", path_of(k), params=params))
+        emit(k, items if output == Format.table else to_list(k, items), output)
         return
     if k == "Endpoint":
-        emit(k, find_endpoint(c, name, None), output)
+        one = find_endpoint(c, name, None)
+    elif k == "Block":  # no route for one block
+        one = next((b for b in run(lambda: c.list_raw("Block")) if b["name"] == name), None)
+        if one is None:
+            fail(f"no block {name!r}; `tether get blocks` lists them")
+    else:
+        if KINDS[k].namespaced and "/" not in name:
+            name = f"{namespace or 'default'}/{name}"
+        one = run(lambda: c.request("GET", path_of(k, name)))
+    emit(k, one if output == Format.table else to_document(k, one), output)
+
+
+@app.command()
+def describe(kind: Annotated[str, typer.Argument(help="a kind, as for `get`")],
+             name: Annotated[str, typer.Argument(help="the object: a name, namespace/name, or an id")],
+             namespace: Annotated[str, typer.Option("--namespace", "-n", help="for namespaced kinds")] = "default",
+             server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """One object as a document, then what the system says about it: a network's endpoints and
+    blocks, an endpoint's state and why an agent quarantined it, a service's ready backends, a host's
+    problems."""
+    import yaml
+
+    from tether.cli.documents import find_named
+    from tether.manifests import to_document
+
+    k = ALIASES.get(kind.lower())
+    if k is None:
+        fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
         return
-    if KINDS[k].namespaced and "/" not in name:
-        name = f"{namespace or 'default'}/{name}"
-    emit(k, run(lambda: c.request("GET", path_of(k, name))), output)
+    c = client(server, token)
+    obj = run(lambda: find_named(c, k, name, namespace))
+    if obj is None:
+        fail(f"no {k} {name!r}" + (f" in namespace {namespace!r}" if KIND_NAMESPACED.get(k) else "")
+             + f"; `tether get {kind}` lists them")
+        return
+    about: dict = {}
+    if k == "Network":
+        eps = run(lambda: c.list_raw("Endpoint", network=obj["name"]))
+        about["endpoints"] = [f"{e['namespace']}/{e['name']} {','.join(e['ips'])} on {e['host'] or '-'} "
+                              f"({e['status']})" for e in eps]
+        about["blocks"] = [f"{b['cidr']} on {b['host']}: {len(b['allocations'])} in use"
+                           for b in run(lambda: c.list_raw("Block", network=obj["name"]))]
+    elif k == "Endpoint":
+        about["quarantined"] = [f"by {h['name']}: {p['reason']}" for h in run(lambda: c.list_raw("Host"))
+                                for p in (h.get("status") or {}).get("problems", [])
+                                if p["kind"] == "Endpoint" and p["name"] == obj["id"]]
+    elif k == "Service":
+        from tether.agent.services import backends_of
+        from tether.model import Service
+
+        svc = Service.model_validate(obj)
+        eps = run(lambda: c.list("Endpoint"))
+        about["ready backends"] = {f"{p.port}/{p.protocol}": [f"{b.ip}:{b.port}" for b in
+                                                              backends_of(svc, p, eps, "")] for p in svc.ports}
+    elif k == "Host":
+        st = obj.get("status") or {}
+        about["problems"] = [f"{p['kind']} {p['name']}: {p['reason']}" for p in st.get("problems", [])
+                             + st.get("failed_ops", [])]
+    print(yaml.safe_dump(to_document(k, obj), sort_keys=False), end="")
+    if about:
+        print("---\n# what the system says\n" + yaml.safe_dump(about, sort_keys=False), end="")
+
+
+KIND_NAMESPACED = {"NetworkPolicy": True, "Service": True, "Endpoint": True}
+
+
+@app.command()
+def explain(kind: Annotated[str, typer.Argument(help="a kind, as for `get`")],
+            output: OutOpt = Format.table) -> None:
+    """The fields of a kind's document: where each goes (metadata, spec, status), its type and default
+    (`-o json` prints the JSON schema)."""
+    from tether.manifests import METADATA, STATUS
+    from tether.model import KINDS
+
+    k = ALIASES.get(kind.lower())
+    if k is None:
+        fail(f"unknown kind {kind!r}; use one of: {', '.join(sorted(set(ALIASES)))}")
+        return
+    cls = KINDS[k]
+    if output != Format.table:
+        emit(k, cls.model_json_schema(), output)
+        return
+    props = cls.model_json_schema()["properties"]
+    rows = []
+    for name, f in cls.model_fields.items():
+        if name == "namespace" and not (cls.namespaced or k == "Endpoint"):
+            continue
+        where = "metadata" if name in METADATA else "status" if name in STATUS.get(k, ()) else "spec"
+        if k == "NetworkPolicy" and name == "spec":
+            rows.append(("spec", "", "the Kubernetes networking.k8s.io/v1 NetworkPolicy spec", ""))
+            continue
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            default = "set by the server" if name in ("id", "created_at") else "empty when left out"
+        else:
+            default = f"default {f.default!r}"
+        rows.append((where, name, schema_type(props.get(name, {})), default))
+    print(f"apiVersion: tether.dev/v1\nkind: {k}")
+    for where in ("metadata", "spec", "status"):
+        for w, name, typ, default in rows:
+            if w == where:
+                print(f"{w}{'.' + name if name else ''}: {typ} ({default})")
+
+
+def schema_type(p: dict) -> str:
+    """A JSON-schema property as a short phrase: `string`, `one of vxlan|direct|auto`, `list of Subnet`."""
+    if "enum" in p:
+        return "one of " + "|".join(map(str, p["enum"]))
+    if "const" in p:
+        return repr(p["const"])
+    if "$ref" in p:
+        return p["$ref"].rsplit("/", 1)[-1]
+    if "anyOf" in p:
+        kinds = [schema_type(x) for x in p["anyOf"] if x.get("type") != "null"]
+        return " or ".join(kinds) + (" or null" if len(kinds) < len(p["anyOf"]) else "")
+    if p.get("type") == "array":
+        return "list of " + schema_type(p.get("items", {}))
+    if p.get("type") == "object":
+        return "map of string to " + schema_type(p.get("additionalProperties") or {}) \
+            if isinstance(p.get("additionalProperties"), dict) else "map"
+    return p.get("format") or p.get("type") or "any"
 
 
 @app.command()

@@ -40,7 +40,7 @@ COLUMNS: dict[str, list[Column]] = {
                       ("TYPES", lambda d: ",".join(d["spec"].get("policyTypes") or []) or "default")],
     "SecurityGroup": [("NAME", lambda d: d["name"]), ("ID", lambda d: d["id"]), ("RULES", lambda d: len(d["rules"]))],
     "Service": [("NAMESPACE", lambda d: d["namespace"]), ("NAME", lambda d: d["name"]),
-                ("CLUSTER-IP", lambda d: d.get("cluster_ip") or "-"),
+                ("CLUSTER-IP", lambda d: "None (headless)" if d.get("headless") else d.get("cluster_ip") or "-"),
                 ("PORTS", lambda d: ",".join(f"{p['port']}/{p['protocol']}" + (f":{p['node_port']}" if p.get(
                     "node_port") else "") for p in d["ports"])),
                 ("SELECTOR", lambda d: ",".join(f"{k}={v}" for k, v in (d.get("selector") or {}).items()))],

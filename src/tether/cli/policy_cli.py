@@ -85,14 +85,16 @@ def describe(x: Endpoint | str) -> str:
     return f"{x.namespace}/{x.name} ({', '.join(x.ips)})" if isinstance(x, Endpoint) else x
 
 
-def find_lab(name: str | None):
+def find_lab(name: str | None, why: str = "--probe"):
+    """The lab named by --lab or TETHER_LAB, or the only one; `why` says which option needs it."""
     from tether.lab.cluster import Lab, all_labs
 
     name = name or os.environ.get("TETHER_LAB")
     if not name:
         labs = all_labs()
         if len(labs) != 1:
-            fail(f"--probe needs --lab NAME ({len(labs)} labs exist: {', '.join(labs) or 'none'})")
+            fail(f"{why} needs a lab: give --lab NAME or set TETHER_LAB ({len(labs)} labs exist: "
+                 f"{', '.join(labs) or 'none'})")
         name = labs[0]
     return Lab(name)
 
@@ -140,7 +142,7 @@ def register(app: typer.Typer) -> None:
         server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
     ) -> None:
         """Is SRC allowed to open a connection to DST, and which policy or rule decided?"""
-        the_lab = find_lab(lab) if (probe_ or lab) else None
+        the_lab = find_lab(lab, "--probe" if probe_ else "--lab") if (probe_ or lab) else None
         if the_lab is not None and server is None:
             server, token = the_lab.server_url, token or the_lab.token
         c = client(server, token)
@@ -186,7 +188,8 @@ def register(app: typer.Typer) -> None:
         paths = list(socket_ or [])
         if not paths:
             if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
-                the_lab = find_lab(lab)
+                the_lab = find_lab(lab, "with no agent flows socket at /run/tether/flows.sock (--socket PATH), "
+                                        "`tether flows`")
                 paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
             else:
                 paths = ["/run/tether/flows.sock"]

@@ -49,10 +49,16 @@ def service_create(
     type: Annotated[str, typer.Option("--type", help="ClusterIP or NodePort (published on every host)")] = "ClusterIP",
     cluster_ip: Annotated[str | None, typer.Option(help="a fixed virtual IP inside the service range")] = None,
     affinity: Annotated[int | None, typer.Option(help="client-IP affinity, timeout in seconds")] = None,
+    headless: Annotated[bool, typer.Option("--headless", help="no virtual IP: the name answers the ready "
+                                                              "backends' addresses (clusterIP: None)")] = False,
+    local: Annotated[bool, typer.Option("--local-traffic", help="NodePort: only backends on the receiving host, "
+                                                                "client address kept (externalTrafficPolicy: "
+                                                                "Local)")] = False,
     label: Annotated[list[str], typer.Option(help="label k=v (repeatable)")] = [],  # noqa: B006
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
-    """Create or update a service."""
+    """Create or update a service. Each --port is \\[NAME=]PORT\\[:TARGET\\[:NODEPORT]]\\[/tcp|udp], e.g.
+    http=80:8080 or 53/udp."""
     from pydantic import ValidationError
 
     from tether.model import Service, ServiceBackend
@@ -63,7 +69,8 @@ def service_create(
         svc = Service(name=name, namespace=namespace, ports=[parse_port(p) for p in port],
                       selector=parse_labels(selector) or None, backends=[ServiceBackend(ip=b) for b in backend],
                       network=network, type=type, cluster_ip=cluster_ip, labels=parse_labels(label),
-                      session_affinity="ClientIP" if affinity else "None", affinity_timeout=affinity or 10800)
+                      session_affinity="ClientIP" if affinity else "None", affinity_timeout=affinity or 10800,
+                      headless=headless, external_traffic_policy="Local" if local else "Cluster")
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
         raise
@@ -143,9 +150,14 @@ def dns_lookup(
     type: Annotated[str, typer.Option("--type", "-t", help="A, AAAA, PTR, SRV, ... (an IP address means PTR)")] = "A",
     host: Annotated[str | None, typer.Option("--host", help="ask this host's agent (default: answer from the "
                                              "server's state, as every agent would)")] = None,
+    namespace: NsOpt = "default",
+    network: Annotated[str | None, typer.Option(help="the asking pod's network (its search domain and DNS "
+                                                     "domain; default: the only domain in use)")] = None,
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
-    """Resolve a name the way pods do."""
+    """Resolve a name the way pods do: a name with fewer than 5 dots is tried with the pod's search
+    domains first (NAMESPACE.svc.DOMAIN, svc.DOMAIN, NETWORK.DOMAIN, DOMAIN), so `web` finds the
+    service web in --namespace. End the name with a dot to skip the search."""
     import ipaddress
 
     import dns.message
@@ -155,23 +167,33 @@ def dns_lookup(
     from tether.agent import dns_records
     from tether.cli.config import resolve
 
+    names = None
     try:
         ipaddress.ip_address(name)
         name, type = ipaddress.ip_address(name).reverse_pointer, "PTR"
+        names = [name]
     except ValueError:
         pass
-    query = dns.message.make_query(name, type.upper())
     c = client(server, token)
+    nets = run(lambda: c.list_raw("Network"))
+    if names is None:
+        domains = sorted({n["dns_domain"] for n in nets if network in (None, n["name"])})
+        if network and not domains:
+            fail(f"no network {network!r}")
+        domain = domains[0] if len(domains) == 1 else "tether.local"
+        names = dns_records.candidates(name, dns_records.search_path(namespace, network, domain))
     if host:
         h = run(lambda: c.get("Host", host))
         if not h.dns_ip:
             fail(f"host {host!r} has no DNS address registered (is its agent running with DNS on?)")
         netns = _lab_namespace(resolve(server, token).server, host)
-        try:
-            wire = ask(h.dns_ip, query.to_wire(), netns)
-        except OSError as e:
-            fail(f"the DNS on {host} ({h.dns_ip}) did not answer: {e}")
-            raise
+
+        def ask_one(q: bytes) -> bytes | None:
+            try:
+                return ask(h.dns_ip, q, netns)
+            except OSError as e:
+                fail(f"the DNS on {host} ({h.dns_ip}) did not answer: {e}")
+                raise
         where = f"{host} ({h.dns_ip})"
     else:
         snap = run(c.snapshot)
@@ -180,11 +202,20 @@ def dns_lookup(
         rep = Replica()
         rep.load_snapshot(snap)
         rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values(), serial=rep.revision)
-        wire = dns_records.answer(rec, query.to_wire())
+
+        def ask_one(q: bytes) -> bytes | None:
+            return dns_records.answer(rec, q)
         where = "server state"
-        if wire is None:
-            fail(f"{name} is not a cluster name; ask a host's agent with --host to have it forwarded")
-            raise typer.Exit(1)
+    wire = None
+    for candidate in names:  # the first name with an answer, as a stub resolver does
+        got = ask_one(dns.message.make_query(candidate, type.upper()).to_wire())
+        if got is not None:
+            wire, name = got, candidate.rstrip(".")
+            if dns.message.from_wire(got).answer:
+                break
+    if wire is None:
+        fail(f"{name} is not a cluster name; ask a host's agent with --host to have it forwarded")
+        raise typer.Exit(1)
     msg = dns.message.from_wire(wire)
     answers = [{"name": rrset.name.to_text(), "type": dns.rdatatype.to_text(rrset.rdtype), "ttl": rrset.ttl,
                 "data": rd.to_text()} for rrset in msg.answer for rd in rrset]

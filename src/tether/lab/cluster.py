@@ -226,7 +226,7 @@ class Lab:
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
         if os.path.exists(self.state_path) and self.state.hosts:
-            raise RuntimeError(f"lab {self.name} already exists; `tether lab down --name {self.name}` first")
+            raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
         self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth)
         self.save()
@@ -429,6 +429,9 @@ class Lab:
                 ports: list[dict] | None = None, security_groups: list[str] | None = None) -> PodInfo:
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
+        if f"{host}/{name}" in self.state.pods:
+            raise RuntimeError(f"pod {host}/{name} already runs in lab {self.name}; remove it with "
+                               f"`tether lab rm {host}/{name}` or pick another name")
         sh("ip", "netns", "add", ns)
         container_id = ns
         args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
@@ -448,6 +451,7 @@ class Lab:
         pod = PodInfo(name, host, ns, network, namespace, container_id,
                       [i["address"].split("/")[0] for i in res["ips"]], labels or {}, res)
         nsx(ns, "ip", "link", "set", "lo", "up")
+        write_resolv_conf(ns, res.get("dns") or {})
         self.state.pods[f"{host}/{name}"] = pod
         self.save()
         return pod
@@ -468,6 +472,7 @@ class Lab:
         if code != 0:
             raise RuntimeError(f"CNI DEL failed: {out}")
         sh("ip", "netns", "del", pod.ns, check=False)
+        remove_netns_etc(pod.ns)
         del self.state.pods[f"{pod.host}/{pod.name}"]
         self.save()
 
@@ -491,6 +496,9 @@ class Lab:
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
+        from tether.lab.dockerd import stop_lab_dockerds
+
+        stop_lab_dockerds(self.dir)  # before the agents: dockerd asks them to release its endpoints
         for h in self.state.hosts:
             stop_pid(h.agent_pid)
         stop_pid(self.state.server_pid)
@@ -499,6 +507,10 @@ class Lab:
             stop_pid(pid)
         for ns in lab_namespaces(self.name):
             sh("ip", "netns", "del", ns, check=False)
+        if os.path.isdir(NETNS_ETC):  # the pods' resolv.conf files
+            for ns in os.listdir(NETNS_ETC):
+                if ns.startswith(f"{self.name}-"):
+                    remove_netns_etc(ns)
         self._keep_logs()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -512,6 +524,28 @@ class Lab:
                     os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
                     with contextlib.suppress(OSError):
                         shutil.copy(os.path.join(root, f), os.path.join(dest, rel))
+
+
+NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/resolv.conf over /etc/resolv.conf
+
+
+def write_resolv_conf(ns: str, dns: dict[str, Any]) -> None:
+    """What a container runtime does with the CNI result's `dns`: the pod's resolv.conf (read by
+    every program started with `ip netns exec`, as a container's is)."""
+    if not dns.get("nameservers"):
+        return
+    lines = [f"nameserver {ip}" for ip in dns["nameservers"]]
+    if dns.get("search"):
+        lines.append("search " + " ".join(dns["search"]))
+    if dns.get("options"):
+        lines.append("options " + " ".join(dns["options"]))
+    os.makedirs(os.path.join(NETNS_ETC, ns), exist_ok=True)
+    with open(os.path.join(NETNS_ETC, ns, "resolv.conf"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def remove_netns_etc(ns: str) -> None:
+    shutil.rmtree(os.path.join(NETNS_ETC, ns), ignore_errors=True)
 
 
 def lab_namespaces(name: str) -> list[str]:

@@ -142,3 +142,31 @@ class Dockerd:
         stop_pid(self.holder_pid, signal.SIGKILL, wait=5)
         self.holder_pid = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def lab_dockerd(lab, host: str) -> Dockerd:
+    """The dockerd of a lab host (`tether lab docker HOST`), its files in the lab's directory, its PIDs
+    saved there so `tether lab down` stops it (`stop_lab_dockerds`)."""
+    return Dockerd(lab.host(host).ns, Path(lab.dir) / "dockerd" / host, lab.docker_plugin_dir(host),
+                   lab.docker_socket(host))
+
+
+def save_pids(d: Dockerd) -> None:
+    (d.root / "pids").write_text(f"{d.pid} {d.holder_pid}\n")
+
+
+def stop_lab_dockerds(lab_dir: str) -> None:
+    """Every dockerd `tether lab docker` started in this lab: containers, daemon, containerd, holder."""
+    base = Path(lab_dir) / "dockerd"
+    if not base.is_dir():
+        return
+    for root in base.iterdir():
+        try:
+            pid, holder = (int(x) for x in (root / "pids").read_text().split())
+        except (OSError, ValueError):
+            continue
+        d = Dockerd("", root, "", str(root.parent.parent / root.name / "docker.sock"))
+        d.pid, d.holder_pid = pid, holder
+        with contextlib.suppress(Exception):
+            d.cleanup()
+

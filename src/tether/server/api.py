@@ -77,12 +77,14 @@ def same_name(path_name: str, body_name: str, kind: str) -> None:
 class HeartbeatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ttl: float = Field(default=15, gt=0, le=3600)
+    applied_revision: int | None = Field(default=None, ge=0)  # the agent's last applied replica revision
 
 
 @router.get("/hosts")
 async def list_hosts(request: Request) -> list[dict]:
-    hosts = await objs(request).list(Host)
-    live = await objs(request).live_hosts()
+    o = objs(request)
+    hosts = [o.observed_host(h) for h in await o.list(Host)]
+    live = await o.live_hosts()
     out = dump(hosts)
     for h in out:
         h["alive"] = h["name"] in live
@@ -91,7 +93,8 @@ async def list_hosts(request: Request) -> list[dict]:
 
 @router.get("/hosts/{name}")
 async def get_host(name: str, request: Request) -> dict:
-    return dump(await objs(request).must(Host, name))
+    o = objs(request)
+    return dump(o.observed_host(await o.must(Host, name)))
 
 
 @router.put("/hosts/{name}")
@@ -119,7 +122,8 @@ async def put_host_status(name: str, status: HostStatus, request: Request) -> di
 
 @router.post("/hosts/{name}/heartbeat")
 async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = None) -> dict:
-    await objs(request).heartbeat(name, (body or HeartbeatBody()).ttl)
+    body = body or HeartbeatBody()
+    await objs(request).heartbeat(name, body.ttl, body.applied_revision)
     return {"ok": True}
 
 
@@ -223,11 +227,12 @@ async def list_endpoints(
     name: str | None = None,
     owner_container_id: str | None = None,
 ) -> list[dict]:
-    eps = await objs(request).list(Endpoint)
+    o = objs(request)
+    eps = await o.list(Endpoint)
     eps = [e for e in eps if (network is None or e.network == network) and (host is None or e.host == host)
            and (namespace is None or e.namespace == namespace) and (name is None or e.name == name)
            and (owner_container_id is None or e.owner.container_id == owner_container_id)]
-    return dump(eps)
+    return dump(await o.observed(eps))
 
 
 @router.get("/endpoints/{ep_id}")
@@ -235,7 +240,7 @@ async def get_endpoint(ep_id: str, request: Request) -> dict:
     """The endpoint; one today's validators refuse is shown as stored, with `invalid` saying why."""
     o = objs(request)
     try:
-        return dump(await o.must(Endpoint, ep_id))
+        return dump((await o.observed([await o.must(Endpoint, ep_id)]))[0])
     except ValidationError:
         found = await o.stored_as_is(Endpoint, ep_id)
         if found is None:  # rewritten meanwhile

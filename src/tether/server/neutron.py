@@ -644,13 +644,13 @@ def vm_owner(body: dict[str, Any], old: Owner | None = None) -> Owner:
 async def list_ports(request: Request) -> dict:
     o = objs(request)
     nets = await nets_by_name(o)
-    return {"ports": filtered(request, [port_view(e, nets) for e in await o.list(Endpoint)])}
+    return {"ports": filtered(request, [port_view(e, nets) for e in await o.observed(await o.list(Endpoint))])}
 
 
 @router.get("/ports/{port_id}")
 async def get_port(port_id: str, request: Request) -> dict:
     o = objs(request)
-    return {"port": port_view(await port_by_id(o, port_id), await nets_by_name(o))}
+    return {"port": port_view((await o.observed([await port_by_id(o, port_id)]))[0], await nets_by_name(o))}
 
 
 @router.post("/ports", status_code=201)

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -111,6 +112,9 @@ class Objects:
         self.ipam = ipam
         self.service_cidr = ipaddress.ip_network(service_cidr)
         self.vtep_cidr = ipaddress.ip_network(vtep_cidr)
+        # per host: when this server last heard its heartbeat, and the revision its agent had applied
+        # then. Kept in memory, not written: a write per heartbeat would be an event for every agent.
+        self.beats: dict[str, tuple[datetime, int]] = {}
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -238,7 +242,12 @@ class Objects:
             if old is None:
                 return await self.create(net, [guard_cmp], [guard_op]), True
             if create_only:
-                raise ApiError(409, f"network {net.name!r} already exists; use another name or update it")
+                raise ApiError(409, f"network {net.name!r} already exists; use another name, or change it with "
+                                    "`tether network update` or `tether apply`")
+            if net.block_size != old.block_size and (await self.store.list(key_of("Block", f"{net.name}:"))).items:
+                raise ApiError(409, f"network {net.name!r} has IPAM blocks of /{old.block_size} already: its block "
+                                    "size cannot change while they exist (delete its endpoints first, or create "
+                                    "another network)")
             removed = [ipaddress.ip_network(s.cidr) for s in old.subnets
                        if s.cidr not in {n.cidr for n in net.subnets}]
             if removed:  # adding a subnet is fine; removing one that holds addresses is not
@@ -531,14 +540,41 @@ class Objects:
 
         await with_retries(attempt)
 
-    async def heartbeat(self, name: str, ttl: float) -> None:
+    async def heartbeat(self, name: str, ttl: float, applied_revision: int | None = None) -> None:
         await self.must(Host, name)
+        before = self.beats.get(name, (None, 0))[1]
+        self.beats[name] = (now(), max(before, applied_revision or 0))
         key = HOST_LEASE + name
         kv = await self.store.get(key)
         if kv is not None and kv.lease and await self.store.keepalive(kv.lease):
             return
         lease = await self.store.grant_lease(ttl)
         await self.store.put(key, b"alive", lease=lease)
+
+    def observed_host(self, h: Host) -> Host:
+        """The host with what its heartbeats said: when the last one came, the revision applied."""
+        beat = self.beats.get(h.name)
+        if beat is None:
+            return h
+        status = h.status.model_copy(update={"applied_revision": max(h.status.applied_revision, beat[1])})
+        return h.model_copy(update={"heartbeat": beat[0], "status": status})
+
+    async def observed(self, eps: list[Endpoint]) -> list[Endpoint]:
+        """Endpoints with a true lifecycle state, derived on read: `pending` is `active` once its host's
+        agent has applied a revision that holds the endpoint's last write and did not quarantine it."""
+        if not any(e.status == "pending" and e.host for e in eps):
+            return eps
+        hosts = {h.name: self.observed_host(h) for h in await self.list(Host)}
+        out = []
+        for e in eps:
+            h = hosts.get(e.host or "")
+            # a VM port is active when its VM plugs in (the agent says so, vmports.py), not when planned
+            if (e.status == "pending" and e.owner.type != "vm" and h is not None
+                    and 0 < e.revision <= h.status.applied_revision
+                    and not any(p.kind == "Endpoint" and p.name == e.id for p in h.status.problems)):
+                e = e.model_copy(update={"status": "active"})
+            out.append(e)
+        return out
 
     async def live_hosts(self) -> set[str]:
         listed = await self.store.list(HOST_LEASE)
@@ -551,9 +587,11 @@ class Objects:
             old = await self.get(Service, svc.store_name())
             compares: list[Compare] = []
             ops: list[Op] = []
-            if not svc.cluster_ip and old is not None:
+            if not svc.cluster_ip and old is not None and not svc.headless:
                 svc.cluster_ip = old.cluster_ip
-            if svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
+            if svc.headless:
+                pass  # DNS-only: no virtual IP to assign
+            elif svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
                 ip = ipaddress.ip_address(svc.cluster_ip)
                 if ip not in self.service_cidr:
                     raise ApiError(400, f"cluster IP {ip} is outside the service range {self.service_cidr}")
