@@ -653,6 +653,14 @@ async def get_port(port_id: str, request: Request) -> dict:
     return {"port": port_view((await o.observed([await port_by_id(o, port_id)]))[0], await nets_by_name(o))}
 
 
+def fixed_ip_entries(body: dict) -> list[dict]:
+    """A port body's `fixed_ips`: a list of dictionaries, as Neutron requires (400 otherwise)."""
+    entries = body.get("fixed_ips") or []
+    if not isinstance(entries, list) or not all(isinstance(f, dict) for f in entries):
+        raise bad_request("Invalid input for fixed_ips. Reason: a list of dictionaries is expected.")
+    return entries
+
+
 @router.post("/ports", status_code=201)
 async def create_port(request: Request) -> dict:
     body = await body_of(request, "port")
@@ -663,9 +671,7 @@ async def create_port(request: Request) -> dict:
     net = await network_by_id(o, body["network_id"])
     port_id = new_id()
     ips = []
-    for f in body.get("fixed_ips") or []:
-        if not isinstance(f, dict):
-            raise bad_request("Invalid input for fixed_ips. Reason: each entry is a dictionary.")
+    for f in fixed_ip_entries(body):
         if f.get("subnet_id"):
             n, s = await subnet_by_id(o, f["subnet_id"])
             if n.id != net.id:
@@ -708,7 +714,7 @@ async def update_port(port_id: str, request: Request) -> dict:
     ep = await port_by_id(o, port_id)
     if "name" in body and body["name"] != ("" if ep.labels.get(UNNAMED) else ep.name):
         raise bad_request("Renaming a port is not supported: its name is its DNS name in Tether")
-    if "fixed_ips" in body and sorted(f.get("ip_address") for f in body["fixed_ips"] or []) != sorted(ep.ips):
+    if "fixed_ips" in body and sorted(str(f.get("ip_address")) for f in fixed_ip_entries(body)) != sorted(ep.ips):
         raise bad_request("Changing fixed_ips of a port is not supported; create a new port")
     if "network_id" in body:
         current = (await nets_by_name(o)).get(ep.network)
