@@ -251,25 +251,50 @@ class Ipam:
     # --- release --------------------------------------------------------------------------------
 
     async def release(self, network: str, ips: Iterable[str], handle: str) -> Allocation:
-        """Plan the release of `ips` held by `handle` (idempotent: addresses not held are skipped)."""
-        blocks = await self.blocks(network)
+        """Plan the release of `ips` held by `handle` (idempotent: addresses not held are skipped).
+
+        Reads each block from the store, not the cache: an address allocated through another server
+        is in a block this server's cache may not have (it stayed allocated until the next GC)."""
         alloc = Allocation()
+        current: dict[str, tuple[int, Block]] = {}
         for ip in ips:
             ip = ip.split("/")[0]
-            for key, (rev, block) in blocks.items():
-                if block.allocations.get(ip) != handle:
+            key = await self._block_key_of(network, ip)
+            if key is None:
+                continue
+            if key not in current:
+                kv = await self.store.get(key)
+                if kv is None:
                     continue
-                b = alloc.blocks.get(key) or block.model_copy(deep=True)
-                if key not in alloc.blocks:
-                    alloc.compares.append(Compare(key, rev))
-                del b.allocations[ip]
-                if not b.allocations:
-                    b.empty_since = now()
-                alloc.blocks[key] = b
-                alloc.ips.append(ip)
+                current[key] = (kv.mod_revision, Block.model_validate_json(kv.value))
+            rev, block = current[key]
+            if block.allocations.get(ip) != handle:
+                continue
+            b = alloc.blocks.get(key) or block.model_copy(deep=True)
+            if key not in alloc.blocks:
+                alloc.compares.append(Compare(key, rev))
+            del b.allocations[ip]
+            if not b.allocations:
+                b.empty_since = now()
+            alloc.blocks[key] = b
+            alloc.ips.append(ip)
         for key, b in alloc.blocks.items():
             alloc.ops.append(Put(key, encode(b)))
         return alloc
+
+    async def _block_key_of(self, network: str, ip: str) -> str | None:
+        """The key of the block that holds `ip`: found in the cache, else in a fresh listing."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for fresh in (False, True):
+            if fresh:
+                self.invalidate(network)
+            for key, (_, block) in (await self.blocks(network)).items():
+                if addr in ipaddress.ip_network(block.cidr):
+                    return key
+        return None
 
     async def blocks_all(self) -> dict[str, tuple[int, Block]]:
         listed = await self.store.list(PREFIX + "blocks/")

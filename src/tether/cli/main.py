@@ -108,6 +108,11 @@ def server(
     service_cidr: Annotated[str, typer.Option(help="range for service virtual IPs")] = "10.96.0.0/16",
     dead_host_grace: Annotated[float, typer.Option(help="seconds after a host's lease expires before its "
                                                         "addresses are reclaimed")] = 600.0,
+    gc_interval: Annotated[float, typer.Option(help="seconds between garbage collection and compaction rounds, run "
+                                                    "by the one server elected leader; 0: off")] = 30.0,
+    compact_keep: Annotated[int | None, typer.Option(help="revisions of history kept when the leader compacts "
+                                                          "etcd [default: 10000 on etcd; 0: never]",
+                                                     show_default=False)] = None,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above it); the other limits "
                                                "are flags of `python -m tether.server.main`")] = 1 << 20,
 ) -> None:
@@ -116,7 +121,7 @@ def server(
     from tether.server.main import run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
-               limits=Limits(max_body=max_body))
+               gc_interval=gc_interval, compact_keep=compact_keep, limits=Limits(max_body=max_body))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
