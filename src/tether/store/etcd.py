@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aetcd
+import aetcd.exceptions as etcd_errors
 import aetcd.rpc as rpc
 from aetcd import transactions as tx
 
@@ -77,6 +78,9 @@ def translate(e: BaseException) -> BaseException:
     `Unavailable` (do not retry: out of space), `LeaseNotFound`, `Compacted`, or `e` itself."""
     if isinstance(e, asyncio.CancelledError):
         return e if _cancelled_from_outside() else Retry("the call was cancelled (its channel closed)")
+    if isinstance(e, etcd_errors.ConnectionFailedError | etcd_errors.ConnectionTimeoutError
+                  | etcd_errors.InternalError):  # aetcd's own wrapping of the same failures
+        return Retry(str(e))
     if not isinstance(e, rpc.AioRpcError):
         return e
     code, details = e.code(), e.details() or ""
@@ -311,17 +315,33 @@ class EtcdStore:
 
     @staticmethod
     async def _responses(call: Any, requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-        """The watch responses; on a quiet stream, every few seconds a request for etcd's progress."""
-        it = call.__aiter__()
-        while True:
+        """The watch responses; on a quiet stream, every few seconds a request for etcd's progress.
+        (A reader task feeds a queue: cancelling a read of the gRPC stream itself ends the stream.)"""
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def read() -> None:
             try:
-                resp = await asyncio.wait_for(it.__anext__(), PROGRESS_EVERY)
-            except TimeoutError:
-                requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
-                continue
-            except StopAsyncIteration:
-                return
-            yield resp
+                async for resp in call:
+                    got.put_nowait(resp)
+                got.put_nowait(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                got.put_nowait(e)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(got.get(), PROGRESS_EVERY)
+                except TimeoutError:
+                    requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
 
     async def grant_lease(self, ttl: float) -> int:
         async def run(c: aetcd.Client) -> int:
