@@ -61,10 +61,19 @@ def _progress():
 @lab_app.command()
 def up(name: NameOpt = "lab",
        hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 3,
-       store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite") -> None:
+       store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite",
+       etcd_endpoints: Annotated[str | None, typer.Option(
+           help="with --store etcd: use this etcd cluster (host:port[,host:port...], reachable from the root "
+                "namespace) instead of starting one; the lab never stops or wipes it")] = None) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
+    if etcd_endpoints:
+        if store != "etcd":
+            _fail("--etcd-endpoints needs --store etcd")
+        if any(":" not in e for e in etcd_endpoints.split(",")):
+            _fail(f"--etcd-endpoints {etcd_endpoints!r}: give host:port[,host:port...], e.g. 127.0.0.1:2379")
+        store = "etcd://" + etcd_endpoints
     lab = _lab(name, must_exist=False)
     if lab.state.hosts:
         _fail(f"lab {name!r} already exists; `tether lab down --name {name}` first")
