@@ -253,8 +253,11 @@ class Ipam:
     async def release(self, network: str, ips: Iterable[str], handle: str) -> Allocation:
         """Plan the release of `ips` held by `handle` (idempotent: addresses not held are skipped).
 
-        Reads each block from the store, not the cache: an address allocated through another server
-        is in a block this server's cache may not have (it stayed allocated until the next GC)."""
+        The cache is only trusted where the commit checks it: a cached block that holds the address
+        is compared by revision in the transaction (stale: Conflict, and the caller retries); one
+        that does not, or no cached block, is read again from the store. (An address allocated
+        through another server is in a block this server's cache may not have or not know it
+        holds: it stayed allocated until the next GC.)"""
         alloc = Allocation()
         current: dict[str, tuple[int, Block]] = {}
         for ip in ips:
@@ -263,10 +266,13 @@ class Ipam:
             if key is None:
                 continue
             if key not in current:
-                kv = await self.store.get(key)
-                if kv is None:
-                    continue
-                current[key] = (kv.mod_revision, Block.model_validate_json(kv.value))
+                cached = self._cache.get(network, {}).get(key)
+                if cached is None or cached[1].allocations.get(ip) != handle:
+                    kv = await self.store.get(key)
+                    if kv is None:
+                        continue
+                    cached = (kv.mod_revision, Block.model_validate_json(kv.value))
+                current[key] = cached
             rev, block = current[key]
             if block.allocations.get(ip) != handle:
                 continue

@@ -97,6 +97,16 @@ async def test_an_address_deleted_through_another_server_is_released_at_once(sto
     assert not set(ep.ips) & held, "the address stayed allocated after its endpoint was deleted"
 
 
+async def test_a_hosts_heartbeats_through_either_server_keep_it_alive_for_both(store):
+    a, b = objects(store), objects(store)
+    await a.register_host(Host(name="h", underlay_ip="198.18.0.5"))
+    await a.heartbeat("h", ttl=1)
+    for _ in range(3):  # its server changes: the same lease in the store goes on
+        await asyncio.sleep(0.6)
+        await b.heartbeat("h", ttl=1)
+    assert "h" in await a.live_hosts() and "h" in await b.live_hosts()
+
+
 async def test_only_one_server_leads_and_another_takes_over_when_it_resigns(store):
     one, two = Leadership(store, ttl=2, identity="one"), Leadership(store, ttl=2, identity="two")
     assert await one.check() and not await two.check()

@@ -61,8 +61,9 @@ class AuthAndMetrics:
         try:
             if self.credential is not None and path not in OPEN_PATHS and not self.credential.ok(Headers(scope=scope)):
                 status = 401
-                message = ("missing or wrong bearer token: pass --token or set TETHER_TOKEN (the server's token is "
-                           "in its state dir, file 'token'); Neutron clients send it as X-Auth-Token")
+                message = ("missing or wrong bearer token: pass --token or set TETHER_TOKEN (the token is in the state "
+                           "dir of the first server on this store, file 'token'); Neutron clients send it as "
+                           "X-Auth-Token")
                 body = ({"NeutronError": {"type": "HTTPUnauthorized", "message": message, "detail": ""}}
                         if path.startswith("/v2.0") else {"detail": message})
                 await JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
