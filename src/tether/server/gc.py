@@ -24,7 +24,8 @@ from tether.server.objects import Objects, handle_key, with_retries
 from tether.store.base import Compare, Conflict, Delete, Put, StoreError
 
 log = logging.getLogger("tether.gc")
-DEAD_SINCE = PREFIX + "gc/dead-since/"  # + host name: wall-clock time the leader first saw it dead
+DEAD_SINCE = PREFIX + "gc/dead-since/"  # + host name: when the leader first saw it without its lease
+DEAD_TIMER = PREFIX + "gc/dead-timer/"  # + host name: on a lease of --dead-host-grace seconds
 
 
 class GarbageCollector:
@@ -64,30 +65,31 @@ class GarbageCollector:
         return target
 
     async def dead_hosts(self) -> list[str]:
-        """Hosts without a live lease for `dead_host_grace` seconds, counted from the time stored
-        when one was first seen without it (the leader's wall clock)."""
+        """Hosts without a live lease for `dead_host_grace` seconds. The grace is a store lease
+        too: when a host is first seen without its lease, a record (`DEAD_SINCE`, the time, for
+        people) and a timer key on a lease of `dead_host_grace` seconds (`DEAD_TIMER`) are written;
+        the host is dead once the timer key has expired. The store's clock counts, not a server's:
+        a leader whose wall clock jumps forward reclaims nobody early, and a new leader goes on
+        counting where the last one stopped."""
         live = await self.o.live_hosts()
         hosts = {h.name for h in await self.o.list(Host)}
         since = {kv.key[len(DEAD_SINCE):]: kv for kv in (await self.o.store.list(DEAD_SINCE)).items}
-        t = time.time()
+        timers = {kv.key[len(DEAD_TIMER):] for kv in (await self.o.store.list(DEAD_TIMER)).items}
         dead = []
         fence = self.leadership.fence() if self.leadership.lease else []
         for name, kv in since.items():
-            if name in live or name not in hosts:
+            if name in live or name not in hosts:  # back (or deleted): the count starts again next time
                 with contextlib.suppress(Conflict):
-                    await self.o.store.txn([*fence, Compare(kv.key, kv.mod_revision)], [Delete(kv.key)])
+                    await self.o.store.txn([*fence, Compare(kv.key, kv.mod_revision)],
+                                           [Delete(kv.key), Delete(DEAD_TIMER + name)])
         for name in sorted(hosts - live):
-            kv = since.get(name)
-            if kv is None:
+            if name not in since:
+                lease = await self.o.store.grant_lease(self.dead_host_grace)
                 with contextlib.suppress(Conflict):
                     await self.o.store.txn([*fence, Compare(DEAD_SINCE + name, 0)],
-                                           [Put(DEAD_SINCE + name, repr(t).encode())])
-                continue
-            try:
-                first = float(kv.value)
-            except ValueError:
-                first = t
-            if t - first >= self.dead_host_grace:
+                                           [Put(DEAD_SINCE + name, repr(time.time()).encode()),
+                                            Put(DEAD_TIMER + name, b"", lease=lease)])
+            elif name not in timers:
                 dead.append(name)
         return dead
 
