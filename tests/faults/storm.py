@@ -21,7 +21,9 @@ import httpx
 class Books:
     created: dict[str, list[str]] = field(default_factory=dict)  # handle -> ips, acknowledged creates
     deleted: set[str] = field(default_factory=set)  # handles whose delete was acknowledged
+    attempted: set[str] = field(default_factory=set)  # every handle a create was sent for
     failures: int = 0
+    refused: list[str] = field(default_factory=list)  # 4xx answers: "status text", a client stops there
     last_ack: float = field(default_factory=time.monotonic)
     longest_stall: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,11 +78,15 @@ class Storm:
                 if self.stop.is_set():
                     return
                 handle = f"storm-{i}-{n}"
+                with self.books.lock:
+                    self.books.attempted.add(handle)
                 r = self._request(http, i, "POST", "/api/v1/endpoints",
                                   json={"name": handle, "network": self.network, "handle": handle})
                 if r is None:
                     return
-                assert r.status_code in (200, 201), r.text
+                if r.status_code not in (200, 201):
+                    self.books.refused.append(f"{r.status_code} {r.text[:200]}")
+                    return
                 with self.books.lock:
                     self.books.created[handle] = r.json()["ips"]
                 self.books.ack()
@@ -88,7 +94,9 @@ class Storm:
                     r = self._request(http, i, "DELETE", f"/api/v1/endpoints/by-handle/{handle}")
                     if r is None:
                         return
-                    assert r.status_code == 200, r.text
+                    if r.status_code != 200:
+                        self.books.refused.append(f"{r.status_code} {r.text[:200]}")
+                        return
                     with self.books.lock:
                         self.books.deleted.add(handle)
                     self.books.ack()
@@ -104,6 +112,11 @@ def check(books: Books, endpoints: list[dict]) -> dict:
     lost = sorted(kept - set(present))
     resurrected = sorted(books.deleted & set(present))
     ips = Counter(ip for e in endpoints for ip in e["ips"])
+    # a write whose answer was lost (the storm ended while it was retried) may or may not be there;
+    # anything else present must be something a client asked for
     return {"acknowledged": len(books.created) + len(books.deleted), "present": len(present),
-            "lost": lost, "resurrected": resurrected, "duplicates": sorted(ip for ip, n in ips.items() if n > 1),
-            "failed_attempts": books.failures, "longest_stall_s": round(books.longest_stall, 2)}
+            "lost": lost, "resurrected": resurrected, "unknown": sorted(set(present) - books.attempted),
+            "unanswered": len(books.attempted - set(books.created)),
+            "duplicates": sorted(ip for ip, n in ips.items() if n > 1),
+            "refused": books.refused, "failed_attempts": books.failures,
+            "longest_stall_s": round(books.longest_stall, 2)}

@@ -74,6 +74,7 @@ def test_etcd_member_and_leader_kill_break_no_pod_flow_and_lose_no_write(etcd_cl
         print("\nlab fault storm:", json.dumps(counts))
         assert stream.returncode == 0, out
         assert not counts["lost"] and not counts["resurrected"] and not counts["duplicates"], counts
+        assert not counts["unknown"] and not counts["refused"], counts
     finally:
         for p in procs:
             if p.poll() is None:
