@@ -251,25 +251,56 @@ class Ipam:
     # --- release --------------------------------------------------------------------------------
 
     async def release(self, network: str, ips: Iterable[str], handle: str) -> Allocation:
-        """Plan the release of `ips` held by `handle` (idempotent: addresses not held are skipped)."""
-        blocks = await self.blocks(network)
+        """Plan the release of `ips` held by `handle` (idempotent: addresses not held are skipped).
+
+        The cache is only trusted where the commit checks it: a cached block that holds the address
+        is compared by revision in the transaction (stale: Conflict, and the caller retries); one
+        that does not, or no cached block, is read again from the store. (An address allocated
+        through another server is in a block this server's cache may not have or not know it
+        holds: it stayed allocated until the next GC.)"""
         alloc = Allocation()
+        current: dict[str, tuple[int, Block]] = {}
         for ip in ips:
             ip = ip.split("/")[0]
-            for key, (rev, block) in blocks.items():
-                if block.allocations.get(ip) != handle:
-                    continue
-                b = alloc.blocks.get(key) or block.model_copy(deep=True)
-                if key not in alloc.blocks:
-                    alloc.compares.append(Compare(key, rev))
-                del b.allocations[ip]
-                if not b.allocations:
-                    b.empty_since = now()
-                alloc.blocks[key] = b
-                alloc.ips.append(ip)
+            key = await self._block_key_of(network, ip)
+            if key is None:
+                continue
+            if key not in current:
+                cached = self._cache.get(network, {}).get(key)
+                if cached is None or cached[1].allocations.get(ip) != handle:
+                    kv = await self.store.get(key)
+                    if kv is None:
+                        continue
+                    cached = (kv.mod_revision, Block.model_validate_json(kv.value))
+                current[key] = cached
+            rev, block = current[key]
+            if block.allocations.get(ip) != handle:
+                continue
+            b = alloc.blocks.get(key) or block.model_copy(deep=True)
+            if key not in alloc.blocks:
+                alloc.compares.append(Compare(key, rev))
+            del b.allocations[ip]
+            if not b.allocations:
+                b.empty_since = now()
+            alloc.blocks[key] = b
+            alloc.ips.append(ip)
         for key, b in alloc.blocks.items():
             alloc.ops.append(Put(key, encode(b)))
         return alloc
+
+    async def _block_key_of(self, network: str, ip: str) -> str | None:
+        """The key of the block that holds `ip`: found in the cache, else in a fresh listing."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for fresh in (False, True):
+            if fresh:
+                self.invalidate(network)
+            for key, (_, block) in (await self.blocks(network)).items():
+                if addr in ipaddress.ip_network(block.cidr):
+                    return key
+        return None
 
     async def blocks_all(self) -> dict[str, tuple[int, Block]]:
         listed = await self.store.list(PREFIX + "blocks/")

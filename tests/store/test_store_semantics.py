@@ -18,6 +18,8 @@ async def collect(store, prefix, after, n, timeout=30.0):
 
     async def run():
         async for ev in store.watch(prefix, after):
+            if ev.type == "progress":
+                continue
             out.append(ev)
             if len(out) >= n:
                 return

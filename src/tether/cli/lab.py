@@ -66,12 +66,21 @@ def up(name: NameOpt = "lab",
        agent_auth: Annotated[str, typer.Option(help="host: each agent joins with a bootstrap token and talks HTTPS "
                                                     "over the underlay with its own credential; admin: agents hold "
                                                     "the admin token (needed by the Docker driver to create "
-                                                    "networks and publish ports)")] = "host") -> None:
+                                                    "networks and publish ports)")] = "host",
+       etcd_endpoints: Annotated[str | None, typer.Option(
+           help="with --store etcd: use this etcd cluster (host:port[,host:port...], reachable from the root "
+                "namespace) instead of starting one; the lab never stops or wipes it")] = None) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
     if agent_auth not in ("host", "admin"):
         _fail("--agent-auth must be host or admin")
+    if etcd_endpoints:
+        if store != "etcd":
+            _fail("--etcd-endpoints needs --store etcd")
+        if any(":" not in e for e in etcd_endpoints.split(",")):
+            _fail(f"--etcd-endpoints {etcd_endpoints!r}: give host:port[,host:port...], e.g. 127.0.0.1:2379")
+        store = "etcd://" + etcd_endpoints
     lab = _lab(name, must_exist=False)
     if lab.state.hosts:
         _fail(f"lab {name!r} already exists; `tether lab down --lab {name}` first")

@@ -123,6 +123,11 @@ def server(
     service_cidr: Annotated[str, typer.Option(help="range for service virtual IPs")] = "10.96.0.0/16",
     dead_host_grace: Annotated[float, typer.Option(help="seconds after a host's lease expires before its "
                                                         "addresses are reclaimed")] = 600.0,
+    gc_interval: Annotated[float, typer.Option(help="seconds between garbage collection and compaction rounds, run "
+                                                    "by the one server elected leader; 0: off")] = 30.0,
+    compact_keep: Annotated[int | None, typer.Option(help="revisions of history kept when the leader compacts "
+                                                          "etcd [default: 10000 on etcd; 0: never]",
+                                                     show_default=False)] = None,
     max_body: Annotated[int, typer.Option(help="largest request body in bytes (413 above it); the other limits "
                                                "are flags of `python -m tether.server.main`")] = 1 << 20,
     tls_cert: Annotated[str | None, typer.Option(help="server certificate (PEM); default: one made from the state "
@@ -139,7 +144,7 @@ def server(
     from tether.server.main import TlsOptions, run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
-               limits=Limits(max_body=max_body),
+               gc_interval=gc_interval, compact_keep=compact_keep, limits=Limits(max_body=max_body),
                tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http))
 
 

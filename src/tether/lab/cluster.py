@@ -307,7 +307,9 @@ class Lab:
     def start_server(self) -> None:
         state_dir = os.path.join(self.dir, "server")
         os.makedirs(state_dir, exist_ok=True)
-        if self.state.store == "etcd":
+        if self.state.store.startswith("etcd://"):  # an external cluster: `lab up --etcd-endpoints`
+            store = self.state.store
+        elif self.state.store == "etcd":
             if not alive(self.state.etcd_pid):
                 self._start_etcd()
             store = f"etcd://127.0.0.1:{self._etcd_port}"

@@ -569,6 +569,25 @@ def resync_line(**why: Any) -> bytes:
     return (json.dumps({"type": "resync", **why}) + "\n").encode()
 
 
+async def store_confirmed(app: Any, store: Any, timeout: float) -> bool:
+    """The store answered a linearizable read within the last second (one read shared by every
+    watch stream): a bookmark says "you are in sync", which a store without quorum cannot say.
+    (During an etcd quorum loss the streams had gone on sending bookmarks at a frozen revision.)"""
+    st = app.state
+    if time.monotonic() - getattr(st, "store_ok_at", -1e9) < 1.0:
+        return True
+    probe = getattr(st, "store_probe", None)
+    if probe is None or probe.done():
+        probe = st.store_probe = asyncio.ensure_future(store.revision())
+        probe.add_done_callback(lambda t: t.cancelled() or t.exception())
+    try:
+        await asyncio.wait_for(asyncio.shield(probe), timeout)
+    except Exception:  # noqa: BLE001 - no answer: no bookmark, the client sees the silence
+        return False
+    st.store_ok_at = time.monotonic()
+    return True
+
+
 @router.get("/watch")
 async def watch(request: Request, after_revision: int = Query(..., ge=0),
                 bookmark_interval: float = Query(5.0, ge=1.0, le=3600.0,
@@ -610,11 +629,15 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                 return True
             checked = time.monotonic()
             return await credentials.host_valid(watcher.holder)
+        progress = after_revision  # the store's word: every event up to here has been delivered
 
         async def pump() -> None:
-            nonlocal size, overflow
+            nonlocal size, overflow, progress
             try:
                 async for ev in store.watch(PREFIX, after_revision):
+                    if ev.type == "progress":
+                        progress = max(progress, ev.revision)
+                        continue
                     n = len(ev.key) + len(ev.value or b"") + 64
                     while size and size + n > cap:  # full: wait for the client to take some
                         room.clear()
@@ -644,7 +667,9 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                     except TimeoutError:
                         if not await still_valid():
                             return
-                        yield (json.dumps({"type": "bookmark", "revision": last}) + "\n").encode()
+                        delivered = max(last, progress)  # nothing is buffered: all up to `progress` was sent
+                        if await store_confirmed(request.app, store, bookmark_interval):
+                            yield (json.dumps({"type": "bookmark", "revision": delivered}) + "\n").encode()
                     continue
                 if watcher.stopping:
                     return  # the server is stopping: the stream just ends, the client reconnects

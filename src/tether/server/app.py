@@ -17,11 +17,12 @@ from starlette.datastructures import Headers
 from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
-from tether.server.auth import OPEN_PATHS, Credentials, Denied, authorize, bearer
+from tether.server.auth import OPEN_PATHS, AdminCredential, Credentials, Denied, authorize, bearer
 from tether.server.gc import GarbageCollector
+from tether.server.leader import Leadership
 from tether.server.limits import BodyLimit, Limits, WatchSlots
 from tether.server.objects import ApiError, Objects, with_retries
-from tether.store.base import Store, StoreError, Unavailable
+from tether.store.base import Compacted, Conflict, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,25 @@ def create_app(
     dead_host_grace: float = 600.0,
     empty_block_grace: float = 300.0,
     gc_interval: float = 30.0,
+    compact_keep: int = 0,
     limits: Limits | None = None,
     ca_pem: bytes | None = None,
+    credential: AdminCredential | None = None,
 ) -> FastAPI:
+    """The app over `store`. `token` (tests, one server) or `credential` (a token hash shared through
+    the store by every server on it); neither: no authentication. `compact_keep`: revisions of
+    history the leader keeps when it compacts the store (0: the store compacts itself, as SQLite does)."""
+    if credential is None and token is not None:
+        credential = AdminCredential.of_token(token)
     limits = limits or Limits()
     registry = CollectorRegistry()
     requests = Counter("tether_api_requests", "API requests", ["method", "status"], registry=registry)
     latency = Histogram("tether_api_request_seconds", "API request latency", registry=registry)
     ipam = Ipam(store, empty_grace=empty_block_grace)
     objects = Objects(store, ipam, service_cidr=service_cidr, vtep_cidr=vtep_cidr)
-    gc = GarbageCollector(objects, dead_host_grace=dead_host_grace, interval=gc_interval)
+    leadership = Leadership(store)
+    gc = GarbageCollector(objects, dead_host_grace=dead_host_grace, interval=gc_interval, leadership=leadership,
+                          compact_keep=compact_keep)
     addresses = Gauge("tether_ipam_addresses_in_use", "Allocated addresses", ["network"], registry=registry)
     blocks_g = Gauge("tether_ipam_blocks", "Claimed IPAM blocks", ["network"], registry=registry)
 
@@ -127,20 +137,23 @@ def create_app(
 
         with contextlib.suppress(StoreError):
             await with_retries(ensure_default)
-        task = asyncio.create_task(gc.run()) if gc_interval > 0 else None
+        tasks = [asyncio.create_task(leadership.run()), asyncio.create_task(gc.run())] if gc_interval > 0 else []
         yield
         app.state.watches.stop_all()
-        if task:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(leadership.resign(), 1)
 
     app = FastAPI(title="Tether API", version="1", lifespan=lifespan,
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
-    app.state.credentials = Credentials(store, token)
+    app.state.credentials = Credentials(store, credential)
     app.state.ca_pem = ca_pem
     app.state.gc = gc
+    app.state.leadership = leadership
     app.state.limits = limits
     app.state.watches = WatchSlots(limits.max_watches, limits.max_watches_per_client)
     app.include_router(router)
@@ -159,9 +172,18 @@ def create_app(
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": describe_validation(exc), "errors": jsonable(exc.errors())}, 422)
 
-    @app.exception_handler(Unavailable)
-    async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
-        return JSONResponse({"detail": f"the store is unavailable: {exc}"}, 503)
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        """Store failures are answers, not crashes: an exception that reaches uvicorn also closes the
+        client's keep-alive connection, and its next request was reset."""
+        if isinstance(exc, Conflict):
+            return JSONResponse({"detail": f"the store was busy with conflicting writes ({exc}); retry"}, 409)
+        if isinstance(exc, Compacted):
+            return JSONResponse({"detail": f"{exc}; list again"}, 410)
+        if not isinstance(exc, Unavailable):
+            log.warning("store error answered 503: %s", exc)
+        return JSONResponse({"detail": f"the store is unavailable: {exc}; retry later"}, 503,
+                            headers={"Retry-After": "1"})
 
     @app.exception_handler(ValueError)
     async def value_error(_: Request, exc: ValueError) -> JSONResponse:
@@ -173,9 +195,19 @@ def create_app(
         return JSONResponse({"detail": f"internal error: {exc.__class__.__name__}: {exc}; see the server log"}, 500)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict:
-        await store.revision()
-        return {"ok": True}
+    async def healthz() -> JSONResponse:
+        """200 only when the store takes writes: a linearizable read (quorum) and no alarm."""
+        problems_of = getattr(store, "problems", None)
+        try:
+            problems = await problems_of() if problems_of is not None else []
+            if problems_of is None:
+                await store.revision()
+        except StoreError as e:
+            problems = [str(e)]
+        body = {"ok": not problems, "leader": leadership.leading}
+        if problems:
+            return JSONResponse({**body, "problems": problems}, 503, headers={"Retry-After": "1"})
+        return JSONResponse(body)
 
     @app.get("/ca.crt", include_in_schema=False)
     async def ca_certificate() -> Response:

@@ -7,6 +7,8 @@ Three kinds of bearer token:
   themselves for a host credential at `POST /api/v1/join`, until they expire;
 - host credentials (`host.<name>.<secret>`, one per host, from the join): what that host's agent
   needs and no more, on the model of the Kubernetes node authorizer (`host_rule`).
+The admin token's hash is shared through the store (`ADMIN_TOKEN_KEY`): the first server on a store
+puts it there, the others check requests against it, so a second server needs no file copied by hand.
 Bootstrap tokens and host credentials are kept in the store as SHA-256 hashes (the secrets are 128+
 random bits, so a fast hash suffices) under `AUTH_PREFIX`, outside the object prefix: no list,
 snapshot, watch or object write reaches them. Deleting the key locks the holder out on its next call.
@@ -19,6 +21,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,6 +35,7 @@ OPEN_PATHS = {"/", "/healthz", "/metrics", "/ca.crt"}
 AUTH_PREFIX = "/tether/auth/"  # not under tether.model.PREFIX: never listed, watched or written as an object
 HOST_CREDENTIALS = AUTH_PREFIX + "hosts/"
 BOOTSTRAP_TOKENS = AUTH_PREFIX + "bootstrap/"
+ADMIN_TOKEN_KEY = AUTH_PREFIX + "admin-token-sha256"
 BOOTSTRAP_RE = re.compile(r"^([a-z0-9]{6})\.([a-z0-9]{16})$")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -70,6 +74,53 @@ def digest(secret: str) -> str:
 
 
 @dataclass(frozen=True)
+class AdminCredential:
+    """The admin token, known by its SHA-256 only (what the store holds for every server on it)."""
+
+    sha256: str
+
+    @classmethod
+    def of_token(cls, token: str) -> AdminCredential:
+        return cls(digest(token))
+
+    def matches(self, token: str) -> bool:
+        return same(digest(token), self.sha256)
+
+
+async def shared_admin_credential(store: Store, state_dir: str, log: logging.Logger) -> AdminCredential:
+    """The cluster's admin credential: the one in the store, or (first server) this server's token,
+    made now if it has none, and stored for the servers that come after."""
+    path = os.path.join(state_dir, "token")
+    for _ in range(3):
+        kv = await store.get(ADMIN_TOKEN_KEY)
+        if kv is not None:
+            shared = AdminCredential(kv.value.decode())
+            local = _read_token(path)
+            if local is None:
+                log.warning("admin token: the one shared through the store (set by the first server on it); this "
+                            "server has no copy: use the first server's token (its state dir, file 'token')")
+            elif not shared.matches(local):
+                log.warning("the token in %s is not the cluster's admin token (shared through the store by the "
+                            "first server): it is refused; use the first server's token, or delete %s", path, path)
+            return shared
+        token = load_or_create_token(state_dir)
+        try:
+            await store.create(ADMIN_TOKEN_KEY, digest(token).encode())
+            return AdminCredential.of_token(token)
+        except Conflict:  # another server stored its token first
+            continue
+    raise RuntimeError("could not agree on an admin token with the other servers")
+
+
+def _read_token(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
 class Identity:
     kind: str  # "admin" | "host" | "bootstrap"
     name: str = ""  # the host's name; the bootstrap token's id
@@ -88,17 +139,17 @@ class Denied(Exception):
 class Credentials:
     """Admin token, bootstrap tokens and host credentials over one store."""
 
-    def __init__(self, store: Store, admin_token: str | None) -> None:
-        self.store, self.admin_token = store, admin_token
+    def __init__(self, store: Store, admin: AdminCredential | None) -> None:
+        self.store, self.admin = store, admin
 
     async def identify(self, token: str | None) -> Identity:
-        if self.admin_token is None:
+        if self.admin is None:
             return ADMIN  # --insecure: no tokens at all (loopback/unix listeners only)
         if not token:
             raise Denied("no bearer token: pass --token or set TETHER_TOKEN (the admin token is in the server's "
                          "state dir, file 'token'; a host's credential is in its agent's state dir, file "
                          "'credential'); Neutron clients send it as X-Auth-Token")
-        if same(token, self.admin_token):
+        if self.admin.matches(token):
             return ADMIN
         if token.startswith("host."):
             name, _, secret = token[5:].partition(".")

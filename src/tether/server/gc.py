@@ -1,49 +1,95 @@
-"""Garbage collection: addresses nobody owns, empty blocks, and the blocks of dead hosts.
+"""Garbage collection: addresses nobody owns, empty blocks, the blocks of dead hosts, and (etcd)
+the store's history.
 
 Other SDNs strand addresses when a node dies. Here a host whose lease has been gone for longer than
 `dead_host_grace` loses its endpoints (their containers died with it) and its blocks return to the
 pool; allocations whose endpoint no longer exists are released. Everything reclaimed is logged.
+
+Only the elected leader collects (`Leadership`): two servers reclaiming the same host at once fought
+over the same keys. A host's liveness is its lease key in the store, kept alive through whichever
+server its agent talks to, and the time a host was first seen dead is stored too, so a new leader
+goes on counting where the last one stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
-from tether.model import Block, Endpoint, Host
+from tether.model import PREFIX, Block, Endpoint, Host
+from tether.server.leader import Leadership
 from tether.server.objects import Objects, handle_key, with_retries
-from tether.store.base import Compare, Delete, Put
+from tether.store.base import Compare, Conflict, Delete, Put, StoreError
 
 log = logging.getLogger("tether.gc")
+DEAD_SINCE = PREFIX + "gc/dead-since/"  # + host name: when the leader first saw it without its lease
+DEAD_TIMER = PREFIX + "gc/dead-timer/"  # + host name: on a lease of --dead-host-grace seconds
 
 
 class GarbageCollector:
-    def __init__(self, objects: Objects, *, dead_host_grace: float, interval: float) -> None:
+    def __init__(self, objects: Objects, *, dead_host_grace: float, interval: float,
+                 leadership: Leadership | None = None, compact_keep: int = 0) -> None:
         self.o = objects
         self.dead_host_grace = dead_host_grace
         self.interval = interval
-        self._missing_since: dict[str, float] = {}
+        self.leadership = leadership or Leadership(objects.store)
+        self.compact_keep = compact_keep  # revisions of history to keep; 0: the store compacts itself
+        self.compacted = 0  # the last revision this server compacted to
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if not self.leadership.leading:
+                continue
             try:
                 await self.collect()
+                await self.compact()
+            except StoreError as e:
+                log.warning("garbage collection stopped for this round: %s", e)
             except Exception:  # noqa: BLE001 - keep collecting next time
                 log.exception("garbage collection failed")
 
+    async def compact(self) -> int:
+        """Forget history older than `compact_keep` revisions (etcd keeps every revision until
+        told: 73,355 revisions took 221 MiB per member, and at the space quota every write fails)."""
+        if self.compact_keep <= 0:
+            return 0
+        target = await self.o.store.revision() - self.compact_keep
+        if target <= self.compacted:
+            return 0
+        await self.o.store.compact(target)
+        log.info("compacted the store's history up to revision %d", target)
+        self.compacted = target
+        return target
+
     async def dead_hosts(self) -> list[str]:
+        """Hosts without a live lease for `dead_host_grace` seconds. The grace is a store lease
+        too: when a host is first seen without its lease, a record (`DEAD_SINCE`, the time, for
+        people) and a timer key on a lease of `dead_host_grace` seconds (`DEAD_TIMER`) are written;
+        the host is dead once the timer key has expired. The store's clock counts, not a server's:
+        a leader whose wall clock jumps forward reclaims nobody early, and a new leader goes on
+        counting where the last one stopped."""
         live = await self.o.live_hosts()
-        hosts = [h.name for h in await self.o.list(Host)]
-        t = time.monotonic()
+        hosts = {h.name for h in await self.o.list(Host)}
+        since = {kv.key[len(DEAD_SINCE):]: kv for kv in (await self.o.store.list(DEAD_SINCE)).items}
+        timers = {kv.key[len(DEAD_TIMER):] for kv in (await self.o.store.list(DEAD_TIMER)).items}
         dead = []
-        for name in hosts:
-            if name in live:
-                self._missing_since.pop(name, None)
-                continue
-            since = self._missing_since.setdefault(name, t)
-            if t - since >= self.dead_host_grace:
+        fence = self.leadership.fence() if self.leadership.lease else []
+        for name, kv in since.items():
+            if name in live or name not in hosts:  # back (or deleted): the count starts again next time
+                with contextlib.suppress(Conflict):
+                    await self.o.store.txn([*fence, Compare(kv.key, kv.mod_revision)],
+                                           [Delete(kv.key), Delete(DEAD_TIMER + name)])
+        for name in sorted(hosts - live):
+            if name not in since:
+                lease = await self.o.store.grant_lease(self.dead_host_grace)
+                with contextlib.suppress(Conflict):
+                    await self.o.store.txn([*fence, Compare(DEAD_SINCE + name, 0)],
+                                           [Put(DEAD_SINCE + name, repr(time.time()).encode()),
+                                            Put(DEAD_TIMER + name, b"", lease=lease)])
+            elif name not in timers:
                 dead.append(name)
         return dead
 
@@ -52,10 +98,16 @@ class GarbageCollector:
         counts = {"endpoints": 0, "addresses": 0, "blocks": 0}
         dead = set(await self.dead_hosts())
         if dead:
+            live = await self.o.live_hosts()
             for ep in await self.o.list(Endpoint):
-                if ep.host in dead:
-                    log.warning("reclaiming endpoint %s (%s) of dead host %s", ep.name, ", ".join(ep.ips), ep.host)
-                    await self.o.delete_endpoint(ep.id)
+                if ep.host in dead and ep.host not in live:
+                    fence = self.leadership.fence() if self.leadership.lease else []
+                    try:
+                        await self.o.delete_endpoint(ep.id, fence=fence)
+                    except Conflict:  # another server leads now: it decides
+                        log.warning("not reclaiming endpoint %s: this server lost the leadership", ep.name)
+                        return counts
+                    log.warning("reclaimed endpoint %s (%s) of dead host %s", ep.name, ", ".join(ep.ips), ep.host)
                     counts["endpoints"] += 1
         # one listing of the handles, after the blocks (an allocation writes its block and its
         # handle in one transaction, so a handle missing here is missing or released since);

@@ -19,13 +19,14 @@ import threading
 import uvicorn
 
 from tether import heap
-from tether.server.auth import is_local_listen, load_or_create_token
+from tether.server.auth import AdminCredential, is_local_listen, shared_admin_credential
 from tether.server.limits import Limits
-from tether.store.base import open_store
+from tether.store.base import Store, Unavailable, open_store
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"
 DEFAULT_LISTEN = ["unix:///run/tether/server.sock", "127.0.0.1:7443"]
+DEFAULT_COMPACT_KEEP = 10_000  # as many revisions as a watch may replay (--watch-max-replay)
 
 
 def bind(addr: str) -> socket.socket:
@@ -169,7 +170,10 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
     tls = tls or TlsOptions()
-    token = None if insecure else load_or_create_token(state_dir)
+    store = open_store(store_url)
+    credential = None if insecure else await credential_from(store, state_dir)
+    if app_options.get("compact_keep") is None:  # etcd keeps all history unless told; SQLite compacts itself
+        app_options["compact_keep"] = DEFAULT_COMPACT_KEEP if store_url.startswith("etcd://") else 0
     sockets = [bind(a) for a in listen]
     secure = {s.fileno(): wants_tls(a, s, tls.insecure_http) for a, s in zip(listen, sockets, strict=True)}
     ctx, ca_pem = tls_context(tls, state_dir, listen) if any(secure.values()) or tls.cert else (None, None)
@@ -177,8 +181,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         if s.family != socket.AF_UNIX and not secure[s.fileno()] and not is_loopback(s):
             log.warning("--listen %s serves plain HTTP off loopback (--insecure-http): tokens cross the network "
                         "in clear, and anyone on the path can read and change every answer", a)
-    store = open_store(store_url)
-    app = create_app(store, token=token, limits=limits, ca_pem=ca_pem, **app_options)
+    app = create_app(store, token=None, credential=credential, limits=limits, ca_pem=ca_pem, **app_options)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             http=guarded_protocol(limits), timeout_keep_alive=max(1, round(limits.idle_timeout)),
                             timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16 << 10)
@@ -212,6 +215,16 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
                     os.unlink(a[len("unix://"):])
 
 
+async def credential_from(store: Store, state_dir: str) -> AdminCredential:
+    """The admin credential every server on this store shares; waits for the store to answer."""
+    while True:
+        try:
+            return await shared_admin_credential(store, state_dir, log)
+        except Unavailable as e:
+            log.warning("waiting for the store to learn the cluster's admin token: %s", e)
+            await asyncio.sleep(2)
+
+
 def run_server(store_url: str | None, listen: list[str] | None, state_dir: str = DEFAULT_STATE_DIR,
                insecure: bool = False, **app_options) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -230,14 +243,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--insecure", action="store_true", help="no token (loopback/unix listeners only)")
     add_tls_flags(p)
     p.add_argument("--service-cidr", default="10.96.0.0/16")
-    p.add_argument("--dead-host-grace", type=float, default=600.0)
-    p.add_argument("--empty-block-grace", type=float, default=300.0)
-    p.add_argument("--gc-interval", type=float, default=30.0)
+    p.add_argument("--dead-host-grace", type=float, default=600.0, metavar="SECONDS",
+                   help="a host whose agent has not sent a heartbeat (to any server) for this long loses its "
+                        "endpoints and address blocks (default %(default)s)")
+    p.add_argument("--empty-block-grace", type=float, default=300.0, metavar="SECONDS",
+                   help="an address block empty for this long returns to the pool (default %(default)s)")
+    p.add_argument("--gc-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between garbage collection and compaction rounds; they run only on the server "
+                        "elected leader among those sharing the store; 0 turns them off (default %(default)s)")
+    p.add_argument("--compact-keep", type=int, default=None, metavar="REVISIONS",
+                   help="revisions of history kept when the leader compacts etcd (default "
+                        f"{DEFAULT_COMPACT_KEEP} for etcd; 0: never compact, then etcd's own --auto-compaction-* "
+                        "must; SQLite compacts itself)")
     add_limit_flags(p)
     a = p.parse_args(argv)
+    if a.compact_keep is not None and a.compact_keep < 0:
+        raise SystemExit("--compact-keep must be 0 (off) or a number of revisions")
     run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
-               limits=limits_from(a), tls=tls_from(a))
+               compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a))
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:

@@ -94,11 +94,17 @@ def svcip_key(ip: str) -> str:
     return f"{IDX}service-ip/{ip}"
 
 
+class Fenced(Conflict):
+    """A fenced write whose fence no longer holds (another server leads now): not retried."""
+
+
 async def with_retries(fn: Callable[[], Awaitable[T]], attempts: int = 50) -> T:
     """Run a read-compute-CAS function until it commits without a conflict."""
     for i in range(attempts):
         try:
             return await fn()
+        except Fenced:
+            raise
         except Conflict:
             if i == attempts - 1:
                 raise ApiError(409, "the store was busy with conflicting writes; retry the request") from None
@@ -337,10 +343,15 @@ class Objects:
 
         return await with_retries(attempt)
 
-    async def delete_endpoint(self, ep_id: str) -> Endpoint | None:
-        """Delete an endpoint and release its addresses in one transaction (None if absent)."""
+    async def delete_endpoint(self, ep_id: str, fence: list[Compare] | None = None) -> Endpoint | None:
+        """Delete an endpoint and release its addresses in one transaction (None if absent).
+        `fence`: compares that must hold too (the GC's leadership); if one fails, `Conflict`."""
 
         async def attempt() -> Endpoint | None:
+            for c in fence or []:
+                kv = await self.store.get(c.key)
+                if kv is None or kv.mod_revision != c.mod_revision:
+                    raise Fenced(f"{c.key} changed: this server no longer holds it")
             try:
                 ep = await self.get(Endpoint, ep_id)
             except ValidationError:  # refused by today's rules: deleted as stored, so it can be cleaned up
@@ -351,7 +362,7 @@ class Objects:
             ips = [ip for ip in (ep.ips if isinstance(ep.ips, list) else []) if isinstance(ip, str)]
             rel = await self.ipam.release(str(ep.network), ips, str(ep.handle or ep.id))
             try:
-                rev = await self.remove(ep, rel.compares, [
+                rev = await self.remove(ep, [*rel.compares, *(fence or [])], [
                     Delete(endpoint_name_key(ep)), Delete(handle_key(ep.handle or ep.id)), *rel.ops,
                     *await self._release_interface(ep)])
             except Conflict:

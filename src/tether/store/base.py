@@ -51,9 +51,12 @@ class KV:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    type: Literal["put", "delete"]
+    """A change, or (type "progress", key "") the store's word that every event up to `revision`
+    has been delivered: an engine may send one on a quiet stream (etcd does), none is required."""
+
+    type: Literal["put", "delete", "progress"]
     key: str
-    value: bytes | None  # None for delete
+    value: bytes | None  # None for delete and progress
     revision: int
 
 

@@ -1,9 +1,18 @@
-"""The distributed store: etcd v3 through aetcd (asyncio gRPC).
+"""The distributed store: etcd v3 over gRPC (aetcd makes the channel and stubs).
 
 etcd already has the semantics `Store` promises (one revision per transaction, ordered watches from
-a revision, compaction, leases), so this is a thin mapping. Several endpoints: the client connects
-to the first that answers and moves to the next on connection failure; watches resume from the
-last delivered revision after such a switch, so there are no gaps and no duplicates.
+a revision, compaction, leases), so this is a thin mapping. What it adds is failure handling:
+
+- every etcd failure becomes `Unavailable` (the API's 503), whatever layer raised it: gRPC's
+  `AioRpcError` from a stub, or `CancelledError` from a channel closed under a call;
+- calls are retried for a short while (`retry_for`) on the next endpoint: reads, lease calls and
+  transactions alike. A transaction is safe to send again because every write Tether makes either
+  compares revisions (a repeat that finds its own earlier write fails with `Conflict`, and the caller
+  re-reads) or is an unconditional put/delete (a repeat writes the same thing);
+- one failing call never breaks the others: switching endpoints opens a new channel and closes the
+  old one only once the calls still on it have had time to finish;
+- watches resume from the last delivered revision on another endpoint, so there are no gaps and no
+  duplicates, and report etcd's own progress (`Event("progress", ...)`) on a quiet stream.
 """
 
 from __future__ import annotations
@@ -11,37 +20,98 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions as etcd_errors
 import aetcd.rpc as rpc
 from aetcd import transactions as tx
 
-from tether.store.base import KV, Compacted, Compare, Conflict, Delete, Event, ListResult, Op, Put, Unavailable
+from tether.store.base import (
+    KV,
+    Compacted,
+    Compare,
+    Conflict,
+    Delete,
+    Event,
+    ListResult,
+    Op,
+    Put,
+    StoreError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
-
-CONNECTION_ERRORS = (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError, etcd_errors.InternalError)
-
+R = TypeVar("R")
 
 GRPC_OPTIONS = {"grpc.max_receive_message_length": 1 << 30, "grpc.max_send_message_length": 64 << 20}
+# codes that mean "this member or the connection to it cannot answer now": try again, elsewhere
+RETRYABLE = {rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED, rpc.StatusCode.CANCELLED,
+             rpc.StatusCode.UNKNOWN, rpc.StatusCode.INTERNAL, rpc.StatusCode.ABORTED}
+PROGRESS_EVERY = 3.0  # seconds of a quiet watch stream between requests for etcd's progress
+
+
+class LeaseNotFound(StoreError):
+    """etcd does not know the lease (it expired or was revoked)."""
+
+
+class OutOfSpace(Unavailable):
+    """etcd refuses writes until an operator frees space: not worth retrying."""
+
+
+class Retry(Exception):
+    """A failure worth another attempt on another endpoint (carries what went wrong)."""
 
 
 def _range_end(prefix: bytes) -> bytes:
     return aetcd.utils.prefix_range_end(prefix)
 
 
+def _cancelled_from_outside() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def translate(e: BaseException) -> BaseException:
+    """An etcd failure as the store error callers handle: `Retry` (try another endpoint),
+    `Unavailable` (do not retry: out of space), `LeaseNotFound`, `Compacted`, or `e` itself."""
+    if isinstance(e, asyncio.CancelledError):
+        return e if _cancelled_from_outside() else Retry("the call was cancelled (its channel closed)")
+    if isinstance(e, etcd_errors.ConnectionFailedError | etcd_errors.ConnectionTimeoutError
+                  | etcd_errors.InternalError):  # aetcd's own wrapping of the same failures
+        return Retry(str(e))
+    if not isinstance(e, rpc.AioRpcError):
+        return e
+    code, details = e.code(), e.details() or ""
+    if code == rpc.StatusCode.RESOURCE_EXHAUSTED or "space exceeded" in details:
+        return OutOfSpace(f"etcd is out of space ({details}): the NOSPACE alarm stops every write; compact, "
+                           "defragment (etcdctl defrag) and disarm the alarm (etcdctl alarm disarm), and raise "
+                           "--quota-backend-bytes")
+    if code == rpc.StatusCode.NOT_FOUND and "lease" in details:
+        return LeaseNotFound(details)
+    if code == rpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+        return Compacted(0)
+    if code in RETRYABLE:
+        return Retry(f"{code.name}: {details}")
+    return StoreError(f"etcd refused the request ({code.name}: {details})")
+
+
 class EtcdStore:
-    def __init__(self, endpoints: list[str], *, timeout: float = 10) -> None:
+    def __init__(self, endpoints: list[str], *, timeout: float = 5, retry_for: float = 5) -> None:
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint host:port")
         self.endpoints = endpoints
-        self.timeout = timeout
+        self.timeout = timeout  # per call
+        self.retry_for = retry_for  # all attempts of one store call together
         self._client: aetcd.Client | None = None
         self._current = 0
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task] = set()
+
+    def _new_client(self, endpoint: str) -> aetcd.Client:
+        host, _, port = endpoint.rpartition(":")
+        return aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout, options=GRPC_OPTIONS)
 
     async def _connect(self) -> aetcd.Client:
         if self._client is not None:
@@ -52,57 +122,85 @@ class EtcdStore:
             errors = []
             for i in range(len(self.endpoints)):
                 idx = (self._current + i) % len(self.endpoints)
-                host, _, port = self.endpoints[idx].rpartition(":")
-                client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout,
-                                      options=GRPC_OPTIONS)
+                client = self._new_client(self.endpoints[idx])
                 try:
                     await client.connect()
-                    await client.status()
+                    await client.maintenancestub.Status(rpc.StatusRequest(), timeout=self.timeout,
+                                                        metadata=client.metadata)
                 except Exception as e:  # noqa: BLE001 - any failure means "try the next one"
-                    errors.append(f"{self.endpoints[idx]}: {e}")
+                    errors.append(f"{self.endpoints[idx]}: {e.details() if isinstance(e, rpc.AioRpcError) else e}")
                     await client.close()
                     continue
                 self._client, self._current = client, idx
                 return client
             raise Unavailable("cannot reach etcd (" + "; ".join(errors) + "); is etcd running?")
 
-    async def _drop(self) -> None:
-        client, self._client = self._client, None
+    def _failed(self, client: aetcd.Client, why: object) -> None:
+        """Move to the next endpoint after a failure on `client`. The old channel is closed later,
+        not now: the other calls on it finish or fail by themselves (closing it cancelled them all)."""
+        if self._client is not client:
+            return  # another call already moved on
+        log.warning("etcd %s failed (%s); trying the next endpoint", self.endpoints[self._current], why)
+        self._client = None
         self._current = (self._current + 1) % len(self.endpoints)
-        if client is not None:
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.timeout + 1)
             with contextlib.suppress(Exception):
                 await client.close()
 
-    async def _call(self, fn: Any) -> Any:
-        """Run `fn(client)`, retrying once on another endpoint when the connection fails."""
-        for attempt in range(max(2, len(self.endpoints))):
-            client = await self._connect()
-            try:
-                return await fn(client)
-            except CONNECTION_ERRORS as e:
-                log.warning("etcd %s failed: %s", self.endpoints[self._current], e)
-                await self._drop()
-                if attempt >= len(self.endpoints):
-                    raise Unavailable(f"etcd unavailable: {e}") from e
-        raise Unavailable("etcd unavailable")
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
-    @staticmethod
-    def _kv(kv: Any) -> KV:
+    async def _call(self, fn: Callable[[aetcd.Client], Awaitable[R]]) -> R:
+        """Run `fn(client)`; on an availability failure, again on the next endpoint until
+        `retry_for` seconds have passed, then `Unavailable`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        pause = 0.05
+        while True:
+            client: aetcd.Client | None = None
+            try:
+                client = await self._connect()
+                return await fn(client)
+            except OutOfSpace:
+                raise
+            except Unavailable as e:  # no endpoint answered
+                why: object = e
+            except BaseException as e:  # noqa: BLE001 - sorted by translate(); the rest re-raised
+                err = translate(e)
+                if not isinstance(err, Retry):
+                    if err is e:
+                        raise
+                    raise err from e
+                why = err
+                if client is not None:
+                    self._failed(client, err)
+            if loop.time() + pause > deadline:
+                raise Unavailable(f"etcd unavailable for {self.retry_for:g} s ({why}); check the etcd members "
+                                  f"({', '.join(self.endpoints)}) and their quorum") from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _kv(self, kv: Any) -> KV:
         return KV(kv.key.decode(), bytes(kv.value), kv.mod_revision, kv.create_revision, kv.lease)
 
+    async def _range(self, key: bytes, range_end: bytes = b"", **options: Any) -> Any:
+        async def run(c: aetcd.Client) -> Any:
+            req = rpc.RangeRequest(key=key, range_end=range_end, **options)
+            return await c.kvstub.Range(req, timeout=self.timeout, metadata=c.metadata)
+
+        return await self._call(run)
+
     async def get(self, key: str) -> KV | None:
-        r = await self._call(lambda c: c.get(key.encode()))
-        return self._kv(r) if r is not None else None
+        resp = await self._range(key.encode())
+        return self._kv(resp.kvs[0]) if resp.kvs else None
 
     async def list(self, prefix: str) -> ListResult:
         p = prefix.encode()
-
-        async def run(c: aetcd.Client) -> ListResult:
-            req = rpc.RangeRequest(key=p, range_end=_range_end(p), sort_order=1, sort_target=0)
-            resp = await c.kvstub.Range(req, timeout=self.timeout, metadata=c.metadata)
-            return ListResult([self._kv(kv) for kv in resp.kvs], resp.header.revision)
-
-        return await self._call(run)
+        resp = await self._range(p, _range_end(p), sort_order=1, sort_target=0)
+        return ListResult([self._kv(kv) for kv in resp.kvs], resp.header.revision)
 
     async def txn(self, compares: list[Compare], ops: list[Op]) -> int:
         conds = [tx.Mod(c.key.encode()) == c.mod_revision for c in compares]
@@ -124,10 +222,8 @@ class EtcdStore:
 
         try:
             return await self._call(run)
-        except etcd_errors.ClientError as e:
-            if "lease not found" in str(e):
-                raise Conflict(f"lease not found (expired?): {e}") from e
-            raise
+        except LeaseNotFound as e:
+            raise Conflict(f"lease not found (expired?): {e}") from e
 
     async def create(self, key: str, value: bytes, lease: int = 0) -> int:
         return await self.txn([Compare(key, 0)], [Put(key, value, lease)])
@@ -143,56 +239,137 @@ class EtcdStore:
         return await self.txn(compares, [Delete(key)])
 
     async def revision(self) -> int:
-        return (await self.list("\x00/none")).revision
+        """The current revision, read through the leader (a linearizable read: fails without quorum)."""
+        return (await self._range(b"\x00/none", count_only=True)).header.revision
 
     async def compact(self, revision: int) -> None:
         async def run(c: aetcd.Client) -> None:
-            await c.compact(revision, physical=True)
+            await c.kvstub.Compact(rpc.CompactionRequest(revision=revision, physical=True),
+                                   timeout=max(self.timeout, 30), metadata=c.metadata)
 
-        try:
+        with contextlib.suppress(Compacted):  # already compacted further: fine
             await self._call(run)
-        except etcd_errors.ClientError as e:
-            if "compacted" not in str(e):  # already compacted further: fine
-                raise
+
+    async def problems(self) -> list[str]:
+        """What keeps the cluster from taking writes: no quorum, or an alarm (NOSPACE, CORRUPT)."""
+        try:
+            await self.revision()
+        except Unavailable as e:
+            return [f"no etcd quorum: {e}"]
+
+        async def alarms(c: aetcd.Client) -> Any:
+            req = rpc.AlarmRequest(action=rpc.AlarmRequest.GET, memberID=0, alarm=rpc.AlarmType.Value("NONE"))
+            return await c.maintenancestub.Alarm(req, timeout=self.timeout, metadata=c.metadata)
+
+        resp = await self._call(alarms)
+        return [f"etcd alarm {rpc.AlarmType.Name(a.alarm)} on member {a.memberID:x}"
+                + (": the database reached --quota-backend-bytes; compact, defragment and disarm it"
+                   if a.alarm == rpc.AlarmType.Value("NOSPACE") else "") for a in resp.alarms]
 
     async def watch(self, prefix: str, after_revision: int) -> AsyncIterator[Event]:
         p = prefix.encode()
         last = after_revision
+        failures = 0
         while True:
             client = await self._connect()
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            create = rpc.WatchCreateRequest(key=p, range_end=_range_end(p), start_revision=last + 1,
+                                            progress_notify=True)
+            requests.put_nowait(rpc.WatchRequest(create_request=create))
+
+            async def outgoing(q: asyncio.Queue[Any] = requests) -> AsyncIterator[Any]:
+                while (req := await q.get()) is not None:
+                    yield req
+
+            call = rpc.WatchStub(client.channel).Watch(outgoing(), metadata=client.metadata)
             try:
-                w = await client.watch(p, range_end=_range_end(p), start_revision=last + 1)
-                try:
-                    async for ev in w:
+                async for resp in self._responses(call, requests):
+                    if resp.compact_revision:
+                        raise Compacted(resp.compact_revision)
+                    if resp.canceled:
+                        raise Retry(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason given'}")
+                    failures = 0
+                    for ev in resp.events:
+                        typ = "delete" if ev.type == rpc.Event.DELETE else "put"
                         rev = ev.kv.mod_revision
-                        typ = "delete" if ev.kind == "DELETE" else "put"
                         yield Event(typ, ev.kv.key.decode(), None if typ == "delete" else bytes(ev.kv.value), rev)
                         last = max(last, rev)
-                finally:
-                    await w.cancel()
-            except etcd_errors.RevisionCompactedError as e:
-                raise Compacted(e.compacted_revision) from None
-            except CONNECTION_ERRORS as e:
-                log.warning("etcd watch interrupted (%s); resuming from revision %d", e, last)
-                await self._drop()
-                await asyncio.sleep(0.2)
+                    if not resp.events and not resp.created:
+                        yield Event("progress", "", None, resp.header.revision)
+                raise Retry("the watch stream ended")
+            except BaseException as e:  # noqa: BLE001 - sorted by translate()
+                err = translate(e)
+                if err is e:
+                    raise
+                if not isinstance(err, Retry):
+                    raise err from None
+                failures += 1
+                log.warning("etcd watch interrupted (%s); resuming from revision %d", err, last)
+                self._failed(client, err)
+                if failures > 2 * len(self.endpoints):
+                    raise Unavailable(f"etcd watch failed {failures} times in a row ({err})") from None
+                await asyncio.sleep(min(0.2 * failures, 1.0))
+            finally:
+                requests.put_nowait(None)
+                call.cancel()
+
+    @staticmethod
+    async def _responses(call: Any, requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+        """The watch responses; on a quiet stream, every few seconds a request for etcd's progress.
+        (A reader task feeds a queue: cancelling a read of the gRPC stream itself ends the stream.)"""
+        got: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for resp in call:
+                    got.put_nowait(resp)
+                got.put_nowait(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                got.put_nowait(e)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(got.get(), PROGRESS_EVERY)
+                except TimeoutError:
+                    requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
 
     async def grant_lease(self, ttl: float) -> int:
-        lease = await self._call(lambda c: c.lease(max(1, round(ttl))))
-        return lease.id
+        async def run(c: aetcd.Client) -> int:
+            resp = await c.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=max(1, round(ttl)), ID=0),
+                                                timeout=self.timeout, metadata=c.metadata)
+            return resp.ID
+
+        return await self._call(run)
 
     async def keepalive(self, lease: int) -> bool:
-        reply = await self._call(lambda c: c.refresh_lease(lease))
-        return bool(reply is not None and reply.TTL > 0)
+        async def run(c: aetcd.Client) -> bool:
+            async for reply in c.leasestub.LeaseKeepAlive([rpc.LeaseKeepAliveRequest(ID=lease)],
+                                                          timeout=self.timeout, metadata=c.metadata):
+                return reply.TTL > 0
+            return False
+
+        return await self._call(run)
 
     async def revoke(self, lease: int) -> None:
-        try:
-            await self._call(lambda c: c.revoke_lease(lease))
-        except etcd_errors.ClientError as e:
-            if "not found" not in str(e):
-                raise
+        async def run(c: aetcd.Client) -> None:
+            await c.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease), timeout=self.timeout, metadata=c.metadata)
+
+        with contextlib.suppress(LeaseNotFound):
+            await self._call(run)
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         if self._client is not None:
-            await self._client.close()
-            self._client = None
+            client, self._client = self._client, None
+            await client.close()
