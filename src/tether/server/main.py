@@ -19,7 +19,7 @@ import uvicorn
 from tether import heap
 from tether.server.auth import is_local_listen, load_or_create_token
 from tether.server.limits import Limits
-from tether.store.base import open_store
+from tether.store.base import Store, open_store
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"
@@ -79,6 +79,18 @@ def force_exit_after(seconds: float) -> None:
     timer.start()
 
 
+def open_database(store_url: str) -> Store:
+    """Open the store, or exit with one line saying what is wrong with the database and what to do,
+    and an exit code that says which (see tether.store.sqlite): no traceback for an operator's problem."""
+    from tether.store.sqlite import DatabaseUnusable
+
+    try:
+        return open_store(store_url)
+    except DatabaseUnusable as e:
+        print(f"tether server: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+
+
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
                 **app_options) -> None:
     from tether.server.app import create_app
@@ -92,8 +104,8 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         log.warning("--max-connections %d lowered to %d: the file-descriptor limit (ulimit -n) allows no more",
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
+    store = open_database(store_url)  # first: a database it cannot use is the clearest thing to report
     token = None if insecure else load_or_create_token(state_dir)
-    store = open_store(store_url)
     app = create_app(store, token=token, limits=limits, **app_options)
     sockets = [bind(a) for a in listen]
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
