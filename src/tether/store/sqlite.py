@@ -482,3 +482,153 @@ class SqliteStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+# --- backup and restore ------------------------------------------------------------------------
+
+RESTORE_REVISION_BUMP = 1_000_000
+
+
+def _open_existing(path: str, *, readonly: bool) -> sqlite3.Connection:
+    """Open a database that must already exist (sqlite3.connect would create an empty one)."""
+    if not os.path.isfile(path):
+        raise DatabaseUnusable(f"{path}: no such database file", EXIT_UNWRITABLE)
+    mode = "ro" if readonly else "rw"
+    return sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT)
+
+
+def damage(db: sqlite3.Connection) -> str | None:
+    """What is wrong with an open database as a Tether store, or None when it is intact."""
+    problems = [r[0] for r in db.execute("PRAGMA integrity_check")]
+    if problems != ["ok"]:
+        return "damaged: " + "; ".join(problems[:3])
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not {"kv", "log", "meta", "leases"} <= tables:
+        return f"an SQLite file but not a Tether database (tables: {', '.join(sorted(tables)) or 'none'})"
+    return None
+
+
+def check_database(path: str, what: str = "database") -> int:
+    """Check that `path` is an intact Tether database; return its revision. Raises DatabaseUnusable
+    saying what is wrong with the `what` (a database, a backup)."""
+    try:
+        db = _open_existing(path, readonly=True)
+        try:
+            wrong = damage(db)
+            if wrong is None:
+                return db.execute("SELECT value FROM meta WHERE name='rev'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        wrong = str(e)
+    raise DatabaseUnusable(f"{what} {path} is not usable: {wrong}", EXIT_CORRUPT)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup(path: str, to: str) -> int:
+    """Copy the database at `path` to the file `to`, online: SQLite's backup API copies it in one
+    read transaction, so the copy is one consistent revision even while a server writes (a WAL
+    reader does not block writers). Written beside `to` and renamed into place, checked, synced.
+    Returns the revision the copy holds."""
+    tmp = to + ".partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        src = _open_existing(path, readonly=False)  # a WAL reader needs the -shm file, made read-write
+        try:
+            dst = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        rev = check_database(tmp, "the copy")
+        _fsync_path(tmp)
+        os.replace(tmp, to)
+        _fsync_path(os.path.dirname(os.path.abspath(to)))
+        return rev
+    except sqlite3.Error as e:
+        raise describe_open_error(path, e) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def restore(path: str, source: str) -> tuple[int, str | None]:
+    """Replace the database at `path` by the backup `source`, after checking the backup. Refuses
+    while any process has the database open (servers hold its lock file). The restored store's
+    revision is bumped past anything the old one handed out (by RESTORE_REVISION_BUMP, as etcd's
+    `snapshot restore --bump-revision`) and its history marked compacted, so every agent's watch
+    gets "compacted" and resyncs instead of waiting for revisions it has already seen. Leases keep
+    their expiry times: hosts whose agents still renew them stay alive, the others expire.
+    Returns the new revision and where the replaced database was kept (None if there was none)."""
+    check_database(source, "backup")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".restoring"
+    try:
+        lock = hold_lock(path, exclusive=True)
+    except BlockingIOError:
+        raise DatabaseUnusable(f"{path} is in use by a running tether server (or another restore); stop it "
+                               "first, then restore", EXIT_IN_USE) from None
+    try:
+        old_rev = 0
+        with contextlib.suppress(StoreError, sqlite3.Error):
+            old_rev = check_database(path)  # a damaged old database: its revision is unknown
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        src = _open_existing(source, readonly=True)
+        dst = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            src.backup(dst)
+            rev = max(old_rev, dst.execute("SELECT value FROM meta WHERE name='rev'").fetchone()[0])
+            rev += RESTORE_REVISION_BUMP
+            with dst:
+                dst.execute("BEGIN IMMEDIATE")
+                dst.execute("DELETE FROM log")
+                dst.execute("UPDATE meta SET value=? WHERE name IN ('rev', 'compact')", (rev,))
+            wrong = damage(dst)
+            if wrong is not None:
+                raise DatabaseUnusable(f"the copy of {source} is not usable: {wrong}", EXIT_CORRUPT)
+            dst.execute("PRAGMA journal_mode=WAL")  # set last: closing folds the WAL back into the file
+        finally:
+            dst.close()
+            src.close()
+        _fsync_path(tmp)
+        kept = _set_aside(path)
+        os.replace(tmp, path)
+        _fsync_path(os.path.dirname(os.path.abspath(path)))
+        return rev, kept
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"restore of {path} from {source} failed: {e}; the database was not replaced",
+                               EXIT_UNWRITABLE) from None
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        os.close(lock)
+
+
+def _set_aside(path: str) -> str | None:
+    """Move the database and its WAL to `<path>.before-restore[-wal]` (an undo, and evidence);
+    drop its -shm (an index SQLite rebuilds). A WAL left beside the restored file would be replayed
+    into it."""
+    kept = None
+    for suffix in ("", "-wal"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, path + ".before-restore" + suffix)
+            kept = path + ".before-restore"
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + ".before-restore" + suffix)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + "-shm")
+    return kept
