@@ -23,9 +23,11 @@ import logging
 import os
 import random
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from tether.store.base import (
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS leases (id INTEGER PRIMARY KEY, ttl REAL NOT NULL, ex
 """
 
 MAX_KEY = "\U0010ffff"
+MAX_GROUP = 256  # transactions committed together at most (one WAL sync)
 
 # How long a write waits for another process's write lock (another server on the same file; a
 # restore). Writes of this process never wait for each other here (one writer thread), and a
@@ -200,6 +203,8 @@ class SqliteStore:
         except BaseException:
             self._release_lock()
             raise
+        self._pending: deque[tuple[list[Compare], list[Op], Future[int]]] = deque()
+        self._pending_lock = threading.Lock()
         self._writer = in_thread("tether-sqlite-write")
         self._reader = self._writer if memory else in_thread("tether-sqlite-read")
         # completed at the next commit (a new one per generation): the watchers of this process wait
@@ -246,10 +251,12 @@ class SqliteStore:
     async def _write_call(self, fn: Callable[..., T], *args: object) -> T:
         """A write in the writer thread. Watchers are woken when the commit returns, even if the
         caller was cancelled meanwhile (the write still happened)."""
-        loop = asyncio.get_running_loop()
         if self._closed:
             raise Unavailable("the store is closed (the server is stopping)")
-        cf = self._writer.submit(fn, *args)
+        return await self._committed(self._writer.submit(fn, *args))
+
+    async def _committed(self, cf: Future[T]) -> T:
+        loop = asyncio.get_running_loop()
         cf.add_done_callback(lambda _: self._notify_from_thread(loop))
         try:
             return await asyncio.wrap_future(cf)
@@ -300,40 +307,85 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
 
+    @classmethod
+    def _apply(cls, db: sqlite3.Connection, compares: list[Compare], ops: list[Op]) -> int:
+        """One store transaction inside an open SQLite transaction; returns its revision."""
+        for c in compares:
+            row = db.execute("SELECT mod_rev FROM kv WHERE key=?", (c.key,)).fetchone()
+            if (row[0] if row else 0) != c.mod_revision:
+                raise Conflict(f"{c.key}: expected revision {c.mod_revision}, found {row[0] if row else 0}")
+        rev = cls._meta(db, "rev") + 1
+        seq = 0
+        for op in ops:
+            if isinstance(op, Put):
+                row = db.execute("SELECT create_rev FROM kv WHERE key=?", (op.key,)).fetchone()
+                create = row[0] if row else rev
+                if op.lease and not db.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone():
+                    raise Conflict(f"lease {op.lease} not found (expired?)")
+                db.execute("INSERT OR REPLACE INTO kv VALUES (?,?,?,?,?)", (op.key, op.value, create, rev, op.lease))
+                db.execute("INSERT INTO log VALUES (?,?,?,?,?)", (rev, seq, "put", op.key, op.value))
+                seq += 1
+            elif isinstance(op, Delete):
+                if db.execute("DELETE FROM kv WHERE key=?", (op.key,)).rowcount:
+                    db.execute("INSERT INTO log VALUES (?,?,?,?,NULL)", (rev, seq, "delete", op.key))
+                    seq += 1
+        if not seq:
+            return rev - 1
+        db.execute("UPDATE meta SET value=? WHERE name='rev'", (rev,))
+        return rev
+
     def _write(self, compares: list[Compare], ops: list[Op]) -> int:
         db = self._wdb
         db.execute("BEGIN IMMEDIATE")
         try:
-            for c in compares:
-                row = db.execute("SELECT mod_rev FROM kv WHERE key=?", (c.key,)).fetchone()
-                if (row[0] if row else 0) != c.mod_revision:
-                    raise Conflict(f"{c.key}: expected revision {c.mod_revision}, found {row[0] if row else 0}")
-            rev = self._meta(db, "rev") + 1
-            seq = 0
-            for op in ops:
-                if isinstance(op, Put):
-                    row = db.execute("SELECT create_rev FROM kv WHERE key=?", (op.key,)).fetchone()
-                    create = row[0] if row else rev
-                    if op.lease and not db.execute("SELECT 1 FROM leases WHERE id=?", (op.lease,)).fetchone():
-                        raise Conflict(f"lease {op.lease} not found (expired?)")
-                    db.execute(
-                        "INSERT OR REPLACE INTO kv VALUES (?,?,?,?,?)", (op.key, op.value, create, rev, op.lease)
-                    )
-                    db.execute("INSERT INTO log VALUES (?,?,?,?,?)", (rev, seq, "put", op.key, op.value))
-                    seq += 1
-                elif isinstance(op, Delete):
-                    if db.execute("DELETE FROM kv WHERE key=?", (op.key,)).rowcount:
-                        db.execute("INSERT INTO log VALUES (?,?,?,?,NULL)", (rev, seq, "delete", op.key))
-                        seq += 1
-            if seq:
-                db.execute("UPDATE meta SET value=? WHERE name='rev'", (rev,))
-            else:
-                rev -= 1
+            rev = self._apply(db, compares, ops)
             db.execute("COMMIT")
             return rev
         except BaseException:
             self._rollback(db)
             raise
+
+    def _commit_pending(self) -> None:
+        """Group commit, in the writer thread: every transaction waiting now goes into one SQLite
+        transaction (each under its own savepoint, with its own revision, in submission order), so
+        they share one WAL sync. None is answered before the COMMIT returned; if SQLite fails (disk
+        full), the whole group fails and nothing of it is written. Eight writers at once on a busy
+        disk: 395 commits/s one by one, see docs/SQLITE.md for the figures with grouping."""
+        with self._pending_lock:
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_GROUP))]
+        batch = [job for job in batch if job[2].set_running_or_notify_cancel()]  # skip the cancelled
+        if not batch:
+            return
+        db = self._wdb
+        outcomes: list[tuple[Future[int], int | None, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for compares, ops, fut in batch:
+                db.execute("SAVEPOINT txn")
+                try:
+                    outcomes.append((fut, self._apply(db, compares, ops), None))
+                except Conflict as e:
+                    db.execute("ROLLBACK TO txn")
+                    outcomes.append((fut, None, e))
+                db.execute("RELEASE txn")
+            db.execute("COMMIT")
+        except BaseException as e:  # handed to every caller of the group
+            self._rollback(db)
+            for _, _, fut in batch:
+                fut.set_exception(e)
+            return
+        for fut, rev, err in outcomes:
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(rev)  # type: ignore[arg-type]
+
+    def _submit_txn(self, compares: list[Compare], ops: list[Op]) -> Future[int]:
+        fut: Future[int] = Future()
+        with self._pending_lock:
+            self._pending.append((compares, ops, fut))
+        self._writer.submit(self._commit_pending)  # the first of these to run takes the whole queue
+        return fut
 
     # --- Store ----------------------------------------------------------------------------------
 
@@ -362,7 +414,9 @@ class SqliteStore:
         return await self._call(self._reader, self._list, prefix)
 
     async def txn(self, compares: list[Compare], ops: list[Op]) -> int:
-        return await self._write_call(self._write, compares, ops)
+        if self._closed:
+            raise Unavailable("the store is closed (the server is stopping)")
+        return await self._committed(self._submit_txn(compares, ops))
 
     async def create(self, key: str, value: bytes, lease: int = 0) -> int:
         return await self.txn([Compare(key, 0)], [Put(key, value, lease)])
