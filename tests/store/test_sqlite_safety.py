@@ -259,3 +259,22 @@ async def test_restore_brings_back_the_backup_and_old_watch_positions_must_resyn
         assert [e.key for e in await collect(store, P, rev, 1, timeout=5)] == [P + "new"] and new == rev + 1
     finally:
         await store.close()
+
+
+async def test_transactions_committed_together_keep_one_revision_each_in_order_and_cas(tmp_path) -> None:
+    """Group commit: writes waiting together share one WAL sync, yet each keeps its own revision, in
+    the order they were submitted, and a compare sees the writes grouped before it."""
+    store = SqliteStore(str(tmp_path / "t.db"))
+    try:
+        start = await store.revision()
+        revs = await asyncio.gather(*(store.put(P + f"k{i}", b"%d" % i) for i in range(100)))
+        assert revs == list(range(start + 1, start + 101))
+        results = await asyncio.gather(*(store.create(P + "once", b"%d" % i) for i in range(50)),
+                                       return_exceptions=True)
+        winners = [r for r in results if isinstance(r, int)]
+        assert len(winners) == 1 and all(isinstance(r, engine.Conflict) for r in results if r not in winners)
+        assert (await store.get(P + "once")).mod_revision == winners[0] == await store.revision()
+        events = await collect(store, P, start, 101, timeout=10)
+        assert [e.revision for e in events] == list(range(start + 1, start + 102))
+    finally:
+        await store.close()
