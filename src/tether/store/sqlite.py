@@ -9,9 +9,10 @@ loss could take the last commits with it). Watchers in this process are woken on
 also poll, so writes from other processes are seen within `poll_interval`.
 
 SQLite calls block (a commit waits for its fsync), so none runs on the event loop: writes go to
-one writer thread, in the order they were submitted, and reads to one reader thread with its own
-connection (WAL readers never wait for the writer). A write is acknowledged only after its COMMIT
-returned, so a read or watch that starts after the acknowledgement sees it.
+one writer thread, in the order they were submitted, grouped so that transactions waiting together
+share one sync (`_commit_pending`), and reads to one reader thread with its own connection (WAL
+readers never wait for the writer). A write is acknowledged only after its COMMIT returned, so a
+read or watch that starts after the acknowledgement sees it.
 """
 
 from __future__ import annotations
@@ -350,7 +351,7 @@ class SqliteStore:
         transaction (each under its own savepoint, with its own revision, in submission order), so
         they share one WAL sync. None is answered before the COMMIT returned; if SQLite fails (disk
         full), the whole group fails and nothing of it is written. Eight writers at once on a busy
-        disk: 395 commits/s one by one, see docs/SQLITE.md for the figures with grouping."""
+        disk: 2,196 commits/s grouped, 359 one by one (bench/store_write, docs/SQLITE.md)."""
         with self._pending_lock:
             batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_GROUP))]
         batch = [job for job in batch if job[2].set_running_or_notify_cancel()]  # skip the cancelled
