@@ -278,3 +278,13 @@ async def test_transactions_committed_together_keep_one_revision_each_in_order_a
         assert [e.revision for e in events] == list(range(start + 1, start + 102))
     finally:
         await store.close()
+
+
+async def test_a_backup_never_overwrites_the_database_it_copies(tmp_path) -> None:
+    path = str(tmp_path / "t.db")
+    await make_db(path, 3)
+    with pytest.raises(DatabaseUnusable, match="is the database itself"):
+        backup(path, str(tmp_path / "." / "t.db"))
+    store = SqliteStore(path)
+    assert len((await store.list(P)).items) == 3
+    await store.close()

@@ -605,6 +605,8 @@ def backup(path: str, to: str) -> int:
     read transaction, so the copy is one consistent revision even while a server writes (a WAL
     reader does not block writers). Written beside `to` and renamed into place, checked, synced.
     Returns the revision the copy holds."""
+    if os.path.realpath(to) in {os.path.realpath(path + suffix) for suffix in ("", "-wal", "-shm", ".lock")}:
+        raise DatabaseUnusable(f"--to {to} is the database itself; back up to another file", EXIT_UNWRITABLE)
     tmp = to + ".partial"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
