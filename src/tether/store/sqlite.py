@@ -365,7 +365,9 @@ class SqliteStore:
                 db.execute("SAVEPOINT txn")
                 try:
                     outcomes.append((fut, self._apply(db, compares, ops), None))
-                except Conflict as e:
+                except Exception as e:  # a conflict, or a failure of this transaction alone
+                    if not db.in_transaction:
+                        raise  # SQLite ended the transaction itself (disk full, I/O): the group fails
                     db.execute("ROLLBACK TO txn")
                     outcomes.append((fut, None, e))
                 db.execute("RELEASE txn")
