@@ -110,8 +110,13 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 # --- daemons -------------------------------------------------------------------------------------
 
-@app.command()
+server_app = typer.Typer(help="Run the control plane, or back up and restore its SQLite database.")
+app.add_typer(server_app, name="server")
+
+
+@server_app.callback(invoke_without_command=True)
 def server(
+    ctx: typer.Context,
     store: Annotated[str | None, typer.Option(help="sqlite:///path/tether.db (default: in --state-dir) or "
                                                    "etcd://host:port[,host:port...]")] = None,
     listen: Annotated[list[str] | None, typer.Option(help="host:port (HTTPS; plain HTTP on loopback), "
@@ -139,13 +144,70 @@ def server(
     insecure_http: Annotated[bool, typer.Option(help="DANGEROUS: allow http://ADDR:PORT listeners off loopback; "
                                                      "tokens then cross the network in clear")] = False,
 ) -> None:
-    """Run the control plane: the API over the store (SQLite by default, or etcd), HTTPS on TCP listeners."""
+    """Run the control plane: the API over the store (SQLite by default, or etcd), HTTPS on TCP listeners.
+    `tether server backup` and `tether server restore` copy its SQLite database out and back."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tether.server.limits import Limits
     from tether.server.main import TlsOptions, run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
                gc_interval=gc_interval, compact_keep=compact_keep, limits=Limits(max_body=max_body),
                tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http))
+
+
+DbStoreOpt = Annotated[str | None, typer.Option("--store", help="sqlite:///path/tether.db [default: tether.db in "
+                                                "--state-dir]", show_default=False)]
+StateDirOpt = Annotated[str, typer.Option(help="the server's state directory")]
+
+
+def sqlite_path(store: str | None, state_dir: str) -> str:
+    import os
+
+    if store is None:
+        return os.path.join(state_dir, "tether.db")
+    if not store.startswith("sqlite://"):
+        fail(f"--store {store}: backup and restore are for the SQLite store; for etcd use etcdctl snapshot save "
+             "and etcdutl snapshot restore")
+    return store[len("sqlite://"):]
+
+
+@server_app.command("backup")
+def server_backup(
+    to: Annotated[str, typer.Option("--to", help="file to write the copy to (replaced if it exists)")],
+    store: DbStoreOpt = None, state_dir: StateDirOpt = "/var/lib/tether",
+) -> None:
+    """Copy the SQLite database to a file: online (the server keeps serving), one consistent revision,
+    checked before it is renamed into place."""
+    from tether.store.sqlite import DatabaseUnusable, backup
+
+    path = sqlite_path(store, state_dir)
+    try:
+        rev = backup(path, to)
+    except (DatabaseUnusable, OSError) as e:
+        fail(f"backup of {path} failed: {e}")
+    print(f"backed up {path} at revision {rev} to {to}")
+
+
+@server_app.command("restore")
+def server_restore(
+    from_: Annotated[str, typer.Option("--from", help="a file written by `tether server backup`")],
+    store: DbStoreOpt = None, state_dir: StateDirOpt = "/var/lib/tether",
+) -> None:
+    """Replace the SQLite database by a backup. The server must be stopped; the backup is checked
+    first; the replaced database is kept as tether.db.before-restore. Agents resync by themselves."""
+    from tether.store.sqlite import DatabaseUnusable, restore
+
+    path = sqlite_path(store, state_dir)
+    try:
+        rev, kept = restore(path, from_)
+    except DatabaseUnusable as e:
+        fail(f"restore refused: {e}")
+        raise  # unreachable: fail() exits
+    except OSError as e:
+        fail(f"restore of {path} failed: {e}")
+        raise
+    print(f"restored {path} from {from_}; revision now {rev}" + (f"; the replaced database is {kept}" if kept else ""))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)

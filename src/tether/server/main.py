@@ -154,6 +154,16 @@ def tls_context(tls: TlsOptions, state_dir: str, listen: list[str]) -> tuple[ssl
         with open(files.ca, "rb") as f:
             ca_pem = f.read()
     return server_context(files), ca_pem
+def open_database(store_url: str) -> Store:
+    """Open the store, or exit with one line saying what is wrong with the database and what to do,
+    and an exit code that says which (see tether.store.sqlite): no traceback for an operator's problem."""
+    from tether.store.sqlite import DatabaseUnusable
+
+    try:
+        return open_store(store_url)
+    except DatabaseUnusable as e:
+        print(f"tether server: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
 
 
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
@@ -170,7 +180,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
     tls = tls or TlsOptions()
-    store = open_store(store_url)
+    store = open_database(store_url)  # first: a database it cannot use is the clearest thing to report
     credential = None if insecure else await credential_from(store, state_dir)
     if app_options.get("compact_keep") is None:  # etcd keeps all history unless told; SQLite compacts itself
         app_options["compact_keep"] = DEFAULT_COMPACT_KEEP if store_url.startswith("etcd://") else 0
