@@ -442,11 +442,76 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
         emit(k, run(lambda: c.request("GET", path_of(k), params=params)), output)
         return
     if k == "Endpoint":
-        emit(k, find_endpoint(c, name, None), output)
+        ep = find_endpoint(c, name, None)
+        emit(k, ep, output)
+        print_programming(c, k, ep["id"], output)
         return
     if KINDS[k].namespaced and "/" not in name:
         name = f"{namespace or 'default'}/{name}"
     emit(k, run(lambda: c.request("GET", path_of(k, name))), output)
+    print_programming(c, k, name, output)
+
+
+PROGRAMMABLE = ("Endpoint", "NetworkPolicy", "SecurityGroup", "Service", "Network", "Namespace")
+
+
+def print_programming(c, kind: str, ref: str, output: Format) -> None:
+    """Under a table: whether every host that must act on the object has applied it."""
+    if output != Format.table or kind not in PROGRAMMABLE:
+        return
+    from tether.client import ApiError, ServerUnreachable
+
+    try:
+        p = c.request("GET", f"/api/v1/programming/{kind}/{ref}")
+    except (ApiError, ServerUnreachable) as e:
+        print(f"programming status unknown: {e}")
+        return
+    print(p["summary"])
+
+
+def split_ref(ref: str, namespace: str | None) -> tuple[str, str]:
+    """'networkpolicy/deny-db' -> ('NetworkPolicy', 'default/deny-db')."""
+    from tether.model import KINDS
+
+    kind, sep, name = ref.partition("/")
+    k = ALIASES.get(kind.lower())
+    if not sep or k is None or not name:
+        fail(f"{ref!r} is not KIND/NAME: use e.g. networkpolicy/deny-db, endpoint/<id or name>, securitygroup/web")
+    if KINDS[k].namespaced and "/" not in name:
+        name = f"{namespace or 'default'}/{name}"
+    return k, name
+
+
+@app.command()
+def wait(ref: Annotated[str, typer.Argument(help="KIND/NAME, e.g. networkpolicy/deny-db or ns/name for namespaced "
+                                                "kinds: networkpolicy/prod/deny-db")],
+         for_: Annotated[str, typer.Option("--for", help="the condition: 'programmed' (every host that must act "
+                                                         "on the object has applied its current revision)")]
+         = "programmed",
+         timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait before failing")] = 30.0,
+         namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+         server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Wait until an object is in effect on every host that must act on it (exit 1 on timeout,
+    saying which hosts have not applied it and why: down, failing, quarantined, pending)."""
+    import time
+
+    if for_ != "programmed":
+        fail(f"unknown condition {for_!r}; the only one is 'programmed'")
+    k, name = split_ref(ref, namespace)
+    if k not in PROGRAMMABLE:
+        fail(f"{k} has no programming status; use one of: {', '.join(PROGRAMMABLE)}")
+    c = client(server, token)
+    if k == "Endpoint":
+        name = find_endpoint(c, name, None)["id"]
+    deadline = time.monotonic() + timeout
+    while True:
+        p = run(lambda: c.request("GET", f"/api/v1/programming/{k}/{name}"))
+        if p["programmed"]:
+            print(f"{k.lower()}/{p['name']}: {p['summary']}")
+            return
+        if time.monotonic() >= deadline:
+            fail(f"{k.lower()}/{p['name']} not programmed after {timeout:g} s: {p['summary']}")
+        time.sleep(0.05)
 
 
 @app.command()

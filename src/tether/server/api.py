@@ -473,6 +473,27 @@ async def delete_service(ns: str, name: str, request: Request) -> None:
 
 # --- blocks, snapshot, watch -----------------------------------------------------------------------
 
+PROGRAMMABLE = {"Endpoint": Endpoint, "NetworkPolicy": NetworkPolicy, "SecurityGroup": SecurityGroup,
+                "Service": Service, "Network": Network, "Namespace": Namespace}
+
+
+@router.get("/programming/{kind}/{ref:path}")
+async def get_programming(kind: str, ref: str, request: Request) -> dict:
+    """Whether every host that must act on an object has applied its current revision
+    (`tether.server.programming`): `tether get KIND NAME` and `tether wait --for programmed`."""
+    from tether.server.programming import programming
+
+    cls = PROGRAMMABLE.get(kind)
+    if cls is None:
+        raise ApiError(404, f"no programming status for kind {kind!r}; use one of: {', '.join(PROGRAMMABLE)}")
+    o = objs(request)
+    obj = await find_sg(o, ref) if cls is SecurityGroup else await o.get(cls, ref)
+    if obj is None:
+        raise ApiError(404, f"{kind} {ref!r} not found")
+    hosts = await o.list(Host)
+    return programming(obj, hosts, await o.live_hosts(), o.written_at(obj)).as_dict()
+
+
 @router.get("/blocks")
 async def list_blocks(request: Request, network: str | None = None) -> list[dict]:
     return dump(await objs(request).list(Block, f"{network}:" if network else ""))

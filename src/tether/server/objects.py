@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -111,6 +112,18 @@ class Objects:
         self.ipam = ipam
         self.service_cidr = ipaddress.ip_network(service_cidr)
         self.vtep_cidr = ipaddress.ip_network(vtep_cidr)
+        # when this server wrote each object's current revision (key -> (revision, time)): the
+        # "T ms after write" of the programming status; unknown after a restart or for another replica
+        self.written: dict[str, tuple[int, datetime]] = {}
+
+    def note_written(self, obj: Obj) -> None:
+        if len(self.written) > 100_000:
+            self.written.clear()
+        self.written[obj.key()] = (obj.revision, now())
+
+    def written_at(self, obj: Obj) -> datetime | None:
+        hit = self.written.get(obj.key())
+        return hit[1] if hit is not None and hit[0] == obj.revision else None
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -192,6 +205,7 @@ class Objects:
         rev = await self.store.txn([Compare(obj.key(), 0), *(compares or [])],
                                    [Put(obj.key(), encode(obj)), *(ops or [])])
         obj.revision = rev
+        self.note_written(obj)
         return obj
 
     async def replace(self, obj: T, revision: int, compares: list[Compare] | None = None,
@@ -199,6 +213,7 @@ class Objects:
         rev = await self.store.txn([Compare(obj.key(), revision), *(compares or [])],
                                    [Put(obj.key(), encode(obj)), *(ops or [])])
         obj.revision = rev
+        self.note_written(obj)
         return obj
 
     async def remove(self, obj: Obj, compares: list[Compare] | None = None, ops: list[Op] | None = None) -> int:
@@ -324,6 +339,7 @@ class Objects:
                 raise
             self.ipam.committed(alloc, rev)
             ep.revision = rev
+            self.note_written(ep)
             return ep, True
 
         return await with_retries(attempt)
