@@ -55,6 +55,8 @@ class AgentConfig:
     dns_ip: str | None = None  # where the DNS extra answers (None: its default; "off": no DNS)
     dns_port: int = 53
     upstream_dns: list[str] = field(default_factory=list)  # empty: the host's /etc/resolv.conf
+    flows: bool = True  # record connections (conntrack events) and push them to the server
+    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (None: the unix socket only)
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -557,6 +559,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dns-port", type=int, default=53)
     p.add_argument("--upstream-dns", action="append", default=[],
                    help="resolver for non-cluster names (repeatable; default: /etc/resolv.conf)")
+    p.add_argument("--flows", choices=("on", "off"), default="on",
+                   help="record connections (conntrack events, with their NAT) and denied packets, named by "
+                        "the server, for `tether flows` (off: denied packets stay on the local flows socket only)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="also serve Prometheus metrics over HTTP on this TCP address (e.g. 0.0.0.0:9402); "
+                        "without it they are only on the flows socket next to the CNI socket")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if logging.getLogger().level > logging.DEBUG:  # httpx logs every request at INFO: one per CNI ADD/DEL
@@ -573,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
                       state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
                       reconcile_interval=a.reconcile_interval,
                       dns_ip=a.dns_ip, dns_port=a.dns_port, upstream_dns=a.upstream_dns,
+                      flows=a.flows == "on", metrics_listen=a.metrics_listen,
                       labels=dict(x.split("=", 1) for x in a.label if "=" in x),
                       underlay=underlay_of(a.underlay_ip, a.underlay_dev))
 

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -172,37 +173,102 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def flows(
-        denied: Annotated[bool, typer.Option("--denied", help="only denied packets")] = False,
+        src: Annotated[str | None, typer.Option("--from", help="only flows from this end: NAMESPACE/POD, a "
+                                                "namespace, svc:NS/NAME, host:NAME or an address")] = None,
+        dst: Annotated[str | None, typer.Option("--to", help="only flows to this end (a service matches its VIP "
+                                                "and the backends it sent to)")] = None,
+        verdict: Annotated[str | None, typer.Option("--verdict", help="allow or deny")] = None,
+        denied: Annotated[bool, typer.Option("--denied", help="only denied packets (--verdict deny)")] = False,
+        follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new flows as they come")] = False,
+        limit: Annotated[int, typer.Option(help="at most this many (per host with --socket)")] = 50,
         lab: LabOpt = None,
-        socket_: Annotated[list[str] | None, typer.Option("--socket", help="an agent's flows socket (repeatable; "
-                                                          "default /run/tether/flows.sock, or every lab host's)")]
-        = None,
-        limit: Annotated[int, typer.Option(help="at most this many per host")] = 50,
-        output: OutOpt = Format.table,
+        socket_: Annotated[list[str] | None, typer.Option("--socket", help="read one agent's local flows socket "
+                                                          "instead of the server (repeatable; --lab: every lab "
+                                                          "host's)")] = None,
+        server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
     ) -> None:
-        """Recent flow-log records (denied packets) from the agents' flow logs."""
-        from tether.agent.flowlog import query
+        """Connections and denied packets recorded by every agent, both ends named (pod, namespace,
+        network, host, service) with the policy that decided, from the server's flow ring."""
 
-        paths = list(socket_ or [])
-        if not paths:
-            if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
-                the_lab = find_lab(lab)
-                paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
-            else:
-                paths = ["/run/tether/flows.sock"]
-        records: list[dict] = []
-        for p in paths:
-            try:
-                records.extend(query(p, limit=limit, denied=denied))
-            except OSError as e:
-                print(f"warning: {p}: {e}", file=sys.stderr)
-        records.sort(key=lambda r: r.get("time", 0))
-        if output != Format.table:
-            from tether.cli.output import emit
-
-            emit("Flow", records, output)
+        if denied:
+            verdict = "deny"
+        if verdict not in (None, "allow", "deny"):
+            fail(f"--verdict {verdict!r}: use allow or deny")
+        if socket_:
+            local_flows(list(socket_), lab, limit, verdict == "deny", output)
             return
-        for r in records:
-            print(f"{r.get('when', '')} {r.get('host', '')} {r.get('verdict', 'deny')} {r.get('proto', '')} "
-                  f"{r.get('src', '')}:{r.get('sport', '')} -> {r.get('dst', '')}:{r.get('dport', '')} "
-                  f"if={r.get('interface', '')} by {r.get('reason', '')}")
+        if lab and server is None:
+            the_lab = find_lab(lab)
+            server, token = the_lab.server_url, token or the_lab.token
+        c = client(server, token)
+        params: dict[str, Any] = {"limit": limit}
+        for k, v in (("from", src), ("to", dst), ("verdict", verdict)):
+            if v:
+                params[k] = v
+        after, header = 0, True
+        while True:
+            q = {**params, "after": after, "wait": 10 if follow and after else 0}
+            got = run(lambda q=q: c.request("GET", "/api/v1/flows", params=q))
+            after = got["last"]
+            if output == Format.table:
+                print_flows(got["flows"], header)
+                header = header and not got["flows"]
+            elif follow:  # one JSON document per line, as they come
+                for r in got["flows"]:
+                    print(json.dumps(r))
+            else:
+                from tether.cli.output import emit
+
+                emit("Flow", got["flows"], output)
+            if not follow:
+                return
+            sys.stdout.flush()
+
+
+def print_flows(records: list[dict], header: bool = True) -> None:
+    """One line per flow: time, reporting host, verdict, protocol, both ends named, policy."""
+    from tether.flows import label
+
+    if header:
+        print(f"{'TIME':8} {'HOST':10} {'VERDICT':7} {'PROTO':5} {'FROM':32} {'TO':40} POLICY / REASON")
+    for r in records:
+        t = time.strftime("%H:%M:%S", time.localtime(r.get("time", 0)))
+        src = label(r.get("from") or {}, str(r.get("src", ""))) + (f":{r['sport']}" if r.get("sport") else "")
+        dst = label(r.get("to") or {}, str(r.get("dst", ""))) + (f":{r['dport']}" if r.get("dport") else "")
+        if r.get("backend"):
+            dst += f" -> {label(r.get('backend_of') or {}, str(r['backend']))}"
+        why = r.get("policy") or ""
+        if r.get("reason"):
+            why = f"{why} ({r['reason']})" if why else r["reason"]
+        event = "" if r.get("event") in (None, "new") else f" [{r['event']}]"
+        print(f"{t:8} {str(r.get('reporter') or r.get('host', '')):10} {r.get('verdict', ''):7} "
+              f"{str(r.get('proto', '')):5} {src:32} {dst:40} {why}{event}")
+
+
+def local_flows(paths: list[str], lab: str | None, limit: int, denied: bool, output: Format) -> None:
+    """The records one agent keeps on its flows socket (no server needed)."""
+    from tether.agent.flowlog import query
+
+    if not paths:
+        if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
+            the_lab = find_lab(lab)
+            paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
+        else:
+            paths = ["/run/tether/flows.sock"]
+    records: list[dict] = []
+    for p in paths:
+        try:
+            records.extend(query(p, limit=limit, denied=denied))
+        except OSError as e:
+            print(f"warning: {p}: {e}", file=sys.stderr)
+    records.sort(key=lambda r: r.get("time", 0))
+    if output != Format.table:
+        from tether.cli.output import emit
+
+        emit("Flow", records, output)
+        return
+    print(f"{'TIME':8} {'HOST':10} {'VERDICT':7} {'PROTO':5} FROM -> TO  BY")
+    for r in records:
+        print(f"{r.get('when', ''):8} {r.get('host', ''):10} {r.get('verdict', 'deny'):7} {r.get('proto', ''):5} "
+              f"{r.get('src_name') or r.get('src', '')}:{r.get('sport', '')} -> "
+              f"{r.get('dst_name') or r.get('dst', '')}:{r.get('dport', '')} by {r.get('reason', '')}")

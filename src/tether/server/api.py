@@ -123,6 +123,41 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
     return {"ok": True}
 
 
+class FlowPush(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+
+
+@router.post("/hosts/{name}/flows")
+async def push_flows(name: str, body: FlowPush, request: Request) -> dict:
+    """A host's agent pushes the flows it recorded since its last push (`tether.flows`)."""
+    require_own(request, name, "flows")
+    await objs(request).must(Host, name)
+    kept = await request.app.state.flows.ingest(objs(request), name, body.records)
+    return {"kept": kept}
+
+
+@router.get("/flows")
+async def get_flows(request: Request, after: int = 0, limit: int = Query(200, ge=1, le=5000),
+                    src: str | None = Query(None, alias="from"), dst: str | None = Query(None, alias="to"),
+                    verdict: str | None = Query(None, pattern="^(allow|deny)$"),
+                    wait: float = Query(0, ge=0, le=30)) -> dict:
+    """Recorded flows, both ends named; `after` (the last `seq` seen) and `wait` (seconds to hold
+    the request while nothing new matches) make `tether flows --follow`."""
+    ring = request.app.state.flows
+    deadline = time.monotonic() + wait
+    while True:
+        changed = ring.changed
+        out = ring.query(after, limit, src, dst, verdict)
+        left = deadline - time.monotonic()
+        if out or left <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), left)
+    last = max((r["seq"] for r in ring.records), default=0)
+    return {"flows": out, "last": max(last, after)}
+
+
 @router.delete("/hosts/{name}", status_code=204)
 async def delete_host(name: str, request: Request) -> None:
     await objs(request).delete_host(name)

@@ -18,6 +18,7 @@ from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
 from tether.server.auth import OPEN_PATHS, Credentials, Denied, authorize, bearer
+from tether.server.flows import FlowRing
 from tether.server.gc import GarbageCollector
 from tether.server.limits import BodyLimit, Limits, WatchSlots
 from tether.server.objects import ApiError, Objects, with_retries
@@ -138,6 +139,7 @@ def create_app(
     app = FastAPI(title="Tether API", version="1", lifespan=lifespan,
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
+    app.state.flows = FlowRing()
     app.state.credentials = Credentials(store, token)
     app.state.ca_pem = ca_pem
     app.state.gc = gc
