@@ -178,6 +178,7 @@ class FlowLog:
         self._local: set[str] = set()  # addresses of this host's endpoints (conntrack events kept)
         self._tasks: list[asyncio.Task] = []
         self._ct: asyncio.subprocess.Process | None = None
+        self._ct_task: asyncio.Task | None = None
         self.metrics_server: asyncio.AbstractServer | None = None
         self._scraped = False
         self._endpoints: Any = ()  # the replica's endpoints as of the last update (see `name`)
@@ -201,14 +202,28 @@ class FlowLog:
             host, _, port = listen.rpartition(":")
             try:
                 self.metrics_server = await asyncio.start_server(
-                    unix_socket.ConnectionCap(32).wrap(self._serve), host.strip("[]") or "0.0.0.0", int(port))
+                    unix_socket.ConnectionCap(32).wrap(self._serve_metrics), host.strip("[]") or "0.0.0.0",
+                    int(port))
                 log.info("metrics on http://%s/metrics", listen)
             except (OSError, ValueError) as e:
                 log.warning("cannot serve metrics on %s (%s); they are still on %s", listen, e, self.path)
         self._tasks.append(asyncio.get_running_loop().create_task(self._sample_loop()))
         if getattr(cfg, "flows", False):
-            self._tasks.append(asyncio.get_running_loop().create_task(self._follow_conntrack()))
+            self.set_recording(True)
             self._tasks.append(asyncio.get_running_loop().create_task(self._push_loop()))
+
+    def set_recording(self, on: bool) -> None:
+        """Start or stop following conntrack (the flows socket's `{"cmd": "record", "on": false}`: the
+        cost of recording, measured by bench/flows.py, can be switched off without a restart)."""
+        running = self._ct_task is not None and not self._ct_task.done()
+        if on and not running:
+            self._ct_task = asyncio.get_running_loop().create_task(self._follow_conntrack())
+        elif not on and running:
+            assert self._ct_task is not None
+            self._ct_task.cancel()
+            if self._ct is not None and self._ct.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._ct.kill()
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -235,15 +250,26 @@ class FlowLog:
                     self._keep(rec)
                 off += (length + 3) & ~3
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The TCP listener: metrics only (records and switches stay on the local socket)."""
+        await self._serve(reader, writer, local=False)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool = True) -> None:
         try:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
-            if line.startswith("GET "):
+            if not local and not line.startswith("GET "):
+                writer.write(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            elif line.startswith("GET "):
                 body = (await self.metrics()).encode()
                 writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: "
                              + str(len(body)).encode() + b"\r\n\r\n" + body)
             else:
                 req = json.loads(line or "{}")
+                if req.get("cmd") == "record":
+                    self.set_recording(bool(req.get("on")))
+                    writer.write((json.dumps({"recording": bool(req.get("on"))}) + "\n").encode())
+                    await writer.drain()
+                    return
                 recs = [r for r in self.records if not req.get("denied") or r.get("verdict") == "deny"]
                 writer.write((json.dumps(recs[-int(req.get("limit", 50)):]) + "\n").encode())
             await writer.drain()
@@ -374,8 +400,9 @@ class FlowLog:
             self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        for t in self._tasks:
-            t.cancel()
+        for t in [*self._tasks, self._ct_task]:
+            if t is not None:
+                t.cancel()
         if self._ct is not None and self._ct.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._ct.kill()
