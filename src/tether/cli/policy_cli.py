@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from tether.cli.output import Format
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
 from tether.policy_eval import Decision, World, decide
 
 LabOpt = Annotated[str | None, typer.Option("--lab", help="lab name (default: env TETHER_LAB, or the only lab)")]
@@ -127,6 +127,99 @@ def trace_once(world: World, src_ref: str, dst_spec: str) -> tuple[Endpoint | st
     return src, dst, port, proto, decide(world, src, dst, port, proto)
 
 
+def services_from(snapshot: dict) -> list[Service]:
+    return [Service.model_validate(i["object"]) for i in snapshot["objects"] if i["kind"] == "Service"]
+
+
+def resolve_destination(world: World, services: list[Service], ref: str) -> Endpoint | str:
+    """An endpoint (as `resolve`), else a service by `svc:NS/NAME`, `NS/NAME`, name or VIP."""
+    from tether.trace import find_service
+
+    if ref.startswith("svc:") or (not ref.startswith("host:") and not _is_ip(ref)
+                                  and not _endpoint_named(world, ref) and find_service(services, ref)):
+        if find_service(services, ref) is None:
+            fail(f"no service {ref.removeprefix('svc:')!r}: use svc:NAMESPACE/NAME")
+        return ref
+    return resolve(world, ref)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _endpoint_named(world: World, ref: str) -> bool:
+    ns, _, name = ref.rpartition("/")
+    return any((e.name == name and (not ns or e.namespace == ns)) or e.id == ref for e in world.endpoints)
+
+
+def trace_path(world: World, services: list[Service], src_ref: str, dst_spec: str):
+    """`tether trace`'s answer: every step of the path (`tether.trace`)."""
+    from tether.trace import trace
+
+    dst_ref, port, proto = parse_target(dst_spec)
+    return trace(world, services, resolve(world, src_ref), resolve_destination(world, services, dst_ref), port,
+                 proto)
+
+
+def target_address(world: World, services: list[Service], dst_spec: str) -> tuple[str, int, str]:
+    """Where the probe sends: the endpoint's address, the service's VIP, or the host's address."""
+    from tether.trace import find_service
+
+    dst_ref, port, proto = parse_target(dst_spec)
+    d = resolve_destination(world, services, dst_ref)
+    if isinstance(d, Endpoint):
+        return d.ips[0], port, proto
+    if d.startswith("host:"):
+        return next(h.underlay_ip for h in world.hosts if h.name == d[5:]), port, proto
+    svc = find_service(services, d)
+    if svc is not None and svc.cluster_ip:
+        return svc.cluster_ip, port, proto
+    return d, port, proto
+
+
+def drop_counts(lab: Any) -> dict[str, dict[str, int]]:
+    """Per lab host, the agent's drop totals by owner (policy, group, isolation, anti-spoofing)."""
+    import re
+    import socket
+
+    out: dict[str, dict[str, int]] = {}
+    for h in lab.state.hosts:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(os.path.join(lab.agent_dir(h.name), "flows.sock"))
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                text = b""
+                while chunk := s.recv(65536):
+                    text += chunk
+        except OSError:
+            continue
+        out[h.name] = {m.group(1): int(m.group(2)) for m in re.finditer(
+            r'tether_policy_dropped_packets_total\{host="[^"]*",policy="([^"]*)"\} (\d+)', text.decode())}
+    return out
+
+
+def explain_disagreement(lab: Any, before: dict[str, dict[str, int]], reached: bool, t: Any) -> str:
+    """Which step the real packet failed at, read from the kernel's drop counters around the probe."""
+    if reached:
+        f = t.failed
+        return (f"the packet got through although the model stops it at '{f.name}'" if f else "reached") + \
+            "; is the agent on that host behind (tether wait --for programmed)?"
+    after = drop_counts(lab)
+    rose = [f"{owner} on {host} (+{n - before.get(host, {}).get(owner, 0)})"
+            for host, counts in after.items() for owner, n in counts.items()
+            if n > before.get(host, {}).get(owner, 0)]
+    if rose:
+        return "dropped by " + ", ".join(rose)
+    return ("no drop rule counted it: it was lost outside policy (route, encapsulation, neighbour resolution "
+            "or an MTU drop); check `ip route` and `ip neigh` on the hosts of steps " +
+            ", ".join(sorted({s.host for s in t.steps if s.host})) + ")")
+
+
 def register(app: typer.Typer) -> None:
     global OutOpt, ServerOpt, TokenOpt  # the option types typer reads from this module's globals
     from tether.cli.main import OutOpt, ServerOpt, TokenOpt, client, run
@@ -145,29 +238,36 @@ def register(app: typer.Typer) -> None:
         if the_lab is not None and server is None:
             server, token = the_lab.server_url, token or the_lab.token
         c = client(server, token)
-        world = world_from(run(c.snapshot))
-        s, d, port, proto, decision = trace_once(world, src, dst)
-        result: dict[str, Any] = {"source": describe(s), "destination": describe(d), "port": port,
-                                  "protocol": proto, **decision.as_dict()}
+        snap = run(c.snapshot)
+        world = world_from(snap)
+        services = services_from(snap)
+        t = trace_path(world, services, src, dst)
+        result: dict[str, Any] = t.as_dict()
         if probe_:
-            dst_ip = d.ips[0] if isinstance(d, Endpoint) else (
-                next(h.underlay_ip for h in world.hosts if h.name == d[5:]) if d.startswith("host:") else d)
-            reached = probe(the_lab, s, dst_ip, port, proto, timeout)
-            result["probe"] = {"reached": reached, "agrees": reached == decision.allowed}
+            s = resolve(world, src)
+            d, port, proto = target_address(world, services, dst)
+            before = drop_counts(the_lab)
+            reached = probe(the_lab, s, d, port, proto, timeout)
+            result["probe"] = {"reached": reached, "agrees": reached == t.reached}
+            if not result["probe"]["agrees"]:
+                result["probe"]["kernel"] = explain_disagreement(the_lab, before, reached, t)
         if output != Format.table:
             from tether.cli.output import emit
 
             emit("Trace", result, output)
         else:
-            verdict = "ALLOWED" if decision.allowed else "DENIED"
-            print(f"{verdict}: {result['source']} -> {result['destination']} {proto}/{port}")
-            print(f"  decided by: {decision.reason}")
-            for step in decision.steps:
-                print(f"  - {step}")
+            verdict = "ALLOWED" if t.reached else "DENIED"
+            print(f"{verdict}: {result['source']} -> {result['destination']} {t.proto}/{t.port}")
+            print(f"  decided by: {result['reason']}")
+            for step in t.steps:
+                where = f" ({step.host})" if step.host else ""
+                print(f"  {'ok ' if step.ok else 'NO '} {step.name}{where}: {step.detail}")
             if "probe" in result:
                 p = result["probe"]
                 print(f"  probe: packet {'reached' if p['reached'] else 'was dropped'}"
                       f" ({'agrees' if p['agrees'] else 'DISAGREES with the model'})")
+                if "kernel" in p:
+                    print(f"  kernel: {p['kernel']}")
         if "probe" in result and not result["probe"]["agrees"]:
             raise typer.Exit(2)
 
