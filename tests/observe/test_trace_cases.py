@@ -113,3 +113,15 @@ def test_the_kept_set_has_at_least_thirty_cases_of_every_kind() -> None:
     assert len(CASES) >= 30
     kinds = {c[4] for c in CASES}
     assert {None, "ingress policy", "egress policy", "route", "service", "nat-outgoing"} <= kinds
+
+
+def test_a_network_whose_packets_do_not_fit_the_path_is_named_with_the_mtu_to_set() -> None:
+    from tether.agent.peers import mtu_problems
+
+    nets = [Network(name="v", subnets=[Subnet(cidr="10.5.0.0/16")]),
+            Network(name="d", subnets=[Subnet(cidr="10.6.0.0/16")], encap="direct"),
+            Network(name="small", subnets=[Subnet(cidr="10.7.0.0/16")], mtu=1300)]
+    assert mtu_problems(nets, "h3", 1500, 1500) == []
+    got = mtu_problems(nets, "h3", 1400, 1500)
+    assert len(got) == 2 and "network v sends 1500-byte packets" in got[0] and "mtu to 1350" in got[0]
+    assert "network d sends 1500-byte packets" in got[1] and "mtu to 1400" in got[1]

@@ -515,9 +515,19 @@ def wait(ref: Annotated[str, typer.Argument(help="KIND/NAME, e.g. networkpolicy/
 
 
 @app.command()
-def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
+def status(peers: Annotated[bool, typer.Option("--peers", help="the path health matrix: how each host reaches "
+                                                               "every other over the underlay (latency, path MTU) "
+                                                               "and the networks whose packets do not fit")] = False,
+           server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
     """Hosts, networks and endpoint counts at a glance."""
     c = client(server, token)
+    if peers:
+        report = run(lambda: c.request("GET", "/api/v1/peers"))
+        if output != Format.table:
+            emit("peers", report, output)
+            return
+        print_peers(report)
+        return
     hosts = run(lambda: c.list_raw("Host"))
     nets = run(lambda: c.list_raw("Network"))
     eps = run(lambda: c.list_raw("Endpoint"))
@@ -532,6 +542,39 @@ def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Fo
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
+
+
+def print_peers(report: dict) -> None:
+    """A matrix like `weave status connections`: one row per host, one column per peer."""
+    hosts = sorted(set(report) | {p["peer"] for r in report.values() for p in r.get("peers", [])})
+    if not report:
+        print("no peer reports yet (agents check their peers every 10 s)")
+        return
+
+    def cell(p: dict | None) -> str:
+        if p is None:
+            return "-"
+        if not p["underlay"]["ok"]:
+            return "DOWN"
+        rtt = p["underlay"].get("rtt_ms")
+        text = f"ok {rtt:.1f}ms" if rtt is not None else "ok"
+        if p.get("path_mtu") is not None:
+            text += f" mtu {p['path_mtu']}"
+        return text
+
+    width = max(12, *(len(h) for h in hosts)) + 2
+    print("FROM \\ TO".ljust(width) + "".join(h.ljust(34) for h in hosts))
+    problems = []
+    for h in hosts:
+        r = report.get(h)
+        by_peer = {p["peer"]: p for p in (r or {}).get("peers", [])}
+        age = f" ({r['age_s']:.0f}s ago)" if r else " (no report)"
+        print(h.ljust(width) + "".join(("self" if x == h else cell(by_peer.get(x))).ljust(34) for x in hosts) + age)
+        problems += [f"{h} -> {p['peer']}: {msg}" for p in by_peer.values() for msg in p.get("problems", [])]
+    if problems:
+        print("\nproblems:")
+        for line in problems:
+            print(f"  {line}")
 
 
 def print_problems(hosts: list[dict]) -> None:

@@ -137,6 +137,27 @@ async def push_flows(name: str, body: FlowPush, request: Request) -> dict:
     return {"kept": kept}
 
 
+class PeerReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    peers: list[dict[str, Any]] = Field(default_factory=list, max_length=5000)
+
+
+@router.post("/hosts/{name}/peers")
+async def push_peers(name: str, body: PeerReport, request: Request) -> dict:
+    """A host's agent reports how it reaches every peer (`tether.agent.peers`); kept in memory."""
+    require_own(request, name, "peer health")
+    await objs(request).must(Host, name)
+    request.app.state.peers[name] = {"reported_at": time.time(), "peers": body.peers}
+    return {"ok": True}
+
+
+@router.get("/peers")
+async def get_peers(request: Request) -> dict:
+    """Per host, its last peer report (reachability, latency, path MTU, problems) and its age."""
+    now_ = time.time()
+    return {h: {**r, "age_s": round(now_ - r["reported_at"], 1)} for h, r in request.app.state.peers.items()}
+
+
 @router.get("/flows")
 async def get_flows(request: Request, after: int = 0, limit: int = Query(200, ge=1, le=5000),
                     src: str | None = Query(None, alias="from"), dst: str | None = Query(None, alias="to"),

@@ -140,6 +140,7 @@ def create_app(
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
     app.state.flows = FlowRing()
+    app.state.peers = {}  # host -> its last peer-health report (tether.agent.peers)
     app.state.credentials = Credentials(store, token)
     app.state.ca_pem = ca_pem
     app.state.gc = gc
