@@ -61,7 +61,7 @@ class AuthAndMetrics:
         try:
             if path not in OPEN_PATHS:
                 try:
-                    who = await self.credentials.identify(bearer(Headers(scope=scope)))
+                    who = await self.credentials.identify(token_of(scope))
                 except Denied as e:
                     status = 401
                     await refusal(scope, receive, send, 401, "HTTPUnauthorized", str(e),
@@ -89,6 +89,23 @@ class AuthAndMetrics:
         finally:
             self.requests.labels(scope["method"], str(status)).inc()
             self.latency.observe(time.perf_counter() - start)
+
+
+def token_of(scope) -> str | None:
+    """The bearer token; for the web page (`/ui`) also its cookie or a `?token=` given once."""
+    headers = Headers(scope=scope)
+    token = bearer(headers)
+    if token is None and scope["path"].startswith("/ui"):
+        from http.cookies import SimpleCookie
+        from urllib.parse import parse_qs
+
+        from tether.server.ui import COOKIE
+
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(headers.get("cookie", ""))
+        token = jar[COOKIE].value if COOKIE in jar else None
+        token = token or (parse_qs(scope.get("query_string", b"").decode()).get("token") or [None])[0]
+    return token
 
 
 async def refusal(scope, receive, send, status: int, neutron_type: str, message: str,
@@ -147,6 +164,9 @@ def create_app(
     app.state.limits = limits
     app.state.watches = WatchSlots(limits.max_watches, limits.max_watches_per_client)
     app.include_router(router)
+    from tether.server.ui import router as ui_router
+
+    app.include_router(ui_router)
     from tether.server import neutron
 
     app.include_router(neutron.router)
