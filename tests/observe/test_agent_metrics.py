@@ -58,3 +58,16 @@ def test_the_grafana_dashboard_uses_only_metrics_tether_exports() -> None:
     assert len(names) >= 8
     for n in names:
         assert n in source, f"the dashboard queries {n}, which nothing exports"
+
+
+def test_peer_health_is_exported_per_peer() -> None:
+    from tether.agent.flowlog import peer_metrics
+    from tether.agent.peers import PeerHealth
+
+    h = PeerHealth(None)
+    h.results = {"h3": {"peer": "h3", "underlay": {"ok": True, "rtt_ms": 0.4}, "path_mtu": 1400,
+                        "problems": ["network n sends 1500-byte packets to h3"]}}
+    text = "\n".join(peer_metrics("h1", SimpleNamespace(_extras=[h])))
+    for line in ('tether_peer_up{host="h1",peer="h3"} 1', 'tether_peer_rtt_milliseconds{host="h1",peer="h3"} 0.4',
+                 'tether_peer_path_mtu_bytes{host="h1",peer="h3"} 1400', 'tether_peer_problems{host="h1",peer="h3"} 1'):
+        assert line in text, line

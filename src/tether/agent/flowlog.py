@@ -164,6 +164,29 @@ def drop_metrics(host: str, counts: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_metrics(host: str, agent: Any) -> list[str]:
+    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems."""
+    health = next((e for e in getattr(agent, "_extras", []) if type(e).__name__ == "PeerHealth"), None)
+    if health is None or not health.results:
+        return []
+    lines = ["# HELP tether_peer_up 1 when the peer answers on the underlay.", "# TYPE tether_peer_up gauge",
+             "# HELP tether_peer_rtt_milliseconds Round trip of a full-size ping to the peer.",
+             "# TYPE tether_peer_rtt_milliseconds gauge",
+             "# HELP tether_peer_path_mtu_bytes The largest packet the underlay path to the peer carries.",
+             "# TYPE tether_peer_path_mtu_bytes gauge",
+             "# HELP tether_peer_problems Problems found on the path (e.g. a network too large for it).",
+             "# TYPE tether_peer_problems gauge"]
+    for peer, r in sorted(health.results.items()):
+        labels = f'host="{host}",peer="{peer}"'
+        lines.append(f"tether_peer_up{{{labels}}} {1 if r['underlay']['ok'] else 0}")
+        if r["underlay"].get("rtt_ms") is not None:
+            lines.append(f"tether_peer_rtt_milliseconds{{{labels}}} {r['underlay']['rtt_ms']}")
+        if r.get("path_mtu") is not None:
+            lines.append(f"tether_peer_path_mtu_bytes{{{labels}}} {r['path_mtu']}")
+        lines.append(f"tether_peer_problems{{{labels}}} {len(r.get('problems', []))}")
+    return lines
+
+
 class FlowLog:
     """Reads NFLOG into a ring buffer; serves it and the drop metrics on a unix socket."""
 
@@ -315,9 +338,13 @@ class FlowLog:
                       "# HELP tether_agent_plan_milliseconds Time the last plan took to compute.",
                       "# TYPE tether_agent_plan_milliseconds gauge",
                       f'tether_agent_plan_milliseconds{{host="{self.host}"}} {getattr(a, "_plan_ms", 0.0):.3f}',
+                      "# HELP tether_agent_apply_milliseconds Time the last apply took (plan, links, nft).",
+                      "# TYPE tether_agent_apply_milliseconds gauge",
+                      f'tether_agent_apply_milliseconds{{host="{self.host}"}} {getattr(a, "apply_ms", 0.0):.3f}',
                       "# HELP tether_agent_connected 1 while the agent follows the server's watch.",
                       "# TYPE tether_agent_connected gauge",
                       f'tether_agent_connected{{host="{self.host}"}} {1 if getattr(a, "connected", False) else 0}']
+        lines += peer_metrics(self.host, a)
         return drop_metrics(self.host, totals) + metrics(self.host) + "\n".join(lines) + "\n"
 
     async def _sample_loop(self) -> None:

@@ -407,6 +407,7 @@ class Agent:
         if raised:
             lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
         t2 = time.perf_counter()
+        self.apply_ms = (t2 - t0) * 1000 + self._plan_ms  # metrics: how long the last apply took
         if nrep.changed or lrep.changed:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, "; ".join(lrep.changes + nrep.changes)[:500])
