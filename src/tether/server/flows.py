@@ -33,6 +33,7 @@ class FlowRing:
         hosts = await objs.list(Host)
         names = Names.of(eps, svcs, nets, {h.name: h.underlay_ip for h in hosts})
         world: World | None = None
+        decided: dict[tuple, Any] = {}  # one decision per (source, target, port, protocol) in a push
         for r in records:
             r = {k: v for k, v in r.items() if isinstance(v, str | int | float | bool) and len(str(v)) < 300}
             r["reporter"] = host
@@ -48,11 +49,14 @@ class FlowRing:
                                   await objs.list(SecurityGroup), nets, hosts)
                 target = str(r.get("backend") or r.get("dst", ""))
                 port = int(r.get("backend_port") or r.get("dport") or 0)
-                try:
-                    d = decide(world, str(r.get("src", "")), target, port, str(r["proto"]).upper())
-                    r["policy"], r["reason"] = d.policy, d.reason
-                except Exception:  # noqa: BLE001 - naming is best effort; the record stays
-                    pass
+                key = (str(r.get("src", "")), target, port, str(r["proto"]).upper())
+                if key not in decided:
+                    try:
+                        decided[key] = decide(world, *key)
+                    except Exception:  # noqa: BLE001 - naming is best effort; the record stays
+                        decided[key] = None
+                if decided[key] is not None:
+                    r["policy"], r["reason"] = decided[key].policy, decided[key].reason
             r["seq"] = next(self._seq)
             self.records.append(r)
         self.changed.set()
