@@ -33,10 +33,10 @@ def test_status_is_written_when_it_changes_and_not_on_every_apply(tmp_path, capl
         with caplog.at_level(logging.WARNING, logger="tether.agent"):
             for _ in range(3):
                 a._note_failures(["route 10.1.0.0/26 via 198.18.1.3 dev eth0: Network is unreachable"])
-                await a._report_status(7)
+                await a._report_status(7, 0)
         a._note_failures([])
-        await a._report_status(8)
-        await a._report_status(9)
+        await a._report_status(8, 0)
+        await a._report_status(9, 0)
         await a.client.close()
         return sent
 
@@ -49,3 +49,25 @@ def test_status_is_written_when_it_changes_and_not_on_every_apply(tmp_path, capl
     assert second["failed_ops"] == [] and second["problems"][0]["since"] == first["problems"][0]["since"]
     failed = [r for r in caplog.records if "kernel operation failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+
+
+def test_an_applied_change_is_reported_with_its_revision_at_most_every_interval(tmp_path) -> None:
+    """The programming status needs each applied revision; a burst of applies writes the first at
+    once and the last one interval later, never one per apply."""
+    from tether.agent.main import STATUS_INTERVAL
+
+    async def run() -> list:
+        a, sent = agent(tmp_path)
+        await a._report_status(10, 10)
+        for rev in (11, 12, 13):
+            a.replica.revision = a.replica.acted = rev
+            a._applied_kicks = a._kicks
+            await a._report_status(rev, rev)
+        assert len(sent) == 1
+        await asyncio.sleep(STATUS_INTERVAL * 3)
+        await a._report_status(13, 13)  # nothing new since
+        await a.client.close()
+        return sent
+
+    sent = asyncio.run(run())
+    assert [s[2]["applied_revision"] for s in sent] == [10, 13]

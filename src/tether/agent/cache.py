@@ -21,6 +21,10 @@ class Replica:
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
         self.revision = 0
+        # the revision of the last change that is not a host's status report: the agent reports it
+        # applied (Host.status.applied_revision) when this advances, never for status-only events,
+        # or each host's report would make every other host report again, forever
+        self.acted = 0
         self.synced = False
         self._encoded: dict[tuple[str, str], tuple[Obj, str]] = {}  # (kind, name) -> (object, its JSON)
         # objects the model refused, (kind, store name, why): left out and reported, never fatal
@@ -42,7 +46,7 @@ class Replica:
             objects[obj.kind][obj.store_name()] = obj
         self.objects = objects
         self.undecodable = undecodable
-        self.revision = snap["revision"]
+        self.revision = self.acted = snap["revision"]
         self.synced = True
 
     def apply_event(self, ev: dict[str, Any]) -> bool:
@@ -57,13 +61,20 @@ class Replica:
         self.undecodable = [u for u in self.undecodable if (u[0], u[1]) != (kind, store_name)]
         forgot = len(self.undecodable) != before
         if ev["type"] == "delete":
+            self.acted = max(self.acted, ev["revision"])
             return self.objects[kind].pop(store_name, None) is not None or forgot
         obj, why = _decode(kind, ev.get("object"))
         if obj is None:  # the model refuses it: the old version goes too (it was replaced), reported
             self.objects[kind].pop(store_name, None)
             self.undecodable.append((kind, store_name, why))
+            self.acted = max(self.acted, ev["revision"])
             return True
-        if self.objects[kind].get(store_name) == obj:
+        old = self.objects[kind].get(store_name)
+        if kind == "Host" and isinstance(old, Host) and _status_only(old, obj):
+            self.objects[kind][store_name] = obj  # no plan reads a host's status: nothing to apply
+            return False
+        self.acted = max(self.acted, ev["revision"])
+        if old == obj:
             # the echo of a write this agent already put in its replica (a CNI ADD's endpoint):
             # nothing to plan again, and during a burst of ADDs that halves the agent's work
             return False
@@ -76,7 +87,7 @@ class Replica:
         r = Replica()
         r.objects = {k: dict(v) for k, v in self.objects.items()}
         r.undecodable = list(self.undecodable)
-        r.revision, r.synced = self.revision, self.synced
+        r.revision, r.acted, r.synced = self.revision, self.acted, self.synced
         return r
 
     def encoded(self) -> str:
@@ -180,3 +191,9 @@ def _plural(kind: str) -> str:
     from tether.model import PLURALS
 
     return PLURALS[kind]
+
+
+def _status_only(old: Host, new: Obj) -> bool:
+    """True when a host event changes nothing but the host's status report (and its revision)."""
+    skip = {"status", "revision"}
+    return isinstance(new, Host) and old.model_dump(exclude=skip) == new.model_dump(exclude=skip)

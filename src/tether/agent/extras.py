@@ -16,7 +16,8 @@ from typing import Any
 
 log = logging.getLogger("tether.agent")
 
-MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports", "tether.agent.docker_plugin")
+MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports", "tether.agent.docker_plugin",
+           "tether.agent.peers")
 
 
 async def start(agent: Any) -> list[Any]:

@@ -8,6 +8,14 @@ socket next to the CNI socket (`flows.sock`):
 - `GET /metrics` (HTTP, e.g. `curl --unix-socket flows.sock http://agent/metrics`) -> Prometheus text
   with `tether_policy_dropped_packets_total{policy=...}` summed from the nft drop counters.
 Without it (another listener on the group, no permission) the datapath still drops and counts.
+
+With `--flows on` (the default) it also follows conntrack's NEW/DESTROY events of this host's pods
+(`conntrack -E`: allowed connections, the service backend they were sent to, packets and bytes
+both ways) and pushes these and the denied packets to the server once a second, which names them
+for `tether flows` (`tether.flows` has the design). With `--metrics-listen HOST:PORT` the metrics
+are also served over TCP. Counters never go backwards: nft resets a rule's counter when its chain
+is rebuilt (another policy applied to the same pods), so the totals add up what each rule had
+counted before it was replaced (`Monotonic`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 from tether import jsonline
 from tether.agent import unix_socket
 from tether.agent.policy import LOG_GROUP, drop_owners
+from tether.flows import is_noise, parse_conntrack
 
 log = logging.getLogger("tether.agent.flowlog")
 
@@ -44,6 +53,9 @@ NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
+PUSH_INTERVAL = 1.0  # seconds between two pushes of flow records to the server
+PUSH_BACKLOG = 20_000  # records kept for the server while it is unreachable
+SAMPLE_INTERVAL = 5.0  # seconds between reads of the drop counters once metrics are scraped
 PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
 
@@ -114,8 +126,33 @@ def parse_packet(data: bytes) -> dict[str, Any] | None:
     return rec
 
 
+class Monotonic:
+    """Totals that never go backwards over counters that reset: when a counter reads less than it
+    did (its rule was replaced, so it restarted at 0), what it had counted is kept as a base; a
+    counter that disappears keeps its last total. Between two reads a replaced rule's last few
+    packets may be missed (the agent reads every SAMPLE_INTERVAL once metrics are scraped)."""
+
+    def __init__(self, cap: int = 50_000) -> None:
+        self.last: dict[str, int] = {}
+        self.base: dict[str, int] = {}
+        self.cap = cap
+
+    def update(self, raw: dict[str, int]) -> dict[str, int]:
+        for key, value in raw.items():
+            before = self.last.get(key)
+            if before is not None and value < before:
+                self.base[key] = self.base.get(key, 0) + before
+            self.last[key] = value
+        for key in [k for k in self.last if k not in raw]:  # gone: its total stays as its base
+            self.base[key] = self.base.get(key, 0) + self.last.pop(key)
+        if len(self.base) > self.cap:  # bound the memory; the totals per owner are what is exported
+            self.base = dict(list(self.base.items())[-self.cap:])
+        return {k: self.base.get(k, 0) + self.last.get(k, 0) for k in {*self.base, *self.last}}
+
+
 def drop_metrics(host: str, counts: dict[str, int]) -> str:
-    """Prometheus text: packets dropped per policy / group / cause, from `nft.counters()`."""
+    """Prometheus text: packets dropped per policy / group / cause, from `nft.counters()` (through
+    `Monotonic`, so a total never goes down)."""
     per: dict[str, int] = {}
     for key, packets in counts.items():
         for owner in drop_owners(key.split("/", 1)[1] if "/" in key else key):
@@ -127,13 +164,46 @@ def drop_metrics(host: str, counts: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_metrics(host: str, agent: Any) -> list[str]:
+    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems."""
+    health = next((e for e in getattr(agent, "_extras", []) if type(e).__name__ == "PeerHealth"), None)
+    if health is None or not health.results:
+        return []
+    lines = ["# HELP tether_peer_up 1 when the peer answers on the underlay.", "# TYPE tether_peer_up gauge",
+             "# HELP tether_peer_rtt_milliseconds Round trip of a full-size ping to the peer.",
+             "# TYPE tether_peer_rtt_milliseconds gauge",
+             "# HELP tether_peer_path_mtu_bytes The largest packet the underlay path to the peer carries.",
+             "# TYPE tether_peer_path_mtu_bytes gauge",
+             "# HELP tether_peer_problems Problems found on the path (e.g. a network too large for it).",
+             "# TYPE tether_peer_problems gauge"]
+    for peer, r in sorted(health.results.items()):
+        labels = f'host="{host}",peer="{peer}"'
+        lines.append(f"tether_peer_up{{{labels}}} {1 if r['underlay']['ok'] else 0}")
+        if r["underlay"].get("rtt_ms") is not None:
+            lines.append(f"tether_peer_rtt_milliseconds{{{labels}}} {r['underlay']['rtt_ms']}")
+        if r.get("path_mtu") is not None:
+            lines.append(f"tether_peer_path_mtu_bytes{{{labels}}} {r['path_mtu']}")
+        lines.append(f"tether_peer_problems{{{labels}}} {len(r.get('problems', []))}")
+    return lines
+
+
 class FlowLog:
     """Reads NFLOG into a ring buffer; serves it and the drop metrics on a unix socket."""
 
-    def __init__(self, host: str, path: str, size: int = 2000) -> None:
+    def __init__(self, host: str, path: str, size: int = 2000, agent: Any = None) -> None:
         self.host = host
         self.path = path
+        self.agent = agent
         self.records: deque[dict[str, Any]] = deque(maxlen=size)
+        self.outbox: deque[dict[str, Any]] = deque(maxlen=PUSH_BACKLOG)  # not yet pushed to the server
+        self.counts = {"allow": 0, "deny": 0, "pushed": 0, "lost": 0}
+        self.drops = Monotonic()
+        self._local: set[str] = set()  # addresses of this host's endpoints (conntrack events kept)
+        self._tasks: list[asyncio.Task] = []
+        self._ct: asyncio.subprocess.Process | None = None
+        self._ct_task: asyncio.Task | None = None
+        self.metrics_server: asyncio.AbstractServer | None = None
+        self._scraped = False
         self._endpoints: Any = ()  # the replica's endpoints as of the last update (see `name`)
         self._names: dict[str, str] | None = {}
         self.sock: socket.socket | None = None
@@ -149,6 +219,34 @@ class FlowLog:
         # an explicit mode, not the umask's: records name pods and addresses (root and its group)
         self.server = await unix_socket.start_server(unix_socket.ConnectionCap(32).wrap(self._serve), self.path,
                                                      0o660)
+        cfg = getattr(self.agent, "cfg", None)
+        listen = getattr(cfg, "metrics_listen", None)
+        if listen:
+            host, _, port = listen.rpartition(":")
+            try:
+                self.metrics_server = await asyncio.start_server(
+                    unix_socket.ConnectionCap(32).wrap(self._serve_metrics), host.strip("[]") or "0.0.0.0",
+                    int(port))
+                log.info("metrics on http://%s/metrics", listen)
+            except (OSError, ValueError) as e:
+                log.warning("cannot serve metrics on %s (%s); they are still on %s", listen, e, self.path)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._sample_loop()))
+        if getattr(cfg, "flows", False):
+            self.set_recording(True)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._push_loop()))
+
+    def set_recording(self, on: bool) -> None:
+        """Start or stop following conntrack (the flows socket's `{"cmd": "record", "on": false}`: the
+        cost of recording, measured by bench/flows.py, can be switched off without a restart)."""
+        running = self._ct_task is not None and not self._ct_task.done()
+        if on and not running:
+            self._ct_task = asyncio.get_running_loop().create_task(self._follow_conntrack())
+        elif not on and running:
+            assert self._ct_task is not None
+            self._ct_task.cancel()
+            if self._ct is not None and self._ct.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._ct.kill()
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -166,26 +264,35 @@ class FlowLog:
                 if length < 16:
                     break
                 rec = parse_packet(data[off:off + length])
-                if rec is not None:
+                if rec is not None and not is_noise(rec):
                     rec["host"] = self.host
                     rec["src_name"] = self.name(rec.get("src", ""))
                     rec["dst_name"] = self.name(rec.get("dst", ""))
                     rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
                     self.records.append(rec)
+                    self._keep(rec)
                 off += (length + 3) & ~3
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The TCP listener: metrics only (records and switches stay on the local socket)."""
+        await self._serve(reader, writer, local=False)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool = True) -> None:
         try:
             line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace")
-            if line.startswith("GET "):
-                from tether.agent.quarantine import metrics
-                from tether.dataplane.nft import counters
-
-                body = (drop_metrics(self.host, await asyncio.to_thread(counters)) + metrics(self.host)).encode()
+            if not local and not line.startswith("GET "):
+                writer.write(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            elif line.startswith("GET "):
+                body = (await self.metrics()).encode()
                 writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: "
                              + str(len(body)).encode() + b"\r\n\r\n" + body)
             else:
                 req = json.loads(line or "{}")
+                if req.get("cmd") == "record":
+                    self.set_recording(bool(req.get("on")))
+                    writer.write((json.dumps({"recording": bool(req.get("on"))}) + "\n").encode())
+                    await writer.drain()
+                    return
                 recs = [r for r in self.records if not req.get("denied") or r.get("verdict") == "deny"]
                 writer.write((json.dumps(recs[-int(req.get("limit", 50)):]) + "\n").encode())
             await writer.drain()
@@ -194,11 +301,116 @@ class FlowLog:
         finally:
             writer.close()
 
+    def _keep(self, rec: dict[str, Any]) -> None:
+        """Count a record and queue it for the server (when flows are pushed)."""
+        self.counts["allow" if rec.get("verdict") == "allow" else "deny"] += 1
+        if getattr(getattr(self.agent, "cfg", None), "flows", False):
+            if len(self.outbox) == self.outbox.maxlen:
+                self.counts["lost"] += 1
+            self.outbox.append(rec)
+
+    async def metrics(self) -> str:
+        """The agent's Prometheus text: drops by owner, flows, quarantined objects, applies."""
+        from tether.agent.quarantine import metrics
+        from tether.dataplane.nft import counters
+
+        self._scraped = True
+        totals = self.drops.update(await asyncio.to_thread(counters))
+        a = self.agent
+        lines = ["# HELP tether_flows_recorded_total Connections (allow) and denied packets (deny) recorded.",
+                 "# TYPE tether_flows_recorded_total counter"]
+        for verdict in ("allow", "deny"):
+            lines.append(f'tether_flows_recorded_total{{host="{self.host}",verdict="{verdict}"}} '
+                         f"{self.counts[verdict]}")
+        lines += ["# HELP tether_flows_pushed_total Flow records sent to the server.",
+                  "# TYPE tether_flows_pushed_total counter",
+                  f'tether_flows_pushed_total{{host="{self.host}"}} {self.counts["pushed"]}',
+                  "# HELP tether_flows_lost_total Flow records dropped because the server could not take them.",
+                  "# TYPE tether_flows_lost_total counter",
+                  f'tether_flows_lost_total{{host="{self.host}"}} {self.counts["lost"]}']
+        if a is not None:
+            lines += ["# HELP tether_agent_applies_total Plans applied by this agent.",
+                      "# TYPE tether_agent_applies_total counter",
+                      f'tether_agent_applies_total{{host="{self.host}"}} {getattr(a, "applies", 0)}',
+                      "# HELP tether_agent_applied_revision The store revision of the last applied plan.",
+                      "# TYPE tether_agent_applied_revision gauge",
+                      f'tether_agent_applied_revision{{host="{self.host}"}} {getattr(a, "_reported_rev", 0)}',
+                      "# HELP tether_agent_plan_milliseconds Time the last plan took to compute.",
+                      "# TYPE tether_agent_plan_milliseconds gauge",
+                      f'tether_agent_plan_milliseconds{{host="{self.host}"}} {getattr(a, "_plan_ms", 0.0):.3f}',
+                      "# HELP tether_agent_apply_milliseconds Time the last apply took (plan, links, nft).",
+                      "# TYPE tether_agent_apply_milliseconds gauge",
+                      f'tether_agent_apply_milliseconds{{host="{self.host}"}} {getattr(a, "apply_ms", 0.0):.3f}',
+                      "# HELP tether_agent_connected 1 while the agent follows the server's watch.",
+                      "# TYPE tether_agent_connected gauge",
+                      f'tether_agent_connected{{host="{self.host}"}} {1 if getattr(a, "connected", False) else 0}']
+        lines += peer_metrics(self.host, a)
+        return drop_metrics(self.host, totals) + metrics(self.host) + "\n".join(lines) + "\n"
+
+    async def _sample_loop(self) -> None:
+        """Once metrics are scraped, read the drop counters every SAMPLE_INTERVAL so that a rule
+        replaced between two scrapes loses few packets from its total."""
+        from tether.dataplane.nft import counters
+
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            if self._scraped:
+                with contextlib.suppress(Exception):
+                    self.drops.update(await asyncio.to_thread(counters))
+
+    async def _follow_conntrack(self) -> None:
+        """conntrack NEW/DESTROY events of this host's pods, as flow records (allowed connections)."""
+        # packets and bytes in DESTROY events (a per-network-namespace setting)
+        with contextlib.suppress(OSError), open("/proc/sys/net/netfilter/nf_conntrack_acct", "w") as f:
+            f.write("1")
+        backoff = 1.0
+        while True:
+            try:
+                self._ct = await asyncio.create_subprocess_exec(
+                    "conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp", stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL)
+            except OSError as e:
+                log.warning("connection flows are not recorded: cannot run conntrack (%s); install conntrack "
+                            "(Debian: apt-get install conntrack)", e)
+                return
+            assert self._ct.stdout is not None
+            while line := await self._ct.stdout.readline():
+                rec = parse_conntrack(line.decode(errors="replace"))
+                if rec is None or is_noise(rec) or (rec["src"] not in self._local and rec["dst"] not in self._local
+                                                    and rec.get("backend") not in self._local):
+                    continue
+                rec["host"] = self.host
+                rec.setdefault("time", time.time())
+                rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+                self.records.append(rec)
+                self._keep(rec)
+            await self._ct.wait()
+            log.warning("conntrack -E ended (exit %s); restarting it in %.0f s", self._ct.returncode, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _push_loop(self) -> None:
+        """Send what was recorded since the last push to the server, once a second."""
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL)
+            a = self.agent
+            if not self.outbox or a is None or not getattr(a, "connected", False):
+                continue
+            batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), 1000))]
+            try:
+                await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows",
+                                       content=json.dumps({"records": batch}))
+                self.counts["pushed"] += len(batch)
+            except Exception as e:  # noqa: BLE001 - the records are put back and sent later
+                log.warning("could not push %d flow records to the server (kept, retried): %s", len(batch), e)
+                self.outbox.extendleft(reversed(batch))
+
     def update(self, replica: Any) -> None:
         """Called after every apply: keeps the endpoints (one list copy) and forgets the names, which
         `name` rebuilds when a record next needs one. Building them here cost the event loop a dict
         entry per address for every pod added, while most hosts log no flow between two changes."""
         self._endpoints, self._names = list(replica.endpoints), None
+        self._local = {a for ep in self._endpoints if ep.host == self.host for a in ep.ips}
 
     def name(self, ip: str) -> str:
         """`namespace/name` of the endpoint holding `ip` ("" if none), so records name who was involved."""
@@ -213,13 +425,23 @@ class FlowLog:
             self.sock.close()
         if self.server is not None:
             self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        for t in [*self._tasks, self._ct_task]:
+            if t is not None:
+                t.cancel()
+        if self._ct is not None and self._ct.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._ct.kill()
+            with contextlib.suppress(Exception):
+                await self._ct.wait()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
 
 async def start(agent: Any) -> list[FlowLog]:
     path = os.path.join(os.path.dirname(agent.cfg.cni_socket) or ".", "flows.sock")
-    flows = FlowLog(agent.host, path)
+    flows = FlowLog(agent.host, path, agent=agent)
     await flows.start()
     return [flows]
 

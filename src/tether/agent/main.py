@@ -35,6 +35,7 @@ from tether.model import Host, Network
 
 log = logging.getLogger("tether.agent")
 NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
+STATUS_INTERVAL = 0.1  # seconds between two writes of this host's status that change only its applied revision
 
 
 @dataclass
@@ -54,6 +55,8 @@ class AgentConfig:
     dns_ip: str | None = None  # where the DNS extra answers (None: its default; "off": no DNS)
     dns_port: int = 53
     upstream_dns: list[str] = field(default_factory=list)  # empty: the host's /etc/resolv.conf
+    flows: bool = True  # record connections (conntrack events) and push them to the server
+    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (None: the unix socket only)
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -121,6 +124,10 @@ class Agent:
         self.dns_search: list[str] = []
         self._plan_ms = 0.0
         self._kicks = 0  # bumped by every kick(): local changes to the replica come with one
+        self._applied_kicks = -1  # the _kicks of the replica the last finished apply planned from
+        self._reported_rev = 0  # the applied_revision the server holds for this host
+        self._status_at = 0.0  # monotonic time of the last status write
+        self._status_task: asyncio.Task | None = None
         self._now = False  # the pending kick asked not to wait
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
@@ -276,6 +283,8 @@ class Agent:
                     self.kick()
                 else:
                     self._unchanged_since_apply()
+                    if self.replica.acted > self._reported_rev:
+                        self._report_soon()  # e.g. the echo of a CNI ADD's endpoint, applied already
                 self.last_sync = time.time()
 
     async def _apply_loop(self) -> None:
@@ -305,6 +314,7 @@ class Agent:
             # planned on the worker thread from a copy: on the event loop the plan (O(objects), ~9 ms
             # with 500 endpoints) held up the CNI requests that arrived meanwhile
             key = (self.replica.revision, self._kicks, len(self.replica.objects["Endpoint"]), ctx)
+            kicks = self._kicks
             view = self.replica.view()
             keep = self.cni.protected()
             try:
@@ -317,7 +327,8 @@ class Agent:
                 self.nft.forget()
                 self._note_failures([*self._failures, f"apply: {type(e).__name__}: {e}"[:500]])
             self.applies += 1
-            await self._report_status(view.revision)
+            self._applied_kicks = kicks
+            await self._report_status(view.revision, view.acted)
             self._save_replica()
             extras = getattr(self, "_extras", [])
             installs = await asyncio.to_thread(self._prepare_extras, extras, view)
@@ -410,6 +421,7 @@ class Agent:
         if raised:
             lrep.add(f"up {', '.join(raised[:5])}" + (f" and {len(raised) - 5} more" if len(raised) > 5 else ""))
         t2 = time.perf_counter()
+        self.apply_ms = (t2 - t0) * 1000 + self._plan_ms  # metrics: how long the last apply took
         if nrep.changed or lrep.changed:
             log.info("applied (plan %.0f ms, links %.0f ms, nft %.0f ms): %s", self._plan_ms, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, "; ".join(lrep.changes + nrep.changes)[:500])
@@ -445,18 +457,26 @@ class Agent:
             del self._since[k]
         return HostStatus(problems=problems, failed_ops=failed, applied_revision=revision, updated_at=now())
 
-    async def _report_status(self, revision: int) -> None:
-        """Write the host's status when what it reports has changed (not on every apply: each write
-        is a Host event every agent receives)."""
+    async def _report_status(self, revision: int, acted: int) -> None:
+        """Write the host's status when what it reports has changed: its problems, or the revision
+        applied once a change other than a status report was applied (the programming status of
+        every object, `tether.server.programming`). Each write is a Host event every agent
+        receives, so revision-only writes come at most every STATUS_INTERVAL (the last one later)."""
         st = self.host_status(revision)
         key = (tuple((p.kind, p.name, p.reason) for p in st.problems),
                tuple((p.name, p.reason) for p in st.failed_ops))
-        if key == self._status_sent or not self.connected:
+        fresh = acted > self._reported_rev
+        if (key == self._status_sent and not fresh) or not self.connected:
+            return
+        if key == self._status_sent and time.monotonic() - self._status_at < STATUS_INTERVAL:
+            self._report_soon()
             return
         try:
+            self._status_at = time.monotonic()
             await self.client.request("PUT", f"/api/v1/hosts/{self.host}/status",
                                       content=st.model_dump_json())
             self._status_sent = key
+            self._reported_rev = max(self._reported_rev, revision)
         except (ApiError, ServerUnreachable) as e:
             log.warning("could not report this host's status (retried after the next apply): %s", e)
 
@@ -474,6 +494,16 @@ class Agent:
         if any(e.host == self.host and e.status == "pending" and e.revision > self._beat_sent
                for e in view.objects["Endpoint"].values()):
             self._beat_now.set()
+    def _report_soon(self) -> None:
+        if self._status_task is None or self._status_task.done():
+            self._status_task = asyncio.get_running_loop().create_task(self._report_later())
+
+    async def _report_later(self) -> None:
+        """Report the applied revision when no apply is due (one that is due reports it itself)."""
+        await asyncio.sleep(max(0.0, self._status_at + STATUS_INTERVAL - time.monotonic()))
+        async with self._apply_lock:
+            if self._applied_kicks == self._kicks and not self._dirty.is_set():
+                await self._report_status(self.replica.revision, self.replica.acted)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -563,6 +593,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dns-port", type=int, default=53)
     p.add_argument("--upstream-dns", action="append", default=[],
                    help="resolver for non-cluster names (repeatable; default: /etc/resolv.conf)")
+    p.add_argument("--flows", choices=("on", "off"), default="on",
+                   help="record connections (conntrack events, with their NAT) and denied packets, named by "
+                        "the server, for `tether flows` (off: denied packets stay on the local flows socket only)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="also serve Prometheus metrics over HTTP on this TCP address (e.g. 0.0.0.0:9402); "
+                        "without it they are only on the flows socket next to the CNI socket")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if logging.getLogger().level > logging.DEBUG:  # httpx logs every request at INFO: one per CNI ADD/DEL
@@ -579,6 +615,7 @@ def main(argv: list[str] | None = None) -> None:
                       state_dir=a.state_dir, cni_socket=a.cni_socket, token=token,
                       reconcile_interval=a.reconcile_interval,
                       dns_ip=a.dns_ip, dns_port=a.dns_port, upstream_dns=a.upstream_dns,
+                      flows=a.flows == "on", metrics_listen=a.metrics_listen,
                       labels=dict(x.split("=", 1) for x in a.label if "=" in x),
                       underlay=underlay_of(a.underlay_ip, a.underlay_dev))
 

@@ -581,6 +581,38 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
             name = f"{namespace or 'default'}/{name}"
         one = run(lambda: c.request("GET", path_of(k, name)))
     emit(k, one if output == Format.table else to_document(k, one), output)
+    ref = one["id"] if k == "Endpoint" else (one.get("name") if k == "Block" else name)
+    print_programming(c, k, ref, output)
+
+PROGRAMMABLE = ("Endpoint", "NetworkPolicy", "SecurityGroup", "Service", "Network", "Namespace")
+
+
+def print_programming(c, kind: str, ref: str, output: Format) -> None:
+    """Under a table: whether every host that must act on the object has applied it."""
+    if output != Format.table or kind not in PROGRAMMABLE:
+        return
+    from tether.client import ApiError, ServerUnreachable
+
+    try:
+        p = c.request("GET", f"/api/v1/programming/{kind}/{ref}")
+    except (ApiError, ServerUnreachable) as e:
+        print(f"programming status unknown: {e}")
+        return
+    print(p["summary"])
+
+
+def split_ref(ref: str, namespace: str | None) -> tuple[str, str]:
+    """'networkpolicy/deny-db' -> ('NetworkPolicy', 'default/deny-db')."""
+    from tether.model import KINDS
+
+    kind, sep, name = ref.partition("/")
+    k = ALIASES.get(kind.lower())
+    if not sep or k is None or not name:
+        fail(f"{ref!r} is not KIND/NAME: use e.g. networkpolicy/deny-db, endpoint/<id or name>, securitygroup/web")
+    if KINDS[k].namespaced and "/" not in name:
+        name = f"{namespace or 'default'}/{name}"
+    return k, name
+
 
 
 @app.command()
@@ -696,9 +728,51 @@ def schema_type(p: dict) -> str:
 
 
 @app.command()
-def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
+def wait(ref: Annotated[str, typer.Argument(help="KIND/NAME, e.g. networkpolicy/deny-db or ns/name for namespaced "
+                                                "kinds: networkpolicy/prod/deny-db")],
+         for_: Annotated[str, typer.Option("--for", help="the condition: 'programmed' (every host that must act "
+                                                         "on the object has applied its current revision)")]
+         = "programmed",
+         timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait before failing")] = 30.0,
+         namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+         server: ServerOpt = None, token: TokenOpt = None) -> None:
+    """Wait until an object is in effect on every host that must act on it (exit 1 on timeout,
+    saying which hosts have not applied it and why: down, failing, quarantined, pending)."""
+    import time
+
+    if for_ != "programmed":
+        fail(f"unknown condition {for_!r}; the only one is 'programmed'")
+    k, name = split_ref(ref, namespace)
+    if k not in PROGRAMMABLE:
+        fail(f"{k} has no programming status; use one of: {', '.join(PROGRAMMABLE)}")
+    c = client(server, token)
+    if k == "Endpoint":
+        name = find_endpoint(c, name, None)["id"]
+    deadline = time.monotonic() + timeout
+    while True:
+        p = run(lambda: c.request("GET", f"/api/v1/programming/{k}/{name}"))
+        if p["programmed"]:
+            print(f"{k.lower()}/{p['name']}: {p['summary']}")
+            return
+        if time.monotonic() >= deadline:
+            fail(f"{k.lower()}/{p['name']} not programmed after {timeout:g} s: {p['summary']}")
+        time.sleep(0.05)
+
+
+@app.command()
+def status(peers: Annotated[bool, typer.Option("--peers", help="the path health matrix: how each host reaches "
+                                                               "every other over the underlay (latency, path MTU) "
+                                                               "and the networks whose packets do not fit")] = False,
+           server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
     """Hosts, networks and endpoint counts at a glance."""
     c = client(server, token)
+    if peers:
+        report = run(lambda: c.request("GET", "/api/v1/peers"))
+        if output != Format.table:
+            emit("peers", report, output)
+            return
+        print_peers(report)
+        return
     hosts = run(lambda: c.list_raw("Host"))
     nets = run(lambda: c.list_raw("Network"))
     eps = run(lambda: c.list_raw("Endpoint"))
@@ -713,6 +787,39 @@ def status(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Fo
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
+
+
+def print_peers(report: dict) -> None:
+    """A matrix like `weave status connections`: one row per host, one column per peer."""
+    hosts = sorted(set(report) | {p["peer"] for r in report.values() for p in r.get("peers", [])})
+    if not report:
+        print("no peer reports yet (agents check their peers every 10 s)")
+        return
+
+    def cell(p: dict | None) -> str:
+        if p is None:
+            return "-"
+        if not p["underlay"]["ok"]:
+            return "DOWN"
+        rtt = p["underlay"].get("rtt_ms")
+        text = f"ok {rtt:.1f}ms" if rtt is not None else "ok"
+        if p.get("path_mtu") is not None:
+            text += f" mtu {p['path_mtu']}"
+        return text
+
+    width = max(12, *(len(h) for h in hosts)) + 2
+    print("FROM \\ TO".ljust(width) + "".join(h.ljust(34) for h in hosts))
+    problems = []
+    for h in hosts:
+        r = report.get(h)
+        by_peer = {p["peer"]: p for p in (r or {}).get("peers", [])}
+        age = f" ({r['age_s']:.0f}s ago)" if r else " (no report)"
+        print(h.ljust(width) + "".join(("self" if x == h else cell(by_peer.get(x))).ljust(34) for x in hosts) + age)
+        problems += [f"{h} -> {p['peer']}: {msg}" for p in by_peer.values() for msg in p.get("problems", [])]
+    if problems:
+        print("\nproblems:")
+        for line in problems:
+            print(f"  {line}")
 
 
 def print_problems(hosts: list[dict]) -> None:

@@ -13,12 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
 
 from tether.cli.output import Format
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
 from tether.policy_eval import Decision, World, decide
 
 LabOpt = Annotated[str | None, typer.Option("--lab", help="lab name (default: env TETHER_LAB, or the only lab)")]
@@ -128,6 +129,99 @@ def trace_once(world: World, src_ref: str, dst_spec: str) -> tuple[Endpoint | st
     return src, dst, port, proto, decide(world, src, dst, port, proto)
 
 
+def services_from(snapshot: dict) -> list[Service]:
+    return [Service.model_validate(i["object"]) for i in snapshot["objects"] if i["kind"] == "Service"]
+
+
+def resolve_destination(world: World, services: list[Service], ref: str) -> Endpoint | str:
+    """An endpoint (as `resolve`), else a service by `svc:NS/NAME`, `NS/NAME`, name or VIP."""
+    from tether.trace import find_service
+
+    if ref.startswith("svc:") or (not ref.startswith("host:") and not _is_ip(ref)
+                                  and not _endpoint_named(world, ref) and find_service(services, ref)):
+        if find_service(services, ref) is None:
+            fail(f"no service {ref.removeprefix('svc:')!r}: use svc:NAMESPACE/NAME")
+        return ref
+    return resolve(world, ref)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _endpoint_named(world: World, ref: str) -> bool:
+    ns, _, name = ref.rpartition("/")
+    return any((e.name == name and (not ns or e.namespace == ns)) or e.id == ref for e in world.endpoints)
+
+
+def trace_path(world: World, services: list[Service], src_ref: str, dst_spec: str):
+    """`tether trace`'s answer: every step of the path (`tether.trace`)."""
+    from tether.trace import trace
+
+    dst_ref, port, proto = parse_target(dst_spec)
+    return trace(world, services, resolve(world, src_ref), resolve_destination(world, services, dst_ref), port,
+                 proto)
+
+
+def target_address(world: World, services: list[Service], dst_spec: str) -> tuple[str, int, str]:
+    """Where the probe sends: the endpoint's address, the service's VIP, or the host's address."""
+    from tether.trace import find_service
+
+    dst_ref, port, proto = parse_target(dst_spec)
+    d = resolve_destination(world, services, dst_ref)
+    if isinstance(d, Endpoint):
+        return d.ips[0], port, proto
+    if d.startswith("host:"):
+        return next(h.underlay_ip for h in world.hosts if h.name == d[5:]), port, proto
+    svc = find_service(services, d)
+    if svc is not None and svc.cluster_ip:
+        return svc.cluster_ip, port, proto
+    return d, port, proto
+
+
+def drop_counts(lab: Any) -> dict[str, dict[str, int]]:
+    """Per lab host, the agent's drop totals by owner (policy, group, isolation, anti-spoofing)."""
+    import re
+    import socket
+
+    out: dict[str, dict[str, int]] = {}
+    for h in lab.state.hosts:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(os.path.join(lab.agent_dir(h.name), "flows.sock"))
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                text = b""
+                while chunk := s.recv(65536):
+                    text += chunk
+        except OSError:
+            continue
+        out[h.name] = {m.group(1): int(m.group(2)) for m in re.finditer(
+            r'tether_policy_dropped_packets_total\{host="[^"]*",policy="([^"]*)"\} (\d+)', text.decode())}
+    return out
+
+
+def explain_disagreement(lab: Any, before: dict[str, dict[str, int]], reached: bool, t: Any) -> str:
+    """Which step the real packet failed at, read from the kernel's drop counters around the probe."""
+    if reached:
+        f = t.failed
+        return (f"the packet got through although the model stops it at '{f.name}'" if f else "reached") + \
+            "; is the agent on that host behind (tether wait --for programmed)?"
+    after = drop_counts(lab)
+    rose = [f"{owner} on {host} (+{n - before.get(host, {}).get(owner, 0)})"
+            for host, counts in after.items() for owner, n in counts.items()
+            if n > before.get(host, {}).get(owner, 0)]
+    if rose:
+        return "dropped by " + ", ".join(rose)
+    return ("no drop rule counted it: it was lost outside policy (route, encapsulation, neighbour resolution "
+            "or an MTU drop); check `ip route` and `ip neigh` on the hosts of steps " +
+            ", ".join(sorted({s.host for s in t.steps if s.host})) + ")")
+
+
 def register(app: typer.Typer) -> None:
     global OutOpt, ServerOpt, TokenOpt  # the option types typer reads from this module's globals
     from tether.cli.main import OutOpt, ServerOpt, TokenOpt, client, run
@@ -146,66 +240,137 @@ def register(app: typer.Typer) -> None:
         if the_lab is not None and server is None:
             server, token = the_lab.server_url, token or the_lab.token
         c = client(server, token)
-        world = world_from(run(c.snapshot))
-        s, d, port, proto, decision = trace_once(world, src, dst)
-        result: dict[str, Any] = {"source": describe(s), "destination": describe(d), "port": port,
-                                  "protocol": proto, **decision.as_dict()}
+        snap = run(c.snapshot)
+        world = world_from(snap)
+        services = services_from(snap)
+        t = trace_path(world, services, src, dst)
+        result: dict[str, Any] = t.as_dict()
         if probe_:
-            dst_ip = d.ips[0] if isinstance(d, Endpoint) else (
-                next(h.underlay_ip for h in world.hosts if h.name == d[5:]) if d.startswith("host:") else d)
-            reached = probe(the_lab, s, dst_ip, port, proto, timeout)
-            result["probe"] = {"reached": reached, "agrees": reached == decision.allowed}
+            s = resolve(world, src)
+            d, port, proto = target_address(world, services, dst)
+            before = drop_counts(the_lab)
+            reached = probe(the_lab, s, d, port, proto, timeout)
+            result["probe"] = {"reached": reached, "agrees": reached == t.reached}
+            if not result["probe"]["agrees"]:
+                result["probe"]["kernel"] = explain_disagreement(the_lab, before, reached, t)
         if output != Format.table:
             from tether.cli.output import emit
 
             emit("Trace", result, output)
         else:
-            verdict = "ALLOWED" if decision.allowed else "DENIED"
-            print(f"{verdict}: {result['source']} -> {result['destination']} {proto}/{port}")
-            print(f"  decided by: {decision.reason}")
-            for step in decision.steps:
-                print(f"  - {step}")
+            verdict = "ALLOWED" if t.reached else "DENIED"
+            print(f"{verdict}: {result['source']} -> {result['destination']} {t.proto}/{t.port}")
+            print(f"  decided by: {result['reason']}")
+            for step in t.steps:
+                where = f" ({step.host})" if step.host else ""
+                print(f"  {'ok ' if step.ok else 'NO '} {step.name}{where}: {step.detail}")
             if "probe" in result:
                 p = result["probe"]
                 print(f"  probe: packet {'reached' if p['reached'] else 'was dropped'}"
                       f" ({'agrees' if p['agrees'] else 'DISAGREES with the model'})")
+                if "kernel" in p:
+                    print(f"  kernel: {p['kernel']}")
         if "probe" in result and not result["probe"]["agrees"]:
             raise typer.Exit(2)
 
     @app.command()
     def flows(
-        denied: Annotated[bool, typer.Option("--denied", help="only denied packets")] = False,
+        src: Annotated[str | None, typer.Option("--from", help="only flows from this end: NAMESPACE/POD, a "
+                                                "namespace, svc:NS/NAME, host:NAME or an address")] = None,
+        dst: Annotated[str | None, typer.Option("--to", help="only flows to this end (a service matches its VIP "
+                                                "and the backends it sent to)")] = None,
+        verdict: Annotated[str | None, typer.Option("--verdict", help="allow or deny")] = None,
+        denied: Annotated[bool, typer.Option("--denied", help="only denied packets (--verdict deny)")] = False,
+        follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new flows as they come")] = False,
+        limit: Annotated[int, typer.Option(help="at most this many (per host with --socket)")] = 50,
         lab: LabOpt = None,
-        socket_: Annotated[list[str] | None, typer.Option("--socket", help="an agent's flows socket (repeatable; "
-                                                          "default /run/tether/flows.sock, or every lab host's)")]
-        = None,
-        limit: Annotated[int, typer.Option(help="at most this many per host")] = 50,
-        output: OutOpt = Format.table,
+        socket_: Annotated[list[str] | None, typer.Option("--socket", help="read one agent's local flows socket "
+                                                          "instead of the server (repeatable; --lab: every lab "
+                                                          "host's)")] = None,
+        server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
     ) -> None:
-        """Recent flow-log records (denied packets) from the agents' flow logs."""
-        from tether.agent.flowlog import query
+        """Connections and denied packets recorded by every agent, both ends named (pod, namespace,
+        network, host, service) with the policy that decided, from the server's flow ring."""
 
-        paths = list(socket_ or [])
-        if not paths:
-            if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
-                the_lab = find_lab(lab, "with no agent flows socket at /run/tether/flows.sock (--socket PATH), "
-                                        "`tether flows`")
-                paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
-            else:
-                paths = ["/run/tether/flows.sock"]
-        records: list[dict] = []
-        for p in paths:
-            try:
-                records.extend(query(p, limit=limit, denied=denied))
-            except OSError as e:
-                print(f"warning: {p}: {e}", file=sys.stderr)
-        records.sort(key=lambda r: r.get("time", 0))
-        if output != Format.table:
-            from tether.cli.output import emit
-
-            emit("Flow", records, output)
+        if denied:
+            verdict = "deny"
+        if verdict not in (None, "allow", "deny"):
+            fail(f"--verdict {verdict!r}: use allow or deny")
+        if socket_:
+            local_flows(list(socket_), lab, limit, verdict == "deny", output)
             return
-        for r in records:
-            print(f"{r.get('when', '')} {r.get('host', '')} {r.get('verdict', 'deny')} {r.get('proto', '')} "
-                  f"{r.get('src', '')}:{r.get('sport', '')} -> {r.get('dst', '')}:{r.get('dport', '')} "
-                  f"if={r.get('interface', '')} by {r.get('reason', '')}")
+        if lab and server is None:
+            the_lab = find_lab(lab)
+            server, token = the_lab.server_url, token or the_lab.token
+        c = client(server, token)
+        params: dict[str, Any] = {"limit": limit}
+        for k, v in (("from", src), ("to", dst), ("verdict", verdict)):
+            if v:
+                params[k] = v
+        after, header = 0, True
+        while True:
+            q = {**params, "after": after, "wait": 10 if follow and after else 0}
+            got = run(lambda q=q: c.request("GET", "/api/v1/flows", params=q))
+            after = got["last"]
+            if output == Format.table:
+                print_flows(got["flows"], header)
+                header = header and not got["flows"]
+            elif follow:  # one JSON document per line, as they come
+                for r in got["flows"]:
+                    print(json.dumps(r))
+            else:
+                from tether.cli.output import emit
+
+                emit("Flow", got["flows"], output)
+            if not follow:
+                return
+            sys.stdout.flush()
+
+
+def print_flows(records: list[dict], header: bool = True) -> None:
+    """One line per flow: time, reporting host, verdict, protocol, both ends named, policy."""
+    from tether.flows import label
+
+    if header:
+        print(f"{'TIME':8} {'HOST':10} {'VERDICT':7} {'PROTO':5} {'FROM':32} {'TO':40} POLICY / REASON")
+    for r in records:
+        t = time.strftime("%H:%M:%S", time.localtime(r.get("time", 0)))
+        src = label(r.get("from") or {}, str(r.get("src", ""))) + (f":{r['sport']}" if r.get("sport") else "")
+        dst = label(r.get("to") or {}, str(r.get("dst", ""))) + (f":{r['dport']}" if r.get("dport") else "")
+        if r.get("backend"):
+            dst += f" -> {label(r.get('backend_of') or {}, str(r['backend']))}"
+        why = r.get("policy") or ""
+        if r.get("reason"):
+            why = f"{why} ({r['reason']})" if why else r["reason"]
+        event = "" if r.get("event") in (None, "new") else f" [{r['event']}]"
+        print(f"{t:8} {str(r.get('reporter') or r.get('host', '')):10} {r.get('verdict', ''):7} "
+              f"{str(r.get('proto', '')):5} {src:32} {dst:40} {why}{event}")
+
+
+def local_flows(paths: list[str], lab: str | None, limit: int, denied: bool, output: Format) -> None:
+    """The records one agent keeps on its flows socket (no server needed)."""
+    from tether.agent.flowlog import query
+
+    if not paths:
+        if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
+            the_lab = find_lab(lab)
+            paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
+        else:
+            paths = ["/run/tether/flows.sock"]
+    records: list[dict] = []
+    for p in paths:
+        try:
+            records.extend(query(p, limit=limit, denied=denied))
+        except OSError as e:
+            print(f"warning: {p}: {e}", file=sys.stderr)
+    records.sort(key=lambda r: r.get("time", 0))
+    if output != Format.table:
+        from tether.cli.output import emit
+
+        emit("Flow", records, output)
+        return
+    print(f"{'TIME':8} {'HOST':10} {'VERDICT':7} {'PROTO':5} FROM -> TO  BY")
+    for r in records:
+        print(f"{r.get('when', ''):8} {r.get('host', ''):10} {r.get('verdict', 'deny'):7} {r.get('proto', ''):5} "
+              f"{r.get('src_name') or r.get('src', '')}:{r.get('sport', '')} -> "
+              f"{r.get('dst_name') or r.get('dst', '')}:{r.get('dport', '')} by {r.get('reason', '')}")

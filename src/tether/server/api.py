@@ -127,6 +127,62 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
     return {"ok": True}
 
 
+class FlowPush(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    records: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+
+
+@router.post("/hosts/{name}/flows")
+async def push_flows(name: str, body: FlowPush, request: Request) -> dict:
+    """A host's agent pushes the flows it recorded since its last push (`tether.flows`)."""
+    require_own(request, name, "flows")
+    await objs(request).must(Host, name)
+    kept = await request.app.state.flows.ingest(objs(request), name, body.records)
+    return {"kept": kept}
+
+
+class PeerReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    peers: list[dict[str, Any]] = Field(default_factory=list, max_length=5000)
+
+
+@router.post("/hosts/{name}/peers")
+async def push_peers(name: str, body: PeerReport, request: Request) -> dict:
+    """A host's agent reports how it reaches every peer (`tether.agent.peers`); kept in memory."""
+    require_own(request, name, "peer health")
+    await objs(request).must(Host, name)
+    request.app.state.peers[name] = {"reported_at": time.time(), "peers": body.peers}
+    return {"ok": True}
+
+
+@router.get("/peers")
+async def get_peers(request: Request) -> dict:
+    """Per host, its last peer report (reachability, latency, path MTU, problems) and its age."""
+    now_ = time.time()
+    return {h: {**r, "age_s": round(now_ - r["reported_at"], 1)} for h, r in request.app.state.peers.items()}
+
+
+@router.get("/flows")
+async def get_flows(request: Request, after: int = 0, limit: int = Query(200, ge=1, le=5000),
+                    src: str | None = Query(None, alias="from"), dst: str | None = Query(None, alias="to"),
+                    verdict: str | None = Query(None, pattern="^(allow|deny)$"),
+                    wait: float = Query(0, ge=0, le=30)) -> dict:
+    """Recorded flows, both ends named; `after` (the last `seq` seen) and `wait` (seconds to hold
+    the request while nothing new matches) make `tether flows --follow`."""
+    ring = request.app.state.flows
+    deadline = time.monotonic() + wait
+    while True:
+        changed = ring.changed
+        out = ring.query(after, limit, src, dst, verdict)
+        left = deadline - time.monotonic()
+        if out or left <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), left)
+    last = max((r["seq"] for r in ring.records), default=0)
+    return {"flows": out, "last": max(last, after)}
+
+
 @router.delete("/hosts/{name}", status_code=204)
 async def delete_host(name: str, request: Request) -> None:
     await objs(request).delete_host(name)
@@ -477,6 +533,27 @@ async def delete_service(ns: str, name: str, request: Request) -> None:
 
 
 # --- blocks, snapshot, watch -----------------------------------------------------------------------
+
+PROGRAMMABLE = {"Endpoint": Endpoint, "NetworkPolicy": NetworkPolicy, "SecurityGroup": SecurityGroup,
+                "Service": Service, "Network": Network, "Namespace": Namespace}
+
+
+@router.get("/programming/{kind}/{ref:path}")
+async def get_programming(kind: str, ref: str, request: Request) -> dict:
+    """Whether every host that must act on an object has applied its current revision
+    (`tether.server.programming`): `tether get KIND NAME` and `tether wait --for programmed`."""
+    from tether.server.programming import programming
+
+    cls = PROGRAMMABLE.get(kind)
+    if cls is None:
+        raise ApiError(404, f"no programming status for kind {kind!r}; use one of: {', '.join(PROGRAMMABLE)}")
+    o = objs(request)
+    obj = await find_sg(o, ref) if cls is SecurityGroup else await o.get(cls, ref)
+    if obj is None:
+        raise ApiError(404, f"{kind} {ref!r} not found")
+    hosts = await o.list(Host)
+    return programming(obj, hosts, await o.live_hosts(), o.written_at(obj)).as_dict()
+
 
 @router.get("/blocks")
 async def list_blocks(request: Request, network: str | None = None) -> list[dict]:

@@ -18,6 +18,7 @@ from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
 from tether.server.auth import OPEN_PATHS, AdminCredential, Credentials, Denied, authorize, bearer
+from tether.server.flows import FlowRing
 from tether.server.gc import GarbageCollector
 from tether.server.leader import Leadership
 from tether.server.limits import BodyLimit, Limits, WatchSlots
@@ -61,7 +62,7 @@ class AuthAndMetrics:
         try:
             if path not in OPEN_PATHS:
                 try:
-                    who = await self.credentials.identify(bearer(Headers(scope=scope)))
+                    who = await self.credentials.identify(token_of(scope))
                 except Denied as e:
                     status = 401
                     await refusal(scope, receive, send, 401, "HTTPUnauthorized", str(e),
@@ -89,6 +90,23 @@ class AuthAndMetrics:
         finally:
             self.requests.labels(scope["method"], str(status)).inc()
             self.latency.observe(time.perf_counter() - start)
+
+
+def token_of(scope) -> str | None:
+    """The bearer token; for the web page (`/ui`) also its cookie or a `?token=` given once."""
+    headers = Headers(scope=scope)
+    token = bearer(headers)
+    if token is None and scope["path"].startswith("/ui"):
+        from http.cookies import SimpleCookie
+        from urllib.parse import parse_qs
+
+        from tether.server.ui import COOKIE
+
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(headers.get("cookie", ""))
+        token = jar[COOKIE].value if COOKIE in jar else None
+        token = token or (parse_qs(scope.get("query_string", b"").decode()).get("token") or [None])[0]
+    return token
 
 
 async def refusal(scope, receive, send, status: int, neutron_type: str, message: str,
@@ -150,6 +168,8 @@ def create_app(
     app = FastAPI(title="Tether API", version="1", lifespan=lifespan,
                   description="Desired state of a Tether network: hosts, networks, endpoints, policies, services.")
     app.state.objects = objects
+    app.state.flows = FlowRing()
+    app.state.peers = {}  # host -> its last peer-health report (tether.agent.peers)
     app.state.credentials = Credentials(store, credential)
     app.state.ca_pem = ca_pem
     app.state.gc = gc
@@ -157,6 +177,9 @@ def create_app(
     app.state.limits = limits
     app.state.watches = WatchSlots(limits.max_watches, limits.max_watches_per_client)
     app.include_router(router)
+    from tether.server.ui import router as ui_router
+
+    app.include_router(ui_router)
     from tether.server import neutron
 
     app.include_router(neutron.router)

@@ -229,7 +229,7 @@ class HostHasCredential(Exception):
 
 
 HOST_READS = re.compile(r"^/api/v1/")
-OWN_HOST = re.compile(r"^/api/v1/hosts/(?P<name>[^/]+)(?P<sub>/status|/heartbeat)?$")
+OWN_HOST = re.compile(r"^/api/v1/hosts/(?P<name>[^/]+)(?P<sub>/status|/heartbeat|/flows|/peers)?$")
 OWNED_ROUTES = {("POST", "/api/v1/endpoints")}  # the route checks the body's host (api.require_own)
 ENDPOINT = re.compile(r"^/api/v1/endpoints/[^/]+$|^/api/v1/endpoints/by-handle/.+$")
 NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
@@ -238,14 +238,15 @@ NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
 def host_rule(host: str, method: str, path: str) -> str | None:
     """None when a host credential may make this call (the endpoint and namespace routes then check
     that the object is the host's own, or new: `api.require_own`), else why not. Reads: everything
-    its agent mirrors. Writes: its own host object, status and heartbeat; endpoints on itself
+    its agent mirrors. Writes: its own host object, status, heartbeat, flow records and peer health; endpoints on itself
     (addresses come with them); a namespace that does not exist yet (CNI ADD in a new namespace)."""
     if method in ("GET", "HEAD"):
         if HOST_READS.match(path):
             return None
         return f"host {host!r} may read only the /api/v1 objects its agent mirrors"
     m = OWN_HOST.match(path)
-    if m and (method, m.group("sub")) in (("PUT", None), ("PUT", "/status"), ("POST", "/heartbeat")):
+    if m and (method, m.group("sub")) in (("PUT", None), ("PUT", "/status"), ("POST", "/heartbeat"),
+                                                  ("POST", "/flows"), ("POST", "/peers")):
         if m.group("name") == host:
             return None
         return f"host {host!r} may write only its own host object, not {m.group('name')!r}"

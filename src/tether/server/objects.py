@@ -121,6 +121,18 @@ class Objects:
         # per host: when this server last heard its heartbeat, and the revision its agent had applied
         # then. Kept in memory, not written: a write per heartbeat would be an event for every agent.
         self.beats: dict[str, tuple[datetime, int]] = {}
+        # when this server wrote each object's current revision (key -> (revision, time)): the
+        # "T ms after write" of the programming status; unknown after a restart or for another replica
+        self.written: dict[str, tuple[int, datetime]] = {}
+
+    def note_written(self, obj: Obj) -> None:
+        if len(self.written) > 100_000:
+            self.written.clear()
+        self.written[obj.key()] = (obj.revision, now())
+
+    def written_at(self, obj: Obj) -> datetime | None:
+        hit = self.written.get(obj.key())
+        return hit[1] if hit is not None and hit[0] == obj.revision else None
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -202,6 +214,7 @@ class Objects:
         rev = await self.store.txn([Compare(obj.key(), 0), *(compares or [])],
                                    [Put(obj.key(), encode(obj)), *(ops or [])])
         obj.revision = rev
+        self.note_written(obj)
         return obj
 
     async def replace(self, obj: T, revision: int, compares: list[Compare] | None = None,
@@ -209,6 +222,7 @@ class Objects:
         rev = await self.store.txn([Compare(obj.key(), revision), *(compares or [])],
                                    [Put(obj.key(), encode(obj)), *(ops or [])])
         obj.revision = rev
+        self.note_written(obj)
         return obj
 
     async def remove(self, obj: Obj, compares: list[Compare] | None = None, ops: list[Op] | None = None) -> int:
@@ -339,6 +353,7 @@ class Objects:
                 raise
             self.ipam.committed(alloc, rev)
             ep.revision = rev
+            self.note_written(ep)
             return ep, True
 
         return await with_retries(attempt)

@@ -1,0 +1,137 @@
+"""What flow recording costs (issue 25): TCP connect rate and bulk throughput between two pods on
+two hosts, with the agents' conntrack recording on and off, in the same run.
+
+Recording is switched on every agent through its flows socket (`{"cmd": "record", "on": ...}`),
+slice by slice, in an order that alternates round after round, so both sides share the machine's
+noise; the verdict compares the medians. Budget: recording keeps >= 95% of both figures.
+
+    sudo .venv/bin/python bench/flows.py [--rounds 8] [--slice 1.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from tether import jsonline
+from tether.lab.cluster import Lab, nsx, wait_for
+from tether.model import Network, NetworkPolicy, Subnet
+
+PORT = 5401
+
+SERVER = r"""
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(512)
+def drain(c):
+    b = bytearray(1 << 20)
+    try:
+        while c.recv_into(b):
+            pass
+    finally:
+        c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+
+# one measurement per line read on stdin: "connect SECONDS" -> connections/s, "bulk SECONDS" -> Gbit/s
+CLIENT = r"""
+import socket, sys, time
+ip, port = sys.argv[1], int(sys.argv[2])
+buf = b"x" * (1 << 16)
+for line in sys.stdin:
+    what, secs = line.split()
+    end = time.perf_counter() + float(secs)
+    n = 0
+    t0 = time.perf_counter()
+    if what == "connect":
+        while time.perf_counter() < end:
+            c = socket.create_connection((ip, port)); c.close(); n += 1
+        print(n / (time.perf_counter() - t0), flush=True)
+    else:
+        c = socket.create_connection((ip, port))
+        while time.perf_counter() < end:
+            c.sendall(buf); n += len(buf)
+        c.close()
+        print(n * 8 / (time.perf_counter() - t0) / 1e9, flush=True)
+"""
+
+
+def record(lab: Lab, on: bool) -> None:
+    for h in lab.state.hosts:
+        path = f"{lab.agent_dir(h.name)}/flows.sock"
+        got = jsonline.request(path, {"cmd": "record", "on": on}, 5)
+        assert got == {"recording": on}, got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--slice", type=float, default=1.5, help="seconds per measurement")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    lab = Lab(f"bf{os.urandom(2).hex()}")
+    procs: list[subprocess.Popen] = []
+    try:
+        lab.up(hosts=2, progress=lambda _m: None)
+        lab.client().create_network(Network(name="benchflows", subnets=[Subnet(cidr="10.47.0.0/16")], encap="vxlan"))
+        cli = lab.run_pod("h1", "cli", "benchflows")
+        srv = lab.run_pod("h2", "srv", "benchflows", labels={"app": "srv"})
+        # a policy on the server: the kernel tracks its connections (pods under no policy and no
+        # service are forwarded without conntrack, so there would be nothing to record)
+        lab.client().apply(NetworkPolicy(name="allow-srv", namespace="default", spec={
+            "podSelector": {"matchLabels": {"app": "srv"}}, "ingress": [{}], "policyTypes": ["Ingress"]}))
+        procs.append(subprocess.Popen(["ip", "netns", "exec", srv.ns, sys.executable, "-c", SERVER, str(PORT)]))
+        wait_for(lambda: f":{PORT}" in nsx(srv.ns, "ss", "-Hltn", check=False).stdout, 10, "the server")
+        wait_for(lambda: lab.ping("h1/cli", srv.ip), 15, "the path")
+        client = subprocess.Popen(["ip", "netns", "exec", cli.ns, sys.executable, "-c", CLIENT, srv.ip, str(PORT)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(client)
+        assert client.stdin is not None and client.stdout is not None
+
+        def measure(what: str) -> float:
+            client.stdin.write(f"{what} {a.slice}\n")  # type: ignore[union-attr]
+            client.stdin.flush()  # type: ignore[union-attr]
+            return float(client.stdout.readline())  # type: ignore[union-attr]
+
+        samples: dict[bool, dict[str, list[float]]] = {True: {"connect": [], "bulk": []},
+                                                       False: {"connect": [], "bulk": []}}
+        measure("connect")  # warm up
+        for r in range(a.rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                record(lab, on)
+                time.sleep(0.3)
+                for what in ("connect", "bulk"):
+                    samples[on][what].append(measure(what))
+        record(lab, True)
+        out = {}
+        for what, unit in (("connect", "connections/s"), ("bulk", "Gbit/s")):
+            off, on = statistics.median(samples[False][what]), statistics.median(samples[True][what])
+            out[what] = {"off": round(off, 3), "on": round(on, 3), "ratio": round(on / off, 3), "unit": unit}
+        out["within_budget"] = all(out[w]["ratio"] >= 0.95 for w in ("connect", "bulk"))
+        flows = lab.client().request("GET", "/api/v1/flows", params={"limit": 1})
+        out["flows_recorded"] = flows["last"]
+        if a.json:
+            print(json.dumps(out))
+        else:
+            for what in ("connect", "bulk"):
+                o = out[what]
+                print(f"{what:8} off {o['off']:10.2f}  on {o['on']:10.2f} {o['unit']:14} ratio {o['ratio']:.3f}")
+            print(f"flows recorded by the server: {out['flows_recorded']}; "
+                  f"{'within' if out['within_budget'] else 'OVER'} the 5% budget")
+        sys.exit(0 if out["within_budget"] else 1)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        lab.down()
+
+
+if __name__ == "__main__":
+    main()

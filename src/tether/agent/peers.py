@@ -1,0 +1,137 @@
+"""Path health (issue 25): this agent checks every peer host over the underlay and the overlay and
+reports it to the server, which `tether status --peers` shows as a matrix.
+
+Every PEER_INTERVAL seconds, per peer and concurrently: a ping to its underlay address with the
+full underlay MTU and Don't Fragment (reachability, latency, and whether full-size packets are
+carried); when that fails but a small one passes, the largest size carried (a binary search of a
+few pings). (The overlay itself is not pinged: peers' VTEP addresses have no route back; see
+docs/OPERATIONS.md.) The networks this host carries are then checked against the path: a VXLAN network whose packets,
+with the 50 bytes of VXLAN overhead, are larger than the path carries is reported before users
+see stalled TCP. Results are pushed to POST /api/v1/hosts/NAME/peers (kept in the server's memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from typing import Any
+
+log = logging.getLogger("tether.agent.peers")
+
+PEER_INTERVAL = 10.0
+MIN_MTU = 576
+IP_ICMP = 28  # IPv4 + ICMP headers: ping's -s is the MTU minus these
+
+
+async def ping(ip: str, size: int, dev: str | None = None, timeout: float = 1.0) -> float | None:
+    """Round trip in ms of one Don't-Fragment ping of `size` bytes of IP packet, None if lost."""
+    cmd = ["ping", "-n", "-q", "-c", "1", "-W", str(timeout), "-M", "do", "-s", str(max(0, size - IP_ICMP))]
+    if dev:
+        cmd += ["-I", dev]
+    try:
+        p = await asyncio.create_subprocess_exec(*cmd, ip, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(p.communicate(), timeout + 2)
+    except (OSError, TimeoutError):
+        return None
+    if p.returncode != 0:
+        return None
+    m = re.search(r"= [\d.]+/([\d.]+)/", out.decode(errors="replace"))
+    return float(m.group(1)) if m else 0.0
+
+
+async def carried_mtu(ip: str, high: int) -> int | None:
+    """The largest packet (between MIN_MTU and `high`) that reaches `ip` with DF set; None if none."""
+    if await ping(ip, MIN_MTU) is None:
+        return None
+    lo, hi = MIN_MTU, high
+    while hi - lo > 8:
+        mid = (lo + hi) // 2
+        if await ping(ip, mid) is not None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def mtu_problems(networks: list[Any], peer: str, path_mtu: int, underlay_mtu: int) -> list[str]:
+    """Networks whose packets to `peer` are larger than the path carries (pure)."""
+    from tether.agent.calc import VXLAN_OVERHEAD, endpoint_mtu
+
+    out = []
+    for net in networks:
+        inner = endpoint_mtu(net, underlay_mtu)
+        need = inner + (0 if net.encap == "direct" else VXLAN_OVERHEAD)
+        if need > path_mtu:
+            fit = path_mtu - (0 if net.encap == "direct" else VXLAN_OVERHEAD)
+            out.append(f"network {net.name} sends {need}-byte packets to {peer} (MTU {inner}"
+                       + ("" if net.encap == "direct" else f" + {VXLAN_OVERHEAD} VXLAN") +
+                       f") but the path carries {path_mtu}: large packets are lost (stalled TCP); set the "
+                       f"network's mtu to {fit} or raise the underlay's")
+    return out
+
+
+class PeerHealth:
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.results: dict[str, dict[str, Any]] = {}
+        self._replica: Any = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def update(self, replica: Any) -> None:
+        self._replica = replica
+
+    async def check(self, peer: Any, underlay_mtu: int) -> dict[str, Any]:
+        r: dict[str, Any] = {"peer": peer.name, "underlay_ip": peer.underlay_ip, "checked_at": time.time()}
+        rtt = await ping(peer.underlay_ip, underlay_mtu)
+        r["underlay"] = {"ok": rtt is not None, "rtt_ms": rtt}
+        r["path_mtu"] = underlay_mtu if rtt is not None else await carried_mtu(peer.underlay_ip, underlay_mtu)
+        if r["path_mtu"] is not None:
+            r["underlay"]["ok"] = True
+        nets = list(getattr(self._replica, "networks", {}).values()) if self._replica is not None else []
+        problems = []
+        if r["path_mtu"] is None:
+            problems.append(f"{peer.name} ({peer.underlay_ip}) does not answer on the underlay")
+        else:
+            problems += mtu_problems(nets, peer.name, r["path_mtu"], underlay_mtu)
+        r["problems"] = problems
+        return r
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(PEER_INTERVAL if self.results else 2.0)
+            a = self.agent
+            rep = self._replica
+            if rep is None or not getattr(a, "connected", False):
+                continue
+            me = a.host
+            underlay_mtu = a.underlay_mtu
+            peers = [h for h in rep.objects["Host"].values() if h.name != me]
+            try:
+                got = await asyncio.gather(*(self.check(p, underlay_mtu) for p in peers))
+                self.results = {r["peer"]: r for r in got}
+                for r in got:
+                    for p in r["problems"]:
+                        log.warning("path to %s: %s", r["peer"], p)
+                await a.client.request("POST", f"/api/v1/hosts/{me}/peers", content=json.dumps({"peers": got}))
+            except Exception as e:  # noqa: BLE001 - health checks never stop the agent
+                log.warning("could not check or report peer health: %s", e)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+async def start(agent: Any) -> list[PeerHealth]:
+    h = PeerHealth(agent)
+    h.start()
+    return [h]
