@@ -281,7 +281,7 @@ def register(app: typer.Typer) -> None:
                                                 "and the backends it sent to)")] = None,
         verdict: Annotated[str | None, typer.Option("--verdict", help="allow or deny")] = None,
         denied: Annotated[bool, typer.Option("--denied", help="only denied packets (--verdict deny)")] = False,
-        follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new flows as they come")] = False,
+        follow: Annotated[bool, typer.Option("--follow", help="keep printing new flows as they come")] = False,
         limit: Annotated[int, typer.Option(help="at most this many (per host with --socket)")] = 50,
         lab: LabOpt = None,
         socket_: Annotated[list[str] | None, typer.Option("--socket", help="read one agent's local flows socket "
@@ -353,7 +353,8 @@ def local_flows(paths: list[str], lab: str | None, limit: int, denied: bool, out
 
     if not paths:
         if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
-            the_lab = find_lab(lab)
+            the_lab = find_lab(lab, "with no agent flows socket at /run/tether/flows.sock (--socket PATH), "
+                                    "`tether flows --socket`")
             paths = [os.path.join(the_lab.agent_dir(h.name), "flows.sock") for h in the_lab.state.hosts]
         else:
             paths = ["/run/tether/flows.sock"]
