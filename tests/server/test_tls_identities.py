@@ -155,6 +155,32 @@ def test_host_credential_writes_its_own_objects_and_nothing_else(srv, tmp_path) 
     h1.delete("Endpoint", mine.id)
 
 
+def test_a_host_creates_and_deletes_only_networks_labelled_as_dockers(srv, tmp_path) -> None:
+    """`docker network create/rm` on any Docker host, with its host credential: a new network labelled
+    tether.io/created-by=docker, and deleting such a network; nothing else about networks."""
+    s, https = srv
+    a = admin(s)
+    a.create_network(Network(name="blue", subnets=[Subnet(cidr="10.80.0.0/16")]))
+    h1 = joined(s, https, "h1", tmp_path)
+    docker = {"tether.io/created-by": "docker"}
+    made = h1.apply(Network(name="dk", subnets=[Subnet(cidr="10.82.0.0/16")], labels=docker))
+    assert made.labels == docker
+    forbidden = [
+        lambda: h1.apply(Network(name="red", subnets=[Subnet(cidr="10.81.0.0/16")])),  # not Docker's
+        lambda: h1.apply(Network(name="ext", subnets=[Subnet(cidr="10.83.0.0/16")], labels=docker, external=True)),
+        lambda: h1.apply(Network(name="blue", subnets=[Subnet(cidr="10.80.0.0/16")], labels=docker)),  # exists
+        lambda: h1.apply(Network(name="dk", subnets=[Subnet(cidr="10.82.0.0/16")], labels=docker, mtu=1400)),
+        lambda: h1.delete("Network", "blue"),  # the admin's
+    ]
+    for call in forbidden:
+        with pytest.raises(ApiError) as e:
+            call()
+        assert e.value.status == 403 and "h1" in e.value.detail, e.value.detail
+    assert {n.name for n in a.list("Network")} == {"blue", "dk"} and a.get("Network", "dk").mtu is None
+    h1.delete("Network", "dk")
+    assert {n.name for n in a.list("Network")} == {"blue"}
+
+
 def test_a_revoked_host_gets_401_on_its_next_call_and_its_watch_ends(srv, tmp_path) -> None:
     s, https = srv
     h1 = joined(s, https, "h1", tmp_path)
@@ -298,8 +324,9 @@ def test_a_watch_moves_to_the_next_server_when_its_server_stops_without_losing_a
     ("PUT", "/api/v1/namespaces/shop", True),
     ("PUT", "/api/v1/hosts/h2", False), ("POST", "/api/v1/hosts/h2/heartbeat", False),
     ("DELETE", "/api/v1/hosts/h1", False), ("POST", "/api/v1/hosts/h1", False),
-    ("POST", "/api/v1/networks", False), ("PUT", "/api/v1/networks/blue", False),
-    ("DELETE", "/api/v1/networks/blue", False), ("DELETE", "/api/v1/namespaces/shop", False),
+    ("POST", "/api/v1/networks", False), ("PUT", "/api/v1/networks/blue", True),  # the route checks the label
+    ("DELETE", "/api/v1/networks/blue", True), ("PUT", "/api/v1/networks/blue/x", False),
+    ("DELETE", "/api/v1/namespaces/shop", False),
     ("PUT", "/api/v1/namespaces/shop/networkpolicies/p", False), ("PUT", "/api/v1/namespaces/shop/services/s", False),
     ("POST", "/api/v1/securitygroups", False), ("POST", "/api/v1/apply", False),
     ("POST", "/api/v1/bootstrap-tokens", False), ("DELETE", "/api/v1/hosts/h2/credential", False),
