@@ -95,8 +95,9 @@ def env(tmp_path_factory) -> Iterator[Env]:
             d[h].start()
             d[h].import_busybox()
         e = Env(lab, d, unique("blue"), unique("red"))
-        for h in ("h1", "h2"):
-            d[h].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", BLUE, e.blue)
+        d["h1"].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", BLUE, e.blue)
+        wait_for(lambda: e.blue in d["h2"].docker("network", "ls", "--format", "{{.Name}}").stdout, 30,
+                 "the network created on h1 to appear in h2's dockerd")
         d["h1"].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", RED, e.red)
         e.names = {k: unique(k) for k in ("a", "b", "c", "web", "client", "other", "st", "pub")}
         yield e

@@ -496,19 +496,27 @@ class DockerPlugin:
         host still has endpoints in it, and that refusal is the user's answer); one adopted from
         `tether network create` stays, it is not Docker's to remove."""
         nid = req.get("NetworkID", "")
-        info = self.networks.get(nid)
-        if info is not None and info.get("docker_made") and info.get("network"):
+        info = self.networks.pop(nid, None)
+        if info is None:
+            return {}
+        self._save()  # dockerd removes its network whatever we answer (libnetwork only logs a driver's error)
+        if info.get("docker_made") and info.get("network"):
             try:
                 await self.agent.client.delete("Network", info["network"])
                 log.info("removed Tether network %s with its Docker network", info["network"])
             except ApiError as e:
-                if e.status == 409:
-                    raise DriverError(f"Tether network {info['network']!r} is still in use: {e.detail}") from None
+                if e.status == 409:  # in use on another host: it stays, so this host gets its copy back
+                    self._synced = None
+                    self._spawn(self._resync_later())
+                    raise DriverError(f"Tether network {info['network']!r} stays, in use on other hosts, and comes "
+                                      f"back here: {e.detail}") from None
                 if e.status != 404:
                     raise
-        if self.networks.pop(nid, None) is not None:
-            self._save()
         return {}
+
+    async def _resync_later(self, delay: float = 1.0) -> None:
+        await asyncio.sleep(delay)  # once dockerd has finished removing its copy
+        await self._sync(docker_made(self.agent.replica.networks.values()))
 
     async def _wait_named(self, info: dict[str, Any], timeout: float = 10) -> str:
         deadline = time.monotonic() + timeout
