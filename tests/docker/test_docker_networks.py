@@ -71,6 +71,11 @@ def test_a_network_created_once_is_usable_on_every_docker_host_and_rm_leaves_not
     ip_b = env.d["h2"].docker("inspect", "-f", fmt, b).stdout.strip()
     assert ip_b.startswith("10.87.")
     assert env.ping_by_ip("h1", a, ip_b)
+    # no --dns nor --dns-search: Docker's embedded resolver forwards `b` to the agent's DNS (the
+    # daemon's --dns), which answers it in a's network
+    wait_for(lambda: ip_b in env.d["h1"].docker("exec", a, "nslookup", b, check=False).stdout, 20,
+             f"{b} (on h2) to resolve by its bare name in {a} (on h1)")
+    assert env.ping_by_ip("h1", a, b)
     env.d["h1"].docker("rm", "-f", a)
     wait_for(lambda: len(env.lab.client().list("Endpoint", network=green)) == 1, 20, "a's endpoint to go")
     # b on h2 still uses it: dockerd drops h1's copy anyway (libnetwork ignores a driver's refusal
