@@ -22,7 +22,8 @@ Tether objects, and why:
   NetworkPolicy selects it). dockerd cannot be asked during Join itself: it holds the container.
 - The container gets a /32, a route to the link-local gateway 169.254.1.1 and a default route
   through it, like a pod (no docker_gwbridge); the host side answers ARP by proxy.
-- Published ports (-p) become a NodePort Service whose backend is the container.
+- Published ports (-p) become a NodePort Service whose backend is the container, published on this
+  host only (`Service.host`; `-p IP:...` on that address only, `Service.host_ip`), as Docker does.
 Every call is idempotent, so retries by dockerd and restarts of either side are safe.
 """
 
@@ -774,7 +775,7 @@ class DockerPlugin:
         network, _ = await self._network_of(req["NetworkID"])
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep)
-        ports = []
+        ports, host_ips = [], set()
         for m in maps:
             proto = PROTOCOLS.get(int(m.get("Proto", 6)))
             if proto is None:
@@ -782,12 +783,22 @@ class DockerPlugin:
             if m.get("HostPortEnd") and m.get("HostPortEnd") != m.get("HostPort"):
                 raise DriverError("tether publishes single ports, not ranges; write -p HOST:CONTAINER")
             if m.get("HostIP") not in (None, "", "0.0.0.0"):
-                raise DriverError("tether publishes on every address of the host; drop the IP in -p")
+                try:
+                    if ipaddress.ip_address(m["HostIP"]).version != 4:
+                        raise ValueError
+                except ValueError:
+                    raise DriverError(f"-p {m['HostIP']}:...: tether publishes on IPv4 addresses of the host; "
+                                      "give one, or none for all") from None
+                host_ips.add(m["HostIP"])
             ports.append(ServicePort(name=f"{proto.lower()}-{m['Port']}", protocol=proto, port=int(m["Port"]),
                                      target_port=int(m["Port"]), node_port=int(m["HostPort"]) or None))
+        if len(host_ips) > 1 or (host_ips and len(host_ips) != len(maps)):
+            raise DriverError("tether publishes a container's ports on one address of the host, or on all: give "
+                              "every -p the same IP, or none")
         svc = Service(name=self._service_name(docker_ep), namespace=ep.namespace, network=network, type="NodePort",
                       ports=ports, backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips],
-                      labels={"tether.io/docker": "true"})
+                      labels={"tether.io/docker": "true"}, host=self.agent.host,
+                      host_ip=next(iter(host_ips), None))
         try:
             await self.agent.client.apply(svc)
         except ApiError as e:
