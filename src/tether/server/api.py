@@ -473,6 +473,32 @@ async def delete_sg(sg_id: str, request: Request) -> None:
 
 # --- services --------------------------------------------------------------------------------------
 
+async def require_host_service(request: Request, store_name: str, svc: Service | None) -> None:
+    """403 unless the admin, or a host writing (`svc`) or deleting (None) a service that publishes on
+    itself only (`host` is the caller) with explicit backends that are its own endpoints: Docker's -p
+    and CNI hostPort, with the host's credential; other hosts' traffic is not its to steer."""
+    who = caller(request)
+    if who.kind == "admin":
+        return
+    o = objs(request)
+    old = await o.get(Service, store_name)
+    if old is not None and old.host != who.name:
+        raise ApiError(403, f"host {who.name!r} may not change service {store_name!r}: it is not published on "
+                            f"{who.name!r} only; use the admin token")
+    if svc is None:
+        return
+    why = None
+    if svc.host != who.name or svc.type != "NodePort" or svc.selector or not svc.backends:
+        why = f"it must publish on host {who.name!r} only (host, type NodePort) with explicit backends, no selector"
+    else:
+        for b in svc.backends:
+            ep = await o.get(Endpoint, b.endpoint) if b.endpoint else None
+            if ep is None or ep.host != who.name or b.ip not in ep.ips:
+                why = f"backend {b.ip} is not an endpoint of host {who.name!r}"
+                break
+    if why:
+        raise ApiError(403, f"host {who.name!r} may not write service {store_name!r}: {why}; use the admin token")
+
 @router.get("/services")
 async def list_services(request: Request, namespace: str | None = None) -> list[dict]:
     return dump(await objs(request).list(Service, f"{namespace}/" if namespace else ""))
@@ -492,12 +518,14 @@ async def put_service(ns: str, name: str, svc: Service, request: Request, respon
     await require_namespace(o, ns)
     if svc.network and await o.get(Network, svc.network) is None:
         raise ApiError(400, f"network {svc.network!r} does not exist")
+    await require_host_service(request, f"{ns}/{name}", svc)
     obj, created = await o.put_service(svc)
     return answer(response, obj, created)
 
 
 @router.delete("/namespaces/{ns}/services/{name}", status_code=204)
 async def delete_service(ns: str, name: str, request: Request) -> None:
+    await require_host_service(request, f"{ns}/{name}", None)
     await objs(request).delete_service(ns, name)
 
 
