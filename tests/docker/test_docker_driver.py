@@ -83,10 +83,9 @@ def env(tmp_path_factory) -> Iterator[Env]:
     why = available()
     if why:
         pytest.skip(why)
-    # `docker network create` makes Tether networks and `-p` publishes services: cluster-wide writes
-    # that a host credential may not make (docs/ARCHITECTURE.md, security model), so these agents
-    # hold the admin token
-    lab = make_lab(hosts=3, agent_auth="admin")
+    # agents hold their own host credentials: `docker network create` (a network labelled as Docker's)
+    # and `-p` (a service published on the container's host only) are what the node authorizer allows
+    lab = make_lab(hosts=3)
     d: dict[str, Dockerd] = {}
     root = tmp_path_factory.mktemp("docker")
     try:
