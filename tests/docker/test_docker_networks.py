@@ -43,12 +43,13 @@ def env(tmp_path_factory) -> Iterator[Env]:
     why = available()
     if why:
         pytest.skip(why)
-    lab = make_lab(hosts=2)  # agents hold their host credentials
+    lab = make_lab(hosts=3)  # agents hold their host credentials; h3's dockerd starts late
     d: dict[str, Dockerd] = {}
     root = tmp_path_factory.mktemp("dockernets")
     try:
-        for h in ("h1", "h2"):
+        for h in ("h1", "h2", "h3"):
             d[h] = Dockerd(lab.host(h).ns, root / h, lab.docker_plugin_dir(h), lab.docker_socket(h))
+        for h in ("h1", "h2"):
             d[h].start()
             d[h].import_busybox()
         yield Env(lab, d)
@@ -110,3 +111,16 @@ def test_docker_network_rm_keeps_a_tether_network_it_adopted(env: Env) -> None:
         assert env.lab.client().get("Network", name).subnets[0].cidr == ADOPTED
     finally:
         env.lab.client().delete("Network", name)
+
+
+def test_a_dockerd_started_later_gets_the_networks_made_before(env: Env) -> None:
+    early = unique("early")
+    env.d["h1"].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", "10.89.0.0/16",
+                       early)
+    wait_for(lambda: early in env.names("h2"), 30, "the network on h2")
+    try:
+        env.d["h3"].start()  # nothing changes in the cluster meanwhile: the agent's periodic copy brings it
+        wait_for(lambda: early in env.names("h3"), 40, "the network in h3's dockerd, started after it was made")
+    finally:
+        env.d["h1"].docker("network", "rm", early)
+    wait_for(lambda: early not in env.names("h3") and early not in env.names("h2"), 40, "the copies to go")

@@ -60,6 +60,7 @@ GENERIC = "com.docker.network.generic"
 PORTMAP = "com.docker.network.portmap"
 PROTOCOLS = {6: "TCP", 17: "UDP"}
 ADDRESS_SPACE = "tether"  # our IPAM's address space: Docker's default IPAM says "LocalDefault"
+RESYNC_EVERY = 10.0  # seconds: a dockerd started (or reset) on a quiet cluster still gets the networks
 PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
 
 
@@ -253,6 +254,7 @@ class DockerPlugin:
         for nid, info in self.networks.items():
             if info.get("network") is None and not info.get("error"):
                 self._spawn(self._name_network(nid))  # a restart interrupted the naming
+        self._spawn(self._resync_loop())
         log.warning("docker plugin serving %s", self.server.path)
 
     async def close(self) -> None:
@@ -514,6 +516,16 @@ class DockerPlugin:
                 if e.status != 404:
                     raise
         return {}
+
+    async def _resync_loop(self) -> None:
+        """Copy the networks again now and then, not only when they change: dockerd may start after
+        the agent, or lose its networks, while nothing in the cluster changes."""
+        while True:
+            await asyncio.sleep(RESYNC_EVERY)
+            try:
+                await self._sync(docker_made(self.agent.replica.networks.values()))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("copying Docker networks into dockerd failed")
 
     async def _resync_later(self, delay: float = 1.0) -> None:
         await asyncio.sleep(delay)  # once dockerd has finished removing its copy
