@@ -99,7 +99,11 @@ def test_host_published_node_ports_conflict_only_where_they_share_an_address(srv
     assert "on 192.0.2.1" in e.value.detail
     with pytest.raises(ValueError, match="needs host"):
         Service(name="x", type="NodePort", host_ip="192.0.2.1")
-    for n in ("hp1", "hp2", "hp3", "hp4"):
+    r = cli(srv, "service", "create", "hpc", "--port", "80:80:31801", "--selector", "a=b", "--type", "NodePort",
+            "--host", "h3", "--host-ip", "192.0.2.3", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["host"], json.loads(r.stdout)["host_ip"]) == ("h3", "192.0.2.3")
+    for n in ("hp1", "hp2", "hp3", "hp4", "hpc"):
         c.delete("Service", f"default/{n}")
 
 
