@@ -641,9 +641,20 @@ class Service(Obj):
     # Local: node ports go only to backends on the host that received the packet, and keep the
     # client's address (no source NAT); Cluster: any backend, source-NATed to the host
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    # Docker's `-p` and CNI's hostPort: the node ports are published on this host only (on host_ip
+    # only, when given), not on every host; two services may then share a node port on different hosts
+    host: HostName | None = None
+    host_ip: Annotated[str, checked(check_ip, "host_ip")] | None = None
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def publishes_with(self, other: Service) -> bool:
+        """True when the two services' node ports would be published on a common address."""
+        if self.host is None or other.host is None:
+            return True
+        return self.host == other.host and (self.host_ip is None or other.host_ip is None
+                                            or self.host_ip == other.host_ip)
 
     @field_validator("name")
     @classmethod
@@ -658,6 +669,10 @@ class Service(Obj):
         if self.headless and self.type != "ClusterIP":
             raise ValueError("a headless service cannot be NodePort: there is no virtual IP to publish; "
                              "use type ClusterIP")
+        if (self.host or self.host_ip) and self.type != "NodePort":
+            raise ValueError("host and host_ip say where node ports are published: use type NodePort or leave them out")
+        if self.host_ip and not self.host:
+            raise ValueError(f"host_ip {self.host_ip} needs host, the host that has that address")
         if self.external_traffic_policy == "Local" and self.type != "NodePort":
             raise ValueError("external_traffic_policy Local applies to node ports: use type NodePort or leave the "
                              "policy at Cluster")

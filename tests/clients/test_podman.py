@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.lab import make_lab, unique
-from tether.lab.cluster import Lab, sh, wait_for
+from tether.lab.cluster import Lab, nsx, sh, wait_for
 from tether.model import Network, Subnet
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
@@ -58,7 +58,8 @@ runroot = "{root}/run"
 
     def network(self, name: str, version: str, host: str) -> None:
         conflist = {"cniVersion": version, "name": name,
-                    "plugins": [{"type": "tether", "network": name, "agent_socket": self.lab.cni_socket(host)}]}
+                    "plugins": [{"type": "tether", "network": name, "agent_socket": self.lab.cni_socket(host),
+                                 "capabilities": {"portMappings": True}}]}  # podman -p: runtimeConfig.portMappings
         (self.root / "netd" / f"{name}.conflist").write_text(json.dumps(conflist))
 
     def import_busybox(self) -> None:
@@ -130,3 +131,28 @@ def test_a_podman_container_is_reachable_from_a_pod_on_another_host(env: tuple[L
         assert not any(static in b.allocations for b in lab.client().list("Block"))
     finally:
         lab.rm_pod(f"h2/{pod.name}")
+
+
+def test_podman_publish_is_reachable_on_the_containers_host_only(env: tuple[Lab, Podman]) -> None:
+    """podman -p (CNI portMappings, with the host's own credential): published on h1's address, not
+    h2's; the same host port again on h1 is refused with the reason; podman rm unpublishes it."""
+    lab, pm = env
+    net = unique("pmp")
+    lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.83.0.0/16")]))
+    pm.network(net, "1.0.0", "h1")
+    name = unique("pub")
+    pm("h1", "run", "-d", "--name", name, "--network", net, "-p", "8081:80", IMAGE, "httpd", "-f", "-p", "80",
+       "-h", "/www")
+
+    def page(host: str) -> str:
+        return nsx(lab.inet, "curl", "-s", "-m", "2", f"http://{lab.host(host).ip}:8081/", check=False).stdout
+
+    wait_for(lambda: page("h1") == "hello from podman\n", 20, "port 8081 on h1")
+    assert page("h2") == ""
+    clash = pm("h1", "run", "-d", "--name", unique("clash"), "--network", net, "-p", "8081:80", IMAGE, "sleep", "60",
+               check=False)
+    assert clash.returncode != 0 and "already published" in clash.stderr, clash.stderr
+    pm("h1", "rm", "-f", "-t", "0", name)
+    wait_for(lambda: not [s for s in lab.client().list("Service") if s.name.startswith("cni-")], 20,
+             "podman rm to unpublish the port")
+    assert page("h1") == ""

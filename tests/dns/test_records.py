@@ -10,8 +10,8 @@ import dns.reversename
 import dns.rrset
 
 from tether.agent.dns import ForwardCache
-from tether.agent.dns_records import NEGATIVE_TTL, TTL, answer, build
-from tether.model import Endpoint, Network, Service, ServicePort, Subnet
+from tether.agent.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
+from tether.model import Endpoint, Network, Owner, Service, ServicePort, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
 EPS = [Endpoint(name="web", network="blue", ips=["10.1.0.5", "10.1.0.6", "10.1.0.7", "fd00:1::5"]),
@@ -177,3 +177,19 @@ def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
         assert again.rrs == expected.rrs and again.existing == expected.existing
     assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
     assert "10.in-addr.arpa." in again.existing  # an empty non-terminal of an endpoint's PTR
+
+
+def test_a_bare_name_forwarded_by_dockers_embedded_resolver_is_answered_in_the_containers_network() -> None:
+    """Docker's 127.0.0.11 forwards `db` unchanged, from the container's address: the agent answers
+    it through that container's search path, owned by the name asked."""
+    box = Endpoint(name="box", network="blue", ips=["10.1.0.20"], owner=Owner(type="docker"))
+    pod = Endpoint(name="pod", network="blue", ips=["10.1.0.21"])
+    search = docker_search([box, pod], {"blue": NET})
+    assert list(search) == ["10.1.0.20"]  # only Docker containers' queries arrive without search domains
+    wire = answer_bare(REC, dns.message.make_query("db", "A").to_wire(), search["10.1.0.20"])
+    assert wire is not None
+    msg = dns.message.from_wire(wire)
+    assert msg.rcode() == dns.rcode.NOERROR and rdata(msg) == ["10.1.0.9"] and msg.answer[0].name.to_text() == "db."
+    assert answer_bare(REC, dns.message.make_query("nope", "A").to_wire(), search["10.1.0.20"]) is None
+    assert answer_bare(REC, dns.message.make_query("db", "A").to_wire(), None) is None  # not a container
+    assert answer_bare(REC, dns.message.make_query("db.example", "A").to_wire(), search["10.1.0.20"]) is None

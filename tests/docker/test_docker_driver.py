@@ -83,10 +83,9 @@ def env(tmp_path_factory) -> Iterator[Env]:
     why = available()
     if why:
         pytest.skip(why)
-    # `docker network create` makes Tether networks and `-p` publishes services: cluster-wide writes
-    # that a host credential may not make (docs/ARCHITECTURE.md, security model), so these agents
-    # hold the admin token
-    lab = make_lab(hosts=3, agent_auth="admin")
+    # agents hold their own host credentials: `docker network create` (a network labelled as Docker's)
+    # and `-p` (a service published on the container's host only) are what the node authorizer allows
+    lab = make_lab(hosts=3)
     d: dict[str, Dockerd] = {}
     root = tmp_path_factory.mktemp("docker")
     try:
@@ -95,8 +94,9 @@ def env(tmp_path_factory) -> Iterator[Env]:
             d[h].start()
             d[h].import_busybox()
         e = Env(lab, d, unique("blue"), unique("red"))
-        for h in ("h1", "h2"):
-            d[h].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", BLUE, e.blue)
+        d["h1"].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", BLUE, e.blue)
+        wait_for(lambda: e.blue in d["h2"].docker("network", "ls", "--format", "{{.Name}}").stdout, 30,
+                 "the network created on h1 to appear in h2's dockerd")
         d["h1"].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--subnet", RED, e.red)
         e.names = {k: unique(k) for k in ("a", "b", "c", "web", "client", "other", "st", "pub")}
         yield e
@@ -205,6 +205,18 @@ def test_published_port_is_reachable_from_the_internet(env: Env) -> None:
         return nsx(env.lab.inet, *curl, check=False).stdout == "hello from docker\n"
 
     wait_for(served, 20, f"port 8080 on {host_ip} from the internet namespace")
+    # as Docker publishes: on the container's host only, so h2 may publish 8080 for its own container
+    h2_ip = env.lab.host("h2").ip
+    assert nsx(env.lab.inet, "curl", "-s", "-m", "2", f"http://{h2_ip}:8080/", check=False).stdout == ""
+    pub2 = unique("pub2")
+    env.run("h2", pub2, "-p", "8080:80", cmd=("httpd", "-f", "-p", "80", "-h", "/www"))
+    wait_for(lambda: nsx(env.lab.inet, "curl", "-s", "-m", "2", f"http://{h2_ip}:8080/", check=False).stdout
+             == "hello from docker\n", 20, f"port 8080 on {h2_ip} too")
+    clash = env.d["h1"].docker("run", "-d", "--name", unique("clash"), "--network", env.blue, "-p", "8080:80", IMAGE,
+                               "sleep", "100", check=False)
+    assert clash.returncode != 0 and "8080" in clash.stderr and "already published" in clash.stderr, clash.stderr
+    env.d["h2"].docker("rm", "-f", pub2)
+    assert served()
     env.d["h1"].docker("rm", "-f", pub)
     wait_for(lambda: not any(s.name.startswith("docker-") for s in env.lab.client().list("Service")), 20,
              "the published port's service to go")

@@ -8,8 +8,10 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from tether.agent.cache import Replica
-from tether.agent.docker_plugin import DockerPlugin
+from tether.agent.docker_plugin import DockerPlugin, DriverError, docker_made, to_create
 from tether.client import ApiError
 from tether.model import Endpoint, Network, Owner, Subnet
 
@@ -22,6 +24,7 @@ class FakeServer:
     def __init__(self, net: Network) -> None:
         self.net = net
         self.endpoints: dict[str, Endpoint] = {}
+        self.deleted: list[str] = []
 
     async def create_endpoint(self, ep: Endpoint) -> Endpoint:
         ep = ep.model_copy(update={"ips": ep.ips or ["10.77.0.5"]})
@@ -38,6 +41,9 @@ class FakeServer:
             return [self.net]
         return [e for e in self.endpoints.values()
                 if all(getattr(e, k) == v for k, v in filters.items())]
+
+    async def delete(self, kind: str, name: str) -> None:
+        self.deleted.append(name)
 
     async def release_by_handle(self, handle: str) -> None:
         for k, e in list(self.endpoints.items()):
@@ -87,3 +93,35 @@ def test_release_address_releases_the_servers_holder_not_the_replicas(tmp_path) 
         await plugin.docker.close()
 
     asyncio.run(go())
+
+
+def test_a_network_made_with_dockers_default_ipam_is_refused_with_the_command_to_use(tmp_path) -> None:
+    plugin, _, _ = make_plugin(tmp_path)
+    req = {"NetworkID": "n172", "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "172.18.0.0/16",
+                                              "Gateway": "172.18.0.1/16"}]}
+    with pytest.raises(DriverError, match="--ipam-driver tether"):
+        asyncio.run(plugin.create_network(req))
+    assert "n172" not in plugin.networks
+    ok = {"NetworkID": "n77", "IPv4Data": [{"AddressSpace": "tether", "Pool": CIDR, "Gateway": "10.77.0.1/16"}]}
+    asyncio.run(plugin.create_network(ok))
+    assert plugin.networks["n77"]["network"] == "blue" and not plugin.networks["n77"]["docker_made"]
+
+
+def test_docker_network_rm_removes_the_tether_network_docker_made_and_keeps_an_adopted_one(tmp_path) -> None:
+    plugin, server, _ = make_plugin(tmp_path)
+    plugin.networks["made"] = {"network": "green", "cidr": "10.79.0.0/16", "docker_made": True}
+    asyncio.run(plugin.delete_network({"NetworkID": "dnet"}))  # adopted from `tether network create`
+    asyncio.run(plugin.delete_network({"NetworkID": "made"}))
+    assert server.deleted == ["green"] and not plugin.networks
+
+
+def test_another_hosts_docker_networks_are_created_here_once() -> None:
+    nets = [Network(name="blue", subnets=[Subnet(cidr=CIDR)], labels={"tether.io/created-by": "docker"}),
+            Network(name="green", subnets=[Subnet(cidr="10.79.0.0/16")], labels={"tether.io/created-by": "docker"}),
+            Network(name="admins", subnets=[Subnet(cidr="10.80.0.0/16")])]
+    wanted = docker_made(nets)
+    assert wanted == {"blue": CIDR, "green": "10.79.0.0/16"}
+    todo = to_create(wanted, [{"Name": "blue"}], {})
+    assert [(n, c) for n, c, _ in todo] == [("green", "10.79.0.0/16")]
+    assert todo[0][2]["IPAM"] == {"Driver": "tether", "Config": [{"Subnet": "10.79.0.0/16"}]}
+    assert to_create(wanted, [], {"x": {"cidr": CIDR}, "y": {"cidr": "10.79.0.0/16"}}) == []

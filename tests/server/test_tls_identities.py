@@ -17,7 +17,7 @@ from tests.fixtures.etcd import free_port
 from tests.fixtures.server import ServerProc, start_server
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable, TetherClient
 from tether.join import JoinError, join
-from tether.model import Endpoint, Host, Network, Subnet
+from tether.model import Endpoint, Host, Network, Service, ServiceBackend, ServicePort, Subnet
 from tether.trust import ca_hash
 
 
@@ -153,6 +153,61 @@ def test_host_credential_writes_its_own_objects_and_nothing_else(srv, tmp_path) 
     assert {n.name for n in a.list("Network")} == {"blue"}
     assert a.get("Endpoint", theirs.id).labels == {}
     h1.delete("Endpoint", mine.id)
+
+
+def test_a_host_creates_and_deletes_only_networks_labelled_as_dockers(srv, tmp_path) -> None:
+    """`docker network create/rm` on any Docker host, with its host credential: a new network labelled
+    tether.io/created-by=docker, and deleting such a network; nothing else about networks."""
+    s, https = srv
+    a = admin(s)
+    a.create_network(Network(name="blue", subnets=[Subnet(cidr="10.80.0.0/16")]))
+    h1 = joined(s, https, "h1", tmp_path)
+    docker = {"tether.io/created-by": "docker"}
+    made = h1.apply(Network(name="dk", subnets=[Subnet(cidr="10.82.0.0/16")], labels=docker))
+    assert made.labels == docker
+    forbidden = [
+        lambda: h1.apply(Network(name="red", subnets=[Subnet(cidr="10.81.0.0/16")])),  # not Docker's
+        lambda: h1.apply(Network(name="ext", subnets=[Subnet(cidr="10.83.0.0/16")], labels=docker, external=True)),
+        lambda: h1.apply(Network(name="blue", subnets=[Subnet(cidr="10.80.0.0/16")], labels=docker)),  # exists
+        lambda: h1.apply(Network(name="dk", subnets=[Subnet(cidr="10.82.0.0/16")], labels=docker, mtu=1400)),
+        lambda: h1.delete("Network", "blue"),  # the admin's
+    ]
+    for call in forbidden:
+        with pytest.raises(ApiError) as e:
+            call()
+        assert e.value.status == 403 and "h1" in e.value.detail, e.value.detail
+    assert {n.name for n in a.list("Network")} == {"blue", "dk"} and a.get("Network", "dk").mtu is None
+    h1.delete("Network", "dk")
+    assert {n.name for n in a.list("Network")} == {"blue"}
+
+
+def test_a_host_publishes_only_its_own_endpoints_on_itself(srv, tmp_path) -> None:
+    """Docker's -p and CNI hostPort with the host credential: a NodePort service with host = itself
+    and its own endpoints as backends; nothing that steers other hosts' traffic."""
+    s, https = srv
+    a = admin(s)
+    a.create_network(Network(name="blue", subnets=[Subnet(cidr="10.80.0.0/16")]))
+    h1, h2 = joined(s, https, "h1", tmp_path), joined(s, https, "h2", tmp_path)
+    mine = h1.create_endpoint(Endpoint(name="p1", network="blue", host="h1"))
+    theirs = h2.create_endpoint(Endpoint(name="p2", network="blue", host="h2"))
+
+    def svc(name: str, ep: Endpoint, **kw) -> Service:
+        fields = {"type": "NodePort", "host": "h1", "backends": [ServiceBackend(ip=ep.ips[0], endpoint=ep.id)],
+                  "ports": [ServicePort(port=80, node_port=31900)], **kw}
+        return Service(name=name, **fields)
+
+    h1.apply(svc("pub1", mine))
+    for bad in (svc("x1", theirs), svc("x2", mine, host="h2"), svc("x3", mine, host=None),
+                svc("x4", mine, type="ClusterIP", host=None, ports=[ServicePort(port=80)])):
+        with pytest.raises(ApiError) as e:
+            h1.apply(bad)
+        assert e.value.status == 403 and "h1" in e.value.detail, e.value.detail
+    a.apply(Service(name="adm", selector={"a": "b"}, ports=[ServicePort(port=80)]))
+    with pytest.raises(ApiError) as e:
+        h1.delete("Service", "default/adm")
+    assert e.value.status == 403
+    h1.delete("Service", "default/pub1")
+    assert {x.name for x in a.list("Service")} == {"adm"}
 
 
 def test_a_revoked_host_gets_401_on_its_next_call_and_its_watch_ends(srv, tmp_path) -> None:
@@ -298,9 +353,10 @@ def test_a_watch_moves_to_the_next_server_when_its_server_stops_without_losing_a
     ("PUT", "/api/v1/namespaces/shop", True),
     ("PUT", "/api/v1/hosts/h2", False), ("POST", "/api/v1/hosts/h2/heartbeat", False),
     ("DELETE", "/api/v1/hosts/h1", False), ("POST", "/api/v1/hosts/h1", False),
-    ("POST", "/api/v1/networks", False), ("PUT", "/api/v1/networks/blue", False),
-    ("DELETE", "/api/v1/networks/blue", False), ("DELETE", "/api/v1/namespaces/shop", False),
-    ("PUT", "/api/v1/namespaces/shop/networkpolicies/p", False), ("PUT", "/api/v1/namespaces/shop/services/s", False),
+    ("POST", "/api/v1/networks", False), ("PUT", "/api/v1/networks/blue", True),  # the route checks the label
+    ("DELETE", "/api/v1/networks/blue", True), ("PUT", "/api/v1/networks/blue/x", False),
+    ("DELETE", "/api/v1/namespaces/shop", False),
+    ("PUT", "/api/v1/namespaces/shop/networkpolicies/p", False), ("PUT", "/api/v1/namespaces/shop/services/s", True),
     ("POST", "/api/v1/securitygroups", False), ("POST", "/api/v1/apply", False),
     ("POST", "/api/v1/bootstrap-tokens", False), ("DELETE", "/api/v1/hosts/h2/credential", False),
     ("GET", "/v2.0/networks", False), ("POST", "/v2.0/ports", False), ("GET", "/openapi.json", False),

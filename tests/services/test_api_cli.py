@@ -77,6 +77,36 @@ def test_node_port_conflicts_and_misuse_are_refused_with_a_reason(srv: ServerPro
     assert e.value.status == 400 and "service range" in e.value.detail
 
 
+def test_host_published_node_ports_conflict_only_where_they_share_an_address(srv: ServerProc) -> None:
+    """Docker's -p: the same port on two hosts is fine; on one host (or one of its addresses) it is a
+    409 that says where; a cluster-wide node port conflicts with all of them."""
+    c = srv.client()
+
+    def pub(name: str, port: int, host: str | None = None, host_ip: str | None = None) -> Service:
+        return c.apply(Service(name=name, type="NodePort", selector={"a": "b"}, host=host, host_ip=host_ip,
+                               ports=[ServicePort(port=80, node_port=port)]))
+
+    pub("hp1", 31801, "h1")
+    pub("hp2", 31801, "h2")
+    pub("hp3", 31802, "h1", "192.0.2.1")
+    pub("hp4", 31802, "h1", "192.0.2.2")
+    for args in (("hp5", 31801, "h1"), ("hp6", 31802, "h1"), ("hp7", 31801)):
+        with pytest.raises(ApiError) as e:
+            pub(*args)
+        assert e.value.status == 409 and "already published" in e.value.detail, e.value.detail
+    with pytest.raises(ApiError) as e:
+        pub("hp8", 31802, "h1", "192.0.2.1")
+    assert "on 192.0.2.1" in e.value.detail
+    with pytest.raises(ValueError, match="needs host"):
+        Service(name="x", type="NodePort", host_ip="192.0.2.1")
+    r = cli(srv, "service", "create", "hpc", "--port", "80:80:31801", "--selector", "a=b", "--type", "NodePort",
+            "--host", "h3", "--host-ip", "192.0.2.3", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["host"], json.loads(r.stdout)["host_ip"]) == ("h3", "192.0.2.3")
+    for n in ("hp1", "hp2", "hp3", "hp4", "hpc"):
+        c.delete("Service", f"default/{n}")
+
+
 def test_service_cli_create_list_show_delete(srv: ServerProc) -> None:
     c = srv.client()
     c.create_network(Network(name="clinet", subnets=[Subnet(cidr="10.44.0.0/16")]))

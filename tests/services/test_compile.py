@@ -126,3 +126,16 @@ def test_only_backends_and_frontends_inside_a_network_are_kept_stateful() -> Non
     inside = web(name="inside", cluster_ip="10.1.200.1")
     plan = compile_services([web(), inside], [ep(1), ep(2, ready=False)], [NET], "h1", [])
     assert elements(plan, "stateful") == {"10.1.0.1", "10.1.200.1"}
+
+
+def test_a_host_published_node_port_is_served_only_on_its_host_and_address() -> None:
+    """Docker's -p: frontends on the container's host only; -p IP:port on that address only."""
+    from tether.agent.services import frontends
+
+    svc = Service(name="pub", type="NodePort", cluster_ip="10.96.0.20", host="h1",
+                  backends=[ServiceBackend(ip="10.1.0.1")], ports=[ServicePort(port=80, node_port=8080)])
+    published = [f for f in frontends([svc], [], "h1", ["192.0.2.1", "192.0.2.9"]) if f.published]
+    assert sorted(f.ip for f in published) == ["192.0.2.1", "192.0.2.9"]
+    assert not [f for f in frontends([svc], [], "h2", ["192.0.2.2"]) if f.published]
+    one = svc.model_copy(update={"host_ip": "192.0.2.9"})
+    assert [f.ip for f in frontends([one], [], "h1", ["192.0.2.1", "192.0.2.9"]) if f.published] == ["192.0.2.9"]

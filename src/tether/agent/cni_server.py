@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from tether.agent import unix_socket, yielding
 from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.client import ApiError, ServerUnreachable
 from tether.dataplane.plan import POD_GATEWAY
-from tether.model import Endpoint, Namespace, Owner, PortDecl
+from tether.model import Endpoint, Namespace, Owner, PortDecl, Service, ServiceBackend, ServicePort
 
 if TYPE_CHECKING:
     from tether.agent.main import Agent
@@ -264,11 +265,27 @@ class CniServer:
             raise e if isinstance(e, cp.CniError) else cp.CniError(cp.IO_FAILURE, f"cannot plug the pod: {e}") from None
         log.info("ADD %s: endpoint %.1f ms, plug %.1f ms after it", ep.name, (t1 - t0) * 1000,
                  (time.perf_counter() - t1) * 1000)
+        maps = (req.config.get("runtimeConfig") or {}).get("portMappings")
+        if maps:
+            try:
+                await self._publish(host_port_service(maps, req.handle, ep, self.agent.host))
+            except cp.CniError:
+                await self._release(req.handle, ep.interface)
+                raise
         self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
         self.agent.kick(gather=False)
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
                                    POD_GATEWAY, dns=self.agent.dns_config(net, ep.namespace), mtu=mtu)
         return self.agent.json(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment)))
+
+    async def _publish(self, svc: Service) -> None:
+        try:
+            await self.agent.client.apply(svc)
+        except ServerUnreachable as e:
+            raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: cannot publish the host ports: {e}") from None
+        except ApiError as e:
+            ports = ", ".join(f"{p.node_port}/{p.protocol}" for p in svc.ports)
+            raise cp.CniError(cp.INVALID_CONFIG, f"cannot publish host port {ports}: {e.detail}") from None
 
     async def _plug(self, req: cp.Request, ep: Endpoint, mtu: int) -> PodLink:
         from tether.dataplane.pods import AttachError, plug_link
@@ -310,6 +327,13 @@ class CniServer:
         except ServerUnreachable as e:
             raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: the pod is unplugged but its address "
                                                   f"cannot be released yet: {e}") from None
+        if (req.config.get("runtimeConfig") or {}).get("portMappings"):
+            ns = dns_label(req.args.get("K8S_POD_NAMESPACE") or req.config.get("namespace") or "default", "default")
+            try:
+                await self.agent.client.delete("Service", f"{ns}/{host_port_name(req.handle)}")
+            except ApiError as e:
+                if e.status != 404:
+                    raise cp.CniError(cp.TRY_AGAIN_LATER, f"cannot unpublish the host ports: {e.detail}") from None
         for ep_id, ep in list(self.agent.replica.objects["Endpoint"].items()):
             if getattr(ep, "handle", None) == req.handle:
                 del self.agent.replica.objects["Endpoint"][ep_id]
@@ -354,3 +378,41 @@ class CniServer:
                 raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
             log.info("GC released %s (%s)", ep.name, ", ".join(ep.ips))
         return b""
+
+
+def host_port_name(handle: str) -> str:
+    """The service that publishes a CNI container's hostPorts (one per container interface)."""
+    return "cni-" + hashlib.sha1(handle.encode()).hexdigest()[:12]
+
+
+def host_port_service(maps: Any, handle: str, ep: Endpoint, host: str) -> Service:
+    """CNI `portMappings` (capability portMappings: podman -p, Kubernetes hostPort) -> a NodePort
+    service published on this host only (and on hostIP only, when given), backed by the container."""
+    if not isinstance(maps, list) or not all(isinstance(m, dict) for m in maps):
+        raise cp.CniError(cp.INVALID_CONFIG, "runtimeConfig.portMappings must be a list of objects")
+    ports, host_ips = [], set()
+    for m in maps:
+        hp, cport = m.get("hostPort"), m.get("containerPort")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 65535 for v in (hp, cport)):
+            raise cp.CniError(cp.INVALID_CONFIG, f"portMappings entry {m}: hostPort and containerPort must be 1-65535")
+        proto = str(m.get("protocol") or "tcp").upper()
+        if proto not in ("TCP", "UDP"):
+            raise cp.CniError(cp.INVALID_CONFIG, f"portMappings entry {m}: tether publishes tcp and udp, not {proto}")
+        hip = m.get("hostIP") or ""
+        if hip not in ("", "0.0.0.0"):
+            try:
+                if ipaddress.ip_address(hip).version != 4:
+                    raise ValueError
+            except ValueError:
+                raise cp.CniError(cp.INVALID_CONFIG, f"portMappings hostIP {hip!r}: give an IPv4 address of the "
+                                                     "host, or none for all") from None
+            host_ips.add(hip)
+        ports.append(ServicePort(name=f"{proto.lower()}-{hp}", protocol=proto, port=hp, target_port=cport,
+                                 node_port=hp))
+    if len(host_ips) > 1 or (host_ips and len(host_ips) != len(maps)):
+        raise cp.CniError(cp.INVALID_CONFIG, "tether publishes a container's host ports on one address of the host, "
+                                             "or on all: give every mapping the same hostIP, or none")
+    return Service(name=host_port_name(handle), namespace=ep.namespace, network=ep.network, type="NodePort",
+                   host=host, host_ip=next(iter(host_ips), None), ports=ports,
+                   backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips if ":" not in ip],
+                   labels={"tether.io/cni": "true"})

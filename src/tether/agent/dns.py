@@ -152,6 +152,7 @@ class DnsServer:
         self._closing = False
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self._revision = -1
+        self.docker_search: dict[str, tuple[str, ...]] = {}  # container address -> search path (dns_records)
         self._payload: tuple[Records, bytes] | None = None  # the records as last encoded for the worker
         self._tasks: set[asyncio.Future] = set()
 
@@ -197,9 +198,11 @@ class DnsServer:
         revision = view.revision
         records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
         payload = _encoded(records)
+        search = dns_records.docker_search(view.endpoints, view.networks)
 
         def install() -> None:  # installs run in the order of their applies (the apply lock)
             self._revision, self.records, self._payload = revision, records, payload
+            self.docker_search = search
             self._send_records()
         return install
 
@@ -285,7 +288,9 @@ class DnsServer:
 
     def _forward_udp(self, data: bytes, addr: tuple[str, int]) -> None:
         async def run() -> None:
-            out = await self.resolve(data)
+            out = dns_records.answer_bare(self.records, data, self.docker_search.get(addr[0]))
+            if out is None:
+                out = await self.resolve(data)
             if out is not None and self._udp is not None:
                 if len(out) > 512 and not _has_edns(data):
                     out = _truncated(out)

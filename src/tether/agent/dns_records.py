@@ -413,6 +413,37 @@ def answer(rec: Records, data: bytes) -> bytes | None:
     return response(q, rcode, answers, authority)
 
 
+def docker_search(endpoints: Iterable[Endpoint], networks: dict[str, Network]) -> dict[str, tuple[str, ...]]:
+    """Address of a Docker container -> its search path. Docker's embedded resolver (127.0.0.11)
+    answers its own host's containers and forwards every other name, unchanged and from the
+    container's address, to the daemon's `dns` server: a bare `web` reaches us without a search
+    domain, so we apply the asker's search path for it."""
+    out: dict[str, tuple[str, ...]] = {}
+    for ep in endpoints:
+        net = networks.get(ep.network)
+        if ep.owner.type == "docker" and net is not None:
+            path = tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
+            for ip in ep.ips:
+                out[ip] = path
+    return out
+
+
+def answer_bare(rec: Records, data: bytes, search: tuple[str, ...] | None) -> bytes | None:
+    """The answer for a single-label name (`web.`) through the asker's search path, owned by the name
+    asked; None when it is not such a query or no search domain holds the name."""
+    if not search:
+        return None
+    q = parse_query(data)
+    if q is None or q.name.count(".") != 1 or q.qclass != CLASS_IN:
+        return None
+    for domain in search:
+        types = rec.rrs.get(f"{q.name}{domain.rstrip('.')}.")
+        found = types.get(q.qtype) if types else None
+        if found:
+            return response(q, NOERROR, random.sample(found, len(found)) if len(found) > 1 else found)
+    return None
+
+
 SHUFFLES = 24  # distinct orders kept per multi-address name
 
 

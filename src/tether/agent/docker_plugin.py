@@ -3,9 +3,17 @@
 dockerd finds the plugin by its socket (`/run/docker/plugins/tether.sock`, or
 `$TETHER_DOCKER_PLUGIN_SOCKET`) and calls `POST /<Method>` with JSON. How Docker's calls map onto
 Tether objects, and why:
-- A Docker network is a view of a Tether network, matched by its subnet: `docker network create`
-  on every Docker host names the same Tether network, so containers on all hosts share it. The
-  first host creates it (named after the Docker network, asked of dockerd's API); others adopt it.
+- A Docker network is a view of a Tether network, matched by its subnet. `docker network create` on
+  one host creates the Tether network (named after the Docker network, asked of dockerd's API) and
+  labels it `tether.io/created-by=docker`; every other agent sees the label and creates the same
+  Docker network in its dockerd, so a network created once is usable on every Docker host.
+  Networks made otherwise (`tether network create`) are adopted by subnet, never copied or removed.
+  `docker network rm` removes a Docker-made Tether network (refused while containers on any host
+  use it), and the other agents then remove their copies. A host credential may create and delete
+  exactly such networks (the server's node authorizer), so no agent needs the admin token for it.
+- Tether's IPAM is required (`--ipam-driver tether`): Docker's default IPAM would hand out
+  172.x addresses the Tether network does not have. libnetwork has no way for a network driver to
+  pick its IPAM, so a network made without it is refused with the command to use.
 - IPAM comes before the endpoint in Docker's order (RequestAddress, CreateEndpoint, Join), so
   RequestAddress creates the Tether Endpoint at once (the server allocates the address
   atomically, as for CNI) under a provisional name; CreateEndpoint records the Docker endpoint
@@ -14,7 +22,8 @@ Tether objects, and why:
   NetworkPolicy selects it). dockerd cannot be asked during Join itself: it holds the container.
 - The container gets a /32, a route to the link-local gateway 169.254.1.1 and a default route
   through it, like a pod (no docker_gwbridge); the host side answers ARP by proxy.
-- Published ports (-p) become a NodePort Service whose backend is the container.
+- Published ports (-p) become a NodePort Service whose backend is the container, published on this
+  host only (`Service.host`; `-p IP:...` on that address only, `Service.host_ip`), as Docker does.
 Every call is idempotent, so retries by dockerd and restarts of either side are safe.
 """
 
@@ -40,6 +49,7 @@ from tether.agent.plugin_http import PluginHttpServer
 from tether.client import ApiError, ServerUnreachable
 from tether.dataplane.plan import POD_GATEWAY
 from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, Subnet
+from tether.server.auth import DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE
 
 log = logging.getLogger("tether.docker")
 
@@ -49,6 +59,8 @@ GATEWAY_TYPE = "com.docker.network.gateway"
 GENERIC = "com.docker.network.generic"
 PORTMAP = "com.docker.network.portmap"
 PROTOCOLS = {6: "TCP", 17: "UDP"}
+ADDRESS_SPACE = "tether"  # our IPAM's address space: Docker's default IPAM says "LocalDefault"
+RESYNC_EVERY = 10.0  # seconds: a dockerd started (or reset) on a quiet cluster still gets the networks
 PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
 
 
@@ -177,10 +189,20 @@ class DockerApi:
         self.http = httpx.AsyncClient(base_url="http://docker", transport=httpx.AsyncHTTPTransport(uds=path),
                                       timeout=10)
 
-    async def get(self, path: str, timeout: float = 10) -> Any:
-        r = await self.http.get(path, timeout=timeout)
+    async def get(self, path: str, timeout: float = 10, params: dict[str, str] | None = None) -> Any:
+        r = await self.http.get(path, timeout=timeout, params=params)
         r.raise_for_status()
         return r.json()
+
+    async def post(self, path: str, body: dict[str, Any], timeout: float = 60) -> Any:
+        r = await self.http.post(path, json=body, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    async def delete(self, path: str, timeout: float = 60) -> None:
+        r = await self.http.delete(path, timeout=timeout)
+        if r.status_code != 404:
+            r.raise_for_status()
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -198,6 +220,8 @@ class DockerPlugin:
         # restarted agent's replica (loaded from disk) may still hold an older endpoint with that address
         self.allocated: dict[tuple[str, str], str] = {}
         self.tasks: set[asyncio.Task] = set()
+        self._synced: frozenset[tuple[str, str]] | None = None  # the Docker-made networks last copied to dockerd
+        self._sync_lock = asyncio.Lock()
         self._load()
         self.methods = {
             "/Plugin.Activate": self.activate,
@@ -230,6 +254,7 @@ class DockerPlugin:
         for nid, info in self.networks.items():
             if info.get("network") is None and not info.get("error"):
                 self._spawn(self._name_network(nid))  # a restart interrupted the naming
+        self._spawn(self._resync_loop())
         log.warning("docker plugin serving %s", self.server.path)
 
     async def close(self) -> None:
@@ -239,7 +264,51 @@ class DockerPlugin:
         await self.docker.close()
 
     def update(self, replica: Any) -> None:
-        """Nothing to do after a plan: the plugin acts on dockerd's calls."""
+        """After a plan: when the set of Docker-made Tether networks changed, copy it into dockerd."""
+        wanted = docker_made(replica.networks.values())
+        if frozenset(wanted.items()) != self._synced:
+            self._spawn(self._sync(wanted))
+
+    async def _sync(self, wanted: dict[str, str]) -> None:
+        """Create in this dockerd each Docker-made Tether network it lacks, and remove the copies of
+        those deleted elsewhere (checked with the server: a replica still loading must not remove
+        anything). Quiet when no dockerd runs here: not every Tether host is a Docker host."""
+        async with self._sync_lock:
+            try:
+                present = await self.docker.get("/networks", params={"filters": json.dumps({"driver": ["tether"]})})
+            except (httpx.HTTPError, ValueError, OSError) as e:
+                log.debug("no dockerd to copy networks into: %s", e)
+                return
+            ok = True
+            for name, cidr, body in to_create(wanted, present, self.networks):
+                try:
+                    await self.docker.post("/networks/create", body)
+                    log.info("docker network %s (%s) created here: it was made on another Docker host", name, cidr)
+                except httpx.HTTPError as e:
+                    ok = False
+                    log.warning("cannot create docker network %s (%s) made on another host: %s", name, cidr,
+                                getattr(getattr(e, "response", None), "text", e))
+            for nid, info in list(self.networks.items()):
+                if not info.get("docker_made") or info.get("network") in wanted or not info.get("network"):
+                    continue
+                try:
+                    await self.agent.client.get("Network", info["network"])
+                    continue  # still there: the replica is behind
+                except ApiError as e:
+                    if e.status != 404:
+                        continue
+                except ServerUnreachable:
+                    ok = False
+                    continue
+                try:
+                    await self.docker.delete(f"/networks/{nid}")
+                    log.info("docker network %s removed here: it was removed on another Docker host", info["network"])
+                except httpx.HTTPError as e:  # containers here still use it: the server had no endpoint yet
+                    ok = False
+                    log.warning("cannot remove docker network %s, removed elsewhere: %s", info["network"],
+                                getattr(getattr(e, "response", None), "text", e))
+            if ok:
+                self._synced = frozenset(wanted.items())
 
     def _load(self) -> None:
         with contextlib.suppress(OSError, ValueError), open(self.state_path) as f:
@@ -342,6 +411,10 @@ class DockerPlugin:
                               "driver (--ipam-driver tether)")
         if req.get("IPv6Data"):
             raise DriverError("tether networks in Docker are IPv4 only; drop --ipv6")
+        if data[0].get("AddressSpace") not in (None, ADDRESS_SPACE) and nid not in self.networks:
+            raise DriverError(f"tether networks need tether's IPAM: Docker's default IPAM gave {data[0]['Pool']}, "
+                              "which no container could use; run docker network create -d tether "
+                              "--ipam-driver tether --subnet CIDR NAME")
         cidr = data[0]["Pool"]
         opts = network_options((req.get("Options") or {}).get(GENERIC) or {})
         sgs = opts.pop("security_groups", [])
@@ -360,6 +433,7 @@ class DockerPlugin:
                 raise DriverError(f"Tether network {net.name!r} ({cidr}) already exists with other settings ({what});"
                                   " drop those -o options to join it as it is")
             info["network"] = net.name
+            info["docker_made"] = net.labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE
             log.info("docker network %s adopts Tether network %s (%s)", nid[:12], net.name, cidr)
         else:
             other = self._overlap(cidr)
@@ -369,6 +443,7 @@ class DockerPlugin:
                                   "same subnet to share that network")
             if wanted_name:
                 info["network"] = await self._create_tether_network(dns_label(wanted_name, wanted_name), info)
+                info["docker_made"] = True
             else:
                 # dockerd stores the network (and its name) only after this call returns: name it then
                 self._spawn(self._name_network(nid))
@@ -380,6 +455,7 @@ class DockerPlugin:
         try:
             net = await self.agent.client.apply(Network(name=name, subnets=[Subnet(cidr=info["cidr"],
                                                                                    gateway=info.get("gateway"))],
+                                                        labels={DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE},
                                                         **info.get("options", {})))
         except ValueError as e:
             raise DriverError(f"invalid network options: {e}") from None
@@ -405,9 +481,11 @@ class DockerPlugin:
                 try:
                     if found is not None:  # another host created it meanwhile
                         info["network"] = found[0].name
+                        info["docker_made"] = found[0].labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE
                     else:
                         info["network"] = await self._create_tether_network(dns_label(name, f"docker-{nid[:12]}"),
                                                                             info)
+                        info["docker_made"] = True
                 except DriverError as e:
                     info["error"] = str(e)
                     log.error("docker network %s (%s): %s", name, nid[:12], e)
@@ -417,10 +495,41 @@ class DockerPlugin:
             delay = min(delay * 2, 0.5)
 
     async def delete_network(self, req: dict) -> dict:
-        """The Tether network stays: other hosts (Docker or not) may still use it."""
-        if self.networks.pop(req.get("NetworkID", ""), None) is not None:
-            self._save()
+        """`docker network rm`: a Tether network made by Docker goes too (the server refuses while any
+        host still has endpoints in it, and that refusal is the user's answer); one adopted from
+        `tether network create` stays, it is not Docker's to remove."""
+        nid = req.get("NetworkID", "")
+        info = self.networks.pop(nid, None)
+        if info is None:
+            return {}
+        self._save()  # dockerd removes its network whatever we answer (libnetwork only logs a driver's error)
+        if info.get("docker_made") and info.get("network"):
+            try:
+                await self.agent.client.delete("Network", info["network"])
+                log.info("removed Tether network %s with its Docker network", info["network"])
+            except ApiError as e:
+                if e.status == 409:  # in use on another host: it stays, so this host gets its copy back
+                    self._synced = None
+                    self._spawn(self._resync_later())
+                    raise DriverError(f"Tether network {info['network']!r} stays, in use on other hosts, and comes "
+                                      f"back here: {e.detail}") from None
+                if e.status != 404:
+                    raise
         return {}
+
+    async def _resync_loop(self) -> None:
+        """Copy the networks again now and then, not only when they change: dockerd may start after
+        the agent, or lose its networks, while nothing in the cluster changes."""
+        while True:
+            await asyncio.sleep(RESYNC_EVERY)
+            try:
+                await self._sync(docker_made(self.agent.replica.networks.values()))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("copying Docker networks into dockerd failed")
+
+    async def _resync_later(self, delay: float = 1.0) -> None:
+        await asyncio.sleep(delay)  # once dockerd has finished removing its copy
+        await self._sync(docker_made(self.agent.replica.networks.values()))
 
     async def _wait_named(self, info: dict[str, Any], timeout: float = 10) -> str:
         deadline = time.monotonic() + timeout
@@ -678,7 +787,7 @@ class DockerPlugin:
         network, _ = await self._network_of(req["NetworkID"])
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep)
-        ports = []
+        ports, host_ips = [], set()
         for m in maps:
             proto = PROTOCOLS.get(int(m.get("Proto", 6)))
             if proto is None:
@@ -686,12 +795,22 @@ class DockerPlugin:
             if m.get("HostPortEnd") and m.get("HostPortEnd") != m.get("HostPort"):
                 raise DriverError("tether publishes single ports, not ranges; write -p HOST:CONTAINER")
             if m.get("HostIP") not in (None, "", "0.0.0.0"):
-                raise DriverError("tether publishes on every address of the host; drop the IP in -p")
+                try:
+                    if ipaddress.ip_address(m["HostIP"]).version != 4:
+                        raise ValueError
+                except ValueError:
+                    raise DriverError(f"-p {m['HostIP']}:...: tether publishes on IPv4 addresses of the host; "
+                                      "give one, or none for all") from None
+                host_ips.add(m["HostIP"])
             ports.append(ServicePort(name=f"{proto.lower()}-{m['Port']}", protocol=proto, port=int(m["Port"]),
                                      target_port=int(m["Port"]), node_port=int(m["HostPort"]) or None))
+        if len(host_ips) > 1 or (host_ips and len(host_ips) != len(maps)):
+            raise DriverError("tether publishes a container's ports on one address of the host, or on all: give "
+                              "every -p the same IP, or none")
         svc = Service(name=self._service_name(docker_ep), namespace=ep.namespace, network=network, type="NodePort",
                       ports=ports, backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips],
-                      labels={"tether.io/docker": "true"})
+                      labels={"tether.io/docker": "true"}, host=self.agent.host,
+                      host_ip=next(iter(host_ips), None))
         try:
             await self.agent.client.apply(svc)
         except ApiError as e:
@@ -709,6 +828,24 @@ class DockerPlugin:
             if e.status != 404:
                 raise
         return {}
+
+
+def docker_made(networks: Any) -> dict[str, str]:
+    """Tether network name -> subnet, for the networks `docker network create` made (and so every
+    Docker host shows)."""
+    return {n.name: n.subnets[0].cidr for n in networks
+            if n.labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE and n.subnets}
+
+
+def to_create(wanted: dict[str, str], present: list[dict[str, Any]], known: dict[str, dict[str, Any]]
+              ) -> list[tuple[str, str, dict[str, Any]]]:
+    """The Docker networks this dockerd lacks: (name, subnet, body of POST /networks/create). A
+    network is there when dockerd has one by that name, or this driver has one for that subnet."""
+    names = {n.get("Name") for n in present}
+    cidrs = {info.get("cidr") for info in known.values()}
+    return [(name, cidr, {"Name": name, "Driver": "tether", "CheckDuplicate": True,
+                          "IPAM": {"Driver": "tether", "Config": [{"Subnet": cidr}]}, "Options": {"network": name}})
+            for name, cidr in sorted(wanted.items()) if name not in names and cidr not in cidrs]
 
 
 async def start(agent: Any) -> list[Any]:

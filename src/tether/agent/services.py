@@ -133,9 +133,9 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
             ref = f"{svc.namespace}/{svc.name}"
             proto = sp.protocol.lower()
             out.append(Frontend(ref, svc.cluster_ip, proto, sp.port, backends, aff))
-            if svc.type == "NodePort" and sp.node_port:
+            if svc.type == "NodePort" and sp.node_port and svc.host in (None, host):
                 published = tuple(b for b in backends if b.local) if local else backends
-                for ip in node_ips:
+                for ip in [svc.host_ip] if svc.host_ip else node_ips:  # Docker's -p: its host (and address) only
                     out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
                                         keep_source=local))
     return out

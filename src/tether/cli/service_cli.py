@@ -46,7 +46,8 @@ def service_create(
     selector: Annotated[list[str], typer.Option(help="backend label k=v (repeatable)")] = [],  # noqa: B006
     backend: Annotated[list[str], typer.Option(help="explicit backend IP, when there is no selector")] = [],  # noqa: B006
     network: Annotated[str | None, typer.Option(help="only backends on this network; its DNS domain")] = None,
-    type: Annotated[str, typer.Option("--type", help="ClusterIP or NodePort (published on every host)")] = "ClusterIP",
+    type: Annotated[str, typer.Option("--type", help="ClusterIP or NodePort (published on every host, or on "
+                                                     "--host only)")] = "ClusterIP",
     cluster_ip: Annotated[str | None, typer.Option(help="a fixed virtual IP inside the service range")] = None,
     affinity: Annotated[int | None, typer.Option(help="client-IP affinity, timeout in seconds")] = None,
     headless: Annotated[bool, typer.Option("--headless", help="no virtual IP: the name answers the ready "
@@ -54,6 +55,10 @@ def service_create(
     local: Annotated[bool, typer.Option("--local-traffic", help="NodePort: only backends on the receiving host, "
                                                                 "client address kept (externalTrafficPolicy: "
                                                                 "Local)")] = False,
+    host: Annotated[str | None, typer.Option("--host", help="NodePort: publish on this host only (as Docker's "
+                                                            "-p does)")] = None,
+    host_ip: Annotated[str | None, typer.Option("--host-ip", help="NodePort with --host: publish on this "
+                                                                  "address of that host only")] = None,
     label: Annotated[list[str], typer.Option(help="label k=v (repeatable)")] = [],  # noqa: B006
     server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
 ) -> None:
@@ -70,7 +75,8 @@ def service_create(
                       selector=parse_labels(selector) or None, backends=[ServiceBackend(ip=b) for b in backend],
                       network=network, type=type, cluster_ip=cluster_ip, labels=parse_labels(label),
                       session_affinity="ClientIP" if affinity else "None", affinity_timeout=affinity or 10800,
-                      headless=headless, external_traffic_policy="Local" if local else "Cluster")
+                      headless=headless, external_traffic_policy="Local" if local else "Cluster",
+                      host=host, host_ip=host_ip)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
         raise

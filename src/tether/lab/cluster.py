@@ -11,7 +11,7 @@ the ctl namespace (bound there by `tether.lab.netns_listen`), which the agents u
 as real hosts would; a unix socket in the lab directory; and plain HTTP on a loopback port for the
 CLI and the tests (admin token). Each agent joins at first start with a bootstrap token and the CA
 pin, and keeps its own host credential in its state dir (`agent_auth="admin"` gives agents the admin
-token instead, for the Docker driver's network creation). Nothing is added to the root namespace's
+token instead, for tests of calls beyond the node authorizer). Nothing is added to the root namespace's
 interfaces.
 All state lives in `/run/tether-lab/<name>/state.json`, so any later command can find, change or
 tear down the lab; processes are stopped by PID.

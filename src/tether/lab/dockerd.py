@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tether.agent.dns import DNS_IP
 from tether.lab.cluster import alive, sh, stop_pid, wait_for
 
 DOCKERD = "/usr/sbin/dockerd"
@@ -84,7 +85,10 @@ class Dockerd:
              DOCKERD, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
              "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host_url, "--bridge=none",
              "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
-             "--userland-proxy=false", "--live-restore", "--log-level=warn"],
+             "--userland-proxy=false", "--live-restore", "--log-level=warn",
+             # Docker's embedded resolver forwards what it does not know to the agent's DNS, from
+             # the container's address: names on Tether networks resolve with no per-container flag
+             "--dns", DNS_IP],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = p.pid
         wait_for(lambda: self.docker("version", "--format", "{{.Server.Version}}", check=False).returncode == 0,

@@ -29,7 +29,7 @@ from tether.model import (
     is_default_group,
     kind_of_key,
 )
-from tether.server.auth import ADMIN, HostHasCredential, Identity
+from tether.server.auth import ADMIN, DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE, HostHasCredential, Identity
 from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.server.validation import check_policy, require_namespace
@@ -259,16 +259,41 @@ async def create_network(net: Network, request: Request) -> dict:
     return dump(obj)
 
 
+async def require_docker_network(request: Request, name: str, net: Network | None) -> None:
+    """403 unless the caller is the admin, or a host creating (`net`) or deleting (None) a network
+    labelled as the Docker driver's: what `docker network create/rm` needs and no more. A host may not
+    change an existing network, create one it does not label as Docker's, nor an external one."""
+    who = caller(request)
+    if who.kind == "admin":
+        return
+    label = f"{DOCKER_NETWORK_LABEL}={DOCKER_NETWORK_VALUE}"
+    if net is not None:
+        if await objs(request).get(Network, name) is not None:
+            raise ApiError(403, f"host {who.name!r} may not change network {name!r}: a host credential only creates "
+                                "networks for Docker; change it with the admin token")
+        if net.labels.get(DOCKER_NETWORK_LABEL) != DOCKER_NETWORK_VALUE or net.external or net.project:
+            raise ApiError(403, f"host {who.name!r} may create only Docker networks (labelled {label}, not "
+                                "external, no project); create other networks with the admin token")
+        return
+    existing = await objs(request).get(Network, name)
+    if existing is not None and existing.labels.get(DOCKER_NETWORK_LABEL) != DOCKER_NETWORK_VALUE:
+        raise ApiError(403, f"host {who.name!r} may delete only networks the Docker driver created (labelled "
+                            f"{label}); network {name!r} is not one: delete it with the admin token")
+
+
 @router.put("/networks/{name}")
 async def put_network(name: str, net: Network, request: Request, response: Response) -> dict:
     same_name(name, net.name, "network")
     require_subnet(net)
-    obj, created = await objs(request).put_network(net, create_only=False)
+    await require_docker_network(request, name, net)
+    # a host only creates: a concurrent create by another host is a 409, never an update
+    obj, created = await objs(request).put_network(net, create_only=caller(request).kind != "admin")
     return answer(response, obj, created)
 
 
 @router.delete("/networks/{name}", status_code=204)
 async def delete_network(name: str, request: Request) -> None:
+    await require_docker_network(request, name, None)
     await objs(request).delete_network(name)
 
 
@@ -504,6 +529,32 @@ async def delete_sg(sg_id: str, request: Request) -> None:
 
 # --- services --------------------------------------------------------------------------------------
 
+async def require_host_service(request: Request, store_name: str, svc: Service | None) -> None:
+    """403 unless the admin, or a host writing (`svc`) or deleting (None) a service that publishes on
+    itself only (`host` is the caller) with explicit backends that are its own endpoints: Docker's -p
+    and CNI hostPort, with the host's credential; other hosts' traffic is not its to steer."""
+    who = caller(request)
+    if who.kind == "admin":
+        return
+    o = objs(request)
+    old = await o.get(Service, store_name)
+    if old is not None and old.host != who.name:
+        raise ApiError(403, f"host {who.name!r} may not change service {store_name!r}: it is not published on "
+                            f"{who.name!r} only; use the admin token")
+    if svc is None:
+        return
+    why = None
+    if svc.host != who.name or svc.type != "NodePort" or svc.selector or not svc.backends:
+        why = f"it must publish on host {who.name!r} only (host, type NodePort) with explicit backends, no selector"
+    else:
+        for b in svc.backends:
+            ep = await o.get(Endpoint, b.endpoint) if b.endpoint else None
+            if ep is None or ep.host != who.name or b.ip not in ep.ips:
+                why = f"backend {b.ip} is not an endpoint of host {who.name!r}"
+                break
+    if why:
+        raise ApiError(403, f"host {who.name!r} may not write service {store_name!r}: {why}; use the admin token")
+
 @router.get("/services")
 async def list_services(request: Request, namespace: str | None = None) -> list[dict]:
     return dump(await objs(request).list(Service, f"{namespace}/" if namespace else ""))
@@ -523,12 +574,14 @@ async def put_service(ns: str, name: str, svc: Service, request: Request, respon
     await require_namespace(o, ns)
     if svc.network and await o.get(Network, svc.network) is None:
         raise ApiError(400, f"network {svc.network!r} does not exist")
+    await require_host_service(request, f"{ns}/{name}", svc)
     obj, created = await o.put_service(svc)
     return answer(response, obj, created)
 
 
 @router.delete("/namespaces/{ns}/services/{name}", status_code=204)
 async def delete_service(ns: str, name: str, request: Request) -> None:
+    await require_host_service(request, f"{ns}/{name}", None)
     await objs(request).delete_service(ns, name)
 
 

@@ -233,13 +233,24 @@ OWN_HOST = re.compile(r"^/api/v1/hosts/(?P<name>[^/]+)(?P<sub>/status|/heartbeat
 OWNED_ROUTES = {("POST", "/api/v1/endpoints")}  # the route checks the body's host (api.require_own)
 ENDPOINT = re.compile(r"^/api/v1/endpoints/[^/]+$|^/api/v1/endpoints/by-handle/.+$")
 NAMESPACE = re.compile(r"^/api/v1/namespaces/[^/]+$")
+NETWORK = re.compile(r"^/api/v1/networks/[^/]+$")
+SERVICE = re.compile(r"^/api/v1/namespaces/[^/]+/services/[^/]+$")
+# the label the Docker driver puts on a Tether network it creates; a host credential may create and
+# delete such networks (the route checks: `api.require_docker_network`), so `docker network create`
+# and `docker network rm` work on any Docker host without the admin token, and touch nothing else
+DOCKER_NETWORK_LABEL = "tether.io/created-by"
+DOCKER_NETWORK_VALUE = "docker"
 
 
 def host_rule(host: str, method: str, path: str) -> str | None:
     """None when a host credential may make this call (the endpoint and namespace routes then check
     that the object is the host's own, or new: `api.require_own`), else why not. Reads: everything
-    its agent mirrors. Writes: its own host object, status, heartbeat, flow records and peer health; endpoints on itself
-    (addresses come with them); a namespace that does not exist yet (CNI ADD in a new namespace)."""
+    its agent mirrors. Writes: its own host object, status, heartbeat, flow records and peer health;
+    endpoints on itself (addresses come with them); a namespace that does not exist yet (CNI ADD in a
+    new namespace); creating, and deleting, a network labelled as made by the Docker driver (`docker
+    network create/rm`; the network routes check the label, that the network is new on create, and its
+    other fields); a service publishing only on this host with only its own endpoints as backends
+    (Docker's -p, CNI hostPort; the service routes check: `api.require_host_service`)."""
     if method in ("GET", "HEAD"):
         if HOST_READS.match(path):
             return None
@@ -255,6 +266,8 @@ def host_rule(host: str, method: str, path: str) -> str | None:
     if method in ("PATCH", "DELETE") and ENDPOINT.match(path):
         return None
     if method == "PUT" and NAMESPACE.match(path):
+        return None
+    if method in ("PUT", "DELETE") and (NETWORK.match(path) or SERVICE.match(path)):
         return None
     return (f"host {host!r} may not {method} {path}: a host credential writes only its own host, status and "
             "endpoints; use the admin token for anything else")

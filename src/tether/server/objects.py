@@ -648,13 +648,14 @@ class Objects:
 
     async def _assign_node_ports(self, svc: Service, old: Service | None) -> None:
         """NodePort services get a published port per service port (30000-32767 unless given),
-        unique across services per protocol; an update keeps the ports it had."""
+        unique per protocol among services published on a common address (`Service.publishes_with`:
+        Docker's -p on two hosts may share a port); an update keeps the ports it had."""
         if svc.type != "NodePort":
             if any(p.node_port for p in svc.ports):
                 raise ApiError(400, f"service {svc.name!r} sets a node port but its type is {svc.type}; "
                                     "use type NodePort to publish ports on the hosts")
             return
-        others = [s for s in await self.list(Service) if s.store_name() != svc.store_name()]
+        others = [s for s in await self.list(Service) if s.store_name() != svc.store_name() and s.publishes_with(svc)]
         taken = {(p.protocol, p.node_port) for s in others for p in s.ports if p.node_port}
         before = {(p.protocol, p.port): p.node_port for p in (old.ports if old else []) if p.node_port}
         for p in svc.ports:
@@ -662,8 +663,9 @@ class Objects:
                 if (p.protocol, p.node_port) in taken:
                     holder = next(s.store_name() for s in others for q in s.ports
                                   if (q.protocol, q.node_port) == (p.protocol, p.node_port))
-                    raise ApiError(409, f"node port {p.node_port}/{p.protocol} is already published by service "
-                                        f"{holder}; choose another or leave it empty to get a free one")
+                    where = f" on {svc.host_ip or 'host ' + svc.host}" if svc.host else ""
+                    raise ApiError(409, f"node port {p.node_port}/{p.protocol} is already published{where} by "
+                                        f"service {holder}; choose another or leave it empty to get a free one")
             else:
                 keep = before.get((p.protocol, p.port))
                 p.node_port = keep if keep and (p.protocol, keep) not in taken else next(
