@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.openstack",
     "tests.fixtures.netns",
+    "tests.fixtures.kube",
 ]
