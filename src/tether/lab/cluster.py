@@ -380,12 +380,15 @@ class Lab:
 
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
                 labels: dict[str, str] | None = None, ip: str | None = None,
-                ports: list[dict] | None = None, security_groups: list[str] | None = None) -> PodInfo:
+                ports: list[dict] | None = None, security_groups: list[str] | None = None,
+                cni_args: str = "") -> PodInfo:
+        """`cni_args` are more CNI_ARGS (kubelet adds K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID)."""
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         sh("ip", "netns", "add", ns)
         container_id = ns
         args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
+        args += f";{cni_args}" if cni_args else ""
         config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether",
                                   "labels": labels or {}}
         if ports:
