@@ -115,6 +115,7 @@ class LabState:
     etcd_pid: int | None = None
     inet_pids: list[int] = field(default_factory=list)
     server_args: list[str] = field(default_factory=list)
+    kube_pids: list[int] = field(default_factory=list)  # `--kubernetes`: tether kube, kube-apiserver, its etcd
 
 
 class CniFailure(Exception):
@@ -145,7 +146,8 @@ class Lab:
         self.state = LabState(name=d["name"], hosts=[HostInfo(**h) for h in d["hosts"]],
                               pods={k: PodInfo(**v) for k, v in d["pods"].items()}, store=d["store"],
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
-                              inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []))
+                              inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []),
+                              kube_pids=d.get("kube_pids", []))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -448,6 +450,8 @@ class Lab:
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
+        for pid in self.state.kube_pids:
+            stop_pid(pid)
         for h in self.state.hosts:
             stop_pid(h.agent_pid)
         stop_pid(self.state.server_pid)

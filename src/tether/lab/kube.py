@@ -231,3 +231,36 @@ def start_controller(lab: Lab, kube: KubeApi, log_name: str = "kube.log", stats_
         args += ["--stats-file", stats_file]
     log = open(os.path.join(lab.dir, log_name), "ab")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+LAB_NETWORK = "pods"  # the network `tether lab up --kubernetes` makes for pods (the hosts' CNI config names it)
+
+
+def lab_kube_api(lab: Lab) -> KubeApi:
+    """The lab's control plane, as `lab_kubernetes` left it (its settings are in <lab>/kube/api.json)."""
+    with open(os.path.join(lab.dir, "kube", "api.json")) as f:
+        d = json.load(f)
+    return KubeApi(**d)
+
+
+def lab_kubernetes(lab: Lab) -> str:
+    """`tether lab up --kubernetes`: etcd + kube-apiserver on loopback, a Node per host, the pod
+    network, and `tether kube`; their PIDs go in the lab's state (stopped by `lab down`). Returns
+    the kubeconfig path."""
+    from tether.model import Network, Subnet
+
+    k = KubeApi(os.path.join(lab.dir, "kube"), k8s_bin())
+    try:
+        k.start()
+    finally:
+        lab.state.kube_pids = [p.pid for p in (k.apiserver, k.etcd) if p is not None]
+        lab.save()
+    with open(os.path.join(k.dir, "api.json"), "w") as f:
+        json.dump({f: getattr(k, f) for f in ("dir", "bin", "token", "port", "etcd_port", "etcd_peer", "prefix")}, f)
+    k.apply(node_manifest(lab))
+    if LAB_NETWORK not in {n.name for n in lab.client().list("Network")}:
+        lab.client().create_network(Network(name=LAB_NETWORK, subnets=[Subnet(cidr="10.244.0.0/16")]))
+    c = start_controller(lab, k)
+    lab.state.kube_pids.insert(0, c.pid)
+    lab.save()
+    return k.kubeconfig
