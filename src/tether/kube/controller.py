@@ -187,8 +187,10 @@ class LeaderLease:
 
 
 class Controller:
-    def __init__(self, api, tether: TetherClient, stats_file: str | None = None, debounce: float = 0.02) -> None:
+    def __init__(self, api, tether: TetherClient, stats_file: str | None = None, debounce: float = 0.02,
+                 watch_client: TetherClient | None = None) -> None:
         self.api, self.tether, self.stats_file, self.debounce = api, tether, stats_file, debounce
+        self.watch_client = watch_client or tether  # its own connection: the watch holds one open
         self.cache: dict[str, dict[str, dict]] = {k: {} for k in translate.KINDS}
         self.lock = threading.Lock()
         self.dirty = threading.Event()
@@ -221,7 +223,7 @@ class Controller:
         rev = 0
         while not self.stopping.is_set():
             try:
-                with self.tether.http.stream("GET", "/api/v1/watch", params={"after_revision": rev},
+                with self.watch_client.http.stream("GET", "/api/v1/watch", params={"after_revision": rev},
                                              timeout=httpx.Timeout(10, read=60)) as r:
                     for line in r.iter_lines():
                         if not line:
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.token_file) as f:
             token = f.read().strip()
     api = kube_api(a.kubeconfig)
-    ctl = Controller(api, TetherClient(a.server, token), a.stats_file)
+    ctl = Controller(api, TetherClient(a.server, token), a.stats_file, watch_client=TetherClient(a.server, token))
     lease = None if a.no_leader_election else LeaderLease(api, a.lease_namespace, a.lease_name, a.identity,
                                                           a.lease_duration)
     signal.signal(signal.SIGTERM, lambda *_: ctl.stopping.set())
