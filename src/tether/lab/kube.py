@@ -224,13 +224,18 @@ def run_kube_pod(lab: Lab, kube: KubeApi, host: str, name: str, network: str, na
 def start_controller(lab: Lab, kube: KubeApi, log_name: str = "kube.log", stats_file: str | None = None,
                      identity: str = "c1", lease_duration: int = 4) -> subprocess.Popen:
     """`tether kube` against the lab's server (unix socket) and the given apiserver."""
+    return spawn_controller(kube, f"unix://{lab.server_socket}", os.path.join(lab.dir, "server", "token"),
+                            os.path.join(lab.dir, log_name), stats_file, identity, lease_duration)
+
+
+def spawn_controller(kube: KubeApi, server: str, token_file: str, log_path: str, stats_file: str | None = None,
+                     identity: str = "c1", lease_duration: int = 4) -> subprocess.Popen:
     args = [sys.executable, "-m", "tether.kube.controller", "--kubeconfig", kube.kubeconfig,
-            "--server", f"unix://{lab.server_socket}", "--token-file", os.path.join(lab.dir, "server", "token"),
-            "--identity", identity, "--lease-duration", str(lease_duration)]
+            "--server", server, "--token-file", token_file, "--identity", identity,
+            "--lease-duration", str(lease_duration)]
     if stats_file:
         args += ["--stats-file", stats_file]
-    log = open(os.path.join(lab.dir, log_name), "ab")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(args, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 LAB_NETWORK = "pods"  # the network `tether lab up --kubernetes` makes for pods (the hosts' CNI config names it)
