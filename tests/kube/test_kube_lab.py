@@ -53,8 +53,9 @@ class World:
             return json.load(f)
 
     def pod(self, host: str, name: str, ns: str, labels: dict, serve: bool = False,
-            ports: list | None = None) -> PodInfo:
-        p = run_kube_pod(self.lab, self.kube, host, name, self.net, namespace=ns, labels=labels, ports=ports)
+            ports: list | None = None, kubeconfig: bool = False) -> PodInfo:
+        p = run_kube_pod(self.lab, self.kube, host, name, self.net, namespace=ns, labels=labels, ports=ports,
+                         kubeconfig=kubeconfig)
         if serve:
             self.servers.append(start_server(p.ns, p.name, PORT))
             wait_for(lambda: f":{PORT}" in nsx(p.ns, "ss", "-ltn").stdout, 10, "the pod's server")
@@ -203,6 +204,20 @@ def test_controller_restart_apiserver_restart_and_410_neither_drop_nor_duplicate
     assert sum(stats["gone"].values()) >= 1, stats  # at least one watch saw 410 Gone and relisted
     assert world.endpoint(pods["web"])["labels"]["ver"] == "3"
     assert "p2" not in {p.name for p in world.lab.client().list("NetworkPolicy")}
+
+
+def test_a_pod_is_selected_from_its_first_packet_when_its_cni_config_names_a_kubeconfig(world: World, pods) -> None:
+    world.stop_controller()  # nobody else can give the endpoint its labels
+    try:
+        p = world.pod("h2", "early", pods["a"], {"app": "web", "tier": "x"}, kubeconfig=True,
+                      ports=[{"name": "http", "containerPort": PORT}])
+        ep = world.endpoint(p)
+        assert ep["labels"] == {"app": "web", "tier": "x"}
+        assert ep["ports"] == [{"name": "http", "port": PORT, "protocol": "TCP"}]
+    finally:
+        world.start_controller(os.path.join(world.lab.dir, "kube-stats-3.json"))
+    converge(lambda: world.stat()["reconciles"] >= 1, "the controller to reconcile")
+    assert not [w for w in world.written() if w.startswith(f"patch Endpoint {ep['id']}")]
 
 
 def test_deleting_a_node_reclaims_its_hosts_addresses(world: World, pods) -> None:

@@ -383,8 +383,9 @@ class Lab:
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
                 labels: dict[str, str] | None = None, ip: str | None = None,
                 ports: list[dict] | None = None, security_groups: list[str] | None = None,
-                cni_args: str = "") -> PodInfo:
-        """`cni_args` are more CNI_ARGS (kubelet adds K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID)."""
+                cni_args: str = "", cni_config: dict | None = None) -> PodInfo:
+        """`cni_args` are more CNI_ARGS (kubelet adds K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID);
+        `cni_config` more keys of the network's CNI configuration."""
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         sh("ip", "netns", "add", ns)
@@ -397,6 +398,7 @@ class Lab:
             config["ports"] = ports
         if security_groups is not None:
             config["security_groups"] = security_groups
+        config.update(cni_config or {})
         code, out = self.cni(h.name, "ADD", config, container_id=container_id, netns=f"/var/run/netns/{ns}",
                              args=args)
         if code != 0:

@@ -209,16 +209,19 @@ def pod_manifest(name: str, namespace: str, host: str, labels: dict[str, str] | 
 
 
 def run_kube_pod(lab: Lab, kube: KubeApi, host: str, name: str, network: str, namespace: str = "default",
-                 labels: dict[str, str] | None = None, ports: list[dict] | None = None) -> PodInfo:
+                 labels: dict[str, str] | None = None, ports: list[dict] | None = None,
+                 kubeconfig: bool = False) -> PodInfo:
     """What kubelet does for a pod bound to `host`: the Pod is in the apiserver (created here with
     spec.nodeName, as the scheduler would bind it), then CNI ADD with kubelet's arguments
     (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_INFRA_CONTAINER_ID, K8S_POD_UID) and no labels: the
-    pod's labels and named ports reach Tether only through `tether kube`."""
+    pod's labels and named ports reach Tether through `tether kube`, or, with `kubeconfig`, from the
+    agent reading the pod at ADD (the CNI config names the kubeconfig)."""
     kube.apply(pod_manifest(name, namespace, host, labels, ports))
     uid = kube.kubectl("get", "pod", "-n", namespace, name, "-o", "jsonpath={.metadata.uid}").stdout.strip()
     infra = uuid.uuid5(uuid.NAMESPACE_URL, uid).hex + uuid.uuid4().hex  # a 64-hex sandbox id, as CRI makes
     return lab.run_pod(host, name, network, namespace=namespace,
-                       cni_args=f"K8S_POD_INFRA_CONTAINER_ID={infra};K8S_POD_UID={uid}")
+                       cni_args=f"K8S_POD_INFRA_CONTAINER_ID={infra};K8S_POD_UID={uid}",
+                       cni_config={"kubernetes": {"kubeconfig": kube.kubeconfig}} if kubeconfig else None)
 
 
 def start_controller(lab: Lab, kube: KubeApi, log_name: str = "kube.log", stats_file: str | None = None,
