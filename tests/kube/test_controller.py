@@ -10,6 +10,7 @@ import signal
 from tests.fixtures.server import start_server
 from tether.lab.cluster import wait_for
 from tether.lab.kube import KubeApi, spawn_controller
+from tether.kube.translate import SOURCE_LABEL
 from tether.model import Namespace, NetworkPolicy
 
 
@@ -48,7 +49,8 @@ def test_one_leader_writes_and_another_takes_over_when_it_dies(kube: KubeApi, tm
         wait_for(lambda: "kb" in {n.name for n in c.list("Namespace")}, 30, "the other controller to take over")
         assert kube.kubectl("get", "lease", "-n", "kube-system", "tether-kube",
                             "-o", "jsonpath={.spec.holderIdentity}").stdout == f"ctl-{other}"
-        assert c.get("Namespace", "own").labels == {"mine": "yes"}
+        own = c.get("Namespace", "own").labels
+        assert own["mine"] == "yes" and SOURCE_LABEL not in own
         assert "own/own" in {f"{p.namespace}/{p.name}" for p in c.list("NetworkPolicy")}
         kube.kubectl("delete", "networkpolicy", "-n", "ka", "deny")
         wait_for(lambda: "ka/deny" not in {f"{p.namespace}/{p.name}" for p in c.list("NetworkPolicy")}, 30,

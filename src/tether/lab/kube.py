@@ -117,7 +117,9 @@ current-context: test
              f"--service-account-key-file={key}.pub", f"--service-account-signing-key-file={key}",
              "--service-account-issuer=https://kubernetes.default.svc", f"--service-cluster-ip-range={SERVICE_CIDR}",
              # no kube-controller-manager makes the namespaces' default ServiceAccounts
-             "--disable-admission-plugins=ServiceAccount", "--v=1"],
+             "--disable-admission-plugins=ServiceAccount",
+             # the kubernetes Service's endpoints would be this loopback address, which the reconciler refuses
+             "--endpoint-reconciler-type=none", "--v=1"],
             stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
