@@ -8,9 +8,9 @@ import os
 import signal
 
 from tests.fixtures.server import start_server
+from tether.kube.translate import SOURCE_LABEL
 from tether.lab.cluster import wait_for
 from tether.lab.kube import KubeApi, spawn_controller
-from tether.kube.translate import SOURCE_LABEL
 from tether.model import Namespace, NetworkPolicy
 
 

@@ -98,7 +98,7 @@ def pods(world: World):
                      f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {b}, labels: {{team: b}}}}\n")
     web = world.pod("h1", "web", a, {"app": "web"}, serve=True, ports=[{"name": "http", "containerPort": PORT}])
     c1 = world.pod("h2", "client", a, {"role": "client"})
-    c2 = world.pod("h2", "client", b, {"role": "client"})
+    c2 = world.pod("h2", "client-b", b, {"role": "client"})  # lab pod names are per host
     return {"a": a, "b": b, "web": web, "c1": c1, "c2": c2}
 
 
