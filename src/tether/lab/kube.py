@@ -223,7 +223,36 @@ def run_kube_pod(lab: Lab, kube: KubeApi, host: str, name: str, network: str, na
     infra = uuid.uuid5(uuid.NAMESPACE_URL, uid).hex + uuid.uuid4().hex  # a 64-hex sandbox id, as CRI makes
     return lab.run_pod(host, name, network, namespace=namespace,
                        cni_args=f"K8S_POD_INFRA_CONTAINER_ID={infra};K8S_POD_UID={uid}",
-                       cni_config={"kubernetes": {"kubeconfig": kube.kubeconfig}} if kubeconfig else None)
+                       cni_config={"kubernetes": {"kubeconfig": host_kubeconfig(lab, kube)}} if kubeconfig else None)
+
+
+HOST_PORT = 6443  # where the apiserver answers inside each lab host (relayed to the root namespace's loopback)
+
+
+def host_kubeconfig(lab: Lab, kube: KubeApi) -> str:
+    """A kubeconfig that works inside the lab's hosts: each host namespace has its own loopback, so
+    socat relays 127.0.0.1:6443 there through a unix socket to the apiserver's loopback port (only
+    loopback and files: nothing leaves the machine). Started once; the relays' PIDs go in the
+    lab's state and `lab down` stops them."""
+    path = os.path.join(kube.dir, "kubeconfig-hosts")
+    if os.path.exists(path):
+        return path
+    sock = os.path.join(kube.dir, "apiserver.sock")
+    procs = [subprocess.Popen(["socat", f"UNIX-LISTEN:{sock},fork,unlink-early", f"TCP:127.0.0.1:{kube.port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    for h in lab.state.hosts:
+        procs.append(subprocess.Popen(["ip", "netns", "exec", h.ns, "socat",
+                                       f"TCP-LISTEN:{HOST_PORT},bind=127.0.0.1,reuseaddr,fork", f"UNIX-CONNECT:{sock}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    lab.state.kube_pids += [p.pid for p in procs]
+    lab.save()
+    with open(kube.kubeconfig) as f, open(path, "w") as out:
+        out.write(f.read().replace(kube.url, f"https://127.0.0.1:{HOST_PORT}"))
+    for h in lab.state.hosts:
+        from tether.lab.cluster import _port_open, wait_for
+
+        wait_for(lambda h=h: _port_open(h.ns, "127.0.0.1", HOST_PORT), 10, f"the apiserver relay in {h.name}")
+    return path
 
 
 def start_controller(lab: Lab, kube: KubeApi, log_name: str = "kube.log", stats_file: str | None = None,
