@@ -6,7 +6,8 @@ Service backend programmed on every lab host.
 A 2-host lab, a real kube-apiserver (tools/k8s) and `tether kube`. In each namespace a
 NetworkPolicy admits only `role=allowed` to `app=bench` pods, and a Service balances over them.
 - `kube`: the Pod is created in the apiserver (bound to h1), CNI ADD runs as kubelet calls it (no
-  labels), and the pod's address is added to the Service's EndpointSlice (what the EndpointSlice
+  labels; the CNI config names a kubeconfig, so the agent reads them at ADD, unless
+  --no-labels-at-add), and the pod's address is added to the Service's EndpointSlice (what the EndpointSlice
   controller does); the controller mirrors labels and backends into Tether.
 - `tether`: CNI ADD with the labels in the CNI config, the Service selects by label in Tether.
 Done when (1) a prober pod on h2 without `role=allowed` no longer gets a TCP reset from the new pod
@@ -23,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 from tether.lab.cluster import Lab, nsx, wait_for
-from tether.lab.kube import KubeApi, node_manifest, pod_manifest, start_controller, start_kube
+from tether.lab.kube import KubeApi, host_kubeconfig, node_manifest, pod_manifest, start_controller, start_kube
 from tether.model import Network, NetworkPolicy, Service, ServicePort, Subnet
 
 PROBE_PORT = 9  # nothing listens: a reset means the SYN got through, silence means the policy dropped it
@@ -93,7 +95,11 @@ def measure(lab: Lab, prober: subprocess.Popen, vip: str, make_pod, n: int) -> l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pods", type=int, default=20)
+    ap.add_argument("--labels-at-add", action=argparse.BooleanOptionalAction, default=True,
+                    help="the CNI config names a kubeconfig, so the agent reads the pod's labels at ADD (otherwise "
+                         "only tether kube brings them)")
     a = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Unverified HTTPS request")
     lab = Lab(f"bk{os.getpid() % 10000}")
     tmp = tempfile.mkdtemp(prefix="tether-bench-kube-")
     kube: KubeApi | None = None
@@ -128,6 +134,7 @@ def main() -> None:
         from kubernetes import config as kconf
 
         api = kconf.new_client_from_config(config_file=kube.kubeconfig)
+        cni_kube = {"kubernetes": {"kubeconfig": host_kubeconfig(lab, kube)}} if a.labels_at_add else None
         core, disc = kc.CoreV1Api(api), kc.DiscoveryV1Api(api)
         addresses: list[str] = []
 
@@ -136,7 +143,8 @@ def main() -> None:
             core.create_namespaced_pod("bk", json.loads(pod_manifest(name, "bk", "h1", {"app": "bench"})))
             uid = core.read_namespaced_pod(name, "bk").metadata.uid
             p = lab.run_pod("h1", name, "pods", namespace="bk",
-                            cni_args=f"K8S_POD_INFRA_CONTAINER_ID={uid.replace('-', '')}{i:032x};K8S_POD_UID={uid}")
+                            cni_args=f"K8S_POD_INFRA_CONTAINER_ID={uid.replace('-', '')}{i:032x};K8S_POD_UID={uid}",
+                            cni_config=cni_kube)
             addresses.append(p.ip)
             body = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
                     "metadata": {"name": "bench-1", "namespace": "bk",
@@ -158,6 +166,9 @@ def main() -> None:
 
         results = {}
         # interleave the two paths in halves, so drift on the shared machine hits both alike
+        # one pod each first, not counted: the first ADD that reads the apiserver pays for importing its client
+        measure(lab, prober, svc_t.cluster_ip, lambda i: tether_pod(900), 1)
+        measure(lab, prober, vip_k, lambda i: kube_pod(900), 1)
         half = max(1, a.pods // 2)
         lat_t = measure(lab, prober, svc_t.cluster_ip, tether_pod, half)
         lat_k = measure(lab, prober, vip_k, kube_pod, half)
@@ -169,6 +180,7 @@ def main() -> None:
         k, t = results["kubernetes"], results["tether_api"]
         results["ratio_p50"] = round(k["p50_ms"] / t["p50_ms"], 2)
         results["ratio_p99"] = round(k["p99_ms"] / t["p99_ms"], 2)
+        results["labels_at_add"] = a.labels_at_add
         results["target"] = "kubernetes p50 and p99 at most 2x tether_api, p99 under 1000 ms"
         results["met"] = results["ratio_p50"] <= 2 and results["ratio_p99"] <= 2 and k["p99_ms"] < 1000
         print(json.dumps(results, indent=1))
