@@ -83,3 +83,18 @@ def test_a_deleted_node_reclaims_its_host_and_other_hosts_are_left_alone():
     k["Node"]["n2"] = {"metadata": {"name": "n2", "labels": {"zone": "a"}}}
     p = plan(k, t, HAS, set())
     assert [h.labels for h in p.apply] == [{"zone": "a", SOURCE_LABEL: SOURCE}]
+
+
+def test_headless_and_local_traffic_services_are_translated_only_where_tether_has_those_fields():
+    headless = {"metadata": {"namespace": "a", "name": "db"}, "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}
+    assert translate.service_of(headless, [], HAS - {"headless"}) is None
+    if "headless" in HAS:  # the Service model with DNS-only services
+        svc = translate.service_of(headless, [], HAS)
+        assert svc is not None and svc.headless and svc.cluster_ip is None
+    local = {"metadata": {"namespace": "a", "name": "np"},
+             "spec": {"type": "NodePort", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+                      "ports": [{"port": 80, "nodePort": 30080}]}}
+    svc = translate.service_of(local, [], HAS)
+    assert svc is not None and svc.ports[0].node_port == 30080
+    if "external_traffic_policy" in HAS:
+        assert svc.external_traffic_policy == "Local"
