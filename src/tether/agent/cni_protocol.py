@@ -29,7 +29,8 @@ CHECK_FAILED = 110  # plugin-specific (>= 100)
 
 KNOWN_CONFIG = {"cniVersion", "name", "type", "network", "agent_socket", "security_groups", "labels", "namespace",
                 "prevResult", "runtimeConfig", "capabilities", "args", "ipam", "dns", "ports", "mtu",
-                "cni.dev/valid-attachments", "cniVersions", "disableCheck", "disableGC", "plugins"}
+                "cni.dev/valid-attachments", "cniVersions", "disableCheck", "disableGC", "plugins",
+                "kubernetes"}  # {"kubeconfig": path}: the pod's labels are read from the apiserver at ADD
 CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -111,6 +112,9 @@ def parse_request(env: dict[str, str], stdin: bytes) -> Request:
             raise CniError(INVALID_CONFIG, f"{key!r} must be an object of string labels")
     if "security_groups" in config and not isinstance(config["security_groups"], list):
         raise CniError(INVALID_CONFIG, "'security_groups' must be a list of security group ids")
+    kube = config.get("kubernetes")
+    if kube is not None and not (isinstance(kube, dict) and isinstance(kube.get("kubeconfig"), str)):
+        raise CniError(INVALID_CONFIG, "'kubernetes' must be an object {\"kubeconfig\": \"/path/to/kubeconfig\"}")
     req = Request(command, version, config, path=env.get("CNI_PATH", ""))
     if command in ("STATUS", "GC"):
         return req

@@ -232,6 +232,14 @@ class CniServer:
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
         net = self.agent.replica.networks.get(req.network)
         want = self._endpoint_for(req)
+        kubeconfig = (req.config.get("kubernetes") or {}).get("kubeconfig")
+        if kubeconfig and req.args.get("K8S_POD_NAME"):  # kubelet passes no labels: ask the apiserver
+            from tether.kube.pod_labels import pod_labels
+
+            found = await asyncio.to_thread(pod_labels, kubeconfig, want.namespace, req.args["K8S_POD_NAME"])
+            if found is not None:
+                want.labels = {**found[0], **want.labels}
+                want.ports = want.ports or found[1]
         assert want.interface is not None
         self.in_flight[want.interface] = time.monotonic()
         t0 = time.perf_counter()

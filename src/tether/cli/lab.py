@@ -65,11 +65,13 @@ def up(name: NameOpt = "lab",
        store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite",
        agent_auth: Annotated[str, typer.Option(help="host: each agent joins with a bootstrap token and talks HTTPS "
                                                     "over the underlay with its own credential; admin: agents hold "
-                                                    "the admin token (needed by the Docker driver to create "
-                                                    "networks and publish ports)")] = "host",
+                                                    "the admin token")] = "host",
        etcd_endpoints: Annotated[str | None, typer.Option(
            help="with --store etcd: use this etcd cluster (host:port[,host:port...], reachable from the root "
-                "namespace) instead of starting one; the lab never stops or wipes it")] = None) -> None:
+                "namespace) instead of starting one; the lab never stops or wipes it")] = None,
+       kubernetes: Annotated[bool, typer.Option(help="also a kube-apiserver (built by tools/k8s), a Node per host, "
+                                                     "and `tether kube`; `tether lab kube-pod` runs pods as kubelet "
+                                                     "would")] = False) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
@@ -87,11 +89,34 @@ def up(name: NameOpt = "lab",
     say = _progress()
     try:
         lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth)
+        if kubernetes:
+            from tether.lab.kube import lab_kubernetes
+
+            say("kubernetes: etcd, kube-apiserver, a Node per host, tether kube")
+            kubeconfig = lab_kubernetes(lab)
+            say(f"kubectl: export KUBECONFIG={kubeconfig}")
     except Exception as e:  # noqa: BLE001 - leave nothing half-built
         say(f"failed: {e}; tearing down")
         lab.down()
         _fail(str(e))
     say(f"lab {name!r} ready: {hosts} hosts. Use the CLI with: eval $(tether lab env --lab {name})")
+
+
+@lab_app.command("kube-pod")
+def kube_pod(pod: Annotated[str, typer.Argument(help="pod name")],
+             host: Annotated[str, typer.Option(help="lab host (the Node the pod is bound to)")] = "h1",
+             network: Annotated[str, typer.Option(help="Tether network the hosts' CNI config names")] = "pods",
+             namespace: Annotated[str, typer.Option("--namespace", "-n", help="Kubernetes namespace")] = "default",
+             label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable)")] = None,
+             name: NameOpt = "lab") -> None:
+    """Do what kubelet does for a pod bound to HOST: create the Pod in the lab's apiserver, then CNI ADD with
+    kubelet's arguments and no labels (they reach Tether through `tether kube`)."""
+    from tether.lab.kube import lab_kube_api, run_kube_pod
+
+    lab = _lab(name)
+    labels = dict(kv.split("=", 1) for kv in label or [])
+    p = run_kube_pod(lab, lab_kube_api(lab), host, pod, network, namespace=namespace, labels=labels)
+    print(f"{p.namespace}/{p.name} on {p.host}: {', '.join(p.ips)} (netns {p.ns})")
 
 
 @lab_app.command()

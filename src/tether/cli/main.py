@@ -219,6 +219,15 @@ def agent(ctx: typer.Context) -> None:
     agent_main(ctx.args)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def kube(ctx: typer.Context) -> None:
+    """Run the Kubernetes controller: mirrors a cluster's Namespaces, Pods, NetworkPolicies, Services,
+    EndpointSlices and Nodes into Tether. `tether kube --help` lists its options."""
+    from tether.kube.controller import main as kube_main
+
+    kube_main(ctx.args)
+
+
 # --- networks ------------------------------------------------------------------------------------
 
 @network_app.command("create")

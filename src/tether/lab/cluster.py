@@ -126,6 +126,7 @@ class LabState:
     agent_auth: str = "host"  # "host": each agent joins and holds its own credential; "admin": the admin token
     bootstrap_token: str = ""
     ca_hash: str = ""
+    kube_pids: list[int] = field(default_factory=list)  # `--kubernetes`: tether kube, kube-apiserver, its etcd
 
 
 class CniFailure(Exception):
@@ -158,7 +159,7 @@ class Lab:
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
                               inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []),
                               agent_auth=d.get("agent_auth", "admin"), bootstrap_token=d.get("bootstrap_token", ""),
-                              ca_hash=d.get("ca_hash", ""))
+                              ca_hash=d.get("ca_hash", ""), kube_pids=d.get("kube_pids", []))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -428,7 +429,10 @@ class Lab:
 
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
                 labels: dict[str, str] | None = None, ip: str | None = None,
-                ports: list[dict] | None = None, security_groups: list[str] | None = None) -> PodInfo:
+                ports: list[dict] | None = None, security_groups: list[str] | None = None,
+                cni_args: str = "", cni_config: dict | None = None) -> PodInfo:
+        """`cni_args` are more CNI_ARGS (kubelet adds K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID);
+        `cni_config` more keys of the network's CNI configuration."""
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         if f"{host}/{name}" in self.state.pods:
@@ -437,12 +441,14 @@ class Lab:
         sh("ip", "netns", "add", ns)
         container_id = ns
         args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
+        args += f";{cni_args}" if cni_args else ""
         config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether",
                                   "labels": labels or {}}
         if ports:
             config["ports"] = ports
         if security_groups is not None:
             config["security_groups"] = security_groups
+        config.update(cni_config or {})
         code, out = self.cni(h.name, "ADD", config, container_id=container_id, netns=f"/var/run/netns/{ns}",
                              args=args)
         if code != 0:
@@ -498,6 +504,8 @@ class Lab:
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
+        for pid in self.state.kube_pids:
+            stop_pid(pid)
         from tether.lab.dockerd import stop_lab_dockerds
 
         stop_lab_dockerds(self.dir)  # before the agents: dockerd asks them to release its endpoints

@@ -1,0 +1,1 @@
+"""Kubernetes integration: `tether kube` mirrors a cluster into Tether (see docs/KUBERNETES.md)."""
