@@ -227,6 +227,9 @@ class Host(Obj):
     underlay_cidr: str | None = None  # the underlay subnet, for `auto` (direct inside it, vxlan across)
     vtep_mac: Annotated[str, checked(check_mac, "vtep_mac")] | None = None
     vtep_ip: str | None = None  # the VXLAN device address (link-local style, unique per host)
+    # an IPv6 address of the host on the underlay (the agent reports its underlay device's
+    # link-local one): the next hop of IPv6 pod routes in `direct` mode
+    underlay_ip6: str | None = None
     dns_ip: str | None = None  # where the host's agent answers DNS for its pods
     agent_version: Annotated[str, checked(check_text, "agent_version", 64)] | None = None
     heartbeat: datetime | None = None
@@ -245,6 +248,17 @@ class Host(Obj):
         if ipaddress.ip_address(ip).version != 4:  # VXLAN peers, FDB and the nft peer sets are IPv4 today
             raise ValueError(f"underlay_ip {ip} is IPv6: Tether needs an IPv4 underlay address per host for now "
                              "(pods may still get IPv6 addresses); give the host's IPv4 address")
+        return ip
+
+    @field_validator("underlay_ip6")
+    @classmethod
+    def _ip6(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        ip = check_ip(v, "underlay_ip6")
+        if ipaddress.ip_address(ip).version != 6:
+            raise ValueError(f"underlay_ip6 {ip} is not an IPv6 address; give the host's IPv6 underlay (or "
+                             "link-local) address, or leave it out")
         return ip
 
     @field_validator("vtep_ip", "dns_ip")
