@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 
 from tests.fixtures.lab import unique
+from tether.dataplane.nft import counters
 from tether.lab.cluster import Lab, nsx, wait_for
 from tether.model import Network, Subnet
 
@@ -55,3 +58,81 @@ def test_a_dual_stack_pod_has_both_default_routes_and_the_host_a_route_to_each_a
              "the host route to the pod's IPv6 address")
     assert json.dumps(p.result)  # the CNI result is JSON with both addresses
     assert sorted(":" in ip for ip in p.ips) == [False, True], host_routes
+
+
+LISTEN6 = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+s.settimeout(0.1)
+print("ready", flush=True)
+end, seen = time.time() + float(sys.argv[2]), []
+while time.time() < end:
+    try:
+        data, addr = s.recvfrom(100)
+        seen.append(addr[0])
+    except socket.timeout:
+        pass
+print(json.dumps(seen), flush=True)
+"""
+SEND6 = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for _ in range(3):
+    s.sendto(b"x", (sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def received6(sender, src: str, dst, port: int) -> list[str]:
+    """Datagrams `dst` receives on its IPv6 address when `sender` sends three from source `src`."""
+    listener = subprocess.Popen(["ip", "netns", "exec", dst.ns, sys.executable, "-c", LISTEN6, str(port), "1.5"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        nsx(sender.ns, sys.executable, "-c", SEND6, src, v6(dst), str(port))
+        out, _ = listener.communicate(timeout=10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    return json.loads(out)
+
+
+def spoof_drops(lab: Lab, host: str) -> int:
+    return sum(n for key, n in counters(lab.host(host).ns).items()
+               if key.split("/", 1)[1] == "spoofed source address")
+
+
+def test_a_spoofed_ipv6_source_is_dropped_while_dad_and_mld_pass(lab: Lab) -> None:
+    """A pod that adds an address IPAM did not give it runs duplicate address detection for it (a
+    neighbour solicitation from `::`) and joins its solicited-node group (MLD): both reach the
+    host, counted by a test-owned table after the pod's ingress chain, and no spoofing drop is
+    counted (the drops are what the flow log reports). A datagram from that address is dropped
+    and counted; one from the pod's own IPv6 address arrives."""
+    net = make_net(lab, ["10.67.0.0/16", "fd67::/64"], "vxlan")
+    before = spoof_drops(lab, "h1")
+    a = lab.run_pod("h1", unique("a"), net)
+    c = lab.run_pod("h2", unique("c"), net)
+    host_if = a.result["interfaces"][0]["name"]
+    ns, table = lab.host("h1").ns, unique("tdad")
+    rules = (f"table inet {table} {{\n chain c {{\n type filter hook prerouting priority -400\n"
+             f' iifname "{host_if}" ip6 saddr :: icmpv6 type nd-neighbor-solicit counter\n'
+             f' iifname "{host_if}" icmpv6 type {{ mld-listener-report, mld2-listener-report }} counter\n }}\n}}\n')
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        assert lab.reaches(f"h1/{a.name}", v6(c))
+        nsx(a.ns, "ip", "addr", "add", "fd67::ffff:99/128", "dev", "eth0")  # with DAD: not IPAM's
+
+        def counted() -> list[int]:
+            listed = json.loads(nsx(ns, "nft", "-j", "list", "table", "inet", table).stdout)["nftables"]
+            return [r["rule"]["expr"][-1]["counter"]["packets"] for r in listed if "rule" in r]
+
+        wait_for(lambda: min(counted()) > 0, 10, "the pod's DAD and MLD to reach its host")
+        wait_for(lambda: "tentative" not in nsx(a.ns, "ip", "-6", "addr", "show", "dev", "eth0").stdout, 10,
+                 "DAD to finish")
+        assert spoof_drops(lab, "h1") == before, "DAD and MLD must not count as spoofed"
+        assert received6(a, "fd67::ffff:99", c, 7101) == []
+        assert spoof_drops(lab, "h1") >= before + 3
+        assert received6(a, v6(a), c, 7102) == [v6(a)] * 3
+    finally:
+        nsx(ns, "nft", "delete", "table", "inet", table, check=False)
