@@ -14,7 +14,7 @@ import pytest
 from tests.fixtures.lab import unique
 from tether.dataplane.nft import counters
 from tether.lab.cluster import Lab, nsx, wait_for
-from tether.model import Network, Subnet
+from tether.model import Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
 
 pytestmark = pytest.mark.lab
 
@@ -136,3 +136,47 @@ def test_a_spoofed_ipv6_source_is_dropped_while_dad_and_mld_pass(lab: Lab) -> No
         assert received6(a, v6(a), c, 7102) == [v6(a)] * 3
     finally:
         nsx(ns, "nft", "delete", "table", "inet", table, check=False)
+
+
+def denied(lab: Lab, ref: str, ip: str) -> bool:
+    """Two pings in a row get no answer (call it after an allowed probe showed the agents converged)."""
+    return not lab.ping(ref, ip, count=2, wait=1)
+
+
+def test_ipv6_isolation_ipblock_with_except_and_a_security_group_for_icmpv6(lab: Lab) -> None:
+    """A subset of the NetworkPolicy and security group truth tables with IPv6 addresses, across hosts:
+    - isolation: a pod of another dual-stack network does not reach b over IPv6;
+    - b admits ingress only from ipBlock fd70::/64 except a's /128: c reaches b over IPv6, a does
+      not, and nobody over IPv4 (the block is IPv6 only);
+    - e's security group admits ICMPv6 (ethertype IPv6) only: a pings e over IPv6, not over IPv4."""
+    net = make_net(lab, ["10.70.0.0/16", "fd70::/64"], "vxlan")
+    other = make_net(lab, ["10.71.0.0/16", "fd71::/64"], "vxlan")
+    client = lab.client()
+    ns = unique("v6ns")
+    client.apply(Namespace(name=ns))
+    a = lab.run_pod("h1", unique("a"), net, namespace=ns)
+    b = lab.run_pod("h2", unique("b"), net, namespace=ns, labels={"role": "b"})
+    c = lab.run_pod("h3", unique("c"), net, namespace=ns)
+    d = lab.run_pod("h1", unique("d"), other, namespace=ns)
+    ref = {p.name: f"{p.host}/{p.name}" for p in (a, b, c, d)}
+    assert lab.reaches(ref[a.name], v6(b)) and lab.reaches(ref[c.name], v6(b))
+    assert denied(lab, ref[d.name], v6(b)), "isolation between networks holds for IPv6"
+    client.apply(NetworkPolicy(name=unique("np"), namespace=ns, spec={
+        "podSelector": {"matchLabels": {"role": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"ipBlock": {"cidr": "fd70::/64", "except": [f"{v6(a)}/128"]}}]}]}))
+    wait_for(lambda: denied(lab, ref[a.name], v6(b)), 15, "the policy to deny a over IPv6")
+    assert lab.reaches(ref[c.name], v6(b))
+    assert denied(lab, ref[c.name], b.ips[0]) and denied(lab, ref[a.name], b.ips[0])
+    assert denied(lab, ref[d.name], v6(b))
+
+    sg = client.request("POST", "/api/v1/securitygroups", content=SecurityGroup(name=unique("icmp6"), rules=[
+        SecurityGroupRule(direction="ingress", ethertype="IPv6", protocol="icmpv6"),
+        SecurityGroupRule(direction="egress", ethertype="IPv6"),
+        SecurityGroupRule(direction="egress", ethertype="IPv4")]).model_dump_json(exclude={"revision"}))
+    e = lab.run_pod("h3", unique("e"), net, namespace=ns, security_groups=[sg["id"]])
+    try:
+        assert lab.reaches(ref[a.name], v6(e))
+        assert denied(lab, ref[a.name], e.ips[0]), "the group admits ICMPv6 only, not ICMP"
+    finally:
+        lab.rm_pod(f"h3/{e.name}")
+        client.request("DELETE", f"/api/v1/securitygroups/{sg['id']}")
