@@ -287,6 +287,9 @@ class Subnet(Strict):
     pools: list[str] = Field(default_factory=list)  # allocation ranges "a.b.c.d-a.b.c.e"; empty = whole CIDR
     id: Annotated[str, checked(check_id, "subnet id")] = Field(default_factory=new_id)
     name: Annotated[str, checked(check_text, "subnet name")] | None = None
+    # Neutron's ipv6_address_mode: Tether assigns every address itself (IPAM, handed over by CNI or
+    # the port), which is `dhcpv6-stateful`; SLAAC modes are refused (no router advertisements)
+    ipv6_address_mode: Literal["dhcpv6-stateful"] | None = None
 
     @field_validator("pools")
     @classmethod
@@ -650,14 +653,44 @@ class Service(Obj):
     session_affinity: Literal["None", "ClientIP"] = "None"
     affinity_timeout: int = Field(default=10800, ge=1)
     type: Literal["ClusterIP", "NodePort"] = "ClusterIP"
+    # Kubernetes' ipFamilies: one virtual IP per family, `cluster_ip` the first family's; the
+    # server fills `cluster_ips` (the IPv4 one from the service range, the IPv6 one from the IPv6 range)
+    ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=lambda: ["IPv4"], min_length=1, max_length=2)
+    cluster_ips: list[Annotated[str, checked(check_ip, "cluster_ips")]] = Field(default_factory=list, max_length=2)
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def vips(self) -> list[str]:
+        """Every virtual IP of the service (one per IP family)."""
+        return list(self.cluster_ips) or ([self.cluster_ip] if self.cluster_ip else [])
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "service name")
+
+    @field_validator("ip_families")
+    @classmethod
+    def _families(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"ip_families {v} names a family twice; give IPv4, IPv6 or both once")
+        return v
+
+    @model_validator(mode="after")
+    def _family_addresses(self) -> Service:
+        if self.type == "NodePort" and "IPv6" in self.ip_families:
+            raise ValueError("a NodePort service over IPv6 needs IPv6 node addresses, which Tether hosts do not "
+                             "have (their underlay is IPv4): use ip_families [IPv4] for a NodePort service, or "
+                             "a ClusterIP service for IPv6")
+        want = ["IPv4" if ":" not in ip else "IPv6" for ip in self.cluster_ips]
+        if self.cluster_ips and want != self.ip_families[:len(want)]:
+            raise ValueError(f"cluster_ips {self.cluster_ips} do not follow ip_families {self.ip_families} (one "
+                             "address per family, in that order); leave cluster_ips out to have them assigned")
+        if self.cluster_ip and ("IPv4" if ":" not in self.cluster_ip else "IPv6") != self.ip_families[0]:
+            raise ValueError(f"cluster_ip {self.cluster_ip} is not of the first of ip_families {self.ip_families}; "
+                             "give an address of that family or reorder ip_families")
+        return self
 
     @field_validator("selector")
     @classmethod

@@ -4,6 +4,7 @@ anti-spoofing while a spoofed IPv6 source is dropped."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import subprocess
@@ -11,10 +12,22 @@ import sys
 
 import pytest
 
+from tests.dns.test_dns_lab import QUERY, addrs
 from tests.fixtures.lab import unique
+from tests.services.probes import connect_many, start_server, stop
+from tether.agent.dns import DNS_IP
 from tether.dataplane.nft import counters
 from tether.lab.cluster import Lab, nsx, wait_for
-from tether.model import Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
+from tether.model import (
+    Namespace,
+    Network,
+    NetworkPolicy,
+    SecurityGroup,
+    SecurityGroupRule,
+    Service,
+    ServicePort,
+    Subnet,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -180,3 +193,55 @@ def test_ipv6_isolation_ipblock_with_except_and_a_security_group_for_icmpv6(lab:
     finally:
         lab.rm_pod(f"h3/{e.name}")
         client.request("DELETE", f"/api/v1/securitygroups/{sg['id']}")
+
+
+def test_a_dual_stack_service_answers_on_both_vips_and_dns_has_aaaa_and_ip6_arpa(lab: Lab) -> None:
+    """ClusterIP with ip_families [IPv4, IPv6]: new TCP and UDP connections from pods on every host
+    reach the backends through the IPv6 VIP (and still the IPv4 one); from a pod, the service's and a
+    pod's names have AAAA records and the pod's IPv6 address a PTR under ip6.arpa."""
+    net = make_net(lab, ["10.72.0.0/16", "fd72::/64"], "vxlan")
+    app = unique("web6")
+    servers = []
+    try:
+        pods = []
+        for h in ("h1", "h2"):
+            pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
+            servers.append(start_server(pod.ns, pod.name, 8080))
+            pods.append(pod)
+        for pod in pods:
+            wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        svc = lab.client().apply(Service(name=unique("s6"), selector={"app": app}, ip_families=["IPv4", "IPv6"],
+                                         ports=[ServicePort(port=80, target_port=8080),
+                                                ServicePort(name="u", port=81, target_port=8080, protocol="UDP")]))
+        assert len(svc.cluster_ips) == 2 and ":" in svc.cluster_ips[1] and svc.cluster_ip == svc.cluster_ips[0]
+        vip6 = svc.cluster_ips[1]
+        clients = [lab.run_pod(h, unique("c"), net) for h in ("h1", "h2", "h3")]
+        names = {p.name for p in pods}
+
+        def answered(client, ip: str, port: int, proto: str) -> bool:
+            r = connect_many(client.ns, ip, port, 6, proto)
+            return r["failures"] == 0 and set(r["counts"]) <= names
+
+        for c in clients:
+            wait_for(lambda c=c: answered(c, vip6, 80, "tcp"), 20, f"{c.host} to reach the IPv6 VIP over TCP")
+            assert answered(c, vip6, 81, "udp")
+            assert answered(c, svc.cluster_ip, 80, "tcp")
+        spread = connect_many(clients[0].ns, vip6, 80, 40)["counts"]
+        assert set(spread) == names, spread
+
+        svc_name = f"{svc.name}.default.svc.tether.local"
+        res = ask_dns(clients[2], (svc_name, "AAAA"), (svc_name, "A"), (f"{pods[0].name}.{net}.tether.local", "AAAA"),
+                      (ipaddress.ip_address(v6(pods[0])).reverse_pointer, "PTR"))
+        assert addrs(res[0]) == [vip6], res[0]
+        assert addrs(res[1]) == [svc.cluster_ip], res[1]
+        assert addrs(res[2]) == [v6(pods[0])], res[2]
+        assert addrs(res[3]) == [f"{pods[0].name}.{net}.tether.local."], res[3]
+    finally:
+        for s in servers:
+            stop(s)
+
+
+def ask_dns(pod, *specs: tuple[str, str]) -> list[dict]:
+    r = nsx(pod.ns, sys.executable, "-c", QUERY, DNS_IP, json.dumps(specs), check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

@@ -412,10 +412,12 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
           for v, name in PICKUP_SETS.items()),
     )
-    svc_lookups = (
+    svc_lookups: tuple[str, ...] = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
+    if services.has_v6(rep.services):  # the services fragment then declares `svc_vips6`
+        svc_lookups += (rule({"vmap": {"key": services.SVC_KEY6, "data": "@svc_vips6"}}),)
     me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()

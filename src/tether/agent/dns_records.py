@@ -180,8 +180,8 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             continue
         svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
         try:
-            if svc.cluster_ip:
-                address_record(svc.cluster_ip)
+            for vip in svc.vips():  # A and AAAA, and the PTR of each
+                address_record(vip)
             parts = []
             for d in svc_domains:
                 name = f"{svc.name}.{svc.namespace}.svc.{d}"
@@ -190,8 +190,9 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             _skip("Service", f"{svc.namespace}/{svc.name}", str(e))
             continue
         for name, srvs in parts:
-            if svc.cluster_ip:
-                add_addr(name, svc.cluster_ip)
+            if svc.vips():
+                for vip in svc.vips():
+                    add_addr(name, vip)
             else:
                 rec.existing.add(name.lower())
             for srv, p in srvs:

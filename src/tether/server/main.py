@@ -229,13 +229,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     p.add_argument("--insecure", action="store_true", help="no token (loopback/unix listeners only)")
     add_tls_flags(p)
-    p.add_argument("--service-cidr", default="10.96.0.0/16")
+    p.add_argument("--service-cidr", default="10.96.0.0/16", help="the range of IPv4 service virtual IPs")
+    p.add_argument("--service-cidr6", default="fd96::/112",
+                   help="the range of IPv6 service virtual IPs (services with ip_families IPv6)")
     p.add_argument("--dead-host-grace", type=float, default=600.0)
     p.add_argument("--empty-block-grace", type=float, default=300.0)
     p.add_argument("--gc-interval", type=float, default=30.0)
     add_limit_flags(p)
     a = p.parse_args(argv)
-    run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr,
+    run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr, service_cidr6=a.service_cidr6,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
                limits=limits_from(a), tls=tls_from(a))
 
