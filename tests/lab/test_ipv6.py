@@ -9,6 +9,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -245,3 +246,32 @@ def ask_dns(pod, *specs: tuple[str, str]) -> list[dict]:
     r = nsx(pod.ns, sys.executable, "-c", QUERY, DNS_IP, json.dumps(specs), check=False, timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def test_nat_outgoing_masquerades_ipv6_to_the_host_address(lab: Lab) -> None:
+    """A dual-stack network with nat_outgoing: a pod's IPv6 datagram to an address outside every
+    Tether network leaves with its host's IPv6 address as source. The lab's "internet" and h1 get
+    test-owned IPv6 addresses on the underlay switch (removed afterwards)."""
+    net = unique("v6nat")
+    lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.73.0.0/16"), Subnet(cidr="fd73::/64")],
+                                        encap="vxlan", nat_outgoing=True))
+    pod = lab.run_pod("h1", unique("p"), net)
+    inet6, host6 = "fd99:73::1", "fd99:73::11"
+    added = [(lab.inet, inet6), (lab.host("h1").ns, host6)]
+    try:
+        for ns, ip in added:
+            nsx(ns, "ip", "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
+        listener = subprocess.Popen(["ip", "netns", "exec", lab.inet, sys.executable, "-c", LISTEN6, "7301", "4"],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+            time.sleep(0.5)
+            nsx(pod.ns, sys.executable, "-c", SEND6, v6(pod), inet6, "7301")
+            out, _ = listener.communicate(timeout=10)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+        assert json.loads(out) == [host6] * 3
+    finally:
+        for ns, ip in added:
+            nsx(ns, "ip", "addr", "del", f"{ip}/64", "dev", "eth0", check=False)

@@ -225,6 +225,10 @@ def _ip(field: str) -> dict:
     return {"payload": {"protocol": "ip", "field": field}}
 
 
+def _ip6(field: str) -> dict:
+    return {"payload": {"protocol": "ip6", "field": field}}
+
+
 def _match(left: dict, right, op: str = "==") -> dict:
     return {"match": {"op": op, "left": left, "right": right}}
 
@@ -412,6 +416,16 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
           for v, name in PICKUP_SETS.items()),
     )
+    # IPv6 nat-outgoing: only when a masquerading network has an IPv6 subnet (an IPv4-only cluster's
+    # table stays as it was); the source becomes the host's IPv6 address on the way out
+    nat6 = sorted({s.cidr for n in rep.networks.values() if n.nat_outgoing for s in n.subnets if ":" in s.cidr})
+    nat6_rules: tuple[str, ...] = ()
+    if nat6:
+        sets += (NftSet("nat_sources6", "ipv6_addr", ("interval",), elements=frozenset(nat6)),
+                 NftSet("tether_nets6", "ipv6_addr", ("interval",), elements=frozenset(
+                     s.cidr for n in rep.networks.values() for s in n.subnets if ":" in s.cidr)))
+        nat6_rules = (rule(_match(_ip6("saddr"), "@nat_sources6"), _match(_ip6("daddr"), "@tether_nets6", "!="),
+                           {"masquerade": None}, comment="nat-outgoing"),)
     svc_lookups: tuple[str, ...] = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
@@ -458,6 +472,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                  comment="hairpin and published ports"),
             rule(_match(_ip("saddr"), "@nat_sources"), _match(_ip("daddr"), "@tether_nets", "!="),
                  {"masquerade": None}, comment="nat-outgoing"),
+            *nat6_rules,
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
             # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`
