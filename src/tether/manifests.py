@@ -82,9 +82,13 @@ def k8s_service(doc: dict[str, Any]) -> Service:
                          target_port=p.get("targetPort"), node_port=p.get("nodePort")) for p in spec.get("ports") or []]
     timeout = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds", 10800)
     cluster_ip = spec.get("clusterIP")
+    families = spec.get("ipFamilies") or (["IPv4", "IPv6"] if spec.get("ipFamilyPolicy") == "RequireDualStack"
+                                          else ["IPv4"])
     return Service(name=meta.get("name"), namespace=meta.get("namespace", "default"), labels=meta.get("labels") or {},
                    ports=ports, selector=spec.get("selector"), type=typ,
                    cluster_ip=None if cluster_ip in (None, "", "None") else cluster_ip,
+                   cluster_ips=[ip for ip in spec.get("clusterIPs") or [] if ip not in ("", "None")],
+                   ip_families=families,
                    session_affinity=spec.get("sessionAffinity", "None"), affinity_timeout=timeout)
 
 
