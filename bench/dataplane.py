@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.dataplane [--stream-rounds 600] [--rr-rounds 100]   (about 15 minutes)
 
-In one run it measures four paths, each pod -> host -> (vxlan) -> underlay bridge -> host -> pod:
-- Tether `vxlan` and `direct` networks in a 2-host lab (`tether.lab.cluster.Lab`);
+In one run it measures six paths, each pod -> host -> (vxlan) -> underlay bridge -> host -> pod:
+- Tether `vxlan` and `direct` networks in a 2-host lab (`tether.lab.cluster.Lab`), the vxlan one
+  dual-stack, so its pods' IPv6 addresses are a third path (`vxlan6`);
 - a hand-built flannel-style VXLAN pair (one VTEP per host, static FDB + neighbour + onlink route,
-  learning off) and a hand-built routed pair (plain routes via the peer's underlay address), on
+  learning off; for IPv6 a route via the peer VTEP's link-local address pinned to its MAC) and a
+  hand-built routed pair (plain routes via the peer's underlay address), on
   hand-built namespaces that copy the lab's shape: two host namespaces on a bridge in a third
   namespace, a pod namespace per host plugged by a veth with a /32 route and a link-local gateway.
 The judged figures are interleaved (bench.paired), each Tether path with its own baseline: one
@@ -163,6 +165,18 @@ def _plug_pod(host_ns: str, pod_ns: str, host_if: str, ip: str, mtu: int) -> Non
     nsx(pod_ns, "ip", "route", "add", "default", "via", GW, "dev", "eth0")
 
 
+def _plug_pod6(host_ns: str, pod_ns: str, host_if: str, ip: str) -> None:
+    """The IPv6 side of a plugged pod, like Tether's: /128, default route via fe80::1 pinned to the
+    host side's MAC, a /128 route and a pinned neighbour on the host."""
+    mac = nsx(host_ns, "cat", f"/sys/class/net/{host_if}/address").stdout.strip()
+    pod_mac = nsx(pod_ns, "cat", "/sys/class/net/eth0/address").stdout.strip()
+    nsx(pod_ns, "ip", "-6", "addr", "add", f"{ip}/128", "dev", "eth0", "nodad")
+    nsx(pod_ns, "ip", "-6", "neigh", "replace", "fe80::1", "lladdr", mac, "dev", "eth0", "nud", "permanent")
+    nsx(pod_ns, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
+    nsx(host_ns, "ip", "-6", "route", "add", f"{ip}/128", "dev", host_if)
+    nsx(host_ns, "ip", "-6", "neigh", "replace", ip, "lladdr", pod_mac, "dev", host_if, "nud", "permanent")
+
+
 def build_baselines(prefix: str) -> dict[str, Path]:
     """Hand-built namespaces `<prefix>-*`: underlay bridge, hosts b1/b2, VXLAN pods v1/v2, routed pods r1/r2."""
     ul = f"{prefix}-ul"
@@ -178,13 +192,14 @@ def build_baselines(prefix: str) -> dict[str, Path]:
         nsx(hns, "ip", "link", "set", "lo", "up")
         nsx(hns, "ip", "link", "set", "eth0", "up")
         nsx(hns, "ip", "addr", "add", f"198.18.0.{i}/24", "dev", "eth0")
-        nsx(hns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        nsx(hns, "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         # flannel-style VTEP: learning off, static FDB/neighbour per peer, onlink route to the peer's subnet
         nsx(hns, "ip", "link", "add", "vx0", "type", "vxlan", "id", "1", "local", f"198.18.0.{i}", "dev", "eth0",
             "dstport", "4789", "nolearning")
         nsx(hns, "ip", "link", "set", "vx0", "address", f"02:62:00:00:00:0{i}", "mtu", "1450", "up")
         nsx(hns, "ip", "addr", "add", f"10.60.{i}.0/32", "dev", "vx0")
         _plug_pod(hns, f"{prefix}-v{i}", "vpod", f"10.60.{i}.2", 1450)
+        _plug_pod6(hns, f"{prefix}-v{i}", "vpod", f"fd60:{i}::2")
         _plug_pod(hns, f"{prefix}-r{i}", "rpod", f"10.61.{i}.2", 1500)
     for i, hns in hosts.items():
         j = 3 - i
@@ -193,7 +208,12 @@ def build_baselines(prefix: str) -> dict[str, Path]:
         nsx(hns, "bridge", "fdb", "append", mac, "dev", "vx0", "dst", f"198.18.0.{j}")
         nsx(hns, "ip", "route", "add", f"10.60.{j}.0/24", "via", f"10.60.{j}.0", "dev", "vx0", "onlink")
         nsx(hns, "ip", "route", "add", f"10.61.{j}.0/24", "via", f"198.18.0.{j}", "dev", "eth0")
+        # IPv6 over the same VTEP: via the peer VTEP's EUI-64 link-local address, pinned to its MAC
+        ll = f"fe80::62:ff:fe00:{j}"
+        nsx(hns, "ip", "-6", "neigh", "replace", ll, "lladdr", mac, "dev", "vx0", "nud", "permanent")
+        nsx(hns, "ip", "-6", "route", "add", f"fd60:{j}::/64", "via", ll, "dev", "vx0")
     return {"vxlan": Path("hand-vxlan", f"{prefix}-v1", f"{prefix}-v2", "10.60.2.2"),
+            "vxlan6": Path("hand-vxlan6", f"{prefix}-v1", f"{prefix}-v2", "fd60:2::2"),
             "direct": Path("hand-routed", f"{prefix}-r1", f"{prefix}-r2", "10.61.2.2")}
 
 
@@ -208,12 +228,17 @@ def build_tether(lab: Lab) -> dict[str, Path]:
     lab.up(hosts=2, progress=lambda _m: None)
     c = lab.client()
     paths = {}
-    for mode, cidr in (("vxlan", "10.70.0.0/16"), ("direct", "10.71.0.0/16")):
-        c.create_network(Network(name=f"b{mode}", subnets=[Subnet(cidr=cidr)], encap=mode))
+    # the vxlan network is dual-stack: its pods' IPv6 addresses are the IPv6 path
+    for mode, cidrs in (("vxlan", ("10.70.0.0/16", "fd70::/64")), ("direct", ("10.71.0.0/16",))):
+        c.create_network(Network(name=f"b{mode}", subnets=[Subnet(cidr=x) for x in cidrs], encap=mode))
         a = lab.run_pod("h1", f"{mode[0]}1", f"b{mode}")
         b = lab.run_pod("h2", f"{mode[0]}2", f"b{mode}")
         wait_for(lambda a=a, b=b: lab.ping(f"h1/{a.name}", b.ip), 20, f"{mode} pods to reach each other")
         paths[mode] = Path(f"tether-{mode}", a.ns, b.ns, b.ip)
+        b6 = next((ip for ip in b.ips if ":" in ip), None)
+        if b6:
+            wait_for(lambda a=a, b6=b6: lab.ping(f"h1/{a.name}", b6), 20, f"{mode} pods to reach each other (IPv6)")
+            paths[mode + "6"] = Path(f"tether-{mode}6", a.ns, b.ns, b6)
     return paths
 
 
@@ -228,7 +253,8 @@ def _paired(samples: dict[str, dict[str, list[float]]], name: str, base: str, ke
 
 
 # the judged pairs: (Tether path, hand-built baseline, throughput floor, latency ceiling or None)
-PAIRS = (("tether-vxlan", "hand-vxlan", 0.95, 1.05), ("tether-direct", "hand-routed", 0.95, None))
+PAIRS = (("tether-vxlan", "hand-vxlan", 0.95, 1.05), ("tether-direct", "hand-routed", 0.95, None),
+         ("tether-vxlan6", "hand-vxlan6", 0.95, None))
 
 
 def main() -> None:
@@ -246,15 +272,21 @@ def main() -> None:
     try:
         tether = build_tether(lab)
         hand = build_baselines(prefix)
-        paths = [tether["vxlan"], hand["vxlan"], tether["direct"], hand["direct"]]
+        paths = [tether["vxlan"], hand["vxlan"], tether["direct"], hand["direct"], tether["vxlan6"], hand["vxlan6"]]
         for p in paths:
+            if p.name.endswith("6"):  # the same server namespaces as the IPv4 vxlan path: servers already run
+                samples[p.name] = {"gbps": [], "p50_us": [], "mean_us": [], "p99_us": []}
+                if nsx(p.src_ns, "ping", "-c1", "-W2", p.dst_ip, check=False).returncode != 0:
+                    raise RuntimeError(f"{p.name}: {p.dst_ip} unreachable from {p.src_ns}")
+                continue
             start_servers(procs, p)
             # the client's TCP keeps its window across the idle gaps of the interleaved streams
             nsx(p.src_ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0")
             if not nsx(p.src_ns, "ping", "-c1", "-W2", p.dst_ip, check=False).returncode == 0:
                 raise RuntimeError(f"{p.name}: {p.dst_ip} unreachable from {p.src_ns}")
             samples[p.name] = {"gbps": [], "p50_us": [], "mean_us": [], "p99_us": []}
-        pairs = [(tether["vxlan"], hand["vxlan"]), (tether["direct"], hand["direct"])]
+        pairs = [(tether["vxlan"], hand["vxlan"]), (tether["direct"], hand["direct"]),
+                 (tether["vxlan6"], hand["vxlan6"])]
         for r in range(a.rounds):
             # each Tether path next to its baseline, the pair's order and the pairs' order alternating
             order = [p for pair in (pairs if r % 2 == 0 else pairs[::-1])

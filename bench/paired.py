@@ -37,8 +37,8 @@ ECHO_PORT = 5302
 # Accepts any number of connections and discards what they send.
 SINK = r"""
 import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+# IPv4 and IPv6 (bench/dataplane.py's IPv6 path) on one socket
+s = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, backlog=16, dualstack_ipv6=True)
 def drain(c):
     b = bytearray(1 << 20)
     while c.recv_into(b):
@@ -51,8 +51,8 @@ while True:
 # Echoes every byte back, any number of connections, each on its own thread.
 ECHO = r"""
 import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+# IPv4 and IPv6 (bench/dataplane.py's IPv6 path) on one socket
+s = socket.create_server(("::", int(sys.argv[1])), family=socket.AF_INET6, backlog=16, dualstack_ipv6=True)
 def echo(c):
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:

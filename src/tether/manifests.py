@@ -145,15 +145,11 @@ def _service_fields(name: str, spec: dict[str, Any], warn: Callable[[str], None]
     if spec.get("internalTrafficPolicy", "Cluster") != "Cluster":
         raise ManifestError(f"{where}: spec.internalTrafficPolicy {spec['internalTrafficPolicy']!r} is not "
                             "supported: service traffic goes to any ready backend; use Cluster or leave it out")
-    families = spec.get("ipFamilies") or ["IPv4"]
-    if families != ["IPv4"] or spec.get("ipFamilyPolicy", "SingleStack") != "SingleStack":
-        raise ManifestError(f"{where}: spec.ipFamilies {families} / ipFamilyPolicy "
-                            f"{spec.get('ipFamilyPolicy', 'SingleStack')!r}: services have IPv4 virtual IPs only; "
-                            "use [IPv4] and SingleStack, or leave them out")
+    service_families(spec, where)
     ips = spec.get("clusterIPs")
-    if ips and (len(ips) > 1 or ips[0] != spec.get("clusterIP", ips[0])):
-        raise ManifestError(f"{where}: spec.clusterIPs {ips} must be one address equal to spec.clusterIP "
-                            "(services have one IPv4 virtual IP)")
+    if ips and ips[0] != spec.get("clusterIP", ips[0]):
+        raise ManifestError(f"{where}: spec.clusterIPs {ips} must start with spec.clusterIP "
+                            f"{spec.get('clusterIP')!r}")
     for i, p in enumerate(spec.get("ports") or []):
         if not isinstance(p, dict):
             raise ManifestError(f"{where}: spec.ports[{i}] must be a mapping with port")
@@ -176,13 +172,16 @@ def k8s_service(doc: dict[str, Any], warn: Callable[[str], None] = lambda _m: No
     ports = [ServicePort(name=p.get("name"), protocol=p.get("protocol", "TCP"), port=p.get("port"),
                          target_port=p.get("targetPort"), node_port=p.get("nodePort")) for p in spec.get("ports") or []]
     timeout = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds", 10800)
-    cluster_ip = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
+    cluster_ip = spec.get("clusterIP")
+    families = service_families(spec, name)
     fields: dict[str, Any] = {
         "name": name, "namespace": meta.get("namespace", "default"), "labels": meta.get("labels") or {},
         "ports": ports, "selector": spec.get("selector"), "type": typ,
         "session_affinity": spec.get("sessionAffinity", "None"), "affinity_timeout": timeout,
         "headless": cluster_ip == "None",
         "external_traffic_policy": spec.get("externalTrafficPolicy", "Cluster"),
+        "ip_families": families,
+        "cluster_ips": [ip for ip in spec.get("clusterIPs") or [] if ip not in ("", "None")],
     }
     if cluster_ip not in (None, "", "None"):
         fields["cluster_ip"] = cluster_ip  # absent: the server assigns (or keeps) one
@@ -192,3 +191,20 @@ def k8s_service(doc: dict[str, Any], warn: Callable[[str], None] = lambda _m: No
 def parse(text: str, warn: Callable[[str], None] = lambda _m: None) -> list[Obj]:
     """Every document as an object; `warn` hears about fields accepted but not used."""
     return [to_object(d, i, warn) for i, d in enumerate(load_documents(text))]
+
+
+def service_families(spec: dict[str, Any], where: str) -> list[str]:
+    """A Service's ipFamilies as Tether takes them: given, or from ipFamilyPolicy (dual stack asks for
+    both, IPv4 first); refused when they name anything else or contradict the policy."""
+    policy = spec.get("ipFamilyPolicy", "SingleStack")
+    if policy not in ("SingleStack", "PreferDualStack", "RequireDualStack"):
+        raise ManifestError(f"{where}: spec.ipFamilyPolicy {policy!r}: use SingleStack, PreferDualStack or "
+                            "RequireDualStack")
+    families = spec.get("ipFamilies") or (["IPv4"] if policy == "SingleStack" else ["IPv4", "IPv6"])
+    if (not isinstance(families, list) or not 1 <= len(families) <= 2 or len(set(families)) != len(families)
+            or any(f not in ("IPv4", "IPv6") for f in families)):
+        raise ManifestError(f"{where}: spec.ipFamilies {families!r}: give IPv4, IPv6 or both, once each")
+    if policy == "SingleStack" and len(families) != 1:
+        raise ManifestError(f"{where}: spec.ipFamilies {families} with ipFamilyPolicy SingleStack: give one "
+                            "family, or a dual-stack policy")
+    return families

@@ -227,6 +227,9 @@ class Host(Obj):
     underlay_cidr: str | None = None  # the underlay subnet, for `auto` (direct inside it, vxlan across)
     vtep_mac: Annotated[str, checked(check_mac, "vtep_mac")] | None = None
     vtep_ip: str | None = None  # the VXLAN device address (link-local style, unique per host)
+    # an IPv6 address of the host on the underlay (the agent reports its underlay device's
+    # link-local one): the next hop of IPv6 pod routes in `direct` mode
+    underlay_ip6: str | None = None
     dns_ip: str | None = None  # where the host's agent answers DNS for its pods
     agent_version: Annotated[str, checked(check_text, "agent_version", 64)] | None = None
     heartbeat: datetime | None = None
@@ -245,6 +248,17 @@ class Host(Obj):
         if ipaddress.ip_address(ip).version != 4:  # VXLAN peers, FDB and the nft peer sets are IPv4 today
             raise ValueError(f"underlay_ip {ip} is IPv6: Tether needs an IPv4 underlay address per host for now "
                              "(pods may still get IPv6 addresses); give the host's IPv4 address")
+        return ip
+
+    @field_validator("underlay_ip6")
+    @classmethod
+    def _ip6(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        ip = check_ip(v, "underlay_ip6")
+        if ipaddress.ip_address(ip).version != 6:
+            raise ValueError(f"underlay_ip6 {ip} is not an IPv6 address; give the host's IPv6 underlay (or "
+                             "link-local) address, or leave it out")
         return ip
 
     @field_validator("vtep_ip", "dns_ip")
@@ -273,6 +287,9 @@ class Subnet(Strict):
     pools: list[str] = Field(default_factory=list)  # allocation ranges "a.b.c.d-a.b.c.e"; empty = whole CIDR
     id: Annotated[str, checked(check_id, "subnet id")] = Field(default_factory=new_id)
     name: Annotated[str, checked(check_text, "subnet name")] | None = None
+    # Neutron's ipv6_address_mode: Tether assigns every address itself (IPAM, handed over by CNI or
+    # the port), which is `dhcpv6-stateful`; SLAAC modes are refused (no router advertisements)
+    ipv6_address_mode: Literal["dhcpv6-stateful"] | None = None
 
     @field_validator("pools")
     @classmethod
@@ -645,6 +662,10 @@ class Service(Obj):
     # only, when given), not on every host; two services may then share a node port on different hosts
     host: HostName | None = None
     host_ip: Annotated[str, checked(check_ip, "host_ip")] | None = None
+    # Kubernetes' ipFamilies: one virtual IP per family, `cluster_ip` the first family's; the
+    # server fills `cluster_ips` (the IPv4 one from the service range, the IPv6 one from the IPv6 range)
+    ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=lambda: ["IPv4"], min_length=1, max_length=2)
+    cluster_ips: list[Annotated[str, checked(check_ip, "cluster_ips")]] = Field(default_factory=list, max_length=2)
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -655,6 +676,10 @@ class Service(Obj):
             return True
         return self.host == other.host and (self.host_ip is None or other.host_ip is None
                                             or self.host_ip == other.host_ip)
+
+    def vips(self) -> list[str]:
+        """Every virtual IP of the service (one per IP family)."""
+        return list(self.cluster_ips) or ([self.cluster_ip] if self.cluster_ip else [])
 
     @field_validator("name")
     @classmethod
@@ -676,6 +701,33 @@ class Service(Obj):
         if self.external_traffic_policy == "Local" and self.type != "NodePort":
             raise ValueError("external_traffic_policy Local applies to node ports: use type NodePort or leave the "
                              "policy at Cluster")
+        return self
+
+    @field_validator("ip_families")
+    @classmethod
+    def _families(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"ip_families {v} names a family twice; give IPv4, IPv6 or both once")
+        return v
+
+    @model_validator(mode="after")
+    def _family_addresses(self) -> Service:
+        if self.headless:
+            if self.cluster_ips:
+                raise ValueError(f"a headless service has no virtual IP, but cluster_ips is {self.cluster_ips}; "
+                                 "leave cluster_ips out or set headless false")
+            return self
+        if self.type == "NodePort" and "IPv6" in self.ip_families:
+            raise ValueError("a NodePort service over IPv6 needs IPv6 node addresses, which Tether hosts do not "
+                             "have (their underlay is IPv4): use ip_families [IPv4] for a NodePort service, or "
+                             "a ClusterIP service for IPv6")
+        want = ["IPv4" if ":" not in ip else "IPv6" for ip in self.cluster_ips]
+        if self.cluster_ips and want != self.ip_families[:len(want)]:
+            raise ValueError(f"cluster_ips {self.cluster_ips} do not follow ip_families {self.ip_families} (one "
+                             "address per family, in that order); leave cluster_ips out to have them assigned")
+        if self.cluster_ip and ("IPv4" if ":" not in self.cluster_ip else "IPv6") != self.ip_families[0]:
+            raise ValueError(f"cluster_ip {self.cluster_ip} is not of the first of ip_families {self.ip_families}; "
+                             "give an address of that family or reorder ip_families")
         return self
 
     @field_validator("selector")

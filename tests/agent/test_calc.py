@@ -167,3 +167,36 @@ def test_block_owners_find_the_host_of_the_block_an_address_is_in() -> None:
     assert owners.owner("10.9.0.7") == "h3" and owners.owner("10.9.0.8") is None
     assert owners.owner("fd00:1::3f") == "h2" and owners.owner("fd00:1::40") is None
     assert owners.owner("10.1.0.130") is None and owners.owner("10.2.0.1") is None
+
+
+def ipv6_replica(encap: str) -> Replica:
+    """`replica` with IPv6 blocks and pod addresses beside the IPv4 ones; h2 reported its underlay's
+    link-local address, h3 did not."""
+    r = replica(encap)
+    r.objects["Network"]["n"] = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd01::/64")],
+                                        encap=encap)
+    r.objects["Host"]["h2"] = r.objects["Host"]["h2"].model_copy(update={"underlay_ip6": "fe80::2"})
+    for i, h in enumerate(("h1", "h2", "h3")):
+        b = Block(name=f"n:fd01::{64 * i:x}_122", network="n", cidr=f"fd01::{64 * i:x}/122", host=h)
+        r.objects["Block"][b.store_name()] = b
+        ep = r.objects["Endpoint"][f"e{i}"]
+        r.objects["Endpoint"][f"e{i}"] = ep.model_copy(update={"ips": [*ep.ips, f"fd01::{64 * i + 1:x}"]})
+    return r
+
+
+def test_ipv6_blocks_route_via_the_peer_vteps_link_local_address_pinned_to_its_mac() -> None:
+    from tether.agent.calc import vtep_link_local
+
+    plan = compute_plan(ipv6_replica("vxlan"), CTX)
+    gw = vtep_link_local(vtep_mac_for("h2"))
+    assert gw.startswith("fe80::")
+    assert Route("fd01::40/122", VTEP_NAME, via=gw) in plan.routes
+    assert any(n.ip == gw and n.lladdr == vtep_mac_for("h2") for n in plan.neighbours)
+    assert Route("fd01::1/128", "tthe0") in plan.routes  # IPv6 host routes have no link scope
+    assert vtep_link_local("02:00:00:00:00:01") == "fe80::ff:fe00:1"
+
+
+def test_ipv6_direct_routes_need_the_peers_ipv6_underlay_address() -> None:
+    plan = compute_plan(ipv6_replica("direct"), CTX)
+    assert Route("fd01::40/122", "eth0", via="fe80::2") in plan.routes
+    assert not any(r.dst == "fd01::80/122" for r in plan.routes), "h3 reported no IPv6 underlay address"

@@ -62,15 +62,15 @@ def test_without_anything_stateful_the_table_has_no_conntrack_and_isolates_at_th
     assert '\\"ct\\"' not in text and "notrack" not in text and "masquerade" not in text
     assert {c.hook for c in plan.chains} == {"ingress"}  # no base chain: each would be a hook call per packet
     rules = [json.loads(x) for x in plan.chain("ing-tthe0").rules]
-    assert [x.get("comment") for x in rules] == [pod_ingress.SPOOFED_ADDRESS, None, pod_ingress.SPOOFED_ADDRESS,
-                                                 pod_ingress.VXLAN_FROM_POD,
+    assert [x.get("comment") for x in rules] == [pod_ingress.SPOOFED_ADDRESS, None, "DAD and MLD from ::",
+                                                 pod_ingress.SPOOFED_ADDRESS, pod_ingress.VXLAN_FROM_POD,
                                                  "deny out isolation n", "deny out isolation n"]  # v4, v6
     own = rules[1]["expr"]  # same network: accepted right after the check of its source
     assert own == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
                               "right": {"prefix": {"addr": "10.1.0.0", "len": 16}}}}, {"accept": None}]
-    assert rules[4]["expr"][1]["match"]["right"] == {"prefix": {"addr": "10.2.0.0", "len": 16}}
+    assert rules[5]["expr"][1]["match"]["right"] == {"prefix": {"addr": "10.2.0.0", "len": 16}}
     # no host checks VXLAN's outer source here, so a pod's own is dropped unless to its own network
-    vxlan = [m["match"] for m in rules[3]["expr"][:3]]
+    vxlan = [m["match"] for m in rules[4]["expr"][:3]]
     assert [(m["op"], m["right"]) for m in vxlan] == [("==", "ipv4"), ("!=", {"prefix": {"addr": "10.1.0.0",
                                                                                         "len": 16}}), ("==", 4789)]
     # each of these turns conntrack on, on every host
@@ -93,3 +93,21 @@ def test_a_replaced_endpoint_or_a_changed_mode_gets_a_new_chain() -> None:
     assert '"10.1.0.7"' in body(second) and '"10.1.0.1"' not in body(second)
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
     assert stateless_chain("n") in body(compute_nft(r, CTX).chain("ing-tthe0"))
+
+
+def test_ipv6_from_the_unspecified_address_passes_only_for_duplicate_address_detection_and_mld() -> None:
+    """A new pod's IPv6 stack sends neighbour solicitations (DAD) and MLD reports from `::`: they pass
+    before the source check; nothing else from `::` is allowed (it is not in the allowed sources)."""
+    r = replica()
+    chain = compute_nft(r, CTX).chain("ing-tthe0")
+    rules = [json.loads(x) for x in chain.rules]
+    i = next(n for n, x in enumerate(rules) if x.get("comment") == "DAD and MLD from ::")
+    spoof6 = next(n for n, x in enumerate(rules) if x.get("comment") == pod_ingress.SPOOFED_ADDRESS
+                  and "ip6" in json.dumps(x))
+    assert i < spoof6
+    expr = rules[i]["expr"]
+    assert expr[0]["match"]["right"] == "::"
+    assert expr[1]["match"]["right"] == {"prefix": {"addr": "ff02::", "len": 16}}
+    assert set(expr[2]["match"]["right"]["set"]) == {"nd-neighbor-solicit", "mld-listener-report",
+                                                      "mld2-listener-report"}
+    assert '"::"' not in json.dumps(rules[spoof6])

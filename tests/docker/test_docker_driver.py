@@ -289,3 +289,24 @@ def test_agent_restart_is_fast_and_removes_the_stale_socket(env: Env) -> None:
     assert env.pings("h2", env.names["b"], ip_n)
     assert env.pings("h1", env.names["a"], env.ip("h2", env.names["b"]))
     env.lab.wait_agent("h1")
+
+
+def test_dual_stack_containers_on_two_hosts_ping_each_other_over_ipv6(env: Env) -> None:
+    """`docker network create --ipv6` with an IPv4 and an IPv6 subnet: each container gets both
+    addresses from Tether (the same endpoint), a default route via fe80::1 (the host side answers
+    for it) and reaches the other host's container over IPv6."""
+    net = unique("dual")
+    for h in ("h1", "h2"):
+        env.d[h].docker("network", "create", "-d", "tether", "--ipam-driver", "tether", "--ipv6",
+                        "--subnet", "10.79.0.0/16", "--subnet", "fd79::/64", net)
+    a, b = unique("d6a"), unique("d6b")
+    env.run("h1", a, network=net)
+    env.run("h2", b, network=net)
+    fmt = f"{{{{(index .NetworkSettings.Networks \"{net}\").GlobalIPv6Address}}}}"
+    a6, b6 = (env.d[h].docker("inspect", "-f", fmt, n).stdout.strip() for h, n in (("h1", a), ("h2", b)))
+    assert a6.startswith("fd79::") and b6.startswith("fd79::") and a6 != b6
+    ep = env.endpoint(a, net)
+    assert sorted(ep.ips, key=lambda ip: ":" in ip)[1] == a6 and len(ep.ips) == 2
+    assert "default via fe80::1" in env.exec("h1", a, "ip", "-6", "route").stdout
+    assert env.pings("h1", a, b6)
+    assert env.pings("h2", b, a6)

@@ -129,3 +129,29 @@ def test_sdk_round_trip_with_filters_fields_updates_and_deletes(openstack_client
     conn.network.delete_subnet(sub)
     conn.network.delete_network(net)
     assert conn.network.find_network(net.name) is None
+
+
+def test_cli_creates_an_ipv6_subnet_and_a_port_on_it_and_slaac_is_refused(
+        openstack_client: OpenStack, neutron_server) -> None:
+    """`openstack subnet create --ip-version 6 --ipv6-address-mode dhcpv6-stateful`: a dual-stack
+    network whose port gets an IPv6 fixed IP from Tether's IPAM; SLAAC (which needs router
+    advertisements Tether does not send) is refused with a message, not accepted and ignored."""
+    from tests.fixtures.openstack import CliError
+
+    os_ = openstack_client
+    net_name, v4_name, v6_name = unique("os6n"), unique("os4s"), unique("os6s")
+    os_.cli("network", "create", net_name)
+    os_.cli("subnet", "create", "--network", net_name, "--subnet-range", "10.62.0.0/24", v4_name)
+    sub6 = os_.cli("subnet", "create", "--network", net_name, "--ip-version", "6", "--subnet-range", "fd62::/64",
+                   "--ipv6-address-mode", "dhcpv6-stateful", v6_name)
+    assert (sub6["ip_version"], sub6["cidr"], sub6["ipv6_address_mode"]) == (6, "fd62::/64", "dhcpv6-stateful")
+    port = os_.cli("port", "create", "--network", net_name, unique("os6p"))
+    assert sorted(":" in f["ip_address"] for f in port["fixed_ips"]) == [False, True], port["fixed_ips"]
+    with pytest.raises(CliError) as refused:
+        os_.cli("subnet", "create", "--network", net_name, "--ip-version", "6", "--subnet-range", "fd63::/64",
+                "--ipv6-address-mode", "slaac", unique("os6x"))
+    assert "SLAAC" in str(refused.value) or "slaac" in str(refused.value)
+    t_net = next(n for n in tether_get(neutron_server, "networks") if n["name"] == net_name)
+    assert [s["cidr"] for s in t_net["subnets"]] == ["10.62.0.0/24", "fd62::/64"]
+    os_.run("port", "delete", port["id"])
+    os_.run("network", "delete", net_name)

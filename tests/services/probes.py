@@ -12,9 +12,14 @@ import sys
 SERVER = r'''
 import socket, sys, threading
 name, port = sys.argv[1], int(sys.argv[2])
-def tcp():
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(1024)
+def sock(family, kind, addr):
+    s = socket.socket(family, kind); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, port))
+    return s
+def tcp(family=socket.AF_INET, addr="0.0.0.0"):
+    s = sock(family, socket.SOCK_STREAM, addr); s.listen(1024)
     while True:
         c, a = s.accept()
         try:
@@ -22,12 +27,15 @@ def tcp():
         except OSError:
             pass
         c.close()
-def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+def udp(family=socket.AF_INET, addr="0.0.0.0"):
+    u = sock(family, socket.SOCK_DGRAM, addr)
     while True:
         d, a = u.recvfrom(2048)
         u.sendto(f"{name} {a[0]}\n".encode(), a)
 threading.Thread(target=udp, daemon=True).start()
+if socket.has_ipv6:  # IPv6 beside IPv4 (a pod without an IPv6 address still binds ::)
+    threading.Thread(target=udp, args=(socket.AF_INET6, "::"), daemon=True).start()
+    threading.Thread(target=tcp, args=(socket.AF_INET6, "::"), daemon=True).start()
 tcp()
 '''
 
@@ -40,7 +48,7 @@ def one(i):
     global failures
     try:
         if proto == "udp":
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+            s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
             s.sendto(b"hi", (ip, port)); data = s.recv(200)
         else:
             s = socket.create_connection((ip, port), timeout=3); s.settimeout(3)

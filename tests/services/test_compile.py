@@ -139,3 +139,23 @@ def test_a_host_published_node_port_is_served_only_on_its_host_and_address() -> 
     assert not [f for f in frontends([svc], [], "h2", ["192.0.2.2"]) if f.published]
     one = svc.model_copy(update={"host_ip": "192.0.2.9"})
     assert [f.ip for f in frontends([one], [], "h1", ["192.0.2.1", "192.0.2.9"]) if f.published] == ["192.0.2.9"]
+def test_an_ipv6_vip_balances_over_the_backends_ipv6_addresses_and_ipv4_only_tables_have_no_ipv6_names() -> None:
+    dual = [Endpoint(id=f"d{i}", name=f"d{i}", network="n", host="h1", namespace="default", labels={"app": "web"},
+                     ips=[f"10.1.0.{i}", f"fd01::{i}"]) for i in (1, 2)]
+    svc = Service(name="web6", selector={"app": "web"}, ports=[ServicePort(port=80)], ip_families=["IPv4", "IPv6"],
+                  cluster_ips=["10.96.0.20", "fd96::20"])
+    plan = compile_services([svc], dual, [], "h1", [])
+    assert elements(plan, "svc_vips6") == {(("fd96::20", "tcp", 80), "goto svc6-lb-2")}
+    assert {v for _k, v in elements(plan, "svc_backend_ip6")} == {"fd01::1", "fd01::2"}
+    assert {v for _k, v in elements(plan, "svc_backend_ip")} == {"10.1.0.1", "10.1.0.2"}
+    v4_only = compile_services([web()], [ep(1)], [], "h1", [])
+    assert not [s for s in v4_only.sets if s.name.endswith("6") or "6_" in s.name]
+    assert not [c for c in v4_only.chains if c.name.startswith("svc6")]
+
+
+def test_a_kubernetes_dual_stack_service_manifest_asks_for_both_families() -> None:
+    from tether.manifests import parse
+
+    (svc,) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: w}\nspec:\n  ipFamilyPolicy: RequireDualStack\n"
+                   "  ipFamilies: [IPv6, IPv4]\n  selector: {app: w}\n  ports: [{port: 80}]\n")
+    assert svc.ip_families == ["IPv6", "IPv4"]

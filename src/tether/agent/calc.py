@@ -66,9 +66,24 @@ class HostContext:
     underlay_mtu: int
 
 
+@functools.lru_cache(maxsize=4096)
+def vtep_link_local(mac: str) -> str:
+    """The IPv6 next hop for pod routes through a peer's VTEP: the modified EUI-64 link-local
+    address of its MAC (RFC 4291), the one its kernel gives the device."""
+    b = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([b[0] ^ 0x02, *b[1:3], 0xFF, 0xFE, *b[3:]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+
+
 def host_prefix(ip: str) -> str:
     """The /32 or /128 of an endpoint address (validated by the model: no parsing needed)."""
     return f"{ip}/{32 if ip_version(ip) == 4 else 128}"
+
+
+def pod_route(ip: str, dev: str) -> Route:
+    """The host route to a local pod address. IPv6 routes have no scope (the kernel reports
+    every one as universe): asking for `link` would differ from what is read back on every pass."""
+    return Route(host_prefix(ip), dev, scope="link" if ip_version(ip) == 4 else "universe")
 
 
 class BlockOwners:
@@ -137,14 +152,22 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
     def route_to(peer: Host, net: Network, dst: str) -> None:
         if me is None:
             return
+        v6 = ":" in dst
         if path_mode(net, me, peer) == "direct":
-            routes.add(Route(dst, ctx.underlay_dev, via=peer.underlay_ip))
+            via = peer.underlay_ip6 if v6 else peer.underlay_ip
+            if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
+                routes.add(Route(dst, ctx.underlay_dev, via=via))
             return
         if vtep is None or not peer.vtep_ip:
             return
         mac = peer.vtep_mac or vtep_mac_for(peer.name)
-        routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
         fdb.add(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
+        if v6:  # via the peer VTEP's link-local address, pinned to its MAC (no neighbour discovery)
+            gw = vtep_link_local(mac)
+            routes.add(Route(dst, VTEP_NAME, via=gw))
+            neighbours.add(Neighbour(gw, mac, VTEP_NAME))
+            return
+        routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
         neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
 
     owners = BlockOwners()
@@ -169,7 +192,7 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
                     hit = (ep, net, ctx.underlay_mtu,
                            HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id,
                                          (ep.mac or "").lower(), tuple(ep.ips)),
-                           tuple(Route(host_prefix(ip), ep.interface, scope="link") for ip in ep.ips))
+                           tuple(pod_route(ip, ep.interface) for ip in ep.ips))
                 local[ep.id] = hit
                 interfaces.add(hit[3])
                 routes.update(hit[4])
@@ -177,7 +200,7 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
                 parent = rep.endpoint(ep.parent)
                 if parent is not None and parent.interface and parent.host == ctx.name:
                     for ip in ep.ips:
-                        routes.add(Route(host_prefix(ip), parent.interface, scope="link"))
+                        routes.add(pod_route(ip, parent.interface))
             continue
         peer = rep.hosts.get(ep.host or "")
         if peer is None:
@@ -200,6 +223,10 @@ def _meta(key: str) -> dict:
 
 def _ip(field: str) -> dict:
     return {"payload": {"protocol": "ip", "field": field}}
+
+
+def _ip6(field: str) -> dict:
+    return {"payload": {"protocol": "ip6", "field": field}}
 
 
 def _match(left: dict, right, op: str = "==") -> dict:
@@ -389,10 +416,22 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
           for v, name in PICKUP_SETS.items()),
     )
-    svc_lookups = (
+    # IPv6 nat-outgoing: only when a masquerading network has an IPv6 subnet (an IPv4-only cluster's
+    # table stays as it was); the source becomes the host's IPv6 address on the way out
+    nat6 = sorted({s.cidr for n in rep.networks.values() if n.nat_outgoing for s in n.subnets if ":" in s.cidr})
+    nat6_rules: tuple[str, ...] = ()
+    if nat6:
+        sets += (NftSet("nat_sources6", "ipv6_addr", ("interval",), elements=frozenset(nat6)),
+                 NftSet("tether_nets6", "ipv6_addr", ("interval",), elements=frozenset(
+                     s.cidr for n in rep.networks.values() for s in n.subnets if ":" in s.cidr)))
+        nat6_rules = (rule(_match(_ip6("saddr"), "@nat_sources6"), _match(_ip6("daddr"), "@tether_nets6", "!="),
+                           {"masquerade": None}, comment="nat-outgoing"),)
+    svc_lookups: tuple[str, ...] = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
+    if services.has_v6(rep.services):  # the services fragment then declares `svc_vips6`
+        svc_lookups += (rule({"vmap": {"key": services.SVC_KEY6, "data": "@svc_vips6"}}),)
     me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
@@ -433,6 +472,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                  comment="hairpin and published ports"),
             rule(_match(_ip("saddr"), "@nat_sources"), _match(_ip("daddr"), "@tether_nets", "!="),
                  {"masquerade": None}, comment="nat-outgoing"),
+            *nat6_rules,
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
             # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`

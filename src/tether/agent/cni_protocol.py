@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tether.dataplane.plan import POD_GATEWAY6
+
 SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = "1.1.0"
 COMMANDS = {"ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"}
@@ -180,12 +182,13 @@ def result(version: str, a: Attachment) -> dict[str, Any]:
     for ip in a.ips:
         v6 = ":" in ip
         entry: dict[str, Any] = {"address": f"{ip}/{128 if v6 else 32}", "interface": 1}
-        if not v6:
-            entry["gateway"] = a.gateway
+        entry["gateway"] = POD_GATEWAY6 if v6 else a.gateway
         if legacy:
             entry["version"] = "6" if v6 else "4"
         ips.append(entry)
     routes = [{"dst": "0.0.0.0/0", "gw": a.gateway}] if any(":" not in ip for ip in a.ips) else []
+    if any(":" in ip for ip in a.ips):
+        routes.append({"dst": "::/0", "gw": POD_GATEWAY6})
     out: dict[str, Any] = {"cniVersion": version, "interfaces": ifaces, "ips": ips, "routes": routes}
     if a.dns:
         out["dns"] = a.dns

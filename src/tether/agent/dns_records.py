@@ -201,8 +201,8 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             continue
         svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
         try:
-            if svc.cluster_ip:
-                address_record(svc.cluster_ip)
+            for vip in svc.vips():  # A and AAAA, and the PTR of each
+                address_record(vip)
             parts = []
             for d in svc_domains:
                 name = f"{svc.name}.{svc.namespace}.svc.{d}"
@@ -212,8 +212,9 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
             continue
         headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
         for name, srvs in parts:
-            if svc.cluster_ip:
-                add_addr(name, svc.cluster_ip)
+            if svc.vips():
+                for vip in svc.vips():
+                    add_addr(name, vip)
             elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
                 for rtype, rr in headless:
                     rec.add_rr(name.lower(), rtype, rr)

@@ -47,7 +47,7 @@ from tether.agent.calc import endpoint_mtu, host_ifname
 from tether.agent.cni_server import dns_label
 from tether.agent.plugin_http import PluginHttpServer
 from tether.client import ApiError, ServerUnreachable
-from tether.dataplane.plan import POD_GATEWAY
+from tether.dataplane.plan import POD_GATEWAY, POD_GATEWAY6
 from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, Subnet
 from tether.server.auth import DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE
 
@@ -219,6 +219,7 @@ class DockerPlugin:
         # (Tether network, address) -> Tether endpoint id, from RequestAddress until CreateEndpoint: a
         # restarted agent's replica (loaded from disk) may still hold an older endpoint with that address
         self.allocated: dict[tuple[str, str], str] = {}
+        self.pending6: dict[str, list[str]] = {}  # Tether network -> IPv6 addresses allocated, not yet asked for
         self.tasks: set[asyncio.Task] = set()
         self._synced: frozenset[tuple[str, str]] | None = None  # the Docker-made networks last copied to dockerd
         self._sync_lock = asyncio.Lock()
@@ -380,8 +381,6 @@ class DockerPlugin:
         return None
 
     async def request_pool(self, req: dict) -> dict:
-        if req.get("V6"):
-            raise DriverError("tether's Docker IPAM serves IPv4 pools only; drop --ipv6")
         pool = req.get("Pool") or ""
         if not pool:
             raise DriverError("tether needs the network's subnet: docker network create -d tether "
@@ -409,21 +408,29 @@ class DockerPlugin:
         if len(data) != 1:
             raise DriverError("a tether network needs exactly one IPv4 subnet (--subnet CIDR) and the tether IPAM "
                               "driver (--ipam-driver tether)")
-        if req.get("IPv6Data"):
-            raise DriverError("tether networks in Docker are IPv4 only; drop --ipv6")
+        data6 = [d for d in req.get("IPv6Data") or [] if d.get("Pool")]
+        if len(data6) > 1:
+            raise DriverError("a tether network has at most one IPv6 subnet (--ipv6 --subnet CIDR6)")
         if data[0].get("AddressSpace") not in (None, ADDRESS_SPACE) and nid not in self.networks:
             raise DriverError(f"tether networks need tether's IPAM: Docker's default IPAM gave {data[0]['Pool']}, "
                               "which no container could use; run docker network create -d tether "
                               "--ipam-driver tether --subnet CIDR NAME")
         cidr = data[0]["Pool"]
+        cidr6 = data6[0]["Pool"] if data6 else None
         opts = network_options((req.get("Options") or {}).get(GENERIC) or {})
         sgs = opts.pop("security_groups", [])
         wanted_name = opts.pop("name", None)
         info: dict[str, Any] = {"network": None, "cidr": cidr, "security_groups": sgs, "options": opts,
                                 "gateway": data[0].get("Gateway", "").split("/")[0] or None, "error": None}
+        if cidr6:
+            info["cidr6"] = cidr6
         found = await self.network_by_cidr(cidr)
         if found is not None:
             net, _ = found
+            v6 = sorted(s.cidr for s in net.subnets if ":" in s.cidr)
+            if v6 != ([str(ipaddress.ip_network(cidr6))] if cidr6 else []):
+                raise DriverError(f"Tether network {net.name!r} ({cidr}) has IPv6 subnets {v6 or 'none'}; create the "
+                                  "Docker network with the same (--ipv6 --subnet CIDR6, or without --ipv6)")
             if wanted_name and wanted_name != net.name:
                 raise DriverError(f"subnet {cidr} belongs to Tether network {net.name!r}, not {wanted_name!r}; "
                                   f"use -o network={net.name} or another --subnet")
@@ -436,7 +443,7 @@ class DockerPlugin:
             info["docker_made"] = net.labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE
             log.info("docker network %s adopts Tether network %s (%s)", nid[:12], net.name, cidr)
         else:
-            other = self._overlap(cidr)
+            other = self._overlap(cidr) or (self._overlap(cidr6) if cidr6 else None)
             if other is not None:
                 raise DriverError(f"subnet {cidr} overlaps Tether network {other.name!r} "
                                   f"({', '.join(s.cidr for s in other.subnets)}); choose another --subnet, or the "
@@ -453,8 +460,10 @@ class DockerPlugin:
 
     async def _create_tether_network(self, name: str, info: dict[str, Any]) -> str:
         try:
-            net = await self.agent.client.apply(Network(name=name, subnets=[Subnet(cidr=info["cidr"],
-                                                                                   gateway=info.get("gateway"))],
+            subnets = [Subnet(cidr=info["cidr"], gateway=info.get("gateway"))]
+            if info.get("cidr6"):
+                subnets.append(Subnet(cidr=str(ipaddress.ip_network(info["cidr6"]))))
+            net = await self.agent.client.apply(Network(name=name, subnets=subnets,
                                                         labels={DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE},
                                                         **info.get("options", {})))
         except ValueError as e:
@@ -556,6 +565,8 @@ class DockerPlugin:
         cidr = pool_id.removeprefix("tether/")
         opts = req.get("Options") or {}
         wanted = req.get("Address") or ""
+        if ":" in cidr and opts.get("RequestAddressType") != GATEWAY_TYPE:
+            return self._address6(cidr, wanted)
         pending = next((i for i in self.networks.values() if i["cidr"] == cidr and i.get("network") is None), None)
         if pending is not None and opts.get("RequestAddressType") != GATEWAY_TYPE:
             await self._wait_named(pending)
@@ -569,6 +580,10 @@ class DockerPlugin:
         if found is None:
             raise DriverError(f"no Tether network has subnet {cidr}; create the Docker network again")
         net, _ = found
+        dual = any(":" in s.cidr for s in net.subnets)
+        if wanted and dual:
+            raise DriverError(f"a fixed --ip on the dual-stack network {net.name} is not supported (Tether picks both "
+                              "addresses of an endpoint together); drop --ip")
         # Interface and MAC follow from the Tether id, so this one write is all the server sees until
         # the container is known; the handle is never shared: a second --ip X must fail, not adopt the first
         ep_id = str(uuid.uuid4())
@@ -586,7 +601,23 @@ class DockerPlugin:
             raise
         self.agent.replica.objects["Endpoint"][ep.id] = ep
         self.allocated[(net.name, ep.ips[0])] = ep.id
-        return {"Address": f"{ep.ips[0]}/32", "Data": {}}
+        v6 = next((ip for ip in ep.ips if ":" in ip), None)
+        if v6:  # dockerd asks for the IPv6 address next, for the same endpoint (libnetwork: IPv4 then IPv6)
+            self.pending6.setdefault(net.name, []).append(v6)
+        v4 = next(ip for ip in ep.ips if ":" not in ip)
+        return {"Address": f"{v4}/32", "Data": {}}
+
+    def _address6(self, cidr: str, wanted: str) -> dict:
+        """The IPv6 address of the endpoint the IPv4 request just made (the server allocated both)."""
+        if wanted:
+            raise DriverError("a fixed --ip6 is not supported (Tether picks both addresses of an endpoint "
+                              "together); drop --ip6")
+        net = next((n for n in self.agent.replica.networks.values() if any(s.cidr == cidr for s in n.subnets)), None)
+        queue = self.pending6.get(net.name, []) if net is not None else []
+        if not queue:
+            raise DriverError(f"no IPv4 address was just allocated on the network of {cidr}: a tether network in "
+                              "Docker needs an IPv4 subnet beside the IPv6 one")
+        return {"Address": f"{queue.pop(0)}/128", "Data": {}}
 
     async def _find_by_ip(self, network: str, ip: str) -> Endpoint | None:
         """The endpoint holding an address: the server decides (a replica loaded from disk by a
@@ -647,10 +678,12 @@ class DockerPlugin:
         ip = (iface.get("Address") or "").split("/")[0]
         if not ip:
             raise DriverError("no IPv4 address for the endpoint; the network must use --ipam-driver tether")
-        if iface.get("AddressIPv6"):
-            raise DriverError("tether networks in Docker are IPv4 only")
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep, network, ip)
+        ip6 = (iface.get("AddressIPv6") or "").split("/")[0]
+        if ip6 and ip6 not in ep.ips:
+            raise DriverError(f"IPv6 address {ip6} is not the one Tether gave endpoint {ep.name} ({ep.ips}); "
+                              "start the container again")
         self.allocated.pop((network, ip), None)
         self.endpoints[docker_ep] = ep.id
         self._save()
@@ -705,16 +738,20 @@ class DockerPlugin:
         from tether.dataplane.pods import AttachError
 
         try:
-            await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac)
+            v6 = any(":" in ip for ip in ep.ips)
+            await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac, gateway6=v6)
         except AttachError as e:  # e.g. an endpoint whose interface names a device that is not Tether's
             self.agent.cni.in_flight.pop(host_if, None)
             raise DriverError(str(e)) from None
         self.agent.kick()
         self._spawn(self._adopt_container_identity(req["NetworkID"], docker_ep, ep.id))
-        return {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
-                "Gateway": POD_GATEWAY,
-                "StaticRoutes": [{"Destination": f"{POD_GATEWAY}/32", "RouteType": 1}],
-                "DisableGatewayService": True}
+        out = {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
+               "Gateway": POD_GATEWAY,
+               "StaticRoutes": [{"Destination": f"{POD_GATEWAY}/32", "RouteType": 1}],
+               "DisableGatewayService": True}
+        if v6:  # the host side holds fe80::1 (create_veth), so the container's neighbour discovery finds it
+            out["GatewayIPv6"] = POD_GATEWAY6
+        return out
 
     async def leave(self, req: dict) -> dict:
         await self._unplug(req["EndpointID"])

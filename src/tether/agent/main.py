@@ -76,6 +76,22 @@ def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
                      "check --underlay-ip (and --underlay-dev)")
 
 
+def link_local_of(dev: str, table: str = "/proc/net/if_inet6") -> str | None:
+    """The IPv6 link-local address of the underlay device, if it has one: peers route IPv6 pod
+    blocks in `direct` mode through it (an IPv6 route cannot have an IPv4 next hop). Read from
+    /proc, not netlink: the agent may be made inside a running event loop, where pyroute2's
+    synchronous sockets refuse to work."""
+    try:
+        with open(table) as f:
+            for line in f:
+                hexaddr, _idx, _plen, scope, _flags, name = line.split()
+                if name == dev and scope == "20":  # IFA_SCOPE link
+                    return str(ipaddress.IPv6Address(bytes.fromhex(hexaddr)))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def background_priority(enabled: bool = True, nice: int = 10) -> Any:
     """Run the calling thread at a lower CPU priority for a while: the periodic full reconcile (a
@@ -110,6 +126,7 @@ class Agent:
         # pyroute2's synchronous sockets refuse to run inside an event loop: look up before it starts
         underlay = cfg.underlay or underlay_of(cfg.underlay_ip, cfg.underlay_dev)
         self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay
+        self.underlay_ip6 = link_local_of(self.underlay_dev)
         from tether.dataplane.nft import NftDataplane
 
         self.nft = NftDataplane()
@@ -230,8 +247,8 @@ class Agent:
 
     async def _register(self) -> None:
         host = Host(name=self.host, underlay_ip=self.cfg.underlay_ip, underlay_cidr=self.underlay_cidr,
-                    vtep_mac=vtep_mac_for(self.host), dns_ip=self.dns_ip, agent_version=__version__,
-                    labels=self.cfg.labels)
+                    underlay_ip6=self.underlay_ip6, vtep_mac=vtep_mac_for(self.host), dns_ip=self.dns_ip,
+                    agent_version=__version__, labels=self.cfg.labels)
         await self.client.register_host(host)
         await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
 

@@ -3,7 +3,8 @@
 A base chain of family `inet` hooked at `ingress` on the host-side device (`ing-<interface>`),
 holding compares against that one pod's values:
 - anti-spoofing: the interface may send from its endpoint's addresses and MAC, its allowed address
-  pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses);
+  pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses, and
+  duplicate address detection and MLD reports from `::`);
 - in a table without conntrack (`calc.needs_state`), isolation between networks and the refusal of
   a pod's VXLAN outside its network, both at the sender (that table has no other chain);
 - in a table with conntrack, a pod's VXLAN to the hosts that would decapsulate it (with any inner
@@ -45,6 +46,16 @@ PRIORITY = -500  # before anything else on the device
 VXLAN_FROM_POD = "VXLAN from a pod"
 SPOOFED_ADDRESS = "spoofed source address"
 SPOOFED_MAC = "spoofed source MAC"
+
+
+# What a pod's IPv6 stack sends from the unspecified address `::` (RFC 4862 5.4.2, RFC 3810 5.2.13):
+# neighbour solicitations of duplicate address detection and MLD reports, both to link-local
+# multicast groups, so they never leave the link. Passed; anything else from `::` is spoofed.
+UNSPECIFIED_SOURCE = rule(match(payload("ip6", "saddr"), "::"),
+                          match(payload("ip6", "daddr"), one_or_set(["ff02::/16"])),
+                          match(payload("icmpv6", "type"),
+                                {"set": ["mld-listener-report", "nd-neighbor-solicit", "mld2-listener-report"]}),
+                          ACCEPT, comment="DAD and MLD from ::")
 
 
 def chain_name(interface: str) -> str:
@@ -129,6 +140,8 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
             version, canonical, _ = source_prefix(a)
             allowed[version].add(canonical)
     for v, proto in ((4, "ipv4"), (6, "ipv6")):
+        if v == 6:  # before any address exists: duplicate address detection and MLD reports
+            rules.append(UNSPECIFIED_SOURCE)
         if allowed[v]:
             rules.append(denied(match(addr_field(v, "saddr"), one_or_set(sorted(allowed[v])), "!="),
                                 comment=SPOOFED_ADDRESS))

@@ -156,8 +156,8 @@ def _service(s: Service, me: str) -> None:
     _label(s.namespace, "service namespace")
     _size(s.ports, "ports")
     _size(s.backends, "backends")
-    if s.cluster_ip:
-        _ip(s.cluster_ip, "cluster_ip")
+    for vip in s.vips():
+        _ip(vip, "cluster_ip")
     for b in s.backends:
         _ip(b.ip, "backend ip")
     for p in s.ports:

@@ -68,8 +68,14 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def _v4(ips: Iterable[str]) -> str | None:
-    return next((ip for ip in ips if ipaddress.ip_address(ip).version == 4), None)
+def _of_version(ips: Iterable[str], version: int) -> str | None:
+    return next((ip for ip in ips if ipaddress.ip_address(ip).version == version), None)
+
+
+def has_v6(services: Iterable[Service]) -> bool:
+    """Does any service have an IPv6 virtual IP? Only then do the tables get the IPv6 lookups, maps
+    and chains (`V6` names), so an IPv4-only cluster's table is what it was."""
+    return any(":" in ip for s in services for ip in s.vips())
 
 
 def target_port(sp: ServicePort, ep: Endpoint | None) -> int | None:
@@ -100,12 +106,14 @@ def headless_addresses(svc: Service, endpoints: Iterable[Endpoint]) -> list[str]
     return sorted({b.ip for b in svc.backends if b.endpoint is None or b.endpoint in ready})
 
 
-def backends_of(svc: Service, sp: ServicePort, endpoints: list[Endpoint], host: str) -> tuple[Backend, ...]:
-    """Ready backends of one service port, in a stable order (so slots move as little as possible)."""
+def backends_of(svc: Service, sp: ServicePort, endpoints: list[Endpoint], host: str, version: int = 4
+                ) -> tuple[Backend, ...]:
+    """Ready backends of one service port (their addresses of the frontend's IP `version`), in a
+    stable order (so slots move as little as possible)."""
     out: set[Backend] = set()
     if svc.selector:
         for ep in selected(svc, endpoints):
-            ip, port = _v4(ep.ips), target_port(sp, ep)
+            ip, port = _of_version(ep.ips, version), target_port(sp, ep)
             if ip and port:
                 out.add(Backend(ip, port, ep.host == host))
     else:
@@ -115,7 +123,7 @@ def backends_of(svc: Service, sp: ServicePort, endpoints: list[Endpoint], host: 
             if ep is not None and not ep.ready:
                 continue
             port = target_port(sp, ep)
-            if port and ipaddress.ip_address(b.ip).version == 4:
+            if port and ipaddress.ip_address(b.ip).version == version:
                 out.add(Backend(b.ip, port, ep is not None and ep.host == host))
     return tuple(sorted(out))
 
@@ -124,20 +132,21 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
               node_ips: list[str]) -> list[Frontend]:
     out: list[Frontend] = []
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
-        if not svc.cluster_ip or ipaddress.ip_address(svc.cluster_ip).version != 4:
-            continue
         aff = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
         local = svc.external_traffic_policy == "Local"
-        for sp in svc.ports:
-            backends = backends_of(svc, sp, endpoints, host)
-            ref = f"{svc.namespace}/{svc.name}"
-            proto = sp.protocol.lower()
-            out.append(Frontend(ref, svc.cluster_ip, proto, sp.port, backends, aff))
-            if svc.type == "NodePort" and sp.node_port and svc.host in (None, host):
-                published = tuple(b for b in backends if b.local) if local else backends
-                for ip in [svc.host_ip] if svc.host_ip else node_ips:  # Docker's -p: its host (and address) only
-                    out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
-                                        keep_source=local))
+        for vip in svc.vips():
+            version = ip_version(vip)
+            for sp in svc.ports:
+                backends = backends_of(svc, sp, endpoints, host, version)
+                ref = f"{svc.namespace}/{svc.name}"
+                proto = sp.protocol.lower()
+                out.append(Frontend(ref, vip, proto, sp.port, backends, aff))
+                # node ports: IPv4 only (the model refuses IPv6 ones); Docker's -p: its host (and address) only
+                if svc.type == "NodePort" and sp.node_port and version == 4 and svc.host in (None, host):
+                    published = tuple(b for b in backends if b.local) if local else backends
+                    for ip in [svc.host_ip] if svc.host_ip else node_ips:
+                        out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
+                                            keep_source=local))
     return out
 
 
@@ -208,10 +217,82 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
     return frozenset(tracked)
 
 
+# IPv6 frontends: the same shape under names with a 6 (`svc_vips6`, `svc6-lb-<N>`, ...), keyed by
+# ip6 addresses; no published ports (the model refuses IPv6 node ports) and no hairpin yet
+_DADDR6 = {"payload": {"protocol": "ip6", "field": "daddr"}}
+_SADDR6 = {"payload": {"protocol": "ip6", "field": "saddr"}}
+FRONTEND6 = ("ipv6_addr", "inet_proto", "inet_service")
+CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, _DPORT]}
+SVC_KEY6 = {"concat": [_DADDR6, _PROTO, _DPORT]}
+
+
+def lb_chain6(n: int, affinity: int | None) -> str:
+    return f"svc6-lb-{n}" if affinity is None else f"svc6-aff-{affinity}-{n}"
+
+
+def _dnat6() -> dict:
+    key = {"concat": [_DADDR6, _PROTO, _DPORT, _MARK]}
+    return {"dnat": {"family": "ip6", "addr": {"map": {"key": key, "data": "@svc_backend_ip6"}},
+                     "port": {"map": {"key": key, "data": "@svc_backend_port6"}}}}
+
+
+@functools.lru_cache(maxsize=1024)
+def random_chain6(n: int) -> NftChain:
+    return NftChain(lb_chain6(n, None), (rule(_random_slot(n)), rule(_dnat6())))
+
+
+@functools.lru_cache(maxsize=1024)
+def affinity_chain6(timeout: int, n: int) -> NftChain:
+    """As `affinity_chain`, with the client's IPv6 address."""
+    rules = [rule(_set_mark(0))]
+    for k in range(1, n + 1):
+        rules.append(rule({"match": {"op": "==", "left": CLIENT_KEY6, "right": f"@svc_aff6_{k}"}}, _set_mark(k)))
+    rules.append(rule(_mark_is(0), _random_slot(n)))
+    for k in range(1, n + 1):
+        rules.append(rule(_mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY6,
+                                                                                    "timeout": timeout}},
+                                                 "set": f"@svc_aff6_{k}"}}))
+    rules.append(rule(_dnat6()))
+    return NftChain(lb_chain6(n, timeout), tuple(rules))
+
+
+def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
+    """The IPv6 part: sets, chains and the `svc_reject` rule for IPv6 frontends without backends."""
+    max_n = max([1, *(len(f.backends) for f in fes)])
+    timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
+    vips, backend_ip, backend_port, empty = set(), set(), set(), set()
+    for f in fes:
+        key = (f.ip, f.proto, f.port)
+        if not f.backends:
+            empty.add(key)
+            continue
+        vips.add((key, f"goto {lb_chain6(len(f.backends), f.affinity)}"))
+        for slot, b in enumerate(f.backends, start=1):
+            backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
+            backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
+    chains = [random_chain6(n) for n in range(1, max_n + 1)]
+    chains += [affinity_chain6(t, n) for t in timeouts for n in range(1, max_n + 1)]
+    sets = [
+        NftSet("svc_vips6", FRONTEND6, map_type="verdict", elements=frozenset(vips)),
+        NftSet("svc_backend_ip6", (*FRONTEND6, "mark"), map_type="ipv6_addr", elements=frozenset(backend_ip)),
+        NftSet("svc_backend_port6", (*FRONTEND6, "mark"), map_type="inet_service", elements=frozenset(backend_port)),
+        NftSet("svc_empty6", FRONTEND6, elements=frozenset(empty)),
+    ]
+    if timeouts:
+        sets += [NftSet(f"svc_aff6_{k}", ("ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"),
+                        flags=("timeout",), timeout=max(timeouts)) for k in range(1, max_n + 1)]
+    reject = rule({"match": {"op": "==", "left": SVC_KEY6, "right": "@svc_empty6"}}, {"counter": None},
+                  {"reject": None}, comment="service without ready backends")
+    return sets, chains, reject
+
+
 def compile(services: list[Service], endpoints: list[Endpoint], networks: list[Network], host: str,
             node_ips: list[str]) -> NftPlan:
     """The services fragment for `host` (merged into the base table by calc.merge)."""
-    fes = frontends(services, endpoints, host, node_ips)
+    every = frontends(services, endpoints, host, node_ips)
+    fes = [f for f in every if ip_version(f.ip) == 4]
+    sets6, chains6, reject6 = compile6([f for f in every if ip_version(f.ip) == 6]) if has_v6(services) else \
+        ([], [], None)
     max_n = max([PREDEFINED_SLOTS, *(len(f.backends) for f in fes)])
     timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
     vips: set = set()
@@ -252,7 +333,9 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
     # chain of its own, because every base chain is one more hook on every packet's path
     chains.append(NftChain("svc_reject", (
         rule({"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
-             {"counter": None}, {"reject": None}, comment="service without ready backends"),)))
+             {"counter": None}, {"reject": None}, comment="service without ready backends"),
+        *((reject6,) if reject6 else ()))))
+    chains += chains6
 
     sets = [
         NftSet("svc_vips", FRONTEND, map_type="verdict", elements=frozenset(vips)),
@@ -263,6 +346,7 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
         NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=frozenset(hairpin)),
         NftSet("stateful", "ipv4_addr", elements=tracked_addresses(fes, networks)),
     ]
+    sets += sets6
     if timeouts:
         sets += [NftSet(f"svc_aff_{k}", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),
                         flags=("timeout",), timeout=max(timeouts)) for k in range(1, max_n + 1)]

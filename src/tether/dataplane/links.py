@@ -114,6 +114,7 @@ def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
         ipr.addr("add", index=idx, address=vtep.ip, prefixlen=32)
         report.add(f"address {vtep.ip} on {vtep.name}")
     write_sysctl(f"net/ipv4/conf/{vtep.name}/rp_filter", "0")
+    write_sysctl(f"net/ipv6/conf/{vtep.name}/disable_ipv6", "0")  # decapsulated IPv6 pod packets
     return idx
 
 
@@ -418,8 +419,11 @@ def _try(report: ApplyReport, what: str, op, *args, **kw) -> bool:
 
 def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], report: ApplyReport) -> None:
     have = {}
-    for n in ipr.get_neighbours(ifindex=idx, family=socket.AF_INET):
-        have[n.get("NDA_DST")] = (n.get("NDA_LLADDR"), n["state"])
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for n in ipr.get_neighbours(ifindex=idx, family=family):
+            if family == socket.AF_INET6 and not n["state"] & NUD_PERMANENT:
+                continue  # the kernel's own (its multicast and neighbour discovery entries)
+            have[n.get("NDA_DST")] = (n.get("NDA_LLADDR"), n["state"])
     want = {n.ip: n.lladdr for n in wanted}
     for ip, mac in want.items():
         if have.get(ip) != (mac, NUD_PERMANENT):

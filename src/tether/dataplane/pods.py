@@ -1,7 +1,7 @@
 """Plugging a pod: a veth whose far end is created directly inside the pod's network namespace.
 
 The pod side gets its addresses as /32 (/128), a static neighbour for the link-local gateway
-169.254.1.1 pointing at the host side's MAC, and a default route through it; the host side answers
+169.254.1.1 (IPv6: fe80::1) pointing at the host side's MAC, and a default route through it; the host side answers
 ARP by proxy and gets a /32 route. No thread ever switches namespace: netlink sockets are bound to
 the pod's namespace instead.
 """
@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in
-from tether.dataplane.plan import POD_GATEWAY, ForeignLink, own_link, require_own_link
+from tether.dataplane.plan import POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link
 from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket
 
 log = logging.getLogger("tether.dataplane")
@@ -174,6 +174,11 @@ def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
         inside += [nl.route(f"{POD_GATEWAY}/32", idx, scope=RT_SCOPE_LINK),
                    nl.permanent_neighbour(idx, POD_GATEWAY, link.host_mac),
                    nl.route("0.0.0.0/0", idx, gateway=POD_GATEWAY)]
+    if any(ipaddress.ip_address(ip).version == 6 for ip in ips):
+        # the link-local gateway fe80::1, pinned to the host side's MAC: the pod never needs an
+        # answer to neighbour discovery for it (the equivalent of the host's proxy ARP for IPv4)
+        inside += [nl.permanent_neighbour(idx, POD_GATEWAY6, link.host_mac),
+                   nl.route("::/0", idx, gateway=POD_GATEWAY6)]
     try:
         for r in link.pod.run(*inside):
             r.check()
@@ -230,6 +235,10 @@ def check_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str]) 
         for ip in ips:
             if ip not in have:
                 problems.append(f"address {ip} is missing on {ifname}")
-        if not any(r.get("RTA_GATEWAY") == POD_GATEWAY for r in pod.get_routes(family=2)):
+        if any(":" not in ip for ip in ips) and not any(r.get("RTA_GATEWAY") == POD_GATEWAY
+                                                        for r in pod.get_routes(family=2)):
             problems.append(f"default route via {POD_GATEWAY} is missing")
+        if any(":" in ip for ip in ips) and not any(r.get("RTA_GATEWAY") == POD_GATEWAY6
+                                                    for r in pod.get_routes(family=10)):
+            problems.append(f"IPv6 default route via {POD_GATEWAY6} is missing")
     return problems

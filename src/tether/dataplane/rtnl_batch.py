@@ -29,6 +29,7 @@ from tether.dataplane.netns import socket_in
 HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 ERRNO = struct.Struct("=i")
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFA_F_NODAD = 0x02
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst len, src len, tos, table, protocol, scope, type, flags
 NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
@@ -289,9 +290,11 @@ def link_up(link: int | str) -> Request:
 
 
 def address(index: int, ip: str) -> Request:
-    """A host address (/32, /128)."""
+    """A host address (/32, /128). IPv6 without duplicate address detection (IFA_F_NODAD): IPAM
+    made it unique, and a tentative address could not be a source for the first second."""
     a = ipaddress.ip_address(ip)
-    body = IFADDRMSG.pack(_family(ip), a.max_prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+    body = IFADDRMSG.pack(_family(ip), a.max_prefixlen, 0 if a.version == 4 else IFA_F_NODAD, RT_SCOPE_UNIVERSE,
+                          index)
     if a.version == 4:
         body += _attr(IFA_LOCAL, a.packed)
     body += _attr(IFA_ADDRESS, a.packed)

@@ -121,6 +121,7 @@ def create_app(
     *,
     token: str | None,
     service_cidr: str = "10.96.0.0/16",
+    service_cidr6: str = "fd96::/112",
     vtep_cidr: str = "169.254.64.0/18",
     dead_host_grace: float = 600.0,
     empty_block_grace: float = 300.0,
@@ -140,7 +141,7 @@ def create_app(
     requests = Counter("tether_api_requests", "API requests", ["method", "status"], registry=registry)
     latency = Histogram("tether_api_request_seconds", "API request latency", registry=registry)
     ipam = Ipam(store, empty_grace=empty_block_grace)
-    objects = Objects(store, ipam, service_cidr=service_cidr, vtep_cidr=vtep_cidr)
+    objects = Objects(store, ipam, service_cidr=service_cidr, vtep_cidr=vtep_cidr, service_cidr6=service_cidr6)
     leadership = Leadership(store)
     gc = GarbageCollector(objects, dead_host_grace=dead_host_grace, interval=gc_interval, leadership=leadership,
                           compact_keep=compact_keep)

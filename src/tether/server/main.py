@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     p.add_argument("--insecure", action="store_true", help="no token (loopback/unix listeners only)")
     add_tls_flags(p)
-    p.add_argument("--service-cidr", default="10.96.0.0/16")
+    p.add_argument("--service-cidr", default="10.96.0.0/16", help="the range of IPv4 service virtual IPs")
+    p.add_argument("--service-cidr6", default="fd96::/112",
+                   help="the range of IPv6 service virtual IPs (services with ip_families IPv6)")
     p.add_argument("--dead-host-grace", type=float, default=600.0, metavar="SECONDS",
                    help="a host whose agent has not sent a heartbeat (to any server) for this long loses its "
                         "endpoints and address blocks (default %(default)s)")
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.compact_keep is not None and a.compact_keep < 0:
         raise SystemExit("--compact-keep must be 0 (off) or a number of revisions")
-    run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr,
+    run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr, service_cidr6=a.service_cidr6,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
                compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a))
 

@@ -395,7 +395,7 @@ def subnet_view(net: Network, s: Subnet) -> dict[str, Any]:
         "id": s.id, "name": s.name or "", "network_id": net.id, "tenant_id": net.project or "",
         "project_id": net.project or "", "cidr": s.cidr, "ip_version": ipaddress.ip_network(s.cidr).version,
         "gateway_ip": s.gateway, "allocation_pools": pools_view(s), "enable_dhcp": True, "dns_nameservers": [],
-        "host_routes": [], "ipv6_ra_mode": None, "ipv6_address_mode": None, "subnetpool_id": None,
+        "host_routes": [], "ipv6_ra_mode": None, "ipv6_address_mode": s.ipv6_address_mode, "subnetpool_id": None,
         "description": "", "tags": [], "service_types": [], "segment_id": None, **stamps(net),
     }
 
@@ -434,10 +434,22 @@ async def create_subnet(request: Request) -> dict:
     cidr = parse_cidr(body["cidr"])
     if "ip_version" in body and int(body["ip_version"]) != cidr.version:
         raise bad_request(f"Invalid input for operation: cidr {cidr} is not an IPv{body['ip_version']} subnet.")
+    mode, ra = body.get("ipv6_address_mode"), body.get("ipv6_ra_mode")
+    if (mode or ra) and cidr.version != 6:
+        raise bad_request(f"Invalid input for operation: ipv6_address_mode and ipv6_ra_mode are for IPv6 subnets; "
+                          f"{cidr} is IPv4.")
+    if mode not in (None, "dhcpv6-stateful"):
+        raise bad_request(f"Invalid input for ipv6_address_mode: {mode!r} is not supported. Tether assigns every IPv6 "
+                          "address itself (dhcpv6-stateful) and sends no router advertisements, so SLAAC cannot "
+                          "work; use dhcpv6-stateful or leave it out.")
+    if ra is not None:
+        raise bad_request(f"Invalid input for ipv6_ra_mode: {ra!r} is not supported. Tether sends no router "
+                          "advertisements; leave ipv6_ra_mode out.")
     first = str(next(iter(cidr.hosts()), cidr.network_address))
     gateway = body.get("gateway_ip", first)  # Neutron's default: the first address
     pools = [f"{p['start']}-{p['end']}" for p in body.get("allocation_pools") or []]
-    subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=body.get("name") or None)
+    subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=body.get("name") or None,
+                    ipv6_address_mode=mode)
     o = objs(request)
     net_id = body["network_id"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,8 @@ T = TypeVar("T", bound=Obj)
 IDX = PREFIX + "idx/"
 NETWORK_GUARD = IDX + "network-guard"  # serialises network writes so overlap checks cannot race
 HOST_LEASE = PREFIX + "leases/hosts/"
+SERVICE_CIDR6 = "fd96::/112"  # the default IPv6 service range (a ULA; --service-cidr6)
+IpNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass
@@ -113,10 +116,12 @@ async def with_retries(fn: Callable[[], Awaitable[T]], attempts: int = 50) -> T:
 
 
 class Objects:
-    def __init__(self, store: Store, ipam: Ipam, *, service_cidr: str, vtep_cidr: str) -> None:
+    def __init__(self, store: Store, ipam: Ipam, *, service_cidr: str, vtep_cidr: str,
+                 service_cidr6: str = SERVICE_CIDR6) -> None:
         self.store = store
         self.ipam = ipam
         self.service_cidr = ipaddress.ip_network(service_cidr)
+        self.service_cidr6 = ipaddress.ip_network(service_cidr6)
         self.vtep_cidr = ipaddress.ip_network(vtep_cidr)
         # per host: when this server last heard its heartbeat, and the revision its agent had applied
         # then. Kept in memory, not written: a write per heartbeat would be an event for every agent.
@@ -256,7 +261,7 @@ class Objects:
             before = {s.cidr for s in old.subnets} if old is not None else set()
             added = [s.cidr for s in net.subnets if s.cidr not in before]  # what existed stays (older data)
             hosts = await self.list(Host) if added or net.encap == "direct" else []
-            check_subnet_ranges(net, added, hosts, self.service_cidr, self.vtep_cidr)
+            check_subnet_ranges(net, added, hosts, self.service_cidr, self.vtep_cidr, self.service_cidr6)
             if old is None or old.encap != "direct":
                 check_direct(net, hosts)
             if old is None:
@@ -608,36 +613,58 @@ class Objects:
 
     # --- services -------------------------------------------------------------------------------
 
+    def _service_range(self, family: str) -> IpNet:
+        return self.service_cidr if family == "IPv4" else self.service_cidr6
+
+    async def _assign_cluster_ips(self, svc: Service, old: Service | None, compares: list, ops: list) -> None:
+        """One virtual IP per family of `ip_families`: the one asked for (inside that family's service
+        range, not another service's), the old service's, or the first free one of the range. A
+        headless service has none (its DNS name answers its backends), and gives back any it had."""
+        if svc.headless:
+            ops.extend(Delete(svcip_key(ip)) for ip in (old.vips() if old is not None else []))
+            svc.cluster_ips, svc.cluster_ip = [], None
+            return
+        asked = {("IPv6" if ":" in ip else "IPv4"): ip for ip in [*svc.cluster_ips, *([svc.cluster_ip] if
+                                                                                    svc.cluster_ip else [])]}
+        kept = {("IPv6" if ":" in ip else "IPv4"): ip for ip in (old.vips() if old is not None else [])}
+        chosen: list[str] = []
+        taken: set[str] | None = None
+        for family in svc.ip_families:
+            rng = self._service_range(family)
+            ip = asked.get(family) or kept.get(family)
+            if ip is not None and ip != kept.get(family):
+                a = ipaddress.ip_address(ip)
+                if a not in rng:
+                    raise ApiError(400, f"cluster IP {a} is outside the service range {rng}")
+                holder = await self.store.get(svcip_key(str(a)))
+                if holder is not None and holder.value.decode() != svc.store_name():
+                    raise ApiError(409, f"cluster IP {a} is already used by service {holder.value.decode()}")
+                ip = str(a)
+                compares.append(Compare(svcip_key(ip), 0))
+                ops.append(Put(svcip_key(ip), svc.store_name().encode()))
+            elif ip is None:
+                if taken is None:
+                    taken = {v for s in await self.list(Service) for v in s.vips()}
+                hosts = rng.hosts()
+                next(hosts)  # .1 (::1) is conventionally the API service
+                ip = next((str(a) for a in itertools.islice(hosts, 1 << 20) if str(a) not in taken), None)
+                if ip is None:
+                    raise ApiError(409, f"service range {rng} is exhausted")
+                compares.append(Compare(svcip_key(ip), 0))
+                ops.append(Put(svcip_key(ip), svc.store_name().encode()))
+            chosen.append(ip)
+        for ip in kept.values():
+            if ip not in chosen:
+                ops.append(Delete(svcip_key(ip)))
+        svc.cluster_ips = chosen
+        svc.cluster_ip = chosen[0]
+
     async def put_service(self, svc: Service) -> tuple[Service, bool]:
         async def attempt() -> tuple[Service, bool]:
             old = await self.get(Service, svc.store_name())
             compares: list[Compare] = []
             ops: list[Op] = []
-            if not svc.cluster_ip and old is not None and not svc.headless:
-                svc.cluster_ip = old.cluster_ip
-            if svc.headless:
-                pass  # DNS-only: no virtual IP to assign
-            elif svc.cluster_ip and (old is None or old.cluster_ip != svc.cluster_ip):
-                ip = ipaddress.ip_address(svc.cluster_ip)
-                if ip not in self.service_cidr:
-                    raise ApiError(400, f"cluster IP {ip} is outside the service range {self.service_cidr}")
-                holder = await self.store.get(svcip_key(str(ip)))
-                if holder is not None and holder.value.decode() != svc.store_name():
-                    raise ApiError(409, f"cluster IP {ip} is already used by service {holder.value.decode()}")
-                compares.append(Compare(svcip_key(str(ip)), 0))
-                ops.append(Put(svcip_key(str(ip)), svc.store_name().encode()))
-            elif not svc.cluster_ip:
-                taken = {s.cluster_ip for s in await self.list(Service)}
-                hosts = self.service_cidr.hosts()
-                next(hosts)  # .1 is conventionally the API service
-                ip = next((str(a) for a in hosts if str(a) not in taken), None)
-                if ip is None:
-                    raise ApiError(409, f"service range {self.service_cidr} is exhausted")
-                svc.cluster_ip = ip
-                compares.append(Compare(svcip_key(ip), 0))
-                ops.append(Put(svcip_key(ip), svc.store_name().encode()))
-            if old is not None and old.cluster_ip and old.cluster_ip != svc.cluster_ip:
-                ops.append(Delete(svcip_key(old.cluster_ip)))
+            await self._assign_cluster_ips(svc, old, compares, ops)
             await self._assign_node_ports(svc, old)
             if old is None:
                 return await self.create(svc, compares, ops), True
@@ -677,7 +704,7 @@ class Objects:
     async def delete_service(self, ns: str, name: str) -> None:
         async def attempt() -> None:
             svc = await self.must(Service, f"{ns}/{name}")
-            await self.remove(svc, [], [Delete(svcip_key(svc.cluster_ip))] if svc.cluster_ip else [])
+            await self.remove(svc, [], [Delete(svcip_key(ip)) for ip in svc.vips()])
 
         await with_retries(attempt)
 

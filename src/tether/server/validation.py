@@ -55,7 +55,7 @@ def same_underlay(a: Host, b: Host) -> bool:
 
 
 def check_subnet_ranges(net: Network, new_cidrs: list[str], hosts: list[Host], service_cidr: IpNet,
-                        vtep_cidr: IpNet) -> None:
+                        vtep_cidr: IpNet, service_cidr6: IpNet | None = None) -> None:
     """Refuse a subnet whose addresses would collide with what the kernel already routes elsewhere."""
     for cidr in new_cidrs:
         a = ipaddress.ip_network(cidr)
@@ -63,7 +63,10 @@ def check_subnet_ranges(net: Network, new_cidrs: list[str], hosts: list[Host], s
             if a.version == r.version and a.overlaps(r):
                 raise ApiError(400, f"subnet {a} of network {net.name!r} overlaps {why}; pods there would not be "
                                     "reachable: choose another --subnet")
-        for r, what in ((service_cidr, "the service range"), (vtep_cidr, "the VTEP range")):
+        ranges = [(service_cidr, "the service range"), (vtep_cidr, "the VTEP range")]
+        if service_cidr6 is not None:
+            ranges.append((service_cidr6, "the IPv6 service range"))
+        for r, what in ranges:
             if a.version == r.version and a.overlaps(r):
                 raise ApiError(400, f"subnet {a} of network {net.name!r} overlaps {what} {r} (a pod could get a "
                                     "service or tunnel address); choose another --subnet")

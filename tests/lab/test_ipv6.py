@@ -1,0 +1,277 @@
+"""IPv6 with real packets: dual-stack and IPv6-only pods reach each other on one host and across
+hosts, tunnelled (vxlan), routed (direct) and both (auto); a pod's DAD and MLD pass its
+anti-spoofing while a spoofed IPv6 source is dropped."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.dns.test_dns_lab import QUERY, addrs
+from tests.fixtures.lab import unique
+from tests.services.probes import connect_many, start_server, stop
+from tether.agent.dns import DNS_IP
+from tether.dataplane.nft import counters
+from tether.lab.cluster import Lab, nsx, wait_for
+from tether.model import (
+    Namespace,
+    Network,
+    NetworkPolicy,
+    SecurityGroup,
+    SecurityGroupRule,
+    Service,
+    ServicePort,
+    Subnet,
+)
+
+pytestmark = pytest.mark.lab
+
+
+def make_net(lab: Lab, cidrs: list[str], encap: str) -> str:
+    name = unique("v6" + encap[:2])
+    lab.client().create_network(Network(name=name, subnets=[Subnet(cidr=c) for c in cidrs], encap=encap))
+    return name
+
+
+def v6(pod) -> str:
+    return next(ip for ip in pod.ips if ":" in ip)
+
+
+@pytest.mark.parametrize(("encap", "cidrs", "hosts", "which"), [
+    ("vxlan", ["10.61.0.0/16", "fd61::/64"], ("h1", "h2", "h3"), "lab"),   # across both underlay subnets
+    ("direct", ["10.62.0.0/16", "fd62::/64"], ("h1", "h2"), "one_subnet_lab"),  # via the peer's link-local
+    ("auto", ["fd63::/64"], ("h1", "h2", "h3"), "lab"),                  # IPv6-only: direct h1<->h2, vxlan to h3
+])
+def test_every_pod_reaches_every_pod_over_ipv6(request, encap: str, cidrs: list[str], hosts: tuple[str, ...],
+                                                which: str) -> None:
+    lab: Lab = request.getfixturevalue(which)
+    net = make_net(lab, cidrs, encap)
+    pods = [lab.run_pod(h, unique("p"), net) for h in hosts for _ in range(2)]
+    for p in pods:  # one address per family of the network, each in the CNI result with its default route
+        assert len(p.ips) == len(cidrs)
+        assert {"dst": "::/0", "gw": "fe80::1"} in p.result["routes"]
+        assert any(i["address"] == f"{v6(p)}/128" and i.get("gateway") == "fe80::1" for i in p.result["ips"])
+    failures = [f"{p.host}/{p.name} -> {q.host}/{q.name} ({v6(q)})" for p, q in itertools.product(pods, repeat=2)
+                if not lab.reaches(f"{p.host}/{p.name}", v6(q))]
+    assert failures == []
+
+
+def test_a_dual_stack_pod_has_both_default_routes_and_the_host_a_route_to_each_address(lab: Lab) -> None:
+    net = make_net(lab, ["10.64.0.0/16", "fd64::/64"], "vxlan")
+    p = lab.run_pod("h1", unique("p"), net)
+    routes6 = nsx(p.ns, "ip", "-6", "route", "show").stdout
+    assert "default via fe80::1" in routes6
+    host_routes = nsx(lab.host("h1").ns, "ip", "-6", "route", "show", "proto", "201").stdout
+    wait_for(lambda: v6(p) in nsx(lab.host("h1").ns, "ip", "-6", "route", "show", "proto", "201").stdout, 10,
+             "the host route to the pod's IPv6 address")
+    assert json.dumps(p.result)  # the CNI result is JSON with both addresses
+    assert sorted(":" in ip for ip in p.ips) == [False, True], host_routes
+
+
+LISTEN6 = r"""
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+s.settimeout(0.1)
+print("ready", flush=True)
+end, seen = time.time() + float(sys.argv[2]), []
+while time.time() < end:
+    try:
+        data, addr = s.recvfrom(100)
+        seen.append(addr[0])
+    except socket.timeout:
+        pass
+print(json.dumps(seen), flush=True)
+"""
+SEND6 = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for _ in range(3):
+    s.sendto(b"x", (sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def received6(sender, src: str, dst, port: int) -> list[str]:
+    """Datagrams `dst` receives on its IPv6 address when `sender` sends three from source `src`."""
+    listener = subprocess.Popen(["ip", "netns", "exec", dst.ns, sys.executable, "-c", LISTEN6, str(port), "1.5"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+        nsx(sender.ns, sys.executable, "-c", SEND6, src, v6(dst), str(port))
+        out, _ = listener.communicate(timeout=10)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    return json.loads(out)
+
+
+def spoof_drops(lab: Lab, host: str) -> int:
+    return sum(n for key, n in counters(lab.host(host).ns).items()
+               if key.split("/", 1)[1] == "spoofed source address")
+
+
+def test_a_spoofed_ipv6_source_is_dropped_while_dad_and_mld_pass(lab: Lab) -> None:
+    """A pod that adds an address IPAM did not give it runs duplicate address detection for it (a
+    neighbour solicitation from `::`) and joins its solicited-node group (MLD): both reach the
+    host, counted by a test-owned table after the pod's ingress chain, and no spoofing drop is
+    counted (the drops are what the flow log reports). A datagram from that address is dropped
+    and counted; one from the pod's own IPv6 address arrives."""
+    net = make_net(lab, ["10.67.0.0/16", "fd67::/64"], "vxlan")
+    before = spoof_drops(lab, "h1")
+    a = lab.run_pod("h1", unique("a"), net)
+    c = lab.run_pod("h2", unique("c"), net)
+    host_if = a.result["interfaces"][0]["name"]
+    ns, table = lab.host("h1").ns, unique("tdad")
+    rules = (f"table inet {table} {{\n chain c {{\n type filter hook prerouting priority -400\n"
+             f' iifname "{host_if}" ip6 saddr :: icmpv6 type nd-neighbor-solicit counter\n'
+             f' iifname "{host_if}" icmpv6 type {{ mld-listener-report, mld2-listener-report }} counter\n }}\n}}\n')
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        assert lab.reaches(f"h1/{a.name}", v6(c))
+        nsx(a.ns, "ip", "addr", "add", "fd67::ffff:99/128", "dev", "eth0")  # with DAD: not IPAM's
+
+        def counted() -> list[int]:
+            listed = json.loads(nsx(ns, "nft", "-j", "list", "table", "inet", table).stdout)["nftables"]
+            return [r["rule"]["expr"][-1]["counter"]["packets"] for r in listed if "rule" in r]
+
+        wait_for(lambda: min(counted()) > 0, 10, "the pod's DAD and MLD to reach its host")
+        wait_for(lambda: "tentative" not in nsx(a.ns, "ip", "-6", "addr", "show", "dev", "eth0").stdout, 10,
+                 "DAD to finish")
+        assert spoof_drops(lab, "h1") == before, "DAD and MLD must not count as spoofed"
+        assert received6(a, "fd67::ffff:99", c, 7101) == []
+        assert spoof_drops(lab, "h1") >= before + 3
+        assert received6(a, v6(a), c, 7102) == [v6(a)] * 3
+    finally:
+        nsx(ns, "nft", "delete", "table", "inet", table, check=False)
+
+
+def denied(lab: Lab, ref: str, ip: str) -> bool:
+    """Two pings in a row get no answer (call it after an allowed probe showed the agents converged)."""
+    return not lab.ping(ref, ip, count=2, wait=1)
+
+
+def test_ipv6_isolation_ipblock_with_except_and_a_security_group_for_icmpv6(lab: Lab) -> None:
+    """A subset of the NetworkPolicy and security group truth tables with IPv6 addresses, across hosts:
+    - isolation: a pod of another dual-stack network does not reach b over IPv6;
+    - b admits ingress only from ipBlock fd70::/64 except a's /128: c reaches b over IPv6, a does
+      not, and nobody over IPv4 (the block is IPv6 only);
+    - e's security group admits ICMPv6 (ethertype IPv6) only: a pings e over IPv6, not over IPv4."""
+    net = make_net(lab, ["10.70.0.0/16", "fd70::/64"], "vxlan")
+    other = make_net(lab, ["10.71.0.0/16", "fd71::/64"], "vxlan")
+    client = lab.client()
+    ns = unique("v6ns")
+    client.apply(Namespace(name=ns))
+    a = lab.run_pod("h1", unique("a"), net, namespace=ns)
+    b = lab.run_pod("h2", unique("b"), net, namespace=ns, labels={"role": "b"})
+    c = lab.run_pod("h3", unique("c"), net, namespace=ns)
+    d = lab.run_pod("h1", unique("d"), other, namespace=ns)
+    ref = {p.name: f"{p.host}/{p.name}" for p in (a, b, c, d)}
+    assert lab.reaches(ref[a.name], v6(b)) and lab.reaches(ref[c.name], v6(b))
+    assert denied(lab, ref[d.name], v6(b)), "isolation between networks holds for IPv6"
+    client.apply(NetworkPolicy(name=unique("np"), namespace=ns, spec={
+        "podSelector": {"matchLabels": {"role": "b"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"ipBlock": {"cidr": "fd70::/64", "except": [f"{v6(a)}/128"]}}]}]}))
+    wait_for(lambda: denied(lab, ref[a.name], v6(b)), 15, "the policy to deny a over IPv6")
+    assert lab.reaches(ref[c.name], v6(b))
+    assert denied(lab, ref[c.name], b.ips[0]) and denied(lab, ref[a.name], b.ips[0])
+    assert denied(lab, ref[d.name], v6(b))
+
+    sg = client.request("POST", "/api/v1/securitygroups", content=SecurityGroup(name=unique("icmp6"), rules=[
+        SecurityGroupRule(direction="ingress", ethertype="IPv6", protocol="icmpv6"),
+        SecurityGroupRule(direction="egress", ethertype="IPv6"),
+        SecurityGroupRule(direction="egress", ethertype="IPv4")]).model_dump_json(exclude={"revision"}))
+    e = lab.run_pod("h3", unique("e"), net, namespace=ns, security_groups=[sg["id"]])
+    try:
+        assert lab.reaches(ref[a.name], v6(e))
+        assert denied(lab, ref[a.name], e.ips[0]), "the group admits ICMPv6 only, not ICMP"
+    finally:
+        lab.rm_pod(f"h3/{e.name}")
+        client.request("DELETE", f"/api/v1/securitygroups/{sg['id']}")
+
+
+def test_a_dual_stack_service_answers_on_both_vips_and_dns_has_aaaa_and_ip6_arpa(lab: Lab) -> None:
+    """ClusterIP with ip_families [IPv4, IPv6]: new TCP and UDP connections from pods on every host
+    reach the backends through the IPv6 VIP (and still the IPv4 one); from a pod, the service's and a
+    pod's names have AAAA records and the pod's IPv6 address a PTR under ip6.arpa."""
+    net = make_net(lab, ["10.72.0.0/16", "fd72::/64"], "vxlan")
+    app = unique("web6")
+    servers = []
+    try:
+        pods = []
+        for h in ("h1", "h2"):
+            pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
+            servers.append(start_server(pod.ns, pod.name, 8080))
+            pods.append(pod)
+        for pod in pods:
+            wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        svc = lab.client().apply(Service(name=unique("s6"), selector={"app": app}, ip_families=["IPv4", "IPv6"],
+                                         ports=[ServicePort(port=80, target_port=8080),
+                                                ServicePort(name="u", port=81, target_port=8080, protocol="UDP")]))
+        assert len(svc.cluster_ips) == 2 and ":" in svc.cluster_ips[1] and svc.cluster_ip == svc.cluster_ips[0]
+        vip6 = svc.cluster_ips[1]
+        clients = [lab.run_pod(h, unique("c"), net) for h in ("h1", "h2", "h3")]
+        names = {p.name for p in pods}
+
+        def answered(client, ip: str, port: int, proto: str) -> bool:
+            r = connect_many(client.ns, ip, port, 6, proto)
+            return r["failures"] == 0 and set(r["counts"]) <= names
+
+        for c in clients:
+            wait_for(lambda c=c: answered(c, vip6, 80, "tcp"), 20, f"{c.host} to reach the IPv6 VIP over TCP")
+            assert answered(c, vip6, 81, "udp")
+            assert answered(c, svc.cluster_ip, 80, "tcp")
+        spread = connect_many(clients[0].ns, vip6, 80, 40)["counts"]
+        assert set(spread) == names, spread
+
+        svc_name = f"{svc.name}.default.svc.tether.local"
+        res = ask_dns(clients[2], (svc_name, "AAAA"), (svc_name, "A"), (f"{pods[0].name}.{net}.tether.local", "AAAA"),
+                      (ipaddress.ip_address(v6(pods[0])).reverse_pointer, "PTR"))
+        assert addrs(res[0]) == [vip6], res[0]
+        assert addrs(res[1]) == [svc.cluster_ip], res[1]
+        assert addrs(res[2]) == [v6(pods[0])], res[2]
+        assert addrs(res[3]) == [f"{pods[0].name}.{net}.tether.local."], res[3]
+    finally:
+        for s in servers:
+            stop(s)
+
+
+def ask_dns(pod, *specs: tuple[str, str]) -> list[dict]:
+    r = nsx(pod.ns, sys.executable, "-c", QUERY, DNS_IP, json.dumps(specs), check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_nat_outgoing_masquerades_ipv6_to_the_host_address(lab: Lab) -> None:
+    """A dual-stack network with nat_outgoing: a pod's IPv6 datagram to an address outside every
+    Tether network leaves with its host's IPv6 address as source. The lab's "internet" and h1 get
+    test-owned IPv6 addresses on the underlay switch (removed afterwards)."""
+    net = unique("v6nat")
+    lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.73.0.0/16"), Subnet(cidr="fd73::/64")],
+                                        encap="vxlan", nat_outgoing=True))
+    pod = lab.run_pod("h1", unique("p"), net)
+    inet6, host6 = "fd99:73::1", "fd99:73::11"
+    added = [(lab.inet, inet6), (lab.host("h1").ns, host6)]
+    try:
+        for ns, ip in added:
+            nsx(ns, "ip", "addr", "add", f"{ip}/64", "dev", "eth0", "nodad")
+        listener = subprocess.Popen(["ip", "netns", "exec", lab.inet, sys.executable, "-c", LISTEN6, "7301", "4"],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+            time.sleep(0.5)
+            nsx(pod.ns, sys.executable, "-c", SEND6, v6(pod), inet6, "7301")
+            out, _ = listener.communicate(timeout=10)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+        assert json.loads(out) == [host6] * 3
+    finally:
+        for ns, ip in added:
+            nsx(ns, "ip", "addr", "del", f"{ip}/64", "dev", "eth0", check=False)
