@@ -172,7 +172,7 @@ def k8s_service(doc: dict[str, Any], warn: Callable[[str], None] = lambda _m: No
     ports = [ServicePort(name=p.get("name"), protocol=p.get("protocol", "TCP"), port=p.get("port"),
                          target_port=p.get("targetPort"), node_port=p.get("nodePort")) for p in spec.get("ports") or []]
     timeout = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}).get("timeoutSeconds", 10800)
-    cluster_ip = spec.get("clusterIP")
+    cluster_ip = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
     families = service_families(spec, name)
     fields: dict[str, Any] = {
         "name": name, "namespace": meta.get("namespace", "default"), "labels": meta.get("labels") or {},

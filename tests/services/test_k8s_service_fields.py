@@ -52,9 +52,10 @@ def test_fields_tether_does_not_implement_are_refused_by_name(field: str, value)
 
 @pytest.mark.parametrize("spec,words", [
     ({"internalTrafficPolicy": "Local"}, "internalTrafficPolicy"),
-    ({"ipFamilies": ["IPv6"]}, "IPv4 virtual IPs only"),
-    ({"ipFamilyPolicy": "RequireDualStack"}, "SingleStack"),
-    ({"clusterIPs": ["10.96.0.5", "fd00::5"]}, "clusterIPs"),
+    ({"ipFamilies": ["IPv5"]}, "give IPv4, IPv6 or both"),
+    ({"ipFamilies": ["IPv4", "IPv6"]}, "with ipFamilyPolicy SingleStack"),
+    ({"ipFamilyPolicy": "Whatever"}, "SingleStack, PreferDualStack or RequireDualStack"),
+    ({"clusterIP": "10.96.0.6", "clusterIPs": ["10.96.0.5", "fd00::5"]}, "must start with spec.clusterIP"),
     ({"sessionAffinty": "ClientIP"}, "unknown field(s) spec.sessionAffinty"),
     ({"type": "LoadBalancer"}, "type 'LoadBalancer' is not supported"),
     ({"ports": [{"port": 80, "targetPrt": 8080}]}, "spec.ports[0].targetPrt"),
