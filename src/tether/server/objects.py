@@ -364,7 +364,8 @@ class Objects:
 
     async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
         allowed = {"labels", "security_groups", "port_security", "allowed_address_pairs", "ports", "ready", "status",
-                   "interface", "mac", "host", "parent", "owner", "name"}
+                   "interface", "mac", "host", "parent", "owner", "name", "admin_state_up", "anti_spoofing",
+                   "description", "tags", "display_name", "dns_name"}
         bad = set(changes) - allowed
         if bad:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
