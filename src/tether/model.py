@@ -529,6 +529,8 @@ class Endpoint(Obj):
         (as in Neutron) instead of opening it to everyone."""
         if self.security_groups:
             self.port_security = True
+        if self.port_security:  # port security on always checks sources (Neutron)
+            self.anti_spoofing = True
         return self
 
     @field_validator("allowed_address_pairs")

@@ -93,3 +93,25 @@ def test_a_replaced_endpoint_or_a_changed_mode_gets_a_new_chain() -> None:
     assert '"10.1.0.7"' in body(second) and '"10.1.0.1"' not in body(second)
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
     assert stateless_chain("n") in body(compute_nft(r, CTX).chain("ing-tthe0"))
+
+
+def test_a_disabled_endpoint_sends_nothing_and_one_without_anti_spoofing_sends_from_anywhere() -> None:
+    """Neutron's `port set --disable` and `port_security_enabled=false` on the pod's own chain."""
+    r = replica()
+    e0 = r.objects["Endpoint"]["e0"]
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"mac": "02:00:00:00:00:01", "admin_state_up": False})
+    rules = [json.loads(x) for x in compute_nft(r, CTX).chain("ing-tthe0").rules]
+    assert [x["comment"] for x in rules] == [pod_ingress.PORT_DISABLED]
+    assert [list(s) for s in rules[0]["expr"]][-1] == ["drop"]  # no match: everything
+
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"mac": "02:00:00:00:00:01", "anti_spoofing": False})
+    text = body(compute_nft(r, CTX).chain("ing-tthe0"))
+    assert pod_ingress.SPOOFED_MAC not in text and pod_ingress.SPOOFED_ADDRESS not in text
+    assert pod_ingress.PORT_DISABLED not in text
+
+
+def test_port_security_on_always_means_anti_spoofing() -> None:
+    ep = Endpoint(name="p", network="n", port_security=True, anti_spoofing=False)
+    assert ep.anti_spoofing
+    assert Endpoint(name="p", network="n", security_groups=["g1"], anti_spoofing=False).anti_spoofing
+    assert not Endpoint(name="p", network="n", anti_spoofing=False).anti_spoofing
