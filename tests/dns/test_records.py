@@ -177,3 +177,12 @@ def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
         assert again.rrs == expected.rrs and again.existing == expected.existing
     assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
     assert "10.in-addr.arpa." in again.existing  # an empty non-terminal of an endpoint's PTR
+
+
+def test_a_neutron_dns_name_resolves_to_the_ports_addresses_and_ptr_keeps_its_name() -> None:
+    port = Endpoint(name="port-1a2b3c4d", network="blue", ips=["10.1.0.20"], dns_name="www1")
+    rec = build([*EPS, port], [], [NET], serial=1)
+    wire = answer(rec, dns.message.make_query("www1.blue.tether.local", "A").to_wire())
+    assert wire is not None and rdata(dns.message.from_wire(wire)) == ["10.1.0.20"]
+    ptr = answer(rec, dns.message.make_query(dns.reversename.from_address("10.1.0.20"), "PTR").to_wire())
+    assert ptr is not None and rdata(dns.message.from_wire(ptr)) == ["port-1a2b3c4d.blue.tether.local."]

@@ -11,9 +11,11 @@ all egress), created on its first network, port or group list, which cannot be d
 port created without `security_groups` is put in it; a port with port security on and no group
 passes nothing (`Endpoint.port_security`).
 
-Deliberate differences: network and port names must be DNS labels (they become DNS names) and are
-unique per network; fixed IPs are chosen per address family (a `subnet_id` without `ip_address`
-does not pick the subnet); a port's project is its network's.
+Never accepted silently: an attribute Neutron defines that Tether does not implement is refused
+with a 400 naming it (`NOT_IMPLEMENTED`) before anything is stored. Names are free text: one that
+is not a DNS label is shown as given (`display_name`) and keys the object by a derived label.
+Deliberate differences: fixed IPs are chosen per address family (a `subnet_id` without
+`ip_address` is refused where it would not pick what was asked); a port's project is its network's.
 """
 
 from __future__ import annotations
