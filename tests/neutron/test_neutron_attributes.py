@@ -180,3 +180,29 @@ def test_through_the_sdk_each_unimplemented_attribute_is_a_400_naming_it_and_not
     assert len(conn.network.get_security_group(sg.id).security_group_rules) == 2  # its two egress rules only
     conn.network.delete_security_group(sg)
     conn.network.delete_network(net)
+
+
+def test_fixed_ips_of_a_port_are_added_removed_and_a_taken_address_changes_nothing(openstack_client) -> None:
+    os_ = openstack_client
+    net = os_.cli("network", "create", unique("fn"))
+    sub = os_.cli("subnet", "create", "--network", net["id"], "--subnet-range", "10.67.0.0/24", unique("fs"))
+    a = os_.cli("port", "create", "--network", net["id"], "--fixed-ip", "ip-address=10.67.0.10", unique("fa"))
+    b = os_.cli("port", "create", "--network", net["id"], "--fixed-ip", "ip-address=10.67.0.20", unique("fb"))
+
+    def ips(port: dict) -> list[str]:
+        return sorted(f["ip_address"] for f in os_.cli("port", "show", port["id"])["fixed_ips"])
+
+    os_.run("port", "set", "--fixed-ip", "ip-address=10.67.0.11", a["id"])
+    assert ips(a) == ["10.67.0.10", "10.67.0.11"]
+    os_.run("port", "unset", "--fixed-ip", f"subnet={sub['id']},ip-address=10.67.0.10", a["id"])
+    assert ips(a) == ["10.67.0.11"]
+    with pytest.raises(CliError) as e:  # b's address: 409, and a keeps what it had
+        os_.run("port", "set", "--fixed-ip", "ip-address=10.67.0.20", "--description", "changed", a["id"])
+    assert "already allocated" in e.value.stderr
+    assert ips(a) == ["10.67.0.11"] and os_.cli("port", "show", a["id"])["description"] == ""
+    # the released address is free again: another port takes it
+    c = os_.cli("port", "create", "--network", net["id"], "--fixed-ip", "ip-address=10.67.0.10", unique("fc"))
+    assert ips(c) == ["10.67.0.10"]
+    for p in (a, b, c):
+        os_.run("port", "delete", p["id"])
+    os_.run("network", "delete", net["id"])

@@ -869,6 +869,20 @@ async def requested_ips(o: Objects, body: dict[str, Any], net: Network) -> list[
     return ips
 
 
+async def check_free(o: Objects, net: Network, ips: list[str]) -> None:
+    """Each address is inside one of the network's subnets, not its gateway and held by no port."""
+    held = {ip: e for e in await o.endpoints_in(net.name) for ip in e.ips}
+    for ip in ips:
+        sub = next((x for x in net.subnets if in_cidr(ip, x.cidr)), None)
+        if sub is None:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: {ip[:60]} is in no subnet of network {net.id}.")
+        if ip == sub.gateway:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: {ip} is the gateway of subnet {sub.id}.")
+        if ip in held:
+            raise NeutronError(409, "IpAddressAlreadyAllocated", f"IP address {ip} already allocated in subnet "
+                                                                 f"{sub.id}.")
+
+
 def in_cidr(ip: str, cidr: str) -> bool:
     try:
         return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
@@ -939,8 +953,20 @@ async def update_port(port_id: str, request: Request) -> dict:
         elif not new:
             changes["labels"] = {**ep.labels, UNNAMED: "true"}
             changes["display_name"] = None
-    if "fixed_ips" in body and sorted(str(f.get("ip_address")) for f in fixed_ip_entries(body)) != sorted(ep.ips):
-        raise bad_request("Changing fixed_ips of a port is not supported; create a new port")
+    new_ips: list[str] | None = None
+    if "fixed_ips" in body:
+        current = (await nets_by_name(o)).get(ep.network)
+        if current is None:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: the port's network {ep.network} is gone.")
+        entries = fixed_ip_entries(body)
+        if any(not f.get("ip_address") for f in entries):
+            raise bad_request("Invalid input for fixed_ips. Reason: an update needs the ip_address of each fixed IP "
+                              "(Tether does not pick an address per subnet); list the addresses to keep and add.")
+        new_ips = await requested_ips(o, body, current)
+        if sorted(new_ips) == sorted(ep.ips):
+            new_ips = None
+        else:  # checked before anything is written, so a refused address leaves the port as it was
+            await check_free(o, current, [ip for ip in new_ips if ip not in ep.ips])
     if "network_id" in body:
         current = (await nets_by_name(o)).get(ep.network)
         if current is None or body["network_id"] != current.id:
@@ -958,6 +984,13 @@ async def update_port(port_id: str, request: Request) -> dict:
         owner = vm_owner(body, ep.owner)
         changes["owner"] = owner.model_dump()
     obj = await o.update_endpoint(ep.id, changes) if changes else ep
+    if new_ips is not None:  # last: every other change was accepted (a refused address changes nothing)
+        try:
+            obj = await o.change_endpoint_ips(ep.id, new_ips)
+        except ApiError as e:
+            if e.status == 409 and "already in use" in e.detail:
+                raise NeutronError(409, "IpAddressAlreadyAllocated", e.detail) from None
+            raise
     return {"port": port_view(obj, await nets_by_name(o))}
 
 
