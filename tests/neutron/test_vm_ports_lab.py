@@ -246,3 +246,19 @@ def test_port_security_off_means_no_anti_spoofing_and_on_checks_sources_again(
         found = conn.network.find_security_group(sg)
         if found is not None:
             conn.network.delete_security_group(found)
+
+
+def test_a_second_fixed_ip_added_with_the_cli_is_reachable_and_gone_once_removed(
+        lab: Lab, vm: Vm, cloud: OpenStack) -> None:
+    second = "10.71.0.11"
+    subnet = vm.port["fixed_ips"][0]["subnet_id"]
+    nsx(vm.ns, "ip", "addr", "add", f"{second}/32", "dev", "eth0")  # as the VM's own configuration would
+    try:
+        assert not reaches(vm.pod.ns, second, within=2), "an address the port does not have is reachable"
+        cloud.run("port", "set", "--fixed-ip", f"ip-address={second}", vm.port["id"])
+        assert reaches(vm.pod.ns, second), "the pod cannot reach the port's second fixed IP"
+        assert reaches(vm.pod.ns, vm.ip), "the first fixed IP stopped working"
+        cloud.run("port", "unset", "--fixed-ip", f"subnet={subnet},ip-address={second}", vm.port["id"])
+        assert blocked(vm.pod.ns, second), "a removed fixed IP is still reachable"
+    finally:
+        nsx(vm.ns, "ip", "addr", "del", f"{second}/32", "dev", "eth0", check=False)
