@@ -206,3 +206,20 @@ def test_fixed_ips_of_a_port_are_added_removed_and_a_taken_address_changes_nothi
     for p in (a, b, c):
         os_.run("port", "delete", p["id"])
     os_.run("network", "delete", net["id"])
+
+
+def test_a_subnet_or_port_in_another_project_than_its_network_is_refused(openstack_client) -> None:
+    from openstack import exceptions
+
+    conn = openstack_client.sdk()
+    net = conn.network.create_network(name=unique("pjn"), project_id="proj-a")
+    for create, attrs in ((conn.network.create_subnet, {"cidr": "10.68.0.0/24", "ip_version": 4}),
+                          (conn.network.create_port, {})):
+        with pytest.raises(exceptions.BadRequestException) as e:
+            create(network_id=net.id, project_id="proj-b", **attrs)
+        assert "project_id" in str(e.value)
+    assert not list(conn.network.subnets(network_id=net.id)) and not list(conn.network.ports(network_id=net.id))
+    conn.network.create_port(network_id=net.id, project_id="proj-a")  # its own project is fine
+    for p in conn.network.ports(network_id=net.id):
+        conn.network.delete_port(p)
+    conn.network.delete_network(net)

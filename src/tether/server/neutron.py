@@ -595,6 +595,8 @@ async def create_subnet(request: Request) -> dict:
     o = objs(request)
     net_id = body["network_id"]
 
+    check_project(body, await network_by_id(o, net_id), "subnet")
+
     async def attempt() -> Network:
         net = await network_by_id(o, net_id)
         data = net.model_dump()
@@ -906,6 +908,7 @@ async def create_port(request: Request) -> dict:
         raise bad_request("Invalid input for network_id. Reason: a port needs a network_id.")
     o = objs(request)
     net = await network_by_id(o, body["network_id"])
+    check_project(body, net, "port")
     port_id = new_id()
     fields = port_fields(body)
     ips = await requested_ips(o, body, net)
@@ -1059,6 +1062,15 @@ async def create_sg(request: Request) -> dict:
     obj = await with_retries(lambda: o.create(sg))
     await o.ensure_default_group(obj.project)
     return {"security_group": sg_view(obj)}
+
+
+def check_project(body: dict[str, Any], net: Network, what: str) -> None:
+    """A subnet's or port's project is its network's: another one asked for is refused, not ignored."""
+    asked = project_of(body)
+    if asked and asked != (net.project or ""):
+        raise bad_request(f"Invalid input for project_id. Reason: a {what}'s project is its network's "
+                          f"({net.project or 'none'}) in Tether; {str(asked)[:40]!r} cannot be honoured. Leave it "
+                          "out.")
 
 
 def check_not_default_name(body: dict[str, Any]) -> None:
