@@ -41,6 +41,10 @@ MAX_RULES = 512  # rules per security group
 MAX_SERVICE_PORTS = 64  # ports per service
 MAX_BACKENDS = 1000  # explicit backends per service (an EndpointSlice holds at most 1000)
 MAX_POOLS = 64  # allocation pools per subnet
+MAX_TAGS = 64  # Neutron tags per object
+MAX_TAG = 60  # characters per tag (Neutron's MAX_TAG_LEN)
+MAX_DNS_SERVERS = 5  # Neutron's max_dns_nameservers
+MAX_HOST_ROUTES = 20  # Neutron's max_subnet_host_routes
 # The longest name the agent's DNS serves is `_<port>._<proto>.<service>.<namespace>.svc.<domain>`:
 # 17 + 5 + 64 + 64 + 4 characters before the domain, and a DNS name has at most 253.
 MAX_DNS_DOMAIN = 253 - (17 + 5 + 64 + 64 + 4)
@@ -139,6 +143,16 @@ def check_dns_domain(value: str) -> str:
             raise ValueError(f"dns_domain {value[:80]!r} is not a DNS name: use dot-separated labels of 1-63 "
                              "letters, digits and '-', like cluster.local")
     return name
+
+
+def check_tags(tags: list[str]) -> list[str]:
+    """Neutron tags: free text without commas (the CLI and `?tags=` filters join them with commas)."""
+    check_unique_count(tags, "tags", MAX_TAGS)
+    for t in tags:
+        check_text(t, "tag", MAX_TAG)
+        if not t or "," in t:
+            raise ValueError(f"tag {t!r} must be non-empty and hold no comma")
+    return list(dict.fromkeys(tags))
 
 
 def check_unique_count(values: list, what: str, limit: int) -> None:
@@ -281,6 +295,21 @@ class Host(Obj):
         return self
 
 
+class HostRoute(Strict):
+    """A route handed to the subnet's VMs by DHCP (Neutron's `host_routes`)."""
+
+    destination: str
+    nexthop: Annotated[str, checked(check_ip, "nexthop")]
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=True))
+        except ValueError as e:
+            raise ValueError(f"host route destination {v!r} is not a CIDR ({e}); write it like 10.9.0.0/16") from None
+
+
 class Subnet(Strict):
     cidr: str
     gateway: str | None = None  # informational for routed endpoints; Neutron and Docker expose it
@@ -290,6 +319,26 @@ class Subnet(Strict):
     # Neutron's ipv6_address_mode: Tether assigns every address itself (IPAM, handed over by CNI or
     # the port), which is `dhcpv6-stateful`; SLAAC modes are refused (no router advertisements)
     ipv6_address_mode: Literal["dhcpv6-stateful"] | None = None
+    description: Annotated[str, checked(check_text, "description")] = ""
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
+    # what DHCP hands the subnet's VMs (stored and shown; Tether's pods get DNS from their agent)
+    enable_dhcp: bool = True
+    dns_nameservers: list[Annotated[str, checked(check_ip, "dns_nameservers")]] = Field(default_factory=list)
+    host_routes: list[HostRoute] = Field(default_factory=list)
+
+    @field_validator("dns_nameservers")
+    @classmethod
+    def _dns(cls, v: list[str]) -> list[str]:
+        check_unique_count(v, "dns_nameservers", MAX_DNS_SERVERS)
+        if len(set(v)) != len(v):
+            raise ValueError("dns_nameservers lists an address twice; list each once")
+        return v
+
+    @field_validator("host_routes")
+    @classmethod
+    def _routes(cls, v: list[HostRoute]) -> list[HostRoute]:
+        check_unique_count(v, "host_routes", MAX_HOST_ROUTES)
+        return v
 
     @field_validator("pools")
     @classmethod
@@ -341,6 +390,10 @@ class Network(Obj):
     block_size: int = Field(default=26, ge=16, le=32)  # IPv4 prefix length of IPAM blocks
     vni: int = Field(default=VNI, ge=1, le=16777215)  # one VTEP per host carries all networks
     external: bool = False
+    description: Annotated[str, checked(check_text, "description")] = ""
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
+    # Neutron's free-text name when it is not a DNS label (`name`, the key, is then derived from it)
+    display_name: Annotated[str, checked(check_text, "display_name")] | None = None
 
     @field_validator("name")
     @classmethod
@@ -453,6 +506,15 @@ class Endpoint(Obj):
     parent: Annotated[str, checked(check_id, "parent")] | None = None  # nested: the VM port this endpoint lives behind
     ready: bool = True
     status: Literal["pending", "active", "down"] = "pending"
+    # Neutron's admin_state_up: a disabled endpoint's interface sends nothing (its ingress chain)
+    admin_state_up: bool = True
+    # source MAC/address checks on its interface; only Neutron's port_security_enabled=false turns
+    # them off (an endpoint without port security still keeps them unless told)
+    anti_spoofing: bool = True
+    description: Annotated[str, checked(check_text, "description")] = ""
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
+    display_name: Annotated[str, checked(check_text, "display_name")] | None = None  # Neutron's free-text name
+    dns_name: Annotated[str, checked(check_dns_label, "dns_name")] | None = None  # Neutron's dns_name
 
     def store_name(self) -> str:
         return self.id
@@ -484,6 +546,8 @@ class Endpoint(Obj):
         (as in Neutron) instead of opening it to everyone."""
         if self.security_groups:
             self.port_security = True
+        if self.port_security:  # port security on always checks sources (Neutron)
+            self.anti_spoofing = True
         return self
 
     @field_validator("allowed_address_pairs")
@@ -580,6 +644,7 @@ class SecurityGroup(Obj):
     description: Annotated[str, checked(check_text, "description")] = ""
     project: Annotated[str, checked(check_text, "project")] | None = None
     rules: list[SecurityGroupRule] = Field(default_factory=list)
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
 
     @field_validator("rules")
     @classmethod

@@ -111,3 +111,23 @@ def test_ipv6_from_the_unspecified_address_passes_only_for_duplicate_address_det
     assert set(expr[2]["match"]["right"]["set"]) == {"nd-neighbor-solicit", "mld-listener-report",
                                                       "mld2-listener-report"}
     assert '"::"' not in json.dumps(rules[spoof6])
+def test_a_disabled_endpoint_sends_nothing_and_one_without_anti_spoofing_sends_from_anywhere() -> None:
+    """Neutron's `port set --disable` and `port_security_enabled=false` on the pod's own chain."""
+    r = replica()
+    e0 = r.objects["Endpoint"]["e0"]
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"mac": "02:00:00:00:00:01", "admin_state_up": False})
+    rules = [json.loads(x) for x in compute_nft(r, CTX).chain("ing-tthe0").rules]
+    assert [x["comment"] for x in rules] == [pod_ingress.PORT_DISABLED]
+    assert [list(s) for s in rules[0]["expr"]][-1] == ["drop"]  # no match: everything
+
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"mac": "02:00:00:00:00:01", "anti_spoofing": False})
+    text = body(compute_nft(r, CTX).chain("ing-tthe0"))
+    assert pod_ingress.SPOOFED_MAC not in text and pod_ingress.SPOOFED_ADDRESS not in text
+    assert pod_ingress.PORT_DISABLED not in text
+
+
+def test_port_security_on_always_means_anti_spoofing() -> None:
+    ep = Endpoint(name="p", network="n", port_security=True, anti_spoofing=False)
+    assert ep.anti_spoofing
+    assert Endpoint(name="p", network="n", security_groups=["g1"], anti_spoofing=False).anti_spoofing
+    assert not Endpoint(name="p", network="n", anti_spoofing=False).anti_spoofing

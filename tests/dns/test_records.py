@@ -193,3 +193,10 @@ def test_a_bare_name_forwarded_by_dockers_embedded_resolver_is_answered_in_the_c
     assert answer_bare(REC, dns.message.make_query("nope", "A").to_wire(), search["10.1.0.20"]) is None
     assert answer_bare(REC, dns.message.make_query("db", "A").to_wire(), None) is None  # not a container
     assert answer_bare(REC, dns.message.make_query("db.example", "A").to_wire(), search["10.1.0.20"]) is None
+def test_a_neutron_dns_name_resolves_to_the_ports_addresses_and_ptr_keeps_its_name() -> None:
+    port = Endpoint(name="port-1a2b3c4d", network="blue", ips=["10.1.0.20"], dns_name="www1")
+    rec = build([*EPS, port], [], [NET], serial=1)
+    wire = answer(rec, dns.message.make_query("www1.blue.tether.local", "A").to_wire())
+    assert wire is not None and rdata(dns.message.from_wire(wire)) == ["10.1.0.20"]
+    ptr = answer(rec, dns.message.make_query(dns.reversename.from_address("10.1.0.20"), "PTR").to_wire())
+    assert ptr is not None and rdata(dns.message.from_wire(ptr)) == ["port-1a2b3c4d.blue.tether.local."]

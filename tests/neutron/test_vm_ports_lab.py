@@ -187,3 +187,78 @@ def test_network_policy_isolates_nested_containers_from_each_other(lab: Lab, vm:
     assert reaches(ns1, vm.pod.ip) and reaches(ns2, vm.pod.ip), "egress to the pod should stay open"
     assert lab.reaches(f"{vm.pod.host}/{vm.pod.name}", ep1.ips[0]), "the allowed pod cannot reach nested c1"
     assert reaches(vm.ns, vm.pod.ip), "the VM itself is not selected by the policy and keeps its access"
+
+
+def test_a_disabled_port_passes_no_traffic_until_enabled_again(lab: Lab, vm: Vm, cloud: OpenStack) -> None:
+    assert reaches(vm.ns, vm.pod.ip) and reaches(vm.pod.ns, vm.ip)
+    cloud.run("port", "set", "--disable", vm.port["id"])
+    try:
+        assert blocked(vm.ns, vm.pod.ip), "the disabled port still reaches the pod"
+        assert blocked(vm.pod.ns, vm.ip), "the pod still gets answers from the disabled port"
+        assert not tcp_connects(vm.pod.ns, vm.ip, 22)
+        assert cloud.sdk().network.get_port(vm.port["id"]).status == "DOWN"
+    finally:
+        cloud.run("port", "set", "--enable", vm.port["id"])
+    assert reaches(vm.ns, vm.pod.ip) and reaches(vm.pod.ns, vm.ip), "enabling the port did not restore traffic"
+
+
+UDP_SINK = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5599))\n"
+            "s.settimeout(float(sys.argv[1]))\nseen = set()\ntry:\n    while True: seen.add(s.recvfrom(100)[1][0])\n"
+            "except OSError: pass\nprint(' '.join(sorted(seen)))")
+
+
+def sources_seen(receiver_ns: str, sender_ns: str, sources: list[str], dst: str) -> set[str]:
+    """The source addresses of UDP datagrams from `sources` (bound in `sender_ns`) that reach `dst`."""
+    sink = subprocess.Popen(["ip", "netns", "exec", receiver_ns, sys.executable, "-c", UDP_SINK, "4"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        code = ("import socket, sys, time\nfor _ in range(10):\n    for src in sys.argv[2:]:\n"
+                "        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((src, 0))\n"
+                "        s.sendto(b'x', (sys.argv[1], 5599)); s.close()\n    time.sleep(0.1)")
+        nsx(sender_ns, sys.executable, "-c", code, dst, *sources)
+        out, _ = sink.communicate(timeout=15)
+    finally:
+        sink.kill()
+        sink.wait()
+    return set(out.split())
+
+
+def test_port_security_off_means_no_anti_spoofing_and_on_checks_sources_again(
+        lab: Lab, vm: Vm, cloud: OpenStack) -> None:
+    """As in Neutron: with port security off the port may send from any address; with it on (a group
+    that allows everything), only from its own."""
+    spoofed = "10.71.0.99"  # allocated to nobody
+    nsx(vm.ns, "ip", "addr", "add", f"{spoofed}/32", "dev", "eth0")
+    sg = unique("open")
+    try:
+        seen = sources_seen(vm.pod.ns, vm.ns, [vm.ip, spoofed], vm.pod.ip)
+        assert seen == {vm.ip, spoofed}, f"with port security off the pod should see both sources, saw {seen}"
+        cloud.cli("security", "group", "create", sg)
+        cloud.cli("security", "group", "rule", "create", "--ingress", "--remote-ip", "0.0.0.0/0", sg)
+        cloud.run("port", "set", "--security-group", sg, vm.port["id"])  # turns port security on
+        wait_for(lambda: sources_seen(vm.pod.ns, vm.ns, [vm.ip, spoofed], vm.pod.ip) == {vm.ip}, 20,
+                 "only the port's own source to reach the pod with port security on")
+    finally:
+        nsx(vm.ns, "ip", "addr", "del", f"{spoofed}/32", "dev", "eth0", check=False)
+        conn = cloud.sdk()
+        conn.network.update_port(vm.port["id"], security_group_ids=[], port_security_enabled=False)
+        found = conn.network.find_security_group(sg)
+        if found is not None:
+            conn.network.delete_security_group(found)
+
+
+def test_a_second_fixed_ip_added_with_the_cli_is_reachable_and_gone_once_removed(
+        lab: Lab, vm: Vm, cloud: OpenStack) -> None:
+    second = "10.71.0.11"
+    subnet = vm.port["fixed_ips"][0]["subnet_id"]
+    nsx(vm.ns, "ip", "addr", "add", f"{second}/32", "dev", "eth0")  # as the VM's own configuration would
+    try:
+        assert not reaches(vm.pod.ns, second, within=2), "an address the port does not have is reachable"
+        cloud.run("port", "set", "--fixed-ip", f"ip-address={second}", vm.port["id"])
+        assert reaches(vm.pod.ns, second), "the pod cannot reach the port's second fixed IP"
+        assert reaches(vm.pod.ns, vm.ip), "the first fixed IP stopped working"
+        cloud.run("port", "unset", "--fixed-ip", f"subnet={subnet},ip-address={second}", vm.port["id"])
+        assert blocked(vm.pod.ns, second), "a removed fixed IP is still reachable"
+    finally:
+        nsx(vm.ns, "ip", "addr", "del", f"{second}/32", "dev", "eth0", check=False)

@@ -6,7 +6,8 @@ than building a message object per query. Anything outside the cluster zones ret
 server forwards it (dns.py); dnspython is used there and in the tests.
 
 Names (DESIGN.md §5):
-- `<endpoint>.<network>.<domain>`       A / AAAA (every address, shuffled per answer)
+- `<endpoint>.<network>.<domain>`       A / AAAA (every address, shuffled per answer); also
+  `<dns_name>.<network>.<domain>` for a Neutron port with a `dns_name`
 - `<service>.<namespace>.svc.<domain>`  A (cluster IP); SRV for the service's ports
 - `_<port>._<proto>.<service>.<namespace>.svc.<domain>`  SRV for one named port
 - PTR for every endpoint and service address.
@@ -240,8 +241,9 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
                 _skip("Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
                 continue
             try:
-                hit = (ep, net, endpoint_records(rec, f"{ep.name}.{net.name}.{net.dns_domain.rstrip('.')}.", ep.ips,
-                                                 ttl))
+                suffix = f".{net.name}.{net.dns_domain.rstrip('.')}."
+                alias = f"{ep.dns_name}{suffix}" if ep.dns_name and ep.dns_name != ep.name else None
+                hit = (ep, net, endpoint_records(rec, f"{ep.name}{suffix}", ep.ips, ttl, alias))
             except ValueError as e:  # an address that is not one
                 _skip("Endpoint", ep.id, str(e))
                 continue
@@ -277,9 +279,14 @@ def _headless_answers(svc: Service, endpoints: list[Endpoint], ttl: int) -> list
     return out
 
 
-def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int) -> EndpointRecords:
-    """An endpoint's part, for the zones and reverse networks of `rec`."""
+def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int, alias: str | None = None
+                     ) -> EndpointRecords:
+    """An endpoint's part, for the zones and reverse networks of `rec`; `alias` (its Neutron
+    `dns_name` in the same network) gets the same addresses, and PTRs keep naming `name`."""
+    ips = list(ips)
     rrs = tuple(r for ip in ips for r in address_rrs(name, ip, ttl))
+    if alias:
+        rrs += tuple(r for ip in ips for r in address_rrs(alias, ip, ttl) if r[1] != PTR)
     return EndpointRecords(rrs, frozenset(rec.with_parents(owner for owner, _rtype, _rr in rrs)))
 
 

@@ -2,9 +2,12 @@
 
 A base chain of family `inet` hooked at `ingress` on the host-side device (`ing-<interface>`),
 holding compares against that one pod's values:
+- a disabled endpoint (`admin_state_up` false, Neutron's `port set --disable`) sends nothing: one
+  rule drops all, so it can neither start nor answer anything;
 - anti-spoofing: the interface may send from its endpoint's addresses and MAC, its allowed address
   pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses, and
-  duplicate address detection and MLD reports from `::`);
+  duplicate address detection and MLD reports from `::`), unless the endpoint's `anti_spoofing` is
+  off (Neutron's port security off);
 - in a table without conntrack (`calc.needs_state`), isolation between networks and the refusal of
   a pod's VXLAN outside its network, both at the sender (that table has no other chain);
 - in a table with conntrack, a pod's VXLAN to the hosts that would decapsulate it (with any inner
@@ -46,6 +49,7 @@ PRIORITY = -500  # before anything else on the device
 VXLAN_FROM_POD = "VXLAN from a pod"
 SPOOFED_ADDRESS = "spoofed source address"
 SPOOFED_MAC = "spoofed source MAC"
+PORT_DISABLED = "port disabled"
 
 
 # What a pod's IPv6 stack sends from the unspecified address `::` (RFC 4862 5.4.2, RFC 3810 5.2.13):
@@ -125,8 +129,11 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
     expressions: every expression counts on these VMs, where the chain is a pod's whole table."""
     nets = [networks.get(who.network) for who in senders]
     several = len({who.network for who in senders}) > 1
+    if not senders[0].admin_state_up:
+        return _chain(interface, [denied(comment=PORT_DISABLED)])
     rules: list[str] = []
-    if senders[0].mac:
+    spoof_checks = senders[0].anti_spoofing
+    if senders[0].mac and spoof_checks:
         macs = set()
         for who in senders:
             if who.mac:
@@ -140,12 +147,12 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
             version, canonical, _ = source_prefix(a)
             allowed[version].add(canonical)
     for v, proto in ((4, "ipv4"), (6, "ipv6")):
-        if v == 6:  # before any address exists: duplicate address detection and MLD reports
+        if v == 6 and spoof_checks:  # before any address exists: duplicate address detection and MLD reports
             rules.append(UNSPECIFIED_SOURCE)
-        if allowed[v]:
+        if spoof_checks and allowed[v]:
             rules.append(denied(match(addr_field(v, "saddr"), one_or_set(sorted(allowed[v])), "!="),
                                 comment=SPOOFED_ADDRESS))
-        else:
+        elif spoof_checks:
             rules.append(denied(match(meta("nfproto"), proto), comment=SPOOFED_ADDRESS))
         own = _subnets(nets[0], v) if nets[0] is not None else []
         if not stateful and not several and own:  # isolation allows its own network: done

@@ -11,14 +11,17 @@ all egress), created on its first network, port or group list, which cannot be d
 port created without `security_groups` is put in it; a port with port security on and no group
 passes nothing (`Endpoint.port_security`).
 
-Deliberate differences: network and port names must be DNS labels (they become DNS names) and are
-unique per network; fixed IPs are chosen per address family (a `subnet_id` without `ip_address`
-does not pick the subnet); a port's project is its network's.
+Never accepted silently: an attribute Neutron defines that Tether does not implement is refused
+with a 400 naming it (`NOT_IMPLEMENTED`) before anything is stored. Names are free text: one that
+is not a DNS label is shown as given (`display_name`) and keys the object by a derived label.
+Deliberate differences: fixed IPs are chosen per address family (a `subnet_id` without
+`ip_address` is refused where it would not pick what was asked); a port's project is its network's.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -41,6 +44,7 @@ from tether.model import (
     SecurityGroup,
     SecurityGroupRule,
     Subnet,
+    check_tags,
     default_group_id,
     is_default_group,
     new_id,
@@ -138,6 +142,98 @@ def check_attrs(body: dict[str, Any], known: set[str]) -> None:
         raise bad_request(f"Unrecognized attribute(s) '{', '.join(unknown)}'")
 
 
+# Attributes Neutron defines that Tether does not implement: accepted only at the value that means
+# "not used" (what Neutron shows by default), refused with a 400 naming them otherwise, before
+# anything is stored, so no request is half done or silently ignored.
+NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "shared": ((False,), "networks are not shared between projects in Tether (RBAC is not implemented)"),
+    "provider:network_type": (("vxlan",), "Tether carries every network over VXLAN (or routed 'direct' hosts); "
+                                          "no VLAN, flat or GRE segments"),
+    "provider:physical_network": ((), "there are no physical networks (provider VLAN/flat) in Tether"),
+    "availability_zone_hints": (([],), "availability zones are not implemented"),
+    "is_default": ((False,), "default external networks (auto-allocated topology) are not implemented"),
+    "subnetpool_id": ((), "subnet pools are not implemented: give a cidr"),
+    "prefixlen": ((), "subnet pools are not implemented: give a cidr"),
+    "use_default_subnetpool": ((False,), "subnet pools are not implemented: give a cidr"),
+    "segment_id": ((), "routed network segments are not implemented"),
+    "service_types": (([],), "subnet service types are not implemented"),
+    "dns_publish_fixed_ip": ((False,), "publishing fixed IPs to an external DNS service is not implemented"),
+    "binding:vnic_type": (("normal",), "only 'normal' (tap/veth) ports exist: no SR-IOV, macvtap or "
+                                       "vhost-user"),
+    "qos_policy_id": ((), "QoS policies are not implemented"),
+    "propagate_uplink_status": ((False,), "uplink status propagation is not implemented"),
+    "numa_affinity_policy": ((), "NUMA affinity policies are not implemented"),
+    "extra_dhcp_opts": (([],), "extra DHCP options are not implemented"),
+    "stateful": ((True,), "stateless security groups are not implemented (every group is stateful)"),
+    "remote_address_group_id": ((), "address groups are not implemented: use remote_ip_prefix"),
+}
+
+
+def check_implemented(body: dict[str, Any], attrs: set[str]) -> None:
+    """400 naming the first attribute of `attrs` whose value asks for what Tether does not do
+    (None, the attribute's "not used" value, is always accepted)."""
+    for attr in sorted(attrs & set(body)):
+        accepted, why = NOT_IMPLEMENTED[attr]
+        value = body[attr]
+        if value is None or value in accepted:
+            continue
+        if isinstance(value, str) and value.lower() in ("false", "true") and \
+                (value.lower() == "true") in [a for a in accepted if isinstance(a, bool)]:
+            continue
+        raise NeutronError(400, "HTTPBadRequest", f"Invalid input for {attr}. Reason: {str(value)[:60]!r} is not "
+                                                  f"supported: {why}. Leave {attr} out.")
+
+
+def bool_of(body: dict[str, Any], attr: str) -> bool | None:
+    """A boolean attribute (Neutron also takes "true"/"false"), None when absent or null."""
+    value = body.get(attr)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise bad_request(f"Invalid input for {attr}. Reason: '{str(value)[:40]}' is not a valid boolean value.")
+
+
+def text_of(body: dict[str, Any], attr: str) -> str:
+    value = body.get(attr)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise bad_request(f"Invalid input for {attr}. Reason: '{str(value)[:40]}' is not a valid string.")
+    if len(value) > 255:
+        raise bad_request(f"Invalid input for {attr}. Reason: '{value[:40]}...' exceeds maximum length of 255.")
+    return value
+
+
+def tags_of(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise bad_request("Invalid input for tags. Reason: a list of strings is expected.")
+    try:
+        return check_tags(value)
+    except ValueError as e:
+        raise bad_request(f"Invalid input for tags. Reason: {e}.") from None
+
+
+def label_of(name: str, fallback: str) -> str:
+    """The DNS label Tether keys an object by, derived from a free-text Neutron name ("My Net" ->
+    "my-net-1a2b3c4d"): lower case, runs of other characters as '-', the id's first 8 characters
+    appended so two names that fold to the same label stay apart."""
+    if DNS_LABEL.match(name):
+        return name
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:50].strip("-")
+    return f"{slug}-{fallback[-8:]}" if slug else fallback
+
+
+def names_of(body_name: Any, fallback: str, what: str) -> tuple[str, str | None]:
+    """(Tether name, display name) of a Neutron name: a DNS label is used as it is; other free text
+    is shown as given and keyed by a derived label."""
+    name = text_of({"name": body_name}, "name") if body_name is not None else ""
+    if not name:
+        return fallback, None
+    label = label_of(name, fallback)
+    return label, (None if label == name else name)
+
+
 def filtered(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Neutron list semantics: each query parameter filters on the field of that name (repeated
     values mean any of them); `fields=` keeps only those fields (plus nothing else)."""
@@ -152,6 +248,11 @@ def filtered(request: Request, items: list[dict[str, Any]]) -> list[dict[str, An
 
 
 def _matches(item: dict[str, Any], key: str, wanted: list[str]) -> bool:
+    if key in ("tags", "tags-any", "not-tags", "not-tags-any"):  # Neutron's tag filters, comma-separated
+        have = set(item.get("tags", []))
+        asked = {t for w in wanted for t in w.split(",") if t}
+        hit = asked <= have if key in ("tags", "not-tags") else bool(asked & have)
+        return hit != key.startswith("not-")
     if key == "fixed_ips":  # ?fixed_ips=ip_address=10.0.0.5 or subnet_id=...
         for w in wanted:
             k, _, v = w.partition("=")
@@ -211,15 +312,6 @@ async def sg_by_id(o: Objects, sg_id: str) -> SecurityGroup:
     return sg
 
 
-def dns_name(name: str | None, fallback: str, what: str) -> str:
-    if not name:
-        return fallback
-    if not DNS_LABEL.match(name):
-        raise bad_request(f"Invalid input for name. Reason: {what} name {name!r} must be a DNS label here (Tether "
-                          "publishes it in DNS): 1-63 lower-case letters, digits and '-'.")
-    return name
-
-
 # --- version document and extensions ---------------------------------------------------------------
 
 def version_document(base_url: str) -> dict[str, Any]:
@@ -241,6 +333,9 @@ EXTENSIONS = [
     ("standard-attr-timestamp", "Resource timestamps", "Adds created_at and updated_at fields to all Neutron "
                                                         "resources that have Neutron standard attributes."),
     ("net-mtu", "Network MTU", "Provides MTU attribute for a network resource."),
+    ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, "
+                          "security_group", "Enables to set tag on resources with standard attribute."),
+    ("dns-integration", "DNS Integration", "Provides integration with DNS (dns_name of a port)."),
 ]
 
 
@@ -272,6 +367,8 @@ async def get_extension(alias: str) -> dict:
 
 # --- networks --------------------------------------------------------------------------------------
 
+NETWORK_NOT_IMPLEMENTED = {"shared", "provider:network_type", "provider:physical_network",
+                           "availability_zone_hints", "is_default"}
 NETWORK_ATTRS = {"name", "admin_state_up", "shared", "router:external", "mtu", "description", "tenant_id",
                  "project_id", "port_security_enabled", "provider:network_type", "provider:physical_network",
                  "provider:segmentation_id", "availability_zone_hints", "dns_domain", "is_default", "tags"}
@@ -279,15 +376,32 @@ NETWORK_ATTRS = {"name", "admin_state_up", "shared", "router:external", "mtu", "
 
 def network_view(net: Network) -> dict[str, Any]:
     return {
-        "id": net.id, "name": net.name, "tenant_id": net.project or "", "project_id": net.project or "",
+        "id": net.id, "name": net.display_name or net.name, "tenant_id": net.project or "",
+        "project_id": net.project or "",
         "subnets": [s.id for s in net.subnets], "status": "ACTIVE", "admin_state_up": True, "shared": False,
         "router:external": net.external, "mtu": net.mtu or DEFAULT_MTU, "port_security_enabled": True,
-        "description": "", "tags": [], "availability_zones": [], "availability_zone_hints": [],
-        "ipv4_address_scope": None, "ipv6_address_scope": None, "is_default": False,
+        "description": net.description, "tags": list(net.tags), "availability_zones": [],
+        "availability_zone_hints": [], "ipv4_address_scope": None, "ipv6_address_scope": None, "is_default": False,
         "provider:network_type": "local" if net.encap == "direct" else "vxlan", "provider:physical_network": None,
         "provider:segmentation_id": net.vni, "l2_adjacency": False, "dns_domain": net.dns_domain + ".",
         **stamps(net),
     }
+
+
+def check_network_body(body: dict[str, Any]) -> None:
+    """Refuse what a network cannot be, before anything is stored."""
+    check_implemented(body, NETWORK_NOT_IMPLEMENTED)
+    for attr, why in (("admin_state_up", "a network cannot be disabled in Tether (disable its ports)"),
+                      ("port_security_enabled", "port security is chosen per port in Tether; set "
+                                                "port_security_enabled on the ports")):
+        if bool_of(body, attr) is False:
+            raise bad_request(f"Invalid input for {attr}. Reason: False is not supported: {why}. Leave {attr} out.")
+    if "tags" in body:
+        tags_of(body["tags"])
+    text_of(body, "description")
+    if "name" in body:
+        text_of(body, "name")
+    check_segment(body)
 
 
 def check_segment(body: dict[str, Any]) -> None:
@@ -312,11 +426,15 @@ async def get_network(net_id: str, request: Request) -> dict:
 async def create_network(request: Request) -> dict:
     body = await body_of(request, "network")
     check_attrs(body, NETWORK_ATTRS)
-    check_segment(body)
+    check_network_body(body)
     net_id = new_id()
-    net = Network(id=net_id, name=dns_name(body.get("name"), f"net-{net_id[:8]}", "network"),
-                  project=project_of(body), external=bool(body.get("router:external", False)),
-                  mtu=body.get("mtu"))
+    name, display = names_of(body.get("name"), f"net-{net_id[:8]}", "network")
+    net = Network(id=net_id, name=name, display_name=display, project=project_of(body),
+                  external=bool(bool_of(body, "router:external")), mtu=body.get("mtu"),
+                  description=text_of(body, "description"), tags=tags_of(body.get("tags") or []))
+    if body.get("dns_domain"):
+        net.dns_domain = str(body["dns_domain"]).rstrip(".")
+        net = Network.model_validate(net.model_dump())
     o = objs(request)
     obj, _ = await o.put_network(net, create_only=True)
     await o.ensure_default_group(obj.project)  # Neutron: a project's first network makes its default group
@@ -327,14 +445,21 @@ async def create_network(request: Request) -> dict:
 async def update_network(net_id: str, request: Request) -> dict:
     body = await body_of(request, "network")
     check_attrs(body, NETWORK_ATTRS)
-    check_segment(body)
+    check_network_body(body)
     o = objs(request)
     net = await network_by_id(o, net_id)
-    if "name" in body and body["name"] != net.name:
-        raise bad_request("Renaming a network is not supported: its name is its key in Tether")
     data = net.model_dump()
+    if "name" in body:  # the key stays; the name shown changes (free text)
+        new = text_of(body, "name")
+        data["display_name"] = None if new == net.name else new
+    if "description" in body:
+        data["description"] = text_of(body, "description")
+    if "tags" in body:
+        data["tags"] = tags_of(body["tags"] or [])
+    if body.get("dns_domain"):
+        data["dns_domain"] = str(body["dns_domain"]).rstrip(".")
     if "router:external" in body:
-        data["external"] = bool(body["router:external"])
+        data["external"] = bool(bool_of(body, "router:external"))
     if "mtu" in body:
         data["mtu"] = body["mtu"]
     obj, _ = await o.put_network(Network.model_validate(data), create_only=False)
@@ -357,6 +482,8 @@ async def delete_network(net_id: str, request: Request) -> Response:
 
 # --- subnets ---------------------------------------------------------------------------------------
 
+SUBNET_NOT_IMPLEMENTED = {"subnetpool_id", "prefixlen", "use_default_subnetpool", "segment_id", "service_types",
+                          "dns_publish_fixed_ip"}
 SUBNET_ATTRS = {"name", "network_id", "cidr", "ip_version", "gateway_ip", "allocation_pools", "enable_dhcp",
                 "dns_nameservers", "host_routes", "description", "tenant_id", "project_id", "ipv6_ra_mode",
                 "ipv6_address_mode", "subnetpool_id", "prefixlen", "use_default_subnetpool", "segment_id",
@@ -394,10 +521,35 @@ def subnet_view(net: Network, s: Subnet) -> dict[str, Any]:
     return {
         "id": s.id, "name": s.name or "", "network_id": net.id, "tenant_id": net.project or "",
         "project_id": net.project or "", "cidr": s.cidr, "ip_version": ipaddress.ip_network(s.cidr).version,
-        "gateway_ip": s.gateway, "allocation_pools": pools_view(s), "enable_dhcp": True, "dns_nameservers": [],
-        "host_routes": [], "ipv6_ra_mode": None, "ipv6_address_mode": s.ipv6_address_mode, "subnetpool_id": None,
-        "description": "", "tags": [], "service_types": [], "segment_id": None, **stamps(net),
+        "gateway_ip": s.gateway, "allocation_pools": pools_view(s), "enable_dhcp": s.enable_dhcp,
+        "dns_nameservers": list(s.dns_nameservers),
+        "host_routes": [{"destination": r.destination, "nexthop": r.nexthop} for r in s.host_routes],
+        "ipv6_ra_mode": None, "ipv6_address_mode": s.ipv6_address_mode, "subnetpool_id": None,
+        "description": s.description, "tags": list(s.tags), "service_types": [], "segment_id": None, **stamps(net),
     }
+
+
+def subnet_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The DHCP and descriptive fields a subnet request sets (validated by the model when stored)."""
+    out: dict[str, Any] = {}
+    if "description" in body:
+        out["description"] = text_of(body, "description")
+    if "tags" in body:
+        out["tags"] = tags_of(body["tags"] or [])
+    if "enable_dhcp" in body:
+        out["enable_dhcp"] = bool_of(body, "enable_dhcp") is not False
+    if "dns_nameservers" in body:
+        servers = body["dns_nameservers"] or []
+        if not isinstance(servers, list) or not all(isinstance(x, str) for x in servers):
+            raise bad_request("Invalid input for dns_nameservers. Reason: a list of IP addresses is expected.")
+        out["dns_nameservers"] = servers
+    if "host_routes" in body:
+        routes = body["host_routes"] or []
+        if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+            raise bad_request("Invalid input for host_routes. Reason: a list of {destination, nexthop} is expected.")
+        out["host_routes"] = [{"destination": str(r.get("destination")), "nexthop": str(r.get("nexthop"))}
+                              for r in routes]
+    return out
 
 
 def parse_cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -427,6 +579,7 @@ async def get_subnet(subnet_id: str, request: Request) -> dict:
 async def create_subnet(request: Request) -> dict:
     body = await body_of(request, "subnet")
     check_attrs(body, SUBNET_ATTRS)
+    check_implemented(body, SUBNET_NOT_IMPLEMENTED)
     if not body.get("network_id"):
         raise bad_request("Invalid input for network_id. Reason: a subnet needs a network_id.")
     if not body.get("cidr"):
@@ -448,10 +601,12 @@ async def create_subnet(request: Request) -> dict:
     first = str(next(iter(cidr.hosts()), cidr.network_address))
     gateway = body.get("gateway_ip", first)  # Neutron's default: the first address
     pools = [f"{p['start']}-{p['end']}" for p in body.get("allocation_pools") or []]
-    subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=body.get("name") or None,
-                    ipv6_address_mode=mode)
+    subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=text_of(body, "name") or None,
+                    ipv6_address_mode=mode, **subnet_fields(body))
     o = objs(request)
     net_id = body["network_id"]
+
+    check_project(body, await network_by_id(o, net_id), "subnet")
 
     async def attempt() -> Network:
         net = await network_by_id(o, net_id)
@@ -473,10 +628,14 @@ async def update_subnet(subnet_id: str, request: Request) -> dict:
     changeable = {"name", "description", "enable_dhcp", "dns_nameservers", "host_routes", "tags"}
     if set(body) - changeable:
         raise bad_request(f"Cannot update read-only attribute(s) {', '.join(sorted(set(body) - changeable))}")
+    data = s.model_dump()
     if "name" in body:
-        s.name = body["name"] or None
+        data["name"] = text_of(body, "name") or None
+    data.update(subnet_fields(body))
+    new = Subnet.model_validate(data)
+    net.subnets = [new if x.id == subnet_id else x for x in net.subnets]
     obj, _ = await o.put_network(net, create_only=False)
-    return {"subnet": subnet_view(obj, s)}
+    return {"subnet": subnet_view(obj, new)}
 
 
 @router.delete("/subnets/{subnet_id}", status_code=204)
@@ -495,6 +654,8 @@ async def delete_subnet(subnet_id: str, request: Request) -> Response:
 
 # --- ports -----------------------------------------------------------------------------------------
 
+PORT_NOT_IMPLEMENTED = {"binding:vnic_type", "qos_policy_id", "propagate_uplink_status", "numa_affinity_policy",
+                        "extra_dhcp_opts"}
 PORT_ATTRS = {"name", "network_id", "fixed_ips", "mac_address", "allowed_address_pairs", "security_groups",
               "device_id", "device_owner", "binding:host_id", "binding:profile", "binding:vnic_type",
               "admin_state_up", "description", "tenant_id", "project_id", "port_security_enabled", "tags",
@@ -520,7 +681,8 @@ def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
     device_owner = owner.device_owner or ("" if owner.type in ("api", "vm") else f"tether:{owner.type}")
     profile = {"netns": owner.netns} if owner.type == "vm" and owner.netns else {}
     return {
-        "id": ep.id, "name": "" if ep.labels.get(UNNAMED) else ep.name, "network_id": net.id if net else ep.network,
+        "id": ep.id, "name": "" if ep.labels.get(UNNAMED) else ep.display_name or ep.name,
+        "network_id": net.id if net else ep.network,
         "tenant_id": net.project or "" if net else "", "project_id": net.project or "" if net else "",
         "mac_address": mac, "fixed_ips": fixed,
         "allowed_address_pairs": [{"ip_address": p.ip_address, "mac_address": p.mac_address or mac}
@@ -528,8 +690,10 @@ def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
         "security_groups": list(ep.security_groups), "device_id": owner.device_id or owner.container_id or "",
         "device_owner": device_owner, "binding:host_id": ep.host or "", "binding:profile": profile,
         "binding:vif_type": "tap" if ep.host else "unbound", "binding:vif_details": {"port_filter": True},
-        "binding:vnic_type": "normal", "status": STATUS.get(ep.status, "DOWN"), "admin_state_up": True,
-        "port_security_enabled": ep.port_security, "description": "", "tags": [], "extra_dhcp_opts": [], "dns_name": "",
+        "binding:vnic_type": "normal",
+        "status": STATUS.get(ep.status, "DOWN") if ep.admin_state_up else "DOWN", "admin_state_up": ep.admin_state_up,
+        "port_security_enabled": ep.port_security, "description": ep.description, "tags": list(ep.tags),
+        "extra_dhcp_opts": [], "dns_name": ep.dns_name or "",
         "qos_policy_id": None, **stamps(ep),
     }
 
@@ -665,6 +829,80 @@ async def get_port(port_id: str, request: Request) -> dict:
     return {"port": port_view((await o.observed([await port_by_id(o, port_id)]))[0], await nets_by_name(o))}
 
 
+def port_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The descriptive and state fields a port request sets."""
+    check_implemented(body, PORT_NOT_IMPLEMENTED)
+    out: dict[str, Any] = {}
+    if "description" in body:
+        out["description"] = text_of(body, "description")
+    if "tags" in body:
+        out["tags"] = tags_of(body["tags"] or [])
+    if "admin_state_up" in body:
+        out["admin_state_up"] = bool_of(body, "admin_state_up") is not False
+    if "dns_name" in body:
+        name = text_of(body, "dns_name").rstrip(".")
+        if name and not DNS_LABEL.match(name):
+            raise bad_request(f"Invalid input for dns_name. Reason: {name[:64]!r} is not a DNS label here (1-63 "
+                              "lower-case letters, digits and '-'; Tether adds the network's dns_domain).")
+        out["dns_name"] = name or None
+    return out
+
+
+async def requested_ips(o: Objects, body: dict[str, Any], net: Network) -> list[str]:
+    """The addresses a port asks for. An entry with a `subnet_id` and no `ip_address` is allowed
+    only where it means what Tether does anyway (one address per family, from the only subnet of
+    that family); otherwise it would be dropped, so it is refused."""
+    ips: list[str] = []
+    subnet_only = []
+    entries = fixed_ip_entries(body)
+    for f in entries:
+        sub = None
+        if f.get("subnet_id"):
+            n, sub = await subnet_by_id(o, f["subnet_id"])
+            if n.id != net.id:
+                raise bad_request(f"Invalid input for operation: Failed to create port on network {net.id}, "
+                                  f"because fixed_ips included invalid subnet {sub.id}.")
+        if f.get("ip_address"):
+            ip = str(f["ip_address"])
+            if sub is not None and not in_cidr(ip, sub.cidr):
+                raise bad_request(f"Invalid input for operation: IP address {ip[:60]} is not a valid IP for the "
+                                  f"specified subnet {sub.id}.")
+            ips.append(ip)
+        elif sub is not None:
+            subnet_only.append(sub)
+        else:
+            raise bad_request("Invalid input for fixed_ips. Reason: each entry needs a subnet_id or an ip_address.")
+    for sub in subnet_only:
+        version = ipaddress.ip_network(sub.cidr).version
+        same = [x for x in net.subnets if ipaddress.ip_network(x.cidr).version == version]
+        if ips or len(subnet_only) > 1 or len(same) > 1:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: subnet {sub.id} without an ip_address cannot be "
+                              "honoured here (Tether picks one address per IP family of the network); give the "
+                              "ip_address of each fixed IP.")
+    return ips
+
+
+async def check_free(o: Objects, net: Network, ips: list[str]) -> None:
+    """Each address is inside one of the network's subnets, not its gateway and held by no port."""
+    held = {ip: e for e in await o.endpoints_in(net.name) for ip in e.ips}
+    for ip in ips:
+        sub = next((x for x in net.subnets if in_cidr(ip, x.cidr)), None)
+        if sub is None:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: {ip[:60]} is in no subnet of network {net.id}.")
+        if ip == sub.gateway:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: {ip} is the gateway of subnet {sub.id}.")
+        if ip in held:
+            raise NeutronError(409, "IpAddressAlreadyAllocated", f"IP address {ip} already allocated in subnet "
+                                                                 f"{sub.id}.")
+
+
+def in_cidr(ip: str, cidr: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip) in ipaddress.ip_network(cidr)
+    except ValueError:
+        return False
+
+
 def fixed_ip_entries(body: dict) -> list[dict]:
     """A port body's `fixed_ips`: a list of dictionaries, as Neutron requires (400 otherwise)."""
     entries = body.get("fixed_ips") or []
@@ -681,20 +919,16 @@ async def create_port(request: Request) -> dict:
         raise bad_request("Invalid input for network_id. Reason: a port needs a network_id.")
     o = objs(request)
     net = await network_by_id(o, body["network_id"])
+    check_project(body, net, "port")
     port_id = new_id()
-    ips = []
-    for f in fixed_ip_entries(body):
-        if f.get("subnet_id"):
-            n, s = await subnet_by_id(o, f["subnet_id"])
-            if n.id != net.id:
-                raise bad_request(f"Invalid input for operation: Failed to create port on network {net.id}, "
-                                  f"because fixed_ips included invalid subnet {s.id}.")
-        if f.get("ip_address"):
-            ips.append(str(f["ip_address"]))
+    fields = port_fields(body)
+    ips = await requested_ips(o, body, net)
     owner = vm_owner(body)
+    name, display = names_of(body.get("name"), f"port-{port_id[:8]}", "port")
     labels = {} if body.get("name") else {UNNAMED: "true"}
     secure, groups = await new_port_groups(o, body, net)
-    ep = Endpoint(id=port_id, name=dns_name(body.get("name"), f"port-{port_id[:8]}", "port"), network=net.name,
+    ep = Endpoint(id=port_id, name=name, display_name=display, network=net.name, **fields,
+                  anti_spoofing=port_security_of(body) is not False,
                   host=body.get("binding:host_id") or None, ips=ips, mac=(body.get("mac_address") or random_mac()),
                   owner=owner, labels=labels, interface=vif_name(port_id) if owner.type == "vm" else None,
                   security_groups=groups, port_security=secure, allowed_address_pairs=address_pairs(body))
@@ -724,15 +958,36 @@ async def update_port(port_id: str, request: Request) -> dict:
     check_attrs(body, PORT_ATTRS)
     o = objs(request)
     ep = await port_by_id(o, port_id)
-    if "name" in body and body["name"] != ("" if ep.labels.get(UNNAMED) else ep.name):
-        raise bad_request("Renaming a port is not supported: its name is its DNS name in Tether")
-    if "fixed_ips" in body and sorted(str(f.get("ip_address")) for f in fixed_ip_entries(body)) != sorted(ep.ips):
-        raise bad_request("Changing fixed_ips of a port is not supported; create a new port")
+    changes: dict[str, Any] = port_fields(body)
+    if "name" in body:  # the Tether name (its DNS label) stays; the name shown changes (free text)
+        new = text_of(body, "name")
+        changes["display_name"] = None if new == ep.name else new
+        if new and ep.labels.get(UNNAMED):
+            changes["labels"] = {k: v for k, v in ep.labels.items() if k != UNNAMED}
+        elif not new:
+            changes["labels"] = {**ep.labels, UNNAMED: "true"}
+            changes["display_name"] = None
+    new_ips: list[str] | None = None
+    if "fixed_ips" in body:
+        current = (await nets_by_name(o)).get(ep.network)
+        if current is None:
+            raise bad_request(f"Invalid input for fixed_ips. Reason: the port's network {ep.network} is gone.")
+        entries = fixed_ip_entries(body)
+        if any(not f.get("ip_address") for f in entries):
+            raise bad_request("Invalid input for fixed_ips. Reason: an update needs the ip_address of each fixed IP "
+                              "(Tether does not pick an address per subnet); list the addresses to keep and add.")
+        new_ips = await requested_ips(o, body, current)
+        if sorted(new_ips) == sorted(ep.ips):
+            new_ips = None
+        else:  # checked before anything is written, so a refused address leaves the port as it was
+            await check_free(o, current, [ip for ip in new_ips if ip not in ep.ips])
     if "network_id" in body:
         current = (await nets_by_name(o)).get(ep.network)
         if current is None or body["network_id"] != current.id:
             raise bad_request("Cannot update read-only attribute network_id")
-    changes: dict[str, Any] = await port_group_changes(o, body, ep)
+    changes.update(await port_group_changes(o, body, ep))
+    if "port_security" in changes:  # Neutron: port security off also means no anti-spoofing
+        changes["anti_spoofing"] = changes["port_security"]
     if "allowed_address_pairs" in body:
         changes["allowed_address_pairs"] = [p.model_dump() for p in address_pairs(body)]
     if "mac_address" in body and body["mac_address"] != ep.mac:
@@ -743,6 +998,13 @@ async def update_port(port_id: str, request: Request) -> dict:
         owner = vm_owner(body, ep.owner)
         changes["owner"] = owner.model_dump()
     obj = await o.update_endpoint(ep.id, changes) if changes else ep
+    if new_ips is not None:  # last: every other change was accepted (a refused address changes nothing)
+        try:
+            obj = await o.change_endpoint_ips(ep.id, new_ips)
+        except ApiError as e:
+            if e.status == 409 and "already in use" in e.detail:
+                raise NeutronError(409, "IpAddressAlreadyAllocated", e.detail) from None
+            raise
     return {"port": port_view(obj, await nets_by_name(o))}
 
 
@@ -758,6 +1020,7 @@ async def delete_port(port_id: str, request: Request) -> Response:
 # --- security groups -------------------------------------------------------------------------------
 
 SG_ATTRS = {"name", "description", "tenant_id", "project_id", "stateful", "tags"}
+RULE_NOT_IMPLEMENTED = {"remote_address_group_id"}
 RULE_ATTRS = {"security_group_id", "direction", "ethertype", "protocol", "port_range_min", "port_range_max",
               "remote_ip_prefix", "remote_group_id", "remote_address_group_id", "description", "tenant_id",
               "project_id", "normalized_cidr"}
@@ -775,7 +1038,7 @@ def rule_view(sg: SecurityGroup, r: SecurityGroupRule) -> dict[str, Any]:
 
 def sg_view(sg: SecurityGroup) -> dict[str, Any]:
     return {"id": sg.id, "name": sg.name, "description": sg.description, "tenant_id": sg.project or "",
-            "project_id": sg.project or "", "stateful": True, "shared": False, "tags": [],
+            "project_id": sg.project or "", "stateful": True, "shared": False, "tags": list(sg.tags),
             "security_group_rules": [rule_view(sg, r) for r in sg.rules], **stamps(sg)}
 
 
@@ -800,15 +1063,25 @@ async def get_sg(sg_id: str, request: Request) -> dict:
 async def create_sg(request: Request) -> dict:
     body = await body_of(request, "security_group")
     check_attrs(body, SG_ATTRS)
+    check_implemented(body, {"stateful"})
     check_not_default_name(body)
     # Neutron gives every new group rules that allow all egress
-    sg = SecurityGroup(name=str(body.get("name") or ""), description=str(body.get("description") or ""),
-                       project=project_of(body),
+    sg = SecurityGroup(name=text_of(body, "name"), description=text_of(body, "description"),
+                       project=project_of(body), tags=tags_of(body.get("tags") or []),
                        rules=[SecurityGroupRule(direction="egress", ethertype=e) for e in ("IPv4", "IPv6")])
     o = objs(request)
     obj = await with_retries(lambda: o.create(sg))
     await o.ensure_default_group(obj.project)
     return {"security_group": sg_view(obj)}
+
+
+def check_project(body: dict[str, Any], net: Network, what: str) -> None:
+    """A subnet's or port's project is its network's: another one asked for is refused, not ignored."""
+    asked = project_of(body)
+    if asked and asked != (net.project or ""):
+        raise bad_request(f"Invalid input for project_id. Reason: a {what}'s project is its network's "
+                          f"({net.project or 'none'}) in Tether; {str(asked)[:40]!r} cannot be honoured. Leave it "
+                          "out.")
 
 
 def check_not_default_name(body: dict[str, Any]) -> None:
@@ -821,6 +1094,7 @@ def check_not_default_name(body: dict[str, Any]) -> None:
 async def update_sg(sg_id: str, request: Request) -> dict:
     body = await body_of(request, "security_group")
     check_attrs(body, SG_ATTRS)
+    check_implemented(body, {"stateful"})
     o = objs(request)
 
     async def attempt() -> SecurityGroup:
@@ -831,7 +1105,9 @@ async def update_sg(sg_id: str, request: Request) -> dict:
         if "name" in body:
             sg.name = str(body["name"] or "")
         if "description" in body:
-            sg.description = str(body["description"] or "")
+            sg.description = text_of(body, "description")
+        if "tags" in body:
+            sg.tags = tags_of(body["tags"] or [])
         return await o.replace(sg, sg.revision)
 
     return {"security_group": sg_view(await with_retries(attempt))}
@@ -938,6 +1214,9 @@ async def get_rule(rule_id: str, request: Request) -> dict:
 async def create_rule(request: Request) -> dict:
     body = await body_of(request, "security_group_rule")
     check_attrs(body, RULE_ATTRS)
+    check_implemented(body, RULE_NOT_IMPLEMENTED)
+    if "normalized_cidr" in body:
+        raise bad_request("Attribute 'normalized_cidr' not allowed in POST: it is derived from remote_ip_prefix.")
     if not body.get("security_group_id"):
         raise bad_request("Invalid input for security_group_id. Reason: a rule needs a security_group_id.")
     rule = make_rule(body)
@@ -971,8 +1250,103 @@ async def delete_rule(rule_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
+# --- tags (the standard-attr-tag extension: what `openstack ... create/set/unset --tag` calls) -------
+
+TAGGED = ("networks", "subnets", "ports", "security-groups")
+
+
+async def current_tags(o: Objects, resource: str, rid: str) -> list[str]:
+    if resource == "networks":
+        return list((await network_by_id(o, rid)).tags)
+    if resource == "subnets":
+        return list((await subnet_by_id(o, rid))[1].tags)
+    if resource == "ports":
+        return list((await port_by_id(o, rid)).tags)
+    return list((await sg_by_id(o, rid)).tags)
+
+
+async def store_tags(o: Objects, resource: str, rid: str, edit: Callable[[list[str]], list[str]]) -> list[str]:
+    """Replace a resource's tags with `edit(current)`, re-read on a conflicting write."""
+    if resource == "ports":
+        ep = await port_by_id(o, rid)
+        return list((await o.update_endpoint(ep.id, {"tags": tags_of(edit(list(ep.tags)))})).tags)
+    if resource == "security-groups":
+        async def attempt() -> SecurityGroup:
+            sg = await sg_by_id(o, rid)
+            sg.tags = tags_of(edit(list(sg.tags)))
+            return await o.replace(sg, sg.revision)
+        return list((await with_retries(attempt)).tags)
+    if resource == "networks":
+        net = await network_by_id(o, rid)
+        net.tags = tags_of(edit(list(net.tags)))
+        await o.put_network(Network.model_validate(net.model_dump()), create_only=False)
+        return net.tags
+    net, sub = await subnet_by_id(o, rid)
+    sub.tags = tags_of(edit(list(sub.tags)))
+    await o.put_network(Network.model_validate(net.model_dump()), create_only=False)
+    return sub.tags
+
+
+def tagged(resource: str) -> None:
+    if resource not in TAGGED:
+        raise NeutronError(404, "HTTPNotFound", f"The resource could not be found: tags are served for "
+                                                f"{', '.join(TAGGED)}, not {resource[:40]}.")
+
+
+@router.get("/{resource}/{rid}/tags")
+async def get_tags(resource: str, rid: str, request: Request) -> dict:
+    tagged(resource)
+    return {"tags": await current_tags(objs(request), resource, rid)}
+
+
+@router.get("/{resource}/{rid}/tags/{tag}", status_code=204)
+async def has_tag(resource: str, rid: str, tag: str, request: Request) -> Response:
+    tagged(resource)
+    if tag not in await current_tags(objs(request), resource, rid):
+        raise NeutronError(404, "TagNotFound", f"Tag {tag} could not be found for {resource[:-1]} {rid}.")
+    return Response(status_code=204)
+
+
+@router.put("/{resource}/{rid}/tags")
+async def replace_tags(resource: str, rid: str, request: Request) -> dict:
+    tagged(resource)
+    try:
+        data = await request.json()
+    except ValueError:
+        raise bad_request("Malformed request body: the body is not valid JSON") from None
+    if not isinstance(data, dict) or "tags" not in data:
+        raise bad_request("Invalid input for tags. Reason: the body must be {\"tags\": [...]}.")
+    new = tags_of(data["tags"])
+    return {"tags": await store_tags(objs(request), resource, rid, lambda _: new)}
+
+
+@router.put("/{resource}/{rid}/tags/{tag}", status_code=201)
+async def add_tag(resource: str, rid: str, tag: str, request: Request) -> Response:
+    tagged(resource)
+    tags_of([tag])
+    await store_tags(objs(request), resource, rid, lambda old: old if tag in old else [*old, tag])
+    return Response(status_code=201)
+
+
+@router.delete("/{resource}/{rid}/tags", status_code=204)
+async def remove_all_tags(resource: str, rid: str, request: Request) -> Response:
+    tagged(resource)
+    await store_tags(objs(request), resource, rid, lambda _: [])
+    return Response(status_code=204)
+
+
+@router.delete("/{resource}/{rid}/tags/{tag}", status_code=204)
+async def remove_tag(resource: str, rid: str, tag: str, request: Request) -> Response:
+    tagged(resource)
+    o = objs(request)
+    if tag not in await current_tags(o, resource, rid):
+        raise NeutronError(404, "TagNotFound", f"Tag {tag} could not be found for {resource[:-1]} {rid}.")
+    await store_tags(o, resource, rid, lambda old: [t for t in old if t != tag])
+    return Response(status_code=204)
+
+
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 async def unknown(rest: str) -> Response:
     raise NeutronError(404, "HTTPNotFound", f"The resource could not be found: /v2.0/{rest} is not served here "
                                             "(networks, subnets, ports, security-groups, security-group-rules, "
-                                            "extensions).")
+                                            "their tags, extensions).")

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from tether.ipam import Ipam, IpamError
+from tether.ipam import Allocation, Ipam, IpamError
 from tether.model import (
     DEFAULT_GROUP,
     KINDS,
@@ -393,9 +393,54 @@ class Objects:
 
         return await with_retries(attempt)
 
+    async def change_endpoint_ips(self, ep_id: str, ips: list[str]) -> Endpoint:
+        """Give an endpoint exactly `ips` (Neutron's fixed_ips update): the new addresses are taken
+        and the dropped ones released in the same transaction as the endpoint, so a refused
+        address (in use, outside the network) changes nothing."""
+        async def attempt() -> Endpoint:
+            ep = await self.must(Endpoint, ep_id)
+            net = await self.get(Network, ep.network)
+            if net is None:
+                raise ApiError(400, f"network {ep.network!r} of endpoint {ep_id} does not exist")
+            handle = ep.handle or ep.id
+            added = [ip for ip in ips if ip not in ep.ips]
+            removed = [ip for ip in ep.ips if ip not in ips]
+            try:
+                alloc = await self.ipam.allocate(net, ep.host, handle, added) if added else Allocation()
+            except IpamError as e:
+                raise ApiError(e.status, str(e)) from None
+            rel = await self.ipam.release(net.name, removed, handle)
+            blocks = dict(alloc.blocks)
+            for key, b in rel.blocks.items():  # a block both gains and loses addresses: one write
+                if key in blocks:
+                    for ip in rel.ips:
+                        if blocks[key].allocations.get(ip) == handle:
+                            del blocks[key].allocations[ip]
+                else:
+                    blocks[key] = b
+            compares = {c.key: c for c in [*rel.compares, *alloc.compares]}
+            merged = Allocation(ips=list(ips), compares=list(compares.values()),
+                                ops=[Put(k, encode(b)) for k, b in blocks.items()], blocks=blocks)
+            data = ep.model_dump()
+            data["ips"] = list(ips)
+            try:
+                new = Endpoint.model_validate(data)
+            except ValidationError as e:
+                raise ApiError(400, describe_errors(e)) from None
+            try:
+                obj = await self.replace(new, ep.revision, merged.compares, merged.ops)
+            except Conflict:
+                self.ipam.invalidate(ep.network)
+                raise
+            self.ipam.committed(merged, obj.revision)
+            return obj
+
+        return await with_retries(attempt)
+
     async def update_endpoint(self, ep_id: str, changes: dict) -> Endpoint:
         allowed = {"labels", "security_groups", "port_security", "allowed_address_pairs", "ports", "ready", "status",
-                   "interface", "mac", "host", "parent", "owner", "name"}
+                   "interface", "mac", "host", "parent", "owner", "name", "admin_state_up", "anti_spoofing",
+                   "description", "tags", "display_name", "dns_name"}
         bad = set(changes) - allowed
         if bad:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
