@@ -105,6 +105,18 @@ class _Common:
     server: str
     servers: list[str]
     current: int = 0  # the server that answered last: the next request starts there
+    https: list  # one httpx client per server, in `servers` order
+
+    def _connect(self, server: str | list[str], token: str | None, timeout: float, ca_file: str | None,
+                 client_class: type) -> None:
+        """One httpx client (`client_class`, sync or async) per server of the comma list or list."""
+        self.servers = server_list(server)
+        self.server = ",".join(self.servers)
+        headers = self._headers(token)
+        self.https = []
+        for s in self.servers:
+            base, transport = _transport(s, client_class is httpx.AsyncClient, ca_file)
+            self.https.append(client_class(base_url=base, transport=transport, headers=headers, timeout=timeout))
 
     def _order(self) -> list[int]:
         n = len(self.servers)
@@ -142,13 +154,7 @@ class _Common:
 class TetherClient(_Common):
     def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 30,
                  ca_file: str | None = None) -> None:
-        self.servers = server_list(server)
-        self.server = ",".join(self.servers)
-        headers = self._headers(token)
-        self.https: list[httpx.Client] = []
-        for s in self.servers:
-            base, transport = _transport(s, False, ca_file)
-            self.https.append(httpx.Client(base_url=base, transport=transport, headers=headers, timeout=timeout))
+        self._connect(server, token, timeout, ca_file, httpx.Client)
 
     @property
     def http(self) -> httpx.Client:
@@ -208,13 +214,7 @@ class TetherClient(_Common):
 class AsyncTetherClient(_Common):
     def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 10,
                  ca_file: str | None = None) -> None:
-        self.servers = server_list(server)
-        self.server = ",".join(self.servers)
-        headers = self._headers(token)
-        self.https: list[httpx.AsyncClient] = []
-        for s in self.servers:
-            base, transport = _transport(s, True, ca_file)
-            self.https.append(httpx.AsyncClient(base_url=base, transport=transport, headers=headers, timeout=timeout))
+        self._connect(server, token, timeout, ca_file, httpx.AsyncClient)
 
     @property
     def http(self) -> httpx.AsyncClient:

@@ -452,10 +452,7 @@ async def update_network(net_id: str, request: Request) -> dict:
     if "name" in body:  # the key stays; the name shown changes (free text)
         new = text_of(body, "name")
         data["display_name"] = None if new == net.name else new
-    if "description" in body:
-        data["description"] = text_of(body, "description")
-    if "tags" in body:
-        data["tags"] = tags_of(body["tags"] or [])
+    data.update(described_fields(body))
     if body.get("dns_domain"):
         data["dns_domain"] = str(body["dns_domain"]).rstrip(".")
     if "router:external" in body:
@@ -529,13 +526,19 @@ def subnet_view(net: Network, s: Subnet) -> dict[str, Any]:
     }
 
 
-def subnet_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """The DHCP and descriptive fields a subnet request sets (validated by the model when stored)."""
+def described_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """`description` and `tags`, when the request sets them (every resource that has them)."""
     out: dict[str, Any] = {}
     if "description" in body:
         out["description"] = text_of(body, "description")
     if "tags" in body:
         out["tags"] = tags_of(body["tags"] or [])
+    return out
+
+
+def subnet_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The DHCP and descriptive fields a subnet request sets (validated by the model when stored)."""
+    out = described_fields(body)
     if "enable_dhcp" in body:
         out["enable_dhcp"] = bool_of(body, "enable_dhcp") is not False
     if "dns_nameservers" in body:
@@ -832,11 +835,7 @@ async def get_port(port_id: str, request: Request) -> dict:
 def port_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The descriptive and state fields a port request sets."""
     check_implemented(body, PORT_NOT_IMPLEMENTED)
-    out: dict[str, Any] = {}
-    if "description" in body:
-        out["description"] = text_of(body, "description")
-    if "tags" in body:
-        out["tags"] = tags_of(body["tags"] or [])
+    out = described_fields(body)
     if "admin_state_up" in body:
         out["admin_state_up"] = bool_of(body, "admin_state_up") is not False
     if "dns_name" in body:
@@ -1104,10 +1103,7 @@ async def update_sg(sg_id: str, request: Request) -> dict:
         check_not_default_name(body)
         if "name" in body:
             sg.name = str(body["name"] or "")
-        if "description" in body:
-            sg.description = text_of(body, "description")
-        if "tags" in body:
-            sg.tags = tags_of(body["tags"] or [])
+        sg = sg.model_copy(update=described_fields(body))
         return await o.replace(sg, sg.revision)
 
     return {"security_group": sg_view(await with_retries(attempt))}

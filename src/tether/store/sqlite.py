@@ -243,11 +243,15 @@ class SqliteStore:
         try:
             return await asyncio.wrap_future(executor.submit(fn, *args))
         except sqlite3.Error as e:
-            err = describe_runtime_error(self.path, e)
-            if err is None:
-                raise
-            log.error("%s", err)
-            raise err from None
+            raise self._store_error(e) from None
+
+    def _store_error(self, e: sqlite3.Error) -> Exception:
+        """The store error (503) a SQLite failure is, logged; one it does not know stays itself."""
+        err = describe_runtime_error(self.path, e)
+        if err is None:
+            return e
+        log.error("%s", err)
+        return err
 
     async def _write_call(self, fn: Callable[..., T], *args: object) -> T:
         """A write in the writer thread. Watchers are woken when the commit returns, even if the
@@ -262,11 +266,7 @@ class SqliteStore:
         try:
             return await asyncio.wrap_future(cf)
         except sqlite3.Error as e:
-            err = describe_runtime_error(self.path, e)
-            if err is None:
-                raise
-            log.error("%s", err)
-            raise err from None
+            raise self._store_error(e) from None
 
     def _notify_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is watching any more
