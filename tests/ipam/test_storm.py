@@ -1,5 +1,5 @@
 """8 processes acting as 8 hosts create endpoints through the API, on each engine: 4,000 in the test
-suite (TETHER_STORM_ENDPOINTS for more), 20,000 in `python -m bench.ipam`."""
+suite (TETHER_STORM_ENDPOINTS for more; `python -m bench.ipam --endpoints 20000` for the full size)."""
 
 from __future__ import annotations
 
