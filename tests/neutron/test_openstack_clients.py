@@ -141,7 +141,7 @@ def test_cli_creates_an_ipv6_subnet_and_a_port_on_it_and_slaac_is_refused(
     os_ = openstack_client
     net_name, v4_name, v6_name = unique("os6n"), unique("os4s"), unique("os6s")
     os_.cli("network", "create", net_name)
-    os_.cli("subnet", "create", "--network", net_name, "--subnet-range", "10.62.0.0/24", v4_name)
+    os_.cli("subnet", "create", "--network", net_name, "--subnet-range", "10.58.0.0/24", v4_name)
     sub6 = os_.cli("subnet", "create", "--network", net_name, "--ip-version", "6", "--subnet-range", "fd62::/64",
                    "--ipv6-address-mode", "dhcpv6-stateful", v6_name)
     assert (sub6["ip_version"], sub6["cidr"], sub6["ipv6_address_mode"]) == (6, "fd62::/64", "dhcpv6-stateful")
@@ -152,6 +152,6 @@ def test_cli_creates_an_ipv6_subnet_and_a_port_on_it_and_slaac_is_refused(
                 "--ipv6-address-mode", "slaac", unique("os6x"))
     assert "SLAAC" in str(refused.value) or "slaac" in str(refused.value)
     t_net = next(n for n in tether_get(neutron_server, "networks") if n["name"] == net_name)
-    assert [s["cidr"] for s in t_net["subnets"]] == ["10.62.0.0/24", "fd62::/64"]
+    assert [s["cidr"] for s in t_net["subnets"]] == ["10.58.0.0/24", "fd62::/64"]
     os_.run("port", "delete", port["id"])
     os_.run("network", "delete", net_name)

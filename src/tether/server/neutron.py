@@ -588,8 +588,12 @@ async def create_subnet(request: Request) -> dict:
     if not body.get("cidr"):
         raise bad_request("Invalid input for cidr. Reason: a cidr is required (subnet pools are not supported).")
     cidr = parse_cidr(body["cidr"])
-    if "ip_version" in body and int(body["ip_version"]) != cidr.version:
-        raise bad_request(f"Invalid input for operation: cidr {cidr} is not an IPv{body['ip_version']} subnet.")
+    if "ip_version" in body:
+        version = body["ip_version"]
+        if version not in (4, 6, "4", "6"):
+            raise bad_request(f"Invalid input for ip_version. Reason: {str(version)[:20]!r} is not 4 or 6.")
+        if int(version) != cidr.version:
+            raise bad_request(f"Invalid input for operation: cidr {cidr} is not an IPv{version} subnet.")
     mode, ra = body.get("ipv6_address_mode"), body.get("ipv6_ra_mode")
     if (mode or ra) and cidr.version != 6:
         raise bad_request(f"Invalid input for operation: ipv6_address_mode and ipv6_ra_mode are for IPv6 subnets; "
