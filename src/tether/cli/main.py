@@ -590,8 +590,8 @@ def get(kind: Annotated[str, typer.Argument(help="networks, endpoints, hosts, bl
             name = f"{namespace or 'default'}/{name}"
         one = run(lambda: c.request("GET", path_of(k, name)))
     emit(k, one if output == Format.table else to_document(k, one), output)
-    ref = one["id"] if k == "Endpoint" else (one.get("name") if k == "Block" else name)
-    print_programming(c, k, ref, output)
+    print_programming(c, k, one["id"] if k == "Endpoint" else name, output)
+
 
 PROGRAMMABLE = ("Endpoint", "NetworkPolicy", "SecurityGroup", "Service", "Network", "Namespace")
 
