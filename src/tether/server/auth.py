@@ -36,6 +36,7 @@ AUTH_PREFIX = "/tether/auth/"  # not under tether.model.PREFIX: never listed, wa
 HOST_CREDENTIALS = AUTH_PREFIX + "hosts/"
 BOOTSTRAP_TOKENS = AUTH_PREFIX + "bootstrap/"
 ADMIN_TOKEN_KEY = AUTH_PREFIX + "admin-token-sha256"
+log = logging.getLogger("tether.server")
 BOOTSTRAP_RE = re.compile(r"^([a-z0-9]{6})\.([a-z0-9]{16})$")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -87,7 +88,7 @@ class AdminCredential:
         return same(digest(token), self.sha256)
 
 
-async def shared_admin_credential(store: Store, state_dir: str, log: logging.Logger) -> AdminCredential:
+async def shared_admin_credential(store: Store, state_dir: str) -> AdminCredential:
     """The cluster's admin credential: the one in the store, or (first server) this server's token,
     made now if it has none, and stored for the servers that come after."""
     path = os.path.join(state_dir, "token")

@@ -229,7 +229,7 @@ async def credential_from(store: Store, state_dir: str) -> AdminCredential:
     """The admin credential every server on this store shares; waits for the store to answer."""
     while True:
         try:
-            return await shared_admin_credential(store, state_dir, log)
+            return await shared_admin_credential(store, state_dir)
         except Unavailable as e:
             log.warning("waiting for the store to learn the cluster's admin token: %s", e)
             await asyncio.sleep(2)
