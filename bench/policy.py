@@ -46,8 +46,8 @@ from bench import paired
 from bench.dataplane import _plug_pod
 from bench.dns import wait_quiet
 from bench.paired import CLIENT_CPU, SERVER_CPU, crossover, interleaved_rr, interleaved_streams, start_sink_and_echo
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_nft
+from tether.calc.host import HostContext, compute_nft
+from tether.calc.replica import Replica
 from tether.dataplane.nft import NftDataplane, delete_table
 from tether.lab.cluster import nsx, sh, stop_pid, wait_for
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Subnet

@@ -117,7 +117,7 @@ def label(end: dict[str, Any], ip: str) -> str:
 def policy_of_prefix(reason: str) -> str | None:
     """The policies a drop rule's log prefix names ('deny in np x/p1' -> 'x/p1', 'deny out sg web'
     -> 'sg:web', 'spoofed source' -> 'antispoof'); None when it names none."""
-    from tether.agent.policy import drop_owners
+    from tether.calc.policy import drop_owners
 
     return ", ".join(drop_owners(reason or "")) or None
 

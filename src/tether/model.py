@@ -161,9 +161,9 @@ def check_unique_count(values: list, what: str, limit: int) -> None:
 
 
 def check_named(v: str, problem: str, what: str) -> str:
-    """`v`, or ValueError with why `tether.names.<problem>` refuses it (a device name, a netns path).
+    """`v`, or ValueError with why `tether.calc.names.<problem>` refuses it (a device name, a netns path).
     Imported when called: names imports the dataplane's plan, which imports this module."""
-    from tether import names
+    from tether.calc import names
 
     why = getattr(names, problem)(v)
     if why:

@@ -1,7 +1,7 @@
 """Who may talk to whom, decided straight from the model: the reference the nftables compiler is
 checked against, and the engine behind `tether trace`.
 
-Written independently of `tether.agent.policy` on purpose (its own selector matching, its own
+Written independently of `tether.calc.policy` on purpose (its own selector matching, its own
 reading of the Kubernetes and Neutron rules), so a truth-table test that compares real packets with
 `decide()` catches a compiler bug instead of repeating it.
 

@@ -85,7 +85,7 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
           proto: str = "TCP") -> Trace:
     """The steps of a new connection from `src` to `dst` (an endpoint, `host:NAME`, an address, or a
     service reference / VIP)."""
-    from tether.agent.services import backends_of
+    from tether.calc.services import backends_of
 
     proto = proto.upper()
     t = Trace(_ep_text(src) if isinstance(src, Endpoint) else src,
@@ -165,7 +165,7 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
 
 def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, dst_ep: Endpoint | None,
            target: Endpoint | str) -> bool:
-    from tether.agent.calc import VXLAN_OVERHEAD, path_mode
+    from tether.calc.host import VXLAN_OVERHEAD, path_mode
 
     if dst_ep is not None:
         if src_host == dst_ep.host:

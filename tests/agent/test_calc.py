@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, base_nft, compute_nft, compute_plan, merge, path_mode, vtep_mac_for
-from tether.dataplane.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route, stateless_chain
+from tether.calc.host import HostContext, base_nft, compute_nft, compute_plan, merge, path_mode, vtep_mac_for
+from tether.calc.plan import VTEP_NAME, FdbEntry, NftPlan, NftSet, Route, stateless_chain
+from tether.calc.replica import Replica
 from tether.model import Block, Endpoint, Host, Network, Owner, Subnet
 
 
@@ -133,7 +133,7 @@ def test_vxlan_is_decapsulated_only_from_peer_hosts_and_never_sent_by_a_pod() ->
 def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan() -> None:
     """Plans keep per-endpoint parts from one plan to the next (by object: replica objects are
     replaced, never changed in place); a replaced endpoint, network or MTU must not reuse them."""
-    from tether.agent import policy
+    from tether.calc import policy
 
     r = replica("vxlan")
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})  # stateful
@@ -155,7 +155,7 @@ def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan()
 
 
 def test_block_owners_find_the_host_of_the_block_an_address_is_in() -> None:
-    from tether.agent.calc import BlockOwners
+    from tether.calc.host import BlockOwners
 
     owners = BlockOwners()
     owners.add("10.1.0.0/26", "h1")
@@ -185,7 +185,7 @@ def ipv6_replica(encap: str) -> Replica:
 
 
 def test_ipv6_blocks_route_via_the_peer_vteps_link_local_address_pinned_to_its_mac() -> None:
-    from tether.agent.calc import vtep_link_local
+    from tether.calc.host import vtep_link_local
 
     plan = compute_plan(ipv6_replica("vxlan"), CTX)
     gw = vtep_link_local(vtep_mac_for("h2"))

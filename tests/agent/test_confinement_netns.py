@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan
+from tether.calc.host import HostContext, compute_plan
+from tether.calc.plan import ForeignLink, HostInterface, NftChain, NftPlan, Plan, Route, confined_netns
+from tether.calc.replica import Replica
 from tether.dataplane.links import Applied, apply_links
 from tether.dataplane.netns import _setns
 from tether.dataplane.nft import NftDataplane
-from tether.dataplane.plan import ForeignLink, HostInterface, NftChain, NftPlan, Plan, Route, confined_netns
 from tether.dataplane.pods import AttachError, host_side_sysctls, plug_link
 from tether.dataplane.vif import VifSpec, reconcile_vifs
 from tether.model import Endpoint, Host, Network, Owner, Subnet

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tether.agent.cache import Replica
 from tether.agent.flowlog import FlowLog
+from tether.calc.replica import Replica
 from tether.model import Endpoint
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.fixtures.server import ServerProc, start_server
-from tether.agent.cache import Replica
+from tether.calc.replica import Replica
 from tether.model import Host
 from tether.store.sqlite import SqliteStore
 

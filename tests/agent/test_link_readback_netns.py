@@ -11,8 +11,8 @@ import socket
 import subprocess
 from collections.abc import Callable
 
+from tether.calc.plan import RTPROT_TETHER, HostInterface, Plan, Route
 from tether.dataplane.links import apply_links, raise_interfaces
-from tether.dataplane.plan import RTPROT_TETHER, HostInterface, Plan, Route
 from tether.dataplane.rtnl_batch import RtnlSocket
 
 

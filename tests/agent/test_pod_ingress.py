@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 from tests.agent.test_calc import CTX, replica
-from tether.agent import pod_ingress
-from tether.agent.calc import compute_nft, needs_state
-from tether.dataplane.plan import stateless_chain
+from tether.calc import pod_ingress
+from tether.calc.host import compute_nft, needs_state
+from tether.calc.plan import stateless_chain
 from tether.model import AddressPair, Endpoint, Network, NetworkPolicy, Service, ServicePort, Subnet
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from tests.agent.test_calc import CTX, replica
-from tether.agent.calc import (
+from tether.calc.host import (
     EPHEMERAL,
     PICKUP_GRACE,
     base_nft,

@@ -9,11 +9,11 @@ import logging
 
 import pytest
 
-from tether.agent import quarantine, services
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan
-from tether.agent.dns_records import build
-from tether.dataplane.plan import VTEP_NAME, Quarantined, Route
+from tether.calc import quarantine, services
+from tether.calc.dns_records import build
+from tether.calc.host import HostContext, compute_plan
+from tether.calc.plan import VTEP_NAME, Quarantined, Route
+from tether.calc.replica import Replica
 from tether.model import (
     AddressPair,
     Block,
@@ -220,7 +220,7 @@ def test_a_replica_survives_objects_the_model_refuses_in_a_snapshot_and_in_event
 def test_each_quarantined_object_is_logged_once_not_on_every_retry(caplog) -> None:
     r = replica()
     add_endpoint(r, bad_endpoint(mac="not-a-mac"))
-    with caplog.at_level(logging.WARNING, logger="tether.agent.quarantine"):
+    with caplog.at_level(logging.WARNING, logger="tether.calc.quarantine"):
         for _ in range(3):
             quarantine.note(compute_plan(r, CTX).quarantined, "h1")
     assert len([x for x in caplog.records if "quarantined Endpoint 'bad'" in x.getMessage()]) == 1

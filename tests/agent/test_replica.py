@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tether.agent.cache import Replica
+from tether.calc.replica import Replica
 from tether.model import Endpoint, key_of
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tether.agent.cache import Replica
 from tether.agent.main import Agent, AgentConfig
+from tether.calc.replica import Replica
 from tether.client import ServerUnreachable
 from tether.model import Endpoint, Network, Subnet, key_of
 

@@ -13,9 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tether.agent import cni_server, flowlog, plugin_http, yielding
-from tether.agent.cni_server import CniServer
-from tether.agent.plugin_http import PluginHttpServer
+from tether.agent import flowlog, yielding
+from tether.agent.cni import server as cni_server
+from tether.agent.cni.server import CniServer
+from tether.agent.docker import plugin_http
+from tether.agent.docker.plugin_http import PluginHttpServer
 
 
 def mode(path: str) -> int:

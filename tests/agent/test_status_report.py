@@ -8,7 +8,7 @@ import json
 import logging
 
 from tether.agent.main import Agent, AgentConfig
-from tether.dataplane.plan import Quarantined
+from tether.calc.plan import Quarantined
 
 
 def agent(tmp_path) -> tuple[Agent, list]:

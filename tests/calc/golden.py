@@ -121,7 +121,8 @@ def _cluster(srv: Any, scenario: str) -> None:
                                                                  {"key": "net", "operator": "Exists"}]},
                             "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
         ):
-            call("PUT", f"/api/v1/namespaces/{ns}/networkpolicies/{name}", {"name": name, "namespace": ns, "spec": spec})
+            call("PUT", f"/api/v1/namespaces/{ns}/networkpolicies/{name}",
+                 {"name": name, "namespace": ns, "spec": spec})
         for name, ns, body in (
             ("web", "x", {"network": "red", "selector": {"app": "a"}, "ports": [{"port": 80, "target_port": "http"},
                                                                                 {"port": 53, "protocol": "UDP",
@@ -145,7 +146,7 @@ def _cluster(srv: Any, scenario: str) -> None:
 def replica_text(scenario: str) -> str:
     """The scenario's replica as the agent stores it (Replica.encoded), made through the API."""
     from tests.fuzz.harness import InProcessServer
-    from tether.agent.cache import Replica
+    from tether.calc.replica import Replica
 
     srv = InProcessServer(tempfile.mkdtemp(prefix="tether-golden-"))
     try:
@@ -159,9 +160,9 @@ def replica_text(scenario: str) -> str:
 
 def outputs(text: str) -> dict[str, Any]:
     """Every host's whole plan, and the DNS records, for one stored replica."""
-    from tether.agent import dns_records
-    from tether.agent.cache import Replica
-    from tether.agent.calc import HostContext, compute_plan
+    from tether.calc import dns_records
+    from tether.calc.host import HostContext, compute_plan
+    from tether.calc.replica import Replica
 
     rep = Replica()
     rep.load_snapshot(json.loads(text))

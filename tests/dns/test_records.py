@@ -10,7 +10,7 @@ import dns.reversename
 import dns.rrset
 
 from tether.agent.dns import ForwardCache
-from tether.agent.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
+from tether.calc.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
 from tether.model import Endpoint, Network, Owner, Service, ServicePort, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
@@ -116,7 +116,7 @@ def test_forward_cache_counts_ttls_down_and_caches_negative_answers() -> None:
 
 
 def test_memoised_answers_equal_fresh_ones_and_keep_shuffling() -> None:
-    from tether.agent.dns_records import respond
+    from tether.calc.dns_records import respond
 
     rec = build(EPS, [SVC], [NET])
     for name, rtype in (("api.prod.svc.tether.local", "A"), ("nobody.blue.tether.local", "A"),
@@ -139,8 +139,8 @@ def test_memoised_answers_equal_fresh_ones_and_keep_shuffling() -> None:
 def test_records_are_built_off_the_event_loop_and_installed_in_one_step() -> None:
     """The agent builds the records on its apply thread (`prepare`, from its copy of the replica)
     and installs them on the event loop: until then the server answers from the old records."""
-    from tether.agent.cache import Replica
     from tether.agent.dns import DnsServer
+    from tether.calc.replica import Replica
 
     server = DnsServer("127.0.0.1", 0, [])
     rep = Replica()
@@ -162,7 +162,7 @@ def test_records_are_built_off_the_event_loop_and_installed_in_one_step() -> Non
 def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
     """What an endpoint contributes is kept from one build to the next (by object): a replaced
     endpoint, a removed one, or another DNS domain must give exactly the records of a first build."""
-    from tether.agent import dns_records
+    from tether.calc import dns_records
 
     web, db = EPS
     renamed = web.model_copy(update={"name": "www", "ips": ["10.1.0.50", "fd00:1::50"]})

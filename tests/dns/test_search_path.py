@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.fixtures.server import ServerProc, start_server
-from tether.agent.dns_records import candidates, search_path
 from tether.agent.main import Agent
+from tether.calc.dns_records import candidates, search_path
 from tether.cli.main import app
 from tether.model import Network, Subnet
 

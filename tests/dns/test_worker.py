@@ -15,7 +15,7 @@ import dns.query
 import dns.rcode
 
 from tether.agent.dns import DnsServer
-from tether.agent.dns_records import build
+from tether.calc.dns_records import build
 from tether.model import Endpoint, Network, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16")])

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tether.agent.cache import Replica
-from tether.agent.docker_plugin import DockerPlugin, DriverError, docker_made, to_create
+from tether.agent.docker.driver import DockerPlugin, DriverError, docker_made, to_create
+from tether.calc.replica import Replica
 from tether.client import ApiError
 from tether.model import Endpoint, Network, Owner, Subnet
 

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from tests.fuzz.checks import finding
 from tests.fuzz.harness import InProcessServer, examples
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan
+from tether.calc.host import HostContext, compute_plan
+from tether.calc.plan import LINK_PREFIX, VTEP_NAME, Plan
+from tether.calc.replica import Replica
 from tether.dataplane.nft import full_commands
-from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, Plan
 
 EXAMPLES = 200
 UNDERLAY = "fzul0"  # the underlay device of the planned hosts, a veth in the scratch namespace

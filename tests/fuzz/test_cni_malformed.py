@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 import tether.cni as cni_exe
 from tests.fuzz.harness import examples
 from tests.fuzz.sockets import exchange
-from tether.agent import cni_protocol as cp
 from tether.agent import yielding
-from tether.agent.cache import Replica
-from tether.agent.cni_server import CniServer
+from tether.agent.cni import protocol as cp
+from tether.agent.cni.server import CniServer
+from tether.calc.replica import Replica
 from tether.client import ServerUnreachable
 
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc123", "CNI_IFNAME": "eth0", "CNI_ARGS": "K8S_POD_NAME=web"}

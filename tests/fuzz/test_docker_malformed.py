@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from tests.fuzz.harness import examples
 from tests.fuzz.sockets import exchange
-from tether.agent.cache import Replica
-from tether.agent.docker_plugin import GATEWAY_TYPE, GENERIC, PORTMAP, DockerPlugin
+from tether.agent.docker.driver import GATEWAY_TYPE, GENERIC, PORTMAP, DockerPlugin
+from tether.calc.replica import Replica
 from tether.client import ApiError
 from tether.model import Endpoint, Network, Owner, Subnet
 

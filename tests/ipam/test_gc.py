@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tether.ipam import Ipam
 from tether.model import Endpoint, Host, Network, Subnet, encode
 from tether.server.gc import GarbageCollector
+from tether.server.ipam import Ipam
 from tether.server.objects import Objects
 
 

@@ -9,8 +9,8 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tether.ipam import Ipam
 from tether.model import Endpoint, Host, Network, Subnet
+from tether.server.ipam import Ipam
 from tether.server.objects import ApiError, Objects
 from tether.store.sqlite import SqliteStore
 

@@ -226,7 +226,7 @@ def _py_raw(ns: str, *args: str) -> subprocess.Popen:
 
 
 def test_after_the_pickup_grace_a_pod_cannot_send_through_its_default_deny_egress_without_a_syn(pods: Pods) -> None:
-    from tether.agent.calc import PICKUP_GRACE
+    from tether.calc.host import PICKUP_GRACE
 
     p = pods
     c = p.lab.client()

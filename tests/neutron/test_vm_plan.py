@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan
 from tether.agent.vmports import wanted_vifs
-from tether.dataplane.plan import Route
+from tether.calc.host import HostContext, compute_plan
+from tether.calc.plan import Route
+from tether.calc.replica import Replica
 from tether.model import Endpoint, Host, Network, Owner, Subnet
 from tether.server.neutron import vif_name
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from tether.agent.cache import Replica
+from tether.calc.replica import Replica
 from tether.model import Endpoint, Host, HostStatus, NetworkPolicy, Problem, now
 from tether.server.programming import DOWN, FAILING, PENDING, PROGRAMMED, QUARANTINED, programming
 

@@ -9,8 +9,8 @@ import pytest
 
 from tests.policy import world
 from tests.policy.world import add, policy
-from tether.agent import policy as compiler
-from tether.agent.calc import HostContext, compute_nft
+from tether.calc import policy as compiler
+from tether.calc.host import HostContext, compute_nft
 from tether.dataplane.nft import NftDataplane, structure_hash
 from tether.model import Endpoint, SecurityGroup, SecurityGroupRule
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tether.k8s_validation import PolicyInvalid, check_policy, validate_network_policy
+from tether.calc.k8s_validation import PolicyInvalid, check_policy, validate_network_policy
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
+from tether.calc.plan import NftChain, NftPlan, NftSet, rule
 from tether.dataplane import nft
 from tether.dataplane.nft import NftDataplane, NftError
-from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
 
 
 def jump(target: str) -> str:

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_nft
+from tether.calc.host import HostContext, compute_nft
+from tether.calc.plan import NftChain, NftPlan, NftSet
+from tether.calc.replica import Replica
 from tether.dataplane.nft import NftDataplane, structure_hash
-from tether.dataplane.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
 
 CTX = HostContext("b", "eth0", 1500)

@@ -5,7 +5,7 @@ the evaluator's verdict for it, and when a table needs conntrack for groups at a
 from __future__ import annotations
 
 from tests.policy.world import add, make_replica
-from tether.agent.calc import HostContext, compute_nft, needs_state
+from tether.calc.host import HostContext, compute_nft, needs_state
 from tether.model import (
     Endpoint,
     SecurityGroup,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tether.agent.cache import Replica
+from tether.calc.replica import Replica
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, PortDecl, SecurityGroup, Subnet
 
 HOSTS = ("h1", "h2", "h3")

@@ -14,9 +14,9 @@ import pytest
 
 from tests.fixtures.etcd import start_etcd
 from tests.fixtures.server import start_server
-from tether.ipam import Ipam
 from tether.model import Block, Endpoint, Host, Network, Subnet
 from tether.server.gc import DEAD_SINCE, GarbageCollector
+from tether.server.ipam import Ipam
 from tether.server.leader import LEADER_KEY, Leadership
 from tether.server.objects import Objects
 

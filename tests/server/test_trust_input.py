@@ -68,7 +68,7 @@ def test_fifty_character_interface_is_refused(http):
 
 
 def test_cni_and_docker_endpoints_get_the_interface_the_agent_derives(http):
-    from tether.names import docker_ifname, host_ifname
+    from tether.calc.names import docker_ifname, host_ifname
 
     r = http.post("/api/v1/endpoints", json=ep(owner={"type": "cni", "container_id": "c1", "ifname": "eth0"}))
     assert r.status_code == 201 and r.json()["interface"] == host_ifname("c1", "eth0")
@@ -304,8 +304,8 @@ def test_endpoint_on_a_network_without_subnet_is_refused_but_a_neutron_port_is_n
 async def test_a_cas_retry_keeps_the_vtep_uniqueness_check(store):
     """Another server takes the same free address between this one's read and its commit: the retry
     must pick another address, not commit the first one without the index check."""
-    from tether.ipam import Ipam
     from tether.model import Host
+    from tether.server.ipam import Ipam
     from tether.server.objects import Objects, vtep_key
 
     o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
@@ -333,8 +333,8 @@ async def test_a_cas_retry_keeps_the_vtep_uniqueness_check(store):
 
 
 async def test_deleting_a_host_removes_its_vtep_index_key(store):
-    from tether.ipam import Ipam
     from tether.model import Host
+    from tether.server.ipam import Ipam
     from tether.server.objects import Objects, vtep_key
 
     o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
@@ -348,8 +348,8 @@ async def test_deleting_a_host_removes_its_vtep_index_key(store):
 async def test_an_object_stored_under_looser_rules_is_passed_on_not_fatal(store):
     """An older version stored a rule today's validators refuse: listing skips it, the snapshot carries it
     as stored (for the agents to quarantine), and nothing answers 500."""
-    from tether.ipam import Ipam
     from tether.model import SecurityGroup, key_of
+    from tether.server.ipam import Ipam
     from tether.server.objects import Objects
 
     o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")

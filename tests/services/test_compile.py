@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_nft
-from tether.agent.services import compile as compile_services
+from tether.calc.host import HostContext, compute_nft
+from tether.calc.plan import NftPlan
+from tether.calc.replica import Replica
+from tether.calc.services import compile as compile_services
 from tether.dataplane.nft import structure_hash
-from tether.dataplane.plan import NftPlan
 from tether.model import Endpoint, Network, PortDecl, Service, ServiceBackend, ServicePort, Subnet
 
 NET = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16")])
@@ -130,7 +130,7 @@ def test_only_backends_and_frontends_inside_a_network_are_kept_stateful() -> Non
 
 def test_a_host_published_node_port_is_served_only_on_its_host_and_address() -> None:
     """Docker's -p: frontends on the container's host only; -p IP:port on that address only."""
-    from tether.agent.services import frontends
+    from tether.calc.services import frontends
 
     svc = Service(name="pub", type="NodePort", cluster_ip="10.96.0.20", host="h1",
                   backends=[ServiceBackend(ip="10.1.0.1")], ports=[ServicePort(port=80, node_port=8080)])

@@ -13,8 +13,8 @@ import yaml
 
 from tests.fixtures.server import ServerProc, start_server
 from tests.services.test_compile import NET, ep, web
-from tether.agent.dns_records import answer, build
-from tether.agent.services import compile as compile_services
+from tether.calc.dns_records import answer, build
+from tether.calc.services import compile as compile_services
 from tether.manifests import ManifestError, parse
 from tether.model import Service
 

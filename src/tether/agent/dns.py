@@ -52,8 +52,8 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from tether.agent import dns_records
-from tether.agent.dns_records import Records
+from tether.calc import dns_records
+from tether.calc.dns_records import Records
 
 log = logging.getLogger("tether.agent.dns")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("tether.agent")
 
-MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports", "tether.agent.docker_plugin",
+MODULES = ("tether.agent.dns", "tether.agent.flowlog", "tether.agent.vmports", "tether.agent.docker.driver",
            "tether.agent.peers")
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from tether import jsonline
 from tether.agent import unix_socket
-from tether.agent.policy import LOG_GROUP, drop_owners
+from tether.calc.policy import LOG_GROUP, drop_owners
 from tether.flows import is_noise, parse_conntrack
 
 log = logging.getLogger("tether.agent.flowlog")
@@ -311,7 +311,7 @@ class FlowLog:
 
     async def metrics(self) -> str:
         """The agent's Prometheus text: drops by owner, flows, quarantined objects, applies."""
-        from tether.agent.quarantine import metrics
+        from tether.calc.quarantine import metrics
         from tether.dataplane.nft import counters
 
         self._scraped = True

@@ -26,9 +26,9 @@ from typing import Any
 
 from tether import __version__, heap
 from tether.agent import yielding
-from tether.agent.cache import Replica
-from tether.agent.calc import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope, vtep_mac_for
-from tether.agent.cni_server import CniServer
+from tether.agent.cni.server import CniServer
+from tether.calc.host import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope, vtep_mac_for
+from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.links import Applied
 from tether.model import Host, Network
@@ -182,7 +182,7 @@ class Agent:
 
     def dns_config(self, net: Network | None, namespace: str | None = None) -> dict[str, Any]:
         """The CNI result's `dns`: the runtime writes it into the pod's resolv.conf."""
-        from tether.agent.dns_records import NDOTS, search_path
+        from tether.calc.dns_records import NDOTS, search_path
 
         if not self.dns_ip:
             return {}
@@ -417,7 +417,7 @@ class Agent:
             rejudge((scope & before) | (before - scope), subnets=subnets)
 
     def _apply_plan(self, plan, keep, verify: bool, extra_nft: list[dict] | None = None):
-        from tether.agent import quarantine
+        from tether.calc import quarantine
         from tether.dataplane.links import apply_links, raise_interfaces
 
         quarantine.note(plan.quarantined, self.host)

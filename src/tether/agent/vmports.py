@@ -15,8 +15,8 @@ import logging
 import time
 from typing import Any
 
-from tether.agent.cache import Replica
-from tether.agent.calc import endpoint_mtu
+from tether.calc.host import endpoint_mtu
+from tether.calc.replica import Replica
 from tether.client import ApiError, ServerUnreachable
 from tether.dataplane.vif import VifSpec, reconcile_vifs
 
@@ -26,7 +26,7 @@ log = logging.getLogger("tether.vmports")
 def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
     """This host's VM ports to plug; a quarantined one (a foreign interface name, a netns outside
     the runtime's directories...) is not plugged (quarantine reports it)."""
-    from tether.agent.quarantine import problem
+    from tether.calc.quarantine import problem
 
     out = []
     for ep in rep.endpoints:

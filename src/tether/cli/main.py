@@ -659,7 +659,7 @@ def describe(kind: Annotated[str, typer.Argument(help="a kind, as for `get`")],
                                 for p in (h.get("status") or {}).get("problems", [])
                                 if p["kind"] == "Endpoint" and p["name"] == obj["id"]]
     elif k == "Service":
-        from tether.agent.services import backends_of
+        from tether.calc.services import backends_of
         from tether.model import Service
 
         svc = Service.model_validate(obj)

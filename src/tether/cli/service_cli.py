@@ -96,7 +96,7 @@ def service_list(namespace: Annotated[str | None, typer.Option("--namespace", "-
 def service_show(name: str, namespace: NsOpt = "default", server: ServerOpt = None, token: TokenOpt = None,
                  output: OutOpt = Format.yaml) -> None:
     """Show a service and the ready backends it balances over now."""
-    from tether.agent.services import backends_of
+    from tether.calc.services import backends_of
     from tether.model import Endpoint, Service
 
     c = client(server, token)
@@ -170,7 +170,7 @@ def dns_lookup(
     import dns.rcode
     import dns.rdatatype
 
-    from tether.agent import dns_records
+    from tether.calc import dns_records
     from tether.cli.config import resolve
 
     names = None
@@ -203,7 +203,7 @@ def dns_lookup(
         where = f"{host} ({h.dns_ip})"
     else:
         snap = run(c.snapshot)
-        from tether.agent.cache import Replica
+        from tether.calc.replica import Replica
 
         rep = Replica()
         rep.load_snapshot(snap)

@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.dataplane import rtnl_batch as nl
-from tether.dataplane.netns import ipr_in, open_ipr
-from tether.dataplane.plan import (
+from tether.calc.plan import (
     LINK_PREFIX,
     RTPROT_TETHER,
     VTEP_NAME,
@@ -34,6 +32,8 @@ from tether.dataplane.plan import (
     Vtep,
     own_link,
 )
+from tether.dataplane import rtnl_batch as nl
+from tether.dataplane.netns import ipr_in, open_ipr
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK, RTNH_F_ONLINK, RouteState, RtnlSocket
 

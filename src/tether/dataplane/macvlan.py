@@ -13,8 +13,8 @@ import ipaddress
 import os
 import secrets
 
+from tether.calc.plan import POD_GATEWAY, confined_netns
 from tether.dataplane.netns import ipr_in
-from tether.dataplane.plan import POD_GATEWAY, confined_netns
 from tether.dataplane.pods import AttachError
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK
 

@@ -37,7 +37,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.dataplane.plan import NFT_TABLE, NftChain, NftPlan, NftSet, own_link
+from tether.calc.plan import NFT_TABLE, NftChain, NftPlan, NftSet, own_link
 
 log = logging.getLogger(__name__)
 

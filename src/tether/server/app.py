@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.datastructures import Headers
 
-from tether.ipam import Ipam
 from tether.model import Namespace
 from tether.server.api import router
 from tether.server.auth import OPEN_PATHS, AdminCredential, Credentials, Denied, authorize, bearer
 from tether.server.flows import FlowRing
 from tether.server.gc import GarbageCollector
+from tether.server.ipam import Ipam
 from tether.server.leader import Leadership
 from tether.server.limits import BodyLimit, Limits, WatchSlots
 from tether.server.objects import ApiError, Objects, with_retries

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
+from tether.calc.names import netns_problem, neutron_mac, vif_name
 from tether.model import (
     DEFAULT_GROUP,
     DNS_LABEL,
@@ -49,7 +50,6 @@ from tether.model import (
     is_default_group,
     new_id,
 )
-from tether.names import netns_problem, neutron_mac, vif_name
 from tether.server.objects import ApiError, Objects, with_retries
 
 DEFAULT_MTU = 1450

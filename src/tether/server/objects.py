@@ -19,7 +19,6 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from tether.ipam import Allocation, Ipam, IpamError
 from tether.model import (
     DEFAULT_GROUP,
     KINDS,
@@ -38,6 +37,7 @@ from tether.model import (
     kind_of_key,
     now,
 )
+from tether.server.ipam import Allocation, Ipam, IpamError
 from tether.store.base import Compare, Conflict, Delete, Op, Put, Store
 
 log = logging.getLogger(__name__)
@@ -446,7 +446,7 @@ class Objects:
             raise ApiError(400, f"cannot change {', '.join(sorted(bad))} of an endpoint; "
                                 f"changeable fields: {', '.join(sorted(allowed))}")
 
-        from tether.names import endpoint_interface
+        from tether.calc.names import endpoint_interface
         from tether.server.validation import check_owner_change
 
         async def attempt() -> Endpoint:

@@ -16,8 +16,8 @@ async def require_namespace(o: Objects, ns: str) -> None:
 
 def check_policy(pol: NetworkPolicy) -> None:
     """Reject a NetworkPolicy spec the Kubernetes API server would reject, with its wording."""
-    from tether.k8s_validation import PolicyInvalid
-    from tether.k8s_validation import check_policy as k8s_check
+    from tether.calc.k8s_validation import PolicyInvalid
+    from tether.calc.k8s_validation import check_policy as k8s_check
 
     try:
         k8s_check(pol.name, pol.spec)
@@ -112,7 +112,7 @@ def check_host_underlay(host: Host, hosts: list[Host], networks: list[Network]) 
 
 def check_endpoint_interface(ep: Endpoint) -> None:
     """The server derives the host-side device from the owner; any other name is refused."""
-    from tether.names import endpoint_interface, endpoint_mac
+    from tether.calc.names import endpoint_interface, endpoint_mac
 
     want = endpoint_interface(ep.owner.type, ep.id, ep.owner.container_id, ep.owner.ifname)
     if ep.interface is not None and ep.interface != want:

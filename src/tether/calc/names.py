@@ -12,7 +12,7 @@ import hashlib
 import os
 import re
 
-from tether.dataplane.plan import LINK_PREFIX
+from tether.calc.plan import LINK_PREFIX
 
 VIF_PREFIX = "tap"  # os-vif names a VM port's host side "tap" + the first 11 characters of the port id
 IFNAMSIZ = 16  # the kernel's limit including the NUL: at most 15 characters

@@ -31,7 +31,8 @@ import ipaddress
 from collections.abc import Iterable
 
 from tether.agent import yielding
-from tether.agent.policy import (
+from tether.calc.plan import VXLAN_PORT, NftChain, rule, stateless_chain
+from tether.calc.policy import (
     ACCEPT,
     addr_field,
     denied,
@@ -42,7 +43,6 @@ from tether.agent.policy import (
     payload,
     v4_subnets,
 )
-from tether.dataplane.plan import VXLAN_PORT, NftChain, rule, stateless_chain
 from tether.model import Endpoint, Network
 
 PRIORITY = -500  # before anything else on the device

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.agent import yielding
+from tether.calc.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.dataplane.conntrack import CT_DENIED, CT_REJUDGE
-from tether.dataplane.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
 NP_OK = 0x100000  # meta mark bit: some NetworkPolicy rule allowed this packet

@@ -20,8 +20,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tether.agent.cache import Replica
-from tether.dataplane.plan import Quarantined, confined_netns, own_link
+from tether.calc.plan import Quarantined, confined_netns, own_link
+from tether.calc.replica import Replica
 from tether.model import (
     DNS_LABEL,
     MAC,
@@ -36,7 +36,7 @@ from tether.model import (
     Service,
 )
 
-log = logging.getLogger("tether.agent.quarantine")
+log = logging.getLogger("tether.calc.quarantine")
 T = TypeVar("T")
 
 # the order objects are added back in when `isolate` looks for the one that makes a plan raise:
@@ -143,7 +143,7 @@ def _security_group(sg: SecurityGroup, me: str) -> None:
 
 
 def _policy(p: NetworkPolicy, me: str) -> None:
-    from tether.k8s_validation import validate_network_policy
+    from tether.calc.k8s_validation import validate_network_policy
 
     _label(p.namespace, "policy namespace")  # the name: a DNS subdomain, checked below
     errors = validate_network_policy(p.spec, p.name)

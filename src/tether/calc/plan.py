@@ -195,7 +195,7 @@ class Plan:
     nft: NftPlan = field(default_factory=NftPlan)
     sysctls: tuple[tuple[str, str], ...] = ()  # (path under /proc/sys, value), e.g. ("net/ipv4/ip_forward", "1")
     underlay_dev: str = ""  # the host's underlay device (from the agent's config): direct routes use it
-    quarantined: tuple[Quarantined, ...] = ()  # objects left out of this plan, and why (agent/quarantine.py)
+    quarantined: tuple[Quarantined, ...] = ()  # objects left out of this plan, and why (calc/quarantine.py)
 
 
 @dataclass(frozen=True, slots=True, order=True)

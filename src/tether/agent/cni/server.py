@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable, KeysView
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether import names
-from tether.agent import cni_protocol as cp
 from tether.agent import unix_socket, yielding
-from tether.agent.calc import endpoint_mtu, host_ifname
+from tether.agent.cni import protocol as cp
+from tether.calc import names
+from tether.calc.host import endpoint_mtu, host_ifname
+from tether.calc.plan import POD_GATEWAY
 from tether.client import ApiError, ServerUnreachable
-from tether.dataplane.plan import POD_GATEWAY
 from tether.model import Endpoint, Namespace, Owner, PortDecl, Service, ServiceBackend, ServicePort
 
 if TYPE_CHECKING:

@@ -266,7 +266,7 @@ class EndpointRecords:
 
 
 def _headless_answers(svc: Service, endpoints: list[Endpoint], ttl: int) -> list[tuple[int, bytes]]:
-    from tether.agent.services import headless_addresses
+    from tether.calc.services import headless_addresses
 
     out = []
     for ip in headless_addresses(svc, endpoints):

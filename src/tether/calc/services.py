@@ -26,8 +26,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tether.agent.policy import ip_version, network, v4_subnets
-from tether.dataplane.plan import NftChain, NftPlan, NftSet, rule
+from tether.calc.plan import NftChain, NftPlan, NftSet, rule
+from tether.calc.policy import ip_version, network, v4_subnets
 from tether.model import Endpoint, Network, Service, ServicePort
 
 HAIRPIN_MARK = 0x4000  # ct mark bit: source-NAT this connection (calc's postrouting rule uses it too)

@@ -12,11 +12,10 @@ import functools
 import ipaddress
 from dataclasses import dataclass, replace
 
-from tether.agent import pod_ingress, policy, services, yielding
-from tether.agent.cache import Replica
-from tether.agent.policy import ip_version, stateless_targets, v4_subnets
-from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE
-from tether.dataplane.plan import (
+from tether.agent import yielding
+from tether.calc import pod_ingress, policy, services
+from tether.calc.names import host_ifname, vtep_mac_for  # noqa: F401 - re-exported: the names moved to tether.calc.names
+from tether.calc.plan import (
     LINK_PREFIX,
     VTEP_NAME,
     VXLAN_OVERHEAD,
@@ -33,8 +32,10 @@ from tether.dataplane.plan import (
     rule,
     stateless_chain,
 )
+from tether.calc.policy import ip_version, stateless_targets, v4_subnets
+from tether.calc.replica import Replica
+from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE
 from tether.model import Host, Network
-from tether.names import host_ifname, vtep_mac_for  # noqa: F401 - re-exported: the names moved to tether.names
 
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
 HAIRPIN_MARK = 0x4000
@@ -124,7 +125,7 @@ _LOCAL: dict[str, tuple] = {}
 def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
     """This host's plan, compiled per object: an object this host cannot apply (`quarantine`) is
     left out, and listed in the plan's `quarantined`, while every other object is applied."""
-    from tether.agent import quarantine
+    from tether.calc import quarantine
 
     clean, bad = quarantine.screen(rep, ctx.name)
     try:
@@ -537,7 +538,7 @@ def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
 # --- connections a table change may now forbid ------------------------------------------------------
 
 # chains and sets whose change can narrow a verdict: policy and group chains, dispatch chains and
-# maps, peer and member sets, named ports, isolation (see agent/policy.py); not services, `st-` or
+# maps, peer and member sets, named ports, isolation (see calc/policy.py); not services, `st-` or
 # `ing-` chains, and not `stateful` (a pod that becomes stateful is picked up mid-stream)
 POLICY_PREFIXES = ("np", "sg", "in-", "out-", "sel", "pn-", "others", "ep_", "nested", "parent")
 

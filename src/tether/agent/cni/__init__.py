@@ -1,0 +1,1 @@
+"""The CNI front end: the agent's socket that the `tether-cni` plugin talks to."""
