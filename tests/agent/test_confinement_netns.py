@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tether.calc.host import HostContext, compute_plan
-from tether.calc.plan import ForeignLink, HostInterface, NftChain, NftPlan, Plan, Route, confined_netns
+from tether.calc.names import ForeignLink, confined_netns
+from tether.calc.plan import HostInterface, NftChain, NftPlan, Plan, Route
 from tether.calc.replica import Replica
 from tether.dataplane.links import Applied, apply_links
 from tether.dataplane.netns import _setns

@@ -11,7 +11,8 @@ import socket
 import subprocess
 from collections.abc import Callable
 
-from tether.calc.plan import RTPROT_TETHER, HostInterface, Plan, Route
+from tether.calc.names import RTPROT_TETHER
+from tether.calc.plan import HostInterface, Plan, Route
 from tether.dataplane.links import apply_links, raise_interfaces
 from tether.dataplane.rtnl_batch import RtnlSocket
 

@@ -9,7 +9,7 @@ import json
 from tests.agent.test_calc import CTX, replica
 from tether.calc import pod_ingress
 from tether.calc.host import compute_nft, needs_state
-from tether.calc.plan import stateless_chain
+from tether.calc.names import stateless_chain
 from tether.model import AddressPair, Endpoint, Network, NetworkPolicy, Service, ServicePort, Subnet
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tether.calc.plan import POD_GATEWAY
+from tether.calc.names import POD_GATEWAY
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import opened_in
 from tether.dataplane.pods import AttachError, address_pod, attach_pod, plug_link

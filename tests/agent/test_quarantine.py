@@ -12,7 +12,8 @@ import pytest
 from tether.calc import quarantine, services
 from tether.calc.dns_records import build
 from tether.calc.host import HostContext, compute_plan
-from tether.calc.plan import VTEP_NAME, Quarantined, Route
+from tether.calc.names import VTEP_NAME
+from tether.calc.plan import Quarantined, Route
 from tether.calc.replica import Replica
 from tether.model import (
     AddressPair,

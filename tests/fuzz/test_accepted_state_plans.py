@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from tests.fuzz.checks import finding
 from tests.fuzz.harness import InProcessServer, examples
 from tether.calc.host import HostContext, compute_plan
-from tether.calc.plan import LINK_PREFIX, VTEP_NAME, Plan
+from tether.calc.names import LINK_PREFIX, VTEP_NAME
+from tether.calc.plan import Plan
 from tether.calc.replica import Replica
 from tether.dataplane.nft import full_commands
 

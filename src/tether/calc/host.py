@@ -14,24 +14,16 @@ from dataclasses import dataclass, replace
 
 from tether.agent import yielding
 from tether.calc import pod_ingress, policy, services
-from tether.calc.names import host_ifname, vtep_mac_for  # noqa: F401 - re-exported: the names moved to tether.calc.names
-from tether.calc.plan import (
+from tether.calc.names import (  # noqa: F401 - re-exported: the names moved to tether.calc.names
     LINK_PREFIX,
     VTEP_NAME,
     VXLAN_OVERHEAD,
     VXLAN_PORT,
-    FdbEntry,
-    HostInterface,
-    Neighbour,
-    NftChain,
-    NftPlan,
-    NftSet,
-    Plan,
-    Route,
-    Vtep,
-    rule,
+    host_ifname,
     stateless_chain,
+    vtep_mac_for,
 )
+from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep, rule
 from tether.calc.policy import ip_version, stateless_targets, v4_subnets
 from tether.calc.replica import Replica
 from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE

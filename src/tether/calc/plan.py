@@ -6,7 +6,7 @@ difference. Everything here is immutable and hashable so plans can be compared a
 
 Ownership marks, so a restarted agent can tell what is its own:
 - links: names start with `LINK_PREFIX` (pod veths `tth<11 hex>`, the VTEP `tth.vxlan`), or are a VM
-  port's `tap<port id[:11]>`; `own_link` says which, and the dataplane never creates, changes, hooks
+  port's `tap<port id[:11]>`; `names.own_link` says which, and the dataplane never creates, changes, hooks
   or deletes any other link whatever a plan says (an endpoint's `interface` comes from the API);
 - routes: protocol number `RTPROT_TETHER`;
 - nftables: the whole table `inet tether`;
@@ -15,73 +15,10 @@ Ownership marks, so a restarted agent can tell what is its own:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-LINK_PREFIX = "tth"
-VTEP_NAME = "tth.vxlan"
-VXLAN_PORT = 4789
-VXLAN_OVERHEAD = 50
-RTPROT_TETHER = 201  # routes we install carry this protocol number
-NFT_TABLE = "tether"  # family inet
-POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)
-POD_GATEWAY6 = "fe80::1"
-VIF_PREFIX = "tap"  # VM ports' host side, named as os-vif does: "tap" + the first 11 characters of the port id
-# the links this agent may create, change, hook or delete: its prefix, at most 15 characters (IFNAMSIZ),
-# nothing a path or an nft string could be bent with; and VM ports' taps (a port id's first 11 characters)
-_OWN_LINK = re.compile(rf"^({LINK_PREFIX}[0-9A-Za-z._-]{{1,12}}|{VIF_PREFIX}[0-9a-f]{{8}}-[0-9a-f]{{2}})$")
-NETNS_DIRS = ("/run/netns", "/var/run/netns")  # where namespaces named by the API may be opened
-
-
-class ForeignLink(ValueError):
-    """A device the agent does not own was about to be created, changed, hooked or deleted."""
-
-
-def own_link(name: str | None) -> bool:
-    """Whether the agent owns the link `name` (Tether's prefix, or a VM port's tap): the only links
-    it ever touches, whatever its replica holds (an endpoint's `interface` comes from the API)."""
-    return bool(name) and _OWN_LINK.match(name) is not None  # type: ignore[arg-type]
-
-
-def require_own_link(name: str | None, action: str) -> str:
-    """`name`, or ForeignLink naming it and the action refused."""
-    if not own_link(name):
-        raise ForeignLink(f"refusing to {action} link {name!r}: it is not Tether's (names start with "
-                          f"{LINK_PREFIX!r} or are a VM port's {VIF_PREFIX}<port id>)")
-    return name  # type: ignore[return-value]
-
-
-def confined_netns(path: str | None) -> str:
-    """The real path of a network namespace named by the API (a VM port's netns: a name, or a path
-    under /run/netns or /var/run/netns), or ValueError: /proc/<pid>/ns/net, '..' and symlinks out
-    of those directories would let a client put an interface into any namespace. (The CNI_NETNS a
-    local runtime gives over the root-only CNI socket is trusted and does not come here.)"""
-    if not path or "\0" in path:
-        raise ValueError(f"network namespace {path!r} is empty or malformed")
-    full = path if "/" in path else f"/var/run/netns/{path}"
-    if ".." in full.split("/"):
-        raise ValueError(f"network namespace {path!r} contains '..'; give a name under /run/netns")
-    outside = ValueError(f"network namespace {path!r} is outside {' and '.join(NETNS_DIRS)}; "
-                         "name a namespace made by `ip netns add` (or the runtime) there")
-    if os.path.dirname(full.rstrip("/")) not in NETNS_DIRS:
-        raise outside
-    try:
-        real = os.path.realpath(full)  # a symlink in there may point anywhere
-        dirs = {os.path.realpath(d) for d in NETNS_DIRS}
-    except OSError:
-        raise outside from None
-    if os.path.dirname(real) not in dirs:
-        raise outside
-    return real
-
-
-def stateless_chain(network: str) -> str:
-    """The base table's stateless chain for one network (calc.base_nft), named by a digest so that
-    any network name gives a short, valid chain name."""
-    return "st-" + hashlib.sha256(network.encode()).hexdigest()[:12]
+from tether.calc.names import VXLAN_PORT
 
 
 @dataclass(frozen=True, slots=True, order=True)

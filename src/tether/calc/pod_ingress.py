@@ -31,7 +31,8 @@ import ipaddress
 from collections.abc import Iterable
 
 from tether.agent import yielding
-from tether.calc.plan import VXLAN_PORT, NftChain, rule, stateless_chain
+from tether.calc.names import VXLAN_PORT, stateless_chain
+from tether.calc.plan import NftChain, rule
 from tether.calc.policy import (
     ACCEPT,
     addr_field,

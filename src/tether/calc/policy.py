@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.agent import yielding
-from tether.calc.plan import LINK_PREFIX, VTEP_NAME, NftChain, NftPlan, NftSet, rule, stateless_chain
+from tether.calc.names import LINK_PREFIX, VTEP_NAME, stateless_chain
+from tether.calc.plan import NftChain, NftPlan, NftSet, rule
 from tether.dataplane.conntrack import CT_DENIED, CT_REJUDGE
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 

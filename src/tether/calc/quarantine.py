@@ -20,7 +20,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tether.calc.plan import Quarantined, confined_netns, own_link
+from tether.calc.names import confined_netns, own_link
+from tether.calc.plan import Quarantined
 from tether.calc.replica import Replica
 from tether.model import (
     DNS_LABEL,

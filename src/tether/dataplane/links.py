@@ -1,6 +1,6 @@
 """Applying a Plan's links, routes, neighbours and FDB entries with netlink, by difference.
 
-Only what Tether owns is touched: the VTEP and pod veths (names with our prefix, `plan.own_link`),
+Only what Tether owns is touched: the VTEP and pod veths (names with our prefix, `names.own_link`),
 routes with our protocol number, neighbour and FDB entries on the VTEP. That holds whatever the
 plan says, on the full and the incremental pass alike: a planned interface or link-scope route on a
 device that is not ours is refused and reported as a failure, never applied. An unchanged plan changes nothing, so an
@@ -21,17 +21,8 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.calc.plan import (
-    LINK_PREFIX,
-    RTPROT_TETHER,
-    VTEP_NAME,
-    FdbEntry,
-    Neighbour,
-    Plan,
-    Route,
-    Vtep,
-    own_link,
-)
+from tether.calc.names import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, own_link
+from tether.calc.plan import FdbEntry, Neighbour, Plan, Route, Vtep
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in, open_ipr
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl

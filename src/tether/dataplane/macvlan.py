@@ -13,7 +13,7 @@ import ipaddress
 import os
 import secrets
 
-from tether.calc.plan import POD_GATEWAY, confined_netns
+from tether.calc.names import POD_GATEWAY, confined_netns
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.pods import AttachError
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK

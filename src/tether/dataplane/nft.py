@@ -37,7 +37,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.calc.plan import NFT_TABLE, NftChain, NftPlan, NftSet, own_link
+from tether.calc.names import NFT_TABLE, own_link
+from tether.calc.plan import NftChain, NftPlan, NftSet
 
 log = logging.getLogger(__name__)
 

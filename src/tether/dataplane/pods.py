@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.calc.plan import POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link
+from tether.calc.names import POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket

@@ -14,7 +14,7 @@ import re
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.calc.plan import POD_GATEWAY6, own_link
+from tether.calc.names import POD_GATEWAY6, own_link
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.pods import AttachError, get_link, host_side_sysctls
 from tether.dataplane.rtnl_batch import RtnlSocket

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.calc.plan import confined_netns, own_link
+from tether.calc.names import confined_netns, own_link
 from tether.dataplane.pods import AttachError, attach_pod, host_side_sysctls, write_sysctl
 from tether.dataplane.rtnl_batch import RtnlSocket
 

@@ -11,7 +11,7 @@ import json
 import subprocess
 from typing import Any
 
-from tether.calc.plan import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME
+from tether.calc.names import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME
 
 
 def _json(*cmd: str) -> Any:

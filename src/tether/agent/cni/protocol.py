@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.calc.plan import POD_GATEWAY6
+from tether.calc.names import POD_GATEWAY6
 
 SUPPORTED = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = "1.1.0"

@@ -24,7 +24,7 @@ from tether.agent import unix_socket, yielding
 from tether.agent.cni import protocol as cp
 from tether.calc import names
 from tether.calc.host import endpoint_mtu, host_ifname
-from tether.calc.plan import POD_GATEWAY
+from tether.calc.names import POD_GATEWAY
 from tether.client import ApiError, ServerUnreachable
 from tether.model import Endpoint, Namespace, Owner, PortDecl, Service, ServiceBackend, ServicePort
 
