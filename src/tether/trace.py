@@ -165,7 +165,8 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
 
 def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, dst_ep: Endpoint | None,
            target: Endpoint | str) -> bool:
-    from tether.calc.host import VXLAN_OVERHEAD, path_mode
+    from tether.calc.host import path_mode
+    from tether.calc.names import VXLAN_OVERHEAD
 
     if dst_ep is not None:
         if src_host == dst_ep.host:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tether.calc.host import HostContext, base_nft, compute_nft, compute_plan, merge, path_mode, vtep_mac_for
-from tether.calc.names import VTEP_NAME, stateless_chain
+from tether.calc.host import HostContext, base_nft, compute_nft, compute_plan, merge, path_mode
+from tether.calc.names import VTEP_NAME, stateless_chain, vtep_mac_for
 from tether.calc.plan import FdbEntry, NftPlan, NftSet, Route
 from tether.calc.replica import Replica
 from tether.model import Block, Endpoint, Host, Network, Owner, Subnet

@@ -17,7 +17,8 @@ from tether.calc.host import (
     rejudge_needed,
     rejudge_scope,
 )
-from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE, rejudge_commands
+from tether.calc.names import CT_DENIED, CT_PICKED, CT_REJUDGE
+from tether.dataplane.conntrack import rejudge_commands
 from tether.dataplane.nft import NftReport
 from tether.model import NetworkPolicy
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
-from tether.dataplane.conntrack import CT_DENIED
+from tether.calc.names import CT_DENIED
 from tether.lab.cluster import Lab, PodInfo, nsx, sh, wait_for
 from tether.model import default_group_id
 

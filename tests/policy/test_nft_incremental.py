@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from tether.calc.plan import NftChain, NftPlan, NftSet, rule
+from tether.calc.nft import rule
+from tether.calc.plan import NftChain, NftPlan, NftSet
 from tether.dataplane import nft
 from tether.dataplane.nft import NftDataplane, NftError
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from tether import jsonline
 from tether.agent import unix_socket
-from tether.calc.policy import LOG_GROUP, drop_owners
+from tether.calc.names import LOG_GROUP
+from tether.calc.policy import drop_owners
 from tether.flows import is_noise, parse_conntrack
 
 log = logging.getLogger("tether.agent.flowlog")

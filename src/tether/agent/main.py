@@ -27,7 +27,8 @@ from typing import Any
 from tether import __version__, heap
 from tether.agent import yielding
 from tether.agent.cni.server import CniServer
-from tether.calc.host import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope, vtep_mac_for
+from tether.calc.host import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope
+from tether.calc.names import vtep_mac_for
 from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.links import Applied

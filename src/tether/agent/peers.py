@@ -60,7 +60,8 @@ async def carried_mtu(ip: str, high: int) -> int | None:
 
 def mtu_problems(networks: list[Any], peer: str, path_mtu: int, underlay_mtu: int) -> list[str]:
     """Networks whose packets to `peer` are larger than the path carries (pure)."""
-    from tether.calc.host import VXLAN_OVERHEAD, endpoint_mtu
+    from tether.calc.host import endpoint_mtu
+    from tether.calc.names import VXLAN_OVERHEAD
 
     out = []
     for net in networks:

@@ -14,23 +14,45 @@ from dataclasses import dataclass, replace
 
 from tether.agent import yielding
 from tether.calc import pod_ingress, policy, services
-from tether.calc.names import (  # noqa: F401 - re-exported: the names moved to tether.calc.names
+from tether.calc.addresses import ip_version, v4_subnets
+from tether.calc.names import (
+    CT_DENIED,
+    CT_PICKED,
+    CT_REJUDGE,
+    HAIRPIN_MARK,
     LINK_PREFIX,
     VTEP_NAME,
     VXLAN_OVERHEAD,
     VXLAN_PORT,
-    host_ifname,
     stateless_chain,
     vtep_mac_for,
 )
-from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep, rule
-from tether.calc.policy import ip_version, stateless_targets, v4_subnets
+from tether.calc.nft import (
+    ACCEPT,
+    COUNTER,
+    DROP,
+    FIB_LOCAL,
+    L4_DPORT,
+    MASQUERADE,
+    NOTRACK,
+    addr_field,
+    ct,
+    ct_bits,
+    ct_mark_clear,
+    ct_mark_or,
+    denied,
+    match,
+    meta,
+    one_or_set,
+    payload,
+    rule,
+)
+from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep
+from tether.calc.policy import stateless_targets
 from tether.calc.replica import Replica
-from tether.dataplane.conntrack import CT_DENIED, CT_PICKED, CT_REJUDGE
 from tether.model import Host, Network
 
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
-HAIRPIN_MARK = 0x4000
 
 
 def endpoint_mtu(net: Network, underlay_mtu: int) -> int:
@@ -210,46 +232,16 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
 
 # --- nftables --------------------------------------------------------------------------------------
 
-def _meta(key: str) -> dict:
-    return {"meta": {"key": key}}
-
-
-def _ip(field: str) -> dict:
-    return {"payload": {"protocol": "ip", "field": field}}
-
-
-def _ip6(field: str) -> dict:
-    return {"payload": {"protocol": "ip6", "field": field}}
-
-
-def _match(left: dict, right, op: str = "==") -> dict:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-ACCEPT: dict = {"accept": None}
-DROP: dict = {"drop": None}
-CT_INVALID = _match({"ct": {"key": "state"}}, "invalid", "in")
-CT_PASSED = _match({"ct": {"key": "state"}}, ["established", "related", "untracked"], "in")  # see base_nft
-NOTRACK: dict = {"notrack": None}
-UDP_DPORT = {"payload": {"protocol": "udp", "field": "dport"}}
-SVC_KEY = {"concat": [_ip("daddr"), _meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
-NODEPORT_KEY = {"concat": [_meta("l4proto"), {"payload": {"protocol": "th", "field": "dport"}}]}
-FIB_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
-CT_MARK = {"ct": {"key": "mark"}}
+CT_INVALID = match(ct("state"), "invalid", "in")
+CT_PASSED = match(ct("state"), ["established", "related", "untracked"], "in")  # see base_nft
+UDP_DPORT = payload("udp", "dport")
+SVC_KEY = {"concat": [addr_field(4, "daddr"), meta("l4proto"), L4_DPORT]}
+NODEPORT_KEY = {"concat": [meta("l4proto"), L4_DPORT]}
 EPHEMERAL = 32768  # the lowest port of Linux's default ip_local_port_range (32768-60999)
 
 
-def _ct_bits(bits: int, value: int | None = None) -> dict:
-    """ct mark & bits == value (default: all of them set)."""
-    return _match({"&": [CT_MARK, bits]}, bits if value is None else value)
-
-
-def _tcp(field: str) -> dict:
-    return {"payload": {"protocol": "tcp", "field": field}}
-
-
-REJUDGED = _ct_bits(CT_REJUDGE)
-NOT_SYN = _match({"&": [_tcp("flags"), "syn"]}, 0)
+REJUDGED = ct_bits(CT_REJUDGE)
+NOT_SYN = match({"&": [payload("tcp", "flags"), "syn"]}, 0)
 # addresses tracked since less than PICKUP_GRACE seconds (the agent adds them in the batch that starts
 # tracking them; the kernel expires them): only their connections are picked up mid-stream
 PICKUP_SETS = {4: "picked_grace", 6: "picked_grace6"}
@@ -268,7 +260,7 @@ def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
 
 
 def _in_subnets(field: str, cidrs: list[str]) -> dict:
-    return _match(_ip(field), policy.one_or_set(cidrs))
+    return match(addr_field(4, field), one_or_set(cidrs))
 
 
 def stateless_chains(rep: Replica) -> list[NftChain]:
@@ -282,7 +274,7 @@ def stateless_chains(rep: Replica) -> list[NftChain]:
         cidrs = v4_subnets(net)
         if cidrs:
             chains.append(NftChain(stateless_chain(net.name), (
-                rule(_match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="),
+                rule(match(addr_field(4, "saddr"), "@stateful", "!="), match(addr_field(4, "daddr"), "@stateful", "!="),
                      _in_subnets("saddr", cidrs), _in_subnets("daddr", cidrs), NOTRACK, comment="stateless"),)))
     return chains
 
@@ -319,16 +311,16 @@ def needs_state(rep: Replica) -> str:
 
 
 PICKUPS = tuple(  # TCP of a pod tracked since PICKUP_GRACE at most: no SYN, so not a new connection
-    rule(_match({"ct": {"key": "state"}}, "new", "in"), NOT_SYN,
-         _match({"payload": {"protocol": "ip" if v == 4 else "ip6", "field": end}}, "@" + name),
-         policy.ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}}, comment="picked up mid-stream")
+    rule(match(ct("state"), "new", "in"), NOT_SYN,
+         match(addr_field(v, end), "@" + name),
+         ct_mark_or(CT_PICKED | CT_REJUDGE), {"goto": {"target": "midstream"}}, comment="picked up mid-stream")
     for v, name in PICKUP_SETS.items() for end in ("saddr", "daddr"))
 DISPATCH = (  # the forward chain's verdict for a packet that conntrack does not pass
-    rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
-    rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), {"counter": None},
+    rule({"vmap": {"key": meta("iifname"), "data": "@ep_out"}}),
+    rule(match(meta("iifname"), POD_IFACES), match(meta("iifname"), VTEP_NAME, "!="), COUNTER,
          DROP, comment="unknown pod interface"),
-    rule({"vmap": {"key": _meta("oifname"), "data": "@ep_in"}}),
-    rule(_match(_meta("oifname"), POD_IFACES), _match(_meta("oifname"), VTEP_NAME, "!="), {"counter": None},
+    rule({"vmap": {"key": meta("oifname"), "data": "@ep_in"}}),
+    rule(match(meta("oifname"), POD_IFACES), match(meta("oifname"), VTEP_NAME, "!="), COUNTER,
          DROP, comment="unknown pod interface"),
 )
 MIDSTREAM_DENIED = "denied connection, from its server"
@@ -351,18 +343,18 @@ def midstream_chains() -> tuple[NftChain, ...]:
     from_server = {"goto": {"target": "midstream_from_server"}}
     return (
         NftChain("midstream", (
-            rule(_ct_bits(CT_PICKED, 0), _match({"ct": {"key": "direction"}}, "reply"), from_server),
-            rule(_ct_bits(CT_PICKED, 0), to_server),
-            rule(_match(_tcp("sport"), EPHEMERAL, "<"), _match(_tcp("dport"), EPHEMERAL, ">="), from_server),
+            rule(ct_bits(CT_PICKED, 0), match(ct("direction"), "reply"), from_server),
+            rule(ct_bits(CT_PICKED, 0), to_server),
+            rule(match(payload("tcp", "sport"), EPHEMERAL, "<"), match(payload("tcp", "dport"), EPHEMERAL, ">="),
+                 from_server),
             rule(to_server),
         )),
         NftChain("midstream_from_server", (
-            rule(_ct_bits(CT_DENIED), {"counter": None}, DROP, comment=MIDSTREAM_DENIED),
+            rule(ct_bits(CT_DENIED), COUNTER, DROP, comment=MIDSTREAM_DENIED),
             rule(ACCEPT),
         )),
         NftChain("midstream_judge", (
-            rule({"mangle": {"key": CT_MARK, "value": {"&": [CT_MARK, 0xFFFFFFFF ^ (CT_REJUDGE |
-                                                                                   CT_DENIED)]}}}),
+            rule(ct_mark_clear(CT_REJUDGE | CT_DENIED)),
             *DISPATCH,
             rule(ACCEPT),
         )),
@@ -417,8 +409,9 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         sets += (NftSet("nat_sources6", "ipv6_addr", ("interval",), elements=frozenset(nat6)),
                  NftSet("tether_nets6", "ipv6_addr", ("interval",), elements=frozenset(
                      s.cidr for n in rep.networks.values() for s in n.subnets if ":" in s.cidr)))
-        nat6_rules = (rule(_match(_ip6("saddr"), "@nat_sources6"), _match(_ip6("daddr"), "@tether_nets6", "!="),
-                           {"masquerade": None}, comment="nat-outgoing"),)
+        nat6_rules = (rule(match(addr_field(6, "saddr"), "@nat_sources6"),
+                           match(addr_field(6, "daddr"), "@tether_nets6", "!="),
+                           MASQUERADE, comment="nat-outgoing"),)
     svc_lookups: tuple[str, ...] = (
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
@@ -430,29 +423,30 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     vxlan_out: tuple[str, ...] = ()
     vxlan_refused: tuple[str, ...] = ()
     if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
-        vxlan_in = (rule(_match(_ip("daddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT),
-                         _match(_ip("saddr"), "@vxlan_peers"), _match(_meta("iifname"), POD_IFACES, "!="),
+        vxlan_in = (rule(match(addr_field(4, "daddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT),
+                         match(addr_field(4, "saddr"), "@vxlan_peers"), match(meta("iifname"), POD_IFACES, "!="),
                          NOTRACK, ACCEPT, comment="vxlan underlay"),)
-        vxlan_out = (rule(_match(_ip("saddr"), me.underlay_ip), _match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
+        vxlan_out = (rule(match(addr_field(4, "saddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                           comment="vxlan underlay"),)
         # what the rule above did not let through (tracked, so only its first packets come here):
         # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
-        vxlan_refused = (policy.denied(_match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
+        vxlan_refused = (denied(match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     svc_reject = rule({"jump": {"target": "svc_reject"}})
-    to_local_pod = {"vmap": {"key": _ip("daddr"), "data": "@local_dst4"}}
+    to_local_pod = {"vmap": {"key": addr_field(4, "daddr"), "data": "@local_dst4"}}
     chains = (
         NftChain("raw_prerouting", (
             # encapsulated VXLAN first, so the tunnel's own packets pass at once (never from a pod)
             *vxlan_in,
             # decapsulated packets to a local pod: straight to their network's stateless chain
-            rule(_match(_meta("iifname"), VTEP_NAME), to_local_pod),
+            rule(match(meta("iifname"), VTEP_NAME), to_local_pod),
             # a pod's packet: its ingress chain has checked it and sent it to its stateless chain
-            rule(_match(_meta("iifname"), POD_IFACES), _match(_meta("iifname"), VTEP_NAME, "!="), ACCEPT,
+            rule(match(meta("iifname"), POD_IFACES), match(meta("iifname"), VTEP_NAME, "!="), ACCEPT,
                  comment="decided by the pod's ingress chain"),
             rule(to_local_pod),  # e.g. from the underlay device (direct routing)
             # anything else (transit, prefix sources): the general pair lookup, hash lookups first
-            rule(_match(_ip("saddr"), "@stateful", "!="), _match(_ip("daddr"), "@stateful", "!="),
-                 _match({"concat": [_ip("saddr"), _ip("daddr")]}, "@same_net"), NOTRACK, comment="stateless"),
+            rule(match(addr_field(4, "saddr"), "@stateful", "!="), match(addr_field(4, "daddr"), "@stateful", "!="),
+                 match({"concat": [addr_field(4, "saddr"), addr_field(4, "daddr")]}, "@same_net"), NOTRACK,
+                 comment="stateless"),
         ), hook="prerouting", type="filter", priority=-300, policy="accept"),
         *stateless_chains(rep),
         NftChain("raw_output", (*vxlan_out, svc_reject), hook="output", type="filter", priority=-300,
@@ -461,15 +455,15 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
         NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
         NftChain("postrouting_nat", (
-            rule(_match({"&": [{"ct": {"key": "mark"}}, HAIRPIN_MARK]}, HAIRPIN_MARK), {"masquerade": None},
+            rule(ct_bits(HAIRPIN_MARK), MASQUERADE,
                  comment="hairpin and published ports"),
-            rule(_match(_ip("saddr"), "@nat_sources"), _match(_ip("daddr"), "@tether_nets", "!="),
-                 {"masquerade": None}, comment="nat-outgoing"),
+            rule(match(addr_field(4, "saddr"), "@nat_sources"), match(addr_field(4, "daddr"), "@tether_nets", "!="),
+                 MASQUERADE, comment="nat-outgoing"),
             *nat6_rules,
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
             # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`
-            rule(REJUDGED, _match({"ct": {"key": "state"}}, "related", "!="), {"goto": {"target": "midstream"}}),
+            rule(REJUDGED, match(ct("state"), "related", "!="), {"goto": {"target": "midstream"}}),
             rule(CT_PASSED, ACCEPT),
             rule(CT_INVALID, DROP),
             *PICKUPS,
@@ -480,7 +474,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
             *vxlan_refused,
-            rule({"vmap": {"key": _meta("iifname"), "data": "@ep_out"}}),
+            rule({"vmap": {"key": meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )
     return NftPlan(sets=sets, chains=chains)

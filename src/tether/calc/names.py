@@ -26,6 +26,17 @@ RTPROT_TETHER = 201  # routes we install carry this protocol number
 NFT_TABLE = "tether"  # family inet
 POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)
 POD_GATEWAY6 = "fe80::1"
+# Mark bits. meta mark (per packet): NP_OK / SG_OK say a NetworkPolicy / security-group rule allowed
+# the packet; services use the low bits as a backend slot. ct mark (per connection): HAIRPIN_MARK =
+# source-NAT it (published ports, hairpin); CT_REJUDGE = judge it again (a policy changed, see
+# dataplane/conntrack.py); CT_DENIED = a judgement denied it; CT_PICKED = picked up mid-stream.
+NP_OK = 0x100000
+SG_OK = 0x200000
+HAIRPIN_MARK = 0x4000
+CT_REJUDGE = 0x10000
+CT_DENIED = 0x20000
+CT_PICKED = 0x40000
+LOG_GROUP = 7  # NFLOG group of denied packets (read by tether.agent.flowlog)
 # the links this agent may create, change, hook or delete: its prefix, at most 15 characters (IFNAMSIZ),
 # nothing a path or an nft string could be bent with; and VM ports' taps (a port id's first 11 characters)
 _OWN_LINK = re.compile(rf"^({LINK_PREFIX}[0-9A-Za-z._-]{{1,12}}|{VIF_PREFIX}[0-9a-f]{{8}}-[0-9a-f]{{2}})$")
@@ -73,10 +84,20 @@ def confined_netns(path: str | None) -> str:
     return real
 
 
+def digest(text: str, n: int = 12) -> str:
+    """A short, stable hex digest: how Tether derives a valid kernel or nft name from any text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def id12(obj_id: str) -> str:
+    """An object id's first 12 characters without dashes (chain and set names of policies, groups)."""
+    return obj_id.replace("-", "")[:12]
+
+
 def stateless_chain(network: str) -> str:
     """The base table's stateless chain for one network (calc.base_nft), named by a digest so that
     any network name gives a short, valid chain name."""
-    return "st-" + hashlib.sha256(network.encode()).hexdigest()[:12]
+    return "st-" + digest(network)
 
 
 def host_ifname(container_id: str, ifname: str) -> str:

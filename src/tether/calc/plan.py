@@ -142,15 +142,3 @@ class Quarantined:
     kind: str
     name: str
     reason: str
-
-
-def rule(*statements: dict[str, Any], comment: str | None = None) -> str:
-    """Encode one nft rule (a list of nft JSON statements) as a canonical JSON string."""
-    import json
-
-    body: dict[str, Any] = {"expr": list(statements)}
-    if comment:
-        # nft refuses a comment over 128 bytes, and with it the whole table: one long object name
-        # (a policy's, a group's) must not cost every other rule
-        body["comment"] = comment.encode()[:120].decode(errors="ignore") if len(comment) > 30 else comment
-    return json.dumps(body, sort_keys=True, separators=(",", ":"))

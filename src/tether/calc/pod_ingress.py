@@ -31,19 +31,10 @@ import ipaddress
 from collections.abc import Iterable
 
 from tether.agent import yielding
+from tether.calc.addresses import ip_version, v4_subnets
 from tether.calc.names import VXLAN_PORT, stateless_chain
-from tether.calc.plan import NftChain, rule
-from tether.calc.policy import (
-    ACCEPT,
-    addr_field,
-    denied,
-    ip_version,
-    match,
-    meta,
-    one_or_set,
-    payload,
-    v4_subnets,
-)
+from tether.calc.nft import ACCEPT, addr_field, denied, match, meta, one_or_set, payload, rule
+from tether.calc.plan import NftChain
 from tether.model import Endpoint, Network
 
 PRIORITY = -500  # before anything else on the device

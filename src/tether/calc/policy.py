@@ -21,7 +21,6 @@ The semantics are those of `tether.policy_eval`, which is written separately and
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -29,54 +28,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.agent import yielding
-from tether.calc.names import LINK_PREFIX, VTEP_NAME, stateless_chain
-from tether.calc.plan import NftChain, NftPlan, NftSet, rule
-from tether.dataplane.conntrack import CT_DENIED, CT_REJUDGE
+from tether.calc.addresses import ip_version, network, v4_subnets
+from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, digest, id12, stateless_chain
+from tether.calc.nft import (
+    ACCEPT,
+    COUNTER,
+    DROP,
+    FIB_LOCAL,
+    RETURN,
+    addr_field,
+    denied,
+    jump_rule,
+    mark_clear,
+    mark_missing,
+    mark_set,
+    match,
+    meta,
+    payload,
+    prefix,
+    rule,
+)
+from tether.calc.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
-NP_OK = 0x100000  # meta mark bit: some NetworkPolicy rule allowed this packet
-SG_OK = 0x200000  # meta mark bit: some security group rule allowed it
-LOG_GROUP = 7  # NFLOG group of denied packets (read by tether.agent.flowlog)
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
 L4_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "ipv6-icmp"}
 PORT_PROTOS = (6, 17, 132)
-
-
-# --- nft JSON building blocks ---------------------------------------------------------------------
-
-def meta(key: str) -> dict:
-    return {"meta": {"key": key}}
-
-
-def payload(proto: str, fld: str) -> dict:
-    return {"payload": {"protocol": proto, "field": fld}}
-
-
-def match(left: Any, right: Any, op: str = "==") -> dict:
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def addr_field(version: int, which: str) -> dict:
-    return payload("ip" if version == 4 else "ip6", which)
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR or address, parsed once (host bits allowed)."""
-    return ipaddress.ip_network(cidr, strict=False)
-
-
-def prefix(cidr: str) -> Any:
-    net = network(cidr)
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
-
-
-def one_or_set(values: list[str]) -> Any:
-    """A compare's right side for addresses or prefixes: the one value, or an anonymous set."""
-    items = [prefix(v) for v in values]
-    return items[0] if len(items) == 1 else {"set": items}
 
 
 def nested_children(endpoints: Iterable[Endpoint]) -> dict[str, list[Endpoint]]:
@@ -88,21 +65,8 @@ def nested_children(endpoints: Iterable[Endpoint]) -> dict[str, list[Endpoint]]:
     return children
 
 
-def mark_set(bit: int) -> dict:
-    return {"mangle": {"key": meta("mark"), "value": {"|": [meta("mark"), bit]}}}
-
-
-MARK_CLEAR = {"mangle": {"key": meta("mark"), "value": {"&": [meta("mark"), 0xFFFFFFFF ^ (NP_OK | SG_OK)]}}}
-RETURN = {"return": None}
-ACCEPT = {"accept": None}
-DROP = {"drop": None}
-COUNTER = {"counter": None}
-FIB_LOCAL = match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+MARK_CLEAR = mark_clear(NP_OK | SG_OK)
 POD_OIF = [match(meta("oifname"), LINK_PREFIX + "*"), match(meta("oifname"), VTEP_NAME, "!=")]
-
-
-def mark_missing(bit: int) -> dict:
-    return match({"&": [meta("mark"), bit]}, 0)
 
 
 # rules every dispatch chain shares, encoded once
@@ -114,59 +78,19 @@ UNKNOWN_OIF = rule(*POD_OIF, COUNTER, DROP, comment="unknown pod interface")
 
 
 @functools.lru_cache(maxsize=1 << 15)
-def jump_rule(target: str) -> str:
-    return rule({"jump": {"target": target}})
-
-
-@functools.lru_cache(maxsize=1 << 15)
 def dispatch_name(d: str, network: str, policy_ids: tuple[str, ...], group_ids: tuple[str, ...]) -> str:
     """`in-`/`out-<hash>` of a dispatch chain: endpoints with the same layers share it."""
-    return f"{d}-{short(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
+    return f"{d}-{digest(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
 
 
 # (policy, direction, spec) -> its encoded rules and what makes its sets: see Builder.policy_chain
 _POLICY_RULES: dict[tuple, tuple[tuple[str, ...], tuple[tuple[dict[str, Any], str, str | None], ...]]] = {}
 
 
-def ip_version(address: str) -> int:
-    """4 or 6 for a valid address or CIDR (without parsing it)."""
-    return 6 if ":" in address else 4
-
-
-def v4_subnets(net: Network) -> list[str]:
-    return [s.cidr for s in net.subnets if ip_version(s.cidr) == 4]
-
-
 def stateless_targets(networks: Iterable[Network]) -> dict[str, str]:
     """Network name -> the verdict that takes an IPv4 packet of that network to its stateless chain,
     for networks with an IPv4 subnet (calc.stateless_chains makes exactly those chains)."""
     return {n.name: "goto " + stateless_chain(n.name) for n in networks if v4_subnets(n)}
-
-
-def ct_mark_or(bits: int) -> dict:
-    return {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, bits]}}}
-
-
-# a dispatch chain's drop marks the connection: harmless for a new one (its entry goes with the
-# packet), and for an established one being judged again (calc's `midstream_judge`) it stops the
-# packets coming back from its server too
-REMEMBER_DENIAL = ct_mark_or(CT_REJUDGE | CT_DENIED)
-
-
-def denied(*matches: dict, comment: str, remember: bool = False) -> str:
-    """A counted, logged drop; the comment names who denied (the counter metric reads it back).
-    `remember`: also mark the connection denied (only in chains of hooks that have conntrack)."""
-    text = comment[:120]
-    marks = (REMEMBER_DENIAL,) if remember else ()
-    return rule(*matches, COUNTER, *marks, {"log": {"prefix": text[:60], "group": LOG_GROUP}}, DROP, comment=text)
-
-
-def short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def id12(obj_id: str) -> str:
-    return obj_id.replace("-", "")[:12]
 
 
 # --- label selectors -------------------------------------------------------------------------------
@@ -284,7 +208,7 @@ def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
 
 
 def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int, key: str | None = None) -> str:
-    return f"sel{'' if version == 4 else '6'}-{short(key or selector_json(pol, peer))}"
+    return f"sel{'' if version == 4 else '6'}-{digest(key or selector_json(pol, peer))}"
 
 
 # --- compilation -----------------------------------------------------------------------------------

@@ -26,21 +26,35 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tether.calc.plan import NftChain, NftPlan, NftSet, rule
-from tether.calc.policy import ip_version, network, v4_subnets
+from tether.calc.addresses import ip_version, network, v4_subnets
+from tether.calc.names import HAIRPIN_MARK
+from tether.calc.nft import (
+    COUNTER,
+    L4_DPORT,
+    MARK,
+    MASQUERADE,
+    REJECT,
+    addr_field,
+    ct,
+    ct_bits,
+    ct_mark_or,
+    mark_is,
+    mark_random,
+    match,
+    meta,
+    rule,
+    set_mark,
+)
+from tether.calc.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Network, Service, ServicePort
 
-HAIRPIN_MARK = 0x4000  # ct mark bit: source-NAT this connection (calc's postrouting rule uses it too)
 PREDEFINED_SLOTS = 16  # lb chains that always exist, so growing a service to 16 backends is element-only
 
 FRONTEND = ("ipv4_addr", "inet_proto", "inet_service")
-_DADDR = {"payload": {"protocol": "ip", "field": "daddr"}}
-_SADDR = {"payload": {"protocol": "ip", "field": "saddr"}}
-_PROTO = {"meta": {"key": "l4proto"}}
-_DPORT = {"payload": {"protocol": "th", "field": "dport"}}
-_MARK = {"meta": {"key": "mark"}}
-_CTMARK = {"ct": {"key": "mark"}}
-CLIENT_KEY = {"concat": [_SADDR, _DADDR, _PROTO, _DPORT]}
+_DADDR = addr_field(4, "daddr")
+_SADDR = addr_field(4, "saddr")
+_PROTO = meta("l4proto")
+CLIENT_KEY = {"concat": [_SADDR, _DADDR, _PROTO, L4_DPORT]}
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -155,39 +169,27 @@ def lb_chain(n: int, affinity: int | None) -> str:
 
 
 def _dnat() -> dict:
-    key = {"concat": [_DADDR, _PROTO, _DPORT, _MARK]}
+    key = {"concat": [_DADDR, _PROTO, L4_DPORT, MARK]}
     return {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": "@svc_backend_ip"}},
                      "port": {"map": {"key": key, "data": "@svc_backend_port"}}}}
-
-
-def _random_slot(n: int) -> dict:
-    return {"mangle": {"key": _MARK, "value": {"numgen": {"mode": "random", "mod": n, "offset": 1}}}}
-
-
-def _set_mark(value: int) -> dict:
-    return {"mangle": {"key": _MARK, "value": value}}
-
-
-def _mark_is(value: int) -> dict:
-    return {"match": {"op": "==", "left": _MARK, "right": value}}
 
 
 # The balancing chains depend only on their arguments, and every plan has at least PREDEFINED_SLOTS
 # of them (with their published-port entries): made once, not encoded again for every plan
 @functools.lru_cache(maxsize=1024)
 def random_chain(n: int) -> NftChain:
-    return NftChain(lb_chain(n, None), (rule(_random_slot(n)), rule(_dnat())))
+    return NftChain(lb_chain(n, None), (rule(mark_random(n)), rule(_dnat())))
 
 
 @functools.lru_cache(maxsize=1024)
 def affinity_chain(timeout: int, n: int) -> NftChain:
     """Reuse the client's remembered slot when it is still valid (<= n), else draw one; refresh it."""
-    rules = [rule(_set_mark(0))]
+    rules = [rule(set_mark(0))]
     for k in range(1, n + 1):
-        rules.append(rule({"match": {"op": "==", "left": CLIENT_KEY, "right": f"@svc_aff_{k}"}}, _set_mark(k)))
-    rules.append(rule(_mark_is(0), _random_slot(n)))
+        rules.append(rule(match(CLIENT_KEY, f"@svc_aff_{k}"), set_mark(k)))
+    rules.append(rule(mark_is(0), mark_random(n)))
     for k in range(1, n + 1):
-        rules.append(rule(_mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY,
+        rules.append(rule(mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY,
                                                                                     "timeout": timeout}},
                                                  "set": f"@svc_aff_{k}"}}))
     rules.append(rule(_dnat()))
@@ -198,7 +200,7 @@ def affinity_chain(timeout: int, n: int) -> NftChain:
 def published_chain(target: str) -> NftChain:
     """Published-port entry: mark the connection for source NAT, then balance like the VIP."""
     return NftChain(f"svc-np-{target.removeprefix('svc-')}", (
-        rule({"mangle": {"key": _CTMARK, "value": {"|": [_CTMARK, HAIRPIN_MARK]}}}),
+        rule(ct_mark_or(HAIRPIN_MARK)),
         rule({"goto": {"target": target}}),
     ))
 
@@ -219,11 +221,11 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
 
 # IPv6 frontends: the same shape under names with a 6 (`svc_vips6`, `svc6-lb-<N>`, ...), keyed by
 # ip6 addresses; no published ports (the model refuses IPv6 node ports) and no hairpin yet
-_DADDR6 = {"payload": {"protocol": "ip6", "field": "daddr"}}
-_SADDR6 = {"payload": {"protocol": "ip6", "field": "saddr"}}
+_DADDR6 = addr_field(6, "daddr")
+_SADDR6 = addr_field(6, "saddr")
 FRONTEND6 = ("ipv6_addr", "inet_proto", "inet_service")
-CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, _DPORT]}
-SVC_KEY6 = {"concat": [_DADDR6, _PROTO, _DPORT]}
+CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, L4_DPORT]}
+SVC_KEY6 = {"concat": [_DADDR6, _PROTO, L4_DPORT]}
 
 
 def lb_chain6(n: int, affinity: int | None) -> str:
@@ -231,25 +233,25 @@ def lb_chain6(n: int, affinity: int | None) -> str:
 
 
 def _dnat6() -> dict:
-    key = {"concat": [_DADDR6, _PROTO, _DPORT, _MARK]}
+    key = {"concat": [_DADDR6, _PROTO, L4_DPORT, MARK]}
     return {"dnat": {"family": "ip6", "addr": {"map": {"key": key, "data": "@svc_backend_ip6"}},
                      "port": {"map": {"key": key, "data": "@svc_backend_port6"}}}}
 
 
 @functools.lru_cache(maxsize=1024)
 def random_chain6(n: int) -> NftChain:
-    return NftChain(lb_chain6(n, None), (rule(_random_slot(n)), rule(_dnat6())))
+    return NftChain(lb_chain6(n, None), (rule(mark_random(n)), rule(_dnat6())))
 
 
 @functools.lru_cache(maxsize=1024)
 def affinity_chain6(timeout: int, n: int) -> NftChain:
     """As `affinity_chain`, with the client's IPv6 address."""
-    rules = [rule(_set_mark(0))]
+    rules = [rule(set_mark(0))]
     for k in range(1, n + 1):
-        rules.append(rule({"match": {"op": "==", "left": CLIENT_KEY6, "right": f"@svc_aff6_{k}"}}, _set_mark(k)))
-    rules.append(rule(_mark_is(0), _random_slot(n)))
+        rules.append(rule(match(CLIENT_KEY6, f"@svc_aff6_{k}"), set_mark(k)))
+    rules.append(rule(mark_is(0), mark_random(n)))
     for k in range(1, n + 1):
-        rules.append(rule(_mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY6,
+        rules.append(rule(mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY6,
                                                                                     "timeout": timeout}},
                                                  "set": f"@svc_aff6_{k}"}}))
     rules.append(rule(_dnat6()))
@@ -281,8 +283,7 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
     if timeouts:
         sets += [NftSet(f"svc_aff6_{k}", ("ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"),
                         flags=("timeout",), timeout=max(timeouts)) for k in range(1, max_n + 1)]
-    reject = rule({"match": {"op": "==", "left": SVC_KEY6, "right": "@svc_empty6"}}, {"counter": None},
-                  {"reject": None}, comment="service without ready backends")
+    reject = rule(match(SVC_KEY6, "@svc_empty6"), COUNTER, REJECT, comment="service without ready backends")
     return sets, chains, reject
 
 
@@ -321,19 +322,18 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
     chains = [random_chain(n) for n in range(1, max_n + 1)]
     chains += [affinity_chain(t, n) for t in timeouts for n in range(1, max_n + 1)]
     chains += [published_chain(c.name) for c in list(chains)]
-    snat = [{"snat": {"family": "ip", "addr": node_ips[0]}}] if node_ips else [{"masquerade": None}]
+    snat = [{"snat": {"family": "ip", "addr": node_ips[0]}}] if node_ips else [MASQUERADE]
     chains.append(NftChain("svc_postrouting", (
-        rule({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-             {"match": {"op": "==", "left": {"concat": [_SADDR, _DADDR]}, "right": "@svc_hairpin"}},
+        rule(match(ct("status"), "dnat", "in"), match({"concat": [_SADDR, _DADDR]}, "@svc_hairpin"),
              *snat, comment="hairpin"),
-        rule({"match": {"op": "==", "left": {"&": [_CTMARK, HAIRPIN_MARK]}, "right": HAIRPIN_MARK}}, *snat,
+        rule(ct_bits(HAIRPIN_MARK), *snat,
              comment="published port"),
     ), hook="postrouting", type="nat", priority=99, policy="accept"))
     # jumped to from the base table's forward chain (new connections) and raw_output chain: no base
     # chain of its own, because every base chain is one more hook on every packet's path
     chains.append(NftChain("svc_reject", (
-        rule({"match": {"op": "==", "left": {"concat": [_DADDR, _PROTO, _DPORT]}, "right": "@svc_empty"}},
-             {"counter": None}, {"reject": None}, comment="service without ready backends"),
+        rule(match({"concat": [_DADDR, _PROTO, L4_DPORT]}, "@svc_empty"), COUNTER, REJECT,
+             comment="service without ready backends"),
         *((reject6,) if reject6 else ()))))
     chains += chains6
 

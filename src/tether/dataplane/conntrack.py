@@ -16,14 +16,9 @@ import logging
 import subprocess
 from collections.abc import Iterable
 
-log = logging.getLogger(__name__)
+from tether.calc.names import CT_DENIED, CT_PICKED, CT_REJUDGE
 
-# ct mark bits of connections whose verdict is not settled (calc.midstream_chains; the services
-# fragment uses 0x4000): judge the connection's next packet towards its server again; its last
-# judged packet was denied; conntrack picked it up mid-stream (which end is the server is a guess)
-CT_REJUDGE = 0x10000
-CT_DENIED = 0x20000
-CT_PICKED = 0x40000
+log = logging.getLogger(__name__)
 
 UPDATED = "flow entries have been updated"  # conntrack's report, also when none matched (exit code 1)
 

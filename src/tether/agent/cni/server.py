@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tether.agent import unix_socket, yielding
 from tether.agent.cni import protocol as cp
 from tether.calc import names
-from tether.calc.host import endpoint_mtu, host_ifname
-from tether.calc.names import POD_GATEWAY
+from tether.calc.host import endpoint_mtu
+from tether.calc.names import POD_GATEWAY, host_ifname
 from tether.client import ApiError, ServerUnreachable
 from tether.model import Endpoint, Namespace, Owner, PortDecl, Service, ServiceBackend, ServicePort
 

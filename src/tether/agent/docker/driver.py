@@ -45,8 +45,8 @@ from tether.agent import yielding
 from tether.agent.cni.server import dns_label
 from tether.agent.docker.plugin_http import PluginHttpServer
 from tether.calc import names
-from tether.calc.host import endpoint_mtu, host_ifname
-from tether.calc.names import POD_GATEWAY, POD_GATEWAY6
+from tether.calc.host import endpoint_mtu
+from tether.calc.names import POD_GATEWAY, POD_GATEWAY6, host_ifname
 from tether.client import ApiError, ServerUnreachable
 from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, Subnet
 from tether.server.auth import DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE
