@@ -46,13 +46,15 @@ from bench import paired
 from bench.dataplane import _plug_pod
 from bench.dns import wait_quiet
 from bench.paired import CLIENT_CPU, SERVER_CPU, crossover, interleaved_rr, interleaved_streams, start_sink_and_echo
-from tether.calc.host import HostContext, compute_nft
+from tether.calc.host import HostContext
+from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.dataplane.nft import NftDataplane, delete_table
 from tether.lab.cluster import nsx, sh, stop_pid, wait_for
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Subnet
 
 CTX = HostContext("b", "eth0", 1500)
+PLANNER = Planner()  # one agent's calculation: what a plan leaves, the next reuses
 CRR_PORT = 5203
 CRR_SCRIPT = r"""
 import json, socket, sys, time
@@ -119,7 +121,7 @@ def pct(xs: list[float], q: float) -> float:
 
 def timed(dp: NftDataplane, rep: Replica) -> tuple[float, float, bool]:
     t0 = time.perf_counter()
-    plan = compute_nft(rep, CTX)
+    plan = PLANNER.nft(rep, CTX)
     t1 = time.perf_counter()
     report = dp.apply(plan)
     return t1 - t0, time.perf_counter() - t1, report.full
@@ -179,7 +181,7 @@ def install(side: Side, what: str, a) -> None:
     nsx(side.host, "nft", "delete", "table", "inet", CT_TABLE, check=False)
     if what in ("rules", "no policies"):
         pols = a.policies if what == "rules" else 0
-        NftDataplane(side.host).apply(compute_nft(model(pols, a.endpoints, side.real), CTX))
+        NftDataplane(side.host).apply(PLANNER.nft(model(pols, a.endpoints, side.real), CTX))
     elif what == "conntrack":
         nsx(side.host, "nft", CONNTRACK_ONLY.format(t=CT_TABLE))
 
@@ -259,7 +261,7 @@ def main() -> None:
         rep = model(a.policies, a.endpoints, sides[0].real)
         dp = NftDataplane(host)
         calc_s, apply_s, _ = timed(dp, rep)
-        plan = compute_nft(rep, CTX)
+        plan = PLANNER.nft(rep, CTX)
         out["program_from_empty"] = {"calc_s": round(calc_s, 3), "apply_s": round(apply_s, 3),
                                      "rules": rules(plan), "chains": len(plan.chains), "sets": len(plan.sets),
                                      "set_elements": sum(len(s.elements) for s in plan.sets)}
@@ -291,7 +293,7 @@ def main() -> None:
                                  "calc_p50": round(pct([x[0] for x in label_parts], 0.5), 4),
                                  "apply_p50": round(pct([x[1] for x in label_parts], 0.5), 4),
                                  "table_replaced": sum(lfull)}
-        counts = {f"{p}x{e}": rules(compute_nft(model(p, e), CTX)) for p, e in
+        counts = {f"{p}x{e}": rules(PLANNER.nft(model(p, e), CTX)) for p, e in
                   ((100, 200), (a.policies, 200), (100, a.endpoints), (a.policies, a.endpoints))}
         added = (counts[f"{a.policies}x200"] + counts[f"100x{a.endpoints}"] - counts["100x200"])
         out["rule_count"] = {**counts, "additive_prediction": added,

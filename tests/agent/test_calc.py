@@ -134,20 +134,21 @@ def test_vxlan_is_decapsulated_only_from_peer_hosts_and_never_sent_by_a_pod() ->
 def test_a_replaced_endpoint_or_network_is_planned_anew_not_from_the_last_plan() -> None:
     """Plans keep per-endpoint parts from one plan to the next (by object: replica objects are
     replaced, never changed in place); a replaced endpoint, network or MTU must not reuse them."""
-    from tether.calc import policy
+    from tether.calc.planner import Planner
 
+    planner = Planner()
     r = replica("vxlan")
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})  # stateful
-    first = compute_plan(r, CTX)
+    first = planner.plan(r, CTX)
     assert {(i.name, i.mtu) for i in first.interfaces} == {("tthe0", 1450)}
     ep = r.objects["Endpoint"]["e0"]
     r.objects["Endpoint"]["e0"] = ep.model_copy(update={"ips": ["10.1.0.2"], "labels": {"app": "db"}})
-    second = compute_plan(r, CTX)
+    second = planner.plan(r, CTX)
     assert Route("10.1.0.2/32", "tthe0", scope="link") in second.routes
     assert Route("10.1.0.1/32", "tthe0", scope="link") not in second.routes
-    assert policy._WORKLOADS["e0"][1][1] == (("app", "db"),)
+    assert planner.memos.workloads["e0"][1][1] == (("app", "db"),)
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"mtu": 1300})
-    third = compute_plan(r, CTX)
+    third = planner.plan(r, CTX)
     assert {(i.name, i.mtu) for i in third.interfaces} == {("tthe0", 1300)}
     fourth = compute_plan(r, HostContext("h1", "eth0", 9000))
     assert {(i.name, i.mtu) for i in fourth.interfaces} == {("tthe0", 1300)}  # the network's own MTU wins

@@ -9,6 +9,7 @@ import json
 from tests.agent.test_calc import CTX, replica
 from tether.calc import pod_ingress
 from tether.calc.host import compute_nft, needs_state
+from tether.calc.memos import Memos
 from tether.calc.names import stateless_chain
 from tether.model import AddressPair, Endpoint, Network, NetworkPolicy, Service, ServicePort, Subnet
 
@@ -86,13 +87,14 @@ def test_without_anything_stateful_the_table_has_no_conntrack_and_isolates_at_th
 
 def test_a_replaced_endpoint_or_a_changed_mode_gets_a_new_chain() -> None:
     r = replica()
-    first = compute_nft(r, CTX).chain("ing-tthe0")
-    assert compute_nft(r, CTX).chain("ing-tthe0") is first  # kept from the last plan
+    memos = Memos()  # one agent's, kept from plan to plan
+    first = compute_nft(r, CTX, memos).chain("ing-tthe0")
+    assert compute_nft(r, CTX, memos).chain("ing-tthe0") is first  # kept from the last plan
     r.objects["Endpoint"]["e0"] = r.objects["Endpoint"]["e0"].model_copy(update={"ips": ["10.1.0.7"]})
-    second = compute_nft(r, CTX).chain("ing-tthe0")
+    second = compute_nft(r, CTX, memos).chain("ing-tthe0")
     assert '"10.1.0.7"' in body(second) and '"10.1.0.1"' not in body(second)
     r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
-    assert stateless_chain("n") in body(compute_nft(r, CTX).chain("ing-tthe0"))
+    assert stateless_chain("n") in body(compute_nft(r, CTX, memos).chain("ing-tthe0"))
 
 
 def test_ipv6_from_the_unspecified_address_passes_only_for_duplicate_address_detection_and_mld() -> None:

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from tether.agent import quarantine_report
 from tether.calc import quarantine, services
 from tether.calc.dns_records import build
 from tether.calc.host import HostContext, compute_plan
@@ -81,9 +82,9 @@ def good_pods_planned(plan) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_log_state():
-    quarantine.note((), "test")
+    quarantine_report.note((), "test")
     yield
-    quarantine.note((), "test")
+    quarantine_report.note((), "test")
 
 
 def test_an_address_pair_that_is_not_an_address_quarantines_its_endpoint_only() -> None:
@@ -221,11 +222,11 @@ def test_a_replica_survives_objects_the_model_refuses_in_a_snapshot_and_in_event
 def test_each_quarantined_object_is_logged_once_not_on_every_retry(caplog) -> None:
     r = replica()
     add_endpoint(r, bad_endpoint(mac="not-a-mac"))
-    with caplog.at_level(logging.WARNING, logger="tether.calc.quarantine"):
+    with caplog.at_level(logging.WARNING, logger="tether.agent.quarantine"):
         for _ in range(3):
-            quarantine.note(compute_plan(r, CTX).quarantined, "h1")
+            quarantine_report.note(compute_plan(r, CTX).quarantined, "h1")
     assert len([x for x in caplog.records if "quarantined Endpoint 'bad'" in x.getMessage()]) == 1
-    assert 'tether_agent_quarantined_objects{host="h1",kind="Endpoint"} 1' in quarantine.metrics("h1")
+    assert 'tether_agent_quarantined_objects{host="h1",kind="Endpoint"} 1' in quarantine_report.metrics("h1")
 
 
 def test_a_clean_replica_has_nothing_quarantined_and_is_not_copied() -> None:

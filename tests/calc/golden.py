@@ -158,18 +158,20 @@ def replica_text(scenario: str) -> str:
         srv.close()
 
 
-def outputs(text: str) -> dict[str, Any]:
-    """Every host's whole plan, and the DNS records, for one stored replica."""
-    from tether.calc import dns_records
-    from tether.calc.host import HostContext, compute_plan
+def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every host's whole plan, and the DNS records, for one stored replica. `planners`: one per
+    host, kept by the caller to plan again from their memos (None: cold)."""
+    from tether.calc.host import HostContext
+    from tether.calc.planner import Planner
     from tether.calc.replica import Replica
 
     rep = Replica()
     rep.load_snapshot(json.loads(text))
+    planners = {} if planners is None else planners
     out: dict[str, Any] = {}
     for h in HOSTS:
-        out[h] = canonical(compute_plan(rep, HostContext(h, "eth0", 1500)))
-    rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values())
+        out[h] = canonical(planners.setdefault(h, Planner()).plan(rep, HostContext(h, "eth0", 1500)))
+    rec = planners.setdefault("dns", Planner()).dns(rep.endpoints, rep.services, rep.networks.values())
     out["dns"] = canonical({k: v for k, v in vars(rec).items() if k != "memo"})  # memo: a cache of answers
     return out
 

@@ -11,6 +11,7 @@ import dns.rrset
 
 from tether.agent.dns import ForwardCache
 from tether.calc.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
+from tether.calc.memos import Memos
 from tether.model import Endpoint, Network, Owner, Service, ServicePort, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
@@ -162,18 +163,16 @@ def test_records_are_built_off_the_event_loop_and_installed_in_one_step() -> Non
 def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
     """What an endpoint contributes is kept from one build to the next (by object): a replaced
     endpoint, a removed one, or another DNS domain must give exactly the records of a first build."""
-    from tether.calc import dns_records
 
     web, db = EPS
     renamed = web.model_copy(update={"name": "www", "ips": ["10.1.0.50", "fd00:1::50"]})
     other_domain = NET.model_copy(update={"dns_domain": "example.internal"})
     steps = (([web, db], [NET]), ([renamed, db], [NET]), ([db], [NET]), ([renamed, db], [other_domain]),
              ([renamed, db], [NET]))
+    memos = Memos()
     for endpoints, nets in steps:
-        again = build(endpoints, [SVC], nets, serial=9)  # reuses the parts of the step before
-        kept, dns_records._ENDPOINTS = dns_records._ENDPOINTS, ((), {})
-        expected = build(endpoints, [SVC], nets, serial=9)
-        dns_records._ENDPOINTS = kept
+        again = build(endpoints, [SVC], nets, serial=9, memos=memos)  # reuses the parts of the step before
+        expected = build(endpoints, [SVC], nets, serial=9)  # cold
         assert again.rrs == expected.rrs and again.existing == expected.existing
     assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
     assert "10.in-addr.arpa." in again.existing  # an empty non-terminal of an endpoint's PTR

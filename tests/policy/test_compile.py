@@ -11,6 +11,7 @@ from tests.policy import world
 from tests.policy.world import add, policy
 from tether.calc import policy as compiler
 from tether.calc.host import HostContext, compute_nft
+from tether.calc.memos import Memos
 from tether.dataplane.nft import NftDataplane, structure_hash
 from tether.model import Endpoint, SecurityGroup, SecurityGroupRule
 
@@ -178,16 +179,13 @@ def test_a_compile_from_the_memos_equals_a_cold_one(host: str) -> None:
     """The encoded policy and dispatch chains are reused across plans (only their sets are made
     again): a plan built from those memos must be exactly the plan built without them."""
     ctx = HostContext(host, "eth0", 1500)
-    compiler._POLICY_RULES.clear()
-    compiler._DISPATCH_RULES.clear()
-    cold = compute_nft(_rich_replica(), ctx)
-    assert compiler._POLICY_RULES and compiler._DISPATCH_RULES
-    warm = compute_nft(_rich_replica(), ctx)
+    memos = Memos()
+    cold = compute_nft(_rich_replica(), ctx, memos)
+    assert memos.policy_rules and memos.dispatch_rules
+    warm = compute_nft(_rich_replica(), ctx, memos)
     assert warm == cold
     # a changed member of a selector still reaches the reused chain's set
     r = _rich_replica()
     r.objects["Endpoint"]["xb"] = r.objects["Endpoint"]["xb"].model_copy(update={"ips": ["10.1.0.99"]})
-    changed = compute_nft(r, ctx)
-    compiler._POLICY_RULES.clear()
-    compiler._DISPATCH_RULES.clear()
-    assert changed == compute_nft(r, ctx)
+    changed = compute_nft(r, ctx, memos)
+    assert changed == compute_nft(r, ctx)  # cold

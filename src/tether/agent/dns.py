@@ -54,6 +54,7 @@ import dns.rdatatype
 
 from tether.calc import dns_records
 from tether.calc.dns_records import Records
+from tether.calc.memos import Memos
 
 log = logging.getLogger("tether.agent.dns")
 
@@ -152,6 +153,7 @@ class DnsServer:
         self._closing = False
         self._inflight: dict[tuple[str, int, int], asyncio.Future] = {}
         self._revision = -1
+        self._memos = Memos()  # what the last records leave for the next build
         self.docker_search: dict[str, tuple[str, ...]] = {}  # container address -> search path (dns_records)
         self._payload: tuple[Records, bytes] | None = None  # the records as last encoded for the worker
         self._tasks: set[asyncio.Future] = set()
@@ -196,7 +198,8 @@ class DnsServer:
         if view.revision == self._revision:
             return None
         revision = view.revision
-        records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
+        records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision,
+                                    memos=self._memos)
         payload = _encoded(records)
         search = dns_records.docker_search(view.endpoints, view.networks)
 

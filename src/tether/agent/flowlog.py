@@ -312,7 +312,7 @@ class FlowLog:
 
     async def metrics(self) -> str:
         """The agent's Prometheus text: drops by owner, flows, quarantined objects, applies."""
-        from tether.calc.quarantine import metrics
+        from tether.agent.quarantine_report import metrics
         from tether.dataplane.nft import counters
 
         self._scraped = True

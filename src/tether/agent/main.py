@@ -27,8 +27,9 @@ from typing import Any
 from tether import __version__, heap
 from tether.agent import yielding
 from tether.agent.cni.server import CniServer
-from tether.calc.host import HostContext, compute_plan, pickup_grace, rejudge_needed, rejudge_scope
+from tether.calc.host import HostContext, pickup_grace, rejudge_needed, rejudge_scope
 from tether.calc.names import vtep_mac_for
+from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.links import Applied
@@ -147,6 +148,7 @@ class Agent:
         self._status_at = 0.0  # monotonic time of the last status write
         self._status_task: asyncio.Task | None = None
         self._now = False  # the pending kick asked not to wait
+        self.planner = Planner()  # the calculation, with what one plan leaves for the next
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
         self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
@@ -381,7 +383,7 @@ class Agent:
             self._plan_ms = 0.0
             return self._plan_cache[1]
         t0 = time.perf_counter()
-        plan = compute_plan(view, key[-1])
+        plan = self.planner.plan(view, key[-1])
         self._plan_ms = (time.perf_counter() - t0) * 1000
         self._plan_cache = (key, plan)
         return plan
@@ -418,10 +420,10 @@ class Agent:
             rejudge((scope & before) | (before - scope), subnets=subnets)
 
     def _apply_plan(self, plan, keep, verify: bool, extra_nft: list[dict] | None = None):
-        from tether.calc import quarantine
+        from tether.agent import quarantine_report
         from tether.dataplane.links import apply_links, raise_interfaces
 
-        quarantine.note(plan.quarantined, self.host)
+        quarantine_report.note(plan.quarantined, self.host)
         self._quarantined = plan.quarantined
         self._failures = []
         t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tether.agent import yielding
+from tether.calc.memos import Memos  # imports nothing heavy: the DNS worker process loads this module
 
 if TYPE_CHECKING:  # the DNS worker process imports this module: it needs no models (or pydantic)
     from tether.model import Endpoint, Network, Service
@@ -39,7 +40,6 @@ TTL = 30  # seconds, for cluster records
 log = logging.getLogger("tether.agent.dns")
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.?$")
-_SKIPPED: set[tuple[str, str]] = set()  # objects left out of the records, each logged once
 
 
 NDOTS = 5  # like Kubernetes: a name with fewer dots is tried with the search domains first
@@ -62,10 +62,10 @@ def candidates(name: str, search: list[str], ndots: int = NDOTS) -> list[str]:
     return [f"{name}.", *listed] if name.count(".") >= ndots else [*listed, f"{name}."]
 
 
-def _skip(kind: str, name: str, why: str) -> None:
+def _skip(skipped: set[tuple[str, str]], kind: str, name: str, why: str) -> None:
     """Leave one object out of the records (the others are still built), logged once."""
-    if (kind, name) not in _SKIPPED:
-        _SKIPPED.add((kind, name))
+    if (kind, name) not in skipped:
+        skipped.add((kind, name))
         log.warning("DNS: %s %r left out of the records: %s", kind, name[:100], why)
 
 
@@ -167,20 +167,21 @@ def _soa_rr(zone: str, serial: int) -> bytes:
 
 
 def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: Iterable[Network],
-          serial: int = 0, ttl: int = TTL) -> Records:
+          serial: int = 0, ttl: int = TTL, memos: Memos | None = None) -> Records:
     """All cluster records from the replica's objects (pure). Rebuilt for every change, so what an
-    endpoint contributes is kept from one build to the next (`_ENDPOINTS`)."""
-    global _ENDPOINTS
+    endpoint contributes is kept from one build to the next (`memos.dns_endpoints`)."""
+    m = Memos() if memos is None else memos
     nets = {}
     for n in networks:
         if not _names_ok(n.name) or not DOMAIN.match(str(n.dns_domain).lower()):
-            _skip("Network", str(n.name), f"name or dns_domain {str(n.dns_domain)[:64]!r} is not a DNS name")
+            _skip(m.dns_skipped, "Network", str(n.name),
+                  f"name or dns_domain {str(n.dns_domain)[:64]!r} is not a DNS name")
             continue
         try:
             for sub in n.subnets:
                 ipaddress.ip_network(sub.cidr)
         except ValueError as e:
-            _skip("Network", n.name, str(e))
+            _skip(m.dns_skipped, "Network", n.name, str(e))
             continue
         nets[n.name] = n
     domains = {n.dns_domain.lower().rstrip(".") + "." for n in nets.values()} or {"tether.local."}
@@ -198,7 +199,8 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
     for svc in services:
         if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
-            _skip("Service", f"{svc.namespace}/{svc.name}", "its name, namespace or a port name is not a DNS label")
+            _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}",
+                  "its name, namespace or a port name is not a DNS label")
             continue
         svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
         try:
@@ -209,7 +211,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
                 name = f"{svc.name}.{svc.namespace}.svc.{d}"
                 parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
         except (ValueError, struct.error) as e:
-            _skip("Service", f"{svc.namespace}/{svc.name}", str(e))
+            _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}", str(e))
             continue
         headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
         for name, srvs in parts:
@@ -228,7 +230,7 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     rec.existing = rec.with_parents(rec.existing)  # so far the services' names only
 
     context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
-    memo = _ENDPOINTS[1] if _ENDPOINTS[0] == context else {}
+    memo = m.dns_endpoints[1] if m.dns_endpoints[0] == context else {}
     kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
     for ep in endpoints:
         yielding.checkpoint()
@@ -238,20 +240,20 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         hit = memo.get(ep.id)
         if hit is None or hit[0] is not ep or hit[1] is not net:  # objects are replaced, never changed
             if not _names_ok(ep.name):
-                _skip("Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
+                _skip(m.dns_skipped, "Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
                 continue
             try:
                 suffix = f".{net.name}.{net.dns_domain.rstrip('.')}."
                 alias = f"{ep.dns_name}{suffix}" if ep.dns_name and ep.dns_name != ep.name else None
                 hit = (ep, net, endpoint_records(rec, f"{ep.name}{suffix}", ep.ips, ttl, alias))
             except ValueError as e:  # an address that is not one
-                _skip("Endpoint", ep.id, str(e))
+                _skip(m.dns_skipped, "Endpoint", ep.id, str(e))
                 continue
         kept[ep.id] = hit
         for owner, rtype, rr in hit[2].rrs:
             rec.add_rr(owner, rtype, rr)
         rec.existing.update(hit[2].names)
-    _ENDPOINTS = (context, kept)
+    m.dns_endpoints = (context, kept)
     rec.existing.update(rec.zones)
     return rec
 
@@ -290,10 +292,6 @@ def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int, alia
     return EndpointRecords(rrs, frozenset(rec.with_parents(owner for owner, _rtype, _rr in rrs)))
 
 
-# (zones, reverse networks, TTL) of the last build, and endpoint id -> (the endpoint, its network, its
-# part) in it: an unchanged endpoint's part is reused (building every part again was ~7 ms of the
-# agent's CPU per pod added with 500 pods present, bench/cni.py)
-_ENDPOINTS: tuple[tuple, dict[str, tuple[Endpoint, Network, EndpointRecords]]] = ((), {})
 
 
 @functools.lru_cache(maxsize=1 << 16)

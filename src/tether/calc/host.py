@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from tether.agent import yielding
 from tether.calc import pod_ingress, policy, services
 from tether.calc.addresses import ip_version, v4_subnets
+from tether.calc.memos import Memos
 from tether.calc.names import (
     CT_DENIED,
     CT_PICKED,
@@ -130,27 +131,23 @@ def _address(ip: str) -> tuple[int, int]:
     return a.version, int(a)
 
 
-# endpoint id -> (endpoint, its network, underlay MTU, its HostInterface, its host routes): the last
-# plan's local pods, kept per object (the entry holds them, so their identities are not reused), so a
-# plan with hundreds of pods builds these for the changed ones only
-_LOCAL: dict[str, tuple] = {}
-
-
-def compute_plan(rep: Replica, ctx: HostContext) -> Plan:
+def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> Plan:
     """This host's plan, compiled per object: an object this host cannot apply (`quarantine`) is
-    left out, and listed in the plan's `quarantined`, while every other object is applied."""
+    left out, and listed in the plan's `quarantined`, while every other object is applied.
+    `memos`: what the last plan left (`Planner` keeps them); None computes everything cold."""
     from tether.calc import quarantine
 
-    clean, bad = quarantine.screen(rep, ctx.name)
+    m = Memos() if memos is None else memos
+    clean, bad = quarantine.screen(rep, ctx.name, m)
     try:
-        plan = _compute_plan(clean, ctx)
+        plan = _compute_plan(clean, ctx, m)
     except Exception as e:  # noqa: BLE001 - find the objects that make it raise, plan without them
-        plan, more = quarantine.isolate(clean, lambda r: _compute_plan(r, ctx), e)
+        plan, more = quarantine.isolate(clean, lambda r: _compute_plan(r, ctx, Memos()), e)
         bad = [*bad, *more]
     return replace(plan, quarantined=tuple(sorted(bad))) if bad else plan
 
 
-def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
+def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
     me = rep.hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
@@ -193,8 +190,7 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             continue
         route_to(rep.hosts[b.host], net, b.cidr)
 
-    global _LOCAL
-    local: dict[str, tuple] = {}
+    local: dict[str, tuple] = {}  # this plan's local pods, kept for the next (`Memos.local`)
     for ep in rep.endpoints:
         yielding.checkpoint()
         net = networks.get(ep.network)
@@ -202,7 +198,7 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             continue
         if ep.host == ctx.name:
             if ep.interface:
-                hit = _LOCAL.get(ep.id)
+                hit = memos.local.get(ep.id)
                 if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != ctx.underlay_mtu:
                     hit = (ep, net, ctx.underlay_mtu,
                            HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id,
@@ -224,9 +220,9 @@ def _compute_plan(rep: Replica, ctx: HostContext) -> Plan:
             if owners.owner(ip) != ep.host:
                 route_to(peer, net, host_prefix(ip))
 
-    _LOCAL = local
+    memos.local = local
     return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
-                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx), sysctls=SYSCTLS,
+                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS,
                 underlay_dev=ctx.underlay_dev)
 
 
@@ -502,18 +498,19 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
                    chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
 
 
-def compute_nft(rep: Replica, ctx: HostContext) -> NftPlan:
+def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> NftPlan:
+    m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
     local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
     ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
-                                                       stateful)))
+                                                       stateful, m)))
     yielding.checkpoint()
     base = base_nft(rep, ctx.name, stateful)
     if not stateful:
         return merge(base, ingress)
     me = rep.hosts.get(ctx.name)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
-                         list(rep.networks.values()), ctx.name)
+                         list(rep.networks.values()), ctx.name, m)
     yielding.checkpoint()
     svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
                            [me.underlay_ip] if me else [])

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 
 from tether.agent import yielding
 from tether.calc.addresses import ip_version, v4_subnets
+from tether.calc.memos import Memos
 from tether.calc.names import VXLAN_PORT, stateless_chain
 from tether.calc.nft import ACCEPT, addr_field, denied, match, meta, one_or_set, payload, rule
 from tether.calc.plan import NftChain
@@ -175,13 +176,10 @@ def _chain(interface: str, rules: list[str]) -> NftChain:
 # endpoint id -> (key: ids of its senders, mode, networks; the senders; chain): the last plan's
 # chains, so a plan with 500 pods builds the changed ones only. The entry holds the endpoint objects
 # (replaced, never changed in place), so their ids are not reused while it lives.
-_CHAINS: dict[str, tuple[tuple, tuple, NftChain]] = {}
-
-
 def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks: dict[str, Network],
-            stateful: bool) -> list[NftChain]:
-    """The ingress chains of this host's pod interfaces."""
-    global _CHAINS
+            stateful: bool, memos: Memos | None = None) -> list[NftChain]:
+    """The ingress chains of this host's pod interfaces (`memos.pod_chains`: the last plan's)."""
+    last = memos.pod_chains if memos is not None else {}
     nets_key = tuple(sorted((n.name, tuple(s.cidr for s in n.subnets)) for n in networks.values()))
     memo: dict[str, tuple[tuple, tuple, NftChain]] = {}
     out = []
@@ -189,10 +187,11 @@ def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks
         yielding.checkpoint()
         senders = (ep, *children.get(ep.id, ()))
         key = (tuple(map(id, senders)), stateful, nets_key)
-        hit = _CHAINS.get(ep.id)
+        hit = last.get(ep.id)
         if hit is None or hit[0] != key:
             hit = (key, senders, ingress_chain(ep.interface or "", senders, networks, stateful))
         memo[ep.id] = hit
         out.append(hit[2])
-    _CHAINS = memo
+    if memos is not None:
+        memos.pod_chains = memo
     return out

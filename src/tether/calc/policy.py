@@ -29,6 +29,7 @@ from typing import Any
 
 from tether.agent import yielding
 from tether.calc.addresses import ip_version, network, v4_subnets
+from tether.calc.memos import Memos
 from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, digest, id12, stateless_chain
 from tether.calc.nft import (
     ACCEPT,
@@ -83,8 +84,6 @@ def dispatch_name(d: str, network: str, policy_ids: tuple[str, ...], group_ids: 
     return f"{d}-{digest(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
 
 
-# (policy, direction, spec) -> its encoded rules and what makes its sets: see Builder.policy_chain
-_POLICY_RULES: dict[tuple, tuple[tuple[str, ...], tuple[tuple[dict[str, Any], str, str | None], ...]]] = {}
 
 
 def stateless_targets(networks: Iterable[Network]) -> dict[str, str]:
@@ -214,15 +213,16 @@ def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int, ke
 # --- compilation -----------------------------------------------------------------------------------
 
 class Builder:
-    def __init__(self, idx: Index, host: str) -> None:
+    def __init__(self, idx: Index, host: str, memos: Memos | None = None) -> None:
         self.idx = idx
         self.host = host
+        self.memos = Memos() if memos is None else memos  # policy_rules, dispatch_rules, workloads
         self.sets: dict[str, NftSet] = {}
         self.chains: dict[str, NftChain] = {}
         self.versions = (4, 6) if idx.v6 else (4,)
         self._layers: dict[tuple, tuple[list[NetworkPolicy], list[SecurityGroup]]] = {}
         self._dispatch: dict[tuple, str] = {}
-        self.workloads: dict[str, tuple[Endpoint, tuple]] = {}  # this plan's part of _WORKLOADS
+        self.workloads: dict[str, tuple[Endpoint, tuple]] = {}  # this plan's part of `Memos.workloads`
 
     def add_set(self, name: str, typ: str | tuple[str, ...], elements: Iterable[Any], flags: tuple[str, ...] = ()
                 ) -> str:
@@ -304,7 +304,7 @@ class Builder:
         # the encoded rules depend only on this (set names follow from the policy and its peers), so an
         # unchanged policy is not re-encoded: only its sets are made again, from the recorded peers
         memo = (pol.namespace, pol.name, direction, self.versions, json.dumps(spec_rules, sort_keys=True, default=str))
-        hit = _POLICY_RULES.get(memo)
+        hit = self.memos.policy_rules.get(memo)
         if hit is not None:
             encoded, sets = hit
             for peer, peer_key, port_name in sets:
@@ -327,10 +327,10 @@ class Builder:
             comment = f"{pol.namespace}/{pol.name} {key}[{i}]"[:120]
             rules.extend(rule(*peer, *port, mark_set(NP_OK), RETURN, comment=comment)
                          for peer in peer_alts for port in ports)
-        if len(_POLICY_RULES) >= 1 << 15:
-            _POLICY_RULES.clear()
+        if len(self.memos.policy_rules) >= 1 << 15:
+            self.memos.policy_rules.clear()
         encoded = tuple(rules)
-        _POLICY_RULES[memo] = (encoded, tuple(recipe))
+        self.memos.policy_rules[memo] = (encoded, tuple(recipe))
         self.chains[name] = NftChain(name, encoded)
         return name
 
@@ -399,7 +399,7 @@ class Builder:
         sorted labels, groups) is kept per endpoint object from one plan to the next."""
         hit = self.workloads.get(ep.id)
         if hit is None or hit[0] is not ep:
-            hit = _WORKLOADS.get(ep.id)
+            hit = self.memos.workloads.get(ep.id)
             if hit is None or hit[0] is not ep:
                 hit = (ep, (ep.namespace, tuple(sorted(ep.labels.items())), tuple(ep.security_groups),
                             ep.port_security))
@@ -459,11 +459,11 @@ class Builder:
             # the rules follow from the chains jumped to and the names in the drop comments alone
             targets = (tuple((self.policy_chain(p, direction), f"{p.namespace}/{p.name}") for p in pols),
                        tuple((self.group_chain(g, direction), g.name) for g in groups))
-            encoded = _DISPATCH_RULES.get((d, targets))
+            encoded = self.memos.dispatch_rules.get((d, targets))
             if encoded is None:
-                if len(_DISPATCH_RULES) >= 1 << 15:
-                    _DISPATCH_RULES.clear()
-                encoded = _DISPATCH_RULES[(d, targets)] = self._layered_rules(d, *targets)
+                if len(self.memos.dispatch_rules) >= 1 << 15:
+                    self.memos.dispatch_rules.clear()
+                encoded = self.memos.dispatch_rules[(d, targets)] = self._layered_rules(d, *targets)
             self.chains[name] = NftChain(name, encoded)
             return name
         if direction == "Egress":
@@ -484,26 +484,19 @@ class Builder:
         return name
 
 
-# (direction, the chains a dispatch chain jumps to and their names) -> its encoded rules
-_DISPATCH_RULES: dict[tuple, tuple[str, ...]] = {}
-
 # the layer of an endpoint with port security and no group: a group without rules (chains `sgi-`/`sge-nogroups`)
 NO_GROUPS = SecurityGroup(id="no-groups", name="no-groups")
 
-# endpoint id -> (the endpoint, its workload key): the last plan's (Builder._layer_key). The entry
-# holds the object, so its identity is not reused while the entry lives
-_WORKLOADS: dict[str, tuple[Endpoint, tuple]] = {}
-
-
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
-            security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str) -> NftPlan:
+            security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str,
+            memos: Memos | None = None) -> NftPlan:
     """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`).
 
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
     and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
     idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
-    b = Builder(idx, host)
+    b = Builder(idx, host, memos)
     local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
     children = nested_children(idx.endpoints)
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
@@ -531,8 +524,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
         if any(any(b.layers(ep, d)) for d in ("Ingress", "Egress")):
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     b.add_set("stateful", "ipv4_addr", stateful)
-    global _WORKLOADS
-    _WORKLOADS = b.workloads
+    b.memos.workloads = b.workloads
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),

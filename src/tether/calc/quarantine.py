@@ -15,11 +15,11 @@ never changed in place), so a plan with hundreds of unchanged objects pays a dic
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tether.calc.memos import Memos
 from tether.calc.names import confined_netns, own_link
 from tether.calc.plan import Quarantined
 from tether.calc.replica import Replica
@@ -37,7 +37,6 @@ from tether.model import (
     Service,
 )
 
-log = logging.getLogger("tether.calc.quarantine")
 T = TypeVar("T")
 
 # the order objects are added back in when `isolate` looks for the one that makes a plan raise:
@@ -179,13 +178,11 @@ CHECKS: dict[str, Callable[[Any, str], None]] = {
     "NetworkPolicy": _policy, "Service": _service, "Namespace": _namespace,
 }
 
-_CHECKED: dict[tuple[str, str], tuple[Obj, str, str | None]] = {}  # (kind, name) -> (object, host, problem)
-
-
-def problem(kind: str, obj: Obj, me: str) -> str | None:
-    """Why this host's agent cannot apply `obj` (None: it can). Cached per object."""
+def problem(kind: str, obj: Obj, me: str, memos: Memos | None = None) -> str | None:
+    """Why this host's agent cannot apply `obj` (None: it can). Cached per object in `memos.checked`."""
+    checked = memos.checked if memos is not None else {}
     key = (kind, obj.store_name())
-    hit = _CHECKED.get(key)
+    hit = checked.get(key)
     if hit is not None and hit[0] is obj and hit[1] == me:
         return hit[2]
     try:
@@ -193,24 +190,25 @@ def problem(kind: str, obj: Obj, me: str) -> str | None:
         reason = None
     except Exception as e:  # noqa: BLE001 - whatever the check trips over is the object's problem
         reason = str(e) or type(e).__name__
-    _CHECKED[key] = (obj, me, reason)
+    checked[key] = (obj, me, reason)
     return reason
 
 
-def screen(rep: Replica, me: str) -> tuple[Replica, list[Quarantined]]:
+def screen(rep: Replica, me: str, memos: Memos | None = None) -> tuple[Replica, list[Quarantined]]:
     """The replica without the objects this host cannot apply, and those objects with the reason.
     The replica itself when nothing is wrong (no copy)."""
     bad: list[Quarantined] = []
     for kind, objs in rep.objects.items():
         for name, obj in objs.items():
-            reason = problem(kind, obj, me)
+            reason = problem(kind, obj, me, memos)
             if reason is not None:
                 bad.append(Quarantined(kind, name, reason))
     for kind, name, reason in rep.undecodable:
         bad.append(Quarantined(kind, name, reason))
-    if len(_CHECKED) > 2 * sum(len(o) for o in rep.objects.values()) + 1024:  # forget what was deleted
-        for key in [k for k in _CHECKED if k[1] not in rep.objects.get(k[0], {})]:
-            del _CHECKED[key]
+    checked = memos.checked if memos is not None else {}
+    if len(checked) > 2 * sum(len(o) for o in rep.objects.values()) + 1024:  # forget what was deleted
+        for key in [k for k in checked if k[1] not in rep.objects.get(k[0], {})]:
+            del checked[key]
     if not any(q.kind in rep.objects for q in bad):
         return rep, bad
     return without(rep, {(q.kind, q.name) for q in bad}), bad
@@ -260,33 +258,3 @@ def isolate(rep: Replica, compute: Callable[[Replica], T], error: Exception) -> 
             error = e
             if len(culprits) > 50:
                 raise
-
-
-# --- reporting ------------------------------------------------------------------------------------
-
-_LOGGED: set[Quarantined] = set()
-COUNTS: dict[str, int] = {}  # kind -> objects quarantined now (the metric)
-
-
-def note(quarantined: tuple[Quarantined, ...] | list[Quarantined], host: str) -> None:
-    """Log each newly quarantined object once at WARNING, and keep the per-kind counts."""
-    global _LOGGED
-    now = set(quarantined)
-    for q in sorted(now - _LOGGED):
-        log.warning("%s: quarantined %s %r (left out of the plan, everything else is applied): %s", host, q.kind,
-                    q.name[:100], q.reason)
-    for q in sorted(_LOGGED - now):
-        log.warning("%s: %s %r is no longer quarantined", host, q.kind, q.name[:100])
-    _LOGGED = now
-    COUNTS.clear()
-    for q in now:
-        COUNTS[q.kind] = COUNTS.get(q.kind, 0) + 1
-
-
-def metrics(host: str) -> str:
-    """Prometheus text of `tether_agent_quarantined_objects{kind}`."""
-    lines = ["# HELP tether_agent_quarantined_objects Objects this agent left out of its plan because it "
-             "cannot apply them (see `tether status`).", "# TYPE tether_agent_quarantined_objects gauge"]
-    for kind in sorted({*CHECKS, *COUNTS}):
-        lines.append(f'tether_agent_quarantined_objects{{host="{host}",kind="{kind}"}} {COUNTS.get(kind, 0)}')
-    return "\n".join(lines) + "\n"
