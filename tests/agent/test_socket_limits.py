@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tether.agent import flowlog, yielding
+from tether import yielding
+from tether.agent import flowlog
 from tether.agent.cni import server as cni_server
 from tether.agent.cni.server import CniServer
 from tether.agent.docker import plugin_http

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import tether.cni as cni_exe
 from tests.fuzz.harness import examples
 from tests.fuzz.sockets import exchange
-from tether.agent import yielding
+from tether import yielding
 from tether.agent.cni import protocol as cp
 from tether.agent.cni.server import CniServer
 from tether.calc.replica import Replica

@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether import __version__, heap
-from tether.agent import yielding
+from tether import __version__, heap, yielding
 from tether.agent.cni.server import CniServer
 from tether.calc.host import HostContext, pickup_grace, rejudge_needed, rejudge_scope
 from tether.calc.names import vtep_mac_for

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tether.agent import yielding
+from tether import yielding
 from tether.calc.memos import Memos  # imports nothing heavy: the DNS worker process loads this module
 
 if TYPE_CHECKING:  # the DNS worker process imports this module: it needs no models (or pydantic)

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass, replace
 
-from tether.agent import yielding
+from tether import yielding
 from tether.calc import pod_ingress, policy, services
 from tether.calc.addresses import ip_version, v4_subnets
 from tether.calc.memos import Memos

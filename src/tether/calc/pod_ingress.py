@@ -30,7 +30,7 @@ import functools
 import ipaddress
 from collections.abc import Iterable
 
-from tether.agent import yielding
+from tether import yielding
 from tether.calc.addresses import ip_version, v4_subnets
 from tether.calc.memos import Memos
 from tether.calc.names import VXLAN_PORT, stateless_chain

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.agent import yielding
+from tether import yielding
 from tether.calc.addresses import ip_version, network, v4_subnets
 from tether.calc.memos import Memos
 from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, digest, id12, stateless_chain

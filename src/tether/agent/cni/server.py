@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable, KeysView
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether.agent import unix_socket, yielding
+from tether import yielding
+from tether.agent import unix_socket
 from tether.agent.cni import protocol as cp
 from tether.calc import names
 from tether.calc.host import endpoint_mtu

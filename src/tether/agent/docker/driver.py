@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from tether.agent import yielding
+from tether import yielding
 from tether.agent.cni.server import dns_label
 from tether.agent.docker.plugin_http import PluginHttpServer
 from tether.calc import names

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tether.agent import yielding
+from tether import yielding
 
 
 def test_a_checkpoint_outside_background_work_never_waits() -> None:
