@@ -9,15 +9,10 @@ interface is plugged into the container's namespace.
 
 from __future__ import annotations
 
-import secrets
-
+from tether.calc.names import random_neutron_mac
 from tether.client import ApiError, TetherClient
 from tether.dataplane.macvlan import plug_macvlan
 from tether.model import AddressPair, Endpoint, Owner
-
-
-def random_mac() -> str:
-    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
 def add_nested(client: TetherClient, *, vm_port_id: str, name: str, vm_netns: str, netns: str,
@@ -26,7 +21,7 @@ def add_nested(client: TetherClient, *, vm_port_id: str, name: str, vm_netns: st
     assert isinstance(vm, Endpoint)
     if vm.owner.type != "vm" or not vm.host:
         raise ValueError(f"port {vm_port_id} is not a VM port bound to a host; bind it first (binding:host_id)")
-    mac = random_mac()
+    mac = random_neutron_mac()
     ep = client.create_endpoint(Endpoint(
         name=name, network=vm.network, host=vm.host, namespace=namespace, labels=labels or {}, mac=mac,
         owner=Owner(type="nested", netns=netns, ifname=ifname, device_id=vm.id), parent=vm.id))

@@ -140,6 +140,12 @@ def neutron_mac(ep_id: str) -> str:
     return _mac(ep_id, "fa:16:3e", 3)
 
 
+def random_neutron_mac() -> str:
+    """A random MAC in OpenStack's default base fa:16:3e (a Neutron port created without one, a
+    nested container's macvlan)."""
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
 def endpoint_interface(owner_type: str, ep_id: str, container_id: str | None, ifname: str | None) -> str | None:
     """The host-side device an endpoint's owner gets, as the agent names it; None: no device of its own
     (an API-owned endpoint, or a nested container living behind its VM's interface)."""

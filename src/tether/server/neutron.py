@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -33,7 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from tether.calc.names import netns_problem, neutron_mac, vif_name
+from tether.calc.names import netns_problem, neutron_mac, random_neutron_mac, vif_name
 from tether.model import (
     DEFAULT_GROUP,
     DNS_LABEL,
@@ -671,11 +670,6 @@ UNNAMED = "tether.io/neutron-unnamed"
 STATUS = {"pending": "BUILD", "active": "ACTIVE", "down": "DOWN"}
 
 
-def random_mac() -> str:
-    """A MAC in OpenStack's default base fa:16:3e."""
-    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
-
-
 def port_view(ep: Endpoint, nets: dict[str, Network]) -> dict[str, Any]:
     net = nets.get(ep.network)
     fixed = []
@@ -932,7 +926,8 @@ async def create_port(request: Request) -> dict:
     secure, groups = await new_port_groups(o, body, net)
     ep = Endpoint(id=port_id, name=name, display_name=display, network=net.name, **fields,
                   anti_spoofing=port_security_of(body) is not False,
-                  host=body.get("binding:host_id") or None, ips=ips, mac=(body.get("mac_address") or random_mac()),
+                  host=body.get("binding:host_id") or None, ips=ips,
+                  mac=(body.get("mac_address") or random_neutron_mac()),
                   owner=owner, labels=labels, interface=vif_name(port_id) if owner.type == "vm" else None,
                   security_groups=groups, port_security=secure, allowed_address_pairs=address_pairs(body))
     try:
