@@ -8,7 +8,9 @@ Docker and VM-port paths name their devices with the same functions, so both sid
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import re
 
@@ -198,3 +200,62 @@ def netns_problem(netns: str) -> str | None:
                     and os.path.normpath(netns) == netns:
                 return None
     return f"must be a namespace name or a path directly under {' or '.join(NETNS_DIRS)} (e.g. /run/netns/vm1)"
+
+
+# --- nft chain and set names -------------------------------------------------------------------------
+# Every chain and set of the `inet tether` table that is named after an object is named here.
+
+
+def _v(version: int) -> str:
+    return "" if version == 4 else "6"
+
+
+def policy_chain(direction: str, policy_id: str) -> str:
+    """`npi-`/`npe-<id12>`: one NetworkPolicy's rules for one direction."""
+    return f"np{'i' if direction == 'Ingress' else 'e'}-{id12(policy_id)}"
+
+
+def group_chain(direction: str, group_id: str) -> str:
+    """`sgi-`/`sge-<id12>`: one security group's rules for one direction."""
+    return f"sg{'i' if direction == 'Ingress' else 'e'}-{id12(group_id)}"
+
+
+def group_members_set(version: int, group_id: str) -> str:
+    """`sgm-`/`sgm6-<id12>`: the addresses of a remote group's members."""
+    return f"sgm{_v(version)}-{id12(group_id)}"
+
+
+def selector_set(version: int, selector_key: str) -> str:
+    """`sel-`/`sel6-<digest>`: the addresses a policy peer's selectors choose (by their JSON)."""
+    return f"sel{_v(version)}-{digest(selector_key)}"
+
+
+def named_port_set(direction: str, port_name: str) -> str:
+    """`pn-in-`/`pn-out-<port name>`: who declares a named port."""
+    return f"pn-{'in' if direction == 'Ingress' else 'out'}-{port_name}"
+
+
+def others_set(version: int, network: str) -> str:
+    """`others-`/`others6-<network>`: the subnets of every other network (isolation)."""
+    return f"others{_v(version)}-{network}"
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def dispatch_chain(d: str, network: str, policy_ids: tuple[str, ...], group_ids: tuple[str, ...]) -> str:
+    """`in-`/`out-<digest>` of a dispatch chain: endpoints with the same layers share it."""
+    return f"{d}-{digest(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
+
+
+def ingress_chain(interface: str) -> str:
+    """`ing-<interface>`: a pod interface's own ingress chain."""
+    return "ing-" + interface
+
+
+def lb_chain(n: int, affinity: int | None, version: int = 4) -> str:
+    """`svc-lb-<n>` (`svc6-...`): balance over n backend slots; `svc-aff-<timeout>-<n>` with client affinity."""
+    return f"svc{_v(version)}-lb-{n}" if affinity is None else f"svc{_v(version)}-aff-{affinity}-{n}"
+
+
+def published_chain(target: str) -> str:
+    """`svc-np-...`: the published-port entry to a balancing chain."""
+    return f"svc-np-{target.removeprefix('svc-')}"

@@ -31,6 +31,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from tether import yielding
+from tether.calc import names
 from tether.calc.addresses import ip_version, v4_subnets
 from tether.calc.memos import Memos
 from tether.calc.names import VXLAN_PORT, stateless_chain
@@ -53,10 +54,6 @@ UNSPECIFIED_SOURCE = rule(match(payload("ip6", "saddr"), "::"),
                           match(payload("icmpv6", "type"),
                                 {"set": ["mld-listener-report", "nd-neighbor-solicit", "mld2-listener-report"]}),
                           ACCEPT, comment="DAD and MLD from ::")
-
-
-def chain_name(interface: str) -> str:
-    return "ing-" + interface
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -169,7 +166,7 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
 
 
 def _chain(interface: str, rules: list[str]) -> NftChain:
-    return NftChain(chain_name(interface), tuple(rules), hook="ingress", type="filter", priority=PRIORITY,
+    return NftChain(names.ingress_chain(interface), tuple(rules), hook="ingress", type="filter", priority=PRIORITY,
                     policy="accept", device=interface)
 
 

@@ -20,7 +20,6 @@ The semantics are those of `tether.policy_eval`, which is written separately and
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -28,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether import yielding
+from tether.calc import names
 from tether.calc.addresses import ip_version, network, v4_subnets
 from tether.calc.memos import Memos
-from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, digest, id12, stateless_chain
+from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, stateless_chain
 from tether.calc.nft import (
     ACCEPT,
     COUNTER,
@@ -76,12 +76,6 @@ CLEAR_MARKS = rule(MARK_CLEAR)
 ACCEPT_RULE = rule(ACCEPT)
 TO_EP_IN = rule({"vmap": {"key": meta("oifname"), "data": "@ep_in"}})
 UNKNOWN_OIF = rule(*POD_OIF, COUNTER, DROP, comment="unknown pod interface")
-
-
-@functools.lru_cache(maxsize=1 << 15)
-def dispatch_name(d: str, network: str, policy_ids: tuple[str, ...], group_ids: tuple[str, ...]) -> str:
-    """`in-`/`out-<hash>` of a dispatch chain: endpoints with the same layers share it."""
-    return f"{d}-{digest(json.dumps([d, network, list(policy_ids), list(group_ids)]))}"
 
 
 
@@ -207,7 +201,7 @@ def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
 
 
 def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int, key: str | None = None) -> str:
-    return f"sel{'' if version == 4 else '6'}-{digest(key or selector_json(pol, peer))}"
+    return names.selector_set(version, key or selector_json(pol, peer))
 
 
 # --- compilation -----------------------------------------------------------------------------------
@@ -263,10 +257,10 @@ class Builder:
             elems = {(ifaces.get(ep.id) or ifaces.get(ep.parent or ""), d.protocol.lower(), d.port)
                      for ep in self.idx.endpoints for d in ep.ports if d.name == name}
             elems = {e for e in elems if e[0]}
-            return self.add_set(f"pn-in-{name}", ("ifname", "inet_proto", "inet_service"), elems)
+            return self.add_set(names.named_port_set("Ingress", name), ("ifname", "inet_proto", "inet_service"), elems)
         elems = {(ip, d.protocol.lower(), d.port) for ep in self.idx.endpoints for d in ep.ports if d.name == name
                  for ip in ep.ips if ipaddress.ip_address(ip).version == 4}
-        return self.add_set(f"pn-out-{name}", ("ipv4_addr", "inet_proto", "inet_service"), elems)
+        return self.add_set(names.named_port_set("Egress", name), ("ipv4_addr", "inet_proto", "inet_service"), elems)
 
     def port_matches(self, ports: list[dict[str, Any]], direction: str) -> list[list[dict]]:
         if not ports:
@@ -296,7 +290,7 @@ class Builder:
         return out
 
     def policy_chain(self, pol: NetworkPolicy, direction: str) -> str:
-        name = f"np{'i' if direction == 'Ingress' else 'e'}-{id12(pol.id)}"
+        name = names.policy_chain(direction, pol.id)
         if name in self.chains:
             return name
         key, peers_key, which = (("ingress", "from", "saddr") if direction == "Ingress" else ("egress", "to", "daddr"))
@@ -344,7 +338,7 @@ class Builder:
                     net = network(a)
                     if net.version == version:
                         elems.add(str(net))
-        return self.add_set(f"sgm{'' if version == 4 else '6'}-{id12(group_id)}",
+        return self.add_set(names.group_members_set(version, group_id),
                             "ipv4_addr" if version == 4 else "ipv6_addr", elems, ("interval",))
 
     def sg_rule(self, r: SecurityGroupRule, which: str) -> list[dict] | None:
@@ -377,7 +371,7 @@ class Builder:
         return stmts
 
     def group_chain(self, g: SecurityGroup, direction: str) -> str:
-        name = f"sg{'i' if direction == 'Ingress' else 'e'}-{id12(g.id)}"
+        name = names.group_chain(direction, g.id)
         if name in self.chains:
             return name
         want, which = ("ingress", "saddr") if direction == "Ingress" else ("egress", "daddr")
@@ -451,7 +445,7 @@ class Builder:
     def _dispatch_chain(self, ep: Endpoint, direction: str) -> str:
         pols, groups = self.layers(ep, direction)
         d = "in" if direction == "Ingress" else "out"
-        name = dispatch_name(d, ep.network if direction == "Ingress" else "", tuple(p.id for p in pols),
+        name = names.dispatch_chain(d, ep.network if direction == "Ingress" else "", tuple(p.id for p in pols),
                              tuple(g.id for g in groups))
         if name in self.chains:
             return name
@@ -475,7 +469,7 @@ class Builder:
                       if ipaddress.ip_network(s.cidr).version == v]
             if not others:
                 continue
-            ref = self.add_set(f"others{'' if v == 4 else '6'}-{ep.network}",
+            ref = self.add_set(names.others_set(v, ep.network),
                                "ipv4_addr" if v == 4 else "ipv6_addr", others, ("interval",))
             rules.append(denied(match(addr_field(v, "saddr"), ref), comment=f"deny in isolation {ep.network}",
                                 remember=True))

@@ -26,8 +26,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tether.calc import names
 from tether.calc.addresses import ip_version, network, v4_subnets
-from tether.calc.names import HAIRPIN_MARK
+from tether.calc.names import HAIRPIN_MARK, lb_chain
 from tether.calc.nft import (
     COUNTER,
     L4_DPORT,
@@ -164,10 +165,6 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
     return out
 
 
-def lb_chain(n: int, affinity: int | None) -> str:
-    return f"svc-lb-{n}" if affinity is None else f"svc-aff-{affinity}-{n}"
-
-
 def _dnat() -> dict:
     key = {"concat": [_DADDR, _PROTO, L4_DPORT, MARK]}
     return {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": "@svc_backend_ip"}},
@@ -199,7 +196,7 @@ def affinity_chain(timeout: int, n: int) -> NftChain:
 @functools.lru_cache(maxsize=1024)
 def published_chain(target: str) -> NftChain:
     """Published-port entry: mark the connection for source NAT, then balance like the VIP."""
-    return NftChain(f"svc-np-{target.removeprefix('svc-')}", (
+    return NftChain(names.published_chain(target), (
         rule(ct_mark_or(HAIRPIN_MARK)),
         rule({"goto": {"target": target}}),
     ))
@@ -228,10 +225,6 @@ CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, L4_DPORT]}
 SVC_KEY6 = {"concat": [_DADDR6, _PROTO, L4_DPORT]}
 
 
-def lb_chain6(n: int, affinity: int | None) -> str:
-    return f"svc6-lb-{n}" if affinity is None else f"svc6-aff-{affinity}-{n}"
-
-
 def _dnat6() -> dict:
     key = {"concat": [_DADDR6, _PROTO, L4_DPORT, MARK]}
     return {"dnat": {"family": "ip6", "addr": {"map": {"key": key, "data": "@svc_backend_ip6"}},
@@ -240,7 +233,7 @@ def _dnat6() -> dict:
 
 @functools.lru_cache(maxsize=1024)
 def random_chain6(n: int) -> NftChain:
-    return NftChain(lb_chain6(n, None), (rule(mark_random(n)), rule(_dnat6())))
+    return NftChain(lb_chain(n, None, 6), (rule(mark_random(n)), rule(_dnat6())))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -255,7 +248,7 @@ def affinity_chain6(timeout: int, n: int) -> NftChain:
                                                                                     "timeout": timeout}},
                                                  "set": f"@svc_aff6_{k}"}}))
     rules.append(rule(_dnat6()))
-    return NftChain(lb_chain6(n, timeout), tuple(rules))
+    return NftChain(lb_chain(n, timeout, 6), tuple(rules))
 
 
 def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
@@ -268,7 +261,7 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
         if not f.backends:
             empty.add(key)
             continue
-        vips.add((key, f"goto {lb_chain6(len(f.backends), f.affinity)}"))
+        vips.add((key, f"goto {lb_chain(len(f.backends), f.affinity, 6)}"))
         for slot, b in enumerate(f.backends, start=1):
             backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
             backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
