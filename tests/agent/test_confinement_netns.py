@@ -25,6 +25,8 @@ from tether.dataplane.pods import AttachError, host_side_sysctls, plug_link
 from tether.dataplane.vif import VifSpec, reconcile_vifs
 from tether.model import Endpoint, Host, Network, Owner, Subnet
 
+pytestmark = pytest.mark.root  # network namespaces
+
 
 def ip(ns: str, *args: str) -> str:
     return subprocess.run(["ip", "-n", ns, *args], check=True, timeout=30, capture_output=True, text=True).stdout

@@ -11,10 +11,14 @@ import socket
 import subprocess
 from collections.abc import Callable
 
+import pytest
+
 from tether.calc.names import RTPROT_TETHER
 from tether.calc.plan import HostInterface, Plan, Route
 from tether.dataplane.links import apply_links, raise_interfaces
 from tether.dataplane.rtnl_batch import RtnlSocket
+
+pytestmark = pytest.mark.root  # network namespaces
 
 
 def ip(ns: str, *args: str) -> None:

@@ -17,6 +17,8 @@ from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import opened_in
 from tether.dataplane.pods import AttachError, address_pod, attach_pod, plug_link
 
+pytestmark = pytest.mark.root  # network namespaces
+
 
 def ip_json(ns: str, *args: str) -> list[dict]:
     r = subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True, timeout=30, check=True)

@@ -127,6 +127,7 @@ def test_drop_comments_name_their_owners() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a scratch network namespace")
+@pytest.mark.root  # a network namespace
 def test_the_kernel_accepts_the_table_and_a_second_apply_changes_nothing() -> None:
     r = make_replica()
     add(r, policy("p", "x", {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [

@@ -19,6 +19,8 @@ from tether.calc.replica import Replica
 from tether.dataplane.nft import NftDataplane, structure_hash
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule, Subnet
 
+pytestmark = pytest.mark.root  # network namespaces
+
 CTX = HostContext("b", "eth0", 1500)
 
 

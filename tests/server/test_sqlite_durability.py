@@ -152,6 +152,7 @@ def test_every_acknowledged_write_is_synced_to_disk_before_its_answer(tmp_path) 
     assert not unsynced, f"{len(unsynced)} of {len(windows)} writes were answered before the WAL was synced"
 
 
+@pytest.mark.root  # mounts a small filesystem
 def test_a_full_disk_answers_503_with_a_message_and_the_store_stays_consistent() -> None:
     with small_filesystem("24m") as d:
         s = sqlite_server(d)
@@ -197,6 +198,7 @@ def test_a_corrupt_database_stops_the_server_with_one_line_and_exit_code_65(tmp_
     assert str(db) in lines[0] and "corrupt" in lines[0] and "tether server restore --from" in lines[0]
 
 
+@pytest.mark.root  # mounts a small filesystem
 def test_an_unwritable_database_stops_the_server_with_one_line_and_exit_code_74(tmp_path) -> None:
     with small_filesystem("4m") as d:
         db = os.path.join(d, "tether.db")

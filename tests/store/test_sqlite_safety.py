@@ -113,6 +113,7 @@ async def test_watchers_are_woken_by_each_commit_without_waiting_for_the_poll(tm
         await store.close()
 
 
+@pytest.mark.root  # mounts a small filesystem
 async def test_disk_full_is_unavailable_and_leaves_the_store_consistent() -> None:
     with small_filesystem("4m") as d:
         store = SqliteStore(os.path.join(d, "t.db"))
@@ -178,6 +179,7 @@ async def test_a_database_with_damaged_pages_is_refused_as_corrupt(tmp_path) -> 
     assert e.value.exit_code == EXIT_CORRUPT
 
 
+@pytest.mark.root  # mounts a small filesystem
 async def test_a_database_on_a_read_only_filesystem_is_refused_as_unwritable() -> None:
     with small_filesystem("4m") as d:
         path = os.path.join(d, "t.db")
