@@ -16,6 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tether.calc import names
+
 PREFIX = "/tether/v1/"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -160,11 +162,16 @@ def check_unique_count(values: list, what: str, limit: int) -> None:
         raise ValueError(f"{len(values)} {what}; at most {limit} are allowed")
 
 
-def check_named(v: str, problem: str, what: str) -> str:
-    """`v`, or ValueError with why `tether.calc.names.<problem>` refuses it (a device name, a netns path).
-    Imported when called: names imports the dataplane's plan, which imports this module."""
-    from tether.calc import names
+def at_most(limit: int, what: str) -> AfterValidator:
+    """A list field's size limit as an annotation (`Annotated[list[X], at_most(MAX_X, "xs")]`)."""
+    def check(v: list) -> list:
+        check_unique_count(v, what, limit)
+        return v
+    return AfterValidator(check)
 
+
+def check_named(v: str, problem: str, what: str) -> str:
+    """`v`, or ValueError with why `tether.calc.names.<problem>` refuses it (a device name, a netns path)."""
     why = getattr(names, problem)(v)
     if why:
         raise ValueError(f"{what} {v[:80]!r} {why}")
@@ -324,7 +331,7 @@ class Subnet(Strict):
     # what DHCP hands the subnet's VMs (stored and shown; Tether's pods get DNS from their agent)
     enable_dhcp: bool = True
     dns_nameservers: list[Annotated[str, checked(check_ip, "dns_nameservers")]] = Field(default_factory=list)
-    host_routes: list[HostRoute] = Field(default_factory=list)
+    host_routes: Annotated[list[HostRoute], at_most(MAX_HOST_ROUTES, "host_routes")] = Field(default_factory=list)
 
     @field_validator("dns_nameservers")
     @classmethod
@@ -334,11 +341,6 @@ class Subnet(Strict):
             raise ValueError("dns_nameservers lists an address twice; list each once")
         return v
 
-    @field_validator("host_routes")
-    @classmethod
-    def _routes(cls, v: list[HostRoute]) -> list[HostRoute]:
-        check_unique_count(v, "host_routes", MAX_HOST_ROUTES)
-        return v
 
     @field_validator("pools")
     @classmethod
@@ -381,7 +383,8 @@ class Subnet(Strict):
 
 class Network(Obj):
     kind: ClassVar[str] = "Network"
-    subnets: list[Subnet] = Field(default_factory=list)  # /api/v1 requires one; a Neutron network starts empty
+    # /api/v1 requires one; a Neutron network starts empty
+    subnets: Annotated[list[Subnet], at_most(MAX_SUBNETS, "subnets")] = Field(default_factory=list)
     encap: Encapsulation = "vxlan"
     mtu: int | None = Field(default=None, ge=576, le=9000)  # None: derived from the underlay
     nat_outgoing: bool = False
@@ -400,11 +403,6 @@ class Network(Obj):
     def _name(cls, v: str) -> str:
         return check_dns_label(v, "network name")
 
-    @field_validator("subnets")
-    @classmethod
-    def _subnets(cls, v: list[Subnet]) -> list[Subnet]:
-        check_unique_count(v, "subnets", MAX_SUBNETS)
-        return v
 
     @field_validator("vni")
     @classmethod
@@ -501,8 +499,9 @@ class Endpoint(Obj):
     # filtered by NetworkPolicy and network isolation only. Naming a group turns it on; the Neutron
     # API turns it on for every port unless `port_security_enabled` is false.
     port_security: bool = False
-    allowed_address_pairs: list[AddressPair] = Field(default_factory=list)
-    ports: list[PortDecl] = Field(default_factory=list)
+    allowed_address_pairs: Annotated[list[AddressPair], at_most(MAX_ADDRESS_PAIRS, "allowed address pairs")] = Field(
+        default_factory=list)
+    ports: Annotated[list[PortDecl], at_most(MAX_PORT_DECLS, "declared ports")] = Field(default_factory=list)
     parent: Annotated[str, checked(check_id, "parent")] | None = None  # nested: the VM port this endpoint lives behind
     ready: bool = True
     status: Literal["pending", "active", "down"] = "pending"
@@ -550,17 +549,7 @@ class Endpoint(Obj):
             self.anti_spoofing = True
         return self
 
-    @field_validator("allowed_address_pairs")
-    @classmethod
-    def _pairs(cls, v: list[AddressPair]) -> list[AddressPair]:
-        check_unique_count(v, "allowed address pairs", MAX_ADDRESS_PAIRS)
-        return v
 
-    @field_validator("ports")
-    @classmethod
-    def _ports(cls, v: list[PortDecl]) -> list[PortDecl]:
-        check_unique_count(v, "declared ports", MAX_PORT_DECLS)
-        return v
 
 
 class NetworkPolicy(Obj):
@@ -643,14 +632,9 @@ class SecurityGroup(Obj):
     kind: ClassVar[str] = "SecurityGroup"
     description: Annotated[str, checked(check_text, "description")] = ""
     project: Annotated[str, checked(check_text, "project")] | None = None
-    rules: list[SecurityGroupRule] = Field(default_factory=list)
+    rules: Annotated[list[SecurityGroupRule], at_most(MAX_RULES, "rules")] = Field(default_factory=list)
     tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
 
-    @field_validator("rules")
-    @classmethod
-    def _rules(cls, v: list[SecurityGroupRule]) -> list[SecurityGroupRule]:
-        check_unique_count(v, "rules", MAX_RULES)
-        return v
 
     def store_name(self) -> str:
         return self.id
@@ -712,9 +696,10 @@ class Service(Obj):
     network: NetworkName | None = None
     # assigned from the service range when absent
     cluster_ip: Annotated[str, checked(check_ip, "cluster_ip")] | None = None
-    ports: list[ServicePort] = Field(default_factory=list)
+    ports: Annotated[list[ServicePort], at_most(MAX_SERVICE_PORTS, "ports")] = Field(default_factory=list)
     selector: dict[str, str] | None = None
-    backends: list[ServiceBackend] = Field(default_factory=list)  # explicit, when no selector
+    # explicit, when no selector
+    backends: Annotated[list[ServiceBackend], at_most(MAX_BACKENDS, "backends")] = Field(default_factory=list)
     session_affinity: Literal["None", "ClientIP"] = "None"
     affinity_timeout: int = Field(default=10800, ge=1)
     type: Literal["ClusterIP", "NodePort"] = "ClusterIP"
@@ -800,17 +785,7 @@ class Service(Obj):
     def _selector(cls, v: dict[str, str] | None) -> dict[str, str] | None:
         return None if v is None else check_labels(v)
 
-    @field_validator("ports")
-    @classmethod
-    def _ports(cls, v: list[ServicePort]) -> list[ServicePort]:
-        check_unique_count(v, "ports", MAX_SERVICE_PORTS)
-        return v
 
-    @field_validator("backends")
-    @classmethod
-    def _backends(cls, v: list[ServiceBackend]) -> list[ServiceBackend]:
-        check_unique_count(v, "backends", MAX_BACKENDS)
-        return v
 
 
 KINDS: dict[str, type[Obj]] = {
