@@ -229,8 +229,8 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
                                   if name and name.startswith(LINK_PREFIX) and name != VTEP_NAME})
         _apply_vtep(rt, ipr, links, plan, st, report)
         _apply_interfaces(rt, ipr, links, plan, st, keep_interfaces, report)
-        vtep_idx = links.index(VTEP_NAME) if plan.vtep is not None else None
-        if resync and vtep_idx is not None:
+        vtep_idx = links.index(VTEP_NAME) if resync and plan.vtep is not None else None
+        if vtep_idx is not None:
             st.neighbours.reload(_neighbours(ipr(), vtep_idx))
             st.fdb.reload(dict.fromkeys(_fdb_entries(ipr(), vtep_idx), True))
         if plan.vtep is not None:
