@@ -112,7 +112,7 @@ def test_an_endpoint_naming_eth0_leaves_eth0_untouched_on_full_and_delta_passes(
                                                           capture_output=True, text=True, timeout=30).stdout
     # the endpoint is deleted: the delta pass must not delete eth0 even if it had been applied before
     was = Applied(interfaces=DeltaTracker({"eth0": (1450, "bad")}),
-                  routes=DeltaTracker({Route("10.41.0.9/32", "eth0", scope="link"): True}))
+                  routes=DeltaTracker(dict.fromkeys([Route("10.41.0.9/32", "eth0", scope="link")])))
     in_netns(ns, lambda: apply_links(Plan(underlay_dev="eth0"), applied=was))
     assert eth0_state(ns) == before
 

@@ -29,3 +29,11 @@ def test_a_reload_replaces_what_was_remembered_and_a_copy_is_independent() -> No
     c = t.copy()
     t.reload({"b": None})
     assert c.kernel == {"a": 1} and t.pending({"b": 2}) == ([("b", 2)], [])
+
+
+def test_a_kind_whose_objects_are_their_keys_compares_keys_only() -> None:
+    t: DeltaTracker[tuple[str, str], None] = DeltaTracker(dict.fromkeys([("m1", "d1"), ("m2", "d2")]))
+    assert t.pending_keys(frozenset({("m2", "d2"), ("m3", "d3")})) == ([("m3", "d3")], [("m1", "d1")])
+    t.wrote(("m3", "d3"))
+    t.deleted(("m1", "d1"))
+    assert t.pending_keys({("m2", "d2"), ("m3", "d3")}) == ([], [])

@@ -177,8 +177,8 @@ class Applied:
     vtep: DeltaTracker[str, Vtep | None] = field(default_factory=DeltaTracker)  # VTEP_NAME -> Vtep (None: unverified)
     interfaces: DeltaTracker[str, tuple[int, str] | None] = field(default_factory=DeltaTracker)  # -> (mtu, endpoint id)
     neighbours: DeltaTracker[str, tuple[str, int]] = field(default_factory=DeltaTracker)  # ip -> (MAC, NUD state)
-    fdb: DeltaTracker[tuple[str, str], bool] = field(default_factory=DeltaTracker)  # (MAC, remote VTEP) -> True
-    routes: DeltaTracker[Route, bool] = field(default_factory=DeltaTracker)  # -> True
+    fdb: DeltaTracker[tuple[str, str], None] = field(default_factory=DeltaTracker)  # (MAC, remote VTEP)
+    routes: DeltaTracker[Route, None] = field(default_factory=DeltaTracker)
     down: dict[str, int] = field(default_factory=dict)  # pod veths found down -> ifindex (raise_interfaces)
 
     def copy(self) -> Applied:
@@ -232,11 +232,11 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
         vtep_idx = links.index(VTEP_NAME) if resync and plan.vtep is not None else None
         if vtep_idx is not None:
             st.neighbours.reload(_neighbours(ipr(), vtep_idx))
-            st.fdb.reload(dict.fromkeys(_fdb_entries(ipr(), vtep_idx), True))
+            st.fdb.reload(dict.fromkeys(_fdb_entries(ipr(), vtep_idx)))
         if plan.vtep is not None:
             _apply_peers(ipr, links, plan, st, report)
         if resync:
-            st.routes.reload(dict.fromkeys(current_routes(rt, links.names()), True))
+            st.routes.reload(dict.fromkeys(current_routes(rt, links.names())))
         _apply_routes(rt, links, plan, st, keep_interfaces, report)
     return report, st
 
@@ -292,7 +292,7 @@ def _apply_interfaces(rt: RtnlSocket, ipr: _LazyIpr, links: _Links, plan: Plan, 
 def _apply_peers(ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied, report: ApplyReport) -> None:
     """The other hosts' VTEPs: permanent neighbour entries and FDB entries on ours."""
     n_writes, n_deletes = st.neighbours.pending({n.ip: (n.lladdr, NUD_PERMANENT) for n in plan.neighbours})
-    f_writes, f_deletes = st.fdb.pending(dict.fromkeys(((f.lladdr, f.dst) for f in plan.fdb), True))
+    f_writes, f_deletes = st.fdb.pending_keys({(f.lladdr, f.dst) for f in plan.fdb})
     if not (n_writes or n_deletes or f_writes or f_deletes):
         return
     idx = links.index(VTEP_NAME)
@@ -307,11 +307,11 @@ def _apply_peers(ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied, report: 
             ipr().neigh("del", dst=ip, ifindex=idx)
         report.add(f"del neigh {ip}")
         st.neighbours.deleted(ip)
-    for (mac, dst), _ in f_writes:
+    for mac, dst in f_writes:
         if _try(report, f"fdb {mac} -> {dst}", ipr().fdb, "append", ifindex=idx, lladdr=mac, dst=dst,
                 state=NUD_PERMANENT):
             report.add(f"fdb {mac} -> {dst}")
-            st.fdb.wrote((mac, dst), True)
+            st.fdb.wrote((mac, dst))
     for mac, dst in f_deletes:
         with contextlib.suppress(NetlinkError):
             ipr().fdb("del", ifindex=idx, lladdr=mac, dst=dst)
@@ -321,8 +321,8 @@ def _apply_peers(ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied, report: 
 
 def _apply_routes(rt: RtnlSocket, links: _Links, plan: Plan, st: Applied, keep: Container[str],
                   report: ApplyReport) -> None:
-    writes, deletes = st.routes.pending(dict.fromkeys(plan.routes, True))
-    for route, _ in writes:
+    writes, deletes = st.routes.pending_keys(plan.routes)
+    for route in writes:
         if not route_allowed(route, plan):
             report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
             continue
@@ -332,7 +332,7 @@ def _apply_routes(rt: RtnlSocket, links: _Links, plan: Plan, st: Applied, keep: 
         if oif is None:
             continue  # its device is not there yet (a pod being plugged): stays pending, the next pass retries
         if _add_route(rt, route, oif, report):
-            st.routes.wrote(route, True)
+            st.routes.wrote(route)
     for route in deletes:
         st.routes.deleted(route)
         if route.dev in keep:
@@ -379,7 +379,7 @@ def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None, rep
                 rt.run(*(nl.permanent_neighbour(index, ip, pins[name].mac) for ip in pins[name].ips))
             for route in sorted(r for r in plan.routes if r.dev == name):
                 if _add_route(rt, route, index, report):
-                    applied.routes.wrote(route, True)
+                    applied.routes.wrote(route)
     applied.down.clear()
     return raised
 

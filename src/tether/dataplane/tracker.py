@@ -13,6 +13,7 @@ thousands of routes compares them on every pod event.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -41,7 +42,15 @@ class DeltaTracker(Generic[K, V]):
         deletes = sorted(self.kernel.keys() - desired.keys())  # type: ignore[type-var]
         return writes, deletes
 
-    def wrote(self, key: K, value: V) -> None:
+    def pending_keys(self, desired: AbstractSet[K]) -> tuple[list[K], list[K]]:
+        """`pending` for a kind whose objects are their key (routes, FDB entries): keys to write, keys
+        to delete. Set and dict operations that reuse the hashes the sets and dicts hold: a Route's
+        own hash is Python code, and a host compares thousands of them on every pod event."""
+        writes = sorted(frozenset(desired).difference(self.kernel))  # type: ignore[type-var]
+        deletes = sorted(set(self.kernel).difference(desired))  # type: ignore[type-var]
+        return writes, deletes
+
+    def wrote(self, key: K, value: V = None) -> None:  # type: ignore[assignment]
         self.kernel[key] = value
 
     def deleted(self, key: K) -> None:
