@@ -82,11 +82,11 @@ def no_dataplane(monkeypatch) -> list[tuple]:
 
     calls: list[tuple] = []
 
-    def plug_link(**kw):
+    def fake_plug(**kw):
         calls.append(("plug_link", kw))
         return types.SimpleNamespace(close=lambda: None)
 
-    monkeypatch.setattr(pods, "plug_link", plug_link)
+    monkeypatch.setattr(pods, "plug_link", fake_plug)
     monkeypatch.setattr(pods, "delete_link", lambda *a, **kw: calls.append(("delete_link", a)) and False)
     return calls
 
