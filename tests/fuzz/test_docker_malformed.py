@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import threading
+import types
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -77,11 +78,16 @@ class FakeServer:
 
 @pytest.fixture
 def no_dataplane(monkeypatch) -> list[tuple]:
-    import tether.dataplane.veth as veth
+    import tether.dataplane.pods as pods
 
     calls: list[tuple] = []
-    monkeypatch.setattr(veth, "create_veth", lambda *a, **kw: calls.append(("create_veth", a)))
-    monkeypatch.setattr(veth, "delete_link", lambda *a, **kw: calls.append(("delete_link", a)) and False)
+
+    def fake_plug(**kw):
+        calls.append(("plug_link", kw))
+        return types.SimpleNamespace(close=lambda: None)
+
+    monkeypatch.setattr(pods, "plug_link", fake_plug)
+    monkeypatch.setattr(pods, "delete_link", lambda *a, **kw: calls.append(("delete_link", a)) and False)
     return calls
 
 

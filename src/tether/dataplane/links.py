@@ -2,11 +2,17 @@
 
 Only what Tether owns is touched: the VTEP and pod veths (names with our prefix, `names.own_link`),
 routes with our protocol number, neighbour and FDB entries on the VTEP. That holds whatever the
-plan says, on the full and the incremental pass alike: a planned interface or link-scope route on a
-device that is not ours is refused and reported as a failure, never applied. An unchanged plan changes nothing, so an
-agent restart is invisible to traffic. Link lookups, routes and dumps go through rtnl_batch (they
-are on every apply's path, and the dumps on every reconcile's); the VTEP, its neighbours and FDB
-entries, which change with hosts rather than pods, through pyroute2.
+plan says: a planned interface or link-scope route on a device that is not ours is refused and
+reported as a failure, never applied. An unchanged plan changes nothing, so an agent restart is
+invisible to traffic.
+
+One apply path: each object kind (the VTEP, pod interfaces, neighbours, FDB entries, routes) has a
+desired-vs-kernel tracker (dataplane.tracker) and the apply writes the difference. The per-event
+pass starts from what the previous apply left; a full resync (start-up, periodic reconcile, after
+an error) reloads the kernel side of each tracker from the kernel first, then runs the same apply.
+Link lookups, routes and dumps go through rtnl_batch (they are on every apply's path, and the dumps
+on every reconcile's); the VTEP, its neighbours and FDB entries, which change with hosts rather than
+pods, through pyroute2.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.calc.names import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, own_link
-from tether.calc.plan import FdbEntry, Neighbour, Plan, Route, Vtep
+from tether.calc.plan import Plan, Route, Vtep
 from tether.dataplane import rtnl_batch as nl
-from tether.dataplane.netns import ipr_in, open_ipr
+from tether.dataplane.netns import open_ipr
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
 from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK, RTNH_F_ONLINK, RouteState, RtnlSocket
+from tether.dataplane.tracker import DeltaTracker
 
 AF_BRIDGE = 7
 NTF_SELF = 0x02
@@ -74,14 +81,16 @@ def _vxlan_matches(ipr: IPRoute, msg, vtep: Vtep, underlay_idx: int | None) -> b
             and (underlay_idx is None or data.get("IFLA_VXLAN_LINK") == underlay_idx))
 
 
-def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
+def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> tuple[int, bool]:
+    """The VTEP as `vtep` says, made or corrected: (its index, whether it was (re)created)."""
     underlay = get_link(ipr, vtep.underlay_dev)
     underlay_idx = underlay["index"] if underlay else None
     msg = get_link(ipr, vtep.name)
+    created = msg is None
     if msg is not None and (_kind(msg) != "vxlan" or not _vxlan_matches(ipr, msg, vtep, underlay_idx)):
         ipr.link("del", index=msg["index"])
         report.add(f"recreate {vtep.name}")
-        msg = None
+        msg, created = None, True
     if msg is None:
         kw = dict(ifname=vtep.name, kind="vxlan", vxlan_id=vtep.vni, vxlan_local=vtep.local_ip,
                   vxlan_port=vtep.port, vxlan_learning=0, address=vtep.mac, mtu=vtep.mtu)
@@ -106,7 +115,7 @@ def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> int:
         report.add(f"address {vtep.ip} on {vtep.name}")
     write_sysctl(f"net/ipv4/conf/{vtep.name}/rp_filter", "0")
     write_sysctl(f"net/ipv6/conf/{vtep.name}/disable_ipv6", "0")  # decapsulated IPv6 pod packets
-    return idx
+    return idx, created
 
 
 def current_routes(rt: RtnlSocket, index_to_name: dict[int, str]) -> dict[Route, RouteState]:
@@ -160,85 +169,178 @@ def _link_named(rt: RtnlSocket, name: str) -> nl.Link | None:
 
 @dataclass
 class Applied:
-    """What this process last made the kernel hold, so the next plan is applied as a difference
-    without dumping every link and route (pyroute2 parses ~0.4 ms per message: a full dump on a host
-    with hundreds of pods takes a second). The periodic reconcile does the full comparison."""
+    """The kernel side of every object kind, one tracker each (dataplane.tracker): what this process
+    last made the kernel hold, so the next plan is applied as a difference without dumping every
+    link and route (a full dump on a host with hundreds of pods takes a while). A full resync starts
+    from a fresh Applied whose trackers are reloaded from the kernel on the way."""
 
-    vtep: Vtep | None = None
-    routes: set[Route] = field(default_factory=set)
-    neighbours: set[Neighbour] = field(default_factory=set)
-    fdb: set[FdbEntry] = field(default_factory=set)
-    interfaces: dict[str, tuple[int, str]] = field(default_factory=dict)  # pod veth -> (mtu, endpoint id)
+    vtep: DeltaTracker[str, Vtep | None] = field(default_factory=DeltaTracker)  # VTEP_NAME -> Vtep (None: unverified)
+    interfaces: DeltaTracker[str, tuple[int, str] | None] = field(default_factory=DeltaTracker)  # -> (mtu, endpoint id)
+    neighbours: DeltaTracker[str, tuple[str, int]] = field(default_factory=DeltaTracker)  # ip -> (MAC, NUD state)
+    fdb: DeltaTracker[tuple[str, str], None] = field(default_factory=DeltaTracker)  # (MAC, remote VTEP)
+    routes: DeltaTracker[Route, None] = field(default_factory=DeltaTracker)
     down: dict[str, int] = field(default_factory=dict)  # pod veths found down -> ifindex (raise_interfaces)
+
+    def copy(self) -> Applied:
+        return Applied(self.vtep.copy(), self.interfaces.copy(), self.neighbours.copy(), self.fdb.copy(),
+                       self.routes.copy(), dict(self.down))
+
+
+class _Links:
+    """The kernel's links as one apply sees them: the whole dump on a full resync, otherwise each
+    looked up by name on first use (the common difference, a pod came or went, needs a lookup or
+    two, not a dump). Kept up to date with what the apply itself deletes or creates."""
+
+    def __init__(self, rt: RtnlSocket, dump: bool) -> None:
+        self.rt = rt
+        self.complete = dump
+        self.known: dict[str, nl.Link | None] = {link.name: link for link in rt.links()} if dump else {}
+
+    def get(self, name: str) -> nl.Link | None:
+        if name not in self.known:
+            self.known[name] = None if self.complete else _link_named(self.rt, name)
+        return self.known[name]
+
+    def index(self, name: str) -> int | None:
+        link = self.get(name)
+        return link.index if link else None
+
+    def names(self) -> dict[int, str]:
+        return {link.index: name for name, link in self.known.items() if link is not None}
 
 
 def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), netns: str | None = None,
-                remove_stale: bool = True, applied: Applied | None = None) -> tuple[ApplyReport, Applied]:
+                applied: Applied | None = None) -> tuple[ApplyReport, Applied]:
     """Make the kernel hold exactly the plan's owned links/routes/neighbours/FDB entries.
-    With `applied` (the previous result) only the difference is written; without it, the kernel is
-    read back in full and corrected (start-up, periodic reconcile, after an error)."""
-    if applied is not None:
-        with contextlib.closing(RtnlSocket(netns)) as rt, _LazyIpr(netns) as ipr:
-            return _apply_delta(rt, ipr, plan, applied, keep_interfaces)
+    With `applied` (the previous result) only the difference is written; without it, a full resync:
+    the kernel side of every tracker is read back from the kernel first, then the same apply
+    corrects it (start-up, periodic reconcile, after an error)."""
+    resync = applied is None
+    st = Applied() if applied is None else applied.copy()
     report = ApplyReport()
-    done = Applied(vtep=plan.vtep, neighbours=set(plan.neighbours), fdb=set(plan.fdb))
-    with ipr_in(netns) as ipr, contextlib.closing(RtnlSocket(netns)) as rt:
-        for path, value in plan.sysctls:
-            write_sysctl(path, value)
-        links = {link.name: link for link in rt.links()}
-        vtep_idx = None
-        if plan.vtep is not None:
-            vtep_idx = ensure_vtep(ipr, plan.vtep, report)
-        elif VTEP_NAME in links:
-            ipr.link("del", index=links[VTEP_NAME].index)
-            report.add(f"del {VTEP_NAME}")
-
-        # pod interfaces: settings, and removal of veths we own that nobody wants any more
-        wanted = {i.name: i for i in plan.interfaces if _own_interface(i.name, report)}
-        for name, link in links.items():
-            if not name or not name.startswith(LINK_PREFIX) or name == VTEP_NAME:
-                continue
-            if name in wanted:
-                i = wanted[name]
-                done.interfaces[name] = (i.mtu, i.endpoint_id)
-                if link.mtu != i.mtu:
-                    ipr.link("set", index=link.index, mtu=i.mtu)
-                    report.add(f"set {name}")
-                if not link.flags & 1:
-                    done.down[name] = link.index
-                host_side_sysctls(name)  # full passes are rare (start, reconcile): checking them all is fine
-            elif remove_stale and name not in keep_interfaces:
-                with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=link.index)
-                report.add(f"del stale {name}")
-
-        if report.changed:  # links came or went: look again
-            links = {link.name: link for link in rt.links()}
-        index_of = {name: link.index for name, link in links.items()}
-        name_of = {v: k for k, v in index_of.items()}
-
+    with contextlib.closing(RtnlSocket(netns)) as rt, _LazyIpr(netns) as ipr:
+        links = _Links(rt, dump=resync)
+        if resync:
+            for path, value in plan.sysctls:
+                write_sysctl(path, value)
+            st.vtep.reload({VTEP_NAME: None} if links.get(VTEP_NAME) else {})
+            # our pod veths; a VM port's tap enters the tracker once applied (vif.py plugs and removes them)
+            st.interfaces.reload({name: None for name in links.known
+                                  if name and name.startswith(LINK_PREFIX) and name != VTEP_NAME})
+        _apply_vtep(rt, ipr, links, plan, st, report)
+        _apply_interfaces(rt, ipr, links, plan, st, keep_interfaces, report)
+        vtep_idx = links.index(VTEP_NAME) if resync and plan.vtep is not None else None
         if vtep_idx is not None:
-            _apply_neighbours(ipr, vtep_idx, plan.neighbours, report)
-            _apply_fdb(ipr, vtep_idx, plan.fdb, report)
+            st.neighbours.reload(_neighbours(ipr(), vtep_idx))
+            st.fdb.reload(dict.fromkeys(_fdb_entries(ipr(), vtep_idx)))
+        if plan.vtep is not None:
+            _apply_peers(ipr, links, plan, st, report)
+        if resync:
+            st.routes.reload(dict.fromkeys(current_routes(rt, links.names())))
+        _apply_routes(rt, links, plan, st, keep_interfaces, report)
+    return report, st
 
-        have = current_routes(rt, name_of)
-        for route in sorted(plan.routes):
-            if route in have:
-                done.routes.add(route)
-                continue
-            if not route_allowed(route, plan):
-                report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
-                continue
-            oif = index_of.get(route.dev)
-            if oif is None or route.dev in done.down:
-                continue  # its device is not there yet (a pod being plugged): next pass; or not up yet
-            if _add_route(rt, route, oif, report):
-                done.routes.add(route)
-        for route, state in have.items():
-            # "?": a device newer than our link list (a pod plugged meanwhile): not ours to judge yet
-            if route not in plan.routes and route.dev not in keep_interfaces and route.dev != "?" and state.oif:
-                _del_route(rt, route, state.oif, report)
-    return report, done
+
+def _apply_vtep(rt: RtnlSocket, ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied, report: ApplyReport) -> None:
+    writes, deletes = st.vtep.pending({VTEP_NAME: plan.vtep} if plan.vtep is not None else {})
+    for name, vtep in writes:
+        assert vtep is not None
+        idx, created = ensure_vtep(ipr(), vtep, report)
+        links.known[name] = nl.Link(idx, name, vtep.mac, vtep.mtu, 1)
+        if created:  # a new device holds no neighbours or FDB entries yet
+            st.neighbours.reload({})
+            st.fdb.reload({})
+        st.vtep.wrote(name, vtep)
+    for name in deletes:
+        if not rt.run(nl.del_link(name))[0].error:  # already gone: fine
+            report.add(f"del {name}")
+        links.known[name] = None
+        st.vtep.deleted(name)
+        st.neighbours.reload({})  # they went with the device
+        st.fdb.reload({})
+
+
+def _apply_interfaces(rt: RtnlSocket, ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied,
+                      keep: Container[str], report: ApplyReport) -> None:
+    """Pod veths: their settings, and removal of the ones we own that nobody wants any more. An
+    interface of another endpoint (a pod deleted and added again under the same name) is a new veth."""
+    wanted = {i.name: (i.mtu, i.endpoint_id) for i in plan.interfaces if _own_interface(i.name, report)}
+    writes, deletes = st.interfaces.pending(wanted)
+    for name, (mtu, ep_id) in writes:  # type: ignore[misc]
+        link = links.get(name)
+        if link is None:
+            continue  # being plugged, or gone: a later pass (or the reconcile) sees it
+        if link.mtu != mtu:
+            ipr().link("set", index=link.index, mtu=mtu)
+            report.add(f"set {name}")
+        if not link.flags & 1:
+            st.down[name] = link.index
+        host_side_sysctls(name)
+        st.interfaces.wrote(name, (mtu, ep_id))
+    for name in deletes:
+        st.interfaces.deleted(name)
+        st.down.pop(name, None)
+        if name in keep or not own_link(name):
+            continue
+        i = links.index(name)
+        if i is not None:
+            rt.run(nl.del_link(i))  # already gone: fine
+            report.add(f"del stale {name}")
+            links.known[name] = None
+
+
+def _apply_peers(ipr: _LazyIpr, links: _Links, plan: Plan, st: Applied, report: ApplyReport) -> None:
+    """The other hosts' VTEPs: permanent neighbour entries and FDB entries on ours."""
+    n_writes, n_deletes = st.neighbours.pending({n.ip: (n.lladdr, NUD_PERMANENT) for n in plan.neighbours})
+    f_writes, f_deletes = st.fdb.pending_keys({(f.lladdr, f.dst) for f in plan.fdb})
+    if not (n_writes or n_deletes or f_writes or f_deletes):
+        return
+    idx = links.index(VTEP_NAME)
+    if idx is None:
+        return  # not there: the next full pass creates it
+    for ip, (mac, state) in n_writes:
+        if _try(report, f"neigh {ip} {mac}", ipr().neigh, "replace", dst=ip, lladdr=mac, ifindex=idx, state=state):
+            report.add(f"neigh {ip}")
+            st.neighbours.wrote(ip, (mac, state))
+    for ip in n_deletes:
+        with contextlib.suppress(NetlinkError):
+            ipr().neigh("del", dst=ip, ifindex=idx)
+        report.add(f"del neigh {ip}")
+        st.neighbours.deleted(ip)
+    for mac, dst in f_writes:
+        if _try(report, f"fdb {mac} -> {dst}", ipr().fdb, "append", ifindex=idx, lladdr=mac, dst=dst,
+                state=NUD_PERMANENT):
+            report.add(f"fdb {mac} -> {dst}")
+            st.fdb.wrote((mac, dst))
+    for mac, dst in f_deletes:
+        with contextlib.suppress(NetlinkError):
+            ipr().fdb("del", ifindex=idx, lladdr=mac, dst=dst)
+        report.add(f"del fdb {mac} -> {dst}")
+        st.fdb.deleted((mac, dst))
+
+
+def _apply_routes(rt: RtnlSocket, links: _Links, plan: Plan, st: Applied, keep: Container[str],
+                  report: ApplyReport) -> None:
+    writes, deletes = st.routes.pending_keys(plan.routes)
+    for route in writes:
+        if not route_allowed(route, plan):
+            report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
+            continue
+        if route.dev in st.down:
+            continue  # with its device, once up (raise_interfaces)
+        oif = links.index(route.dev)
+        if oif is None:
+            continue  # its device is not there yet (a pod being plugged): stays pending, the next pass retries
+        if _add_route(rt, route, oif, report):
+            st.routes.wrote(route)
+    for route in deletes:
+        st.routes.deleted(route)
+        if route.dev in keep:
+            continue
+        # None: the device is gone, and its routes with it; or ("?") newer than the dump, not ours to judge yet
+        oif = links.index(route.dev)
+        if oif is not None:
+            _del_route(rt, route, oif, report)
 
 
 def _own_interface(name: str, report: ApplyReport) -> bool:
@@ -277,7 +379,7 @@ def raise_interfaces(plan: Plan, applied: Applied, netns: str | None = None, rep
                 rt.run(*(nl.permanent_neighbour(index, ip, pins[name].mac) for ip in pins[name].ips))
             for route in sorted(r for r in plan.routes if r.dev == name):
                 if _add_route(rt, route, index, report):
-                    applied.routes.add(route)
+                    applied.routes.wrote(route)
     applied.down.clear()
     return raised
 
@@ -303,101 +405,6 @@ class _LazyIpr:
             self.ipr.close()
 
 
-def _apply_delta(rt: RtnlSocket, ipr: _LazyIpr, plan: Plan, st: Applied, keep: Container[str]
-                 ) -> tuple[ApplyReport, Applied]:
-    report = ApplyReport()
-    st = Applied(st.vtep, set(st.routes), set(st.neighbours), set(st.fdb), dict(st.interfaces), dict(st.down))
-    if plan.vtep != st.vtep:
-        if plan.vtep is not None:
-            ensure_vtep(ipr(), plan.vtep, report)
-        else:
-            vt = _link_named(rt, VTEP_NAME)
-            if vt is not None:
-                rt.run(nl.del_link(vt.index))
-                report.add(f"del {VTEP_NAME}")
-            st.neighbours.clear()
-            st.fdb.clear()
-        st.vtep = plan.vtep
-
-    index: dict[str, int | None] = {}
-
-    def idx(name: str) -> int | None:
-        if name not in index:
-            link = _link_named(rt, name)
-            index[name] = link.index if link else None
-        return index[name]
-
-    # an interface of another endpoint (a pod deleted and added again under the same name) is a new veth
-    wanted = {i.name: (i.mtu, i.endpoint_id) for i in plan.interfaces if _own_interface(i.name, report)}
-    for name, (mtu, ep_id) in wanted.items():
-        if st.interfaces.get(name) == (mtu, ep_id):
-            continue
-        link = _link_named(rt, name)
-        index[name] = link.index if link else None  # its routes come next
-        if link is None:
-            continue  # being plugged, or gone: a later pass (or the reconcile) sees it
-        if link.mtu != mtu:
-            ipr().link("set", index=link.index, mtu=mtu)
-            report.add(f"set {name}")
-        if not link.flags & 1:
-            st.down[name] = link.index
-        host_side_sysctls(name)
-        st.interfaces[name] = (mtu, ep_id)
-    for name in [n for n in st.interfaces if n not in wanted]:
-        del st.interfaces[name]
-        st.down.pop(name, None)
-        if name in keep or not own_link(name):
-            continue
-        i = idx(name)
-        if i is not None:
-            rt.run(nl.del_link(i))  # already gone: fine
-            report.add(f"del stale {name}")
-            index[name] = None
-
-    same_peers = plan.neighbours == st.neighbours and plan.fdb == st.fdb
-    vtep_idx = idx(VTEP_NAME) if plan.vtep is not None and not same_peers else None
-    if vtep_idx is not None:
-        for n in sorted(plan.neighbours - st.neighbours):
-            if _try(report, f"neigh {n.ip} {n.lladdr}", ipr().neigh, "replace", dst=n.ip, lladdr=n.lladdr,
-                    ifindex=vtep_idx, state=NUD_PERMANENT):
-                report.add(f"neigh {n.ip}")
-        for n in sorted(st.neighbours - plan.neighbours):
-            with contextlib.suppress(NetlinkError):
-                ipr().neigh("del", dst=n.ip, ifindex=vtep_idx)
-            report.add(f"del neigh {n.ip}")
-        st.neighbours = set(plan.neighbours)
-        for f in sorted(plan.fdb - st.fdb):
-            if _try(report, f"fdb {f.lladdr} -> {f.dst}", ipr().fdb, "append", ifindex=vtep_idx, lladdr=f.lladdr,
-                    dst=f.dst, state=NUD_PERMANENT):
-                report.add(f"fdb {f.lladdr} -> {f.dst}")
-        for f in sorted(st.fdb - plan.fdb):
-            with contextlib.suppress(NetlinkError):
-                ipr().fdb("del", ifindex=vtep_idx, lladdr=f.lladdr, dst=f.dst)
-            report.add(f"del fdb {f.lladdr} -> {f.dst}")
-        st.fdb = set(plan.fdb)
-
-    for route in sorted(plan.routes - st.routes):
-        if route.dev in st.down:
-            continue  # with its device, once up (raise_interfaces)
-        if not route_allowed(route, plan):
-            report.fail(f"route {route.dst} dev {route.dev} refused: {route.dev!r} is not Tether's device")
-            continue
-        oif = idx(route.dev)
-        if oif is None:
-            continue  # its device is not there yet: stays outside `st`, so the next pass retries
-        if _add_route(rt, route, oif, report):
-            st.routes.add(route)
-    for route in sorted(st.routes - plan.routes):
-        st.routes.discard(route)
-        if route.dev in keep:
-            continue
-        oif = idx(route.dev)
-        if oif is None:
-            continue  # the device is gone, and its routes with it
-        _del_route(rt, route, oif, report)
-    return report, st
-
-
 def _try(report: ApplyReport, what: str, op, *args, **kw) -> bool:
     """One netlink operation whose failure concerns it alone: reported, the others go on."""
     try:
@@ -408,24 +415,15 @@ def _try(report: ApplyReport, what: str, op, *args, **kw) -> bool:
         return False
 
 
-def _apply_neighbours(ipr: IPRoute, idx: int, wanted: frozenset[Neighbour], report: ApplyReport) -> None:
+def _neighbours(ipr: IPRoute, idx: int) -> dict[str, tuple[str, int]]:
+    """The neighbour entries on the VTEP: ip -> (MAC, NUD state)."""
     have = {}
     for family in (socket.AF_INET, socket.AF_INET6):
         for n in ipr.get_neighbours(ifindex=idx, family=family):
             if family == socket.AF_INET6 and not n["state"] & NUD_PERMANENT:
                 continue  # the kernel's own (its multicast and neighbour discovery entries)
             have[n.get("NDA_DST")] = (n.get("NDA_LLADDR"), n["state"])
-    want = {n.ip: n.lladdr for n in wanted}
-    for ip, mac in want.items():
-        if have.get(ip) != (mac, NUD_PERMANENT):
-            if _try(report, f"neigh {ip} {mac}", ipr.neigh, "replace", dst=ip, lladdr=mac, ifindex=idx,
-                    state=NUD_PERMANENT):
-                report.add(f"neigh {ip}")
-    for ip in have:
-        if ip not in want:
-            with contextlib.suppress(NetlinkError):
-                ipr.neigh("del", dst=ip, ifindex=idx)
-            report.add(f"del neigh {ip}")
+    return have
 
 
 def _fdb_entries(ipr: IPRoute, idx: int) -> set[tuple[str, str]]:
@@ -437,17 +435,3 @@ def _fdb_entries(ipr: IPRoute, idx: int) -> set[tuple[str, str]]:
         if mac and dst:
             out.add((mac, dst))
     return out
-
-
-def _apply_fdb(ipr: IPRoute, idx: int, wanted: frozenset[FdbEntry], report: ApplyReport) -> None:
-    have = _fdb_entries(ipr, idx)
-    want = {(f.lladdr, f.dst) for f in wanted}
-    for mac, dst in want - have:
-        if _try(report, f"fdb {mac} -> {dst}", ipr.fdb, "append", ifindex=idx, lladdr=mac, dst=dst,
-                state=NUD_PERMANENT):
-            report.add(f"fdb {mac} -> {dst}")
-    for mac, dst in have - want:
-        with contextlib.suppress(NetlinkError):
-            ipr.fdb("del", ifindex=idx, lladdr=mac, dst=dst)
-        report.add(f"del fdb {mac} -> {dst}")
-

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -79,14 +80,22 @@ def host_side_sysctls(ifname: str) -> None:
     write_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "0")
 
 
+DOCKER_PEER = re.compile(r"^tdk[0-9a-f]{1,12}$")  # docker driver's peer_name: the container end before dockerd takes it
+
+
+def ours(name: str) -> bool:
+    """A link a plug may create or delete: Tether's own, or a Docker peer end it made."""
+    return own_link(name) or DOCKER_PEER.match(name or "") is not None
+
+
 @dataclass
 class PodLink:
-    """A pod's veth, made and up but without addresses yet: the agent makes it while the server
-    allocates the addresses (see CniServer.add), then `address_pod` finishes. It keeps the two
-    netlink sockets (host side, pod side) open until then."""
+    """A pod's veth, made but without addresses yet: the agent makes it while the server allocates
+    the addresses (see CniServer.add), then `address_pod` finishes. It keeps the netlink sockets
+    (host side, pod side: None for a peer left in the host namespace) open until then."""
 
     host: RtnlSocket
-    pod: RtnlSocket
+    pod: RtnlSocket | None
     host_ifname: str
     host_index: int
     host_mac: str
@@ -96,7 +105,8 @@ class PodLink:
     mtu: int
 
     def close(self) -> None:
-        self.pod.close()
+        if self.pod is not None:
+            self.pod.close()
         self.host.close()
 
     def remove(self) -> None:
@@ -110,32 +120,44 @@ class PodLink:
         self.close()
 
 
-def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None, mtu: int) -> PodLink:
-    """Create the veth with its far end directly in the pod's namespace, that end up. The host side
-    stays down, so the pod can send nothing until the agent has applied the plan with the pod's
-    ingress chain (anti-spoofing) and brought it up (`links.raise_interfaces`). Retry-safe: a
-    leftover host side of an earlier attempt is replaced. Two batches of netlink requests
-    (rtnl_batch: create and look up the host side; bring up `lo` and the pod side, look it up),
-    nothing looked up before the create: a name clash is sorted out when the kernel reports it.
-    On failure nothing is left: a veth made before the failure is removed, the sockets closed.
-    A clash with a link that is not ours (not Tether's name) fails the request: it is never deleted."""
+def plug_link(*, pod_netns: str | None, ifname: str, host_ifname: str, mac: str | None, mtu: int,
+              gateway6: bool = False) -> PodLink:
+    """Create the veth, its far end `ifname` directly in the pod's namespace and up (the CNI ADD),
+    or with `pod_netns` None left down in this namespace for a runtime to move (Docker's remote
+    driver contract: dockerd moves the peer into the container, renames it and addresses it). The
+    host side stays down, so the endpoint can send nothing until the agent has applied the plan with
+    its ingress chain (anti-spoofing) and brought it up (`links.raise_interfaces`).
+    `gateway6`: the host side holds the IPv6 gateway fe80::1 itself, so it answers the neighbour
+    discovery of a container whose namespace Tether does not configure (Docker's).
+
+    Retry-safe: a leftover of an earlier attempt is replaced (in this namespace: both names).
+    Two batches of netlink requests (rtnl_batch: create and look up the host side; bring up `lo`
+    and the pod side, look it up), nothing looked up before the create: a name clash is sorted out
+    when the kernel reports it. On failure nothing is left: a veth made before the failure is
+    removed, the sockets closed. A name that is not ours (an endpoint's `interface` comes from the
+    API) fails the request: such a link is never created nor deleted."""
     try:
         require_own_link(host_ifname, "create")
     except ForeignLink as e:
         raise AttachError(str(e)) from None
+    if pod_netns is None and not ours(ifname):
+        raise AttachError(f"refusing to create veth {host_ifname}/{ifname}: {ifname!r} is not a Tether device name")
     try:
-        fd = os.open(pod_netns, os.O_RDONLY)
+        fd = os.open(pod_netns, os.O_RDONLY) if pod_netns is not None else None
     except OSError as e:
         raise AttachError(f"cannot open network namespace {pod_netns}: {e.strerror}") from e
     host = pod = None
     made = False
     try:
         host = RtnlSocket()
-        pod = RtnlSocket(pod_netns)
+        pod = RtnlSocket(pod_netns) if pod_netns is not None else None
         for attempt in (1, 2):
             create, outside = host.run(nl.veth(host_ifname, ifname, fd, mtu, mac), nl.get_link(host_ifname))
             if create.error != errno.EEXIST or attempt == 2:
                 break
+            if pod is None:  # both names are ours here: remove what an earlier attempt left, again
+                host.run(nl.del_link(host_ifname), nl.del_link(ifname))
+                continue
             if not host.run(nl.del_link(host_ifname))[0].error:
                 continue  # it was the host side of an earlier attempt (its peer went with it): again
             if not pod.run(nl.get_link(ifname))[0].error:
@@ -144,9 +166,17 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
         made = True
         out = outside.check().link
         host_side_sysctls(host_ifname)
+        if out is None:
+            raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
+        if gateway6:
+            (r,) = host.run(nl.address(out.index, POD_GATEWAY6))
+            if r.error:
+                raise AttachError(f"cannot give {host_ifname} the IPv6 gateway address: {os.strerror(r.error)}")
+        if pod is None:
+            return PodLink(host, None, host_ifname, out.index, out.mac or "", ifname, 0, mac or "", mtu)
         replies = pod.run(nl.link_up(LOOPBACK_INDEX), nl.link_up(ifname), nl.get_link(ifname))
         inside = [r.check() for r in replies][-1].link
-        if out is None or inside is None:
+        if inside is None:
             raise AttachError(f"the veth {host_ifname}/{ifname} vanished while it was being plugged")
         return PodLink(host, pod, host_ifname, out.index, out.mac or "", ifname, inside.index, inside.mac or "", mtu)
     except BaseException as e:
@@ -160,7 +190,8 @@ def plug_link(*, pod_netns: str, ifname: str, host_ifname: str, mac: str | None,
             raise AttachError(f"netlink error while plugging {host_ifname}: {e}") from e
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
@@ -168,6 +199,7 @@ def address_pod(link: PodLink, ips: list[str]) -> PodInterface:
     in one batch. The /32 routes to it on the host come with its host side, which the agent brings
     up once the pod's ingress chain exists (`links.raise_interfaces`). On failure the veth is
     removed; the sockets are closed either way."""
+    assert link.pod is not None, "address_pod: the veth's far end was left in the host namespace"
     idx = link.pod_index
     inside = [nl.address(idx, ip) for ip in ips]
     if any(ipaddress.ip_address(ip).version == 4 for ip in ips):
@@ -199,24 +231,22 @@ def attach_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str],
                        ips)
 
 
-def detach_pod(host_ifname: str, ipr: IPRoute | None = None) -> bool:
+def detach_pod(host_ifname: str) -> bool:
     """Remove the pod's veth (both ends go together) and its routes; True if something was removed.
     Missing interfaces and vanished namespaces are fine: DEL must be idempotent. A name that is not
     Tether's (an endpoint's `interface` comes from the API) is never deleted: False."""
-    if not own_link(host_ifname):
-        return False
-    own = ipr is None
-    ipr = ipr or IPRoute()
-    try:
-        idx = _lookup(ipr, host_ifname)
-        if idx is None:
-            return False
-        with contextlib.suppress(NetlinkError):
-            ipr.link("del", index=idx)  # routes through it disappear with it
-        return True
-    finally:
-        if own:
-            ipr.close()
+    return own_link(host_ifname) and _delete(host_ifname)
+
+
+def delete_link(name: str) -> bool:
+    """Remove a link of ours or a Docker peer end (a veth takes its peer with it); False if it was
+    not there or is not ours."""
+    return ours(name) and _delete(name)
+
+
+def _delete(name: str) -> bool:
+    with contextlib.closing(RtnlSocket()) as rt:
+        return not rt.run(nl.del_link(name))[0].error  # routes through it disappear with it
 
 
 def check_pod(*, pod_netns: str, ifname: str, host_ifname: str, ips: list[str]) -> list[str]:

@@ -255,12 +255,13 @@ def _text(attr: bytes) -> str:
 # --- the messages ------------------------------------------------------------------------------
 
 
-def veth(host_ifname: str, peer_ifname: str, peer_netns_fd: int, mtu: int, peer_mac: str | None) -> Request:
-    """A veth with its peer made directly in another namespace, both ends down (the kernel refuses
-    to bring a peer up while it creates it there, ENOTCONN; the host side comes up once the pod's
-    ingress chain exists: `links.raise_interfaces`)."""
+def veth(host_ifname: str, peer_ifname: str, peer_netns_fd: int | None, mtu: int, peer_mac: str | None) -> Request:
+    """A veth with its peer made directly in another namespace (None: this one), both ends down (the
+    kernel refuses to bring a peer up while it creates it there, ENOTCONN; the host side comes up
+    once the pod's ingress chain exists: `links.raise_interfaces`)."""
     peer = (IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(peer_ifname))
-            + _attr(IFLA_NET_NS_FD, _u32(peer_netns_fd)) + _attr(IFLA_MTU, _u32(mtu))
+            + (_attr(IFLA_NET_NS_FD, _u32(peer_netns_fd)) if peer_netns_fd is not None else b"")
+            + _attr(IFLA_MTU, _u32(mtu))
             + (_attr(IFLA_ADDRESS, _mac(peer_mac)) if peer_mac else b""))
     info = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer))
     body = (IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, _name(host_ifname))

@@ -703,7 +703,7 @@ class DockerPlugin:
         return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": ep.mac}}
 
     async def _unplug(self, docker_ep: str) -> str | None:
-        from tether.dataplane.veth import delete_link
+        from tether.dataplane.pods import delete_link
 
         ep = None
         with contextlib.suppress(DriverError, ApiError, ServerUnreachable):
@@ -726,7 +726,7 @@ class DockerPlugin:
         return {"Value": {}}
 
     async def join(self, req: dict) -> dict:
-        from tether.dataplane.veth import create_veth
+        from tether.dataplane.pods import AttachError, plug_link
 
         network, _ = await self._network_of(req["NetworkID"])
         docker_ep = req["EndpointID"]
@@ -735,11 +735,11 @@ class DockerPlugin:
         mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
         host_if, peer = ep.interface or host_ifname(ep.id, "docker"), peer_name(docker_ep)
         self.agent.cni.in_flight[host_if] = time.monotonic()
-        from tether.dataplane.pods import AttachError
-
         try:
             v6 = any(":" in ip for ip in ep.ips)
-            await asyncio.to_thread(create_veth, host_if, peer, mtu=mtu, peer_mac=ep.mac, gateway6=v6)
+            link = await asyncio.to_thread(plug_link, pod_netns=None, ifname=peer, host_ifname=host_if, mac=ep.mac,
+                                           mtu=mtu, gateway6=v6)  # the peer stays here: dockerd moves it
+            link.close()
         except AttachError as e:  # e.g. an endpoint whose interface names a device that is not Tether's
             self.agent.cni.in_flight.pop(host_if, None)
             raise DriverError(str(e)) from None
@@ -749,7 +749,7 @@ class DockerPlugin:
                "Gateway": POD_GATEWAY,
                "StaticRoutes": [{"Destination": f"{POD_GATEWAY}/32", "RouteType": 1}],
                "DisableGatewayService": True}
-        if v6:  # the host side holds fe80::1 (create_veth), so the container's neighbour discovery finds it
+        if v6:  # the host side holds fe80::1 (plug_link's gateway6), so the container's neighbour discovery finds it
             out["GatewayIPv6"] = POD_GATEWAY6
         return out
 

@@ -96,3 +96,26 @@ def test_a_failed_addressing_removes_the_veth(netns: Callable[[], str]) -> None:
     with pytest.raises(AttachError, match="add address 10.9.0.7"):
         opened_in(host, plug_then_fail)
     assert links(host) == {"lo"} and links(pod) == {"lo"}
+
+
+def test_a_docker_veth_keeps_its_peer_in_the_host_namespace_and_replaces_a_leftover(netns: Callable[[], str]) -> None:
+    """The same plug for Docker (`pod_netns` None): the peer stays down in this namespace for dockerd
+    to move; the host side holds the IPv6 gateway; a leftover peer of an earlier attempt is replaced;
+    a peer name that is not ours is refused, and nothing is made."""
+    host = netns()
+    subprocess.run(["ip", "-n", host, "link", "add", "tdk0a1b2c", "type", "veth", "peer", "name", "tdkold"], check=True,
+                   timeout=30)
+    with pytest.raises(AttachError, match="eth5"):
+        opened_in(host, lambda: plug_link(pod_netns=None, ifname="eth5", host_ifname="tthpp8", mac=None, mtu=1400))
+    assert "tthpp8" not in links(host)
+    link = opened_in(host, lambda: plug_link(pod_netns=None, ifname="tdk0a1b2c", host_ifname="tthpp9",
+                                             mac="02:00:00:00:09:09", mtu=1400, gateway6=True))
+    link.close()
+    (outside,) = ip_json(host, "link", "show", "tthpp9")
+    (peer,) = ip_json(host, "link", "show", "tdk0a1b2c")
+    assert "tdkold" not in links(host) and link.host_mac == outside["address"]
+    assert peer["address"] == "02:00:00:00:09:09"
+    assert "UP" not in outside["flags"] and "UP" not in peer["flags"] and outside["mtu"] == peer["mtu"] == 1400
+    assert peer.get("link") == "tthpp9" and outside.get("link") == "tdk0a1b2c"
+    addrs = {a["local"] for a in ip_json(host, "addr", "show", "tthpp9")[0]["addr_info"]}
+    assert addrs == {"fe80::1"}

@@ -22,6 +22,7 @@ from tether.dataplane.links import Applied, apply_links
 from tether.dataplane.netns import _setns
 from tether.dataplane.nft import NftDataplane
 from tether.dataplane.pods import AttachError, host_side_sysctls, plug_link
+from tether.dataplane.tracker import DeltaTracker
 from tether.dataplane.vif import VifSpec, reconcile_vifs
 from tether.model import Endpoint, Host, Network, Owner, Subnet
 
@@ -110,7 +111,8 @@ def test_an_endpoint_naming_eth0_leaves_eth0_untouched_on_full_and_delta_passes(
     assert nrep.failures and "eth0" not in subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
                                                           capture_output=True, text=True, timeout=30).stdout
     # the endpoint is deleted: the delta pass must not delete eth0 even if it had been applied before
-    was = Applied(interfaces={"eth0": (1450, "bad")}, routes={Route("10.41.0.9/32", "eth0", scope="link")})
+    was = Applied(interfaces=DeltaTracker({"eth0": (1450, "bad")}),
+                  routes=DeltaTracker(dict.fromkeys([Route("10.41.0.9/32", "eth0", scope="link")])))
     in_netns(ns, lambda: apply_links(Plan(underlay_dev="eth0"), applied=was))
     assert eth0_state(ns) == before
 
