@@ -13,7 +13,7 @@ from tests.conftest import ROOT_FIXTURES
 
 TESTS = Path(__file__).resolve().parents[1]
 NEEDS_ROOT = re.compile(r'"netns", "add"|\bsmall_filesystem\(|\bmake_lab\(|\bLab\(|"mount"|\bunshare\b|'
-                        r'\bplug_link\(|\battach_pod\(|\bapply_links\(|\bcreate_veth\(|\bplug_veth\(|'
+                        r'\bplug_link\(|\battach_pod\(|\bapply_links\(|\bplug_veth\(|'
                         r'NftDataplane\((?!"nowhere")')
 MARKED = {"root", "lab"}
 

@@ -72,6 +72,30 @@ def same_name(path_name: str, body_name: str, kind: str) -> None:
         raise ApiError(400, f"{kind} name in the URL ({path_name!r}) differs from the body ({body_name!r})")
 
 
+def namespaced_reads(kind: type[NetworkPolicy] | type[Service], plural: str) -> None:
+    """GET /PLURAL (optionally ?namespace=) and GET /namespaces/NS/PLURAL/NAME of a namespaced kind."""
+
+    async def list_all(request: Request, namespace: str | None = None) -> list[dict]:
+        return dump(await objs(request).list(kind, f"{namespace}/" if namespace else ""))
+
+    async def get_one(ns: str, name: str, request: Request) -> dict:
+        return dump(await objs(request).must(kind, f"{ns}/{name}"))
+
+    router.add_api_route(f"/{plural}", list_all, methods=["GET"], name=f"list_{plural}")
+    router.add_api_route(f"/namespaces/{{ns}}/{plural}/{{name}}", get_one, methods=["GET"], name=f"get_{plural}")
+
+
+async def namespaced_body(request: Request, ns: str, name: str, obj: NetworkPolicy | Service, what: str) -> Objects:
+    """A PUT of a namespaced object: the URL's name and namespace are the body's, and the namespace
+    exists. The objects to write it with."""
+    same_name(name, obj.name, what)
+    if obj.namespace != ns:
+        raise ApiError(400, f"namespace in the URL ({ns!r}) differs from the body ({obj.namespace!r})")
+    o = objs(request)
+    await require_namespace(o, ns)
+    return o
+
+
 # --- hosts -----------------------------------------------------------------------------------------
 
 class HeartbeatBody(BaseModel):
@@ -409,23 +433,12 @@ async def delete_namespace(name: str, request: Request) -> None:
 
 # --- network policies ------------------------------------------------------------------------------
 
-@router.get("/networkpolicies")
-async def list_policies(request: Request, namespace: str | None = None) -> list[dict]:
-    return dump(await objs(request).list(NetworkPolicy, f"{namespace}/" if namespace else ""))
-
-
-@router.get("/namespaces/{ns}/networkpolicies/{name}")
-async def get_policy(ns: str, name: str, request: Request) -> dict:
-    return dump(await objs(request).must(NetworkPolicy, f"{ns}/{name}"))
+namespaced_reads(NetworkPolicy, "networkpolicies")
 
 
 @router.put("/namespaces/{ns}/networkpolicies/{name}")
 async def put_policy(ns: str, name: str, pol: NetworkPolicy, request: Request, response: Response) -> dict:
-    same_name(name, pol.name, "network policy")
-    if pol.namespace != ns:
-        raise ApiError(400, f"namespace in the URL ({ns!r}) differs from the body ({pol.namespace!r})")
-    o = objs(request)
-    await require_namespace(o, ns)
+    o = await namespaced_body(request, ns, name, pol, "network policy")
     check_policy(pol)
     obj, created = await o.upsert(pol)
     return answer(response, obj, created)
@@ -555,23 +568,12 @@ async def require_host_service(request: Request, store_name: str, svc: Service |
     if why:
         raise ApiError(403, f"host {who.name!r} may not write service {store_name!r}: {why}; use the admin token")
 
-@router.get("/services")
-async def list_services(request: Request, namespace: str | None = None) -> list[dict]:
-    return dump(await objs(request).list(Service, f"{namespace}/" if namespace else ""))
-
-
-@router.get("/namespaces/{ns}/services/{name}")
-async def get_service(ns: str, name: str, request: Request) -> dict:
-    return dump(await objs(request).must(Service, f"{ns}/{name}"))
+namespaced_reads(Service, "services")
 
 
 @router.put("/namespaces/{ns}/services/{name}")
 async def put_service(ns: str, name: str, svc: Service, request: Request, response: Response) -> dict:
-    same_name(name, svc.name, "service")
-    if svc.namespace != ns:
-        raise ApiError(400, f"namespace in the URL ({ns!r}) differs from the body ({svc.namespace!r})")
-    o = objs(request)
-    await require_namespace(o, ns)
+    o = await namespaced_body(request, ns, name, svc, "service")
     if svc.network and await o.get(Network, svc.network) is None:
         raise ApiError(400, f"network {svc.network!r} does not exist")
     await require_host_service(request, f"{ns}/{name}", svc)
