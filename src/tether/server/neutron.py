@@ -565,10 +565,19 @@ def parse_cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return net
 
 
-@router.get("/subnets")
-async def list_subnets(request: Request) -> dict:
-    items = [subnet_view(n, s) for n in await objs(request).list(Network) for s in n.subnets]
-    return {"subnets": filtered(request, items)}
+def list_children(collection: str, parent: type[Network] | type[SecurityGroup], children: str,
+                  view: Callable[[Any, Any], dict]) -> None:
+    """GET /COLLECTION of a resource Tether keeps inside another (subnets in networks, rules in
+    security groups): every parent's children, in Neutron's view, filtered by the query."""
+
+    async def list_all(request: Request) -> dict:
+        items = [view(p, c) for p in await objs(request).list(parent) for c in getattr(p, children)]
+        return {collection: filtered(request, items)}
+
+    router.add_api_route(f"/{collection.replace('_', '-')}", list_all, methods=["GET"], name=f"list_{collection}")
+
+
+list_children("subnets", Network, "subnets", subnet_view)
 
 
 @router.get("/subnets/{subnet_id}")
@@ -1193,10 +1202,7 @@ async def find_rule(o: Objects, rule_id: str) -> tuple[SecurityGroup, SecurityGr
     raise NeutronError(404, "SecurityGroupRuleNotFound", f"Security group rule {rule_id} does not exist")
 
 
-@router.get("/security-group-rules")
-async def list_rules(request: Request) -> dict:
-    items = [rule_view(sg, r) for sg in await objs(request).list(SecurityGroup) for r in sg.rules]
-    return {"security_group_rules": filtered(request, items)}
+list_children("security_group_rules", SecurityGroup, "rules", rule_view)
 
 
 @router.get("/security-group-rules/{rule_id}")
