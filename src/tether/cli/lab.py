@@ -75,12 +75,16 @@ def up(name: NameOpt = "lab",
        docker: Annotated[bool, typer.Option(help="also a dockerd on every host, wired to its agent (Tether's "
                                                  "network and IPAM drivers, names resolved by the agent's DNS) "
                                                  "with a busybox image tether-bb:local; `tether lab docker HOST` "
-                                                 "prints the DOCKER_HOST of one")] = False) -> None:
+                                                 "prints the DOCKER_HOST of one")] = False,
+       swarm: Annotated[bool, typer.Option(help="--docker, and the dockerds form a Docker Swarm (h1 the manager) "
+                                                "with the tether-swarm plugin in each: docker network create -d "
+                                                "tether-swarm:latest --scope swarm ...")] = False) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
     if agent_auth not in ("host", "admin"):
         _fail("--agent-auth must be host or admin")
+    docker = docker or swarm
     if docker:
         from tether.lab.dockerd import available
 
@@ -109,7 +113,11 @@ def up(name: NameOpt = "lab",
             from tether.lab.dockerd import start_lab_dockerds
 
             say("docker: a dockerd on every host")
-            start_lab_dockerds(lab, progress=say)
+            dockerds = start_lab_dockerds(lab, progress=say, live_restore=not swarm)
+            if swarm:
+                from tether.lab.swarm import lab_swarm
+
+                lab_swarm(lab, dockerds, progress=say)
     except Exception as e:  # noqa: BLE001 - leave nothing half-built
         say(f"failed: {e}; tearing down")
         lab.down()

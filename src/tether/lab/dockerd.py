@@ -54,8 +54,10 @@ def available() -> str | None:
 class Dockerd:
     """One dockerd in network namespace `ns`, its files under `root`, its plugins in `plugin_dir`."""
 
-    def __init__(self, ns: str, root: str | Path, plugin_dir: str, socket_path: str) -> None:
+    def __init__(self, ns: str, root: str | Path, plugin_dir: str, socket_path: str, live_restore: bool = True) -> None:
+        """`live_restore`: containers outlive a dockerd restart (Docker refuses it in Swarm mode)."""
         self.ns, self.root, self.plugin_dir, self.socket = ns, Path(root), plugin_dir, socket_path
+        self.live_restore = live_restore
         self.pid: int | None = None
         self.holder_pid: int | None = None
 
@@ -86,7 +88,7 @@ class Dockerd:
              DOCKERD, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
              "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host_url, "--bridge=none",
              "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
-             "--userland-proxy=false", "--live-restore", "--log-level=warn",
+             "--userland-proxy=false", *(["--live-restore"] if self.live_restore else []), "--log-level=warn",
              # Docker's embedded resolver forwards what it does not know to the agent's DNS, from
              # the container's address: names on Tether networks resolve with no per-container flag
              "--dns", DNS_IP],
@@ -178,11 +180,11 @@ class Dockerd:
                 entry.unlink(missing_ok=True)
 
 
-def lab_dockerd(lab, host: str) -> Dockerd:
+def lab_dockerd(lab, host: str, live_restore: bool = True) -> Dockerd:
     """The dockerd of a lab host (`tether lab up --docker`, `tether lab docker HOST`), its files in the
     lab's directory, its PIDs saved there so `tether lab down` stops it (`stop_lab_dockerds`)."""
     return Dockerd(lab.host(host).ns, Path(lab.dir) / "dockerd" / host, lab.docker_plugin_dir(host),
-                   lab.docker_socket(host))
+                   lab.docker_socket(host), live_restore=live_restore)
 
 
 def save_pids(d: Dockerd) -> None:
@@ -208,13 +210,13 @@ def running_lab_dockerd(lab, host: str) -> Dockerd | None:
     return d
 
 
-def start_lab_dockerd(lab, host: str) -> Dockerd:
+def start_lab_dockerd(lab, host: str, live_restore: bool = True) -> Dockerd:
     """Start (or find) the lab host's dockerd, with the busybox image imported. Its PIDs are saved
     before it is waited for, so a dockerd that fails to come up is still stopped by `tether lab down`."""
     d = running_lab_dockerd(lab, host)
     if d is not None:
         return d
-    d = lab_dockerd(lab, host)
+    d = lab_dockerd(lab, host, live_restore=live_restore)
     try:
         d.start(on_spawn=lambda: save_pids(d))
         d.import_busybox()
@@ -224,13 +226,14 @@ def start_lab_dockerd(lab, host: str) -> Dockerd:
     return d
 
 
-def start_lab_dockerds(lab, progress=print) -> list[Dockerd]:
-    """`tether lab up --docker`: a dockerd on every lab host, started side by side (each ~1 s)."""
+def start_lab_dockerds(lab, progress=print, live_restore: bool = True) -> list[Dockerd]:
+    """`tether lab up --docker`: a dockerd on every lab host, started side by side (each ~1 s);
+    without `live_restore` for Swarm, which refuses it."""
     from concurrent.futures import ThreadPoolExecutor
 
     hosts = [h.name for h in lab.state.hosts]
     with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
-        futures = {h: pool.submit(start_lab_dockerd, lab, h) for h in hosts}
+        futures = {h: pool.submit(start_lab_dockerd, lab, h, live_restore) for h in hosts}
         out = []
         for h, f in futures.items():
             d = f.result()
