@@ -100,7 +100,7 @@ def swarm() -> Iterator[Swarm]:
 def test_service_tasks_on_two_hosts_reach_each_other_by_service_name(swarm: Swarm) -> None:
     net, svc = unique("sw"), unique("web")
     swarm.docker("h1", "network", "create", "-d", DRIVER, "--scope", "swarm", "--attachable", "--subnet", SUBNET, net)
-    swarm.docker("h1", "service", "create", "--detach", "--name", svc, "--network", net, "--replicas", "2",
+    swarm.docker("h1", "service", "create", "--detach", "--no-resolve-image", "--name", svc, "--network", net, "--replicas", "2",
                  "--endpoint-mode", "dnsrr", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
     wait_for(lambda: all(len(t) == 1 for t in swarm.tasks(svc).values()), 90, "one task of the service on each host")
     tasks = swarm.tasks(svc)
@@ -114,9 +114,9 @@ def test_service_tasks_on_two_hosts_reach_each_other_by_service_name(swarm: Swar
              60, f"{svc} to resolve to both tasks")
     for host, me, other in (("h1", a, ip_b), ("h2", b, ip_a)):
         wait_for(lambda h=host, m=me, o=other: "hello from docker" in swarm.docker(
-            h, "exec", m, "wget", "-qO-", "-T", "2", f"http://{o}/", check=False).stdout, 30,
+            h, "exec", m, "wget", "-qO-", f"http://{o}/", check=False).stdout, 30,
             f"{me} on {host} to fetch from {other}")
-    r = swarm.docker("h2", "exec", b, "wget", "-qO-", "-T", "2", f"http://{svc}/", check=False)
+    r = swarm.docker("h2", "exec", b, "wget", "-qO-", f"http://{svc}/", check=False)
     assert "hello from docker" in r.stdout, r.stderr
 
 

@@ -92,6 +92,8 @@ class Dockerd:
              # Docker's embedded resolver forwards what it does not know to the agent's DNS, from
              # the container's address: names on Tether networks resolve with no per-container flag
              "--dns", DNS_IP],
+            # Swarm tasks use the image imported here instead of asking a registry (none is reachable)
+            env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = p.pid
         if on_spawn is not None:
