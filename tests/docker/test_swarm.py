@@ -100,8 +100,8 @@ def swarm() -> Iterator[Swarm]:
 def test_service_tasks_on_two_hosts_reach_each_other_by_service_name(swarm: Swarm) -> None:
     net, svc = unique("sw"), unique("web")
     swarm.docker("h1", "network", "create", "-d", DRIVER, "--scope", "swarm", "--attachable", "--subnet", SUBNET, net)
-    swarm.docker("h1", "service", "create", "--detach", "--no-resolve-image", "--name", svc, "--network", net, "--replicas", "2",
-                 "--endpoint-mode", "dnsrr", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
+    swarm.docker("h1", "service", "create", "--detach", "--no-resolve-image", "--name", svc, "--network", net,
+                 "--replicas", "2", "--endpoint-mode", "dnsrr", IMAGE, "httpd", "-f", "-p", "80", "-h", "/www")
     wait_for(lambda: all(len(t) == 1 for t in swarm.tasks(svc).values()), 90, "one task of the service on each host")
     tasks = swarm.tasks(svc)
     (a, ip_a), (b, ip_b) = tasks["h1"][0], tasks["h2"][0]
@@ -120,7 +120,7 @@ def test_service_tasks_on_two_hosts_reach_each_other_by_service_name(swarm: Swar
     assert "hello from docker" in r.stdout, r.stderr
 
 
-def test_scaling_keeps_tethers_endpoints_and_swarms_addresses_the_same(swarm: Swarm) -> None:
+def test_scaling_and_task_restarts_keep_tethers_endpoints_and_swarms_addresses_the_same(swarm: Swarm) -> None:
     net = next(n.name for n in swarm.lab.client().list("Network") if n.labels.get("tether.io/docker-scope"))
     svc = next(s for s in swarm.docker("h1", "service", "ls", "--format", "{{.Name}}").stdout.split())
     for replicas in (4, 1):
@@ -133,6 +133,14 @@ def test_scaling_keeps_tethers_endpoints_and_swarms_addresses_the_same(swarm: Sw
             want = {h: sorted(ip for _, ip in t) for h, t in tasks.items() if t}
             return swarm.endpoints(net) == want
         wait_for(same, 90, f"{replicas} tasks, each with its Tether endpoint on its host")
+    # a task that dies is replaced by a new one (a new address, maybe on the other host): the same again
+    host, (old, old_ip) = next((h, t[0]) for h, t in swarm.tasks(svc).items() if t)
+    swarm.docker(host, "kill", old)
+    wait_for(lambda: (all(name != old for t in swarm.tasks(svc).values() for name, _ in t)
+                      and sum(len(t) for t in swarm.tasks(svc).values()) == 1 and same(1)),
+             90, "the killed task's replacement, with its Tether endpoint, and the old one's gone")
+    assert old_ip not in [ip for ips in swarm.endpoints(net).values() for ip in ips] or \
+        any(ip == old_ip for t in swarm.tasks(svc).values() for _, ip in t)
 
 
 def test_service_and_network_rm_leave_nothing_in_tether(swarm: Swarm) -> None:
