@@ -175,3 +175,11 @@ def test_swarm_networks_are_never_copied_into_dockerd_as_local_networks() -> Non
     swarm = Network(name="sw", subnets=[Subnet(cidr="10.78.0.0/24")],
                     labels={"tether.io/created-by": "docker", "tether.io/docker-scope": "swarm"})
     assert docker_made([local, swarm]) == {"blue": CIDR}
+
+
+def test_an_ipv6_swarm_network_is_refused_with_the_way_out(tmp_path) -> None:
+    plugin, _server, _ = make_plugin(tmp_path)
+    req = {"NetworkID": "swarm6", "IPv4Data": [{"AddressSpace": "GlobalDefault", "Pool": CIDR}],
+           "IPv6Data": [{"AddressSpace": "GlobalDefault", "Pool": "fd00:78::/64"}]}
+    err = asyncio.run(plugin.call_swarm("/NetworkDriver.CreateNetwork", req))["Err"]
+    assert "IPv4 only" in err and "--ipv6" in err and "swarm6" not in plugin.networks

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 PLUGIN = "tether-swarm"
@@ -90,3 +91,29 @@ def lab_swarm(lab, dockerds: list, progress=print) -> None:
             d.docker("swarm", "join", "--advertise-addr", lab.host(host).ip, "--token", token,
                      f"{manager.ip}:2377")
     progress(f"swarm: manager {hosts[0]}, workers {', '.join(hosts[1:]) or 'none'}; network driver {DRIVER}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m tether.lab.swarm build DIR [--agent-dir D]`: the plugin directory for a real host."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python3 -m tether.lab.swarm",
+                                 description="Build the tether-swarm managed plugin (then: docker plugin create "
+                                             "tether-swarm DIR && docker plugin enable tether-swarm).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="write config.json and a rootfs with socat into DIR")
+    b.add_argument("dir")
+    b.add_argument("--agent-dir", default=AGENT_DIR,
+                   help="directory of the agent's Swarm socket (TETHER_DOCKER_SWARM_SOCKET's directory)")
+    args = ap.parse_args(argv)
+    try:
+        out = build_plugin(args.dir, args.agent_dir)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"plugin in {out}: docker plugin create {PLUGIN} {out} && docker plugin enable {PLUGIN}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
