@@ -192,3 +192,24 @@ def test_tcp_queries_and_the_cli_asking_one_host(lab: Lab, world) -> None:
     r = subprocess.run([sys.executable, "-m", "tether.cli.main", "dns", "lookup", "example.test", "--host", "h1",
                         "-o", "json"], capture_output=True, text=True, env=env, timeout=60)
     assert [x["data"] for x in json.loads(r.stdout)["answers"]] == ["198.19.255.80"], r.stderr
+
+
+BIG = r'''
+import sys, dns.flags, dns.message, dns.query
+name, server = sys.argv[1], sys.argv[2]
+udp = dns.query.udp(dns.message.make_query(name, "A"), server, timeout=3)  # no EDNS: 512 bytes at most
+tcp = dns.query.tcp(dns.message.make_query(name, "A"), server, timeout=3)
+print(bool(udp.flags & dns.flags.TC), sum(len(a) for a in udp.answer), bool(tcp.flags & dns.flags.TC),
+      sum(len(a) for a in tcp.answer))
+'''
+
+
+def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp(lab: Lab, world) -> None:
+    from tether.model import ServiceBackend
+
+    svc = lab.client().apply(Service(name=unique("big"), headless=True,
+                                     backends=[ServiceBackend(ip=f"10.71.202.{i}") for i in range(1, 41)]))
+    name = f"{svc.name}.default.svc.tether.local"
+    # what glibc and musl do with TC set: ask again over TCP, which answers all 40 addresses
+    wait_for(lambda: nsx(world["b"].ns, sys.executable, "-c", BIG, name, DNS_IP, check=False).stdout.split()
+             == ["True", "0", "False", "40"], 15, f"{name}: truncated over UDP, whole over TCP")

@@ -10,13 +10,14 @@ import signal
 import time
 from types import SimpleNamespace
 
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
 
 from tether.agent.dns import DnsServer
 from tether.calc.dns_records import build
-from tether.model import Endpoint, Network, Subnet
+from tether.model import Endpoint, Network, Service, ServiceBackend, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16")])
 WEB = Endpoint(name="web", network="blue", ips=["10.1.0.5"])
@@ -67,5 +68,35 @@ def test_worker_answers_forwards_reloads_restarts_and_exits() -> None:
             second = server._worker
             await server.close()
         assert second is not None and second.poll() is not None  # the worker exits with the agent
+
+    asyncio.run(main())
+
+
+# a headless service of 40 backends: ~700 bytes of A records
+BIG = Service(name="big", headless=True, backends=[ServiceBackend(ip=f"10.1.1.{i}") for i in range(1, 41)])
+
+
+def test_answers_too_big_for_udp_are_truncated_and_whole_over_tcp_bare_docker_names_included() -> None:
+    async def main() -> None:
+        server = DnsServer("127.0.0.1", 0, [], records=build([WEB], [BIG], [NET], serial=1))
+        server.docker_search = {"127.0.0.1": ("blue.tether.local",)}  # as if we were a Docker container
+        await server.start()
+        try:
+            await eventually(server.port, "web.blue.tether.local")
+            name = "big.default.svc.tether.local"
+            plain = await ask(server.port, name)  # no EDNS: 512 bytes at most
+            assert plain.flags & dns.flags.TC and not plain.answer
+            q = dns.message.make_query(name, "A", use_edns=0, payload=4096)
+            edns = await asyncio.to_thread(dns.query.udp, q, "127.0.0.1", timeout=2, port=server.port)
+            assert not edns.flags & dns.flags.TC and len(edns.answer[0]) == 40
+            q = dns.message.make_query(name, "A")
+            whole = await asyncio.to_thread(dns.query.tcp, q, "127.0.0.1", timeout=2, port=server.port)
+            assert not whole.flags & dns.flags.TC and len(whole.answer[0]) == 40
+            # "web": a bare name, answered through the asking container's search path over TCP as over UDP
+            q = dns.message.make_query("web", "A")
+            r = await asyncio.to_thread(dns.query.tcp, q, "127.0.0.1", timeout=2, port=server.port)
+            assert [rd.to_text() for rrset in r.answer for rd in rrset] == ["10.1.0.5"]
+        finally:
+            await server.close()
 
     asyncio.run(main())

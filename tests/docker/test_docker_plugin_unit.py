@@ -125,3 +125,61 @@ def test_another_hosts_docker_networks_are_created_here_once() -> None:
     assert [(n, c) for n, c, _ in todo] == [("green", "10.79.0.0/16")]
     assert todo[0][2]["IPAM"] == {"Driver": "tether", "Config": [{"Subnet": "10.79.0.0/16"}]}
     assert to_create(wanted, [], {"x": {"cidr": CIDR}, "y": {"cidr": "10.79.0.0/16"}}) == []
+
+
+def test_through_the_swarm_socket_the_driver_is_global_and_leaves_addresses_to_swarm(tmp_path) -> None:
+    plugin, _server, _ = make_plugin(tmp_path)
+
+    async def main() -> None:
+        assert await plugin.call_swarm("/NetworkDriver.GetCapabilities", {}) == {"Scope": "global",
+                                                                                 "ConnectivityScope": "global"}
+        assert await plugin.call("/NetworkDriver.GetCapabilities", {}) == {"Scope": "local",
+                                                                           "ConnectivityScope": "global"}
+        assert await plugin.call_swarm("/Plugin.Activate", {}) == {"Implements": ["NetworkDriver"]}
+        err = (await plugin.call_swarm("/IpamDriver.RequestPool", {"Pool": CIDR}))["Error"]
+        assert "without --ipam-driver" in err
+        # Swarm's own IPAM (address space GlobalDefault) is refused locally, taken through the Swarm socket
+        req = {"NetworkID": "swarmnet", "IPv4Data": [{"AddressSpace": "GlobalDefault", "Pool": CIDR,
+                                                      "Gateway": "10.77.0.1/16"}]}
+        assert "tether's IPAM" in (await plugin.call("/NetworkDriver.CreateNetwork", req))["Err"]
+        assert await plugin.call_swarm("/NetworkDriver.CreateNetwork", req) == {}
+        assert plugin.networks["swarmnet"]["swarm"] and plugin.networks["swarmnet"]["network"] == "blue"
+
+    asyncio.run(main())
+
+
+def test_a_swarm_tasks_address_becomes_its_endpoint_here_and_goes_with_it(tmp_path, monkeypatch) -> None:
+    import tether.dataplane.pods
+
+    monkeypatch.setattr(tether.dataplane.pods, "delete_link", lambda name: None)  # no interface of this machine
+    plugin, server, _ = make_plugin(tmp_path)
+    plugin.networks["swarmnet"] = {"network": "blue", "cidr": CIDR, "swarm": True}
+
+    async def main() -> None:
+        out = await plugin.call_swarm("/NetworkDriver.CreateEndpoint", {
+            "NetworkID": "swarmnet", "EndpointID": "task1", "Interface": {"Address": "10.77.3.4/16"}})
+        assert "Err" not in out, out
+        (ep,) = server.endpoints.values()
+        assert ep.ips == ["10.77.3.4"] and ep.host == "h1" and ep.owner.docker_endpoint_id == "task1"
+        again = await plugin.call_swarm("/NetworkDriver.CreateEndpoint", {  # dockerd retrying: the same one
+            "NetworkID": "swarmnet", "EndpointID": "task1", "Interface": {"Address": "10.77.3.4/16"}})
+        assert "Err" not in again and len(server.endpoints) == 1
+        await plugin.call_swarm("/NetworkDriver.DeleteEndpoint", {"NetworkID": "swarmnet", "EndpointID": "task1"})
+        assert not server.endpoints  # Swarm never sends ReleaseAddress to us
+
+    asyncio.run(main())
+
+
+def test_swarm_networks_are_never_copied_into_dockerd_as_local_networks() -> None:
+    local = Network(name="blue", subnets=[Subnet(cidr=CIDR)], labels={"tether.io/created-by": "docker"})
+    swarm = Network(name="sw", subnets=[Subnet(cidr="10.78.0.0/24")],
+                    labels={"tether.io/created-by": "docker", "tether.io/docker-scope": "swarm"})
+    assert docker_made([local, swarm]) == {"blue": CIDR}
+
+
+def test_an_ipv6_swarm_network_is_refused_with_the_way_out(tmp_path) -> None:
+    plugin, _server, _ = make_plugin(tmp_path)
+    req = {"NetworkID": "swarm6", "IPv4Data": [{"AddressSpace": "GlobalDefault", "Pool": CIDR}],
+           "IPv6Data": [{"AddressSpace": "GlobalDefault", "Pool": "fd00:78::/64"}]}
+    err = asyncio.run(plugin.call_swarm("/NetworkDriver.CreateNetwork", req))["Err"]
+    assert "IPv4 only" in err and "--ipv6" in err and "swarm6" not in plugin.networks

@@ -21,7 +21,8 @@ back over a unix datagram pair to the agent's event loop, which forwards them (d
 replies on the shared socket; when the agent is too busy to take them they are dropped (the client
 retries), never queued in front of cluster answers. The worker exits when the records pair closes
 (the agent stopped or died); the agent starts a new worker when one dies. TCP (rare: clients retrying
-an answer truncated over UDP) is served by the event loop.
+an answer truncated over UDP, which is one larger than 512 bytes or the query's EDNS size) is served
+by the event loop, with the same answers as UDP, bare Docker names included.
 """
 
 from __future__ import annotations
@@ -291,12 +292,10 @@ class DnsServer:
 
     def _forward_udp(self, data: bytes, addr: tuple[str, int]) -> None:
         async def run() -> None:
-            out = dns_records.answer_bare(self.records, data, self.docker_search.get(addr[0]))
-            if out is None:
-                out = await self.resolve(data)
+            out = await self.answer_miss(data, addr[0])
             if out is not None and self._udp is not None:
-                if len(out) > 512 and not _has_edns(data):
-                    out = _truncated(out)
+                if len(out) > 512:
+                    out = fit_udp(out, data)
                 with contextlib.suppress(OSError):
                     self._udp.sendto(out, addr)
 
@@ -307,6 +306,10 @@ class DnsServer:
     # --- TCP --------------------------------------------------------------------------------------
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Queries over TCP answer as over UDP, bare Docker names included (Docker's embedded resolver
+        forwards a container's TCP query over TCP, from the container's address), never truncated."""
+        peer = writer.get_extra_info("peername")
+        client = peer[0] if peer else ""
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), 10)
@@ -314,7 +317,7 @@ class DnsServer:
                 self.tcp_queries += 1
                 out = dns_records.respond(self.records, data)
                 if out is None:
-                    out = await self.resolve(data)
+                    out = await self.answer_miss(data, client)
                 if out is None:
                     return
                 writer.write(struct.pack("!H", len(out)) + out)
@@ -325,6 +328,14 @@ class DnsServer:
             writer.close()
 
     # --- forwarding -------------------------------------------------------------------------------
+
+    async def answer_miss(self, data: bytes, client: str) -> bytes | None:
+        """What the records alone did not answer: a bare name through the asking container's search
+        path (Docker containers, by their address), else the upstream resolvers."""
+        out = dns_records.answer_bare(self.records, data, self.docker_search.get(client))
+        if out is None:
+            out = await self.resolve(data)
+        return out
 
     async def resolve(self, data: bytes) -> bytes | None:
         """Answer a non-cluster query from the cache or the upstream resolvers (SERVFAIL if none answer)."""
@@ -381,12 +392,23 @@ def _encoded(records: Records) -> tuple[Records, bytes]:
     return records, pickle.dumps(dataclasses.replace(records, memo={}), pickle.HIGHEST_PROTOCOL)
 
 
-def _has_edns(data: bytes) -> bool:
-    return len(data) >= 12 and struct.unpack_from("!H", data, 10)[0] > 0
+def udp_limit(query: bytes) -> int:
+    """The largest UDP answer the asker takes: 512 bytes (RFC 1035), or the payload size its EDNS OPT
+    record advertises (RFC 6891, never below 512)."""
+    if len(query) < 12 or struct.unpack_from("!H", query, 10)[0] == 0:
+        return 512
+    try:
+        msg = dns.message.from_wire(query)
+    except dns.exception.DNSException:
+        return 512
+    return max(512, msg.payload) if msg.edns >= 0 else 512
 
 
-def _truncated(out: bytes) -> bytes:
-    """Header and question only, with TC set, so the client retries over TCP."""
+def fit_udp(out: bytes, query: bytes) -> bytes:
+    """`out` when it fits the asker's UDP limit, else header and question only with TC set, so the
+    client (glibc, musl, Docker's embedded resolver) asks again over TCP and gets it all."""
+    if len(out) <= udp_limit(query):
+        return out
     msg = dns.message.from_wire(out)
     msg.flags |= dns.flags.TC
     msg.answer, msg.authority, msg.additional = [], [], []
@@ -459,6 +481,9 @@ def udp_worker(udp_fd: int, pair_fd: int, misses_fd: int) -> None:
             log.exception("answering a query failed")
             continue
         if out is not None:
+            if len(out) > 512:  # rare (many addresses): truncated to what the asker takes
+                with contextlib.suppress(Exception):
+                    out = fit_udp(out, data)
             with contextlib.suppress(OSError):
                 send(out, addr)
             continue

@@ -71,12 +71,26 @@ def up(name: NameOpt = "lab",
                 "namespace) instead of starting one; the lab never stops or wipes it")] = None,
        kubernetes: Annotated[bool, typer.Option(help="also a kube-apiserver (built by tools/k8s), a Node per host, "
                                                      "and `tether kube`; `tether lab kube-pod` runs pods as kubelet "
-                                                     "would")] = False) -> None:
+                                                     "would")] = False,
+       docker: Annotated[bool, typer.Option(help="also a dockerd on every host, wired to its agent (Tether's "
+                                                 "network and IPAM drivers, names resolved by the agent's DNS) "
+                                                 "with a busybox image tether-bb:local; `tether lab docker HOST` "
+                                                 "prints the DOCKER_HOST of one")] = False,
+       swarm: Annotated[bool, typer.Option(help="--docker, and the dockerds form a Docker Swarm (h1 the manager) "
+                                                "with the tether-swarm plugin in each: docker network create -d "
+                                                "tether-swarm:latest --scope swarm ...")] = False) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
     if agent_auth not in ("host", "admin"):
         _fail("--agent-auth must be host or admin")
+    docker = docker or swarm
+    if docker:
+        from tether.lab.dockerd import available
+
+        why = available()
+        if why:
+            _fail(f"--docker: {why}")
     if etcd_endpoints:
         if store != "etcd":
             _fail("--etcd-endpoints needs --store etcd")
@@ -95,11 +109,23 @@ def up(name: NameOpt = "lab",
             say("kubernetes: etcd, kube-apiserver, a Node per host, tether kube")
             kubeconfig = lab_kubernetes(lab)
             say(f"kubectl: export KUBECONFIG={kubeconfig}")
+        if docker:
+            from tether.lab.dockerd import start_lab_dockerds
+
+            say("docker: a dockerd on every host")
+            dockerds = start_lab_dockerds(lab, progress=say, live_restore=not swarm)
+            if swarm:
+                from tether.lab.swarm import lab_swarm
+
+                lab_swarm(lab, dockerds, progress=say)
     except Exception as e:  # noqa: BLE001 - leave nothing half-built
         say(f"failed: {e}; tearing down")
         lab.down()
         _fail(str(e))
     say(f"lab {name!r} ready: {hosts} hosts. Use the CLI with: eval $(tether lab env --lab {name})")
+    if docker:
+        say(f"Docker on h1: eval $(tether lab docker h1 --lab {name}); then docker network create -d tether "
+            "--ipam-driver tether --subnet 10.77.0.0/24 blue")
 
 
 @lab_app.command("kube-pod")
@@ -228,24 +254,23 @@ def exec(ctx: typer.Context, pod: str, name: NameOpt = "lab") -> None:
 
 @lab_app.command()
 def docker(host: str, name: NameOpt = "lab") -> None:
-    """Start a private dockerd on HOST (its agent serves the Tether network and IPAM drivers to it), with
-    a busybox image `tether-bb:local`; prints the DOCKER_HOST to use. `tether lab down` stops it."""
-    from tether.lab.dockerd import IMAGE, available, lab_dockerd, save_pids
+    """Print the DOCKER_HOST of HOST's dockerd, starting it if `tether lab up --docker` did not (its agent
+    serves it Tether's network and IPAM drivers and DNS; busybox image `tether-bb:local`). `tether lab
+    down` stops it and removes its containers."""
+    from tether.lab.dockerd import IMAGE, available, lab_dockerd, start_lab_dockerd
 
     lab = _lab(name)
     why = available()
     if why:
         _fail(why)
     try:
-        d = lab_dockerd(lab, host)
+        lab_dockerd(lab, host)
     except KeyError as e:
         _fail(str(e))
     try:
-        d.start()
-        save_pids(d)
-        d.import_busybox()
+        d = start_lab_dockerd(lab, host)
     except (RuntimeError, TimeoutError) as e:
-        _fail(f"dockerd on {host} did not start: {e} (its log: {d.root / 'dockerd.log'})")
+        _fail(f"dockerd on {host} did not start: {e} (its log: {lab_dockerd(lab, host).root / 'dockerd.log'})")
     print(f"export DOCKER_HOST={d.host_url}  # dockerd on {host}, image {IMAGE}")
 
 

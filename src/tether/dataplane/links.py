@@ -96,7 +96,15 @@ def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> tuple[int, boo
                   vxlan_port=vtep.port, vxlan_learning=0, address=vtep.mac, mtu=vtep.mtu)
         if underlay_idx is not None:
             kw["vxlan_link"] = underlay_idx
-        ipr.link("add", **kw)
+        try:
+            ipr.link("add", **kw)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+            raise RuntimeError(  # the kernel allows one VXLAN device per (VNI, UDP port) in a namespace
+                f"cannot create {vtep.name}: another VXLAN device already uses VNI {vtep.vni} on UDP port "
+                f"{vtep.port} in this host's namespace. Docker Swarm's overlay networks do (VNI 4096 up, port "
+                "4789): start the swarm with `docker swarm init --data-path-port 4790`") from e
         report.add(f"add {vtep.name}")
         msg = get_link(ipr, vtep.name)
         assert msg is not None

@@ -367,6 +367,11 @@ class Lab:
         /run/docker/plugins), so hosts never share the machine's /run/docker/plugins."""
         return os.path.join(self.agent_dir(host), "docker-plugins")
 
+    def docker_swarm_dir(self, host: str) -> str:
+        """Where this host's agent serves the socket the Swarm (managed) plugin forwards to; the plugin
+        bind-mounts this directory (tether.lab.swarm)."""
+        return os.path.join(self.agent_dir(host), "docker-swarm")
+
     def docker_socket(self, host: str) -> str:
         """The API socket of a lab dockerd on this host (see tether.lab.dockerd), which its agent asks
         for container names and labels."""
@@ -378,6 +383,7 @@ class Lab:
         d = self.agent_dir(host)
         os.makedirs(d, exist_ok=True)
         env = {**os.environ, "TETHER_DOCKER_PLUGIN_SOCKET": os.path.join(self.docker_plugin_dir(host), "tether.sock"),
+               "TETHER_DOCKER_SWARM_SOCKET": os.path.join(self.docker_swarm_dir(host), "tether.sock"),
                "TETHER_DOCKER_HOST": f"unix://{self.docker_socket(host)}"}
         log = open(os.path.join(d, "agent.log"), "ab")
         if self.state.agent_auth == "host":  # over the underlay, TLS, its own credential (joins at first start)

@@ -54,8 +54,10 @@ def available() -> str | None:
 class Dockerd:
     """One dockerd in network namespace `ns`, its files under `root`, its plugins in `plugin_dir`."""
 
-    def __init__(self, ns: str, root: str | Path, plugin_dir: str, socket_path: str) -> None:
+    def __init__(self, ns: str, root: str | Path, plugin_dir: str, socket_path: str, live_restore: bool = True) -> None:
+        """`live_restore`: containers outlive a dockerd restart (Docker refuses it in Swarm mode)."""
         self.ns, self.root, self.plugin_dir, self.socket = ns, Path(root), plugin_dir, socket_path
+        self.live_restore = live_restore
         self.pid: int | None = None
         self.holder_pid: int | None = None
 
@@ -77,7 +79,8 @@ class Dockerd:
         self.holder_pid = p.pid
         wait_for(ready.exists, 30, f"the mount namespace holder for {self.ns}")
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, on_spawn=None) -> None:
+        """Start dockerd and wait for its API; `on_spawn` runs once its PID is known (to save it)."""
         self._hold()
         log = open(self.root / "dockerd.log", "ab")
         p = subprocess.Popen(
@@ -85,12 +88,16 @@ class Dockerd:
              DOCKERD, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
              "--pidfile", str(self.root / "dockerd.pid"), "-H", self.host_url, "--bridge=none",
              "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
-             "--userland-proxy=false", "--live-restore", "--log-level=warn",
+             "--userland-proxy=false", *(["--live-restore"] if self.live_restore else []), "--log-level=warn",
              # Docker's embedded resolver forwards what it does not know to the agent's DNS, from
              # the container's address: names on Tether networks resolve with no per-container flag
              "--dns", DNS_IP],
+            # Swarm tasks use the image imported here instead of asking a registry (none is reachable)
+            env={**os.environ, "DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = p.pid
+        if on_spawn is not None:
+            on_spawn()
         wait_for(lambda: self.docker("version", "--format", "{{.Server.Version}}", check=False).returncode == 0,
                  timeout, f"dockerd in {self.ns}")
 
@@ -138,39 +145,115 @@ class Dockerd:
         stop_pid(self.pid, signal.SIGKILL, wait=5)
         self.pid = None
 
-    def cleanup(self) -> None:
-        """Containers, dockerd, the containerd it started (by its pid file), then the holder."""
+    def shim_pids(self) -> list[int]:
+        """The containerd shims of this daemon: their command line names our exec root's containerd
+        socket (`-address <exec-root>/containerd/containerd.sock`), which no other daemon uses."""
+        mark = str(self.root / "exec") + "/"
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if argv and argv[0].endswith(b"containerd-shim-runc-v2") and any(a.startswith(mark.encode())
+                                                                              for a in argv):
+                    out.append(int(entry))
+        return out
+
+    def cleanup(self, keep_log: bool = False) -> None:
+        """Containers, dockerd, the containerd it started (by its pid file), its shims, the holder, then
+        its files (all but `dockerd.log` with `keep_log`, which a lab keeps with its other logs)."""
         self.stop()
         with contextlib.suppress(OSError, ValueError):
             stop_pid(int((self.root / "exec" / "containerd" / "containerd.pid").read_text().strip()), wait=10)
+        for pid in self.shim_pids():  # they outlive containerd when a container could not be removed
+            stop_pid(pid, signal.SIGKILL, wait=5)
         stop_pid(self.holder_pid, signal.SIGKILL, wait=5)
         self.holder_pid = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_log:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for entry in self.root.glob("*"):
+            if entry.name == "dockerd.log":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
-def lab_dockerd(lab, host: str) -> Dockerd:
-    """The dockerd of a lab host (`tether lab docker HOST`), its files in the lab's directory, its PIDs
-    saved there so `tether lab down` stops it (`stop_lab_dockerds`)."""
+def lab_dockerd(lab, host: str, live_restore: bool = True) -> Dockerd:
+    """The dockerd of a lab host (`tether lab up --docker`, `tether lab docker HOST`), its files in the
+    lab's directory, its PIDs saved there so `tether lab down` stops it (`stop_lab_dockerds`)."""
     return Dockerd(lab.host(host).ns, Path(lab.dir) / "dockerd" / host, lab.docker_plugin_dir(host),
-                   lab.docker_socket(host))
+                   lab.docker_socket(host), live_restore=live_restore)
 
 
 def save_pids(d: Dockerd) -> None:
-    (d.root / "pids").write_text(f"{d.pid} {d.holder_pid}\n")
+    d.root.mkdir(parents=True, exist_ok=True)
+    (d.root / "pids").write_text(f"{d.pid or 0} {d.holder_pid or 0}\n")
+
+
+def _saved_pids(root: Path) -> tuple[int, int] | None:
+    try:
+        pid, holder = (int(x) for x in (root / "pids").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return pid, holder
+
+
+def running_lab_dockerd(lab, host: str) -> Dockerd | None:
+    """The lab host's dockerd when it already runs (so `tether lab docker HOST` never starts a second)."""
+    d = lab_dockerd(lab, host)
+    pids = _saved_pids(d.root)
+    if pids is None or not alive(pids[0]) or not alive(pids[1]):
+        return None
+    d.pid, d.holder_pid = pids
+    return d
+
+
+def start_lab_dockerd(lab, host: str, live_restore: bool = True) -> Dockerd:
+    """Start (or find) the lab host's dockerd, with the busybox image imported. Its PIDs are saved
+    before it is waited for, so a dockerd that fails to come up is still stopped by `tether lab down`."""
+    d = running_lab_dockerd(lab, host)
+    if d is not None:
+        return d
+    d = lab_dockerd(lab, host, live_restore=live_restore)
+    try:
+        d.start(on_spawn=lambda: save_pids(d))
+        d.import_busybox()
+    except BaseException:
+        d.cleanup(keep_log=True)
+        raise
+    return d
+
+
+def start_lab_dockerds(lab, progress=print, live_restore: bool = True) -> list[Dockerd]:
+    """`tether lab up --docker`: a dockerd on every lab host, started side by side (each ~1 s);
+    without `live_restore` for Swarm, which refuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hosts = [h.name for h in lab.state.hosts]
+    with ThreadPoolExecutor(max_workers=len(hosts) or 1) as pool:
+        futures = {h: pool.submit(start_lab_dockerd, lab, h, live_restore) for h in hosts}
+        out = []
+        for h, f in futures.items():
+            d = f.result()
+            progress(f"dockerd on {h}: export DOCKER_HOST={d.host_url}")
+            out.append(d)
+    return out
 
 
 def stop_lab_dockerds(lab_dir: str) -> None:
-    """Every dockerd `tether lab docker` started in this lab: containers, daemon, containerd, holder."""
+    """Every dockerd started in this lab: containers, daemon, containerd, shims, holder."""
     base = Path(lab_dir) / "dockerd"
     if not base.is_dir():
         return
     for root in base.iterdir():
-        try:
-            pid, holder = (int(x) for x in (root / "pids").read_text().split())
-        except (OSError, ValueError):
+        pids = _saved_pids(root)
+        if pids is None:
             continue
         d = Dockerd("", root, "", str(root.parent.parent / root.name / "docker.sock"))
-        d.pid, d.holder_pid = pid, holder
+        d.pid, d.holder_pid = pids
         with contextlib.suppress(Exception):
-            d.cleanup()
-
+            d.cleanup(keep_log=True)

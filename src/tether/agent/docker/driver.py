@@ -24,6 +24,12 @@ Tether objects, and why:
   through it, like a pod (no docker_gwbridge); the host side answers ARP by proxy.
 - Published ports (-p) become a NodePort Service whose backend is the container, published on this
   host only (`Service.host`; `-p IP:...` on that address only, `Service.host_ip`), as Docker does.
+- Swarm: Docker takes only a managed plugin for swarm-scoped networks, so the agent serves a second
+  socket (`$TETHER_DOCKER_SWARM_SOCKET`) that such a plugin forwards to (`tether.lab.swarm` builds
+  it). There the network driver is global-scoped and the IPAM is Swarm's own: the leader allocates
+  every task's address cluster-wide, so this driver honours the address a task arrives with
+  (CreateEndpoint creates its Tether endpoint, DeleteEndpoint releases it). The Tether network is
+  labelled `tether.io/docker-scope: swarm` and never copied into dockerd as a local network.
 Every call is idempotent, so retries by dockerd and restarts of either side are safe.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import json
 import logging
@@ -62,6 +69,9 @@ PROTOCOLS = {6: "TCP", 17: "UDP"}
 ADDRESS_SPACE = "tether"  # our IPAM's address space: Docker's default IPAM says "LocalDefault"
 RESYNC_EVERY = 10.0  # seconds: a dockerd started (or reset) on a quiet cluster still gets the networks
 PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
+DEFAULT_SWARM_SOCKET = "/run/tether/docker-swarm/tether.sock"  # the managed plugin's forwarder connects here
+SWARM_LABEL = "tether.io/docker-scope"  # = "swarm" on the Tether network of a swarm-scoped Docker network
+SWARM = contextvars.ContextVar("swarm", default=False)  # the call came through the Swarm plugin's socket
 
 
 class DriverError(Exception):
@@ -209,9 +219,10 @@ class DockerApi:
 
 
 class DockerPlugin:
-    def __init__(self, agent: Any, socket_path: str, docker_host: str) -> None:
+    def __init__(self, agent: Any, socket_path: str, docker_host: str, swarm_socket: str | None = None) -> None:
         self.agent = agent
         self.server = PluginHttpServer(socket_path, self.call)
+        self.swarm_server = PluginHttpServer(swarm_socket, self.call_swarm) if swarm_socket else None
         self.docker = DockerApi(docker_host)
         self.state_path = os.path.join(agent.cfg.state_dir, "docker.json")
         self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "cidr", ...}
@@ -252,6 +263,16 @@ class DockerPlugin:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.swarm_server is not None:
+            try:
+                os.makedirs(os.path.dirname(self.swarm_server.path) or ".", exist_ok=True)
+                await self.swarm_server.start()
+                log.warning("docker swarm plugin socket %s (for the managed plugin's forwarder)",
+                            self.swarm_server.path)
+            except OSError as e:  # Swarm only: the local driver keeps working
+                log.error("cannot serve the docker swarm socket %s: %s; set TETHER_DOCKER_SWARM_SOCKET to a "
+                          "writable path, or off", self.swarm_server.path, e)
+                self.swarm_server = None
         for nid, info in self.networks.items():
             if info.get("network") is None and not info.get("error"):
                 self._spawn(self._name_network(nid))  # a restart interrupted the naming
@@ -260,6 +281,8 @@ class DockerPlugin:
 
     async def close(self) -> None:
         await self.server.close()
+        if self.swarm_server is not None:
+            await self.swarm_server.close()
         for t in list(self.tasks):
             t.cancel()
         await self.docker.close()
@@ -290,7 +313,8 @@ class DockerPlugin:
                     log.warning("cannot create docker network %s (%s) made on another host: %s", name, cidr,
                                 getattr(getattr(e, "response", None), "text", e))
             for nid, info in list(self.networks.items()):
-                if not info.get("docker_made") or info.get("network") in wanted or not info.get("network"):
+                if not info.get("docker_made") or info.get("network") in wanted or not info.get("network") \
+                        or info.get("swarm"):  # Swarm's networks are Swarm's to remove
                     continue
                 try:
                     await self.agent.client.get("Network", info["network"])
@@ -352,6 +376,23 @@ class DockerPlugin:
         log.info("docker %s ok in %.1f ms", path.lstrip("/"), (time.perf_counter() - t0) * 1000)
         return out
 
+    async def call_swarm(self, path: str, req: dict) -> dict:
+        """A call through the managed plugin that Swarm uses: the same driver, global-scoped (so the
+        Swarm leader allocates addresses cluster-wide and hands them to each task), no IPAM of ours."""
+        if path == "/Plugin.Activate":
+            return {"Implements": ["NetworkDriver"]}
+        if path == "/NetworkDriver.GetCapabilities":
+            return {"Scope": "global", "ConnectivityScope": "global"}
+        if path.startswith("/IpamDriver."):
+            return {"Error": "Swarm allocates the addresses of a tether-swarm network: create it without "
+                             "--ipam-driver (docker network create -d tether-swarm:latest --scope swarm "
+                             "--attachable --subnet CIDR NAME)"}
+        token = SWARM.set(True)
+        try:
+            return await self.call(path, req)
+        finally:
+            SWARM.reset(token)
+
     async def empty(self, req: dict) -> dict:
         return {}
 
@@ -411,7 +452,11 @@ class DockerPlugin:
         data6 = [d for d in req.get("IPv6Data") or [] if d.get("Pool")]
         if len(data6) > 1:
             raise DriverError("a tether network has at most one IPv6 subnet (--ipv6 --subnet CIDR6)")
-        if data[0].get("AddressSpace") not in (None, ADDRESS_SPACE) and nid not in self.networks:
+        swarm = SWARM.get()
+        if swarm and data6:
+            raise DriverError("tether-swarm networks are IPv4 only for now; drop --ipv6 (a local tether network "
+                              "takes --ipv6)")
+        if not swarm and data[0].get("AddressSpace") not in (None, ADDRESS_SPACE) and nid not in self.networks:
             raise DriverError(f"tether networks need tether's IPAM: Docker's default IPAM gave {data[0]['Pool']}, "
                               "which no container could use; run docker network create -d tether "
                               "--ipam-driver tether --subnet CIDR NAME")
@@ -424,6 +469,8 @@ class DockerPlugin:
                                 "gateway": data[0].get("Gateway", "").split("/")[0] or None, "error": None}
         if cidr6:
             info["cidr6"] = cidr6
+        if swarm:
+            info["swarm"] = True
         found = await self.network_by_cidr(cidr)
         if found is not None:
             net, _ = found
@@ -463,8 +510,10 @@ class DockerPlugin:
             subnets = [Subnet(cidr=info["cidr"], gateway=info.get("gateway"))]
             if info.get("cidr6"):
                 subnets.append(Subnet(cidr=str(ipaddress.ip_network(info["cidr6"]))))
-            net = await self.agent.client.apply(Network(name=name, subnets=subnets,
-                                                        labels={DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE},
+            labels = {DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE}
+            if info.get("swarm"):
+                labels[SWARM_LABEL] = "swarm"
+            net = await self.agent.client.apply(Network(name=name, subnets=subnets, labels=labels,
                                                         **info.get("options", {})))
         except ValueError as e:
             raise DriverError(f"invalid network options: {e}") from None
@@ -496,8 +545,12 @@ class DockerPlugin:
                                                                             info)
                         info["docker_made"] = True
                 except DriverError as e:
-                    info["error"] = str(e)
-                    log.error("docker network %s (%s): %s", name, nid[:12], e)
+                    found = await self.network_by_cidr(info["cidr"])  # another host won the race to create it
+                    if found is not None and found[0].labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE:
+                        info["network"], info["docker_made"] = found[0].name, True
+                    else:
+                        info["error"] = str(e)
+                        log.error("docker network %s (%s): %s", name, nid[:12], e)
                 self._save()
                 return
             await asyncio.sleep(delay)
@@ -517,6 +570,9 @@ class DockerPlugin:
                 await self.agent.client.delete("Network", info["network"])
                 log.info("removed Tether network %s with its Docker network", info["network"])
             except ApiError as e:
+                if e.status == 409 and info.get("swarm"):  # tasks on other nodes: the last node removes it
+                    log.info("Tether network %s stays: other Swarm nodes still use it", info["network"])
+                    return {}
                 if e.status == 409:  # in use on another host: it stays, so this host gets its copy back
                     self._synced = None
                     self._spawn(self._resync_later())
@@ -679,7 +735,10 @@ class DockerPlugin:
         if not ip:
             raise DriverError("no IPv4 address for the endpoint; the network must use --ipam-driver tether")
         docker_ep = req["EndpointID"]
-        ep = await self._endpoint(docker_ep, network, ip)
+        if info.get("swarm"):
+            ep = await self._swarm_endpoint(network, docker_ep, ip)
+        else:
+            ep = await self._endpoint(docker_ep, network, ip)
         ip6 = (iface.get("AddressIPv6") or "").split("/")[0]
         if ip6 and ip6 not in ep.ips:
             raise DriverError(f"IPv6 address {ip6} is not the one Tether gave endpoint {ep.name} ({ep.ips}); "
@@ -702,6 +761,26 @@ class DockerPlugin:
         self.agent.replica.objects["Endpoint"][ep.id] = ep
         return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": ep.mac}}
 
+    async def _swarm_endpoint(self, network: str, docker_ep: str, ip: str) -> Endpoint:
+        """The Tether endpoint of a Swarm task's address (the leader allocated it, cluster-wide): made
+        here, on this host, holding that address; the one made before when dockerd asks again."""
+        with contextlib.suppress(DriverError):
+            return await self._endpoint(docker_ep)
+        ep_id = str(uuid.uuid4())
+        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=network, host=self.agent.host, ips=[ip],
+                      handle=f"docker/{ep_id}", owner=Owner(type="docker", docker_endpoint_id=docker_ep),
+                      interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
+                      labels={"tether.io/docker": "true", SWARM_LABEL: "swarm"})
+        self.agent.cni.in_flight[ep.interface] = time.monotonic()
+        try:
+            ep = await self.agent.client.create_endpoint(ep)
+        except ApiError as e:
+            self.agent.cni.in_flight.pop(ep.interface, None)
+            raise DriverError(f"Swarm gave {ip} in Tether network {network}, which Tether cannot give this task: "
+                              f"{e.detail} (is the subnet also used outside Swarm?)") from None
+        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        return ep
+
     async def _unplug(self, docker_ep: str) -> str | None:
         from tether.dataplane.pods import delete_link
 
@@ -715,6 +794,14 @@ class DockerPlugin:
         return host_if
 
     async def delete_endpoint(self, req: dict) -> dict:
+        if (self.networks.get(req.get("NetworkID", "")) or {}).get("swarm"):
+            # Swarm's IPAM never sends ReleaseAddress to us: the task's address goes with its endpoint
+            with contextlib.suppress(DriverError):
+                ep = await self._endpoint(req["EndpointID"])
+                if ep.host == self.agent.host and ep.owner.type == "docker":
+                    await self.agent.client.release_by_handle(ep.handle or ep.id)
+                    self.agent.replica.objects["Endpoint"].pop(ep.id, None)
+                    self.agent.kick()
         host_if = await self._unplug(req["EndpointID"])
         if host_if:
             self.agent.cni.in_flight.pop(host_if, None)
@@ -766,7 +853,7 @@ class DockerPlugin:
             try:
                 nw = await self.docker.get(f"/networks/{network_id}")
                 cid = next((c for c, v in (nw.get("Containers") or {}).items()
-                            if v.get("EndpointID") == docker_ep and not c.startswith("ep-")), None)
+                            if v.get("EndpointID") == docker_ep and not c.startswith(("ep-", "lb-"))), None)
                 if cid is not None:
                     info = await self.docker.get(f"/containers/{cid}/json", timeout=30)
                     name = (info.get("Name") or "").lstrip("/")
@@ -871,7 +958,7 @@ def docker_made(networks: Any) -> dict[str, str]:
     """Tether network name -> subnet, for the networks `docker network create` made (and so every
     Docker host shows)."""
     return {n.name: n.subnets[0].cidr for n in networks
-            if n.labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE and n.subnets}
+            if n.labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE and n.subnets and SWARM_LABEL not in n.labels}
 
 
 def to_create(wanted: dict[str, str], present: list[dict[str, Any]], known: dict[str, dict[str, Any]]
@@ -889,6 +976,8 @@ async def start(agent: Any) -> list[Any]:
     path = os.environ.get("TETHER_DOCKER_PLUGIN_SOCKET", DEFAULT_SOCKET)
     if path == "off":
         return []
-    plugin = DockerPlugin(agent, path, os.environ.get("TETHER_DOCKER_HOST", DEFAULT_DOCKER_HOST))
+    swarm = os.environ.get("TETHER_DOCKER_SWARM_SOCKET", DEFAULT_SWARM_SOCKET)
+    plugin = DockerPlugin(agent, path, os.environ.get("TETHER_DOCKER_HOST", DEFAULT_DOCKER_HOST),
+                          swarm_socket=None if swarm == "off" else swarm)
     await plugin.start()
     return [plugin]
