@@ -244,6 +244,7 @@ class HostStatus(Strict):
 
 class Host(Obj):
     kind: ClassVar[str] = "Host"
+    name: Annotated[str, checked(check_dns_label, "host name")]
     underlay_ip: str
     underlay_cidr: str | None = None  # the underlay subnet, for `auto` (direct inside it, vxlan across)
     vtep_mac: Annotated[str, checked(check_mac, "vtep_mac")] | None = None
@@ -257,10 +258,6 @@ class Host(Obj):
     lease_id: int | None = None
     status: HostStatus = Field(default_factory=HostStatus)  # reported by the host's agent
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_dns_label(v, "host name")
 
     @field_validator("underlay_ip")
     @classmethod
@@ -383,6 +380,7 @@ class Subnet(Strict):
 
 class Network(Obj):
     kind: ClassVar[str] = "Network"
+    name: Annotated[str, checked(check_dns_label, "network name")]
     # /api/v1 requires one; a Neutron network starts empty
     subnets: Annotated[list[Subnet], at_most(MAX_SUBNETS, "subnets")] = Field(default_factory=list)
     encap: Encapsulation = "vxlan"
@@ -398,10 +396,6 @@ class Network(Obj):
     # Neutron's free-text name when it is not a DNS label (`name`, the key, is then derived from it)
     display_name: Annotated[str, checked(check_text, "display_name")] | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_dns_label(v, "network name")
 
 
     @field_validator("vni")
@@ -427,11 +421,8 @@ class Block(Obj):
 
 class Namespace(Obj):
     kind: ClassVar[str] = "Namespace"
+    name: Annotated[str, checked(check_dns_label, "namespace name")]
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_dns_label(v, "namespace name")
 
 
 class Owner(Strict):
@@ -484,6 +475,7 @@ class Endpoint(Obj):
     """A container's or VM's interface. Keyed by id; `name` is unique within its network."""
 
     kind: ClassVar[str] = "Endpoint"
+    name: Annotated[str, checked(check_dns_label, "endpoint name")]
     network: NetworkName
     host: HostName | None = None
     namespace: NamespaceName = "default"
@@ -518,10 +510,6 @@ class Endpoint(Obj):
     def store_name(self) -> str:
         return self.id
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_dns_label(v, "endpoint name")
 
     @field_validator("ips")
     @classmethod
@@ -691,6 +679,7 @@ class ServiceBackend(Strict):
 
 class Service(Obj):
     kind: ClassVar[str] = "Service"
+    name: Annotated[str, checked(check_dns_label, "service name")]
     namespaced: ClassVar[bool] = True
     namespace: NamespaceName = "default"
     network: NetworkName | None = None
@@ -731,10 +720,6 @@ class Service(Obj):
         """Every virtual IP of the service (one per IP family)."""
         return list(self.cluster_ips) or ([self.cluster_ip] if self.cluster_ip else [])
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_dns_label(v, "service name")
 
     @model_validator(mode="after")
     def _headless(self) -> Service:
