@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -565,25 +565,28 @@ def parse_cidr(text: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return net
 
 
-def list_children(collection: str, parent: type[Network] | type[SecurityGroup], children: str,
-                  view: Callable[[Any, Any], dict]) -> None:
-    """GET /COLLECTION of a resource Tether keeps inside another (subnets in networks, rules in
-    security groups): every parent's children, in Neutron's view, filtered by the query."""
+def child_reads(member: str, parent: type[Network] | type[SecurityGroup], children: str,
+                find: Callable[[Objects, str], Coroutine[Any, Any, tuple[Any, Any]]],
+                view: Callable[[Any, Any], dict]) -> None:
+    """GET /COLLECTION and GET /COLLECTION/{MEMBER_id} of a resource Tether keeps inside another
+    (subnets in networks, rules in security groups), in Neutron's view; the list filtered by the query."""
+    collection = member + "s"
+    path = "/" + collection.replace("_", "-")
 
     async def list_all(request: Request) -> dict:
         items = [view(p, c) for p in await objs(request).list(parent) for c in getattr(p, children)]
         return {collection: filtered(request, items)}
 
-    router.add_api_route(f"/{collection.replace('_', '-')}", list_all, methods=["GET"], name=f"list_{collection}")
+    async def get_one(request: Request, item_id: str = Path(alias=f"{member.removeprefix('security_group_')}_id")
+                      ) -> dict:
+        return {member: view(*await find(objs(request), item_id))}
+
+    router.add_api_route(path, list_all, methods=["GET"], name=f"list_{collection}")
+    router.add_api_route(f"{path}/{{{member.removeprefix('security_group_')}_id}}", get_one, methods=["GET"],
+                         name=f"get_{member}")
 
 
-list_children("subnets", Network, "subnets", subnet_view)
-
-
-@router.get("/subnets/{subnet_id}")
-async def get_subnet(subnet_id: str, request: Request) -> dict:
-    net, s = await subnet_by_id(objs(request), subnet_id)
-    return {"subnet": subnet_view(net, s)}
+child_reads("subnet", Network, "subnets", subnet_by_id, subnet_view)
 
 
 @router.post("/subnets", status_code=201)
@@ -1202,13 +1205,7 @@ async def find_rule(o: Objects, rule_id: str) -> tuple[SecurityGroup, SecurityGr
     raise NeutronError(404, "SecurityGroupRuleNotFound", f"Security group rule {rule_id} does not exist")
 
 
-list_children("security_group_rules", SecurityGroup, "rules", rule_view)
-
-
-@router.get("/security-group-rules/{rule_id}")
-async def get_rule(rule_id: str, request: Request) -> dict:
-    sg, r = await find_rule(objs(request), rule_id)
-    return {"security_group_rule": rule_view(sg, r)}
+child_reads("security_group_rule", SecurityGroup, "rules", find_rule, rule_view)
 
 
 @router.post("/security-group-rules", status_code=201)
