@@ -165,32 +165,37 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
     return out
 
 
-def _dnat() -> dict:
-    key = {"concat": [_DADDR, _PROTO, L4_DPORT, MARK]}
-    return {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": "@svc_backend_ip"}},
-                     "port": {"map": {"key": key, "data": "@svc_backend_port"}}}}
+def _dnat(version: int = 4) -> dict:
+    """DNAT to the backend in the drawn slot: `svc_backend_ip`/`_port` (`...6` for IPv6)."""
+    v = "" if version == 4 else "6"
+    key = {"concat": [addr_field(version, "daddr"), _PROTO, L4_DPORT, MARK]}
+    return {"dnat": {"family": "ip" if version == 4 else "ip6",
+                     "addr": {"map": {"key": key, "data": f"@svc_backend_ip{v}"}},
+                     "port": {"map": {"key": key, "data": f"@svc_backend_port{v}"}}}}
 
 
 # The balancing chains depend only on their arguments, and every plan has at least PREDEFINED_SLOTS
 # of them (with their published-port entries): made once, not encoded again for every plan
 @functools.lru_cache(maxsize=1024)
-def random_chain(n: int) -> NftChain:
-    return NftChain(lb_chain(n, None), (rule(mark_random(n)), rule(_dnat())))
+def random_chain(n: int, version: int = 4) -> NftChain:
+    return NftChain(lb_chain(n, None, version), (rule(mark_random(n)), rule(_dnat(version))))
 
 
 @functools.lru_cache(maxsize=1024)
-def affinity_chain(timeout: int, n: int) -> NftChain:
-    """Reuse the client's remembered slot when it is still valid (<= n), else draw one; refresh it."""
+def affinity_chain(timeout: int, n: int, version: int = 4) -> NftChain:
+    """Reuse the client's remembered slot when it is still valid (<= n), else draw one; refresh it.
+    The client is its address (IPv4 or IPv6) and the frontend's; slots are sets `svc_aff[6]_<k>`."""
+    client = CLIENT_KEY if version == 4 else CLIENT_KEY6
+    sets = "@svc_aff_" if version == 4 else "@svc_aff6_"
     rules = [rule(set_mark(0))]
     for k in range(1, n + 1):
-        rules.append(rule(match(CLIENT_KEY, f"@svc_aff_{k}"), set_mark(k)))
+        rules.append(rule(match(client, f"{sets}{k}"), set_mark(k)))
     rules.append(rule(mark_is(0), mark_random(n)))
     for k in range(1, n + 1):
-        rules.append(rule(mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY,
-                                                                                    "timeout": timeout}},
-                                                 "set": f"@svc_aff_{k}"}}))
-    rules.append(rule(_dnat()))
-    return NftChain(lb_chain(n, timeout), tuple(rules))
+        rules.append(rule(mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": client, "timeout": timeout}},
+                                                 "set": f"{sets}{k}"}}))
+    rules.append(rule(_dnat(version)))
+    return NftChain(lb_chain(n, timeout, version), tuple(rules))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -225,32 +230,6 @@ CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, L4_DPORT]}
 SVC_KEY6 = {"concat": [_DADDR6, _PROTO, L4_DPORT]}
 
 
-def _dnat6() -> dict:
-    key = {"concat": [_DADDR6, _PROTO, L4_DPORT, MARK]}
-    return {"dnat": {"family": "ip6", "addr": {"map": {"key": key, "data": "@svc_backend_ip6"}},
-                     "port": {"map": {"key": key, "data": "@svc_backend_port6"}}}}
-
-
-@functools.lru_cache(maxsize=1024)
-def random_chain6(n: int) -> NftChain:
-    return NftChain(lb_chain(n, None, 6), (rule(mark_random(n)), rule(_dnat6())))
-
-
-@functools.lru_cache(maxsize=1024)
-def affinity_chain6(timeout: int, n: int) -> NftChain:
-    """As `affinity_chain`, with the client's IPv6 address."""
-    rules = [rule(set_mark(0))]
-    for k in range(1, n + 1):
-        rules.append(rule(match(CLIENT_KEY6, f"@svc_aff6_{k}"), set_mark(k)))
-    rules.append(rule(mark_is(0), mark_random(n)))
-    for k in range(1, n + 1):
-        rules.append(rule(mark_is(k), {"set": {"op": "update", "elem": {"elem": {"val": CLIENT_KEY6,
-                                                                                    "timeout": timeout}},
-                                                 "set": f"@svc_aff6_{k}"}}))
-    rules.append(rule(_dnat6()))
-    return NftChain(lb_chain(n, timeout, 6), tuple(rules))
-
-
 def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
     """The IPv6 part: sets, chains and the `svc_reject` rule for IPv6 frontends without backends."""
     max_n = max([1, *(len(f.backends) for f in fes)])
@@ -265,8 +244,8 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
         for slot, b in enumerate(f.backends, start=1):
             backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
             backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
-    chains = [random_chain6(n) for n in range(1, max_n + 1)]
-    chains += [affinity_chain6(t, n) for t in timeouts for n in range(1, max_n + 1)]
+    chains = [random_chain(n, 6) for n in range(1, max_n + 1)]
+    chains += [affinity_chain(t, n, 6) for t in timeouts for n in range(1, max_n + 1)]
     sets = [
         NftSet("svc_vips6", FRONTEND6, map_type="verdict", elements=frozenset(vips)),
         NftSet("svc_backend_ip6", (*FRONTEND6, "mark"), map_type="ipv6_addr", elements=frozenset(backend_ip)),
