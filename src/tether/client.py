@@ -107,6 +107,11 @@ class _Common:
     current: int = 0  # the server that answered last: the next request starts there
     https: list  # one httpx client per server, in `servers` order
 
+    @property
+    def http(self) -> Any:
+        """The httpx client (sync or async) of the server that answered last."""
+        return self.https[self.current]
+
     def _connect(self, server: str | list[str], token: str | None, timeout: float, ca_file: str | None,
                  client_class: type) -> None:
         """One httpx client (`client_class`, sync or async) per server of the comma list or list."""
@@ -155,10 +160,6 @@ class TetherClient(_Common):
     def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 30,
                  ca_file: str | None = None) -> None:
         self._connect(server, token, timeout, ca_file, httpx.Client)
-
-    @property
-    def http(self) -> httpx.Client:
-        return self.https[self.current]
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         failure: Exception | None = None
@@ -215,10 +216,6 @@ class AsyncTetherClient(_Common):
     def __init__(self, server: str | list[str], token: str | None = None, timeout: float = 10,
                  ca_file: str | None = None) -> None:
         self._connect(server, token, timeout, ca_file, httpx.AsyncClient)
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        return self.https[self.current]
 
     async def request(self, method: str, path: str, **kw: Any) -> Any:
         failure: Exception | None = None
