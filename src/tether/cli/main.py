@@ -322,11 +322,18 @@ def network_update(
     print(f"network {name} updated: {', '.join(sorted(changes))}")
 
 
-@network_app.command("list")
-def network_list(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
-    """List networks."""
-    c = client(server, token)
-    emit("Network", run(lambda: c.list_raw("Network")), output)
+def list_command(app: typer.Typer, kind: str, help_text: str) -> None:
+    """`tether <kind> list`: every object of a kind that has no filters."""
+
+    def list_all(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
+        c = client(server, token)
+        emit(kind, run(lambda: c.list_raw(kind)), output)
+
+    list_all.__doc__ = help_text
+    app.command("list")(list_all)
+
+
+list_command(network_app, "Network", "List networks.")
 
 
 @network_app.command("show")
@@ -428,11 +435,7 @@ def endpoint_delete(ref: str, network: Annotated[str | None, typer.Option()] = N
     print(f"endpoint {ep['name']} deleted ({', '.join(ep['ips'])} released)")
 
 
-@host_app.command("list")
-def host_list(server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
-    """List hosts and whether their agents are alive."""
-    c = client(server, token)
-    emit("Host", run(lambda: c.list_raw("Host")), output)
+list_command(host_app, "Host", "List hosts and whether their agents are alive.")
 
 
 @host_app.command("revoke")
