@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -172,14 +173,7 @@ class LeaderLease:
                                   spec=client.V1LeaseSpec(holder_identity=self.identity,
                                                           lease_duration_seconds=self.duration, acquire_time=now,
                                                           renew_time=now, lease_transitions=0))
-            try:
-                self.coord.create_namespaced_lease(self.namespace, body)
-            except ApiException as e2:
-                if e2.status == 409:
-                    return False
-                raise
-            self.renewed = time.monotonic()
-            return True
+            return self._write(lambda: self.coord.create_namespaced_lease(self.namespace, body))
         spec = lease.spec
         mine = spec.holder_identity == self.identity
         renew = spec.renew_time or spec.acquire_time
@@ -192,8 +186,13 @@ class LeaderLease:
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
         spec.renew_time = now
         spec.lease_duration_seconds = self.duration
+        # the lease's resourceVersion makes the replace fail (409) if another controller wrote first
+        return self._write(lambda: self.coord.replace_namespaced_lease(self.name, self.namespace, lease))
+
+    def _write(self, write: Callable[[], object]) -> bool:
+        """Create or replace the lease: True when it is ours now, False when another controller won."""
         try:
-            self.coord.replace_namespaced_lease(self.name, self.namespace, lease)  # resourceVersion: no race
+            write()
         except ApiException as e:
             if e.status == 409:
                 return False
