@@ -191,7 +191,7 @@ class LeaderLease:
 
     def _write(self, write: Callable[[], object]) -> bool:
         """Create or replace the lease: True when it is ours now, False when another controller won."""
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         try:
             write()
