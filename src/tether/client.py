@@ -107,6 +107,22 @@ class _Common:
     current: int = 0  # the server that answered last: the next request starts there
     https: list  # one httpx client per server, in `servers` order
 
+    def _unreachable_or_raise(self, i: int, method: str, e: httpx.TransportError) -> Exception:
+        """Server i could not be reached: the failure to remember while the next one is tried, or
+        raised now when the request may have reached it and must not be sent twice."""
+        failure = _unreachable(self.servers[i], e)
+        if not may_retry_elsewhere(method, e):
+            raise failure from e
+        return failure
+
+    def _unavailable(self, i: int, r: httpx.Response, order: list[int]) -> Exception | None:
+        """Server i answered: None to take its answer (it becomes the current one), or its 503 to
+        remember while the next server is tried (the last server's 503 is the answer)."""
+        if r.status_code == 503 and i != order[-1]:
+            return ApiError(503, _detail(r))
+        self.current = i
+        return None
+
     @property
     def http(self) -> Any:
         """The httpx client (sync or async) of the server that answered last."""
@@ -163,19 +179,16 @@ class TetherClient(_Common):
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         failure: Exception | None = None
-        for i in self._order():
+        order = self._order()
+        for i in order:
             try:
                 r = self.https[i].request(method, path, **kw)
             except httpx.TransportError as e:
-                failure = _unreachable(self.servers[i], e)
-                if may_retry_elsewhere(method, e):
-                    continue
-                raise failure from e
-            if r.status_code == 503 and i != self._order()[-1]:
-                failure = ApiError(503, _detail(r))
+                failure = self._unreachable_or_raise(i, method, e)
                 continue
-            self.current = i
-            return self._check(r)
+            failure = self._unavailable(i, r, order)
+            if failure is None:
+                return self._check(r)
         assert failure is not None
         raise failure
 
@@ -224,15 +237,11 @@ class AsyncTetherClient(_Common):
             try:
                 r = await self.https[i].request(method, path, **kw)
             except httpx.TransportError as e:
-                failure = _unreachable(self.servers[i], e)
-                if may_retry_elsewhere(method, e):
-                    continue
-                raise failure from e
-            if r.status_code == 503 and i != order[-1]:
-                failure = ApiError(503, _detail(r))
+                failure = self._unreachable_or_raise(i, method, e)
                 continue
-            self.current = i
-            return self._check(r)
+            failure = self._unavailable(i, r, order)
+            if failure is None:
+                return self._check(r)
         assert failure is not None
         raise failure
 
