@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +18,8 @@ from tether.agent.cni import server as cni_server
 from tether.agent.cni.server import CniServer
 from tether.agent.docker import plugin_http
 from tether.agent.docker.plugin_http import PluginHttpServer
+from tether.agent.local_endpoints import LocalEndpoints
+from tether.calc.replica import Replica
 
 
 def mode(path: str) -> int:
@@ -36,8 +37,7 @@ def loose_umask():
 
 @pytest.fixture
 async def cni(tmp_path, loose_umask):
-    agent = SimpleNamespace(ready=lambda: True, sync_state=lambda: "synced")
-    server = CniServer(agent, str(tmp_path / "cni.sock"))  # type: ignore[arg-type]
+    server = CniServer(LocalEndpoints("h1", Replica(), 1500), None, str(tmp_path / "cni.sock"))  # type: ignore[arg-type]
     await server.start()
     try:
         yield server
