@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tether import yielding
+from tether import jsonline, yielding
 from tether.agent import flowlog
 from tether.agent.cni import server as cni_server
 from tether.agent.cni.server import CniServer
@@ -180,6 +180,6 @@ async def test_flows_socket_mode_is_explicit_not_the_umask(tmp_path, loose_umask
     await flows.start()
     try:
         assert mode(flows.path) == 0o660
-        assert await asyncio.to_thread(flowlog.query, flows.path) == []
+        assert await asyncio.to_thread(jsonline.query_flows, flows.path) == []
     finally:
         await flows.close()

@@ -1,6 +1,8 @@
 """Optional agent services (DNS, flow log, VM ports, Docker plugin, path health), listed in `EXTRAS`.
 
-Each is started by `async start(agent) -> list[Extra]`. Every returned object has `async close()`
+Each is started by `async start(agent) -> list[Extra]`, `agent` being what `AgentHandle` lists of
+the agent (the CNI server and the Docker driver, VM ports take only its `LocalEndpoints` and client
+from it). Every returned object has `async close()`
 and `update(replica)`, called on the event loop after each applied plan. An object whose update is
 O(objects) also has `prepare(view)` (`Preparing`), which the agent calls instead on its apply thread
 with the apply's copy of the replica; it returns None (nothing changed) or a function that the agent
@@ -15,14 +17,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from tether.agent.config import AgentConfig
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.replica import Replica
-
-if TYPE_CHECKING:
-    from tether.agent.main import Agent
+from tether.client import AsyncTetherClient
 
 log = logging.getLogger("tether.agent")
+
+
+class AgentHandle(Protocol):
+    """What an extra may use of the agent (`tether.agent.main.Agent` has it)."""
+
+    cfg: AgentConfig
+    host: str
+    underlay_mtu: int
+    replica: Replica  # read only: the front ends change it through `local`
+    local: LocalEndpoints
+    client: AsyncTetherClient
+    connected: bool  # following the server's watch
+    dns_ip: str | None  # set by the DNS extra: the address pods are told to ask
 
 
 class Extra(Protocol):
@@ -38,7 +53,7 @@ class Preparing(Protocol):
     def prepare(self, view: Replica) -> Callable[[], None] | None: ...
 
 
-Start = Callable[["Agent"], Awaitable[Sequence[Extra]]]
+Start = Callable[[AgentHandle], Awaitable[Sequence[Extra]]]
 
 
 def _dns() -> Start:
@@ -77,7 +92,7 @@ EXTRAS: tuple[tuple[str, Callable[[], Start]], ...] = (
     ("path health", _path_health))
 
 
-async def start(agent: Agent, extras: Sequence[tuple[str, Callable[[], Start]]] = EXTRAS) -> list[Extra]:
+async def start(agent: AgentHandle, extras: Sequence[tuple[str, Callable[[], Start]]] = EXTRAS) -> list[Extra]:
     started: list[Extra] = []
     for name, load in extras:
         try:

@@ -20,12 +20,12 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from tether import __version__, heap, yielding
 from tether.agent import extras as extras_
 from tether.agent.cni.server import CniServer
+from tether.agent.config import AgentConfig
 from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import HostContext, pickup_grace, rejudge_needed, rejudge_scope
 from tether.calc.names import vtep_mac_for
@@ -38,27 +38,6 @@ from tether.model import Host, Network
 log = logging.getLogger("tether.agent")
 NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
 STATUS_INTERVAL = 0.1  # seconds between two writes of this host's status that change only its applied revision
-
-
-@dataclass
-class AgentConfig:
-    server: str
-    host: str
-    underlay_ip: str
-    underlay_dev: str | None = None
-    state_dir: str = "/var/lib/tether-agent"
-    cni_socket: str = "/run/tether/cni.sock"
-    token: str | None = None
-    ca_file: str | None = None  # the cluster CA that https:// servers are verified against
-    heartbeat_ttl: float = 15.0
-    reconcile_interval: float = 30.0
-    labels: dict[str, str] = field(default_factory=dict)
-    underlay: tuple[str, int, str] | None = None  # (device, MTU, CIDR), found before the event loop starts
-    dns_ip: str | None = None  # where the DNS extra answers (None: its default; "off": no DNS)
-    dns_port: int = 53
-    upstream_dns: list[str] = field(default_factory=list)  # empty: the host's /etc/resolv.conf
-    flows: bool = True  # record connections (conntrack events) and push them to the server
-    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (None: the unix socket only)
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:

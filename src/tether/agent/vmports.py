@@ -22,7 +22,7 @@ from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.vif import VifSpec, reconcile_vifs
 
 if TYPE_CHECKING:
-    from tether.agent.main import Agent
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.vmports")
 
@@ -105,5 +105,5 @@ class VmPorts:
             await self._task
 
 
-async def start(agent: Agent) -> list[VmPorts]:
+async def start(agent: AgentHandle) -> list[VmPorts]:
     return [VmPorts(agent.local, agent.client)]

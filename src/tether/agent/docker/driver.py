@@ -52,7 +52,7 @@ from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, Serv
 from tether.server.auth import DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE
 
 if TYPE_CHECKING:
-    from tether.agent.main import Agent
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.docker")
 
@@ -889,7 +889,7 @@ def to_create(wanted: dict[str, str], present: list[dict[str, Any]], known: dict
             for name, cidr in sorted(wanted.items()) if name not in names and cidr not in cidrs]
 
 
-async def start(agent: Agent) -> list[DockerPlugin]:
+async def start(agent: AgentHandle) -> list[DockerPlugin]:
     path = os.environ.get("TETHER_DOCKER_PLUGIN_SOCKET", DEFAULT_SOCKET)
     if path == "off":
         return []
