@@ -150,19 +150,11 @@ def test_no_import_cycle_between_modules_of_src_tether() -> None:
         " <-> ".join(c) for c in found)
 
 
-# (importer, imported) still to be fixed: the conntrack mark bits move into calc/names.py with the
-# other marks (issue 24). Each entry must still be needed (a stale one fails the test: remove it).
-KNOWN = {("tether.calc.host", "tether.dataplane.conntrack"), ("tether.calc.policy", "tether.dataplane.conntrack")}
-
-
 @pytest.mark.parametrize(("package", "forbidden"), [
     ("tether.calc", ("tether.agent", "tether.dataplane", "tether.server", "tether.cli", "tether.lab")),
     ("tether.cli", ("tether.agent",)),
 ])
 def test_a_layer_imports_nothing_from_the_layers_it_must_not_use(package: str, forbidden: tuple[str, ...]) -> None:
-    found = {(i.importer, i.imported) for i in IMPORTS
-             if in_package(i.importer, package) and any(in_package(i.imported, f) for f in forbidden)}
-    bad = sorted(found - KNOWN)
-    assert not bad, f"{package} must not use {', '.join(forbidden)}:\n" + "\n".join(f"{a} imports {b}" for a, b in bad)
-    stale = sorted(k for k in KNOWN if in_package(k[0], package) and k not in found)
-    assert not stale, f"no longer imported, remove from KNOWN: {stale}"
+    bad = sorted({f"{i.importer} imports {i.imported}" for i in IMPORTS
+                  if in_package(i.importer, package) and any(in_package(i.imported, f) for f in forbidden)})
+    assert not bad, f"{package} must not use {', '.join(forbidden)}:\n" + "\n".join(bad)
