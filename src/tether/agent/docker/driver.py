@@ -469,8 +469,8 @@ class DockerPlugin:
             if info.get("cidr6"):
                 subnets.append(Subnet(cidr=str(ipaddress.ip_network(info["cidr6"]))))
             net = await self.client.apply(Network(name=name, subnets=subnets,
-                                                        labels={DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE},
-                                                        **info.get("options", {})))
+                                                  labels={DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE},
+                                                  **info.get("options", {})))
         except ValueError as e:
             raise DriverError(f"invalid network options: {e}") from None
         except ApiError as e:
