@@ -23,3 +23,8 @@ def request(path: str, message: dict[str, Any], timeout: float, if_closed: Any =
     if not data and if_closed is not None:
         return if_closed
     return json.loads(data)
+
+
+def query_flows(path: str, limit: int = 50, denied: bool = True) -> list[dict[str, Any]]:
+    """Ask one agent's flows socket (`tether.agent.flowlog`) for its recent records (`tether flows`)."""
+    return request(path, {"cmd": "flows", "limit": limit, "denied": denied}, 5, if_closed=[])

@@ -9,16 +9,17 @@ import json
 import os
 import stat
 import time
-from types import SimpleNamespace
 
 import pytest
 
-from tether import yielding
+from tether import jsonline, yielding
 from tether.agent import flowlog
 from tether.agent.cni import server as cni_server
 from tether.agent.cni.server import CniServer
 from tether.agent.docker import plugin_http
 from tether.agent.docker.plugin_http import PluginHttpServer
+from tether.agent.local_endpoints import LocalEndpoints
+from tether.calc.replica import Replica
 
 
 def mode(path: str) -> int:
@@ -36,8 +37,7 @@ def loose_umask():
 
 @pytest.fixture
 async def cni(tmp_path, loose_umask):
-    agent = SimpleNamespace(ready=lambda: True, sync_state=lambda: "synced")
-    server = CniServer(agent, str(tmp_path / "cni.sock"))  # type: ignore[arg-type]
+    server = CniServer(LocalEndpoints("h1", Replica(), 1500), None, str(tmp_path / "cni.sock"))  # type: ignore[arg-type]
     await server.start()
     try:
         yield server
@@ -180,6 +180,6 @@ async def test_flows_socket_mode_is_explicit_not_the_umask(tmp_path, loose_umask
     await flows.start()
     try:
         assert mode(flows.path) == 0o660
-        assert await asyncio.to_thread(flowlog.query, flows.path) == []
+        assert await asyncio.to_thread(jsonline.query_flows, flows.path) == []
     finally:
         await flows.close()

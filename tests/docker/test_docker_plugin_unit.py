@@ -5,12 +5,12 @@ crash, while the server has already handed that address to the next container.""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tether.agent.docker.driver import DockerPlugin, DriverError, docker_made, to_create
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.replica import Replica
 from tether.client import ApiError
 from tether.model import Endpoint, Network, Owner, Subnet
@@ -59,9 +59,8 @@ def make_plugin(tmp_path) -> tuple[DockerPlugin, FakeServer, Endpoint]:
     replica.objects["Network"][net.store_name()] = net
     replica.objects["Endpoint"][gone.id] = gone  # stale: the server no longer has it
     server = FakeServer(net)
-    agent = SimpleNamespace(host="h1", replica=replica, client=server, cni=SimpleNamespace(in_flight={}),
-                            cfg=SimpleNamespace(state_dir=str(tmp_path)), kick=lambda: None)
-    plugin = DockerPlugin(agent, str(tmp_path / "tether.sock"), "unix:///nonexistent/docker.sock")
+    plugin = DockerPlugin(LocalEndpoints("h1", replica, 1500), server, str(tmp_path),  # type: ignore[arg-type]
+                          str(tmp_path / "tether.sock"), "unix:///nonexistent/docker.sock")
     plugin.networks["dnet"] = {"network": "blue", "cidr": CIDR}
     return plugin, server, gone
 

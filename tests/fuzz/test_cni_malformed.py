@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from tests.fuzz.sockets import exchange
 from tether import yielding
 from tether.agent.cni import protocol as cp
 from tether.agent.cni.server import CniServer
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.replica import Replica
 from tether.client import ServerUnreachable
 
@@ -50,11 +50,10 @@ class FakeClient:
         raise ServerUnreachable("fake server is down")
 
 
-def fake_agent() -> SimpleNamespace:
-    return SimpleNamespace(host="h1", replica=Replica(), client=FakeClient(), underlay_mtu=1500, dns_ip=None,
-                           kick=lambda gather=True: None, ready=lambda: False, sync_state=lambda: "never synced",
-                           dns_config=lambda net, namespace=None: {}, json=lambda data: json.dumps(data).encode(),
-                           fetch_network=lambda name: asyncio.sleep(0, None))
+def fake_cni_server(path: str) -> CniServer:
+    """A CNI server of an agent that has never synced, with a server that is down."""
+    return CniServer(LocalEndpoints("h1", Replica(), 1500), FakeClient(), path,  # type: ignore[arg-type]
+                     not_ready=lambda: "never synced")
 
 
 @pytest.fixture
@@ -86,7 +85,7 @@ class Loop:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = CniServer(fake_agent(), path)  # type: ignore[arg-type]
+        self.server = fake_cni_server(path)
         self.run(self.server.start())
 
     def run(self, coro: Any) -> Any:
@@ -201,7 +200,7 @@ ENVS = st.fixed_dictionaries(
 
 def test_generated_cni_requests_get_a_result_or_a_cni_error_never_an_internal_error(tmp_path, no_dataplane) -> None:
     """Unit level (no socket): `handle` on generated env and config, ADD's namespace existing (`/`)."""
-    server = CniServer(fake_agent(), str(tmp_path / "unused.sock"))  # type: ignore[arg-type]
+    server = fake_cni_server(str(tmp_path / "unused.sock"))
     loop = asyncio.new_event_loop()
 
     @settings(max_examples=examples(400), derandomize=True, database=None, deadline=None,

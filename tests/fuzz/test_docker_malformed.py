@@ -12,7 +12,6 @@ import os
 import threading
 import types
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 from tests.fuzz.harness import examples
 from tests.fuzz.sockets import exchange
 from tether.agent.docker.driver import GATEWAY_TYPE, GENERIC, PORTMAP, DockerPlugin
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.replica import Replica
 from tether.client import ApiError
 from tether.model import Endpoint, Network, Owner, Subnet
@@ -102,14 +102,8 @@ def make_plugin(state_dir: str) -> DockerPlugin:
                   owner=Owner(type="docker", docker_endpoint_id="dockerep1"), interface="tthe1")
     server.endpoints[ep.id] = ep
     replica.objects["Endpoint"][ep.id] = ep
-
-    async def fetch_network(name: str) -> Network | None:
-        return server.nets.get(name)
-
-    agent = SimpleNamespace(host="h1", replica=replica, client=server, cni=SimpleNamespace(in_flight={}),
-                            cfg=SimpleNamespace(state_dir=state_dir), kick=lambda gather=True: None,
-                            underlay_mtu=1500, fetch_network=fetch_network)
-    plugin = DockerPlugin(agent, os.path.join(state_dir, "tether.sock"), "unix:///nonexistent/docker.sock")
+    plugin = DockerPlugin(LocalEndpoints("h1", replica, 1500), server, state_dir,  # type: ignore[arg-type]
+                          os.path.join(state_dir, "tether.sock"), "unix:///nonexistent/docker.sock")
     plugin.networks["dnet"] = {"network": "blue", "cidr": CIDR}
     plugin.endpoints["dockerep1"] = "e1"
     return plugin

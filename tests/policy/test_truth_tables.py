@@ -251,7 +251,7 @@ def test_denied_packets_are_logged_and_counted_per_policy(clean: Cluster) -> Non
     import os
     import socket as sk
 
-    from tether.agent.flowlog import query
+    from tether.jsonline import query_flows as query
 
     c = clean
     c.policy("x", "deny", DENY_INGRESS)

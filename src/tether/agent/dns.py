@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dns.asyncquery
 import dns.exception
@@ -56,6 +56,9 @@ import dns.rdatatype
 from tether.calc import dns_records
 from tether.calc.dns_records import Records
 from tether.calc.memos import Memos
+
+if TYPE_CHECKING:
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.agent.dns")
 
@@ -497,7 +500,7 @@ def udp_worker(udp_fd: int, pair_fd: int, misses_fd: int) -> None:
             os._exit(0)
 
 
-async def start(agent: Any) -> list[DnsServer]:
+async def start(agent: AgentHandle) -> list[DnsServer]:
     """Agent extra: bring up the address, start serving, and tell pods (CNI `dns`) where we are."""
     cfg = agent.cfg
     ip = getattr(cfg, "dns_ip", None) or os.environ.get("TETHER_DNS_IP", DNS_IP)

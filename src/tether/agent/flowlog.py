@@ -30,13 +30,15 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tether import jsonline
 from tether.agent import unix_socket
 from tether.calc.names import LOG_GROUP
 from tether.calc.policy import drop_owners
 from tether.flows import is_noise, parse_conntrack
+
+if TYPE_CHECKING:
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.agent.flowlog")
 
@@ -440,13 +442,8 @@ class FlowLog:
             os.unlink(self.path)
 
 
-async def start(agent: Any) -> list[FlowLog]:
+async def start(agent: AgentHandle) -> list[FlowLog]:
     path = os.path.join(os.path.dirname(agent.cfg.cni_socket) or ".", "flows.sock")
     flows = FlowLog(agent.host, path, agent=agent)
     await flows.start()
     return [flows]
-
-
-def query(path: str, limit: int = 50, denied: bool = True) -> list[dict[str, Any]]:
-    """Ask one agent's flows socket for its recent records (used by `tether flows`)."""
-    return jsonline.request(path, {"cmd": "flows", "limit": limit, "denied": denied}, 5, if_closed=[])

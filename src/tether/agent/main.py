@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -21,11 +20,13 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from tether import __version__, heap, yielding
+from tether.agent import extras as extras_
 from tether.agent.cni.server import CniServer
+from tether.agent.config import AgentConfig
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import HostContext, pickup_grace, rejudge_needed, rejudge_scope
 from tether.calc.names import vtep_mac_for
 from tether.calc.planner import Planner
@@ -37,27 +38,6 @@ from tether.model import Host, Network
 log = logging.getLogger("tether.agent")
 NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
 STATUS_INTERVAL = 0.1  # seconds between two writes of this host's status that change only its applied revision
-
-
-@dataclass
-class AgentConfig:
-    server: str
-    host: str
-    underlay_ip: str
-    underlay_dev: str | None = None
-    state_dir: str = "/var/lib/tether-agent"
-    cni_socket: str = "/run/tether/cni.sock"
-    token: str | None = None
-    ca_file: str | None = None  # the cluster CA that https:// servers are verified against
-    heartbeat_ttl: float = 15.0
-    reconcile_interval: float = 30.0
-    labels: dict[str, str] = field(default_factory=dict)
-    underlay: tuple[str, int, str] | None = None  # (device, MTU, CIDR), found before the event loop starts
-    dns_ip: str | None = None  # where the DNS extra answers (None: its default; "off": no DNS)
-    dns_port: int = 53
-    upstream_dns: list[str] = field(default_factory=list)  # empty: the host's /etc/resolv.conf
-    flows: bool = True  # record connections (conntrack events) and push them to the server
-    metrics_listen: str | None = None  # host:port of the Prometheus endpoint (None: the unix socket only)
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -123,10 +103,12 @@ class Agent:
         self.host = cfg.host
         self.replica = Replica()
         self.client = AsyncTetherClient(cfg.server, cfg.token, ca_file=cfg.ca_file)
-        self.cni = CniServer(self, cfg.cni_socket)
         # pyroute2's synchronous sockets refuse to run inside an event loop: look up before it starts
         underlay = cfg.underlay or underlay_of(cfg.underlay_ip, cfg.underlay_dev)
         self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay
+        # what the front ends (CNI here, Docker and VM ports as extras) share of the agent
+        self.local = LocalEndpoints(self.host, self.replica, self.underlay_mtu, self.kick)
+        self.cni = CniServer(self.local, self.client, cfg.cni_socket, dns=self.dns_config, not_ready=self.not_ready)
         self.underlay_ip6 = link_local_of(self.underlay_dev)
         from tether.dataplane.nft import NftDataplane
 
@@ -164,8 +146,9 @@ class Agent:
         self._apply_ok = False
         self._beat_sent = -1
         self._beat_now = asyncio.Event()
+        self._extras: list[extras_.Extra] = []  # started by run()
 
-    # --- small services used by the CNI handler ---------------------------------------------------
+    # --- small services used by the front ends ----------------------------------------------------
 
     def kick(self, gather: bool = True) -> None:
         """Ask for a plan recomputation soon: after a short pause that gathers a burst of watch events
@@ -182,6 +165,10 @@ class Agent:
             return "never synced"
         return "connected" if self.connected else f"server unreachable since {time.time() - self.last_sync:.0f}s"
 
+    def not_ready(self) -> str | None:
+        """Why pods cannot be added yet (CNI STATUS), or None."""
+        return None if self.ready() else self.sync_state()
+
     def dns_config(self, net: Network | None, namespace: str | None = None) -> dict[str, Any]:
         """The CNI result's `dns`: the runtime writes it into the pod's resolv.conf."""
         from tether.calc.dns_records import NDOTS, search_path
@@ -190,16 +177,6 @@ class Agent:
             return {}
         search = search_path(namespace, net.name, net.dns_domain) if net else []
         return {"nameservers": [self.dns_ip], "search": search + self.dns_search, "options": [f"ndots:{NDOTS}"]}
-
-    @staticmethod
-    def json(data: dict) -> bytes:
-        return json.dumps(data).encode()
-
-    async def fetch_network(self, name: str) -> Network | None:
-        try:
-            return await self.client.get("Network", name)  # type: ignore[return-value]
-        except (ApiError, ServerUnreachable):
-            return None
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -234,18 +211,15 @@ class Agent:
         return os.path.join(self.cfg.state_dir, "replica.json")
 
     async def _start_extras(self) -> None:
-        """Optional services (DNS, metrics) that live in their own modules."""
-        self._extras: list[Any] = []
-        try:
-            from tether.agent import extras
-        except ImportError:
-            return
-        self._extras = await extras.start(self)
+        """Optional services (DNS, metrics...) that live in their own modules (`extras.EXTRAS`)."""
+        self._extras = await extras_.start(self)
 
     async def _stop_extras(self) -> None:
-        for e in getattr(self, "_extras", []):
-            with contextlib.suppress(Exception):
+        for e in self._extras:
+            try:
                 await e.close()
+            except Exception as exc:  # noqa: BLE001 - stop the others too
+                log.warning("stopping %s failed: %s: %s", type(e).__name__, type(exc).__name__, exc)
 
     async def _register(self) -> None:
         host = Host(name=self.host, underlay_ip=self.cfg.underlay_ip, underlay_cidr=self.underlay_cidr,
@@ -335,7 +309,7 @@ class Agent:
             key = (self.replica.revision, self._kicks, len(self.replica.objects["Endpoint"]), ctx)
             kicks = self._kicks
             view = self.replica.view()
-            keep = self.cni.protected()
+            keep = self.local.protected()
             try:
                 await asyncio.to_thread(self._apply_sync, view, key, keep, verify)
                 self._apply_ok = True
@@ -349,26 +323,27 @@ class Agent:
             self._applied_kicks = kicks
             await self._report_status(view.revision, view.acted)
             self._save_replica()
-            extras = getattr(self, "_extras", [])
+            extras = self._extras
             installs = await asyncio.to_thread(self._prepare_extras, extras, view)
             for e, install in zip(extras, installs, strict=True):
-                with contextlib.suppress(Exception):
+                try:
                     if install is NOT_PREPARED:
                         e.update(self.replica)
                     elif install is not None:
                         install()
+                except Exception:  # noqa: BLE001 - optional services never stop the datapath
+                    log.exception("updating %s failed", type(e).__name__)
 
     @staticmethod
-    def _prepare_extras(extras: list[Any], view: Replica) -> list[Any]:
+    def _prepare_extras(extras: list[extras_.Extra], view: Replica) -> list[Any]:
         """On the apply thread, the O(objects) part of the extras' updates (an extra's `prepare`,
         such as rebuilding the DNS records) from the apply's copy of the replica; each returns what
         to run on the event loop (or None: nothing changed). NOT_PREPARED: the extra has no `prepare`."""
         out: list[Any] = []
         with yielding.background():
             for e in extras:
-                prepare = getattr(e, "prepare", None)
                 try:
-                    out.append(NOT_PREPARED if prepare is None else prepare(view))
+                    out.append(e.prepare(view) if isinstance(e, extras_.Preparing) else NOT_PREPARED)
                 except Exception:  # noqa: BLE001 - optional services never stop the datapath
                     log.exception("updating %s failed", type(e).__name__)
                     out.append(None)

@@ -18,7 +18,10 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.agent.peers")
 
@@ -77,7 +80,7 @@ def mtu_problems(networks: list[Any], peer: str, path_mtu: int, underlay_mtu: in
 
 
 class PeerHealth:
-    def __init__(self, agent: Any) -> None:
+    def __init__(self, agent: AgentHandle) -> None:
         self.agent = agent
         self.results: dict[str, dict[str, Any]] = {}
         self._replica: Any = None
@@ -132,7 +135,7 @@ class PeerHealth:
                 await self._task
 
 
-async def start(agent: Any) -> list[PeerHealth]:
+async def start(agent: AgentHandle) -> list[PeerHealth]:
     h = PeerHealth(agent)
     h.start()
     return [h]

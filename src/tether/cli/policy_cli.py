@@ -349,7 +349,7 @@ def print_flows(records: list[dict], header: bool = True) -> None:
 
 def local_flows(paths: list[str], lab: str | None, limit: int, denied: bool, output: Format) -> None:
     """The records one agent keeps on its flows socket (no server needed)."""
-    from tether.agent.flowlog import query
+    from tether.jsonline import query_flows
 
     if not paths:
         if lab or os.environ.get("TETHER_LAB") or not os.path.exists("/run/tether/flows.sock"):
@@ -361,7 +361,7 @@ def local_flows(paths: list[str], lab: str | None, limit: int, denied: bool, out
     records: list[dict] = []
     for p in paths:
         try:
-            records.extend(query(p, limit=limit, denied=denied))
+            records.extend(query_flows(p, limit=limit, denied=denied))
         except OSError as e:
             print(f"warning: {p}: {e}", file=sys.stderr)
     records.sort(key=lambda r: r.get("time", 0))

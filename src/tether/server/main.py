@@ -21,7 +21,8 @@ import uvicorn
 from tether import heap
 from tether.server.auth import AdminCredential, is_local_listen, shared_admin_credential
 from tether.server.limits import Limits
-from tether.store.base import Store, Unavailable, open_store
+from tether.store import open_store
+from tether.store.base import Store, Unavailable
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"

@@ -1,0 +1,23 @@
+"""Stores: `base` holds the interface every engine implements; this package opens one by URL.
+
+The engines import `base`, and only this module imports the engines (each lazily: etcd's client is
+loaded only for an etcd store), so the interface never depends on its implementations.
+"""
+
+from __future__ import annotations
+
+from tether.store.base import Store
+
+
+def open_store(url: str) -> Store:
+    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`."""
+    if url.startswith("sqlite://"):
+        from tether.store.sqlite import SqliteStore
+
+        path = url[len("sqlite://"):]
+        return SqliteStore(path)
+    if url.startswith("etcd://"):
+        from tether.store.etcd import EtcdStore
+
+        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h])
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///path/tether.db or etcd://127.0.0.1:2379")

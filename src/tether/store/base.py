@@ -142,16 +142,3 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-
-def open_store(url: str) -> Store:
-    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`."""
-    if url.startswith("sqlite://"):
-        from tether.store.sqlite import SqliteStore
-
-        path = url[len("sqlite://"):]
-        return SqliteStore(path)
-    if url.startswith("etcd://"):
-        from tether.store.etcd import EtcdStore
-
-        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h])
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:///path/tether.db or etcd://127.0.0.1:2379")

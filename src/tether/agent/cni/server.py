@@ -12,11 +12,12 @@ import asyncio
 import functools
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, KeysView
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,13 +25,12 @@ from tether import yielding
 from tether.agent import unix_socket
 from tether.agent.cni import protocol as cp
 from tether.calc import names
-from tether.calc.host import endpoint_mtu
 from tether.calc.names import POD_GATEWAY, host_ifname
-from tether.client import ApiError, ServerUnreachable
-from tether.model import Endpoint, Namespace, Owner, PortDecl, Service, ServiceBackend, ServicePort
+from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
+from tether.model import Endpoint, Namespace, Network, Owner, PortDecl, Service, ServiceBackend, ServicePort
 
 if TYPE_CHECKING:
-    from tether.agent.main import Agent
+    from tether.agent.local_endpoints import LocalEndpoints
     from tether.dataplane.pods import PodLink
 
 log = logging.getLogger("tether.cni")
@@ -80,12 +80,29 @@ def pod_name(container_id: str) -> str:
 pod_mac = names.pod_mac  # a stable, locally administered MAC for a pod interface that asked for none
 
 
+DnsConfig = Callable[[Network | None, str | None], dict[str, Any]]  # (network, namespace) -> the CNI result's `dns`
+
+
+def no_dns(net: Network | None, namespace: str | None) -> dict[str, Any]:
+    return {}
+
+
+def always_ready() -> str | None:
+    return None
+
+
 class CniServer:
-    def __init__(self, agent: Agent, path: str) -> None:
-        self.agent = agent
+    """`not_ready()` says why pods cannot be added yet (None: they can); `dns` is what a pod is
+    told about DNS, asked at every ADD (the DNS service may start after this server)."""
+
+    def __init__(self, local: LocalEndpoints, client: AsyncTetherClient, path: str, dns: DnsConfig = no_dns,
+                 not_ready: Callable[[], str | None] = always_ready) -> None:
+        self.local = local
+        self.client = client
+        self.dns = dns
+        self.not_ready = not_ready
         self.path = path
         self.server: asyncio.AbstractServer | None = None
-        self.in_flight: dict[str, float] = {}  # host ifname -> time plugged (kept from stale removal)
         # all of this server's netlink work runs on one thread of its own: pyroute2's sockets (DEL,
         # CHECK) belong to the thread that opened them, and the plugging stays off the default
         # executor, where an apply can hold a thread for tens of ms
@@ -112,15 +129,6 @@ class CniServer:
             except FileNotFoundError:
                 pass
         self._netlink_thread.shutdown(wait=False)
-
-    def protected(self) -> KeysView[str]:
-        """Interfaces being plugged right now, as a live view: an apply that started before a pod's
-        veth appeared must still see it as protected when it lists the kernel's links."""
-        now = time.monotonic()
-        for name, t in list(self.in_flight.items()):
-            if now - t > 120:
-                del self.in_flight[name]
-        return self.in_flight.keys()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -191,7 +199,7 @@ class CniServer:
         mac = req.args.get("MAC") or (cfg.get("runtimeConfig") or {}).get("mac")
         mac = mac or pod_mac(req.container_id, req.ifname)  # known in advance, so anti-spoofing can pin it
         return Endpoint(name=dns_label(name, pod_name(req.container_id)), network=req.network,
-                        host=self.agent.host, namespace=dns_label(namespace, "default"), ips=ips,
+                        host=self.local.host, namespace=dns_label(namespace, "default"), ips=ips,
                         mac=mac.lower() if mac else None, labels=labels, handle=req.handle,
                         owner=Owner(type="cni", container_id=req.container_id, ifname=req.ifname, netns=req.netns),
                         interface=host_ifname(req.container_id, req.ifname),
@@ -209,7 +217,7 @@ class CniServer:
             raise cp.CniError(code, f"cannot create the endpoint: {e.detail}") from None
 
     async def _create_once_named(self, ep: Endpoint) -> Endpoint:
-        client = self.agent.client
+        client = self.client
         for attempt in range(3):
             try:
                 return await client.create_endpoint(ep)
@@ -231,7 +239,7 @@ class CniServer:
         do not depend on them): the round trip and the netlink work overlap, then the addresses go on."""
         if not os.path.exists(req.netns):
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
-        net = self.agent.replica.networks.get(req.network)
+        net = self.local.networks.get(req.network)
         want = self._endpoint_for(req)
         kubeconfig = (req.config.get("kubernetes") or {}).get("kubeconfig")
         if kubeconfig and req.args.get("K8S_POD_NAME"):  # kubelet passes no labels: ask the apiserver
@@ -242,11 +250,11 @@ class CniServer:
                 want.labels = {**found[0], **want.labels}
                 want.ports = want.ports or found[1]
         assert want.interface is not None
-        self.in_flight[want.interface] = time.monotonic()
+        self.local.protect(want.interface)
         t0 = time.perf_counter()
         early = None
         if net is not None:  # otherwise the MTU is known only once the network is fetched
-            early = asyncio.ensure_future(self._plug(req, want, endpoint_mtu(net, self.agent.underlay_mtu)))
+            early = asyncio.ensure_future(self._plug(req, want, self.local.mtu(net)))
         try:
             ep = await self._create(want)
         except BaseException:
@@ -255,10 +263,10 @@ class CniServer:
             raise
         t1 = time.perf_counter()
         if net is None:
-            net = await self.agent.fetch_network(req.network)
-        mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
+            net = await self.local.network(req.network, self.client)
+        mtu = self.local.mtu(net)
         assert ep.interface is not None
-        self.in_flight[ep.interface] = time.monotonic()
+        self.local.protect(ep.interface)
         from tether.dataplane.pods import AttachError, address_pod
 
         try:
@@ -277,19 +285,19 @@ class CniServer:
         maps = (req.config.get("runtimeConfig") or {}).get("portMappings")
         if maps:
             try:
-                await self._publish(host_port_service(maps, req.handle, ep, self.agent.host))
+                await self._publish(host_port_service(maps, req.handle, ep, self.local.host))
             except cp.CniError:
                 await self._release(req.handle, ep.interface)
                 raise
-        self.agent.replica.objects["Endpoint"][ep.id] = ep  # visible to the plan before the watch echoes it
-        self.agent.kick(gather=False)
+        self.local.put(ep)  # visible to the plan before the watch echoes it
+        self.local.kick(gather=False)
         attachment = cp.Attachment(pod.host_ifname, pod.host_mac, req.ifname, pod.mac, req.netns, list(ep.ips),
-                                   POD_GATEWAY, dns=self.agent.dns_config(net, ep.namespace), mtu=mtu)
-        return self.agent.json(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment)))
+                                   POD_GATEWAY, dns=self.dns(net, ep.namespace), mtu=mtu)
+        return json.dumps(cp.chain(req.config.get("prevResult"), cp.result(req.version, attachment))).encode()
 
     async def _publish(self, svc: Service) -> None:
         try:
-            await self.agent.client.apply(svc)
+            await self.client.apply(svc)
         except ServerUnreachable as e:
             raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: cannot publish the host ports: {e}") from None
         except ApiError as e:
@@ -319,7 +327,7 @@ class CniServer:
 
         await self._netlink(detach_pod, host_if)
         try:
-            await self.agent.client.release_by_handle(handle)
+            await self.client.release_by_handle(handle)
         except (ServerUnreachable, ApiError) as e:
             log.error("could not release %s after a failed ADD: %s (the GC will reclaim it)", handle, e)
 
@@ -330,29 +338,27 @@ class CniServer:
 
         host_if = host_ifname(req.container_id, req.ifname)
         await self._netlink(detach_pod, host_if)
-        self.in_flight.pop(host_if, None)
+        self.local.unprotect(host_if)
         try:
-            await self.agent.client.release_by_handle(req.handle)
+            await self.client.release_by_handle(req.handle)
         except ServerUnreachable as e:
             raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: the pod is unplugged but its address "
                                                   f"cannot be released yet: {e}") from None
         if (req.config.get("runtimeConfig") or {}).get("portMappings"):
             ns = dns_label(req.args.get("K8S_POD_NAMESPACE") or req.config.get("namespace") or "default", "default")
             try:
-                await self.agent.client.delete("Service", f"{ns}/{host_port_name(req.handle)}")
+                await self.client.delete("Service", f"{ns}/{host_port_name(req.handle)}")
             except ApiError as e:
                 if e.status != 404:
                     raise cp.CniError(cp.TRY_AGAIN_LATER, f"cannot unpublish the host ports: {e.detail}") from None
-        for ep_id, ep in list(self.agent.replica.objects["Endpoint"].items()):
-            if getattr(ep, "handle", None) == req.handle:
-                del self.agent.replica.objects["Endpoint"][ep_id]
-        self.agent.kick()
+        self.local.remove_handle(req.handle)
+        self.local.kick()
         return b""
 
     async def check(self, req: cp.Request) -> bytes:
         from tether.dataplane.pods import check_pod
 
-        ep = next((e for e in self.agent.replica.endpoints if e.handle == req.handle), None)
+        ep = next((e for e in self.local.endpoints if e.handle == req.handle), None)
         if ep is None:
             raise cp.CniError(cp.UNKNOWN_CONTAINER, f"no Tether endpoint for container {req.container_id} "
                                                     f"interface {req.ifname}")
@@ -366,23 +372,24 @@ class CniServer:
         return b""
 
     async def status(self, req: cp.Request) -> bytes:
-        if not self.agent.ready():
+        problem = self.not_ready()
+        if problem is not None:
             raise cp.CniError(cp.PLUGIN_NOT_AVAILABLE, "the Tether agent has not synchronised with the server "
-                                                       f"yet ({self.agent.sync_state()}); pods cannot be added")
+                                                       f"yet ({problem}); pods cannot be added")
         return b""
 
     async def gc(self, req: cp.Request) -> bytes:
         from tether.dataplane.pods import detach_pod
 
         valid = cp.valid_attachments(req.config)
-        stale = [e for e in self.agent.replica.endpoints
-                 if e.host == self.agent.host and e.network == req.network and e.owner.type == "cni"
+        stale = [e for e in self.local.endpoints
+                 if e.host == self.local.host and e.network == req.network and e.owner.type == "cni"
                  and (e.owner.container_id or "", e.owner.ifname or "") not in valid]
         for ep in stale:
             if ep.interface:
                 await self._netlink(detach_pod, ep.interface)
             try:
-                await self.agent.client.release_by_handle(ep.handle or ep.id)
+                await self.client.release_by_handle(ep.handle or ep.id)
             except ServerUnreachable as e:
                 raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: {e}") from None
             log.info("GC released %s (%s)", ep.name, ", ".join(ep.ips))

@@ -44,19 +44,22 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from tether import yielding
 from tether.agent.cni.server import dns_label
 from tether.agent.docker.plugin_http import PluginHttpServer
+from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc import names
-from tether.calc.host import endpoint_mtu
 from tether.calc.names import POD_GATEWAY, POD_GATEWAY6, host_ifname
-from tether.client import ApiError, ServerUnreachable
+from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, Subnet
 from tether.server.auth import DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE
+
+if TYPE_CHECKING:
+    from tether.agent.extras import AgentHandle
 
 log = logging.getLogger("tether.docker")
 
@@ -219,12 +222,14 @@ class DockerApi:
 
 
 class DockerPlugin:
-    def __init__(self, agent: Any, socket_path: str, docker_host: str, swarm_socket: str | None = None) -> None:
-        self.agent = agent
+    def __init__(self, local: LocalEndpoints, client: AsyncTetherClient, state_dir: str, socket_path: str,
+                 docker_host: str, swarm_socket: str | None = None) -> None:
+        self.local = local
+        self.client = client
         self.server = PluginHttpServer(socket_path, self.call)
         self.swarm_server = PluginHttpServer(swarm_socket, self.call_swarm) if swarm_socket else None
         self.docker = DockerApi(docker_host)
-        self.state_path = os.path.join(agent.cfg.state_dir, "docker.json")
+        self.state_path = os.path.join(state_dir, "docker.json")
         self.networks: dict[str, dict[str, Any]] = {}  # docker network id -> {"network", "cidr", ...}
         self.endpoints: dict[str, str] = {}  # docker endpoint id -> Tether endpoint id
         # (Tether network, address) -> Tether endpoint id, from RequestAddress until CreateEndpoint: a
@@ -317,7 +322,7 @@ class DockerPlugin:
                         or info.get("swarm"):  # Swarm's networks are Swarm's to remove
                     continue
                 try:
-                    await self.agent.client.get("Network", info["network"])
+                    await self.client.get("Network", info["network"])
                     continue  # still there: the replica is behind
                 except ApiError as e:
                     if e.status != 404:
@@ -411,14 +416,14 @@ class DockerPlugin:
     # --- networks -----------------------------------------------------------------------------------
 
     async def network_by_cidr(self, cidr: str) -> tuple[Network, Subnet] | None:
-        nets = list(self.agent.replica.networks.values())
+        nets = list(self.local.networks.values())
         for attempt in range(2):
             for net in nets:
                 for sub in net.subnets:
                     if sub.cidr == cidr:
                         return net, sub
             if attempt == 0:  # not in the replica yet: ask the server
-                nets = await self.agent.client.list("Network")
+                nets = await self.client.list("Network")
         return None
 
     async def request_pool(self, req: dict) -> dict:
@@ -436,7 +441,7 @@ class DockerPlugin:
 
     def _overlap(self, cidr: str) -> Network | None:
         mine = ipaddress.ip_network(cidr)
-        for net in self.agent.replica.networks.values():
+        for net in self.local.networks.values():
             for sub in net.subnets:
                 other = ipaddress.ip_network(sub.cidr)
                 if other.version == mine.version and other != mine and other.overlaps(mine):
@@ -513,8 +518,8 @@ class DockerPlugin:
             labels = {DOCKER_NETWORK_LABEL: DOCKER_NETWORK_VALUE}
             if info.get("swarm"):
                 labels[SWARM_LABEL] = "swarm"
-            net = await self.agent.client.apply(Network(name=name, subnets=subnets, labels=labels,
-                                                        **info.get("options", {})))
+            net = await self.client.apply(Network(name=name, subnets=subnets, labels=labels,
+                                                  **info.get("options", {})))
         except ValueError as e:
             raise DriverError(f"invalid network options: {e}") from None
         except ApiError as e:
@@ -567,7 +572,7 @@ class DockerPlugin:
         self._save()  # dockerd removes its network whatever we answer (libnetwork only logs a driver's error)
         if info.get("docker_made") and info.get("network"):
             try:
-                await self.agent.client.delete("Network", info["network"])
+                await self.client.delete("Network", info["network"])
                 log.info("removed Tether network %s with its Docker network", info["network"])
             except ApiError as e:
                 if e.status == 409 and info.get("swarm"):  # tasks on other nodes: the last node removes it
@@ -588,13 +593,13 @@ class DockerPlugin:
         while True:
             await asyncio.sleep(RESYNC_EVERY)
             try:
-                await self._sync(docker_made(self.agent.replica.networks.values()))
+                await self._sync(docker_made(self.local.networks.values()))
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("copying Docker networks into dockerd failed")
 
     async def _resync_later(self, delay: float = 1.0) -> None:
         await asyncio.sleep(delay)  # once dockerd has finished removing its copy
-        await self._sync(docker_made(self.agent.replica.networks.values()))
+        await self._sync(docker_made(self.local.networks.values()))
 
     async def _wait_named(self, info: dict[str, Any], timeout: float = 10) -> str:
         deadline = time.monotonic() + timeout
@@ -643,19 +648,19 @@ class DockerPlugin:
         # Interface and MAC follow from the Tether id, so this one write is all the server sees until
         # the container is known; the handle is never shared: a second --ip X must fail, not adopt the first
         ep_id = str(uuid.uuid4())
-        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=net.name, host=self.agent.host,
+        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=net.name, host=self.local.host,
                       ips=[wanted] if wanted else [], handle=f"docker/{ep_id}", owner=Owner(type="docker"),
                       interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
                       labels={"tether.io/docker": "true"})
-        self.agent.cni.in_flight[ep.interface] = time.monotonic()  # no apply may remove its veth meanwhile
+        self.local.protect(ep.interface)  # no apply may remove its veth meanwhile
         try:
-            ep = await self.agent.client.create_endpoint(ep)
+            ep = await self.client.create_endpoint(ep)
         except ApiError as e:
             if e.status in (400, 409):
                 raise DriverError(f"cannot allocate {wanted or 'an address'} in {net.name} ({cidr}): {e.detail}") \
                     from None
             raise
-        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        self.local.put(ep)
         self.allocated[(net.name, ep.ips[0])] = ep.id
         v6 = next((ip for ip in ep.ips if ":" in ip), None)
         if v6:  # dockerd asks for the IPv6 address next, for the same endpoint (libnetwork: IPv4 then IPv6)
@@ -668,7 +673,7 @@ class DockerPlugin:
         if wanted:
             raise DriverError("a fixed --ip6 is not supported (Tether picks both addresses of an endpoint "
                               "together); drop --ip6")
-        net = next((n for n in self.agent.replica.networks.values() if any(s.cidr == cidr for s in n.subnets)), None)
+        net = next((n for n in self.local.networks.values() if any(s.cidr == cidr for s in n.subnets)), None)
         queue = self.pending6.get(net.name, []) if net is not None else []
         if not queue:
             raise DriverError(f"no IPv4 address was just allocated on the network of {cidr}: a tether network in "
@@ -680,13 +685,13 @@ class DockerPlugin:
         restarted agent may still show an older holder); the replica only while the server is away."""
         ep_id = self.allocated.get((network, ip))
         if ep_id is not None:
-            ep = self.agent.replica.endpoint(ep_id)
+            ep = self.local.endpoint(ep_id)
             with contextlib.suppress(ApiError):
-                return ep or await self.agent.client.get("Endpoint", ep_id)  # type: ignore[return-value]
+                return ep or await self.client.get("Endpoint", ep_id)  # type: ignore[return-value]
         try:
-            held = await self.agent.client.list("Endpoint", network=network)
+            held = await self.client.list("Endpoint", network=network)
         except ServerUnreachable:
-            held = [e for e in self.agent.replica.endpoints if e.network == network]
+            held = [e for e in self.local.endpoints if e.network == network]
         return next((ep for ep in held if ip in ep.ips), None)  # type: ignore[misc, attr-defined]
 
     async def release_address(self, req: dict) -> dict:
@@ -697,11 +702,11 @@ class DockerPlugin:
             return {}
         ep = await self._find_by_ip(found[0].name, ip)
         self.allocated.pop((found[0].name, ip), None)
-        if ep is None or ep.owner.type != "docker" or ep.host != self.agent.host:
+        if ep is None or ep.owner.type != "docker" or ep.host != self.local.host:
             return {}  # Docker's gateway address, or already released
-        await self.agent.client.release_by_handle(ep.handle or ep.id)
-        self.agent.replica.objects["Endpoint"].pop(ep.id, None)
-        self.agent.kick()
+        await self.client.release_by_handle(ep.handle or ep.id)
+        self.local.remove(ep.id)
+        self.local.kick()
         log.info("released %s (%s)", ip, ep.name)
         return {}
 
@@ -710,19 +715,19 @@ class DockerPlugin:
     async def _endpoint(self, docker_ep: str, network: str | None = None, ip: str | None = None) -> Endpoint:
         known = self.endpoints.get(docker_ep)
         if known is not None:
-            ep = self.agent.replica.endpoint(known)
+            ep = self.local.endpoint(known)
             if ep is not None:
                 return ep
             with contextlib.suppress(ApiError):
-                return await self.agent.client.get("Endpoint", known)  # type: ignore[return-value]
-        for ep in self.agent.replica.endpoints:
+                return await self.client.get("Endpoint", known)  # type: ignore[return-value]
+        for ep in self.local.endpoints:
             if ep.owner.docker_endpoint_id == docker_ep:
                 return ep
         if network and ip:
             ep = await self._find_by_ip(network, ip)
             if ep is not None:
                 return ep
-        for ep in await self.agent.client.list("Endpoint", host=self.agent.host):
+        for ep in await self.client.list("Endpoint", host=self.local.host):
             if ep.owner.docker_endpoint_id == docker_ep:  # type: ignore[attr-defined]
                 return ep  # type: ignore[return-value]
         raise DriverError(f"no Tether endpoint for docker endpoint {docker_ep[:12]}; its address was not "
@@ -754,11 +759,11 @@ class DockerPlugin:
             changes["security_groups"] = info["security_groups"]
         if changes:  # rare (--mac-address, -o security-groups): the common path writes nothing here
             try:
-                ep = await self.agent.client.patch_endpoint(ep.id, changes)
+                ep = await self.client.patch_endpoint(ep.id, changes)
             except ApiError as e:
                 raise DriverError(f"cannot set up the endpoint: {e.detail}") from None
         ep = ep.model_copy(update={"owner": ep.owner.model_copy(update={"docker_endpoint_id": docker_ep})})
-        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        self.local.put(ep)
         return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": ep.mac}}
 
     async def _swarm_endpoint(self, network: str, docker_ep: str, ip: str) -> Endpoint:
@@ -767,18 +772,18 @@ class DockerPlugin:
         with contextlib.suppress(DriverError):
             return await self._endpoint(docker_ep)
         ep_id = str(uuid.uuid4())
-        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=network, host=self.agent.host, ips=[ip],
+        ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=network, host=self.local.host, ips=[ip],
                       handle=f"docker/{ep_id}", owner=Owner(type="docker", docker_endpoint_id=docker_ep),
                       interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
                       labels={"tether.io/docker": "true", SWARM_LABEL: "swarm"})
-        self.agent.cni.in_flight[ep.interface] = time.monotonic()
+        self.local.protect(ep.interface)  # no apply may remove its veth meanwhile
         try:
-            ep = await self.agent.client.create_endpoint(ep)
+            ep = await self.client.create_endpoint(ep)
         except ApiError as e:
-            self.agent.cni.in_flight.pop(ep.interface, None)
+            self.local.unprotect(ep.interface)
             raise DriverError(f"Swarm gave {ip} in Tether network {network}, which Tether cannot give this task: "
                               f"{e.detail} (is the subnet also used outside Swarm?)") from None
-        self.agent.replica.objects["Endpoint"][ep.id] = ep
+        self.local.put(ep)
         return ep
 
     async def _unplug(self, docker_ep: str) -> str | None:
@@ -798,13 +803,13 @@ class DockerPlugin:
             # Swarm's IPAM never sends ReleaseAddress to us: the task's address goes with its endpoint
             with contextlib.suppress(DriverError):
                 ep = await self._endpoint(req["EndpointID"])
-                if ep.host == self.agent.host and ep.owner.type == "docker":
-                    await self.agent.client.release_by_handle(ep.handle or ep.id)
-                    self.agent.replica.objects["Endpoint"].pop(ep.id, None)
-                    self.agent.kick()
+                if ep.host == self.local.host and ep.owner.type == "docker":
+                    await self.client.release_by_handle(ep.handle or ep.id)
+                    self.local.remove(ep.id)
+                    self.local.kick()
         host_if = await self._unplug(req["EndpointID"])
         if host_if:
-            self.agent.cni.in_flight.pop(host_if, None)
+            self.local.unprotect(host_if)
         if self.endpoints.pop(req["EndpointID"], None) is not None:
             self._save()
         return {}
@@ -818,19 +823,18 @@ class DockerPlugin:
         network, _ = await self._network_of(req["NetworkID"])
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep)
-        net = self.agent.replica.networks.get(network) or await self.agent.fetch_network(network)
-        mtu = endpoint_mtu(net, self.agent.underlay_mtu) if net else self.agent.underlay_mtu - 50
+        mtu = self.local.mtu(await self.local.network(network, self.client))
         host_if, peer = ep.interface or host_ifname(ep.id, "docker"), peer_name(docker_ep)
-        self.agent.cni.in_flight[host_if] = time.monotonic()
+        self.local.protect(host_if)
         try:
             v6 = any(":" in ip for ip in ep.ips)
             link = await asyncio.to_thread(plug_link, pod_netns=None, ifname=peer, host_ifname=host_if, mac=ep.mac,
                                            mtu=mtu, gateway6=v6)  # the peer stays here: dockerd moves it
             link.close()
         except AttachError as e:  # e.g. an endpoint whose interface names a device that is not Tether's
-            self.agent.cni.in_flight.pop(host_if, None)
+            self.local.unprotect(host_if)
             raise DriverError(str(e)) from None
-        self.agent.kick()
+        self.local.kick()
         self._spawn(self._adopt_container_identity(req["NetworkID"], docker_ep, ep.id))
         out = {"InterfaceName": {"SrcName": peer, "DstPrefix": "eth"},
                "Gateway": POD_GATEWAY,
@@ -879,23 +883,23 @@ class DockerPlugin:
                 good[k] = v
             except ValueError:
                 log.info("container label %s=%s is not a valid Tether label; skipped", k, v)
-        ep = self.agent.replica.endpoint(ep_id) or await self.agent.client.get("Endpoint", ep_id)
+        ep = self.local.endpoint(ep_id) or await self.client.get("Endpoint", ep_id)
         owner = Owner(type="docker", docker_endpoint_id=next((d for d, t in self.endpoints.items() if t == ep_id),
                                                              ep.owner.docker_endpoint_id), container_id=container_id)
         changes: dict[str, Any] = {"labels": {**good, "tether.io/docker": "true"}, "owner": owner.model_dump()}
         base = dns_label(name, ep.name)
-        for candidate in (base, dns_label(f"{base[:50]}-{self.agent.host}", base),
+        for candidate in (base, dns_label(f"{base[:50]}-{self.local.host}", base),
                           dns_label(f"{base[:50]}-{ep_id[:8]}", base)):
             try:
-                new = await self.agent.client.patch_endpoint(ep_id, {**changes, "name": candidate})
+                new = await self.client.patch_endpoint(ep_id, {**changes, "name": candidate})
                 break
             except ApiError as e:
                 if e.status != 409:
                     raise
         else:
-            new = await self.agent.client.patch_endpoint(ep_id, changes)
-        self.agent.replica.objects["Endpoint"][ep_id] = new
-        self.agent.kick()
+            new = await self.client.patch_endpoint(ep_id, changes)
+        self.local.put(new)
+        self.local.kick()
         log.info("docker endpoint %s is container %s (%s)", ep_id[:8], new.name, ", ".join(new.ips))
 
     # --- published ports ----------------------------------------------------------------------------
@@ -933,10 +937,10 @@ class DockerPlugin:
                               "every -p the same IP, or none")
         svc = Service(name=self._service_name(docker_ep), namespace=ep.namespace, network=network, type="NodePort",
                       ports=ports, backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips],
-                      labels={"tether.io/docker": "true"}, host=self.agent.host,
+                      labels={"tether.io/docker": "true"}, host=self.local.host,
                       host_ip=next(iter(host_ips), None))
         try:
-            await self.agent.client.apply(svc)
+            await self.client.apply(svc)
         except ApiError as e:
             raise DriverError(f"cannot publish {', '.join(str(p.node_port) for p in ports)}: {e.detail}") from None
         return {}
@@ -947,7 +951,7 @@ class DockerPlugin:
             ep = await self._endpoint(req["EndpointID"])
         ns = ep.namespace if ep else "default"
         try:
-            await self.agent.client.delete("Service", f"{ns}/{self._service_name(req['EndpointID'])}")
+            await self.client.delete("Service", f"{ns}/{self._service_name(req['EndpointID'])}")
         except ApiError as e:
             if e.status != 404:
                 raise
@@ -972,12 +976,13 @@ def to_create(wanted: dict[str, str], present: list[dict[str, Any]], known: dict
             for name, cidr in sorted(wanted.items()) if name not in names and cidr not in cidrs]
 
 
-async def start(agent: Any) -> list[Any]:
+async def start(agent: AgentHandle) -> list[DockerPlugin]:
     path = os.environ.get("TETHER_DOCKER_PLUGIN_SOCKET", DEFAULT_SOCKET)
     if path == "off":
         return []
     swarm = os.environ.get("TETHER_DOCKER_SWARM_SOCKET", DEFAULT_SWARM_SOCKET)
-    plugin = DockerPlugin(agent, path, os.environ.get("TETHER_DOCKER_HOST", DEFAULT_DOCKER_HOST),
+    plugin = DockerPlugin(agent.local, agent.client, agent.cfg.state_dir, path,
+                          os.environ.get("TETHER_DOCKER_HOST", DEFAULT_DOCKER_HOST),
                           swarm_socket=None if swarm == "off" else swarm)
     await plugin.start()
     return [plugin]
