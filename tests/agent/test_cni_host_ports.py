@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tether.agent.cni import protocol as cp
-from tether.agent.cni.server import host_port_name, host_port_service
+from tether.agent.cni.server import host_port_service
+from tether.calc.names import host_port_name
 from tether.model import Endpoint
 
 EP = Endpoint(name="web", network="blue", host="h1", ips=["10.1.0.5"])

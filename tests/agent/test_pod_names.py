@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tether.agent.cni.server import pod_name
+from tether.calc.names import pod_name
 
 LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 

@@ -112,13 +112,22 @@ def vif_name(port_id: str) -> str:
     return VIF_PREFIX + port_id[:11]
 
 
+DOCKER_PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
+DOCKER_PEER = re.compile(rf"^{DOCKER_PEER_PREFIX}[0-9a-f]{{1,12}}$")
+
+
+def docker_peer_name(docker_endpoint_id: str) -> str:
+    """The container side of a Docker endpoint's veth until dockerd moves and renames it."""
+    return DOCKER_PEER_PREFIX + docker_endpoint_id[:12]
+
+
 def docker_ifname(endpoint_id: str) -> str:
     """Host-side veth name of a Docker endpoint (known before the container exists)."""
     return host_ifname(endpoint_id, "docker")
 
 
 def _mac(seed: str, base: str = "02", n: int = 5) -> str:
-    h = hashlib.sha1(seed.encode()).digest()
+    h = hashlib.sha1(seed.encode()).digest()  # not sha1_hex: the bytes, 3 or 5 of them
     return base + ":" + ":".join(f"{b:02x}" for b in h[:n])
 
 
@@ -140,6 +149,48 @@ def docker_endpoint_mac(endpoint_id: str) -> str:
 def neutron_mac(ep_id: str) -> str:
     """A stable MAC in OpenStack's base fa:16:3e for endpoints created without one."""
     return _mac(ep_id, "fa:16:3e", 3)
+
+
+# --- object names made from runtime ids ----------------------------------------------------------------
+
+NOT_LABEL = re.compile(r"[^a-z0-9-]+")
+HEX_ID = re.compile(r"[0-9a-f]{32,}")  # the container ids that Docker, containerd and CRI-O make
+
+
+def sha1_hex(text: str, n: int) -> str:
+    """The first n hex digits of text's SHA-1: the short digests in pod, port and service names."""
+    return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
+def dns_label(text: str, fallback: str) -> str:
+    """`text` made a DNS label (lower case, '-' for anything else, at most 63), or `fallback`."""
+    label = NOT_LABEL.sub("-", text.lower()).strip("-")[:63].strip("-")
+    return label or fallback
+
+
+def pod_name(container_id: str) -> str:
+    """The name of a pod whose runtime passed no K8S_POD_NAME: for the hex IDs that runtimes make,
+    "c-" and the short form `docker ps` shows; for other IDs (cnitool, Mesos and scripts pass IDs
+    such as "web-1" and "web-12" that share prefixes) the whole ID, so that two pods' names do
+    not collide and cost the ADD a second round trip to the server."""
+    cid = container_id.lower()
+    if HEX_ID.fullmatch(cid):
+        return f"c-{cid[:12]}"
+    name = dns_label(f"c-{cid}", "c")
+    if name != f"c-{cid}":  # cut to 63 or changed: a digest of the ID keeps it apart from the rest
+        name = f"{name[:52].strip('-')}-{sha1_hex(container_id, 8)}"
+    return name
+
+
+def disambiguated(name: str, handle: str) -> str:
+    """A second name for an endpoint whose name is taken (same pod name, or container ids sharing a
+    prefix): the name and a digest of its whole runtime handle."""
+    return dns_label(f"{name[:50]}-{sha1_hex(handle, 8)}", name)
+
+
+def host_port_name(handle: str) -> str:
+    """The service that publishes a CNI container's hostPorts (one per container interface)."""
+    return "cni-" + sha1_hex(handle, 12)
 
 
 def random_neutron_mac() -> str:

@@ -28,7 +28,6 @@ string ("jump in-abc", "goto x", "accept", "drop") or, for data maps, an address
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import json
 import logging
@@ -37,7 +36,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.calc.names import NFT_TABLE, own_link
+from tether.calc.names import NFT_TABLE, digest, own_link
 from tether.calc.plan import NftChain, NftPlan, NftSet
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ def chain_key(c: NftChain) -> str:
 
 
 def rules_digest(rules: tuple[str, ...]) -> str:
-    return hashlib.sha256("\n".join(rules).encode()).hexdigest()[:24]
+    return digest("\n".join(rules), 24)
 
 
 def layout_of(plan: NftPlan) -> Layout:
@@ -181,7 +180,7 @@ def layout_of(plan: NftPlan) -> Layout:
 
 def layout_hash(layout: Layout) -> str:
     text = "\n".join(f"{k}:{n}:{a}:{b}" for (k, n), (a, b) in sorted(layout.items()))
-    return MARKER_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return MARKER_PREFIX + digest(text, 24)
 
 
 def structure_hash(plan: NftPlan) -> str:

@@ -13,13 +13,12 @@ import errno
 import ipaddress
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from tether.calc.names import POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link
+from tether.calc.names import DOCKER_PEER, POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import ipr_in
 from tether.dataplane.rtnl_batch import RT_SCOPE_LINK, RtnlSocket
@@ -80,7 +79,6 @@ def host_side_sysctls(ifname: str) -> None:
     write_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "0")
 
 
-DOCKER_PEER = re.compile(r"^tdk[0-9a-f]{1,12}$")  # docker driver's peer_name: the container end before dockerd takes it
 
 
 def ours(name: str) -> bool:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import ipaddress
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tether.cni")
 T = TypeVar("T")
-NOT_LABEL = re.compile(r"[^a-z0-9-]+")
 
 
-HEX_ID = re.compile(r"[0-9a-f]{32,}")
 MAX_ENV = 64 << 10  # the environment frame: CNI_* variables, a few hundred bytes in practice
 MAX_STDIN = 1 << 20  # the network configuration (with a prevResult)
 READ_DEADLINE = 10.0  # seconds for a client to send its whole request
@@ -56,28 +52,6 @@ async def read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> byt
     if n > limit:
         raise FrameTooLarge(f"the {what} frame declares {n} bytes, more than the limit of {limit}")
     return await reader.readexactly(n)
-
-
-def dns_label(text: str, fallback: str) -> str:
-    label = NOT_LABEL.sub("-", text.lower()).strip("-")[:63].strip("-")
-    return label or fallback
-
-
-def pod_name(container_id: str) -> str:
-    """The name of a pod whose runtime passed no K8S_POD_NAME: for the hex IDs that runtimes make,
-    "c-" and the short form `docker ps` shows; for other IDs (cnitool, Mesos and scripts pass IDs
-    such as "web-1" and "web-12" that share prefixes) the whole ID, so that two pods' names do
-    not collide and cost the ADD a second round trip to the server."""
-    cid = container_id.lower()
-    if HEX_ID.fullmatch(cid):
-        return f"c-{cid[:12]}"
-    name = dns_label(f"c-{cid}", "c")
-    if name != f"c-{cid}":  # cut to 63 or changed: a digest of the ID keeps it apart from the rest
-        name = f"{name[:52].strip('-')}-{hashlib.sha1(container_id.encode()).hexdigest()[:8]}"
-    return name
-
-
-pod_mac = names.pod_mac  # a stable, locally administered MAC for a pod interface that asked for none
 
 
 DnsConfig = Callable[[Network | None, str | None], dict[str, Any]]  # (network, namespace) -> the CNI result's `dns`
@@ -188,7 +162,7 @@ class CniServer:
 
     def _endpoint_for(self, req: cp.Request) -> Endpoint:
         cfg = req.config
-        name = req.args.get("K8S_POD_NAME") or pod_name(req.container_id)
+        name = req.args.get("K8S_POD_NAME") or names.pod_name(req.container_id)
         namespace = req.args.get("K8S_POD_NAMESPACE") or cfg.get("namespace") or "default"
         labels = dict(cfg.get("labels") or {})
         labels.update((cfg.get("runtimeConfig") or {}).get("labels") or {})
@@ -197,9 +171,9 @@ class CniServer:
         ips = [ip.split("/")[0] for ip in req.args.get("IP", "").split(",") if ip]
         ips += [ip.split("/")[0] for ip in (cfg.get("runtimeConfig") or {}).get("ips") or []]
         mac = req.args.get("MAC") or (cfg.get("runtimeConfig") or {}).get("mac")
-        mac = mac or pod_mac(req.container_id, req.ifname)  # known in advance, so anti-spoofing can pin it
-        return Endpoint(name=dns_label(name, pod_name(req.container_id)), network=req.network,
-                        host=self.local.host, namespace=dns_label(namespace, "default"), ips=ips,
+        mac = mac or names.pod_mac(req.container_id, req.ifname)  # known in advance, so anti-spoofing can pin it
+        return Endpoint(name=names.dns_label(name, names.pod_name(req.container_id)), network=req.network,
+                        host=self.local.host, namespace=names.dns_label(namespace, "default"), ips=ips,
                         mac=mac.lower() if mac else None, labels=labels, handle=req.handle,
                         owner=Owner(type="cni", container_id=req.container_id, ifname=req.ifname, netns=req.netns),
                         interface=host_ifname(req.container_id, req.ifname),
@@ -228,8 +202,7 @@ class CniServer:
                     continue
                 if e.status == 409 and "already exists" in e.detail and attempt < 2:
                     # same pod name (or container ids sharing a prefix): disambiguate by the whole handle
-                    suffix = hashlib.sha1((ep.handle or ep.id).encode()).hexdigest()[:8]
-                    ep.name = dns_label(f"{ep.name[:50]}-{suffix}", ep.name)
+                    ep.name = names.disambiguated(ep.name, ep.handle or ep.id)
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -345,9 +318,10 @@ class CniServer:
             raise cp.CniError(cp.TRY_AGAIN_LATER, f"try again later: the pod is unplugged but its address "
                                                   f"cannot be released yet: {e}") from None
         if (req.config.get("runtimeConfig") or {}).get("portMappings"):
-            ns = dns_label(req.args.get("K8S_POD_NAMESPACE") or req.config.get("namespace") or "default", "default")
+            namespace = req.args.get("K8S_POD_NAMESPACE") or req.config.get("namespace") or "default"
+            ns = names.dns_label(namespace, "default")
             try:
-                await self.client.delete("Service", f"{ns}/{host_port_name(req.handle)}")
+                await self.client.delete("Service", f"{ns}/{names.host_port_name(req.handle)}")
             except ApiError as e:
                 if e.status != 404:
                     raise cp.CniError(cp.TRY_AGAIN_LATER, f"cannot unpublish the host ports: {e.detail}") from None
@@ -396,11 +370,6 @@ class CniServer:
         return b""
 
 
-def host_port_name(handle: str) -> str:
-    """The service that publishes a CNI container's hostPorts (one per container interface)."""
-    return "cni-" + hashlib.sha1(handle.encode()).hexdigest()[:12]
-
-
 def host_port_service(maps: Any, handle: str, ep: Endpoint, host: str) -> Service:
     """CNI `portMappings` (capability portMappings: podman -p, Kubernetes hostPort) -> a NodePort
     service published on this host only (and on hostIP only, when given), backed by the container."""
@@ -428,7 +397,7 @@ def host_port_service(maps: Any, handle: str, ep: Endpoint, host: str) -> Servic
     if len(host_ips) > 1 or (host_ips and len(host_ips) != len(maps)):
         raise cp.CniError(cp.INVALID_CONFIG, "tether publishes a container's host ports on one address of the host, "
                                              "or on all: give every mapping the same hostIP, or none")
-    return Service(name=host_port_name(handle), namespace=ep.namespace, network=ep.network, type="NodePort",
+    return Service(name=names.host_port_name(handle), namespace=ep.namespace, network=ep.network, type="NodePort",
                    host=host, host_ip=next(iter(host_ips), None), ports=ports,
                    backends=[ServiceBackend(ip=ip, endpoint=ep.id) for ip in ep.ips if ":" not in ip],
                    labels={"tether.io/cni": "true"})

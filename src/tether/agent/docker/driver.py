@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from tether import yielding
-from tether.agent.cni.server import dns_label
 from tether.agent.docker.plugin_http import PluginHttpServer
 from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc import names
@@ -71,7 +70,6 @@ PORTMAP = "com.docker.network.portmap"
 PROTOCOLS = {6: "TCP", 17: "UDP"}
 ADDRESS_SPACE = "tether"  # our IPAM's address space: Docker's default IPAM says "LocalDefault"
 RESYNC_EVERY = 10.0  # seconds: a dockerd started (or reset) on a quiet cluster still gets the networks
-PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it
 DEFAULT_SWARM_SOCKET = "/run/tether/docker-swarm/tether.sock"  # the managed plugin's forwarder connects here
 SWARM_LABEL = "tether.io/docker-scope"  # = "swarm" on the Tether network of a swarm-scoped Docker network
 SWARM = contextvars.ContextVar("swarm", default=False)  # the call came through the Swarm plugin's socket
@@ -147,12 +145,6 @@ def check_request(path: str, req: dict[str, Any]) -> None:
                     raise DriverError(f"published port field {key}={m[key]!r} must be a number 0-65535")
 
 
-endpoint_mac = names.docker_endpoint_mac  # stable, known before the veth exists (anti-spoofing pins it)
-
-
-def peer_name(docker_endpoint_id: str) -> str:
-    """The container side of the veth until dockerd moves and renames it."""
-    return PEER_PREFIX + docker_endpoint_id[:12]
 
 
 def parse_bool(value: Any, what: str) -> bool:
@@ -501,7 +493,7 @@ class DockerPlugin:
                                   f"({', '.join(s.cidr for s in other.subnets)}); choose another --subnet, or the "
                                   "same subnet to share that network")
             if wanted_name:
-                info["network"] = await self._create_tether_network(dns_label(wanted_name, wanted_name), info)
+                info["network"] = await self._create_tether_network(names.dns_label(wanted_name, wanted_name), info)
                 info["docker_made"] = True
             else:
                 # dockerd stores the network (and its name) only after this call returns: name it then
@@ -546,7 +538,7 @@ class DockerPlugin:
                         info["network"] = found[0].name
                         info["docker_made"] = found[0].labels.get(DOCKER_NETWORK_LABEL) == DOCKER_NETWORK_VALUE
                     else:
-                        info["network"] = await self._create_tether_network(dns_label(name, f"docker-{nid[:12]}"),
+                        info["network"] = await self._create_tether_network(names.dns_label(name, f"docker-{nid[:12]}"),
                                                                             info)
                         info["docker_made"] = True
                 except DriverError as e:
@@ -650,7 +642,7 @@ class DockerPlugin:
         ep_id = str(uuid.uuid4())
         ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=net.name, host=self.local.host,
                       ips=[wanted] if wanted else [], handle=f"docker/{ep_id}", owner=Owner(type="docker"),
-                      interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
+                      interface=host_ifname(ep_id, "docker"), mac=names.docker_endpoint_mac(ep_id),
                       labels={"tether.io/docker": "true"})
         self.local.protect(ep.interface)  # no apply may remove its veth meanwhile
         try:
@@ -774,7 +766,7 @@ class DockerPlugin:
         ep_id = str(uuid.uuid4())
         ep = Endpoint(id=ep_id, name=f"docker-{ep_id[:12]}", network=network, host=self.local.host, ips=[ip],
                       handle=f"docker/{ep_id}", owner=Owner(type="docker", docker_endpoint_id=docker_ep),
-                      interface=host_ifname(ep_id, "docker"), mac=endpoint_mac(ep_id),
+                      interface=host_ifname(ep_id, "docker"), mac=names.docker_endpoint_mac(ep_id),
                       labels={"tether.io/docker": "true", SWARM_LABEL: "swarm"})
         self.local.protect(ep.interface)  # no apply may remove its veth meanwhile
         try:
@@ -795,7 +787,7 @@ class DockerPlugin:
         host_if = ep.interface if ep is not None else None
         if host_if:
             await asyncio.to_thread(delete_link, host_if)
-        await asyncio.to_thread(delete_link, peer_name(docker_ep))
+        await asyncio.to_thread(delete_link, names.docker_peer_name(docker_ep))
         return host_if
 
     async def delete_endpoint(self, req: dict) -> dict:
@@ -824,7 +816,7 @@ class DockerPlugin:
         docker_ep = req["EndpointID"]
         ep = await self._endpoint(docker_ep)
         mtu = self.local.mtu(await self.local.network(network, self.client))
-        host_if, peer = ep.interface or host_ifname(ep.id, "docker"), peer_name(docker_ep)
+        host_if, peer = ep.interface or host_ifname(ep.id, "docker"), names.docker_peer_name(docker_ep)
         self.local.protect(host_if)
         try:
             v6 = any(":" in ip for ip in ep.ips)
@@ -887,9 +879,9 @@ class DockerPlugin:
         owner = Owner(type="docker", docker_endpoint_id=next((d for d, t in self.endpoints.items() if t == ep_id),
                                                              ep.owner.docker_endpoint_id), container_id=container_id)
         changes: dict[str, Any] = {"labels": {**good, "tether.io/docker": "true"}, "owner": owner.model_dump()}
-        base = dns_label(name, ep.name)
-        for candidate in (base, dns_label(f"{base[:50]}-{self.local.host}", base),
-                          dns_label(f"{base[:50]}-{ep_id[:8]}", base)):
+        base = names.dns_label(name, ep.name)
+        for candidate in (base, names.dns_label(f"{base[:50]}-{self.local.host}", base),
+                          names.dns_label(f"{base[:50]}-{ep_id[:8]}", base)):
             try:
                 new = await self.client.patch_endpoint(ep_id, {**changes, "name": candidate})
                 break
