@@ -11,8 +11,8 @@ import dns.message
 import pytest
 import yaml
 
+from tests.calc.test_services import NET, ep, web
 from tests.fixtures.server import ServerProc, start_server
-from tests.services.test_compile import NET, ep, web
 from tether.calc.dns_records import answer, build
 from tether.calc.services import compile as compile_services
 from tether.manifests import ManifestError, parse

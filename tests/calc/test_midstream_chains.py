@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from tests.agent.test_calc import CTX, replica
+from tests.calc.test_host import CTX, replica
 from tether.calc.host import (
     EPHEMERAL,
     PICKUP_GRACE,

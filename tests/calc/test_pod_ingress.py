@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from tests.agent.test_calc import CTX, replica
+from tests.calc.test_host import CTX, replica
 from tether.calc import pod_ingress
 from tether.calc.host import compute_nft, needs_state
 from tether.calc.memos import Memos
