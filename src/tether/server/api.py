@@ -151,6 +151,15 @@ async def heartbeat(name: str, request: Request, body: HeartbeatBody | None = No
     return {"ok": True}
 
 
+async def own_report(request: Request, name: str, what: str) -> Objects:
+    """A report an agent pushes about its own host (flows, path health): only that host (or the
+    admin) may, and the host must exist. The objects to store it with."""
+    require_own(request, name, what)
+    o = objs(request)
+    await o.must(Host, name)
+    return o
+
+
 class FlowPush(BaseModel):
     model_config = ConfigDict(extra="forbid")
     records: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
@@ -159,10 +168,7 @@ class FlowPush(BaseModel):
 @router.post("/hosts/{name}/flows")
 async def push_flows(name: str, body: FlowPush, request: Request) -> dict:
     """A host's agent pushes the flows it recorded since its last push (`tether.flows`)."""
-    require_own(request, name, "flows")
-    await objs(request).must(Host, name)
-    kept = await request.app.state.flows.ingest(objs(request), name, body.records)
-    return {"kept": kept}
+    return {"kept": await request.app.state.flows.ingest(await own_report(request, name, "flows"), name, body.records)}
 
 
 class PeerReport(BaseModel):
@@ -173,8 +179,7 @@ class PeerReport(BaseModel):
 @router.post("/hosts/{name}/peers")
 async def push_peers(name: str, body: PeerReport, request: Request) -> dict:
     """A host's agent reports how it reaches every peer (`tether.agent.peers`); kept in memory."""
-    require_own(request, name, "peer health")
-    await objs(request).must(Host, name)
+    await own_report(request, name, "peer health")
     request.app.state.peers[name] = {"reported_at": time.time(), "peers": body.peers}
     return {"ok": True}
 
