@@ -275,3 +275,23 @@ def test_nat_outgoing_masquerades_ipv6_to_the_host_address(lab: Lab) -> None:
     finally:
         for ns, ip in added:
             nsx(ns, "ip", "addr", "del", f"{ip}/64", "dev", "eth0", check=False)
+
+
+def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
+    """The IPv6 VIP DNATed back to the pod that sent: source-NATed like IPv4's hairpin (to the host's
+    IPv6 address), so the backend's answer goes back through the host and conntrack, not straight
+    to itself from an address it never wrote to."""
+    net = make_net(lab, ["10.73.0.0/16", "fd73::/64"], "vxlan")
+    app = unique("hp6")
+    pod = lab.run_pod("h2", unique("b"), net, labels={"app": app})
+    server = start_server(pod.ns, pod.name, 8080)
+    try:
+        wait_for(lambda: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        svc = lab.client().apply(Service(name=unique("s6"), selector={"app": app}, ip_families=["IPv6"],
+                                         ports=[ServicePort(port=80, target_port=8080)]))
+        vip6 = svc.cluster_ip
+        assert vip6 and ":" in vip6, svc
+        wait_for(lambda: connect_many(pod.ns, vip6, 80, 2)["failures"] == 0, 20, "the pod to reach its own VIP")
+        assert connect_many(pod.ns, vip6, 80, 10) == {"counts": {pod.name: 10}, "failures": 0, "errors": []}
+    finally:
+        stop(server)

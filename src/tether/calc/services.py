@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from tether.calc import names
 from tether.calc.addresses import ip_version, network, v4_subnets
-from tether.calc.names import HAIRPIN_MARK, lb_chain
+from tether.calc.names import HAIRPIN_MARK, POD_GATEWAY6, lb_chain
 from tether.calc.nft import (
     COUNTER,
     L4_DPORT,
@@ -222,7 +222,10 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
 
 
 # IPv6 frontends: the same shape under names with a 6 (`svc_vips6`, `svc6-lb-<N>`, ...), keyed by
-# ip6 addresses; no published ports (the model refuses IPv6 node ports) and no hairpin yet
+# ip6 addresses; no published ports (the model refuses IPv6 node ports). Hairpin (`svc_hairpin6`) is
+# source-NATed to the pods' IPv6 gateway fe80::1: a hairpinned packet always leaves through the
+# sender's own veth, where that link-local address is its next hop (a host's IPv6 underlay address
+# may be link-local on another link, which the pod cannot answer)
 _DADDR6 = addr_field(6, "daddr")
 _SADDR6 = addr_field(6, "saddr")
 FRONTEND6 = ("ipv6_addr", "inet_proto", "inet_service")
@@ -230,11 +233,12 @@ CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, L4_DPORT]}
 SVC_KEY6 = {"concat": [_DADDR6, _PROTO, L4_DPORT]}
 
 
-def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
-    """The IPv6 part: sets, chains and the `svc_reject` rule for IPv6 frontends without backends."""
+def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], str, str]:
+    """The IPv6 part: sets, chains, the `svc_reject` rule for IPv6 frontends without backends and the
+    `svc_postrouting` rule that source-NATs a backend reaching itself through its VIP (hairpin)."""
     max_n = max([1, *(len(f.backends) for f in fes)])
     timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
-    vips, backend_ip, backend_port, empty = set(), set(), set(), set()
+    vips, backend_ip, backend_port, empty, hairpin = set(), set(), set(), set(), set()
     for f in fes:
         key = (f.ip, f.proto, f.port)
         if not f.backends:
@@ -244,6 +248,7 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
         for slot, b in enumerate(f.backends, start=1):
             backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
             backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
+            hairpin.add((b.ip, b.ip))
     chains = [random_chain(n, 6) for n in range(1, max_n + 1)]
     chains += [affinity_chain(t, n, 6) for t in timeouts for n in range(1, max_n + 1)]
     sets = [
@@ -251,12 +256,15 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], dict]:
         NftSet("svc_backend_ip6", (*FRONTEND6, "mark"), map_type="ipv6_addr", elements=frozenset(backend_ip)),
         NftSet("svc_backend_port6", (*FRONTEND6, "mark"), map_type="inet_service", elements=frozenset(backend_port)),
         NftSet("svc_empty6", FRONTEND6, elements=frozenset(empty)),
+        NftSet("svc_hairpin6", ("ipv6_addr", "ipv6_addr"), elements=frozenset(hairpin)),
     ]
     if timeouts:
         sets += [NftSet(f"svc_aff6_{k}", ("ipv6_addr", "ipv6_addr", "inet_proto", "inet_service"),
                         flags=("timeout",), timeout=max(timeouts)) for k in range(1, max_n + 1)]
     reject = rule(match(SVC_KEY6, "@svc_empty6"), COUNTER, REJECT, comment="service without ready backends")
-    return sets, chains, reject
+    hairpin_rule = rule(match(ct("status"), "dnat", "in"), match({"concat": [_SADDR6, _DADDR6]}, "@svc_hairpin6"),
+                        {"snat": {"family": "ip6", "addr": POD_GATEWAY6}}, comment="hairpin")
+    return sets, chains, reject, hairpin_rule
 
 
 def compile(services: list[Service], endpoints: list[Endpoint], networks: list[Network], host: str,
@@ -264,8 +272,8 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
     """The services fragment for `host` (merged into the base table by calc.merge)."""
     every = frontends(services, endpoints, host, node_ips)
     fes = [f for f in every if ip_version(f.ip) == 4]
-    sets6, chains6, reject6 = compile6([f for f in every if ip_version(f.ip) == 6]) if has_v6(services) else \
-        ([], [], None)
+    sets6, chains6, reject6, hairpin6 = (compile6([f for f in every if ip_version(f.ip) == 6])
+                                         if has_v6(services) else ([], [], None, None))
     max_n = max([PREDEFINED_SLOTS, *(len(f.backends) for f in fes)])
     timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
     vips: set = set()
@@ -300,6 +308,7 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
              *snat, comment="hairpin"),
         rule(ct_bits(HAIRPIN_MARK), *snat,
              comment="published port"),
+        *((hairpin6,) if hairpin6 else ()),
     ), hook="postrouting", type="nat", priority=99, policy="accept"))
     # jumped to from the base table's forward chain (new connections) and raw_output chain: no base
     # chain of its own, because every base chain is one more hook on every packet's path
