@@ -1,4 +1,4 @@
-"""The objects of Tether's desired state (DESIGN.md §2), shared by server, agent and CLI.
+"""The objects of Tether's desired state, shared by server, agent and CLI (docs/ARCHITECTURE.md: keys, API).
 
 Every object is a pydantic model with `extra="forbid"`, so an unknown field is an error that names
 the field. Objects are stored as JSON under `key_of(obj)`; the server fills `id`, `created_at` and

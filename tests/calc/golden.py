@@ -164,6 +164,7 @@ def replica_text(scenario: str) -> str:
 def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every host's whole plan, and the DNS records, for one stored replica. `planners`: one per
     host, kept by the caller to plan again from their memos (None: cold)."""
+    from tether.calc import dns_records
     from tether.calc.host import HostContext
     from tether.calc.planner import Planner
     from tether.calc.replica import Replica
@@ -174,7 +175,8 @@ def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]
     out: dict[str, Any] = {}
     for h in HOSTS:
         out[h] = canonical(planners.setdefault(h, Planner()).plan(rep, HostContext(h, "eth0", 1500)))
-    rec = planners.setdefault("dns", Planner()).dns(rep.endpoints, rep.services, rep.networks.values())
+    rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values(),
+                            memos=planners.setdefault("dns", Planner()).memos)
     out["dns"] = canonical({k: v for k, v in vars(rec).items() if k != "memo"})  # memo: a cache of answers
     return out
 

@@ -151,6 +151,10 @@ def test_an_ipv6_vip_balances_over_the_backends_ipv6_addresses_and_ipv4_only_tab
     v4_only = compile_services([web()], [ep(1)], [], "h1", [])
     assert not [s for s in v4_only.sets if s.name.endswith("6") or "6_" in s.name]
     assert not [c for c in v4_only.chains if c.name.startswith("svc6")]
+    # hairpin: a backend reaching itself through the IPv6 VIP is source-NATed to its gateway fe80::1
+    assert elements(plan, "svc_hairpin6") == {("fd01::1", "fd01::1"), ("fd01::2", "fd01::2")}
+    (hairpin6,) = [r for r in plan.chain("svc_postrouting").rules if "svc_hairpin6" in r]
+    assert '"snat":{"addr":"fe80::1","family":"ip6"}' in hairpin6
 
 
 def test_a_kubernetes_dual_stack_service_manifest_asks_for_both_families() -> None:

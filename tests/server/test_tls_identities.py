@@ -357,7 +357,7 @@ def test_a_watch_moves_to_the_next_server_when_its_server_stops_without_losing_a
     ("DELETE", "/api/v1/networks/blue", True), ("PUT", "/api/v1/networks/blue/x", False),
     ("DELETE", "/api/v1/namespaces/shop", False),
     ("PUT", "/api/v1/namespaces/shop/networkpolicies/p", False), ("PUT", "/api/v1/namespaces/shop/services/s", True),
-    ("POST", "/api/v1/securitygroups", False), ("POST", "/api/v1/apply", False),
+    ("POST", "/api/v1/securitygroups", False),
     ("POST", "/api/v1/bootstrap-tokens", False), ("DELETE", "/api/v1/hosts/h2/credential", False),
     ("GET", "/v2.0/networks", False), ("POST", "/v2.0/ports", False), ("GET", "/openapi.json", False),
 ])

@@ -24,6 +24,7 @@ from typing import Any
 
 from tether import __version__, heap, yielding
 from tether.agent import extras as extras_
+from tether.agent import replica_file
 from tether.agent.cni.server import CniServer
 from tether.agent.config import AgentConfig
 from tether.agent.local_endpoints import LocalEndpoints
@@ -182,7 +183,7 @@ class Agent:
 
     async def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
-        if self.replica.load(self.replica_path):
+        if replica_file.load(self.replica, self.replica_path):
             log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
@@ -369,7 +370,7 @@ class Agent:
         if self.replica.revision == self._saved_rev or (not force and now - self._saved_at < 1.0):
             return
         with contextlib.suppress(OSError):
-            self.replica.save(self.replica_path)
+            replica_file.save(self.replica, self.replica_path)
             self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:

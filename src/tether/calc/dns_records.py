@@ -5,7 +5,7 @@ lookups, and a header + question parse with pre-encoded resource records is seve
 than building a message object per query. Anything outside the cluster zones returns None so the
 server forwards it (dns.py); dnspython is used there and in the tests.
 
-Names (DESIGN.md §5):
+Names (docs/ARCHITECTURE.md, "DNS"):
 - `<endpoint>.<network>.<domain>`       A / AAAA (every address, shuffled per answer); also
   `<dns_name>.<network>.<domain>` for a Neutron port with a `dns_name`
 - `<service>.<namespace>.svc.<domain>`  A (cluster IP); SRV for the service's ports

@@ -292,7 +292,7 @@ def needs_state(rep: Replica) -> str:
     """Why the hosts' tables need conntrack, or "" when nothing does: then a table has no `ct`
     expression, no nat chain and no `notrack`, so the kernel does not register conntrack in the
     host's namespace at all (registered, it costs a round trip between pods about 5% even when
-    every packet is `notrack`ed, docs/ARCHITECTURE.md). Services (their VIPs are reached from every
+    every packet is `notrack`ed, bench/NOTES.md#dataplane). Services (their VIPs are reached from every
     host, published ports too), masquerading networks, policies and security groups need state;
     they are cluster-wide conditions, so every host's table is of the same kind."""
     if next(iter(rep.services), None) is not None:

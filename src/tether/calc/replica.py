@@ -7,8 +7,6 @@ down, so a restart never needs the server to keep the datapath as it was.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -108,23 +106,6 @@ class Replica:
             for key in [key for key in cache if key not in live]:
                 del cache[key]
         return f'{{"revision": {self.revision}, "objects": [{", ".join(items)}]}}'
-
-    def save(self, path: str) -> None:
-        d = os.path.dirname(path) or "."
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.encoded())
-        os.replace(tmp, path)
-
-    def load(self, path: str) -> bool:
-        try:
-            with open(path) as f:
-                self.load_snapshot(json.load(f))
-        except (OSError, ValueError, KeyError):
-            return False
-        self.synced = False  # usable for the datapath, but not a fresh sync
-        return True
 
     # --- views ----------------------------------------------------------------------------------
 

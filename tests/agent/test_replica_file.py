@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from tether.agent import replica_file
 from tether.agent.main import Agent, AgentConfig
 from tether.calc.replica import Replica
 from tether.client import ServerUnreachable
@@ -47,5 +48,5 @@ def test_losing_the_server_saves_the_events_the_throttle_skipped(tmp_path) -> No
 
     asyncio.run(run())
     back = Replica()
-    assert back.load(a.replica_path), "the replica was written when the server was lost"
+    assert replica_file.load(back, a.replica_path), "the replica was written when the server was lost"
     assert back.revision == 6 and back.endpoint("e1") == ep and "n1" in back.networks
