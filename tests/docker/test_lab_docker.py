@@ -14,21 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.lab import lab_name, require_root_tools, unique
+from tests.docker.cli_lab import docker_lab, tether
+from tests.fixtures.lab import unique
 from tether.lab.cluster import LAB_ROOT, LOG_ROOT, Lab, alive, lab_namespaces, wait_for
-from tether.lab.dockerd import IMAGE, available
+from tether.lab.dockerd import IMAGE
 from tether.model import Service, ServiceBackend
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
 
 SUBNET = "10.89.0.0/24"
-TETHER = [sys.executable, "-m", "tether.cli.main"]
 
-
-def tether(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([*TETHER, *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"tether {' '.join(args)}: {r.stderr}"
-    return r
 
 
 @dataclass
@@ -51,22 +46,8 @@ class Quick:
 
 @pytest.fixture(scope="module")
 def quick() -> Iterator[Quick]:
-    require_root_tools()
-    why = available()
-    if why:
-        pytest.skip(why)
-    name = lab_name()
-    try:
-        tether("lab", "up", "--docker", "--hosts", "2", "--lab", name)
-        hosts = {}
-        for h in ("h1", "h2"):
-            out = tether("lab", "docker", h, "--lab", name).stdout
-            assert out.startswith("export DOCKER_HOST=unix://"), out
-            hosts[h] = out.split()[1].split("=", 1)[1]
+    with docker_lab("--docker") as (name, hosts):
         yield Quick(name, hosts)
-    finally:
-        if os.path.isdir(os.path.join(LAB_ROOT, name)):
-            Lab(name).down()
 
 
 def test_a_network_made_once_with_the_docker_cli_carries_containers_on_two_hosts_that_ping_by_name(

@@ -8,29 +8,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.lab import lab_name, require_root_tools, unique
+from tests.docker.cli_lab import docker_lab, tether
+from tests.fixtures.lab import unique
 from tether.lab.cluster import LAB_ROOT, Lab, alive, lab_namespaces, wait_for
-from tether.lab.dockerd import IMAGE, available
+from tether.lab.dockerd import IMAGE
 from tether.lab.swarm import DRIVER
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
 
 SUBNET = "10.79.0.0/24"
-TETHER = [sys.executable, "-m", "tether.cli.main"]
 FORWARDER = b"UNIX-CONNECT:/agent/tether.sock"  # the plugin's socat (its rootfs is dockerd's, not ours)
 
-
-def tether(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([*TETHER, *args], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"tether {' '.join(args)}: {r.stderr}"
-    return r
 
 
 def pids_with(mark: bytes) -> list[int]:
@@ -83,18 +77,8 @@ class Swarm:
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
-    require_root_tools()
-    why = available()
-    if why:
-        pytest.skip(why)
-    name = lab_name()
-    try:
-        tether("lab", "up", "--swarm", "--hosts", "2", "--lab", name)
-        hosts = {h: tether("lab", "docker", h, "--lab", name).stdout.split()[1].split("=", 1)[1] for h in ("h1", "h2")}
+    with docker_lab("--swarm") as (name, hosts):
         yield Swarm(name, hosts)
-    finally:
-        if os.path.isdir(os.path.join(LAB_ROOT, name)):
-            Lab(name).down()
 
 
 def test_service_tasks_on_two_hosts_reach_each_other_by_service_name(swarm: Swarm) -> None:
