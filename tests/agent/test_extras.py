@@ -50,3 +50,18 @@ def test_a_service_that_prepares_off_the_event_loop_is_told_apart() -> None:
             return None
 
     assert isinstance(Preparing(), extras.Preparing) and not isinstance(Service(), extras.Preparing)
+
+
+def test_a_failing_extra_update_is_logged_once_until_its_error_changes(caplog) -> None:
+    import logging
+
+    from tether.agent.main import Agent
+
+    agent = Agent.__new__(Agent)  # only the logging state is exercised
+    agent._extra_errors = {}
+    with caplog.at_level(logging.ERROR, logger="tether.agent"):
+        for _ in range(3):
+            agent._extra_failed("DnsServer", RuntimeError("worker gone"))
+        agent._extra_failed("DnsServer", RuntimeError("socket closed"))
+    assert [r.getMessage() for r in caplog.records if "DnsServer" in r.getMessage()] == [
+        "updating DnsServer failed (logged once until the error changes)"] * 2

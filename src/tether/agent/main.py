@@ -38,6 +38,7 @@ from tether.model import Host, Network
 
 log = logging.getLogger("tether.agent")
 NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
+PREPARE_FAILED = object()  # its `prepare` raised: nothing to install
 STATUS_INTERVAL = 0.1  # seconds between two writes of this host's status that change only its applied revision
 
 
@@ -131,6 +132,7 @@ class Agent:
         self._status_task: asyncio.Task | None = None
         self._now = False  # the pending kick asked not to wait
         self.planner = Planner()  # the calculation, with what one plan leaves for the next
+        self._extra_errors: dict[str, str] = {}  # optional service -> its last update error (logged once)
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
         self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
@@ -327,27 +329,40 @@ class Agent:
             extras = self._extras
             installs = await asyncio.to_thread(self._prepare_extras, extras, view)
             for e, install in zip(extras, installs, strict=True):
+                if install is None or install is PREPARE_FAILED:
+                    continue  # nothing changed for it, or its prepare failed (already logged)
                 try:
                     if install is NOT_PREPARED:
                         e.update(self.replica)
-                    elif install is not None:
+                    else:
                         install()
-                except Exception:  # noqa: BLE001 - optional services never stop the datapath
-                    log.exception("updating %s failed", type(e).__name__)
+                    self._extra_errors.pop(type(e).__name__, None)
+                except Exception as exc:  # noqa: BLE001 - optional services never stop the datapath
+                    self._extra_failed(type(e).__name__, exc)
 
-    @staticmethod
-    def _prepare_extras(extras: list[extras_.Extra], view: Replica) -> list[Any]:
+    def _extra_failed(self, name: str, exc: Exception) -> None:
+        """An optional service's update failed: logged with its traceback once per distinct error
+        (not on every apply while it keeps failing), and again when the error changes."""
+        text = f"{type(exc).__name__}: {exc}"
+        if self._extra_errors.get(name) != text:
+            self._extra_errors[name] = text
+            log.error("updating %s failed (logged once until the error changes)", name, exc_info=exc)
+
+    def _prepare_extras(self, extras: list[extras_.Extra], view: Replica) -> list[Any]:
         """On the apply thread, the O(objects) part of the extras' updates (an extra's `prepare`,
         such as rebuilding the DNS records) from the apply's copy of the replica; each returns what
         to run on the event loop (or None: nothing changed). NOT_PREPARED: the extra has no `prepare`."""
         out: list[Any] = []
+        failed: list[tuple[str, Exception]] = []
         with yielding.background():
             for e in extras:
                 try:
                     out.append(e.prepare(view) if isinstance(e, extras_.Preparing) else NOT_PREPARED)
-                except Exception:  # noqa: BLE001 - optional services never stop the datapath
-                    log.exception("updating %s failed", type(e).__name__)
-                    out.append(None)
+                except Exception as exc:  # noqa: BLE001 - optional services never stop the datapath
+                    failed.append((type(e).__name__, exc))
+                    out.append(PREPARE_FAILED)
+        for name, exc in failed:
+            self._extra_failed(name, exc)
         return out
 
     def _plan(self, view: Replica, key: tuple) -> Any:
