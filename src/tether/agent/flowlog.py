@@ -337,7 +337,7 @@ class FlowLog:
                       f'tether_agent_applies_total{{host="{self.host}"}} {getattr(a, "applies", 0)}',
                       "# HELP tether_agent_applied_revision The store revision of the last applied plan.",
                       "# TYPE tether_agent_applied_revision gauge",
-                      f'tether_agent_applied_revision{{host="{self.host}"}} {getattr(a, "_reported_rev", 0)}',
+                      f'tether_agent_applied_revision{{host="{self.host}"}} {getattr(a, "applied_revision", 0)}',
                       "# HELP tether_agent_plan_milliseconds Time the last plan took to compute.",
                       "# TYPE tether_agent_plan_milliseconds gauge",
                       f'tether_agent_plan_milliseconds{{host="{self.host}"}} {getattr(a, "_plan_ms", 0.0):.3f}',
