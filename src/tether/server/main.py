@@ -15,13 +15,14 @@ import socket
 import ssl
 import sys
 import threading
+from typing import NoReturn
 
 import uvicorn
 
 from tether import heap
 from tether.server.auth import AdminCredential, is_local_listen, shared_admin_credential
 from tether.server.limits import Limits
-from tether.store.base import Store, Unavailable, open_store
+from tether.store.base import Store, StoreUnusable, Unavailable, open_store
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"
@@ -154,20 +155,36 @@ def tls_context(tls: TlsOptions, state_dir: str, listen: list[str]) -> tuple[ssl
         with open(files.ca, "rb") as f:
             ca_pem = f.read()
     return server_context(files), ca_pem
-def open_database(store_url: str) -> Store:
+def open_database(store_url: str, etcd_access: object = None) -> Store:
     """Open the store, or exit with one line saying what is wrong with the database and what to do,
     and an exit code that says which (see tether.store.sqlite): no traceback for an operator's problem."""
-    from tether.store.sqlite import DatabaseUnusable
-
     try:
-        return open_store(store_url)
-    except DatabaseUnusable as e:
-        print(f"tether server: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+        return open_store(store_url, etcd_access)
+    except StoreUnusable as e:
+        unusable(e)
+
+
+def unusable(e: StoreUnusable) -> NoReturn:
+    print(f"tether server: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
+
+
+async def first_contact(store: Store) -> None:
+    """Reach the store once before serving, waiting while it is down: a store that refuses this
+    configuration (etcd: wrong CA, client certificate, user or password) stops the server now."""
+    while True:
+        try:
+            await store.revision()
+            return
+        except StoreUnusable as e:
+            unusable(e)
+        except Unavailable as e:
+            log.warning("waiting for the store: %s", e)
+            await asyncio.sleep(2)
 
 
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
-                tls: TlsOptions | None = None, **app_options) -> None:
+                tls: TlsOptions | None = None, etcd_access: object = None, **app_options) -> None:
     from tether.server.app import create_app
     from tether.server.listener import guarded_protocol
 
@@ -180,7 +197,8 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
     tls = tls or TlsOptions()
-    store = open_database(store_url)  # first: a database it cannot use is the clearest thing to report
+    store = open_database(store_url, etcd_access)  # first: a store it cannot use is the clearest thing to report
+    await first_contact(store)
     credential = None if insecure else await credential_from(store, state_dir)
     if app_options.get("compact_keep") is None:  # etcd keeps all history unless told; SQLite compacts itself
         app_options["compact_keep"] = DEFAULT_COMPACT_KEEP if store_url.startswith("etcd://") else 0
@@ -267,13 +285,48 @@ def main(argv: list[str] | None = None) -> None:
                    help="revisions of history kept when the leader compacts etcd (default "
                         f"{DEFAULT_COMPACT_KEEP} for etcd; 0: never compact, then etcd's own --auto-compaction-* "
                         "must; SQLite compacts itself)")
+    add_etcd_flags(p)
     add_limit_flags(p)
     a = p.parse_args(argv)
     if a.compact_keep is not None and a.compact_keep < 0:
         raise SystemExit("--compact-keep must be 0 (off) or a number of revisions")
     run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr, service_cidr6=a.service_cidr6,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
-               compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a))
+               compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a), etcd_access=etcd_access_from(a))
+
+
+def add_etcd_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("etcd access", "TLS and authentication towards etcd (with --store etcd://...)")
+    g.add_argument("--etcd-cacert", metavar="PEM", help="CA that signed etcd's client-URL certificates: talk TLS to "
+                   "etcd (etcd's --cert-file/--key-file) and verify it")
+    g.add_argument("--etcd-cert", metavar="PEM", help="Tether's client certificate, for an etcd with "
+                   "--client-cert-auth (signed by a CA in etcd's --trusted-ca-file; with etcd auth on, its common "
+                   "name is the etcd user)")
+    g.add_argument("--etcd-key", metavar="PEM", help="the private key of --etcd-cert")
+    g.add_argument("--etcd-user", help="etcd user (etcd auth enabled); give it a role with readwrite on /tether/")
+    g.add_argument("--etcd-password-file", metavar="FILE", help="file holding --etcd-user's password (not a flag: "
+                   "command lines are visible to every local user)")
+
+
+def etcd_access_from(a: argparse.Namespace) -> object:
+    """The `EtcdAccess` of the --etcd-* flags, or None when none is given (plain, open etcd)."""
+    if not any((a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, a.etcd_password_file)):
+        return None
+    if a.store is None or not a.store.startswith("etcd://"):
+        raise SystemExit("--etcd-* flags need --store etcd://HOST:PORT[,...]")
+    from tether.store.etcd import EXIT_CONFIG, EtcdAccess
+
+    password = None
+    if a.etcd_password_file:
+        try:
+            with open(a.etcd_password_file) as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as e:
+            print(f"tether server: --etcd-password-file {a.etcd_password_file}: {e.strerror}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG) from None
+        if a.etcd_user is None:
+            raise SystemExit("--etcd-password-file needs --etcd-user")
+    return EtcdAccess(a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, password)
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:

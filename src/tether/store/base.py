@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 
 class StoreError(Exception):
@@ -38,6 +38,15 @@ class Compacted(StoreError):
 
 class Unavailable(StoreError):
     """The store cannot be reached."""
+
+
+class StoreUnusable(StoreError):
+    """The store cannot be used as configured (a corrupt or unwritable database, etcd refusing the
+    credentials): the server cannot start. `exit_code` (sysexits.h) says which, for scripts."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +152,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str) -> Store:
-    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`."""
+def open_store(url: str, etcd_access: Any = None) -> Store:
+    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`
+    (`etcd_access`: an `EtcdAccess`, etcd's TLS and user, for etcd URLs)."""
     if url.startswith("sqlite://"):
         from tether.store.sqlite import SqliteStore
 
@@ -153,5 +163,5 @@ def open_store(url: str) -> Store:
     if url.startswith("etcd://"):
         from tether.store.etcd import EtcdStore
 
-        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h])
+        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h], access=etcd_access)
     raise ValueError(f"unknown store URL {url!r}: use sqlite:///path/tether.db or etcd://127.0.0.1:2379")

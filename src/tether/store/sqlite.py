@@ -42,6 +42,7 @@ from tether.store.base import (
     Op,
     Put,
     StoreError,
+    StoreUnusable,
     Unavailable,
 )
 
@@ -80,13 +81,9 @@ UNWRITABLE_CODES = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQ
                     sqlite3.SQLITE_FULL, sqlite3.SQLITE_AUTH}
 
 
-class DatabaseUnusable(StoreError):
+class DatabaseUnusable(StoreUnusable):
     """The database file cannot be used at all (corrupt, unwritable, being restored): the server
     cannot start. `exit_code` says which, for scripts."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def prefix_end(prefix: str) -> str:
