@@ -76,6 +76,18 @@ async def test_the_store_works_over_client_tls_with_a_client_certificate(tls_etc
         await store.close()
 
 
+async def test_with_auth_on_the_client_certificates_common_name_is_the_etcd_user(tls_etcd) -> None:
+    e, tls = tls_etcd
+    enable_auth(e)  # the client certificate's CN is "tether", a user whose role covers /tether/ only
+    store = EtcdStore([e.endpoint], access=EtcdAccess(tls.ca, tls.client_cert, tls.client_key))
+    try:
+        await round_trip(store)
+        with pytest.raises(EtcdRefused, match="readwrite on the prefix /tether/"):
+            await store.put("/elsewhere", b"x")
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("wrong", ["other CA", "no client certificate", "foreign client certificate"])
 async def test_a_wrong_ca_or_client_certificate_is_refused_at_once_not_retried(tls_etcd, tmp_path, wrong) -> None:
     e, tls = tls_etcd
