@@ -204,6 +204,11 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         app_options["compact_keep"] = DEFAULT_COMPACT_KEEP if store_url.startswith("etcd://") else 0
     sockets = [bind(a) for a in listen]
     secure = {s.fileno(): wants_tls(a, s, tls.insecure_http) for a, s in zip(listen, sockets, strict=True)}
+    signer = False
+    if any(secure.values()) and not tls.cert:  # the cluster's own CA: one for every server on this store
+        from tether.server.tls import join_cluster_ca
+
+        signer = await join_cluster_ca(store, state_dir, listen, tls.sans)
     ctx, ca_pem = tls_context(tls, state_dir, listen) if any(secure.values()) or tls.cert else (None, None)
     for a, s in zip(listen, sockets, strict=True):
         if s.family != socket.AF_UNIX and not secure[s.fileno()] and not is_loopback(s):
@@ -229,9 +234,16 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         f"{a} ({'https' if secure[s.fileno()] else 'http'})" if s.family != socket.AF_UNIX else a
         for a, s in zip(listen, sockets, strict=True)), store_url)
     heap.settle()
+    signing = None
+    if signer:  # this server holds the CA key: it signs the certificates of the servers that do not
+        from tether.server.tls import sign_requests
+
+        signing = asyncio.create_task(sign_requests(store, state_dir))
     try:
         await server.serve(sockets=sockets)
     finally:
+        if signing is not None:
+            signing.cancel()
         for conn in list(server.server_state.connections):  # clients that never read: drop their buffers
             with contextlib.suppress(Exception):
                 conn.transport.abort()
