@@ -785,8 +785,9 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
     hosts = run(lambda: c.list_raw("Host"))
     nets = run(lambda: c.list_raw("Network"))
     eps = run(lambda: c.list_raw("Endpoint"))
+    health = server_health(c)
     if output != Format.table:
-        emit("status", {"hosts": hosts, "networks": nets, "endpoints": len(eps)}, output)
+        emit("status", {"hosts": hosts, "networks": nets, "endpoints": len(eps), "store": health}, output)
         return
     for h in hosts:
         h.setdefault("labels", {})
@@ -796,6 +797,19 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
+    print("store: " + ("takes writes" if health.get("ok") else "CANNOT TAKE WRITES: "
+                       + "; ".join(health.get("problems") or ["no reason given"])))
+
+
+def server_health(c) -> dict:
+    """The answering server's /healthz: `ok` is False, with `problems`, when its store cannot take
+    writes (no etcd quorum, an etcd alarm, a full disk under SQLite)."""
+    import httpx
+
+    try:
+        return c.http.get("/healthz").json()
+    except (httpx.HTTPError, ValueError) as e:
+        return {"ok": False, "problems": [f"no answer from {c.servers[c.current]}/healthz: {e}"]}
 
 
 def print_peers(report: dict) -> None:
