@@ -105,6 +105,22 @@ async def test_a_wrong_ca_or_client_certificate_is_refused_at_once_not_retried(t
     assert ("--etcd-cacert" if wrong == "other CA" else "--etcd-cert") in str(err.value)
 
 
+async def test_one_member_that_refuses_the_configuration_does_not_stop_the_store_using_another(
+        tls_etcd, tmp_path) -> None:
+    e, tls = tls_etcd
+    other_tls = make_etcd_tls(str(tmp_path / "other"))
+    other = start_etcd(str(tmp_path), "e1", tls=other_tls)  # its certificate is from another CA
+    try:
+        store = EtcdStore([other.endpoint, e.endpoint], access=EtcdAccess(tls.ca, tls.client_cert, tls.client_key))
+        try:
+            await store.put("/tether/v1/x", b"1")
+            assert store.endpoints[store._current] == e.endpoint
+        finally:
+            await store.close()
+    finally:
+        other.stop(signal.SIGKILL)
+
+
 async def test_the_store_works_as_an_etcd_user_and_authenticates_again_when_the_token_expires(auth_etcd) -> None:
     store = EtcdStore([auth_etcd.endpoint], access=EtcdAccess(user="tether", password=PASSWORD))
     try:

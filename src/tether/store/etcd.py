@@ -113,7 +113,7 @@ def refusal(e: BaseException, access: EtcdAccess) -> str | None:
         return None
     code, details = e.code(), e.details() or ""
     low = details.lower()
-    if "handshake failed" in low and "socket closed" not in low:
+    if "handshake failed" in low and ("certificate" in low or "ssl_error_ssl" in low):
         return (f"TLS with etcd failed ({details}): etcd's certificate is not signed by the CA of --etcd-cacert "
                 f"{access.cacert or '(none: the system CAs)'}, or does not name the address in --store")
     if "unwrap failed" in low or "bad_certificate" in low or "certificate required" in low:
@@ -233,7 +233,7 @@ class EtcdStore:
         async with self._lock:
             if self._client is not None:
                 return self._client
-            errors = []
+            errors, refused = [], []
             for i in range(len(self.endpoints)):
                 idx = (self._current + i) % len(self.endpoints)
                 client = self._new_client(self.endpoints[idx])
@@ -243,12 +243,14 @@ class EtcdStore:
                                                         metadata=client.metadata)
                 except Exception as e:  # noqa: BLE001 - any failure means "try the next one"
                     await client.close()
-                    if (wrong := refusal(e, self.access)) is not None:
-                        raise EtcdRefused(f"etcd {self.endpoints[idx]}: {wrong}") from None
+                    if (wrong := refusal(e, self.access)) is not None:  # the next member may take us
+                        refused.append(f"etcd {self.endpoints[idx]}: {wrong}")
                     errors.append(f"{self.endpoints[idx]}: {e.details() if isinstance(e, rpc.AioRpcError) else e}")
                     continue
                 self._client, self._current = client, idx
                 return client
+            if refused:  # no member took us, and some refused who we are: a flag to fix, not an outage
+                raise EtcdRefused("; ".join(refused))
             closed = any("Socket closed" in e for e in errors)
             hint = ("" if not closed else " (a member that closes TLS handshakes may serve plain connections: "
                     "drop --etcd-cacert)" if self.access.tls else " (a member that closes plain connections may "
