@@ -147,8 +147,10 @@ async def test_a_wrong_password_no_user_or_no_permission_is_refused_with_what_to
         await store.close()
 
 
-def run_server(store_url: str, state_dir: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tether.server.main", "--store", store_url, "--listen",
+def run_server(store_url: str, state_dir: str, *flags: str, entry: str = "tether.server.main"
+               ) -> subprocess.CompletedProcess:
+    cmd = [entry] if entry == "tether.server.main" else [entry, "server"]
+    return subprocess.run([sys.executable, "-m", *cmd, "--store", store_url, "--listen",
                            f"127.0.0.1:{free_port()}", "--state-dir", state_dir, *flags],
                           capture_output=True, text=True, timeout=60)
 
@@ -187,6 +189,9 @@ def test_server_serves_over_a_tls_etcd_with_auth_and_refuses_a_wrong_ca_or_passw
             assert r.returncode == EXIT_CONFIG, (name, r.stderr[-2000:])
             assert says in r.stderr, (name, r.stderr[-2000:])
             assert "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        # the same through `tether server` (the CLI command)
+        r = run_server(e.url, str(tmp_path / "s-cli"), *good[:-1], str(bad_pw), entry="tether.cli.main")
+        assert r.returncode == EXIT_CONFIG and "check --etcd-user" in r.stderr, r.stderr[-2000:]
     finally:
         e.stop(signal.SIGKILL)
     assert not os.path.exists(str(tmp_path / "s-wrong-CA" / "server.sock"))

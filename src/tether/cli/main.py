@@ -143,17 +143,24 @@ def server(
                                                            "(repeatable)")] = None,
     insecure_http: Annotated[bool, typer.Option(help="DANGEROUS: allow http://ADDR:PORT listeners off loopback; "
                                                      "tokens then cross the network in clear")] = False,
+    etcd_cacert: Annotated[str | None, typer.Option(help="CA of etcd's certificates: talk TLS to etcd")] = None,
+    etcd_cert: Annotated[str | None, typer.Option(help="client certificate (etcd --client-cert-auth)")] = None,
+    etcd_key: Annotated[str | None, typer.Option(help="private key of --etcd-cert")] = None,
+    etcd_user: Annotated[str | None, typer.Option(help="etcd user (etcd auth on; a role with readwrite on "
+                                                       "/tether/)")] = None,
+    etcd_password_file: Annotated[str | None, typer.Option(help="file holding --etcd-user's password")] = None,
 ) -> None:
     """Run the control plane: the API over the store (SQLite by default, or etcd), HTTPS on TCP listeners.
     `tether server backup` and `tether server restore` copy its SQLite database out and back."""
     if ctx.invoked_subcommand is not None:
         return
     from tether.server.limits import Limits
-    from tether.server.main import TlsOptions, run_server
+    from tether.server.main import TlsOptions, etcd_access_of, run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
                gc_interval=gc_interval, compact_keep=compact_keep, limits=Limits(max_body=max_body),
-               tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http))
+               tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http),
+               etcd_access=etcd_access_of(store, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file))
 
 
 DbStoreOpt = Annotated[str | None, typer.Option("--store", help="sqlite:///path/tether.db [default: tether.db in "

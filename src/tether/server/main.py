@@ -15,7 +15,7 @@ import socket
 import ssl
 import sys
 import threading
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
 
@@ -23,6 +23,9 @@ from tether import heap
 from tether.server.auth import AdminCredential, is_local_listen, shared_admin_credential
 from tether.server.limits import Limits
 from tether.store.base import Store, StoreUnusable, Unavailable, open_store
+
+if TYPE_CHECKING:
+    from tether.store.etcd import EtcdAccess
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"
@@ -155,7 +158,9 @@ def tls_context(tls: TlsOptions, state_dir: str, listen: list[str]) -> tuple[ssl
         with open(files.ca, "rb") as f:
             ca_pem = f.read()
     return server_context(files), ca_pem
-def open_database(store_url: str, etcd_access: object = None) -> Store:
+
+
+def open_database(store_url: str, etcd_access: EtcdAccess | None = None) -> Store:
     """Open the store, or exit with one line saying what is wrong with the database and what to do,
     and an exit code that says which (see tether.store.sqlite): no traceback for an operator's problem."""
     try:
@@ -184,7 +189,7 @@ async def first_contact(store: Store) -> None:
 
 
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
-                tls: TlsOptions | None = None, etcd_access: object = None, **app_options) -> None:
+                tls: TlsOptions | None = None, etcd_access: EtcdAccess | None = None, **app_options) -> None:
     from tether.server.app import create_app
     from tether.server.listener import guarded_protocol
 
@@ -320,25 +325,30 @@ def add_etcd_flags(p: argparse.ArgumentParser) -> None:
                    "command lines are visible to every local user)")
 
 
-def etcd_access_from(a: argparse.Namespace) -> object:
+def etcd_access_from(a: argparse.Namespace) -> EtcdAccess | None:
+    return etcd_access_of(a.store, a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, a.etcd_password_file)
+
+
+def etcd_access_of(store: str | None, cacert: str | None, cert: str | None, key: str | None, user: str | None,
+                   password_file: str | None) -> EtcdAccess | None:
     """The `EtcdAccess` of the --etcd-* flags, or None when none is given (plain, open etcd)."""
-    if not any((a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, a.etcd_password_file)):
+    if not any((cacert, cert, key, user, password_file)):
         return None
-    if a.store is None or not a.store.startswith("etcd://"):
+    if store is None or not store.startswith("etcd://"):
         raise SystemExit("--etcd-* flags need --store etcd://HOST:PORT[,...]")
     from tether.store.etcd import EXIT_CONFIG, EtcdAccess
 
     password = None
-    if a.etcd_password_file:
+    if password_file:
+        if user is None:
+            raise SystemExit("--etcd-password-file needs --etcd-user")
         try:
-            with open(a.etcd_password_file) as f:
+            with open(password_file) as f:
                 password = f.read().rstrip("\r\n")
         except OSError as e:
-            print(f"tether server: --etcd-password-file {a.etcd_password_file}: {e.strerror}", file=sys.stderr)
+            print(f"tether server: --etcd-password-file {password_file}: {e.strerror}", file=sys.stderr)
             raise SystemExit(EXIT_CONFIG) from None
-        if a.etcd_user is None:
-            raise SystemExit("--etcd-password-file needs --etcd-user")
-    return EtcdAccess(a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, password)
+    return EtcdAccess(cacert, cert, key, user, password)
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:

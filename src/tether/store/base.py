@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from tether.store.etcd import EtcdAccess
 
 
 class StoreError(Exception):
@@ -152,7 +155,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str, etcd_access: Any = None) -> Store:
+def open_store(url: str, etcd_access: EtcdAccess | None = None) -> Store:
     """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`
     (`etcd_access`: an `EtcdAccess`, etcd's TLS and user, for etcd URLs)."""
     if url.startswith("sqlite://"):
