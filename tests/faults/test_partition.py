@@ -142,7 +142,7 @@ def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(p
         assert lab.reaches("h1/a", b.ip)
         procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5003"))
         wait_for(lambda: ":5003" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
-        seconds = PARTITION + 40
+        seconds = PARTITION + 120  # the checks during the partition wait out store timeouts (5 s each)
         stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5003", str(seconds))
         procs.append(stream)
         auth = {"Authorization": f"Bearer {lab.token}"}
@@ -158,6 +158,12 @@ def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(p
             health = api.get("/healthz")
             assert health.status_code == 503 and health.json()["ok"] is False, health.text
             assert any("etcd" in p for p in health.json()["problems"]), health.text
+            status_at = time.monotonic()
+            status = subprocess.run([sys.executable, "-m", "tether.cli.main", "status", "--server", lab.server_url,
+                                     "--token", lab.token], capture_output=True, text=True, timeout=120,
+                                    env={**os.environ, "COLUMNS": "400"})
+            assert "store: CANNOT TAKE WRITES: no etcd quorum" in status.stdout, status.stdout + status.stderr
+            status_s = time.monotonic() - status_at
             assert lab.reaches("h1/a", b.ip, within=5), "pod traffic stopped during the partition"
             time.sleep(max(0.0, PARTITION - (time.monotonic() - cut_at)))
             assert stream.poll() is None, "the pod TCP stream ended during the partition"
@@ -166,12 +172,16 @@ def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(p
             healed_at = time.monotonic()
             wait_for(lambda: api.get("/healthz").status_code == 200, 30, "the server healthy after the partition")
             healthy_s = time.monotonic() - healed_at
+            # a new etcd client gets fresh connections, not the stuck ones of the partition and their
+            # reconnect backoff (shared gRPC subchannels: 5-30+ s here, and `tether status` 55 s)
+            assert healthy_s < 3, f"healthy only {healthy_s:.1f} s after the partition healed"
             assert api.get("/api/v1/networks").status_code == 200
         c = lab.run_pod("h2", "c", net)
         assert lab.reaches("h1/a", c.ip, within=5), "the agents did not converge within 5 s after healing"
         converged_s = time.monotonic() - healed_at
         out, _ = stream.communicate(timeout=seconds + 30)
         print("\npartition:", json.dumps({"partition_s": PARTITION, "first_503_s": round(first_503, 2),
+                                          "tether_status_s": round(status_s, 2),
                                           "healthy_after_heal_s": round(healthy_s, 2),
                                           "new_pod_reachable_after_heal_s": round(converged_s, 2),
                                           "broken_flows": int(stream.returncode != 0)}))

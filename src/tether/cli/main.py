@@ -789,10 +789,13 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
             return
         print_peers(report)
         return
+    health = server_health(c)
+    if output == Format.table:  # first: when the store cannot answer, the lists below fail, and this says why
+        print("store: " + ("takes writes" if health.get("ok") else "CANNOT TAKE WRITES: "
+                           + "; ".join(health.get("problems") or ["no reason given"])))
     hosts = run(lambda: c.list_raw("Host"))
     nets = run(lambda: c.list_raw("Network"))
     eps = run(lambda: c.list_raw("Endpoint"))
-    health = server_health(c)
     if output != Format.table:
         emit("status", {"hosts": hosts, "networks": nets, "endpoints": len(eps), "store": health}, output)
         return
@@ -804,8 +807,6 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
-    print("store: " + ("takes writes" if health.get("ok") else "CANNOT TAKE WRITES: "
-                       + "; ".join(health.get("problems") or ["no reason given"])))
 
 
 def server_health(c) -> dict:
