@@ -211,9 +211,7 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
     secure = {s.fileno(): wants_tls(a, s, tls.insecure_http) for a, s in zip(listen, sockets, strict=True)}
     signer = False
     if any(secure.values()) and not tls.cert:  # the cluster's own CA: one for every server on this store
-        from tether.server.tls import join_cluster_ca
-
-        signer = await join_cluster_ca(store, state_dir, listen, tls.sans)
+        signer = await cluster_ca_from(store, state_dir, listen, tls.sans)
     ctx, ca_pem = tls_context(tls, state_dir, listen) if any(secure.values()) or tls.cert else (None, None)
     for a, s in zip(listen, sockets, strict=True):
         if s.family != socket.AF_UNIX and not secure[s.fileno()] and not is_loopback(s):
@@ -267,6 +265,18 @@ async def credential_from(store: Store, state_dir: str) -> AdminCredential:
             return await shared_admin_credential(store, state_dir)
         except Unavailable as e:
             log.warning("waiting for the store to learn the cluster's admin token: %s", e)
+            await asyncio.sleep(2)
+
+
+async def cluster_ca_from(store: Store, state_dir: str, listen: list[str], sans: list[str]) -> bool:
+    """Join the CA every server on this store shares (see tether.server.tls); waits for the store."""
+    from tether.server.tls import join_cluster_ca
+
+    while True:
+        try:
+            return await join_cluster_ca(store, state_dir, listen, sans)
+        except Unavailable as e:
+            log.warning("waiting for the store to learn the cluster's CA: %s", e)
             await asyncio.sleep(2)
 
 

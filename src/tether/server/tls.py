@@ -342,6 +342,8 @@ async def sign_requests(store, state_dir: str) -> None:
                 await _sign_one(store, ca_pem, ca_key_pem, kv)
         except StoreError as e:
             log.warning("cannot look for certificate requests of other servers: %s", e)
+        except Exception:  # noqa: BLE001 - a bug in one request must not stop signing for good
+            log.exception("signing a certificate request of another server failed")
         await asyncio.sleep(SIGN_EVERY)
 
 
