@@ -172,14 +172,27 @@ def test_a_full_disk_answers_503_with_a_message_and_the_store_stays_consistent()
                         assert "full" in r.json()["detail"] and d in r.json()["detail"]
                         break
                 assert answers[-1] == 503 and set(answers) <= {201, 503}, answers
-                assert h.get("/healthz").status_code == 200  # reads go on
+                assert h.get("/api/v1/endpoints").status_code == 200  # reads go on
+                health = h.get("/healthz")  # but the store takes no writes: unhealthy, and why
+                assert health.status_code == 503, health.text
+                assert any("is full" in p and d in p for p in health.json()["problems"]), health.text
+                assert "CANNOT TAKE WRITES" in cli_status(s) and "is full" in cli_status(s)
                 os.unlink(filler)
+                assert h.get("/healthz").status_code == 200  # space freed: healthy before any write
                 assert h.post("/api/v1/endpoints", json={"name": "after", "network": "full",
                                                          "host": "h0"}).status_code == 201
+                assert "store: takes writes" in cli_status(s)
             eps, _ = assert_consistent(s, "full")
             assert eps == 5 + answers.count(201) + 1
         finally:
             s.stop()
+
+
+def cli_status(s: ServerProc) -> str:
+    r = subprocess.run([sys.executable, "-m", "tether.cli.main", "status", "--server", s.url, "--token", s.token],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def run_server_on(db_path: str, state_dir: str) -> subprocess.CompletedProcess:

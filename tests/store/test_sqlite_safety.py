@@ -131,10 +131,12 @@ async def test_disk_full_is_unavailable_and_leaves_the_store_consistent() -> Non
                     assert "full" in str(e) and d in str(e)
                     failures += 1
             assert failures >= 45, "the disk never filled up"
+            assert any("is full" in p for p in await store.problems())  # /healthz: unhealthy, and why
             acknowledged = await store.revision()
             written = {kv.key for kv in (await store.list(P)).items}
             assert len(written) == 20 + (acknowledged - before)  # each acknowledged write, none else
             os.unlink(filler)
+            assert await store.problems() == []  # space freed: healthy again, before any write
             rev = await store.put(P + "after", b"1")
             assert rev == acknowledged + 1  # no revision was burnt by the failed writes
             if acknowledged == before:

@@ -145,17 +145,24 @@ def server(
                                                            "(repeatable)")] = None,
     insecure_http: Annotated[bool, typer.Option(help="DANGEROUS: allow http://ADDR:PORT listeners off loopback; "
                                                      "tokens then cross the network in clear")] = False,
+    etcd_cacert: Annotated[str | None, typer.Option(help="CA of etcd's certificates: talk TLS to etcd")] = None,
+    etcd_cert: Annotated[str | None, typer.Option(help="client certificate (etcd --client-cert-auth)")] = None,
+    etcd_key: Annotated[str | None, typer.Option(help="private key of --etcd-cert")] = None,
+    etcd_user: Annotated[str | None, typer.Option(help="etcd user (etcd auth on; a role with readwrite on "
+                                                       "/tether/)")] = None,
+    etcd_password_file: Annotated[str | None, typer.Option(help="file holding --etcd-user's password")] = None,
 ) -> None:
     """Run the control plane: the API over the store (SQLite by default, or etcd), HTTPS on TCP listeners.
     `tether server backup` and `tether server restore` copy its SQLite database out and back."""
     if ctx.invoked_subcommand is not None:
         return
     from tether.server.limits import Limits
-    from tether.server.main import TlsOptions, run_server
+    from tether.server.main import TlsOptions, etcd_access_of, run_server
 
     run_server(store, listen, state_dir, insecure, service_cidr=service_cidr, dead_host_grace=dead_host_grace,
                gc_interval=gc_interval, compact_keep=compact_keep, limits=Limits(max_body=max_body),
-               tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http))
+               tls=TlsOptions(tls_cert, tls_key, tls_ca, list(tls_san or []), insecure_http),
+               etcd_access=etcd_access_of(store, etcd_cacert, etcd_cert, etcd_key, etcd_user, etcd_password_file))
 
 
 DbStoreOpt = Annotated[str | None, typer.Option("--store", help="sqlite:///path/tether.db [default: tether.db in "
@@ -787,11 +794,15 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
             return
         print_peers(report)
         return
+    health = server_health(c)
+    if output == Format.table:  # first: when the store cannot answer, the lists below fail, and this says why
+        print("store: " + ("takes writes" if health.get("ok") else "CANNOT TAKE WRITES: "
+                           + "; ".join(health.get("problems") or ["no reason given"])))
     hosts = run(lambda: c.list_raw("Host"))
     nets = run(lambda: c.list_raw("Network"))
     eps = run(lambda: c.list_raw("Endpoint"))
     if output != Format.table:
-        emit("status", {"hosts": hosts, "networks": nets, "endpoints": len(eps)}, output)
+        emit("status", {"hosts": hosts, "networks": nets, "endpoints": len(eps), "store": health}, output)
         return
     for h in hosts:
         h.setdefault("labels", {})
@@ -801,6 +812,17 @@ def status(peers: Annotated[bool, typer.Option("--peers", help="the path health 
         n["labels"] = {"endpoints": str(sum(1 for e in eps if e["network"] == n["name"]))}
     emit("Network", nets, output, title="networks")
     print(f"{len(eps)} endpoints")
+
+
+def server_health(c) -> dict:
+    """The answering server's /healthz: `ok` is False, with `problems`, when its store cannot take
+    writes (no etcd quorum, an etcd alarm, a full disk under SQLite)."""
+    import httpx
+
+    try:
+        return c.http.get("/healthz").json()
+    except (httpx.HTTPError, ValueError) as e:
+        return {"ok": False, "problems": [f"no answer from {c.servers[c.current]}/healthz: {e}"]}
 
 
 def print_peers(report: dict) -> None:

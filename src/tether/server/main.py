@@ -15,6 +15,7 @@ import socket
 import ssl
 import sys
 import threading
+from typing import TYPE_CHECKING, NoReturn
 
 import uvicorn
 
@@ -22,7 +23,10 @@ from tether import heap
 from tether.server.auth import AdminCredential, is_local_listen, shared_admin_credential
 from tether.server.limits import Limits
 from tether.store import open_store
-from tether.store.base import Store, Unavailable
+from tether.store.base import Store, StoreUnusable, Unavailable
+
+if TYPE_CHECKING:
+    from tether.store.etcd import EtcdAccess
 
 log = logging.getLogger("tether.server")
 DEFAULT_STATE_DIR = "/var/lib/tether"
@@ -155,20 +159,38 @@ def tls_context(tls: TlsOptions, state_dir: str, listen: list[str]) -> tuple[ssl
         with open(files.ca, "rb") as f:
             ca_pem = f.read()
     return server_context(files), ca_pem
-def open_database(store_url: str) -> Store:
+
+
+def open_database(store_url: str, etcd_access: EtcdAccess | None = None) -> Store:
     """Open the store, or exit with one line saying what is wrong with the database and what to do,
     and an exit code that says which (see tether.store.sqlite): no traceback for an operator's problem."""
-    from tether.store.sqlite import DatabaseUnusable
-
     try:
-        return open_store(store_url)
-    except DatabaseUnusable as e:
-        print(f"tether server: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
+        return open_store(store_url, etcd_access)
+    except StoreUnusable as e:
+        unusable(e)
+
+
+def unusable(e: StoreUnusable) -> NoReturn:
+    print(f"tether server: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
+
+
+async def first_contact(store: Store) -> None:
+    """Reach the store once before serving, waiting while it is down: a store that refuses this
+    configuration (etcd: wrong CA, client certificate, user or password) stops the server now."""
+    while True:
+        try:
+            await store.revision()
+            return
+        except StoreUnusable as e:
+            unusable(e)
+        except Unavailable as e:
+            log.warning("waiting for the store: %s", e)
+            await asyncio.sleep(2)
 
 
 async def serve(store_url: str, listen: list[str], state_dir: str, insecure: bool, limits: Limits | None = None,
-                tls: TlsOptions | None = None, **app_options) -> None:
+                tls: TlsOptions | None = None, etcd_access: EtcdAccess | None = None, **app_options) -> None:
     from tether.server.app import create_app
     from tether.server.listener import guarded_protocol
 
@@ -181,12 +203,16 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
                     limits.max_connections, budget)
         limits = dataclasses.replace(limits, max_connections=budget)
     tls = tls or TlsOptions()
-    store = open_database(store_url)  # first: a database it cannot use is the clearest thing to report
+    store = open_database(store_url, etcd_access)  # first: a store it cannot use is the clearest thing to report
+    await first_contact(store)
     credential = None if insecure else await credential_from(store, state_dir)
     if app_options.get("compact_keep") is None:  # etcd keeps all history unless told; SQLite compacts itself
         app_options["compact_keep"] = DEFAULT_COMPACT_KEEP if store_url.startswith("etcd://") else 0
     sockets = [bind(a) for a in listen]
     secure = {s.fileno(): wants_tls(a, s, tls.insecure_http) for a, s in zip(listen, sockets, strict=True)}
+    signer = False
+    if any(secure.values()) and not tls.cert:  # the cluster's own CA: one for every server on this store
+        signer = await cluster_ca_from(store, state_dir, listen, tls.sans)
     ctx, ca_pem = tls_context(tls, state_dir, listen) if any(secure.values()) or tls.cert else (None, None)
     for a, s in zip(listen, sockets, strict=True):
         if s.family != socket.AF_UNIX and not secure[s.fileno()] and not is_loopback(s):
@@ -212,9 +238,16 @@ async def serve(store_url: str, listen: list[str], state_dir: str, insecure: boo
         f"{a} ({'https' if secure[s.fileno()] else 'http'})" if s.family != socket.AF_UNIX else a
         for a, s in zip(listen, sockets, strict=True)), store_url)
     heap.settle()
+    signing = None
+    if signer:  # this server holds the CA key: it signs the certificates of the servers that do not
+        from tether.server.tls import sign_requests
+
+        signing = asyncio.create_task(sign_requests(store, state_dir))
     try:
         await server.serve(sockets=sockets)
     finally:
+        if signing is not None:
+            signing.cancel()
         for conn in list(server.server_state.connections):  # clients that never read: drop their buffers
             with contextlib.suppress(Exception):
                 conn.transport.abort()
@@ -233,6 +266,18 @@ async def credential_from(store: Store, state_dir: str) -> AdminCredential:
             return await shared_admin_credential(store, state_dir)
         except Unavailable as e:
             log.warning("waiting for the store to learn the cluster's admin token: %s", e)
+            await asyncio.sleep(2)
+
+
+async def cluster_ca_from(store: Store, state_dir: str, listen: list[str], sans: list[str]) -> bool:
+    """Join the CA every server on this store shares (see tether.server.tls); waits for the store."""
+    from tether.server.tls import join_cluster_ca
+
+    while True:
+        try:
+            return await join_cluster_ca(store, state_dir, listen, sans)
+        except Unavailable as e:
+            log.warning("waiting for the store to learn the cluster's CA: %s", e)
             await asyncio.sleep(2)
 
 
@@ -268,13 +313,53 @@ def main(argv: list[str] | None = None) -> None:
                    help="revisions of history kept when the leader compacts etcd (default "
                         f"{DEFAULT_COMPACT_KEEP} for etcd; 0: never compact, then etcd's own --auto-compaction-* "
                         "must; SQLite compacts itself)")
+    add_etcd_flags(p)
     add_limit_flags(p)
     a = p.parse_args(argv)
     if a.compact_keep is not None and a.compact_keep < 0:
         raise SystemExit("--compact-keep must be 0 (off) or a number of revisions")
     run_server(a.store, a.listen, a.state_dir, a.insecure, service_cidr=a.service_cidr, service_cidr6=a.service_cidr6,
                dead_host_grace=a.dead_host_grace, empty_block_grace=a.empty_block_grace, gc_interval=a.gc_interval,
-               compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a))
+               compact_keep=a.compact_keep, limits=limits_from(a), tls=tls_from(a), etcd_access=etcd_access_from(a))
+
+
+def add_etcd_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("etcd access", "TLS and authentication towards etcd (with --store etcd://...)")
+    g.add_argument("--etcd-cacert", metavar="PEM", help="CA that signed etcd's client-URL certificates: talk TLS to "
+                   "etcd (etcd's --cert-file/--key-file) and verify it")
+    g.add_argument("--etcd-cert", metavar="PEM", help="Tether's client certificate, for an etcd with "
+                   "--client-cert-auth (signed by a CA in etcd's --trusted-ca-file; with etcd auth on, its common "
+                   "name is the etcd user)")
+    g.add_argument("--etcd-key", metavar="PEM", help="the private key of --etcd-cert")
+    g.add_argument("--etcd-user", help="etcd user (etcd auth enabled); give it a role with readwrite on /tether/")
+    g.add_argument("--etcd-password-file", metavar="FILE", help="file holding --etcd-user's password (not a flag: "
+                   "command lines are visible to every local user)")
+
+
+def etcd_access_from(a: argparse.Namespace) -> EtcdAccess | None:
+    return etcd_access_of(a.store, a.etcd_cacert, a.etcd_cert, a.etcd_key, a.etcd_user, a.etcd_password_file)
+
+
+def etcd_access_of(store: str | None, cacert: str | None, cert: str | None, key: str | None, user: str | None,
+                   password_file: str | None) -> EtcdAccess | None:
+    """The `EtcdAccess` of the --etcd-* flags, or None when none is given (plain, open etcd)."""
+    if not any((cacert, cert, key, user, password_file)):
+        return None
+    if store is None or not store.startswith("etcd://"):
+        raise SystemExit("--etcd-* flags need --store etcd://HOST:PORT[,...]")
+    from tether.store.etcd import EXIT_CONFIG, EtcdAccess
+
+    password = None
+    if password_file:
+        if user is None:
+            raise SystemExit("--etcd-password-file needs --etcd-user")
+        try:
+            with open(password_file) as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as e:
+            print(f"tether server: --etcd-password-file {password_file}: {e.strerror}", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG) from None
+    return EtcdAccess(cacert, cert, key, user, password)
 
 
 def add_tls_flags(p: argparse.ArgumentParser) -> None:

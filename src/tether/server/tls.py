@@ -8,12 +8,16 @@ it is near its end or does not cover an address or name the server now serves (i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 from tether.trust import ca_hash
@@ -142,18 +146,23 @@ def _make_ca(cn: str):
 
 
 def _make_server_cert(ca_pem: bytes, ca_key_pem: bytes, names: set[str], ips: set[str]) -> tuple[bytes, bytes]:
+    key = _new_key()
+    return _sign_server_cert(ca_pem, ca_key_pem, key.public_key(), names, ips), _pem_key(key)
+
+
+def _sign_server_cert(ca_pem: bytes, ca_key_pem: bytes, public_key, names: set[str], ips: set[str]) -> bytes:
+    """A server certificate (1 year, server auth only, not a CA) for `public_key`, signed by the CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
-    key = _new_key()
     now = datetime.datetime.now(datetime.UTC)
     sans = [x509.DNSName(n) for n in sorted(names)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in sorted(ips)]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tether server")]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -161,7 +170,7 @@ def _make_server_cert(ca_pem: bytes, ca_key_pem: bytes, names: set[str], ips: se
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def ensure_tls(state_dir: str, listen: list[str], sans: list[str]) -> TlsFiles:
@@ -204,3 +213,161 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
         raise SystemExit(f"cannot load the TLS certificate {files.cert} with key {files.key}: {e}; check "
                          "--tls-cert/--tls-key (PEM files, the key matching the certificate)") from None
     return ctx
+
+
+# --- one CA for every server on a store ---------------------------------------------------------
+# The cluster CA's certificate is in the store; its private key stays on the disk of the server that
+# made it (and of any server an operator copies it to): those servers sign. A server without the key
+# asks for a certificate through the store: it puts a certificate signing request (its own new key
+# never leaves it) under CSR_PREFIX, a signer answers under ISSUED_PREFIX. Why not the key itself in
+# the store, encrypted: the servers would then need a shared secret to decrypt it, which is a file
+# copied by hand again; and a plain key would let anyone who can merely read etcd impersonate a
+# server. A signing request needs write access to the store, and whoever can write the store is
+# already admin (they can replace the admin token's hash), so signing for them gives nothing away.
+CLUSTER_CA = "/tether/auth/ca.crt"  # under auth.AUTH_PREFIX: never listed, watched or served as an object
+CSR_PREFIX = "/tether/auth/csr/"
+ISSUED_PREFIX = "/tether/auth/issued/"
+REQUEST_TTL = 300  # seconds a request and its answer stay in the store (an etcd lease)
+SIGN_EVERY = 1.0  # seconds between a signer's looks for requests
+CERT_WAIT = 60.0  # seconds a server without the CA key waits for a signer at start
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+async def join_cluster_ca(store, state_dir: str, listen: list[str], sans: list[str], wait: float = CERT_WAIT) -> bool:
+    """Make the state dir's CA the one every server on `store` shares, and its server certificate one
+    that CA signed; True when this server holds the CA key (it then signs for the others).
+
+    The first server's CA (made now, or already in its state dir) becomes the cluster's; the others
+    take its certificate from the store and get their own server certificate signed through it."""
+    from tether.store.base import Conflict
+
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    ca, ca_key = os.path.join(state_dir, "ca.crt"), os.path.join(state_dir, "ca.key")
+    local = _read(ca)
+    kv = await store.get(CLUSTER_CA)
+    if kv is None:
+        made = None if local is not None else _make_ca(f"tether CA ({socket.gethostname()})")
+        try:
+            await store.create(CLUSTER_CA, local if made is None else made[0])
+        except Conflict:  # another server published its CA first: use that one
+            kv = await store.get(CLUSTER_CA)
+        else:
+            if made is not None:
+                _write_private(ca_key, made[1])
+                _write_public(ca, made[0])
+            pem = local if made is None else made[0]
+            log.warning("this server's CA %s is the cluster CA now (other servers on this store use it; pin: %s)",
+                        ca, ca_hash(pem))
+            return os.path.exists(ca_key)
+    if kv is None:
+        raise SystemExit("the cluster CA disappeared from the store while starting; start again")
+    cluster_pem = kv.value
+    if local is not None and local != cluster_pem:
+        raise SystemExit(f"{ca} (pin {ca_hash(local)}) is not the CA of the servers on this store (pin "
+                         f"{ca_hash(cluster_pem)}): this state dir served another cluster. Move ca.crt, ca.key, "
+                         f"server.crt and server.key out of {state_dir} to join this cluster's CA, or check --store")
+    if local is None:
+        _write_public(ca, cluster_pem)
+        log.warning("took the cluster CA from the store (pin %s)", ca_hash(cluster_pem))
+    if os.path.exists(ca_key):
+        return True
+    cert, key = os.path.join(state_dir, "server.crt"), os.path.join(state_dir, "server.key")
+    names, ips = default_sans(listen, sans)
+    have = _read(cert)
+    if have is not None and os.path.exists(key) and _covers(have, names, ips) and _issued_by(cert, cluster_pem):
+        return False
+    cert_pem, key_pem = await _request_certificate(store, cluster_pem, names, ips, wait)
+    _write_private(key, key_pem)
+    _write_public(cert, cert_pem)
+    log.info("a server holding the cluster CA key signed this server's certificate for %s",
+             ", ".join(sorted(names) + sorted(ips)))
+    return False
+
+
+async def _request_certificate(store, ca_pem: bytes, names: set[str], ips: set[str],
+                               wait: float) -> tuple[bytes, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = _new_key()
+    sans = [x509.DNSName(n) for n in sorted(names)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in sorted(ips)]
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tether server")]))
+           .add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(key, hashes.SHA256()))
+    rid = secrets.token_hex(8)
+    lease = await store.grant_lease(REQUEST_TTL)
+    await store.create(CSR_PREFIX + rid, csr.public_bytes(serialization.Encoding.PEM), lease)
+    start = time.monotonic()
+    warned = start
+    try:
+        while (kv := await store.get(ISSUED_PREFIX + rid)) is None:
+            now = time.monotonic()
+            if now - start > wait:
+                raise SystemExit(f"no server holding the cluster CA key signed this server's certificate in "
+                                 f"{wait:g} s: start the server whose state dir has ca.key (the first one), or give "
+                                 "this one --tls-cert/--tls-key/--tls-ca")
+            if now - warned > 10:
+                log.warning("waiting for a server holding the cluster CA key to sign this server's certificate")
+                warned = now
+            await asyncio.sleep(0.2)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.revoke(lease)  # the request and its answer go with it
+    cert = x509.load_pem_x509_certificate(kv.value)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
+    if cert.public_key() != key.public_key():
+        raise SystemExit("the certificate signed for this server is not for its key; start again")
+    return kv.value, _pem_key(key)
+
+
+async def sign_requests(store, state_dir: str) -> None:
+    """Until cancelled: sign the server certificate requests the other servers put in the store."""
+    from tether.store.base import StoreError
+
+    with open(os.path.join(state_dir, "ca.crt"), "rb") as f:
+        ca_pem = f.read()
+    with open(os.path.join(state_dir, "ca.key"), "rb") as f:
+        ca_key_pem = f.read()
+    while True:
+        try:
+            for kv in (await store.list(CSR_PREFIX)).items:
+                await _sign_one(store, ca_pem, ca_key_pem, kv)
+        except StoreError as e:
+            log.warning("cannot look for certificate requests of other servers: %s", e)
+        except Exception:  # noqa: BLE001 - a bug in one request must not stop signing for good
+            log.exception("signing a certificate request of another server failed")
+        await asyncio.sleep(SIGN_EVERY)
+
+
+async def _sign_one(store, ca_pem: bytes, ca_key_pem: bytes, kv) -> None:
+    from cryptography import x509
+
+    from tether.store.base import Compare, Conflict, Delete, Put
+
+    rid = kv.key[len(CSR_PREFIX):]
+    try:
+        csr = x509.load_pem_x509_csr(kv.value)
+        if not csr.is_signature_valid:
+            raise ValueError("its signature does not match its key")
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as e:
+        log.warning("certificate request %s dropped: %s", rid, e)
+        await store.delete(kv.key, kv.mod_revision)
+        return
+    names = set(san.get_values_for_type(x509.DNSName))
+    ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    cert = _sign_server_cert(ca_pem, ca_key_pem, csr.public_key(), names, ips)
+    try:  # once, whichever signer comes first
+        await store.txn([Compare(ISSUED_PREFIX + rid, 0), Compare(kv.key, kv.mod_revision)],
+                        [Put(ISSUED_PREFIX + rid, cert, kv.lease), Delete(kv.key)])
+    except Conflict:
+        return
+    log.warning("signed a server certificate for another server (%s)", ", ".join(sorted(names) + sorted(ips)))

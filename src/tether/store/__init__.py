@@ -6,11 +6,17 @@ loaded only for an etcd store), so the interface never depends on its implementa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tether.store.base import Store
 
+if TYPE_CHECKING:
+    from tether.store.etcd import EtcdAccess
 
-def open_store(url: str) -> Store:
-    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`."""
+
+def open_store(url: str, etcd_access: EtcdAccess | None = None) -> Store:
+    """Open a store from a URL: `sqlite:///path/to/file.db` or `etcd://host:port[,host:port...]`
+    (`etcd_access`: an `EtcdAccess`, etcd's TLS and user, for etcd URLs)."""
     if url.startswith("sqlite://"):
         from tether.store.sqlite import SqliteStore
 
@@ -19,5 +25,5 @@ def open_store(url: str) -> Store:
     if url.startswith("etcd://"):
         from tether.store.etcd import EtcdStore
 
-        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h])
+        return EtcdStore([h for h in url[len("etcd://"):].split(",") if h], access=etcd_access)
     raise ValueError(f"unknown store URL {url!r}: use sqlite:///path/tether.db or etcd://127.0.0.1:2379")

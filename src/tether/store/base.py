@@ -40,6 +40,15 @@ class Unavailable(StoreError):
     """The store cannot be reached."""
 
 
+class StoreUnusable(StoreError):
+    """The store cannot be used as configured (a corrupt or unwritable database, etcd refusing the
+    credentials): the server cannot start. `exit_code` (sysexits.h) says which, for scripts."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass(frozen=True, slots=True)
 class KV:
     key: str
@@ -141,4 +150,3 @@ class Store(Protocol):
     async def revoke(self, lease: int) -> None: ...
 
     async def close(self) -> None: ...
-

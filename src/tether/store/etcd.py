@@ -13,6 +13,12 @@ a revision, compaction, leases), so this is a thin mapping. What it adds is fail
   old one only once the calls still on it have had time to finish;
 - watches resume from the last delivered revision on another endpoint, so there are no gaps and no
   duplicates, and report etcd's own progress (`Event("progress", ...)`) on a quiet stream.
+
+It reaches etcd over client TLS (a CA to verify etcd, and a client certificate when etcd has
+--client-cert-auth) and/or as an etcd user (`EtcdAccess`). A wrong CA, a refused client certificate,
+a wrong password or a user without permission on Tether's keys is `EtcdRefused`: an operator's
+mistake that retrying cannot fix, so `tether server` stops at start with one line and exit code 78.
+An expired etcd auth token is not a mistake: the next attempt authenticates again.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions as etcd_errors
 import aetcd.rpc as rpc
+import grpc
 from aetcd import transactions as tx
 
 from tether.store.base import (
@@ -39,17 +47,95 @@ from tether.store.base import (
     Op,
     Put,
     StoreError,
+    StoreUnusable,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-GRPC_OPTIONS = {"grpc.max_receive_message_length": 1 << 30, "grpc.max_send_message_length": 64 << 20}
+# A new client (opened after a failure) gets connections of its own: by default gRPC shares subchannels
+# between channels to the same address, so the new client inherited the stuck connection of a
+# partition and its reconnect backoff (up to 120 s): the server stayed unhealthy 30 s and more after
+# the network healed. Reconnects back off 2 s at most: etcd members come back within seconds.
+GRPC_OPTIONS = {"grpc.max_receive_message_length": 1 << 30, "grpc.max_send_message_length": 64 << 20,
+                "grpc.use_local_subchannel_pool": 1, "grpc.initial_reconnect_backoff_ms": 200,
+                "grpc.min_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 2000}
 # codes that mean "this member or the connection to it cannot answer now": try again, elsewhere
 RETRYABLE = {rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED, rpc.StatusCode.CANCELLED,
              rpc.StatusCode.UNKNOWN, rpc.StatusCode.INTERNAL, rpc.StatusCode.ABORTED}
 PROGRESS_EVERY = 3.0  # seconds of a quiet watch stream between requests for etcd's progress
+PROBE_KEY = b"/tether/.revision"  # read (count only) for the revision: inside the prefix a Tether etcd role grants
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): `tether server`'s exit code when etcd refuses who it is
+
+
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How Tether proves itself to etcd and checks etcd: client TLS (`cacert` verifies etcd's
+    certificate; `cert`/`key` is Tether's client certificate) and/or an etcd user and password."""
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cacert or self.cert)
+
+    def credentials(self) -> Any:
+        """The gRPC channel credentials for TLS, or None for plain connections; files read now, so a
+        missing or unreadable one is reported at start."""
+        if not self.tls:
+            return None
+        if bool(self.cert) != bool(self.key):
+            raise EtcdRefused("--etcd-cert and --etcd-key go together (Tether's client certificate and its key)")
+
+        def read(path: str | None, flag: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise EtcdRefused(f"{flag} {path}: {e.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.cacert, "--etcd-cacert"), read(self.key, "--etcd-key"),
+                                            read(self.cert, "--etcd-cert"))
+
+
+class EtcdRefused(StoreUnusable):
+    """etcd will not talk to this configuration: wrong CA, refused client certificate, wrong user or
+    password, no permission on Tether's keys. Retrying cannot help; an operator must fix a flag."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_CONFIG)
+
+
+def refusal(e: BaseException, access: EtcdAccess) -> str | None:
+    """What is wrong with the configuration if `e` says etcd refused it, else None (a plain outage)."""
+    if not isinstance(e, rpc.AioRpcError):
+        return None
+    code, details = e.code(), e.details() or ""
+    low = details.lower()
+    if "handshake failed" in low and ("certificate" in low or "ssl_error_ssl" in low):
+        return (f"TLS with etcd failed ({details}): etcd's certificate is not signed by the CA of --etcd-cacert "
+                f"{access.cacert or '(none: the system CAs)'}, or does not name the address in --store")
+    if "unwrap failed" in low or "bad_certificate" in low or "certificate required" in low:
+        return (f"etcd refused Tether's client certificate ({details}): pass --etcd-cert/--etcd-key signed by a CA "
+                "in etcd's --trusted-ca-file")
+    if "authentication failed" in low:
+        return f"etcd refused the user {access.user!r} ({details}): check --etcd-user and --etcd-password-file"
+    if "user name is empty" in low:
+        return ("etcd has authentication on and needs a user: pass --etcd-user and --etcd-password-file "
+                "(or a client certificate whose common name is the etcd user, with --etcd-cert/--etcd-key)")
+    if code == rpc.StatusCode.PERMISSION_DENIED:
+        return (f"etcd denied access to Tether's keys ({details}): grant the etcd user a role with readwrite on "
+                "the prefix /tether/ (etcdctl role grant-permission ROLE readwrite /tether/ --prefix=true)")
+    if code == rpc.StatusCode.FAILED_PRECONDITION and "auth" in low:
+        return f"etcd refused the request ({details})"
+    return None
 
 
 class LeaseNotFound(StoreError):
@@ -88,6 +174,8 @@ def translate(e: BaseException) -> BaseException:
         return OutOfSpace(f"etcd is out of space ({details}): the NOSPACE alarm stops every write; compact, "
                            "defragment (etcdctl defrag) and disarm the alarm (etcdctl alarm disarm), and raise "
                            "--quota-backend-bytes")
+    if code == rpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in details:
+        return Retry(f"etcd auth token expired or unknown ({details}): authenticating again")
     if code == rpc.StatusCode.NOT_FOUND and "lease" in details:
         return LeaseNotFound(details)
     if code == rpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
@@ -97,11 +185,42 @@ def translate(e: BaseException) -> BaseException:
     return StoreError(f"etcd refused the request ({code.name}: {details})")
 
 
+class Client(aetcd.Client):
+    """aetcd's client on a TLS channel when given credentials (aetcd itself makes only plain ones).
+    Its own `connect` also leaves gRPC's errors unwrapped, so `refusal` can read them."""
+
+    def __init__(self, *, credentials: Any = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target = f"{self._host}:{self._port}"
+        options = list(self._options.items())
+        self.channel = (rpc.secure_channel(target, self._credentials, options=options) if self._credentials
+                        else rpc.insecure_channel(target, options=options))
+        if self._username is not None:
+            resp = await rpc.AuthStub(self.channel).Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+            self.metadata = (("token", resp.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._connected.set()
+
+
 class EtcdStore:
-    def __init__(self, endpoints: list[str], *, timeout: float = 5, retry_for: float = 5) -> None:
+    def __init__(self, endpoints: list[str], *, timeout: float = 5, retry_for: float = 5,
+                 access: EtcdAccess | None = None) -> None:
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint host:port")
         self.endpoints = endpoints
+        self.access = access or EtcdAccess()
+        if self.access.user is not None and self.access.password is None:
+            raise EtcdRefused("--etcd-user needs --etcd-password-file (a file holding the etcd user's password)")
+        self._credentials = self.access.credentials()
         self.timeout = timeout  # per call
         self.retry_for = retry_for  # all attempts of one store call together
         self._client: aetcd.Client | None = None
@@ -111,7 +230,8 @@ class EtcdStore:
 
     def _new_client(self, endpoint: str) -> aetcd.Client:
         host, _, port = endpoint.rpartition(":")
-        return aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout, options=GRPC_OPTIONS)
+        return Client(host=host or "127.0.0.1", port=int(port), timeout=self.timeout, options=GRPC_OPTIONS,
+                      username=self.access.user, password=self.access.password, credentials=self._credentials)
 
     async def _connect(self) -> aetcd.Client:
         if self._client is not None:
@@ -119,7 +239,7 @@ class EtcdStore:
         async with self._lock:
             if self._client is not None:
                 return self._client
-            errors = []
+            errors, refused = [], []
             for i in range(len(self.endpoints)):
                 idx = (self._current + i) % len(self.endpoints)
                 client = self._new_client(self.endpoints[idx])
@@ -128,12 +248,20 @@ class EtcdStore:
                     await client.maintenancestub.Status(rpc.StatusRequest(), timeout=self.timeout,
                                                         metadata=client.metadata)
                 except Exception as e:  # noqa: BLE001 - any failure means "try the next one"
-                    errors.append(f"{self.endpoints[idx]}: {e.details() if isinstance(e, rpc.AioRpcError) else e}")
                     await client.close()
+                    if (wrong := refusal(e, self.access)) is not None:  # the next member may take us
+                        refused.append(f"etcd {self.endpoints[idx]}: {wrong}")
+                    errors.append(f"{self.endpoints[idx]}: {e.details() if isinstance(e, rpc.AioRpcError) else e}")
                     continue
                 self._client, self._current = client, idx
                 return client
-            raise Unavailable("cannot reach etcd (" + "; ".join(errors) + "); is etcd running?")
+            if refused:  # no member took us, and some refused who we are: a flag to fix, not an outage
+                raise EtcdRefused("; ".join(refused))
+            closed = any("Socket closed" in e for e in errors)
+            hint = ("" if not closed else " (a member that closes TLS handshakes may serve plain connections: "
+                    "drop --etcd-cacert)" if self.access.tls else " (a member that closes plain connections may "
+                    "want TLS: --etcd-cacert)")
+            raise Unavailable("cannot reach etcd (" + "; ".join(errors) + f"); is etcd running?{hint}")
 
     def _failed(self, client: aetcd.Client, why: object) -> None:
         """Move to the next endpoint after a failure on `client`. The old channel is closed later,
@@ -169,6 +297,8 @@ class EtcdStore:
             except Unavailable as e:  # no endpoint answered
                 why: object = e
             except BaseException as e:  # noqa: BLE001 - sorted by translate(); the rest re-raised
+                if (wrong := refusal(e, self.access)) is not None:
+                    raise EtcdRefused(wrong) from None
                 err = translate(e)
                 if not isinstance(err, Retry):
                     if err is e:
@@ -240,7 +370,7 @@ class EtcdStore:
 
     async def revision(self) -> int:
         """The current revision, read through the leader (a linearizable read: fails without quorum)."""
-        return (await self._range(b"\x00/none", count_only=True)).header.revision
+        return (await self._range(PROBE_KEY, count_only=True)).header.revision
 
     async def compact(self, revision: int) -> None:
         async def run(c: aetcd.Client) -> None:

@@ -42,6 +42,7 @@ from tether.store.base import (
     Op,
     Put,
     StoreError,
+    StoreUnusable,
     Unavailable,
 )
 
@@ -68,6 +69,7 @@ MAX_GROUP = 256  # transactions committed together at most (one WAL sync)
 # request gets a 503 the client can retry, instead of hanging past the client's own timeout
 # (the old 30 s outlived every client timeout and held a connection and a thread all along).
 BUSY_TIMEOUT = 5.0
+FREED_ENOUGH = 1 << 20  # bytes freed since a write failed on a full disk before /healthz says healthy again
 
 # Exit codes of `tether server` for a database it cannot use (sysexits.h): scripts and systemd
 # units can tell "restore from a backup" apart from "fix the disk or permissions" and "wait".
@@ -80,13 +82,9 @@ UNWRITABLE_CODES = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQ
                     sqlite3.SQLITE_FULL, sqlite3.SQLITE_AUTH}
 
 
-class DatabaseUnusable(StoreError):
+class DatabaseUnusable(StoreUnusable):
     """The database file cannot be used at all (corrupt, unwritable, being restored): the server
     cannot start. `exit_code` says which, for scripts."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def prefix_end(prefix: str) -> str:
@@ -215,6 +213,7 @@ class SqliteStore:
         self._changed: asyncio.Future[None] | None = None
         self._bg: asyncio.Task[None] | None = None
         self._closed = False
+        self._full_at: int | None = None  # free bytes when a write last failed on a full disk; None: none did
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -250,8 +249,30 @@ class SqliteStore:
         err = describe_runtime_error(self.path, e)
         if err is None:
             return e
+        if error_code(e) == sqlite3.SQLITE_FULL:
+            self._full_at = self._free_bytes()
         log.error("%s", err)
         return err
+
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    async def problems(self) -> list[str]:
+        """What keeps the database from taking writes (for /healthz): a full disk, known from a write
+        that failed on it, until a write succeeds or FREED_ENOUGH more bytes are free than then."""
+        await self.revision()  # reads answer (or this raises Unavailable)
+        if self._full_at is None or self.path in (":memory:", ""):
+            return []
+        free = self._free_bytes()
+        if free >= self._full_at + FREED_ENOUGH:
+            self._full_at = None  # space was freed: the next write will tell
+            return []
+        return [f"the disk holding {self.path} is full ({free} bytes free): every write fails (503) until space "
+                "is freed on it"]
 
     async def _write_call(self, fn: Callable[..., T], *args: object) -> T:
         """A write in the writer thread. Watchers are woken when the commit returns, even if the
@@ -264,9 +285,11 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         cf.add_done_callback(lambda _: self._notify_from_thread(loop))
         try:
-            return await asyncio.wrap_future(cf)
+            result = await asyncio.wrap_future(cf)
         except sqlite3.Error as e:
             raise self._store_error(e) from None
+        self._full_at = None  # a write went through: the disk takes writes again
+        return result
 
     def _notify_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is watching any more
