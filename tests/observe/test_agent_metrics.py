@@ -17,7 +17,7 @@ def test_metrics_are_served_on_the_tcp_address_and_nothing_else_is(tmp_path) -> 
 
     async def run() -> tuple[bytes, bytes]:
         agent = SimpleNamespace(cfg=SimpleNamespace(metrics_listen=f"127.0.0.1:{port}", flows=False), applies=3,
-                                _reported_rev=42, _plan_ms=1.5, connected=True)
+                                applied_revision=42, _plan_ms=1.5, connected=True)
         f = FlowLog("h1", str(tmp_path / "flows.sock"), agent=agent)
         await f.start()
         try:
