@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures.lab import make_lab, unique
 from tests.services.probes import connect_many, start_server, stop
 from tether.lab.cluster import Lab, PodInfo, nsx, stop_pid, wait_for
-from tether.lab.kube import KubeApi, node_manifest, run_kube_pod, start_controller
+from tether.lab.kube import KubeApi, node_manifest, run_kube_pod, start_controller, sync_endpoint_slice
 from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
@@ -218,6 +218,43 @@ def test_a_pod_is_selected_from_its_first_packet_when_its_cni_config_names_a_kub
         world.start_controller(os.path.join(world.lab.dir, "kube-stats-3.json"))
     converge(lambda: world.stat()["reconciles"] >= 1, "the controller to reconcile")
     assert not [w for w in world.written() if w.startswith(f"patch Endpoint {ep['id']}")]
+
+
+def resolve(pod: PodInfo, name: str) -> list[str]:
+    """What the pod's own resolver (glibc, reading the resolv.conf the CNI result gave: Tether's DNS
+    at 169.254.20.10 and the namespace's search path) answers."""
+    r = nsx(pod.ns, "getent", "ahostsv4", name, check=False, timeout=30)
+    return sorted({line.split()[0] for line in r.stdout.splitlines()})
+
+
+def test_a_headless_service_answers_dns_with_its_pods_addresses_and_follows_a_pod_deletion(world: World,
+                                                                                           pods) -> None:
+    a = pods["a"]
+    d1 = world.pod("h1", "db-1", a, {"app": "db"})
+    d2 = world.pod("h2", "db-2", a, {"app": "db"})
+    world.kube.apply(f"""apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: {a}}}
+spec:
+  clusterIP: None
+  selector: {{app: db}}
+  ports: [{{name: pg, port: 5432}}]
+""")
+    assert world.kube.kubectl("get", "svc", "-n", a, "db", "-o", "jsonpath={.spec.clusterIP}").stdout == "None"
+    both = sorted([d1.ip, d2.ip])
+    assert sync_endpoint_slice(world.kube, a, "db") == both  # the EndpointSlice controller's part
+    same_ns, other_ns = pods["c1"], pods["c2"]  # both on h2; db-1 is on h1
+    converge(lambda: resolve(same_ns, "db") == both, "the headless service's short name to answer both pods")
+    assert resolve(other_ns, f"db.{a}") == both
+    assert resolve(other_ns, f"db.{a}.svc.tether.local") == both
+    # the pod goes as in a cluster: deleted in the apiserver (terminating, so out of the slice), its
+    # sandbox torn down by kubelet (CNI DEL), then the object removed
+    world.kube.kubectl("delete", "pod", "-n", a, "db-2", "--wait=false")
+    assert sync_endpoint_slice(world.kube, a, "db") == [d1.ip]
+    world.lab.rm_pod("h2/db-2")
+    world.kube.kubectl("delete", "pod", "-n", a, "db-2", "--grace-period=0", "--force")
+    converge(lambda: resolve(same_ns, "db") == [d1.ip], "the deleted pod's address to leave the headless answer")
+    assert resolve(other_ns, f"db.{a}") == [d1.ip]
 
 
 def test_deleting_a_node_reclaims_its_hosts_addresses(world: World, pods) -> None:
