@@ -451,8 +451,9 @@ class Lab:
         container_id = container_id or ns
         args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
         args += f";{cni_args}" if cni_args else ""
-        config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether",
-                                  "labels": labels or {}}
+        config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether"}
+        if labels is not None:  # kubelet's runtime passes none: then the config has no "labels" key
+            config["labels"] = labels
         if ports:
             config["ports"] = ports
         if security_groups is not None:
