@@ -31,6 +31,8 @@ if ! built; then
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 fi
 [ -x "$dir/cri-sandbox" ] || gobuild "$dir/cri-sandbox" ./cmd/cri-sandbox
-[ -z "$want_kubelet" ] || [ -x "$dir/kubelet" ] || gobuild "$dir/kubelet" k8s.io/kubernetes/cmd/kubelet
+# kubelet reports its version to the apiserver (the Node's kubeletVersion): stamp the release
+[ -z "$want_kubelet" ] || [ -x "$dir/kubelet" ] || (cd "$here" && GOFLAGS=-trimpath CGO_ENABLED=0 go build \
+    -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$release" -o "$dir/kubelet" k8s.io/kubernetes/cmd/kubelet)
 echo "tools/k8s/build.sh: built $release (etcd $etcd_release) in $(( $(date +%s) - start ))s" >&2
 echo "$dir"
