@@ -204,6 +204,17 @@ state = "{d}/state"
             mounts = [line.split()[1] for line in f if line.split()[1].startswith(self.dir)]
         for m in reversed(mounts):
             subprocess.run(["umount", "-l", m], capture_output=True)
+        # runc made a cgroup /k8s.io/<sandbox> in each hierarchy (and the parent): remove what is left
+        # and empty (rmdir fails on a cgroup still in use, e.g. by another containerd's pods)
+        roots = ["/sys/fs/cgroup"] + [os.path.join("/sys/fs/cgroup", h) for h in os.listdir("/sys/fs/cgroup")]  # v2, v1
+        for call in self.calls():
+            for root in roots:
+                for path in (os.path.join(root, "k8s.io", call["env"].get("CNI_CONTAINERID", "-")),
+                             os.path.join(root, "k8s.io")):
+                    try:
+                        os.rmdir(path)
+                    except OSError:
+                        pass
         for call in self.calls():  # a netns containerd made and could not remove
             netns = call["env"].get("CNI_NETNS", "")
             if netns.startswith("/var/run/netns/cni-") and os.path.exists(netns):
