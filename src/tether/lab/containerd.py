@@ -219,3 +219,67 @@ state = "{d}/state"
             netns = call["env"].get("CNI_NETNS", "")
             if netns.startswith("/var/run/netns/cni-") and os.path.exists(netns):
                 subprocess.run(["ip", "netns", "del", os.path.basename(netns)], capture_output=True)
+
+
+KUBELET_CONFIG = """apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: 127.0.0.1
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+authentication: {{anonymous: {{enabled: false}}, webhook: {{enabled: false}}}}
+authorization: {{mode: AlwaysAllow}}
+cgroupDriver: cgroupfs
+# this VM has cgroup v1 only; kubelet refuses it unless told
+failCgroupV1: false
+# leave the machine's cgroup tree alone (no /sys/fs/cgroup/*/kubepods)
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+containerRuntimeEndpoint: unix://{socket}
+"""
+
+
+@dataclass
+class Kubelet:
+    """kubelet (tools/k8s/build.sh --kubelet) for lab host `host_ns`, using `containerd`: it runs in
+    the host's network namespace (`nsenter --net`, keeping the cgroup mounts), reaches the
+    apiserver through `kubeconfig` (tether.lab.kube.host_kubeconfig) and serves on 127.0.0.1 only.
+    Opt-in: no test or CI job builds kubelet (docs/KUBERNETES.md, "kubelet on this machine")."""
+    dir: str
+    binary: str
+    host: str
+    host_ns: str
+    kubeconfig: str
+    containerd: Containerd
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        from tether.lab.cluster import free_port
+
+        os.makedirs(os.path.join(self.dir, "root"), exist_ok=True)
+        config = os.path.join(self.dir, "kubelet.yaml")
+        with open(config, "w") as f:
+            f.write(KUBELET_CONFIG.format(port=free_port(), healthz=free_port(), socket=self.containerd.socket))
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.host_ns}", self.binary, f"--config={config}",
+             f"--kubeconfig={self.kubeconfig}", f"--root-dir={self.dir}/root", f"--cert-dir={self.dir}/pki",
+             f"--hostname-override={self.host}", "--v=1"],
+            stdout=open(os.path.join(self.dir, "kubelet.log"), "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def stop(self) -> None:
+        """Stop kubelet by its PID (delete its pods first: kubelet is what stops their sandboxes) and
+        unmount what it mounted under its directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f if line.split()[1].startswith(self.dir)]
+        for m in reversed(mounts):
+            subprocess.run(["umount", "-l", m], capture_output=True)
