@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 
 import pytest
@@ -17,7 +19,16 @@ import pytest
 from tests.fixtures.lab import make_lab, unique
 from tests.services.probes import connect_many, start_server, stop
 from tether.lab.cluster import Lab, PodInfo, nsx, stop_pid, wait_for
-from tether.lab.kube import KubeApi, node_manifest, run_kube_pod, start_controller
+from tether.lab.containerd import Containerd
+from tether.lab.kube import (
+    KubeApi,
+    k8s_bin,
+    node_manifest,
+    pod_manifest,
+    run_kube_pod,
+    start_controller,
+    sync_endpoint_slice,
+)
 from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
@@ -60,6 +71,10 @@ class World:
             self.servers.append(start_server(p.ns, p.name, PORT))
             wait_for(lambda: f":{PORT}" in nsx(p.ns, "ss", "-ltn").stdout, 10, "the pod's server")
         return p
+
+    def endpoint_by_id(self, id: str) -> dict:
+        [ep] = [e for e in self.lab.client().list_raw("Endpoint") if e["id"] == id]
+        return ep
 
     def endpoint(self, pod: PodInfo) -> dict:
         [ep] = [e for e in self.lab.client().list_raw("Endpoint") if e["owner"].get("container_id") == pod.container_id]
@@ -218,6 +233,93 @@ def test_a_pod_is_selected_from_its_first_packet_when_its_cni_config_names_a_kub
         world.start_controller(os.path.join(world.lab.dir, "kube-stats-3.json"))
     converge(lambda: world.stat()["reconciles"] >= 1, "the controller to reconcile")
     assert not [w for w in world.written() if w.startswith(f"patch Endpoint {ep['id']}")]
+
+
+def resolve(pod: PodInfo, name: str) -> list[str]:
+    """What the pod's own resolver (glibc, reading the resolv.conf the CNI result gave: Tether's DNS
+    at 169.254.20.10 and the namespace's search path) answers."""
+    r = nsx(pod.ns, "getent", "ahostsv4", name, check=False, timeout=30)
+    return sorted({line.split()[0] for line in r.stdout.splitlines()})
+
+
+def test_a_headless_service_answers_dns_with_its_pods_addresses_and_follows_a_pod_deletion(world: World,
+                                                                                           pods) -> None:
+    a = pods["a"]
+    d1 = world.pod("h1", "db-1", a, {"app": "db"})
+    d2 = world.pod("h2", "db-2", a, {"app": "db"})
+    world.kube.apply(f"""apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: {a}}}
+spec:
+  clusterIP: None
+  selector: {{app: db}}
+  ports: [{{name: pg, port: 5432}}]
+""")
+    assert world.kube.kubectl("get", "svc", "-n", a, "db", "-o", "jsonpath={.spec.clusterIP}").stdout == "None"
+    both = sorted([d1.ip, d2.ip])
+    assert sync_endpoint_slice(world.kube, a, "db") == both  # the EndpointSlice controller's part
+    same_ns, other_ns = pods["c1"], pods["c2"]  # both on h2; db-1 is on h1
+    converge(lambda: resolve(same_ns, "db") == both, "the headless service's short name to answer both pods")
+    assert resolve(other_ns, f"db.{a}") == both
+    assert resolve(other_ns, f"db.{a}.svc.tether.local") == both
+    # the pod goes as in a cluster: deleted in the apiserver (terminating, so out of the slice), its
+    # sandbox torn down by kubelet (CNI DEL), then the object removed
+    world.kube.kubectl("delete", "pod", "-n", a, "db-2", "--wait=false")
+    assert sync_endpoint_slice(world.kube, a, "db") == [d1.ip]
+    world.lab.rm_pod("h2/db-2")
+    world.kube.kubectl("delete", "pod", "-n", a, "db-2", "--grace-period=0", "--force")
+    converge(lambda: resolve(same_ns, "db") == [d1.ip], "the deleted pod's address to leave the headless answer")
+    assert resolve(other_ns, f"db.{a}") == [d1.ip]
+
+
+def cni_args(s: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in s.split(";") if kv)
+
+
+def test_containerds_cri_networks_a_pod_through_tether_with_the_cni_call_run_kube_pod_makes(world: World,
+                                                                                           pods) -> None:
+    """kubelet cannot run here (docs/KUBERNETES.md); its runtime can: containerd's CRI plugin, given
+    kubelet's RunPodSandbox for a Pod bound to h1, calls Tether's CNI plugin itself."""
+    lab, a = world.lab, pods["a"]
+    world.kube.apply(pod_manifest("cri-pod", a, "h1", {"app": "cri"}))
+    uid = world.kube.kubectl("get", "pod", "-n", a, "cri-pod", "-o", "jsonpath={.metadata.uid}").stdout.strip()
+    plugin = os.path.join(lab.dir, "cni-bin", "tether")
+    network = {"cniVersion": "1.0.0", "name": world.net, "type": "tether", "agent_socket": lab.cni_socket("h1")}
+    ctrd = Containerd(tempfile.mkdtemp(prefix="tether-ctrd-"), plugin, network)  # short: socket paths
+    cri = os.path.join(k8s_bin(), "cri-sandbox")
+    try:
+        ctrd.start()
+        sb = ctrd.run_sandbox(cri, "cri-pod", a, uid)
+        [add] = ctrd.calls()
+        env, config = add["env"], add["config"]
+        assert env["CNI_COMMAND"] == "ADD" and env["CNI_IFNAME"] == "eth0"
+        assert env["CNI_NETNS"].startswith("/var/run/netns/cni-")
+        args = cni_args(env["CNI_ARGS"])
+        assert args == {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": a, "K8S_POD_NAME": "cri-pod",
+                        "K8S_POD_INFRA_CONTAINER_ID": sb["sandbox"], "K8S_POD_UID": uid}
+        assert env["CNI_CONTAINERID"] == sb["sandbox"] and len(sb["sandbox"]) == 64
+        assert set(config) == {"cniVersion", "name", "type", "agent_socket"}  # no labels: they come from the API
+        # the lab's stand-in for kubelet makes the same call: the same CNI_ARGS keys, the sandbox id twice
+        lab_pod = lab.state.pods["h2/client"]
+        lab_args = cni_args(lab_pod.cni_args)
+        assert set(lab_args) == set(args)
+        assert lab_args["K8S_POD_INFRA_CONTAINER_ID"] == lab_pod.container_id and len(lab_pod.container_id) == 64
+        assert "labels" not in lab_pod.cni_config
+        # a real pod: Tether's endpoint has the address containerd reports and the Pod's labels (controller)
+        [ep] = [e for e in lab.client().list_raw("Endpoint") if e["owner"].get("container_id") == sb["sandbox"]]
+        assert ep["ips"] == [sb["ip"]] and ep["host"] == "h1" and ep["name"] == "cri-pod"
+        converge(lambda: world.endpoint_by_id(ep["id"])["labels"] == {"app": "cri"}, "the Pod's labels on it")
+        netns = os.path.basename(env["CNI_NETNS"])
+        assert nsx(netns, "ping", "-c", "1", "-W", "2", pods["c1"].ip, check=False).returncode == 0
+        ctrd.remove_sandbox(cri, sb["sandbox"])
+        dels = [c for c in ctrd.calls() if c["env"]["CNI_COMMAND"] == "DEL"]
+        assert dels and cni_args(dels[0]["env"]["CNI_ARGS"]) == args  # DEL repeats ADD's arguments
+        assert "prevResult" in dels[0]["config"]
+        assert not [e for e in lab.client().list_raw("Endpoint") if e["id"] == ep["id"]]
+    finally:
+        ctrd.stop(cri)
+        shutil.rmtree(ctrd.dir, ignore_errors=True)
+        world.kube.kubectl("delete", "pod", "-n", a, "cri-pod", "--grace-period=0", "--force", check=False)
 
 
 def test_deleting_a_node_reclaims_its_hosts_addresses(world: World, pods) -> None:

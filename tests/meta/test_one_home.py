@@ -10,6 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src" / "tether"
 NFT_EXPRESSION = re.compile(r'["\'](payload|mangle|match|meta|ct|vmap|dnat|snat|masquerade)["\']\s*:')
 CREDENTIAL_HASHING = {"server/auth.py", "trust.py"}
+CONTENT_DIGESTS = {"lab/containerd.py"}  # an OCI image's blobs are addressed by their sha256: not a name
 
 
 def _outside_calc() -> list[tuple[str, str]]:
@@ -25,5 +26,6 @@ def test_no_module_outside_calc_spells_an_nft_expression() -> None:
 
 def test_no_module_outside_calc_derives_a_name_by_hashing() -> None:
     found = [name for name, text in _outside_calc()
-             if re.search(r"^\s*(import hashlib|from hashlib)", text, re.M) and name not in CREDENTIAL_HASHING]
+             if re.search(r"^\s*(import hashlib|from hashlib)", text, re.M)
+             and name not in CREDENTIAL_HASHING | CONTENT_DIGESTS]
     assert not found, f"derive names with tether.calc.names (digest, sha1_hex, ...): {found}"

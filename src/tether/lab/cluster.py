@@ -106,6 +106,8 @@ class PodInfo:
     ips: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+    cni_args: str = ""  # the CNI_ARGS of ADD, passed again at DEL (as kubelet's runtime does)
+    cni_config: dict[str, Any] = field(default_factory=dict)  # the extra CNI config keys of ADD, likewise
 
     @property
     def ip(self) -> str:
@@ -436,20 +438,22 @@ class Lab:
     def run_pod(self, host: str, name: str, network: str, namespace: str = "default",
                 labels: dict[str, str] | None = None, ip: str | None = None,
                 ports: list[dict] | None = None, security_groups: list[str] | None = None,
-                cni_args: str = "", cni_config: dict | None = None) -> PodInfo:
+                cni_args: str = "", cni_config: dict | None = None, container_id: str | None = None) -> PodInfo:
         """`cni_args` are more CNI_ARGS (kubelet adds K8S_POD_INFRA_CONTAINER_ID and K8S_POD_UID);
-        `cni_config` more keys of the network's CNI configuration."""
+        `cni_config` more keys of the network's CNI configuration; `container_id` the CNI_CONTAINERID
+        (the namespace's name unless given: under kubelet it is the CRI sandbox's 64-hex id)."""
         h = self.host(host)
         ns = f"{self.name}-{host}-{name}"
         if f"{host}/{name}" in self.state.pods:
             raise RuntimeError(f"pod {host}/{name} already runs in lab {self.name}; remove it with "
                                f"`tether lab rm {host}/{name}` or pick another name")
         sh("ip", "netns", "add", ns)
-        container_id = ns
+        container_id = container_id or ns
         args = f"IgnoreUnknown=1;K8S_POD_NAME={name};K8S_POD_NAMESPACE={namespace}" + (f";IP={ip}" if ip else "")
         args += f";{cni_args}" if cni_args else ""
-        config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether",
-                                  "labels": labels or {}}
+        config: dict[str, Any] = {"cniVersion": CNI_VERSION, "name": network, "type": "tether"}
+        if labels is not None:  # kubelet's runtime passes none: then the config has no "labels" key
+            config["labels"] = labels
         if ports:
             config["ports"] = ports
         if security_groups is not None:
@@ -463,7 +467,7 @@ class Lab:
             raise CniFailure(err.get("code", -1), err.get("msg", out), out)
         res = json.loads(out)
         pod = PodInfo(name, host, ns, network, namespace, container_id,
-                      [i["address"].split("/")[0] for i in res["ips"]], labels or {}, res)
+                      [i["address"].split("/")[0] for i in res["ips"]], labels or {}, res, args, cni_config or {})
         nsx(ns, "ip", "link", "set", "lo", "up")
         write_resolv_conf(ns, res.get("dns") or {})
         self.state.pods[f"{host}/{name}"] = pod
@@ -480,9 +484,10 @@ class Lab:
 
     def rm_pod(self, ref: str) -> None:
         pod = self.pod(ref)
-        config = {"cniVersion": CNI_VERSION, "name": pod.network, "type": "tether", "prevResult": pod.result}
+        config = {"cniVersion": CNI_VERSION, "name": pod.network, "type": "tether", **pod.cni_config,
+                  "prevResult": pod.result}
         code, out = self.cni(pod.host, "DEL", config, container_id=pod.container_id,
-                             netns=f"/var/run/netns/{pod.ns}")
+                             netns=f"/var/run/netns/{pod.ns}", args=pod.cni_args)
         if code != 0:
             raise RuntimeError(f"CNI DEL failed: {out}")
         sh("ip", "netns", "del", pod.ns, check=False)

@@ -213,17 +213,63 @@ def pod_manifest(name: str, namespace: str, host: str, labels: dict[str, str] | 
 def run_kube_pod(lab: Lab, kube: KubeApi, host: str, name: str, network: str, namespace: str = "default",
                  labels: dict[str, str] | None = None, ports: list[dict] | None = None,
                  kubeconfig: bool = False) -> PodInfo:
-    """What kubelet does for a pod bound to `host`: the Pod is in the apiserver (created here with
-    spec.nodeName, as the scheduler would bind it), then CNI ADD with kubelet's arguments
-    (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_INFRA_CONTAINER_ID, K8S_POD_UID) and no labels: the
-    pod's labels and named ports reach Tether through `tether kube`, or, with `kubeconfig`, from the
-    agent reading the pod at ADD (the CNI config names the kubeconfig)."""
+    """What kubelet (with containerd as its CRI runtime) does for a pod bound to `host`: the Pod is
+    in the apiserver (created here with spec.nodeName, as the scheduler would bind it), then CNI ADD
+    as containerd's CRI plugin makes it: CNI_CONTAINERID = the sandbox's 64-hex id, CNI_IFNAME=eth0,
+    CNI_NETNS a path under /var/run/netns, CNI_ARGS IgnoreUnknown=1, K8S_POD_NAMESPACE, K8S_POD_NAME,
+    K8S_POD_INFRA_CONTAINER_ID (= the sandbox id), K8S_POD_UID, and no labels (DEL later passes the
+    same). The pod's labels and named ports reach Tether through `tether kube`, or, with
+    `kubeconfig`, from the agent reading the pod at ADD (the CNI config names the kubeconfig). Then,
+    as kubelet does, the pod's status gets its address and Ready."""
     kube.apply(pod_manifest(name, namespace, host, labels, ports))
     uid = kube.kubectl("get", "pod", "-n", namespace, name, "-o", "jsonpath={.metadata.uid}").stdout.strip()
-    infra = uuid.uuid5(uuid.NAMESPACE_URL, uid).hex + uuid.uuid4().hex  # a 64-hex sandbox id, as CRI makes
-    return lab.run_pod(host, name, network, namespace=namespace,
-                       cni_args=f"K8S_POD_INFRA_CONTAINER_ID={infra};K8S_POD_UID={uid}",
-                       cni_config={"kubernetes": {"kubeconfig": host_kubeconfig(lab, kube)}} if kubeconfig else None)
+    sandbox = uuid.uuid5(uuid.NAMESPACE_URL, uid).hex + uuid.uuid4().hex  # a 64-hex sandbox id, as CRI makes
+    pod = lab.run_pod(host, name, network, namespace=namespace, container_id=sandbox,
+                      cni_args=f"K8S_POD_INFRA_CONTAINER_ID={sandbox};K8S_POD_UID={uid}",
+                      cni_config={"kubernetes": {"kubeconfig": host_kubeconfig(lab, kube)}} if kubeconfig else None)
+    report_pod_status(kube, namespace, name, pod.ips)
+    return pod
+
+
+def report_pod_status(kube: KubeApi, namespace: str, name: str, ips: list[str]) -> None:
+    """Kubelet's status update after the sandbox is up: phase Running, Ready, status.podIP(s)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status = {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips],
+              "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]}
+    kube.kubectl("patch", "pod", "-n", namespace, name, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": status}))
+
+
+def sync_endpoint_slice(kube: KubeApi, namespace: str, service: str) -> list[str]:
+    """What kube-controller-manager's EndpointSlice controller does for a Service with a selector
+    (the lab runs no controller manager): one slice, `<service>-tether`, with the ready addresses
+    of the running pods the selector matches. Call it after pods change; returns the addresses."""
+    svc = json.loads(kube.kubectl("get", "svc", "-n", namespace, service, "-o", "json").stdout)
+    selector = (svc.get("spec") or {}).get("selector") or {}
+    if not selector:
+        raise ValueError(f"service {namespace}/{service} has no selector: write its EndpointSlices yourself")
+    sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l", sel, "-o", "json").stdout)["items"]
+    endpoints = [{"addresses": [p["status"]["podIP"]], "conditions": {"ready": True},
+                  "nodeName": p["spec"].get("nodeName"),
+                  "targetRef": {"kind": "Pod", "namespace": namespace, "name": p["metadata"]["name"],
+                                "uid": p["metadata"]["uid"]}}
+                 for p in pods if (p.get("status") or {}).get("podIP") and not p["metadata"].get("deletionTimestamp")]
+    named = {cp["name"]: cp["containerPort"] for p in pods for c in p["spec"]["containers"]
+             for cp in c.get("ports") or [] if cp.get("name")}  # one slice: a name means one number here
+
+    def target(sp: dict) -> int:
+        t = sp.get("targetPort", sp["port"])
+        return t if isinstance(t, int) else named.get(t, sp["port"])
+    ports = [{"name": sp.get("name") or "", "port": target(sp), "protocol": sp.get("protocol") or "TCP"}
+             for sp in svc["spec"].get("ports") or []]
+    kube.apply(json.dumps({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": f"{service}-tether", "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "lab.tether.dev"}},
+        "ports": ports, "endpoints": endpoints}))
+    return sorted(e["addresses"][0] for e in endpoints)
 
 
 HOST_PORT = 6443  # where the apiserver answers inside each lab host (relayed to the root namespace's loopback)
