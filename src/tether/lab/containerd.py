@@ -84,6 +84,22 @@ sys.exit(r.returncode)
 """
 
 
+def stop_and_unmount(proc: subprocess.Popen | None, directory: str) -> None:
+    """Stop a daemon by its PID (SIGTERM, then SIGKILL after 15 s) and lazily unmount whatever it
+    mounted under its directory, deepest first."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f if line.split()[1].startswith(directory)]
+    for m in reversed(mounts):
+        subprocess.run(["umount", "-l", m], capture_output=True)
+
+
 @dataclass
 class Containerd:
     """A containerd whose CRI plugin calls Tether's CNI plugin (through the recorder) with
@@ -193,17 +209,7 @@ state = "{d}/state"
                         os.kill(int(f.read().strip()), signal.SIGKILL)
                 except (OSError, ValueError):
                     pass
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1] for line in f if line.split()[1].startswith(self.dir)]
-        for m in reversed(mounts):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+        stop_and_unmount(self.proc, self.dir)
         # runc made a cgroup /k8s.io/<sandbox> in each hierarchy (and the parent): remove what is left
         # and empty (rmdir fails on a cgroup still in use, e.g. by another containerd's pods)
         roots = ["/sys/fs/cgroup"] + [os.path.join("/sys/fs/cgroup", h) for h in os.listdir("/sys/fs/cgroup")]  # v2, v1
@@ -272,14 +278,4 @@ class Kubelet:
     def stop(self) -> None:
         """Stop kubelet by its PID (delete its pods first: kubelet is what stops their sandboxes) and
         unmount what it mounted under its directory."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with open("/proc/self/mounts") as f:
-            mounts = [line.split()[1] for line in f if line.split()[1].startswith(self.dir)]
-        for m in reversed(mounts):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+        stop_and_unmount(self.proc, self.dir)
