@@ -51,9 +51,10 @@ def with_policy():
 
 def test_a_connection_marked_for_judging_again_leaves_before_the_established_accept() -> None:
     fwd = chain(base_nft(replica(), "h1"), "forward")
-    assert mark_test(fwd[0]) == (CT_REJUDGE, CT_REJUDGE) and targets(fwd[0]) == "midstream"
+    assert fwd[0]["comment"] == "port disabled"  # only what goes to a disabled port comes before
+    assert mark_test(fwd[1]) == (CT_REJUDGE, CT_REJUDGE) and targets(fwd[1]) == "midstream"
     assert {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related",
-                                                                              "untracked"]}} in fwd[1]["expr"]
+                                                                              "untracked"]}} in fwd[2]["expr"]
 
 
 def test_tcp_without_syn_to_or_from_a_newly_tracked_pod_is_marked_picked_up_and_judged_in_midstream() -> None:

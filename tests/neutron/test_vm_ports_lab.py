@@ -196,10 +196,13 @@ def test_a_disabled_port_passes_no_traffic_until_enabled_again(lab: Lab, vm: Vm,
         assert blocked(vm.ns, vm.pod.ip), "the disabled port still reaches the pod"
         assert blocked(vm.pod.ns, vm.ip), "the pod still gets answers from the disabled port"
         assert not tcp_connects(vm.pod.ns, vm.ip, 22)
+        # nothing reaches it either: a datagram from the pod is dropped before the port, not just its answer
+        assert sources_seen(vm.ns, vm.pod.ns, [vm.pod.ip], vm.ip) == set(), "a datagram reached the disabled port"
         assert cloud.sdk().network.get_port(vm.port["id"]).status == "DOWN"
     finally:
         cloud.run("port", "set", "--enable", vm.port["id"])
     assert reaches(vm.ns, vm.pod.ip) and reaches(vm.pod.ns, vm.ip), "enabling the port did not restore traffic"
+    assert sources_seen(vm.ns, vm.pod.ns, [vm.pod.ip], vm.ip) == {vm.pod.ip}
 
 
 UDP_SINK = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 5599))\n"

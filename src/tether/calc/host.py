@@ -293,8 +293,9 @@ def needs_state(rep: Replica) -> str:
     expression, no nat chain and no `notrack`, so the kernel does not register conntrack in the
     host's namespace at all (registered, it costs a round trip between pods about 5% even when
     every packet is `notrack`ed, bench/NOTES.md#dataplane). Services (their VIPs are reached from every
-    host, published ports too), masquerading networks, policies and security groups need state;
-    they are cluster-wide conditions, so every host's table is of the same kind."""
+    host, published ports too), masquerading networks, policies, security groups and disabled ports
+    (the forward chain drops what is sent to them) need state; they are cluster-wide conditions, so
+    every host's table is of the same kind."""
     if next(iter(rep.services), None) is not None:
         return "services"
     if any(n.nat_outgoing for n in rep.networks.values()):
@@ -303,6 +304,8 @@ def needs_state(rep: Replica) -> str:
         return "network policies"
     if any(ep.security_groups or ep.port_security for ep in rep.endpoints):  # a group nobody uses filters nothing
         return "security groups"
+    if any(not ep.admin_state_up for ep in rep.endpoints):
+        return "disabled ports"
     return ""
 
 
@@ -381,6 +384,9 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     if not stateful:
         return NftPlan(sets=(peers,))
     local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
+    # Neutron's `port set --disable`: nothing reaches the port (its own ingress chain stops what it sends)
+    disabled = frozenset(ep.interface for ep in rep.endpoints
+                         if ep.host == host and ep.interface and not ep.admin_state_up)
     cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
     nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})
     sets = (
@@ -392,6 +398,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host)),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
+        NftSet("disabled_ports", "ifname", elements=disabled),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
         NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict"),
         *(NftSet(name, "ipv4_addr" if v == 4 else "ipv6_addr", ("timeout",), timeout=PICKUP_GRACE)
@@ -458,6 +465,8 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
             *nat6_rules,
         ), hook="postrouting", type="nat", priority=100, policy="accept"),
         NftChain("forward", (
+            # to a disabled port: dropped, established connections too
+            denied(match(meta("oifname"), "@disabled_ports"), comment=pod_ingress.PORT_DISABLED),
             # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`
             rule(REJUDGED, match(ct("state"), "related", "!="), {"goto": {"target": "midstream"}}),
             rule(CT_PASSED, ACCEPT),
