@@ -8,9 +8,9 @@ goes backwards (libfaketime's faked monotonic jump back stalls every asyncio tim
 After each jump: both hosts stay alive (their leases are neither expired at once nor made eternal),
 no endpoint of a running host is reclaimed by the garbage collector, the established pod TCP flow
 never breaks, the agents stay in sync through TLS (a pod added after the jump is reachable from the
-other host within 5 s), and a bootstrap token made after the jump works and expires its TTL after
-the server's clock (bootstrap tokens carry an absolute expiry, as kubeadm's and X.509's do: a step
-moves it by the step's length, never to forever).
+other host within 5 s), and bootstrap tokens live their TTL whatever the server's clock says: one
+made before the jump still joins a host, a 3 s one is refused seconds later (they sit on store
+leases; on the wall clock, +2 h expired every token and -2 h kept expired ones for 2 h more).
 """
 
 from __future__ import annotations
@@ -82,17 +82,28 @@ def test_a_server_wall_clock_jump_kills_no_host_reclaims_nothing_and_keeps_agent
         endpoints_before = {e["name"] for e in lab.client().list_raw("Endpoint") if e["network"] == net}
         figures: dict[str, dict] = {}
 
+        def token(ttl: float) -> dict:
+            made = api.post("/api/v1/bootstrap-tokens", json={"ttl": ttl, "description": "clock jump"})
+            assert made.status_code == 201, made.text
+            return made.json()
+
+        def joins(tok: dict) -> int:
+            return httpx.post(lab.server_url + "/api/v1/join", json={"host": unique("jh")},
+                              headers={"Authorization": f"Bearer {tok['token']}"}, timeout=30).status_code
+
         for to, pod in ((JUMP, "c"), (-JUMP, "d")):
+            before = token(600)  # made before the jump: it lives its 10 minutes, not 10 min - 2 h
+            short = token(3)  # and this one its 3 s, not 3 s + 2 h
             jump_to(offset, to)
             jumped = time.monotonic()
-            # the server's clock really moved: a token made now expires its TTL after the server's now
-            made = api.post("/api/v1/bootstrap-tokens", json={"ttl": 600, "description": "clock jump"})
-            assert made.status_code == 201, made.text
-            skew = made.json()["expires"] - 600 - time.time()
+            # the server's clock really moved: a token's expiry shown is the server's now + TTL
+            after = token(600)
+            skew = after["expires"] - 600 - time.time()
             assert abs(skew - to) < 60, f"the server's wall clock is off by {skew:.0f} s, not {to:.0f} s"
-            joined = httpx.post(lab.server_url + "/api/v1/join", json={"host": unique("jh")},
-                                headers={"Authorization": f"Bearer {made.json()['token']}"}, timeout=30)
-            assert joined.status_code == 201, f"a bootstrap token made after the jump is refused: {joined.text}"
+            assert joins(after) == 201, "a bootstrap token made after the jump is refused"
+            assert joins(before) == 201, f"a 10-minute bootstrap token made before a {to:+.0f} s jump is refused"
+            wait_for(lambda t=short: joins(t) == 401, 15, f"a 3 s bootstrap token to expire after a {to:+.0f} s jump")
+            short_s = time.monotonic() - jumped
             dead_seen: list[str] = []
             while time.monotonic() - jumped < WATCH:
                 hosts = {h["name"]: h["alive"] for h in api.get("/api/v1/hosts").json()}
@@ -108,6 +119,7 @@ def test_a_server_wall_clock_jump_kills_no_host_reclaims_nothing_and_keeps_agent
             assert lab.reaches("h1/a", p.ip, within=5), "the agents fell out of sync after the clock jump"
             endpoints_before |= {e["name"] for e in lab.client().list_raw("Endpoint") if e["network"] == net}
             figures[f"{to:+.0f}s"] = {"server_clock_skew_s": round(skew), "hosts_shown_dead": len(dead_seen),
+                                      "3s_token_refused_after_s": round(short_s, 1),
                                       "new_pod_added_and_reachable_s": round(time.monotonic() - added, 2)}
         out, _ = stream.communicate(timeout=seconds + 30)
         print(f"\nclock jump ({store}):", json.dumps({**figures, "broken_flows": int(stream.returncode != 0)}))
