@@ -292,3 +292,52 @@ async def test_a_backup_never_overwrites_the_database_it_copies(tmp_path) -> Non
     store = SqliteStore(path)
     assert len((await store.list(P)).items) == 3
     await store.close()
+
+
+@pytest.mark.parametrize("jump", [7200.0, -7200.0])
+async def test_leases_ignore_a_wall_clock_jump(tmp_path, monkeypatch, jump) -> None:
+    """An NTP step or `date -s` on the server's machine: a jump forward expired every lease at once
+    (every host looked dead), a jump back kept an unrenewed lease alive for the jump's length.
+    (etcd's leases run on etcd's clock; tests/faults/test_clock_jump.py jumps a real server's.)"""
+    store = SqliteStore(str(tmp_path / "t.db"))
+    try:
+        kept = await store.grant_lease(30)
+        await store.put(P + "kept", b"1", lease=kept)
+        left = await store.grant_lease(1)
+        await store.put(P + "left", b"1", lease=left)
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + jump)
+        assert await store.keepalive(kept)
+        assert await store.get(P + "kept") is not None
+        for _ in range(100):  # the 1 s lease still expires, after about 1 s (not 2 h later)
+            if await store.get(P + "left") is None:
+                break
+            await asyncio.sleep(0.1)
+        assert await store.get(P + "left") is None
+        assert await store.get(P + "kept") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_lease_written_before_a_reboot_lives_at_most_its_ttl(tmp_path) -> None:
+    """The monotonic clock restarts at boot: a lease whose expiry was written under a higher reading
+    gets its TTL from now when the database is opened, instead of living for the old uptime."""
+    path = str(tmp_path / "t.db")
+    store = SqliteStore(path)
+    lease = await store.grant_lease(1)
+    await store.put(P + "k", b"1", lease=lease)
+    await store.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE leases SET expires = expires + 1e7")  # as if written when uptime was 116 days longer
+    db.close()
+    store = SqliteStore(path)
+    try:
+        await store.put(P + "other", b"1")  # starts the housekeeping that expires leases
+        for _ in range(100):
+            if await store.get(P + "k") is None:
+                break
+            await asyncio.sleep(0.1)
+        assert await store.get(P + "k") is None
+    finally:
+        await store.close()

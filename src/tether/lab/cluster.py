@@ -307,7 +307,9 @@ class Lab:
 
     # --- processes --------------------------------------------------------------------------------
 
-    def start_server(self) -> None:
+    def start_server(self, env: dict[str, str] | None = None) -> None:
+        """Start the lab's server; `env` adds to its environment (the clock-jump test runs it under
+        libfaketime this way)."""
         state_dir = os.path.join(self.dir, "server")
         os.makedirs(state_dir, exist_ok=True)
         if self.state.store.startswith("etcd://"):  # an external cluster: `lab up --etcd-endpoints`
@@ -326,7 +328,8 @@ class Lab:
                               "--listen", f"unix://{self.server_socket}",
                               "--listen", f"127.0.0.1:{self.state.server_port}", "--listen", "fd://{fd}",
                               "--tls-san", CTL_IP, "--gc-interval", "10", *self.state.server_args],
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, **env} if env else None)
         self.state.server_pid = p.pid
         self.save()
         wait_for(lambda: _http_ok(self.server_url + "/healthz"), 20, "the server")

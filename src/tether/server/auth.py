@@ -164,8 +164,11 @@ class Credentials:
             kv = await self.store.get(BOOTSTRAP_TOKENS + m.group(1))
             rec = json.loads(kv.value) if kv is not None else {}
             if not rec or not same(rec.get("sha256", ""), digest(m.group(2))):
-                raise Denied("unknown bootstrap token; create one with `tether host token create` (admin)")
-            if rec.get("expires", 0) <= time.time():
+                raise Denied("unknown or expired bootstrap token (a token is deleted when its TTL ends); create "
+                             "one with `tether host token create --ttl 30m` (admin)")
+            # a token on a store lease lives exactly its TTL by the store's clock, whatever a server's
+            # wall clock does; only records written before tokens had leases go by the wall clock
+            if not kv.lease and rec.get("expires", 0) <= time.time():
                 raise Denied(f"bootstrap token {m.group(1)} expired at "
                              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(rec.get('expires', 0)))}; "
                              "create a new one with `tether host token create --ttl 30m`")
@@ -177,14 +180,17 @@ class Credentials:
         await self._forget_expired()
         token_id = "".join(secrets.choice(ALPHABET) for _ in range(6))
         secret = "".join(secrets.choice(ALPHABET) for _ in range(16))
-        expires = time.time() + ttl
+        expires = time.time() + ttl  # for people; the lease decides (see `identify`)
         rec = {"sha256": digest(secret), "expires": expires, "created": time.time(), "description": description}
-        await self.store.put(BOOTSTRAP_TOKENS + token_id, json.dumps(rec).encode())
+        lease = await self.store.grant_lease(ttl)
+        await self.store.put(BOOTSTRAP_TOKENS + token_id, json.dumps(rec).encode(), lease=lease)
         return f"{token_id}.{secret}", expires
 
     async def _forget_expired(self) -> None:
         """Expired bootstrap tokens are useless: drop them when a new one is made."""
         for kv in (await self.store.list(BOOTSTRAP_TOKENS)).items:
+            if kv.lease:  # the store deletes it when its lease ends
+                continue
             try:
                 expired = json.loads(kv.value).get("expires", 0) <= time.time()
             except ValueError:

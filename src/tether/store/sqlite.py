@@ -172,6 +172,23 @@ def open_checked(path: str, memory: bool) -> tuple[sqlite3.Connection, sqlite3.C
     return opened[0], opened[1]
 
 
+def lease_clock() -> float:
+    """The clock leases expire by: CLOCK_MONOTONIC, which NTP steps and operators' `date -s` do not
+    move (with the wall clock, a jump forward expired every lease at once and every host looked dead,
+    and a jump back kept leases alive for the jump's length). It is one clock for every process on
+    the machine, so servers sharing the file agree; it restarts at boot, see `rebase_leases`."""
+    return time.monotonic()
+
+
+def rebase_leases(db: sqlite3.Connection) -> None:
+    """A lease can never expire more than its TTL from now: one that claims to (written before this
+    machine booted, when the monotonic clock read higher) gets its TTL from now, as etcd gives every
+    lease a full TTL when a new leader takes over."""
+    now = lease_clock()
+    with db:
+        db.execute("UPDATE leases SET expires = ? + ttl WHERE expires > ? + ttl", (now, now))
+
+
 def in_thread(name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
@@ -199,6 +216,7 @@ class SqliteStore:
             raise describe_open_error(path, e) from None
         try:
             self._wdb, self._rdb = open_checked(path, memory)
+            rebase_leases(self._wdb)
         except BaseException:
             self._release_lock()
             raise
@@ -516,7 +534,7 @@ class SqliteStore:
 
     def _grant(self, lease: int, ttl: float) -> None:
         with self._wdb:
-            self._wdb.execute("INSERT INTO leases VALUES (?,?,?)", (lease, ttl, time.time() + ttl))
+            self._wdb.execute("INSERT INTO leases VALUES (?,?,?)", (lease, ttl, lease_clock() + ttl))
 
     async def grant_lease(self, ttl: float) -> int:
         self._start()
@@ -527,7 +545,7 @@ class SqliteStore:
     def _keepalive(self, lease: int) -> bool:
         self._expire_leases()
         with self._wdb:
-            cur = self._wdb.execute("UPDATE leases SET expires = ? + ttl WHERE id=?", (time.time(), lease))
+            cur = self._wdb.execute("UPDATE leases SET expires = ? + ttl WHERE id=?", (lease_clock(), lease))
         return cur.rowcount == 1
 
     async def keepalive(self, lease: int) -> bool:
@@ -544,11 +562,11 @@ class SqliteStore:
             self._wdb.execute("DELETE FROM leases WHERE id=?", (lease,))
 
     def _expired_leases(self) -> bool:
-        return self._rdb.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (time.time(),)).fetchone() \
+        return self._rdb.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1", (lease_clock(),)).fetchone() \
             is not None
 
     def _expire_leases(self) -> None:
-        for (lease,) in self._wdb.execute("SELECT id FROM leases WHERE expires < ?", (time.time(),)).fetchall():
+        for (lease,) in self._wdb.execute("SELECT id FROM leases WHERE expires < ?", (lease_clock(),)).fetchall():
             self._drop_lease(lease)
 
     async def close(self) -> None:
