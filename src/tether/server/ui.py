@@ -10,6 +10,7 @@ The token comes as the usual bearer header, or once as `?token=` (kept in an Htt
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -198,7 +199,9 @@ async def trace_view(request: Request) -> Any:
     if s is None or d is None:
         missing = src if s is None else dst_ref
         return page("why can't A reach B", form + f"<p class=bad>no endpoint or service {e(missing)}</p>")
-    t = trace(world, services, s, d, port, proto)
+    now_ = time.time()
+    health = {h: {**r, "age_s": round(now_ - r["reported_at"], 1)} for h, r in request.app.state.peers.items()}
+    t = trace(world, services, s, d, port, proto, health=health)
     chain = '<span class="arrow">→</span>'.join(
         f'<div class="step{"" if st.ok else " fail"}"><b>{e(st.name)}</b>'
         f'{f" ({e(st.host)})" if st.host else ""}<br>{e(st.detail)}</div>' for st in t.steps)
