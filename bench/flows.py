@@ -143,6 +143,8 @@ def main() -> None:
         # connections: the cost itself, which the machine's other load does not blur as it does rates
         pids = {f"agent {h.name}": h.agent_pid for h in lab.state.hosts if h.agent_pid}
         pids["server"] = lab.state.server_pid or 0
+        pids["pods"] = client.pid  # the connections' own cost: the client pod's process ...
+        pids["pods "] = procs[0].pid  # ... and the server pod's
         spent: dict[bool, dict[str, float]] = {True: {}, False: {}}
         conns: dict[bool, float] = {True: 0.0, False: 0.0}
         measure("connect")  # warm up
@@ -167,6 +169,14 @@ def main() -> None:
         out["cpu_ms_per_1000_connections"] = {
             ("on" if on else "off"): {k: round(v * 1e6 / max(conns[on], 1), 2) for k, v in sorted(spent[on].items())}
             for on in (False, True)}
+        cpu = out["cpu_ms_per_1000_connections"]
+        for side in cpu.values():  # one entry for both pods
+            side["pods"] = round(side.pop("pods", 0.0) + side.pop("pods ", 0.0), 2)
+        extra = sum(v for k, v in cpu["on"].items() if k != "pods") - \
+            sum(v for k, v in cpu["off"].items() if k != "pods")
+        # what recording adds, as a share of what the connections cost the pods themselves: the
+        # slowdown of a host whose CPU is all in use, which rates on a shared machine blur
+        out["cpu_added_vs_pods"] = round(extra / max(cpu["on"]["pods"], 1e-9), 3)
         out["within_budget"] = all(out[w]["ratio"] >= 0.95 for w in ("connect", "bulk"))
         flows = lab.client().request("GET", "/api/v1/flows", params={"limit": 1})
         out["flows_recorded"] = flows["last"]
@@ -179,7 +189,8 @@ def main() -> None:
             for side, costs in out["cpu_ms_per_1000_connections"].items():
                 print(f"cpu ms per 1000 connections, recording {side:3}: " +
                       ", ".join(f"{k} {v}" for k, v in costs.items()))
-            print(f"load average {out['load_before']} before, {out['load_after']} after")
+            print(f"recording adds {out['cpu_added_vs_pods']:.1%} of the pods' own CPU per connection; "
+                  f"load average {out['load_before']} before, {out['load_after']} after")
             print(f"flows recorded by the server: {out['flows_recorded']}; "
                   f"{'within' if out['within_budget'] else 'OVER'} the 5% budget")
         sys.exit(0 if out["within_budget"] else 1)
