@@ -198,22 +198,25 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
     return t
 
 
-def path_down(health: dict[str, Any], a: str, b: str) -> str | None:
+def path_down(health: dict[str, Any], a: str, b: str, overlay: bool = False) -> str | None:
     """Why the last path health report of `a` (or of `b`, the other way) says the underlay between
-    them does not carry packets; None when it carries them or nobody reported."""
+    them (or with `overlay`, the VXLAN tunnel) does not carry packets; None when it carries them or
+    nobody reported."""
     for me, peer in ((a, b), (b, a)):
         report = health.get(me) or {}
         p = next((p for p in report.get("peers", []) if p.get("peer") == peer), None)
+        age = f", {report['age_s']:.0f} s ago" if isinstance(report.get("age_s"), int | float) else ""
         if p is not None and not (p.get("underlay") or {}).get("ok", True):
-            age = f", {report['age_s']:.0f} s ago" if isinstance(report.get("age_s"), int | float) else ""
             return f"{me}'s path health{age}: {peer} ({p.get('underlay_ip')}) does not answer on the underlay"
+        if p is not None and overlay and not (p.get("overlay") or {}).get("ok", True):
+            return f"{me}'s path health{age}: {peer}'s VTEP does not answer through the VXLAN overlay"
     return None
 
 
 def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, dst_ep: Endpoint | None,
            target: Endpoint | str, health: dict[str, Any]) -> bool:
     from tether.calc.host import path_mode
-    from tether.calc.names import VXLAN_OVERHEAD
+    from tether.calc.names import VXLAN_OVERHEAD, VXLAN_PORT
 
     if dst_ep is not None:
         if src_host == dst_ep.host:
@@ -237,6 +240,11 @@ def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, ds
                              "encap vxlan or auto", src_host)
             return t.add("route", True, f"direct: via {peer.underlay_ip} on the underlay (no encapsulation)",
                          src_host)
+        down = path_down(health, me.name, peer.name, overlay=True)
+        if down is not None:
+            return t.add("encapsulation", False, f"vxlan {me.name} -> {peer.name}: the tunnel does not carry this "
+                         f"path ({down}); check that UDP {VXLAN_PORT} passes between the hosts "
+                         "(`tether status --peers`)", src_host)
         return t.add("encapsulation", True, f"vxlan: {me.name} {me.underlay_ip} -> {peer.name} {peer.underlay_ip} "
                      f"over the underlay ({VXLAN_OVERHEAD} bytes of overhead)", src_host)
     if isinstance(target, str) and target.startswith("host:"):

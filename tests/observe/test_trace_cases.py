@@ -159,3 +159,11 @@ def test_a_path_that_path_health_reports_down_stops_the_route() -> None:
     back = trace(WORLD, SERVICES, BY_NAME["c"], BY_NAME["a"], 80, "TCP", health=health)
     assert back.failed is not None and back.failed.name == "route"  # the report of either end counts
     assert trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["b"], 80, "TCP", health=health).reached
+
+
+def test_a_vxlan_path_whose_overlay_is_reported_down_stops_at_the_encapsulation() -> None:
+    health = {"h1": {"age_s": 2.0, "peers": [{"peer": "h2", "underlay_ip": "198.18.0.2", "underlay": {"ok": True},
+                                              "overlay": {"ok": False}}]}}
+    t = trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["b"], 80, "TCP", health=health)
+    assert t.failed is not None and t.failed.name == "encapsulation" and "UDP 4789" in t.failed.detail
+    assert trace(WORLD, SERVICES, BY_NAME["e"], BY_NAME["g"], 80, "TCP", health=health).reached  # direct: no tunnel

@@ -169,25 +169,28 @@ def drop_metrics(host: str, counts: dict[str, int]) -> str:
 
 
 def peer_metrics(host: str, agent: Any) -> list[str]:
-    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems."""
+    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems, and
+    the overlay. Each metric's samples as one group, as the text format wants."""
     health = next((e for e in getattr(agent, "_extras", []) if type(e).__name__ == "PeerHealth"), None)
     if health is None or not health.results:
         return []
-    lines = ["# HELP tether_peer_up 1 when the peer answers on the underlay.", "# TYPE tether_peer_up gauge",
-             "# HELP tether_peer_rtt_milliseconds Round trip of a full-size ping to the peer.",
-             "# TYPE tether_peer_rtt_milliseconds gauge",
-             "# HELP tether_peer_path_mtu_bytes The largest packet the underlay path to the peer carries.",
-             "# TYPE tether_peer_path_mtu_bytes gauge",
-             "# HELP tether_peer_problems Problems found on the path (e.g. a network too large for it).",
-             "# TYPE tether_peer_problems gauge"]
-    for peer, r in sorted(health.results.items()):
-        labels = f'host="{host}",peer="{peer}"'
-        lines.append(f"tether_peer_up{{{labels}}} {1 if r['underlay']['ok'] else 0}")
-        if r["underlay"].get("rtt_ms") is not None:
-            lines.append(f"tether_peer_rtt_milliseconds{{{labels}}} {r['underlay']['rtt_ms']}")
-        if r.get("path_mtu") is not None:
-            lines.append(f"tether_peer_path_mtu_bytes{{{labels}}} {r['path_mtu']}")
-        lines.append(f"tether_peer_problems{{{labels}}} {len(r.get('problems', []))}")
+    metrics = (("tether_peer_up", "1 when the peer answers on the underlay.",
+                lambda r: 1 if r["underlay"]["ok"] else 0),
+               ("tether_peer_rtt_milliseconds", "Round trip of a full-size ping to the peer.",
+                lambda r: r["underlay"].get("rtt_ms")),
+               ("tether_peer_path_mtu_bytes", "The largest packet the underlay path to the peer carries.",
+                lambda r: r.get("path_mtu")),
+               ("tether_peer_problems", "Problems found on the path (e.g. a network too large for it).",
+                lambda r: len(r.get("problems", []))),
+               ("tether_peer_overlay_up", "1 when the peer's VTEP answers through the VXLAN tunnel.",
+                lambda r: (1 if r["overlay"]["ok"] else 0) if "overlay" in r else None))
+    lines = []
+    for name, text, value in metrics:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        for peer, r in sorted(health.results.items()):
+            v = value(r)
+            if v is not None:
+                lines.append(f'{name}{{host="{host}",peer="{peer}"}} {v}')
     return lines
 
 
