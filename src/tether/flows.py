@@ -4,7 +4,8 @@
 Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events: allowed
 connections, with the NAT to a service backend and, on DESTROY, packets and bytes both ways) and
 the packets its policy fragment denies (the NFLOG group it already uses, with the prefix naming the
-policy). It keeps them in a bounded ring and pushes what is new once a second to the server
+policy; a connection that opens and closes between two pushes is one `closed` record). It keeps
+them in a bounded ring and pushes what is new once a second to the server
 (POST /api/v1/hosts/{host}/flows, its own host only). The server names both ends from the desired
 state (pod, namespace, network, host; a service VIP by its service), finds the deciding policy of
 an allowed connection with the same evaluator as `tether trace` (a denied packet's policy is its

@@ -11,7 +11,8 @@ Without it (another listener on the group, no permission) the datapath still dro
 
 With `--flows on` (the default) it also follows conntrack's NEW/DESTROY events of this host's pods
 (`conntrack -E`: allowed connections, the service backend they were sent to, packets and bytes
-both ways) and pushes these and the denied packets to the server once a second, which names them
+both ways; one `closed` record for a connection that opened and closed between two pushes) and
+pushes these and the denied packets to the server once a second, which names them
 for `tether flows` (`tether.flows` has the design). With `--metrics-listen HOST:PORT` the metrics
 are also served over TCP. Counters never go backwards: nft resets a rule's counter when its chain
 is rebuilt (another policy applied to the same pods), so the totals add up what each rule had
