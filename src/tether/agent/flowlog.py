@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import os
 import socket
 import struct
+import subprocess
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -209,7 +211,7 @@ class FlowLog:
         self._local: set[str] = set()  # addresses of this host's endpoints (conntrack events kept)
         self._pending: dict[tuple, dict[str, Any]] = {}  # NEW records in the outbox, by connection
         self._tasks: list[asyncio.Task] = []
-        self._ct: asyncio.subprocess.Process | None = None
+        self._ct: subprocess.Popen | None = None
         self._ct_task: asyncio.Task | None = None
         self.metrics_server: asyncio.AbstractServer | None = None
         self._scraped = False
@@ -253,9 +255,11 @@ class FlowLog:
         elif not on and running:
             assert self._ct_task is not None
             self._ct_task.cancel()
-            if self._ct is not None and self._ct.returncode is None:
+            if self._ct is not None and self._ct.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._ct.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._ct.wait(1)  # SIGKILL: at once; no zombie left behind
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -376,26 +380,41 @@ class FlowLog:
         backoff = 1.0
         while True:
             try:
-                self._ct = await asyncio.create_subprocess_exec(
-                    "conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp", stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL)
+                self._ct = subprocess.Popen(["conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp"],
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             except OSError as e:
                 log.warning("connection flows are not recorded: cannot run conntrack (%s); install conntrack "
                             "(Debian: apt-get install conntrack)", e)
                 return
             assert self._ct.stdout is not None
-            rest = b""
-            # whole chunks, and a pause between two reads: conntrack writes each event on its own,
-            # so reading as they come woke the event loop once per event, most of what recording
-            # cost at thousands of connections a second (bench/flows.py); meanwhile the pipe (64 KiB,
-            # ~300 events per pause: 6000 a second) and conntrack's netlink buffer hold them
-            while chunk := await self._ct.stdout.read(1 << 16):
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                self._conntrack_lines(lines)
-                await asyncio.sleep(CT_BATCH)
-            self._conntrack_lines([rest])
-            await self._ct.wait()
+            # Polled, not awaited: conntrack writes each event on its own, and a reader woken by
+            # the pipe (asyncio's, whatever the coroutine does) woke the event loop once per event,
+            # most of what recording cost at thousands of connections a second (bench/flows.py).
+            # Every CT_BATCH seconds whatever came is read in a few large reads; meanwhile the pipe
+            # (1 MiB when the kernel allows it) and conntrack's netlink buffer hold the events.
+            fd = self._ct.stdout.fileno()
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+            rest, eof = b"", False
+            try:
+                while not eof:
+                    await asyncio.sleep(CT_BATCH)
+                    for _ in range(64):
+                        try:
+                            chunk = os.read(fd, 1 << 18)
+                        except BlockingIOError:
+                            break
+                        if not chunk:
+                            eof = True
+                            break
+                        lines = (rest + chunk).split(b"\n")
+                        rest = lines.pop()
+                        self._conntrack_lines(lines)
+                self._conntrack_lines([rest])
+            finally:
+                self._ct.stdout.close()
+            await asyncio.to_thread(self._ct.wait)
             log.warning("conntrack -E ended (exit %s); restarting it in %.0f s", self._ct.returncode, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
@@ -471,11 +490,11 @@ class FlowLog:
         for t in [*self._tasks, self._ct_task]:
             if t is not None:
                 t.cancel()
-        if self._ct is not None and self._ct.returncode is None:
+        if self._ct is not None and self._ct.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._ct.kill()
             with contextlib.suppress(Exception):
-                await self._ct.wait()
+                await asyncio.to_thread(self._ct.wait, 5)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
