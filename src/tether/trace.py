@@ -4,7 +4,8 @@ Pure: from the desired state (`policy_eval.World` plus services). Steps, in the 
 meets them: the source and anti-spoofing; the node-local DNS; a service's load balancing (VIP or
 node port, with the backend port); the egress policy and security groups on the source host; the
 route (local, VXLAN, direct, or out of the cluster with or without nat_outgoing); the ingress
-policy and security groups on the destination host. The first step that stops the packet is the
+policy and security groups on the destination host. A path that the agents' path health reports
+down (tether.agent.peers) stops the route step. The first step that stops the packet is the
 answer's `failed`. The same helpers as the agent decide each step (`policy_eval.decide`,
 `agent.services.backends_of`, `agent.calc.path_mode`), so trace and datapath share one rule each.
 """
@@ -27,6 +28,7 @@ class Step:
     ok: bool
     detail: str
     host: str | None = None
+    refused: bool = False  # stopped with an immediate refusal (TCP reset / ICMP unreachable), not a silent drop
 
 
 @dataclass
@@ -47,14 +49,21 @@ class Trace:
     def failed(self) -> Step | None:
         return next((s for s in self.steps if not s.ok), None)
 
-    def add(self, name: str, ok: bool, detail: str, host: str | None = None) -> bool:
-        self.steps.append(Step(name, ok, detail, host))
+    @property
+    def refused(self) -> bool:
+        """Is the sender told at once (a reset or ICMP unreachable) rather than left to time out?"""
+        f = self.failed
+        return f is not None and f.refused
+
+    def add(self, name: str, ok: bool, detail: str, host: str | None = None, refused: bool = False) -> bool:
+        self.steps.append(Step(name, ok, detail, host, refused))
         return ok
 
     def as_dict(self) -> dict[str, Any]:
         f = self.failed
         return {"source": self.source, "destination": self.destination, "port": self.port, "protocol": self.proto,
-                "allowed": self.reached, "policy": self.policy, "rule": self.rule, "failed_step": f.name if f else None,
+                "allowed": self.reached, "refused": self.refused, "policy": self.policy, "rule": self.rule,
+                "failed_step": f.name if f else None,
                 "reason": f.detail if f else self.steps[-1].detail if self.steps else "",
                 "steps": [vars(s) for s in self.steps]}
 
@@ -81,10 +90,20 @@ def find_service(services: list[Service], dst: str) -> Service | None:
     return named[0] if len(named) == 1 else None
 
 
+def may_send_from(ep: Endpoint, address: str) -> bool:
+    """Does the anti-spoofing let `ep` send from `address`: one of its own, or an allowed address pair."""
+    a = ipaddress.ip_address(address)
+    if any(ipaddress.ip_address(ip) == a for ip in ep.ips):
+        return True
+    return any(a in ipaddress.ip_network(p.ip_address, strict=False) for p in ep.allowed_address_pairs)
+
+
 def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpoint | str, port: int = 80,
-          proto: str = "TCP") -> Trace:
+          proto: str = "TCP", src_address: str | None = None, health: dict[str, Any] | None = None) -> Trace:
     """The steps of a new connection from `src` to `dst` (an endpoint, `host:NAME`, an address, or a
-    service reference / VIP)."""
+    service reference / VIP). `src_address`: the packet leaves `src` from this address instead of its
+    own (the anti-spoofing step). `health`: the server's path health reports (GET /api/v1/peers), so
+    a path between two hosts that the underlay does not carry stops the route step."""
     from tether.calc.services import backends_of
 
     proto = proto.upper()
@@ -92,9 +111,15 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
               _ep_text(dst) if isinstance(dst, Endpoint) else dst, port, proto)
     src_host = src.host if isinstance(src, Endpoint) else src[5:] if src.startswith("host:") else None
     if isinstance(src, Endpoint):
-        t.add("source", True, f"from {_ep_text(src)}", src.host)
-        t.add("anti-spoofing", True, f"leaves {src.name}'s interface with its own address {src.ips[0]} and MAC "
-              "(any other source is dropped as 'spoofed source')", src.host)
+        t.add("source", True, f"from {_ep_text(src)}" + (f", source address {src_address}" if src_address else ""),
+              src.host)
+        if src_address is not None and not may_send_from(src, src_address):
+            t.add("anti-spoofing", False, f"{src_address} is not {src.name}'s address ({', '.join(src.ips)}) nor "
+                  "an allowed address pair: its host drops the packet as 'spoofed source' before conntrack",
+                  src.host)
+            return t
+        t.add("anti-spoofing", True, f"leaves {src.name}'s interface with its own address "
+              f"{src_address or src.ips[0]} and MAC (any other source is dropped as 'spoofed source')", src.host)
     else:
         t.add("source", True, f"from {src}", src_host)
 
@@ -125,7 +150,8 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
         backends = backends_of(svc, sp, world.endpoints, src_host or "")
         if not backends:
             t.add("service", False, f"service {ref} has no ready backend for port {port}/{proto} (selector "
-                  f"{svc.selector or {}}): the connection is dropped", src_host)
+                  f"{svc.selector or {}}): the connection is refused at once (TCP reset / ICMP unreachable)",
+                  src_host, refused=True)
             return t
         b = backends[0]
         ep = world.endpoint_by_ip(b.ip)
@@ -135,8 +161,17 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
               f"trace follows {b.ip}:{b.port}" + (f" ({ep.namespace}/{ep.name} on {ep.host})" if ep else ""),
               src_host)
         target, port = (ep if ep is not None else b.ip), b.port
-        if node_port_host is not None:  # the backend sees the node port's host as the source
-            src = f"host:{node_port_host}"
+        if node_port_host is not None:
+            # the source's egress policy sees the node's address (the node port's NAT is on that host)
+            node = _host(world, node_port_host)
+            if isinstance(src, Endpoint) and node is not None:
+                eg = decide(world, src, node.underlay_ip, sp.node_port or port, proto)
+                if not eg.allowed:
+                    t.policy, t.rule = eg.policy, eg.rule
+                    t.add("egress policy", False, f"to node port {node.underlay_ip}:{sp.node_port}: {eg.reason}",
+                          src.host)
+                    return t
+            src = f"host:{node_port_host}"  # the backend sees the node port's host as the source
 
     d = decide(world, src, target, port, proto)
     t.policy, t.rule = d.policy, d.rule
@@ -150,7 +185,7 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
             return t
 
     # the route between the two hosts
-    if not _route(world, t, src, src_host, dst_ep, target):
+    if not _route(world, t, src, src_host, dst_ep, target, health or {}):
         return t
 
     if dst_ep is not None:
@@ -163,14 +198,34 @@ def trace(world: World, services: list[Service], src: Endpoint | str, dst: Endpo
     return t
 
 
+def path_down(health: dict[str, Any], a: str, b: str, overlay: bool = False) -> str | None:
+    """Why the last path health report of `a` (or of `b`, the other way) says the underlay between
+    them (or with `overlay`, the VXLAN tunnel) does not carry packets; None when it carries them or
+    nobody reported."""
+    for me, peer in ((a, b), (b, a)):
+        report = health.get(me) or {}
+        p = next((p for p in report.get("peers", []) if p.get("peer") == peer), None)
+        age = f", {report['age_s']:.0f} s ago" if isinstance(report.get("age_s"), int | float) else ""
+        if p is not None and not (p.get("underlay") or {}).get("ok", True):
+            return f"{me}'s path health{age}: {peer} ({p.get('underlay_ip')}) does not answer on the underlay"
+        if p is not None and overlay and not (p.get("overlay") or {}).get("ok", True):
+            return f"{me}'s path health{age}: {peer}'s VTEP does not answer through the VXLAN overlay"
+    return None
+
+
 def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, dst_ep: Endpoint | None,
-           target: Endpoint | str) -> bool:
+           target: Endpoint | str, health: dict[str, Any]) -> bool:
     from tether.calc.host import path_mode
-    from tether.calc.names import VXLAN_OVERHEAD
+    from tether.calc.names import VXLAN_OVERHEAD, VXLAN_PORT
 
     if dst_ep is not None:
         if src_host == dst_ep.host:
             return t.add("route", True, f"local on {dst_ep.host}: straight to {dst_ep.name}'s interface", src_host)
+        down = path_down(health, src_host or "", dst_ep.host) if src_host else None
+        if down is not None:
+            return t.add("route", False, f"{src_host} -> {dst_ep.host}: the underlay does not carry this path "
+                         f"({down}); check the link, router and firewall between the hosts "
+                         "(`tether status --peers`)", src_host)
         net = _network(world, dst_ep.network)
         me, peer = _host(world, src_host or ""), _host(world, dst_ep.host)
         if net is None or me is None or peer is None:
@@ -185,6 +240,11 @@ def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, ds
                              "encap vxlan or auto", src_host)
             return t.add("route", True, f"direct: via {peer.underlay_ip} on the underlay (no encapsulation)",
                          src_host)
+        down = path_down(health, me.name, peer.name, overlay=True)
+        if down is not None:
+            return t.add("encapsulation", False, f"vxlan {me.name} -> {peer.name}: the tunnel does not carry this "
+                         f"path ({down}); check that UDP {VXLAN_PORT} passes between the hosts "
+                         "(`tether status --peers`)", src_host)
         return t.add("encapsulation", True, f"vxlan: {me.name} {me.underlay_ip} -> {peer.name} {peer.underlay_ip} "
                      f"over the underlay ({VXLAN_OVERHEAD} bytes of overhead)", src_host)
     if isinstance(target, str) and target.startswith("host:"):

@@ -70,6 +70,11 @@ def test_the_web_page_shows_topology_flows_policies_and_a_trace(fresh_lab: Lab) 
     for h in ("h1", "h2", "h3"):
         assert f'data-host="{h}"' in top, top[:2000]
     assert 'data-pod="default/cli"' in top and 'data-pod="default/db"' in top and net in top
+    # the live graph, drawn in the browser by d3 (Debian's libjs-d3, served by the server)
+    assert 'id="graph-svg"' in top, "d3 drew no graph: is libjs-d3 installed (scripts/install-deps)?"
+    for name in ("h1", "h2", "h3", "default/cli", "default/db", net):
+        assert f'data-name="{name}"' in top, (name, top[-3000:])
+    assert top.count('class="node pod"') == 2 and top.count("<line ") >= 4
 
     flows = browse(f"{ui}/flows?{token}&to=default/db", "flows.png")
     assert '<tr class="deny">' in flows and "default/deny-db" in flows and "default/cli" in flows, flows[-3000:]

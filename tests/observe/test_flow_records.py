@@ -75,3 +75,49 @@ def test_drop_counters_never_go_backwards_when_a_rule_is_replaced() -> None:
     assert m.update({key: 1})[key] == 9
     text = drop_metrics("h1", m.update({key: 2}))
     assert 'tether_policy_dropped_packets_total{host="h1",policy="shop/deny-db"} 10' in text
+
+
+def test_a_connection_opened_and_closed_between_two_pushes_is_one_record_with_its_counters() -> None:
+    """Half the records for the agent, the server and the ring (bench/flows.py: recording's cost);
+    a connection whose NEW was already pushed still gets its own DESTROY record."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tether.agent.flowlog import FlowLog
+
+    def line(event: str, sport: int, counters: str = "") -> bytes:
+        return (f"[1796624053.5]\t [{event}] tcp      6 120 SYN_SENT src=10.1.0.5 dst=10.1.0.9 sport={sport} "
+                f"dport=80 {counters} src=10.1.0.9 dst=10.1.0.5 sport=80 dport={sport} {counters}").encode()
+
+    pushed: list[dict] = []
+
+    async def request(method: str, path: str, content: str) -> None:
+        import json
+
+        pushed.extend(json.loads(content)["records"])
+
+    agent = SimpleNamespace(cfg=SimpleNamespace(flows=True), connected=True, client=SimpleNamespace(request=request))
+    f = FlowLog("h2", "/nonexistent/flows.sock", agent=agent)
+    f._local = {"10.1.0.9"}
+    f._conntrack_lines([line("NEW", 1000), line("DESTROY", 1000, "packets=3 bytes=180"), line("NEW", 1001)])
+    assert [(r["event"], r["sport"]) for r in f.outbox] == [("closed", 1000), ("new", 1001)]
+    closed = f.outbox[0]
+    assert (closed["packets"], closed["bytes"], closed["reply_packets"], closed["time"]) == (3, 180, 3, 1796624053.5)
+
+    async def one_push() -> None:
+        import tether.agent.flowlog as fl
+
+        fl.PUSH_INTERVAL, before = 0.0, fl.PUSH_INTERVAL
+        task = asyncio.get_running_loop().create_task(f._push_loop())
+        try:
+            while f.outbox:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            fl.PUSH_INTERVAL = before
+
+    asyncio.run(one_push())
+    f._conntrack_lines([line("DESTROY", 1001, "packets=1 bytes=60")])
+    assert [(r["event"], r["sport"]) for r in pushed] == [("closed", 1000), ("new", 1001)]
+    assert [(r["event"], r["sport"], r["packets"]) for r in f.outbox] == [("destroy", 1001, 1)]
+    assert len(f.records) == 3

@@ -125,3 +125,45 @@ def test_a_network_whose_packets_do_not_fit_the_path_is_named_with_the_mtu_to_se
     got = mtu_problems(nets, "h3", 1400, 1500)
     assert len(got) == 2 and "network v sends 1500-byte packets" in got[0] and "mtu to 1350" in got[0]
     assert "network d sends 1500-byte packets" in got[1] and "mtu to 1400" in got[1]
+
+
+def test_a_node_port_is_subject_to_the_source_pods_egress_policy() -> None:
+    t = trace(WORLD, SERVICES, BY_NAME["l"], "host:h2", 30080, "TCP")
+    assert t.failed is not None and t.failed.name == "egress policy" and "198.18.0.2:30080" in t.failed.detail
+    assert t.policy == "locked/lockdown"
+
+
+def test_a_service_without_backends_refuses_at_once_rather_than_dropping() -> None:
+    t = trace(WORLD, SERVICES, BY_NAME["a"], "svc:default/empty", 80, "TCP")
+    assert t.refused and t.as_dict()["refused"]
+    assert not trace(WORLD, SERVICES, BY_NAME["a"], "db", 5432, "TCP").refused
+
+
+@pytest.mark.parametrize(("address", "stopped"), [("10.1.0.1", False), ("10.1.9.9", True), ("192.0.2.1", True),
+                                                  ("10.1.200.5", False)])
+def test_a_source_address_that_is_not_the_pods_stops_at_anti_spoofing(address: str, stopped: bool) -> None:
+    from tether.model import AddressPair
+
+    a = BY_NAME["a"].model_copy(update={"allowed_address_pairs": [AddressPair(ip_address="10.1.200.0/24")]})
+    t = trace(WORLD, SERVICES, a, BY_NAME["b"], 80, "UDP", src_address=address)
+    assert (t.failed.name if t.failed else None) == ("anti-spoofing" if stopped else None)
+    if stopped:
+        assert "spoofed source" in t.failed.detail and address in t.failed.detail
+
+
+def test_a_path_that_path_health_reports_down_stops_the_route() -> None:
+    health = {"h1": {"age_s": 3.0, "peers": [{"peer": "h3", "underlay_ip": "198.18.1.3", "underlay": {"ok": False}},
+                                             {"peer": "h2", "underlay_ip": "198.18.0.2", "underlay": {"ok": True}}]}}
+    t = trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["c"], 80, "TCP", health=health)
+    assert t.failed is not None and t.failed.name == "route" and "h1's path health" in t.failed.detail
+    back = trace(WORLD, SERVICES, BY_NAME["c"], BY_NAME["a"], 80, "TCP", health=health)
+    assert back.failed is not None and back.failed.name == "route"  # the report of either end counts
+    assert trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["b"], 80, "TCP", health=health).reached
+
+
+def test_a_vxlan_path_whose_overlay_is_reported_down_stops_at_the_encapsulation() -> None:
+    health = {"h1": {"age_s": 2.0, "peers": [{"peer": "h2", "underlay_ip": "198.18.0.2", "underlay": {"ok": True},
+                                              "overlay": {"ok": False}}]}}
+    t = trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["b"], 80, "TCP", health=health)
+    assert t.failed is not None and t.failed.name == "encapsulation" and "UDP 4789" in t.failed.detail
+    assert trace(WORLD, SERVICES, BY_NAME["e"], BY_NAME["g"], 80, "TCP", health=health).reached  # direct: no tunnel

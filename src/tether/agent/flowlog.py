@@ -11,7 +11,8 @@ Without it (another listener on the group, no permission) the datapath still dro
 
 With `--flows on` (the default) it also follows conntrack's NEW/DESTROY events of this host's pods
 (`conntrack -E`: allowed connections, the service backend they were sent to, packets and bytes
-both ways) and pushes these and the denied packets to the server once a second, which names them
+both ways; one `closed` record for a connection that opened and closed between two pushes) and
+pushes these and the denied packets to the server once a second, which names them
 for `tether flows` (`tether.flows` has the design). With `--metrics-listen HOST:PORT` the metrics
 are also served over TCP. Counters never go backwards: nft resets a rule's counter when its chain
 is rebuilt (another policy applied to the same pods), so the totals add up what each rule had
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import json
 import logging
 import os
 import socket
 import struct
+import subprocess
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -58,6 +61,7 @@ NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 PUSH_INTERVAL = 1.0  # seconds between two pushes of flow records to the server
 PUSH_BACKLOG = 20_000  # records kept for the server while it is unreachable
+CT_BATCH = 0.05  # seconds between two reads of conntrack's events (see _follow_conntrack)
 SAMPLE_INTERVAL = 5.0  # seconds between reads of the drop counters once metrics are scraped
 PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
@@ -168,25 +172,28 @@ def drop_metrics(host: str, counts: dict[str, int]) -> str:
 
 
 def peer_metrics(host: str, agent: Any) -> list[str]:
-    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems."""
+    """Path health per peer (`tether.agent.peers`): reachable, round trip, path MTU, problems, and
+    the overlay. Each metric's samples as one group, as the text format wants."""
     health = next((e for e in getattr(agent, "_extras", []) if type(e).__name__ == "PeerHealth"), None)
     if health is None or not health.results:
         return []
-    lines = ["# HELP tether_peer_up 1 when the peer answers on the underlay.", "# TYPE tether_peer_up gauge",
-             "# HELP tether_peer_rtt_milliseconds Round trip of a full-size ping to the peer.",
-             "# TYPE tether_peer_rtt_milliseconds gauge",
-             "# HELP tether_peer_path_mtu_bytes The largest packet the underlay path to the peer carries.",
-             "# TYPE tether_peer_path_mtu_bytes gauge",
-             "# HELP tether_peer_problems Problems found on the path (e.g. a network too large for it).",
-             "# TYPE tether_peer_problems gauge"]
-    for peer, r in sorted(health.results.items()):
-        labels = f'host="{host}",peer="{peer}"'
-        lines.append(f"tether_peer_up{{{labels}}} {1 if r['underlay']['ok'] else 0}")
-        if r["underlay"].get("rtt_ms") is not None:
-            lines.append(f"tether_peer_rtt_milliseconds{{{labels}}} {r['underlay']['rtt_ms']}")
-        if r.get("path_mtu") is not None:
-            lines.append(f"tether_peer_path_mtu_bytes{{{labels}}} {r['path_mtu']}")
-        lines.append(f"tether_peer_problems{{{labels}}} {len(r.get('problems', []))}")
+    metrics = (("tether_peer_up", "1 when the peer answers on the underlay.",
+                lambda r: 1 if r["underlay"]["ok"] else 0),
+               ("tether_peer_rtt_milliseconds", "Round trip of a full-size ping to the peer.",
+                lambda r: r["underlay"].get("rtt_ms")),
+               ("tether_peer_path_mtu_bytes", "The largest packet the underlay path to the peer carries.",
+                lambda r: r.get("path_mtu")),
+               ("tether_peer_problems", "Problems found on the path (e.g. a network too large for it).",
+                lambda r: len(r.get("problems", []))),
+               ("tether_peer_overlay_up", "1 when the peer's VTEP answers through the VXLAN tunnel.",
+                lambda r: (1 if r["overlay"]["ok"] else 0) if "overlay" in r else None))
+    lines = []
+    for name, text, value in metrics:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        for peer, r in sorted(health.results.items()):
+            v = value(r)
+            if v is not None:
+                lines.append(f'{name}{{host="{host}",peer="{peer}"}} {v}')
     return lines
 
 
@@ -202,8 +209,9 @@ class FlowLog:
         self.counts = {"allow": 0, "deny": 0, "pushed": 0, "lost": 0}
         self.drops = Monotonic()
         self._local: set[str] = set()  # addresses of this host's endpoints (conntrack events kept)
+        self._pending: dict[tuple, dict[str, Any]] = {}  # NEW records in the outbox, by connection
         self._tasks: list[asyncio.Task] = []
-        self._ct: asyncio.subprocess.Process | None = None
+        self._ct: subprocess.Popen | None = None
         self._ct_task: asyncio.Task | None = None
         self.metrics_server: asyncio.AbstractServer | None = None
         self._scraped = False
@@ -247,9 +255,11 @@ class FlowLog:
         elif not on and running:
             assert self._ct_task is not None
             self._ct_task.cancel()
-            if self._ct is not None and self._ct.returncode is None:
+            if self._ct is not None and self._ct.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._ct.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._ct.wait(1)  # SIGKILL: at once; no zombie left behind
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -271,7 +281,6 @@ class FlowLog:
                     rec["host"] = self.host
                     rec["src_name"] = self.name(rec.get("src", ""))
                     rec["dst_name"] = self.name(rec.get("dst", ""))
-                    rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
                     self.records.append(rec)
                     self._keep(rec)
                 off += (length + 3) & ~3
@@ -297,7 +306,9 @@ class FlowLog:
                     await writer.drain()
                     return
                 recs = [r for r in self.records if not req.get("denied") or r.get("verdict") == "deny"]
-                writer.write((json.dumps(recs[-int(req.get("limit", 50)):]) + "\n").encode())
+                recs = [{**r, "when": time.strftime("%H:%M:%S", time.localtime(r["time"]))}
+                        for r in recs[-int(req.get("limit", 50)):]]  # local time, when asked (not per record)
+                writer.write((json.dumps(recs) + "\n").encode())
             await writer.drain()
         except (ValueError, OSError, TimeoutError) as e:
             log.debug("flows socket: %s", e or type(e).__name__)
@@ -369,28 +380,71 @@ class FlowLog:
         backoff = 1.0
         while True:
             try:
-                self._ct = await asyncio.create_subprocess_exec(
-                    "conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp", stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.DEVNULL)
+                self._ct = subprocess.Popen(["conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp"],
+                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             except OSError as e:
                 log.warning("connection flows are not recorded: cannot run conntrack (%s); install conntrack "
                             "(Debian: apt-get install conntrack)", e)
                 return
             assert self._ct.stdout is not None
-            while line := await self._ct.stdout.readline():
-                rec = parse_conntrack(line.decode(errors="replace"))
-                if rec is None or is_noise(rec) or (rec["src"] not in self._local and rec["dst"] not in self._local
-                                                    and rec.get("backend") not in self._local):
-                    continue
-                rec["host"] = self.host
-                rec.setdefault("time", time.time())
-                rec["when"] = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
-                self.records.append(rec)
-                self._keep(rec)
-            await self._ct.wait()
+            # Polled, not awaited: conntrack writes each event on its own, and a reader woken by
+            # the pipe (asyncio's, whatever the coroutine does) woke the event loop once per event,
+            # most of what recording cost at thousands of connections a second (bench/flows.py).
+            # Every CT_BATCH seconds whatever came is read in a few large reads; meanwhile the pipe
+            # (1 MiB when the kernel allows it) and conntrack's netlink buffer hold the events.
+            fd = self._ct.stdout.fileno()
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+            rest, eof = b"", False
+            try:
+                while not eof:
+                    await asyncio.sleep(CT_BATCH)
+                    for _ in range(64):
+                        try:
+                            chunk = os.read(fd, 1 << 18)
+                        except BlockingIOError:
+                            break
+                        if not chunk:
+                            eof = True
+                            break
+                        lines = (rest + chunk).split(b"\n")
+                        rest = lines.pop()
+                        self._conntrack_lines(lines)
+                self._conntrack_lines([rest])
+            finally:
+                self._ct.stdout.close()
+            await asyncio.to_thread(self._ct.wait)
             log.warning("conntrack -E ended (exit %s); restarting it in %.0f s", self._ct.returncode, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    def _conntrack_lines(self, lines: list[bytes]) -> None:
+        """Records from conntrack's lines. A connection that opens and closes before the next push
+        (most of them: a request) becomes one record: its NEW record, not yet sent, takes the
+        DESTROY's counters and `event: closed`; the agent, the server and the ring handle half the
+        records (bench/flows.py measures what recording costs)."""
+        local, host, now, pending = self._local, self.host, time.time(), self._pending
+        for line in lines:
+            rec = parse_conntrack(line.decode(errors="replace"))
+            if rec is None or (rec["src"] not in local and rec["dst"] not in local
+                               and rec.get("backend") not in local) or is_noise(rec):
+                continue
+            key = (rec["proto"], rec["src"], rec["dst"], rec.get("sport"), rec.get("dport"))
+            if rec["event"] == "destroy":
+                opened = pending.pop(key, None)
+                if opened is not None:
+                    opened.update((k, v) for k, v in rec.items() if k not in ("time", "backend", "backend_port"))
+                    opened["event"], opened["ended"] = "closed", rec.get("time", now)
+                    continue
+            rec["host"] = host
+            rec.setdefault("time", now)
+            self.records.append(rec)
+            self._keep(rec)
+            if rec["event"] == "new" and getattr(getattr(self.agent, "cfg", None), "flows", False):
+                if len(pending) >= PUSH_BACKLOG:  # the server is away and the outbox overflows: start over
+                    pending.clear()
+                pending[key] = rec
 
     async def _push_loop(self) -> None:
         """Send what was recorded since the last push to the server, once a second."""
@@ -400,6 +454,9 @@ class FlowLog:
             if not self.outbox or a is None or not getattr(a, "connected", False):
                 continue
             batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), 1000))]
+            for r in batch:  # sent: a later DESTROY is a record of its own
+                if r.get("event") == "new":
+                    self._pending.pop((r["proto"], r["src"], r["dst"], r.get("sport"), r.get("dport")), None)
             try:
                 await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows",
                                        content=json.dumps({"records": batch}))
@@ -433,11 +490,11 @@ class FlowLog:
         for t in [*self._tasks, self._ct_task]:
             if t is not None:
                 t.cancel()
-        if self._ct is not None and self._ct.returncode is None:
+        if self._ct is not None and self._ct.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._ct.kill()
             with contextlib.suppress(Exception):
-                await self._ct.wait()
+                await asyncio.to_thread(self._ct.wait, 5)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

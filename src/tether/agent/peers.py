@@ -4,8 +4,11 @@ reports it to the server, which `tether status --peers` shows as a matrix.
 Every PEER_INTERVAL seconds, per peer and concurrently: a ping to its underlay address with the
 full underlay MTU and Don't Fragment (reachability, latency, and whether full-size packets are
 carried); when that fails but a small one passes, the largest size carried (a binary search of a
-few pings). (The overlay itself is not pinged: peers' VTEP addresses have no route back; see
-docs/OPERATIONS.md.) The networks this host carries are then checked against the path: a VXLAN network whose packets,
+few pings). When this host and the peer have VTEPs (a VXLAN network), the overlay too: a full-size
+ping through this host's VTEP to the peer's VTEP address (the plan routes each peer's VTEP address
+over the tunnel, so the reply comes back the same way): an underlay that answers while the overlay
+does not is VXLAN blocked on the way (UDP 4789) or a VTEP missing. The networks this host carries
+are then checked against the path: a VXLAN network whose packets,
 with the 50 bytes of VXLAN overhead, are larger than the path carries is reported before users
 see stalled TCP. Results are pushed to POST /api/v1/hosts/NAME/peers (kept in the server's memory).
 """
@@ -105,8 +108,45 @@ class PeerHealth:
             problems.append(f"{peer.name} ({peer.underlay_ip}) does not answer on the underlay")
         else:
             problems += mtu_problems(nets, peer.name, r["path_mtu"], underlay_mtu)
+        if self.overlay_between(peer):
+            r["overlay"] = await self.check_overlay(peer.vtep_ip, min(underlay_mtu, r["path_mtu"] or underlay_mtu))
+            if not r["overlay"]["ok"] and r["path_mtu"] is not None:
+                problems.append(f"{peer.name} answers on the underlay but not through the overlay (its VTEP "
+                                f"{peer.vtep_ip}): VXLAN (UDP 4789) is blocked between the hosts, or its VTEP is "
+                                "missing; pods on VXLAN networks cannot reach it")
         r["problems"] = problems
         return r
+
+    def overlay_between(self, peer: Any) -> bool:
+        """Does the overlay carry pods' packets both ways between this host and `peer`: both have a
+        VTEP address and each owns an address block of a network the other reaches through its VTEP
+        (the plan routes a peer's VTEP address only then, `calc.host`)."""
+        from tether.calc.host import path_mode
+
+        rep = self._replica
+        me = rep.hosts.get(self.agent.host) if rep is not None else None
+        if me is None or not getattr(me, "vtep_ip", None) or not getattr(peer, "vtep_ip", None):
+            return False
+        nets = rep.networks
+
+        def tunnelled(owner: Any, sender: Any) -> bool:
+            return any(b.host == owner.name and b.network in nets and path_mode(nets[b.network], sender, owner)
+                       == "vxlan" for b in rep.blocks)
+
+        return tunnelled(peer, me) and tunnelled(me, peer)
+
+    async def check_overlay(self, vtep_ip: str, path_mtu: int) -> dict[str, Any]:
+        """A ping through the tunnel as large as the path carries once encapsulated (the VTEP's MTU
+        is the underlay's minus the overhead); a small one when that is lost, to tell the MTU apart
+        from a blocked tunnel."""
+        from tether.calc.names import VTEP_NAME, VXLAN_OVERHEAD
+
+        size = path_mtu - VXLAN_OVERHEAD
+        rtt = await ping(vtep_ip, size, VTEP_NAME)
+        if rtt is not None:
+            return {"ok": True, "rtt_ms": rtt, "size": size}
+        small = await ping(vtep_ip, MIN_MTU, VTEP_NAME)
+        return {"ok": small is not None, "rtt_ms": small, "size": MIN_MTU if small is not None else None}
 
     async def _loop(self) -> None:
         while True:

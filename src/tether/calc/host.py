@@ -180,6 +180,9 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
             neighbours.add(Neighbour(gw, mac, VTEP_NAME))
             return
         routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
+        # the peer's VTEP address itself, over the tunnel: path health pings it (and the peer's
+        # reply comes back the same way), so the overlay is checked, not only the underlay
+        routes.add(Route(f"{peer.vtep_ip}/32", VTEP_NAME, via=peer.vtep_ip, onlink=True))
         neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
 
     owners = BlockOwners()

@@ -783,6 +783,7 @@ def wait(ref: Annotated[str, typer.Argument(help="KIND/NAME, e.g. networkpolicy/
 @app.command()
 def status(peers: Annotated[bool, typer.Option("--peers", help="the path health matrix: how each host reaches "
                                                                "every other over the underlay (latency, path MTU) "
+                                                               "and through the VXLAN overlay "
                                                                "and the networks whose packets do not fit")] = False,
            server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table) -> None:
     """Hosts, networks and endpoint counts at a glance."""
@@ -841,6 +842,10 @@ def print_peers(report: dict) -> None:
         text = f"ok {rtt:.1f}ms" if rtt is not None else "ok"
         if p.get("path_mtu") is not None:
             text += f" mtu {p['path_mtu']}"
+        if "overlay" in p:  # through the VXLAN tunnel to the peer's VTEP
+            o = p["overlay"]
+            text += f" vxlan {o['rtt_ms']:.1f}ms" if o.get("ok") and o.get("rtt_ms") is not None else \
+                " vxlan ok" if o.get("ok") else " vxlan DOWN"
         return text
 
     width = max(12, *(len(h) for h in hosts)) + 2

@@ -100,7 +100,7 @@ def find_lab(name: str | None, why: str = "--probe"):
     return Lab(name)
 
 
-def probe(lab: Any, src: Endpoint | str, dst_ip: str, port: int, proto: str, timeout: float) -> bool:
+def probe(lab: Any, src: Endpoint | str, dst_ip: str, port: int, proto: str, timeout: float) -> str:
     """Send one real packet from the source's namespace (a lab pod, or a lab host for host:<name>)."""
     if isinstance(src, Endpoint):
         pod = next((p for p in lab.state.pods.values() if set(p.ips) & set(src.ips)), None)
@@ -116,7 +116,7 @@ def probe(lab: Any, src: Endpoint | str, dst_ip: str, port: int, proto: str, tim
                         str(port), proto, "--timeout", str(timeout)], capture_output=True, text=True,
                        timeout=timeout + 30)
     try:
-        return bool(json.loads(r.stdout)["reached"])
+        return str(json.loads(r.stdout)["outcome"])  # answered, refused or lost (tether.lab.probe)
     except (ValueError, KeyError):
         fail(f"the probe failed: {r.stderr.strip() or r.stdout.strip()}")
         raise AssertionError("unreachable") from None
@@ -158,13 +158,44 @@ def _endpoint_named(world: World, ref: str) -> bool:
     return any((e.name == name and (not ns or e.namespace == ns)) or e.id == ref for e in world.endpoints)
 
 
-def trace_path(world: World, services: list[Service], src_ref: str, dst_spec: str):
+def trace_path(world: World, services: list[Service], src_ref: str, dst_spec: str, src_address: str | None = None,
+               health: dict[str, Any] | None = None):
     """`tether trace`'s answer: every step of the path (`tether.trace`)."""
     from tether.trace import trace
 
     dst_ref, port, proto = parse_target(dst_spec)
     return trace(world, services, resolve(world, src_ref), resolve_destination(world, services, dst_ref), port,
-                 proto)
+                 proto, src_address, health)
+
+
+def spoof_probe(lab: Any, src: Endpoint | str, dst: Endpoint | str, address: str, port: int, proto: str,
+                timeout: float) -> bool:
+    """Send UDP from `address` out of the source pod; reached = a listener in the destination pod saw
+    that source (no reply can come back to a spoofed address, so the destination is asked)."""
+    pods = {ref: p for ref, p in lab.state.pods.items()}
+    src_pod = next((p for p in pods.values() if isinstance(src, Endpoint) and set(p.ips) & set(src.ips)), None)
+    dst_pod = next((p for p in pods.values() if isinstance(dst, Endpoint) and set(p.ips) & set(dst.ips)), None)
+    if src_pod is None or dst_pod is None or proto != "UDP":
+        fail("--from-address with --probe needs a lab pod on both ends and a UDP port, e.g. ns/a ns/b:9999/udp")
+        raise AssertionError("unreachable")
+    mod = [sys.executable, "-m", "tether.lab.probe"]
+    listener = subprocess.Popen(["ip", "netns", "exec", dst_pod.ns, *mod, "listen", str(port), "--seconds",
+                                 str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None
+        if listener.stdout.readline().strip() != "ready":
+            fail(f"could not listen on {port}/udp in {dst_pod.ns}: {listener.stderr.read() if listener.stderr else ''}"
+                 "; pick a port nothing else uses there")
+        r = subprocess.run(["ip", "netns", "exec", src_pod.ns, *mod, "once", dst_pod.ips[0], str(port), "UDP",
+                            "--source", address], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            fail(f"the spoofing probe failed: {r.stderr.strip()}")
+        out, _ = listener.communicate(timeout=timeout + 30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait()
+    return address in json.loads(out.strip().splitlines()[-1])
 
 
 def target_address(world: World, services: list[Service], dst_spec: str) -> tuple[str, int, str]:
@@ -233,9 +264,13 @@ def register(app: typer.Typer) -> None:
         probe_: Annotated[bool, typer.Option("--probe", help="in a lab: confirm with a real packet")] = False,
         lab: LabOpt = None,
         timeout: Annotated[float, typer.Option(help="probe timeout in seconds")] = 1.0,
+        from_address: Annotated[str | None, typer.Option(
+            "--from-address", help="the packet leaves SRC from this address instead of its own: is it dropped as "
+            "spoofed? (with --probe: a UDP port, and a lab pod on both ends)")] = None,
         server: ServerOpt = None, token: TokenOpt = None, output: OutOpt = Format.table,
     ) -> None:
-        """Is SRC allowed to open a connection to DST, and which policy or rule decided?"""
+        """Is SRC allowed to open a connection to DST, which step of the path (anti-spoofing, DNS,
+        service, policy, security group, route, nat-outgoing) stops it, and which policy decided?"""
         the_lab = find_lab(lab, "--probe" if probe_ else "--lab") if (probe_ or lab) else None
         if the_lab is not None and server is None:
             server, token = the_lab.server_url, token or the_lab.token
@@ -243,14 +278,31 @@ def register(app: typer.Typer) -> None:
         snap = run(c.snapshot)
         world = world_from(snap)
         services = services_from(snap)
-        t = trace_path(world, services, src, dst)
+        if from_address is not None and not _is_ip(from_address):
+            fail(f"--from-address {from_address!r} is not an IP address")
+        from tether.client import ApiError
+
+        try:  # the agents' path health: a path the underlay does not carry stops the route step
+            health = c.request("GET", "/api/v1/peers")
+        except ApiError:  # a token that may not read it, or an older server: trace without it
+            health = {}
+        t = trace_path(world, services, src, dst, from_address, health)
         result: dict[str, Any] = t.as_dict()
         if probe_:
             s = resolve(world, src)
             d, port, proto = target_address(world, services, dst)
             before = drop_counts(the_lab)
-            reached = probe(the_lab, s, d, port, proto, timeout)
-            result["probe"] = {"reached": reached, "agrees": reached == t.reached}
+            if from_address is not None:
+                dst_ref = parse_target(dst)[0]
+                got = "answered" if spoof_probe(the_lab, s, resolve_destination(world, services, dst_ref),
+                                                from_address, port, proto, timeout) else "lost"
+            else:
+                got = probe(the_lab, s, d, port, proto, timeout)
+            # a refusal the trace foresees (a service without backends) is the host saying no, not a
+            # packet that reached its destination
+            reached = got != "lost" and not (t.refused and got == "refused")
+            agrees = got == "refused" if t.refused else reached == t.reached
+            result["probe"] = {"reached": reached, "outcome": got, "agrees": agrees}
             if not result["probe"]["agrees"]:
                 result["probe"]["kernel"] = explain_disagreement(the_lab, before, reached, t)
         if output != Format.table:

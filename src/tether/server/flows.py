@@ -14,6 +14,7 @@ from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Secu
 
 RING = 20_000  # records kept, all hosts together
 PUSH_MAX = 1000  # records per push
+SCALARS = {str, int, float, bool}
 
 
 class FlowRing:
@@ -34,13 +35,22 @@ class FlowRing:
         names = Names.of(eps, svcs, nets, {h.name: h.underlay_ip for h in hosts})
         world: World | None = None
         decided: dict[tuple, Any] = {}  # one decision per (source, target, port, protocol) in a push
+        described: dict[str, dict[str, Any]] = {}  # per push: a busy pair of pods repeats its addresses
+
+        def describe(ip: str) -> dict[str, Any]:
+            d = described.get(ip)
+            if d is None:
+                d = described[ip] = names.describe(ip)
+            return d
+
         for r in records:
-            r = {k: v for k, v in r.items() if isinstance(v, str | int | float | bool) and len(str(v)) < 300}
+            # plain values only, strings short (a scalar's type, not isinstance: the hot path of a push)
+            r = {k: v for k, v in r.items() if type(v) in SCALARS and (type(v) is not str or len(v) < 300)}
             r["reporter"] = host
-            r["from"] = names.describe(str(r.get("src", "")))
-            r["to"] = names.describe(str(r.get("dst", "")))
+            r["from"] = describe(str(r.get("src", "")))
+            r["to"] = describe(str(r.get("dst", "")))
             if r.get("backend"):
-                r["backend_of"] = names.describe(str(r["backend"]))
+                r["backend_of"] = describe(str(r["backend"]))
             if r.get("verdict") == "deny":
                 r["policy"] = policy_of_prefix(str(r.get("reason", "")))
             elif r.get("proto") in ("tcp", "udp", "sctp"):

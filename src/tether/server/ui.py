@@ -1,7 +1,8 @@
 """`/ui`: a small web page served by `tether server` (issue 25), with the same token as the API.
 
-Plain server-rendered HTML and inline SVG, no JavaScript library and no build step: a topology
-(hosts with their health, networks, pods, services), the flows (filters as `tether flows`, denied
+Plain server-rendered HTML and inline SVG, no build step: a topology (hosts with their health,
+networks, pods, services; also drawn as a live graph by d3 when Debian's libjs-d3 is installed,
+served from its installed path as /ui/static/d3.min.js), the flows (filters as `tether flows`, denied
 rows highlighted with their policy), the policies (the pods each selects and its enforcement
 status) and "why can't A reach B" (the trace's steps drawn as a chain, the failing one in red).
 The token comes as the usual bearer header, or once as `?token=` (kept in an HttpOnly cookie).
@@ -10,6 +11,7 @@ The token comes as the usual bearer header, or once as `?token=` (kept in an Htt
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 from urllib.parse import urlencode
 
@@ -98,11 +100,108 @@ async def topology(request: Request) -> Any:
                        for h in hosts for p in [*h.status.problems, *h.status.failed_ops])
     problems += "".join(f"<li class=bad>{e(h)} -> {e(p['peer'])}: {e(msg)}</li>"
                         for h, r in peers.items() for p in r.get("peers", []) for msg in p.get("problems", []))
-    body = ("".join(parts) + "<h2>networks</h2><table><tr><th>name</th><th>subnets</th><th>encap</th><th>pods</th>"
+    body = ("".join(parts) + graph(hosts, live, eps, nets, svcs, peers)
+            + "<h2>networks</h2><table><tr><th>name</th><th>subnets</th><th>encap</th><th>pods</th>"
             f"</tr>{net_rows}</table><h2>services</h2><table><tr><th>service</th><th>VIP</th><th>ports</th>"
             f"<th>selector</th></tr>{svc_rows}</table>"
             + (f"<h2>problems</h2><ul>{problems}</ul>" if problems else ""))
     return page("topology", body, refresh=10)
+
+
+D3_PATHS = ("/usr/share/javascript/d3/d3.min.js",)  # Debian's libjs-d3 (scripts/install-deps)
+
+# The force-directed graph: hosts, networks, pods (each tied to its host and network) and services
+# (tied to the pods they select), drawn by d3 (v3, as Debian ships it) from the JSON in #graph-data.
+GRAPH_JS = """
+(function(){
+  var data = JSON.parse(document.getElementById('graph-data').textContent);
+  var w = 900, h = 520, colour = {host: '#1b7f3b', down: '#b00020', problems: '#e08a00', network: '#5b6bbf',
+                                  pod: '#7aa6e0', service: '#a05bbf'};
+  var svg = d3.select('#graph').append('svg').attr('id', 'graph-svg').attr('width', w).attr('height', h);
+  var force = d3.layout.force().nodes(data.nodes).links(data.links).size([w, h])
+      .charge(-220).linkDistance(function(l){
+        return l.kind === 'host' ? 50 : l.kind.indexOf('peer') === 0 ? 260 : 90; }).start();
+  var link = svg.selectAll('line').data(data.links).enter().append('line')
+      .attr('class', function(l){ return 'link ' + l.kind; })
+      .attr('stroke', function(l){ return {service: '#a05bbf', peer: '#1b7f3b', 'peer-down': '#b00020'}[l.kind]
+                                          || '#bbb'; })
+      .attr('stroke-dasharray', function(l){ return l.kind === 'peer-down' ? '5,4' : null; });
+  var node = svg.selectAll('g.node').data(data.nodes).enter().append('g')
+      .attr('class', function(n){ return 'node ' + n.kind; }).attr('data-name', function(n){ return n.name; })
+      .call(force.drag);
+  node.append('circle').attr('r', function(n){ return n.kind === 'pod' ? 6 : 11; })
+      .attr('fill', function(n){ return colour[n.state || n.kind]; });
+  node.append('text').attr('x', 13).attr('y', 4).attr('font-size', 11).text(function(n){ return n.label; });
+  node.append('title').text(function(n){ return n.title; });
+  force.on('tick', function(){
+    link.attr('x1', function(l){ return l.source.x; }).attr('y1', function(l){ return l.source.y; })
+        .attr('x2', function(l){ return l.target.x; }).attr('y2', function(l){ return l.target.y; });
+    node.attr('transform', function(n){ return 'translate(' + n.x + ',' + n.y + ')'; });
+  });
+})();
+"""
+
+
+def d3_path() -> str | None:
+    import os
+
+    return next((p for p in D3_PATHS if os.path.exists(p)), None)
+
+
+def graph(hosts: list[Host], live: Any, eps: list[Endpoint], nets: list[Network], svcs: list[Service],
+          peers: dict[str, Any]) -> str:
+    """The topology as a live graph (d3), or a line saying how to get it when d3 is not installed.
+    Hosts are tied to each other by their path health (red: the underlay does not carry the path)."""
+    import json
+
+    from tether.calc.services import selects
+
+    if d3_path() is None:
+        return "<p>(install Debian's libjs-d3 on the server for the topology graph)</p>"
+    nodes: list[dict[str, Any]] = []
+    index: dict[tuple[str, str], int] = {}
+
+    def add(kind: str, name: str, label: str, title: str, state: str | None = None) -> int:
+        index[(kind, name)] = len(nodes)
+        nodes.append({"kind": kind, "name": name, "label": label, "title": title, "state": state})
+        return index[(kind, name)]
+
+    links: list[dict[str, Any]] = []
+    for h in hosts:
+        state = "down" if h.name not in live else "problems" if h.status.problems or h.status.failed_ops else "host"
+        add("host", h.name, h.name, f"host {h.name} ({h.underlay_ip}): {state}", state)
+    for a, report in peers.items():
+        for p in report.get("peers", []):
+            if ("host", a) in index and ("host", p.get("peer")) in index and a < p["peer"]:
+                links.append({"source": index[("host", a)], "target": index[("host", p["peer"])],
+                              "kind": "peer" if (p.get("underlay") or {}).get("ok") else "peer-down"})
+    for n in nets:
+        add("network", n.name, n.name, f"network {n.name} ({', '.join(s.cidr for s in n.subnets)}, {n.encap})")
+    for ep in eps:
+        i = add("pod", ep.id, f"{ep.namespace}/{ep.name}", f"{ep.namespace}/{ep.name} {', '.join(ep.ips)}")
+        nodes[i]["name"] = nodes[i]["label"]  # indexed by id (names repeat across networks), shown by name
+        for kind, name in (("host", ep.host), ("network", ep.network)):
+            if (kind, name) in index:
+                links.append({"source": i, "target": index[(kind, name)], "kind": kind})
+    for s in svcs:
+        i = add("service", f"{s.namespace}/{s.name}", f"svc {s.namespace}/{s.name}",
+                f"service {s.namespace}/{s.name} {s.cluster_ip}")
+        for ep in eps:
+            if s.selector and ep.namespace == s.namespace and selects(s.selector, ep.labels):
+                links.append({"source": i, "target": index[("pod", ep.id)], "kind": "service"})
+    data = json.dumps({"nodes": nodes, "links": links}).replace("</", "<\\/")
+    return (f'<h2>graph</h2><div id="graph"></div><script type="application/json" id="graph-data">{data}</script>'
+            f'<script src="/ui/static/d3.min.js"></script><script>{GRAPH_JS}</script>')
+
+
+@router.get("/static/d3.min.js")
+async def d3_js() -> Any:
+    from fastapi.responses import FileResponse, PlainTextResponse
+
+    path = d3_path()
+    if path is None:
+        return PlainTextResponse("d3 is not installed on the server: apt-get install libjs-d3", status_code=404)
+    return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "max-age=3600"})
 
 
 @router.get("/flows")
@@ -198,7 +297,9 @@ async def trace_view(request: Request) -> Any:
     if s is None or d is None:
         missing = src if s is None else dst_ref
         return page("why can't A reach B", form + f"<p class=bad>no endpoint or service {e(missing)}</p>")
-    t = trace(world, services, s, d, port, proto)
+    now_ = time.time()
+    health = {h: {**r, "age_s": round(now_ - r["reported_at"], 1)} for h, r in request.app.state.peers.items()}
+    t = trace(world, services, s, d, port, proto, health=health)
     chain = '<span class="arrow">→</span>'.join(
         f'<div class="step{"" if st.ok else " fail"}"><b>{e(st.name)}</b>'
         f'{f" ({e(st.host)})" if st.host else ""}<br>{e(st.detail)}</div>' for st in t.steps)
