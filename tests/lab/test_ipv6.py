@@ -18,7 +18,7 @@ from tests.fixtures.lab import unique
 from tests.services.probes import connect_many, start_server, stop
 from tether.agent.dns import DNS_IP
 from tether.dataplane.nft import counters
-from tether.lab.cluster import Lab, nsx, underlay6, wait_for
+from tether.lab.cluster import INET_IP6, Lab, nsx, underlay6, wait_for
 from tether.model import (
     Namespace,
     Network,
@@ -297,11 +297,24 @@ def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
         stop(server)
 
 
+WHO = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)
+print(c.makefile().readline().strip())
+"""
+
+
+def seen(ns: str, ip: str, port: int) -> list[str]:
+    """[backend name, the client address the backend saw] of one TCP connection from `ns`."""
+    return nsx(ns, sys.executable, "-c", WHO, ip, str(port), timeout=20).stdout.split()
+
+
 def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside(lab: Lab) -> None:
     """NodePort with ip_families [IPv4, IPv6]: from the lab's "internet" (outside every Tether
     network), new TCP and UDP connections to each host's IPv6 underlay address on the node port
     reach the backends, also through h3, which has none of its own (so they cross hosts, source-NATed
-    to h3's IPv6 address, and the answers come back through h3); the IPv4 node port still works."""
+    to h3's IPv6 address, and the answers come back through h3); the IPv4 node port still works.
+    externalTrafficPolicy Local: only the receiving host's backends, the client's address kept."""
     net = make_net(lab, ["10.74.0.0/16", "fd74::/64"], "vxlan")
     app = unique("np6")
     servers = []
@@ -329,9 +342,20 @@ def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside
             ip6 = underlay6(lab.host(h).ip)
             wait_for(lambda ip6=ip6: answered(ip6, tcp, "tcp"), 20, f"the IPv6 node port on {h} ({ip6})")
             assert answered(ip6, udp, "udp"), f"UDP to the IPv6 node port on {h}"
-        spread = connect_many(lab.inet, underlay6(lab.host("h3").ip), tcp, 30)
+        h3 = underlay6(lab.host("h3").ip)
+        spread = connect_many(lab.inet, h3, tcp, 30)
         assert spread["failures"] == 0 and set(spread["counts"]) == names, spread
         assert answered(lab.host("h3").ip, tcp, "tcp"), "the IPv4 node port of the same service"
+        assert {seen(lab.inet, h3, tcp)[1] for _ in range(6)} == {h3}, "source-NATed to the receiving host"
+
+        local = lab.client().apply(svc.model_copy(update={"name": unique("l6"), "external_traffic_policy": "Local",
+                                                          "cluster_ips": [], "cluster_ip": None,
+                                                          "ports": [ServicePort(port=80, target_port=8080)]}))
+        lport, h1 = local.ports[0].node_port, underlay6(lab.host("h1").ip)
+        wait_for(lambda: answered(h1, lport, "tcp"), 20, "the Local IPv6 node port on h1")
+        assert {tuple(seen(lab.inet, h1, lport)) for _ in range(6)} == {(pods[0].name, INET_IP6)}, \
+            "Local: h1's own backend only, and the client's address kept"
+        assert connect_many(lab.inet, h3, lport, 2)["failures"] == 2, "Local: h3 has no backend of its own"
     finally:
         for s in servers:
             stop(s)
