@@ -75,6 +75,13 @@ def ipblock_with_except(c: Cluster, _made: list[str]) -> None:
         {"ipBlock": {"cidr": V6, "except": [e for e in ex if ":" in e]}}]}]})
 
 
+def egress_ipblock_and_deny_egress(c: Cluster, _made: list[str]) -> None:
+    """x/a may send only to z/c's addresses; y denies all egress."""
+    c.policy("x", "p", {"podSelector": sel(pod="a"), "policyTypes": ["Egress"], "egress": [
+        {"to": [{"ipBlock": {"cidr": cidr}} for cidr in both_families(c, "z/c")]}]})
+    c.policy("y", "p", {"podSelector": {}, "policyTypes": ["Egress"]})
+
+
 def security_group_ethertype_ipv6(c: Cluster, made: list[str]) -> None:
     """TCP/80 from anywhere (0.0.0.0/0 and ::/0), everything from z/c's addresses, UDP from the
     members of a remote group; egress open in both families."""
@@ -98,6 +105,7 @@ SCENARIOS: dict[str, Callable[[Cluster, list[str]], None]] = {
     "ingress-from-namespace-y-tcp-80": ingress_from_namespace_y_tcp_80,
     "egress-to-namespace-y": egress_to_namespace_y,
     "ipblock-with-except": ipblock_with_except,
+    "egress-ipblock-and-deny-egress": egress_ipblock_and_deny_egress,
     "security-group-ethertype-ipv6": security_group_ethertype_ipv6,
 }
 
