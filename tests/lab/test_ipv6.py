@@ -281,7 +281,7 @@ def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
     """The IPv6 VIP DNATed back to the pod that sent: source-NATed like IPv4's hairpin (to the host's
     IPv6 address), so the backend's answer goes back through the host and conntrack, not straight
     to itself from an address it never wrote to."""
-    net = make_net(lab, ["10.73.0.0/16", "fd73::/64"], "vxlan")
+    net = make_net(lab, ["10.75.0.0/16", "fd75::/64"], "vxlan")
     app = unique("hp6")
     pod = lab.run_pod("h2", unique("b"), net, labels={"app": app})
     server = start_server(pod.ns, pod.name, 8080)
