@@ -752,10 +752,10 @@ class Service(Obj):
                 raise ValueError(f"a headless service has no virtual IP, but cluster_ips is {self.cluster_ips}; "
                                  "leave cluster_ips out or set headless false")
             return self
-        if self.type == "NodePort" and "IPv6" in self.ip_families:
-            raise ValueError("a NodePort service over IPv6 needs IPv6 node addresses, which Tether hosts do not "
-                             "have (their underlay is IPv4): use ip_families [IPv4] for a NodePort service, or "
-                             "a ClusterIP service for IPv6")
+        if self.type == "NodePort" and "IPv6" in self.ip_families and self.host_ip:
+            raise ValueError(f"host_ip {self.host_ip} publishes on one address, but ip_families asks for IPv6 node "
+                             "ports, which are published on every IPv6 address of the host: leave host_ip out, or "
+                             "use ip_families [IPv4]")
         want = ["IPv4" if ":" not in ip else "IPv6" for ip in self.cluster_ips]
         if self.cluster_ips and want != self.ip_families[:len(want)]:
             raise ValueError(f"cluster_ips {self.cluster_ips} do not follow ip_families {self.ip_families} (one "

@@ -163,3 +163,47 @@ def test_a_kubernetes_dual_stack_service_manifest_asks_for_both_families() -> No
     (svc,) = parse("apiVersion: v1\nkind: Service\nmetadata: {name: w}\nspec:\n  ipFamilyPolicy: RequireDualStack\n"
                    "  ipFamilies: [IPv6, IPv4]\n  selector: {app: w}\n  ports: [{port: 80}]\n")
     assert svc.ip_families == ["IPv6", "IPv4"]
+
+
+def test_an_ipv6_node_port_is_published_on_every_local_ipv6_address_and_masqueraded() -> None:
+    """Dual-stack NodePort: the IPv4 port as before, the IPv6 one keyed by proto . port (the host's
+    global IPv6 addresses are not known to the plan) with its own chain and backend maps, marked
+    for the IPv6 masquerade in `svc_postrouting`; Local keeps the client's address (no mark), and
+    the host's NAT chains look IPv6 node ports up before IPv4's proto . port map."""
+    dual = [Endpoint(id=f"d{i}", name=f"d{i}", network="n", host=f"h{i}", namespace="default", labels={"app": "web"},
+                     ips=[f"10.1.0.{i}", f"fd01::{i}"]) for i in (1, 2)]
+    svc = Service(name="np6", selector={"app": "web"}, type="NodePort", ip_families=["IPv4", "IPv6"],
+                  cluster_ips=["10.96.0.30", "fd96::30"], ports=[ServicePort(port=80, target_port=8080,
+                                                                              node_port=30080)])
+    plan = compile_services([svc], dual, [], "h1", ["198.18.0.1"])
+    assert elements(plan, "svc_nodeports") == {(("tcp", 30080), "goto svc-np-lb-2")}
+    assert elements(plan, "svc_nodeports6") == {(("tcp", 30080), "goto svc6-np-lb-2")}
+    assert elements(plan, "svc_np_backend_ip6") == {(("tcp", 30080, 1), "fd01::1"), (("tcp", 30080, 2), "fd01::2")}
+    assert elements(plan, "svc_np_backend_port6") == {(("tcp", 30080, 1), 8080), (("tcp", 30080, 2), 8080)}
+    chain = plan.chain("svc6-np-lb-2")
+    assert chain is not None and "16384" in chain.rules[0] and "@svc_np_backend_ip6" in chain.rules[-1]
+    (snat6,) = [r for r in plan.chain("svc_postrouting").rules if "published port (IPv6)" in r]
+    assert '"masquerade"' in snat6 and "ipv6" in snat6
+    local = svc.model_copy(update={"external_traffic_policy": "Local", "session_affinity": "ClientIP"})
+    lplan = compile_services([local], dual, [], "h1", ["198.18.0.1"])
+    (name,) = [v.removeprefix("goto ") for _k, v in elements(lplan, "svc_nodeports6")]
+    assert name.startswith("svc6-np-aff-") and name.endswith("-1-local")  # h1's own backend only
+    assert not any("16384" in r for r in lplan.chain(name).rules)
+
+    rep = Replica()
+    rep.objects["Network"]["n"] = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd01::/64")])
+    for e in dual:
+        rep.objects["Endpoint"][e.id] = e
+    rep.objects["Service"]["default/np6"] = svc
+    nat = compute_nft(rep, HostContext("h1", "eth0", 1500)).chain("prerouting_nat")
+    order = [i for i, r in enumerate(nat.rules) for m in ("@svc_nodeports6", "@svc_nodeports\"") if m in r]
+    assert len(order) == 2 and order == sorted(order)
+
+
+def test_a_node_port_service_may_be_ipv6_but_not_on_one_ipv4_host_ip() -> None:
+    import pytest
+
+    assert Service(name="s", type="NodePort", ip_families=["IPv6"], ports=[ServicePort(port=80)]).type == "NodePort"
+    with pytest.raises(ValueError, match="host_ip 192.0.2.9 publishes on one address"):
+        Service(name="s", type="NodePort", ip_families=["IPv4", "IPv6"], host="h1", host_ip="192.0.2.9",
+                ports=[ServicePort(port=80)])

@@ -1,6 +1,6 @@
 """IPv6 with real packets: dual-stack and IPv6-only pods reach each other on one host and across
 hosts, tunnelled (vxlan), routed (direct) and both (auto); a pod's DAD and MLD pass its
-anti-spoofing while a spoofed IPv6 source is dropped."""
+anti-spoofing while a spoofed IPv6 source is dropped; services by IPv6 VIP and IPv6 node port."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.fixtures.lab import unique
 from tests.services.probes import connect_many, start_server, stop
 from tether.agent.dns import DNS_IP
 from tether.dataplane.nft import counters
-from tether.lab.cluster import Lab, nsx, wait_for
+from tether.lab.cluster import INET_IP6, Lab, nsx, underlay6, wait_for
 from tether.model import (
     Namespace,
     Network,
@@ -281,7 +281,7 @@ def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
     """The IPv6 VIP DNATed back to the pod that sent: source-NATed like IPv4's hairpin (to the host's
     IPv6 address), so the backend's answer goes back through the host and conntrack, not straight
     to itself from an address it never wrote to."""
-    net = make_net(lab, ["10.73.0.0/16", "fd73::/64"], "vxlan")
+    net = make_net(lab, ["10.75.0.0/16", "fd75::/64"], "vxlan")
     app = unique("hp6")
     pod = lab.run_pod("h2", unique("b"), net, labels={"app": app})
     server = start_server(pod.ns, pod.name, 8080)
@@ -295,3 +295,67 @@ def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
         assert connect_many(pod.ns, vip6, 80, 10) == {"counts": {pod.name: 10}, "failures": 0, "errors": []}
     finally:
         stop(server)
+
+
+WHO = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)
+print(c.makefile().readline().strip())
+"""
+
+
+def seen(ns: str, ip: str, port: int) -> list[str]:
+    """[backend name, the client address the backend saw] of one TCP connection from `ns`."""
+    return nsx(ns, sys.executable, "-c", WHO, ip, str(port), timeout=20).stdout.split()
+
+
+def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside(lab: Lab) -> None:
+    """NodePort with ip_families [IPv4, IPv6]: from the lab's "internet" (outside every Tether
+    network), new TCP and UDP connections to each host's IPv6 underlay address on the node port
+    reach the backends, also through h3, which has none of its own (so they cross hosts, source-NATed
+    to h3's IPv6 address, and the answers come back through h3); the IPv4 node port still works.
+    externalTrafficPolicy Local: only the receiving host's backends, the client's address kept."""
+    net = make_net(lab, ["10.74.0.0/16", "fd74::/64"], "vxlan")
+    app = unique("np6")
+    servers = []
+    try:
+        pods = []
+        for h in ("h1", "h2"):
+            pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
+            servers.append(start_server(pod.ns, pod.name, 8080))
+            pods.append(pod)
+        for pod in pods:
+            wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        svc = lab.client().apply(Service(name=unique("n6"), selector={"app": app}, type="NodePort",
+                                         ip_families=["IPv4", "IPv6"],
+                                         ports=[ServicePort(port=80, target_port=8080),
+                                                ServicePort(name="u", port=81, target_port=8080, protocol="UDP")]))
+        tcp, udp = (p.node_port for p in svc.ports)
+        assert tcp and udp, svc
+        names = {p.name for p in pods}
+
+        def answered(ip: str, port: int, proto: str) -> bool:
+            r = connect_many(lab.inet, ip, port, 6, proto)
+            return r["failures"] == 0 and set(r["counts"]) <= names
+
+        for h in ("h1", "h2", "h3"):
+            ip6 = underlay6(lab.host(h).ip)
+            wait_for(lambda ip6=ip6: answered(ip6, tcp, "tcp"), 20, f"the IPv6 node port on {h} ({ip6})")
+            assert answered(ip6, udp, "udp"), f"UDP to the IPv6 node port on {h}"
+        h3 = underlay6(lab.host("h3").ip)
+        spread = connect_many(lab.inet, h3, tcp, 30)
+        assert spread["failures"] == 0 and set(spread["counts"]) == names, spread
+        assert answered(lab.host("h3").ip, tcp, "tcp"), "the IPv4 node port of the same service"
+        assert {seen(lab.inet, h3, tcp)[1] for _ in range(6)} == {h3}, "source-NATed to the receiving host"
+
+        local = lab.client().apply(svc.model_copy(update={"name": unique("l6"), "external_traffic_policy": "Local",
+                                                          "cluster_ips": [], "cluster_ip": None,
+                                                          "ports": [ServicePort(port=80, target_port=8080)]}))
+        lport, h1 = local.ports[0].node_port, underlay6(lab.host("h1").ip)
+        wait_for(lambda: answered(h1, lport, "tcp"), 20, "the Local IPv6 node port on h1")
+        assert {tuple(seen(lab.inet, h1, lport)) for _ in range(6)} == {(pods[0].name, INET_IP6)}, \
+            "Local: h1's own backend only, and the client's address kept"
+        assert connect_many(lab.inet, h3, lport, 2)["failures"] == 2, "Local: h3 has no backend of its own"
+    finally:
+        for s in servers:
+            stop(s)

@@ -25,7 +25,7 @@ from tether.cli.policy_cli import trace_once
 from tether.lab.cluster import Lab, stop_pid, wait_for
 from tether.lab.probe import ask
 from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Subnet
-from tether.policy_eval import World
+from tether.policy_eval import World, decide
 
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
@@ -48,6 +48,14 @@ class Pod:
     endpoint_id: str
     control: str
     pid: int
+    ip6: str | None = None  # on a dual-stack network
+
+    def address(self, family: int) -> str:
+        """The pod's address of IP version `family` (the truth tables run over either)."""
+        if family == 6:
+            assert self.ip6, f"{self.key} has no IPv6 address: make the network dual-stack"
+            return self.ip6
+        return self.ip
 
 
 class Cluster:
@@ -86,7 +94,8 @@ class Cluster:
                                  "--control", control], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         ep = next(e for e in self.client.list_raw("Endpoint", namespace=self.ns(ns)) if e["name"] == pod_name)
-        pod = Pod(f"{ns}/{name}", self.ns(ns), host, f"{host}/{pod_name}", info.ip, ep["id"], control, proc.pid)
+        pod = Pod(f"{ns}/{name}", self.ns(ns), host, f"{host}/{pod_name}", info.ip, ep["id"], control, proc.pid,
+                  next((ip for ip in info.ips if ":" in ip), None))
         self.pods[pod.key] = pod
         wait_for(lambda: os.path.exists(control), 15, f"the probe server of {pod.key}")
         return pod
@@ -140,24 +149,28 @@ class Cluster:
                      policies=by_kind.get("NetworkPolicy", []), security_groups=by_kind.get("SecurityGroup", []),
                      networks=by_kind.get("Network", []), hosts=by_kind.get("Host", []))
 
-    def expected(self, world: World | None = None) -> dict[Key, bool]:
+    def expected(self, world: World | None = None, family: int = 4) -> dict[Key, bool]:
         """Through `tether trace`'s own resolution and parsing (NAMESPACE/NAME, DST:PORT/PROTO), so every
-        truth-table case is also a case where trace must agree with the probe."""
+        truth-table case is also a case where trace must agree with the probe. IPv6 (`family=6`): the
+        decision between the two pods' IPv6 addresses (an endpoint named by address is judged by it)."""
         world = world or self.world()
         names = {e.id: f"{e.namespace}/{e.name}" for e in world.endpoints}
         out = {}
         for s, d in itertools.product(self.pods.values(), repeat=2):
             for port, proto in PROBES:
-                *_, decision = trace_once(world, names[s.endpoint_id], f"{names[d.endpoint_id]}:{port}/{proto}")
+                if family == 6:
+                    decision = decide(world, s.address(6), d.address(6), port, proto)
+                else:
+                    *_, decision = trace_once(world, names[s.endpoint_id], f"{names[d.endpoint_id]}:{port}/{proto}")
                 out[(s.key, d.key, port, proto)] = decision.allowed
         return out
 
-    def probe(self) -> dict[Key, bool]:
+    def probe(self, family: int = 4) -> dict[Key, bool]:
         pods = list(self.pods.values())
 
         def from_pod(src: Pod) -> dict[Key, bool]:
             targets = [(d, port, proto) for d in pods for port, proto in PROBES]
-            got = ask(src.control, [(d.ip, port, proto) for d, port, proto in targets], self.timeout)
+            got = ask(src.control, [(d.address(family), port, proto) for d, port, proto in targets], self.timeout)
             return {(src.key, d.key, port, proto): ok for (d, port, proto), ok in zip(targets, got, strict=True)}
 
         out: dict[Key, bool] = {}
@@ -166,18 +179,19 @@ class Cluster:
                 out.update(part)
         return out
 
-    def converge(self, deadline: float = 10.0) -> list[str]:
+    def converge(self, deadline: float = 10.0, family: int = 4) -> list[str]:
         """Probe until reality equals the expectation; the differences of the last round otherwise."""
-        want = self.expected()
+        want = self.expected(family=family)
         end = time.monotonic() + deadline
+        v = " IPv6" if family == 6 else ""
         while True:
-            got = self.probe()
-            diff = [f"{s} -> {d} {proto}/{port}: expected {'allow' if want[k] else 'deny'}, got "
+            got = self.probe(family)
+            diff = [f"{s} -> {d}{v} {proto}/{port}: expected {'allow' if want[k] else 'deny'}, got "
                     f"{'allow' if got[k] else 'deny'}" for k in sorted(want) for s, d, port, proto in [k]
                     if got[k] != want[k]]
             if not diff or time.monotonic() > end:
                 return diff
-            want = self.expected()  # the state may still be settling (an event in flight)
+            want = self.expected(family=family)  # the state may still be settling (an event in flight)
 
     def table(self, matrix: dict[Key, bool], port: int, proto: str) -> str:
         """The upstream-style picture of one protocol/port: rows are sources, columns destinations."""
@@ -189,15 +203,16 @@ class Cluster:
         return "\n".join(lines)
 
 
-def make_network(lab: Lab, name: str, cidr: str) -> str:
-    lab.client().create_network(Network(name=name, subnets=[Subnet(cidr=cidr)], encap="vxlan"))
+def make_network(lab: Lab, name: str, *cidrs: str) -> str:
+    """A vxlan network with one subnet per CIDR (an IPv4 and an IPv6 one make it dual-stack)."""
+    lab.client().create_network(Network(name=name, subnets=[Subnet(cidr=c) for c in cidrs], encap="vxlan"))
     return name
 
 
 @contextmanager
-def running_cluster(lab: Lab, network: str, prefix: str, cidr: str) -> Iterator[Cluster]:
+def running_cluster(lab: Lab, network: str, prefix: str, *cidrs: str) -> Iterator[Cluster]:
     """The x/y/z namespaces with pods a/b/c on a new network of `lab`, closed even on failure."""
-    c = Cluster(lab, prefix, make_network(lab, network, cidr))
+    c = Cluster(lab, prefix, make_network(lab, network, *cidrs))
     try:
         c.create()
         yield c

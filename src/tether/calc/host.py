@@ -423,6 +423,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
     if services.has_v6(rep.services):  # the services fragment then declares `svc_vips6`
+        svc_lookups = ipv6_published_lookup(svc_lookups)
         svc_lookups += (rule({"vmap": {"key": services.SVC_KEY6, "data": "@svc_vips6"}}),)
     me = rep.hosts.get(host)
     vxlan_in: tuple[str, ...] = ()
@@ -508,6 +509,15 @@ def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
             chains[c.name] = c
     return NftPlan(sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
                    chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
+
+
+def ipv6_published_lookup(lookups: tuple[str, ...]) -> tuple[str, ...]:
+    """IPv6 node ports (`svc_nodeports6`) looked up before IPv4's `svc_nodeports`: that map is keyed by
+    proto . port only, and an IPv6 packet sent to its IPv4-keyed chain would leave it un-NATed."""
+    v6 = rule(FIB_LOCAL, match(meta("nfproto"), "ipv6"),
+              {"vmap": {"key": services.NODEPORT_KEY6, "data": "@svc_nodeports6"}})
+    at = next(i for i, r in enumerate(lookups) if "@svc_nodeports" in r)
+    return (*lookups[:at], v6, *lookups[at:])
 
 
 def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> NftPlan:

@@ -310,3 +310,10 @@ def lb_chain(n: int, affinity: int | None, version: int = 4) -> str:
 def published_chain(target: str) -> str:
     """`svc-np-...`: the published-port entry to a balancing chain."""
     return f"svc-np-{target.removeprefix('svc-')}"
+
+
+def published6_chain(n: int, affinity: int | None, keep_source: bool) -> str:
+    """`svc6-np-lb-<n>` (`svc6-np-aff-<timeout>-<n>`, `...-local` keeping the client's address): an
+    IPv6 published port balanced over n slots (its own chain: the DNAT key has no node address)."""
+    base = f"svc6-np-lb-{n}" if affinity is None else f"svc6-np-aff-{affinity}-{n}"
+    return base + ("-local" if keep_source else "")

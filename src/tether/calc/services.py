@@ -156,13 +156,25 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
                 ref = f"{svc.namespace}/{svc.name}"
                 proto = sp.protocol.lower()
                 out.append(Frontend(ref, vip, proto, sp.port, backends, aff))
-                # node ports: IPv4 only (the model refuses IPv6 ones); Docker's -p: its host (and address) only
-                if svc.type == "NodePort" and sp.node_port and version == 4 and svc.host in (None, host):
+                # node ports; Docker's -p: its host (and address) only
+                if svc.type == "NodePort" and sp.node_port and svc.host in (None, host):
                     published = tuple(b for b in backends if b.local) if local else backends
-                    for ip in [svc.host_ip] if svc.host_ip else node_ips:
+                    for ip in published_addresses(svc, version, node_ips):
                         out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
                                             keep_source=local))
     return out
+
+
+ANY_NODE_ADDRESS6 = "::"  # an IPv6 published port's frontend address: every local IPv6 address of the host
+
+
+def published_addresses(svc: Service, version: int, node_ips: list[str]) -> list[str]:
+    """Where a NodePort service's `version` VIP is published: IPv4 on the host's underlay address (or
+    Docker's host_ip); IPv6 on every local IPv6 address of the host (`ANY_NODE_ADDRESS6`), because
+    the agent does not report a host's global IPv6 addresses (the model refuses host_ip with IPv6)."""
+    if version == 6:
+        return [ANY_NODE_ADDRESS6]
+    return [svc.host_ip] if svc.host_ip else node_ips
 
 
 def _dnat(version: int = 4) -> dict:
@@ -222,15 +234,66 @@ def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset
 
 
 # IPv6 frontends: the same shape under names with a 6 (`svc_vips6`, `svc6-lb-<N>`, ...), keyed by
-# ip6 addresses; no published ports (the model refuses IPv6 node ports). Hairpin (`svc_hairpin6`) is
-# source-NATed to the pods' IPv6 gateway fe80::1: a hairpinned packet always leaves through the
-# sender's own veth, where that link-local address is its next hop (a host's IPv6 underlay address
-# may be link-local on another link, which the pod cannot answer)
+# ip6 addresses. Published ports (node ports) answer on every local IPv6 address of the host:
+# `svc_nodeports6` (proto . port) -> `svc6-np-...` chains that draw a slot like the VIP's and DNAT
+# through `svc_np_backend_ip6`/`_port6` keyed by proto . port . slot (no node address: the agent
+# does not know the host's global IPv6 addresses); they are masqueraded on the way out (the source
+# becomes the host's IPv6 address towards the backend) unless externalTrafficPolicy is Local.
+# Hairpin (`svc_hairpin6`) is source-NATed to the pods' IPv6 gateway fe80::1: a hairpinned packet
+# always leaves through the sender's own veth, where that link-local address is its next hop (a
+# host's IPv6 underlay address may be link-local on another link, which the pod cannot answer)
 _DADDR6 = addr_field(6, "daddr")
 _SADDR6 = addr_field(6, "saddr")
 FRONTEND6 = ("ipv6_addr", "inet_proto", "inet_service")
 CLIENT_KEY6 = {"concat": [_SADDR6, _DADDR6, _PROTO, L4_DPORT]}
 SVC_KEY6 = {"concat": [_DADDR6, _PROTO, L4_DPORT]}
+
+
+NODEPORT_KEY6 = {"concat": [_PROTO, L4_DPORT]}
+
+
+def _dnat_published6() -> dict:
+    """DNAT of an IPv6 published port: the slot's backend by proto . port . slot."""
+    key = {"concat": [_PROTO, L4_DPORT, MARK]}
+    return {"dnat": {"family": "ip6", "addr": {"map": {"key": key, "data": "@svc_np_backend_ip6"}},
+                     "port": {"map": {"key": key, "data": "@svc_np_backend_port6"}}}}
+
+
+@functools.lru_cache(maxsize=1024)
+def published6_chain(n: int, timeout: int | None, keep_source: bool) -> NftChain:
+    """An IPv6 published port over n slots: mark the connection for source NAT (unless Local), draw
+    a slot (the client's remembered one with affinity, as the VIP's chain), DNAT."""
+    rules = [] if keep_source else [rule(ct_mark_or(HAIRPIN_MARK))]
+    if timeout is None:
+        rules.append(rule(mark_random(n)))
+    else:
+        rules.extend(affinity_chain(timeout, n, 6).rules[:-1])  # all but its DNAT (keyed by the VIP)
+    rules.append(rule(_dnat_published6()))
+    return NftChain(names.published6_chain(n, timeout, keep_source), tuple(rules))
+
+
+# the IPv4 rule before it (snat ip to the underlay address) does nothing to an IPv6 packet
+PUBLISHED6_SNAT = rule(ct_bits(HAIRPIN_MARK), match(meta("nfproto"), "ipv6"), MASQUERADE,
+                       comment="published port (IPv6)")
+
+
+def published6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain]]:
+    """The IPv6 published ports of this host: `svc_nodeports6`, its backend maps and chains."""
+    ports, backend_ip, backend_port, chains = set(), set(), set(), {}
+    for f in fes:
+        if not f.backends:
+            continue  # nothing answers: the connection goes on to the host, as for IPv4
+        chain = published6_chain(len(f.backends), f.affinity, f.keep_source)
+        chains[chain.name] = chain
+        ports.add(((f.proto, f.port), f"goto {chain.name}"))
+        for slot, b in enumerate(f.backends, start=1):
+            backend_ip.add(((f.proto, f.port, slot), b.ip))
+            backend_port.add(((f.proto, f.port, slot), b.port))
+    key = ("inet_proto", "inet_service", "mark")
+    sets = [NftSet("svc_nodeports6", ("inet_proto", "inet_service"), map_type="verdict", elements=frozenset(ports)),
+            NftSet("svc_np_backend_ip6", key, map_type="ipv6_addr", elements=frozenset(backend_ip)),
+            NftSet("svc_np_backend_port6", key, map_type="inet_service", elements=frozenset(backend_port))]
+    return sets, [chains[k] for k in sorted(chains)]
 
 
 def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], str, str]:
@@ -241,6 +304,9 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], str, st
     vips, backend_ip, backend_port, empty, hairpin = set(), set(), set(), set(), set()
     for f in fes:
         key = (f.ip, f.proto, f.port)
+        if f.published:
+            hairpin.update((b.ip, b.ip) for b in f.backends)
+            continue  # in `published6`
         if not f.backends:
             empty.add(key)
             continue
@@ -274,6 +340,9 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
     fes = [f for f in every if ip_version(f.ip) == 4]
     sets6, chains6, reject6, hairpin6 = (compile6([f for f in every if ip_version(f.ip) == 6])
                                          if has_v6(services) else ([], [], None, None))
+    if has_v6(services):
+        np_sets6, np_chains6 = published6([f for f in every if f.published and ip_version(f.ip) == 6])
+        sets6, chains6 = sets6 + np_sets6, chains6 + np_chains6
     max_n = max([PREDEFINED_SLOTS, *(len(f.backends) for f in fes)])
     timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
     vips: set = set()
@@ -308,7 +377,7 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
              *snat, comment="hairpin"),
         rule(ct_bits(HAIRPIN_MARK), *snat,
              comment="published port"),
-        *((hairpin6,) if hairpin6 else ()),
+        *((hairpin6, PUBLISHED6_SNAT) if hairpin6 else ()),
     ), hook="postrouting", type="nat", priority=99, policy="accept"))
     # jumped to from the base table's forward chain (new connections) and raw_output chain: no base
     # chain of its own, because every base chain is one more hook on every packet's path

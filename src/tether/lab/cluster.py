@@ -6,6 +6,9 @@ ns <p>-h<i> : eth0 198.18.<s>.<i>, an agent process; pods' host ends
 ns <p>-inet : eth0 198.19.255.1, a web server that echoes the caller's address and a DNS resolver
 ns <p>-ctl  : eth0 198.18.0.250, where the server's HTTPS listener (:7443) sits on the underlay
 ```
+The underlay also carries IPv6, one on-link prefix for everyone (`UNDERLAY6`): host 198.18.<s>.<i>
+has fd00:198:18::<s>:<i>, the internet fd00:198:18::ff:1 (IPv6 node ports, IPv6 from outside);
+the agents still use the IPv4 underlay for tunnels and the API.
 The server process runs in the root namespace with three listeners: HTTPS on 198.18.0.250:7443 in
 the ctl namespace (bound there by `tether.lab.netns_listen`), which the agents use over the underlay
 as real hosts would; a unix socket in the lab directory; and plain HTTP on a loopback port for the
@@ -36,6 +39,8 @@ LOG_ROOT = "/tmp/tether-lab-logs"
 INET_IP = "198.19.255.1"
 INET_NET = "198.19.255"
 UNDERLAY = "198.18"
+UNDERLAY6 = "fd00:198:18::"  # /64 on the underlay switch, see underlay6()
+INET_IP6 = "fd00:198:18::ff:1"
 CTL_IP = "198.18.0.250"  # the server's underlay address (in the ctl namespace)
 API_PORT = 7443
 CNI_VERSION = "1.0.0"
@@ -287,10 +292,12 @@ class Lab:
     def _host(self, h: HostInfo, i: int) -> None:
         gw = h.ip.rsplit(".", 1)[0] + ".254"
         self._plug(h.ns, f"p{h.name}", f"{h.ip}/24", gw)
+        nsx(h.ns, "ip", "addr", "add", f"{underlay6(h.ip)}/64", "dev", "eth0", "nodad")
         nsx(h.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def _internet(self) -> None:
         self._plug(self.inet, "pinet", f"{INET_IP}/24", f"{INET_NET}.254")
+        nsx(self.inet, "ip", "addr", "add", f"{INET_IP6}/64", "dev", "eth0", "nodad")
         log = open(os.path.join(self.dir, "inet-web.log"), "ab")
         web = subprocess.Popen(["ip", "netns", "exec", self.inet, sys.executable, "-m", "tether.lab.echo_web",
                                 "--port", "80"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -551,6 +558,12 @@ class Lab:
 
 
 NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/resolv.conf over /etc/resolv.conf
+
+
+def underlay6(ip: str) -> str:
+    """A lab host's IPv6 underlay address, from its IPv4 one: 198.18.<s>.<i> -> fd00:198:18::<s>:<i>."""
+    _a, _b, s, i = ip.split(".")
+    return f"{UNDERLAY6}{s}:{i}"
 
 
 def write_resolv_conf(ns: str, dns: dict[str, Any]) -> None:

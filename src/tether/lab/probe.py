@@ -6,9 +6,10 @@ whole 9x9x4 matrix needs no process start per probe: each source pod's server tr
 concurrently with a short timeout. `once` probes one target from the current namespace.
 
 Reached means the packet got to the destination: a TCP connect or reset, a UDP echo or an ICMP
-port-unreachable. A timeout means it was dropped on the way. `once --source` sends from an address
-that is not the pod's, and `listen` in the destination records which sources arrived: the anti-spoofing
-probe (a reply could not come back to a spoofed address).
+port-unreachable. A timeout means it was dropped on the way. Both IPv4 and IPv6 (IPv6-only sockets
+on ::, so the two families never share a socket). `once --source` sends from an address that is not
+the pod's, and `listen` in the destination records which sources arrived: the anti-spoofing probe
+(a reply could not come back to a spoofed address).
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ async def handle_control(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         writer.close()
 
 
+def udp6(port: int) -> socket.socket:
+    """An IPv6-only UDP socket on `port`, beside the IPv4 one (asyncio would not set IPV6_V6ONLY)."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind(("::", port))
+    return s
+
+
 async def serve(ports: list[int], control: str) -> None:
     loop = asyncio.get_running_loop()
 
@@ -118,6 +127,10 @@ async def serve(ports: list[int], control: str) -> None:
     for port in ports:
         servers.append(await asyncio.start_server(answer, "0.0.0.0", port, reuse_address=True, backlog=256))
         await loop.create_datagram_endpoint(Echo, local_addr=("0.0.0.0", port), family=socket.AF_INET)
+        if socket.has_ipv6:  # and on IPv6 (the IPv6 truth tables); a namespace without IPv6 just skips it
+            with contextlib.suppress(OSError):
+                servers.append(await asyncio.start_server(answer, "::", port, reuse_address=True, backlog=256))
+                await loop.create_datagram_endpoint(Echo, sock=udp6(port))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(control)
     servers.append(await asyncio.start_unix_server(handle_control, control))
