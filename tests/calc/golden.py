@@ -1,8 +1,10 @@
 """Golden plans: replicas that cover every feature the calculation knows, made through the real
 API (so defaults and validation are the server's), and what each host's plan is for them.
 
-`python -m tests.calc.golden` rewrites the fixtures; do that only for a change that is meant to
-change plans, and say why in the commit. `test_golden_plans` checks that the calculation still
+`python -m tests.calc.golden --plans` recomputes the stored plans from the stored replicas (so the
+diff shows only what the code changed); do that only for a change that is meant to change plans,
+and say why in the commit. Without `--plans` the replicas are made again through the API too (new
+ids and timestamps: a noisy diff), for a change to the scenarios. `test_golden_plans` checks that the calculation still
 produces exactly these plans: a refactor that changes one byte of one plan fails it."""
 
 from __future__ import annotations
@@ -182,11 +184,18 @@ def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]
 
 
 def main() -> None:
+    import sys
+
+    plans_only = "--plans" in sys.argv[1:]
     os.makedirs(FIXTURES, exist_ok=True)
     for s in SCENARIOS:
-        text = replica_text(s)
-        with open(os.path.join(FIXTURES, f"{s}.replica.json"), "w") as f:
-            f.write(json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
+        if plans_only:
+            with open(os.path.join(FIXTURES, f"{s}.replica.json")) as f:
+                text = f.read()
+        else:
+            text = replica_text(s)
+            with open(os.path.join(FIXTURES, f"{s}.replica.json"), "w") as f:
+                f.write(json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
         with open(os.path.join(FIXTURES, f"{s}.plans.json"), "w") as f:
             f.write(json.dumps(outputs(text), indent=1, sort_keys=True) + "\n")
 
