@@ -32,7 +32,10 @@ from tether.model import Network, Subnet
 pytestmark = pytest.mark.lab
 STREAM = os.path.join(os.path.dirname(__file__), "..", "lab", "tcp_stream.py")
 JUMP = 7200.0
-WATCH = float(os.environ.get("TETHER_CLOCK_WATCH_SECONDS", "25"))  # > the 15 s host lease, > the GC grace
+WATCH = float(os.environ.get("TETHER_CLOCK_WATCH_SECONDS", "18"))  # > the 15 s host lease, > the GC grace
+# CI runs the SQLite engine's wall-clock jump and etcd's jump of both clocks (which includes the wall
+# clock); TETHER_CLOCK_ALL=1 adds etcd with the wall clock alone
+VARIANTS = [("sqlite", "wall"), ("etcd", "both")] + ([("etcd", "wall")] if os.environ.get("TETHER_CLOCK_ALL") else [])
 GRACE = "10"  # --dead-host-grace: a host seen without its lease this long loses its endpoints
 
 
@@ -54,7 +57,7 @@ def jump_to(offset_file: str, seconds: float) -> None:
     os.replace(offset_file + ".new", offset_file)  # never a half-written offset
 
 
-@pytest.mark.parametrize("store,clocks", [("sqlite", "wall"), ("etcd", "wall"), ("etcd", "both")])
+@pytest.mark.parametrize("store,clocks", VARIANTS)
 def test_a_server_wall_clock_jump_kills_no_host_reclaims_nothing_and_keeps_agents_in_sync(store, clocks, tmp_path):
     """`clocks="both"`: the monotonic clock jumps forward too (as for a server whose VM was frozen and
     thawed); on etcd no lease lives in the server, so nothing is lost either. (Not back: a monotonic

@@ -54,14 +54,19 @@ async def test_tethers_compaction_keeps_etcds_database_bounded_without_a_space_a
     try:
         refused_compacted, refused_plain = await asyncio.gather(storm(stores[0], WRITES), storm(stores[1], WRITES))
         await asyncio.sleep(2)  # a last compaction round
-        size_c, size_p = compacted.status()["dbSize"], plain.status()["dbSize"]
+        status_c, status_p = compacted.status(), plain.status()
+        size_c, size_p = status_c["dbSize"], status_p["dbSize"]
+        # the file never shrinks without a defrag (pages freed by compaction are reused): what
+        # compaction bounds is the part in use, so the two etcds are compared on that
+        used_c, used_p = status_c.get("dbSizeInUse", size_c), status_p.get("dbSizeInUse", size_p)
         figures = {"writes": WRITES, "db_bytes_compacted": size_c, "db_bytes_plain": size_p,
-                   "ratio": round(size_p / size_c, 1), "refused_compacted": refused_compacted,
-                   "refused_plain": refused_plain, "alarms_compacted": compacted.alarms()}
+                   "in_use_compacted": used_c, "in_use_plain": used_p, "in_use_ratio": round(used_p / used_c, 1),
+                   "refused_compacted": refused_compacted, "refused_plain": refused_plain,
+                   "alarms_compacted": compacted.alarms()}
         print("\ncompaction:", json.dumps(figures))
         assert refused_compacted == 0 and not compacted.alarms(), figures
         assert size_c < QUOTA // 2, figures  # bounded: live data and recent history, far from the quota
-        assert size_p > 2 * size_c, figures
+        assert used_p > 2 * used_c, figures
     finally:
         for s in stores:
             await s.close()

@@ -142,7 +142,9 @@ def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(p
         assert lab.reaches("h1/a", b.ip)
         procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5003"))
         wait_for(lambda: ":5003" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
-        seconds = PARTITION + 120  # the checks during the partition wait out store timeouts (5 s each)
+        # long enough for the checks during the partition (store timeouts of 5 s each) and after it;
+        # the test waits for the stream's end, so not longer
+        seconds = PARTITION + 45
         stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5003", str(seconds))
         procs.append(stream)
         auth = {"Authorization": f"Bearer {lab.token}"}
@@ -232,7 +234,7 @@ def test_agents_of_a_server_cut_off_from_etcd_move_to_another_server_and_keep_ad
         assert lab.reaches("h1/a", b.ip)
         procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5004"))
         wait_for(lambda: ":5004" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
-        seconds = 90
+        seconds = 45  # the pod added during the partition is reachable within ~7 s (60 at worst, below)
         stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5004", str(seconds))
         procs.append(stream)
 

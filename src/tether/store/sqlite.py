@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
-import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -538,7 +538,9 @@ class SqliteStore:
 
     async def grant_lease(self, ttl: float) -> int:
         self._start()
-        lease = random.randrange(1, 2**62)
+        # from the OS, not `random`: a process that seeds `random` (hypothesis does, per example) would
+        # otherwise draw the same id again and collide with a live lease
+        lease = 1 + secrets.randbelow(2**62 - 1)
         await self._call(self._writer, self._grant, lease, ttl)
         return lease
 
