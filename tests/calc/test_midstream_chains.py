@@ -51,10 +51,18 @@ def with_policy():
 
 def test_a_connection_marked_for_judging_again_leaves_before_the_established_accept() -> None:
     fwd = chain(base_nft(replica(), "h1"), "forward")
-    assert fwd[0]["comment"] == "port disabled"  # only what goes to a disabled port comes before
-    assert mark_test(fwd[1]) == (CT_REJUDGE, CT_REJUDGE) and targets(fwd[1]) == "midstream"
+    assert mark_test(fwd[0]) == (CT_REJUDGE, CT_REJUDGE) and targets(fwd[0]) == "midstream"
     assert {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related",
-                                                                              "untracked"]}} in fwd[2]["expr"]
+                                                                              "untracked"]}} in fwd[1]["expr"]
+
+
+def test_only_a_host_with_a_disabled_port_drops_what_is_forwarded_to_it_first() -> None:
+    """No lookup on every forwarded packet of a host without one (a set lookup is ~4% of a round trip)."""
+    r = replica()
+    assert "port disabled" not in json.dumps(chain(base_nft(r, "h1"), "forward"))
+    r.objects["Endpoint"]["e0"] = r.objects["Endpoint"]["e0"].model_copy(update={"admin_state_up": False})
+    fwd = chain(base_nft(r, "h1"), "forward")
+    assert fwd[0]["comment"] == "port disabled" and '"right": "tthe0"' in json.dumps(fwd[0])
 
 
 def test_tcp_without_syn_to_or_from_a_newly_tracked_pod_is_marked_picked_up_and_judged_in_midstream() -> None:
