@@ -39,6 +39,19 @@ def make_net(lab: Lab, cidrs: list[str], encap: str) -> str:
     return name
 
 
+def serving_pods(lab: Lab, net: str, app: str, hosts: tuple[str, ...], servers: list) -> list:
+    """A pod labelled `app` on each host, each serving TCP and UDP on 8080 (its server appended to
+    `servers`, which the caller stops), once both listeners are up."""
+    pods = []
+    for h in hosts:
+        pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
+        servers.append(start_server(pod.ns, pod.name, 8080))
+        pods.append(pod)
+    for pod in pods:
+        wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+    return pods
+
+
 def v6(pod) -> str:
     return next(ip for ip in pod.ips if ":" in ip)
 
@@ -204,13 +217,7 @@ def test_a_dual_stack_service_answers_on_both_vips_and_dns_has_aaaa_and_ip6_arpa
     app = unique("web6")
     servers = []
     try:
-        pods = []
-        for h in ("h1", "h2"):
-            pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
-            servers.append(start_server(pod.ns, pod.name, 8080))
-            pods.append(pod)
-        for pod in pods:
-            wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        pods = serving_pods(lab, net, app, ("h1", "h2"), servers)
         svc = lab.client().apply(Service(name=unique("s6"), selector={"app": app}, ip_families=["IPv4", "IPv6"],
                                          ports=[ServicePort(port=80, target_port=8080),
                                                 ServicePort(name="u", port=81, target_port=8080, protocol="UDP")]))
@@ -278,15 +285,14 @@ def test_nat_outgoing_masquerades_ipv6_to_the_host_address(lab: Lab) -> None:
 
 
 def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
-    """The IPv6 VIP DNATed back to the pod that sent: source-NATed like IPv4's hairpin (to the host's
-    IPv6 address), so the backend's answer goes back through the host and conntrack, not straight
+    """The IPv6 VIP DNATed back to the pod that sent: source-NATed like IPv4's hairpin (to its
+    gateway fe80::1), so the backend's answer goes back through the host and conntrack, not straight
     to itself from an address it never wrote to."""
     net = make_net(lab, ["10.75.0.0/16", "fd75::/64"], "vxlan")
     app = unique("hp6")
-    pod = lab.run_pod("h2", unique("b"), net, labels={"app": app})
-    server = start_server(pod.ns, pod.name, 8080)
+    servers: list = []
     try:
-        wait_for(lambda: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        (pod,) = serving_pods(lab, net, app, ("h2",), servers)
         svc = lab.client().apply(Service(name=unique("s6"), selector={"app": app}, ip_families=["IPv6"],
                                          ports=[ServicePort(port=80, target_port=8080)]))
         vip6 = svc.cluster_ip
@@ -294,7 +300,8 @@ def test_hairpin_a_backend_reaches_its_own_service_over_ipv6(lab: Lab) -> None:
         wait_for(lambda: connect_many(pod.ns, vip6, 80, 2)["failures"] == 0, 20, "the pod to reach its own VIP")
         assert connect_many(pod.ns, vip6, 80, 10) == {"counts": {pod.name: 10}, "failures": 0, "errors": []}
     finally:
-        stop(server)
+        for server in servers:
+            stop(server)
 
 
 WHO = r"""
@@ -319,13 +326,7 @@ def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside
     app = unique("np6")
     servers = []
     try:
-        pods = []
-        for h in ("h1", "h2"):
-            pod = lab.run_pod(h, unique("b"), net, labels={"app": app})
-            servers.append(start_server(pod.ns, pod.name, 8080))
-            pods.append(pod)
-        for pod in pods:
-            wait_for(lambda pod=pod: nsx(pod.ns, "ss", "-ltn").stdout.count(":8080") >= 2, 10, "the backend server")
+        pods = serving_pods(lab, net, app, ("h1", "h2"), servers)
         svc = lab.client().apply(Service(name=unique("n6"), selector={"app": app}, type="NodePort",
                                          ip_families=["IPv4", "IPv6"],
                                          ports=[ServicePort(port=80, target_port=8080),
