@@ -19,18 +19,17 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from tests.faults.streams import tcp_stream
 from tests.fixtures.lab import make_lab, unique
 from tether.lab.cluster import wait_for
 from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
-STREAM = os.path.join(os.path.dirname(__file__), "..", "lab", "tcp_stream.py")
 JUMP = 7200.0
 WATCH = float(os.environ.get("TETHER_CLOCK_WATCH_SECONDS", "18"))  # > the 15 s host lease, > the GC grace
 # CI runs the SQLite engine's wall-clock jump and etcd's jump of both clocks (which includes the wall
@@ -45,10 +44,6 @@ def libfaketime() -> str:
         pytest.fail("libfaketime is missing: apt-get install faketime (scripts/install-deps installs it)")
     return found[0]
 
-
-def popen_in(ns: str, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
 
 
 def jump_to(offset_file: str, seconds: float) -> None:
@@ -82,11 +77,8 @@ def test_a_server_wall_clock_jump_kills_no_host_reclaims_nothing_and_keeps_agent
         a = lab.run_pod("h1", "a", net)
         b = lab.run_pod("h2", "b", net)
         assert lab.reaches("h1/a", b.ip)
-        procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5005"))
-        wait_for(lambda: ":5005" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
         seconds = 2 * WATCH + 45  # outlasts both jumps and their checks
-        stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5005", str(seconds))
-        procs.append(stream)
+        stream = tcp_stream(lab, a, b, "h2/b", 5005, seconds, procs)
         endpoints_before = {e["name"] for e in lab.client().list_raw("Endpoint") if e["network"] == net}
         figures: dict[str, object] = {}
 

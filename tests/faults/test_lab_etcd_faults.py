@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.faults.storm import Storm, check
+from tests.faults.streams import tcp_stream
 from tests.fixtures.etcd import etcd_leader, free_port
 from tests.fixtures.lab import make_lab, unique
 from tether.client import TetherClient
@@ -29,13 +30,8 @@ from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
 PHASE = float(os.environ.get("TETHER_FAULT_SECONDS", "2"))
-STREAM = os.path.join(os.path.dirname(__file__), "..", "lab", "tcp_stream.py")
 SECOND_IP = "198.18.0.251"  # the second server's underlay address, beside the lab server's in the ctl namespace
 
-
-def popen_in(ns: str, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
 
 
 def start_second_server(lab, store: str, d: str) -> tuple[subprocess.Popen, str]:
@@ -77,11 +73,8 @@ def test_etcd_member_leader_and_attached_server_kill_break_no_pod_flow_and_lose_
         a = lab.run_pod("h1", "a", net)
         b = lab.run_pod("h3", "b", net)
         assert lab.reaches("h1/a", b.ip)
-        procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5002"))
-        wait_for(lambda: ":5002" in lab.exec("h3/b", "ss", "-Hltn").stdout, 10, "the stream server")
         seconds = 5 * PHASE + 20
-        stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5002", str(seconds))
-        procs.append(stream)
+        stream = tcp_stream(lab, a, b, "h3/b", 5002, seconds, procs)
         storm_net = unique("s")
         lab.client().create_network(Network(name=storm_net, subnets=[Subnet(cidr="10.46.0.0/16")]))
         with Storm([lab.server_url, second_url], lab.token, storm_net) as storm:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from tests.faults.streams import tcp_stream
 from tests.fixtures.etcd import free_port
 from tests.fixtures.lab import make_lab, require_root_tools, unique
 from tether.lab.cluster import wait_for
@@ -34,7 +35,6 @@ from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
 PARTITION = float(os.environ.get("TETHER_PARTITION_SECONDS", "15"))
-STREAM = os.path.join(os.path.dirname(__file__), "..", "lab", "tcp_stream.py")
 NET = "198.19.250"  # path i: etcd's side .4i+1/30, the path namespace's .4i+2/30; only inside namespaces below
 DROP_ALL = """table inet tether_partition {
   chain in { type filter hook input priority -300; policy drop; }
@@ -126,10 +126,6 @@ def partitioned_etcd() -> Iterator[PartitionedEtcd]:
         subprocess.run(["rm", "-rf", d], check=False)
 
 
-def popen_in(ns: str, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
 
 def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(partitioned_etcd) -> None:
     lab = make_lab(hosts=2, store=partitioned_etcd.urls[0])
@@ -140,13 +136,10 @@ def test_a_server_cut_off_from_etcd_answers_503_keeps_pod_traffic_and_recovers(p
         a = lab.run_pod("h1", "a", net)
         b = lab.run_pod("h2", "b", net)
         assert lab.reaches("h1/a", b.ip)
-        procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5003"))
-        wait_for(lambda: ":5003" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
         # long enough for the checks during the partition (store timeouts of 5 s each) and after it;
         # the test waits for the stream's end, so not longer
         seconds = PARTITION + 45
-        stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5003", str(seconds))
-        procs.append(stream)
+        stream = tcp_stream(lab, a, b, "h2/b", 5003, seconds, procs)
         auth = {"Authorization": f"Bearer {lab.token}"}
         with httpx.Client(base_url=lab.server_url, headers=auth, timeout=60) as api:
             assert api.get("/healthz").status_code == 200
@@ -232,11 +225,8 @@ def test_agents_of_a_server_cut_off_from_etcd_move_to_another_server_and_keep_ad
         a = lab.run_pod("h1", "a", net)
         b = lab.run_pod("h2", "b", net)
         assert lab.reaches("h1/a", b.ip)
-        procs.append(popen_in(b.ns, sys.executable, STREAM, "serve", "5004"))
-        wait_for(lambda: ":5004" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
         seconds = 45  # the pod added during the partition is reachable within ~7 s (60 at worst, below)
-        stream = popen_in(a.ns, sys.executable, STREAM, "send", b.ip, "5004", str(seconds))
-        procs.append(stream)
+        stream = tcp_stream(lab, a, b, "h2/b", 5004, seconds, procs)
 
         partitioned_etcd.cut(0)
         cut_at = time.monotonic()
