@@ -1,7 +1,9 @@
 """VM ports: this host's agent plugs every port bound to it (`binding:host_id`) as os-vif would.
 
 A VM port is an Endpoint with `owner.type == "vm"`, `host` = this host and `interface` = its tap
-name. calc already treats it like any local endpoint (route, nftables maps); this service makes the
+name (`tap` + the port id's first 11 characters, as os-vif names it). A real VM's is a tap device
+the agent creates (or adopts, when the hypervisor made it first); DHCP for it is `agent/dhcp.py`.
+calc already treats it like any local endpoint (route, nftables maps); this service makes the
 device exist: after each applied plan it compares the wanted VIFs with the kernel in a worker
 thread, plugs or removes the difference, and asks for another plan pass so the routes through a
 new tap are installed at once. It is an optional agent service (see `extras.py`).
@@ -15,6 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from tether.agent.dhcp import DhcpService
 from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import endpoint_mtu
 from tether.calc.replica import Replica
@@ -83,7 +86,7 @@ class VmPorts:
                 log.error("cannot plug VM port %s", err)
             self._errors_logged = set(report.errors)
             for name in set(report.waiting) - self._waiting_logged:
-                log.warning("VM port %s waits for its VM namespace (binding:profile netns)", name)
+                log.warning("VM port %s waits for its VM namespace (binding:profile netns) to exist", name)
             self._waiting_logged = set(report.waiting)
             if report.plugged or report.removed:
                 self.local.kick()  # routes through a new tap can now be installed
@@ -105,5 +108,7 @@ class VmPorts:
             await self._task
 
 
-async def start(agent: AgentHandle) -> list[VmPorts]:
-    return [VmPorts(agent.local, agent.client)]
+async def start(agent: AgentHandle) -> list[VmPorts | DhcpService]:
+    """VM ports and their DHCP (agent/dhcp.py): the DNS server VMs are told of is the agent's."""
+    return [VmPorts(agent.local, agent.client),
+            DhcpService(agent.host, agent.cfg.state_dir, agent.underlay_mtu, lambda: agent.dns_ip)]

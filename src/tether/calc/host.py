@@ -441,6 +441,12 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         # what the rule above did not let through (tracked, so only its first packets come here):
         # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
         vxlan_refused = (denied(match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
+    # DHCP from this host's VM ports to its dnsmasq (calc/dhcp.py) whatever their security groups say,
+    # as in Neutron; only in a table whose host has VM ports
+    vm_taps = sorted(ep.interface for ep in rep.endpoints
+                     if ep.host == host and ep.interface and ep.owner.type == "vm")
+    dhcp_in = (rule(match(meta("iifname"), vm_taps[0] if len(vm_taps) == 1 else {"set": vm_taps}),
+                    match(UDP_DPORT, 67), ACCEPT, comment=pod_ingress.DHCP_CLIENT),) if vm_taps else ()
     svc_reject = rule({"jump": {"target": "svc_reject"}})
     to_local_pod = {"vmap": {"key": addr_field(4, "daddr"), "data": "@local_dst4"}}
     chains = (
@@ -485,6 +491,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftChain("input", (
             rule(CT_PASSED, ACCEPT),  # untracked here: only encapsulated VXLAN (pod addresses are not local)
             *vxlan_refused,
+            *dhcp_in,
             rule({"vmap": {"key": meta("iifname"), "data": "@ep_out"}}),
         ), hook="input", type="filter", priority=0, policy="accept"),
     )

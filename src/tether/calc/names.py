@@ -28,6 +28,11 @@ RTPROT_TETHER = 201  # routes we install carry this protocol number
 NFT_TABLE = "tether"  # family inet
 POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)
 POD_GATEWAY6 = "fe80::1"
+# the host side of every VM port's tap carries this address (scope host, so the kernel never picks it
+# as a source): dnsmasq serves DHCP only on an interface with an address, and VMs see it as their
+# DHCP server (option 54). Link-local: never routed, the same on every host.
+VM_DHCP_SERVER = "169.254.1.2"
+DHCP_RUN_DIR = "/run/tether-dhcp"  # one directory per agent (`dhcp_dir`): dnsmasq's files, world-readable
 # Mark bits. meta mark (per packet): NP_OK / SG_OK say a NetworkPolicy / security-group rule allowed
 # the packet; services use the low bits as a backend slot. ct mark (per connection): HAIRPIN_MARK =
 # source-NAT it (published ports, hairpin); CT_REJUDGE = judge it again (a policy changed, see
@@ -108,8 +113,16 @@ def host_ifname(container_id: str, ifname: str) -> str:
 
 
 def vif_name(port_id: str) -> str:
-    """The host-side device name os-vif would give a VM port's VIF."""
+    """The host-side device name os-vif (and Nova's libvirt driver) gives a VM port's tap:
+    `tap` + the port id's first 11 characters, e.g. tap11111111-22."""
     return VIF_PREFIX + port_id[:11]
+
+
+def dhcp_dir(host: str, state_dir: str) -> str:
+    """Where an agent keeps its dnsmasq's files: under /run (dnsmasq re-reads them on SIGHUP after
+    dropping root, so they cannot sit in a private state directory), one per agent (its host name
+    and state directory: several lab agents share one machine)."""
+    return os.path.join(DHCP_RUN_DIR, f"{dns_label(host, 'host')[:40]}-{digest(state_dir, 8)}")
 
 
 DOCKER_PEER_PREFIX = "tdk"  # the container end until dockerd renames it; not LINK_PREFIX, so no apply removes it

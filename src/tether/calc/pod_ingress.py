@@ -7,7 +7,7 @@ holding compares against that one pod's values:
 - anti-spoofing: the interface may send from its endpoint's addresses and MAC, its allowed address
   pairs and those of the nested endpoints behind it (IPv6 also from link-local addresses, and
   duplicate address detection and MLD reports from `::`), unless the endpoint's `anti_spoofing` is
-  off (Neutron's port security off);
+  off (Neutron's port security off); a VM port may also ask DHCP from 0.0.0.0 (from its own MAC);
 - in a table without conntrack (`calc.needs_state`), isolation between networks and the refusal of
   a pod's VXLAN outside its network, both at the sender (that table has no other chain);
 - in a table with conntrack, a pod's VXLAN to the hosts that would decapsulate it (with any inner
@@ -44,6 +44,14 @@ VXLAN_FROM_POD = "VXLAN from a pod"
 SPOOFED_ADDRESS = "spoofed source address"
 SPOOFED_MAC = "spoofed source MAC"
 PORT_DISABLED = "port disabled"
+DHCP_CLIENT = "DHCP from a VM port"
+
+
+# A VM without an address asks DHCP from 0.0.0.0:68 to the broadcast address (RFC 2131 4.1); the
+# host's dnsmasq answers (calc/dhcp.py). Passed after the MAC check, before the address checks.
+DHCP_DISCOVER = rule(match(payload("ip", "saddr"), "0.0.0.0"), match(payload("ip", "daddr"), "255.255.255.255"),
+                     match(payload("udp", "sport"), 68), match(payload("udp", "dport"), 67), ACCEPT,
+                     comment=DHCP_CLIENT)
 
 
 # What a pod's IPv6 stack sends from the unspecified address `::` (RFC 4862 5.4.2, RFC 3810 5.2.13):
@@ -131,6 +139,8 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
             macs.update(p.mac_address.lower() for p in who.allowed_address_pairs if p.mac_address)
         right = sorted(macs)[0] if len(macs) == 1 else {"set": sorted(macs)}
         rules.append(denied(match(payload("ether", "saddr"), right, "!="), comment=SPOOFED_MAC))
+    if senders[0].owner.type == "vm" and spoof_checks:
+        rules.append(DHCP_DISCOVER)
     allowed: dict[int, set[str]] = {4: set(), 6: {"fe80::/10"}}
     for who in senders:
         for a in [*who.ips, *(p.ip_address for p in who.allowed_address_pairs)]:
