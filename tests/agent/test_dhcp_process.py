@@ -21,7 +21,8 @@ d = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--pid-file=")][0].rsp
 open(os.path.join(d, "dnsmasq.pid"), "w").write(str(os.getpid()))
 log = open(os.path.join(d, "events"), "a", buffering=1)
 log.write(f"start {{os.getpid()}} {{' '.join(a for a in sys.argv if a.startswith('--dhcp-range'))}}\\n")
-signal.signal(signal.SIGHUP, lambda *_: log.write("hup " + open(os.path.join(d, "hosts")).read().replace(chr(10), ";") + "\\n"))
+hosts = os.path.join(d, "hosts")
+signal.signal(signal.SIGHUP, lambda *_: log.write("hup " + open(hosts).read().replace(chr(10), ";") + "\\n"))
 print("fake dnsmasq: started", file=sys.stderr, flush=True)
 while True:
     time.sleep(0.05)
