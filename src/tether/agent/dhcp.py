@@ -192,4 +192,4 @@ class DhcpService:
         self._task.cancel()
         with contextlib.suppress(BaseException):
             await self._task
-        self.dnsmasq.stop()
+        self.dnsmasq.stop(remove=False)  # its log stays for whoever looks at why the agent stopped

@@ -532,6 +532,7 @@ class Lab:
         stop_lab_dockerds(self.dir)  # before the agents: dockerd asks them to release its endpoints
         for h in self.state.hosts:
             stop_pid(h.agent_pid)
+            self._stop_dhcp(h.name)
         stop_pid(self.state.server_pid)
         stop_pid(self.state.etcd_pid)
         for pid in self.state.inet_pids:
@@ -544,6 +545,22 @@ class Lab:
                     remove_netns_etc(ns)
         self._keep_logs()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_dhcp(self, host: str) -> None:
+        """The dnsmasq of a host's VM ports, if its agent was killed before stopping it (by its PID
+        file, only if that PID is still that dnsmasq); its files outlive the lab in /run otherwise."""
+        from tether.calc.names import dhcp_dir
+
+        d = dhcp_dir(host, os.path.abspath(self.agent_dir(host)))
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(d, "dnsmasq.pid")) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--pid-file={d}/dnsmasq.pid".encode() in f.read():
+                    stop_pid(pid)
+        with contextlib.suppress(OSError):
+            shutil.copy(os.path.join(d, "dnsmasq.log"), os.path.join(self.dir, f"{host}-dnsmasq.log"))
+        shutil.rmtree(d, ignore_errors=True)
 
     def _keep_logs(self) -> None:
         """Logs outlive the lab (in /tmp/tether-lab-logs/<name>) so a failed test can be explained."""

@@ -1,0 +1,154 @@
+"""A real VM on a Tether port: QEMU boots a tiny Linux (tests/fixtures/vm.py) on the tap that h1's agent
+made for a port created with the `openstack` CLI (`binding:host_id` h1, no namespace: a real VM's
+port), inside h1's namespace. The VM asks DHCP and gets from the host's dnsmasq its address, gateway,
+the subnet's DNS servers, host routes (option 121) and MTU; it reaches a container on h2 by ping and
+TCP and resolves its name; a security group on the port lets TCP 80 in from that container, refuses
+ping and TCP 81 until a rule for 81 is added with the CLI. One VM boot for the module (TCG: slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.fixtures.lab import unique
+from tests.fixtures.openstack import OpenStack
+from tests.fixtures.vm import TinyVm
+from tether.lab.cluster import Lab, PodInfo, nsx, sh, wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.client]
+
+CIDR, GATEWAY, VM_IP = "10.73.0.0/24", "10.73.0.1", "10.73.0.10"
+DNS_SERVERS = ["169.254.20.10", "192.0.2.53"]  # the agent's (so names resolve) and one that is never asked
+HOST_ROUTE = ("192.168.73.0/24", "10.73.0.254")
+POD_PORT = 8080
+LISTENER = ("import socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('0.0.0.0', {POD_PORT})); s.listen(16)\n"
+            "while True:\n    c = s.accept()[0]; c.sendall(b'pod\\n'); c.close()")
+
+
+@dataclass
+class Booted:
+    vm: TinyVm
+    lease: dict[str, str]
+    port: dict
+    net: str
+    sg: str
+    pod: PodInfo
+
+
+def lease_of(line: str) -> dict[str, str]:
+    """`VM-LEASE ip=... mask=... dns=a b routes=d g d g ...` -> {"ip": ..., "dns": "a b", ...}."""
+    out: dict[str, str] = {}
+    key = None
+    for word in line.split()[1:]:
+        if "=" in word and word.split("=", 1)[0].isalpha():
+            key, _, value = word.partition("=")
+            out[key] = value
+        elif key is not None:
+            out[key] += " " + word
+    return out
+
+
+def tcp_connects(ns: str, ip: str, port: int) -> bool:
+    code = f"import socket; socket.create_connection(('{ip}', {port}), 2).close()"
+    return nsx(ns, sys.executable, "-c", code, check=False).returncode == 0
+
+
+def answers_ping(ns: str, ip: str) -> bool:
+    return nsx(ns, "ping", "-c", "1", "-W", "1", ip, check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def booted(lab: Lab) -> Iterator[Booted]:
+    cloud = OpenStack(lab.server_url, lab.token)
+    net, sub, sg, name = unique("vmb"), unique("vmbs"), unique("vmsg"), unique("vm")
+    cloud.cli("network", "create", net)
+    cloud.cli("subnet", "create", "--network", net, "--subnet-range", CIDR, "--gateway", GATEWAY,
+              *(a for d in DNS_SERVERS for a in ("--dns-nameserver", d)),
+              "--host-route", f"destination={HOST_ROUTE[0]},gateway={HOST_ROUTE[1]}", sub)
+    cloud.cli("security", "group", "create", sg)  # comes with Neutron's egress rules: the VM may go out
+    pod = lab.run_pod("h2", unique("p"), net)
+    cloud.cli("security", "group", "rule", "create", "--ingress", "--protocol", "tcp", "--dst-port", "80",
+              "--remote-ip", f"{pod.ip}/32", sg)
+    port = cloud.cli("port", "create", "--network", net, "--fixed-ip", f"subnet={sub},ip-address={VM_IP}",
+                     "--host", "h1", "--device-owner", "compute:nova", "--device", name, "--security-group", sg, name)
+    tap = "tap" + port["id"][:11]
+    h1 = lab.host("h1").ns
+    wait_for(lambda: nsx(h1, "ip", "link", "show", tap, check=False).returncode == 0, 20, f"{tap} on h1")
+    listener = subprocess.Popen(["ip", "netns", "exec", pod.ns, sys.executable, "-c", LISTENER])
+    started = time.monotonic()
+    vm = TinyVm.boot(h1, tap, port["mac_address"], f"{lab.dir}/{name}")
+    try:
+        m = vm.wait_for(r"VM-LEASE [^\r\n]*(?=\r?\n)|VM-NO-LEASE", 120)  # the whole line, not a part read so far
+        print(f"VM booted and leased in {time.monotonic() - started:.1f} s")
+        assert m.group(0) != "VM-NO-LEASE", f"the VM got no DHCP answer; its console:\n{vm.output[-2000:]}"
+        vm.wait_for(r"VM-READY", 30)
+        vm.quiet()
+        yield Booted(vm, lease_of(m.group(0)), port, net, sg, pod)
+    finally:
+        vm.stop()
+        listener.kill()
+        listener.wait()
+
+
+def test_vm_gets_its_address_gateway_dns_servers_host_routes_and_mtu_by_dhcp(lab: Lab, booted: Booted) -> None:
+    lease = booted.lease
+    assert (lease["ip"], lease["mask"], lease["router"]) == (VM_IP, "24", GATEWAY)
+    assert lease["dns"].split() == DNS_SERVERS
+    # option 121 with the default route in it (a client that takes 121 ignores option 3)
+    assert lease["routes"].split() == [*HOST_ROUTE, "0.0.0.0/0", GATEWAY]
+    h1_underlay_mtu = int(nsx(lab.host("h1").ns, "cat", "/sys/class/net/eth0/mtu").stdout)
+    assert int(lease["mtu"]) == h1_underlay_mtu - 50  # a VXLAN network's MTU
+    assert lease["domain"] == f"{booted.net}.tether.local"
+    rc, routes = booted.vm.run("ip route")
+    assert rc == 0 and f"192.168.73.0/24 via {HOST_ROUTE[1]}" in routes and f"default via {GATEWAY}" in routes
+    rc, resolv = booted.vm.run("cat /etc/resolv.conf")
+    assert [ln.split()[1] for ln in resolv.splitlines() if ln.startswith("nameserver")] == DNS_SERVERS
+
+
+def test_vm_reaches_a_container_on_another_host_by_ping_and_tcp_and_resolves_its_name(booted: Booted) -> None:
+    pod = booted.pod
+    rc, out = booted.vm.run(f"ping -c 3 -W 2 {pod.ip}", 30)
+    assert rc == 0, f"the VM cannot ping the pod on h2: {out}"
+    rc, out = booted.vm.run(f"nc -w 3 {pod.ip} {POD_PORT} </dev/null")
+    assert rc == 0 and "pod" in out, f"the VM cannot open TCP {POD_PORT} on the pod: {out}"
+    rc, out = booted.vm.run(f"nslookup {pod.name}.{booted.net}.tether.local")
+    assert rc == 0 and pod.ip in out, f"the VM does not resolve the pod through the DNS server DHCP gave it: {out}"
+
+
+def test_security_group_lets_tcp_80_in_and_refuses_ping_and_tcp_81_until_a_rule_allows_it(
+        lab: Lab, booted: Booted) -> None:
+    vm, pod = booted.vm, booted.pod
+    for p in (80, 81):
+        vm.run(f"(while :; do nc -l -p {p} -e echo vm{p}; done) >/dev/null 2>&1 &")
+    wait_for(lambda: tcp_connects(pod.ns, VM_IP, 80), 15, "TCP 80 from the pod (allowed by the group) to the VM")
+    assert not tcp_connects(pod.ns, VM_IP, 81), "TCP 81 is in no rule of the port's group but gets through"
+    assert not answers_ping(pod.ns, VM_IP), "ICMP is in no rule of the port's group but gets through"
+    cloud = OpenStack(lab.server_url, lab.token)
+    cloud.cli("security", "group", "rule", "create", "--ingress", "--protocol", "tcp", "--dst-port", "81",
+              "--remote-ip", f"{pod.ip}/32", booted.sg)
+    wait_for(lambda: tcp_connects(pod.ns, VM_IP, 81), 15, "TCP 81 once a rule allows it")
+    rc, out = vm.run(f"ping -c 1 -W 2 {pod.ip}")
+    assert rc == 0, f"the group's egress rules should still let the VM out: {out}"
+
+
+def test_dhcp_is_not_served_on_the_underlay_even_to_the_vms_own_mac(lab: Lab, booted: Booted) -> None:
+    """A machine on the underlay asking DHCP with the VM port's MAC gets nothing from h1's dnsmasq."""
+    ns = f"{lab.name}-{unique('dh')}"  # lab-prefixed: `lab.down` removes it whatever happens
+    peer = f"ud{unique('')}"[:15]
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "link", "add", peer, "netns", lab.ul, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        nsx(lab.ul, "ip", "link", "set", peer, "master", "ul0", "up")
+        nsx(ns, "ip", "link", "set", "eth0", "address", booted.port["mac_address"], "up")
+        r = nsx(ns, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "3", "-T", "1", "-s", "/bin/true",
+                check=False, timeout=30)
+        assert r.returncode != 0 and "lease of" not in r.stdout + r.stderr, r.stdout + r.stderr
+    finally:
+        nsx(lab.ul, "ip", "link", "del", peer, check=False)
+        sh("ip", "netns", "del", ns, check=False)
