@@ -152,3 +152,29 @@ def test_dhcp_is_not_served_on_the_underlay_even_to_the_vms_own_mac(lab: Lab, bo
     finally:
         nsx(lab.ul, "ip", "link", "del", peer, check=False)
         sh("ip", "netns", "del", ns, check=False)
+
+
+def test_a_tap_the_hypervisor_made_first_is_adopted_served_and_removed_with_its_port(lab: Lab, booted: Booted) -> None:
+    """As Nova's libvirt driver does: the tap exists before the port is bound to the host."""
+    from tether.calc.names import VM_DHCP_SERVER, dhcp_dir
+
+    cloud = OpenStack(lab.server_url, lab.token)
+    port = cloud.cli("port", "create", "--network", booted.net, "--device-owner", "compute:nova", unique("vm"))
+    tap = "tap" + port["id"][:11]
+    h1 = lab.host("h1").ns
+    nsx(h1, "ip", "tuntap", "add", tap, "mode", "tap")
+    try:
+        cloud.run("port", "set", "--host", "h1", port["id"])
+        wait_for(lambda: f"tether-vm:{port['id']}" in nsx(h1, "ip", "-d", "link", "show", tap).stdout, 20,
+                 f"h1's agent to adopt {tap}")
+        assert f"inet {VM_DHCP_SERVER}/32 scope host" in nsx(h1, "ip", "-4", "addr", "show", "dev", tap).stdout
+        ip = port["fixed_ips"][0]["ip_address"]
+        wait_for(lambda: f"dev {tap}" in nsx(h1, "ip", "route", "show", ip).stdout, 20, f"the route to {ip}")
+        hosts = f"{dhcp_dir('h1', lab.agent_dir('h1'))}/hosts"
+        wait_for(lambda: f"{port['mac_address']},tag:{tap},{ip}," in open(hosts).read(), 20,
+                 "h1's dnsmasq to serve the adopted port")
+        wait_for(lambda: cloud.sdk().network.get_port(port["id"]).status == "ACTIVE", 20, "the port to be ACTIVE")
+    finally:
+        cloud.run("port", "delete", port["id"])
+    wait_for(lambda: nsx(h1, "ip", "link", "show", tap, check=False).returncode != 0, 20,
+             f"{tap} to be removed with its port")
