@@ -72,10 +72,13 @@ def test_a_dead_dnsmasq_is_restarted_and_said_at_warning(dnsmasq: Dnsmasq, caplo
     pid = dnsmasq.proc.pid
     dnsmasq.proc.kill()
     dnsmasq.proc.wait()
+    dnsmasq.apply(DnsmasqConfig(RANGE, "m1\nm2\n", "o\n"))  # a plan meanwhile: no restart of its own
+    assert dnsmasq.proc.pid == pid and not dnsmasq.alive()
     dnsmasq._last_start -= 5
     with caplog.at_level(logging.WARNING, "tether.dhcp"):
         dnsmasq.check()
     assert dnsmasq.alive() and dnsmasq.proc.pid != pid
+    assert open(os.path.join(dnsmasq.dir, "hosts")).read() == "m1\nm2\n"  # with the latest configuration
     assert any(f"pid {pid}" in r.message and "restarting" in r.message and "fake dnsmasq: started" in r.message
                for r in caplog.records)
 

@@ -61,12 +61,15 @@ class Dnsmasq:
         self.restarts = 0
         self.reloads = 0
         self._last_start = 0.0
+        self._backoff = 2.0  # seconds before restarting one that died
 
     def apply(self, cfg: DnsmasqConfig) -> None:
         self.wanted = cfg
         if cfg.empty:
             self.stop()
             return
+        if self.proc is not None and self.proc.poll() is not None:
+            return  # it died: `check` restarts it (with the latest configuration), not every plan
         if self.alive() and cfg == self.running:
             return
         os.makedirs(os.path.dirname(self.dir), mode=0o755, exist_ok=True)  # DHCP_RUN_DIR
@@ -89,13 +92,18 @@ class Dnsmasq:
         return self.proc is not None and self.proc.poll() is None
 
     def check(self) -> None:
-        """Restart a dnsmasq that died (at most every 2 s), saying why at WARNING."""
+        """Restart a dnsmasq that died, saying why at WARNING (2 s after its start at the soonest,
+        doubling while it keeps dying at once)."""
         if self.proc is None or self.proc.poll() is None or self.wanted is None or self.wanted.empty:
             return
-        if time.monotonic() - self._last_start < 2:
+        now = time.monotonic()
+        if now - self._last_start < self._backoff:
             return
-        log.warning("dnsmasq (pid %d) for VM ports' DHCP exited with status %s; restarting it. Its last log "
-                    "lines: %s", self.proc.pid, self.proc.returncode, self.last_words())
+        lived = now - self._last_start
+        log.warning("dnsmasq (pid %d) for VM ports' DHCP exited with status %s after %.0f s; restarting it. Its "
+                    "last log lines: %s", self.proc.pid, self.proc.returncode, lived, self.last_words())
+        # one that dies at once (bad arguments, a port taken) is retried ever less often, up to once a minute
+        self._backoff = 2.0 if lived > 60 else min(self._backoff * 2, 60.0)
         self.proc = None
         self.running = None
         self.apply(self.wanted)
