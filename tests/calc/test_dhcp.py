@@ -78,3 +78,11 @@ def test_dhcp_passes_a_vm_ports_anti_spoofing_and_reaches_the_host_whatever_its_
     assert "DHCP" not in "\n".join(nft.chain("ing-tthpod").rules)
     inp = "\n".join(nft.chain("input").rules)
     assert inp.index("DHCP from a VM port") < inp.index("@ep_out") and TAP in inp
+
+
+def test_each_agent_has_its_own_dnsmasq_directory_under_run() -> None:
+    from tether.calc.names import DHCP_RUN_DIR, dhcp_dir
+
+    a, b = dhcp_dir("h1", "/run/tether-lab/t1/h1"), dhcp_dir("h1", "/run/tether-lab/t2/h1")
+    assert a != b and a.startswith(DHCP_RUN_DIR + "/h1-") and dhcp_dir("h1", "/run/tether-lab/t1/h1") == a
+    assert "/" not in dhcp_dir("../../etc", "/x").removeprefix(DHCP_RUN_DIR + "/")

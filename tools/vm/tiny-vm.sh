@@ -2,7 +2,7 @@
 # A tiny VM for lab tests: Debian's 6.1 cloud kernel + a busybox initramfs, booted by QEMU (TCG is
 # enough: the VM boots in a few seconds). The 6.1 series because its modules are plain .ko files that
 # busybox insmod loads (6.12 ships .ko.xz). Needs: qemu-system-x86 busybox-static (its cpio), apt access.
-#   tools/vm/tiny-vm.sh build DIR      -> DIR/vmlinuz, DIR/initrd.gz (skipped if both exist)
+#   tools/vm/tiny-vm.sh build DIR      -> DIR/vmlinuz, DIR/initrd.gz (kept while this script is unchanged)
 # The VM loads virtio-net, asks DHCP on eth0 with udhcpc and prints one line on its console:
 #   VM-LEASE ip=10.1.0.5 mask=24 router=10.1.0.1 dns=... mtu=1450 routes=<option 121> domain=... lease=...
 # then applies it (address, routes, MTU, resolv.conf) and runs a shell on the console
@@ -13,7 +13,9 @@
 set -euo pipefail
 [ "${1:-}" = build ] && [ -n "${2:-}" ] || { sed -n 2,13p "$0"; exit 2; }
 out=$(realpath -m "$2")
-[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && { echo "$out/vmlinuz $out/initrd.gz"; exit 0; }
+stamp=$(sha256sum "$0" | cut -c1-16)  # a changed recipe builds again
+[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.gz" ] && [ "$(cat "$out/recipe" 2>/dev/null)" = "$stamp" ] && {
+  echo "$out/vmlinuz $out/initrd.gz"; exit 0; }
 for tool in apt-get dpkg-deb gzip busybox; do
   command -v "$tool" >/dev/null || { echo "tiny-vm: $tool is missing (scripts/install-deps installs it)" >&2; exit 1; }
 done
@@ -68,5 +70,5 @@ INIT
 chmod +x initrd/init initrd/lease.sh
 (cd initrd && find . | busybox cpio -o -H newc 2>/dev/null | gzip) > "$out/initrd.gz.tmp"
 cp root/boot/vmlinuz-* "$out/vmlinuz.tmp"
-mv "$out/initrd.gz.tmp" "$out/initrd.gz"; mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/initrd.gz.tmp" "$out/initrd.gz"; mv "$out/vmlinuz.tmp" "$out/vmlinuz"; echo "$stamp" > "$out/recipe"
 echo "$out/vmlinuz $out/initrd.gz"
