@@ -3,10 +3,14 @@ made for a port created with the `openstack` CLI (`binding:host_id` h1, no names
 port), inside h1's namespace. The VM asks DHCP and gets from the host's dnsmasq its address, gateway,
 the subnet's DNS servers, host routes (option 121) and MTU; it reaches a container on h2 by ping and
 TCP and resolves its name; a security group on the port lets TCP 80 in from that container, refuses
-ping and TCP 81 until a rule for 81 is added with the CLI. One VM boot for the module (TCG: slow)."""
+ping and TCP 81 until a rule for 81 is added with the CLI; nothing on the underlay gets a DHCP answer;
+a killed dnsmasq comes back and answers the VM again; a tap made before the port was bound is
+adopted. One VM boot for the module (TCG: ~15 s)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +22,7 @@ import pytest
 from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
 from tests.fixtures.vm import TinyVm
+from tether.calc.names import VM_DHCP_SERVER, dhcp_dir
 from tether.lab.cluster import Lab, PodInfo, nsx, sh, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
@@ -156,8 +161,6 @@ def test_dhcp_is_not_served_on_the_underlay_even_to_the_vms_own_mac(lab: Lab, bo
 
 def test_a_tap_the_hypervisor_made_first_is_adopted_served_and_removed_with_its_port(lab: Lab, booted: Booted) -> None:
     """As Nova's libvirt driver does: the tap exists before the port is bound to the host."""
-    from tether.calc.names import VM_DHCP_SERVER, dhcp_dir
-
     cloud = OpenStack(lab.server_url, lab.token)
     port = cloud.cli("port", "create", "--network", booted.net, "--device-owner", "compute:nova", unique("vm"))
     tap = "tap" + port["id"][:11]
@@ -178,3 +181,22 @@ def test_a_tap_the_hypervisor_made_first_is_adopted_served_and_removed_with_its_
         cloud.run("port", "delete", port["id"])
     wait_for(lambda: nsx(h1, "ip", "link", "show", tap, check=False).returncode != 0, 20,
              f"{tap} to be removed with its port")
+
+
+def test_a_killed_dnsmasq_is_restarted_said_at_warning_and_serves_the_vm_again(lab: Lab, booted: Booted) -> None:
+    pid_file = f"{dhcp_dir('h1', lab.agent_dir('h1'))}/dnsmasq.pid"
+
+    def pid() -> int:
+        with open(pid_file) as f:
+            return int(f.read().strip() or 0)
+
+    old = pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: pid() not in (0, old) and os.path.exists(f"/proc/{pid()}"), 30, "h1's agent to restart dnsmasq")
+    with open(f"{lab.agent_dir('h1')}/agent.log", errors="replace") as f:
+        assert any(f"dnsmasq (pid {old})" in line and "WARNING" in line and "restarting" in line for line in f)
+    # the VM asks again, as at its lease's renewal: the new dnsmasq answers
+    rc, out = booted.vm.run("udhcpc -i eth0 -n -q -t 5 -T 2 -O mtu -O staticroutes -O domain -s /lease.sh", 60)
+    assert rc == 0 and f"VM-LEASE ip={VM_IP} mask=24 router={GATEWAY}" in out, out
+    rc, out = booted.vm.run(f"ping -c 1 -W 2 {booted.pod.ip}")
+    assert rc == 0, f"the VM lost the pod after a second lease: {out}"
