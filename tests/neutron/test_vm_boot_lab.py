@@ -110,6 +110,7 @@ def test_vm_gets_its_address_gateway_dns_servers_host_routes_and_mtu_by_dhcp(lab
     h1_underlay_mtu = int(nsx(lab.host("h1").ns, "cat", "/sys/class/net/eth0/mtu").stdout)
     assert int(lease["mtu"]) == h1_underlay_mtu - 50  # a VXLAN network's MTU
     assert lease["domain"] == f"{booted.net}.tether.local"
+    assert booted.vm.run("cat /sys/class/net/eth0/mtu")[1].strip() == lease["mtu"]
     rc, routes = booted.vm.run("ip route")
     assert rc == 0 and f"192.168.73.0/24 via {HOST_ROUTE[1]}" in routes and f"default via {GATEWAY}" in routes
     rc, resolv = booted.vm.run("cat /etc/resolv.conf")
@@ -140,6 +141,32 @@ def test_security_group_lets_tcp_80_in_and_refuses_ping_and_tcp_81_until_a_rule_
     wait_for(lambda: tcp_connects(pod.ns, VM_IP, 81), 15, "TCP 81 once a rule allows it")
     rc, out = vm.run(f"ping -c 1 -W 2 {pod.ip}")
     assert rc == 0, f"the group's egress rules should still let the VM out: {out}"
+
+
+# the sources of the ICMP echo requests the pod receives (a raw socket gets a copy of each)
+ECHO_SOURCES = ("import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n"
+                "s.settimeout(float(sys.argv[1]))\nseen = set()\ntry:\n    while True:\n"
+                "        pkt, (src, _) = s.recvfrom(2000)\n"
+                "        if pkt[(pkt[0] & 15) * 4] == 8: seen.add(src)\n"
+                "except OSError: pass\nprint(' '.join(sorted(seen)))")
+
+
+def test_the_vm_cannot_send_from_an_address_its_port_does_not_have(booted: Booted) -> None:
+    """Anti-spoofing on the tap: the pod receives the VM's packets from its own address only."""
+    spoofed = "10.73.0.99"
+    sink = subprocess.Popen(["ip", "netns", "exec", booted.pod.ns, sys.executable, "-c", ECHO_SOURCES, "8"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        booted.vm.run(f"ip addr add {spoofed}/32 dev eth0")
+        for src in (spoofed, VM_IP):
+            booted.vm.run(f"ping -c 2 -W 1 -I {src} {booted.pod.ip}")
+        out, _ = sink.communicate(timeout=20)
+    finally:
+        sink.kill()
+        sink.wait()
+        booted.vm.run(f"ip addr del {spoofed}/32 dev eth0")
+    assert out.split() == [VM_IP], f"the pod saw echo requests from {out.split()}"
 
 
 def test_dhcp_is_not_served_on_the_underlay_even_to_the_vms_own_mac(lab: Lab, booted: Booted) -> None:
