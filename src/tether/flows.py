@@ -1,9 +1,9 @@
-"""Flow records with identity (issue 25): pure parsing, naming and filtering, shared by the agent
+"""Flow records with identity (issue 25): pure naming and filtering, shared by the agent
 (which records), the server (which names and keeps them) and the CLI (which filters them).
 
-Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events: allowed
-connections, with the NAT to a service backend and, on DESTROY, packets and bytes both ways) and
-the packets its policy fragment denies (the NFLOG group it already uses, with the prefix naming the
+Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events read
+from ctnetlink, `tether.agent.ctevents`: allowed connections, with the NAT to a service backend
+and, on DESTROY, packets and bytes both ways) and the packets its policy fragment denies (the NFLOG group it already uses, with the prefix naming the
 policy; a connection that opens and closes between two pushes is one `closed` record). It keeps
 them in a bounded ring and pushes what is new once a second to the server
 (POST /api/v1/hosts/{host}/flows, its own host only). The server names both ends from the desired
@@ -17,91 +17,10 @@ and costs one request per host per second at most.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.model import Endpoint, Network, Service
-
-EVENTS = {"[NEW]": "new", "[DESTROY]": "destroy"}
-_ORIG = {"src": "src", "dst": "dst", "sport": "sport", "dport": "dport", "packets": "packets", "bytes": "bytes"}
-_REPLY = {"src": "backend", "sport": "backend_port", "packets": "reply_packets", "bytes": "reply_bytes"}
-_INTS = {"sport", "dport", "packets", "bytes", "backend_port", "reply_packets", "reply_bytes"}
-
-
-# The usual TCP/UDP/SCTP line, matched in one go (the words' walk below takes any other)
-FAST_LINE = re.compile(
-    r"\s*\[([\d.]+)\]\s+\[(NEW|DESTROY)\] +(tcp|udp|sctp) +\d+ +(?:\d+ +)?(?:[A-Z_]+ +)?"
-    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)(?: packets=(\d+) bytes=(\d+))?(?: \[UNREPLIED\])? "
-    r"src=(\S+) dst=\S+ sport=(\d+) dport=\d+(?: packets=(\d+) bytes=(\d+))?(?: |$)")
-
-
-def parse_conntrack(line: str) -> dict[str, Any] | None:
-    """One line of `conntrack -E -o timestamp` -> a flow record (None: not a flow event).
-
-    The original tuple is the client's view (src -> dst, dst maybe a service VIP); the reply tuple's
-    source is where the connection really went (the backend after DNAT). Every connection on the
-    host passes here twice, most of what recording costs the agent (bench/flows.py): the usual
-    line is one regular expression, any other a walk over its words."""
-    m = FAST_LINE.match(line)
-    if m is not None:
-        ts, ev, proto, src, dst, sport, dport, p, b, rsrc, rsport, rp, rb = m.groups()
-        out: dict[str, Any] = {"event": "new" if ev == "NEW" else "destroy", "verdict": "allow", "proto": proto,
-                               "src": src, "dst": dst, "time": float(ts), "sport": int(sport), "dport": int(dport)}
-        if p is not None:
-            out["packets"], out["bytes"] = int(p), int(b)
-        if rp is not None:
-            out["reply_packets"], out["reply_bytes"] = int(rp), int(rb)
-        if rsrc != dst:
-            out["backend"], out["backend_port"] = rsrc, int(rsport)
-        return out
-    return _parse_words(line)
-
-
-def _parse_words(line: str) -> dict[str, Any] | None:
-    words = line.split()
-    i = 0
-    rec: dict[str, Any] = {}
-    if words and words[0][:1] == "[" and words[0] not in EVENTS:
-        try:
-            rec["time"] = float(words[0][1:-1])
-        except ValueError:
-            return None
-        i = 1
-    if len(words) < i + 3 or words[i] not in EVENTS:
-        return None
-    event, proto = EVENTS[words[i]], words[i + 1]
-    orig: dict[str, str] = {}
-    reply: dict[str, str] = {}
-    into, names = orig, _ORIG
-    for w in words[i + 3:]:
-        key, eq, value = w.partition("=")
-        if not eq:
-            continue
-        if key == "src" and "src" in orig and into is orig:
-            into, names = reply, _REPLY
-        name = names.get(key)
-        if name is not None and name not in into:
-            into[name] = value
-    if "src" not in orig or "dst" not in orig:
-        return None
-    out = {"event": event, "verdict": "allow", "proto": proto, "src": orig["src"], "dst": orig["dst"], **rec}
-    try:
-        for part in (orig, reply):
-            for k, v in part.items():
-                if k in _INTS:
-                    out[k] = int(v)
-    except ValueError:
-        return None
-    if "packets" in out:
-        out.setdefault("bytes", 0)
-    if "reply_packets" in out:
-        out.setdefault("reply_bytes", 0)
-    if reply.get("backend") and reply["backend"] != orig["dst"]:
-        out["backend"] = reply["backend"]
-    else:
-        out.pop("backend_port", None)
-    return out
 
 
 def is_noise(rec: dict[str, Any]) -> bool:

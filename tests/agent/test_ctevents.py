@@ -61,8 +61,11 @@ async def main():
                 n = raw.recv_into(buf)
             except BlockingIOError:
                 break
-            rec = ctevents.parse_event(buf, 0, time.time())
+            rec = ctevents.parse_event(buf, 0, 1.0)
             if rec is not None and rec["dst"] == "10.9.0.3":
+                # the kernel's layout is the one the fast path reads, and both paths agree
+                fast = ctevents._fast(buf, 20, n, ctevents._FAST[4], rec["event"], 1.0)
+                rec["fast"] = fast == rec
                 events.append(rec)
     await asyncio.sleep(0.3)  # the flow log reads CT_BATCH after the first waiting event
     recorded = list(flows.records)
@@ -87,6 +90,7 @@ def test_ctnetlink_events_carry_both_tuples_and_the_destroys_counters(netns: Cal
         assert (e["proto"], e["src"], e["dst"], e["dport"], e["backend"], e["backend_port"]) == \
             ("tcp", "10.9.0.1", "10.9.0.3", 80, "10.9.0.2", 8080), e
         assert e["sport"] > 1024
+        assert e["fast"], "the kernel's message took the slow path, or the two paths disagree"
     new, destroy = events
     assert "packets" not in new, "counters come with DESTROY only"
     # client -> server: SYN, ACK, data (3000 bytes in one or more segments), FIN, ACK...

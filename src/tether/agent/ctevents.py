@@ -42,6 +42,29 @@ _ntop = socket.inet_ntop
 _V4, _V6 = socket.AF_INET, socket.AF_INET6
 
 
+def _hdr(length: int, kind: int) -> int:
+    """An attribute header (native byte order, as the kernel writes it) read as a big-endian
+    integer, the way the fast path's `struct` reads it."""
+    return int.from_bytes(struct.pack("=HH", length, kind), "big")
+
+
+# The usual event: IPv4 or IPv6, TCP/UDP/SCTP, both tuples first in the order the kernel writes
+# them (ctnetlink_dump_tuples: addresses, then protocol and ports). One unpack reads both tuples;
+# the headers it reads with them must equal these, or the generic walk below decodes the message.
+_FAST = {}
+for _family, _alen, _src, _dst in ((4, 4, CTA_IP_V4_SRC, CTA_IP_V4_DST), (16, 16, CTA_IP_V6_SRC, CTA_IP_V6_DST)):
+    _ip = 4 + 2 * (4 + _alen)
+    _tuple_len = 4 + _ip + 28
+    _one = f"I I I{_alen}s I{_alen}s I IB3x IH2x IH2x"
+    _FAST[_family] = (struct.Struct(">" + _one + " " + _one), 2 * _tuple_len,
+                      tuple(_hdr(*h) for h in ((_tuple_len, 0x8000 | CTA_TUPLE_ORIG), (_ip, 0x8000 | CTA_TUPLE_IP),
+                                               (4 + _alen, _src), (4 + _alen, _dst), (28, 0x8000 | CTA_TUPLE_PROTO),
+                                               (5, CTA_PROTO_NUM), (6, CTA_PROTO_SRC_PORT),
+                                               (6, CTA_PROTO_DST_PORT))),
+                      socket.AF_INET if _family == 4 else socket.AF_INET6)
+_REPLY_HDR = {f: _hdr(4 + 2 * (4 + f) + 28 + 4, 0x8000 | CTA_TUPLE_REPLY) for f in (4, 16)}
+
+
 def open_events(rcvbuf: int = RCVBUF) -> socket.socket:
     """A non-blocking netlink socket receiving this network namespace's conntrack NEW and DESTROY
     events. Needs CAP_NET_ADMIN; raises OSError otherwise."""
@@ -131,6 +154,11 @@ def parse_event(buf: Any, off: int = 0, now: float = 0.0) -> dict[str, Any] | No
         return None
     end = off + length
     pos = off + 20  # nlmsghdr (16) + nfgenmsg (4)
+    fast = _FAST.get(4 if buf[off + 16] == _V4 else 16)
+    if fast is not None and pos + fast[1] <= end:
+        rec = _fast(buf, pos, end, fast, event, now)
+        if rec is not None:
+            return rec
     orig = reply = None
     counters: dict[int, tuple[int, int]] = {}
     while pos + 4 <= end:
@@ -160,4 +188,32 @@ def parse_event(buf: Any, off: int = 0, now: float = 0.0) -> dict[str, Any] | No
         rec["backend"] = reply[0]
         if proto in PORTED:
             rec["backend_port"] = reply[3]
+    return rec
+
+
+def _fast(buf: Any, pos: int, end: int, fast: tuple, event: str, now: float) -> dict[str, Any] | None:
+    """`parse_event` for the usual message (see _FAST); None when it is not one."""
+    layout, size, want, family = fast
+    (h0, h1, h2, src, h3, dst, h4, h5, proto, h6, sport, h7, dport,
+     r0, r1, r2, rsrc, r3, _rdst, r4, r5, _rproto, r6, rsport, r7, _rdport) = layout.unpack_from(buf, pos)
+    if (h0, h1, h2, h3, h4, h5, h6, h7) != want or (r1, r2, r3, r4, r5, r6, r7) != want[1:] or \
+            r0 != _REPLY_HDR[len(src)] or proto not in PORTED:
+        return None
+    dst_s = _ntop(family, dst)
+    rec: dict[str, Any] = {"event": event, "verdict": "allow", "proto": PROTOS[proto], "src": _ntop(family, src),
+                           "dst": dst_s, "time": now, "sport": sport, "dport": dport}
+    if rsrc != dst:
+        rec["backend"], rec["backend_port"] = _ntop(family, rsrc), rsport
+    if event == "destroy":
+        pos += size
+        while pos + 4 <= end:
+            alen, kind = _ATTR.unpack_from(buf, pos)
+            if alen < 4:
+                break
+            kind &= NLA_TYPE_MASK
+            if kind == CTA_COUNTERS_ORIG:
+                rec["packets"], rec["bytes"] = _counters(buf, pos + 4, pos + alen)
+            elif kind == CTA_COUNTERS_REPLY:
+                rec["reply_packets"], rec["reply_bytes"] = _counters(buf, pos + 4, pos + alen)
+            pos += (alen + 3) & ~3
     return rec
