@@ -3,15 +3,16 @@
 
 Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events read
 from ctnetlink, `tether.agent.ctevents`: allowed connections, with the NAT to a service backend
-and, on DESTROY, packets and bytes both ways) and the packets its policy fragment denies (the NFLOG group it already uses, with the prefix naming the
-policy; a connection that opens and closes between two pushes is one `closed` record). It keeps
-them in a bounded ring and pushes what is new once a second to the server
-(POST /api/v1/hosts/{host}/flows, its own host only). The server names both ends from the desired
-state (pod, namespace, network, host; a service VIP by its service), finds the deciding policy of
-an allowed connection with the same evaluator as `tether trace` (a denied packet's policy is its
-log prefix), and keeps a bounded in-memory ring for `tether flows` (GET /api/v1/flows). Pushing
-rather than fanning out from the server keeps the agents free of listeners the server must reach,
-and costs one request per host per second at most.
+and, on DESTROY, packets and bytes both ways) and the packets its policy fragment denies (the
+NFLOG group it already uses, with the prefix naming the policy; a connection that opens and
+closes between two pushes is one `closed` record). It keeps them in a bounded ring and pushes
+what is new once a second to the server (POST /api/v1/hosts/{host}/flows, its own host only;
+connection records grouped by what they share, `pack`). The server names both ends from the
+desired state (pod, namespace, network, host; a service VIP by its service), finds the deciding
+policy of an allowed connection with the same evaluator as `tether trace` (a denied packet's
+policy is its log prefix), and keeps a bounded in-memory ring for `tether flows` (GET
+/api/v1/flows). Pushing rather than fanning out from the server keeps the agents free of
+listeners the server must reach, and costs one request per host per second at most.
 """
 
 from __future__ import annotations
@@ -110,3 +111,51 @@ def matches(rec: dict[str, Any], src: str | None = None, dst: str | None = None,
         return True
     return end_matches(rec.get("to") or {}, rec.get("dst", ""), dst) or \
         end_matches(rec.get("backend_of") or {}, rec.get("backend", ""), dst)
+
+
+# A push groups an agent's connection records by what they share (the two ends, port, backend,
+# event): the server names and judges a group once, and rows of numbers cost a fraction of dicts to
+# encode and decode (bench/flows.py measures what recording costs the agent and the server).
+KEYED = ("event", "verdict", "proto", "src", "dst", "dport", "backend", "backend_port", "host")
+VARYING = ("sport", "time", "ended", "packets", "bytes", "reply_packets", "reply_bytes")
+GROUPED = frozenset(KEYED) | frozenset(VARYING)
+_NUMBERS = frozenset({int, float, type(None)})
+
+
+def pack(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The body of a push: `{"groups": [{"common": {...}, "columns": [...], "rows": [[...], ...]}],
+    "records": [...]}`; a record with fields beyond GROUPED (a denied packet's) goes as it is."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    others = []
+    for r in records:
+        if not r.keys() <= GROUPED:
+            others.append(r)
+            continue
+        key = (r.get("event"), r.get("verdict"), r.get("proto"), r.get("src"), r.get("dst"), r.get("dport"),
+               r.get("backend"), r.get("backend_port"), r.get("host"), "sport" in r, "ended" in r, "packets" in r,
+               "reply_packets" in r)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {"common": {k: r[k] for k in KEYED if k in r},
+                               "columns": [k for k in VARYING if k in r], "rows": []}
+        g["rows"].append([r.get(k) for k in g["columns"]])
+    out: dict[str, Any] = {"groups": list(groups.values())}
+    if others:
+        out["records"] = others
+    return out
+
+
+def unpack_group(group: Any, room: int) -> tuple[dict[str, Any], list[str], list[list]]:
+    """(common fields, columns, rows) of one pushed group, checked: plain values in common, known
+    numeric columns, rows of numbers of the right length (others skipped); at most `room` rows."""
+    if not isinstance(group, dict):
+        return {}, [], []
+    common, columns, rows = group.get("common"), group.get("columns"), group.get("rows")
+    if not isinstance(common, dict) or not isinstance(columns, list) or not isinstance(rows, list) or \
+            not all(type(c) is str and c in VARYING for c in columns) or len(set(columns)) != len(columns):
+        return {}, [], []
+    common = {k: v for k, v in common.items() if k in KEYED and type(v) in (str, int, float, bool)
+              and (type(v) is not str or len(v) < 300)}
+    n = len(columns)
+    ok = [row for row in rows[:room] if type(row) is list and len(row) == n and _NUMBERS.issuperset(map(type, row))]
+    return common, columns, ok

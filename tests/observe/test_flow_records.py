@@ -11,7 +11,7 @@ import struct
 from tether.agent import ctevents
 from tether.agent.ctevents import parse_event
 from tether.agent.flowlog import Monotonic, drop_metrics
-from tether.flows import Names, is_noise, label, matches, policy_of_prefix
+from tether.flows import Names, is_noise, label, matches, pack, policy_of_prefix, unpack_group
 from tether.model import Endpoint, Network, Service, Subnet
 
 NEW = {"event": "new", "verdict": "allow", "proto": "tcp", "src": "10.1.0.5", "dst": "10.96.0.10", "sport": 51002,
@@ -132,7 +132,11 @@ def test_a_connection_opened_and_closed_between_two_pushes_is_one_record_with_it
     async def request(method: str, path: str, content: str) -> None:
         import json
 
-        pushed.extend(json.loads(content)["records"])
+        body = json.loads(content)
+        pushed.extend(body.get("records", []))
+        for g in body["groups"]:
+            common, columns, rows = unpack_group(g, 100)
+            pushed.extend({**common, **dict(zip(columns, row, strict=True))} for row in rows)
 
     agent = SimpleNamespace(cfg=SimpleNamespace(flows=True), connected=True, client=SimpleNamespace(request=request))
     f = FlowLog("h2", "/nonexistent/flows.sock", agent=agent)
@@ -159,3 +163,27 @@ def test_a_connection_opened_and_closed_between_two_pushes_is_one_record_with_it
     assert [(r["event"], r["sport"]) for r in pushed] == [("closed", 1000), ("new", 1001)]
     assert [(r["event"], r["sport"], r["packets"]) for r in f.outbox] == [("destroy", 1001, 1)]
     assert len(f.records) == 3
+
+
+def test_a_push_groups_connection_records_and_keeps_every_field() -> None:
+    """What the server gets back from a push is what the agent recorded: grouped connection
+    records (named and judged once per group) and a denied packet as it is; a malformed group or
+    row is skipped, not taken."""
+    recs = [{**NEW, "sport": 51000 + i, "time": 1.0 + i, "host": "h1"} for i in range(3)]
+    recs.append({**NEW, "event": "closed", "ended": 9.0, "packets": 3, "bytes": 180, "reply_packets": 2,
+                 "reply_bytes": 90, "host": "h1"})
+    recs.append({"verdict": "deny", "proto": "tcp", "src": "10.1.0.5", "dst": "10.1.0.9", "reason": "deny in np a/b",
+                 "interface": "veth1", "time": 2.0})
+    body = pack(recs)
+    assert len(body["groups"]) == 2 and body["records"] == [recs[-1]]
+    back = []
+    for g in body["groups"]:
+        common, columns, rows = unpack_group(g, 100)
+        back += [{**common, **dict(zip(columns, row, strict=True))} for row in rows]
+    assert sorted(back, key=lambda r: r["time"]) == sorted(recs[:-1], key=lambda r: r["time"])
+    bad = {"common": {"src": "10.1.0.5", "from": {"pod": "x"}}, "columns": ["sport", "time"],
+           "rows": [[1, 2.0], [1, {"x": 1}], [1], "no", [3, 4.0]]}
+    assert unpack_group(bad, 100) == ({"src": "10.1.0.5"}, ["sport", "time"], [[1, 2.0], [3, 4.0]])
+    assert unpack_group(bad, 1)[2] == [[1, 2.0]], "no more rows than the push has room for"
+    assert unpack_group({**bad, "columns": ["sport", "reason"]}, 100) == ({}, [], []), "only numeric columns"
+    assert unpack_group([1, 2], 100) == ({}, [], [])

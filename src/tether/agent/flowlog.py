@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from tether.agent import ctevents, unix_socket
 from tether.calc.names import LOG_GROUP
 from tether.calc.policy import drop_owners
-from tether.flows import is_noise
+from tether.flows import GROUPED, is_noise, pack
 
 if TYPE_CHECKING:
     from tether.agent.extras import AgentHandle
@@ -60,6 +60,8 @@ NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 PUSH_INTERVAL = 1.0  # seconds between two pushes of flow records to the server
 PUSH_BACKLOG = 20_000  # records kept for the server while it is unreachable
+PUSH_MAX = 5000  # records per push (the server takes up to 10,000 grouped, `tether.flows.pack`) ...
+PUSH_ALONE = 1000  # ... of which up to 1000 that cannot be grouped (denied packets)
 CT_BATCH = 0.05  # seconds from conntrack's first waiting event to their read (see _ct_readable)
 CT_DRAIN_MAX = 20_000  # events read before the event loop runs again
 COUNTERS = ("packets", "bytes", "reply_packets", "reply_bytes")  # what a DESTROY adds to its NEW
@@ -490,13 +492,16 @@ class FlowLog:
             a = self.agent
             if not self.outbox or a is None or not getattr(a, "connected", False):
                 continue
-            batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), 1000))]
+            batch, alone = [], 0
+            while self.outbox and len(batch) < PUSH_MAX and alone < PUSH_ALONE:
+                r = self.outbox.popleft()
+                batch.append(r)
+                alone += not r.keys() <= GROUPED
             for r in batch:  # sent: a later DESTROY is a record of its own
                 if r.get("event") == "new":
                     self._pending.pop((r["proto"], r["src"], r["dst"], r.get("sport"), r.get("dport")), None)
             try:
-                await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows",
-                                       content=json.dumps({"records": batch}))
+                await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows", content=json.dumps(pack(batch)))
                 self.counts["pushed"] += len(batch)
             except Exception as e:  # noqa: BLE001 - the records are put back and sent later
                 log.warning("could not push %d flow records to the server (kept, retried): %s", len(batch), e)
