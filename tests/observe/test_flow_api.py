@@ -103,5 +103,7 @@ def test_grouped_records_are_named_once_and_names_follow_the_desired_state(serve
     got = http.get("/api/v1/flows", params={"to": "default/web"}).json()["flows"]
     assert [f["sport"] for f in got] == [2000, 2001, 2002]
     bad = {"groups": [{"common": {"src": client, "dst": server_ip, "proto": "tcp", "verdict": "allow"},
-                       "columns": ["sport"], "rows": [[1], ["x"], [{"y": 1}]]}, "nonsense"]}
-    assert http.post("/api/v1/hosts/h1/flows", json=bad).json() == {"kept": 1}
+                       "columns": ["sport"], "rows": [[1], ["x"], [{"y": 1}]]}, "nonsense",
+                      {"common": {"src": client, "dst": server_ip, "proto": "tcp", "dport": "x"}, "columns": [],
+                       "rows": [[]]}]}
+    assert http.post("/api/v1/hosts/h1/flows", json=bad).json() == {"kept": 2}

@@ -62,7 +62,10 @@ class FlowRing:
             r["policy"] = policy_of_prefix(str(r.get("reason", "")))
         elif r.get("proto") in ("tcp", "udp", "sctp"):
             target = str(r.get("backend") or r.get("dst", ""))
-            port = int(r.get("backend_port") or r.get("dport") or 0)
+            try:
+                port = int(r.get("backend_port") or r.get("dport") or 0)
+            except (TypeError, ValueError):  # a port that is not a number: nothing to judge
+                return
             key = (str(r.get("src", "")), target, port, str(r["proto"]).upper())
             if key not in self._decided:
                 if self._world is None:
