@@ -341,7 +341,10 @@ class FlowLog:
                   f'tether_flows_pushed_total{{host="{self.host}"}} {self.counts["pushed"]}',
                   "# HELP tether_flows_lost_total Flow records dropped because the server could not take them.",
                   "# TYPE tether_flows_lost_total counter",
-                  f'tether_flows_lost_total{{host="{self.host}"}} {self.counts["lost"]}']
+                  f'tether_flows_lost_total{{host="{self.host}"}} {self.counts["lost"]}',
+                  "# HELP tether_flows_missed_total Times conntrack events were dropped before the agent read them.",
+                  "# TYPE tether_flows_missed_total counter",
+                  f'tether_flows_missed_total{{host="{self.host}"}} {self.counts["missed"]}']
         if a is not None:
             lines += ["# HELP tether_agent_applies_total Plans applied by this agent.",
                       "# TYPE tether_agent_applies_total counter",
