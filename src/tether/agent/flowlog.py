@@ -409,6 +409,8 @@ class FlowLog:
         self._ct_handle = asyncio.get_running_loop().call_later(CT_BATCH, self._ct_drain)
 
     def _ct_drain(self) -> None:
+        """Read every waiting event (one per datagram) into records; their time is the read's, at
+        most CT_BATCH after the kernel's."""
         self._ct_handle = None
         sock, buf = self._ct_sock, self._ct_buf
         if sock is None:
@@ -435,7 +437,7 @@ class FlowLog:
             off = 0
             while off + 20 <= n:
                 (length,) = _U32.unpack_from(buf, off)
-                if length < 20:
+                if length < 20 or off + length > n:
                     break
                 rec = parse(buf, off, now)
                 if rec is not None:
