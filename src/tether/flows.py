@@ -1,107 +1,27 @@
-"""Flow records with identity (issue 25): pure parsing, naming and filtering, shared by the agent
+"""Flow records with identity (issue 25): pure naming and filtering, shared by the agent
 (which records), the server (which names and keeps them) and the CLI (which filters them).
 
-Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events: allowed
-connections, with the NAT to a service backend and, on DESTROY, packets and bytes both ways) and
-the packets its policy fragment denies (the NFLOG group it already uses, with the prefix naming the
-policy; a connection that opens and closes between two pushes is one `closed` record). It keeps
-them in a bounded ring and pushes what is new once a second to the server
-(POST /api/v1/hosts/{host}/flows, its own host only). The server names both ends from the desired
-state (pod, namespace, network, host; a service VIP by its service), finds the deciding policy of
-an allowed connection with the same evaluator as `tether trace` (a denied packet's policy is its
-log prefix), and keeps a bounded in-memory ring for `tether flows` (GET /api/v1/flows). Pushing
-rather than fanning out from the server keeps the agents free of listeners the server must reach,
-and costs one request per host per second at most.
+Design: each agent records the connections its kernel sees (conntrack NEW/DESTROY events read
+from ctnetlink, `tether.agent.ctevents`: allowed connections, with the NAT to a service backend
+and, on DESTROY, packets and bytes both ways) and the packets its policy fragment denies (the
+NFLOG group it already uses, with the prefix naming the policy; a connection that opens and
+closes between two pushes is one `closed` record). It keeps them in a bounded ring and pushes
+what is new once a second to the server (POST /api/v1/hosts/{host}/flows, its own host only;
+connection records grouped by what they share, `pack`). The server names both ends from the
+desired state (pod, namespace, network, host; a service VIP by its service), finds the deciding
+policy of an allowed connection with the same evaluator as `tether trace` (a denied packet's
+policy is its log prefix), and keeps a bounded in-memory ring for `tether flows` (GET
+/api/v1/flows). Pushing rather than fanning out from the server keeps the agents free of
+listeners the server must reach, and costs one request per host per second at most.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.model import Endpoint, Network, Service
-
-EVENTS = {"[NEW]": "new", "[DESTROY]": "destroy"}
-_ORIG = {"src": "src", "dst": "dst", "sport": "sport", "dport": "dport", "packets": "packets", "bytes": "bytes"}
-_REPLY = {"src": "backend", "sport": "backend_port", "packets": "reply_packets", "bytes": "reply_bytes"}
-_INTS = {"sport", "dport", "packets", "bytes", "backend_port", "reply_packets", "reply_bytes"}
-
-
-# The usual TCP/UDP/SCTP line, matched in one go (the words' walk below takes any other)
-FAST_LINE = re.compile(
-    r"\s*\[([\d.]+)\]\s+\[(NEW|DESTROY)\] +(tcp|udp|sctp) +\d+ +(?:\d+ +)?(?:[A-Z_]+ +)?"
-    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)(?: packets=(\d+) bytes=(\d+))?(?: \[UNREPLIED\])? "
-    r"src=(\S+) dst=\S+ sport=(\d+) dport=\d+(?: packets=(\d+) bytes=(\d+))?(?: |$)")
-
-
-def parse_conntrack(line: str) -> dict[str, Any] | None:
-    """One line of `conntrack -E -o timestamp` -> a flow record (None: not a flow event).
-
-    The original tuple is the client's view (src -> dst, dst maybe a service VIP); the reply tuple's
-    source is where the connection really went (the backend after DNAT). Every connection on the
-    host passes here twice, most of what recording costs the agent (bench/flows.py): the usual
-    line is one regular expression, any other a walk over its words."""
-    m = FAST_LINE.match(line)
-    if m is not None:
-        ts, ev, proto, src, dst, sport, dport, p, b, rsrc, rsport, rp, rb = m.groups()
-        out: dict[str, Any] = {"event": "new" if ev == "NEW" else "destroy", "verdict": "allow", "proto": proto,
-                               "src": src, "dst": dst, "time": float(ts), "sport": int(sport), "dport": int(dport)}
-        if p is not None:
-            out["packets"], out["bytes"] = int(p), int(b)
-        if rp is not None:
-            out["reply_packets"], out["reply_bytes"] = int(rp), int(rb)
-        if rsrc != dst:
-            out["backend"], out["backend_port"] = rsrc, int(rsport)
-        return out
-    return _parse_words(line)
-
-
-def _parse_words(line: str) -> dict[str, Any] | None:
-    words = line.split()
-    i = 0
-    rec: dict[str, Any] = {}
-    if words and words[0][:1] == "[" and words[0] not in EVENTS:
-        try:
-            rec["time"] = float(words[0][1:-1])
-        except ValueError:
-            return None
-        i = 1
-    if len(words) < i + 3 or words[i] not in EVENTS:
-        return None
-    event, proto = EVENTS[words[i]], words[i + 1]
-    orig: dict[str, str] = {}
-    reply: dict[str, str] = {}
-    into, names = orig, _ORIG
-    for w in words[i + 3:]:
-        key, eq, value = w.partition("=")
-        if not eq:
-            continue
-        if key == "src" and "src" in orig and into is orig:
-            into, names = reply, _REPLY
-        name = names.get(key)
-        if name is not None and name not in into:
-            into[name] = value
-    if "src" not in orig or "dst" not in orig:
-        return None
-    out = {"event": event, "verdict": "allow", "proto": proto, "src": orig["src"], "dst": orig["dst"], **rec}
-    try:
-        for part in (orig, reply):
-            for k, v in part.items():
-                if k in _INTS:
-                    out[k] = int(v)
-    except ValueError:
-        return None
-    if "packets" in out:
-        out.setdefault("bytes", 0)
-    if "reply_packets" in out:
-        out.setdefault("reply_bytes", 0)
-    if reply.get("backend") and reply["backend"] != orig["dst"]:
-        out["backend"] = reply["backend"]
-    else:
-        out.pop("backend_port", None)
-    return out
 
 
 def is_noise(rec: dict[str, Any]) -> bool:
@@ -191,3 +111,51 @@ def matches(rec: dict[str, Any], src: str | None = None, dst: str | None = None,
         return True
     return end_matches(rec.get("to") or {}, rec.get("dst", ""), dst) or \
         end_matches(rec.get("backend_of") or {}, rec.get("backend", ""), dst)
+
+
+# A push groups an agent's connection records by what they share (the two ends, port, backend,
+# event): the server names and judges a group once, and rows of numbers cost a fraction of dicts to
+# encode and decode (bench/flows.py measures what recording costs the agent and the server).
+KEYED = ("event", "verdict", "proto", "src", "dst", "dport", "backend", "backend_port", "host")
+VARYING = ("sport", "time", "ended", "packets", "bytes", "reply_packets", "reply_bytes")
+GROUPED = frozenset(KEYED) | frozenset(VARYING)
+_NUMBERS = frozenset({int, float, type(None)})
+
+
+def pack(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The body of a push: `{"groups": [{"common": {...}, "columns": [...], "rows": [[...], ...]}],
+    "records": [...]}`; a record with fields beyond GROUPED (a denied packet's) goes as it is."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    others = []
+    for r in records:
+        if not r.keys() <= GROUPED:
+            others.append(r)
+            continue
+        key = (r.get("event"), r.get("verdict"), r.get("proto"), r.get("src"), r.get("dst"), r.get("dport"),
+               r.get("backend"), r.get("backend_port"), r.get("host"), "sport" in r, "ended" in r, "packets" in r,
+               "reply_packets" in r)
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {"common": {k: r[k] for k in KEYED if k in r},
+                               "columns": [k for k in VARYING if k in r], "rows": []}
+        g["rows"].append([r.get(k) for k in g["columns"]])
+    out: dict[str, Any] = {"groups": list(groups.values())}
+    if others:
+        out["records"] = others
+    return out
+
+
+def unpack_group(group: Any, room: int) -> tuple[dict[str, Any], list[str], list[list]]:
+    """(common fields, columns, rows) of one pushed group, checked: plain values in common, known
+    numeric columns, rows of numbers of the right length (others skipped); at most `room` rows."""
+    if not isinstance(group, dict):
+        return {}, [], []
+    common, columns, rows = group.get("common"), group.get("columns"), group.get("rows")
+    if not isinstance(common, dict) or not isinstance(columns, list) or not isinstance(rows, list) or \
+            not all(type(c) is str and c in VARYING for c in columns) or len(set(columns)) != len(columns):
+        return {}, [], []
+    common = {k: v for k, v in common.items() if k in KEYED and type(v) in (str, int, float, bool)
+              and (type(v) is not str or len(v) < 300)}
+    n = len(columns)
+    ok = [row for row in rows[:room] if type(row) is list and len(row) == n and _NUMBERS.issuperset(map(type, row))]
+    return common, columns, ok

@@ -73,3 +73,37 @@ def test_a_host_may_push_only_its_own_flows_and_peer_reports() -> None:
     assert host_rule("h1", "POST", "/api/v1/hosts/h1/peers") is None
     assert "may write only its own" in (host_rule("h1", "POST", "/api/v1/hosts/h2/flows") or "")
     assert host_rule("h1", "GET", "/ui") is not None, "the web page is for the admin token"
+
+
+def test_grouped_records_are_named_once_and_names_follow_the_desired_state(server: ServerProc) -> None:
+    """An agent's push groups its connection records (`tether.flows.pack`); every row comes back
+    as its own named record. The server keeps the names between pushes until the desired state
+    changes: a pod created after a push is named in the next one."""
+    from tether.flows import pack
+
+    http = server.http()
+    assert http.put("/api/v1/hosts/h1", json={"name": "h1", "underlay_ip": "198.18.0.1"}).status_code in (200, 201)
+    assert http.post("/api/v1/networks", json={"name": "n1", "subnets": [{"cidr": "10.1.0.0/16"}]}).status_code == 201
+    client = http.post("/api/v1/endpoints", json={"name": "client", "network": "n1", "host": "h1"}).json()["ips"][0]
+    server_ip = "10.1.200.7"
+
+    def push(first: int) -> None:
+        recs = [{"event": "new", "verdict": "allow", "proto": "tcp", "src": client, "dst": server_ip, "sport": s,
+                 "dport": 80, "time": 1.0, "host": "h1"} for s in range(first, first + 3)]
+        assert http.post("/api/v1/hosts/h1/flows", json=pack(recs)).json() == {"kept": 3}
+
+    push(1000)
+    got = http.get("/api/v1/flows").json()["flows"]
+    assert [f["sport"] for f in got] == [1000, 1001, 1002]
+    assert all(f["from"]["pod"] == "default/client" and f["to"] == {"network": "n1"} and f["reporter"] == "h1"
+               for f in got)
+    r = http.post("/api/v1/endpoints", json={"name": "web", "network": "n1", "host": "h1", "ips": [server_ip]})
+    assert r.status_code == 201, r.text
+    push(2000)
+    got = http.get("/api/v1/flows", params={"to": "default/web"}).json()["flows"]
+    assert [f["sport"] for f in got] == [2000, 2001, 2002]
+    bad = {"groups": [{"common": {"src": client, "dst": server_ip, "proto": "tcp", "verdict": "allow"},
+                       "columns": ["sport"], "rows": [[1], ["x"], [{"y": 1}]]}, "nonsense",
+                      {"common": {"src": client, "dst": server_ip, "proto": "tcp", "dport": "x"}, "columns": [],
+                       "rows": [[]]}]}
+    assert http.post("/api/v1/hosts/h1/flows", json=bad).json() == {"kept": 2}

@@ -10,10 +10,10 @@ socket next to the CNI socket (`flows.sock`):
 Without it (another listener on the group, no permission) the datapath still drops and counts.
 
 With `--flows on` (the default) it also follows conntrack's NEW/DESTROY events of this host's pods
-(`conntrack -E`: allowed connections, the service backend they were sent to, packets and bytes
-both ways; one `closed` record for a connection that opened and closed between two pushes) and
-pushes these and the denied packets to the server once a second, which names them
-for `tether flows` (`tether.flows` has the design). With `--metrics-listen HOST:PORT` the metrics
+(read from ctnetlink, `tether.agent.ctevents`: allowed connections, the service backend they were
+sent to, packets and bytes both ways; one `closed` record for a connection that opened and closed
+between two pushes) and pushes these and the denied packets to the server once a second, which
+names them for `tether flows` (`tether.flows` has the design). With `--metrics-listen HOST:PORT` the metrics
 are also served over TCP. Counters never go backwards: nft resets a rule's counter when its chain
 is rebuilt (another policy applied to the same pods), so the totals add up what each rule had
 counted before it was replaced (`Monotonic`).
@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
+import errno
 import ipaddress
 import json
 import logging
 import os
 import socket
 import struct
-import subprocess
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from tether.agent import unix_socket
+from tether.agent import ctevents, unix_socket
 from tether.calc.names import LOG_GROUP
 from tether.calc.policy import drop_owners
-from tether.flows import is_noise, parse_conntrack
+from tether.flows import GROUPED, is_noise, pack
 
 if TYPE_CHECKING:
     from tether.agent.extras import AgentHandle
@@ -61,7 +60,12 @@ NLM_F_REQUEST = 1
 NLM_F_ACK = 4
 PUSH_INTERVAL = 1.0  # seconds between two pushes of flow records to the server
 PUSH_BACKLOG = 20_000  # records kept for the server while it is unreachable
-CT_BATCH = 0.05  # seconds between two reads of conntrack's events (see _follow_conntrack)
+PUSH_MAX = 5000  # records per push (the server takes up to 10,000 grouped, `tether.flows.pack`) ...
+PUSH_ALONE = 1000  # ... of which up to 1000 that cannot be grouped (denied packets)
+CT_BATCH = 0.05  # seconds from conntrack's first waiting event to their read (see _ct_readable)
+CT_DRAIN_MAX = 20_000  # events read before the event loop runs again
+COUNTERS = ("packets", "bytes", "reply_packets", "reply_bytes")  # what a DESTROY adds to its NEW
+_U32 = struct.Struct("=I")
 SAMPLE_INTERVAL = 5.0  # seconds between reads of the drop counters once metrics are scraped
 PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
@@ -206,13 +210,15 @@ class FlowLog:
         self.agent = agent
         self.records: deque[dict[str, Any]] = deque(maxlen=size)
         self.outbox: deque[dict[str, Any]] = deque(maxlen=PUSH_BACKLOG)  # not yet pushed to the server
-        self.counts = {"allow": 0, "deny": 0, "pushed": 0, "lost": 0}
+        self.counts = {"allow": 0, "deny": 0, "pushed": 0, "lost": 0, "missed": 0}
         self.drops = Monotonic()
         self._local: set[str] = set()  # addresses of this host's endpoints (conntrack events kept)
         self._pending: dict[tuple, dict[str, Any]] = {}  # NEW records in the outbox, by connection
         self._tasks: list[asyncio.Task] = []
-        self._ct: subprocess.Popen | None = None
-        self._ct_task: asyncio.Task | None = None
+        self._ct_sock: socket.socket | None = None  # conntrack's events, while recording
+        self._ct_handle: asyncio.Handle | None = None  # the coming read of the events
+        self._ct_buf = bytearray(1 << 16)
+        self._ct_warned = 0.0
         self.metrics_server: asyncio.AbstractServer | None = None
         self._scraped = False
         self._endpoints: Any = ()  # the replica's endpoints as of the last update (see `name`)
@@ -249,17 +255,11 @@ class FlowLog:
     def set_recording(self, on: bool) -> None:
         """Start or stop following conntrack (the flows socket's `{"cmd": "record", "on": false}`: the
         cost of recording, measured by bench/flows.py, can be switched off without a restart)."""
-        running = self._ct_task is not None and not self._ct_task.done()
+        running = self._ct_sock is not None
         if on and not running:
-            self._ct_task = asyncio.get_running_loop().create_task(self._follow_conntrack())
+            self._start_conntrack()
         elif not on and running:
-            assert self._ct_task is not None
-            self._ct_task.cancel()
-            if self._ct is not None and self._ct.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._ct.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._ct.wait(1)  # SIGKILL: at once; no zombie left behind
+            self._stop_conntrack()  # no listener: the kernel stops making the events (nf_conntrack_events=2)
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -341,7 +341,10 @@ class FlowLog:
                   f'tether_flows_pushed_total{{host="{self.host}"}} {self.counts["pushed"]}',
                   "# HELP tether_flows_lost_total Flow records dropped because the server could not take them.",
                   "# TYPE tether_flows_lost_total counter",
-                  f'tether_flows_lost_total{{host="{self.host}"}} {self.counts["lost"]}']
+                  f'tether_flows_lost_total{{host="{self.host}"}} {self.counts["lost"]}',
+                  "# HELP tether_flows_missed_total Times conntrack events were dropped before the agent read them.",
+                  "# TYPE tether_flows_missed_total counter",
+                  f'tether_flows_missed_total{{host="{self.host}"}} {self.counts["missed"]}']
         if a is not None:
             lines += ["# HELP tether_agent_applies_total Plans applied by this agent.",
                       "# TYPE tether_agent_applies_total counter",
@@ -372,79 +375,120 @@ class FlowLog:
                 with contextlib.suppress(Exception):
                     self.drops.update(await asyncio.to_thread(counters))
 
-    async def _follow_conntrack(self) -> None:
-        """conntrack NEW/DESTROY events of this host's pods, as flow records (allowed connections)."""
+    def _start_conntrack(self) -> None:
+        """Follow conntrack's NEW/DESTROY events of this host's pods (allowed connections) from
+        ctnetlink (`tether.agent.ctevents`)."""
         # packets and bytes in DESTROY events (a per-network-namespace setting)
         with contextlib.suppress(OSError), open("/proc/sys/net/netfilter/nf_conntrack_acct", "w") as f:
             f.write("1")
-        backoff = 1.0
-        while True:
-            try:
-                self._ct = subprocess.Popen(["conntrack", "-E", "-e", "NEW,DESTROY", "-o", "timestamp"],
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            except OSError as e:
-                log.warning("connection flows are not recorded: cannot run conntrack (%s); install conntrack "
-                            "(Debian: apt-get install conntrack)", e)
-                return
-            assert self._ct.stdout is not None
-            # Polled, not awaited: conntrack writes each event on its own, and a reader woken by
-            # the pipe (asyncio's, whatever the coroutine does) woke the event loop once per event,
-            # most of what recording cost at thousands of connections a second (bench/flows.py).
-            # Every CT_BATCH seconds whatever came is read in a few large reads; meanwhile the pipe
-            # (1 MiB when the kernel allows it) and conntrack's netlink buffer hold the events.
-            fd = self._ct.stdout.fileno()
-            os.set_blocking(fd, False)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-            rest, eof = b"", False
-            try:
-                while not eof:
-                    await asyncio.sleep(CT_BATCH)
-                    for _ in range(64):
-                        try:
-                            chunk = os.read(fd, 1 << 18)
-                        except BlockingIOError:
-                            break
-                        if not chunk:
-                            eof = True
-                            break
-                        lines = (rest + chunk).split(b"\n")
-                        rest = lines.pop()
-                        self._conntrack_lines(lines)
-                self._conntrack_lines([rest])
-            finally:
-                self._ct.stdout.close()
-            await asyncio.to_thread(self._ct.wait)
-            log.warning("conntrack -E ended (exit %s); restarting it in %.0f s", self._ct.returncode, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+        try:
+            self._ct_sock = ctevents.open_events()
+        except OSError as e:
+            log.warning("connection flows are not recorded: cannot subscribe to conntrack events (%s); the "
+                        "agent needs CAP_NET_ADMIN and the nf_conntrack_netlink module (modprobe "
+                        "nf_conntrack_netlink)", e)
+            return
+        asyncio.get_running_loop().add_reader(self._ct_sock.fileno(), self._ct_readable)
 
-    def _conntrack_lines(self, lines: list[bytes]) -> None:
-        """Records from conntrack's lines. A connection that opens and closes before the next push
-        (most of them: a request) becomes one record: its NEW record, not yet sent, takes the
-        DESTROY's counters and `event: closed`; the agent, the server and the ring handle half the
-        records (bench/flows.py measures what recording costs)."""
-        local, host, now, pending = self._local, self.host, time.time(), self._pending
-        for line in lines:
-            rec = parse_conntrack(line.decode(errors="replace"))
-            if rec is None or (rec["src"] not in local and rec["dst"] not in local
-                               and rec.get("backend") not in local) or is_noise(rec):
+    def _stop_conntrack(self) -> None:
+        if self._ct_handle is not None:
+            self._ct_handle.cancel()
+            self._ct_handle = None
+        if self._ct_sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._ct_sock.fileno())
+            self._ct_sock.close()
+            self._ct_sock = None
+
+    def _ct_readable(self) -> None:
+        """Events are waiting: read them CT_BATCH seconds from now, all at once. A reader woken per
+        event woke the event loop once per event, most of what recording cost at thousands of
+        connections a second (bench/flows.py); meanwhile the socket's buffer (RCVBUF) holds them."""
+        assert self._ct_sock is not None
+        asyncio.get_running_loop().remove_reader(self._ct_sock.fileno())
+        self._ct_handle = asyncio.get_running_loop().call_later(CT_BATCH, self._ct_drain)
+
+    def _ct_drain(self) -> None:
+        """Read every waiting event (one per datagram) into records; their time is the read's, at
+        most CT_BATCH after the kernel's."""
+        self._ct_handle = None
+        sock, buf = self._ct_sock, self._ct_buf
+        if sock is None:
+            return
+        recv_into, parse, now, recs = sock.recv_into, ctevents.parse_event, time.time(), []
+        more = False
+        for _ in range(CT_DRAIN_MAX):
+            try:
+                n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    log.warning("conntrack events: %s; connection flows are no longer recorded", e)
+                    self._stop_conntrack()
+                    return
+                # the kernel dropped events the buffer could not hold: those connections go unrecorded
+                self.counts["missed"] += 1
+                if time.monotonic() - self._ct_warned > 60:
+                    self._ct_warned = time.monotonic()
+                    log.warning("conntrack events were lost (the agent read them too slowly); some "
+                                "connections are missing from the flow records")
                 continue
-            key = (rec["proto"], rec["src"], rec["dst"], rec.get("sport"), rec.get("dport"))
+            off = 0
+            while off + 20 <= n:
+                (length,) = _U32.unpack_from(buf, off)
+                if length < 20 or off + length > n:
+                    break
+                rec = parse(buf, off, now)
+                if rec is not None:
+                    recs.append(rec)
+                off += (length + 3) & ~3
+        else:
+            more = True
+        if recs:
+            self._connections(recs)
+        loop = asyncio.get_running_loop()
+        if more:  # a flood: let the event loop run, then go on reading
+            self._ct_handle = loop.call_soon(self._ct_drain)
+        else:
+            loop.add_reader(sock.fileno(), self._ct_readable)
+
+    def _connections(self, recs: list[dict[str, Any]]) -> None:
+        """Records from conntrack's events (`ctevents.parse_event`), the ones of this host's pods. A
+        connection that opens and closes before the next push (most of them: a request) becomes one
+        record: its NEW record, not yet sent, takes the DESTROY's counters and `event: closed`; the
+        agent, the server and the ring handle half the records (bench/flows.py measures what
+        recording costs)."""
+        local, host, pending = self._local, self.host, self._pending
+        push = bool(getattr(getattr(self.agent, "cfg", None), "flows", False))
+        keep, out = self.records.append, self.outbox
+        kept = 0
+        for rec in recs:
+            src, dst = rec["src"], rec["dst"]
+            if (src not in local and dst not in local and rec.get("backend") not in local) or \
+                    (":" in src and is_noise(rec)):
+                continue
+            key = (rec["proto"], src, dst, rec.get("sport"), rec.get("dport"))
             if rec["event"] == "destroy":
                 opened = pending.pop(key, None)
                 if opened is not None:
-                    opened.update((k, v) for k, v in rec.items() if k not in ("time", "backend", "backend_port"))
-                    opened["event"], opened["ended"] = "closed", rec.get("time", now)
+                    for k in COUNTERS:
+                        if k in rec:
+                            opened[k] = rec[k]
+                    opened["event"], opened["ended"] = "closed", rec["time"]
                     continue
             rec["host"] = host
-            rec.setdefault("time", now)
-            self.records.append(rec)
-            self._keep(rec)
-            if rec["event"] == "new" and getattr(getattr(self.agent, "cfg", None), "flows", False):
-                if len(pending) >= PUSH_BACKLOG:  # the server is away and the outbox overflows: start over
-                    pending.clear()
-                pending[key] = rec
+            keep(rec)
+            kept += 1
+            if push:
+                if len(out) == out.maxlen:
+                    self.counts["lost"] += 1
+                out.append(rec)
+                if rec["event"] == "new":
+                    if len(pending) >= PUSH_BACKLOG:  # the server is away and the outbox overflows: start over
+                        pending.clear()
+                    pending[key] = rec
+        self.counts["allow"] += kept
 
     async def _push_loop(self) -> None:
         """Send what was recorded since the last push to the server, once a second."""
@@ -453,13 +497,16 @@ class FlowLog:
             a = self.agent
             if not self.outbox or a is None or not getattr(a, "connected", False):
                 continue
-            batch = [self.outbox.popleft() for _ in range(min(len(self.outbox), 1000))]
+            batch, alone = [], 0
+            while self.outbox and len(batch) < PUSH_MAX and alone < PUSH_ALONE:
+                r = self.outbox.popleft()
+                batch.append(r)
+                alone += not r.keys() <= GROUPED
             for r in batch:  # sent: a later DESTROY is a record of its own
                 if r.get("event") == "new":
                     self._pending.pop((r["proto"], r["src"], r["dst"], r.get("sport"), r.get("dport")), None)
             try:
-                await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows",
-                                       content=json.dumps({"records": batch}))
+                await a.client.request("POST", f"/api/v1/hosts/{self.host}/flows", content=json.dumps(pack(batch)))
                 self.counts["pushed"] += len(batch)
             except Exception as e:  # noqa: BLE001 - the records are put back and sent later
                 log.warning("could not push %d flow records to the server (kept, retried): %s", len(batch), e)
@@ -487,14 +534,9 @@ class FlowLog:
             self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
-        for t in [*self._tasks, self._ct_task]:
-            if t is not None:
-                t.cancel()
-        if self._ct is not None and self._ct.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._ct.kill()
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self._ct.wait, 5)
+        for t in self._tasks:
+            t.cancel()
+        self._stop_conntrack()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 

@@ -161,14 +161,19 @@ async def own_report(request: Request, name: str, what: str) -> Objects:
 
 
 class FlowPush(BaseModel):
+    """Records as they are, and connection records grouped by what they share (`tether.flows.pack`:
+    `{"common": {...}, "columns": [...], "rows": [[...], ...]}`, checked when ingested)."""
+
     model_config = ConfigDict(extra="forbid")
     records: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    groups: list[Any] = Field(default_factory=list, max_length=10_000)
 
 
 @router.post("/hosts/{name}/flows")
 async def push_flows(name: str, body: FlowPush, request: Request) -> dict:
     """A host's agent pushes the flows it recorded since its last push (`tether.flows`)."""
-    return {"kept": await request.app.state.flows.ingest(await own_report(request, name, "flows"), name, body.records)}
+    o = await own_report(request, name, "flows")
+    return {"kept": await request.app.state.flows.ingest(o, name, body.records, body.groups)}
 
 
 class PeerReport(BaseModel):
