@@ -10,7 +10,7 @@ from collections import deque
 from typing import Any
 
 from tether.flows import Names, is_noise, matches, policy_of_prefix
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Router, SecurityGroup, Service
 
 RING = 20_000  # records kept, all hosts together
 PUSH_MAX = 1000  # records per push
@@ -56,7 +56,7 @@ class FlowRing:
             elif r.get("proto") in ("tcp", "udp", "sctp"):
                 if world is None:
                     world = World(eps, await objs.list(Namespace), await objs.list(NetworkPolicy),
-                                  await objs.list(SecurityGroup), nets, hosts)
+                                  await objs.list(SecurityGroup), nets, hosts, await objs.list(Router))
                 target = str(r.get("backend") or r.get("dst", ""))
                 port = int(r.get("backend_port") or r.get("dport") or 0)
                 key = (str(r.get("src", "")), target, port, str(r["proto"]).upper())
