@@ -846,6 +846,9 @@ KINDS: dict[str, type[Obj]] = {
     c.kind: c for c in (Host, Network, Block, Namespace, Endpoint, NetworkPolicy, SecurityGroup, Service, Router,
                         FloatingIP)
 }
+# kinds written only through the Neutron API (/v2.0), which agents read from the snapshot and watch
+# like every other; /api/v1, `tether get` and `tether apply` do not serve them
+NEUTRON_ONLY_KINDS = ("Router", "FloatingIP")
 # URL/CLI plural names
 PLURALS: dict[str, str] = {
     "Host": "hosts",
