@@ -213,6 +213,8 @@ def interface_info(r: Router, leg: RouterInterface, net: Network | None) -> dict
 def interface_body(body: dict[str, Any]) -> tuple[str | None, str | None]:
     check_attrs(body, {"subnet_id", "port_id"})
     subnet_id, port_id = body.get("subnet_id") or None, body.get("port_id") or None
+    if not isinstance(subnet_id, str | None) or not isinstance(port_id, str | None):
+        raise bad_request("Bad router request: subnet_id and port_id are ids (strings).")
     if bool(subnet_id) == bool(port_id):
         raise bad_request("Bad router request: Either subnet_id or port_id must be specified (not both).")
     return subnet_id, port_id
