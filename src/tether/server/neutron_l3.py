@@ -461,6 +461,15 @@ async def create_fip(request: Request) -> dict:
     requested = []
     if body.get("floating_ip_address"):
         requested = [str(body["floating_ip_address"])]
+        try:
+            v4 = ipaddress.ip_address(requested[0]).version == 4
+        except ValueError:
+            v4 = False
+        if not v4:
+            raise bad_request(f"Invalid input for floating_ip_address. Reason: {requested[0][:60]!r} is not an IPv4 "
+                              "address.")
+    if not any(ipaddress.ip_network(s.cidr).version == 4 for s in net.subnets):
+        raise bad_request(f"Bad floatingip request: network {net.id} has no IPv4 subnet to take a floating IP from.")
     if body.get("subnet_id"):
         n, sub = await subnet_by_id(o, str(body["subnet_id"]))
         if n.id != net.id:
@@ -484,8 +493,7 @@ async def create_fip(request: Request) -> dict:
     address = next((ip for ip in held.ips if ipaddress.ip_address(ip).version == 4), None)
     try:
         if address is None:
-            raise bad_request(f"Bad floatingip request: network {net.id} has no IPv4 subnet to take a floating IP "
-                              "from.")
+            raise bad_request(f"Bad floatingip request: no IPv4 address was taken on network {net.id}.")
         f = FloatingIP(id=fip_id, name=address, network=net.name, address=address, allocation=held.id,
                        project=project_of(body), **fields,
                        **({"endpoint": mapped[0].id, "fixed_ip": mapped[1], "router": mapped[2].id} if mapped else {}))
