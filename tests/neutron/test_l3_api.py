@@ -164,3 +164,21 @@ def test_l3_resources_answer_in_neutrons_shapes(http, topo) -> None:
     assert "router" in [e["alias"] for e in http.get("/v2.0/extensions").json()["extensions"]]
     r = http.get("/v2.0/qos/policies")
     assert r.status_code == 404 and "routers" in r.json()["NeutronError"]["message"]
+
+
+def test_router_add_port_takes_the_ports_address_and_remove_port_deletes_it(openstack_client: OpenStack, topo) -> None:
+    os_ = openstack_client
+    r = os_.cli("router", "create", unique("rp"))
+    port = os_.cli("port", "create", "--network", topo["b"]["id"], "--fixed-ip", "ip-address=10.91.2.254",
+                   unique("rport"))
+    os_.run("router", "add", "port", r["id"], port["id"])
+    shown = os_.cli("port", "show", port["id"])
+    assert shown["device_owner"] == "network:router_interface" and shown["device_id"] == r["id"]
+    legs = os_.cli("router", "show", r["id"])["interfaces_info"]
+    assert legs == [{"port_id": port["id"], "ip_address": "10.91.2.254", "subnet_id": topo["b_sub"]["id"]}]
+    with pytest.raises(CliError):  # a router's port is removed through the router
+        os_.run("port", "delete", port["id"])
+    os_.run("router", "remove", "port", r["id"], port["id"])
+    assert port["id"] not in [p["ID"] for p in os_.cli("port", "list")]
+    assert os_.cli("router", "show", r["id"])["interfaces_info"] == []
+    os_.run("router", "delete", r["id"])
