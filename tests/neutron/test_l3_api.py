@@ -182,3 +182,18 @@ def test_router_add_port_takes_the_ports_address_and_remove_port_deletes_it(open
     assert port["id"] not in [p["ID"] for p in os_.cli("port", "list")]
     assert os_.cli("router", "show", r["id"])["interfaces_info"] == []
     os_.run("router", "delete", r["id"])
+
+
+def test_ipv6_and_external_subnets_cannot_be_router_legs_and_leave_the_router_as_it_was(http, topo) -> None:
+    r = http.post("/v2.0/routers", json={"router": {"name": unique("r6")}}).json()["router"]
+    v6 = http.post("/v2.0/subnets", json={"subnet": {"network_id": topo["b"]["id"], "cidr": "fd91:2::/64",
+                                                     "ip_version": 6}}).json()["subnet"]
+    before = snapshot(http)
+    for subnet, words in ((v6["id"], "IPv6"), (topo["ext_sub"]["id"], "external")):
+        resp = http.put(f"/v2.0/routers/{r['id']}/add_router_interface", json={"subnet_id": subnet})
+        assert resp.status_code == 400 and words in resp.json()["NeutronError"]["message"], resp.text
+    resp = http.put(f"/v2.0/routers/{r['id']}/add_router_interface", json={"subnet_id": v6["id"], "port_id": "x"})
+    assert resp.status_code == 400 and "Either subnet_id or port_id" in resp.text
+    assert snapshot(http) == before
+    assert http.delete(f"/v2.0/subnets/{v6['id']}").status_code == 204
+    assert http.delete(f"/v2.0/routers/{r['id']}").status_code == 204
