@@ -1,7 +1,8 @@
 """Routers and floating IPs made with the real `openstack` CLI, proven with packets in the lab: a
 router joins two subnets (a third stays isolated), its external gateway source-NATs to the host's
 address towards the lab's internet, and a floating IP makes a pod reachable from the internet (and
-its traffic leave as the floating IP) until `floating ip unset --port`.
+its traffic leave as the floating IP) until `floating ip unset --port`; a VM port's security group
+filters what comes through its floating IP.
 
 The lab's underlay router (namespace `<lab>-ul`, the internet's next hop) learns the way to a floating
 IP as an upstream router would: a /32 route via the host of the port, added inside the lab only."""
@@ -16,7 +17,7 @@ import pytest
 
 from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
-from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx
+from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx, sh
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
 
@@ -134,3 +135,35 @@ def test_a_floating_ip_reaches_the_port_from_the_internet_until_it_is_unset(lab:
         l3.cloud.run("floating", "ip", "delete", fip["id"])
         l3.cloud.run("router", "remove", "subnet", r["id"], l3.subnets["a"]["id"])
         l3.cloud.run("router", "delete", r["id"])
+
+
+def test_a_floating_ip_to_a_vm_port_is_filtered_by_its_security_group(lab: Lab, l3: L3) -> None:
+    """A VM port (plugged by h1's agent into a namespace standing for the VM) in a group without an
+    ingress rule is not reachable through its floating IP; a rule for ICMP from anywhere opens it."""
+    cloud = l3.cloud
+    sg = cloud.cli("security", "group", "create", unique("fipsg"))
+    name = unique("vm")
+    ns = f"{lab.name}-{name}"  # lab-prefixed: `lab.down` removes it whatever happens
+    sh("ip", "netns", "add", ns)
+    port = cloud.cli("port", "create", "--network", l3.nets["a"]["id"], "--host", "h1", "--device-owner",
+                     "compute:nova", "--device", name, "--binding-profile", f"netns=/var/run/netns/{ns}",
+                     "--security-group", sg["id"], name)
+    r = cloud.cli("router", "create", unique("vr"))
+    cloud.run("router", "set", "--external-gateway", l3.ext["id"], r["id"])
+    cloud.run("router", "add", "subnet", r["id"], l3.subnets["a"]["id"])
+    fip = cloud.cli("floating", "ip", "create", "--port", port["id"], l3.ext["id"])
+    address = fip["floating_ip_address"]
+    nsx(lab.ul, "ip", "route", "add", f"{address}/32", "via", lab.host("h1").ip)
+    try:
+        assert eventually(lambda: nsx(ns, "ip", "-4", "addr", "show", "dev", "eth0", check=False).stdout.count(
+            port["fixed_ips"][0]["ip_address"]) == 1, 20), "the VM port was not plugged"
+        assert stays_false(lambda: ping(lab.inet, address), 4), "the group has no ingress rule, yet the VM answers"
+        cloud.cli("security", "group", "rule", "create", "--protocol", "icmp", "--remote-ip", "0.0.0.0/0", sg["id"])
+        assert eventually(lambda: ping(lab.inet, address)), "an ICMP rule from anywhere does not open the VM"
+    finally:
+        nsx(lab.ul, "ip", "route", "del", f"{address}/32", check=False)
+        cloud.run("floating", "ip", "delete", fip["id"])
+        cloud.run("port", "delete", port["id"])
+        cloud.run("router", "remove", "subnet", r["id"], l3.subnets["a"]["id"])
+        cloud.run("router", "delete", r["id"])
+        sh("ip", "netns", "del", ns, check=False)
