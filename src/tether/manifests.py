@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tether.model import KINDS, Namespace, NetworkPolicy, Obj, Service, ServicePort
+from tether.model import KINDS, NEUTRON_ONLY_KINDS, Namespace, NetworkPolicy, Obj, Service, ServicePort
 
 TETHER_API = "tether.dev/v1"
 K8S_KINDS = {("v1", "Namespace"), ("networking.k8s.io/v1", "NetworkPolicy"), ("v1", "Service")}
@@ -81,8 +81,11 @@ def to_object(doc: dict[str, Any], index: int = 0, warn: Callable[[str], None] =
         raise ManifestError(f"{where}: apiVersion and kind are required")
     try:
         if api == TETHER_API:
-            if kind not in KINDS:
-                raise ManifestError(f"{where}: unknown kind {kind!r}; Tether kinds: {', '.join(sorted(KINDS))}")
+            if kind not in KINDS or kind in NEUTRON_ONLY_KINDS:
+                served = sorted(set(KINDS) - set(NEUTRON_ONLY_KINDS))
+                why = " (routers and floating IPs are made through the Neutron API: `openstack router create`)" \
+                    if kind in NEUTRON_ONLY_KINDS else ""
+                raise ManifestError(f"{where}: unknown kind {kind!r}{why}; Tether kinds: {', '.join(served)}")
             cls = KINDS[kind]
             data = dict(doc.get("spec") or {})
             if kind == "NetworkPolicy":

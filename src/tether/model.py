@@ -773,9 +773,82 @@ class Service(Obj):
 
 
 
+class RouterInterface(Strict):
+    """A router's leg on a tenant subnet (Neutron's router interface port): the router answers as
+    the subnet's gateway address. Shown by the Neutron API as a port with device_owner
+    `network:router_interface`, kept here so adding or removing a leg is one write."""
+
+    subnet_id: Annotated[str, checked(check_id, "subnet_id")]
+    network: NetworkName
+    cidr: str  # the subnet's, so the datapath needs no lookup (and a later subnet change is seen)
+    ip: Annotated[str, checked(check_ip, "ip")]  # the subnet's gateway address
+    port_id: Annotated[str, checked(check_id, "port_id")] = Field(default_factory=new_id)
+
+
+MAX_ROUTER_INTERFACES = 64
+
+
+class Router(Obj):
+    """Neutron's router, distributed: every host routes between the subnets of its interfaces and
+    source-NATs them to its own address towards the outside when the router has an external
+    gateway with SNAT (docs/ARCHITECTURE.md, "L3: routers and floating IPs")."""
+
+    kind: ClassVar[str] = "Router"
+    description: Annotated[str, checked(check_text, "description")] = ""
+    project: Annotated[str, checked(check_text, "project")] | None = None
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
+    external_network: NetworkName | None = None  # the gateway's network (router:external)
+    enable_snat: bool = True
+    interfaces: Annotated[list[RouterInterface], at_most(MAX_ROUTER_INTERFACES, "router interfaces")] = Field(
+        default_factory=list)
+
+    def store_name(self) -> str:
+        return self.id
+
+    @model_validator(mode="after")
+    def _one_leg_per_subnet(self) -> Router:
+        subnets = [i.subnet_id for i in self.interfaces]
+        if len(set(subnets)) != len(subnets):
+            raise ValueError("a router has at most one interface per subnet")
+        return self
+
+
+class FloatingIP(Obj):
+    """A floating IP: an address of an external network (held in IPAM by the endpoint
+    `allocation`, device_owner `network:floatingip`) mapped 1:1 to a port's fixed address, by DNAT
+    and SNAT on the port's host. `name` is the address."""
+
+    kind: ClassVar[str] = "FloatingIP"
+    network: NetworkName  # the external network
+    address: Annotated[str, checked(check_ip, "floating_ip_address")]
+    allocation: Annotated[str, checked(check_id, "allocation")]  # the endpoint holding the address
+    endpoint: Annotated[str, checked(check_id, "port_id")] | None = None  # the port it maps to
+    fixed_ip: Annotated[str, checked(check_ip, "fixed_ip_address")] | None = None
+    router: Annotated[str, checked(check_id, "router_id")] | None = None
+    description: Annotated[str, checked(check_text, "description")] = ""
+    project: Annotated[str, checked(check_text, "project")] | None = None
+    tags: Annotated[list[str], AfterValidator(check_tags)] = Field(default_factory=list)
+
+    def store_name(self) -> str:
+        return self.id
+
+    @model_validator(mode="after")
+    def _mapped(self) -> FloatingIP:
+        if (self.endpoint is None) != (self.fixed_ip is None):
+            raise ValueError("a floating IP maps to a port and one of its fixed addresses: give both or neither")
+        if ipaddress.ip_address(self.address).version != 4 or (
+                self.fixed_ip and ipaddress.ip_address(self.fixed_ip).version != 4):
+            raise ValueError("floating IPs are IPv4 (as in Neutron)")
+        return self
+
+
 KINDS: dict[str, type[Obj]] = {
-    c.kind: c for c in (Host, Network, Block, Namespace, Endpoint, NetworkPolicy, SecurityGroup, Service)
+    c.kind: c for c in (Host, Network, Block, Namespace, Endpoint, NetworkPolicy, SecurityGroup, Service, Router,
+                        FloatingIP)
 }
+# kinds written only through the Neutron API (/v2.0), which agents read from the snapshot and watch
+# like every other; /api/v1, `tether get` and `tether apply` do not serve them
+NEUTRON_ONLY_KINDS = ("Router", "FloatingIP")
 # URL/CLI plural names
 PLURALS: dict[str, str] = {
     "Host": "hosts",
@@ -786,6 +859,8 @@ PLURALS: dict[str, str] = {
     "NetworkPolicy": "networkpolicies",
     "SecurityGroup": "securitygroups",
     "Service": "services",
+    "Router": "routers",
+    "FloatingIP": "floatingips",
 }
 
 

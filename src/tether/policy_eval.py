@@ -21,7 +21,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Router, SecurityGroup, SecurityGroupRule
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
 
@@ -49,6 +49,7 @@ class World:
     security_groups: list[SecurityGroup] = field(default_factory=list)
     networks: list[Network] = field(default_factory=list)
     hosts: list[Host] = field(default_factory=list)
+    routers: list[Router] = field(default_factory=list)
 
     def ns_labels(self, name: str) -> dict[str, str]:
         for ns in self.namespaces:
@@ -68,6 +69,18 @@ class World:
             for s in net.subnets:
                 if addr in ipaddress.ip_network(s.cidr):
                     return net.name
+        return None
+
+    def router_between(self, src_ip: str, dst_ip: str) -> Router | None:
+        """A router with interfaces on the subnets of both addresses (it routes between them)."""
+        try:
+            src, dst = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
+        except ValueError:
+            return None
+        for r in self.routers:
+            cidrs = [ipaddress.ip_network(leg.cidr) for leg in r.interfaces]
+            if any(src in c for c in cidrs) and any(dst in c for c in cidrs):
+                return r
         return None
 
     def sg(self, ref: str) -> SecurityGroup | None:
@@ -277,6 +290,10 @@ def decide(world: World, src: Endpoint | str, dst: Endpoint | str, port: int = 8
     inn = side(world, dst_ep, "Ingress", src_ip, src_ep, port, proto)
     if inn is None:
         src_net = world.network_of_ip(src_ip)
+        router = world.router_between(src_ip, dst_ip) if src_net is not None else None
+        if src_net is not None and src_net != dst_ep.network and router is not None:
+            steps.append(f"ingress: router {router.name or router.id} routes {src_net} -> {dst_ep.network}")
+            return Decision(True, f"allowed: router {router.name or router.id} joins the two subnets", steps=steps)
         if src_net is not None and src_net != dst_ep.network:
             steps.append(f"ingress: {src_ip} is in network {src_net}, the destination in {dst_ep.network}")
             return Decision(False, f"denied: network isolation ({src_net} -> {dst_ep.network}) and no policy or "

@@ -1,6 +1,7 @@
 """Fuzzing the Neutron routes (/v2.0) with generated bodies: their OpenAPI entries carry no request
 schema (the routes read the JSON themselves, as Neutron does), so schemathesis alone sends them
-nothing. Each example is one request on networks, subnets, ports, security groups or rules, with
+nothing. Each example is one request on networks, subnets, ports, security groups or rules, routers
+(their interfaces too) or floating IPs, with
 each attribute either a plausible value (an existing object's id, a CIDR, an address, a MAC) or
 junk of any JSON type. Checks as for /api/v1: no 5xx, and a refused request changes nothing."""
 
@@ -108,13 +109,24 @@ def _bodies() -> dict[str, st.SearchStrategy[dict[str, Any]]]:
             "port_range_min": maybe(st.integers(-1, 70000)), "port_range_max": maybe(st.integers(-1, 70000)),
             "remote_ip_prefix": maybe(CIDRS), "remote_group_id": maybe(known("security-groups")),
             "description": maybe(st.text(max_size=10))}),
+        "router": st.fixed_dictionaries({}, optional={
+            "name": maybe(NAMES), "description": maybe(st.text(max_size=10)), "admin_state_up": maybe(st.booleans()),
+            "ha": maybe(st.booleans()), "distributed": maybe(st.booleans()), "routes": maybe(st.just([])),
+            "external_gateway_info": maybe(st.fixed_dictionaries({"network_id": maybe(known("networks"))}, optional={
+                "enable_snat": maybe(st.booleans()), "external_fixed_ips": maybe(st.just([]))}))}),
+        "floatingip": st.fixed_dictionaries({"floating_network_id": maybe(known("networks"))}, optional={
+            "port_id": maybe(known("ports")), "fixed_ip_address": maybe(IPS), "floating_ip_address": maybe(IPS),
+            "description": maybe(st.text(max_size=10)), "dns_name": maybe(NAMES)}),
+        # the body of PUT /routers/{id}/add_router_interface and remove_router_interface
+        "interface": st.fixed_dictionaries({}, optional={"subnet_id": maybe(known("subnets")),
+                                                         "port_id": maybe(known("ports"))}),
     }
 
 
 BODIES = _bodies()
 TALLY: dict[str, int] = {}  # "<verb> <collection> <status>" -> requests, printed at the end: what the fuzzer reached
 COLLECTIONS = {"networks": "network", "subnets": "subnet", "ports": "port", "security-groups": "security_group",
-               "security-group-rules": "security_group_rule"}
+               "security-group-rules": "security_group_rule", "routers": "router", "floatingips": "floatingip"}
 
 
 def current_ids(srv: InProcessServer) -> dict[str, list[str]]:
@@ -157,7 +169,10 @@ def test_neutron_requests_with_generated_bodies_get_no_5xx_and_refusals_change_n
         method = "GET" if verb == "LIST" else verb
         kw: dict[str, Any] = {}
         body: Any = None
-        if method in ("POST", "PUT"):
+        if collection == "routers" and method == "PUT" and data.draw(st.booleans(), label="interface"):
+            url += "/" + data.draw(st.sampled_from(["add_router_interface", "remove_router_interface"]), label="op")
+            body = kw["json"] = resolve(data.draw(BODIES["interface"], label="body"), ids)
+        elif method in ("POST", "PUT"):
             inner = resolve(data.draw(BODIES[resource], label="body"), ids)
             body = data.draw(st.sampled_from([{resource: inner}] * 8 + [inner, [inner], {resource: [inner]}]),
                              label="wrapper")

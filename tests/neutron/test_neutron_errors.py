@@ -54,11 +54,13 @@ def snapshot(http) -> list:
     ("/v2.0/ports/" + MISSING, "PortNotFound"),
     ("/v2.0/security-groups/" + MISSING, "SecurityGroupNotFound"),
     ("/v2.0/security-group-rules/" + MISSING, "SecurityGroupRuleNotFound"),
-    ("/v2.0/routers", "HTTPNotFound"),
+    ("/v2.0/routers/" + MISSING, "RouterNotFound"),
+    ("/v2.0/floatingips/" + MISSING, "FloatingIPNotFound"),
+    ("/v2.0/qos/policies", "HTTPNotFound"),
 ])
 def test_unknown_id_is_404(http, path: str, type_: str) -> None:
     neutron_error(http.get(path), 404, type_, "")
-    if "/routers" not in path:
+    if "/qos" not in path:
         neutron_error(http.delete(path), 404, type_, MISSING)
 
 

@@ -13,7 +13,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 
 from tether import yielding
-from tether.calc import pod_ingress, policy, services
+from tether.calc import l3, pod_ingress, policy, services
 from tether.calc.addresses import ip_version, v4_subnets
 from tether.calc.memos import Memos
 from tether.calc.names import (
@@ -252,7 +252,7 @@ VXLAN_REFUSED = "VXLAN from a pod or an unknown host"
 def same_network_pairs(rep: Replica) -> frozenset[tuple[str, str]]:
     """(subnet, subnet) pairs of every network's IPv4 subnets: traffic that network isolation allows."""
     pairs = set()
-    for n in rep.networks.values():
+    for n in l3.pod_networks(rep.networks.values()):
         v4 = v4_subnets(n)
         pairs.update((a, b) for a in v4 for b in v4)
     return frozenset(pairs)
@@ -309,6 +309,8 @@ def needs_state(rep: Replica) -> str:
         return "security groups"
     if any(not ep.admin_state_up for ep in rep.endpoints):
         return "disabled ports"
+    if l3.has_l3(rep):  # SNAT and floating IPs are NAT; routed pairs are judged in the forward chain
+        return "routers or floating IPs"
     return ""
 
 
@@ -394,8 +396,9 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                       if ep.host == host and ep.interface and not ep.admin_state_up)
     to_disabled = (denied(match(meta("oifname"), disabled[0] if len(disabled) == 1 else {"set": disabled}),
                           comment=pod_ingress.PORT_DISABLED),) if disabled else ()
-    cidrs = sorted({c for n in rep.networks.values() for c in v4_subnets(n)})
-    nat = sorted({c for n in rep.networks.values() if n.nat_outgoing for c in v4_subnets(n)})
+    pods = l3.pod_networks(rep.networks.values())
+    cidrs = sorted({c for n in pods for c in v4_subnets(n)})
+    nat = sorted({c for n in pods if n.nat_outgoing for c in v4_subnets(n)})
     sets = (
         NftSet("tether_nets", "ipv4_addr", ("interval",), elements=frozenset(cidrs)),
         NftSet("nat_sources", "ipv4_addr", ("interval",), elements=frozenset(nat)),
@@ -540,13 +543,16 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     if not stateful:
         return merge(base, ingress)
     me = rep.hosts.get(ctx.name)
+    routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
-                         list(rep.networks.values()), ctx.name, m)
+                         list(rep.networks.values()), ctx.name, m, routed=routed)
     yielding.checkpoint()
     svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
                            [me.underlay_ip] if me else [])
     yielding.checkpoint()
-    return merge(base, pol, svc, ingress)
+    if not l3.has_l3(rep):
+        return merge(base, pol, svc, ingress)
+    return merge(base, pol, svc, ingress, l3.compile(rep, ctx.name))
 
 
 # --- connections a table change may now forbid ------------------------------------------------------
@@ -554,7 +560,7 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
 # chains and sets whose change can narrow a verdict: policy and group chains, dispatch chains and
 # maps, peer and member sets, named ports, isolation (see calc/policy.py); not services, `st-` or
 # `ing-` chains, and not `stateful` (a pod that becomes stateful is picked up mid-stream)
-POLICY_PREFIXES = ("np", "sg", "in-", "out-", "sel", "pn-", "others", "ep_", "nested", "parent")
+POLICY_PREFIXES = ("np", "sg", "in-", "out-", "sel", "pn-", "others", "ep_", "nested", "parent", "routed")
 
 
 def _policy_name(name: str) -> bool:

@@ -207,9 +207,11 @@ def selector_set_name(pol: NetworkPolicy, peer: dict[str, Any], version: int, ke
 # --- compilation -----------------------------------------------------------------------------------
 
 class Builder:
-    def __init__(self, idx: Index, host: str, memos: Memos | None = None) -> None:
+    def __init__(self, idx: Index, host: str, memos: Memos | None = None,
+                 routed: frozenset[tuple[str, str]] = frozenset()) -> None:
         self.idx = idx
         self.host = host
+        self.routed = routed  # (subnet, subnet) pairs a router joins (calc/l3.py)
         self.memos = Memos() if memos is None else memos  # policy_rules, dispatch_rules, workloads
         self.sets: dict[str, NftSet] = {}
         self.chains: dict[str, NftChain] = {}
@@ -464,9 +466,15 @@ class Builder:
             self.chains[name] = NftChain(name, (TO_EP_IN, UNKNOWN_OIF, ACCEPT_RULE))
             return name
         rules: list[str] = []  # ingress without layers: only the network isolation
+        own = {s.cidr for s in self.idx.networks[ep.network].subnets} if ep.network in self.idx.networks else set()
+        if any(dst in own for _, dst in self.routed):  # a router joins another network's subnet to this one
+            rules.append(rule(match({"concat": [addr_field(4, "saddr"), addr_field(4, "daddr")]},
+                                    self.add_set("routed", ("ipv4_addr", "ipv4_addr"), self.routed, ("interval",))),
+                              ACCEPT, comment="routed"))
         for v in self.versions:
-            others = [s.cidr for n in self.idx.networks.values() if n.name != ep.network for s in n.subnets
-                      if ipaddress.ip_network(s.cidr).version == v]
+            # external networks (floating IP ranges) hold no pod: a source there is the outside
+            others = [s.cidr for n in self.idx.networks.values() if n.name != ep.network and not n.external
+                      for s in n.subnets if ipaddress.ip_network(s.cidr).version == v]
             if not others:
                 continue
             ref = self.add_set(names.others_set(v, ep.network),
@@ -483,14 +491,15 @@ NO_GROUPS = SecurityGroup(id="no-groups", name="no-groups")
 
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
             security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str,
-            memos: Memos | None = None) -> NftPlan:
-    """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`).
+            memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset()) -> NftPlan:
+    """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`); `routed`:
+    the subnet pairs routers join, which isolation lets through.
 
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
     and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
     idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
-    b = Builder(idx, host, memos)
+    b = Builder(idx, host, memos, routed)
     local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
     children = nested_children(idx.endpoints)
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",

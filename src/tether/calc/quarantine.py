@@ -28,11 +28,13 @@ from tether.model import (
     MAC,
     Block,
     Endpoint,
+    FloatingIP,
     Host,
     Namespace,
     Network,
     NetworkPolicy,
     Obj,
+    Router,
     SecurityGroup,
     Service,
 )
@@ -41,7 +43,8 @@ T = TypeVar("T")
 
 # the order objects are added back in when `isolate` looks for the one that makes a plan raise:
 # what others depend on first, so the object found is the one that adds the failing part
-ISOLATION_ORDER = ("Network", "Namespace", "Host", "Block", "SecurityGroup", "Endpoint", "NetworkPolicy", "Service")
+ISOLATION_ORDER = ("Network", "Namespace", "Host", "Block", "SecurityGroup", "Endpoint", "NetworkPolicy", "Service",
+                   "Router", "FloatingIP")
 PROTOCOLS = {"tcp", "udp", "icmp", "sctp", "icmpv6", "ipv6-icmp", "any"}
 DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)*[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.?$")
 MAX_LIST = 4096  # addresses, address pairs, rules, ports, backends per object: what a table can carry
@@ -173,9 +176,22 @@ def _namespace(n: Namespace, me: str) -> None:
     _label(n.name, "namespace name")
 
 
+def _router(r: Router, me: str) -> None:
+    for leg in r.interfaces:
+        _ip(leg.ip, "router interface address")
+        _net(leg.cidr, "router interface subnet")
+
+
+def _floating_ip(f: FloatingIP, me: str) -> None:
+    _ip(f.address, "floating IP")
+    if f.fixed_ip is not None:
+        _ip(f.fixed_ip, "fixed IP")
+
+
 CHECKS: dict[str, Callable[[Any, str], None]] = {
     "Host": _host, "Network": _network, "Block": _block, "Endpoint": _endpoint, "SecurityGroup": _security_group,
-    "NetworkPolicy": _policy, "Service": _service, "Namespace": _namespace,
+    "NetworkPolicy": _policy, "Service": _service, "Namespace": _namespace, "Router": _router,
+    "FloatingIP": _floating_ip,
 }
 
 def problem(kind: str, obj: Obj, me: str, memos: Memos | None = None) -> str | None:

@@ -12,7 +12,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tether.model import KINDS, Block, Endpoint, Host, Namespace, Network, NetworkPolicy, Obj, SecurityGroup, Service
+from tether.model import (
+    KINDS,
+    Block,
+    Endpoint,
+    FloatingIP,
+    Host,
+    Namespace,
+    Network,
+    NetworkPolicy,
+    Obj,
+    Router,
+    SecurityGroup,
+    Service,
+)
 
 
 class Replica:
@@ -141,6 +154,14 @@ class Replica:
     def services(self) -> Iterable[Service]:
         return self.objects["Service"].values()  # type: ignore[return-value]
 
+    @property
+    def routers(self) -> Iterable[Router]:
+        return self.objects["Router"].values()  # type: ignore[return-value]
+
+    @property
+    def floating_ips(self) -> Iterable[FloatingIP]:
+        return self.objects["FloatingIP"].values()  # type: ignore[return-value]
+
     def endpoint(self, ep_id: str) -> Endpoint | None:
         return self.objects["Endpoint"].get(ep_id)  # type: ignore[return-value]
 
@@ -161,7 +182,7 @@ def _raw_name(kind: str, raw: Any) -> str:
     """The store name of an object the model refuses, as far as its raw fields tell."""
     if not isinstance(raw, dict):
         return "?"
-    if kind in ("Endpoint", "SecurityGroup"):
+    if kind in ("Endpoint", "SecurityGroup", "Router", "FloatingIP"):
         return str(raw.get("id", "?"))[:200]
     if kind in ("NetworkPolicy", "Service"):
         return f"{raw.get('namespace', 'default')}/{raw.get('name', '?')}"[:200]

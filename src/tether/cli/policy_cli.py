@@ -19,12 +19,12 @@ from typing import Annotated, Any
 import typer
 
 from tether.cli.output import Format
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Router, SecurityGroup, Service
 from tether.policy_eval import Decision, World, decide
 
 LabOpt = Annotated[str | None, typer.Option("--lab", help="lab name (default: env TETHER_LAB, or the only lab)")]
 CLASSES = {"Endpoint": Endpoint, "Namespace": Namespace, "NetworkPolicy": NetworkPolicy,
-           "SecurityGroup": SecurityGroup, "Network": Network, "Host": Host}
+           "SecurityGroup": SecurityGroup, "Network": Network, "Host": Host, "Router": Router}
 
 
 def fail(message: str) -> None:
@@ -41,7 +41,7 @@ def world_from(snapshot: dict) -> World:
             by_kind[item["kind"]].append(cls.model_validate(item["object"]))
     return World(endpoints=by_kind["Endpoint"], namespaces=by_kind["Namespace"],
                  policies=by_kind["NetworkPolicy"], security_groups=by_kind["SecurityGroup"],
-                 networks=by_kind["Network"], hosts=by_kind["Host"])
+                 networks=by_kind["Network"], hosts=by_kind["Host"], routers=by_kind["Router"])
 
 
 def parse_target(text: str) -> tuple[str, int, str]:

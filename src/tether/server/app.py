@@ -181,9 +181,11 @@ def create_app(
     from tether.server.ui import router as ui_router
 
     app.include_router(ui_router)
-    from tether.server import neutron
+    from tether.server import neutron, neutron_l3
 
     app.include_router(neutron.router)
+    app.include_router(neutron_l3.router)
+    app.include_router(neutron.fallback)  # last: what no route above answers
 
     app.add_middleware(BodyLimit, limits=limits)  # inside the token check: no body is read before it
     app.add_middleware(AuthAndMetrics, credentials=app.state.credentials, requests=requests, latency=latency)

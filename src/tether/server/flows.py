@@ -10,7 +10,7 @@ from collections import deque
 from typing import Any
 
 from tether.flows import Names, is_noise, matches, policy_of_prefix, unpack_group
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Router, SecurityGroup, Service
 
 RING = 20_000  # records kept, all hosts together
 PUSH_MAX = 1000  # records per push, as they are
@@ -71,7 +71,8 @@ class FlowRing:
                 if self._world is None:
                     lists = self._lists
                     self._world = World(lists[Endpoint], await objs.list(Namespace), await objs.list(NetworkPolicy),
-                                        await objs.list(SecurityGroup), lists[Network], lists[Host])
+                                        await objs.list(SecurityGroup), lists[Network], lists[Host],
+                                        await objs.list(Router))
                 try:
                     self._decided[key] = decide(self._world, *key)
                 except Exception:  # noqa: BLE001 - naming is best effort; the record stays

@@ -117,6 +117,8 @@ def _api_error_type(e: ApiError) -> str:
 
 
 router = APIRouter(prefix="/v2.0", route_class=NeutronRoute)
+# what no route of /v2.0 answers (included last by the app, after neutron_l3's routes)
+fallback = APIRouter(prefix="/v2.0", route_class=NeutronRoute)
 
 
 def objs(request: Request) -> Objects:
@@ -335,6 +337,12 @@ EXTENSIONS = [
     ("standard-attr-tag", "Tag support for resources with standard attribute: subnet, network, port, "
                           "security_group", "Enables to set tag on resources with standard attribute."),
     ("dns-integration", "DNS Integration", "Provides integration with DNS (dns_name of a port)."),
+    ("router", "Neutron L3 Router", "Router abstraction for basic L3 forwarding between L2 Neutron networks and "
+                                    "access to external networks via a NAT gateway."),
+    ("ext-gw-mode", "Neutron L3 Configurable external gateway mode", "Extension of the router abstraction for "
+                                                                     "specifying whether SNAT should occur on the "
+                                                                     "external gateway"),
+    ("dvr", "Distributed Virtual Router", "Enables configuration of Distributed Virtual Routers."),
 ]
 
 
@@ -343,12 +351,15 @@ def extension(alias: str, name: str, description: str) -> dict[str, Any]:
             "links": []}
 
 
+COLLECTIONS = ("networks", "subnets", "ports", "security-groups", "security-group-rules", "routers", "floatingips")
+
+
 @router.get("/")
 @router.get("", include_in_schema=False)
 async def resources(request: Request) -> dict:
     base = str(request.base_url).rstrip("/") + "/v2.0/"
     return {"resources": [{"name": n[:-1], "collection": n, "links": [{"href": base + n, "rel": "self"}]}
-                          for n in ("networks", "subnets", "ports", "security-groups", "security-group-rules")]}
+                          for n in COLLECTIONS]}
 
 
 @router.get("/extensions")
@@ -660,6 +671,12 @@ async def update_subnet(subnet_id: str, request: Request) -> dict:
 async def delete_subnet(subnet_id: str, request: Request) -> Response:
     o = objs(request)
     net, s = await subnet_by_id(o, subnet_id)
+    from tether.server import neutron_l3
+
+    r = await neutron_l3.subnet_router(o, subnet_id)
+    if r is not None:
+        raise NeutronError(409, "SubnetInUse", f"Unable to complete operation on subnet {subnet_id}: router {r.id} "
+                                               "has an interface on it (`openstack router remove subnet`).")
     cidr = ipaddress.ip_network(s.cidr)
     users = [e for e in await o.endpoints_in(net.name) if any(ipaddress.ip_address(ip) in cidr for ip in e.ips)]
     if users:
@@ -833,13 +850,25 @@ def vm_owner(body: dict[str, Any], old: Owner | None = None) -> Owner:
 async def list_ports(request: Request) -> dict:
     o = objs(request)
     nets = await nets_by_name(o)
-    return {"ports": filtered(request, [port_view(e, nets) for e in await o.observed(await o.list(Endpoint))])}
+    from tether.server import neutron_l3  # the router interfaces added by subnet are ports too
+
+    views = [port_view(e, nets) for e in await o.observed(await o.list(Endpoint))]
+    return {"ports": filtered(request, views + await neutron_l3.interface_ports(o, nets))}
 
 
 @router.get("/ports/{port_id}")
 async def get_port(port_id: str, request: Request) -> dict:
     o = objs(request)
-    return {"port": port_view((await o.observed([await port_by_id(o, port_id)]))[0], await nets_by_name(o))}
+    try:
+        ep = await port_by_id(o, port_id)
+    except NeutronError:
+        from tether.server import neutron_l3
+
+        shown = await neutron_l3.interface_port(o, port_id)
+        if shown is None:
+            raise
+        return {"port": shown}
+    return {"port": port_view((await o.observed([ep]))[0], await nets_by_name(o))}
 
 
 def port_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -1021,7 +1050,13 @@ async def update_port(port_id: str, request: Request) -> dict:
 @router.delete("/ports/{port_id}", status_code=204)
 async def delete_port(port_id: str, request: Request) -> Response:
     o = objs(request)
-    await port_by_id(o, port_id)
+    from tether.server import neutron_l3
+
+    if await neutron_l3.interface_port(o, port_id) is not None and await o.get(Endpoint, port_id) is None:
+        raise NeutronError(409, "PortInUse", f"Port {port_id} cannot be deleted directly via the port API: it has "
+                                             "device owner network:router_interface (`openstack router remove "
+                                             "subnet`).")
+    await neutron_l3.release_port(o, await port_by_id(o, port_id))
     if await o.delete_endpoint(port_id) is None:
         raise NeutronError(404, "PortNotFound", f"Port {port_id} could not be found.")
     return Response(status_code=204)
@@ -1250,7 +1285,7 @@ async def delete_rule(rule_id: str, request: Request) -> Response:
 
 # --- tags (the standard-attr-tag extension: what `openstack ... create/set/unset --tag` calls) -------
 
-TAGGED = ("networks", "subnets", "ports", "security-groups")
+TAGGED = ("networks", "subnets", "ports", "security-groups", "routers", "floatingips")
 
 
 async def current_tags(o: Objects, resource: str, rid: str) -> list[str]:
@@ -1260,7 +1295,15 @@ async def current_tags(o: Objects, resource: str, rid: str) -> list[str]:
         return list((await subnet_by_id(o, rid))[1].tags)
     if resource == "ports":
         return list((await port_by_id(o, rid)).tags)
+    if resource in ("routers", "floatingips"):
+        return list((await l3_object(o, resource, rid)).tags)
     return list((await sg_by_id(o, rid)).tags)
+
+
+async def l3_object(o: Objects, resource: str, rid: str) -> Any:
+    from tether.server import neutron_l3
+
+    return await (neutron_l3.router_by_id(o, rid) if resource == "routers" else neutron_l3.fip_by_id(o, rid))
 
 
 async def store_tags(o: Objects, resource: str, rid: str, edit: Callable[[list[str]], list[str]]) -> list[str]:
@@ -1268,6 +1311,12 @@ async def store_tags(o: Objects, resource: str, rid: str, edit: Callable[[list[s
     if resource == "ports":
         ep = await port_by_id(o, rid)
         return list((await o.update_endpoint(ep.id, {"tags": tags_of(edit(list(ep.tags)))})).tags)
+    if resource in ("routers", "floatingips"):
+        async def attempt_l3() -> Any:
+            obj = await l3_object(o, resource, rid)
+            obj.tags = tags_of(edit(list(obj.tags)))
+            return await o.replace(type(obj).model_validate(obj.model_dump()), obj.revision)
+        return list((await with_retries(attempt_l3)).tags)
     if resource == "security-groups":
         async def attempt() -> SecurityGroup:
             sg = await sg_by_id(o, rid)
@@ -1343,8 +1392,7 @@ async def remove_tag(resource: str, rid: str, tag: str, request: Request) -> Res
     return Response(status_code=204)
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+@fallback.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 async def unknown(rest: str) -> Response:
     raise NeutronError(404, "HTTPNotFound", f"The resource could not be found: /v2.0/{rest} is not served here "
-                                            "(networks, subnets, ports, security-groups, security-group-rules, "
-                                            "their tags, extensions).")
+                                            f"({', '.join(COLLECTIONS)}, their tags, extensions).")

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, SecurityGroup, Service
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Router, SecurityGroup, Service
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 COOKIE = "tether_token"
@@ -278,7 +278,7 @@ async def trace_view(request: Request) -> Any:
         return page("why can't A reach B", form)
     o = _objs(request)
     world = World(await o.list(Endpoint), await o.list(Namespace), await o.list(NetworkPolicy),
-                  await o.list(SecurityGroup), await o.list(Network), await o.list(Host))
+                  await o.list(SecurityGroup), await o.list(Network), await o.list(Host), await o.list(Router))
     services = await o.list(Service)
 
     def find(ref: str) -> Endpoint | str | None:
