@@ -5,7 +5,9 @@ the subnet's DNS servers, host routes (option 121) and MTU; it reaches a contain
 TCP and resolves its name; a security group on the port lets TCP 80 in from that container, refuses
 ping and TCP 81 until a rule for 81 is added with the CLI; nothing on the underlay gets a DHCP answer;
 a killed dnsmasq comes back and answers the VM again; a tap made before the port was bound is
-adopted. One VM boot for the module (TCG: ~15 s)."""
+adopted; through a router's external gateway and a floating IP, the lab's internet reaches the VM (once
+its security group allows it) and sees the VM's requests come from the floating IP. One VM boot for the
+module (TCG: ~15 s)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
 from tests.fixtures.vm import TinyVm
 from tether.calc.names import VM_DHCP_SERVER, dhcp_dir
-from tether.lab.cluster import Lab, PodInfo, nsx, sh, wait_for
+from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx, sh, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.client]
 
@@ -42,6 +44,7 @@ class Booted:
     lease: dict[str, str]
     port: dict
     net: str
+    subnet: str
     sg: str
     pod: PodInfo
 
@@ -94,7 +97,7 @@ def booted(lab: Lab) -> Iterator[Booted]:
         assert m.group(0) != "VM-NO-LEASE", f"the VM got no DHCP answer; its console:\n{vm.output[-2000:]}"
         vm.wait_for(r"VM-READY", 30)
         vm.quiet()
-        yield Booted(vm, lease_of(m.group(0)), port, net, sg, pod)
+        yield Booted(vm, lease_of(m.group(0)), port, net, sub, sg, pod)
     finally:
         vm.stop()
         listener.kill()
@@ -227,3 +230,40 @@ def test_a_killed_dnsmasq_is_restarted_said_at_warning_and_serves_the_vm_again(l
     assert rc == 0 and f"VM-LEASE ip={VM_IP} mask=24 router={GATEWAY}" in out, out
     rc, out = booted.vm.run(f"ping -c 1 -W 2 {booted.pod.ip}")
     assert rc == 0, f"the VM lost the pod after a second lease: {out}"
+
+
+EXTERNAL_CIDR = "198.19.131.0/24"  # the floating range: inside the lab's internet side, no other test's
+
+
+def test_the_internet_reaches_the_vm_through_a_floating_ip_its_group_allows_and_sees_it_as_that_ip(
+        lab: Lab, booted: Booted) -> None:
+    """OpenStack's everyday path for a VM: router with an external gateway on the VM's subnet, a floating
+    IP on its port. The lab's underlay router learns the floating address as an upstream router would
+    (a /32 via the port's host, inside the lab only)."""
+    cloud = OpenStack(lab.server_url, lab.token)
+    ext = cloud.cli("network", "create", "--external", unique("vmext"))
+    cloud.cli("subnet", "create", "--network", ext["id"], "--subnet-range", EXTERNAL_CIDR, "--no-dhcp",
+              unique("vmexts"))
+    router = cloud.cli("router", "create", unique("vmr"))
+    cloud.run("router", "set", "--external-gateway", ext["id"], router["id"])
+    cloud.run("router", "add", "subnet", router["id"], booted.subnet)
+    fip = cloud.cli("floating", "ip", "create", "--port", booted.port["id"], ext["id"])
+    address = fip["floating_ip_address"]
+    nsx(lab.ul, "ip", "route", "add", f"{address}/32", "via", lab.host("h1").ip)
+    rule = None
+    try:
+        assert not any(answers_ping(lab.inet, address) for _ in range(3)), \
+            "the VM's group has no rule for the internet, yet it answers through its floating IP"
+        rule = cloud.cli("security", "group", "rule", "create", "--ingress", "--protocol", "icmp",
+                         "--remote-ip", f"{INET_IP}/32", booted.sg)
+        wait_for(lambda: answers_ping(lab.inet, address), 15, f"the internet to ping the VM at {address}")
+        rc, out = booted.vm.run(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {INET_IP} 80")  # busybox wget crashes here
+        assert rc == 0 and out.strip().splitlines()[-1] == address, \
+            f"the internet should see the VM's request come from its floating IP {address}: {out!r}"
+    finally:
+        if rule is not None:
+            cloud.run("security", "group", "rule", "delete", rule["id"])
+        nsx(lab.ul, "ip", "route", "del", f"{address}/32", check=False)
+        cloud.run("floating", "ip", "delete", fip["id"])
+        cloud.run("router", "remove", "subnet", router["id"], booted.subnet)
+        cloud.run("router", "delete", router["id"])
