@@ -224,6 +224,18 @@ state = "{d}/state"
                     pass
         return out
 
+    def shim_pids(self) -> list[int]:
+        """This containerd's shims: their command line names its socket (`-address <dir>/containerd.sock`),
+        which no other containerd uses."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                    if argv[0].endswith(b"containerd-shim-runc-v2") and self.socket.encode() in argv:
+                        out.append(int(entry))
+        return out
+
     def stop(self, cri_sandbox: str | None = None) -> None:
         """Remove what is left (sandboxes through CRI when `cri_sandbox` is given, which calls CNI
         DEL; then their shims and processes by the PIDs in containerd's state, mounts, cgroups,
@@ -242,6 +254,9 @@ state = "{d}/state"
                         os.kill(int(f.read().strip()), signal.SIGKILL)
                 except (OSError, ValueError):
                     pass
+        for pid in self.shim_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         stop_and_unmount(self.pid, self.dir)
         # runc made a cgroup /k8s.io/<container> in each hierarchy (and the parent): remove what is
         # left and empty (rmdir fails on a cgroup still in use, e.g. by another containerd's pods)

@@ -38,6 +38,17 @@ def k8s_bin() -> str:
     return r.stdout.strip().splitlines()[-1]
 
 
+def kubelet_bin() -> str:
+    """kubelet, built now by tools/k8s/build.sh --kubelet if this machine lacks it (or waiting for the
+    build scripts/install-deps started: build.sh holds a lock). $TETHER_K8S_BIN/kubelet if set."""
+    if os.environ.get("TETHER_K8S_BIN"):
+        return os.path.join(os.environ["TETHER_K8S_BIN"], "kubelet")
+    r = subprocess.run([os.path.join(ROOT, "tools", "k8s", "build.sh"), "--kubelet"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building kubelet failed (run tools/k8s/build.sh --kubelet): {r.stderr[-3000:]}")
+    return os.path.join(r.stdout.strip().splitlines()[-1], "kubelet")
+
+
 def stop_proc(p: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
     if p is not None and p.poll() is None:
         p.send_signal(sig)
