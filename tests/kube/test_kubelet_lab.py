@@ -12,30 +12,42 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.lab import make_lab, unique
+from tests.fixtures.lab import lab_name, require_root_tools, unique
 from tests.services.probes import connect_many, start_server, stop
 from tether.lab.cluster import Lab, PodInfo, alive, nsx, wait_for
 from tether.lab.containerd import Containerd, node_dir
-from tether.lab.kube import KubeApi, kubelet_bin, kubelet_pod, kubelet_pod_manifest, lab_kube_api, lab_kubernetes
+from tether.lab.kube import KubeApi, kubelet_bin, kubelet_pod, kubelet_pod_manifest, lab_kube_api
 
 pytestmark = pytest.mark.lab
 PORT = 8080
 
 
+def tether(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tether.cli.main", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
 @pytest.fixture(scope="module")
 def klab() -> Iterator[tuple[Lab, KubeApi]]:
-    binary = kubelet_bin()  # first: a build still under way is waited for before any lab exists
-    lab = make_lab(hosts=2)
+    """`tether lab up --kubernetes` through the CLI: kubelets are its default."""
+    require_root_tools()
+    kubelet_bin()  # first: a build still under way (scripts/install-deps) is waited for before any lab exists
+    name = lab_name()
     try:
-        lab_kubernetes(lab, kubelet=binary, progress=lambda _msg: None)
+        r = tether("lab", "up", "--name", name, "--hosts", "2", "--kubernetes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "kubelet on h2: node Ready" in r.stderr, r.stderr
+        lab = Lab(name)
         yield lab, lab_kube_api(lab)
     finally:
-        lab.down()
+        tether("lab", "down", "--name", name)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +63,9 @@ def pods(klab) -> Iterator[dict]:
     out: dict = {"ns": ns}
     for n, (h, labels, ports) in specs.items():
         out[n] = kubelet_pod(lab, kube, h, n, ns, labels, ports)
+    # the CLI's way, through h1's kubelet too
+    r = tether("lab", "kube-pod", "cli", "--host", "h1", "-n", ns, "--label", "role=client", "--name", lab.name)
+    assert r.returncode == 0 and r.stdout.startswith(f"{ns}/cli on h1: 10.244."), r.stdout + r.stderr
     server = start_server(out["web"].ns, "web", PORT)
     try:
         wait_for(lambda: f":{PORT}" in nsx(out["web"].ns, "ss", "-ltn").stdout, 10, "the web pod's server")
@@ -139,7 +154,8 @@ def test_lab_down_stops_kubelets_containerds_and_their_pods(klab, pods) -> None:
                                                           {}).shim_pids()]
     assert shims and all(alive(p) for p in shims)
     t0 = time.time()
-    lab.down()
+    r = tether("lab", "down", "--name", lab.name)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert time.time() - t0 < 60
     assert not any(alive(p) for ps in pids for p in ps.values()), pids
     assert not any(alive(p) for p in shims)
