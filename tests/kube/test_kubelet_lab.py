@@ -162,3 +162,5 @@ def test_lab_down_stops_kubelets_containerds_and_their_pods(klab, pods) -> None:
     assert not any(os.path.exists(f"/run/netns/{n}") for n in netns)
     with open("/proc/self/mounts") as f:
         assert lab.dir not in f.read()
+    logs = [f"/var/log/pods/{pods['ns']}_{n}_" for n in ("web", "client", "other")]
+    assert not [d for d in os.listdir("/var/log/pods") if any(f"/var/log/pods/{d}".startswith(p) for p in logs)]

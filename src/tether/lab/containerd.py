@@ -319,7 +319,8 @@ localStorageCapacityIsolation: false
 
 # kubelet sets six machine-wide sysctls at start (vm.overcommit_memory=1, kernel.panic=10, ...;
 # pkg/kubelet/cm setupKernelTunables). It runs in a mount namespace of its own where a file with the
-# value it wants is bound over each, so the machine's are never changed.
+# value it wants is bound over each, so the machine's are never changed; a tmpfs there covers
+# /var/lib/kubelet, where it makes its device-plugin socket whatever its --root-dir.
 KERNEL_TUNABLES = {"vm/overcommit_memory": 1, "vm/panic_on_oom": 0, "kernel/panic": 10, "kernel/panic_on_oops": 1,
                    "kernel/keys/root_maxkeys": 1000000, "kernel/keys/root_maxbytes": 25000000}
 GUARD = r"""set -e
@@ -328,6 +329,9 @@ mkdir -p "$d"
 for kv in {tunables}; do
   k="${{kv%%=*}}"; f="$d/$(echo "$k" | tr / _)"; echo "${{kv#*=}}" > "$f"; mount --bind "$f" "/proc/sys/$k"
 done
+# kubelet's device-plugin socket is always /var/lib/kubelet/device-plugins/kubelet.sock: one of its own
+mkdir -p /var/lib/kubelet
+mount -t tmpfs -o mode=755,size=1m tether-kubelet /var/lib/kubelet
 exec "$@"
 """
 
@@ -496,6 +500,30 @@ def stop_lab_nodes(lab_dir: str) -> None:
             from tether.lab.cluster import alive
 
             ctrd.stop(cri_sandbox if alive(ctrd.pid) else None)
+        remove_pod_logs(ctrd.calls())
+
+
+POD_LOGS = "/var/log/pods"  # kubelet's, whatever its --root-dir; containerd writes the containers' logs there
+CONTAINER_LOGS = "/var/log/containers"  # kubelet's symlinks to them
+
+
+def remove_pod_logs(calls: list[dict]) -> None:
+    """The log directories kubelet made for these pods (<namespace>_<name>_<uid>, named by the CNI
+    calls' K8S_POD_* arguments) and its symlinks to them: kubelet removes them only in its garbage
+    collection, a minute after a pod goes, and the lab stops it before."""
+    dirs = set()
+    for call in calls:
+        args = dict(kv.split("=", 1) for kv in call["env"].get("CNI_ARGS", "").split(";") if "=" in kv)
+        if {"K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_UID"} <= set(args):
+            name = f"{args['K8S_POD_NAMESPACE']}_{args['K8S_POD_NAME']}_{args['K8S_POD_UID']}"
+            dirs.add(os.path.join(POD_LOGS, name))
+    if os.path.isdir(CONTAINER_LOGS):
+        for link in os.listdir(CONTAINER_LOGS):
+            path = os.path.join(CONTAINER_LOGS, link)
+            if os.path.islink(path) and any(os.readlink(path).startswith(d + "/") for d in dirs):
+                os.unlink(path)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def lab_pod_sandbox(lab_dir: str, host: str, namespace: str, name: str) -> tuple[str, str] | None:
