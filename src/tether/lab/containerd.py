@@ -380,7 +380,7 @@ class Kubelet:
 # --- a Kubernetes node per lab host (`tether lab up --kubernetes`) ------------------------------------
 
 KUBELET_MISSING = ("kubelet is not built: `tools/k8s/build.sh --kubelet` builds it into the same cache as the "
-                   "apiserver (a few minutes once the apiserver is built, 15+ on a cold 2-core machine)")
+                   "apiserver (about 3 CPU-minutes once the apiserver is built; scripts/install-deps runs it)")
 
 
 def k8s_cache_dir() -> str:
