@@ -3,8 +3,9 @@ containerd (its own root, state, socket and CNI directories under one directory)
 sandbox image made from busybox-static, and `cri-sandbox` (tools/k8s) making the CRI calls
 kubelet makes for a pod (RunPodSandbox, PodSandboxStatus, StopPodSandbox, RemovePodSandbox).
 containerd then calls Tether's CNI plugin itself; a recorder in front of the plugin keeps each
-call (environment and config) so tests can compare it with `run_kube_pod`'s. kubelet itself
-cannot run on this project's VMs (docs/KUBERNETES.md, "kubelet on this machine").
+call (environment and config) so tests can compare it with `run_kube_pod`'s. And a Kubernetes
+node per lab host (`start_lab_nodes`, `stop_lab_nodes`): that containerd with a real kubelet
+(docs/KUBERNETES.md, "kubelet in the lab").
 """
 
 from __future__ import annotations

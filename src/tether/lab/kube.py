@@ -1,7 +1,8 @@
 """A real Kubernetes control plane for the lab and tests: etcd and kube-apiserver built from
 tools/k8s (the pinned release, once per machine by scripts/install-deps), on free loopback ports,
 plus what kubelet would do for a pod bound to a lab host (`run_kube_pod`: the CNI call with
-kubelet's arguments; kubelet itself does not run here, see docs/KUBERNETES.md).
+kubelet's arguments, for labs and tests without kubelets) and pods the lab's real kubelets run
+(`kubelet_pod`; tether.lab.containerd starts them, see docs/KUBERNETES.md).
 
 `start_kube(dir)` returns a `KubeApi` (`.kubeconfig`, `.kubectl(*args)`, `.apply(yaml)`,
 `.compact()`, `.restart_apiserver()`, `.stop()`); the apiserver authenticates a static admin token
