@@ -278,7 +278,7 @@ def cni_args(s: str) -> dict[str, str]:
 
 def test_containerds_cri_networks_a_pod_through_tether_with_the_cni_call_run_kube_pod_makes(world: World,
                                                                                            pods) -> None:
-    """kubelet cannot run here (docs/KUBERNETES.md); its runtime can: containerd's CRI plugin, given
+    """kubelet's runtime alone (test_kubelet_lab runs kubelet itself): containerd's CRI plugin, given
     kubelet's RunPodSandbox for a Pod bound to h1, calls Tether's CNI plugin itself."""
     lab, a = world.lab, pods["a"]
     world.kube.apply(pod_manifest("cri-pod", a, "h1", {"app": "cri"}))

@@ -1,5 +1,6 @@
-"""`tether lab up --kubernetes` through the real CLI: Nodes for the hosts, a pod run as kubelet
-would gets its labels from the apiserver, and `lab down` stops every process it started."""
+"""`tether lab up --kubernetes --no-kubelet` through the real CLI (test_kubelet_lab.py runs it with its
+kubelets): Nodes for the hosts, a pod run as kubelet would gets its labels from the apiserver, and
+`lab down` stops every process it started."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_lab_up_kubernetes_runs_an_apiserver_and_the_controller_and_down_stops_t
     name = lab_name()
     pids: list[int] = []
     try:
-        r = tether("lab", "up", "--name", name, "--hosts", "2", "--kubernetes")
+        r = tether("lab", "up", "--name", name, "--hosts", "2", "--kubernetes", "--no-kubelet")
         assert r.returncode == 0, r.stdout + r.stderr
         lab = Lab(name)
         pids += lab.state.kube_pids

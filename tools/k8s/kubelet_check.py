@@ -1,8 +1,9 @@
-"""Opt-in check that kubelet runs a Kubernetes node on this machine with Tether as its CNI: on a lab
-made with `tether lab up --kubernetes`, start a private containerd and kubelet for one lab host,
-`kubectl run` a pod bound to it, and check Tether networks it (its endpoint has the pod's address
-and labels), then delete it (CNI DEL) and stop everything. Not part of the test suite or CI: it
-needs kubelet (`tools/k8s/build.sh --kubelet`, a 12-minute cold build). See docs/KUBERNETES.md.
+"""A by-hand check of one kubelet, outside the lab's own: on a lab made with `tether lab up
+--kubernetes --no-kubelet`, start a private containerd and kubelet for one lab host, `kubectl run`
+a pod bound to it, and check Tether networks it (its endpoint has the pod's address and labels),
+then delete it (CNI DEL) and stop everything, printing each step's time. `tether lab up
+--kubernetes` itself starts a kubelet on every host (tests/kube/test_kubelet_lab.py tests that);
+this script is for looking at one kubelet's start and log alone. See docs/KUBERNETES.md.
 
     .venv/bin/python tools/k8s/kubelet_check.py --lab LAB [--host h1] [--kubelet PATH]
 """
@@ -17,7 +18,7 @@ import tempfile
 import time
 
 from tether.lab.cluster import Lab, wait_for
-from tether.lab.containerd import Containerd, Kubelet
+from tether.lab.containerd import Containerd, Kubelet, lab_has_kubelets
 from tether.lab.kube import LAB_NETWORK, ROOT, host_kubeconfig, lab_kube_api
 
 
@@ -32,6 +33,9 @@ def main() -> None:
                                        "kubelet")
     lab = Lab(a.lab)
     lab.load()
+    if lab_has_kubelets(lab.dir):
+        raise SystemExit(f"lab {a.lab} runs kubelets already (tether lab up --kubernetes): a second kubelet for "
+                         f"{a.host} would run its pods twice; use a lab made with --no-kubelet")
     kube = lab_kube_api(lab)
     d = tempfile.mkdtemp(prefix="tether-kubelet-")
     ctrd = Containerd(os.path.join(d, "containerd"), os.path.join(lab.dir, "cni-bin", "tether"),

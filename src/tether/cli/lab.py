@@ -70,8 +70,13 @@ def up(name: NameOpt = "lab",
            help="with --store etcd: use this etcd cluster (host:port[,host:port...], reachable from the root "
                 "namespace) instead of starting one; the lab never stops or wipes it")] = None,
        kubernetes: Annotated[bool, typer.Option(help="also a kube-apiserver (built by tools/k8s), a Node per host, "
-                                                     "and `tether kube`; `tether lab kube-pod` runs pods as kubelet "
-                                                     "would")] = False,
+                                                     "`tether kube`, and on every host a containerd and kubelet "
+                                                     "(see --kubelet)")] = False,
+       kubelet: Annotated[bool, typer.Option("--kubelet/--no-kubelet", help=(
+           "with --kubernetes: a private containerd and a kubelet on every host (its Node), Tether as their CNI, so "
+           "`kubectl run`/`apply` of a pod with spec.nodeName starts it (needs `tools/k8s/build.sh --kubelet`; "
+           "without it the lab starts none and says so). --no-kubelet: none; `tether lab kube-pod` then does "
+           "what kubelet does for a pod (the same CNI call)"))] = True,
        docker: Annotated[bool, typer.Option(help="also a dockerd on every host, wired to its agent (Tether's "
                                                  "network and IPAM drivers, names resolved by the agent's DNS) "
                                                  "with a busybox image tether-bb:local; `tether lab docker HOST` "
@@ -104,11 +109,24 @@ def up(name: NameOpt = "lab",
     try:
         lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth)
         if kubernetes:
+            from tether.lab.containerd import kubelet_binary, why_no_kubelet
             from tether.lab.kube import lab_kubernetes
 
-            say("kubernetes: etcd, kube-apiserver, a Node per host, tether kube")
-            kubeconfig = lab_kubernetes(lab)
+            why = why_no_kubelet() if kubelet else None
+            if why:
+                from rich.markup import escape
+
+                say(f"[yellow]warning:[/yellow] no kubelets in this lab: {escape(why)}. Meanwhile `tether lab "
+                    "kube-pod` runs pods as kubelet would (--no-kubelet: no kubelets, no warning)")
+            binary = kubelet_binary() if kubelet and not why else None
+            say("kubernetes: etcd, kube-apiserver, a Node per host, tether kube"
+                + (", a containerd and kubelet per host" if binary else ""))
+            kubeconfig = lab_kubernetes(lab, kubelet=binary, progress=say)
             say(f"kubectl: export KUBECONFIG={kubeconfig}")
+            if binary:
+                say(f"pods: kubectl run web --image=tether.local/pause:1 --image-pull-policy=Never "
+                    f"--overrides='{{\"spec\":{{\"nodeName\":\"h1\"}}}}' -- /bin/sleep 1d  (or `tether lab "
+                    f"kube-pod web --host h1 --name {name}`)")
         if docker:
             from tether.lab.dockerd import start_lab_dockerds
 
@@ -135,13 +153,20 @@ def kube_pod(pod: Annotated[str, typer.Argument(help="pod name")],
              namespace: Annotated[str, typer.Option("--namespace", "-n", help="Kubernetes namespace")] = "default",
              label: Annotated[list[str] | None, typer.Option(help="key=value (repeatable)")] = None,
              name: NameOpt = "lab") -> None:
-    """Do what kubelet does for a pod bound to HOST: create the Pod in the lab's apiserver, then CNI ADD with
-    kubelet's arguments and no labels (they reach Tether through `tether kube`)."""
-    from tether.lab.kube import lab_kube_api, run_kube_pod
+    """Start a pod bound to HOST. With the lab's kubelets: the Pod (busybox, sleeping) is applied and HOST's
+    kubelet runs it. Without (`lab up --kubernetes --no-kubelet`): create the Pod in the lab's apiserver, then
+    CNI ADD with kubelet's arguments and no labels (they reach Tether through `tether kube`)."""
+    from tether.lab.containerd import lab_has_kubelets
+    from tether.lab.kube import LAB_NETWORK, kubelet_pod, lab_kube_api, run_kube_pod
 
     lab = _lab(name)
     labels = dict(kv.split("=", 1) for kv in label or [])
-    p = run_kube_pod(lab, lab_kube_api(lab), host, pod, network, namespace=namespace, labels=labels)
+    if lab_has_kubelets(lab.dir):
+        if network != LAB_NETWORK:
+            _fail(f"--network {network}: the lab's kubelets put every pod on {LAB_NETWORK!r} (their CNI config)")
+        p = kubelet_pod(lab, lab_kube_api(lab), host, pod, namespace=namespace, labels=labels)
+    else:
+        p = run_kube_pod(lab, lab_kube_api(lab), host, pod, network, namespace=namespace, labels=labels)
     print(f"{p.namespace}/{p.name} on {p.host}: {', '.join(p.ips)} (netns {p.ns})")
 
 

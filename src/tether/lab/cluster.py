@@ -525,6 +525,9 @@ class Lab:
     # --- teardown ---------------------------------------------------------------------------------
 
     def down(self) -> None:
+        from tether.lab.containerd import stop_lab_nodes
+
+        stop_lab_nodes(self.dir)  # kubelets, then their pods' sandboxes (CNI DEL through the agents), containerds
         for pid in self.state.kube_pids:
             stop_pid(pid)
         from tether.lab.dockerd import stop_lab_dockerds

@@ -1,7 +1,8 @@
 """A real Kubernetes control plane for the lab and tests: etcd and kube-apiserver built from
 tools/k8s (the pinned release, once per machine by scripts/install-deps), on free loopback ports,
 plus what kubelet would do for a pod bound to a lab host (`run_kube_pod`: the CNI call with
-kubelet's arguments; kubelet itself does not run here, see docs/KUBERNETES.md).
+kubelet's arguments, for labs and tests without kubelets) and pods the lab's real kubelets run
+(`kubelet_pod`; tether.lab.containerd starts them, see docs/KUBERNETES.md).
 
 `start_kube(dir)` returns a `KubeApi` (`.kubeconfig`, `.kubectl(*args)`, `.apply(yaml)`,
 `.compact()`, `.restart_apiserver()`, `.stop()`); the apiserver authenticates a static admin token
@@ -36,6 +37,17 @@ def k8s_bin() -> str:
     if r.returncode != 0:
         raise RuntimeError(f"building the Kubernetes control plane failed (run tools/k8s/build.sh): {r.stderr[-3000:]}")
     return r.stdout.strip().splitlines()[-1]
+
+
+def kubelet_bin() -> str:
+    """kubelet, built now by tools/k8s/build.sh --kubelet if this machine lacks it (or waiting for the
+    build scripts/install-deps started: build.sh holds a lock). $TETHER_K8S_BIN/kubelet if set."""
+    if os.environ.get("TETHER_K8S_BIN"):
+        return os.path.join(os.environ["TETHER_K8S_BIN"], "kubelet")
+    r = subprocess.run([os.path.join(ROOT, "tools", "k8s", "build.sh"), "--kubelet"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building kubelet failed (run tools/k8s/build.sh --kubelet): {r.stderr[-3000:]}")
+    return os.path.join(r.stdout.strip().splitlines()[-1], "kubelet")
 
 
 def stop_proc(p: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
@@ -231,6 +243,46 @@ def run_kube_pod(lab: Lab, kube: KubeApi, host: str, name: str, network: str, na
     return pod
 
 
+def kubelet_pod_manifest(name: str, namespace: str, host: str, labels: dict[str, str] | None = None,
+                         ports: list[dict] | None = None, command: list[str] | None = None) -> str:
+    """A Pod bound to a lab host (`spec.nodeName`: the lab runs no scheduler) that its kubelet can
+    run offline: the lab's busybox image (tether.lab.containerd.PAUSE_IMAGE, never pulled)."""
+    from tether.lab.containerd import PAUSE_IMAGE
+
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {"nodeName": host, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "main", "image": PAUSE_IMAGE, "imagePullPolicy": "Never",
+                                 "command": command or ["/bin/sleep", "2147483647"], "ports": ports or []}]}})
+
+
+def kubelet_pod(lab: Lab, kube: KubeApi, host: str, name: str, namespace: str = "default",
+                labels: dict[str, str] | None = None, ports: list[dict] | None = None,
+                timeout: float = 90) -> PodInfo:
+    """A pod run by the host's real kubelet (`tether lab up --kubernetes` with kubelets): the Pod is
+    applied, kubelet has containerd make its sandbox (containerd calls Tether's CNI plugin) and start
+    it; returns when it is Running, with the network namespace containerd made for it (`.ns`, a name
+    under /run/netns, for probes) and its address from the pod's status."""
+    from tether.lab.cluster import wait_for
+    from tether.lab.containerd import lab_pod_sandbox
+
+    kube.apply(kubelet_pod_manifest(name, namespace, host, labels, ports))
+
+    def status() -> dict:
+        pod = json.loads(kube.kubectl("get", "pod", "-n", namespace, name, "-o", "json").stdout)
+        return pod.get("status") or {}
+    wait_for(lambda: status().get("phase") == "Running" and status().get("podIP"), timeout,
+             f"pod {namespace}/{name} Running on {host} (kubectl describe pod -n {namespace} {name})")
+    st = status()
+    found = lab_pod_sandbox(lab.dir, host, namespace, name)
+    if found is None:
+        raise RuntimeError(f"pod {namespace}/{name} runs but containerd made no CNI ADD for it on {host}")
+    sandbox, ns = found
+    return PodInfo(name=name, host=host, ns=ns, network=LAB_NETWORK, namespace=namespace, container_id=sandbox,
+                   ips=[i["ip"] for i in st.get("podIPs") or []], labels=labels or {})
+
+
 def report_pod_status(kube: KubeApi, namespace: str, name: str, ips: list[str]) -> None:
     """Kubelet's status update after the sandbox is up: phase Running, Ready, status.podIP(s)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -328,10 +380,11 @@ def lab_kube_api(lab: Lab) -> KubeApi:
     return KubeApi(**d)
 
 
-def lab_kubernetes(lab: Lab) -> str:
+def lab_kubernetes(lab: Lab, kubelet: str | None = None, progress=print) -> str:
     """`tether lab up --kubernetes`: etcd + kube-apiserver on loopback, a Node per host, the pod
-    network, and `tether kube`; their PIDs go in the lab's state (stopped by `lab down`). Returns
-    the kubeconfig path."""
+    network, and `tether kube`; their PIDs go in the lab's state (stopped by `lab down`). With
+    `kubelet` (its binary), a private containerd and that kubelet on every host too
+    (tether.lab.containerd.start_lab_nodes). Returns the kubeconfig path."""
     from tether.model import Network, Subnet
 
     k = KubeApi(os.path.join(lab.dir, "kube"), k8s_bin())
@@ -348,4 +401,8 @@ def lab_kubernetes(lab: Lab) -> str:
     c = start_controller(lab, k)
     lab.state.kube_pids.insert(0, c.pid)
     lab.save()
+    if kubelet:
+        from tether.lab.containerd import start_lab_nodes
+
+        start_lab_nodes(lab, k, kubelet, progress)
     return k.kubeconfig
