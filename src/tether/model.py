@@ -262,11 +262,9 @@ class Host(Obj):
     @field_validator("underlay_ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        ip = check_ip(v, "underlay_ip")
-        if ipaddress.ip_address(ip).version != 4:  # VXLAN peers, FDB and the nft peer sets are IPv4 today
-            raise ValueError(f"underlay_ip {ip} is IPv6: Tether needs an IPv4 underlay address per host for now "
-                             "(pods may still get IPv6 addresses); give the host's IPv4 address")
-        return ip
+        # IPv4 or IPv6: the VTEP, FDB entries, direct routes and VXLAN rules follow its family; two hosts
+        # of different families have no path between them (calc.host.route_to, reported by path health)
+        return check_ip(v, "underlay_ip")
 
     @field_validator("underlay_ip6")
     @classmethod
