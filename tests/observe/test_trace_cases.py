@@ -125,6 +125,17 @@ def test_a_network_whose_packets_do_not_fit_the_path_is_named_with_the_mtu_to_se
     got = mtu_problems(nets, "h3", 1400, 1500)
     assert len(got) == 2 and "network v sends 1500-byte packets" in got[0] and "mtu to 1350" in got[0]
     assert "network d sends 1500-byte packets" in got[1] and "mtu to 1400" in got[1]
+    six = mtu_problems(nets, "h3", 1450, 1500, overhead=70)  # an IPv6 underlay: 70 bytes of VXLAN
+    assert len(six) == 2 and "(MTU 1430 + 70 VXLAN)" in six[0] and "mtu to 1380" in six[0]
+
+
+def test_a_peer_whose_underlay_is_of_the_other_family_is_named_with_what_to_do() -> None:
+    from tether.agent.peers import unlike_underlays
+
+    me = Host(name="h1", underlay_ip="fd00:18::1")
+    msg = unlike_underlays(me, Host(name="h3", underlay_ip="198.18.1.3"))
+    assert msg.startswith("h3 has an IPv4 underlay address (198.18.1.3) and this host an IPv6 one (fd00:18::1)")
+    assert "no path between them" in msg and "one family" in msg
 
 
 def test_a_node_port_is_subject_to_the_source_pods_egress_policy() -> None:
