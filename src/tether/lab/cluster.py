@@ -28,6 +28,7 @@ tear down the lab; processes are stopped by PID.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -259,7 +260,8 @@ class Lab:
                 subnet = 1 if across_subnets and i >= 3 else 0
                 h = HostInfo(f"h{i}", f"{self.name}-h{i}", f"{UNDERLAY}.{subnet}.{i}", f"{UNDERLAY}.{subnet}.0/24")
                 if underlay == "ipv6":
-                    h.ip, h.cidr = f"{UNDERLAY6_ONLY}:{subnet}::{i}", f"{UNDERLAY6_ONLY}:{subnet}::/64"
+                    net = ipaddress.ip_network(f"{UNDERLAY6_ONLY}:{subnet}::/64")  # written as the kernel does
+                    h.ip, h.cidr = str(net.network_address + i), str(net)
                 progress(f"host {h.name} ({h.ip})")
                 self._host(h, i)
                 self.state.hosts.append(h)
