@@ -14,7 +14,7 @@ import pytest
 
 from tests.fixtures.lab import make_lab, unique
 from tether.calc.names import VTEP_NAME
-from tether.lab.cluster import Lab, nsx
+from tether.lab.cluster import Lab, nsx, wait_for
 from tether.model import Network, Subnet
 
 pytestmark = pytest.mark.lab
@@ -105,3 +105,27 @@ def test_with_conntrack_the_tunnel_passes_only_from_ipv6_peers_and_pods_still_re
     assert sorted(elems) == ["fd00:198:19:1::3", "fd00:198:19::2"]
     raw = nsx(lab6.host("h1").ns, "nft", "list", "chain", "inet", "tether", "raw_prerouting").stdout
     assert "ip6 daddr fd00:198:19::1 udp dport 4789 ip6 saddr @vxlan_peers6" in raw, raw
+
+
+def test_path_health_checks_peers_over_ipv6_and_names_a_peer_of_the_other_family(lab6: Lab) -> None:
+    """The agents ping each other's IPv6 underlay address and, through the tunnel, each other's VTEP
+    (1430 bytes: 70 of VXLAN over IPv6); a host registered with an IPv4 underlay address has no path
+    to these hosts, and each agent reports it with what to do."""
+    net = unique("u6ph")
+    lab6.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.69.0.0/16")], encap="vxlan"))
+    for h in ("h1", "h3"):
+        lab6.run_pod(h, unique("p"), net)
+    assert lab6.client().request("PUT", "/api/v1/hosts/h9", json={"name": "h9", "underlay_ip": "198.18.0.9"})
+
+    def report(src: str, dst: str) -> dict:
+        r = lab6.client().request("GET", "/api/v1/peers").get(src) or {}
+        return next((p for p in r.get("peers", []) if p["peer"] == dst), {})
+
+    def seen() -> bool:
+        return bool(report("h1", "h3").get("overlay")) and bool(report("h1", "h9").get("problems"))
+
+    wait_for(seen, 40, "h1's report on h3 and h9")
+    p = report("h1", "h3")
+    assert p["path_mtu"] == 1500 and not p["problems"] and p["overlay"]["ok"] and p["overlay"]["size"] == 1430, p
+    (problem,) = report("h1", "h9")["problems"]
+    assert "h9 has an IPv4 underlay address (198.18.0.9)" in problem and "no path" in problem, problem
