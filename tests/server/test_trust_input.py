@@ -389,3 +389,6 @@ def test_a_host_with_an_ipv6_underlay_joins_but_not_beside_ipv4_hosts_on_a_direc
     assert http.get("/api/v1/hosts/h6").json()["underlay_ip"] == "fd00:18::2"
     body = {"name": "blue", "subnets": [{"cidr": "10.62.0.0/16"}], "encap": "direct"}
     refused(http, "POST", "/api/v1/networks", body, 409, "underlay families")
+    assert http.delete("/api/v1/hosts/h6").status_code in (200, 204)
+    assert http.post("/api/v1/networks", json=body).status_code == 201
+    refused(http, "PUT", "/api/v1/hosts/h6", {"name": "h6", "underlay_ip": "fd00:18::2"}, 409, "another family")

@@ -594,7 +594,9 @@ def main(argv: list[str] | None = None) -> None:
                         "own credential in <state-dir>/credential (env TETHER_JOIN_TOKEN)")
     p.add_argument("--ca-hash", help="sha256:... pin of the cluster CA, to fetch and trust it when joining")
     p.add_argument("--host", default=socket.gethostname(), help="this host's name (a DNS label)")
-    p.add_argument("--underlay-ip", required=True, help="this host's address on the underlay network")
+    p.add_argument("--underlay-ip", required=True,
+                   help="this host's address on the underlay network, IPv4 or IPv6 (tunnels and direct routes use "
+                        "its family; every host of a cluster needs one of the same family)")
     p.add_argument("--underlay-dev", help="device holding the underlay address (default: found by address)")
     p.add_argument("--state-dir", default="/var/lib/tether-agent")
     p.add_argument("--cni-socket", default="/run/tether/cni.sock")

@@ -112,6 +112,11 @@ def check_host_underlay(host: Host, hosts: list[Host], networks: list[Network]) 
     direct = [n.name for n in networks if n.encap == "direct"]
     if direct:
         for other in hosts:
+            if other.name != host.name and (":" in host.underlay_ip) != (":" in other.underlay_ip):
+                raise ApiError(409, f"host {host.name!r} ({host.underlay_ip}) has an underlay address of another "
+                                    f"family than {other.name!r} ({other.underlay_ip}), and network {direct[0]!r} "
+                                    "uses encap 'direct': no encap routes between IPv4 and IPv6 underlays; give "
+                                    "every host an underlay address of one family")
             if other.name != host.name and not same_underlay(host, other):
                 raise ApiError(409, f"host {host.name!r} ({host.underlay_ip}) is on another underlay subnet than "
                                     f"{other.name!r} ({other.underlay_ip}), and network {direct[0]!r} uses encap "
