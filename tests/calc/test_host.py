@@ -264,3 +264,16 @@ def test_an_ipv6_underlay_host_decapsulates_vxlan_only_from_its_ipv6_peers() -> 
     assert "@vxlan_peers6" in raw and '"ip6"' in raw and "fd00:18::1" in raw
     # an IPv4 underlay's table is as before: no IPv6 peer set
     assert "vxlan_peers6" not in {s.name for s in base_nft(replica(), "h1").sets}
+
+
+def test_on_an_ipv6_underlay_a_pods_vxlan_over_ipv6_is_refused_where_it_is_sent() -> None:
+    """A peer decapsulates VXLAN from any source in a table without conntrack, and from its peers'
+    addresses (a masqueraded pod's too) with it: on IPv6 underlays the pod's chain refuses IPv6
+    VXLAN as it refuses IPv4's."""
+    r = ipv6_underlay("vxlan")
+    stateless = "\n".join(compute_nft(r, CTX).chain("ing-tthe0").rules)
+    assert stateless.count('"comment":"VXLAN from a pod"') == 2 and '"ipv6"' in stateless
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
+    stateful = compute_nft(r, CTX).chain("ing-tthe0").rules
+    assert any("@vxlan_peers6" in x and '"VXLAN from a pod"' in x for x in stateful)
+    assert "@vxlan_peers6" not in "\n".join(compute_nft(replica(), CTX).chain("ing-tthe0").rules)

@@ -547,13 +547,14 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
     local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
+    me = rep.hosts.get(ctx.name)
+    underlay6 = me is not None and ip_version(me.underlay_ip) == 6
     ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
-                                                       stateful, m)))
+                                                       stateful, m, underlay6)))
     yielding.checkpoint()
     base = base_nft(rep, ctx.name, stateful)
     if not stateful:
         return merge(base, ingress)
-    me = rep.hosts.get(ctx.name)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
                          list(rep.networks.values()), ctx.name, m)
     yielding.checkpoint()
