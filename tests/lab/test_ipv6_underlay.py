@@ -129,3 +129,19 @@ def test_path_health_checks_peers_over_ipv6_and_names_a_peer_of_the_other_family
     assert p["path_mtu"] == 1500 and not p["problems"] and p["overlay"]["ok"] and p["overlay"]["size"] == 1430, p
     (problem,) = report("h1", "h9")["problems"]
     assert "h9 has an IPv4 underlay address (198.18.0.9)" in problem and "no path" in problem, problem
+
+
+def test_a_pod_cannot_tunnel_a_spoofed_packet_to_a_peer_over_the_ipv6_underlay(lab6: Lab) -> None:
+    """VXLAN a pod builds itself and sends to another host's IPv6 underlay address would be
+    decapsulated there with any inner source: the pod's own ingress chain drops it (counted), with
+    or without conntrack, while the pod still talks to the other host's pod."""
+    from tests.policy.test_antispoofing import drops, inside, received, tunnelled
+
+    net = unique("u6vx")
+    lab6.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.70.0.0/16"), Subnet(cidr="fd70::/64")],
+                                         encap="vxlan"))
+    a, c = lab6.run_pod("h1", unique("a"), net), lab6.run_pod("h2", unique("c"), net)
+    before = drops(lab6, "h1", "VXLAN from a pod")
+    assert tunnelled(lab6, a.ns, "h2", inside(a, "250.2"), c, 7012) == []
+    assert drops(lab6, "h1", "VXLAN from a pod") >= before + 3
+    assert received(lab6, a, a.ip, c, 7013) == [a.ip] * 3
