@@ -262,11 +262,9 @@ class Host(Obj):
     @field_validator("underlay_ip")
     @classmethod
     def _ip(cls, v: str) -> str:
-        ip = check_ip(v, "underlay_ip")
-        if ipaddress.ip_address(ip).version != 4:  # VXLAN peers, FDB and the nft peer sets are IPv4 today
-            raise ValueError(f"underlay_ip {ip} is IPv6: Tether needs an IPv4 underlay address per host for now "
-                             "(pods may still get IPv6 addresses); give the host's IPv4 address")
-        return ip
+        # IPv4 or IPv6: the VTEP, FDB entries, direct routes and VXLAN rules follow its family; two hosts
+        # of different families have no path between them (calc.host.route_to, reported by path health)
+        return check_ip(v, "underlay_ip")
 
     @field_validator("underlay_ip6")
     @classmethod
@@ -698,7 +696,8 @@ class Service(Obj):
     # client's address (no source NAT); Cluster: any backend, source-NATed to the host
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     # Docker's `-p` and CNI's hostPort: the node ports are published on this host only (on host_ip
-    # only, when given), not on every host; two services may then share a node port on different hosts
+    # only, when given: then only host_ip's family is published), not on every host; two services may
+    # then share a node port on different hosts
     host: HostName | None = None
     host_ip: Annotated[str, checked(check_ip, "host_ip")] | None = None
     # Kubernetes' ipFamilies: one virtual IP per family, `cluster_ip` the first family's; the
@@ -752,10 +751,6 @@ class Service(Obj):
                 raise ValueError(f"a headless service has no virtual IP, but cluster_ips is {self.cluster_ips}; "
                                  "leave cluster_ips out or set headless false")
             return self
-        if self.type == "NodePort" and "IPv6" in self.ip_families and self.host_ip:
-            raise ValueError(f"host_ip {self.host_ip} publishes on one address, but ip_families asks for IPv6 node "
-                             "ports, which are published on every IPv6 address of the host: leave host_ip out, or "
-                             "use ip_families [IPv4]")
         want = ["IPv4" if ":" not in ip else "IPv6" for ip in self.cluster_ips]
         if self.cluster_ips and want != self.ip_families[:len(want)]:
             raise ValueError(f"cluster_ips {self.cluster_ips} do not follow ip_families {self.ip_families} (one "

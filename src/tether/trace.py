@@ -215,8 +215,8 @@ def path_down(health: dict[str, Any], a: str, b: str, overlay: bool = False) -> 
 
 def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, dst_ep: Endpoint | None,
            target: Endpoint | str, health: dict[str, Any]) -> bool:
-    from tether.calc.host import path_mode
-    from tether.calc.names import VXLAN_OVERHEAD, VXLAN_PORT
+    from tether.calc.host import path_mode, same_family
+    from tether.calc.names import VXLAN_PORT, vxlan_overhead
 
     if dst_ep is not None:
         if src_host == dst_ep.host:
@@ -230,6 +230,10 @@ def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, ds
         me, peer = _host(world, src_host or ""), _host(world, dst_ep.host)
         if net is None or me is None or peer is None:
             return t.add("route", True, f"to host {dst_ep.host}", src_host)
+        if not same_family(me, peer):
+            return t.add("route", False, f"{me.name} ({me.underlay_ip}) and {peer.name} ({peer.underlay_ip}) have "
+                         "underlay addresses of different families: no route or tunnel joins them; give every host "
+                         "an underlay address of one family", src_host)
         mode = path_mode(net, me, peer)
         if mode == "direct":
             if me.underlay_cidr and ipaddress.ip_address(peer.underlay_ip) not in \
@@ -246,7 +250,7 @@ def _route(world: World, t: Trace, src: Endpoint | str, src_host: str | None, ds
                          f"path ({down}); check that UDP {VXLAN_PORT} passes between the hosts "
                          "(`tether status --peers`)", src_host)
         return t.add("encapsulation", True, f"vxlan: {me.name} {me.underlay_ip} -> {peer.name} {peer.underlay_ip} "
-                     f"over the underlay ({VXLAN_OVERHEAD} bytes of overhead)", src_host)
+                     f"over the underlay ({vxlan_overhead(me.underlay_ip)} bytes of overhead)", src_host)
     if isinstance(target, str) and target.startswith("host:"):
         return t.add("route", True, f"to host {target[5:]}'s underlay address", src_host)
     try:

@@ -202,3 +202,78 @@ def test_ipv6_direct_routes_need_the_peers_ipv6_underlay_address() -> None:
     plan = compute_plan(ipv6_replica("direct"), CTX)
     assert Route("fd01::40/122", "eth0", via="fe80::2") in plan.routes
     assert not any(r.dst == "fd01::80/122" for r in plan.routes), "h3 reported no IPv6 underlay address"
+
+
+def ipv6_underlay(encap: str, mixed: bool = False) -> Replica:
+    """`ipv6_replica` on hosts with only IPv6 underlay addresses: h1 and h2 share fd00:18::/64, h3
+    is on fd00:19::/64 (`mixed`: h3 keeps its IPv4 underlay)."""
+    r = ipv6_replica(encap)
+    for name, ip, cidr in (("h1", "fd00:18::1", "fd00:18::/64"), ("h2", "fd00:18::2", "fd00:18::/64"),
+                           ("h3", "fd00:19::3", "fd00:19::/64")):
+        if mixed and name == "h3":
+            continue
+        r.objects["Host"][name] = r.objects["Host"][name].model_copy(
+            update={"underlay_ip": ip, "underlay_cidr": cidr, "underlay_ip6": None})
+    return r
+
+
+def test_an_ipv6_underlay_tunnels_from_an_ipv6_vtep_with_70_bytes_of_overhead() -> None:
+    plan = compute_plan(ipv6_underlay("vxlan"), CTX)
+    assert plan.vtep is not None and plan.vtep.local_ip == "fd00:18::1" and plan.vtep.mtu == 1430
+    assert FdbEntry(vtep_mac_for("h3"), "fd00:19::3", VTEP_NAME) in plan.fdb
+    assert Route("10.1.0.128/26", VTEP_NAME, via="169.254.64.3", onlink=True) in plan.routes
+    assert any(r.dst == "fd01::80/122" and r.dev == VTEP_NAME for r in plan.routes)
+    assert {(i.name, i.mtu) for i in plan.interfaces} == {("tthe0", 1430)}
+
+
+def test_an_ipv6_underlay_routes_ipv4_and_ipv6_pods_directly_via_the_peers_ipv6_address() -> None:
+    plan = compute_plan(ipv6_underlay("direct"), CTX)
+    assert plan.vtep is None
+    assert Route("10.1.0.64/26", "eth0", via="fd00:18::2") in plan.routes  # IPv4 via inet6 (RTA_VIA)
+    assert Route("fd01::40/122", "eth0", via="fd00:18::2") in plan.routes
+    assert {(i.name, i.mtu) for i in plan.interfaces} == {("tthe0", 1500)}
+
+
+def test_auto_over_ipv6_underlays_is_direct_inside_a_subnet_and_vxlan_across() -> None:
+    r = ipv6_underlay("auto")
+    plan = compute_plan(r, CTX)
+    assert Route("10.1.0.64/26", "eth0", via="fd00:18::2") in plan.routes
+    assert Route("10.1.0.128/26", VTEP_NAME, via="169.254.64.3", onlink=True) in plan.routes
+    assert FdbEntry(vtep_mac_for("h3"), "fd00:19::3", VTEP_NAME) in plan.fdb
+    assert [path_mode(r.networks["n"], r.hosts["h1"], r.hosts[h]) for h in ("h2", "h3")] == ["direct", "vxlan"]
+
+
+def test_hosts_whose_underlays_are_of_different_families_get_no_path_between_them() -> None:
+    """An IPv4-underlay peer of an IPv6-underlay host: no route, no FDB entry (the tunnel could not
+    be sent), whatever the encap; path health reports the pair (tests/observe, `peers.unlike_underlays`)."""
+    r = ipv6_underlay("auto", mixed=True)
+    plan = compute_plan(r, CTX)
+    assert not any(x.dst.startswith(("10.1.0.128", "fd01::80")) for x in plan.routes)
+    assert not plan.fdb and Route("10.1.0.64/26", "eth0", via="fd00:18::2") in plan.routes
+    assert path_mode(r.networks["n"], r.hosts["h1"], r.hosts["h3"]) == "vxlan"  # not direct: other family
+
+
+def test_an_ipv6_underlay_host_decapsulates_vxlan_only_from_its_ipv6_peers() -> None:
+    r = ipv6_underlay("vxlan", mixed=True)
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})  # stateful
+    base = base_nft(r, "h1")
+    sets = {s.name: s for s in base.sets}
+    assert sets["vxlan_peers6"].elements == frozenset({"fd00:18::2"})  # not h3 (IPv4), not itself
+    assert sets["vxlan_peers6"].type == "ipv6_addr"
+    raw = {c.name: c for c in base.chains}["raw_prerouting"].rules[0]
+    assert "@vxlan_peers6" in raw and '"ip6"' in raw and "fd00:18::1" in raw
+    # an IPv4 underlay's table is as before: no IPv6 peer set
+    assert "vxlan_peers6" not in {s.name for s in base_nft(replica(), "h1").sets}
+
+
+def test_on_an_ipv6_underlay_a_pods_vxlan_over_ipv6_is_refused_where_it_is_sent() -> None:
+    """A peer decapsulates VXLAN from any source in a table without conntrack, and from its peers'
+    addresses (a masqueraded pod's too) with it: on IPv6 underlays the pod's chain refuses IPv6
+    VXLAN as it refuses IPv4's."""
+    r = ipv6_underlay("vxlan")
+    stateless = "\n".join(compute_nft(r, CTX).chain("ing-tthe0").rules)
+    assert stateless.count('"comment":"VXLAN from a pod"') == 2 and '"ipv6"' in stateless
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
+    stateful = compute_nft(r, CTX).chain("ing-tthe0").rules
+    assert any("@vxlan_peers6" in x and '"VXLAN from a pod"' in x for x in stateful)
+    assert "@vxlan_peers6" not in "\n".join(compute_nft(replica(), CTX).chain("ing-tthe0").rules)

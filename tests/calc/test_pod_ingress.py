@@ -133,3 +133,28 @@ def test_port_security_on_always_means_anti_spoofing() -> None:
     assert ep.anti_spoofing
     assert Endpoint(name="p", network="n", security_groups=["g1"], anti_spoofing=False).anti_spoofing
     assert not Endpoint(name="p", network="n", anti_spoofing=False).anti_spoofing
+
+
+def test_an_ipv6_packet_to_its_own_network_leaves_on_compares_as_early_as_ipv4s() -> None:
+    """bench/dataplane vxlan6: without conntrack, a dual-stack pod's IPv6 packet from its address to
+    its network is accepted right after IPv4's two rules, before the `::` and link-local rules; the
+    IPv6 source check compares (its address, fe80::/10) instead of looking up an anonymous set."""
+    r = replica()
+    r.objects["Network"]["n"] = Network(name="n", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd01::/64")])
+    e0 = r.objects["Endpoint"]["e0"]
+    r.objects["Endpoint"]["e0"] = e0.model_copy(update={"ips": [*e0.ips, "fd01::1"]})
+    rules = [json.loads(x) for x in compute_nft(r, CTX).chain("ing-tthe0").rules]
+    fast = rules[2]["expr"]
+    assert fast == [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                               "right": "fd01::1"}},
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                               "right": {"prefix": {"addr": "fd01::", "len": 64}}}}, {"accept": None}]
+    assert rules[3].get("comment") == "DAD and MLD from ::"
+    spoof6 = rules[4]
+    assert spoof6["comment"] == pod_ingress.SPOOFED_ADDRESS and '"set"' not in json.dumps(spoof6)
+    assert [m["match"]["right"] for m in spoof6["expr"][:2]] == ["fd01::1", {"prefix": {"addr": "fe80::", "len": 10}}]
+    assert all(m["match"]["op"] == "!=" for m in spoof6["expr"][:2])
+    # with conntrack there is no accept here (the forward chain decides): no fast rule
+    r.objects["Network"]["n"] = r.objects["Network"]["n"].model_copy(update={"nat_outgoing": True})
+    assert not any(x["expr"][-1] == {"accept": None} for x in
+                   (json.loads(y) for y in compute_nft(r, CTX).chain("ing-tthe0").rules) if "fd01::1" in json.dumps(x))

@@ -200,10 +200,18 @@ def test_an_ipv6_node_port_is_published_on_every_local_ipv6_address_and_masquera
     assert len(order) == 2 and order == sorted(order)
 
 
-def test_a_node_port_service_may_be_ipv6_but_not_on_one_ipv4_host_ip() -> None:
-    import pytest
-
-    assert Service(name="s", type="NodePort", ip_families=["IPv6"], ports=[ServicePort(port=80)]).type == "NodePort"
-    with pytest.raises(ValueError, match="host_ip 192.0.2.9 publishes on one address"):
-        Service(name="s", type="NodePort", ip_families=["IPv4", "IPv6"], host="h1", host_ip="192.0.2.9",
-                ports=[ServicePort(port=80)])
+def test_a_node_port_on_a_host_ip_is_published_on_that_address_only_in_its_family() -> None:
+    """Docker's -p IP:port: the node port is looked up by address in the VIP map (not by port on every
+    local address), and only host_ip's family is published; IPv6 as IPv4."""
+    backends = [ServiceBackend(ip="10.1.0.1"), ServiceBackend(ip="fd01::1")]
+    svc = Service(name="s", namespace="d", type="NodePort", ip_families=["IPv4", "IPv6"], host="h1",
+                  host_ip="fd00:18::1", cluster_ips=["10.96.0.30", "fd96::30"], backends=backends,
+                  ports=[ServicePort(port=80, node_port=8080)])
+    plan = compile_services([svc], [], [], "h1", ["192.0.2.1"])
+    assert (("fd00:18::1", "tcp", 8080), "goto svc6-np-lb-1") in elements(plan, "svc_vips6")
+    assert not elements(plan, "svc_nodeports6") and not elements(plan, "svc_nodeports")
+    assert {k for k, _ in elements(plan, "svc_vips")} == {("10.96.0.30", "tcp", 80)}  # no IPv4 node port
+    four = svc.model_copy(update={"host_ip": "192.0.2.9"})
+    plan = compile_services([four], [], [], "h1", ["192.0.2.1"])
+    assert (("192.0.2.9", "tcp", 8080), "goto svc-np-lb-1") in elements(plan, "svc_vips")
+    assert not elements(plan, "svc_nodeports") and not elements(plan, "svc_nodeports6")

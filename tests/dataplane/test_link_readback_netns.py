@@ -123,3 +123,38 @@ def test_a_difference_adds_and_removes_only_what_changed(netns: Callable[[], str
     later, _ = apply_links(second, netns=path, applied=after)
     assert later.changes == ["route 10.49.0.4/32 dev tthd4"]
     assert "10.49.0.4" in {r["dst"] for r in ip_json(ns, "route", "show")}
+
+
+def test_an_ipv6_underlay_gets_its_vtep_fdb_and_ipv4_routes_via_ipv6(netns: Callable[[], str]) -> None:
+    """A host with only an IPv6 underlay address: the VTEP's local address is IPv6 (its own VXLAN
+    attribute), FDB entries point at IPv6 peers, and IPv4 pod blocks routed directly leave via an
+    IPv6 next hop (RTA_VIA). A full pass reads all of it back as the plan says: nothing to redo."""
+    from tether.calc.plan import FdbEntry, Neighbour, Vtep
+
+    ns = netns()
+    path = f"/var/run/netns/{ns}"
+    ip(ns, "link", "set", "lo", "up")
+    ip(ns, "link", "add", "ul6", "type", "veth", "peer", "name", "ul6p")
+    ip(ns, "link", "set", "ul6", "up")
+    ip(ns, "link", "set", "ul6p", "up")
+    ip(ns, "addr", "add", "fd00:77::1/64", "dev", "ul6", "nodad")
+    mac = "02:aa:00:00:00:02"
+    plan = Plan(vtep=Vtep("tth.vxlan", 4096, "fd00:77::1", "ul6", "02:aa:00:00:00:01", "169.254.64.1", 1430),
+                fdb=frozenset({FdbEntry(mac, "fd00:77::2", "tth.vxlan")}),
+                neighbours=frozenset({Neighbour("169.254.64.2", mac, "tth.vxlan")}),
+                routes=frozenset({Route("10.51.0.0/26", "tth.vxlan", via="169.254.64.2", onlink=True),
+                                  Route("10.52.0.0/26", "ul6", via="fd00:77::2"),
+                                  Route("fd52::/122", "ul6", via="fd00:77::2")}),
+                underlay_dev="ul6")
+    report, _ = apply_links(plan, netns=path)
+    assert not report.failures, report.failures
+    (vx,) = ip_json(ns, "-d", "link", "show", "tth.vxlan")
+    info = vx["linkinfo"]["info_data"]
+    assert info["local6"] == "fd00:77::1" and vx["mtu"] == 1430
+    fdb = subprocess.run(["ip", "netns", "exec", ns, "bridge", "fdb", "show", "dev", "tth.vxlan"], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    assert f"{mac} dst fd00:77::2" in fdb, fdb
+    (via6,) = [r for r in ip_json(ns, "route", "show") if r["dst"] == "10.52.0.0/26"]
+    assert via6["via"] == {"family": "inet6", "host": "fd00:77::2"} and via6["dev"] == "ul6", via6
+    again, _ = apply_links(plan, netns=path)  # the read-back (full pass) matches: nothing rewritten
+    assert again.changes == [], again.changes

@@ -360,3 +360,35 @@ def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside
     finally:
         for s in servers:
             stop(s)
+
+
+def test_a_node_port_on_an_ipv6_host_ip_answers_on_that_address_only(lab: Lab) -> None:
+    """Docker's `-p [IP]:port`: published on h1's IPv6 underlay address only: not on another host's
+    address, and not in the other family (no IPv4 node port); an IPv4 host_ip likewise."""
+    net = make_net(lab, ["10.75.0.0/16", "fd75::/64"], "vxlan")
+    app = unique("hip")
+    servers = []
+    try:
+        serving_pods(lab, net, app, ("h1",), servers)
+        h1 = underlay6(lab.host("h1").ip)
+        svc = lab.client().apply(Service(name=unique("hi"), selector={"app": app}, type="NodePort",
+                                         ip_families=["IPv4", "IPv6"], host="h1", host_ip=h1,
+                                         ports=[ServicePort(port=80, target_port=8080)]))
+        port = svc.ports[0].node_port
+        assert port
+        wait_for(lambda: connect_many(lab.inet, h1, port, 3)["failures"] == 0, 20, f"the node port on [{h1}]")
+        assert connect_many(lab.inet, underlay6(lab.host("h2").ip), port, 2)["failures"] == 2, "h2 publishes nothing"
+        assert connect_many(lab.inet, lab.host("h1").ip, port, 2)["failures"] == 2, "no IPv4 node port"
+        # and an IPv4 host_ip the same way: by address, its family only (the first service goes: the
+        # two may share a node port, being published on different addresses)
+        lab.client().delete("Service", f"default/{svc.name}")
+        four = lab.client().apply(Service(name=unique("h4"), selector={"app": app}, type="NodePort", host="h1",
+                                          host_ip=lab.host("h1").ip, ports=[ServicePort(port=80, target_port=8080)]))
+        port4 = four.ports[0].node_port
+        assert port4
+        wait_for(lambda: connect_many(lab.inet, lab.host("h1").ip, port4, 3)["failures"] == 0, 20,
+                 "the IPv4 host_ip node port")
+        assert connect_many(lab.inet, h1, port4, 2)["failures"] == 2, "no IPv6 node port for an IPv4 host_ip"
+    finally:
+        for s in servers:
+            stop(s)

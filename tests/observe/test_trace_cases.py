@@ -125,6 +125,17 @@ def test_a_network_whose_packets_do_not_fit_the_path_is_named_with_the_mtu_to_se
     got = mtu_problems(nets, "h3", 1400, 1500)
     assert len(got) == 2 and "network v sends 1500-byte packets" in got[0] and "mtu to 1350" in got[0]
     assert "network d sends 1500-byte packets" in got[1] and "mtu to 1400" in got[1]
+    six = mtu_problems(nets, "h3", 1450, 1500, overhead=70)  # an IPv6 underlay: 70 bytes of VXLAN
+    assert len(six) == 2 and "(MTU 1430 + 70 VXLAN)" in six[0] and "mtu to 1380" in six[0]
+
+
+def test_a_peer_whose_underlay_is_of_the_other_family_is_named_with_what_to_do() -> None:
+    from tether.agent.peers import unlike_underlays
+
+    me = Host(name="h1", underlay_ip="fd00:18::1")
+    msg = unlike_underlays(me, Host(name="h3", underlay_ip="198.18.1.3"))
+    assert msg.startswith("h3 has an IPv4 underlay address (198.18.1.3) and this host an IPv6 one (fd00:18::1)")
+    assert "no path between them" in msg and "one family" in msg
 
 
 def test_a_node_port_is_subject_to_the_source_pods_egress_policy() -> None:
@@ -167,3 +178,18 @@ def test_a_vxlan_path_whose_overlay_is_reported_down_stops_at_the_encapsulation(
     t = trace(WORLD, SERVICES, BY_NAME["a"], BY_NAME["b"], 80, "TCP", health=health)
     assert t.failed is not None and t.failed.name == "encapsulation" and "UDP 4789" in t.failed.detail
     assert trace(WORLD, SERVICES, BY_NAME["e"], BY_NAME["g"], 80, "TCP", health=health).reached  # direct: no tunnel
+
+
+def test_a_path_between_underlays_of_two_families_fails_at_the_route_with_what_to_do() -> None:
+    """h3 moved to an IPv6 underlay: no route or tunnel joins it to the IPv4 hosts (calc.host.same_family);
+    an IPv6 peer in its subnet is direct, with VXLAN over IPv6 costing 70 bytes."""
+    h3 = Host(name="h3", underlay_ip="fd00:18::3", underlay_cidr="fd00:18::/64")
+    h4 = Host(name="h4", underlay_ip="fd00:19::4", underlay_cidr="fd00:19::/64")
+    x4 = ep("x4", "n1", "h4", "10.1.0.44")
+    world = World(endpoints=[*EPS, x4], policies=POLICIES, security_groups=[SSH_ONLY], networks=NETS,
+                  hosts=[*HOSTS[:2], h3, h4])
+    t = trace(world, [], BY_NAME["a"], BY_NAME["c"], 80, "TCP")
+    assert t.failed is not None and t.failed.name == "route" and "different families" in t.failed.detail
+    assert "one family" in t.failed.detail
+    six = trace(world, [], BY_NAME["c"], x4, 80, "TCP")
+    assert six.failed is None and "70 bytes" in " ".join(s.detail for s in six.steps)

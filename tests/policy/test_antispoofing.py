@@ -54,7 +54,7 @@ total = sum(words)
 total = (total >> 16) + (total & 0xFFFF)
 ip = ip[:10] + struct.pack("!H", ~(total + (total >> 16)) & 0xFFFF) + ip[12:]
 frame = bytes.fromhex(vtep_mac.replace(":", "")) + bytes.fromhex("02aabbccddee") + b"\x08\x00" + ip + udp
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in underlay else socket.AF_INET, socket.SOCK_DGRAM)  # IPv6 underlays too
 for _ in range(3):
     s.sendto(struct.pack("!II", 0x08000000, int(vni) << 8) + frame, (underlay, 4789))
 """

@@ -381,9 +381,14 @@ def test_neutron_binding_moves_the_device_name_with_the_port(http):
     assert http.get(f"/api/v1/endpoints/{port['id']}").json()["interface"] == "tap" + port["id"][:11]
 
 
-def test_a_host_with_an_ipv6_underlay_is_refused_with_the_reason(http) -> None:
-    """An IPv6 underlay made every host's nft table fail (`nft -c`: address family not supported);
-    until IPv6 underlays exist it is refused at registration and nothing is stored."""
-    r = http.put("/api/v1/hosts/h6", json={"name": "h6", "underlay_ip": "fd00:18::2"})
-    assert r.status_code == 422 and "IPv4 underlay" in r.text
-    assert http.get("/api/v1/hosts/h6").status_code == 404
+def test_a_host_with_an_ipv6_underlay_joins_but_not_beside_ipv4_hosts_on_a_direct_network(http) -> None:
+    """Hosts with only IPv6 underlay addresses are accepted (VXLAN and direct routes over IPv6);
+    a `direct` network cannot route between an IPv4 and an IPv6 underlay host, so that pair is refused."""
+    r = http.put("/api/v1/hosts/h6", json={"name": "h6", "underlay_ip": "fd00:18::2", "underlay_cidr": "fd00:18::/64"})
+    assert r.status_code == 201, r.text
+    assert http.get("/api/v1/hosts/h6").json()["underlay_ip"] == "fd00:18::2"
+    body = {"name": "blue", "subnets": [{"cidr": "10.62.0.0/16"}], "encap": "direct"}
+    refused(http, "POST", "/api/v1/networks", body, 409, "underlay families")
+    assert http.delete("/api/v1/hosts/h6").status_code in (200, 204)
+    assert http.post("/api/v1/networks", json=body).status_code == 201
+    refused(http, "PUT", "/api/v1/hosts/h6", {"name": "h6", "underlay_ip": "fd00:18::2"}, 409, "another family")

@@ -23,9 +23,10 @@ PROTECT_FOR = 120.0  # seconds an interface stays protected when its plug never 
 
 class LocalEndpoints:
     def __init__(self, host: str, replica: Replica, underlay_mtu: int,
-                 kick: Callable[[bool], None] = lambda gather: None) -> None:
+                 kick: Callable[[bool], None] = lambda gather: None, vxlan_overhead: int = VXLAN_OVERHEAD) -> None:
         self.host = host
         self.underlay_mtu = underlay_mtu
+        self.vxlan_overhead = vxlan_overhead  # names.vxlan_overhead of the host's underlay address
         self._replica = replica
         self._kick = kick
         self._plugging: dict[str, float] = {}  # host ifname -> when its plug began
@@ -45,7 +46,8 @@ class LocalEndpoints:
 
     def mtu(self, net: Network | None) -> int:
         """The MTU of an interface on `net`; without the network (the server is away), the VXLAN one."""
-        return endpoint_mtu(net, self.underlay_mtu) if net else self.underlay_mtu - VXLAN_OVERHEAD
+        return endpoint_mtu(net, self.underlay_mtu, self.vxlan_overhead) if net else \
+            self.underlay_mtu - self.vxlan_overhead
 
     # --- changing it ------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from tether.agent.cni.server import CniServer
 from tether.agent.config import AgentConfig
 from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import HostContext, pickup_grace, rejudge_needed, rejudge_scope
-from tether.calc.names import vtep_mac_for
+from tether.calc.names import vtep_mac_for, vxlan_overhead
 from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
@@ -46,9 +46,10 @@ def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
     """(device, MTU, CIDR) of the interface holding the underlay address."""
     from pyroute2 import IPRoute
 
+    want = ipaddress.ip_address(ip)  # an IPv6 one may be written in any of its forms
     with IPRoute() as ipr:
         for a in ipr.get_addr():
-            if a.get("IFA_ADDRESS") == ip:
+            if a.get("IFA_ADDRESS") and ipaddress.ip_address(a.get("IFA_ADDRESS")) == want:
                 link = ipr.get_links(a["index"])[0]
                 name = link.get("IFLA_IFNAME")
                 if dev and dev != name:
@@ -109,7 +110,8 @@ class Agent:
         underlay = cfg.underlay or underlay_of(cfg.underlay_ip, cfg.underlay_dev)
         self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay
         # what the front ends (CNI here, Docker and VM ports as extras) share of the agent
-        self.local = LocalEndpoints(self.host, self.replica, self.underlay_mtu, self.kick)
+        self.local = LocalEndpoints(self.host, self.replica, self.underlay_mtu, self.kick,
+                                    vxlan_overhead(cfg.underlay_ip))
         self.cni = CniServer(self.local, self.client, cfg.cni_socket, dns=self.dns_config, not_ready=self.not_ready)
         self.underlay_ip6 = link_local_of(self.underlay_dev)
         from tether.dataplane.nft import NftDataplane
@@ -592,7 +594,9 @@ def main(argv: list[str] | None = None) -> None:
                         "own credential in <state-dir>/credential (env TETHER_JOIN_TOKEN)")
     p.add_argument("--ca-hash", help="sha256:... pin of the cluster CA, to fetch and trust it when joining")
     p.add_argument("--host", default=socket.gethostname(), help="this host's name (a DNS label)")
-    p.add_argument("--underlay-ip", required=True, help="this host's address on the underlay network")
+    p.add_argument("--underlay-ip", required=True,
+                   help="this host's address on the underlay network, IPv4 or IPv6 (tunnels and direct routes use "
+                        "its family; every host of a cluster needs one of the same family)")
     p.add_argument("--underlay-dev", help="device holding the underlay address (default: found by address)")
     p.add_argument("--state-dir", default="/var/lib/tether-agent")
     p.add_argument("--cni-socket", default="/run/tether/cni.sock")

@@ -9,8 +9,10 @@ ping through this host's VTEP to the peer's VTEP address (the plan routes each p
 over the tunnel, so the reply comes back the same way): an underlay that answers while the overlay
 does not is VXLAN blocked on the way (UDP 4789) or a VTEP missing. The networks this host carries
 are then checked against the path: a VXLAN network whose packets,
-with the 50 bytes of VXLAN overhead, are larger than the path carries is reported before users
-see stalled TCP. Results are pushed to POST /api/v1/hosts/NAME/peers (kept in the server's memory).
+with the 50 bytes of VXLAN overhead (70 over an IPv6 underlay), are larger than the path carries is
+reported before users see stalled TCP. A peer whose underlay address is of the other family (IPv4
+here, IPv6 there) has no path at all (`calc.host.same_family`): reported as such, not pinged.
+Results are pushed to POST /api/v1/hosts/NAME/peers (kept in the server's memory).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ log = logging.getLogger("tether.agent.peers")
 PEER_INTERVAL = 10.0
 MIN_MTU = 576
 IP_ICMP = 28  # IPv4 + ICMP headers: ping's -s is the MTU minus these
+IP6_ICMP6 = 48  # the same for IPv6 + ICMPv6
 
 
 async def ping(ip: str, size: int, dev: str | None = None, timeout: float = 1.0) -> float | None:
     """Round trip in ms of one Don't-Fragment ping of `size` bytes of IP packet, None if lost."""
-    cmd = ["ping", "-n", "-q", "-c", "1", "-W", str(timeout), "-M", "do", "-s", str(max(0, size - IP_ICMP))]
+    headers = IP6_ICMP6 if ":" in ip else IP_ICMP
+    cmd = ["ping", "-n", "-q", "-c", "1", "-W", str(timeout), "-M", "do", "-s", str(max(0, size - headers))]
     if dev:
         cmd += ["-I", dev]
     try:
@@ -64,22 +68,34 @@ async def carried_mtu(ip: str, high: int) -> int | None:
     return lo
 
 
-def mtu_problems(networks: list[Any], peer: str, path_mtu: int, underlay_mtu: int) -> list[str]:
-    """Networks whose packets to `peer` are larger than the path carries (pure)."""
+def mtu_problems(networks: list[Any], peer: str, path_mtu: int, underlay_mtu: int,
+                 overhead: int | None = None) -> list[str]:
+    """Networks whose packets to `peer` are larger than the path carries (pure). `overhead`: VXLAN's
+    on this host's underlay (`names.vxlan_overhead`), 50 if not given."""
     from tether.calc.host import endpoint_mtu
     from tether.calc.names import VXLAN_OVERHEAD
 
+    overhead = VXLAN_OVERHEAD if overhead is None else overhead
     out = []
     for net in networks:
-        inner = endpoint_mtu(net, underlay_mtu)
-        need = inner + (0 if net.encap == "direct" else VXLAN_OVERHEAD)
+        inner = endpoint_mtu(net, underlay_mtu, overhead)
+        need = inner + (0 if net.encap == "direct" else overhead)
         if need > path_mtu:
-            fit = path_mtu - (0 if net.encap == "direct" else VXLAN_OVERHEAD)
+            fit = path_mtu - (0 if net.encap == "direct" else overhead)
             out.append(f"network {net.name} sends {need}-byte packets to {peer} (MTU {inner}"
-                       + ("" if net.encap == "direct" else f" + {VXLAN_OVERHEAD} VXLAN") +
+                       + ("" if net.encap == "direct" else f" + {overhead} VXLAN") +
                        f") but the path carries {path_mtu}: large packets are lost (stalled TCP); set the "
                        f"network's mtu to {fit} or raise the underlay's")
     return out
+
+
+def unlike_underlays(me: Any, peer: Any) -> str:
+    """The problem of two hosts whose underlay addresses are of different families (pure)."""
+    fam = {4: "IPv4", 6: "IPv6"}
+    mine, theirs = (fam[6 if ":" in h.underlay_ip else 4] for h in (me, peer))
+    return (f"{peer.name} has an {theirs} underlay address ({peer.underlay_ip}) and this host an {mine} one "
+            f"({me.underlay_ip}): there is no path between them, so pods here cannot reach pods there; give "
+            "every host an underlay address of one family (--underlay-ip)")
 
 
 class PeerHealth:
@@ -96,7 +112,17 @@ class PeerHealth:
         self._replica = replica
 
     async def check(self, peer: Any, underlay_mtu: int) -> dict[str, Any]:
+        from tether.calc.host import same_family
+        from tether.calc.names import vxlan_overhead
+
         r: dict[str, Any] = {"peer": peer.name, "underlay_ip": peer.underlay_ip, "checked_at": time.time()}
+        me = self._replica.hosts.get(self.agent.host) if self._replica is not None else None
+        if me is not None and not same_family(me, peer):
+            r["underlay"] = {"ok": False, "rtt_ms": None}
+            r["path_mtu"] = None
+            r["problems"] = [unlike_underlays(me, peer)]
+            return r
+        overhead = vxlan_overhead(me.underlay_ip) if me is not None else None
         rtt = await ping(peer.underlay_ip, underlay_mtu)
         r["underlay"] = {"ok": rtt is not None, "rtt_ms": rtt}
         r["path_mtu"] = underlay_mtu if rtt is not None else await carried_mtu(peer.underlay_ip, underlay_mtu)
@@ -107,9 +133,10 @@ class PeerHealth:
         if r["path_mtu"] is None:
             problems.append(f"{peer.name} ({peer.underlay_ip}) does not answer on the underlay")
         else:
-            problems += mtu_problems(nets, peer.name, r["path_mtu"], underlay_mtu)
+            problems += mtu_problems(nets, peer.name, r["path_mtu"], underlay_mtu, overhead)
         if self.overlay_between(peer):
-            r["overlay"] = await self.check_overlay(peer.vtep_ip, min(underlay_mtu, r["path_mtu"] or underlay_mtu))
+            r["overlay"] = await self.check_overlay(peer.vtep_ip, min(underlay_mtu, r["path_mtu"] or underlay_mtu),
+                                                    overhead)
             if not r["overlay"]["ok"] and r["path_mtu"] is not None:
                 problems.append(f"{peer.name} answers on the underlay but not through the overlay (its VTEP "
                                 f"{peer.vtep_ip}): VXLAN (UDP 4789) is blocked between the hosts, or its VTEP is "
@@ -135,13 +162,13 @@ class PeerHealth:
 
         return tunnelled(peer, me) and tunnelled(me, peer)
 
-    async def check_overlay(self, vtep_ip: str, path_mtu: int) -> dict[str, Any]:
+    async def check_overlay(self, vtep_ip: str, path_mtu: int, overhead: int | None = None) -> dict[str, Any]:
         """A ping through the tunnel as large as the path carries once encapsulated (the VTEP's MTU
         is the underlay's minus the overhead); a small one when that is lost, to tell the MTU apart
         from a blocked tunnel."""
         from tether.calc.names import VTEP_NAME, VXLAN_OVERHEAD
 
-        size = path_mtu - VXLAN_OVERHEAD
+        size = path_mtu - (VXLAN_OVERHEAD if overhead is None else overhead)
         rtt = await ping(vtep_ip, size, VTEP_NAME)
         if rtt is not None:
             return {"ok": True, "rtt_ms": rtt, "size": size}

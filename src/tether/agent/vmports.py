@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tether.agent.dhcp import DhcpService
 from tether.agent.local_endpoints import LocalEndpoints
 from tether.calc.host import endpoint_mtu
+from tether.calc.names import VXLAN_OVERHEAD
 from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.vif import VifSpec, reconcile_vifs
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.vmports")
 
 
-def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
+def wanted_vifs(rep: Replica, host: str, underlay_mtu: int, overhead: int = VXLAN_OVERHEAD) -> list[VifSpec]:
     """This host's VM ports to plug; a quarantined one (a foreign interface name, a netns outside
     the runtime's directories...) is not plugged (quarantine reports it)."""
     from tether.calc.quarantine import problem
@@ -43,7 +44,7 @@ def wanted_vifs(rep: Replica, host: str, underlay_mtu: int) -> list[VifSpec]:
         if problem("Endpoint", ep, host) is not None or problem("Network", net, host) is not None:
             continue
         out.append(VifSpec(ep.id, ep.interface, ep.owner.netns, ep.owner.ifname or "eth0", tuple(ep.ips), ep.mac,
-                           endpoint_mtu(net, underlay_mtu)))
+                           endpoint_mtu(net, underlay_mtu, overhead)))
     return sorted(out, key=lambda s: s.host_ifname)
 
 
@@ -61,7 +62,7 @@ class VmPorts:
     def update(self, replica: Replica) -> None:
         """Called after every applied plan. The kernel is read (a dump of every link: costly with
         hundreds of pods) only when this host's VM ports changed, at start, and every 30 s."""
-        specs = wanted_vifs(replica, self.local.host, self.local.underlay_mtu)
+        specs = wanted_vifs(replica, self.local.host, self.local.underlay_mtu, self.local.vxlan_overhead)
         now = time.monotonic()
         if specs != self.specs or now - self._last_full > 30:
             self.specs = specs

@@ -27,6 +27,7 @@ from tether.calc.names import (
     VXLAN_PORT,
     stateless_chain,
     vtep_mac_for,
+    vxlan_overhead,
 )
 from tether.calc.nft import (
     ACCEPT,
@@ -56,17 +57,26 @@ from tether.model import Host, Network
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
 
 
-def endpoint_mtu(net: Network, underlay_mtu: int) -> int:
+def endpoint_mtu(net: Network, underlay_mtu: int, overhead: int = VXLAN_OVERHEAD) -> int:
+    """A pod interface's MTU: the underlay's, less VXLAN's `overhead` (`names.vxlan_overhead`: 70
+    over an IPv6 underlay) unless the network routes directly."""
     if net.mtu:
         return net.mtu
-    return underlay_mtu if net.encap == "direct" else underlay_mtu - VXLAN_OVERHEAD
+    return underlay_mtu if net.encap == "direct" else underlay_mtu - overhead
+
+
+def same_family(me: Host, peer: Host) -> bool:
+    """Whether two hosts' underlay addresses are of one family: only then is there a path between
+    them (one VTEP per host, whose tunnels use its underlay address's family; a direct route needs
+    a next hop the underlay device can reach). Path health reports a pair that is not."""
+    return ip_version(me.underlay_ip) == ip_version(peer.underlay_ip)
 
 
 def path_mode(net: Network, me: Host, peer: Host) -> str:
     """`direct` or `vxlan` for traffic from `me` to `peer` on `net`."""
     if net.encap != "auto":
         return net.encap
-    if me.underlay_cidr:
+    if me.underlay_cidr and same_family(me, peer):
         try:
             if ipaddress.ip_address(peer.underlay_ip) in ipaddress.ip_network(me.underlay_cidr, strict=False):
                 return "direct"
@@ -155,18 +165,24 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
     neighbours: set[Neighbour] = set()
     interfaces: set[HostInterface] = set()
     vtep = None
+    # 70 bytes over an IPv6 underlay; the agent's CNI path sizes new pods the same (`LocalEndpoints.mtu`)
+    overhead = vxlan_overhead(me.underlay_ip) if me is not None else VXLAN_OVERHEAD
+    sizes = (ctx.underlay_mtu, overhead)
     needs_vtep = any(n.encap in ("vxlan", "auto") for n in networks.values())
     if me is not None and needs_vtep and me.vtep_ip:
         vtep = Vtep(VTEP_NAME, vni=4096, local_ip=me.underlay_ip, underlay_dev=ctx.underlay_dev,
                     mac=me.vtep_mac or vtep_mac_for(me.name), ip=me.vtep_ip,
-                    mtu=ctx.underlay_mtu - VXLAN_OVERHEAD)
+                    mtu=ctx.underlay_mtu - overhead)
 
     def route_to(peer: Host, net: Network, dst: str) -> None:
-        if me is None:
+        if me is None or not same_family(me, peer):
             return
         v6 = ":" in dst
         if path_mode(net, me, peer) == "direct":
-            via = peer.underlay_ip6 if v6 else peer.underlay_ip
+            # IPv6 pods: the peer's reported IPv6 address (its underlay's link-local one), else its
+            # IPv6 underlay address; IPv4 pods over an IPv6 underlay: an IPv6 next hop (RTA_VIA)
+            via = (peer.underlay_ip6 or (peer.underlay_ip if ":" in peer.underlay_ip else None)) if v6 \
+                else peer.underlay_ip
             if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
                 routes.add(Route(dst, ctx.underlay_dev, via=via))
             return
@@ -202,9 +218,9 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
         if ep.host == ctx.name:
             if ep.interface:
                 hit = memos.local.get(ep.id)
-                if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != ctx.underlay_mtu:
-                    hit = (ep, net, ctx.underlay_mtu,
-                           HostInterface(ep.interface, endpoint_mtu(net, ctx.underlay_mtu), ep.id,
+                if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != sizes:
+                    hit = (ep, net, sizes,
+                           HostInterface(ep.interface, endpoint_mtu(net, *sizes), ep.id,
                                          (ep.mac or "").lower(), tuple(ep.ips)),
                            tuple(pod_route(ip, ep.interface) for ip in ep.ips))
                 local[ep.id] = hit
@@ -278,10 +294,11 @@ def stateless_chains(rep: Replica) -> list[NftChain]:
     return chains
 
 
-def vxlan_peers(rep: Replica, host: str) -> frozenset[str]:
-    """The other hosts' IPv4 underlay addresses: the only sources this host decapsulates VXLAN from."""
+def vxlan_peers(rep: Replica, host: str, version: int = 4) -> frozenset[str]:
+    """The other hosts' underlay addresses of one family: the only sources this host decapsulates
+    VXLAN from (`vxlan_peers`, or `vxlan_peers6` on a host with an IPv6 underlay)."""
     return frozenset(h.underlay_ip for h in rep.hosts.values()
-                     if h.name != host and h.underlay_ip and ip_version(h.underlay_ip) == 4)
+                     if h.name != host and h.underlay_ip and ip_version(h.underlay_ip) == version)
 
 
 def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
@@ -435,11 +452,15 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     vxlan_in: tuple[str, ...] = ()
     vxlan_out: tuple[str, ...] = ()
     vxlan_refused: tuple[str, ...] = ()
-    if me is not None and me.underlay_ip and ipaddress.ip_address(me.underlay_ip).version == 4:
-        vxlan_in = (rule(match(addr_field(4, "daddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT),
-                         match(addr_field(4, "saddr"), "@vxlan_peers"), match(meta("iifname"), POD_IFACES, "!="),
+    if me is not None and me.underlay_ip:
+        v = ip_version(me.underlay_ip)
+        peer_set = "@vxlan_peers" if v == 4 else "@vxlan_peers6"
+        if v == 6:  # declared only here: an IPv4 underlay's table stays as it was
+            sets += (NftSet("vxlan_peers6", "ipv6_addr", elements=vxlan_peers(rep, host, 6)),)
+        vxlan_in = (rule(match(addr_field(v, "daddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT),
+                         match(addr_field(v, "saddr"), peer_set), match(meta("iifname"), POD_IFACES, "!="),
                          NOTRACK, ACCEPT, comment="vxlan underlay"),)
-        vxlan_out = (rule(match(addr_field(4, "saddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
+        vxlan_out = (rule(match(addr_field(v, "saddr"), me.underlay_ip), match(UDP_DPORT, VXLAN_PORT), NOTRACK, ACCEPT,
                           comment="vxlan underlay"),)
         # what the rule above did not let through (tracked, so only its first packets come here):
         # the VTEP would decapsulate it and the inner packet's source would bypass anti-spoofing
@@ -536,19 +557,21 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
     local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
+    me = rep.hosts.get(ctx.name)
+    underlay6 = me is not None and ip_version(me.underlay_ip) == 6
     ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
-                                                       stateful, m)))
+                                                       stateful, m, underlay6)))
     yielding.checkpoint()
     base = base_nft(rep, ctx.name, stateful)
     if not stateful:
         return merge(base, ingress)
-    me = rep.hosts.get(ctx.name)
     routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
                          list(rep.networks.values()), ctx.name, m, routed=routed)
     yielding.checkpoint()
+    # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
     svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
-                           [me.underlay_ip] if me else [])
+                           [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [])
     yielding.checkpoint()
     if not l3.has_l3(rep):
         return merge(base, pol, svc, ingress)

@@ -23,7 +23,16 @@ NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
 
 VTEP_NAME = "tth.vxlan"
 VXLAN_PORT = 4789
-VXLAN_OVERHEAD = 50
+VXLAN_OVERHEAD = 50  # outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14)
+VXLAN_OVERHEAD6 = 70  # the same over an IPv6 underlay: its header is 40 bytes
+
+
+def vxlan_overhead(underlay_ip: str) -> int:
+    """What VXLAN adds to a packet on this underlay address's family (the VTEP's MTU is the
+    underlay's minus this)."""
+    return VXLAN_OVERHEAD6 if ":" in underlay_ip else VXLAN_OVERHEAD
+
+
 RTPROT_TETHER = 201  # routes we install carry this protocol number
 NFT_TABLE = "tether"  # family inet
 POD_GATEWAY = "169.254.1.1"  # the link-local gateway every pod routes through (host side answers ARP)

@@ -108,21 +108,24 @@ def isolation_rules(senders: Iterable[Endpoint], networks: dict[str, Network], s
     return out
 
 
-def vxlan_out_of_network(senders: tuple[Endpoint, ...], nets: list[Network | None]) -> str:
+def vxlan_out_of_network(senders: tuple[Endpoint, ...], nets: list[Network | None], version: int = 4) -> str:
     """Without conntrack: a pod's UDP 4789 to anything outside its own network(s) is dropped here.
     Every host decapsulates VXLAN sent to any of its addresses (the kernel's socket is bound to
     none), a pod reaches its own host's (the resolver's, the VTEP's) and the other hosts' addresses,
     and no host checks the outer source in this table: so the sender does. Outside the network a
-    pod's unmasqueraded packets find no way back anyway, unless the underlay routes pod subnets."""
-    own = sorted({c for net in nets if net is not None for c in v4_subnets(net)})
-    stmts = [match(addr_field(4, "daddr"), one_or_set(own), "!=")] if own else []
-    return denied(match(meta("nfproto"), "ipv4"), *stmts, match(payload("udp", "dport"), VXLAN_PORT),
-                  comment=VXLAN_FROM_POD)
+    pod's unmasqueraded packets find no way back anyway, unless the underlay routes pod subnets.
+    `version` 6: the same for IPv6, on a host whose underlay (so whose peers' tunnels) is IPv6."""
+    own = sorted({c for net in nets if net is not None for c in _subnets(net, version)})
+    stmts = [match(addr_field(version, "daddr"), one_or_set(own), "!=")] if own else []
+    return denied(match(meta("nfproto"), "ipv4" if version == 4 else "ipv6"), *stmts,
+                  match(payload("udp", "dport"), VXLAN_PORT), comment=VXLAN_FROM_POD)
 
 
-def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[str, Network], stateful: bool
-                  ) -> NftChain:
+def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[str, Network], stateful: bool,
+                  underlay6: bool = False) -> NftChain:
     """The chain of one interface; `senders`: its endpoint, then the nested endpoints behind it.
+    `underlay6`: this host's underlay (and so its peers' tunnels) is IPv6, so a pod's VXLAN is
+    refused over IPv6 as well (only then: an IPv4 underlay's chains stay as they were).
     Ordered for the common packet (IPv4, to its own network), which leaves after the fewest
     expressions: every expression counts on these VMs, where the chain is a pod's whole table."""
     nets = [networks.get(who.network) for who in senders]
@@ -147,23 +150,34 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
             version, canonical, _ = source_prefix(a)
             allowed[version].add(canonical)
     for v, proto in ((4, "ipv4"), (6, "ipv6")):
+        own = _subnets(nets[0], v) if nets[0] is not None else []
+        done = not stateful and not several and own  # isolation allows its own network: accepted
+        mine = sorted(ip for ip in senders[0].ips if ip_version(ip) == v)
+        if v == 6 and done and spoof_checks and mine:
+            # the common IPv6 packet (from the pod's address to its network) leaves on two compares,
+            # as IPv4's does, before the rules for `::` and link-local sources (bench/dataplane vxlan6)
+            rules.append(rule(match(addr_field(6, "saddr"), one_or_set(mine)),
+                              match(addr_field(6, "daddr"), one_or_set(sorted(own))), ACCEPT))
         if v == 6 and spoof_checks:  # before any address exists: duplicate address detection and MLD reports
             rules.append(UNSPECIFIED_SOURCE)
         if spoof_checks and allowed[v]:
-            rules.append(denied(match(addr_field(v, "saddr"), one_or_set(sorted(allowed[v])), "!="),
-                                comment=SPOOFED_ADDRESS))
+            rules.append(denied(*_none_of(v, sorted(allowed[v])), comment=SPOOFED_ADDRESS))
         elif spoof_checks:
             rules.append(denied(match(meta("nfproto"), proto), comment=SPOOFED_ADDRESS))
-        own = _subnets(nets[0], v) if nets[0] is not None else []
-        if not stateful and not several and own:  # isolation allows its own network: done
+        if done:
             rules.append(rule(match(addr_field(v, "daddr"), one_or_set(sorted(own))), ACCEPT))
     if not stateful:
         rules.append(vxlan_out_of_network(senders, nets))
+        if underlay6:
+            rules.append(vxlan_out_of_network(senders, nets, 6))
         rules.extend(isolation_rules(senders, networks, several))
         return _chain(interface, rules)
     # the peers accept VXLAN from this host's address, which a masqueraded packet has (calc.base_nft)
     rules.append(denied(match(payload("udp", "dport"), VXLAN_PORT), match(payload("ip", "daddr"), "@vxlan_peers"),
                         comment=VXLAN_FROM_POD))
+    if underlay6:  # `vxlan_peers6` exists on such a host only (calc.base_nft)
+        rules.append(denied(match(payload("udp", "dport"), VXLAN_PORT),
+                            match(payload("ip6", "daddr"), "@vxlan_peers6"), comment=VXLAN_FROM_POD))
     if several:  # nested endpoints of another network: by source address first
         for who, net in zip(senders[1:], nets[1:], strict=True):
             mine = sorted(ip for ip in who.ips if ip_version(ip) == 4)
@@ -175,6 +189,14 @@ def ingress_chain(interface: str, senders: tuple[Endpoint, ...], networks: dict[
     return _chain(interface, rules)
 
 
+def _none_of(v: int, sources: list[str]) -> list[dict]:
+    """`saddr` is none of `sources`: an anonymous set, but for IPv6's usual two (the pod's address
+    and fe80::/10) or three, compares, each cheaper than a set lookup on these VMs (see above)."""
+    if v == 6 and len(sources) <= 3:
+        return [match(addr_field(6, "saddr"), one_or_set([x]), "!=") for x in sources]
+    return [match(addr_field(v, "saddr"), one_or_set(sources), "!=")]
+
+
 def _chain(interface: str, rules: list[str]) -> NftChain:
     return NftChain(names.ingress_chain(interface), tuple(rules), hook="ingress", type="filter", priority=PRIORITY,
                     policy="accept", device=interface)
@@ -184,7 +206,7 @@ def _chain(interface: str, rules: list[str]) -> NftChain:
 # chains, so a plan with 500 pods builds the changed ones only. The entry holds the endpoint objects
 # (replaced, never changed in place), so their ids are not reused while it lives.
 def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks: dict[str, Network],
-            stateful: bool, memos: Memos | None = None) -> list[NftChain]:
+            stateful: bool, memos: Memos | None = None, underlay6: bool = False) -> list[NftChain]:
     """The ingress chains of this host's pod interfaces (`memos.pod_chains`: the last plan's)."""
     last = memos.pod_chains if memos is not None else {}
     nets_key = tuple(sorted((n.name, tuple(s.cidr for s in n.subnets)) for n in networks.values()))
@@ -193,10 +215,10 @@ def compile(local: list[Endpoint], children: dict[str, list[Endpoint]], networks
     for ep in local:
         yielding.checkpoint()
         senders = (ep, *children.get(ep.id, ()))
-        key = (tuple(map(id, senders)), stateful, nets_key)
+        key = (tuple(map(id, senders)), stateful, nets_key, underlay6)
         hit = last.get(ep.id)
         if hit is None or hit[0] != key:
-            hit = (key, senders, ingress_chain(ep.interface or "", senders, networks, stateful))
+            hit = (key, senders, ingress_chain(ep.interface or "", senders, networks, stateful, underlay6))
         memo[ep.id] = hit
         out.append(hit[2])
     if memos is not None:

@@ -77,6 +77,9 @@ class Frontend:
     affinity: int | None  # seconds, when ClientIP affinity is on
     published: bool = False  # a node port (source-NATed unless keep_source)
     keep_source: bool = False  # externalTrafficPolicy Local: local backends only, the client's address kept
+    # published on its own address only (Docker's -p IP:port, `Service.host_ip`): looked up by address in
+    # the VIP map (`svc_vips`/`svc_vips6`), not by port on every local address (`svc_nodeports`/`6`)
+    at_address: bool = False
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -161,7 +164,7 @@ def frontends(services: list[Service], endpoints: list[Endpoint], host: str,
                     published = tuple(b for b in backends if b.local) if local else backends
                     for ip in published_addresses(svc, version, node_ips):
                         out.append(Frontend(ref, ip, proto, sp.node_port, published, aff, published=True,
-                                            keep_source=local))
+                                            keep_source=local, at_address=svc.host_ip is not None))
     return out
 
 
@@ -169,12 +172,15 @@ ANY_NODE_ADDRESS6 = "::"  # an IPv6 published port's frontend address: every loc
 
 
 def published_addresses(svc: Service, version: int, node_ips: list[str]) -> list[str]:
-    """Where a NodePort service's `version` VIP is published: IPv4 on the host's underlay address (or
-    Docker's host_ip); IPv6 on every local IPv6 address of the host (`ANY_NODE_ADDRESS6`), because
-    the agent does not report a host's global IPv6 addresses (the model refuses host_ip with IPv6)."""
+    """Where a NodePort service's `version` VIP is published: on Docker's host_ip only when given (so
+    only its family's node port is published, as `docker run -p IP:...` does); else IPv4 on the
+    host's IPv4 underlay address and IPv6 on every local IPv6 address of the host
+    (`ANY_NODE_ADDRESS6`), because the agent does not report a host's global IPv6 addresses."""
+    if svc.host_ip:
+        return [svc.host_ip] if ip_version(svc.host_ip) == version else []
     if version == 6:
         return [ANY_NODE_ADDRESS6]
-    return [svc.host_ip] if svc.host_ip else node_ips
+    return node_ips
 
 
 def _dnat(version: int = 4) -> dict:
@@ -285,7 +291,8 @@ def published6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain]]:
             continue  # nothing answers: the connection goes on to the host, as for IPv4
         chain = published6_chain(len(f.backends), f.affinity, f.keep_source)
         chains[chain.name] = chain
-        ports.add(((f.proto, f.port), f"goto {chain.name}"))
+        if not f.at_address:  # those are looked up by address in `svc_vips6` (compile6)
+            ports.add(((f.proto, f.port), f"goto {chain.name}"))
         for slot, b in enumerate(f.backends, start=1):
             backend_ip.add(((f.proto, f.port, slot), b.ip))
             backend_port.add(((f.proto, f.port, slot), b.port))
@@ -306,6 +313,8 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], str, st
         key = (f.ip, f.proto, f.port)
         if f.published:
             hairpin.update((b.ip, b.ip) for b in f.backends)
+            if f.at_address and f.backends:  # on host_ip only: by address, to its `published6` chain
+                vips.add((key, f"goto {names.published6_chain(len(f.backends), f.affinity, f.keep_source)}"))
             continue  # in `published6`
         if not f.backends:
             empty.add(key)
@@ -359,8 +368,11 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
             continue
         target = lb_chain(len(f.backends), f.affinity)
         if f.published:  # Local skips the entry chain that marks the connection for source NAT
-            nodeports.add(((f.proto, f.port), f"goto {target}" if f.keep_source
-                           else f"goto svc-np-{target.removeprefix('svc-')}"))
+            verdict = f"goto {target}" if f.keep_source else f"goto svc-np-{target.removeprefix('svc-')}"
+            if f.at_address:
+                vips.add((key, verdict))
+            else:
+                nodeports.add(((f.proto, f.port), verdict))
         else:
             vips.add((key, f"goto {target}"))
         for slot, b in enumerate(f.backends, start=1):

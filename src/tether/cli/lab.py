@@ -83,12 +83,17 @@ def up(name: NameOpt = "lab",
                                                  "prints the DOCKER_HOST of one")] = False,
        swarm: Annotated[bool, typer.Option(help="--docker, and the dockerds form a Docker Swarm (h1 the manager) "
                                                 "with the tether-swarm plugin in each: docker network create -d "
-                                                "tether-swarm:latest --scope swarm ...")] = False) -> None:
+                                                "tether-swarm:latest --scope swarm ...")] = False,
+       underlay: Annotated[str, typer.Option(help="ipv4: hosts on 198.18.<s>.<i> (and a shared IPv6 prefix); ipv6: "
+                                                  "hosts with only IPv6 underlay addresses, fd00:198:19:<s>::<i>/64, "
+                                                  "so tunnels and direct routes run over IPv6")] = "ipv4") -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
     if agent_auth not in ("host", "admin"):
         _fail("--agent-auth must be host or admin")
+    if underlay not in ("ipv4", "ipv6"):
+        _fail("--underlay must be ipv4 or ipv6")
     docker = docker or swarm
     if docker:
         from tether.lab.dockerd import available
@@ -107,7 +112,7 @@ def up(name: NameOpt = "lab",
         _fail(f"lab {name!r} already exists; `tether lab down --lab {name}` first")
     say = _progress()
     try:
-        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth)
+        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth, underlay=underlay)
         if kubernetes:
             from tether.lab.containerd import kubelet_binary, why_no_kubelet
             from tether.lab.kube import lab_kubernetes

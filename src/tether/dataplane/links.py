@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Container
@@ -74,9 +75,17 @@ def _kind(msg) -> str | None:
     return msg.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
 
 
+def _local_key(vtep: Vtep) -> str:
+    """The VXLAN attribute (pyroute2's name, lower case for `link add`) of the VTEP's local address:
+    a separate one for an IPv6 underlay."""
+    return "IFLA_VXLAN_LOCAL6" if ":" in vtep.local_ip else "IFLA_VXLAN_LOCAL"
+
+
 def _vxlan_matches(ipr: IPRoute, msg, vtep: Vtep, underlay_idx: int | None) -> bool:
     data = _linkinfo(msg)
-    return (data.get("IFLA_VXLAN_ID") == vtep.vni and data.get("IFLA_VXLAN_LOCAL") == vtep.local_ip
+    local = data.get(_local_key(vtep))
+    return (data.get("IFLA_VXLAN_ID") == vtep.vni and local is not None
+            and ipaddress.ip_address(local) == ipaddress.ip_address(vtep.local_ip)
             and data.get("IFLA_VXLAN_PORT") == vtep.port and not data.get("IFLA_VXLAN_LEARNING")
             and (underlay_idx is None or data.get("IFLA_VXLAN_LINK") == underlay_idx))
 
@@ -92,8 +101,9 @@ def ensure_vtep(ipr: IPRoute, vtep: Vtep, report: ApplyReport) -> tuple[int, boo
         report.add(f"recreate {vtep.name}")
         msg, created = None, True
     if msg is None:
-        kw = dict(ifname=vtep.name, kind="vxlan", vxlan_id=vtep.vni, vxlan_local=vtep.local_ip,
-                  vxlan_port=vtep.port, vxlan_learning=0, address=vtep.mac, mtu=vtep.mtu)
+        kw = dict(ifname=vtep.name, kind="vxlan", vxlan_id=vtep.vni, vxlan_port=vtep.port, vxlan_learning=0,
+                  address=vtep.mac, mtu=vtep.mtu)
+        kw[_local_key(vtep).removeprefix("IFLA_").lower()] = vtep.local_ip
         if underlay_idx is not None:
             kw["vxlan_link"] = underlay_idx
         try:

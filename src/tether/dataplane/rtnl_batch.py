@@ -45,7 +45,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH = 24, 25, 26, 28
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE, RTA_VIA = 1, 4, 5, 15, 18
 NDA_DST, NDA_LLADDR = 1, 2
 IFF_UP = 0x1
 RT_TABLE_MAIN = 254
@@ -180,7 +180,7 @@ class RtnlSocket:
             fam, dst_len, _src_len, _tos, tbl, rproto, scope, _type, flags = RTMSG.unpack_from(msg)
             if proto is not None and rproto != proto:
                 continue
-            attrs = _attrs(msg, RTMSG.size, (RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE))
+            attrs = _attrs(msg, RTMSG.size, (RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE, RTA_VIA))
             if RTA_TABLE in attrs:
                 tbl = struct.unpack("=I", attrs[RTA_TABLE])[0]
             if tbl != table:
@@ -188,6 +188,8 @@ class RtnlSocket:
             dst = attrs.get(RTA_DST)
             any_addr = "0.0.0.0" if fam == socket.AF_INET else "::"
             gw = attrs.get(RTA_GATEWAY)
+            if gw is None and RTA_VIA in attrs:  # a next hop of the other family: family (u16), address
+                gw = attrs[RTA_VIA][2:]
             out.append(RouteState(f"{ipaddress.ip_address(dst) if dst else any_addr}/{dst_len}",
                                   struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None,
                                   str(ipaddress.ip_address(gw)) if gw else None, rproto, scope, flags, tbl))
@@ -323,7 +325,11 @@ def _rtmsg(dst: str, index: int, gateway: str | None, proto: int, scope: int, rt
         body += _attr(RTA_DST, net.network_address.packed)
     body += _attr(RTA_OIF, _u32(index))
     if gateway:
-        body += _attr(RTA_GATEWAY, _ip(gateway))
+        gw = ipaddress.ip_address(gateway)
+        if gw.version == net.version:
+            body += _attr(RTA_GATEWAY, gw.packed)
+        else:  # an IPv4 route via an IPv6 next hop (an IPv6 underlay): RTA_VIA, family first
+            body += _attr(RTA_VIA, struct.pack("=H", _family(gateway)) + gw.packed)
     return body
 
 

@@ -9,6 +9,11 @@ ns <p>-ctl  : eth0 198.18.0.250, where the server's HTTPS listener (:7443) sits 
 The underlay also carries IPv6, one on-link prefix for everyone (`UNDERLAY6`): host 198.18.<s>.<i>
 has fd00:198:18::<s>:<i>, the internet fd00:198:18::ff:1 (IPv6 node ports, IPv6 from outside);
 the agents still use the IPv4 underlay for tunnels and the API.
+`up(underlay="ipv6")` builds hosts with only IPv6 underlay addresses instead (no IPv4 on their eth0):
+host <s>.<i> has fd00:198:19:<s>::<i>/64 (`UNDERLAY6_ONLY`, one /64 per underlay subnet, routed by
+the switch namespace at fd00:198:19:<s>::fe), the agents register that address, tunnel and route
+over it, and reach the server at [fd00:198:19::fa]:7443 (the ctl namespace's listener is then
+dual-stack).
 The server process runs in the root namespace with three listeners: HTTPS on 198.18.0.250:7443 in
 the ctl namespace (bound there by `tether.lab.netns_listen`), which the agents use over the underlay
 as real hosts would; a unix socket in the lab directory; and plain HTTP on a loopback port for the
@@ -23,6 +28,7 @@ tear down the lab; processes are stopped by PID.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import shutil
@@ -42,6 +48,8 @@ UNDERLAY = "198.18"
 UNDERLAY6 = "fd00:198:18::"  # /64 on the underlay switch, see underlay6()
 INET_IP6 = "fd00:198:18::ff:1"
 CTL_IP = "198.18.0.250"  # the server's underlay address (in the ctl namespace)
+UNDERLAY6_ONLY = "fd00:198:19"  # IPv6-only underlay hosts: fd00:198:19:<s>::<i>/64, see up(underlay=)
+CTL_IP6 = f"{UNDERLAY6_ONLY}::fa"  # the server's address on an IPv6-only underlay
 API_PORT = 7443
 CNI_VERSION = "1.0.0"
 
@@ -131,6 +139,7 @@ class LabState:
     inet_pids: list[int] = field(default_factory=list)
     server_args: list[str] = field(default_factory=list)
     agent_auth: str = "host"  # "host": each agent joins and holds its own credential; "admin": the admin token
+    underlay: str = "ipv4"  # the hosts' underlay addresses: "ipv4" (plus the shared IPv6 prefix) or "ipv6" only
     bootstrap_token: str = ""
     ca_hash: str = ""
     kube_pids: list[int] = field(default_factory=list)  # `--kubernetes`: tether kube, kube-apiserver, its etcd
@@ -198,6 +207,8 @@ class Lab:
     @property
     def underlay_url(self) -> str:
         """The server as the hosts reach it: HTTPS over the underlay."""
+        if self.state.underlay == "ipv6":
+            return f"https://[{CTL_IP6}]:{API_PORT}"
         return f"https://{CTL_IP}:{API_PORT}"
 
     @property
@@ -228,15 +239,19 @@ class Lab:
     # --- building ---------------------------------------------------------------------------------
 
     def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print,
-           server_args: list[str] | None = None, agent_auth: str = "host") -> None:
+           server_args: list[str] | None = None, agent_auth: str = "host", underlay: str = "ipv4") -> None:
         """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces);
-        `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token)."""
+        `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token);
+        `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc)."""
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
+        if underlay not in ("ipv4", "ipv6"):
+            raise ValueError(f"underlay {underlay!r}: 'ipv4' or 'ipv6'")
         if os.path.exists(self.state_path) and self.state.hosts:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
-        self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth)
+        self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth,
+                              underlay=underlay)
         self.save()
         try:
             progress(f"underlay switch {self.ul}")
@@ -244,6 +259,9 @@ class Lab:
             for i in range(1, hosts + 1):
                 subnet = 1 if across_subnets and i >= 3 else 0
                 h = HostInfo(f"h{i}", f"{self.name}-h{i}", f"{UNDERLAY}.{subnet}.{i}", f"{UNDERLAY}.{subnet}.0/24")
+                if underlay == "ipv6":
+                    net = ipaddress.ip_network(f"{UNDERLAY6_ONLY}:{subnet}::/64")  # written as the kernel does
+                    h.ip, h.cidr = str(net.network_address + i), str(net)
                 progress(f"host {h.name} ({h.ip})")
                 self._host(h, i)
                 self.state.hosts.append(h)
@@ -252,6 +270,9 @@ class Lab:
             self._internet()
             progress(f"server ({store} store, https://{CTL_IP}:{API_PORT} on the underlay)")
             self._plug(self.ctl, "pctl", f"{CTL_IP}/24", f"{UNDERLAY}.0.254")
+            if underlay == "ipv6":
+                nsx(self.ctl, "ip", "addr", "add", f"{CTL_IP6}/64", "dev", "eth0", "nodad")
+                nsx(self.ctl, "ip", "-6", "route", "add", "default", "via", f"{UNDERLAY6_ONLY}::fe")
             self.start_server()
             if agent_auth == "host":
                 out = self.client().request("POST", "/api/v1/bootstrap-tokens",
@@ -279,6 +300,10 @@ class Lab:
         for a in (f"{UNDERLAY}.0.254/24", f"{UNDERLAY}.1.254/24", f"{INET_NET}.254/24"):
             nsx(self.ul, "ip", "addr", "add", a, "dev", "ul0")
         nsx(self.ul, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if self.state.underlay == "ipv6":  # the router between the IPv6-only underlay subnets
+            for s in (0, 1):
+                nsx(self.ul, "ip", "addr", "add", f"{UNDERLAY6_ONLY}:{s}::fe/64", "dev", "ul0", "nodad")
+            nsx(self.ul, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
     def _plug(self, ns: str, port: str, ip: str, gw: str) -> None:
         sh("ip", "netns", "add", ns)
@@ -290,9 +315,18 @@ class Lab:
         nsx(ns, "ip", "route", "add", "default", "via", gw)
 
     def _host(self, h: HostInfo, i: int) -> None:
-        gw = h.ip.rsplit(".", 1)[0] + ".254"
-        self._plug(h.ns, f"p{h.name}", f"{h.ip}/24", gw)
-        nsx(h.ns, "ip", "addr", "add", f"{underlay6(h.ip)}/64", "dev", "eth0", "nodad")
+        if ":" in h.ip:  # only IPv6 on the underlay: no IPv4 address, an IPv6 default route
+            sh("ip", "netns", "add", h.ns)
+            nsx(self.ul, "ip", "link", "add", f"p{h.name}", "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+            nsx(self.ul, "ip", "link", "set", f"p{h.name}", "master", "ul0", "up")
+            for dev in ("lo", "eth0"):
+                nsx(h.ns, "ip", "link", "set", dev, "up")
+            nsx(h.ns, "ip", "addr", "add", f"{h.ip}/64", "dev", "eth0", "nodad")
+            nsx(h.ns, "ip", "-6", "route", "add", "default", "via", h.cidr.split("/")[0] + "fe")
+        else:
+            gw = h.ip.rsplit(".", 1)[0] + ".254"
+            self._plug(h.ns, f"p{h.name}", f"{h.ip}/24", gw)
+            nsx(h.ns, "ip", "addr", "add", f"{underlay6(h.ip)}/64", "dev", "eth0", "nodad")
         nsx(h.ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def _internet(self) -> None:
@@ -330,11 +364,14 @@ class Lab:
         if not self.state.server_port:
             self.state.server_port = free_port()
         log = open(os.path.join(self.dir, "server.log"), "ab")
-        p = subprocess.Popen([sys.executable, "-m", "tether.lab.netns_listen", self.ctl, f"{CTL_IP}:{API_PORT}", "--",
+        # on an IPv6-only underlay one dual-stack socket serves both the CLI's IPv4 and the hosts' IPv6
+        at, sans = ((f"[::]:{API_PORT}", ["--tls-san", CTL_IP, "--tls-san", CTL_IP6]) if self.state.underlay == "ipv6"
+                    else (f"{CTL_IP}:{API_PORT}", ["--tls-san", CTL_IP]))
+        p = subprocess.Popen([sys.executable, "-m", "tether.lab.netns_listen", self.ctl, at, "--",
                               sys.executable, "-m", "tether.server.main", "--store", store, "--state-dir", state_dir,
                               "--listen", f"unix://{self.server_socket}",
                               "--listen", f"127.0.0.1:{self.state.server_port}", "--listen", "fd://{fd}",
-                              "--tls-san", CTL_IP, "--gc-interval", "10", *self.state.server_args],
+                              *sans, "--gc-interval", "10", *self.state.server_args],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, **env} if env else None)
         self.state.server_pid = p.pid

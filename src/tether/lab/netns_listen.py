@@ -1,6 +1,6 @@
 """Run a command with a TCP socket bound inside another network namespace, then exec it.
 
-`python -m tether.lab.netns_listen NETNS IP:PORT -- CMD...` enters NETNS, binds and listens on
+`python -m tether.lab.netns_listen NETNS IP:PORT -- CMD...` (IPv6: `[IP]:PORT`) enters NETNS, binds and listens on
 IP:PORT, returns to its own namespace and execs CMD with `{fd}` in its arguments replaced by the
 socket's descriptor. The lab's server runs in the root namespace (the CLI reaches it on loopback, the
 agents' state on the same filesystem) yet serves the hosts over the lab's underlay, as a real
@@ -31,8 +31,11 @@ def bound_in(netns: str, ip: str, port: int) -> socket.socket:
     try:
         setns(target)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            v6 = ":" in ip
+            sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if v6:  # "::" takes IPv4 too (IPv4-mapped): one listener for a dual-stack underlay
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((ip, port))
             sock.listen(1024)
         finally:
@@ -48,7 +51,7 @@ def main(argv: list[str]) -> None:
     if len(argv) < 4 or argv[2] != "--":
         raise SystemExit("usage: python -m tether.lab.netns_listen NETNS IP:PORT -- CMD... ({fd} is replaced)")
     ip, _, port = argv[1].rpartition(":")
-    sock = bound_in(argv[0], ip, int(port))
+    sock = bound_in(argv[0], ip.strip("[]"), int(port))
     cmd = [a.replace("{fd}", str(sock.fileno())) for a in argv[3:]]
     os.execvp(cmd[0], cmd)
 

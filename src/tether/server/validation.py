@@ -48,7 +48,10 @@ def underlay_of(h: Host) -> IpNet:
 
 def same_underlay(a: Host, b: Host) -> bool:
     """Whether `direct` routes between two hosts can work (each on-link for the other). Unknown (no
-    underlay_cidr on either) counts as yes: only what is known not to work is refused."""
+    underlay_cidr on either) counts as yes: only what is known not to work is refused. Underlay
+    addresses of two families never are: neither host has an address of the other's family."""
+    if ipaddress.ip_address(a.underlay_ip).version != ipaddress.ip_address(b.underlay_ip).version:
+        return False
     if a.underlay_cidr and ipaddress.ip_address(b.underlay_ip) not in underlay_of(a):
         return False
     return not (b.underlay_cidr and ipaddress.ip_address(a.underlay_ip) not in underlay_of(b))
@@ -84,6 +87,11 @@ def check_direct(net: Network, hosts: list[Host]) -> None:
         return
     for i, a in enumerate(hosts):
         for b in hosts[i + 1:]:
+            if (":" in a.underlay_ip) != (":" in b.underlay_ip):
+                raise ApiError(409, f"network {net.name!r} cannot use encap 'direct': hosts {a.name!r} "
+                                    f"({a.underlay_ip}) and {b.name!r} ({b.underlay_ip}) are on different underlay "
+                                    "families (IPv4 and IPv6), and no encap routes between them; give every host an "
+                                    "underlay address of one family")
             if not same_underlay(a, b):
                 raise ApiError(409, f"network {net.name!r} cannot use encap 'direct': hosts {a.name!r} "
                                     f"({a.underlay_ip}) and {b.name!r} ({b.underlay_ip}) are on different underlay "
@@ -104,6 +112,11 @@ def check_host_underlay(host: Host, hosts: list[Host], networks: list[Network]) 
     direct = [n.name for n in networks if n.encap == "direct"]
     if direct:
         for other in hosts:
+            if other.name != host.name and (":" in host.underlay_ip) != (":" in other.underlay_ip):
+                raise ApiError(409, f"host {host.name!r} ({host.underlay_ip}) has an underlay address of another "
+                                    f"family than {other.name!r} ({other.underlay_ip}), and network {direct[0]!r} "
+                                    "uses encap 'direct': no encap routes between IPv4 and IPv6 underlays; give "
+                                    "every host an underlay address of one family")
             if other.name != host.name and not same_underlay(host, other):
                 raise ApiError(409, f"host {host.name!r} ({host.underlay_ip}) is on another underlay subnet than "
                                     f"{other.name!r} ({other.underlay_ip}), and network {direct[0]!r} uses encap "
