@@ -257,7 +257,8 @@ def test_the_internet_reaches_the_vm_through_a_floating_ip_its_group_allows_and_
         rule = cloud.cli("security", "group", "rule", "create", "--ingress", "--protocol", "icmp",
                          "--remote-ip", f"{INET_IP}/32", booted.sg)
         wait_for(lambda: answers_ping(lab.inet, address), 15, f"the internet to ping the VM at {address}")
-        rc, out = booted.vm.run(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {INET_IP} 80")  # busybox wget crashes here
+        # HTTP by hand: the VM's static busybox wget crashes here
+        rc, out = booted.vm.run(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {INET_IP} 80")
         assert rc == 0 and out.strip().splitlines()[-1] == address, \
             f"the internet should see the VM's request come from its floating IP {address}: {out!r}"
     finally:
