@@ -181,8 +181,9 @@ def create_app(
     from tether.server.ui import router as ui_router
 
     app.include_router(ui_router)
-    from tether.server import neutron
+    from tether.server import neutron, octavia
 
+    app.include_router(octavia.router)  # /v2.0/lbaas, before Neutron's /v2.0/{resource}/... routes
     app.include_router(neutron.router)
 
     app.add_middleware(BodyLimit, limits=limits)  # inside the token check: no body is read before it

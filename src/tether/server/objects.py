@@ -669,6 +669,12 @@ class Objects:
             ops.extend(Delete(svcip_key(ip)) for ip in (old.vips() if old is not None else []))
             svc.cluster_ips, svc.cluster_ip = [], None
             return
+        if svc.load_balancer:  # the VIP is the load balancer's port's address (IPAM holds it)
+            if not svc.cluster_ip:
+                raise ApiError(400, f"service {svc.name!r} of load balancer {svc.load_balancer} needs its VIP "
+                                    "as cluster_ip")
+            svc.cluster_ips = [svc.cluster_ip]
+            return
         asked = {("IPv6" if ":" in ip else "IPv4"): ip for ip in [*svc.cluster_ips, *([svc.cluster_ip] if
                                                                                     svc.cluster_ip else [])]}
         kept = {("IPv6" if ":" in ip else "IPv4"): ip for ip in (old.vips() if old is not None else [])}
