@@ -31,11 +31,11 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
-from tether.model import PREFIX, Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, new_id
-from tether.server.objects import ApiError, Objects
+from tether.model import Endpoint, Network, Owner, Service, ServiceBackend, ServicePort, new_id
+from tether.server.objects import ApiError, Objects, octavia_key
 from tether.store.base import Compare, Conflict, Delete, Put
 
-LB_KEY = PREFIX + "octavia/loadbalancers/"
+LB_KEY = octavia_key("")
 NAMESPACE = "default"
 PROTOCOLS = {"TCP", "UDP"}
 ALGORITHMS = {"ROUND_ROBIN", "SOURCE_IP"}
