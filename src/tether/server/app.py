@@ -184,6 +184,7 @@ def create_app(
     from tether.server import neutron, octavia
 
     app.include_router(octavia.router)  # /v2.0/lbaas, before Neutron's /v2.0/{resource}/... routes
+    app.include_router(octavia.amphorae)
     app.include_router(neutron.router)
 
     app.add_middleware(BodyLimit, limits=limits)  # inside the token check: no body is read before it

@@ -775,3 +775,32 @@ async def create_l7policy() -> dict:
 @router.get("/providers")
 async def list_providers() -> dict:
     return {"providers": [{"name": "tether", "description": "Tether services: kernel DNAT on the client's host"}]}
+
+
+@router.get("/flavors")
+async def list_flavors() -> dict:
+    return {"flavors": [], "flavors_links": []}  # none exist: a load balancer naming one is refused
+
+
+@router.get("/availabilityzones")
+async def list_availability_zones() -> dict:
+    return {"availabilityzones": [], "availabilityzones_links": []}
+
+
+NOT_SERVED = ("Tether's Octavia API serves load balancers (create, show, list, set, delete, status), listeners, "
+              "pools and members; {what} is not implemented.")
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+async def not_served(rest: str) -> dict:
+    """Stats, failover, quotas, flavor profiles, ...: a 404 that says what is served, not a bare one."""
+    raise OctaviaError(404, NOT_SERVED.format(what=f"/v2.0/lbaas/{rest[:80]}"))
+
+
+amphorae = APIRouter(prefix="/v2.0/octavia", route_class=OctaviaRoute)
+
+
+@amphorae.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+async def no_amphorae(rest: str) -> dict:
+    raise OctaviaError(404, NOT_SERVED.format(what=f"/v2.0/octavia/{rest[:80]} (there are no amphorae: Tether "
+                                                   "balances in the kernel of each client's host)"))
