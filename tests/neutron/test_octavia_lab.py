@@ -1,7 +1,7 @@
 """Octavia load balancers with the real `openstack loadbalancer` CLI and real packets: a VM port on
 h1 (a namespace plugged by its agent as os-vif would) and a CNI pod on h2 are members of one pool
 behind one VIP; a pod on h3 connecting to the VIP reaches both, and once a member is deleted, it
-reaches only the other."""
+reaches only the other. The VM port as a client reaches both members too (itself by hairpin)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def test_a_vm_port_and_a_pod_in_one_pool_both_answer_the_vip_until_one_is_remove
         assert seen["vm"] and seen["pod"], f"the VIP {vip} did not reach both members: {dict(seen)}"
         answers = ask(cloud.client.ns, vip, 40)
         assert set(answers) == {"vm", "pod"}, f"connections failed or went astray: {dict(answers)}"
+        from_vm = ask(cloud.vm_ns, vip, 30)  # a VM as the client, reaching the pod and (hairpin) itself
+        assert set(from_vm) == {"vm", "pod"}, f"from the VM port: {dict(from_vm)}"
 
         os_.run("loadbalancer", "member", "delete", pool_name, pod["id"])
         wait_for(lambda: set(ask(cloud.client.ns, vip, 10)) == {"vm"}, 15, "the VIP to stop sending to the pod")
