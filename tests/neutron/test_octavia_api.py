@@ -190,3 +190,49 @@ def test_a_service_cannot_claim_a_load_balancer_it_was_not_made_by(srv, net) -> 
             "ports": [{"port": 80}]}
     r = srv.request("PUT", "/api/v1/namespaces/default/services/sneaky", json=body)
     assert r.status_code == 400 and "Octavia API" in r.text, r.text
+
+
+def test_an_ipv6_vip_makes_an_ipv6_service(srv) -> None:
+    n = ok(srv, "POST", "/v2.0/networks", {"network": {"name": "six"}}, 201)["network"]
+    s = ok(srv, "POST", "/v2.0/subnets", {"subnet": {"network_id": n["id"], "cidr": "fd00:64::/64",
+                                                     "ip_version": 6}}, 201)["subnet"]
+    lb = ok(srv, "POST", f"{LB}/loadbalancers", {"loadbalancer": {"vip_subnet_id": s["id"]}}, 201)["loadbalancer"]
+    lst = ok(srv, "POST", f"{LB}/listeners", {"listener": {"protocol": "TCP", "protocol_port": 80,
+                                                           "loadbalancer_id": lb["id"]}}, 201)["listener"]
+    pool = ok(srv, "POST", f"{LB}/pools", {"pool": {"protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+                                                    "listener_id": lst["id"]}}, 201)["pool"]
+    assert "protocol_port" not in refused(srv, "POST", f"{LB}/pools/{pool['id']}/members", {
+        "member": {"address": "10.0.0.1", "protocol_port": 80}})  # not the VIP's IP version
+    ok(srv, "POST", f"{LB}/pools/{pool['id']}/members", {"member": {"address": "fd00:64::20",
+                                                                      "protocol_port": 80}}, 201)
+    [svc] = services(srv)
+    assert ":" in lb["vip_address"] and svc["cluster_ips"] == [lb["vip_address"]] and svc["ip_families"] == ["IPv6"]
+
+
+def test_bad_vips_and_a_second_default_pool_are_refused_and_write_nothing(srv, net) -> None:
+    assert "not in subnet" in refused(srv, "POST", f"{LB}/loadbalancers", {"loadbalancer": {
+        "vip_subnet_id": net["subnet"], "vip_address": "10.61.0.5"}})
+    assert "vip_port_id" in refused(srv, "POST", f"{LB}/loadbalancers", {"loadbalancer": {"vip_port_id": "x"}})
+    assert "VIP must contain" in refused(srv, "POST", f"{LB}/loadbalancers", {"loadbalancer": {"name": "x"}})
+    _, lst, _ = full_lb(srv, net)
+    refused(srv, "POST", f"{LB}/pools", {"pool": {"protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+                                                  "listener_id": lst["id"]}}, 409)
+    refused(srv, "POST", f"{LB}/listeners", {"listener": {"protocol": "TCP", "protocol_port": 80,
+                                                          "loadbalancer_id": lst["loadbalancer_id"]}}, 409)
+
+
+def test_a_pool_made_on_the_load_balancer_serves_once_a_listener_takes_it_as_default(srv, net) -> None:
+    lb = make_lb(srv, net)
+    pool = ok(srv, "POST", f"{LB}/pools", {"pool": {"protocol": "TCP", "lb_algorithm": "ROUND_ROBIN",
+                                                    "loadbalancer_id": lb["id"]}}, 201)["pool"]
+    lst = ok(srv, "POST", f"{LB}/listeners", {"listener": {"protocol": "TCP", "protocol_port": 443,
+                                                           "loadbalancer_id": lb["id"]}}, 201)["listener"]
+    assert services(srv) == []
+    ok(srv, "PUT", f"{LB}/listeners/{lst['id']}", {"listener": {"default_pool_id": pool["id"]}})
+    [svc] = services(srv)
+    assert svc["ports"][0]["port"] == 443
+    ok(srv, "PUT", f"{LB}/loadbalancers/{lb['id']}", {"loadbalancer": {"admin_state_up": False}})
+    assert services(srv)[0]["backends"] == [] and ok(srv, "GET", f"{LB}/loadbalancers/{lb['id']}")[
+        "loadbalancer"]["operating_status"] == "OFFLINE"
+    ok(srv, "DELETE", f"{LB}/listeners/{lst['id']}", status=204)
+    assert services(srv) == []
