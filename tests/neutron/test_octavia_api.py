@@ -236,3 +236,19 @@ def test_a_pool_made_on_the_load_balancer_serves_once_a_listener_takes_it_as_def
         "loadbalancer"]["operating_status"] == "OFFLINE"
     ok(srv, "DELETE", f"{LB}/listeners/{lst['id']}", status=204)
     assert services(srv) == []
+
+
+def test_a_member_made_before_its_port_is_tied_to_the_port_on_the_next_write(srv, net) -> None:
+    lb, _, pool = full_lb(srv, net)
+    ok(srv, "POST", f"{LB}/pools/{pool['id']}/members", {"member": {"address": "10.60.0.30",
+                                                                      "protocol_port": 8080}}, 201)
+    assert services(srv)[0]["backends"] == [{"ip": "10.60.0.30", "endpoint": None}]
+    port = ok(srv, "POST", "/v2.0/ports", {"port": {"network_id": net["net"], "name": "late",
+                                                    "fixed_ips": [{"ip_address": "10.60.0.30"}]}}, 201)["port"]
+    ok(srv, "PUT", f"{LB}/loadbalancers/{lb['id']}", {"loadbalancer": {"name": "renamed"}})
+    assert services(srv)[0]["backends"] == [{"ip": "10.60.0.30", "endpoint": port["id"]}]
+
+
+def test_a_vip_network_without_a_subnet_id_takes_the_address_from_its_subnet(srv, net) -> None:
+    lb = ok(srv, "POST", f"{LB}/loadbalancers", {"loadbalancer": {"vip_network_id": net["net"]}}, 201)["loadbalancer"]
+    assert lb["vip_subnet_id"] == net["subnet"] and lb["vip_address"].startswith("10.60.0.")

@@ -281,8 +281,15 @@ async def sync_services(o: Objects, t: Tree | None, lb_id: str) -> None:
 
 
 async def save(o: Objects, t: Tree) -> None:
-    """Write the tree (only if nobody changed it since it was read), then its services."""
+    """Write the tree (only if nobody changed it since it was read), then its services. Members'
+    endpoints are looked up again first: a pod or port made after its member, or one deleted since."""
     t.lb["updated_at"] = now()
+    holders = {(ep.network, ip): ep.id for ep in await o.list(Endpoint) for ip in ep.ips}
+    by_subnet = {s.id: n.name for n in await o.list(Network) for s in n.subnets}
+    for m in t.members.values():
+        net = by_subnet.get(m.get("subnet_id") or "")
+        m["endpoint"] = next((eid for (n, ip), eid in holders.items()
+                              if ip == m["address"] and (net is None or n == net)), None)
     try:
         await o.store.txn([Compare(t.key, t.revision)], [Put(t.key, t.dump())])
     except Conflict:
@@ -644,22 +651,16 @@ async def delete_pool(pool_id: str, request: Request) -> Response:
 
 # --- members -------------------------------------------------------------------------------------
 
-async def member_endpoint(o: Objects, address: str, subnet_id: str | None) -> str | None:
-    """The endpoint (Neutron port or pod) holding a member's address, so the service skips it while it
-    is not ready; None for an address Tether does not manage (reached by routing)."""
-    nets = await o.list(Network)
-    net = None
-    if subnet_id:
-        net = next((n for n in nets if any(s.id == subnet_id for s in n.subnets)), None)
-        if net is None:
-            raise bad(f"Validation failure: Subnet {subnet_id} not found.")
-        sub = next(s for s in net.subnets if s.id == subnet_id)
-        if ipaddress.ip_address(address) not in ipaddress.ip_network(sub.cidr):
-            raise bad(f"Validation failure: member address {address} is not in subnet {subnet_id}.")
-    for ep in await o.list(Endpoint):
-        if address in ep.ips and (net is None or ep.network == net.name):
-            return ep.id
-    return None
+async def check_member_subnet(o: Objects, address: str, subnet_id: str | None) -> None:
+    """A member's subnet exists and holds its address (`save` ties the member to the endpoint, port
+    or pod, that holds the address, so the service skips it while that endpoint is not ready)."""
+    if not subnet_id:
+        return
+    sub = next((s for n in await o.list(Network) for s in n.subnets if s.id == subnet_id), None)
+    if sub is None:
+        raise bad(f"Validation failure: Subnet {subnet_id} not found.")
+    if ipaddress.ip_address(address) not in ipaddress.ip_network(sub.cidr):
+        raise bad(f"Validation failure: member address {address} is not in subnet {subnet_id}.")
 
 
 @router.get("/pools/{pool_id}/members")
@@ -699,11 +700,12 @@ async def create_member(pool_id: str, request: Request) -> dict:
                   f"{siblings[0]['protocol_port']}.")
     if (":" in address) != (":" in t.lb["vip_address"]):
         raise bad(f"Validation failure: member address {address} is not of the VIP's IP version.")
+    await check_member_subnet(o, address, body.get("subnet_id") or None)
     mid = new_id()
     stamp = now()
     m = {"id": mid, **common_fields(body), "address": address, "protocol_port": port,
          "subnet_id": body.get("subnet_id") or None, "pool_id": pool_id, "project_id": t.lb["project_id"],
-         "tenant_id": t.lb["project_id"], "endpoint": await member_endpoint(o, address, body.get("subnet_id")),
+         "tenant_id": t.lb["project_id"], "endpoint": None,
          "created_at": stamp, "updated_at": stamp}
     t.members[mid] = m
     await save(o, t)
