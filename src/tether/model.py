@@ -704,6 +704,10 @@ class Service(Obj):
     # server fills `cluster_ips` (the IPv4 one from the service range, the IPv6 one from the IPv6 range)
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=lambda: ["IPv4"], min_length=1, max_length=2)
     cluster_ips: list[Annotated[str, checked(check_ip, "cluster_ips")]] = Field(default_factory=list, max_length=2)
+    # Octavia: the id of the load balancer whose VIP (an address of a network subnet, held by the
+    # load balancer's VIP port) this service answers on; its cluster IP is then that VIP, not an
+    # address of the service range, and several listeners' services share it
+    load_balancer: Annotated[str, checked(check_id, "load_balancer")] | None = None
 
     def store_name(self) -> str:
         return f"{self.namespace}/{self.name}"

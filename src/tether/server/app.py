@@ -181,8 +181,10 @@ def create_app(
     from tether.server.ui import router as ui_router
 
     app.include_router(ui_router)
-    from tether.server import neutron, neutron_l3
+    from tether.server import neutron, neutron_l3, octavia
 
+    app.include_router(octavia.router)  # /v2.0/lbaas, before Neutron's /v2.0/{resource}/... routes
+    app.include_router(octavia.amphorae)
     app.include_router(neutron.router)
     app.include_router(neutron_l3.router)
     app.include_router(neutron.fallback)  # last: what no route above answers

@@ -93,6 +93,11 @@ def interface_key(ifname: str) -> str:
     return f"{IDX}interface/{ifname}"
 
 
+def octavia_key(lb_id: str) -> str:
+    """Where the Octavia API keeps one load balancer's tree (tether.server.octavia)."""
+    return f"{PREFIX}octavia/loadbalancers/{lb_id}"
+
+
 def svcip_key(ip: str) -> str:
     return f"{IDX}service-ip/{ip}"
 
@@ -668,6 +673,17 @@ class Objects:
         if svc.headless:
             ops.extend(Delete(svcip_key(ip)) for ip in (old.vips() if old is not None else []))
             svc.cluster_ips, svc.cluster_ip = [], None
+            return
+        if svc.load_balancer:  # the VIP is the load balancer's port's address (IPAM holds it)
+            if not svc.cluster_ip:
+                raise ApiError(400, f"service {svc.name!r} of load balancer {svc.load_balancer} needs its VIP "
+                                    "as cluster_ip")
+            lb = await self.store.get(octavia_key(svc.load_balancer))
+            if lb is None or json.loads(lb.value)["lb"]["vip_address"] != svc.cluster_ip:
+                raise ApiError(400, f"service {svc.name!r} names load balancer {svc.load_balancer}, which does not "
+                                    f"exist or whose VIP is not {svc.cluster_ip}; load balancers are made with the "
+                                    "Octavia API (`openstack loadbalancer create`), not set on services")
+            svc.cluster_ips = [svc.cluster_ip]
             return
         asked = {("IPv6" if ":" in ip else "IPv4"): ip for ip in [*svc.cluster_ips, *([svc.cluster_ip] if
                                                                                     svc.cluster_ip else [])]}
