@@ -331,6 +331,18 @@ def needs_state(rep: Replica) -> str:
     return ""
 
 
+def needs_nat(rep: Replica) -> bool:
+    """Whether the table with conntrack needs its nat chains: services (VIPs, node ports, hairpin,
+    published ports), a masquerading network or a router's SNAT (`calc/l3.py`). Without them the
+    nat base chains are left out: a registered nat chain is an nf_nat hook call on every packet at
+    its hook, even for established connections that nothing translates (bench/policy.py, two per forwarded packet: round trip
+    about 1.5%, bench/NOTES.md#policy). Connections that exist when the first such object appears
+    are not translated afterwards, which no rule would do for them anyway (NAT is decided on a
+    connection's first packet)."""
+    return (next(iter(rep.services), None) is not None or any(n.nat_outgoing for n in rep.networks.values())
+            or bool(l3.snat_subnets(rep)))
+
+
 PICKUPS = tuple(  # TCP of a pod tracked since PICKUP_GRACE at most: no SYN, so not a new connection
     rule(match(ct("state"), "new", "in"), NOT_SYN,
          match(addr_field(v, end), "@" + name),
@@ -401,7 +413,8 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     `stateful`, which the policy fragment fills with its selected local endpoints and the services
     fragment with every backend and the frontends inside a network subnet; the forward chain accepts
     untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
-    Encapsulated VXLAN packets to and from this host's underlay address are not tracked either."""
+    Encapsulated VXLAN packets to and from this host's underlay address are not tracked either.
+    The nat chains exist only while something needs them (`needs_nat`)."""
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
     if not stateful:
         return NftPlan(sets=(peers,))
@@ -471,6 +484,17 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
                      if ep.host == host and ep.interface and ep.owner.type == "vm")
     dhcp_in = (rule(match(meta("iifname"), vm_taps[0] if len(vm_taps) == 1 else {"set": vm_taps}),
                     match(UDP_DPORT, 67), ACCEPT, comment=pod_ingress.DHCP_CLIENT),) if vm_taps else ()
+    nat_chains = (
+        NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
+        NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
+        NftChain("postrouting_nat", (
+            rule(ct_bits(HAIRPIN_MARK), MASQUERADE,
+                 comment="hairpin and published ports"),
+            rule(match(addr_field(4, "saddr"), "@nat_sources"), match(addr_field(4, "daddr"), "@tether_nets", "!="),
+                 MASQUERADE, comment="nat-outgoing"),
+            *nat6_rules,
+        ), hook="postrouting", type="nat", priority=100, policy="accept"),
+    ) if needs_nat(rep) else ()
     svc_reject = rule({"jump": {"target": "svc_reject"}})
     to_local_pod = {"vmap": {"key": addr_field(4, "daddr"), "data": "@local_dst4"}}
     chains = (
@@ -492,15 +516,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftChain("raw_output", (*vxlan_out, svc_reject), hook="output", type="filter", priority=-300,
                  policy="accept"),
         NftChain("svc_reject", ()),  # frontends without backends; the services fragment fills it
-        NftChain("prerouting_nat", svc_lookups, hook="prerouting", type="nat", priority=-100, policy="accept"),
-        NftChain("output_nat", svc_lookups, hook="output", type="nat", priority=-100, policy="accept"),
-        NftChain("postrouting_nat", (
-            rule(ct_bits(HAIRPIN_MARK), MASQUERADE,
-                 comment="hairpin and published ports"),
-            rule(match(addr_field(4, "saddr"), "@nat_sources"), match(addr_field(4, "daddr"), "@tether_nets", "!="),
-                 MASQUERADE, comment="nat-outgoing"),
-            *nat6_rules,
-        ), hook="postrouting", type="nat", priority=100, policy="accept"),
+        *nat_chains,
         NftChain("forward", (
             *to_disabled,
             # a connection marked for judging again (a policy changed, or picked up mid-stream): `midstream`

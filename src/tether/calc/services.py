@@ -384,13 +384,14 @@ def compile(services: list[Service], endpoints: list[Endpoint], networks: list[N
     chains += [affinity_chain(t, n) for t in timeouts for n in range(1, max_n + 1)]
     chains += [published_chain(c.name) for c in list(chains)]
     snat = [{"snat": {"family": "ip", "addr": node_ips[0]}}] if node_ips else [MASQUERADE]
-    chains.append(NftChain("svc_postrouting", (
-        rule(match(ct("status"), "dnat", "in"), match({"concat": [_SADDR, _DADDR]}, "@svc_hairpin"),
-             *snat, comment="hairpin"),
-        rule(ct_bits(HAIRPIN_MARK), *snat,
-             comment="published port"),
-        *((hairpin6, PUBLISHED6_SNAT) if hairpin6 else ()),
-    ), hook="postrouting", type="nat", priority=99, policy="accept"))
+    if services:  # a nat chain is a hook call on every packet: none without services (calc.host.needs_nat)
+        chains.append(NftChain("svc_postrouting", (
+            rule(match(ct("status"), "dnat", "in"), match({"concat": [_SADDR, _DADDR]}, "@svc_hairpin"),
+                 *snat, comment="hairpin"),
+            rule(ct_bits(HAIRPIN_MARK), *snat,
+                 comment="published port"),
+            *((hairpin6, PUBLISHED6_SNAT) if hairpin6 else ()),
+        ), hook="postrouting", type="nat", priority=99, policy="accept"))
     # jumped to from the base table's forward chain (new connections) and raw_output chain: no base
     # chain of its own, because every base chain is one more hook on every packet's path
     chains.append(NftChain("svc_reject", (
