@@ -335,10 +335,10 @@ def needs_nat(rep: Replica) -> bool:
     """Whether the table with conntrack needs its nat chains: services (VIPs, node ports, hairpin,
     published ports), a masquerading network or a router's SNAT (`calc/l3.py`). Without them the
     nat base chains are left out: a registered nat chain is an nf_nat hook call on every packet at
-    its hook, even for established connections that nothing translates (bench/policy.py, two per forwarded packet: round trip
-    about 1.5%, bench/NOTES.md#policy). Connections that exist when the first such object appears
-    are not translated afterwards, which no rule would do for them anyway (NAT is decided on a
-    connection's first packet)."""
+    its hook, even for established connections that nothing translates (bench/policy.py, two per
+    forwarded packet: round trip about 1.5%, bench/NOTES.md#policy). Connections that exist when
+    the first such object appears are not translated afterwards, which no rule would do for them
+    anyway (NAT is decided on a connection's first packet)."""
     return (next(iter(rep.services), None) is not None or any(n.nat_outgoing for n in rep.networks.values())
             or bool(l3.snat_subnets(rep)))
 
