@@ -365,7 +365,7 @@ def test_a_dual_stack_node_port_answers_on_every_hosts_ipv6_address_from_outside
 def test_a_node_port_on_an_ipv6_host_ip_answers_on_that_address_only(lab: Lab) -> None:
     """Docker's `-p [IP]:port`: published on h1's IPv6 underlay address only: not on another host's
     address, and not in the other family (no IPv4 node port); an IPv4 host_ip likewise."""
-    net = make_net(lab, ["10.75.0.0/16", "fd75::/64"], "vxlan")
+    net = make_net(lab, ["10.175.0.0/16", "fd7f:175::/64"], "vxlan")  # the hairpin test's network stays
     app = unique("hip")
     servers = []
     try:

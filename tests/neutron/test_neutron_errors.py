@@ -92,10 +92,17 @@ def test_bad_cidr_is_400(http, net, cidr: str) -> None:
      MISSING),
     ("/v2.0/security-group-rules", {"security_group_rule": {"security_group_id": MISSING, "direction": "ingress"}},
      404, "SecurityGroupNotFound", MISSING),
+    # found by the Neutron fuzz: a null pool was a 500
+    ("/v2.0/subnets", {"subnet": {"network_id": "NET", "cidr": "10.65.0.0/24", "ip_version": 4,
+                                  "allocation_pools": [None]}}, 400, "HTTPBadRequest", "allocation_pools"),
+    ("/v2.0/subnets", {"subnet": {"network_id": "NET", "cidr": "10.65.0.0/24", "ip_version": 4,
+                                  "allocation_pools": [{"start": "10.65.0.9"}]}}, 400, "HTTPBadRequest",
+     "allocation_pools"),
 ])
 def test_bad_request_gets_neutron_status_and_type(http, net, path, body, status, type_, words) -> None:
-    if body.get("port", {}).get("network_id") == "NET":
-        body = {"port": {**body["port"], "network_id": net["id"]}}
+    kind = next(iter(body))
+    if isinstance(body[kind], dict) and body[kind].get("network_id") == "NET":
+        body = {kind: {**body[kind], "network_id": net["id"]}}
     before = snapshot(http)
     neutron_error(http.post(path, json=body), status, type_, words)
     assert snapshot(http) == before

@@ -6,8 +6,9 @@ TCP and resolves its name; a security group on the port lets TCP 80 in from that
 ping and TCP 81 until a rule for 81 is added with the CLI; nothing on the underlay gets a DHCP answer;
 a killed dnsmasq comes back and answers the VM again; a tap made before the port was bound is
 adopted; through a router's external gateway and a floating IP, the lab's internet reaches the VM (once
-its security group allows it) and sees the VM's requests come from the floating IP. One VM boot for the
-module (TCG: ~15 s)."""
+its security group allows it) and sees the VM's requests come from the floating IP; the VM and a
+container behind one Octavia load balancer both receive connections. One VM boot for the module (TCG:
+~15 s)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ import pytest
 from tests.fixtures.lab import unique
 from tests.fixtures.openstack import OpenStack
 from tests.fixtures.vm import TinyVm
+from tests.neutron.test_octavia_lab import ask
 from tether.calc.names import VM_DHCP_SERVER, dhcp_dir
 from tether.lab.cluster import INET_IP, Lab, PodInfo, nsx, sh, wait_for
 
@@ -268,3 +271,33 @@ def test_the_internet_reaches_the_vm_through_a_floating_ip_its_group_allows_and_
         cloud.run("floating", "ip", "delete", fip["id"])
         cloud.run("router", "remove", "subnet", router["id"], booted.subnet)
         cloud.run("router", "delete", router["id"])
+
+
+def test_a_booted_vm_and_a_container_in_one_load_balancer_pool_both_receive_connections(
+        lab: Lab, booted: Booted) -> None:
+    """Kuryr's promise with Octavia's commands: one VIP in front of a real VM and a container."""
+    cloud = OpenStack(lab.server_url, lab.token)
+    booted.vm.run(f"(while :; do nc -l -p {POD_PORT} -e echo vm; done) >/dev/null 2>&1 &")
+    client = lab.run_pod("h3", unique("lbc"), booted.net)
+    rule = cloud.cli("security", "group", "rule", "create", "--ingress", "--protocol", "tcp", "--dst-port",
+                     str(POD_PORT), "--remote-ip", f"{client.ip}/32", booted.sg)
+    subnet = cloud.cli("subnet", "show", booted.subnet)["id"]
+    lb_name = unique("lb")
+    lb = cloud.cli("loadbalancer", "create", "--name", lb_name, "--vip-subnet-id", subnet)
+    try:
+        listener = cloud.cli("loadbalancer", "listener", "create", "--protocol", "TCP", "--protocol-port", "80",
+                             "--name", unique("l"), lb_name)
+        pool = cloud.cli("loadbalancer", "pool", "create", "--lb-algorithm", "ROUND_ROBIN", "--listener",
+                         listener["id"], "--protocol", "TCP", "--name", unique("pool"))
+        for ip in (VM_IP, booted.pod.ip):
+            cloud.cli("loadbalancer", "member", "create", "--subnet-id", subnet, "--address", ip,
+                      "--protocol-port", str(POD_PORT), pool["id"])
+        vip, seen = lb["vip_address"], Counter[str]()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (seen["vm"] and seen["pod"]):
+            seen += ask(client.ns, vip, 10)
+        assert seen["vm"] and seen["pod"], f"the VIP {vip} did not reach both the VM and the container: {dict(seen)}"
+    finally:
+        cloud.run("loadbalancer", "delete", "--cascade", lb_name)
+        cloud.run("security", "group", "rule", "delete", rule["id"])
+        lab.rm_pod(f"h3/{client.name}")

@@ -546,6 +546,17 @@ def described_fields(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pools_of(body: dict) -> list[dict]:
+    """The request's allocation pools, each `{"start": address, "end": address}` (the model checks
+    the addresses): anything else is Neutron's 400, not a server error."""
+    pools = body.get("allocation_pools") or []
+    if not isinstance(pools, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("start"), str) and isinstance(p.get("end"), str) for p in pools):
+        raise bad_request(f"Invalid input for allocation_pools: {pools!r} is not a list of "
+                          '{"start": address, "end": address}.')
+    return pools
+
+
 def subnet_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The DHCP and descriptive fields a subnet request sets (validated by the model when stored)."""
     out = described_fields(body)
@@ -629,7 +640,7 @@ async def create_subnet(request: Request) -> dict:
                           "advertisements; leave ipv6_ra_mode out.")
     first = str(next(iter(cidr.hosts()), cidr.network_address))
     gateway = body.get("gateway_ip", first)  # Neutron's default: the first address
-    pools = [f"{p['start']}-{p['end']}" for p in body.get("allocation_pools") or []]
+    pools = [f"{p['start']}-{p['end']}" for p in pools_of(body)]
     subnet = Subnet(cidr=str(cidr), gateway=gateway, pools=pools, name=text_of(body, "name") or None,
                     ipv6_address_mode=mode, **subnet_fields(body))
     o = objs(request)
