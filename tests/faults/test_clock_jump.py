@@ -32,9 +32,10 @@ from tether.model import Network, Subnet
 pytestmark = pytest.mark.lab
 JUMP = 7200.0
 WATCH = float(os.environ.get("TETHER_CLOCK_WATCH_SECONDS", "18"))  # > the 15 s host lease, > the GC grace
-# CI runs the SQLite engine's wall-clock jump and etcd's jump of both clocks (which includes the wall
-# clock); TETHER_CLOCK_ALL=1 adds etcd with the wall clock alone
-VARIANTS = [("sqlite", "wall"), ("etcd", "both")] + ([("etcd", "wall")] if os.environ.get("TETHER_CLOCK_ALL") else [])
+# the suite runs etcd's jump of both clocks (which includes the wall clock; 86 s a variant, the suite
+# must stay under 45 minutes); TETHER_CLOCK_ALL=1 adds the SQLite engine's wall-clock jump and etcd's
+# wall clock alone
+VARIANTS = [("etcd", "both")] + ([("sqlite", "wall"), ("etcd", "wall")] if os.environ.get("TETHER_CLOCK_ALL") else [])
 GRACE = "10"  # --dead-host-grace: a host seen without its lease this long loses its endpoints
 
 

@@ -1,4 +1,4 @@
-"""8 processes acting as 8 hosts create endpoints through the API, on each engine: 4,000 in the test
+"""8 processes acting as 8 hosts create endpoints through the API, on each engine: 2,000 in the test
 suite (TETHER_STORM_ENDPOINTS for more; `python -m bench.ipam --endpoints 20000` for the full size)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from bench.ipam import create_storm, delete_storm, prepare
 
-TOTAL = int(os.environ.get("TETHER_STORM_ENDPOINTS", "4000"))
+TOTAL = int(os.environ.get("TETHER_STORM_ENDPOINTS", "2000"))
 CIDR = "10.64.0.0/14"
 
 
