@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tether.calc.dhcp import dnsmasq_config
 from tether.calc.host import HostContext, compute_plan
-from tether.calc.names import vif_name
+from tether.calc.names import vif_name, vxlan_overhead
 from tether.calc.replica import Replica
 from tether.model import Endpoint, Host, HostRoute, Network, Owner, SecurityGroup, Subnet
 
@@ -43,6 +43,12 @@ def test_subnet_options_give_gateway_the_agents_dns_mtu_and_domain() -> None:
     opts = dnsmasq_config(replica(), "h1", 1500, "169.254.20.10").opts.splitlines()
     assert opts == ["tag:sub-s1,option:router,10.1.0.1", "tag:sub-s1,option:dns-server,169.254.20.10",
                     "tag:sub-s1,option:mtu,1450", "tag:sub-s1,option:domain-name,n.tether.local"]
+
+
+def test_the_mtu_offered_is_the_taps_over_an_ipv6_underlay_too() -> None:
+    """VXLAN over IPv6 costs 70 bytes (names.vxlan_overhead), as the tap's MTU (vmports.wanted_vifs)."""
+    opts = dnsmasq_config(replica(), "h1", 1500, "169.254.20.10", overhead=vxlan_overhead("fd00::1")).opts
+    assert "tag:sub-s1,option:mtu,1430" in opts.splitlines()
 
 
 def test_subnet_dns_servers_replace_the_agents_and_host_routes_come_with_the_default_route() -> None:

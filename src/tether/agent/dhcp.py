@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 
 from tether.calc.dhcp import DnsmasqConfig, dnsmasq_config
-from tether.calc.names import dhcp_dir
+from tether.calc.names import VXLAN_OVERHEAD, dhcp_dir
 from tether.calc.replica import Replica
 
 log = logging.getLogger("tether.dhcp")
@@ -168,9 +168,10 @@ class DhcpService:
     """The agent extra: recomputes the configuration after every applied plan, watches the process."""
 
     def __init__(self, host: str, state_dir: str, underlay_mtu: int, dns_ip: Callable[[], str | None],
-                 binary: str = "dnsmasq") -> None:
+                 binary: str = "dnsmasq", vxlan_overhead: int = VXLAN_OVERHEAD) -> None:
         self.host = host
         self.underlay_mtu = underlay_mtu
+        self.vxlan_overhead = vxlan_overhead  # the taps' (LocalEndpoints.vxlan_overhead): one MTU for both
         self.dns_ip = dns_ip
         self.dnsmasq = Dnsmasq(dhcp_dir(host, os.path.abspath(state_dir)), binary)
         self.dnsmasq.stop_stale()
@@ -178,7 +179,7 @@ class DhcpService:
         self._failed: str | None = None
 
     def update(self, replica: Replica) -> None:
-        cfg = dnsmasq_config(replica, self.host, self.underlay_mtu, self.dns_ip())
+        cfg = dnsmasq_config(replica, self.host, self.underlay_mtu, self.dns_ip(), overhead=self.vxlan_overhead)
         try:
             self.dnsmasq.apply(cfg)
             self._failed = None

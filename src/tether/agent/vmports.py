@@ -112,4 +112,5 @@ class VmPorts:
 async def start(agent: AgentHandle) -> list[VmPorts | DhcpService]:
     """VM ports and their DHCP (agent/dhcp.py): the DNS server VMs are told of is the agent's."""
     return [VmPorts(agent.local, agent.client),
-            DhcpService(agent.host, agent.cfg.state_dir, agent.underlay_mtu, lambda: agent.dns_ip)]
+            DhcpService(agent.host, agent.cfg.state_dir, agent.underlay_mtu, lambda: agent.dns_ip,
+                        vxlan_overhead=agent.local.vxlan_overhead)]

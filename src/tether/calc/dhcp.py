@@ -19,7 +19,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from tether.calc.host import endpoint_mtu
-from tether.calc.names import VM_DHCP_SERVER
+from tether.calc.names import VM_DHCP_SERVER, VXLAN_OVERHEAD
 from tether.calc.quarantine import problem
 from tether.calc.replica import Replica
 from tether.model import Endpoint, Network, Subnet
@@ -58,7 +58,8 @@ def dhcp_subnet(net: Network, ep: Endpoint) -> tuple[str, Subnet] | None:
     return None
 
 
-def subnet_options(net: Network, s: Subnet, underlay_mtu: int, dns_ip: str | None) -> list[str]:
+def subnet_options(net: Network, s: Subnet, underlay_mtu: int, dns_ip: str | None,
+                   overhead: int = VXLAN_OVERHEAD) -> list[str]:
     tag = f"tag:{subnet_tag(s)}"
     out = [f"{tag},option:router,{s.gateway}" if s.gateway else f"{tag},option:router"]
     servers = list(s.dns_nameservers) or ([dns_ip] if dns_ip else [])
@@ -69,14 +70,15 @@ def subnet_options(net: Network, s: Subnet, underlay_mtu: int, dns_ip: str | Non
         if s.gateway and not any(dst == "0.0.0.0/0" for dst, _ in routes):
             routes.append(("0.0.0.0/0", s.gateway))
         out.append(f"{tag},option:classless-static-route," + ",".join(f"{d},{n}" for d, n in routes))
-    out.append(f"{tag},option:mtu,{endpoint_mtu(net, underlay_mtu)}")
+    out.append(f"{tag},option:mtu,{endpoint_mtu(net, underlay_mtu, overhead)}")  # the tap's (vmports)
     out.append(f"{tag},option:domain-name,{net.name}.{net.dns_domain}")
     return out
 
 
 def dnsmasq_config(rep: Replica, host: str, underlay_mtu: int, dns_ip: str | None,
-                   lease: int = LEASE_SECONDS) -> DnsmasqConfig:
-    """The dnsmasq configuration of `host` for its VM ports (see the module's docstring)."""
+                   lease: int = LEASE_SECONDS, overhead: int = VXLAN_OVERHEAD) -> DnsmasqConfig:
+    """The dnsmasq configuration of `host` for its VM ports (see the module's docstring); `overhead`
+    is VXLAN's on this host's underlay (`names.vxlan_overhead`), as for the taps."""
     hosts: list[str] = []
     subnets: dict[str, tuple[Network, Subnet]] = {}
     for ep in sorted(rep.endpoints, key=lambda e: e.interface or ""):
@@ -97,5 +99,5 @@ def dnsmasq_config(rep: Replica, host: str, underlay_mtu: int, dns_ip: str | Non
         cidr = ipaddress.ip_network(s.cidr)
         args += [f"--dhcp-range=set:{subnet_tag(s)},{cidr.network_address},static,{cidr.netmask},{lease}",
                  f"--shared-network={VM_DHCP_SERVER},{cidr.network_address}"]
-        opts += subnet_options(net, s, underlay_mtu, dns_ip)
+        opts += subnet_options(net, s, underlay_mtu, dns_ip, overhead)
     return DnsmasqConfig(tuple(args), "".join(h + "\n" for h in hosts), "".join(o + "\n" for o in opts))
