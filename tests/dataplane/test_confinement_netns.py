@@ -132,6 +132,18 @@ def test_a_vm_port_whose_netns_is_proc_1_is_not_plugged(scratch: str) -> None:
     assert "tap01234567" not in ip(ns, "link", "show")
 
 
+def test_a_link_named_like_a_vm_ports_tap_that_is_not_a_tap_is_not_adopted(scratch: str) -> None:
+    """Only a hypervisor's tap is adopted (alias, DHCP address, removal with its port): a veth that
+    happens to have the name stays as it was."""
+    ns = scratch
+    ip(ns, "link", "add", "tap01234567-89", "type", "veth", "peer", "name", "tvmpeer0")
+    specs = [VifSpec("01234567-89ab", "tap01234567-89", None, "eth0", ("10.41.0.7",), None, 1450)]
+    report = in_netns(ns, lambda: reconcile_vifs(specs))
+    assert not report.plugged and len(report.errors) == 1 and "not a tap" in report.errors[0], report
+    shown = ip(ns, "-d", "addr", "show", "dev", "tap01234567-89")
+    assert "tether-vm:" not in shown and "169.254.1.2" not in shown and "mtu 1450" not in shown, shown
+
+
 def test_netns_paths_from_the_api_are_confined_to_the_runtime_directories(scratch: str) -> None:
     assert confined_netns(scratch) == os.path.realpath(f"/var/run/netns/{scratch}")
     assert confined_netns(f"/run/netns/{scratch}") == os.path.realpath(f"/run/netns/{scratch}")

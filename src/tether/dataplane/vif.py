@@ -108,6 +108,10 @@ def reconcile_vifs(specs: list[VifSpec]) -> VifReport:
                 del links[name]
             if name in links:
                 link = links[name]
+                if link.alias != ALIAS_PREFIX + spec.port_id and not is_tap(name):
+                    # only a hypervisor's tap is adopted: a link of another kind by that name is not ours
+                    report.errors.append(f"{name}: exists and is not a tap Tether made or a VM's tap; not adopted")
+                    continue
                 try:
                     if link.mtu != spec.mtu or not link.flags & 1:
                         ipr.link("set", index=link.index, mtu=spec.mtu, state="up")
