@@ -61,7 +61,7 @@ def _progress():
 
 @lab_app.command()
 def up(name: NameOpt = "lab",
-       hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 3,
+       hosts: Annotated[int, typer.Option(min=1, max=200, help="number of hosts (past 20, progress every 10)")] = 3,
        store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite",
        agent_auth: Annotated[str, typer.Option(help="host: each agent joins with a bootstrap token and talks HTTPS "
                                                     "over the underlay with its own credential; admin: agents hold "
@@ -86,7 +86,12 @@ def up(name: NameOpt = "lab",
                                                 "tether-swarm:latest --scope swarm ...")] = False,
        underlay: Annotated[str, typer.Option(help="ipv4: hosts on 198.18.<s>.<i> (and a shared IPv6 prefix); ipv6: "
                                                   "hosts with only IPv6 underlay addresses, fd00:198:19:<s>::<i>/64, "
-                                                  "so tunnels and direct routes run over IPv6")] = "ipv4") -> None:
+                                                  "so tunnels and direct routes run over IPv6")] = "ipv4",
+       lean: Annotated[bool, typer.Option(help="lighter agents for scale labs: no flow records (conntrack events) "
+                                               "and no DNS server on the hosts (pods get no resolver); routing, "
+                                               "policy, services and status unchanged; docs/SCALING.md")] = False,
+       start_wave: Annotated[int, typer.Option(min=1, help="agents started at a time, each wave ready before the "
+                                                           "next (~10 keeps two cores usable)")] = 10) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
@@ -112,7 +117,8 @@ def up(name: NameOpt = "lab",
         _fail(f"lab {name!r} already exists; `tether lab down --lab {name}` first")
     say = _progress()
     try:
-        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth, underlay=underlay)
+        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth, underlay=underlay, lean=lean,
+               start_wave=start_wave)
         if kubernetes:
             from tether.lab.containerd import kubelet_binary, why_no_kubelet
             from tether.lab.kube import lab_kubernetes

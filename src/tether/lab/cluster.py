@@ -52,6 +52,11 @@ UNDERLAY6_ONLY = "fd00:198:19"  # IPv6-only underlay hosts: fd00:198:19:<s>::<i>
 CTL_IP6 = f"{UNDERLAY6_ONLY}::fa"  # the server's address on an IPv6-only underlay
 API_PORT = 7443
 CNI_VERSION = "1.0.0"
+MAX_HOSTS = 200  # host addresses 198.18.<s>.1-200: below the ctl (.250) and gateway (.254) addresses
+# `up(lean=True)` (`tether lab up --lean`): agents without what a scale host does not need, to keep
+# memory per host small: no flow records (conntrack events) and no DNS server (no DNS records for
+# every endpoint of the cluster); the datapath, policy, services and status reports are all there
+LEAN_AGENT_ARGS = ["--flows", "off", "--dns-ip", "off"]
 
 
 def sh(*args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -143,6 +148,7 @@ class LabState:
     bootstrap_token: str = ""
     ca_hash: str = ""
     kube_pids: list[int] = field(default_factory=list)  # `--kubernetes`: tether kube, kube-apiserver, its etcd
+    agent_args: list[str] = field(default_factory=list)  # more agent flags (LEAN_AGENT_ARGS), kept for restarts
 
 
 class CniFailure(Exception):
@@ -175,7 +181,8 @@ class Lab:
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
                               inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []),
                               agent_auth=d.get("agent_auth", "admin"), bootstrap_token=d.get("bootstrap_token", ""),
-                              ca_hash=d.get("ca_hash", ""), kube_pids=d.get("kube_pids", []))
+                              ca_hash=d.get("ca_hash", ""), kube_pids=d.get("kube_pids", []),
+                              agent_args=d.get("agent_args", []))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -239,10 +246,16 @@ class Lab:
     # --- building ---------------------------------------------------------------------------------
 
     def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print,
-           server_args: list[str] | None = None, agent_auth: str = "host", underlay: str = "ipv4") -> None:
+           server_args: list[str] | None = None, agent_auth: str = "host", underlay: str = "ipv4",
+           lean: bool = False, start_wave: int = 10) -> None:
         """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces);
         `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token);
-        `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc)."""
+        `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc);
+        `lean`: agents with LEAN_AGENT_ARGS. Agents start `start_wave` at a time, each wave ready
+        before the next: a hundred Python agents importing and joining at once on two cores take
+        longer in total than in waves (and the first wave's hosts are usable sooner)."""
+        if not 1 <= hosts <= MAX_HOSTS:
+            raise ValueError(f"hosts {hosts}: 1 to {MAX_HOSTS} (lab hosts are 198.18.<s>.1-{MAX_HOSTS})")
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
         if underlay not in ("ipv4", "ipv6"):
@@ -251,7 +264,7 @@ class Lab:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
         os.makedirs(self.dir, exist_ok=True)
         self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth,
-                              underlay=underlay)
+                              underlay=underlay, agent_args=list(LEAN_AGENT_ARGS) if lean else [])
         self.save()
         try:
             progress(f"underlay switch {self.ul}")
@@ -262,7 +275,8 @@ class Lab:
                 if underlay == "ipv6":
                     net = ipaddress.ip_network(f"{UNDERLAY6_ONLY}:{subnet}::/64")  # written as the kernel does
                     h.ip, h.cidr = str(net.network_address + i), str(net)
-                progress(f"host {h.name} ({h.ip})")
+                if hosts <= 20 or i % 10 == 0 or i == hosts:  # a line per host is too many past 20
+                    progress(f"host {h.name} ({h.ip})" + (f" [{i}/{hosts}]" if hosts > 20 else ""))
                 self._host(h, i)
                 self.state.hosts.append(h)
                 self.save()
@@ -282,15 +296,25 @@ class Lab:
             from tether.cni import install
 
             install(os.path.join(self.dir, "cni-bin"))
-            for h in self.state.hosts:
-                progress(f"agent on {h.name}")
-                self.start_agent(h.name, wait=False)
-            for h in self.state.hosts:
-                self.wait_agent(h.name)
+            self._start_agents(progress, max(1, start_wave))
             self.save()
         except BaseException:
             self.save()
             raise
+
+    def _start_agents(self, progress, wave: int) -> None:
+        t0 = time.monotonic()
+        hosts = self.state.hosts
+        for first in range(0, len(hosts), wave):
+            batch = hosts[first:first + wave]
+            for h in batch:
+                if len(hosts) <= 20:
+                    progress(f"agent on {h.name}")
+                self.start_agent(h.name, wait=False)
+            for h in batch:  # later waves wait longer: each agent reads a bigger cluster
+                self.wait_agent(h.name, timeout=30 + len(hosts) * 0.5)
+            if len(hosts) > 20:
+                progress(f"agents ready: {first + len(batch)}/{len(hosts)} ({time.monotonic() - t0:.0f} s)")
 
     def _underlay(self) -> None:
         sh("ip", "netns", "add", self.ul)
@@ -443,7 +467,8 @@ class Lab:
                     "--token-file", os.path.join(self.dir, "server", "token")]
         p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main", *auth,
                               "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
-                              "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP],
+                              "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP,
+                              *self.state.agent_args],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         h.agent_pid = p.pid
         self.save()
