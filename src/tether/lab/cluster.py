@@ -368,7 +368,7 @@ class Lab:
                                start_new_session=True)
         self.state.inet_pids = [web.pid, dns.pid]
         self.save()
-        wait_for(lambda: _port_open(self.inet, INET_IP, 80), 10, "the internet web server")
+        wait_for(lambda: port_open(self.inet, INET_IP, 80), 10, "the internet web server")
 
     # --- processes --------------------------------------------------------------------------------
 
@@ -422,7 +422,7 @@ class Lab:
                              start_new_session=True)
         self.state.etcd_pid = p.pid
         self.save()
-        wait_for(lambda: _port_open(None, "127.0.0.1", cport), 20, "etcd")
+        wait_for(lambda: port_open(None, "127.0.0.1", cport), 20, "etcd")
 
     def stop_server(self, sig: int = signal.SIGTERM) -> None:
         stop_pid(self.state.server_pid, sig)
@@ -699,7 +699,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _port_open(ns: str | None, ip: str, port: int) -> bool:
+def port_open(ns: str | None, ip: str, port: int) -> bool:
     if ns is None:
         with socket.socket() as s:
             s.settimeout(0.5)
