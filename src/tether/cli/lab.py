@@ -182,6 +182,27 @@ def kube_pod(pod: Annotated[str, typer.Argument(help="pod name")],
 
 
 @lab_app.command()
+def populate(endpoints: Annotated[int, typer.Option(min=0, help="endpoints, spread over the hosts")] = 1000,
+             policies: Annotated[int | None, typer.Option(min=0, help="policies (default: endpoints/10)")] = None,
+             services: Annotated[int | None, typer.Option(min=0, help="services (default: endpoints / 20)")] = None,
+             concurrency: Annotated[int, typer.Option(min=1, help="API requests in flight")] = 16,
+             name: NameOpt = "lab") -> None:
+    """Register a generated population through the API as runtimes would: endpoints (on network `scale`,
+    namespaces scale-0..9, without kernel interfaces), NetworkPolicies and services selecting them
+    (tether.lab.scale has the shape). Real pods (`tether lab run`) then probe it. See docs/SCALING.md."""
+    from tether.lab.scale import Size, objects
+    from tether.lab.scale import populate as register
+
+    lab = _lab(name)
+    size = Size(len(lab.state.hosts), endpoints, endpoints // 10 if policies is None else policies,
+                endpoints // 20 if services is None else services)
+    say = _progress()
+    say(f"registering {size.label()}")
+    took = register(lab.server_url, lab.token, objects(size, [h.name for h in lab.state.hosts]), concurrency, say)
+    say("done: " + ", ".join(f"{k} {v} s" for k, v in took.items()))
+
+
+@lab_app.command()
 def down(name: NameOpt = "lab", all_: Annotated[bool, typer.Option("--all", help="every lab")] = False) -> None:
     """Stop the lab's processes (by PID) and delete its namespaces."""
     from tether.lab.cluster import Lab, all_labs
