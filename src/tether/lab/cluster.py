@@ -296,13 +296,13 @@ class Lab:
             from tether.cni import install
 
             install(os.path.join(self.dir, "cni-bin"))
-            self._start_agents(progress, max(1, start_wave))
+            self.start_agents(progress, max(1, start_wave))
             self.save()
         except BaseException:
             self.save()
             raise
 
-    def _start_agents(self, progress, wave: int) -> None:
+    def start_agents(self, progress, wave: int = 10) -> None:
         t0 = time.monotonic()
         hosts = self.state.hosts
         for first in range(0, len(hosts), wave):
