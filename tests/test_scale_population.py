@@ -40,3 +40,20 @@ def test_every_policy_and_service_selects_generated_endpoints_and_none_the_defau
 def test_a_lab_of_more_hosts_than_its_underlay_numbers_is_refused_before_anything_is_built() -> None:
     with pytest.raises(ValueError, match=f"1 to {MAX_HOSTS}"):
         Lab("sctest-never").up(hosts=MAX_HOSTS + 1)
+
+
+def test_a_big_lab_raises_the_shared_neighbour_table_limits_and_never_lowers_them(tmp_path, monkeypatch) -> None:
+    from tether.lab import cluster
+
+    for v in (4, 6):
+        for n, value in ((2, 512), (3, 1024)):
+            (tmp_path / f"v{v}n{n}").write_text(f"{value}\n")
+    (tmp_path / "v6n3").write_text("100000\n")  # already above what 100 hosts need: left alone
+    monkeypatch.setattr(cluster, "NEIGH_SYSCTL", str(tmp_path / "v{v}n{n}"))
+    said: list[str] = []
+    cluster.neighbour_room(10, said.append)
+    assert said == [] and (tmp_path / "v4n3").read_text().strip() == "1024"
+    cluster.neighbour_room(100, said.append)
+    assert (tmp_path / "v4n3").read_text() == "24096" and (tmp_path / "v4n2").read_text() == "12048"
+    assert (tmp_path / "v6n3").read_text().strip() == "100000" and (tmp_path / "v6n2").read_text().strip() == "512"
+    assert len(said) == 1 and "shared by all namespaces" in said[0]

@@ -262,6 +262,7 @@ class Lab:
             raise ValueError(f"underlay {underlay!r}: 'ipv4' or 'ipv6'")
         if os.path.exists(self.state_path) and self.state.hosts:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
+        neighbour_room(hosts, progress)
         os.makedirs(self.dir, exist_ok=True)
         self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth,
                               underlay=underlay, agent_args=list(LEAN_AGENT_ARGS) if lean else [])
@@ -640,6 +641,32 @@ class Lab:
 
 
 NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/resolv.conf over /etc/resolv.conf
+
+
+NEIGH_SYSCTL = "/proc/sys/net/ipv{v}/neigh/default/gc_thresh{n}"
+
+
+def neighbour_room(hosts: int, progress=print) -> None:
+    """Make the kernel's neighbour tables big enough for a lab of `hosts`, by raising (never lowering)
+    gc_thresh2/3. The ARP and NDP caches are one table for the whole machine, every namespace's
+    entries counted together, 1,024 by default; each lab host keeps an entry per peer it talks to on
+    the underlay (path health probes them all), so ~hosts^2 entries: past ~30 hosts the table
+    overflows ("neighbor table overflow" in the kernel log) and hosts stop answering on the underlay,
+    for every namespace on the machine. The only change the lab makes outside its namespaces."""
+    need = 2 * hosts * hosts + 4096
+    if hosts <= 20:
+        return
+    for v in (4, 6):
+        with open(NEIGH_SYSCTL.format(v=v, n=3)) as f:
+            have = int(f.read())
+        if have >= need:
+            continue
+        progress(f"raising net.ipv{v}.neigh.default.gc_thresh3 {have} -> {need} (gc_thresh2 -> {need // 2}): "
+                 f"the machine's neighbour table is shared by all namespaces and {hosts} hosts need ~{hosts}^2 "
+                 "entries")
+        for n, value in ((3, need), (2, need // 2)):  # thresh3 first: thresh2 may not exceed it
+            with open(NEIGH_SYSCTL.format(v=v, n=n), "w") as f:
+                f.write(str(value))
 
 
 def underlay6(ip: str) -> str:
