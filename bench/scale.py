@@ -373,6 +373,21 @@ def run_size(size: Size, trials: int, n_changes: int, say, quiet_populate: bool 
     return out
 
 
+def mem_available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_need(small: dict, large: Size) -> float:
+    """MB the large size's agents will hold: the small size's empty agent plus its RSS per endpoint."""
+    empty = small["agent_rss_mb_empty"]
+    per_ep = max(0.0, small["rss_mb"]["agent_median"] - empty) / max(1, small["size"]["endpoints"])
+    return large.hosts * (empty + per_ep * large.endpoints)
+
+
 def target(value: float | None, limit: float) -> dict:
     return {"value": value, "limit": limit, "met": value is not None and value <= limit}
 
@@ -416,6 +431,8 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=30, help="changes for the CPU and watch-bytes figures")
     ap.add_argument("--stream-s", type=float, default=20,
                     help="seconds of the TCP stream through the restarted agent's host (must outlast the restart)")
+    ap.add_argument("--force", action="store_true",
+                    help="run the large size even if its agents would need more memory than the machine has")
     ap.add_argument("--quiet-populate", action="store_true",
                     help="stop the agents while the population is registered, then start them on it (in waves): "
                          "registering 10,000 endpoints while 100 agents recompute on every change takes hours "
@@ -432,8 +449,14 @@ def main() -> None:
     def say(msg: str) -> None:
         print(f"{time.monotonic() - t0:7.1f}s {msg}", file=sys.stderr, flush=True)
 
-    results = {k: run_size(sz, a.trials, a.changes, say, a.quiet_populate, a.stream_s) for k, sz in (("small", small),
-                                                                                          ("large", large))}
+    results = {"small": run_size(small, a.trials, a.changes, say, a.quiet_populate, a.stream_s)}
+    need, have = memory_need(results["small"], large), mem_available_mb()
+    say(f"the large size needs ~{need:.0f} MB of agent memory by the small size's figures; {have:.0f} MB available")
+    if need > 0.85 * have and not a.force:
+        raise SystemExit(f"the large size {large.label()} would need ~{need:.0f} MB for its agents (extrapolated from "
+                         f"the small size's RSS per endpoint) and the machine has {have:.0f} MB available: it would "
+                         "run the machine out of memory. Free memory, choose a smaller --large, or --force")
+    results["large"] = run_size(large, a.trials, a.changes, say, a.quiet_populate, a.stream_s)
     out = {"benchmark": "scale", "method": "two labs in one run (small then large); real agents (--lean), "
                                            "endpoints registered through the API, real probe pods; see the "
                                            "module docstring", **results,
