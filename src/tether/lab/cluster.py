@@ -254,8 +254,7 @@ class Lab:
         `lean`: agents with LEAN_AGENT_ARGS. Agents start `start_wave` at a time, each wave ready
         before the next: a hundred Python agents importing and joining at once on two cores take
         longer in total than in waves (and the first wave's hosts are usable sooner)."""
-        if not 1 <= hosts <= MAX_HOSTS:
-            raise ValueError(f"hosts {hosts}: 1 to {MAX_HOSTS} (lab hosts are 198.18.<s>.1-{MAX_HOSTS})")
+        check_hosts(hosts)
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
         if underlay not in ("ipv4", "ipv6"):
@@ -641,6 +640,12 @@ class Lab:
 
 
 NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/resolv.conf over /etc/resolv.conf
+
+
+def check_hosts(hosts: int) -> None:
+    """A lab's host count fits its underlay numbering (198.18.<s>.<i>, below the .250 and .254 addresses)."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ValueError(f"hosts {hosts}: 1 to {MAX_HOSTS} (lab hosts are 198.18.<s>.1-{MAX_HOSTS})")
 
 
 NEIGH_SYSCTL = "/proc/sys/net/ipv{v}/neigh/default/gc_thresh{n}"
