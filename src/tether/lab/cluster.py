@@ -252,8 +252,8 @@ class Lab:
         `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token);
         `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc);
         `lean`: agents with LEAN_AGENT_ARGS. Agents start `start_wave` at a time, each wave ready
-        before the next: a hundred Python agents importing and joining at once on two cores take
-        longer in total than in waves (and the first wave's hosts are usable sooner)."""
+        before the next, so a hundred Python agents do not import, join and plan all at once on two
+        cores (each join times out after a few seconds), and progress is reported per wave."""
         check_hosts(hosts)
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
@@ -303,6 +303,7 @@ class Lab:
             raise
 
     def start_agents(self, progress, wave: int = 10) -> None:
+        """Start every host's agent, `wave` at a time, each wave ready before the next."""
         t0 = time.monotonic()
         hosts = self.state.hosts
         for first in range(0, len(hosts), wave):
