@@ -1,9 +1,10 @@
 """The scale lab at CI size: many lean hosts, a generated population registered through the API, and
 real pods on sampled hosts proving reachability and policy with real packets.
 
-Size: TETHER_SCALE_HOSTS (default 10) hosts, TETHER_SCALE_ENDPOINTS (default 1,000) endpoints,
+Size: TETHER_SCALE_HOSTS (default 20) hosts, TETHER_SCALE_ENDPOINTS (default 1,000) endpoints,
 a tenth as many NetworkPolicies and a twentieth as many services (tether.lab.scale's shape); about
-2 minutes on two cores at the default. bench/scale.py measures the same lab's figures at full size.
+1.5 minutes on two cores at the default (20 hosts and 2,000 endpoints: 5 min on a
+busy machine). bench/scale.py measures the same lab's figures at full size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tether.model import NetworkPolicy
 
 pytestmark = pytest.mark.lab
 
-HOSTS = int(os.environ.get("TETHER_SCALE_HOSTS", "10"))
+HOSTS = int(os.environ.get("TETHER_SCALE_HOSTS", "20"))
 ENDPOINTS = int(os.environ.get("TETHER_SCALE_ENDPOINTS", "1000"))
 
 
