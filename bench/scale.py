@@ -355,7 +355,8 @@ def run_size(size: Size, trials: int, n_changes: int, say, quiet_populate: bool 
         out["populate_s"] = populate(lab.server_url, lab.token, pop, progress=lambda m: say(f"[{size.label()}] {m}"))
         if quiet_populate:
             t1 = time.monotonic()
-            lab.start_agents(lambda m: say(f"[{size.label()}] {m}"), 10)
+            # each starts on the whole population, while the running ones plan every host that joins
+            lab.start_agents(lambda m: say(f"[{size.label()}] {m}"), 10, timeout=900)
             out["agents_start_on_population_s"] = round(time.monotonic() - t1, 1)
         out["settled_s"] = round(settle(lab, store_revision(lab), timeout=1800) + time.monotonic() - t0, 1)
         sampled = sampled_hosts(lab)

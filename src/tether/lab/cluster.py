@@ -302,8 +302,9 @@ class Lab:
             self.save()
             raise
 
-    def start_agents(self, progress, wave: int = 10) -> None:
-        """Start every host's agent, `wave` at a time, each wave ready before the next."""
+    def start_agents(self, progress, wave: int = 10, timeout: float | None = None) -> None:
+        """Start every host's agent, `wave` at a time, each wave ready before the next (each agent
+        within `timeout` seconds; default 30 s + 0.5 s per host)."""
         t0 = time.monotonic()
         hosts = self.state.hosts
         for first in range(0, len(hosts), wave):
@@ -313,7 +314,7 @@ class Lab:
                     progress(f"agent on {h.name}")
                 self.start_agent(h.name, wait=False)
             for h in batch:  # later waves wait longer: each agent reads a bigger cluster
-                self.wait_agent(h.name, timeout=30 + len(hosts) * 0.5)
+                self.wait_agent(h.name, timeout=timeout or 30 + len(hosts) * 0.5)
             if len(hosts) > 20:
                 progress(f"agents ready: {first + len(batch)}/{len(hosts)} ({time.monotonic() - t0:.0f} s)")
 
