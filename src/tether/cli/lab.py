@@ -61,7 +61,7 @@ def _progress():
 
 @lab_app.command()
 def up(name: NameOpt = "lab",
-       hosts: Annotated[int, typer.Option(min=1, max=50, help="number of hosts")] = 3,
+       hosts: Annotated[int, typer.Option(min=1, max=200, help="number of hosts (past 20, progress every 10)")] = 3,
        store: Annotated[str, typer.Option(help="sqlite (embedded) or etcd (starts a local etcd)")] = "sqlite",
        agent_auth: Annotated[str, typer.Option(help="host: each agent joins with a bootstrap token and talks HTTPS "
                                                     "over the underlay with its own credential; admin: agents hold "
@@ -86,7 +86,12 @@ def up(name: NameOpt = "lab",
                                                 "tether-swarm:latest --scope swarm ...")] = False,
        underlay: Annotated[str, typer.Option(help="ipv4: hosts on 198.18.<s>.<i> (and a shared IPv6 prefix); ipv6: "
                                                   "hosts with only IPv6 underlay addresses, fd00:198:19:<s>::<i>/64, "
-                                                  "so tunnels and direct routes run over IPv6")] = "ipv4") -> None:
+                                                  "so tunnels and direct routes run over IPv6")] = "ipv4",
+       lean: Annotated[bool, typer.Option(help="lighter agents for scale labs: no flow records (conntrack events) "
+                                               "and no DNS server on the hosts (pods get no resolver); routing, "
+                                               "policy, services and status unchanged; docs/SCALING.md")] = False,
+       start_wave: Annotated[int, typer.Option(min=1, help="agents started at a time, each wave ready before the "
+                                                           "next (~10 keeps two cores usable)")] = 10) -> None:
     """Build the lab: underlay switch, hosts (h1, h2 on one subnet, h3+ on another), internet, server, agents."""
     if store not in ("sqlite", "etcd"):
         _fail("--store must be sqlite or etcd")
@@ -112,7 +117,8 @@ def up(name: NameOpt = "lab",
         _fail(f"lab {name!r} already exists; `tether lab down --lab {name}` first")
     say = _progress()
     try:
-        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth, underlay=underlay)
+        lab.up(hosts=hosts, store=store, progress=say, agent_auth=agent_auth, underlay=underlay, lean=lean,
+               start_wave=start_wave)
         if kubernetes:
             from tether.lab.containerd import kubelet_binary, why_no_kubelet
             from tether.lab.kube import lab_kubernetes
@@ -173,6 +179,27 @@ def kube_pod(pod: Annotated[str, typer.Argument(help="pod name")],
     else:
         p = run_kube_pod(lab, lab_kube_api(lab), host, pod, network, namespace=namespace, labels=labels)
     print(f"{p.namespace}/{p.name} on {p.host}: {', '.join(p.ips)} (netns {p.ns})")
+
+
+@lab_app.command()
+def populate(endpoints: Annotated[int, typer.Option(min=0, help="endpoints, spread over the hosts")] = 1000,
+             policies: Annotated[int | None, typer.Option(min=0, help="policies (default: endpoints/10)")] = None,
+             services: Annotated[int | None, typer.Option(min=0, help="services (default: endpoints / 20)")] = None,
+             concurrency: Annotated[int, typer.Option(min=1, help="API requests in flight")] = 16,
+             name: NameOpt = "lab") -> None:
+    """Register a generated population through the API as runtimes would: endpoints (on network `scale`,
+    namespaces scale-0..9, without kernel interfaces), NetworkPolicies and services selecting them
+    (tether.lab.scale has the shape). Real pods (`tether lab run`) then probe it. See docs/SCALING.md."""
+    from tether.lab.scale import Size, objects
+    from tether.lab.scale import populate as register
+
+    lab = _lab(name)
+    size = Size(len(lab.state.hosts), endpoints, endpoints // 10 if policies is None else policies,
+                endpoints // 20 if services is None else services)
+    say = _progress()
+    say(f"registering {size.label()}")
+    took = register(lab.server_url, lab.token, objects(size, [h.name for h in lab.state.hosts]), concurrency, say)
+    say("done: " + ", ".join(f"{k} {v} s" for k, v in took.items()))
 
 
 @lab_app.command()

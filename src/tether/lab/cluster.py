@@ -52,6 +52,11 @@ UNDERLAY6_ONLY = "fd00:198:19"  # IPv6-only underlay hosts: fd00:198:19:<s>::<i>
 CTL_IP6 = f"{UNDERLAY6_ONLY}::fa"  # the server's address on an IPv6-only underlay
 API_PORT = 7443
 CNI_VERSION = "1.0.0"
+MAX_HOSTS = 200  # host addresses 198.18.<s>.1-200: below the ctl (.250) and gateway (.254) addresses
+# `up(lean=True)` (`tether lab up --lean`): agents without what a scale host does not need, to keep
+# memory per host small: no flow records (conntrack events) and no DNS server (no DNS records for
+# every endpoint of the cluster); the datapath, policy, services and status reports are all there
+LEAN_AGENT_ARGS = ["--flows", "off", "--dns-ip", "off"]
 
 
 def sh(*args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -143,6 +148,7 @@ class LabState:
     bootstrap_token: str = ""
     ca_hash: str = ""
     kube_pids: list[int] = field(default_factory=list)  # `--kubernetes`: tether kube, kube-apiserver, its etcd
+    agent_args: list[str] = field(default_factory=list)  # more agent flags (LEAN_AGENT_ARGS), kept for restarts
 
 
 class CniFailure(Exception):
@@ -175,7 +181,8 @@ class Lab:
                               server_pid=d["server_pid"], server_port=d["server_port"], etcd_pid=d.get("etcd_pid"),
                               inet_pids=d.get("inet_pids", []), server_args=d.get("server_args", []),
                               agent_auth=d.get("agent_auth", "admin"), bootstrap_token=d.get("bootstrap_token", ""),
-                              ca_hash=d.get("ca_hash", ""), kube_pids=d.get("kube_pids", []))
+                              ca_hash=d.get("ca_hash", ""), kube_pids=d.get("kube_pids", []),
+                              agent_args=d.get("agent_args", []))
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -239,19 +246,25 @@ class Lab:
     # --- building ---------------------------------------------------------------------------------
 
     def up(self, hosts: int = 3, store: str = "sqlite", across_subnets: bool = True, progress=print,
-           server_args: list[str] | None = None, agent_auth: str = "host", underlay: str = "ipv4") -> None:
+           server_args: list[str] | None = None, agent_auth: str = "host", underlay: str = "ipv4",
+           lean: bool = False, start_wave: int = 10) -> None:
         """Build everything; `server_args` are extra `tether server` flags (e.g. shorter GC graces);
         `agent_auth` "host" (each agent joins for its own credential) or "admin" (the admin token);
-        `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc)."""
+        `underlay` "ipv4" or "ipv6" (hosts with only IPv6 underlay addresses, see the module's doc);
+        `lean`: agents with LEAN_AGENT_ARGS. Agents start `start_wave` at a time, each wave ready
+        before the next, so a hundred Python agents do not import, join and plan all at once on two
+        cores (each join times out after a few seconds), and progress is reported per wave."""
+        check_hosts(hosts)
         if agent_auth not in ("host", "admin"):
             raise ValueError(f"agent_auth {agent_auth!r}: 'host' or 'admin'")
         if underlay not in ("ipv4", "ipv6"):
             raise ValueError(f"underlay {underlay!r}: 'ipv4' or 'ipv6'")
         if os.path.exists(self.state_path) and self.state.hosts:
             raise RuntimeError(f"lab {self.name} already exists; `tether lab down --lab {self.name}` first")
+        neighbour_room(hosts, progress)
         os.makedirs(self.dir, exist_ok=True)
         self.state = LabState(self.name, store=store, server_args=list(server_args or []), agent_auth=agent_auth,
-                              underlay=underlay)
+                              underlay=underlay, agent_args=list(LEAN_AGENT_ARGS) if lean else [])
         self.save()
         try:
             progress(f"underlay switch {self.ul}")
@@ -262,7 +275,8 @@ class Lab:
                 if underlay == "ipv6":
                     net = ipaddress.ip_network(f"{UNDERLAY6_ONLY}:{subnet}::/64")  # written as the kernel does
                     h.ip, h.cidr = str(net.network_address + i), str(net)
-                progress(f"host {h.name} ({h.ip})")
+                if hosts <= 20 or i % 10 == 0 or i == hosts:  # a line per host is too many past 20
+                    progress(f"host {h.name} ({h.ip})" + (f" [{i}/{hosts}]" if hosts > 20 else ""))
                 self._host(h, i)
                 self.state.hosts.append(h)
                 self.save()
@@ -282,15 +296,27 @@ class Lab:
             from tether.cni import install
 
             install(os.path.join(self.dir, "cni-bin"))
-            for h in self.state.hosts:
-                progress(f"agent on {h.name}")
-                self.start_agent(h.name, wait=False)
-            for h in self.state.hosts:
-                self.wait_agent(h.name)
+            self.start_agents(progress, max(1, start_wave))
             self.save()
         except BaseException:
             self.save()
             raise
+
+    def start_agents(self, progress, wave: int = 10, timeout: float | None = None) -> None:
+        """Start every host's agent, `wave` at a time, each wave ready before the next (each agent
+        within `timeout` seconds; default 30 s + 0.5 s per host)."""
+        t0 = time.monotonic()
+        hosts = self.state.hosts
+        for first in range(0, len(hosts), wave):
+            batch = hosts[first:first + wave]
+            for h in batch:
+                if len(hosts) <= 20:
+                    progress(f"agent on {h.name}")
+                self.start_agent(h.name, wait=False)
+            for h in batch:  # later waves wait longer: each agent reads a bigger cluster
+                self.wait_agent(h.name, timeout=timeout or 30 + len(hosts) * 0.5)
+            if len(hosts) > 20:
+                progress(f"agents ready: {first + len(batch)}/{len(hosts)} ({time.monotonic() - t0:.0f} s)")
 
     def _underlay(self) -> None:
         sh("ip", "netns", "add", self.ul)
@@ -344,7 +370,7 @@ class Lab:
                                start_new_session=True)
         self.state.inet_pids = [web.pid, dns.pid]
         self.save()
-        wait_for(lambda: _port_open(self.inet, INET_IP, 80), 10, "the internet web server")
+        wait_for(lambda: port_open(self.inet, INET_IP, 80), 10, "the internet web server")
 
     # --- processes --------------------------------------------------------------------------------
 
@@ -398,7 +424,7 @@ class Lab:
                              start_new_session=True)
         self.state.etcd_pid = p.pid
         self.save()
-        wait_for(lambda: _port_open(None, "127.0.0.1", cport), 20, "etcd")
+        wait_for(lambda: port_open(None, "127.0.0.1", cport), 20, "etcd")
 
     def stop_server(self, sig: int = signal.SIGTERM) -> None:
         stop_pid(self.state.server_pid, sig)
@@ -443,7 +469,8 @@ class Lab:
                     "--token-file", os.path.join(self.dir, "server", "token")]
         p = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tether.agent.main", *auth,
                               "--host", h.name, "--underlay-ip", h.ip, "--state-dir", d,
-                              "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP],
+                              "--cni-socket", self.cni_socket(host), "--upstream-dns", INET_IP,
+                              *self.state.agent_args],
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         h.agent_pid = p.pid
         self.save()
@@ -617,6 +644,38 @@ class Lab:
 NETNS_ETC = "/etc/netns"  # `ip netns exec NS` bind-mounts NETNS_ETC/NS/resolv.conf over /etc/resolv.conf
 
 
+def check_hosts(hosts: int) -> None:
+    """A lab's host count fits its underlay numbering (198.18.<s>.<i>, below the .250 and .254 addresses)."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ValueError(f"hosts {hosts}: 1 to {MAX_HOSTS} (lab hosts are 198.18.<s>.1-{MAX_HOSTS})")
+
+
+NEIGH_SYSCTL = "/proc/sys/net/ipv{v}/neigh/default/gc_thresh{n}"
+
+
+def neighbour_room(hosts: int, progress=print) -> None:
+    """Make the kernel's neighbour tables big enough for a lab of `hosts`, by raising (never lowering)
+    gc_thresh2/3. The ARP and NDP caches are one table for the whole machine, every namespace's
+    entries counted together, 1,024 by default; each lab host keeps an entry per peer it talks to on
+    the underlay (path health probes them all), so ~hosts^2 entries: past ~30 hosts the table
+    overflows ("neighbor table overflow" in the kernel log) and hosts stop answering on the underlay,
+    for every namespace on the machine. The only change the lab makes outside its namespaces."""
+    need = 2 * hosts * hosts + 4096
+    if hosts <= 20:
+        return
+    for v in (4, 6):
+        with open(NEIGH_SYSCTL.format(v=v, n=3)) as f:
+            have = int(f.read())
+        if have >= need:
+            continue
+        progress(f"raising net.ipv{v}.neigh.default.gc_thresh3 {have} -> {need} (gc_thresh2 -> {need // 2}): "
+                 f"the machine's neighbour table is shared by all namespaces and {hosts} hosts need ~{hosts}^2 "
+                 "entries")
+        for n, value in ((3, need), (2, need // 2)):  # thresh3 first: thresh2 may not exceed it
+            with open(NEIGH_SYSCTL.format(v=v, n=n), "w") as f:
+                f.write(str(value))
+
+
 def underlay6(ip: str) -> str:
     """A lab host's IPv6 underlay address, from its IPv4 one: 198.18.<s>.<i> -> fd00:198:18::<s>:<i>."""
     _a, _b, s, i = ip.split(".")
@@ -674,7 +733,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _port_open(ns: str | None, ip: str, port: int) -> bool:
+def port_open(ns: str | None, ip: str, port: int) -> bool:
     if ns is None:
         with socket.socket() as s:
             s.settimeout(0.5)

@@ -347,9 +347,9 @@ def host_kubeconfig(lab: Lab, kube: KubeApi) -> str:
     with open(kube.kubeconfig) as f, open(path, "w") as out:
         out.write(f.read().replace(kube.url, f"https://127.0.0.1:{HOST_PORT}"))
     for h in lab.state.hosts:
-        from tether.lab.cluster import _port_open, wait_for
+        from tether.lab.cluster import port_open, wait_for
 
-        wait_for(lambda h=h: _port_open(h.ns, "127.0.0.1", HOST_PORT), 10, f"the apiserver relay in {h.name}")
+        wait_for(lambda h=h: port_open(h.ns, "127.0.0.1", HOST_PORT), 10, f"the apiserver relay in {h.name}")
     return path
 
 
