@@ -86,7 +86,8 @@ async def populate(http: httpx.AsyncClient, hosts: int, endpoints: int) -> None:
 
     def host(h: int):
         async def call() -> None:
-            ok(await http.put(f"/api/v1/hosts/h{h}", json={"name": f"h{h}", "underlay_ip": f"198.18.{h // 250}.{h % 250 + 1}"}))
+            body = {"name": f"h{h}", "underlay_ip": f"198.18.{h // 250}.{h % 250 + 1}"}
+            ok(await http.put(f"/api/v1/hosts/h{h}", json=body))
         return call
 
     def ep(i: int):
@@ -213,7 +214,8 @@ def main() -> None:
     p.add_argument("--store", choices=("sqlite", "etcd"), default="sqlite")
     p.add_argument("--small", default="10,1000", help="hosts,endpoints of the reference size (default %(default)s)")
     p.add_argument("--large", default="100,10000", help="hosts,endpoints of the target size (default %(default)s)")
-    p.add_argument("--changes", type=int, default=100, help="endpoints registered while measuring (default %(default)s)")
+    p.add_argument("--changes", type=int, default=100,
+                   help="endpoints registered while measuring (default %(default)s)")
     a = p.parse_args()
     base = tempfile.mkdtemp(prefix="tether-bench-fanout-")
     try:
