@@ -124,6 +124,8 @@ class Agent:
         self.connected = False
         self.last_sync = 0.0
         self.applies = 0
+        self.lists = 0  # full lists (snapshots) taken from the server
+        self.resumes = 0  # watches resumed from the replica's revision after a cut, without a list
         self.dns_ip: str | None = None
         self.dns_search: list[str] = []
         self._plan_ms = 0.0
@@ -236,20 +238,27 @@ class Agent:
     async def _sync_loop(self) -> None:
         backoff = 0.2
         failed = ""  # the last reason a sync failed, logged once until it changes or a sync succeeds
+        resume = False  # the replica is in sync up to its revision: watch on from there, no list
         while True:
             try:
                 await self._register()
                 self._status_sent = None  # a new server, or a host re-created: report again
-                snap = await self.client.snapshot()
-                self.replica.load_snapshot(snap)
+                if resume:
+                    log.info("watching again from revision %d", self.replica.revision)
+                else:
+                    snap = await self.client.snapshot()
+                    self.replica.load_snapshot(snap)
+                    self.lists += 1
+                    log.info("synced at revision %d", self.replica.revision)
+                    self.kick()
                 self.connected = True
                 self.last_sync = time.time()
                 self._synced_once = True
                 backoff = 0.2
-                log.info("synced at revision %d", self.replica.revision)
                 failed = ""
-                self.kick()
+                resume = True
                 await self._follow()
+                resume = False  # the server said the history the replica needs is gone: list again
             except (ServerUnreachable, ApiError, OSError) as e:
                 if self.connected:
                     log.warning("lost the server (%s); keeping the datapath, retrying", e)
@@ -264,16 +273,28 @@ class Agent:
             except Exception:  # noqa: BLE001 - never die: retry
                 log.exception("sync failed")
                 self.connected = False
+                resume = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
     async def _follow(self) -> None:
-        """Follow the watch stream until it ends; a resync answer makes the caller re-snapshot."""
+        """Follow the watch stream from the replica's revision; returns only when the server says
+        the replica must be listed again (the history after its revision is compacted, or the
+        store was restored). A stream cut for falling behind, or one that breaks, resumes from
+        the replica's revision: one missed event never costs a full list."""
         while True:
             async for ev in self.client.watch(self.replica.revision):
                 if ev["type"] == "resync":
-                    log.warning("watch history compacted: full resync")
-                    return
+                    if ev.get("relist", True):  # a server without `relist` meant: list again
+                        log.warning("the server cannot replay the watch from revision %d (%s): full resync",
+                                    self.replica.revision, ev.get("reason") or ev.get("compact_revision"))
+                        return
+                    self.resumes += 1
+                    log.warning("watch cut (%s); watching again from revision %d",
+                                ev.get("reason") or ev.get("error"), self.replica.revision)
+                    if ev.get("error"):
+                        await asyncio.sleep(0.5)  # a store failure: do not spin on it
+                    break
                 if ev["type"] == "bookmark":
                     self.last_sync = time.time()
                     continue
