@@ -196,6 +196,7 @@ def run_size(store: str, size: str, changes: int, base: str) -> dict:
     if store == "etcd":
         from tests.fixtures.etcd import start_etcd
 
+        os.makedirs(os.path.join(base, f"etcd-{hosts}-{endpoints}"))
         etcd = start_etcd(os.path.join(base, f"etcd-{hosts}-{endpoints}"))
         url = etcd.url
     else:

@@ -167,6 +167,8 @@ class WatchHub:
                 if len(self.ring) > self.ring_events:
                     self.floor = self.ring.popleft()[0]
                 self.revision = max(self.revision, ev.revision)
+                if line is None:
+                    continue  # an internal key (name index, interface claim): nothing to send
                 for sub in tuple(self.subscribers):
                     sub.push(ev.revision, line)
         except asyncio.CancelledError:
