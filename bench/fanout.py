@@ -47,8 +47,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def endpoint(i: int, hosts: int) -> dict:
-    return {"name": f"ep{i}", "network": "bench", "host": f"h{i % hosts}", "namespace": f"ns{i % 20}",
+def endpoint(i: int, hosts: int, prefix: str = "h") -> dict:
+    return {"name": f"ep{i}", "network": "bench", "host": f"{prefix}{i % hosts}", "namespace": f"ns{i % 20}",
             "labels": {"app": f"a{i % 500}", "tier": f"t{i % 7}"}}
 
 
@@ -75,24 +75,27 @@ async def gather_limited(calls, concurrency: int = 16) -> None:
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def populate(http: httpx.AsyncClient, hosts: int, endpoints: int) -> None:
+async def populate(http: httpx.AsyncClient, hosts: int, endpoints: int, prefix: str = "h",
+                   underlay: str = "198.18", network: dict = NETWORK) -> None:
+    """`hosts` hosts named <prefix>N registered through the API (no agent: what a real agent on them
+    would be sent is the same), the endpoints spread over them, 1 policy per 10, 1 service per 20."""
     def ok(r: httpx.Response) -> None:
         if r.status_code >= 300:
             raise RuntimeError(f"{r.request.method} {r.request.url}: {r.status_code} {r.text[:300]}")
 
-    ok(await http.post("/api/v1/networks", json=NETWORK))
+    ok(await http.post("/api/v1/networks", json=network))
     for n in range(20):
         ok(await http.put(f"/api/v1/namespaces/ns{n}", json={"name": f"ns{n}"}))
 
     def host(h: int):
         async def call() -> None:
-            body = {"name": f"h{h}", "underlay_ip": f"198.18.{h // 250}.{h % 250 + 1}"}
-            ok(await http.put(f"/api/v1/hosts/h{h}", json=body))
+            body = {"name": f"{prefix}{h}", "underlay_ip": f"{underlay}.{h // 250}.{h % 250 + 1}"}
+            ok(await http.put(f"/api/v1/hosts/{prefix}{h}", json=body))
         return call
 
     def ep(i: int):
         async def call() -> None:
-            ok(await http.post("/api/v1/endpoints", json=endpoint(i, hosts)))
+            ok(await http.post("/api/v1/endpoints", json=endpoint(i, hosts, prefix)))
         return call
 
     def pol(i: int):
@@ -107,7 +110,7 @@ async def populate(http: httpx.AsyncClient, hosts: int, endpoints: int) -> None:
             ok(await http.put(f"/api/v1/namespaces/{s['namespace']}/services/{s['name']}", json=s))
         return call
 
-    await gather_limited(host(h) for h in range(hosts))
+    await gather_limited((host(h) for h in range(hosts)), 1)  # one at a time: hosts share a guard key
     await gather_limited(ep(i) for i in range(endpoints))
     await gather_limited(pol(i) for i in range(endpoints // 10))
     # one at a time: concurrent services may pick the same free cluster IP (a 409 for the loser)
