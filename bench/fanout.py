@@ -79,35 +79,48 @@ async def populate(http: httpx.AsyncClient, hosts: int, endpoints: int, prefix: 
                    underlay: str = "198.18", network: dict = NETWORK) -> None:
     """`hosts` hosts named <prefix>N registered through the API (no agent: what a real agent on them
     would be sent is the same), the endpoints spread over them, 1 policy per 10, 1 service per 20."""
-    def ok(r: httpx.Response) -> None:
-        if r.status_code >= 300:
+    async def ok(call) -> None:
+        """One request, retried as a runtime would on a busy server (503, a CAS 409, a broken connection)."""
+        for attempt in range(8):
+            try:
+                r = await call()
+            except httpx.TransportError:
+                if attempt == 7:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            if r.status_code < 300 or (attempt and r.status_code == 409 and "already" in r.text):
+                return  # (a retried create that had gone through)
+            if r.status_code in (409, 503) and "retry" in r.text and attempt < 7:
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
             raise RuntimeError(f"{r.request.method} {r.request.url}: {r.status_code} {r.text[:300]}")
 
-    ok(await http.post("/api/v1/networks", json=network))
+    await ok(lambda: http.post("/api/v1/networks", json=network))
     for n in range(20):
-        ok(await http.put(f"/api/v1/namespaces/ns{n}", json={"name": f"ns{n}"}))
+        await ok(lambda n=n: http.put(f"/api/v1/namespaces/ns{n}", json={"name": f"ns{n}"}))
 
     def host(h: int):
         async def call() -> None:
             body = {"name": f"{prefix}{h}", "underlay_ip": f"{underlay}.{h // 250}.{h % 250 + 1}"}
-            ok(await http.put(f"/api/v1/hosts/{prefix}{h}", json=body))
+            await ok(lambda: http.put(f"/api/v1/hosts/{prefix}{h}", json=body))
         return call
 
     def ep(i: int):
         async def call() -> None:
-            ok(await http.post("/api/v1/endpoints", json=endpoint(i, hosts, prefix)))
+            await ok(lambda: http.post("/api/v1/endpoints", json=endpoint(i, hosts, prefix)))
         return call
 
     def pol(i: int):
         async def call() -> None:
             p = policy(i)
-            ok(await http.put(f"/api/v1/namespaces/{p['namespace']}/networkpolicies/{p['name']}", json=p))
+            await ok(lambda: http.put(f"/api/v1/namespaces/{p['namespace']}/networkpolicies/{p['name']}", json=p))
         return call
 
     def svc(i: int):
         async def call() -> None:
             s = service(i)
-            ok(await http.put(f"/api/v1/namespaces/{s['namespace']}/services/{s['name']}", json=s))
+            await ok(lambda: http.put(f"/api/v1/namespaces/{s['namespace']}/services/{s['name']}", json=s))
         return call
 
     await gather_limited((host(h) for h in range(hosts)), 1)  # one at a time: hosts share a guard key

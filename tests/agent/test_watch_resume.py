@@ -37,11 +37,12 @@ def syncing_agent(s: ServerProc) -> Agent:
     a._kicks, a._now, a._dirty = 0, False, asyncio.Event()
     a._apply_ok, a._apply_lock, a._reported_rev = False, asyncio.Lock(), 1 << 62
     a.connected, a.last_sync, a._synced_once, a._status_sent = False, 0.0, False, None
-    a.lists = a.resumes = 0
+    a.lists = a.resumes = a._catch_up = 0
+    a._from_disk = False
     a._save_replica = lambda force=False: None
 
-    async def register() -> None:
-        return None
+    async def register() -> int:
+        return 0
 
     a._register = register
     snapshot = a.client.snapshot

@@ -125,6 +125,8 @@ class Agent:
         self.last_sync = 0.0
         self.applies = 0
         self.lists = 0  # full lists (snapshots) taken from the server
+        self._from_disk = False  # the replica was loaded from the copy on disk at start
+        self._catch_up = 0  # started from the disk copy: no kernel writes before this revision
         self.resumes = 0  # watches resumed from the replica's revision after a cut, without a list
         self.dns_ip: str | None = None
         self.dns_search: list[str] = []
@@ -191,6 +193,7 @@ class Agent:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         if replica_file.load(self.replica, self.replica_path):
             log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
+            self._from_disk = self.replica.revision > 0
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
@@ -228,23 +231,31 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - stop the others too
                 log.warning("stopping %s failed: %s: %s", type(e).__name__, type(exc).__name__, exc)
 
-    async def _register(self) -> None:
+    async def _register(self) -> int:
+        """Register the host; its write's revision (every change before it is at most that)."""
         host = Host(name=self.host, underlay_ip=self.cfg.underlay_ip, underlay_cidr=self.underlay_cidr,
                     underlay_ip6=self.underlay_ip6, vtep_mac=vtep_mac_for(self.host), dns_ip=self.dns_ip,
                     agent_version=__version__, labels=self.cfg.labels)
-        await self.client.register_host(host)
+        registered = await self.client.register_host(host)
         await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
+        return registered.revision
 
     async def _sync_loop(self) -> None:
         backoff = 0.2
         failed = ""  # the last reason a sync failed, logged once until it changes or a sync succeeds
-        resume = False  # the replica is in sync up to its revision: watch on from there, no list
+        # the replica is in sync up to its revision: watch on from there, no list. At start, the copy
+        # on disk is too (a restart: its events are replayed, not 10,000 objects listed and parsed)
+        resume = self._from_disk
         while True:
             try:
-                await self._register()
+                registered = await self._register()
                 self._status_sent = None  # a new server, or a host re-created: report again
                 if resume:
                     log.info("watching again from revision %d", self.replica.revision)
+                    if not self._synced_once:
+                        # the disk copy may be a second behind what is programmed: no kernel writes
+                        # until the replica has caught up with the host's own registration
+                        self._catch_up = registered
                 else:
                     snap = await self.client.snapshot()
                     self.replica.load_snapshot(snap)
@@ -253,7 +264,7 @@ class Agent:
                     self.kick()
                 self.connected = True
                 self.last_sync = time.time()
-                self._synced_once = True
+                self._synced_once = self._synced_once or not resume
                 backoff = 0.2
                 failed = ""
                 resume = True
@@ -305,6 +316,10 @@ class Agent:
                     if self.replica.acted > self._reported_rev:
                         self._report_soon()  # e.g. the echo of a CNI ADD's endpoint, applied already
                 self.last_sync = time.time()
+                if not self._synced_once and self.replica.revision >= self._catch_up:
+                    log.info("caught up at revision %d from the copy on disk", self.replica.revision)
+                    self._synced_once = True
+                    self.kick(gather=False)
 
     async def _apply_loop(self) -> None:
         while True:
