@@ -194,6 +194,7 @@ class Agent:
         if replica_file.load(self.replica, self.replica_path):
             log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
             self._from_disk = self.replica.revision > 0
+            heap.trim()
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
@@ -258,7 +259,9 @@ class Agent:
                         self._catch_up = registered
                 else:
                     snap = await self.client.snapshot()
-                    self.replica.load_snapshot(snap)
+                    self.replica.load_snapshot(snap, consume=True)
+                    del snap
+                    heap.trim()
                     self.lists += 1
                     log.info("synced at revision %d", self.replica.revision)
                     self.kick()
