@@ -86,14 +86,17 @@ def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool
     out: dict = {"endpoints": endpoints + 2, "policies": endpoints // 10, "services": endpoints // 20,
                  "hosts": fake_hosts + 2, "populate_s": round(populate_s, 1),
                  "agent_rss_mb": round(rss_mb(pid), 1),
-                 "agent_children_rss_mb": round(sum(rss_mb(c) for c in children(pid)), 1), "restarts": []}
-    serve = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, STREAM, "serve", "5001"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for(lambda: ":5001" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
-        for i in range(restarts):
-            stream = subprocess.Popen(["ip", "netns", "exec", a.ns, sys.executable, STREAM, "send", b.ip, "5001", "20"],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 "agent_children_rss_mb": round(sum(rss_mb(c) for c in children(pid)), 1),
+                 "agent_children": [open(f"/proc/{c}/comm").read().strip() for c in children(pid)], "restarts": []}
+    for i in range(restarts):
+        port = 5001 + i  # tcp_stream.py serves one connection
+        serve = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, STREAM, "serve", str(port)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stream = None
+        try:
+            wait_for(lambda port=port: f":{port}" in lab.exec("h2/b", "ss", "-Hltn").stdout, 10, "the stream server")
+            stream = subprocess.Popen(["ip", "netns", "exec", a.ns, sys.executable, STREAM, "send", b.ip, str(port),
+                                       "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             time.sleep(1.0)
             lab.kill_agent("h1", signal.SIGKILL if kill else signal.SIGTERM)
             r = http.post("/api/v1/endpoints", json=endpoint(endpoints + i, fake_hosts, "f"))
@@ -105,13 +108,15 @@ def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool
             stream_out, _ = stream.communicate(timeout=60)
             out["restarts"].append({"programmed_s": round(done - started, 2), "stream_ok": stream.returncode == 0,
                                     "stream": stream_out.strip()[-200:]})
-        pid = lab.host("h1").agent_pid
-        time.sleep(2)
-        out["agent_rss_mb_after_restart"] = round(rss_mb(pid), 1) if pid else None
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+        finally:
+            for p in (stream, serve):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+    pid = lab.host("h1").agent_pid
+    time.sleep(2)
+    out["agent_rss_mb_after_restart"] = round(rss_mb(pid), 1) if pid else None
+    out["agent_children_rss_mb_after_restart"] = round(sum(rss_mb(c) for c in children(pid)), 1) if pid else None
     return out
 
 
