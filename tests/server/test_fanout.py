@@ -93,3 +93,27 @@ async def test_a_stream_that_stops_reading_is_cut_and_its_queue_freed_while_othe
         assert fast.overflow is None and fast in hub.subscribers
     finally:
         await hub.stop()
+
+
+async def test_a_stream_cut_in_the_middle_of_a_transaction_resumes_before_it() -> None:
+    """Resuming after the last revision sent would skip the rest of a transaction whose first
+    events were sent: the resync names the revision before it."""
+    sub = Subscriber(1 << 20, 10, asyncio.Event())
+    for rev in (5, 6, 6, 6):
+        sub.push(rev, b"x\n")
+    sub.take()
+    sub.take()  # 5, and the first event of 6
+    sub.cut("fell behind")
+    assert sub.resume_at == 5 and not sub.items
+    whole = Subscriber(1 << 20, 10, asyncio.Event())
+    for rev in (5, 6, 7):
+        whole.push(rev, b"x\n")
+    whole.take()
+    whole.take()
+    whole.cut("fell behind")
+    assert whole.resume_at == 6
+    pending = Subscriber(1 << 20, 10, asyncio.Event())
+    pending.push(6, b"x\n")
+    pending.take()
+    pending.cut("fell behind", pending=6)  # a replay cut before it could queue the next event of 6
+    assert pending.resume_at == 5

@@ -811,7 +811,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                                 await sub.room.wait()
                         except TimeoutError:
                             sub.cut(f"this watcher fell behind: {sub.size} bytes of events waited over {stall:g} s "
-                                    "(--watch-stall); watch again from the last revision received")
+                                    "(--watch-stall); watch again from the revision given", pending=ev.revision)
                     if sub.overflow is not None:
                         return
                     sub.push(ev.revision, event_line(ev, cache))
@@ -838,7 +838,8 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                 if watcher.stopping:
                     return  # the server is stopping: the stream just ends, the client reconnects
                 if not sub.items:
-                    yield resync_line(revision=last, reason=sub.overflow, relist=False)
+                    yield resync_line(revision=sub.resume_at if sub.resume_at >= 0 else last, reason=sub.overflow,
+                                      relist=False)
                     return
                 item = sub.take()
                 if isinstance(item, Compacted):

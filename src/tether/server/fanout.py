@@ -32,7 +32,7 @@ class Subscriber:
     The lines are the hub's: a queue holds references, never copies."""
 
     __slots__ = ("items", "size", "cap", "stall", "full_since", "overflow", "wake", "room", "timer", "on_cut",
-                 "progress", "hub")
+                 "progress", "hub", "taken", "resume_at")
 
     def __init__(self, cap: int, stall: float, wake: asyncio.Event) -> None:
         self.items: deque[Any] = deque()
@@ -46,6 +46,8 @@ class Subscriber:
         self.on_cut: Callable[[Subscriber], None] | None = None
         self.progress = 0  # every event up to here is queued (or was sent)
         self.hub: WatchHub | None = None
+        self.taken = -1  # the revision of the last item taken (sent)
+        self.resume_at = -1  # once cut: every event up to here was sent (a revision is never split)
 
     def push(self, revision: int, line: bytes | None) -> None:
         if self.overflow is not None:
@@ -66,6 +68,7 @@ class Subscriber:
         item = self.items.popleft()
         if isinstance(item, tuple):
             self.size -= len(item[1]) if item[1] else 16
+            self.taken = item[0]
         if self.size <= self.cap:
             self.room.set()
             if self.full_since is not None:
@@ -77,10 +80,14 @@ class Subscriber:
     def _check(self) -> None:
         if self.full_since is not None and self.overflow is None:
             self.cut(f"this watcher fell behind: {self.size} bytes of events waited over {self.stall:g} s "
-                     "(--watch-stall); watch again from the last revision received")
+                     "(--watch-stall); watch again from the revision given")
 
-    def cut(self, reason: str) -> None:
-        """Stop queueing for this stream and free what it holds: it ends with a resync."""
+    def cut(self, reason: str, pending: int | None = None) -> None:
+        """Stop queueing for this stream and free what it holds: it ends with a resync from
+        `resume_at`. A transaction's events share a revision: when some of the last revision sent
+        are dropped (queued, or `pending`: the next event read), the client resumes before it."""
+        nxt = self.items[0][0] if self.items and isinstance(self.items[0], tuple) else pending
+        self.resume_at = self.taken - 1 if nxt is not None and nxt == self.taken else self.taken
         self.overflow = reason
         self.items.clear()
         self.size = 0
