@@ -34,7 +34,10 @@ def test_losing_the_server_saves_the_events_the_throttle_skipped(tmp_path) -> No
         lost.set()
         raise ServerUnreachable("the server is shutting down")
 
-    a.client.register_host, a.client.heartbeat = nothing, nothing  # type: ignore[method-assign]
+    async def registered(host):
+        return host
+
+    a.client.register_host, a.client.heartbeat = registered, nothing  # type: ignore[method-assign]
     a.client.snapshot, a.client.watch = snapshot, watch  # type: ignore[method-assign]
     a._saved_at = time.monotonic()  # an apply has just saved: the throttle holds the next writes back
 

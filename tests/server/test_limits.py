@@ -207,9 +207,57 @@ def test_watch_from_too_far_back_is_told_to_resync(spawn) -> None:
         assert len(lines) == 1
         first = json.loads(lines[0])
         assert first["type"] == "resync" and first["revision"] == head and "behind" in first["reason"]
+        assert first["relist"] is True, "the history is out of reach: the client must list"
         with h.stream("GET", "/api/v1/watch", params={"after_revision": head - 3}) as r:  # close enough
             first = json.loads(next(r.iter_lines()))
         assert first["type"] == "put" and first["revision"] == head - 2
+
+
+def test_a_watch_from_ahead_of_the_store_is_told_to_relist(spawn) -> None:
+    """An agent that watched a store since restored from a backup holds revisions the store has not
+    reached: waiting for them would leave it stale for good."""
+    s = spawn()
+    with s.http() as h:
+        head = h.get("/api/v1/snapshot").json()["revision"]
+        first = json.loads(h.get("/api/v1/watch", params={"after_revision": head + 50}).text.splitlines()[0])
+    assert first["type"] == "resync" and first["relist"] is True and "ahead" in first["reason"]
+
+
+def test_a_watcher_cut_for_falling_behind_resumes_from_its_last_event(spawn) -> None:
+    """Cut with `relist: false` and the last revision it was sent: watching again from there gets
+    the rest, with no event lost or repeated (one missed event never costs a full list)."""
+    s = spawn("--watch-buffer", "16384", "--watch-stall", "1", "--write-timeout", "30", "--send-buffer", "16384")
+    sock = connect(s, rcvbuf=4096)
+    sock.sendall(watch_request(s))
+    time.sleep(0.5)
+    label = "v" * 60
+    with s.http() as h:
+        for i in range(200):
+            body = {"name": f"n{i}", "labels": {f"k{j}": label for j in range(12)}}
+            assert h.put(f"/api/v1/namespaces/n{i}", json=body).status_code == 201
+        time.sleep(2.5)  # over --watch-stall without reading
+        data = b""
+        sock.settimeout(10)
+        while not data.endswith(b"0\r\n\r\n"):
+            got = sock.recv(1 << 16)
+            if not got:
+                break
+            data += got
+        sock.close()
+        events = [json.loads(x) for x in data.split(b"\r\n") if x.startswith(b"{")]
+        cut = events[-1]
+        assert cut["type"] == "resync" and cut["relist"] is False and "fell behind" in cut["reason"], cut
+        received = [e["key"] for e in events if e["type"] == "put"]
+        assert received and cut["revision"] == events[-2]["revision"]
+        with h.stream("GET", "/api/v1/watch", params={"after_revision": cut["revision"], "bookmark_interval": 1}) as r:
+            for line in r.iter_lines():
+                ev = json.loads(line)
+                if ev["type"] == "bookmark":
+                    break
+                received.append(ev["key"])
+    names = [k.rsplit("/", 1)[1] for k in received]
+    assert names == ["default"] * (names[:1] == ["default"]) + [f"n{i}" for i in range(200)], \
+        "events were lost or repeated across the cut"
 
 
 def test_a_watcher_that_stops_reading_is_cut_off_and_memory_stays_flat(spawn) -> None:

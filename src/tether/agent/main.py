@@ -124,6 +124,10 @@ class Agent:
         self.connected = False
         self.last_sync = 0.0
         self.applies = 0
+        self.lists = 0  # full lists (snapshots) taken from the server
+        self._from_disk = False  # the replica was loaded from the copy on disk at start
+        self._catch_up = 0  # started from the disk copy: no kernel writes before this revision
+        self.resumes = 0  # watches resumed from the replica's revision after a cut, without a list
         self.dns_ip: str | None = None
         self.dns_search: list[str] = []
         self._plan_ms = 0.0
@@ -189,6 +193,8 @@ class Agent:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         if replica_file.load(self.replica, self.replica_path):
             log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
+            self._from_disk = self.replica.revision > 0
+            heap.trim()
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
@@ -226,30 +232,47 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - stop the others too
                 log.warning("stopping %s failed: %s: %s", type(e).__name__, type(exc).__name__, exc)
 
-    async def _register(self) -> None:
+    async def _register(self) -> int:
+        """Register the host; its write's revision (every change before it is at most that)."""
         host = Host(name=self.host, underlay_ip=self.cfg.underlay_ip, underlay_cidr=self.underlay_cidr,
                     underlay_ip6=self.underlay_ip6, vtep_mac=vtep_mac_for(self.host), dns_ip=self.dns_ip,
                     agent_version=__version__, labels=self.cfg.labels)
-        await self.client.register_host(host)
+        registered = await self.client.register_host(host)
         await self.client.heartbeat(self.host, self.cfg.heartbeat_ttl)
+        return registered.revision
 
     async def _sync_loop(self) -> None:
         backoff = 0.2
         failed = ""  # the last reason a sync failed, logged once until it changes or a sync succeeds
+        # the replica is in sync up to its revision: watch on from there, no list. At start, the copy
+        # on disk is too (a restart: its events are replayed, not 10,000 objects listed and parsed)
+        resume = self._from_disk
         while True:
             try:
-                await self._register()
+                registered = await self._register()
                 self._status_sent = None  # a new server, or a host re-created: report again
-                snap = await self.client.snapshot()
-                self.replica.load_snapshot(snap)
+                if resume:
+                    log.info("watching again from revision %d", self.replica.revision)
+                    if not self._synced_once:
+                        # the disk copy may be a second behind what is programmed: no kernel writes
+                        # until the replica has caught up with the host's own registration
+                        self._catch_up = registered
+                else:
+                    snap = await self.client.snapshot()
+                    self.replica.load_snapshot(snap, consume=True)
+                    del snap
+                    heap.trim()
+                    self.lists += 1
+                    log.info("synced at revision %d", self.replica.revision)
+                    self.kick()
                 self.connected = True
                 self.last_sync = time.time()
-                self._synced_once = True
+                self._synced_once = self._synced_once or not resume
                 backoff = 0.2
-                log.info("synced at revision %d", self.replica.revision)
                 failed = ""
-                self.kick()
+                resume = True
                 await self._follow()
+                resume = False  # the server said the history the replica needs is gone: list again
             except (ServerUnreachable, ApiError, OSError) as e:
                 if self.connected:
                     log.warning("lost the server (%s); keeping the datapath, retrying", e)
@@ -264,16 +287,28 @@ class Agent:
             except Exception:  # noqa: BLE001 - never die: retry
                 log.exception("sync failed")
                 self.connected = False
+                resume = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
     async def _follow(self) -> None:
-        """Follow the watch stream until it ends; a resync answer makes the caller re-snapshot."""
+        """Follow the watch stream from the replica's revision; returns only when the server says
+        the replica must be listed again (the history after its revision is compacted, or the
+        store was restored). A stream cut for falling behind, or one that breaks, resumes from
+        the replica's revision: one missed event never costs a full list."""
         while True:
             async for ev in self.client.watch(self.replica.revision):
                 if ev["type"] == "resync":
-                    log.warning("watch history compacted: full resync")
-                    return
+                    if ev.get("relist", True):  # a server without `relist` meant: list again
+                        log.warning("the server cannot replay the watch from revision %d (%s): full resync",
+                                    self.replica.revision, ev.get("reason") or ev.get("compact_revision"))
+                        return
+                    self.resumes += 1
+                    log.warning("watch cut (%s); watching again from revision %d",
+                                ev.get("reason") or ev.get("error"), self.replica.revision)
+                    if ev.get("error"):
+                        await asyncio.sleep(0.5)  # a store failure: do not spin on it
+                    break
                 if ev["type"] == "bookmark":
                     self.last_sync = time.time()
                     continue
@@ -284,6 +319,10 @@ class Agent:
                     if self.replica.acted > self._reported_rev:
                         self._report_soon()  # e.g. the echo of a CNI ADD's endpoint, applied already
                 self.last_sync = time.time()
+                if not self._synced_once and self.replica.revision >= self._catch_up:
+                    log.info("caught up at revision %d from the copy on disk", self.replica.revision)
+                    self._synced_once = True
+                    self.kick(gather=False)
 
     async def _apply_loop(self) -> None:
         while True:

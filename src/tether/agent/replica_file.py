@@ -15,7 +15,7 @@ def save(rep: Replica, path: str) -> None:
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(rep.encoded())
     os.replace(tmp, path)
 
@@ -23,8 +23,8 @@ def save(rep: Replica, path: str) -> None:
 def load(rep: Replica, path: str) -> bool:
     """Fill `rep` from the file; False (and `rep` untouched) when there is none or it is unreadable."""
     try:
-        with open(path) as f:
-            rep.load_snapshot(json.load(f))
+        with open(path, encoding="utf-8") as f:
+            rep.load_snapshot(json.load(f), consume=True)
     except (OSError, ValueError, KeyError):
         return False
     rep.synced = False  # usable for the datapath, but not a fresh sync

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +30,7 @@ from tether.model import (
     kind_of_key,
 )
 from tether.server.auth import ADMIN, DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE, HostHasCredential, Identity
+from tether.server.fanout import Subscriber, WatchHub
 from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.server.validation import check_policy, require_namespace
@@ -683,6 +684,17 @@ def line_cache(app: Any) -> LineCache:
         return app.state.watch_lines
 
 
+def watch_hub(app: Any, store: Any) -> WatchHub:
+    """The app's one store watch, shared by its watch streams (tether.server.fanout)."""
+    hub = getattr(app.state, "watch_hub", None)
+    if hub is None or hub.store is not store:
+        from tether.model import PREFIX
+
+        cache = line_cache(app)
+        hub = app.state.watch_hub = WatchHub(store, PREFIX, lambda ev: event_line(ev, cache))
+    return hub
+
+
 def event_line(item: Any, cache: LineCache) -> bytes | None:
     """The JSON line of a store event, encoded once for all watchers: every watcher (each agent,
     and a client replaying history) is sent the same events, and decoding and dumping one costs
@@ -708,6 +720,8 @@ def encode_event(item: Any) -> bytes | None:
 
 
 def resync_line(**why: Any) -> bytes:
+    """`relist`: the client must list again (the history it needs is gone); false: it may watch
+    again from `revision`, the last one it was sent (one missed event never costs a full list)."""
     return (json.dumps({"type": "resync", **why}) + "\n").encode()
 
 
@@ -743,9 +757,13 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
 
     head = await store.revision()
     if head - after_revision > limits.watch_max_replay:
-        return Response(resync_line(revision=head, reason=f"revision {after_revision} is more than "
+        return Response(resync_line(revision=head, relist=True, reason=f"revision {after_revision} is more than "
                                     f"{limits.watch_max_replay} revisions behind the head ({head}); list, then "
                                     "watch from the list's revision"), media_type="application/x-ndjson")
+    if after_revision > head:
+        return Response(resync_line(revision=head, relist=True, reason=f"revision {after_revision} is ahead of the "
+                                    f"store's head ({head}): the store was restored or replaced; list, then watch "
+                                    "from the list's revision"), media_type="application/x-ndjson")
     try:
         who = caller(request)
         watcher = slots.acquire(peer_of(request.scope), who.name if who.kind == "host" else "")
@@ -755,11 +773,11 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
     credentials = request.app.state.credentials
     cache = line_cache(request.app)
 
+    hub = watch_hub(request.app, store)
+
     async def lines() -> AsyncIterator[bytes]:
-        buffered: deque[tuple[Any, int]] = deque()
-        size = 0
-        room = asyncio.Event()
-        overflow: str | None = None
+        sub = Subscriber(cap, stall, watcher.wake)
+        sub.progress = after_revision
         last = after_revision
         checked = time.monotonic()
 
@@ -771,37 +789,40 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                 return True
             checked = time.monotonic()
             return await credentials.host_valid(watcher.holder)
-        progress = after_revision  # the store's word: every event up to here has been delivered
 
-        async def pump() -> None:
-            nonlocal size, overflow, progress
+        async def replay() -> None:
+            """Events the hub's ring no longer holds, read for this stream alone, until the hub
+            holds everything after what was read; then the hub queues the rest."""
             try:
+                if await hub.ensure_started() and hub.subscribe(sub, after_revision):
+                    return
+                read = after_revision
                 async for ev in store.watch(PREFIX, after_revision):
                     if ev.type == "progress":
-                        progress = max(progress, ev.revision)
+                        sub.progress = max(sub.progress, ev.revision)
                         continue
-                    n = len(ev.key) + len(ev.value or b"") + 64
-                    while size and size + n > cap:  # full: wait for the client to take some
-                        room.clear()
+                    # joined only between revisions: a transaction's events share one
+                    if ev.revision != read and hub.subscribe(sub, read):
+                        return
+                    while sub.size and sub.size > cap and sub.overflow is None:  # full: wait for the client
+                        sub.room.clear()
                         try:
                             async with asyncio.timeout(stall):
-                                await room.wait()
+                                await sub.room.wait()
                         except TimeoutError:
-                            overflow = (f"this watcher fell behind: {size} bytes of events waited over {stall:g} s "
-                                        "(--watch-stall); list, then watch again")
-                            watcher.wake.set()
-                            return
-                    buffered.append((ev, n))
-                    size += n
-                    watcher.wake.set()
+                            sub.cut(f"this watcher fell behind: {sub.size} bytes of events waited over {stall:g} s "
+                                    "(--watch-stall); watch again from the revision given", pending=ev.revision)
+                    if sub.overflow is not None:
+                        return
+                    sub.push(ev.revision, event_line(ev, cache))
+                    read = ev.revision
             except Exception as e:  # noqa: BLE001 - Compacted or a store failure: the client resyncs
-                buffered.append((e, 0))
-                watcher.wake.set()
+                sub.fail(e)
 
-        task = asyncio.create_task(pump())
+        task = asyncio.create_task(replay())
         try:
             while True:
-                if not buffered and overflow is None and not watcher.stopping:
+                if not sub.items and sub.overflow is None and not watcher.stopping:
                     watcher.wake.clear()
                     try:
                         async with asyncio.timeout(bookmark_interval):
@@ -809,31 +830,40 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                     except TimeoutError:
                         if not await still_valid():
                             return
-                        delivered = max(last, progress)  # nothing is buffered: all up to `progress` was sent
+                        # nothing is queued: all up to `progress` (and the hub's revision, once joined) was sent
+                        delivered = max(last, sub.progress, sub.hub.revision if sub.hub is not None else 0)
                         if await store_confirmed(request.app, store, bookmark_interval):
                             yield (json.dumps({"type": "bookmark", "revision": delivered}) + "\n").encode()
                     continue
                 if watcher.stopping:
                     return  # the server is stopping: the stream just ends, the client reconnects
-                if not buffered:
-                    yield resync_line(revision=last, reason=overflow)
+                if not sub.items:
+                    yield resync_line(revision=sub.resume_at if sub.resume_at >= 0 else last, reason=sub.overflow,
+                                      relist=False)
                     return
-                item, n = buffered.popleft()
-                size -= n
-                room.set()
+                item = sub.take()
                 if isinstance(item, Compacted):
-                    yield resync_line(compact_revision=item.compact_revision)
+                    yield resync_line(compact_revision=item.compact_revision, relist=True)
                     return
                 if isinstance(item, Exception):
-                    yield resync_line(error=str(item))
+                    yield resync_line(revision=last, error=str(item), relist=False)
                     return
-                last = item.revision
+                # what is queued goes out as one chunk: a send costs ~90 us through the ASGI stack,
+                # per stream, and one write is often several events (an endpoint and its block)
+                batch = []
+                while True:
+                    last, line = item
+                    if line is not None:
+                        batch.append(line)
+                    if not sub.items or not isinstance(sub.items[0], tuple) or len(batch) >= 64:
+                        break
+                    item = sub.take()
                 if not await still_valid():
                     return
-                line = event_line(item, cache)
-                if line is not None:
-                    yield line
+                if batch:
+                    yield batch[0] if len(batch) == 1 else b"".join(batch)
         finally:
+            sub.close()
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task

@@ -159,6 +159,9 @@ def create_app(
         tasks = [asyncio.create_task(leadership.run()), asyncio.create_task(gc.run())] if gc_interval > 0 else []
         yield
         app.state.watches.stop_all()
+        hub = getattr(app.state, "watch_hub", None)
+        if hub is not None:
+            await hub.stop()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(BaseException):
