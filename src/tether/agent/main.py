@@ -39,7 +39,10 @@ from tether.model import Host, Network
 log = logging.getLogger("tether.agent")
 NOT_PREPARED = object()  # an extra without `prepare`: updated on the event loop (Agent._prepare_extras)
 PREPARE_FAILED = object()  # its `prepare` raised: nothing to install
-STATUS_INTERVAL = 0.1  # seconds between two writes of this host's status that change only its applied revision
+# seconds between two writes of this host's status that change only its applied revision: each is a
+# Host event every agent receives (hosts squared events per change); the heartbeat carries the
+# revision to the server at once instead (`Objects.observed_host`)
+STATUS_INTERVAL = 10.0
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -512,16 +515,21 @@ class Agent:
         """Write the host's status when what it reports has changed: its problems, or the revision
         applied once a change other than a status report was applied (the programming status of
         every object, `tether.server.programming`). Each write is a Host event every agent
-        receives, so revision-only writes come at most every STATUS_INTERVAL (the last one later)."""
+        receives, so a new applied revision alone goes in a heartbeat at once (the server keeps it
+        in memory) and in a write at most every STATUS_INTERVAL (the last one later: what another
+        server, or this one after a restart, reads)."""
         st = self.host_status(revision)
         key = (tuple((p.kind, p.name, p.reason) for p in st.problems),
                tuple((p.name, p.reason) for p in st.failed_ops))
         fresh = acted > self._reported_rev
         if (key == self._status_sent and not fresh) or not self.connected:
             return
-        if key == self._status_sent and time.monotonic() - self._status_at < STATUS_INTERVAL:
-            self._report_soon()
-            return
+        if key == self._status_sent:
+            if self.applied_revision > self._beat_sent:
+                self._beat_now.set()
+            if time.monotonic() - self._status_at < STATUS_INTERVAL:
+                self._report_soon()
+                return
         try:
             self._status_at = time.monotonic()
             await self.client.request("PUT", f"/api/v1/hosts/{self.host}/status",

@@ -617,7 +617,7 @@ async def get_programming(kind: str, ref: str, request: Request) -> dict:
     obj = await find_sg(o, ref) if cls is SecurityGroup else await o.get(cls, ref)
     if obj is None:
         raise ApiError(404, f"{kind} {ref!r} not found")
-    hosts = await o.list(Host)
+    hosts = [o.observed_host(h) for h in await o.list(Host)]  # with the revisions heartbeats carried
     return programming(obj, hosts, await o.live_hosts(), o.written_at(obj)).as_dict()
 
 
