@@ -17,6 +17,8 @@ from typing import Any
 class Memos:
     # calc.host: endpoint id -> (endpoint, network, underlay MTU, its HostInterface, its routes)
     local: dict[str, tuple] = field(default_factory=dict)
+    # calc.host: (the blocks, endpoint id -> (remote endpoint, its addresses outside its host's blocks))
+    borrowed: tuple[tuple, dict[str, tuple]] = ((), {})
     # calc.pod_ingress: endpoint id -> (key, senders, its ingress chain)
     pod_chains: dict[str, tuple] = field(default_factory=dict)
     # calc.policy: (policy, direction, spec) -> its encoded rules and what makes its sets
@@ -25,6 +27,9 @@ class Memos:
     dispatch_rules: dict[tuple, tuple[str, ...]] = field(default_factory=dict)
     # calc.policy: endpoint id -> (endpoint, its workload key)
     workloads: dict[str, tuple] = field(default_factory=dict)
+    # calc.services: (namespace, name) -> (service, (host, node addresses), its backends' endpoints,
+    # its frontends) of a service with listed backends
+    frontends: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.quarantine: (kind, name) -> (object, host, problem or None)
     checked: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.dns_records: ((zones, reverse networks, TTL), endpoint id -> (endpoint, network, its
