@@ -158,7 +158,8 @@ def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> 
 
 
 def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
-    me = rep.hosts.get(ctx.name)
+    hosts = rep.hosts  # read once per endpoint below: a local, not the property
+    me = hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
     fdb: set[FdbEntry] = set()
@@ -212,9 +213,9 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
     for b in blocks:
         net = networks.get(b.network)
         owners.add(b.cidr, b.host)
-        if net is None or b.host in (None, ctx.name) or b.host not in rep.hosts:
+        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
             continue
-        route_to(rep.hosts[b.host], net, b.cidr)
+        route_to(hosts[b.host], net, b.cidr)
 
     local: dict[str, tuple] = {}  # this plan's local pods, kept for the next (`Memos.local`)
     for ep in rep.endpoints:
@@ -239,7 +240,7 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
                     for ip in ep.ips:
                         routes.add(pod_route(ip, parent.interface))
             continue
-        peer = rep.hosts.get(ep.host or "")
+        peer = hosts.get(ep.host or "")
         if peer is None:
             continue
         hit = known.get(ep.id)
