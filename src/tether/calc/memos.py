@@ -25,6 +25,9 @@ class Memos:
     policy_rules: dict[tuple, tuple] = field(default_factory=dict)
     # calc.policy: (direction, jumped chains and their names) -> a dispatch chain's encoded rules
     dispatch_rules: dict[tuple, tuple[str, ...]] = field(default_factory=dict)
+    # calc.policy: (endpoint id -> endpoint, (label key, value) -> endpoint id -> endpoint) of the last plan
+    # (changed in place: a default of its own per Memos)
+    policy_labels: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
     # calc.policy: endpoint id -> (endpoint, its workload key)
     workloads: dict[str, tuple] = field(default_factory=dict)
     # calc.services: (namespace, name) -> (service, (host, node addresses), its backends' endpoints,
