@@ -199,6 +199,15 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
 
     services = list(services)  # read twice: by the services' part, then to compare with the last build's
     endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
+    context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
+    # the services' part is the last build's (same objects, no headless service, whose answers
+    # follow endpoints): only the endpoints that changed are taken out of and put into its records
+    last = m.dns_last
+    if last is not None and not any(svc.headless for svc in services) and _same(last[0], (context, services,
+                                                                                          tuple(nets.values()))):
+        patched = _patch(rec, last, endpoints, nets, ttl, m)
+        if patched is not None:
+            return patched
     for svc in services:
         if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
             _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}",
@@ -231,16 +240,8 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
                     rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
     rec.existing = rec.with_parents(rec.existing)  # so far the services' names only
 
-    context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
     memo = m.dns_endpoints[1] if m.dns_endpoints[0] == context else {}
-    # the services' part is the last build's (same objects, no headless service, whose answers
-    # follow endpoints): only the endpoints that changed are taken out of and put into its records
     services_key = (context, services, tuple(nets.values()), frozenset(rec.existing))
-    last = m.dns_last
-    if last is not None and not any(svc.headless for svc in services) and _same(last[0], services_key):
-        patched = _patch(rec, last, endpoints, nets, ttl, m)
-        if patched is not None:
-            return patched
     kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
     for ep in endpoints:
         yielding.checkpoint()
@@ -284,9 +285,9 @@ def _endpoint_part(rec: Records, ep: Endpoint, nets: dict[str, Network], memo: d
 
 def _same(a: tuple, b: tuple) -> bool:
     """Whether two builds' services' parts are equal: same context, the same service and network
-    objects (replaced, never changed in place), the same names."""
+    objects (replaced, never changed in place)."""
     return (a[0] == b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1], strict=True))
-            and len(a[2]) == len(b[2]) and all(x is y for x, y in zip(a[2], b[2], strict=True)) and a[3] == b[3])
+            and len(a[2]) == len(b[2]) and all(x is y for x, y in zip(a[2], b[2], strict=True)))
 
 
 def _patch(rec: Records, last: tuple, endpoints: list[Endpoint], nets: dict[str, Network], ttl: int,
