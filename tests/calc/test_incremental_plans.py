@@ -143,7 +143,7 @@ def _start() -> Replica:
     return rep
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(events, min_size=5, max_size=30))
 def test_plans_kept_up_event_by_event_equal_plans_computed_from_scratch(seq: list) -> None:
     rep = _start()

@@ -28,6 +28,9 @@ class Memos:
     # calc.policy: (endpoint id -> endpoint, (label key, value) -> endpoint id -> endpoint) of the last plan
     # (changed in place: a default of its own per Memos)
     policy_labels: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
+    # calc.policy: selector -> the addresses it matched in the last plan, and the namespaces' labels then
+    policy_peers: dict[str, list[str]] = field(default_factory=dict)
+    policy_ns: dict[str, dict[str, str]] | None = None
     # calc.policy: endpoint id -> (endpoint, its workload key)
     workloads: dict[str, tuple] = field(default_factory=dict)
     # calc.services: (namespace, name) -> (service, (host, node addresses), its backends' endpoints,
