@@ -193,55 +193,28 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
     rec.soa["in-addr.arpa."] = _soa_rr("in-addr.arpa.", serial)
     rec.soa["ip6.arpa."] = _soa_rr("ip6.arpa.", serial)
 
-    def add_addr(name: str, ip: str) -> None:
-        for owner, rtype, rr in address_rrs(name, ip, ttl):
-            rec.add_rr(owner, rtype, rr)
-
-    services = list(services)  # read twice: by the services' part, then to compare with the last build's
+    services = list(services)  # read twice: by headless services' answers, then for the services' own names
     endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
-    context = (rec.zones, rec.reverse_nets, ttl)  # what an endpoint's part depends on besides itself
-    # the services' part is the last build's (same objects, no headless service, whose answers
-    # follow endpoints): only the endpoints that changed are taken out of and put into its records
+    context = (rec.zones, rec.reverse_nets, ttl, tuple(nets.values()))  # what a part depends on besides its object
+    # the last build's records, with only the parts of the services and endpoints that changed taken
+    # out and put in (not with a headless service: its answers follow endpoints)
     last = m.dns_last
-    if last is not None and not any(svc.headless for svc in services) and _same(last[0], (context, services,
-                                                                                          tuple(nets.values()))):
-        patched = _patch(rec, last, endpoints, nets, ttl, m)
+    if last is not None and _same(last[0], context) and not any(svc.headless for svc in services):
+        patched = _patch(rec, last, services, endpoints, nets, domains, ttl, m)
         if patched is not None:
             return patched
+    smemo = m.dns_services if last is not None and _same(last[0], context) else {}
+    memo = m.dns_endpoints[1] if m.dns_endpoints[0] == context[:3] else {}
+    counts: collections.Counter[str] = collections.Counter()
+    kept_svcs: dict[tuple[str, str], tuple] = {}
     for svc in services:
-        if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
-            _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}",
-                  "its name, namespace or a port name is not a DNS label")
+        part = _service_part(rec, svc, nets, domains, endpoints, smemo, ttl, m)
+        if part is None:
             continue
-        svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
-        try:
-            for vip in svc.vips():  # A and AAAA, and the PTR of each
-                address_record(vip)
-            parts = []
-            for d in svc_domains:
-                name = f"{svc.name}.{svc.namespace}.svc.{d}"
-                parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
-        except (ValueError, struct.error) as e:
-            _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}", str(e))
-            continue
-        headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
-        for name, srvs in parts:
-            if svc.vips():
-                for vip in svc.vips():
-                    add_addr(name, vip)
-            elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
-                for rtype, rr in headless:
-                    rec.add_rr(name.lower(), rtype, rr)
-            else:
-                rec.existing.add(name.lower())
-            for srv, p in srvs:
-                rec.add(name, SRV, srv, ttl)
-                if p.name:
-                    rec.add(f"_{p.name}._{p.protocol.lower()}.{name}", SRV, srv, ttl)
-    rec.existing = rec.with_parents(rec.existing)  # so far the services' names only
-
-    memo = m.dns_endpoints[1] if m.dns_endpoints[0] == context else {}
-    services_key = (context, services, tuple(nets.values()), frozenset(rec.existing))
+        kept_svcs[(svc.namespace, svc.name)] = part
+        for owner, rtype, rr in part[1].rrs:
+            rec.add_rr(owner, rtype, rr)
+        counts.update(part[1].names)
     kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
     for ep in endpoints:
         yielding.checkpoint()
@@ -251,14 +224,54 @@ def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: 
         kept[ep.id] = hit
         for owner, rtype, rr in hit[2].rrs:
             rec.add_rr(owner, rtype, rr)
-        rec.existing.update(hit[2].names)
-    m.dns_endpoints = (context, kept)
-    counts: collections.Counter[str] = collections.Counter()
-    for hit in kept.values():
         counts.update(hit[2].names)
+    rec.existing = set(counts)
+    m.dns_endpoints = (context[:3], kept)
+    m.dns_services = kept_svcs
     rec.existing.update(rec.zones)
-    m.dns_last = (services_key, rec, counts)
+    m.dns_last = (context, rec, counts)
     return rec
+
+
+def _service_part(rec: Records, svc: Service, nets: dict[str, Network], domains: set[str],
+                  endpoints: list[Endpoint], memo: dict[tuple[str, str], tuple], ttl: int, m: Memos
+                  ) -> tuple[Service, EndpointRecords] | None:
+    """A service's (service, its records), from `memo` when it is the same object (and not headless:
+    its answers follow the endpoints); None when it has no name in the records."""
+    hit = memo.get((svc.namespace, svc.name))
+    if hit is not None and hit[0] is svc and not svc.headless:
+        return hit
+    if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
+        _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}",
+              "its name, namespace or a port name is not a DNS label")
+        return None
+    svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
+    try:
+        for vip in svc.vips():  # A and AAAA, and the PTR of each
+            address_record(vip)
+        parts = []
+        for d in svc_domains:
+            name = f"{svc.name}.{svc.namespace}.svc.{d}"
+            parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
+    except (ValueError, struct.error) as e:
+        _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}", str(e))
+        return None
+    headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
+    rrs: list[tuple[str, int, bytes]] = []
+    bare: list[str] = []
+    for name, srvs in parts:
+        if svc.vips():
+            for vip in svc.vips():
+                rrs += address_rrs(name, vip, ttl)
+        elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
+            rrs += [(name.lower(), rtype, rr) for rtype, rr in headless]
+        else:
+            bare.append(name.lower())
+        for srv, p in srvs:
+            rrs.append((name.lower(), SRV, _rr(SRV, ttl, srv)))
+            if p.name:
+                rrs.append((f"_{p.name}._{p.protocol.lower()}.{name}".lower(), SRV, _rr(SRV, ttl, srv)))
+    return svc, EndpointRecords(tuple(rrs), frozenset(rec.with_parents([*bare, *(o for o, _t, _r in rrs)])))
 
 
 def _endpoint_part(rec: Records, ep: Endpoint, nets: dict[str, Network], memo: dict[str, Any], ttl: int,
@@ -284,38 +297,52 @@ def _endpoint_part(rec: Records, ep: Endpoint, nets: dict[str, Network], memo: d
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    """Whether two builds' services' parts are equal: same context, the same service and network
+    """Whether two builds' contexts are equal: zones, reverse networks, TTL and the same network
     objects (replaced, never changed in place)."""
-    return (a[0] == b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1], strict=True))
-            and len(a[2]) == len(b[2]) and all(x is y for x, y in zip(a[2], b[2], strict=True)))
+    return a[:3] == b[:3] and len(a[3]) == len(b[3]) and all(x is y for x, y in zip(a[3], b[3], strict=True))
 
 
-def _patch(rec: Records, last: tuple, endpoints: list[Endpoint], nets: dict[str, Network], ttl: int,
-           m: Memos) -> Records | None:
-    """The last build's records with only the changed endpoints' parts replaced, in `rec` (which
-    holds this build's header and services' part, equal to the last one's); None when that could
-    order an owner's records differently from a full build (an owner shared by two contributors),
-    then the caller builds them all. The last records are not changed (the DNS server answers
-    from them): owners touched are copied first. Building all was ~40 ms with 10,000 endpoints
-    (bench/calc_scale.py), this is a lookup per endpoint."""
-    _key, before, counts = last
-    memo = m.dns_endpoints[1]
-    kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
+def _patch(rec: Records, last: tuple, services: list[Service], endpoints: list[Endpoint], nets: dict[str, Network],
+           domains: set[str], ttl: int, m: Memos) -> Records | None:
+    """The last build's records with only the changed services' and endpoints' parts replaced
+    (`rec` holds this build's header); None when that could order an owner's records differently
+    from a full build (an owner shared by two parts), then the caller builds them all. The last
+    records are not changed (the DNS server answers from them): owners touched are copied first.
+    Building all was ~40 ms of CPU with 10,000 endpoints and ~250 ms after a service change
+    (bench/calc_scale.py); this is a lookup per object and the changed parts."""
+    _context, before, counts = last
+    m.dns_last = None  # `counts` changes in place: if this stops half way, the next build is a full one
     gone: list[EndpointRecords] = []
     new: list[EndpointRecords] = []
+    smemo = m.dns_services
+    kept_svcs: dict[tuple[str, str], tuple] = {}
+    for svc in services:
+        key = (svc.namespace, svc.name)
+        hit = smemo.get(key)
+        if hit is not None and hit[0] is svc:
+            kept_svcs[key] = hit
+            continue
+        hit = _service_part(rec, svc, nets, domains, endpoints, smemo, ttl, m)
+        if hit is not None:
+            kept_svcs[key] = hit
+            new.append(hit[1])
+    if len(kept_svcs) - len(new) != len(smemo):  # some changed or were deleted
+        gone += [hit[1] for key, hit in smemo.items() if kept_svcs.get(key) is not hit]
+    memo = m.dns_endpoints[1]
+    kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
+    fresh = 0
     for ep in endpoints:
         hit = memo.get(ep.id)
         if hit is not None and hit[0] is ep and hit[1] is nets.get(ep.network):
             kept[ep.id] = hit
             continue
-        if hit is not None:
-            gone.append(hit[2])
         hit = _endpoint_part(rec, ep, nets, memo, ttl, m)
         if hit is not None:
             kept[ep.id] = hit
             new.append(hit[2])
-    if len(kept) - len(new) + len(gone) != len(memo):  # some were deleted
-        gone = [hit[2] for ep_id, hit in memo.items() if kept.get(ep_id) is not hit]
+            fresh += 1
+    if len(kept) - fresh != len(memo):  # some changed or were deleted
+        gone += [hit[2] for ep_id, hit in memo.items() if kept.get(ep_id) is not hit]
     rrs = dict(before.rrs)
     copied: set[str] = set()
 
@@ -331,7 +358,7 @@ def _patch(rec: Records, last: tuple, endpoints: list[Endpoint], nets: dict[str,
             lists[rtype].remove(rr)
         for owner in {o for o, _t, _r in part.rrs}:
             if any(rrs[owner].values()):
-                return None  # another contributor's records stay: a full build orders them
+                return None  # another part's records stay: a full build orders them
             del rrs[owner]
             copied.discard(owner)
         counts.subtract(part.names)
@@ -343,19 +370,19 @@ def _patch(rec: Records, last: tuple, endpoints: list[Endpoint], nets: dict[str,
             owned(owner).setdefault(rtype, []).append(rr)
         counts.update(part.names)
     existing = set(before.existing)
-    services_part = _key[3]
     for part in gone:
         for name in part.names:
             if counts[name] <= 0:
                 del counts[name]
-                if name not in services_part and name not in rec.zones:
+                if name not in rec.zones:
                     existing.discard(name)
     for part in new:
         existing.update(part.names)
     out = Records(zones=rec.zones, reverse_nets=rec.reverse_nets, rrs=rrs, existing=existing, soa=rec.soa,
                   serial=rec.serial)
     m.dns_endpoints = (m.dns_endpoints[0], kept)
-    m.dns_last = (_key, out, counts)
+    m.dns_services = kept_svcs
+    m.dns_last = (_context, out, counts)
     return out
 
 
