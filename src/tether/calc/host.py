@@ -158,7 +158,8 @@ def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> 
 
 
 def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
-    me = rep.hosts.get(ctx.name)
+    hosts = rep.hosts  # read once per endpoint below: a local, not the property
+    me = hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
     fdb: set[FdbEntry] = set()
@@ -202,12 +203,19 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
         neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
 
     owners = BlockOwners()
-    for b in rep.blocks:
+    blocks = tuple(rep.blocks)
+    last_blocks, last_borrowed = memos.borrowed
+    # an endpoint's borrowed addresses depend on it and the blocks alone: kept while both are the
+    # last plan's (finding each address's block was most of this loop with 10,000 remote endpoints)
+    same_blocks = len(last_blocks) == len(blocks) and all(a is b for a, b in zip(last_blocks, blocks, strict=True))
+    known: dict[str, tuple] = last_borrowed if same_blocks else {}
+    borrowed: dict[str, tuple] = {}
+    for b in blocks:
         net = networks.get(b.network)
         owners.add(b.cidr, b.host)
-        if net is None or b.host in (None, ctx.name) or b.host not in rep.hosts:
+        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
             continue
-        route_to(rep.hosts[b.host], net, b.cidr)
+        route_to(hosts[b.host], net, b.cidr)
 
     local: dict[str, tuple] = {}  # this plan's local pods, kept for the next (`Memos.local`)
     for ep in rep.endpoints:
@@ -232,14 +240,19 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
                     for ip in ep.ips:
                         routes.add(pod_route(ip, parent.interface))
             continue
-        peer = rep.hosts.get(ep.host or "")
+        peer = hosts.get(ep.host or "")
         if peer is None:
             continue
-        for ip in ep.ips:  # an address borrowed from a block of another host needs its own route
-            if owners.owner(ip) != ep.host:
-                route_to(peer, net, host_prefix(ip))
+        hit = known.get(ep.id)
+        if hit is None or hit[0] is not ep:
+            # an address borrowed from a block of another host needs its own route
+            hit = (ep, tuple(ip for ip in ep.ips if owners.owner(ip) != ep.host))
+        borrowed[ep.id] = hit
+        for ip in hit[1]:
+            route_to(peer, net, host_prefix(ip))
 
     memos.local = local
+    memos.borrowed = (blocks, borrowed)
     return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
                 interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS,
                 underlay_dev=ctx.underlay_dev)
@@ -586,8 +599,9 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
                          list(rep.networks.values()), ctx.name, m, routed=routed)
     yielding.checkpoint()
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
-    svc = services.compile(list(rep.services), list(rep.endpoints), list(rep.networks.values()), ctx.name,
-                           [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [])
+    svc = services.compile(list(rep.services), services.EndpointIndex(by_id=rep.objects["Endpoint"]),  # type: ignore[arg-type]
+                           list(rep.networks.values()), ctx.name,
+                           [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m)
     yielding.checkpoint()
     if not l3.has_l3(rep):
         return merge(base, pol, svc, ingress)

@@ -119,30 +119,40 @@ class Index:
     groups: dict[str, SecurityGroup]
     networks: dict[str, Network]
     v6: bool
-    by_label: dict[tuple[str, str], list[Endpoint]] = field(default_factory=dict)
+    by_label: dict[tuple[str, str], dict[str, Endpoint]] = field(default_factory=dict)  # label -> id -> endpoint
     pols_by_label: dict[tuple[str, str, str], list[NetworkPolicy]] = field(default_factory=dict)
     pols_any: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
     peer_cache: dict[str, list[str]] = field(default_factory=dict)
+    # endpoints (old and new versions) changed since the last plan's index, None: unknown (all
+    # changed); and the last plan's selector addresses, kept for selectors none of them matches
+    changed: list[Endpoint] | None = None
+    last_peers: dict[str, list[str]] = field(default_factory=dict)
     selecting_cache: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
-              groups: Iterable[SecurityGroup], networks: Iterable[Network]) -> Index:
-        eps = sorted(endpoints, key=lambda e: e.id)
+              groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None) -> Index:
+        """The index of one plan. With `memos`, the label postings are the last plan's, changed for
+        the endpoints that changed only (building them all was the largest part of a policy
+        fragment with 10,000 endpoints, bench/calc_scale.py). Nothing here depends on the order of
+        the endpoints: every use ends in a set, or a name derived from content."""
+        eps = list(endpoints)
         nsl: dict[str, dict[str, str]] = {}
         for ns in namespaces:
             nsl[ns.name] = {"kubernetes.io/metadata.name": ns.name, **ns.labels}
-        for ep in eps:
-            nsl.setdefault(ep.namespace, {"kubernetes.io/metadata.name": ep.namespace})
+        for name in {ep.namespace for ep in eps} - nsl.keys():
+            nsl[name] = {"kubernetes.io/metadata.name": name}
         nets = {n.name: n for n in networks}
         v6 = any(ipaddress.ip_network(s.cidr).version == 6 for n in nets.values() for s in n.subnets)
         by_id: dict[str, SecurityGroup] = {}
         for g in groups:
             by_id[g.id] = g
         idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
-        for ep in eps:
-            for kv in ep.labels.items():
-                idx.by_label.setdefault(kv, []).append(ep)
+        idx.by_label, idx.changed = _label_postings(eps, memos)
+        if memos is not None:
+            if memos.policy_ns == nsl:  # a namespace's labels change what namespace selectors match
+                idx.last_peers = memos.policy_peers
+            memos.policy_peers, memos.policy_ns = {}, nsl  # the plan's own when it is done (compile)
         for p in idx.policies:
             ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
             if ml:
@@ -157,7 +167,7 @@ class Index:
         ml = selector.get("matchLabels") or {}
         if not ml:
             return self.endpoints
-        return min((self.by_label.get(kv, []) for kv in ml.items()), key=len)
+        return list(min((self.by_label.get(kv, {}) for kv in ml.items()), key=len).values())
 
     def selecting(self, ep: Endpoint) -> list[NetworkPolicy]:
         """Policies whose podSelector may select `ep` (checked fully by the caller), in policy order."""
@@ -180,17 +190,64 @@ class Index:
         key = key or selector_json(pol, peer)
         if key in self.peer_cache:
             return self.peer_cache[key]
+
+        def matches(ep: Endpoint) -> bool:
+            if nsel is not None:
+                if not label_match(nsel, self.ns_labels.get(ep.namespace, {})):
+                    return False
+            elif ep.namespace != pol.namespace:
+                return False
+            return label_match(psel, ep.labels)
+
+        # the last plan's addresses, unless an endpoint that changed since (before or after) matches
+        last = self.last_peers.get(key) if self.changed is not None else None
+        if last is not None and not any(matches(ep) for ep in self.changed or ()):
+            self.peer_cache[key] = last
+            return last
         out: list[str] = []
         self.peer_cache[key] = out
         for ep in self.candidates(psel):
-            if nsel is not None:
-                if not label_match(nsel, self.ns_labels.get(ep.namespace, {})):
-                    continue
-            elif ep.namespace != pol.namespace:
-                continue
-            if label_match(psel, ep.labels):
+            if matches(ep):
                 out.extend(ep.ips)
         return out
+
+
+def _label_postings(eps: list[Endpoint], memos: Memos | None
+                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]], list[Endpoint] | None]:
+    """(label key, value) -> endpoint id -> endpoint; with `memos`, the last plan's, updated. And
+    the endpoints changed since (old and new versions), or None when they were all built afresh."""
+    last, postings = memos.policy_labels if memos is not None else ({}, {})
+    if memos is not None:
+        memos.policy_labels = ({}, {})  # if this raises half way, the next plan starts afresh
+    now = {ep.id: ep for ep in eps}
+    if len(now) != len(eps):  # one id twice: not a replica's endpoints, build without the memo
+        last, postings, memos = {}, {}, None
+    changed: list[Endpoint] | None = [] if last else None
+
+    def drop(ep: Endpoint) -> None:
+        for kv in ep.labels.items():
+            posting = postings[kv]
+            del posting[ep.id]
+            if not posting:
+                del postings[kv]
+
+    for ep_id, ep in now.items():
+        old = last.get(ep_id)
+        if old is ep:
+            continue
+        if old is not None:
+            drop(old)
+        for kv in ep.labels.items():
+            postings.setdefault(kv, {})[ep_id] = ep
+        if changed is not None:
+            changed += (ep,) if old is None else (old, ep)
+    for ep_id in last.keys() - now.keys():
+        drop(last[ep_id])
+        if changed is not None:
+            changed.append(last[ep_id])
+    if memos is not None:
+        memos.policy_labels = (now, postings)
+    return postings, changed
 
 
 def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
@@ -498,7 +555,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
     and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
-    idx = Index.build(endpoints, namespaces, policies, security_groups, networks)
+    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos)
     b = Builder(idx, host, memos, routed)
     local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
     children = nested_children(idx.endpoints)
@@ -528,6 +585,8 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     b.add_set("stateful", "ipv4_addr", stateful)
     b.memos.workloads = b.workloads
+    if memos is not None:
+        memos.policy_peers = idx.peer_cache
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
