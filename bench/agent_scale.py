@@ -30,18 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.fixtures.lab import make_lab, unique  # noqa: E402
 
 from bench.fanout import endpoint, populate  # noqa: E402
+from bench.procstat import rss_mb
 from tether.lab.cluster import Lab, wait_for  # noqa: E402
 
 STREAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lab", "tcp_stream.py")
 NETWORK = {"name": "bench", "subnets": [{"cidr": "10.160.0.0/12"}], "block_size": 26}
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def children(pid: int) -> list[int]:

@@ -30,21 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.fixtures.server import ServerProc, start_server  # noqa: E402
 
+from bench.procstat import cpu_s, rss_mb  # noqa: E402
+
 NETWORK = {"name": "bench", "subnets": [{"cidr": "10.128.0.0/9"}], "block_size": 26}
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def endpoint(i: int, hosts: int, prefix: str = "h") -> dict:
@@ -175,7 +163,7 @@ async def measure(srv: ServerProc, hosts: int, endpoints: int, changes: int) -> 
         tasks = [asyncio.create_task(w.run()) for w in watchers]
         await asyncio.sleep(1.0)  # every stream open and idle
         rss_idle = rss_mb(srv.proc.pid)
-        cpu0 = cpu_seconds(srv.proc.pid)
+        cpu0 = cpu_s(srv.proc.pid, children=False)
         t0 = time.monotonic()
         last = 0
         for i in range(changes):
@@ -188,7 +176,7 @@ async def measure(srv: ServerProc, hosts: int, endpoints: int, changes: int) -> 
                 w.seen.set()
         await asyncio.wait_for(asyncio.gather(*(w.seen.wait() for w in watchers)), 120)
         wall = time.monotonic() - t0
-        cpu = cpu_seconds(srv.proc.pid) - cpu0
+        cpu = cpu_s(srv.proc.pid, children=False) - cpu0
         rss = rss_mb(srv.proc.pid)
         for t in tasks:
             t.cancel()

@@ -43,6 +43,7 @@ from typing import Any
 
 import httpx
 
+from bench.procstat import cpu_s, rss_mb
 from tether.lab.cluster import Lab, wait_for
 from tether.lab.scale import LARGE, NETWORK, SMALL, Size, objects, populate
 from tether.model import Endpoint, NetworkPolicy, Service, ServicePort
@@ -50,7 +51,6 @@ from tether.model import Endpoint, NetworkPolicy, Service, ServicePort
 HERE = os.path.dirname(os.path.abspath(__file__))
 WATCH = os.path.join(os.path.dirname(HERE), "src", "tether", "lab", "icmp_watch.py")
 STREAM = os.path.join(os.path.dirname(HERE), "tests", "lab", "tcp_stream.py")
-TICK = os.sysconf("SC_CLK_TCK")
 SAMPLED = 10
 PROBE_S = 60  # how long a probe waits for a reply (or for silence) before counting it missing
 IDLE_S = 3.0  # seconds of no change measured before the changes, subtracted from their CPU
@@ -61,25 +61,6 @@ def pct(xs: list[float], q: float) -> float | None:
         return None
     s = sorted(xs)
     return round(s[min(len(s) - 1, int(len(s) * q))] * 1000, 1)
-
-
-def cpu_s(pid: int | None) -> float:
-    """User + system CPU of a process and its waited-for children (the agent's `nft` runs)."""
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / TICK
-
-
-def rss_mb(pid: int | None) -> float:
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def sampled_hosts(lab: Lab, n: int = SAMPLED) -> list[str]:

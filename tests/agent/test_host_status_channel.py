@@ -9,25 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
-from tests.fixtures.server import ServerProc, start_server
+from tests.fixtures.server import ServerProc
 from tether.calc.replica import Replica
 from tether.model import Host
 from tether.store.sqlite import SqliteStore
-
-
-@pytest.fixture
-def sqlite_server(tmp_path) -> Iterator[ServerProc]:
-    d = str(tmp_path / "server")
-    s = start_server(f"sqlite://{d}/tether.db", d)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def test_the_agent_reports_its_problems_on_its_host_and_nothing_else_changes(sqlite_server: ServerProc) -> None:

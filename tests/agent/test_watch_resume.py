@@ -7,25 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
-import pytest
-
-from tests.fixtures.server import ServerProc, start_server
+from tests.fixtures.server import ServerProc
 from tether.agent.main import Agent
 from tether.calc.replica import Replica
 from tether.client import AsyncTetherClient
 from tether.model import Network, Subnet
-
-
-@pytest.fixture
-def srv(tmp_path) -> Iterator[ServerProc]:
-    d = str(tmp_path / "server")
-    s = start_server(f"sqlite://{d}/tether.db", d)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def syncing_agent(s: ServerProc) -> Agent:
@@ -77,22 +65,22 @@ async def running(a: Agent) -> AsyncIterator[asyncio.Task]:
         await a.client.close()
 
 
-async def test_a_server_restart_resumes_the_watch_without_a_list(srv: ServerProc) -> None:
-    a = syncing_agent(srv)
+async def test_a_server_restart_resumes_the_watch_without_a_list(sqlite_server: ServerProc) -> None:
+    a = syncing_agent(sqlite_server)
     async for _ in running(a):
         await until(lambda: a.connected)
-        srv.client().apply(network(1))
+        sqlite_server.client().apply(network(1))
         await until(lambda: "n1" in a.replica.objects["Network"])
-        await asyncio.to_thread(srv.stop)  # in a thread: the agent's loop sees the server go
+        await asyncio.to_thread(sqlite_server.stop)  # in a thread: the agent's loop sees the server go
         await asyncio.sleep(1)
-        await asyncio.to_thread(srv.start)
-        srv.client().apply(network(2))
+        await asyncio.to_thread(sqlite_server.start)
+        sqlite_server.client().apply(network(2))
         await until(lambda: "n2" in a.replica.objects["Network"])
         assert a.snapshots == 1, "the agent listed everything again after the server restarted"
 
 
-async def test_a_resync_without_relist_resumes_and_one_with_relist_lists(srv: ServerProc) -> None:
-    a = syncing_agent(srv)
+async def test_a_resync_without_relist_resumes_and_one_with_relist_lists(sqlite_server: ServerProc) -> None:
+    a = syncing_agent(sqlite_server)
     real_watch = a.client.watch
     cuts = [{"type": "resync", "revision": 0, "reason": "this watcher fell behind", "relist": False},
             {"type": "resync", "compact_revision": 5, "relist": True}]
@@ -107,6 +95,6 @@ async def test_a_resync_without_relist_resumes_and_one_with_relist_lists(srv: Se
     a.client.watch = watch
     async for _ in running(a):
         await until(lambda: a.connected and not cuts)
-        srv.client().apply(network(3))
+        sqlite_server.client().apply(network(3))
         await until(lambda: "n3" in a.replica.objects["Network"])
         assert a.snapshots == 2 and a.resumes == 1, "a cut without relist must resume; a compacted history must list"

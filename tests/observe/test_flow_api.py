@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from tests.fixtures.server import ServerProc, start_server
+from tests.fixtures.server import ServerProc
 from tether.server.auth import host_rule
 
 
-@pytest.fixture
-def server(tmp_path) -> Iterator[ServerProc]:
-    d = str(tmp_path / "server")
-    s = start_server(f"sqlite://{d}/tether.db", d)
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def test_pushed_flows_are_named_filtered_and_followed(server: ServerProc) -> None:
-    http = server.http()
+def test_pushed_flows_are_named_filtered_and_followed(sqlite_server: ServerProc) -> None:
+    http = sqlite_server.http()
     assert http.put("/api/v1/hosts/h1", json={"name": "h1", "underlay_ip": "198.18.0.1"}).status_code in (200, 201)
     assert http.post("/api/v1/networks", json={"name": "n1", "subnets": [{"cidr": "10.1.0.0/16"}]}).status_code == 201
     assert http.put("/api/v1/namespaces/shop", json={"name": "shop"}).status_code in (200, 201)
@@ -51,14 +38,14 @@ def test_pushed_flows_are_named_filtered_and_followed(server: ServerProc) -> Non
     # follow: a request after the last seq waits until a new record arrives
     last = got["last"]
     later = {"verdict": "deny", "proto": "tcp", "src": ips[0], "dst": ips[1], "dport": 5433, "reason": "x"}
-    threading.Timer(0.5, lambda: server.http().post("/api/v1/hosts/h1/flows", json={"records": [later]})).start()
+    threading.Timer(0.5, lambda: sqlite_server.http().post("/api/v1/hosts/h1/flows", json={"records": [later]})).start()
     t0 = time.monotonic()
     new = http.get("/api/v1/flows", params={"after": last, "wait": 10}).json()
     assert [x["dport"] for x in new["flows"]] == [5433] and 0.3 < time.monotonic() - t0 < 9
 
 
-def test_programming_status_answers_for_known_kinds_only(server: ServerProc) -> None:
-    http = server.http()
+def test_programming_status_answers_for_known_kinds_only(sqlite_server: ServerProc) -> None:
+    http = sqlite_server.http()
     assert http.put("/api/v1/namespaces/default/networkpolicies/p1", json={
         "name": "p1", "namespace": "default", "spec": {"podSelector": {}}}).status_code in (200, 201)
     p = http.get("/api/v1/programming/NetworkPolicy/default/p1").json()
@@ -75,13 +62,13 @@ def test_a_host_may_push_only_its_own_flows_and_peer_reports() -> None:
     assert host_rule("h1", "GET", "/ui") is not None, "the web page is for the admin token"
 
 
-def test_grouped_records_are_named_once_and_names_follow_the_desired_state(server: ServerProc) -> None:
+def test_grouped_records_are_named_once_and_names_follow_the_desired_state(sqlite_server: ServerProc) -> None:
     """An agent's push groups its connection records (`tether.flows.pack`); every row comes back
     as its own named record. The server keeps the names between pushes until the desired state
     changes: a pod created after a push is named in the next one."""
     from tether.flows import pack
 
-    http = server.http()
+    http = sqlite_server.http()
     assert http.put("/api/v1/hosts/h1", json={"name": "h1", "underlay_ip": "198.18.0.1"}).status_code in (200, 201)
     assert http.post("/api/v1/networks", json={"name": "n1", "subnets": [{"cidr": "10.1.0.0/16"}]}).status_code == 201
     client = http.post("/api/v1/endpoints", json={"name": "client", "network": "n1", "host": "h1"}).json()["ips"][0]
