@@ -108,7 +108,7 @@ class HeartbeatBody(BaseModel):
 @router.get("/hosts")
 async def list_hosts(request: Request) -> list[dict]:
     o = objs(request)
-    hosts = [o.observed_host(h) for h in await o.list(Host)]
+    hosts = await o.observed_hosts()
     live = await o.live_hosts()
     out = dump(hosts)
     for h in out:
@@ -617,7 +617,7 @@ async def get_programming(kind: str, ref: str, request: Request) -> dict:
     obj = await find_sg(o, ref) if cls is SecurityGroup else await o.get(cls, ref)
     if obj is None:
         raise ApiError(404, f"{kind} {ref!r} not found")
-    hosts = [o.observed_host(h) for h in await o.list(Host)]  # with the revisions heartbeats carried
+    hosts = await o.observed_hosts()
     return programming(obj, hosts, await o.live_hosts(), o.written_at(obj)).as_dict()
 
 

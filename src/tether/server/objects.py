@@ -640,12 +640,17 @@ class Objects:
         status = h.status.model_copy(update={"applied_revision": max(h.status.applied_revision, beat[1])})
         return h.model_copy(update={"heartbeat": beat[0], "status": status})
 
+    async def observed_hosts(self) -> list[Host]:
+        """Every host as `observed_host` shows it: what reads the hosts' applied revisions (programming
+        status, endpoint states, the CLI and the web page) takes them from here."""
+        return [self.observed_host(h) for h in await self.list(Host)]
+
     async def observed(self, eps: list[Endpoint]) -> list[Endpoint]:
         """Endpoints with a true lifecycle state, derived on read: `pending` is `active` once its host's
         agent has applied a revision that holds the endpoint's last write and did not quarantine it."""
         if not any(e.status == "pending" and e.host for e in eps):
             return eps
-        hosts = {h.name: self.observed_host(h) for h in await self.list(Host)}
+        hosts = {h.name: h for h in await self.observed_hosts()}
         out = []
         for e in eps:
             h = hosts.get(e.host or "")

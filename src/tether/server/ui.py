@@ -65,7 +65,7 @@ async def topology(request: Request) -> Any:
     if (r := keep_token(request)) is not None:
         return r
     o = _objs(request)
-    hosts, eps = await o.list(Host), await o.list(Endpoint)
+    hosts, eps = await o.observed_hosts(), await o.list(Endpoint)
     nets, svcs = await o.list(Network), await o.list(Service)
     live = await o.live_hosts()
     peers = request.app.state.peers
@@ -242,7 +242,7 @@ async def policies(request: Request) -> Any:
     from tether.server.programming import programming
 
     o = _objs(request)
-    eps, hosts, live = await o.list(Endpoint), await o.list(Host), await o.live_hosts()
+    eps, hosts, live = await o.list(Endpoint), await o.observed_hosts(), await o.live_hosts()
     world = World(eps, await o.list(Namespace))
     rows = []
     for pol in await o.list(NetworkPolicy):
