@@ -305,7 +305,7 @@ def restart(lab: Lab, prober: Any, host: str, probe: Any, stream_s: float) -> di
 
         wait_for(programmed, 900, f"the restarted agent on {host} to program revision {revision}")
         took = time.monotonic() - t0
-        out, _ = stream.communicate(timeout=60)
+        out, _ = stream.communicate(timeout=stream_s + 60)  # the stream runs its whole stream_s
     finally:
         for p in (stream, srv):
             if p is not None and p.poll() is None:
