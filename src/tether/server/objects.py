@@ -725,8 +725,11 @@ class Objects:
         svc.cluster_ips = chosen
         svc.cluster_ip = chosen[0]
 
-    async def put_service(self, svc: Service) -> tuple[Service, bool]:
+    async def put_service(self, request: Service) -> tuple[Service, bool]:
         async def attempt() -> tuple[Service, bool]:
+            # each attempt starts from the request as sent: an address chosen by a failed attempt
+            # (another service won it meanwhile) is not a cluster IP the client asked for (was a 409)
+            svc = request.model_copy(deep=True)
             old = await self.get(Service, svc.store_name())
             compares: list[Compare] = []
             ops: list[Op] = []
