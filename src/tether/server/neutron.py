@@ -24,7 +24,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +40,7 @@ from tether.model import (
     AddressPair,
     Endpoint,
     Network,
+    Obj,
     Owner,
     SecurityGroup,
     SecurityGroupRule,
@@ -50,6 +51,8 @@ from tether.model import (
     new_id,
 )
 from tether.server.objects import ApiError, Objects, with_retries
+
+T = TypeVar("T", bound=Obj)
 
 DEFAULT_MTU = 1450
 PROTOCOLS = {"1": "icmp", "6": "tcp", "17": "udp", "58": "icmpv6", "132": "sctp", "ipv6-icmp": "icmpv6"}
@@ -299,18 +302,21 @@ async def subnet_by_id(o: Objects, subnet_id: str) -> tuple[Network, Subnet]:
     raise NeutronError(404, "SubnetNotFound", f"Subnet {subnet_id} could not be found.")
 
 
+async def by_id(o: Objects, cls: type[T], ident: str, error: str, message: str) -> T:
+    """The object of kind `cls` with id `ident`, or Neutron's 404 `error`: an id never holds "/",
+    so a path in its place finds nothing rather than another object's store key."""
+    obj = await o.get(cls, ident) if "/" not in ident else None
+    if obj is None:
+        raise NeutronError(404, error, message)
+    return obj
+
+
 async def port_by_id(o: Objects, port_id: str) -> Endpoint:
-    ep = await o.get(Endpoint, port_id) if "/" not in port_id else None
-    if ep is None:
-        raise NeutronError(404, "PortNotFound", f"Port {port_id} could not be found.")
-    return ep
+    return await by_id(o, Endpoint, port_id, "PortNotFound", f"Port {port_id} could not be found.")
 
 
 async def sg_by_id(o: Objects, sg_id: str) -> SecurityGroup:
-    sg = await o.get(SecurityGroup, sg_id) if "/" not in sg_id else None
-    if sg is None:
-        raise NeutronError(404, "SecurityGroupNotFound", f"Security group {sg_id} does not exist")
-    return sg
+    return await by_id(o, SecurityGroup, sg_id, "SecurityGroupNotFound", f"Security group {sg_id} does not exist")
 
 
 # --- version document and extensions ---------------------------------------------------------------

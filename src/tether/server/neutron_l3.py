@@ -25,6 +25,7 @@ from tether.server.neutron import (
     bad_request,
     body_of,
     bool_of,
+    by_id,
     check_attrs,
     described_fields,
     filtered,
@@ -51,17 +52,11 @@ OWNED_BY_L3 = (ROUTER_INTERFACE, FLOATINGIP_OWNER)
 # --- lookups ---------------------------------------------------------------------------------------
 
 async def router_by_id(o: Objects, router_id: str) -> Router:
-    r = await o.get(Router, router_id) if "/" not in router_id else None
-    if r is None:
-        raise NeutronError(404, "RouterNotFound", f"Router {router_id} could not be found")
-    return r
+    return await by_id(o, Router, router_id, "RouterNotFound", f"Router {router_id} could not be found")
 
 
 async def fip_by_id(o: Objects, fip_id: str) -> FloatingIP:
-    f = await o.get(FloatingIP, fip_id) if "/" not in fip_id else None
-    if f is None:
-        raise NeutronError(404, "FloatingIPNotFound", f"Floating IP {fip_id} could not be found")
-    return f
+    return await by_id(o, FloatingIP, fip_id, "FloatingIPNotFound", f"Floating IP {fip_id} could not be found")
 
 
 async def external_network(o: Objects, net_id: Any) -> Network:
