@@ -13,8 +13,14 @@ from the next app on a port, every tenth also restricting egress. It measures, i
 - the datapath with that ruleset vs none: bulk throughput, request/response latency (1-byte round
   trips on one connection) and connect latency (a new connection per request, which walks the
   policy chains), client pod -> server pod, both selected by policies (so tracked). "None" is
-  Tether's table for the same 2,000 endpoints with no policy at all: what the 1,000 policies cost
-  (`ruleset_vs_no_policies`, the judged target). Two identical host namespaces (A and B, each with
+  Tether's table for the same 2,000 endpoints with no policy at all, in a cluster with one service
+  (every Kubernetes cluster has `kubernetes` and `kube-dns`): what the 1,000 policies cost
+  (`ruleset_vs_no_policies`, the judged target; both sides hold the service, so both have
+  conntrack and the nat chains and the ratio is the policies' cost alone). Without any service,
+  policy or masquerading network Tether's table leaves conntrack out altogether (`needs_state`),
+  so the same pair without the service (`ruleset_vs_no_policies_stateless`, reported) also
+  measures registering conntrack, which any stateful firewall pays (conntrack alone below). Two
+  identical host namespaces (A and B, each with
   its two pods) are measured as a crossover: phase 1 has the ruleset on A and the other setup on
   B, phase 2 the other way round. Streams and round trips run interleaved in one process
   (bench.paired: each round compares the two within about a second), connects alternate per
@@ -22,8 +28,9 @@ from the next app on a port, every tenth also restricting egress. It measures, i
   bootstrap interval; the target is judged on the intervals: throughput >= 0.95 and
   request/response latency <= 1.05. Clients on CPU 0, servers on CPU 1; the bench waits for a
   quiet machine before each measurement (`quiet`).
-- for reference, the same measurement of the ruleset vs no table at all (`ruleset_vs_no_table`:
-  all of Tether's table, anti-spoofing and conntrack included) and of conntrack alone (a table
+- for reference, the same measurement of the ruleset (without the service) vs no table at all
+  (`ruleset_vs_no_table`: all of Tether's table, anti-spoofing and conntrack included;
+  `--no-table-reference` skips it) and of conntrack alone (a table
   with one forward chain that accepts established traffic) vs no table: the floor that any
   stateful firewall pays here (`conntrack_only_vs_no_table`; `--no-conntrack-reference` skips it).
 Prints one JSON object.
@@ -51,7 +58,7 @@ from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.dataplane.nft import NftDataplane, delete_table
 from tether.lab.cluster import nsx, sh, stop_pid, wait_for
-from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Subnet
+from tether.model import Endpoint, Host, Namespace, Network, NetworkPolicy, Service, ServiceBackend, ServicePort, Subnet
 
 CTX = HostContext("b", "eth0", 1500)
 PLANNER = Planner()  # one agent's calculation: what a plan leaves, the next reuses
@@ -84,8 +91,10 @@ else:
 """
 
 
-def model(n_pols: int, n_eps: int, real: dict[str, tuple[str, str, str]] | None = None) -> Replica:
-    """`real` maps endpoint id -> (interface, ip, mac) of the plugged pods."""
+def model(n_pols: int, n_eps: int, real: dict[str, tuple[str, str, str]] | None = None,
+          service: bool = False) -> Replica:
+    """`real` maps endpoint id -> (interface, ip, mac) of the plugged pods; `service` adds one
+    service (on endpoints the datapath pairs do not use) as every Kubernetes cluster has."""
     r = Replica()
     r.objects["Host"]["b"] = Host(name="b", underlay_ip="198.18.0.1")
     r.objects["Network"]["n"] = Network(name="n", subnets=[Subnet(cidr="10.0.0.0/8")])
@@ -97,6 +106,11 @@ def model(n_pols: int, n_eps: int, real: dict[str, tuple[str, str, str]] | None 
         ep = Endpoint(id=f"e{i}", name=f"e{i}", network="n", host="b", namespace="bench", ips=[ip], mac=mac,
                       interface=iface, labels={"app": f"a{i % max(n_pols, 1)}", "tier": "web"})
         r.objects["Endpoint"][ep.id] = ep
+    if service:  # two backends that no measured connection touches, the same whatever the policies
+        backends = [ServiceBackend(ip=r.objects["Endpoint"][f"e{i}"].ips[0], endpoint=f"e{i}") for i in (10, 11)]
+        svc = Service(name="kubernetes", namespace="default", network="n", cluster_ip="10.96.0.1",
+                      backends=backends, ports=[ServicePort(name="https", port=443, target_port=6443)])
+        r.objects["Service"][svc.store_name()] = svc
     for j in range(n_pols):
         spec: dict = {"podSelector": {"matchLabels": {"app": f"a{j}"}}, "ingress": [
             {"from": [{"podSelector": {"matchLabels": {"app": f"a{(j + 1) % n_pols}"}}},
@@ -175,13 +189,16 @@ CONNTRACK_ONLY = ("add table inet {t}; add chain inet {t} forward {{ type filter
 
 def install(side: Side, what: str, a) -> None:
     """Give `side` the bench's ruleset ("rules"), Tether's table for the same endpoints without any
-    policy ("no policies"), only conntrack (one forward chain accepting established traffic: what
-    any stateful firewall pays), or no table at all ("no table")."""
+    policy ("no policies"), each with one service (" + service": conntrack and nat chains in both),
+    only conntrack (one forward chain accepting established traffic: what any stateful firewall
+    pays), or no table at all ("no table")."""
     delete_table(side.host)
     nsx(side.host, "nft", "delete", "table", "inet", CT_TABLE, check=False)
-    if what in ("rules", "no policies"):
-        pols = a.policies if what == "rules" else 0
-        NftDataplane(side.host).apply(PLANNER.nft(model(pols, a.endpoints, side.real), CTX))
+    setup = what.removesuffix(" + service")
+    if setup in ("rules", "no policies"):
+        pols = a.policies if setup == "rules" else 0
+        rep = model(pols, a.endpoints, side.real, service=setup != what)
+        NftDataplane(side.host).apply(PLANNER.nft(rep, CTX))
     elif what == "conntrack":
         nsx(side.host, "nft", CONNTRACK_ONLY.format(t=CT_TABLE))
 
@@ -222,8 +239,10 @@ def measure_datapath(sides: list[Side], a) -> dict:
     out: dict = {"method": "two identical host namespaces, crossover (one setup on A and the other on B, then "
                            "swapped); interleaved in one process: bulk streams in slices, 1-byte round trips; "
                            "connects alternated per round; ratios are first setup / second (bench.paired.crossover)"}
-    out["ruleset_vs_no_policies"] = measure_pair(sides, "rules", "no policies", a, busy)
-    out["ruleset_vs_no_table"] = measure_pair(sides, "rules", "no table", a, busy)
+    out["ruleset_vs_no_policies"] = measure_pair(sides, "rules + service", "no policies + service", a, busy)
+    out["ruleset_vs_no_policies_stateless"] = measure_pair(sides, "rules", "no policies", a, busy)
+    if a.table_reference:
+        out["ruleset_vs_no_table"] = measure_pair(sides, "rules", "no table", a, busy)
     if a.conntrack_reference:
         out["conntrack_only_vs_no_table"] = measure_pair(sides, "conntrack", "no table", a, busy)
     for side in sides:
@@ -231,7 +250,8 @@ def measure_datapath(sides: list[Side], a) -> dict:
     out["cpu_busy_before"] = busy
     out["quiet"] = all(b <= a.quiet_busy for b in busy)
     judged = out["ruleset_vs_no_policies"]
-    out["target"] = ("the ruleset vs none (Tether's table for the same endpoints without policies): throughput "
+    out["target"] = ("the ruleset vs none (Tether's table for the same endpoints and one service, without "
+                     "policies): throughput "
                      "loss <= 5% and request/response latency added <= 5% (90% intervals)")
     out["target_met"] = (judged["throughput_ratio"]["verdict"] == "within" and
                          judged["rr_latency_ratio"]["verdict"] == "within")
@@ -249,6 +269,8 @@ def main() -> None:
     ap.add_argument("--no-conntrack-reference", dest="conntrack_reference", action="store_false",
                     help="skip measuring conntrack alone (one forward chain) vs no table, the floor of any "
                          "stateful firewall")
+    ap.add_argument("--no-table-reference", dest="table_reference", action="store_false",
+                    help="skip measuring the ruleset vs no table at all")
     ap.add_argument("--quiet-busy", type=float, default=0.2, help="CPU share other work may use (default 0.2)")
     ap.add_argument("--quiet-wait", type=float, default=120, help="longest wait for it (s)")
     a = ap.parse_args()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.lab import unique
-from tests.fixtures.openstack import OpenStack
+from tests.fixtures.openstack import OpenStack, neutron_http
 from tether.model import Endpoint, Network, Subnet, default_group_id
 
 pytestmark = pytest.mark.client
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.client
 
 @pytest.fixture(scope="module")
 def http(neutron_server):
-    h = neutron_server.http(token=None)
-    h.headers["X-Auth-Token"] = neutron_server.token
-    return h
+    return neutron_http(neutron_server)
 
 
 def ok(r, status: int = 200) -> dict:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.lab import unique
-from tests.fixtures.openstack import CliError, OpenStack
+from tests.fixtures.openstack import CliError, OpenStack, neutron_http
 
 pytestmark = pytest.mark.client
 
 
 @pytest.fixture(scope="module")
 def http(neutron_server):
-    h = neutron_server.http(token=None)
-    h.headers["X-Auth-Token"] = neutron_server.token
-    return h
+    return neutron_http(neutron_server)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.lab import unique
+from tests.fixtures.openstack import neutron_http
 
 pytestmark = pytest.mark.client
 
@@ -14,9 +15,7 @@ MISSING = "4f6ba5c0-0000-4000-8000-000000000000"
 
 @pytest.fixture(scope="module")
 def http(neutron_server):
-    h = neutron_server.http(token=None)
-    h.headers["X-Auth-Token"] = neutron_server.token
-    return h
+    return neutron_http(neutron_server)
 
 
 @pytest.fixture(scope="module")
