@@ -134,6 +134,10 @@ class Objects:
         # when this server wrote each object's current revision (key -> (revision, time)): the
         # "T ms after write" of the programming status; unknown after a restart or for another replica
         self.written: dict[str, tuple[int, datetime]] = {}
+        # registrations on this server take turns: each new host compares the network guard and the
+        # VTEP index, so 100 hosts registering at once made one winner per round and the last ones
+        # ran out of retries (409 "busy"); other servers' writers still meet the CAS
+        self.host_registration = asyncio.Lock()
 
     def note_written(self, obj: Obj) -> None:
         if len(self.written) > 100_000:
@@ -599,7 +603,8 @@ class Objects:
             h.id, h.created_at = old.id, old.created_at
             return await self.replace(h, old.revision, compares, ops), False
 
-        return await with_retries(attempt)
+        async with self.host_registration:
+            return await with_retries(attempt)
 
     async def delete_host(self, name: str) -> None:
         """Delete a host without endpoints, with its VTEP index key (so the address is free again)."""
