@@ -199,3 +199,31 @@ def test_a_neutron_dns_name_resolves_to_the_ports_addresses_and_ptr_keeps_its_na
     assert wire is not None and rdata(dns.message.from_wire(wire)) == ["10.1.0.20"]
     ptr = answer(rec, dns.message.make_query(dns.reversename.from_address("10.1.0.20"), "PTR").to_wire())
     assert ptr is not None and rdata(dns.message.from_wire(ptr)) == ["port-1a2b3c4d.blue.tether.local."]
+
+
+def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_replaced_when_they_differ(
+        caplog) -> None:
+    """The oracle runs in the agent too: every FULL_CHECK_S the kept records are compared with a cold
+    build; a difference (a defect) is logged and the cold build is what the server answers from."""
+    from tether.agent.dns import DnsServer
+    from tether.calc.replica import Replica
+
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 1
+    server.update(rep.view())
+    server._builder.counts["ghost.blue.tether.local."] = 1  # a defect: a name no object makes
+    server.records.existing.add("ghost.blue.tether.local.")
+    rep.objects["Endpoint"][EPS[1].id] = EPS[1]
+    rep.revision = 2
+    server.update(rep.view())
+    assert "ghost.blue.tether.local." in server.records.existing  # not checked yet
+    assert not [r for r in caplog.records if "differ from a cold build" in r.getMessage()]
+    server._checked_at -= 3600
+    rep.revision = 3
+    server.update(rep.view())
+    assert [r for r in caplog.records if "differ from a cold build" in r.getMessage()]
+    cold = build(EPS, [], [NET], serial=3)
+    assert server.records.rrs == cold.rrs and server.records.existing == cold.existing

@@ -297,6 +297,7 @@ class RecordBuilder:
         self.generation += 1
         zones = self.header.zones
         soa = {z: _soa_rr(z, serial) for z in (*zones, "in-addr.arpa.", "ip6.arpa.")}
+        self.header.soa, self.header.serial = soa, serial
         if rebuild:
             return Delta(self.generation, None, zones, self.header.reverse_nets, soa, serial, self._all_rrs(),
                          {*self.counts, *zones}, frozenset(), self.search())
@@ -309,9 +310,9 @@ class RecordBuilder:
     def records(self) -> Records:
         """All the records as of the last update (O(cluster): for a full set to send)."""
         zones = self.header.zones
-        rec = Records(zones=zones, reverse_nets=self.header.reverse_nets, rrs=self._all_rrs(),
-                      existing={*self.counts, *zones}, generation=self.generation)
-        return rec
+        return Records(zones=zones, reverse_nets=self.header.reverse_nets, rrs=self._all_rrs(),
+                       existing={*self.counts, *zones}, soa=self.header.soa, serial=self.header.serial,
+                       generation=self.generation)
 
     def search(self) -> dict[str, tuple[str, ...]]:
         """Every Docker container's address -> its search path (`docker_search`), as of the last update."""
