@@ -228,14 +228,17 @@ class DnsServer:
                             "report it); serving the cold build")
                 self._builder, delta = cold, full
         records = delta.records() if delta.base is None else None
-        payload = b"" if records is not None else _frame(DELTA, dataclasses.replace(delta, search={}))
+        payload = (_frame(RECORDS, records) if records is not None  # O(records): the networks changed, or the first
+                   else _frame(DELTA, dataclasses.replace(delta, search={})))
 
         def install() -> None:  # installs run in the order of their applies (the apply lock)
             self._revision = revision
             if records is not None:  # a full set
                 self.records = records
                 self.docker_search = dict(delta.search)  # type: ignore[arg-type]
-                self._send_records()
+                if self._to_worker is not None:
+                    self.full_sends += 1
+                self._send(payload)
             elif self.records.apply(delta):
                 for ip, path in delta.search.items():
                     if path is None:

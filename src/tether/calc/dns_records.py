@@ -223,8 +223,8 @@ class RecordBuilder:
         self.ttl = ttl
         self.skipped: set[tuple[str, str]] = set() if skipped is None else skipped  # logged once each
         self.generation = 0
-        self.networks: tuple[Network, ...] | None = None  # of the last update: another set rebuilds all
         self._reset(())
+        self.networks: tuple[Network, ...] | None = None  # of the last update: another set rebuilds all
 
     def _reset(self, networks: tuple[Network, ...]) -> None:
         self.networks = networks
