@@ -227,3 +227,28 @@ def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_repl
     assert [r for r in caplog.records if "differ from a cold build" in r.getMessage()]
     cold = build(EPS, [], [NET], serial=3)
     assert server.records.rrs == cold.rrs and server.records.existing == cold.existing
+
+
+def test_a_change_dns_does_not_show_leaves_the_records_and_the_workers_answer_memo() -> None:
+    """A policy (or a host) changes the replica's revision but no name: nothing goes to the worker,
+    whose memo of answers stays, and the SOA serial stays that of the last change of names."""
+    from tether.agent.dns import DnsServer
+    from tether.calc.replica import Replica
+    from tether.model import NetworkPolicy
+
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 1
+    server.update(rep.view())
+    records, generation = server.records, server.records.generation
+    server.records.memo[b"q"] = (b"a",)
+    rep.objects["NetworkPolicy"]["default/p"] = NetworkPolicy(name="p", spec={"podSelector": {}})
+    rep.revision = 2
+    install = server.prepare(rep.view())
+    assert install is not None
+    install()
+    assert server.records is records and records.generation == generation and records.serial == 1
+    assert records.memo == {b"q": (b"a",)}
+    assert server.prepare(rep.view()) is None  # revision 2 is done

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -227,6 +228,8 @@ class DnsServer:
                 log.warning("DNS: the records kept change by change differ from a cold build (a defect, please "
                             "report it); serving the cold build")
                 self._builder, delta = cold, full
+        if delta.base == delta.generation:  # nothing DNS shows changed: the worker keeps its answer memo
+            return functools.partial(setattr, self, "_revision", revision)
         records = delta.records() if delta.base is None else None
         payload = (_frame(RECORDS, records) if records is not None  # O(records): the networks changed, or the first
                    else _frame(DELTA, dataclasses.replace(delta, search={})))

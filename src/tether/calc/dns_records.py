@@ -294,8 +294,11 @@ class RecordBuilder:
                 self._index_service(key, old_svc, svc)
             self._set_part(("s", key), self._service_part(svc, eps), touched, names)
         self.services = dict(svcs)
-        self.generation += 1
         zones = self.header.zones
+        if not rebuild and not touched and not names and not search:  # nothing DNS shows changed
+            return Delta(self.generation, self.generation, zones, self.header.reverse_nets, self.header.soa,
+                         self.header.serial, {}, frozenset())
+        self.generation += 1
         soa = {z: _soa_rr(z, serial) for z in (*zones, "in-addr.arpa.", "ip6.arpa.")}
         self.header.soa, self.header.serial = soa, serial
         if rebuild:
@@ -505,7 +508,8 @@ class Delta:
     the zones' header (SOA serial) comes every time. `base` None: a full set, which replaces all.
     The agent sends the DNS worker these instead of all the records after each change (pickling
     all of them was ~25 ms of the agent's CPU per change at 10,000 endpoints, bench/calc_scale.py).
-    `search`: the Docker containers' search paths that changed (None: gone), or all with a full set."""
+    `search`: the Docker containers' search paths that changed (None: gone), or all with a full set.
+    `base` == `generation`: nothing the records show changed (a policy, a host), and the serial stays."""
 
     generation: int
     base: int | None
