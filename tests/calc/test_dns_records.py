@@ -10,8 +10,7 @@ import dns.reversename
 import dns.rrset
 
 from tether.agent.dns import ForwardCache
-from tether.calc.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
-from tether.calc.memos import Memos
+from tether.calc.dns_records import NEGATIVE_TTL, TTL, RecordBuilder, answer, answer_bare, build, docker_search
 from tether.model import Endpoint, Network, Owner, Service, ServicePort, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
@@ -169,9 +168,10 @@ def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
     other_domain = NET.model_copy(update={"dns_domain": "example.internal"})
     steps = (([web, db], [NET]), ([renamed, db], [NET]), ([db], [NET]), ([renamed, db], [other_domain]),
              ([renamed, db], [NET]))
-    memos = Memos()
+    builder = RecordBuilder()
     for endpoints, nets in steps:
-        again = build(endpoints, [SVC], nets, serial=9, memos=memos)  # reuses the parts of the step before
+        builder.update(endpoints, [SVC], nets, serial=9)  # reuses the parts of the step before
+        again = builder.records()
         expected = build(endpoints, [SVC], nets, serial=9)  # cold
         assert again.rrs == expected.rrs and again.existing == expected.existing
     assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
