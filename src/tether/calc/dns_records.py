@@ -282,7 +282,8 @@ class RecordBuilder:
             old, ep = self.endpoints.get(key), eps.get(key)
             self._index_endpoint(key, old, ep, namespaces, search)
             self._set_part(("e", key), self._endpoint_part(ep), touched, names)
-        self.endpoints = dict(eps)
+        if changed_eps:
+            self.endpoints = dict(eps)
         changed_svcs = set(_changed(self.services, svcs))
         for ns in namespaces:  # headless services' answers follow the endpoints they pick
             changed_svcs.update(self.headless_ns.get(ns, ()))
@@ -293,7 +294,8 @@ class RecordBuilder:
             if old_svc is not svc:
                 self._index_service(key, old_svc, svc)
             self._set_part(("s", key), self._service_part(svc, eps), touched, names)
-        self.services = dict(svcs)
+        if changed_svcs:
+            self.services = dict(svcs)
         zones = self.header.zones
         if not rebuild and not touched and not names and not search:  # nothing DNS shows changed
             return Delta(self.generation, self.generation, zones, self.header.reverse_nets, self.header.soa,
