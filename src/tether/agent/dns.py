@@ -20,8 +20,9 @@ them (a pickled `Records`) when it starts and after each change only what change
 `dns_records.Delta`: the owners whose records changed, the names that came or went), numbered by
 generation; the worker patches its copy with a delta made from the generation it has, and for any
 other (a change it never got) asks the agent for all the records again (a "gap" frame), so a lost
-message can never leave stale names. Pickling every record after each change was ~25 ms of the
-agent's CPU per change at 10,000 endpoints (bench/calc_scale.py). Misses go
+message can never leave stale names. Pickling all the records after each change was ~15 ms of the
+agent's CPU per change at 10,000 endpoints, and the DNS work per change ~37 ms in all, now ~1.3 ms
+(bench/calc_scale.py). Misses go
 back over a unix datagram pair to the agent's event loop, which forwards them (dnspython) and
 replies on the shared socket; when the agent is too busy to take them they are dropped (the client
 retries), never queued in front of cluster answers. The worker exits when the records pair closes

@@ -509,7 +509,7 @@ class Delta:
     changed owner's records now (None: it has none left) and the names that came to exist or went;
     the zones' header (SOA serial) comes every time. `base` None: a full set, which replaces all.
     The agent sends the DNS worker these instead of all the records after each change (pickling
-    all of them was ~25 ms of the agent's CPU per change at 10,000 endpoints, bench/calc_scale.py).
+    all of them was ~15 ms of the agent's CPU per change at 10,000 endpoints, bench/calc_scale.py).
     `search`: the Docker containers' search paths that changed (None: gone), or all with a full set.
     `base` == `generation`: nothing the records show changed (a policy, a host), and the serial stays."""
 
