@@ -8,7 +8,8 @@ services with backends spread over the hosts). One agent (host h0) runs, for one
 kind, everything its apply path does per change (agent/main.py): the replica's `view()` copy, the
 plan (`Planner.plan`), `rejudge_scope`, the nft dataplane's difference (`NftDataplane.apply` with
 the nft call stubbed out: the batch it would send is built), the links difference (`apply_links`'s
-tracker comparisons), the DNS extra's `prepare` (records built and encoded) and the replica file
+tracker comparisons), the DNS extra's `prepare` and its install (the records' delta worked out,
+encoded for the DNS worker and applied to the agent's records; no worker runs) and the replica file
 encoding (`_save_replica`). Each change is measured `--repeat` times on its own (applied, timed,
 undone) after a warm-up apply, so the planner's memos and the dataplane's memory are those of a
 running agent. Times are the thread's CPU time. Prints one JSON object: CPU ms per part and per
@@ -25,9 +26,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tether.calc import dns_records
+from tether.agent.dns import DnsServer
 from tether.calc.host import HostContext, rejudge_scope
-from tether.calc.memos import Memos
 from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.dataplane import nft as nft_dp
@@ -141,7 +141,7 @@ class Agent:
         self.nft = nft_dp.NftDataplane()
         self.applied = Applied()
         self.judged: frozenset[str] = frozenset()
-        self.dns_memos = Memos()
+        self.dns = DnsServer("127.0.0.1", 0, [])  # never started: no socket, no worker
         self.sent: list[dict] = []
 
     def apply(self) -> dict[str, float]:
@@ -184,13 +184,9 @@ class Agent:
         self.applied = st
 
     def _dns(self, view: Replica) -> None:
-        import dataclasses
-        import pickle
-
-        records = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=view.revision,
-                                    memos=self.dns_memos)
-        pickle.dumps(dataclasses.replace(records, memo={}), pickle.HIGHEST_PROTOCOL)
-        dns_records.docker_search(view.endpoints, view.networks)
+        install = self.dns.prepare(view)
+        if install is not None:
+            install()
 
 
 def changes(n_eps: int, n_hosts: int) -> dict[str, Callable[[Replica], Callable[[], None]]]:

@@ -179,7 +179,8 @@ def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]
         out[h] = canonical(planners.setdefault(h, Planner()).plan(rep, HostContext(h, "eth0", 1500)))
     rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values(),
                             memos=planners.setdefault("dns", Planner()).memos)
-    out["dns"] = canonical({k: v for k, v in vars(rec).items() if k != "memo"})  # memo: a cache of answers
+    # memo: a cache of answers; generation: how many updates made the records
+    out["dns"] = canonical({k: v for k, v in vars(rec).items() if k not in ("memo", "generation")})
     return out
 
 

@@ -10,8 +10,7 @@ import dns.reversename
 import dns.rrset
 
 from tether.agent.dns import ForwardCache
-from tether.calc.dns_records import NEGATIVE_TTL, TTL, answer, answer_bare, build, docker_search
-from tether.calc.memos import Memos
+from tether.calc.dns_records import NEGATIVE_TTL, TTL, RecordBuilder, answer, answer_bare, build, docker_search
 from tether.model import Endpoint, Network, Owner, Service, ServicePort, Subnet
 
 NET = Network(name="blue", subnets=[Subnet(cidr="10.1.0.0/16"), Subnet(cidr="fd00:1::/64")])
@@ -169,9 +168,10 @@ def test_rebuild_follows_every_change_of_an_endpoint_or_its_zone():
     other_domain = NET.model_copy(update={"dns_domain": "example.internal"})
     steps = (([web, db], [NET]), ([renamed, db], [NET]), ([db], [NET]), ([renamed, db], [other_domain]),
              ([renamed, db], [NET]))
-    memos = Memos()
+    builder = RecordBuilder()
     for endpoints, nets in steps:
-        again = build(endpoints, [SVC], nets, serial=9, memos=memos)  # reuses the parts of the step before
+        builder.update(endpoints, [SVC], nets, serial=9)  # reuses the parts of the step before
+        again = builder.records()
         expected = build(endpoints, [SVC], nets, serial=9)  # cold
         assert again.rrs == expected.rrs and again.existing == expected.existing
     assert "www.blue.tether.local." in again.existing and "web.blue.tether.local." not in again.existing
@@ -199,3 +199,56 @@ def test_a_neutron_dns_name_resolves_to_the_ports_addresses_and_ptr_keeps_its_na
     assert wire is not None and rdata(dns.message.from_wire(wire)) == ["10.1.0.20"]
     ptr = answer(rec, dns.message.make_query(dns.reversename.from_address("10.1.0.20"), "PTR").to_wire())
     assert ptr is not None and rdata(dns.message.from_wire(ptr)) == ["port-1a2b3c4d.blue.tether.local."]
+
+
+def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_replaced_when_they_differ(
+        caplog) -> None:
+    """The oracle runs in the agent too: every FULL_CHECK_S the kept records are compared with a cold
+    build; a difference (a defect) is logged and the cold build is what the server answers from."""
+    from tether.agent.dns import DnsServer
+    from tether.calc.replica import Replica
+
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 1
+    server.update(rep.view())
+    server._builder.counts["ghost.blue.tether.local."] = 1  # a defect: a name no object makes
+    server.records.existing.add("ghost.blue.tether.local.")
+    rep.objects["Endpoint"][EPS[1].id] = EPS[1]
+    rep.revision = 2
+    server.update(rep.view())
+    assert "ghost.blue.tether.local." in server.records.existing  # not checked yet
+    assert not [r for r in caplog.records if "differ from a cold build" in r.getMessage()]
+    server._checked_at -= 3600
+    rep.revision = 3
+    server.update(rep.view())
+    assert [r for r in caplog.records if "differ from a cold build" in r.getMessage()]
+    cold = build(EPS, [], [NET], serial=3)
+    assert server.records.rrs == cold.rrs and server.records.existing == cold.existing
+
+
+def test_a_change_dns_does_not_show_leaves_the_records_and_the_workers_answer_memo() -> None:
+    """A policy (or a host) changes the replica's revision but no name: nothing goes to the worker,
+    whose memo of answers stays, and the SOA serial stays that of the last change of names."""
+    from tether.agent.dns import DnsServer
+    from tether.calc.replica import Replica
+    from tether.model import NetworkPolicy
+
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 1
+    server.update(rep.view())
+    records, generation = server.records, server.records.generation
+    server.records.memo[b"q"] = (b"a",)
+    rep.objects["NetworkPolicy"]["default/p"] = NetworkPolicy(name="p", spec={"podSelector": {}})
+    rep.revision = 2
+    install = server.prepare(rep.view())
+    assert install is not None
+    install()
+    assert server.records is records and records.generation == generation and records.serial == 1
+    assert records.memo == {b"q": (b"a",)}
+    assert server.prepare(rep.view()) is None  # revision 2 is done

@@ -100,3 +100,62 @@ def test_answers_too_big_for_udp_are_truncated_and_whole_over_tcp_bare_docker_na
             await server.close()
 
     asyncio.run(main())
+
+
+def test_the_worker_gets_deltas_and_after_a_gap_all_the_records_again() -> None:
+    """After its start the worker gets only what changed; a delta that does not follow its
+    generation (a lost change) makes it ask for all the records, and it answers the newest names."""
+    import dataclasses
+
+    from tether.agent.dns import DELTA, _frame
+    from tether.calc.dns_records import RecordBuilder
+    from tether.calc.replica import Replica
+
+    async def main() -> None:
+        rep = Replica()
+        rep.objects["Network"]["blue"] = NET
+        rep.objects["Endpoint"][WEB.id] = WEB
+        rep.revision = 1
+        server = DnsServer("127.0.0.1", 0, [])
+        server.update(rep.view())
+        await server.start()
+        try:
+            await eventually(server.port, "web.blue.tether.local")
+            rep.objects["Endpoint"][DB.id] = DB
+            rep.revision = 2
+            install = server.prepare(rep.view())
+            assert install is not None
+            install()
+            await eventually(server.port, "db.blue.tether.local")
+            assert server.full_sends == 1  # the start's; the change went as a delta
+
+            elsewhere = RecordBuilder()  # a delta made from a generation the worker never had
+            elsewhere.update({}, {}, [NET], serial=1)
+            lost = elsewhere.update({DB.id: DB}, {}, [NET], serial=2)
+            server._send(_frame(DELTA, dataclasses.replace(lost, base=7, generation=8)))
+            deadline = time.monotonic() + 10
+            while server.full_sends < 2:  # the worker reported the gap
+                assert time.monotonic() < deadline, "the worker did not ask for all the records after a gap"
+                await asyncio.sleep(0.05)
+            other = Endpoint(name="cache", network="blue", ips=["10.1.0.12"])
+            rep.objects["Endpoint"][other.id] = other
+            rep.revision = 3
+            server.update(rep.view())  # a delta again, from the generation of the full set
+            r = await eventually(server.port, "cache.blue.tether.local")
+            assert [rd.to_text() for rrset in r.answer for rd in rrset] == ["10.1.0.12"]
+            assert server.full_sends == 2
+            assert (await ask(server.port, "web.blue.tether.local")).answer
+
+            del rep.objects["Endpoint"][other.id]  # an install that never runs: our records miss a change
+            rep.revision = 4
+            assert server.prepare(rep.view()) is not None
+            rep.objects["Endpoint"][other.id] = other
+            rep.revision = 5
+            server.update(rep.view())  # its delta does not follow our records: all of them, to the worker too
+            assert server.full_sends == 3 and server.records.generation == server._builder.generation
+            r = await eventually(server.port, "cache.blue.tether.local")
+            assert [rd.to_text() for rrset in r.answer for rd in rrset] == ["10.1.0.12"]
+        finally:
+            await server.close()
+
+    asyncio.run(main())

@@ -17,14 +17,13 @@ NODATA (NOERROR, no answers, SOA); a name that does not exist answers NXDOMAIN w
 
 from __future__ import annotations
 
-import collections
 import functools
 import ipaddress
 import logging
 import random
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from tether import yielding
 from tether.calc.memos import Memos  # imports nothing heavy: the DNS worker process loads this module
 
 if TYPE_CHECKING:  # the DNS worker process imports this module: it needs no models (or pydantic)
+    from tether.calc.services import EndpointIndex
     from tether.model import Endpoint, Network, Service
 
 A, NS, CNAME, SOA, PTR, AAAA, SRV, OPT, ANY = 1, 2, 5, 6, 12, 28, 33, 41, 255
@@ -114,7 +114,34 @@ class Records:
     existing: set[str] = field(default_factory=set)  # every owner name and every name between it and its zone
     soa: dict[str, bytes] = field(default_factory=dict)  # zone -> authority-section SOA RR
     serial: int = 0
-    memo: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict)  # see respond()
+    memo: dict[bytes, tuple[bytes, ...]] = field(default_factory=dict, compare=False)  # see respond()
+    generation: int = field(default=0, compare=False)  # of the last `Delta` applied (RecordBuilder)
+
+    def apply(self, delta: Delta) -> bool:
+        """Patch the records in place with `delta`; False (nothing changed) when it was computed
+        from another generation than these records': a change was lost, only a full set mends it.
+
+        Safe while another thread answers from these records (the DNS worker): an owner's records
+        are replaced whole, never changed in place; names that come to exist are added before the
+        records and names that go are taken out after them; the answer memo is replaced last, and
+        `respond` keeps an answer in the memo it started from, so one computed half way is dropped."""
+        if delta.base is None:
+            self.rrs, self.existing = dict(delta.rrs), set(delta.added)  # type: ignore[arg-type]
+        elif delta.base != self.generation:
+            return False
+        else:
+            rrs = self.rrs
+            self.existing.update(delta.added)
+            for owner, types in delta.rrs.items():
+                if types is None:
+                    rrs.pop(owner, None)
+                else:
+                    rrs[owner] = types
+            self.existing.difference_update(delta.removed)
+        self.zones, self.reverse_nets, self.soa, self.serial = delta.zones, delta.reverse_nets, delta.soa, delta.serial
+        self.generation = delta.generation
+        self.memo = {}
+        return True
 
     def add(self, name: str, rtype: int, rdata: bytes, ttl: int = TTL) -> None:
         self.add_rr(name.lower(), rtype, _rr(rtype, ttl, rdata))
@@ -169,221 +196,340 @@ def _soa_rr(zone: str, serial: int) -> bytes:
 
 def build(endpoints: Iterable[Endpoint], services: Iterable[Service], networks: Iterable[Network],
           serial: int = 0, ttl: int = TTL, memos: Memos | None = None) -> Records:
-    """All cluster records from the replica's objects (pure). Rebuilt for every change, so what an
-    endpoint contributes is kept from one build to the next (`memos.dns_endpoints`)."""
-    m = Memos() if memos is None else memos
-    nets = {}
-    for n in networks:
-        if not _names_ok(n.name) or not DOMAIN.match(str(n.dns_domain).lower()):
-            _skip(m.dns_skipped, "Network", str(n.name),
-                  f"name or dns_domain {str(n.dns_domain)[:64]!r} is not a DNS name")
-            continue
+    """All cluster records from the replica's objects, built cold (pure): the oracle the records
+    kept change by change (`RecordBuilder`) must equal. `memos` only keeps the objects left out,
+    so each is logged once."""
+    skipped = None if memos is None else memos.dns_skipped
+    return RecordBuilder(ttl, skipped).update(endpoints, services, networks, serial).records()
+
+
+PartKey = tuple[str, str]  # ("e", endpoint key) or ("s", service key): the order of an owner's records
+
+
+class RecordBuilder:
+    """The cluster records kept up change by change (issue 29): each `update` costs work in
+    proportion to the objects that changed, not to the cluster, and returns the `Delta` from the
+    records of the last update (a full set the first time, and whenever the networks change).
+
+    Kept between updates: each endpoint's and service's part of the records (`EndpointRecords`),
+    which parts give each owner name its records (an owner shared by several parts lists their
+    records in the order of the parts' keys: endpoints by key, then services), how many parts make
+    each name exist, the endpoints by namespace and the headless services by namespace and by
+    listed endpoint (a headless service's answers follow its endpoints), and the Docker containers'
+    search paths. Which objects changed is found by identity against the last update's objects (they
+    are replaced, never changed in place): one dict lookup per object, the only pass over the cluster."""
+
+    def __init__(self, ttl: int = TTL, skipped: set[tuple[str, str]] | None = None) -> None:
+        self.ttl = ttl
+        self.skipped: set[tuple[str, str]] = set() if skipped is None else skipped  # logged once each
+        self.generation = 0
+        self._reset(())
+        self.networks: tuple[Network, ...] | None = None  # of the last update: another set rebuilds all
+
+    def _reset(self, networks: tuple[Network, ...]) -> None:
+        self.networks = networks
+        self.all_nets = {n.name: n for n in networks}
+        nets = {}
+        for n in networks:
+            if not _names_ok(n.name) or not DOMAIN.match(str(n.dns_domain).lower()):
+                _skip(self.skipped, "Network", str(n.name),
+                      f"name or dns_domain {str(n.dns_domain)[:64]!r} is not a DNS name")
+                continue
+            try:
+                for sub in n.subnets:
+                    ipaddress.ip_network(sub.cidr)
+            except ValueError as e:
+                _skip(self.skipped, "Network", n.name, str(e))
+                continue
+            nets[n.name] = n
+        self.nets = nets
+        self.domains = {n.dns_domain.lower().rstrip(".") + "." for n in nets.values()} or {"tether.local."}
+        self.header = Records(zones=tuple(sorted(self.domains, key=len, reverse=True)),
+                              reverse_nets=tuple(ipaddress.ip_network(s.cidr) for n in nets.values()
+                                                 for s in n.subnets))
+        self.endpoints: dict[str, Endpoint] = {}  # the last update's, by key
+        self.services: dict[str, Service] = {}
+        self.by_ns: dict[str, dict[str, Endpoint]] = {}  # namespace -> endpoint key -> endpoint
+        self.headless_ns: dict[str, set[str]] = {}  # namespace -> keys of headless services with a selector
+        self.headless_ep: dict[str, set[str]] = {}  # endpoint id -> keys of headless services listing it
+        self.parts: dict[PartKey, EndpointRecords] = {}
+        self.owners: dict[str, PartKey | list[PartKey]] = {}  # owner -> the part(s) giving it records
+        self.counts: dict[str, int] = {}  # name -> how many parts make it exist
+        self.claims: dict[str, dict[str, tuple[str, ...]]] = {}  # address -> Docker endpoint id -> its search path
+
+    # --- one update ----------------------------------------------------------------------------------
+
+    def update(self, endpoints: Mapping[str, Endpoint] | Iterable[Endpoint],
+               services: Mapping[str, Service] | Iterable[Service], networks: Iterable[Network],
+               serial: int = 0, full: bool = False) -> Delta:
+        """The delta to these objects' records from the last update's; a full set (`base` None)
+        the first time, when the networks changed (zones, reverse zones, every name's suffix) or
+        when `full`. Mappings are the replica's (endpoints by id, services by `namespace/name`)."""
+        nets = tuple(networks)
+        rebuild = (full or self.networks is None or len(nets) != len(self.networks)
+                   or any(a is not b for a, b in zip(nets, self.networks, strict=True)))
+        if rebuild:
+            self._reset(nets)
+        eps = endpoints if isinstance(endpoints, Mapping) else {ep.id: ep for ep in endpoints}
+        svcs = services if isinstance(services, Mapping) else {s.store_name(): s for s in services}
+        touched: set[str] = set()  # owners whose records may have changed
+        names: dict[str, bool] = {}  # name -> whether it existed before this update
+        search: dict[str, tuple[str, ...] | None] = {}
+        namespaces: set[str] = set()
+        changed_eps = _changed(self.endpoints, eps)
+        for key in changed_eps:
+            yielding.checkpoint()  # a full set is O(cluster): let CNI requests in
+            old, ep = self.endpoints.get(key), eps.get(key)
+            self._index_endpoint(key, old, ep, namespaces, search)
+            self._set_part(("e", key), self._endpoint_part(ep), touched, names)
+        if changed_eps:
+            self.endpoints = dict(eps)
+        changed_svcs = set(_changed(self.services, svcs))
+        for ns in namespaces:  # headless services' answers follow the endpoints they pick
+            changed_svcs.update(self.headless_ns.get(ns, ()))
+        for key in changed_eps:
+            changed_svcs.update(self.headless_ep.get(key, ()))
+        for key in changed_svcs:
+            old_svc, svc = self.services.get(key), svcs.get(key)
+            if old_svc is not svc:
+                self._index_service(key, old_svc, svc)
+            self._set_part(("s", key), self._service_part(svc, eps), touched, names)
+        if changed_svcs:
+            self.services = dict(svcs)
+        zones = self.header.zones
+        if not rebuild and not touched and not names and not search:  # nothing DNS shows changed
+            return Delta(self.generation, self.generation, zones, self.header.reverse_nets, self.header.soa,
+                         self.header.serial, {}, frozenset())
+        self.generation += 1
+        soa = {z: _soa_rr(z, serial) for z in (*zones, "in-addr.arpa.", "ip6.arpa.")}
+        self.header.soa, self.header.serial = soa, serial
+        if rebuild:
+            return Delta(self.generation, None, zones, self.header.reverse_nets, soa, serial, self._all_rrs(),
+                         {*self.counts, *zones}, frozenset(), self.search())
+        counts = self.counts
+        added = {n for n, had in names.items() if not had and n in counts}
+        removed = {n for n, had in names.items() if had and n not in counts and n not in zones}
+        return Delta(self.generation, self.generation - 1, zones, self.header.reverse_nets, soa, serial,
+                     {owner: self._owner_rrs(owner) for owner in touched}, added, removed, search)
+
+    def records(self) -> Records:
+        """All the records as of the last update (O(cluster): for a full set to send)."""
+        zones = self.header.zones
+        return Records(zones=zones, reverse_nets=self.header.reverse_nets, rrs=self._all_rrs(),
+                       existing={*self.counts, *zones}, soa=self.header.soa, serial=self.header.serial,
+                       generation=self.generation)
+
+    def search(self) -> dict[str, tuple[str, ...]]:
+        """Every Docker container's address -> its search path (`docker_search`), as of the last update."""
+        return {ip: claim[min(claim)] for ip, claim in self.claims.items()}
+
+    # --- the parts -----------------------------------------------------------------------------------
+
+    def _set_part(self, key: PartKey, part: EndpointRecords | None, touched: set[str], names: dict[str, bool]) -> None:
+        """Replace one object's part: its owners are marked for a new look, the names it makes exist counted."""
+        old = self.parts.get(key)
+        if old == part:  # the same records (an object changed in what DNS does not show)
+            return
+        counts, owners = self.counts, self.owners
+        if old is not None:
+            for owner in {o for o, _t, _r in old.rrs}:
+                touched.add(owner)
+                ks = owners[owner]
+                if isinstance(ks, list):
+                    ks.remove(key)
+                    if len(ks) == 1:
+                        owners[owner] = ks[0]
+                else:
+                    del owners[owner]
+            for name in old.names:
+                names.setdefault(name, True)
+                left = counts[name] - 1
+                if left:
+                    counts[name] = left
+                else:
+                    del counts[name]
+            del self.parts[key]
+        if part is not None:
+            self.parts[key] = part
+            for owner in {o for o, _t, _r in part.rrs}:
+                touched.add(owner)
+                ks = owners.get(owner)
+                if ks is None:
+                    owners[owner] = key
+                elif isinstance(ks, list):
+                    ks.append(key)
+                    ks.sort()
+                else:
+                    owners[owner] = sorted((ks, key))
+            for name in part.names:
+                had = counts.get(name, 0)
+                names.setdefault(name, had > 0)
+                counts[name] = had + 1
+
+    def _owner_rrs(self, owner: str) -> dict[int, list[bytes]] | None:
+        """An owner's records from the parts that give it some (a new dict: records are replaced, never changed)."""
+        ks = self.owners.get(owner)
+        if ks is None:
+            return None
+        out: dict[int, list[bytes]] = {}
+        for key in ks if isinstance(ks, list) else (ks,):
+            for o, rtype, rr in self.parts[key].rrs:
+                if o == owner:
+                    out.setdefault(rtype, []).append(rr)
+        return out
+
+    def _all_rrs(self) -> dict[str, dict[int, list[bytes]]]:
+        out: dict[str, dict[int, list[bytes]]] = {}
+        for key in sorted(self.parts):
+            for owner, rtype, rr in self.parts[key].rrs:
+                out.setdefault(owner, {}).setdefault(rtype, []).append(rr)
+        return out
+
+    def _index_endpoint(self, key: str, old: Endpoint | None, ep: Endpoint | None, namespaces: set[str],
+                        search: dict[str, tuple[str, ...] | None]) -> None:
+        """The endpoints by namespace and the Docker search paths, with `old` replaced by `ep`."""
+        for e in (old, ep):
+            if e is not None:
+                namespaces.add(e.namespace)
+        if old is not None:
+            pool = self.by_ns.get(old.namespace, {})
+            if pool.get(key) is old:
+                del pool[key]
+                if not pool:
+                    del self.by_ns[old.namespace]
+            for ip in old.ips if old.owner.type == "docker" else ():
+                claim = self.claims.get(ip, {})
+                if claim.pop(old.id, None) is not None:
+                    if claim:
+                        search[ip] = claim[min(claim)]
+                    else:
+                        del self.claims[ip]
+                        search[ip] = None
+        if ep is not None:
+            self.by_ns.setdefault(ep.namespace, {})[key] = ep
+            net = self.all_nets.get(ep.network)
+            if ep.owner.type == "docker" and net is not None:
+                path = tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
+                for ip in ep.ips:
+                    claim = self.claims.setdefault(ip, {})
+                    claim[ep.id] = path
+                    search[ip] = claim[min(claim)]
+
+    def _index_service(self, key: str, old: Service | None, svc: Service | None) -> None:
+        """The headless services by namespace (with a selector) and by the endpoints they list."""
+        for s, add in ((old, False), (svc, True)):
+            if s is None or not s.headless:
+                continue
+            targets = ([(self.headless_ns, s.namespace)] if s.selector else
+                       [(self.headless_ep, b.endpoint) for b in s.backends if b.endpoint])
+            for index, at in targets:
+                if add:
+                    index.setdefault(at, set()).add(key)
+                else:
+                    keys = index.get(at, set())
+                    keys.discard(key)
+                    if not keys:
+                        index.pop(at, None)
+
+    def _service_part(self, svc: Service | None, eps: Mapping[str, Endpoint]) -> EndpointRecords | None:
+        """A service's records; None when it has no name in the records."""
+        if svc is None:
+            return None
+        if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
+            _skip(self.skipped, "Service", f"{svc.namespace}/{svc.name}",
+                  "its name, namespace or a port name is not a DNS label")
+            return None
+        nets, ttl = self.nets, self.ttl
+        svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(self.domains)
         try:
-            for sub in n.subnets:
-                ipaddress.ip_network(sub.cidr)
-        except ValueError as e:
-            _skip(m.dns_skipped, "Network", n.name, str(e))
-            continue
-        nets[n.name] = n
-    domains = {n.dns_domain.lower().rstrip(".") + "." for n in nets.values()} or {"tether.local."}
-    rec = Records(zones=tuple(sorted(domains, key=len, reverse=True)), serial=serial)
-    rec.reverse_nets = tuple(ipaddress.ip_network(s.cidr) for n in nets.values() for s in n.subnets)
-    for z in rec.zones:
-        rec.soa[z] = _soa_rr(z, serial)
-    rec.soa["in-addr.arpa."] = _soa_rr("in-addr.arpa.", serial)
-    rec.soa["ip6.arpa."] = _soa_rr("ip6.arpa.", serial)
+            for vip in svc.vips():  # A and AAAA, and the PTR of each
+                address_record(vip)
+            parts = []
+            for d in svc_domains:
+                name = f"{svc.name}.{svc.namespace}.svc.{d}"
+                parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
+        except (ValueError, struct.error) as e:
+            _skip(self.skipped, "Service", f"{svc.namespace}/{svc.name}", str(e))
+            return None
+        headless = []
+        if svc.headless:  # its endpoints: those of its namespace for a selector, else all by id (listed backends)
+            from tether.calc.services import EndpointIndex  # not at the top: the DNS worker needs no models
 
-    services = list(services)  # read twice: by headless services' answers, then for the services' own names
-    endpoints = list(endpoints)  # read twice: by headless services, then for the endpoints' own names
-    context = (rec.zones, rec.reverse_nets, ttl, tuple(nets.values()))  # what a part depends on besides its object
-    # the last build's records, with only the parts of the services and endpoints that changed taken
-    # out and put in (not with a headless service: its answers follow endpoints)
-    last = m.dns_last
-    if last is not None and _same(last[0], context) and not any(svc.headless for svc in services):
-        patched = _patch(rec, last, services, endpoints, nets, domains, ttl, m)
-        if patched is not None:
-            return patched
-    smemo = m.dns_services if last is not None and _same(last[0], context) else {}
-    memo = m.dns_endpoints[1] if m.dns_endpoints[0] == context[:3] else {}
-    counts: collections.Counter[str] = collections.Counter()
-    kept_svcs: dict[tuple[str, str], tuple] = {}
-    for svc in services:
-        part = _service_part(rec, svc, nets, domains, endpoints, smemo, ttl, m)
-        if part is None:
-            continue
-        kept_svcs[(svc.namespace, svc.name)] = part
-        for owner, rtype, rr in part[1].rrs:
-            rec.add_rr(owner, rtype, rr)
-        counts.update(part[1].names)
-    kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
-    for ep in endpoints:
-        yielding.checkpoint()
-        hit = _endpoint_part(rec, ep, nets, memo, ttl, m)
-        if hit is None:
-            continue
-        kept[ep.id] = hit
-        for owner, rtype, rr in hit[2].rrs:
-            rec.add_rr(owner, rtype, rr)
-        counts.update(hit[2].names)
-    rec.existing = set(counts)
-    m.dns_endpoints = (context[:3], kept)
-    m.dns_services = kept_svcs
-    rec.existing.update(rec.zones)
-    m.dns_last = (context, rec, counts)
-    return rec
+            pool = (self.by_ns.get(svc.namespace, {}).values() if svc.selector
+                    else EndpointIndex(by_id=eps if isinstance(eps, dict) else dict(eps)))
+            headless = _headless_answers(svc, pool, ttl)
+        rrs: list[tuple[str, int, bytes]] = []
+        bare: list[str] = []
+        for name, srvs in parts:
+            if svc.vips():
+                for vip in svc.vips():
+                    rrs += address_rrs(name, vip, ttl)
+            elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
+                rrs += [(name.lower(), rtype, rr) for rtype, rr in headless]
+            else:
+                bare.append(name.lower())
+            for srv, p in srvs:
+                rrs.append((name.lower(), SRV, _rr(SRV, ttl, srv)))
+                if p.name:
+                    rrs.append((f"_{p.name}._{p.protocol.lower()}.{name}".lower(), SRV, _rr(SRV, ttl, srv)))
+        return EndpointRecords(tuple(rrs), frozenset(self.header.with_parents([*bare, *(o for o, _t, _r in rrs)])))
 
-
-def _service_part(rec: Records, svc: Service, nets: dict[str, Network], domains: set[str],
-                  endpoints: list[Endpoint], memo: dict[tuple[str, str], tuple], ttl: int, m: Memos
-                  ) -> tuple[Service, EndpointRecords] | None:
-    """A service's (service, its records), from `memo` when it is the same object (and not headless:
-    its answers follow the endpoints); None when it has no name in the records."""
-    hit = memo.get((svc.namespace, svc.name))
-    if hit is not None and hit[0] is svc and not svc.headless:
-        return hit
-    if not _names_ok(svc.name, svc.namespace) or not all(_names_ok(p.name) for p in svc.ports if p.name):
-        _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}",
-              "its name, namespace or a port name is not a DNS label")
-        return None
-    svc_domains = [nets[svc.network].dns_domain.rstrip(".") + "."] if svc.network in nets else sorted(domains)
-    try:
-        for vip in svc.vips():  # A and AAAA, and the PTR of each
-            address_record(vip)
-        parts = []
-        for d in svc_domains:
-            name = f"{svc.name}.{svc.namespace}.svc.{d}"
-            parts.append((name, [(struct.pack("!HHH", 0, 100, p.port) + encode_name(name), p) for p in svc.ports]))
-    except (ValueError, struct.error) as e:
-        _skip(m.dns_skipped, "Service", f"{svc.namespace}/{svc.name}", str(e))
-        return None
-    headless = _headless_answers(svc, endpoints, ttl) if svc.headless else []
-    rrs: list[tuple[str, int, bytes]] = []
-    bare: list[str] = []
-    for name, srvs in parts:
-        if svc.vips():
-            for vip in svc.vips():
-                rrs += address_rrs(name, vip, ttl)
-        elif headless:  # the backends' own addresses; their PTRs stay the endpoints' names
-            rrs += [(name.lower(), rtype, rr) for rtype, rr in headless]
-        else:
-            bare.append(name.lower())
-        for srv, p in srvs:
-            rrs.append((name.lower(), SRV, _rr(SRV, ttl, srv)))
-            if p.name:
-                rrs.append((f"_{p.name}._{p.protocol.lower()}.{name}".lower(), SRV, _rr(SRV, ttl, srv)))
-    return svc, EndpointRecords(tuple(rrs), frozenset(rec.with_parents([*bare, *(o for o, _t, _r in rrs)])))
-
-
-def _endpoint_part(rec: Records, ep: Endpoint, nets: dict[str, Network], memo: dict[str, Any], ttl: int,
-                   m: Memos) -> tuple[Endpoint, Network, EndpointRecords] | None:
-    """An endpoint's (endpoint, network, its records), from `memo` when neither changed; None when
-    it has no name in the records."""
-    net = nets.get(ep.network)
-    if net is None or not ep.ips:
-        return None
-    hit = memo.get(ep.id)
-    if hit is None or hit[0] is not ep or hit[1] is not net:  # objects are replaced, never changed
+    def _endpoint_part(self, ep: Endpoint | None) -> EndpointRecords | None:
+        """An endpoint's records; None when it has no name in the records."""
+        if ep is None:
+            return None
+        net = self.nets.get(ep.network)
+        if net is None or not ep.ips:
+            return None
         if not _names_ok(ep.name):
-            _skip(m.dns_skipped, "Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
+            _skip(self.skipped, "Endpoint", ep.id, f"its name {str(ep.name)[:64]!r} is not a DNS label")
             return None
         try:
             suffix = f".{net.name}.{net.dns_domain.rstrip('.')}."
             alias = f"{ep.dns_name}{suffix}" if ep.dns_name and ep.dns_name != ep.name else None
-            hit = (ep, net, endpoint_records(rec, f"{ep.name}{suffix}", ep.ips, ttl, alias))
+            return endpoint_records(self.header, f"{ep.name}{suffix}", ep.ips, self.ttl, alias)
         except ValueError as e:  # an address that is not one
-            _skip(m.dns_skipped, "Endpoint", ep.id, str(e))
+            _skip(self.skipped, "Endpoint", ep.id, str(e))
             return None
-    return hit
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    """Whether two builds' contexts are equal: zones, reverse networks, TTL and the same network
-    objects (replaced, never changed in place)."""
-    return a[:3] == b[:3] and len(a[3]) == len(b[3]) and all(x is y for x, y in zip(a[3], b[3], strict=True))
-
-
-def _patch(rec: Records, last: tuple, services: list[Service], endpoints: list[Endpoint], nets: dict[str, Network],
-           domains: set[str], ttl: int, m: Memos) -> Records | None:
-    """The last build's records with only the changed services' and endpoints' parts replaced
-    (`rec` holds this build's header); None when that could order an owner's records differently
-    from a full build (an owner shared by two parts), then the caller builds them all. The last
-    records are not changed (the DNS server answers from them): owners touched are copied first.
-    Building all was ~40 ms of CPU with 10,000 endpoints and ~250 ms after a service change
-    (bench/calc_scale.py); this is a lookup per object and the changed parts."""
-    _context, before, counts = last
-    m.dns_last = None  # `counts` changes in place: if this stops half way, the next build is a full one
-    gone: list[EndpointRecords] = []
-    new: list[EndpointRecords] = []
-    smemo = m.dns_services
-    kept_svcs: dict[tuple[str, str], tuple] = {}
-    for svc in services:
-        key = (svc.namespace, svc.name)
-        hit = smemo.get(key)
-        if hit is not None and hit[0] is svc:
-            kept_svcs[key] = hit
-            continue
-        hit = _service_part(rec, svc, nets, domains, endpoints, smemo, ttl, m)
-        if hit is not None:
-            kept_svcs[key] = hit
-            new.append(hit[1])
-    if len(kept_svcs) - len(new) != len(smemo):  # some changed or were deleted
-        gone += [hit[1] for key, hit in smemo.items() if kept_svcs.get(key) is not hit]
-    memo = m.dns_endpoints[1]
-    kept: dict[str, tuple[Endpoint, Network, EndpointRecords]] = {}
-    fresh = 0
-    for ep in endpoints:
-        hit = memo.get(ep.id)
-        if hit is not None and hit[0] is ep and hit[1] is nets.get(ep.network):
-            kept[ep.id] = hit
-            continue
-        hit = _endpoint_part(rec, ep, nets, memo, ttl, m)
-        if hit is not None:
-            kept[ep.id] = hit
-            new.append(hit[2])
-            fresh += 1
-    if len(kept) - fresh != len(memo):  # some changed or were deleted
-        gone += [hit[2] for ep_id, hit in memo.items() if kept.get(ep_id) is not hit]
-    rrs = dict(before.rrs)
-    copied: set[str] = set()
-
-    def owned(owner: str) -> dict[int, list[bytes]]:
-        if owner not in copied:
-            copied.add(owner)
-            rrs[owner] = {t: list(v) for t, v in rrs.get(owner, {}).items()}
-        return rrs[owner]
-
-    for part in gone:
-        for owner, rtype, rr in part.rrs:
-            lists = owned(owner)
-            lists[rtype].remove(rr)
-        for owner in {o for o, _t, _r in part.rrs}:
-            if any(rrs[owner].values()):
-                return None  # another part's records stay: a full build orders them
-            del rrs[owner]
-            copied.discard(owner)
-        counts.subtract(part.names)
-    for part in new:
-        owners = {o for o, _t, _r in part.rrs}
-        if any(o in rrs for o in owners):
-            return None
-        for owner, rtype, rr in part.rrs:
-            owned(owner).setdefault(rtype, []).append(rr)
-        counts.update(part.names)
-    existing = set(before.existing)
-    for part in gone:
-        for name in part.names:
-            if counts[name] <= 0:
-                del counts[name]
-                if name not in rec.zones:
-                    existing.discard(name)
-    for part in new:
-        existing.update(part.names)
-    out = Records(zones=rec.zones, reverse_nets=rec.reverse_nets, rrs=rrs, existing=existing, soa=rec.soa,
-                  serial=rec.serial)
-    m.dns_endpoints = (m.dns_endpoints[0], kept)
-    m.dns_services = kept_svcs
-    m.dns_last = (_context, out, counts)
+def _changed(last: dict[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The keys whose object is not the last update's (added, replaced or gone): objects are
+    replaced, never changed in place, so identity tells. One dict lookup per object (~1 ms for
+    10,000 at C speed would need the replica to say what changed: a journal of changed keys)."""
+    out = [k for k, v in now.items() if last.get(k) is not v]
+    if len(now) - len(out) + sum(1 for k in out if k in last) != len(last):  # some are gone
+        out += [k for k in last if k not in now]
     return out
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What changed in the records from generation `base` to `generation` (RecordBuilder): each
+    changed owner's records now (None: it has none left) and the names that came to exist or went;
+    the zones' header (SOA serial) comes every time. `base` None: a full set, which replaces all.
+    The agent sends the DNS worker these instead of all the records after each change (pickling
+    all of them was ~15 ms of the agent's CPU per change at 10,000 endpoints, bench/calc_scale.py).
+    `search`: the Docker containers' search paths that changed (None: gone), or all with a full set.
+    `base` == `generation`: nothing the records show changed (a policy, a host), and the serial stays."""
+
+    generation: int
+    base: int | None
+    zones: tuple[str, ...]
+    reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    soa: dict[str, bytes]
+    serial: int
+    rrs: dict[str, dict[int, list[bytes]] | None]
+    added: frozenset[str] | set[str]
+    removed: frozenset[str] | set[str] = frozenset()
+    search: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
+
+    def records(self) -> Records:
+        """The records of a full set (`base` None)."""
+        assert self.base is None, "only a full set makes records on its own"
+        rec = Records()
+        rec.apply(self)
+        return rec
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +541,7 @@ class EndpointRecords:
     names: frozenset[str]
 
 
-def _headless_answers(svc: Service, endpoints: list[Endpoint], ttl: int) -> list[tuple[int, bytes]]:
+def _headless_answers(svc: Service, endpoints: Iterable[Endpoint] | EndpointIndex, ttl: int) -> list[tuple[int, bytes]]:
     from tether.calc.services import headless_addresses
 
     out = []
@@ -551,15 +697,17 @@ def docker_search(endpoints: Iterable[Endpoint], networks: dict[str, Network]) -
     """Address of a Docker container -> its search path. Docker's embedded resolver (127.0.0.11)
     answers its own host's containers and forwards every other name, unchanged and from the
     container's address, to the daemon's `dns` server: a bare `web` reaches us without a search
-    domain, so we apply the asker's search path for it."""
-    out: dict[str, tuple[str, ...]] = {}
+    domain, so we apply the asker's search path for it. An address two containers claim takes the
+    path of the one with the smaller id (as `RecordBuilder.search`, whatever the order of the objects)."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for ep in endpoints:
         net = networks.get(ep.network)
         if ep.owner.type == "docker" and net is not None:
             path = tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
             for ip in ep.ips:
-                out[ip] = path
-    return out
+                if ip not in out or ep.id < out[ip][0]:
+                    out[ip] = (ep.id, path)
+    return {ip: path for ip, (_id, path) in out.items()}
 
 
 def answer_bare(rec: Records, data: bytes, search: tuple[str, ...] | None) -> bytes | None:
@@ -585,8 +733,11 @@ def respond(rec: Records, data: bytes) -> bytes | None:
     """`answer`, memoised on the query bytes after the id: the hot path is one dict lookup.
 
     A name with several addresses keeps up to SHUFFLES orders and serves one at random, so answers
-    stay shuffled. The memo lives on the Records object, so new records start with an empty one."""
-    tails = rec.memo.get(data[2:])
+    stay shuffled. The memo lives on the Records object, so new records start with an empty one, and
+    a patch (`Records.apply`) replaces it: an answer is kept in the memo it was looked up in, so one
+    computed while another thread patched the records goes with the old memo."""
+    memo = rec.memo
+    tails = memo.get(data[2:])
     if tails is not None:
         return data[:2] + (tails[0] if len(tails) == 1 else random.choice(tails))
     found = _resolve(rec, data)
@@ -598,6 +749,6 @@ def respond(rec: Records, data: bytes) -> bytes | None:
         tails = tuple(response(q, rcode, list(o), authority)[2:] for o in list(orders)[:SHUFFLES])
     else:
         tails = (response(q, rcode, answers, authority)[2:],)
-    if len(rec.memo) < MEMO_LIMIT:
-        rec.memo[data[2:]] = tails
+    if len(memo) < MEMO_LIMIT:
+        memo[data[2:]] = tails
     return data[:2] + random.choice(tails)
