@@ -323,6 +323,7 @@ async def test_a_cas_retry_keeps_the_vtep_uniqueness_check(store):
     from tether.server.objects import Objects, vtep_key
 
     o = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
+    other_server = Objects(store, Ipam(store), service_cidr="10.96.0.0/16", vtep_cidr="169.254.64.0/18")
     real_txn = store.txn
     raced = False
 
@@ -331,7 +332,7 @@ async def test_a_cas_retry_keeps_the_vtep_uniqueness_check(store):
         if not raced and any(getattr(op, "key", "").startswith(vtep_key("")) for op in ops):
             raced = True
             store.txn = real_txn
-            await o.register_host(Host(name="other", underlay_ip="198.18.0.9"))
+            await other_server.register_host(Host(name="other", underlay_ip="198.18.0.9"))
             store.txn = racing_txn
         return await real_txn(compares, ops)
 
