@@ -435,7 +435,7 @@ class Agent:
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
         with background_priority(verify), yielding.background():
             plan = self._plan(view, key)
-            scope = rejudge_scope(view, self.host, plan.nft)
+            scope = rejudge_scope(view, self.host, plan.nft, self.planner.local_endpoints(view))
             self._rejudge(view, scope, self._apply_plan(plan, keep, verify, pickup_grace(scope - self._judged)))
 
     def _rejudge(self, view: Replica, scope: frozenset[str], nrep) -> None:

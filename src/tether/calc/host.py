@@ -8,8 +8,10 @@ fragments of the policy and services compilers.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from tether import yielding
@@ -52,7 +54,7 @@ from tether.calc.nft import (
 from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep
 from tether.calc.policy import stateless_targets
 from tether.calc.replica import Replica
-from tether.model import Host, Network
+from tether.model import Block, Endpoint, Host, Network
 
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
 
@@ -141,6 +143,45 @@ def _address(ip: str) -> tuple[int, int]:
     return a.version, int(a)
 
 
+def local_index(rep: Replica, host: str, memos: Memos) -> dict[str, Endpoint]:
+    """`host`'s endpoints in `rep` by id (`Memos.mine`), and the nested endpoints' ids
+    (`Memos.nested`): kept from one plan to the next and changed for the endpoints the journal
+    names, where finding them was a pass over every endpoint of the cluster in each part of a plan."""
+    delta = memos.delta("mine")
+    eps = rep.objects["Endpoint"]
+    if delta is None or memos.mine_host != host:
+        memos.mine = {i: ep for i, ep in eps.items() if ep.host == host}  # type: ignore[attr-defined]
+        memos.nested = {i for i, ep in eps.items() if ep.parent and not ep.interface}  # type: ignore[attr-defined]
+        memos.mine_host = host
+        return memos.mine
+    mine, nested = memos.mine, memos.nested
+    for i in delta.get("Endpoint", ()):
+        ep: Endpoint | None = eps.get(i)  # type: ignore[assignment]
+        if ep is not None and ep.host == host:
+            mine[i] = ep
+        else:
+            mine.pop(i, None)
+        if ep is not None and ep.parent and not ep.interface:
+            nested.add(i)
+        else:
+            nested.discard(i)
+    return mine
+
+
+def mine_of(rep: Replica, host: str, memos: Memos | None) -> dict[str, Endpoint]:
+    """This host's endpoints in `rep`: those `compute_plan` found for this plan, else by a pass."""
+    if memos is not None and memos.mine_for[0] == (memos.generation, id(rep)):
+        return memos.mine_for[1]
+    return {ep.id: ep for ep in rep.endpoints if ep.host == host}
+
+
+def children_of(rep: Replica, memos: Memos | None) -> dict[str, list[Endpoint]]:
+    """`policy.nested_children` of `rep`: none to look for when the index knows of no nested endpoint."""
+    if memos is not None and memos.mine_for[0] == (memos.generation, id(rep)) and not memos.nested:
+        return {}
+    return policy.nested_children(rep.endpoints)
+
+
 def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> Plan:
     """This host's plan, compiled per object: an object this host cannot apply (`quarantine`) is
     left out, and listed in the plan's `quarantined`, while every other object is applied.
@@ -148,13 +189,224 @@ def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> 
     from tether.calc import quarantine
 
     m = Memos() if memos is None else memos
+    mine = local_index(rep, ctx.name, m)
     clean, bad = quarantine.screen(rep, ctx.name, m)
+    if clean is not rep:  # this host's endpoints that are not quarantined
+        mine = {i: ep for i, ep in mine.items() if i in clean.objects["Endpoint"]}
+    m.mine_for = ((m.generation, id(clean)), mine)
     try:
         plan = _compute_plan(clean, ctx, m)
     except Exception as e:  # noqa: BLE001 - find the objects that make it raise, plan without them
+        m.forget()
         plan, more = quarantine.isolate(clean, lambda r: _compute_plan(r, ctx, Memos()), e)
         bad = [*bad, *more]
     return replace(plan, quarantined=tuple(sorted(bad))) if bad else plan
+
+
+def _route_to(ctx: HostContext, me: Host | None, vtep: Vtep | None, peer: Host, net: Network, dst: str,
+              out: tuple[list[Route], list[FdbEntry], list[Neighbour]]) -> None:
+    """What reaches `dst` (a block or a borrowed address of `peer`) on `net`: routes, FDB and
+    neighbour entries, added to `out`."""
+    routes, fdb, neighbours = out
+    if me is None or not same_family(me, peer):
+        return
+    v6 = ":" in dst
+    if path_mode(net, me, peer) == "direct":
+        # IPv6 pods: the peer's reported IPv6 address (its underlay's link-local one), else its
+        # IPv6 underlay address; IPv4 pods over an IPv6 underlay: an IPv6 next hop (RTA_VIA)
+        via = (peer.underlay_ip6 or (peer.underlay_ip if ":" in peer.underlay_ip else None)) if v6 \
+            else peer.underlay_ip
+        if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
+            routes.append(Route(dst, ctx.underlay_dev, via=via))
+        return
+    if vtep is None or not peer.vtep_ip:
+        return
+    mac = peer.vtep_mac or vtep_mac_for(peer.name)
+    fdb.append(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
+    if v6:  # via the peer VTEP's link-local address, pinned to its MAC (no neighbour discovery)
+        gw = vtep_link_local(mac)
+        routes.append(Route(dst, VTEP_NAME, via=gw))
+        neighbours.append(Neighbour(gw, mac, VTEP_NAME))
+        return
+    routes.append(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
+    # the peer's VTEP address itself, over the tunnel: path health pings it (and the peer's
+    # reply comes back the same way), so the overlay is checked, not only the underlay
+    routes.append(Route(f"{peer.vtep_ip}/32", VTEP_NAME, via=peer.vtep_ip, onlink=True))
+    neighbours.append(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
+
+
+class AddressIndex:
+    """Endpoint ids by address, sorted per IP version: the endpoints inside a block's range (whose
+    borrowed addresses a block change may change) by bisection, not by a pass over every endpoint."""
+
+    def __init__(self, eps: dict[str, Endpoint] | None = None) -> None:
+        self.ids: dict[tuple[int, int], set[str]] = {}
+        for i, ep in (eps or {}).items():
+            for ip in ep.ips:
+                self.ids.setdefault(_address(ip), set()).add(i)
+        self.sorted: dict[int, list[int]] = {4: [], 6: []}
+        for v, n in self.ids:
+            self.sorted[v].append(n)
+        for lst in self.sorted.values():
+            lst.sort()
+
+    def add(self, i: str, ep: Endpoint) -> None:
+        for ip in ep.ips:
+            key = _address(ip)
+            ids = self.ids.get(key)
+            if ids is None:
+                self.ids[key] = {i}
+                bisect.insort(self.sorted[key[0]], key[1])
+            else:
+                ids.add(i)
+
+    def remove(self, i: str, ep: Endpoint) -> None:
+        for ip in ep.ips:
+            key = _address(ip)
+            ids = self.ids.get(key)
+            if ids is None:
+                continue
+            ids.discard(i)
+            if not ids:
+                del self.ids[key]
+                lst = self.sorted[key[0]]
+                del lst[bisect.bisect_left(lst, key[1])]
+
+    def within(self, cidr: str) -> set[str]:
+        net = ipaddress.ip_network(cidr)
+        lst = self.sorted[net.version]
+        lo = bisect.bisect_left(lst, int(net.network_address))
+        hi = bisect.bisect_right(lst, int(net.broadcast_address))
+        return {i for n in lst[lo:hi] for i in self.ids[(net.version, n)]}
+
+
+class RemoteRoutes:
+    """The routes, FDB and neighbour entries to other hosts' blocks and to remote endpoints'
+    addresses borrowed from a block of another host, kept from one plan to the next
+    (`Memos.remote`): a part per block and per endpoint, and how many parts give each entry. A
+    plan changes the parts of the objects the journal names (and of the endpoints in a changed
+    block's range or on a changed host) instead of visiting every endpoint of the cluster."""
+
+    def __init__(self, key: tuple, rep: Replica) -> None:
+        self.key = key  # (context, this host's object, VTEP): a change of any makes a new one
+        self.parts: dict[tuple[str, str], tuple[tuple, ...]] = {}
+        self.counts: tuple[dict, dict, dict] = ({}, {}, {})
+        eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
+        self.eps = dict(eps)  # every endpoint as this state last saw it
+        self.by_host: dict[str | None, set[str]] = {}
+        for i, ep in eps.items():
+            self.by_host.setdefault(ep.host, set()).add(i)
+        self.addresses = AddressIndex(eps)
+        self.blocks: dict[str, Block] = dict(rep.objects["Block"])  # type: ignore[arg-type]
+        self.owners = self._owners(rep)
+
+    @staticmethod
+    def _owners(rep: Replica) -> BlockOwners:
+        owners = BlockOwners()
+        for b in rep.blocks:
+            owners.add(b.cidr, b.host)
+        return owners
+
+    def put(self, key: tuple[str, str], part: tuple[tuple, ...] | None) -> None:
+        old = self.parts.pop(key, None)
+        if old is not None:
+            for items, counts in zip(old, self.counts, strict=True):
+                for item in items:
+                    n = counts[item] - 1
+                    if n:
+                        counts[item] = n
+                    else:
+                        del counts[item]
+        if part is not None:
+            self.parts[key] = part
+            for items, counts in zip(part, self.counts, strict=True):
+                for item in items:
+                    counts[item] = counts.get(item, 0) + 1
+
+    def track(self, i: str, ep: Endpoint | None) -> None:
+        old = self.eps.pop(i, None)
+        if old is not None:
+            self.by_host.get(old.host, set()).discard(i)
+            self.addresses.remove(i, old)
+        if ep is not None:
+            self.eps[i] = ep
+            self.by_host.setdefault(ep.host, set()).add(i)
+            self.addresses.add(i, ep)
+
+
+def _remote_routes(rep: Replica, ctx: HostContext, me: Host | None, vtep: Vtep | None, memos: Memos
+                   ) -> RemoteRoutes:
+    hosts, networks = rep.hosts, rep.networks
+    eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
+    blocks: dict[str, Block] = rep.objects["Block"]  # type: ignore[assignment]
+    delta = memos.delta("remote")
+    key = (ctx, id(me), me, vtep)
+    st: RemoteRoutes | None = memos.remote
+    full = delta is None or st is None or st.key != key or "Network" in delta
+    if full:
+        st = RemoteRoutes(key, rep)
+    assert st is not None
+    memos.remote = None  # if this raises half way, the next plan starts afresh
+
+    def block_part(b: Block | None) -> tuple[tuple, ...] | None:
+        if b is None:
+            return None
+        net = networks.get(b.network)
+        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
+            return None
+        out: tuple[list, list, list] = ([], [], [])
+        _route_to(ctx, me, vtep, hosts[b.host], net, b.cidr, out)
+        return tuple(map(tuple, out)) if out[0] or out[1] or out[2] else None
+
+    def ep_part(ep: Endpoint | None) -> tuple[tuple, ...] | None:
+        if ep is None or ep.host == ctx.name:
+            return None
+        net = networks.get(ep.network)
+        peer = hosts.get(ep.host or "")
+        if net is None or peer is None:
+            return None
+        # an address borrowed from a block of another host needs its own route
+        borrowed = [ip for ip in ep.ips if st.owners.owner(ip) != ep.host]
+        if not borrowed:
+            return None
+        out: tuple[list, list, list] = ([], [], [])
+        for ip in borrowed:
+            _route_to(ctx, me, vtep, peer, net, host_prefix(ip), out)
+        return tuple(map(tuple, out))
+
+    if full:
+        for name, b in blocks.items():
+            st.put(("b", name), block_part(b))
+        for i, ep in eps.items():
+            yielding.checkpoint()
+            st.put(("e", i), ep_part(ep))
+        memos.remote = st
+        return st
+    assert delta is not None
+    changed_eps = delta.get("Endpoint", set())
+    for i in changed_eps:
+        st.track(i, eps.get(i))
+    affected = set(changed_eps)
+    changed_blocks = delta.get("Block", ())
+    if changed_blocks:
+        for name in changed_blocks:  # the endpoints in a changed block's range, before and after
+            for b in (st.blocks.pop(name, None), blocks.get(name)):
+                if b is not None:
+                    affected |= st.addresses.within(b.cidr)
+            if name in blocks:
+                st.blocks[name] = blocks[name]
+        st.owners = RemoteRoutes._owners(rep)
+        for name in changed_blocks:
+            st.put(("b", name), block_part(blocks.get(name)))
+    for h in delta.get("Host", ()):
+        for name, b in blocks.items():
+            if b.host == h:
+                st.put(("b", name), block_part(b))
+        affected |= st.by_host.get(h, set())
+    for i in affected:
+        st.put(("e", i), ep_part(eps.get(i)))
+    memos.remote = st
+    return st
 
 
 def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
@@ -162,8 +414,6 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
     me = hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
-    fdb: set[FdbEntry] = set()
-    neighbours: set[Neighbour] = set()
     interfaces: set[HostInterface] = set()
     vtep = None
     # 70 bytes over an IPv6 underlay; the agent's CNI path sizes new pods the same (`LocalEndpoints.mtu`)
@@ -174,88 +424,35 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
         vtep = Vtep(VTEP_NAME, vni=4096, local_ip=me.underlay_ip, underlay_dev=ctx.underlay_dev,
                     mac=me.vtep_mac or vtep_mac_for(me.name), ip=me.vtep_ip,
                     mtu=ctx.underlay_mtu - overhead)
-
-    def route_to(peer: Host, net: Network, dst: str) -> None:
-        if me is None or not same_family(me, peer):
-            return
-        v6 = ":" in dst
-        if path_mode(net, me, peer) == "direct":
-            # IPv6 pods: the peer's reported IPv6 address (its underlay's link-local one), else its
-            # IPv6 underlay address; IPv4 pods over an IPv6 underlay: an IPv6 next hop (RTA_VIA)
-            via = (peer.underlay_ip6 or (peer.underlay_ip if ":" in peer.underlay_ip else None)) if v6 \
-                else peer.underlay_ip
-            if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
-                routes.add(Route(dst, ctx.underlay_dev, via=via))
-            return
-        if vtep is None or not peer.vtep_ip:
-            return
-        mac = peer.vtep_mac or vtep_mac_for(peer.name)
-        fdb.add(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
-        if v6:  # via the peer VTEP's link-local address, pinned to its MAC (no neighbour discovery)
-            gw = vtep_link_local(mac)
-            routes.add(Route(dst, VTEP_NAME, via=gw))
-            neighbours.add(Neighbour(gw, mac, VTEP_NAME))
-            return
-        routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
-        # the peer's VTEP address itself, over the tunnel: path health pings it (and the peer's
-        # reply comes back the same way), so the overlay is checked, not only the underlay
-        routes.add(Route(f"{peer.vtep_ip}/32", VTEP_NAME, via=peer.vtep_ip, onlink=True))
-        neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
-
-    owners = BlockOwners()
-    blocks = tuple(rep.blocks)
-    last_blocks, last_borrowed = memos.borrowed
-    # an endpoint's borrowed addresses depend on it and the blocks alone: kept while both are the
-    # last plan's (finding each address's block was most of this loop with 10,000 remote endpoints)
-    same_blocks = len(last_blocks) == len(blocks) and all(a is b for a, b in zip(last_blocks, blocks, strict=True))
-    known: dict[str, tuple] = last_borrowed if same_blocks else {}
-    borrowed: dict[str, tuple] = {}
-    for b in blocks:
-        net = networks.get(b.network)
-        owners.add(b.cidr, b.host)
-        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
-            continue
-        route_to(hosts[b.host], net, b.cidr)
+    remote = _remote_routes(rep, ctx, me, vtep, memos)
 
     local: dict[str, tuple] = {}  # this plan's local pods, kept for the next (`Memos.local`)
-    for ep in rep.endpoints:
+    for ep in mine_of(rep, ctx.name, memos).values():
         yielding.checkpoint()
         net = networks.get(ep.network)
         if net is None:
             continue
-        if ep.host == ctx.name:
-            if ep.interface:
-                hit = memos.local.get(ep.id)
-                if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != sizes:
-                    hit = (ep, net, sizes,
-                           HostInterface(ep.interface, endpoint_mtu(net, *sizes), ep.id,
-                                         (ep.mac or "").lower(), tuple(ep.ips)),
-                           tuple(pod_route(ip, ep.interface) for ip in ep.ips))
-                local[ep.id] = hit
-                interfaces.add(hit[3])
-                routes.update(hit[4])
-            elif ep.parent:  # a nested container behind its VM's interface (issue 7)
-                parent = rep.endpoint(ep.parent)
-                if parent is not None and parent.interface and parent.host == ctx.name:
-                    for ip in ep.ips:
-                        routes.add(pod_route(ip, parent.interface))
-            continue
-        peer = hosts.get(ep.host or "")
-        if peer is None:
-            continue
-        hit = known.get(ep.id)
-        if hit is None or hit[0] is not ep:
-            # an address borrowed from a block of another host needs its own route
-            hit = (ep, tuple(ip for ip in ep.ips if owners.owner(ip) != ep.host))
-        borrowed[ep.id] = hit
-        for ip in hit[1]:
-            route_to(peer, net, host_prefix(ip))
+        if ep.interface:
+            hit = memos.local.get(ep.id)
+            if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != sizes:
+                hit = (ep, net, sizes,
+                       HostInterface(ep.interface, endpoint_mtu(net, *sizes), ep.id,
+                                     (ep.mac or "").lower(), tuple(ep.ips)),
+                       tuple(pod_route(ip, ep.interface) for ip in ep.ips))
+            local[ep.id] = hit
+            interfaces.add(hit[3])
+            routes.update(hit[4])
+        elif ep.parent:  # a nested container behind its VM's interface (issue 7)
+            parent = rep.endpoint(ep.parent)
+            if parent is not None and parent.interface and parent.host == ctx.name:
+                for ip in ep.ips:
+                    routes.add(pod_route(ip, parent.interface))
 
     memos.local = local
-    memos.borrowed = (blocks, borrowed)
-    return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
-                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS,
-                underlay_dev=ctx.underlay_dev)
+    routes.update(remote.counts[0])
+    return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(remote.counts[2]),
+                fdb=frozenset(remote.counts[1]), interfaces=frozenset(interfaces),
+                nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS, underlay_dev=ctx.underlay_dev)
 
 
 # --- nftables --------------------------------------------------------------------------------------
@@ -314,10 +511,12 @@ def vxlan_peers(rep: Replica, host: str, version: int = 4) -> frozenset[str]:
                      if h.name != host and h.underlay_ip and ip_version(h.underlay_ip) == version)
 
 
-def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
-    """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain."""
+def local_destinations(rep: Replica, host: str, mine: Iterable[Endpoint] | None = None) -> frozenset[tuple[str, str]]:
+    """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain (`mine`:
+    this host's endpoints, when known)."""
     targets = stateless_targets(rep.networks.values())
-    return frozenset((ip, targets[ep.network]) for ep in rep.endpoints if ep.host == host and ep.network in targets
+    eps = rep.endpoints if mine is None else mine
+    return frozenset((ip, targets[ep.network]) for ep in eps if ep.host == host and ep.network in targets
                      for ip in ep.ips if ip_version(ip) == 4)
 
 
@@ -407,7 +606,7 @@ def midstream_chains() -> tuple[NftChain, ...]:
     )
 
 
-def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
+def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable[Endpoint] | None = None) -> NftPlan:
     """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
     anti-spoofing.
 
@@ -427,15 +626,17 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     fragment with every backend and the frontends inside a network subnet; the forward chain accepts
     untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
     Encapsulated VXLAN packets to and from this host's underlay address are not tracked either.
-    The nat chains exist only while something needs them (`needs_nat`)."""
+    The nat chains exist only while something needs them (`needs_nat`). `mine`: this host's
+    endpoints, when known (else found among all)."""
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
     if not stateful:
         return NftPlan(sets=(peers,))
-    local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
+    mine = list(rep.endpoints if mine is None else mine)
+    local = sorted(ep.interface for ep in mine if ep.host == host and ep.interface)
     # Neutron's `port set --disable`: nothing reaches the port (its own ingress chain stops what it sends);
     # dropped before the established accept, so open connections stop too. Only in a table that has a
     # disabled port: a lookup on every forwarded packet costs ~4% of a round trip (bench/policy.py)
-    disabled = sorted(ep.interface for ep in rep.endpoints
+    disabled = sorted(ep.interface for ep in mine
                       if ep.host == host and ep.interface and not ep.admin_state_up)
     to_disabled = (denied(match(meta("oifname"), disabled[0] if len(disabled) == 1 else {"set": disabled}),
                           comment=pod_ingress.PORT_DISABLED),) if disabled else ()
@@ -448,7 +649,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
         NftSet("stateful", "ipv4_addr"),
         peers,
-        NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host)),
+        NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host, mine)),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
@@ -493,7 +694,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         vxlan_refused = (denied(match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     # DHCP from this host's VM ports to its dnsmasq (calc/dhcp.py) whatever their security groups say,
     # as in Neutron; only in a table whose host has VM ports
-    vm_taps = sorted(ep.interface for ep in rep.endpoints
+    vm_taps = sorted(ep.interface for ep in mine
                      if ep.host == host and ep.interface and ep.owner.type == "vm")
     dhcp_in = (rule(match(meta("iifname"), vm_taps[0] if len(vm_taps) == 1 else {"set": vm_taps}),
                     match(UDP_DPORT, 67), ACCEPT, comment=pod_ingress.DHCP_CLIENT),) if vm_taps else ()
@@ -585,18 +786,20 @@ def ipv6_published_lookup(lookups: tuple[str, ...]) -> tuple[str, ...]:
 def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> NftPlan:
     m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
-    local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
+    mine = mine_of(rep, ctx.name, m).values()
+    local = [ep for ep in mine if ep.interface]
+    children = children_of(rep, m)
     me = rep.hosts.get(ctx.name)
     underlay6 = me is not None and ip_version(me.underlay_ip) == 6
-    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
-                                                       stateful, m, underlay6)))
+    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, children, rep.networks, stateful, m, underlay6)))
     yielding.checkpoint()
-    base = base_nft(rep, ctx.name, stateful)
+    base = base_nft(rep, ctx.name, stateful, mine)
     if not stateful:
         return merge(base, ingress)
     routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
-                         list(rep.networks.values()), ctx.name, m, routed=routed)
+                         list(rep.networks.values()), ctx.name, m, routed=routed, local=local, children=children,
+                         by_id=rep.objects["Endpoint"])  # type: ignore[arg-type]
     yielding.checkpoint()
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
     svc = services.compile(list(rep.services), services.EndpointIndex(by_id=rep.objects["Endpoint"]),  # type: ignore[arg-type]
@@ -650,13 +853,14 @@ def pickup_grace(addresses: frozenset[str]) -> list[dict]:
     return out
 
 
-def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:
+def rejudge_scope(rep: Replica, host: str, nft: NftPlan, mine: dict[str, Endpoint] | None = None) -> frozenset[str]:
     """The addresses of this host's endpoints (nested ones included) that the table tracks for a
-    policy or group (in `stateful`): the connections a policy change may now forbid."""
+    policy or group (in `stateful`): the connections a policy change may now forbid. `mine`: this
+    host's endpoints in `rep` when known (`Planner.local_endpoints`), else found among all."""
     stateful = next((s.elements for s in nft.sets if s.name == "stateful"), frozenset())
     if not stateful:
         return frozenset()
-    mine = [ep for ep in rep.endpoints if ep.host == host]
-    local = {ep.id for ep in mine if ep.interface}
-    return frozenset(ip for ep in mine if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips)
-                     for ip in ep.ips)
+    mine_eps = [ep for ep in rep.endpoints if ep.host == host] if mine is None else list(mine.values())
+    local = {ep.id for ep in mine_eps if ep.interface}
+    return frozenset(ip for ep in mine_eps
+                     if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips) for ip in ep.ips)

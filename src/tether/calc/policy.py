@@ -131,16 +131,19 @@ class Index:
 
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
-              groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None) -> Index:
+              groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None,
+              by_id: dict[str, Endpoint] | None = None) -> Index:
         """The index of one plan. With `memos`, the label postings are the last plan's, changed for
         the endpoints that changed only (building them all was the largest part of a policy
-        fragment with 10,000 endpoints, bench/calc_scale.py). Nothing here depends on the order of
-        the endpoints: every use ends in a set, or a name derived from content."""
+        fragment with 10,000 endpoints, bench/calc_scale.py); with `by_id` too (the endpoints by
+        id), those the journal names (`Memos.delta`), not found by a pass over all. Nothing here
+        depends on the order of the endpoints: every use ends in a set, or a name derived from content."""
         eps = list(endpoints)
         nsl: dict[str, dict[str, str]] = {}
         for ns in namespaces:
             nsl[ns.name] = {"kubernetes.io/metadata.name": ns.name, **ns.labels}
-        for name in {ep.namespace for ep in eps} - nsl.keys():
+        postings, changed, ep_namespaces = _label_postings(eps, memos, by_id)
+        for name in sorted(ep_namespaces - nsl.keys()):
             nsl[name] = {"kubernetes.io/metadata.name": name}
         nets = {n.name: n for n in networks}
         v6 = any(ipaddress.ip_network(s.cidr).version == 6 for n in nets.values() for s in n.subnets)
@@ -148,7 +151,7 @@ class Index:
         for g in groups:
             by_id[g.id] = g
         idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
-        idx.by_label, idx.changed = _label_postings(eps, memos)
+        idx.by_label, idx.changed = postings, changed
         if memos is not None:
             if memos.policy_ns == nsl:  # a namespace's labels change what namespace selectors match
                 idx.last_peers = memos.policy_peers
@@ -212,17 +215,17 @@ class Index:
         return out
 
 
-def _label_postings(eps: list[Endpoint], memos: Memos | None
-                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]], list[Endpoint] | None]:
+def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, Endpoint] | None = None
+                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]], list[Endpoint] | None, set[str]]:
     """(label key, value) -> endpoint id -> endpoint; with `memos`, the last plan's, updated. And
-    the endpoints changed since (old and new versions), or None when they were all built afresh."""
+    the endpoints changed since (old and new versions), or None when they were all built afresh;
+    and the endpoints' namespaces."""
     last, postings = memos.policy_labels if memos is not None else ({}, {})
+    counts = memos.policy_ep_ns if memos is not None else {}
+    delta = memos.delta("policy_labels") if memos is not None and by_id is not None else None
     if memos is not None:
         memos.policy_labels = ({}, {})  # if this raises half way, the next plan starts afresh
-    now = {ep.id: ep for ep in eps}
-    if len(now) != len(eps):  # one id twice: not a replica's endpoints, build without the memo
-        last, postings, memos = {}, {}, None
-    changed: list[Endpoint] | None = [] if last else None
+        memos.policy_ep_ns = {}
 
     def drop(ep: Endpoint) -> None:
         for kv in ep.labels.items():
@@ -230,6 +233,39 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None
             del posting[ep.id]
             if not posting:
                 del postings[kv]
+        n = counts[ep.namespace] - 1
+        if n:
+            counts[ep.namespace] = n
+        else:
+            del counts[ep.namespace]
+
+    def add(ep_id: str, ep: Endpoint) -> None:
+        for kv in ep.labels.items():
+            postings.setdefault(kv, {})[ep_id] = ep
+        counts[ep.namespace] = counts.get(ep.namespace, 0) + 1
+
+    if delta is not None and memos is not None and by_id is not None:  # the journal's endpoints only
+        changes: list[Endpoint] = []
+        for ep_id in delta.get("Endpoint", ()):
+            old, new = last.get(ep_id), by_id.get(ep_id)
+            if old is new:
+                continue
+            if old is not None:
+                drop(old)
+                changes.append(old)
+                del last[ep_id]
+            if new is not None:
+                add(ep_id, new)
+                changes.append(new)
+                last[ep_id] = new
+        memos.policy_labels, memos.policy_ep_ns = (last, postings), counts
+        return postings, changes, set(counts)
+    now = {ep.id: ep for ep in eps}
+    if len(now) != len(eps):  # one id twice: not a replica's endpoints, build without the memo
+        last, postings, memos = {}, {}, None
+    if not last:
+        counts = {}
+    changed: list[Endpoint] | None = [] if last else None
 
     for ep_id, ep in now.items():
         old = last.get(ep_id)
@@ -237,8 +273,7 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None
             continue
         if old is not None:
             drop(old)
-        for kv in ep.labels.items():
-            postings.setdefault(kv, {})[ep_id] = ep
+        add(ep_id, ep)
         if changed is not None:
             changed += (ep,) if old is None else (old, ep)
     for ep_id in last.keys() - now.keys():
@@ -246,8 +281,8 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None
         if changed is not None:
             changed.append(last[ep_id])
     if memos is not None:
-        memos.policy_labels = (now, postings)
-    return postings, changed
+        memos.policy_labels, memos.policy_ep_ns = (now, postings), counts
+    return postings, changed, set(counts)
 
 
 def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
@@ -548,17 +583,23 @@ NO_GROUPS = SecurityGroup(id="no-groups", name="no-groups")
 
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
             security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str,
-            memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset()) -> NftPlan:
+            memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset(),
+            local: list[Endpoint] | None = None, children: dict[str, list[Endpoint]] | None = None,
+            by_id: dict[str, Endpoint] | None = None) -> NftPlan:
     """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`); `routed`:
     the subnet pairs routers join, which isolation lets through.
 
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
-    and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
-    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos)
+    and falls back to the parent's own chain (`parent_out`/`parent_in`). `local` (this host's
+    endpoints with an interface), `children` (`nested_children`) and `by_id` (the endpoints by id):
+    when the caller knows them, so they are not found by a pass over every endpoint."""
+    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos, by_id)
     b = Builder(idx, host, memos, routed)
-    local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
-    children = nested_children(idx.endpoints)
+    if local is None:
+        local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
+    if children is None:
+        children = nested_children(idx.endpoints)
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
                                                "nested_in")}
     for ep in local:
