@@ -46,8 +46,9 @@ class Memos:
     policy_labels: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
     # calc.policy: namespace -> how many of those endpoints are in it
     policy_ep_ns: dict[str, int] = field(default_factory=dict)
-    # calc.policy: selector -> the addresses it matched in the last plan, and the namespaces' labels then
-    policy_peers: dict[str, list[str]] = field(default_factory=dict)
+    # calc.policy: selector -> the addresses it matched in the last plan (`Members`, changed in place
+    # by the next), and the namespaces' labels then
+    policy_peers: dict[str, Any] = field(default_factory=dict)
     policy_ns: dict[str, dict[str, str]] | None = None
     # calc.policy: endpoint id -> (endpoint, its workload key)
     workloads: dict[str, tuple] = field(default_factory=dict)
@@ -78,3 +79,4 @@ class Memos:
     def forget(self) -> None:
         """A plan failed half way: every part's state may be half updated, the next plan is full."""
         self.ran.clear()
+        self.policy_peers = {}  # changed in place (calc.policy.Members)

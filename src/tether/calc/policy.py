@@ -122,11 +122,11 @@ class Index:
     by_label: dict[tuple[str, str], dict[str, Endpoint]] = field(default_factory=dict)  # label -> id -> endpoint
     pols_by_label: dict[tuple[str, str, str], list[NetworkPolicy]] = field(default_factory=dict)
     pols_any: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
-    peer_cache: dict[str, list[str]] = field(default_factory=dict)
-    # endpoints (old and new versions) changed since the last plan's index, None: unknown (all
-    # changed); and the last plan's selector addresses, kept for selectors none of them matches
-    changed: list[Endpoint] | None = None
-    last_peers: dict[str, list[str]] = field(default_factory=dict)
+    peer_cache: dict[str, Members] = field(default_factory=dict)
+    # endpoints changed since the last plan's index, (old version or None, new version or None),
+    # None: unknown (all changed); and the last plan's selector members, changed for those
+    changed: list[tuple[Endpoint | None, Endpoint | None]] | None = None
+    last_peers: dict[str, Members] = field(default_factory=dict)
     selecting_cache: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
 
     @classmethod
@@ -186,7 +186,7 @@ class Index:
     def group(self, ref: str) -> SecurityGroup | None:
         return self.groups.get(ref) or next((g for g in self.groups.values() if g.name == ref), None)
 
-    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any], key: str | None = None) -> list[str]:
+    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any], key: str | None = None) -> Members:
         """Addresses of the endpoints a selector peer matches; `key` is its `selector_json`."""
         nsel = peer.get("namespaceSelector")
         psel = peer.get("podSelector") or {}
@@ -202,21 +202,65 @@ class Index:
                 return False
             return label_match(psel, ep.labels)
 
-        # the last plan's addresses, unless an endpoint that changed since (before or after) matches
+        # the last plan's addresses, less those of the changed endpoints' old versions that it
+        # matched, plus those of their new versions that it matches
         last = self.last_peers.get(key) if self.changed is not None else None
-        if last is not None and not any(matches(ep) for ep in self.changed or ()):
+        if last is not None:
             self.peer_cache[key] = last
+            for old, new in self.changed or ():
+                if old is not None and matches(old):
+                    last.remove(old.ips)
+                if new is not None and matches(new):
+                    last.add(new.ips)
             return last
-        out: list[str] = []
-        self.peer_cache[key] = out
+        out = self.peer_cache[key] = Members()
         for ep in self.candidates(psel):
             if matches(ep):
-                out.extend(ep.ips)
+                out.add(ep.ips)
         return out
 
 
+class Members:
+    """The addresses a selector matches, each with how many matching endpoints have it, per IP
+    version; kept from one plan to the next (`Memos.policy_peers`) and changed for the endpoints
+    that changed, with the sets made of them until they change (a pass over every member of
+    every selector was most of a policy fragment with 10,000 endpoints, bench/calc_scale.py)."""
+
+    __slots__ = ("counts", "sets")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[str, int]] = {4: {}, 6: {}}
+        self.sets: dict[int, NftSet] = {}  # version -> its set, while the members are those
+
+    def add(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            v = ip_version(ip)
+            counts = self.counts[v]
+            counts[ip] = counts.get(ip, 0) + 1
+            self.sets.pop(v, None)
+
+    def remove(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            v = ip_version(ip)
+            counts = self.counts[v]
+            n = counts[ip] - 1
+            if n:
+                counts[ip] = n
+            else:
+                del counts[ip]
+            self.sets.pop(v, None)
+
+    def nft_set(self, version: int, name: str) -> NftSet:
+        s = self.sets.get(version)
+        if s is None or s.name != name:
+            s = self.sets[version] = NftSet(name, "ipv4_addr" if version == 4 else "ipv6_addr",
+                                            elements=frozenset(self.counts[version]))
+        return s
+
+
 def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, Endpoint] | None = None
-                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]], list[Endpoint] | None, set[str]]:
+                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]],
+                               list[tuple[Endpoint | None, Endpoint | None]] | None, set[str]]:
     """(label key, value) -> endpoint id -> endpoint; with `memos`, the last plan's, updated. And
     the endpoints changed since (old and new versions), or None when they were all built afresh;
     and the endpoints' namespaces."""
@@ -245,18 +289,17 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, E
         counts[ep.namespace] = counts.get(ep.namespace, 0) + 1
 
     if delta is not None and memos is not None and by_id is not None:  # the journal's endpoints only
-        changes: list[Endpoint] = []
+        changes: list[tuple[Endpoint | None, Endpoint | None]] = []
         for ep_id in delta.get("Endpoint", ()):
             old, new = last.get(ep_id), by_id.get(ep_id)
             if old is new:
                 continue
+            changes.append((old, new))
             if old is not None:
                 drop(old)
-                changes.append(old)
                 del last[ep_id]
             if new is not None:
                 add(ep_id, new)
-                changes.append(new)
                 last[ep_id] = new
         memos.policy_labels, memos.policy_ep_ns = (last, postings), counts
         return postings, changes, set(counts)
@@ -265,7 +308,7 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, E
         last, postings, memos = {}, {}, None
     if not last:
         counts = {}
-    changed: list[Endpoint] | None = [] if last else None
+    changed: list[tuple[Endpoint | None, Endpoint | None]] | None = [] if last else None
 
     for ep_id, ep in now.items():
         old = last.get(ep_id)
@@ -275,11 +318,11 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, E
             drop(old)
         add(ep_id, ep)
         if changed is not None:
-            changed += (ep,) if old is None else (old, ep)
+            changed.append((old, ep))
     for ep_id in last.keys() - now.keys():
         drop(last[ep_id])
         if changed is not None:
-            changed.append(last[ep_id])
+            changed.append((last[ep_id], None))
     if memos is not None:
         memos.policy_labels, memos.policy_ep_ns = (now, postings), counts
     return postings, changed, set(counts)
@@ -336,12 +379,14 @@ class Builder:
 
     def selector_sets(self, pol: NetworkPolicy, peer: dict[str, Any], key: str) -> list[str]:
         """The per-IP-version sets of the addresses a selector peer matches (`key`: its selector_json)."""
-        ips = self.idx.peer_ips(pol, peer, key)
+        members = self.idx.peer_ips(pol, peer, key)
         refs = []
         for v in self.versions:
-            members = [ip for ip in ips if ip_version(ip) == v]
-            refs.append(self.add_set(selector_set_name(pol, peer, v, key), "ipv4_addr" if v == 4 else "ipv6_addr",
-                                     members))
+            made = members.sets.get(v)
+            name = made.name if made is not None else selector_set_name(pol, peer, v, key)
+            if name not in self.sets:
+                self.sets[name] = members.nft_set(v, name)
+            refs.append("@" + name)
         return refs
 
     def named_port_set(self, name: str, direction: str) -> str:
