@@ -799,7 +799,8 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
                          list(rep.networks.values()), ctx.name, m, routed=routed, local=local, children=children,
-                         by_id=rep.objects["Endpoint"])  # type: ignore[arg-type]
+                         by_id=rep.objects["Endpoint"],  # type: ignore[arg-type]
+                         policies_by_name=rep.objects["NetworkPolicy"])  # type: ignore[arg-type]
     yielding.checkpoint()
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
     svc = services.compile(list(rep.services), services.EndpointIndex(by_id=rep.objects["Endpoint"]),  # type: ignore[arg-type]

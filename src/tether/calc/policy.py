@@ -132,7 +132,8 @@ class Index:
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
               groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None,
-              by_id: dict[str, Endpoint] | None = None) -> Index:
+              by_id: dict[str, Endpoint] | None = None,
+              policies_by_name: dict[str, NetworkPolicy] | None = None) -> Index:
         """The index of one plan. With `memos`, the label postings are the last plan's, changed for
         the endpoints that changed only (building them all was the largest part of a policy
         fragment with 10,000 endpoints, bench/calc_scale.py); with `by_id` too (the endpoints by
@@ -150,19 +151,14 @@ class Index:
         by_id: dict[str, SecurityGroup] = {}
         for g in groups:
             by_id[g.id] = g
-        idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
+        idx = cls(eps, nsl, [], by_id, nets, v6)
         idx.by_label, idx.changed = postings, changed
         if memos is not None:
             if memos.policy_ns == nsl:  # a namespace's labels change what namespace selectors match
                 idx.last_peers = memos.policy_peers
             memos.policy_peers, memos.policy_ns = {}, nsl  # the plan's own when it is done (compile)
-        for p in idx.policies:
-            ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
-            if ml:
-                k, v = next(iter(sorted(ml.items())))
-                idx.pols_by_label.setdefault((p.namespace, k, v), []).append(p)
-            else:
-                idx.pols_any.setdefault(p.namespace, []).append(p)
+        idx.pols_by_label, idx.pols_any = _policy_postings(policies, memos, policies_by_name)
+        return idx
         return idx
 
     def candidates(self, selector: dict[str, Any]) -> list[Endpoint]:
@@ -256,6 +252,52 @@ class Members:
             s = self.sets[version] = NftSet(name, "ipv4_addr" if version == 4 else "ipv6_addr",
                                             elements=frozenset(self.counts[version]))
         return s
+
+
+def _policy_postings(policies: Iterable[NetworkPolicy], memos: Memos | None,
+                     by_name: dict[str, NetworkPolicy] | None
+                     ) -> tuple[dict[tuple[str, str, str], list[NetworkPolicy]], dict[str, list[NetworkPolicy]]]:
+    """Policies by (namespace, a label of their pod selector) and, without matchLabels, by
+    namespace (`Index.selecting` sorts what it finds). With `memos` and `by_name` (the policies by
+    store name), the last plan's, changed for the policies the journal names."""
+    by_label: dict[tuple[str, str, str], list[NetworkPolicy]]
+    any_: dict[str, list[NetworkPolicy]]
+    delta = memos.delta("policy_postings") if memos is not None and by_name is not None else None
+    last, by_label, any_ = memos.policy_postings if memos is not None else ({}, {}, {})
+    if memos is not None:
+        memos.policy_postings = ({}, {}, {})  # if this raises half way, the next plan starts afresh
+
+    def posting(p: NetworkPolicy) -> list[NetworkPolicy]:
+        ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
+        if ml:
+            k, v = next(iter(sorted(ml.items())))
+            return by_label.setdefault((p.namespace, k, v), [])
+        return any_.setdefault(p.namespace, [])
+
+    if delta is None or by_name is None:
+        last, by_label, any_ = {}, {}, {}
+        for p in sorted(policies, key=lambda p: (p.namespace, p.name)):
+            last[p.store_name()] = p
+            posting(p).append(p)
+    else:
+        for name in delta.get("NetworkPolicy", ()):
+            old, new = last.pop(name, None), by_name.get(name)
+            if old is not None:
+                found = posting(old)
+                found.remove(old)
+                if not found:  # no empty lists left behind: the postings are those of a cold build
+                    ml = (old.spec.get("podSelector") or {}).get("matchLabels") or {}
+                    if ml:
+                        k, v = next(iter(sorted(ml.items())))
+                        del by_label[(old.namespace, k, v)]
+                    else:
+                        del any_[old.namespace]
+            if new is not None:
+                last[name] = new
+                posting(new).append(new)
+    if memos is not None:
+        memos.policy_postings = (last, by_label, any_)
+    return by_label, any_
 
 
 def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, Endpoint] | None = None
@@ -630,16 +672,18 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
             security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str,
             memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset(),
             local: list[Endpoint] | None = None, children: dict[str, list[Endpoint]] | None = None,
-            by_id: dict[str, Endpoint] | None = None) -> NftPlan:
+            by_id: dict[str, Endpoint] | None = None,
+            policies_by_name: dict[str, NetworkPolicy] | None = None) -> NftPlan:
     """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`); `routed`:
     the subnet pairs routers join, which isolation lets through.
 
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
     and falls back to the parent's own chain (`parent_out`/`parent_in`). `local` (this host's
-    endpoints with an interface), `children` (`nested_children`) and `by_id` (the endpoints by id):
-    when the caller knows them, so they are not found by a pass over every endpoint."""
-    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos, by_id)
+    endpoints with an interface), `children` (`nested_children`), `by_id` (the endpoints by id) and
+    `policies_by_name` (the policies by store name): when the caller knows them, so they are not
+    found by a pass over every endpoint, and the indexes change for what the journal names."""
+    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos, by_id, policies_by_name)
     b = Builder(idx, host, memos, routed)
     if local is None:
         local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
