@@ -29,6 +29,8 @@ class Memos:
     mine_for: tuple[tuple[int, int], dict[str, Any]] = ((0, 0), {})
     # calc.host: the routes, FDB and neighbour entries of remote blocks and endpoints (`RemoteRoutes`)
     remote: Any = None
+    # calc.services: what each service adds to the fragment (`ServiceParts`), None: make them afresh
+    service_parts: Any = None
     # calc.quarantine: (kind, name) -> Quarantined of the objects in the last plan's replica
     bad: dict[tuple[str, str], Any] = field(default_factory=dict)
     # calc.host: endpoint id -> (endpoint, network, underlay MTU, its HostInterface, its routes)
@@ -57,6 +59,8 @@ class Memos:
     # calc.services: (namespace, name) -> (service, (host, node addresses), its backends' endpoints,
     # its frontends) of a service with listed backends
     frontends: dict[tuple[str, str], tuple] = field(default_factory=dict)
+    # calc.services: what each service adds to the fragment (`ServiceParts`), None: make them afresh
+    service_parts: Any = None
     # calc.quarantine: (kind, name) -> (object, host, problem or None)
     checked: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.dns_records: ((zones, reverse networks, TTL), endpoint id -> (endpoint, network, its
