@@ -29,8 +29,6 @@ class Memos:
     mine_for: tuple[tuple[int, int], dict[str, Any]] = ((0, 0), {})
     # calc.host: the routes, FDB and neighbour entries of remote blocks and endpoints (`RemoteRoutes`)
     remote: Any = None
-    # calc.services: what each service adds to the fragment (`ServiceParts`), None: make them afresh
-    service_parts: Any = None
     # calc.quarantine: (kind, name) -> Quarantined of the objects in the last plan's replica
     bad: dict[tuple[str, str], Any] = field(default_factory=dict)
     # calc.host: endpoint id -> (endpoint, network, underlay MTU, its HostInterface, its routes)
