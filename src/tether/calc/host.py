@@ -123,9 +123,8 @@ class BlockOwners:
         self.by_size: dict[tuple[int, int], dict[int, str | None]] = {}  # (version, shift) -> {prefix: host}
 
     def add(self, cidr: str, host: str | None) -> None:
-        net = ipaddress.ip_network(cidr)
-        shift = net.max_prefixlen - net.prefixlen
-        self.by_size.setdefault((net.version, shift), {})[int(net.network_address) >> shift] = host
+        version, shift, key = _block_key(cidr)
+        self.by_size.setdefault((version, shift), {})[key] = host
 
     def owner(self, ip: str) -> str | None:
         version, value = _address(ip)
@@ -135,6 +134,14 @@ class BlockOwners:
                 if key in table:
                     return table[key]
         return None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _block_key(cidr: str) -> tuple[int, int, int]:
+    """(IP version, host bits, network number): parsed once per block, not in every plan."""
+    net = ipaddress.ip_network(cidr)
+    shift = net.max_prefixlen - net.prefixlen
+    return net.version, shift, int(net.network_address) >> shift
 
 
 @functools.lru_cache(maxsize=1 << 16)
