@@ -21,8 +21,16 @@ class Planner:
         return self._run(rep, ctx, compute_plan)
 
     def nft(self, rep: Replica, ctx: HostContext) -> NftPlan:
-        """This host's nft table alone (`calc.host.compute_nft`)."""
-        return self._run(rep, ctx, compute_nft)
+        """This host's nft table alone (`calc.host.compute_nft`). Computed in full, from the replica
+        as it is (no quarantine screen): what its parts keep is not what the next plan could build
+        on, so that plan is a full one too."""
+        m = self.memos
+        m.generation += 1
+        m.changed, self._last = None, None
+        try:
+            return compute_nft(rep, ctx, m)
+        finally:
+            m.forget()
 
     def _run(self, rep: Replica, ctx: HostContext, compute):  # noqa: ANN001, ANN202
         changed, here = changes_since(rep, ctx, self._last)
