@@ -296,3 +296,25 @@ def test_a_selectors_set_follows_its_peers_added_relabelled_and_deleted() -> Non
         assert warm == cold, f"after {kind} {obj!r}"
         assert [s for s in warm.nft.sets if s.name.startswith("sel")] == \
             [s for s in cold.nft.sets if s.name.startswith("sel")]
+
+
+def test_the_planner_names_this_hosts_endpoints_only_for_the_replica_it_planned_last() -> None:
+    """`Planner.local_endpoints` (read by `rejudge_scope` and the agent's pending check instead of
+    every endpoint) answers for the view planned last, quarantined endpoints included, else None."""
+    from tether.calc.host import rejudge_scope
+
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    rep.apply_event(_event("put", NetworkPolicy(id="p", name="p", namespace="x", spec={"podSelector": {}}), 2))
+    for i, (host, link) in enumerate((("h1", "tth00000000e0"), ("h2", None), ("h1", "eth9"))):  # eth9: quarantined
+        rep.apply_event(_event("put", Endpoint(id=f"e{i}", name=f"e{i}", network="red", host=host, namespace="x",
+                                               ips=[f"10.1.0.{i + 2}"], interface=link), i + 3))
+    view = rep.view()
+    plan = planner.plan(view, c)
+    assert [q.name for q in plan.quarantined] == ["e2"]
+    mine = planner.local_endpoints(view)
+    assert mine is not None and sorted(mine) == ["e0", "e2"]
+    assert rejudge_scope(view, "h1", plan.nft, mine) == rejudge_scope(view, "h1", plan.nft) == {"10.1.0.2"}
+    rep.apply_event(_event("delete", Endpoint(id="e0", name="e0", network="red", host="h1", namespace="x"), 9))
+    assert planner.local_endpoints(rep.view()) is None  # not what it planned
