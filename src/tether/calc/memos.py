@@ -46,6 +46,8 @@ class Memos:
     policy_labels: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))
     # calc.policy: (store name -> policy, their postings by label, by namespace) of the last plan
     policy_postings: tuple[dict, dict, dict] = field(default_factory=lambda: ({}, {}, {}))
+    # calc.policy: (direction, workload) -> its policies and groups, while no policy or group changed
+    policy_layers: dict[tuple, tuple] = field(default_factory=dict)
     # calc.policy: namespace -> how many of those endpoints are in it
     policy_ep_ns: dict[str, int] = field(default_factory=dict)
     # calc.policy: selector -> the addresses it matched in the last plan (`Members`, changed in place

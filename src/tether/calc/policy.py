@@ -685,6 +685,13 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     found by a pass over every endpoint, and the indexes change for what the journal names."""
     idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos, by_id, policies_by_name)
     b = Builder(idx, host, memos, routed)
+    if memos is not None:
+        # a workload's layers (policies and groups) are the last plan's while neither changed
+        delta = memos.delta("policy_layers")
+        if delta is not None and not delta.keys() & {"NetworkPolicy", "SecurityGroup"} \
+                and len(memos.policy_layers) < 1 << 13:
+            b._layers = memos.policy_layers
+        memos.policy_layers = {}  # if this raises half way, the next plan starts afresh
     if local is None:
         local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
     if children is None:
@@ -715,6 +722,8 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     b.add_set("stateful", "ipv4_addr", stateful)
     b.memos.workloads = b.workloads
+    if memos is not None:
+        memos.policy_layers = b._layers
     if memos is not None:
         memos.policy_peers = idx.peer_cache
     b.chains["nested_out"] = NftChain("nested_out", (
