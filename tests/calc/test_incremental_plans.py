@@ -174,19 +174,23 @@ def _status_only(h: Host, revision: int) -> Host:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(events, st.sampled_from(("event", "event", "echo", "status", "direct", "plan_nft"))),
                 min_size=5, max_size=30),
-       st.integers(1, 4), st.sampled_from((4096, 8, 3)))
+       st.integers(1, 4), st.sampled_from((4096, 8, 3)),
+       st.lists(st.one_of(endpoints(), policies(), services()), max_size=8))
 def test_plans_from_the_journal_equal_cold_plans_when_planned_in_batches_with_echoes_and_direct_writes(
-        seq: list, every: int, limit: int) -> None:
+        seq: list, every: int, limit: int, seed: list) -> None:
     """Plans every `every` events (one plan reads several changes), events that change nothing
     (the echo of an object already there, a host's status report), writes straight into the
     replica (the CNI front end's endpoint, put before the watch echoes it), a plan of the nft table
-    alone in between, and a journal of `limit` entries that overflows between plans."""
+    alone in between, and a journal of `limit` entries that overflows between plans; from a
+    cluster that already has some of the endpoints, policies and services (`seed`)."""
     from tether.calc.replica import Journal
 
     saved = Journal.LIMIT
     Journal.LIMIT = limit
     try:
         rep = _start()
+        for obj in seed:
+            rep.apply_event(_event("put", obj, 1))
         c = HostContext("h1", "eth0", 1500)
         planner = Planner()
         planner.plan(rep.view(), c)

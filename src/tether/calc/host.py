@@ -794,7 +794,10 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
     mine = mine_of(rep, ctx.name, m).values()
-    local = [ep for ep in mine if ep.interface]
+    # in the order of their ids, not the replica's: the index keeps this host's endpoints in the
+    # order it learnt them, and what is made first wins where two names collide (two policies of
+    # one id in two namespaces, two endpoints of one interface)
+    local = sorted((ep for ep in mine if ep.interface), key=lambda ep: ep.id)
     children = children_of(rep, m)
     me = rep.hosts.get(ctx.name)
     underlay6 = me is not None and ip_version(me.underlay_ip) == 6
