@@ -241,10 +241,10 @@ def test_a_block_changing_hands_moves_the_route_to_an_address_borrowed_from_it()
 
 
 def test_a_plan_reads_the_journal_and_falls_back_to_a_full_one_when_it_cannot_tell() -> None:
-    """The planner recomputes only the objects the journal names; a snapshot loaded, a view
-    written after it was taken, or a journal that overflowed make the next plan a full one, whose
-    result is the same as a cold plan."""
-    from tether.calc.replica import Journal
+    """The planner recomputes only the objects the journal names; another replica, objects in
+    dicts that do not journal, a snapshot loaded or a journal that overflowed make the next plan
+    a full one, whose result is the same as a cold plan."""
+    from tether.calc.replica import Journal, JournaledDict
 
     rep = _start()
     c = HostContext("h1", "eth0", 1500)
@@ -256,11 +256,15 @@ def test_a_plan_reads_the_journal_and_falls_back_to_a_full_one_when_it_cannot_te
     assert planner.memos.changed == {"Endpoint": {"e1"}}
     planner.plan(rep.view(), c)
     assert planner.memos.changed == {}  # nothing since
-    view = rep.view()
-    view.objects["Endpoint"].pop("e1")  # written after it was taken: its journal cannot tell
-    assert planner.plan(view, c) == Planner().plan(view, c) and planner.memos.changed is None
+    other = _start()  # another replica: its journal says nothing of this one
+    assert planner.plan(other.view(), c) == Planner().plan(other.view(), c) and planner.memos.changed is None
     planner.plan(rep.view(), c)
-    assert planner.memos.changed is None  # the last plan was of another replica (the view written)
+    assert planner.memos.changed is None
+    rep.objects["Endpoint"] = dict(rep.objects["Endpoint"])  # not journaled: its writes are not noted
+    rep.objects["Endpoint"].pop("e1")
+    assert planner.plan(rep, c) == Planner().plan(rep, c) and planner.memos.changed is None
+    rep.objects["Endpoint"] = JournaledDict("Endpoint", rep.journal, rep.objects["Endpoint"])
+    planner.plan(rep.view(), c)
     for i in range(Journal.LIMIT + 1):  # overflow between two plans
         rep.objects["Namespace"]["x"] = Namespace(name="x", labels={"team": f"t{i % 2}"})
     view = rep.view()

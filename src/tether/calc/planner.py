@@ -62,18 +62,18 @@ def changes_since(rep: Replica, ctx: HostContext | None, last: tuple | None
     """(kind -> names of the objects changed since `last`, or None: unknown; where `rep` is in its
     journal, or None: it has none to trust). Unknown when `rep` is not what the last plan's replica
     became through journaled writes: another replica, a snapshot loaded, the journal overflowed,
-    a view written after it was taken, objects not in journaled dicts, another context."""
+    objects not in journaled dicts, another context. A view is trusted to be as it was taken."""
     j = getattr(rep, "journal", None)
     if j is None:
         return None, None
-    if j.origin is not None:  # a view: its changes are the replica's when it was taken
-        if j.entries or j.start:
+    if j.origin is not None:  # a view (plain dicts, read only): its changes are the replica's when taken
+        if j.entries or j.start or any(type(d) is not dict for d in rep.objects.values()):
             return None, None
         src, entries, start, end = j.origin
     else:
         src, entries, start, end = j.mark()
-    if any(type(d) is not JournaledDict or d.journal is not j for d in rep.objects.values()):
-        return None, None
+        if any(type(d) is not JournaledDict or d.journal is not j for d in rep.objects.values()):
+            return None, None
     here = (src, end, ctx)
     if last is None or last[0] is not src or last[2] != ctx or not start <= last[1] <= end:
         return None, here
