@@ -613,7 +613,8 @@ def midstream_chains() -> tuple[NftChain, ...]:
     )
 
 
-def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable[Endpoint] | None = None) -> NftPlan:
+def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable[Endpoint] | None = None,
+             svc_v6: bool | None = None) -> NftPlan:
     """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
     anti-spoofing.
 
@@ -634,7 +635,8 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable
     untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
     Encapsulated VXLAN packets to and from this host's underlay address are not tracked either.
     The nat chains exist only while something needs them (`needs_nat`). `mine`: this host's
-    endpoints, when known (else found among all)."""
+    endpoints, when known (else found among all); `svc_v6`: whether a service has an IPv6
+    address, when known."""
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
     if not stateful:
         return NftPlan(sets=(peers,))
@@ -679,7 +681,9 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
-    if services.has_v6(rep.services):  # the services fragment then declares `svc_vips6`
+    if svc_v6 is None:
+        svc_v6 = services.has_v6(rep.services)
+    if svc_v6:  # the services fragment then declares `svc_vips6`
         svc_lookups = ipv6_published_lookup(svc_lookups)
         svc_lookups += (rule({"vmap": {"key": services.SVC_KEY6, "data": "@svc_vips6"}}),)
     me = rep.hosts.get(host)
@@ -803,9 +807,8 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     underlay6 = me is not None and ip_version(me.underlay_ip) == 6
     ingress = NftPlan(chains=tuple(pod_ingress.compile(local, children, rep.networks, stateful, m, underlay6)))
     yielding.checkpoint()
-    base = base_nft(rep, ctx.name, stateful, mine)
     if not stateful:
-        return merge(base, ingress)
+        return merge(base_nft(rep, ctx.name, stateful, mine), ingress)
     routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
                          list(rep.networks.values()), ctx.name, m, routed=routed, local=local, children=children,
@@ -818,6 +821,9 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
                            [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m,
                            by_name=rep.objects["Service"])  # type: ignore[arg-type]
     yielding.checkpoint()
+    # the services' parts kept for the next plan have no IPv6 address (else none are kept)
+    kept = m.service_parts is not None and m.ran.get("service_parts") == m.generation
+    base = base_nft(rep, ctx.name, stateful, mine, svc_v6=False if kept else None)
     if not l3.has_l3(rep):
         return merge(base, pol, svc, ingress)
     return merge(base, pol, svc, ingress, l3.compile(rep, ctx.name))
