@@ -412,8 +412,10 @@ class ServiceParts:
         self.selected: dict[str, set[str]] = {}  # endpoint id -> the selector services that picked it
         self.picked: dict[str, tuple[str, ...]] = {}  # selector service -> the endpoints it picked
         self.v6 = 0  # services with an IPv6 address
+        self.fragment: NftPlan | None = None  # made from these parts (None: since changed)
 
     def put(self, name: str, svc: Service | None, part: tuple[tuple, ...] | None, picked: tuple[str, ...]) -> None:
+        self.fragment = None
         old_svc = self.services.pop(name, None)
         if old_svc is not None:
             self.v6 -= has_v6([old_svc])
@@ -534,10 +536,12 @@ def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointInd
     index = _index(endpoints)
     st = _service_parts(by_name, index, networks, host, node_ips, memos)
     if st is not None:
-        c = st.counts
-        return _fragment(frozenset(c[0]), frozenset(c[1]), frozenset(c[2]), frozenset(c[3]), frozenset(c[4]),
-                         frozenset(c[5]), frozenset(c[6]), max([PREDEFINED_SLOTS, *c[7]]), sorted(c[8]),
-                         node_ips, bool(services), [], [], None, None)
+        if st.fragment is None:  # (an unchanged one is the last plan's: node addresses are in the key)
+            c = st.counts
+            st.fragment = _fragment(frozenset(c[0]), frozenset(c[1]), frozenset(c[2]), frozenset(c[3]),
+                                    frozenset(c[4]), frozenset(c[5]), frozenset(c[6]), max([PREDEFINED_SLOTS, *c[7]]),
+                                    sorted(c[8]), node_ips, bool(st.services), [], [], None, None)
+        return st.fragment
     out = _compile(services, index, networks, host, node_ips, memos)
     if not has_v6(services):  # the parts for the next plan
         subnets = [network(c) for n in networks for c in v4_subnets(n)]
