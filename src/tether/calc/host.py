@@ -244,47 +244,67 @@ def _route_to(ctx: HostContext, me: Host | None, vtep: Vtep | None, peer: Host, 
 
 class AddressIndex:
     """Endpoint ids by address, sorted per IP version: the endpoints inside a block's range (whose
-    borrowed addresses a block change may change) by bisection, not by a pass over every endpoint."""
+    borrowed addresses a block change may change) by bisection, not by a pass over every endpoint.
+    An address of one endpoint maps to its id, of several to a set of them (memory: one entry per
+    endpoint address of the cluster)."""
 
     def __init__(self, eps: dict[str, Endpoint] | None = None) -> None:
-        self.ids: dict[tuple[int, int], set[str]] = {}
+        self.ids: dict[int, dict[int, str | set[str]]] = {4: {}, 6: {}}
         for i, ep in (eps or {}).items():
             for ip in ep.ips:
-                self.ids.setdefault(_address(ip), set()).add(i)
-        self.sorted: dict[int, list[int]] = {4: [], 6: []}
-        for v, n in self.ids:
-            self.sorted[v].append(n)
-        for lst in self.sorted.values():
-            lst.sort()
+                self._add(*_address(ip), i)
+        self.sorted: dict[int, list[int]] = {v: sorted(ids) for v, ids in self.ids.items()}
+
+    def _add(self, version: int, n: int, i: str) -> bool:
+        """Note `i` at an address; True when the address is new."""
+        ids = self.ids[version]
+        have = ids.get(n)
+        if have is None:
+            ids[n] = i
+            return True
+        if isinstance(have, set):
+            have.add(i)
+        elif have != i:
+            ids[n] = {have, i}
+        return False
 
     def add(self, i: str, ep: Endpoint) -> None:
         for ip in ep.ips:
-            key = _address(ip)
-            ids = self.ids.get(key)
-            if ids is None:
-                self.ids[key] = {i}
-                bisect.insort(self.sorted[key[0]], key[1])
-            else:
-                ids.add(i)
+            version, n = _address(ip)
+            if self._add(version, n, i):
+                bisect.insort(self.sorted[version], n)
 
     def remove(self, i: str, ep: Endpoint) -> None:
         for ip in ep.ips:
-            key = _address(ip)
-            ids = self.ids.get(key)
-            if ids is None:
+            version, n = _address(ip)
+            ids = self.ids[version]
+            have = ids.get(n)
+            if isinstance(have, set):
+                have.discard(i)
+                if len(have) > 1:
+                    continue
+                if have:
+                    ids[n] = next(iter(have))
+                    continue
+            elif have != i:
                 continue
-            ids.discard(i)
-            if not ids:
-                del self.ids[key]
-                lst = self.sorted[key[0]]
-                del lst[bisect.bisect_left(lst, key[1])]
+            del ids[n]
+            lst = self.sorted[version]
+            del lst[bisect.bisect_left(lst, n)]
 
     def within(self, cidr: str) -> set[str]:
         net = ipaddress.ip_network(cidr)
-        lst = self.sorted[net.version]
+        lst, ids = self.sorted[net.version], self.ids[net.version]
         lo = bisect.bisect_left(lst, int(net.network_address))
         hi = bisect.bisect_right(lst, int(net.broadcast_address))
-        return {i for n in lst[lo:hi] for i in self.ids[(net.version, n)]}
+        out: set[str] = set()
+        for n in lst[lo:hi]:
+            have = ids[n]
+            if isinstance(have, set):
+                out |= have
+            else:
+                out.add(have)
+        return out
 
 
 class RemoteRoutes:
