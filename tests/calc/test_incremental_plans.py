@@ -326,3 +326,21 @@ def test_the_planner_names_this_hosts_endpoints_only_for_the_replica_it_planned_
     assert rejudge_scope(view, "h1", plan.nft, mine) == rejudge_scope(view, "h1", plan.nft) == {"10.1.0.2"}
     rep.apply_event(_event("delete", Endpoint(id="e0", name="e0", network="red", host="h1", namespace="x"), 9))
     assert planner.local_endpoints(rep.view()) is None  # not what it planned
+
+
+def test_a_hosts_status_report_is_not_journaled_and_its_next_plan_is_not_a_full_one() -> None:
+    """Every host reports its status every few seconds; the report replaces the host's object but
+    changes nothing a plan reads, so the routes kept from the last plan stay (a new object for this
+    host made every plan after a report a full one)."""
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    planner.plan(rep.view(), c)
+    remote = planner.memos.remote
+    for revision, h in enumerate(("h1", "h2"), start=2):
+        before = len(rep.journal.entries)
+        assert not rep.apply_event(_event("put", _status_only(rep.objects["Host"][h], revision), revision))
+        assert len(rep.journal.entries) == before
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c)
+    assert planner.memos.changed == {} and planner.memos.remote is remote

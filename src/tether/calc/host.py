@@ -315,7 +315,7 @@ class RemoteRoutes:
     block's range or on a changed host) instead of visiting every endpoint of the cluster."""
 
     def __init__(self, key: tuple, rep: Replica) -> None:
-        self.key = key  # (context, this host's object, VTEP): a change of any makes a new one
+        self.key = key  # (context, this host's underlay, VTEP): a change of any makes a new one
         self.parts: dict[tuple[str, str], tuple[tuple, ...]] = {}
         self.counts: tuple[dict, dict, dict] = ({}, {}, {})
         eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
@@ -367,7 +367,8 @@ def _remote_routes(rep: Replica, ctx: HostContext, me: Host | None, vtep: Vtep |
     eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
     blocks: dict[str, Block] = rep.objects["Block"]  # type: ignore[assignment]
     delta = memos.delta("remote")
-    key = (ctx, id(me), me, vtep)
+    # what the parts read of this host (its status reports replace its object, unjournaled)
+    key = (ctx, None if me is None else (me.underlay_ip, me.underlay_cidr), vtep)
     st: RemoteRoutes | None = memos.remote
     full = delta is None or st is None or st.key != key or "Network" in delta
     if full:
