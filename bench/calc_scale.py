@@ -155,7 +155,7 @@ class Agent:
 
         view = part("view", self.replica.view)
         plan = part("plan", lambda: self.planner.plan(view, CTX))
-        scope = part("rejudge_scope", lambda: rejudge_scope(view, ME, plan.nft))
+        scope = part("rejudge_scope", lambda: rejudge_scope(view, ME, plan.nft, self.planner.local_endpoints(view)))
         self.judged = scope
         part("links", lambda: self._links(plan))
         part("nft", lambda: self.nft.apply(plan.nft))

@@ -161,3 +161,186 @@ def test_plans_kept_up_event_by_event_equal_plans_computed_from_scratch(seq: lis
                                  memos=dns_memos)
         cold = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
         assert warm == cold, f"DNS records after {kind} {obj!r}"
+
+
+# --- the journal's other paths: batches, echoes, direct writes, overflow, lost journals ------------
+
+def _status_only(h: Host, revision: int) -> Host:
+    from tether.model import HostStatus
+
+    return h.model_copy(update={"status": HostStatus(applied_revision=revision)})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(events, st.sampled_from(("event", "event", "echo", "status", "direct", "plan_nft"))),
+                min_size=5, max_size=30),
+       st.integers(1, 4), st.sampled_from((4096, 8, 3)),
+       st.lists(st.one_of(endpoints(), policies(), services()), max_size=8))
+def test_plans_from_the_journal_equal_cold_plans_when_planned_in_batches_with_echoes_and_direct_writes(
+        seq: list, every: int, limit: int, seed: list) -> None:
+    """Plans every `every` events (one plan reads several changes), events that change nothing
+    (the echo of an object already there, a host's status report), writes straight into the
+    replica (the CNI front end's endpoint, put before the watch echoes it), a plan of the nft table
+    alone in between, and a journal of `limit` entries that overflows between plans; from a
+    cluster that already has some of the endpoints, policies and services (`seed`)."""
+    from tether.calc.replica import Journal
+
+    saved = Journal.LIMIT
+    Journal.LIMIT = limit
+    try:
+        rep = _start()
+        for obj in seed:
+            rep.apply_event(_event("put", obj, 1))
+        c = HostContext("h1", "eth0", 1500)
+        planner = Planner()
+        planner.plan(rep.view(), c)
+        for revision, ((kind, obj), how) in enumerate(seq, start=2):
+            if how == "echo":  # the same object again: nothing changes
+                current = rep.objects[obj.kind].get(obj.store_name())
+                if current is not None:
+                    assert not rep.apply_event(_event("put", current, revision))
+            elif how == "status" and isinstance(obj, Host) and obj.name in rep.objects["Host"]:
+                assert not rep.apply_event(_event("put", _status_only(rep.objects["Host"][obj.name], revision),
+                                                  revision))
+            elif how == "direct" and kind == "put":
+                rep.objects[obj.kind][obj.store_name()] = obj
+            elif how == "direct":
+                rep.objects[obj.kind].pop(obj.store_name(), None)
+            else:
+                rep.apply_event(_event(kind, obj, revision))
+            if how == "plan_nft":
+                view = rep.view()
+                assert planner.nft(view, c) == Planner().nft(view, c)
+            if revision % every == 0:
+                view = rep.view()
+                assert planner.plan(view, c) == Planner().plan(view, c), f"after {kind} {obj!r} ({how})"
+        view = rep.view()
+        assert planner.plan(view, c) == Planner().plan(view, c)
+    finally:
+        Journal.LIMIT = saved
+
+
+def test_a_block_changing_hands_moves_the_route_to_an_address_borrowed_from_it() -> None:
+    """An endpoint's address in another host's block needs a /32 route; when the block moves to the
+    endpoint's own host (or away from it) that route comes or goes, though the endpoint did not change."""
+    rep = _start()
+    planners = {h: Planner() for h in HOSTS}
+    contexts = {h: HostContext(h, "eth0", 1500) for h in HOSTS}
+    ep = Endpoint(id="e9", name="e9", network="red", host="h1", namespace="x", ips=["10.1.1.7"])
+    steps = [("put", ep), ("put", _block("red", 1, 0)), ("put", _block("red", 1, 2)), ("delete", _block("red", 1, 2)),
+             ("put", _block("red", 1, 1)), ("put", _host(2, True)), ("delete", _host(1, False)),
+             ("put", _host(1, False))]
+    for revision, (kind, obj) in enumerate(steps, start=2):
+        rep.apply_event(_event(kind, obj, revision))
+        view = rep.view()
+        for h in HOSTS:
+            warm = planners[h].plan(view, contexts[h])
+            assert warm == Planner().plan(view, contexts[h]), f"{h} after {kind} {obj!r}"
+    borrowed = [r for r in Planner().plan(rep.view(), contexts["h2"]).routes if r.dst == "10.1.1.7/32"]
+    assert borrowed  # the block is h2's again: the endpoint on h1 borrows its address
+
+
+def test_a_plan_reads_the_journal_and_falls_back_to_a_full_one_when_it_cannot_tell() -> None:
+    """The planner recomputes only the objects the journal names; another replica, objects in
+    dicts that do not journal, a snapshot loaded or a journal that overflowed make the next plan
+    a full one, whose result is the same as a cold plan."""
+    from tether.calc.replica import Journal, JournaledDict
+
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    planner.plan(rep.view(), c)
+    rep.apply_event(_event("put", Endpoint(id="e1", name="e1", network="red", host="h2", namespace="x",
+                                           ips=["10.1.1.9"]), 2))
+    planner.plan(rep.view(), c)
+    assert planner.memos.changed == {"Endpoint": {"e1"}}
+    planner.plan(rep.view(), c)
+    assert planner.memos.changed == {}  # nothing since
+    other = _start()  # another replica: its journal says nothing of this one
+    assert planner.plan(other.view(), c) == Planner().plan(other.view(), c) and planner.memos.changed is None
+    planner.plan(rep.view(), c)
+    assert planner.memos.changed is None
+    rep.objects["Endpoint"] = dict(rep.objects["Endpoint"])  # not journaled: its writes are not noted
+    rep.objects["Endpoint"].pop("e1")
+    assert planner.plan(rep, c) == Planner().plan(rep, c) and planner.memos.changed is None
+    rep.objects["Endpoint"] = JournaledDict("Endpoint", rep.journal, rep.objects["Endpoint"])
+    planner.plan(rep.view(), c)
+    for i in range(Journal.LIMIT + 1):  # overflow between two plans
+        rep.objects["Namespace"]["x"] = Namespace(name="x", labels={"team": f"t{i % 2}"})
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c) and planner.memos.changed is None
+    snapshot = {"revision": 9, "objects": [{"kind": k, "object": o.model_dump(mode="json")}
+                                           for k, objs in rep.objects.items() for o in objs.values()]}
+    rep.load_snapshot(snapshot)
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c) and planner.memos.changed is None
+    planner.plan(rep.view(), c)
+    assert planner.memos.changed == {}
+
+
+def test_a_selectors_set_follows_its_peers_added_relabelled_and_deleted() -> None:
+    """A selector's members are the last plan's changed for the changed endpoints (old version out,
+    new in): each step's plan, and its `sel-` set, equal a cold plan's."""
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    pol = NetworkPolicy(id="p", name="p", namespace="x", spec={
+        "podSelector": {}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}},
+                                                 {"namespaceSelector": {"matchLabels": {"team": "t2"}}}]}]})
+
+    def ep(i: int, host: str, app: str, ns: str = "x", ip: str = "") -> Endpoint:
+        return Endpoint(id=f"e{i}", name=f"e{i}", network="red", host=host, namespace=ns,
+                        ips=[ip or f"10.1.0.{i + 2}"], labels={"app": app},
+                        interface=f"tth{i:011x}" if host == "h1" else None)
+
+    steps = [("put", pol), ("put", ep(0, "h1", "b")), ("put", ep(1, "h2", "a")), ("put", ep(2, "h3", "a", "y")),
+             ("put", ep(1, "h2", "b")), ("put", ep(1, "h2", "a", ip="10.1.0.99")), ("put", ep(3, "h2", "a")),
+             ("delete", ep(3, "h2", "a")), ("put", Namespace(name="y", labels={"team": "t2"})),
+             ("put", ep(2, "h3", "c", "y")), ("delete", ep(1, "h2", "a")), ("put", ep(0, "h1", "a"))]
+    for revision, (kind, obj) in enumerate(steps, start=2):
+        rep.apply_event(_event(kind, obj, revision))
+        view = rep.view()
+        warm, cold = planner.plan(view, c), Planner().plan(view, c)
+        assert warm == cold, f"after {kind} {obj!r}"
+        assert [s for s in warm.nft.sets if s.name.startswith("sel")] == \
+            [s for s in cold.nft.sets if s.name.startswith("sel")]
+
+
+def test_the_planner_names_this_hosts_endpoints_only_for_the_replica_it_planned_last() -> None:
+    """`Planner.local_endpoints` (read by `rejudge_scope` and the agent's pending check instead of
+    every endpoint) answers for the view planned last, quarantined endpoints included, else None."""
+    from tether.calc.host import rejudge_scope
+
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    rep.apply_event(_event("put", NetworkPolicy(id="p", name="p", namespace="x", spec={"podSelector": {}}), 2))
+    for i, (host, link) in enumerate((("h1", "tth00000000e0"), ("h2", None), ("h1", "eth9"))):  # eth9: quarantined
+        rep.apply_event(_event("put", Endpoint(id=f"e{i}", name=f"e{i}", network="red", host=host, namespace="x",
+                                               ips=[f"10.1.0.{i + 2}"], interface=link), i + 3))
+    view = rep.view()
+    plan = planner.plan(view, c)
+    assert [q.name for q in plan.quarantined] == ["e2"]
+    mine = planner.local_endpoints(view)
+    assert mine is not None and sorted(mine) == ["e0", "e2"]
+    assert rejudge_scope(view, "h1", plan.nft, mine) == rejudge_scope(view, "h1", plan.nft) == {"10.1.0.2"}
+    rep.apply_event(_event("delete", Endpoint(id="e0", name="e0", network="red", host="h1", namespace="x"), 9))
+    assert planner.local_endpoints(rep.view()) is None  # not what it planned
+
+
+def test_a_hosts_status_report_is_not_journaled_and_its_next_plan_is_not_a_full_one() -> None:
+    """Every host reports its status every few seconds; the report replaces the host's object but
+    changes nothing a plan reads, so the routes kept from the last plan stay (a new object for this
+    host made every plan after a report a full one)."""
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    planner.plan(rep.view(), c)
+    remote = planner.memos.remote
+    for revision, h in enumerate(("h1", "h2"), start=2):
+        before = len(rep.journal.entries)
+        assert not rep.apply_event(_event("put", _status_only(rep.objects["Host"][h], revision), revision))
+        assert len(rep.journal.entries) == before
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c)
+    assert planner.memos.changed == {} and planner.memos.remote is remote

@@ -435,7 +435,7 @@ class Agent:
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
         with background_priority(verify), yielding.background():
             plan = self._plan(view, key)
-            scope = rejudge_scope(view, self.host, plan.nft)
+            scope = rejudge_scope(view, self.host, plan.nft, self.planner.local_endpoints(view))
             self._rejudge(view, scope, self._apply_plan(plan, keep, verify, pickup_grace(scope - self._judged)))
 
     def _rejudge(self, view: Replica, scope: frozenset[str], nrep) -> None:
@@ -550,8 +550,9 @@ class Agent:
         """Note the revision now programmed; a local endpoint still shown pending gets a heartbeat
         at once, so it shows `active` within moments rather than at the next beat."""
         self.applied_revision = view.revision
+        mine = self.planner.local_endpoints(view)  # this host's, when the planner knows them: not all
         if any(e.host == self.host and e.status == "pending" and e.revision > self._beat_sent
-               for e in view.objects["Endpoint"].values()):
+               for e in (view.objects["Endpoint"] if mine is None else mine).values()):
             self._beat_now.set()
     def _report_soon(self) -> None:
         if self._status_task is None or self._status_task.done():

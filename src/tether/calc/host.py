@@ -8,8 +8,10 @@ fragments of the policy and services compilers.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from tether import yielding
@@ -52,7 +54,7 @@ from tether.calc.nft import (
 from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep
 from tether.calc.policy import stateless_targets
 from tether.calc.replica import Replica
-from tether.model import Host, Network
+from tether.model import Block, Endpoint, Host, Network
 
 SYSCTLS = (("net/ipv4/ip_forward", "1"), ("net/ipv6/conf/all/forwarding", "1"))
 
@@ -121,9 +123,8 @@ class BlockOwners:
         self.by_size: dict[tuple[int, int], dict[int, str | None]] = {}  # (version, shift) -> {prefix: host}
 
     def add(self, cidr: str, host: str | None) -> None:
-        net = ipaddress.ip_network(cidr)
-        shift = net.max_prefixlen - net.prefixlen
-        self.by_size.setdefault((net.version, shift), {})[int(net.network_address) >> shift] = host
+        version, shift, key = _block_key(cidr)
+        self.by_size.setdefault((version, shift), {})[key] = host
 
     def owner(self, ip: str) -> str | None:
         version, value = _address(ip)
@@ -135,10 +136,57 @@ class BlockOwners:
         return None
 
 
+@functools.lru_cache(maxsize=1 << 14)
+def _block_key(cidr: str) -> tuple[int, int, int]:
+    """(IP version, host bits, network number): parsed once per block, not in every plan."""
+    net = ipaddress.ip_network(cidr)
+    shift = net.max_prefixlen - net.prefixlen
+    return net.version, shift, int(net.network_address) >> shift
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _address(ip: str) -> tuple[int, int]:
     a = ipaddress.ip_address(ip)
     return a.version, int(a)
+
+
+def local_index(rep: Replica, host: str, memos: Memos) -> dict[str, Endpoint]:
+    """`host`'s endpoints in `rep` by id (`Memos.mine`), and the nested endpoints' ids
+    (`Memos.nested`): kept from one plan to the next and changed for the endpoints the journal
+    names, where finding them was a pass over every endpoint of the cluster in each part of a plan."""
+    delta = memos.delta("mine")
+    eps = rep.objects["Endpoint"]
+    if delta is None or memos.mine_host != host:
+        memos.mine = {i: ep for i, ep in eps.items() if ep.host == host}  # type: ignore[attr-defined]
+        memos.nested = {i for i, ep in eps.items() if ep.parent and not ep.interface}  # type: ignore[attr-defined]
+        memos.mine_host = host
+        return memos.mine
+    mine, nested = memos.mine, memos.nested
+    for i in delta.get("Endpoint", ()):
+        ep: Endpoint | None = eps.get(i)  # type: ignore[assignment]
+        if ep is not None and ep.host == host:
+            mine[i] = ep
+        else:
+            mine.pop(i, None)
+        if ep is not None and ep.parent and not ep.interface:
+            nested.add(i)
+        else:
+            nested.discard(i)
+    return mine
+
+
+def mine_of(rep: Replica, host: str, memos: Memos | None) -> dict[str, Endpoint]:
+    """This host's endpoints in `rep`: those `compute_plan` found for this plan, else by a pass."""
+    if memos is not None and memos.mine_for[0] == (memos.generation, id(rep)):
+        return memos.mine_for[1]
+    return {ep.id: ep for ep in rep.endpoints if ep.host == host}
+
+
+def children_of(rep: Replica, memos: Memos | None) -> dict[str, list[Endpoint]]:
+    """`policy.nested_children` of `rep`: none to look for when the index knows of no nested endpoint."""
+    if memos is not None and memos.mine_for[0] == (memos.generation, id(rep)) and not memos.nested:
+        return {}
+    return policy.nested_children(rep.endpoints)
 
 
 def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> Plan:
@@ -148,13 +196,245 @@ def compute_plan(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> 
     from tether.calc import quarantine
 
     m = Memos() if memos is None else memos
+    mine = local_index(rep, ctx.name, m)
     clean, bad = quarantine.screen(rep, ctx.name, m)
+    if clean is not rep:  # this host's endpoints that are not quarantined
+        mine = {i: ep for i, ep in mine.items() if i in clean.objects["Endpoint"]}
+    m.mine_for = ((m.generation, id(clean)), mine)
     try:
         plan = _compute_plan(clean, ctx, m)
     except Exception as e:  # noqa: BLE001 - find the objects that make it raise, plan without them
+        m.forget()
         plan, more = quarantine.isolate(clean, lambda r: _compute_plan(r, ctx, Memos()), e)
         bad = [*bad, *more]
     return replace(plan, quarantined=tuple(sorted(bad))) if bad else plan
+
+
+def _route_to(ctx: HostContext, me: Host | None, vtep: Vtep | None, peer: Host, net: Network, dst: str,
+              out: tuple[list[Route], list[FdbEntry], list[Neighbour]]) -> None:
+    """What reaches `dst` (a block or a borrowed address of `peer`) on `net`: routes, FDB and
+    neighbour entries, added to `out`."""
+    routes, fdb, neighbours = out
+    if me is None or not same_family(me, peer):
+        return
+    v6 = ":" in dst
+    if path_mode(net, me, peer) == "direct":
+        # IPv6 pods: the peer's reported IPv6 address (its underlay's link-local one), else its
+        # IPv6 underlay address; IPv4 pods over an IPv6 underlay: an IPv6 next hop (RTA_VIA)
+        via = (peer.underlay_ip6 or (peer.underlay_ip if ":" in peer.underlay_ip else None)) if v6 \
+            else peer.underlay_ip
+        if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
+            routes.append(Route(dst, ctx.underlay_dev, via=via))
+        return
+    if vtep is None or not peer.vtep_ip:
+        return
+    mac = peer.vtep_mac or vtep_mac_for(peer.name)
+    fdb.append(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
+    if v6:  # via the peer VTEP's link-local address, pinned to its MAC (no neighbour discovery)
+        gw = vtep_link_local(mac)
+        routes.append(Route(dst, VTEP_NAME, via=gw))
+        neighbours.append(Neighbour(gw, mac, VTEP_NAME))
+        return
+    routes.append(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
+    # the peer's VTEP address itself, over the tunnel: path health pings it (and the peer's
+    # reply comes back the same way), so the overlay is checked, not only the underlay
+    routes.append(Route(f"{peer.vtep_ip}/32", VTEP_NAME, via=peer.vtep_ip, onlink=True))
+    neighbours.append(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
+
+
+class AddressIndex:
+    """Endpoint ids by address, sorted per IP version: the endpoints inside a block's range (whose
+    borrowed addresses a block change may change) by bisection, not by a pass over every endpoint.
+    An address of one endpoint maps to its id, of several to a set of them (memory: one entry per
+    endpoint address of the cluster)."""
+
+    def __init__(self, eps: dict[str, Endpoint] | None = None) -> None:
+        self.ids: dict[int, dict[int, str | set[str]]] = {4: {}, 6: {}}
+        for i, ep in (eps or {}).items():
+            for ip in ep.ips:
+                self._add(*_address(ip), i)
+        self.sorted: dict[int, list[int]] = {v: sorted(ids) for v, ids in self.ids.items()}
+
+    def _add(self, version: int, n: int, i: str) -> bool:
+        """Note `i` at an address; True when the address is new."""
+        ids = self.ids[version]
+        have = ids.get(n)
+        if have is None:
+            ids[n] = i
+            return True
+        if isinstance(have, set):
+            have.add(i)
+        elif have != i:
+            ids[n] = {have, i}
+        return False
+
+    def add(self, i: str, ep: Endpoint) -> None:
+        for ip in ep.ips:
+            version, n = _address(ip)
+            if self._add(version, n, i):
+                bisect.insort(self.sorted[version], n)
+
+    def remove(self, i: str, ep: Endpoint) -> None:
+        for ip in ep.ips:
+            version, n = _address(ip)
+            ids = self.ids[version]
+            have = ids.get(n)
+            if isinstance(have, set):
+                have.discard(i)
+                if len(have) > 1:
+                    continue
+                if have:
+                    ids[n] = next(iter(have))
+                    continue
+            elif have != i:
+                continue
+            del ids[n]
+            lst = self.sorted[version]
+            del lst[bisect.bisect_left(lst, n)]
+
+    def within(self, cidr: str) -> set[str]:
+        net = ipaddress.ip_network(cidr)
+        lst, ids = self.sorted[net.version], self.ids[net.version]
+        lo = bisect.bisect_left(lst, int(net.network_address))
+        hi = bisect.bisect_right(lst, int(net.broadcast_address))
+        out: set[str] = set()
+        for n in lst[lo:hi]:
+            have = ids[n]
+            if isinstance(have, set):
+                out |= have
+            else:
+                out.add(have)
+        return out
+
+
+class RemoteRoutes:
+    """The routes, FDB and neighbour entries to other hosts' blocks and to remote endpoints'
+    addresses borrowed from a block of another host, kept from one plan to the next
+    (`Memos.remote`): a part per block and per endpoint, and how many parts give each entry. A
+    plan changes the parts of the objects the journal names (and of the endpoints in a changed
+    block's range or on a changed host) instead of visiting every endpoint of the cluster."""
+
+    def __init__(self, key: tuple, rep: Replica) -> None:
+        self.key = key  # (context, this host's underlay, VTEP): a change of any makes a new one
+        self.parts: dict[tuple[str, str], tuple[tuple, ...]] = {}
+        self.counts: tuple[dict, dict, dict] = ({}, {}, {})
+        eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
+        self.eps = dict(eps)  # every endpoint as this state last saw it
+        self.by_host: dict[str | None, set[str]] = {}
+        for i, ep in eps.items():
+            self.by_host.setdefault(ep.host, set()).add(i)
+        self.addresses = AddressIndex(eps)
+        self.blocks: dict[str, Block] = dict(rep.objects["Block"])  # type: ignore[arg-type]
+        self.owners = self._owners(rep)
+
+    @staticmethod
+    def _owners(rep: Replica) -> BlockOwners:
+        owners = BlockOwners()
+        for b in rep.blocks:
+            owners.add(b.cidr, b.host)
+        return owners
+
+    def put(self, key: tuple[str, str], part: tuple[tuple, ...] | None) -> None:
+        old = self.parts.pop(key, None)
+        if old is not None:
+            for items, counts in zip(old, self.counts, strict=True):
+                for item in items:
+                    n = counts[item] - 1
+                    if n:
+                        counts[item] = n
+                    else:
+                        del counts[item]
+        if part is not None:
+            self.parts[key] = part
+            for items, counts in zip(part, self.counts, strict=True):
+                for item in items:
+                    counts[item] = counts.get(item, 0) + 1
+
+    def track(self, i: str, ep: Endpoint | None) -> None:
+        old = self.eps.pop(i, None)
+        if old is not None:
+            self.by_host.get(old.host, set()).discard(i)
+            self.addresses.remove(i, old)
+        if ep is not None:
+            self.eps[i] = ep
+            self.by_host.setdefault(ep.host, set()).add(i)
+            self.addresses.add(i, ep)
+
+
+def _remote_routes(rep: Replica, ctx: HostContext, me: Host | None, vtep: Vtep | None, memos: Memos
+                   ) -> RemoteRoutes:
+    hosts, networks = rep.hosts, rep.networks
+    eps: dict[str, Endpoint] = rep.objects["Endpoint"]  # type: ignore[assignment]
+    blocks: dict[str, Block] = rep.objects["Block"]  # type: ignore[assignment]
+    delta = memos.delta("remote")
+    # what the parts read of this host (its status reports replace its object, unjournaled)
+    key = (ctx, None if me is None else (me.underlay_ip, me.underlay_cidr), vtep)
+    st: RemoteRoutes | None = memos.remote
+    full = delta is None or st is None or st.key != key or "Network" in delta
+    if full:
+        st = RemoteRoutes(key, rep)
+    assert st is not None
+    memos.remote = None  # if this raises half way, the next plan starts afresh
+
+    def block_part(b: Block | None) -> tuple[tuple, ...] | None:
+        if b is None:
+            return None
+        net = networks.get(b.network)
+        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
+            return None
+        out: tuple[list, list, list] = ([], [], [])
+        _route_to(ctx, me, vtep, hosts[b.host], net, b.cidr, out)
+        return tuple(map(tuple, out)) if out[0] or out[1] or out[2] else None
+
+    def ep_part(ep: Endpoint | None) -> tuple[tuple, ...] | None:
+        if ep is None or ep.host == ctx.name:
+            return None
+        net = networks.get(ep.network)
+        peer = hosts.get(ep.host or "")
+        if net is None or peer is None:
+            return None
+        # an address borrowed from a block of another host needs its own route
+        borrowed = [ip for ip in ep.ips if st.owners.owner(ip) != ep.host]
+        if not borrowed:
+            return None
+        out: tuple[list, list, list] = ([], [], [])
+        for ip in borrowed:
+            _route_to(ctx, me, vtep, peer, net, host_prefix(ip), out)
+        return tuple(map(tuple, out))
+
+    if full:
+        for name, b in blocks.items():
+            st.put(("b", name), block_part(b))
+        for i, ep in eps.items():
+            yielding.checkpoint()
+            st.put(("e", i), ep_part(ep))
+        memos.remote = st
+        return st
+    assert delta is not None
+    changed_eps = delta.get("Endpoint", set())
+    for i in changed_eps:
+        st.track(i, eps.get(i))
+    affected = set(changed_eps)
+    changed_blocks = delta.get("Block", ())
+    if changed_blocks:
+        for name in changed_blocks:  # the endpoints in a changed block's range, before and after
+            for b in (st.blocks.pop(name, None), blocks.get(name)):
+                if b is not None:
+                    affected |= st.addresses.within(b.cidr)
+            if name in blocks:
+                st.blocks[name] = blocks[name]
+        st.owners = RemoteRoutes._owners(rep)
+        for name in changed_blocks:
+            st.put(("b", name), block_part(blocks.get(name)))
+    for h in delta.get("Host", ()):
+        for name, b in blocks.items():
+            if b.host == h:
+                st.put(("b", name), block_part(b))
+        affected |= st.by_host.get(h, set())
+    for i in affected:
+        st.put(("e", i), ep_part(eps.get(i)))
+    memos.remote = st
+    return st
 
 
 def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
@@ -162,8 +442,6 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
     me = hosts.get(ctx.name)
     networks = rep.networks
     routes: set[Route] = set()
-    fdb: set[FdbEntry] = set()
-    neighbours: set[Neighbour] = set()
     interfaces: set[HostInterface] = set()
     vtep = None
     # 70 bytes over an IPv6 underlay; the agent's CNI path sizes new pods the same (`LocalEndpoints.mtu`)
@@ -174,88 +452,35 @@ def _compute_plan(rep: Replica, ctx: HostContext, memos: Memos) -> Plan:
         vtep = Vtep(VTEP_NAME, vni=4096, local_ip=me.underlay_ip, underlay_dev=ctx.underlay_dev,
                     mac=me.vtep_mac or vtep_mac_for(me.name), ip=me.vtep_ip,
                     mtu=ctx.underlay_mtu - overhead)
-
-    def route_to(peer: Host, net: Network, dst: str) -> None:
-        if me is None or not same_family(me, peer):
-            return
-        v6 = ":" in dst
-        if path_mode(net, me, peer) == "direct":
-            # IPv6 pods: the peer's reported IPv6 address (its underlay's link-local one), else its
-            # IPv6 underlay address; IPv4 pods over an IPv6 underlay: an IPv6 next hop (RTA_VIA)
-            via = (peer.underlay_ip6 or (peer.underlay_ip if ":" in peer.underlay_ip else None)) if v6 \
-                else peer.underlay_ip
-            if via:  # an IPv6 route needs an IPv6 next hop: a peer that reported none gets no route
-                routes.add(Route(dst, ctx.underlay_dev, via=via))
-            return
-        if vtep is None or not peer.vtep_ip:
-            return
-        mac = peer.vtep_mac or vtep_mac_for(peer.name)
-        fdb.add(FdbEntry(mac, peer.underlay_ip, VTEP_NAME))
-        if v6:  # via the peer VTEP's link-local address, pinned to its MAC (no neighbour discovery)
-            gw = vtep_link_local(mac)
-            routes.add(Route(dst, VTEP_NAME, via=gw))
-            neighbours.add(Neighbour(gw, mac, VTEP_NAME))
-            return
-        routes.add(Route(dst, VTEP_NAME, via=peer.vtep_ip, onlink=True))
-        # the peer's VTEP address itself, over the tunnel: path health pings it (and the peer's
-        # reply comes back the same way), so the overlay is checked, not only the underlay
-        routes.add(Route(f"{peer.vtep_ip}/32", VTEP_NAME, via=peer.vtep_ip, onlink=True))
-        neighbours.add(Neighbour(peer.vtep_ip, mac, VTEP_NAME))
-
-    owners = BlockOwners()
-    blocks = tuple(rep.blocks)
-    last_blocks, last_borrowed = memos.borrowed
-    # an endpoint's borrowed addresses depend on it and the blocks alone: kept while both are the
-    # last plan's (finding each address's block was most of this loop with 10,000 remote endpoints)
-    same_blocks = len(last_blocks) == len(blocks) and all(a is b for a, b in zip(last_blocks, blocks, strict=True))
-    known: dict[str, tuple] = last_borrowed if same_blocks else {}
-    borrowed: dict[str, tuple] = {}
-    for b in blocks:
-        net = networks.get(b.network)
-        owners.add(b.cidr, b.host)
-        if net is None or b.host in (None, ctx.name) or b.host not in hosts:
-            continue
-        route_to(hosts[b.host], net, b.cidr)
+    remote = _remote_routes(rep, ctx, me, vtep, memos)
 
     local: dict[str, tuple] = {}  # this plan's local pods, kept for the next (`Memos.local`)
-    for ep in rep.endpoints:
+    for ep in mine_of(rep, ctx.name, memos).values():
         yielding.checkpoint()
         net = networks.get(ep.network)
         if net is None:
             continue
-        if ep.host == ctx.name:
-            if ep.interface:
-                hit = memos.local.get(ep.id)
-                if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != sizes:
-                    hit = (ep, net, sizes,
-                           HostInterface(ep.interface, endpoint_mtu(net, *sizes), ep.id,
-                                         (ep.mac or "").lower(), tuple(ep.ips)),
-                           tuple(pod_route(ip, ep.interface) for ip in ep.ips))
-                local[ep.id] = hit
-                interfaces.add(hit[3])
-                routes.update(hit[4])
-            elif ep.parent:  # a nested container behind its VM's interface (issue 7)
-                parent = rep.endpoint(ep.parent)
-                if parent is not None and parent.interface and parent.host == ctx.name:
-                    for ip in ep.ips:
-                        routes.add(pod_route(ip, parent.interface))
-            continue
-        peer = hosts.get(ep.host or "")
-        if peer is None:
-            continue
-        hit = known.get(ep.id)
-        if hit is None or hit[0] is not ep:
-            # an address borrowed from a block of another host needs its own route
-            hit = (ep, tuple(ip for ip in ep.ips if owners.owner(ip) != ep.host))
-        borrowed[ep.id] = hit
-        for ip in hit[1]:
-            route_to(peer, net, host_prefix(ip))
+        if ep.interface:
+            hit = memos.local.get(ep.id)
+            if hit is None or hit[0] is not ep or hit[1] is not net or hit[2] != sizes:
+                hit = (ep, net, sizes,
+                       HostInterface(ep.interface, endpoint_mtu(net, *sizes), ep.id,
+                                     (ep.mac or "").lower(), tuple(ep.ips)),
+                       tuple(pod_route(ip, ep.interface) for ip in ep.ips))
+            local[ep.id] = hit
+            interfaces.add(hit[3])
+            routes.update(hit[4])
+        elif ep.parent:  # a nested container behind its VM's interface (issue 7)
+            parent = rep.endpoint(ep.parent)
+            if parent is not None and parent.interface and parent.host == ctx.name:
+                for ip in ep.ips:
+                    routes.add(pod_route(ip, parent.interface))
 
     memos.local = local
-    memos.borrowed = (blocks, borrowed)
-    return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(neighbours), fdb=frozenset(fdb),
-                interfaces=frozenset(interfaces), nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS,
-                underlay_dev=ctx.underlay_dev)
+    routes.update(remote.counts[0])
+    return Plan(vtep=vtep, routes=frozenset(routes), neighbours=frozenset(remote.counts[2]),
+                fdb=frozenset(remote.counts[1]), interfaces=frozenset(interfaces),
+                nft=compute_nft(rep, ctx, memos), sysctls=SYSCTLS, underlay_dev=ctx.underlay_dev)
 
 
 # --- nftables --------------------------------------------------------------------------------------
@@ -314,10 +539,12 @@ def vxlan_peers(rep: Replica, host: str, version: int = 4) -> frozenset[str]:
                      if h.name != host and h.underlay_ip and ip_version(h.underlay_ip) == version)
 
 
-def local_destinations(rep: Replica, host: str) -> frozenset[tuple[str, str]]:
-    """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain."""
+def local_destinations(rep: Replica, host: str, mine: Iterable[Endpoint] | None = None) -> frozenset[tuple[str, str]]:
+    """This host's endpoints' IPv4 addresses -> `goto` their network's stateless chain (`mine`:
+    this host's endpoints, when known)."""
     targets = stateless_targets(rep.networks.values())
-    return frozenset((ip, targets[ep.network]) for ep in rep.endpoints if ep.host == host and ep.network in targets
+    eps = rep.endpoints if mine is None else mine
+    return frozenset((ip, targets[ep.network]) for ep in eps if ep.host == host and ep.network in targets
                      for ip in ep.ips if ip_version(ip) == 4)
 
 
@@ -407,7 +634,8 @@ def midstream_chains() -> tuple[NftChain, ...]:
     )
 
 
-def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
+def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable[Endpoint] | None = None,
+             svc_v6: bool | None = None) -> NftPlan:
     """The table every host has, apart from its pods' ingress chains (`pod_ingress`), which do the
     anti-spoofing.
 
@@ -427,15 +655,18 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
     fragment with every backend and the frontends inside a network subnet; the forward chain accepts
     untracked packets (they have passed anti-spoofing, and isolation allows same-network traffic).
     Encapsulated VXLAN packets to and from this host's underlay address are not tracked either.
-    The nat chains exist only while something needs them (`needs_nat`)."""
+    The nat chains exist only while something needs them (`needs_nat`). `mine`: this host's
+    endpoints, when known (else found among all); `svc_v6`: whether a service has an IPv6
+    address, when known."""
     peers = NftSet("vxlan_peers", "ipv4_addr", elements=vxlan_peers(rep, host))
     if not stateful:
         return NftPlan(sets=(peers,))
-    local = sorted(ep.interface for ep in rep.endpoints if ep.host == host and ep.interface)
+    mine = list(rep.endpoints if mine is None else mine)
+    local = sorted(ep.interface for ep in mine if ep.host == host and ep.interface)
     # Neutron's `port set --disable`: nothing reaches the port (its own ingress chain stops what it sends);
     # dropped before the established accept, so open connections stop too. Only in a table that has a
     # disabled port: a lookup on every forwarded packet costs ~4% of a round trip (bench/policy.py)
-    disabled = sorted(ep.interface for ep in rep.endpoints
+    disabled = sorted(ep.interface for ep in mine
                       if ep.host == host and ep.interface and not ep.admin_state_up)
     to_disabled = (denied(match(meta("oifname"), disabled[0] if len(disabled) == 1 else {"set": disabled}),
                           comment=pod_ingress.PORT_DISABLED),) if disabled else ()
@@ -448,7 +679,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         NftSet("same_net", ("ipv4_addr", "ipv4_addr"), ("interval",), elements=same_network_pairs(rep)),
         NftSet("stateful", "ipv4_addr"),
         peers,
-        NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host)),
+        NftSet("local_dst4", "ipv4_addr", map_type="verdict", elements=local_destinations(rep, host, mine)),
         NftSet("ep_out", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("ep_in", "ifname", map_type="verdict", elements=frozenset((i, "accept") for i in local)),
         NftSet("svc_vips", ("ipv4_addr", "inet_proto", "inet_service"), map_type="verdict"),
@@ -471,7 +702,9 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         rule({"vmap": {"key": SVC_KEY, "data": "@svc_vips"}}),
         rule(FIB_LOCAL, {"vmap": {"key": NODEPORT_KEY, "data": "@svc_nodeports"}}),
     )
-    if services.has_v6(rep.services):  # the services fragment then declares `svc_vips6`
+    if svc_v6 is None:
+        svc_v6 = services.has_v6(rep.services)
+    if svc_v6:  # the services fragment then declares `svc_vips6`
         svc_lookups = ipv6_published_lookup(svc_lookups)
         svc_lookups += (rule({"vmap": {"key": services.SVC_KEY6, "data": "@svc_vips6"}}),)
     me = rep.hosts.get(host)
@@ -493,7 +726,7 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True) -> NftPlan:
         vxlan_refused = (denied(match(UDP_DPORT, VXLAN_PORT), comment=VXLAN_REFUSED),)
     # DHCP from this host's VM ports to its dnsmasq (calc/dhcp.py) whatever their security groups say,
     # as in Neutron; only in a table whose host has VM ports
-    vm_taps = sorted(ep.interface for ep in rep.endpoints
+    vm_taps = sorted(ep.interface for ep in mine
                      if ep.host == host and ep.interface and ep.owner.type == "vm")
     dhcp_in = (rule(match(meta("iifname"), vm_taps[0] if len(vm_taps) == 1 else {"set": vm_taps}),
                     match(UDP_DPORT, 67), ACCEPT, comment=pod_ingress.DHCP_CLIENT),) if vm_taps else ()
@@ -585,24 +818,33 @@ def ipv6_published_lookup(lookups: tuple[str, ...]) -> tuple[str, ...]:
 def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> NftPlan:
     m = Memos() if memos is None else memos
     stateful = bool(needs_state(rep))
-    local = [ep for ep in rep.endpoints if ep.host == ctx.name and ep.interface]
+    mine = mine_of(rep, ctx.name, m).values()
+    # in the order of their ids, not the replica's: the index keeps this host's endpoints in the
+    # order it learnt them, and what is made first wins where two names collide (two policies of
+    # one id in two namespaces, two endpoints of one interface)
+    local = sorted((ep for ep in mine if ep.interface), key=lambda ep: ep.id)
+    children = children_of(rep, m)
     me = rep.hosts.get(ctx.name)
     underlay6 = me is not None and ip_version(me.underlay_ip) == 6
-    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, policy.nested_children(rep.endpoints), rep.networks,
-                                                       stateful, m, underlay6)))
+    ingress = NftPlan(chains=tuple(pod_ingress.compile(local, children, rep.networks, stateful, m, underlay6)))
     yielding.checkpoint()
-    base = base_nft(rep, ctx.name, stateful)
     if not stateful:
-        return merge(base, ingress)
+        return merge(base_nft(rep, ctx.name, stateful, mine), ingress)
     routed = l3.routed_pairs(rep)
     pol = policy.compile(list(rep.endpoints), list(rep.namespaces), list(rep.policies), list(rep.security_groups),
-                         list(rep.networks.values()), ctx.name, m, routed=routed)
+                         list(rep.networks.values()), ctx.name, m, routed=routed, local=local, children=children,
+                         by_id=rep.objects["Endpoint"],  # type: ignore[arg-type]
+                         policies_by_name=rep.objects["NetworkPolicy"])  # type: ignore[arg-type]
     yielding.checkpoint()
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
     svc = services.compile(list(rep.services), services.EndpointIndex(by_id=rep.objects["Endpoint"]),  # type: ignore[arg-type]
                            list(rep.networks.values()), ctx.name,
-                           [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m)
+                           [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m,
+                           by_name=rep.objects["Service"])  # type: ignore[arg-type]
     yielding.checkpoint()
+    # the services' parts kept for the next plan have no IPv6 address (else none are kept)
+    kept = m.service_parts is not None and m.ran.get("service_parts") == m.generation
+    base = base_nft(rep, ctx.name, stateful, mine, svc_v6=False if kept else None)
     if not l3.has_l3(rep):
         return merge(base, pol, svc, ingress)
     return merge(base, pol, svc, ingress, l3.compile(rep, ctx.name))
@@ -650,13 +892,14 @@ def pickup_grace(addresses: frozenset[str]) -> list[dict]:
     return out
 
 
-def rejudge_scope(rep: Replica, host: str, nft: NftPlan) -> frozenset[str]:
+def rejudge_scope(rep: Replica, host: str, nft: NftPlan, mine: dict[str, Endpoint] | None = None) -> frozenset[str]:
     """The addresses of this host's endpoints (nested ones included) that the table tracks for a
-    policy or group (in `stateful`): the connections a policy change may now forbid."""
+    policy or group (in `stateful`): the connections a policy change may now forbid. `mine`: this
+    host's endpoints in `rep` when known (`Planner.local_endpoints`), else found among all."""
     stateful = next((s.elements for s in nft.sets if s.name == "stateful"), frozenset())
     if not stateful:
         return frozenset()
-    mine = [ep for ep in rep.endpoints if ep.host == host]
-    local = {ep.id for ep in mine if ep.interface}
-    return frozenset(ip for ep in mine if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips)
-                     for ip in ep.ips)
+    mine_eps = [ep for ep in rep.endpoints if ep.host == host] if mine is None else list(mine.values())
+    local = {ep.id for ep in mine_eps if ep.interface}
+    return frozenset(ip for ep in mine_eps
+                     if (ep.id in local or ep.parent in local) and any(a in stateful for a in ep.ips) for ip in ep.ips)

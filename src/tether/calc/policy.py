@@ -122,44 +122,43 @@ class Index:
     by_label: dict[tuple[str, str], dict[str, Endpoint]] = field(default_factory=dict)  # label -> id -> endpoint
     pols_by_label: dict[tuple[str, str, str], list[NetworkPolicy]] = field(default_factory=dict)
     pols_any: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
-    peer_cache: dict[str, list[str]] = field(default_factory=dict)
-    # endpoints (old and new versions) changed since the last plan's index, None: unknown (all
-    # changed); and the last plan's selector addresses, kept for selectors none of them matches
-    changed: list[Endpoint] | None = None
-    last_peers: dict[str, list[str]] = field(default_factory=dict)
+    peer_cache: dict[str, Members] = field(default_factory=dict)
+    # endpoints changed since the last plan's index, (old version or None, new version or None),
+    # None: unknown (all changed); and the last plan's selector members, changed for those
+    changed: list[tuple[Endpoint | None, Endpoint | None]] | None = None
+    last_peers: dict[str, Members] = field(default_factory=dict)
     selecting_cache: dict[str, list[NetworkPolicy]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
-              groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None) -> Index:
+              groups: Iterable[SecurityGroup], networks: Iterable[Network], memos: Memos | None = None,
+              by_id: dict[str, Endpoint] | None = None,
+              policies_by_name: dict[str, NetworkPolicy] | None = None) -> Index:
         """The index of one plan. With `memos`, the label postings are the last plan's, changed for
         the endpoints that changed only (building them all was the largest part of a policy
-        fragment with 10,000 endpoints, bench/calc_scale.py). Nothing here depends on the order of
-        the endpoints: every use ends in a set, or a name derived from content."""
+        fragment with 10,000 endpoints, bench/calc_scale.py); with `by_id` too (the endpoints by
+        id), those the journal names (`Memos.delta`), not found by a pass over all. Nothing here
+        depends on the order of the endpoints: every use ends in a set, or a name derived from content."""
         eps = list(endpoints)
         nsl: dict[str, dict[str, str]] = {}
         for ns in namespaces:
             nsl[ns.name] = {"kubernetes.io/metadata.name": ns.name, **ns.labels}
-        for name in {ep.namespace for ep in eps} - nsl.keys():
+        postings, changed, ep_namespaces = _label_postings(eps, memos, by_id)
+        for name in sorted(ep_namespaces - nsl.keys()):
             nsl[name] = {"kubernetes.io/metadata.name": name}
         nets = {n.name: n for n in networks}
         v6 = any(ipaddress.ip_network(s.cidr).version == 6 for n in nets.values() for s in n.subnets)
         by_id: dict[str, SecurityGroup] = {}
         for g in groups:
             by_id[g.id] = g
-        idx = cls(eps, nsl, sorted(policies, key=lambda p: (p.namespace, p.name)), by_id, nets, v6)
-        idx.by_label, idx.changed = _label_postings(eps, memos)
+        idx = cls(eps, nsl, [], by_id, nets, v6)
+        idx.by_label, idx.changed = postings, changed
         if memos is not None:
             if memos.policy_ns == nsl:  # a namespace's labels change what namespace selectors match
                 idx.last_peers = memos.policy_peers
             memos.policy_peers, memos.policy_ns = {}, nsl  # the plan's own when it is done (compile)
-        for p in idx.policies:
-            ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
-            if ml:
-                k, v = next(iter(sorted(ml.items())))
-                idx.pols_by_label.setdefault((p.namespace, k, v), []).append(p)
-            else:
-                idx.pols_any.setdefault(p.namespace, []).append(p)
+        idx.pols_by_label, idx.pols_any = _policy_postings(policies, memos, policies_by_name)
+        return idx
         return idx
 
     def candidates(self, selector: dict[str, Any]) -> list[Endpoint]:
@@ -183,7 +182,7 @@ class Index:
     def group(self, ref: str) -> SecurityGroup | None:
         return self.groups.get(ref) or next((g for g in self.groups.values() if g.name == ref), None)
 
-    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any], key: str | None = None) -> list[str]:
+    def peer_ips(self, pol: NetworkPolicy, peer: dict[str, Any], key: str | None = None) -> Members:
         """Addresses of the endpoints a selector peer matches; `key` is its `selector_json`."""
         nsel = peer.get("namespaceSelector")
         psel = peer.get("podSelector") or {}
@@ -199,30 +198,120 @@ class Index:
                 return False
             return label_match(psel, ep.labels)
 
-        # the last plan's addresses, unless an endpoint that changed since (before or after) matches
+        # the last plan's addresses, less those of the changed endpoints' old versions that it
+        # matched, plus those of their new versions that it matches
         last = self.last_peers.get(key) if self.changed is not None else None
-        if last is not None and not any(matches(ep) for ep in self.changed or ()):
+        if last is not None:
             self.peer_cache[key] = last
+            for old, new in self.changed or ():
+                if old is not None and matches(old):
+                    last.remove(old.ips)
+                if new is not None and matches(new):
+                    last.add(new.ips)
             return last
-        out: list[str] = []
-        self.peer_cache[key] = out
+        out = self.peer_cache[key] = Members()
         for ep in self.candidates(psel):
             if matches(ep):
-                out.extend(ep.ips)
+                out.add(ep.ips)
         return out
 
 
-def _label_postings(eps: list[Endpoint], memos: Memos | None
-                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]], list[Endpoint] | None]:
+class Members:
+    """The addresses a selector matches, each with how many matching endpoints have it, per IP
+    version; kept from one plan to the next (`Memos.policy_peers`) and changed for the endpoints
+    that changed, with the sets made of them until they change (a pass over every member of
+    every selector was most of a policy fragment with 10,000 endpoints, bench/calc_scale.py)."""
+
+    __slots__ = ("counts", "sets")
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[str, int]] = {4: {}, 6: {}}
+        self.sets: dict[int, NftSet] = {}  # version -> its set, while the members are those
+
+    def add(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            v = ip_version(ip)
+            counts = self.counts[v]
+            counts[ip] = counts.get(ip, 0) + 1
+            self.sets.pop(v, None)
+
+    def remove(self, ips: Iterable[str]) -> None:
+        for ip in ips:
+            v = ip_version(ip)
+            counts = self.counts[v]
+            n = counts[ip] - 1
+            if n:
+                counts[ip] = n
+            else:
+                del counts[ip]
+            self.sets.pop(v, None)
+
+    def nft_set(self, version: int, name: str) -> NftSet:
+        s = self.sets.get(version)
+        if s is None or s.name != name:
+            s = self.sets[version] = NftSet(name, "ipv4_addr" if version == 4 else "ipv6_addr",
+                                            elements=frozenset(self.counts[version]))
+        return s
+
+
+def _policy_postings(policies: Iterable[NetworkPolicy], memos: Memos | None,
+                     by_name: dict[str, NetworkPolicy] | None
+                     ) -> tuple[dict[tuple[str, str, str], list[NetworkPolicy]], dict[str, list[NetworkPolicy]]]:
+    """Policies by (namespace, a label of their pod selector) and, without matchLabels, by
+    namespace (`Index.selecting` sorts what it finds). With `memos` and `by_name` (the policies by
+    store name), the last plan's, changed for the policies the journal names."""
+    by_label: dict[tuple[str, str, str], list[NetworkPolicy]]
+    any_: dict[str, list[NetworkPolicy]]
+    delta = memos.delta("policy_postings") if memos is not None and by_name is not None else None
+    last, by_label, any_ = memos.policy_postings if memos is not None else ({}, {}, {})
+    if memos is not None:
+        memos.policy_postings = ({}, {}, {})  # if this raises half way, the next plan starts afresh
+
+    def posting(p: NetworkPolicy) -> list[NetworkPolicy]:
+        ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
+        if ml:
+            k, v = next(iter(sorted(ml.items())))
+            return by_label.setdefault((p.namespace, k, v), [])
+        return any_.setdefault(p.namespace, [])
+
+    if delta is None or by_name is None:
+        last, by_label, any_ = {}, {}, {}
+        for p in sorted(policies, key=lambda p: (p.namespace, p.name)):
+            last[p.store_name()] = p
+            posting(p).append(p)
+    else:
+        for name in delta.get("NetworkPolicy", ()):
+            old, new = last.pop(name, None), by_name.get(name)
+            if old is not None:
+                found = posting(old)
+                found.remove(old)
+                if not found:  # no empty lists left behind: the postings are those of a cold build
+                    ml = (old.spec.get("podSelector") or {}).get("matchLabels") or {}
+                    if ml:
+                        k, v = next(iter(sorted(ml.items())))
+                        del by_label[(old.namespace, k, v)]
+                    else:
+                        del any_[old.namespace]
+            if new is not None:
+                last[name] = new
+                posting(new).append(new)
+    if memos is not None:
+        memos.policy_postings = (last, by_label, any_)
+    return by_label, any_
+
+
+def _label_postings(eps: list[Endpoint], memos: Memos | None, by_id: dict[str, Endpoint] | None = None
+                    ) -> tuple[dict[tuple[str, str], dict[str, Endpoint]],
+                               list[tuple[Endpoint | None, Endpoint | None]] | None, set[str]]:
     """(label key, value) -> endpoint id -> endpoint; with `memos`, the last plan's, updated. And
-    the endpoints changed since (old and new versions), or None when they were all built afresh."""
+    the endpoints changed since (old and new versions), or None when they were all built afresh;
+    and the endpoints' namespaces."""
     last, postings = memos.policy_labels if memos is not None else ({}, {})
+    counts = memos.policy_ep_ns if memos is not None else {}
+    delta = memos.delta("policy_labels") if memos is not None and by_id is not None else None
     if memos is not None:
         memos.policy_labels = ({}, {})  # if this raises half way, the next plan starts afresh
-    now = {ep.id: ep for ep in eps}
-    if len(now) != len(eps):  # one id twice: not a replica's endpoints, build without the memo
-        last, postings, memos = {}, {}, None
-    changed: list[Endpoint] | None = [] if last else None
+        memos.policy_ep_ns = {}
 
     def drop(ep: Endpoint) -> None:
         for kv in ep.labels.items():
@@ -230,6 +319,38 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None
             del posting[ep.id]
             if not posting:
                 del postings[kv]
+        n = counts[ep.namespace] - 1
+        if n:
+            counts[ep.namespace] = n
+        else:
+            del counts[ep.namespace]
+
+    def add(ep_id: str, ep: Endpoint) -> None:
+        for kv in ep.labels.items():
+            postings.setdefault(kv, {})[ep_id] = ep
+        counts[ep.namespace] = counts.get(ep.namespace, 0) + 1
+
+    if delta is not None and memos is not None and by_id is not None:  # the journal's endpoints only
+        changes: list[tuple[Endpoint | None, Endpoint | None]] = []
+        for ep_id in delta.get("Endpoint", ()):
+            old, new = last.get(ep_id), by_id.get(ep_id)
+            if old is new:
+                continue
+            changes.append((old, new))
+            if old is not None:
+                drop(old)
+                del last[ep_id]
+            if new is not None:
+                add(ep_id, new)
+                last[ep_id] = new
+        memos.policy_labels, memos.policy_ep_ns = (last, postings), counts
+        return postings, changes, set(counts)
+    now = {ep.id: ep for ep in eps}
+    if len(now) != len(eps):  # one id twice: not a replica's endpoints, build without the memo
+        last, postings, memos = {}, {}, None
+    if not last:
+        counts = {}
+    changed: list[tuple[Endpoint | None, Endpoint | None]] | None = [] if last else None
 
     for ep_id, ep in now.items():
         old = last.get(ep_id)
@@ -237,17 +358,16 @@ def _label_postings(eps: list[Endpoint], memos: Memos | None
             continue
         if old is not None:
             drop(old)
-        for kv in ep.labels.items():
-            postings.setdefault(kv, {})[ep_id] = ep
+        add(ep_id, ep)
         if changed is not None:
-            changed += (ep,) if old is None else (old, ep)
+            changed.append((old, ep))
     for ep_id in last.keys() - now.keys():
         drop(last[ep_id])
         if changed is not None:
-            changed.append(last[ep_id])
+            changed.append((last[ep_id], None))
     if memos is not None:
-        memos.policy_labels = (now, postings)
-    return postings, changed
+        memos.policy_labels, memos.policy_ep_ns = (now, postings), counts
+    return postings, changed, set(counts)
 
 
 def selector_json(pol: NetworkPolicy, peer: dict[str, Any]) -> str:
@@ -301,12 +421,14 @@ class Builder:
 
     def selector_sets(self, pol: NetworkPolicy, peer: dict[str, Any], key: str) -> list[str]:
         """The per-IP-version sets of the addresses a selector peer matches (`key`: its selector_json)."""
-        ips = self.idx.peer_ips(pol, peer, key)
+        members = self.idx.peer_ips(pol, peer, key)
         refs = []
         for v in self.versions:
-            members = [ip for ip in ips if ip_version(ip) == v]
-            refs.append(self.add_set(selector_set_name(pol, peer, v, key), "ipv4_addr" if v == 4 else "ipv6_addr",
-                                     members))
+            made = members.sets.get(v)
+            name = made.name if made is not None else selector_set_name(pol, peer, v, key)
+            if name not in self.sets:
+                self.sets[name] = members.nft_set(v, name)
+            refs.append("@" + name)
         return refs
 
     def named_port_set(self, name: str, direction: str) -> str:
@@ -548,17 +670,32 @@ NO_GROUPS = SecurityGroup(id="no-groups", name="no-groups")
 
 def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], policies: Iterable[NetworkPolicy],
             security_groups: Iterable[SecurityGroup], networks: Iterable[Network], host: str,
-            memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset()) -> NftPlan:
+            memos: Memos | None = None, routed: frozenset[tuple[str, str]] = frozenset(),
+            local: list[Endpoint] | None = None, children: dict[str, list[Endpoint]] | None = None,
+            by_id: dict[str, Endpoint] | None = None,
+            policies_by_name: dict[str, NetworkPolicy] | None = None) -> NftPlan:
     """The policy fragment of `host`'s nft table (merged into the base by `calc.merge`); `routed`:
     the subnet pairs routers join, which isolation lets through.
 
     Nested endpoints (a container inside a VM: `parent` set, no interface of its own) share their
     parent's interface, so that interface dispatches by address first (`nested_out`/`nested_in`)
-    and falls back to the parent's own chain (`parent_out`/`parent_in`)."""
-    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos)
+    and falls back to the parent's own chain (`parent_out`/`parent_in`). `local` (this host's
+    endpoints with an interface), `children` (`nested_children`), `by_id` (the endpoints by id) and
+    `policies_by_name` (the policies by store name): when the caller knows them, so they are not
+    found by a pass over every endpoint, and the indexes change for what the journal names."""
+    idx = Index.build(endpoints, namespaces, policies, security_groups, networks, memos, by_id, policies_by_name)
     b = Builder(idx, host, memos, routed)
-    local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
-    children = nested_children(idx.endpoints)
+    if memos is not None:
+        # a workload's layers (policies and groups) are the last plan's while neither changed
+        delta = memos.delta("policy_layers")
+        if delta is not None and not delta.keys() & {"NetworkPolicy", "SecurityGroup"} \
+                and len(memos.policy_layers) < 1 << 13:
+            b._layers = memos.policy_layers
+        memos.policy_layers = {}  # if this raises half way, the next plan starts afresh
+    if local is None:
+        local = [ep for ep in idx.endpoints if ep.host == host and ep.interface]
+    if children is None:
+        children = nested_children(idx.endpoints)
     maps: dict[str, set] = {k: set() for k in ("ep_out", "ep_in", "parent_out", "parent_in", "nested_out",
                                                "nested_in")}
     for ep in local:
@@ -585,6 +722,8 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
             stateful.update(ip for ip in ep.ips if ip_version(ip) == 4)
     b.add_set("stateful", "ipv4_addr", stateful)
     b.memos.workloads = b.workloads
+    if memos is not None:
+        memos.policy_layers = b._layers
     if memos is not None:
         memos.policy_peers = idx.peer_cache
     b.chains["nested_out"] = NftChain("nested_out", (

@@ -215,6 +215,21 @@ def screen(rep: Replica, me: str, memos: Memos | None = None) -> tuple[Replica, 
     The replica itself when nothing is wrong (no copy)."""
     bad: list[Quarantined] = []
     checked = memos.checked if memos is not None else {}
+    delta = memos.delta("screen") if memos is not None else None
+    if delta is not None and memos is not None:  # the objects changed since the last plan only
+        for kind, changed in delta.items():
+            objs = rep.objects.get(kind, {})
+            for name in changed:
+                obj = objs.get(name)
+                reason = None if obj is None else problem(kind, obj, me, memos)
+                if reason is None:
+                    memos.bad.pop((kind, name), None)
+                    if obj is None:
+                        checked.pop((kind, name), None)
+                else:
+                    memos.bad[(kind, name)] = Quarantined(kind, name, reason)
+        bad = list(memos.bad.values())
+        return _screened(rep, bad)
     for kind, objs in rep.objects.items():
         for name, obj in objs.items():
             # an unchanged object's verdict, looked up inline: once per object per plan (10,000
@@ -224,11 +239,16 @@ def screen(rep: Replica, me: str, memos: Memos | None = None) -> tuple[Replica, 
             reason = hit[2] if hit is not None and hit[0] is obj and hit[1] == me else problem(kind, obj, me, memos)
             if reason is not None:
                 bad.append(Quarantined(kind, name, reason))
-    for kind, name, reason in rep.undecodable:
-        bad.append(Quarantined(kind, name, reason))
+    if memos is not None:
+        memos.bad = {(q.kind, q.name): q for q in bad}
     if len(checked) > 2 * sum(len(o) for o in rep.objects.values()) + 1024:  # forget what was deleted
         for key in [k for k in checked if k[1] not in rep.objects.get(k[0], {})]:
             del checked[key]
+    return _screened(rep, bad)
+
+
+def _screened(rep: Replica, bad: list[Quarantined]) -> tuple[Replica, list[Quarantined]]:
+    bad = [*bad, *(Quarantined(kind, name, reason) for kind, name, reason in rep.undecodable)]
     if not any(q.kind in rep.objects for q in bad):
         return rep, bad
     return without(rep, {(q.kind, q.name) for q in bad}), bad

@@ -396,9 +396,168 @@ def compile6(fes: list[Frontend]) -> tuple[list[NftSet], list[NftChain], str, st
     return sets, chains, reject, hairpin_rule
 
 
+class ServiceParts:
+    """What each service adds to the IPv4 maps and sets of the fragment, kept from one plan to the
+    next (`Memos.service_parts`) with how many services add each element: a plan recomputes the
+    services the journal names and those whose backends changed, instead of every frontend of the
+    cluster. Not used while a service has an IPv6 address (those plans are made in full)."""
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key  # (host, node addresses, networks): a change of any makes a new one
+        self.parts: dict[str, tuple[tuple, ...]] = {}  # store name -> its elements, per PART
+        self.counts: tuple[dict, ...] = tuple({} for _ in PARTS)
+        self.services: dict[str, Service] = {}
+        self.by_backend: dict[str, set[str]] = {}  # listed backend endpoint id -> services
+        self.by_namespace: dict[str, set[str]] = {}  # namespace -> services with a selector
+        self.selected: dict[str, set[str]] = {}  # endpoint id -> the selector services that picked it
+        self.picked: dict[str, tuple[str, ...]] = {}  # selector service -> the endpoints it picked
+        self.v6 = 0  # services with an IPv6 address
+        self.fragment: NftPlan | None = None  # made from these parts (None: since changed)
+
+    def put(self, name: str, svc: Service | None, part: tuple[tuple, ...] | None, picked: tuple[str, ...]) -> None:
+        self.fragment = None
+        old_svc = self.services.pop(name, None)
+        if old_svc is not None:
+            self.v6 -= has_v6([old_svc])
+            for b in old_svc.backends:
+                self.by_backend.get(b.endpoint or "", set()).discard(name)
+            self.by_namespace.get(old_svc.namespace, set()).discard(name)
+        for ep_id in self.picked.pop(name, ()):
+            self.selected.get(ep_id, set()).discard(name)
+        old = self.parts.pop(name, None)
+        if old is not None:
+            for items, counts in zip(old, self.counts, strict=True):
+                for item in items:
+                    n = counts[item] - 1
+                    if n:
+                        counts[item] = n
+                    else:
+                        del counts[item]
+        if svc is None or part is None:
+            return
+        self.services[name] = svc
+        self.v6 += has_v6([svc])
+        if svc.selector:
+            self.by_namespace.setdefault(svc.namespace, set()).add(name)
+        for b in svc.backends:
+            self.by_backend.setdefault(b.endpoint or "", set()).add(name)
+        self.picked[name] = picked
+        for ep_id in picked:
+            self.selected.setdefault(ep_id, set()).add(name)
+        self.parts[name] = part
+        for items, counts in zip(part, self.counts, strict=True):
+            for item in items:
+                counts[item] = counts.get(item, 0) + 1
+
+
+# what a service adds, in ServiceParts.counts' order
+PARTS = ("vips", "nodeports", "backend_ip", "backend_port", "empty", "hairpin", "tracked", "slots", "timeouts")
+
+
+def _part(fes: list[Frontend], subnets: list) -> tuple[tuple, ...]:
+    """One service's IPv4 elements, as `compile` makes them from its frontends."""
+    vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts = ([] for _ in PARTS)
+    for f in fes:
+        if ip_version(f.ip) != 4:
+            continue
+        slots.append(len(f.backends))
+        if f.affinity is not None:
+            timeouts.append(f.affinity)
+        tracked.extend(b.ip for b in f.backends if ip_version(b.ip) == 4)
+        if any(network(f.ip).network_address in net for net in subnets):
+            tracked.append(f.ip)
+        key = (f.ip, f.proto, f.port)
+        if not f.backends:
+            if not f.published:
+                empty.append(key)
+            continue
+        target = lb_chain(len(f.backends), f.affinity)
+        if f.published:
+            verdict = f"goto {target}" if f.keep_source else f"goto svc-np-{target.removeprefix('svc-')}"
+            if f.at_address:
+                vips.append((key, verdict))
+            else:
+                nodeports.append(((f.proto, f.port), verdict))
+        else:
+            vips.append((key, f"goto {target}"))
+        for slot, b in enumerate(f.backends, start=1):
+            backend_ip.append(((f.ip, f.proto, f.port, slot), b.ip))
+            backend_port.append(((f.ip, f.proto, f.port, slot), b.port))
+            hairpin.append((b.ip, b.ip))
+    return tuple(map(tuple, (vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts)))
+
+
+def _service_parts(by_name: dict[str, Service], endpoints: EndpointIndex, networks: list[Network], host: str,
+                   node_ips: list[str], memos: Memos) -> ServiceParts | None:
+    """This plan's `ServiceParts`, changed for what the journal names; None when they cannot serve
+    (a full plan: `compile` then makes them afresh for the next)."""
+    delta = memos.delta("service_parts")
+    st: ServiceParts | None = memos.service_parts
+    memos.service_parts = None  # if this raises half way, the next plan starts afresh
+    key = (host, tuple(node_ips), tuple(networks))
+    if delta is None or st is None or st.key != key or st.v6:
+        return None
+    subnets = [network(c) for n in networks for c in v4_subnets(n)]
+    affected = set(delta.get("Service", ()))
+    for ep_id in delta.get("Endpoint", ()):
+        affected |= st.by_backend.get(ep_id, set())
+        affected |= st.selected.get(ep_id, set())
+        ep = endpoints.by_id.get(ep_id)
+        if ep is not None:
+            affected.update(name for name in st.by_namespace.get(ep.namespace, ()) if _picks(st.services[name], ep))
+    for name in affected:
+        svc = by_name.get(name)
+        if svc is None:
+            st.put(name, None, None, ())
+            continue
+        picked = tuple(ep.id for ep in selected(svc, endpoints))
+        st.put(name, svc, _part(_frontends(svc, endpoints, host, node_ips), subnets), picked)
+    if st.v6:
+        return None
+    memos.service_parts = st
+    return st
+
+
+def _picks(svc: Service, ep: Endpoint) -> bool:
+    """Would `selected` pick this endpoint for this service (one with a selector)?"""
+    return (ep.namespace == svc.namespace and ep.ready and selects(svc.selector, ep.labels)
+            and (not svc.network or ep.network == svc.network))
+
+
 def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIndex, networks: list[Network],
-            host: str, node_ips: list[str], memos: Memos | None = None) -> NftPlan:
-    """The services fragment for `host` (merged into the base table by calc.merge)."""
+            host: str, node_ips: list[str], memos: Memos | None = None,
+            by_name: dict[str, Service] | None = None) -> NftPlan:
+    """The services fragment for `host` (merged into the base table by calc.merge). With `memos`
+    and `by_name` (the services by store name), the IPv4 elements are the last plan's changed for
+    what the journal names (`ServiceParts`); the first plan, and any the journal cannot tell, make
+    them all from the frontends."""
+    if memos is None or by_name is None:
+        return _compile(services, endpoints, networks, host, node_ips, memos)
+    index = _index(endpoints)
+    st = _service_parts(by_name, index, networks, host, node_ips, memos)
+    if st is not None:
+        if st.fragment is None:  # (an unchanged one is the last plan's: node addresses are in the key)
+            c = st.counts
+            st.fragment = _fragment(frozenset(c[0]), frozenset(c[1]), frozenset(c[2]), frozenset(c[3]),
+                                    frozenset(c[4]), frozenset(c[5]), frozenset(c[6]), max([PREDEFINED_SLOTS, *c[7]]),
+                                    sorted(c[8]), node_ips, bool(st.services), [], [], None, None)
+        return st.fragment
+    out = _compile(services, index, networks, host, node_ips, memos)
+    if not has_v6(services):  # the parts for the next plan
+        subnets = [network(c) for n in networks for c in v4_subnets(n)]
+        st = ServiceParts((host, tuple(node_ips), tuple(networks)))
+        by_service: dict[str, list[Frontend]] = {}
+        for f in frontends(services, index, host, node_ips, memos):
+            by_service.setdefault(f.service, []).append(f)
+        for name, svc in by_name.items():
+            st.put(name, svc, _part(by_service.get(f"{svc.namespace}/{svc.name}", []), subnets),
+                   tuple(ep.id for ep in selected(svc, index)))
+        memos.service_parts = st
+    return out
+
+
+def _compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIndex, networks: list[Network],
+             host: str, node_ips: list[str], memos: Memos | None = None) -> NftPlan:
     every = frontends(services, endpoints, host, node_ips, memos)
     fes = [f for f in every if ip_version(f.ip) == 4]
     sets6, chains6, reject6, hairpin6 = (compile6([f for f in every if ip_version(f.ip) == 6])
@@ -434,11 +593,21 @@ def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointInd
             backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
             hairpin.add((b.ip, b.ip))
 
+    return _fragment(frozenset(vips), frozenset(nodeports), frozenset(backend_ip), frozenset(backend_port),
+                     frozenset(empty), frozenset(hairpin), tracked_addresses(fes, networks), max_n, timeouts,
+                     node_ips, bool(services), sets6, chains6, reject6, hairpin6)
+
+
+def _fragment(vips: frozenset, nodeports: frozenset, backend_ip: frozenset, backend_port: frozenset,
+              empty: frozenset, hairpin: frozenset, tracked: frozenset, max_n: int, timeouts: list[int],
+              node_ips: list[str], any_services: bool, sets6: list[NftSet], chains6: list[NftChain],
+              reject6: str | None, hairpin6: str | None) -> NftPlan:
+    """The fragment from its elements (`compile`'s, or those `ServiceParts` keeps)."""
     chains = [random_chain(n) for n in range(1, max_n + 1)]
     chains += [affinity_chain(t, n) for t in timeouts for n in range(1, max_n + 1)]
     chains += [published_chain(c.name) for c in list(chains)]
     snat = [{"snat": {"family": "ip", "addr": node_ips[0]}}] if node_ips else [MASQUERADE]
-    if services:  # a nat chain is a hook call on every packet: none without services (calc.host.needs_nat)
+    if any_services:  # a nat chain is a hook call on every packet: none without services (calc.host.needs_nat)
         chains.append(NftChain("svc_postrouting", (
             rule(match(ct("status"), "dnat", "in"), match({"concat": [_SADDR, _DADDR]}, "@svc_hairpin"),
                  *snat, comment="hairpin"),
@@ -455,13 +624,13 @@ def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointInd
     chains += chains6
 
     sets = [
-        NftSet("svc_vips", FRONTEND, map_type="verdict", elements=frozenset(vips)),
-        NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict", elements=frozenset(nodeports)),
-        NftSet("svc_backend_ip", (*FRONTEND, "mark"), map_type="ipv4_addr", elements=frozenset(backend_ip)),
-        NftSet("svc_backend_port", (*FRONTEND, "mark"), map_type="inet_service", elements=frozenset(backend_port)),
-        NftSet("svc_empty", FRONTEND, elements=frozenset(empty)),
-        NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=frozenset(hairpin)),
-        NftSet("stateful", "ipv4_addr", elements=tracked_addresses(fes, networks)),
+        NftSet("svc_vips", FRONTEND, map_type="verdict", elements=vips),
+        NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict", elements=nodeports),
+        NftSet("svc_backend_ip", (*FRONTEND, "mark"), map_type="ipv4_addr", elements=backend_ip),
+        NftSet("svc_backend_port", (*FRONTEND, "mark"), map_type="inet_service", elements=backend_port),
+        NftSet("svc_empty", FRONTEND, elements=empty),
+        NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=hairpin),
+        NftSet("stateful", "ipv4_addr", elements=tracked),
     ]
     sets += sets6
     if timeouts:
