@@ -47,7 +47,7 @@ STATUS_INTERVAL = 10.0
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
     """(device, MTU, CIDR) of the interface holding the underlay address."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     want = ipaddress.ip_address(ip)  # an IPv6 one may be written in any of its forms
     with IPRoute() as ipr:
