@@ -194,17 +194,20 @@ class Agent:
 
     async def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
+        t0 = time.monotonic()
         if replica_file.load(self.replica, self.replica_path):
-            log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
+            log.info("loaded the last replica (revision %d, %d endpoints) from disk in %.2f s", self.replica.revision,
+                     len(self.replica.objects["Endpoint"]), time.monotonic() - t0)
             self._from_disk = self.replica.revision > 0
             heap.trim()
+        warm = [asyncio.create_task(self._warm_up())] if self._from_disk else []
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
         await self._start_extras()
         heap.settle()
-        tasks = [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
-                                                  self._reconcile_loop())]
+        tasks = warm + [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
+                                                         self._reconcile_loop())]
         await self._stop.wait()
         for t in tasks:
             t.cancel()
@@ -383,6 +386,30 @@ class Agent:
                     self._extra_errors.pop(type(e).__name__, None)
                 except Exception as exc:  # noqa: BLE001 - optional services never stop the datapath
                     self._extra_failed(type(e).__name__, exc)
+
+    async def _warm_up(self) -> None:
+        """A restarted agent plans from its copy on disk while it registers and catches up with the
+        server. Nothing is written to the kernel (the copy may be a second behind what is programmed),
+        but the planner then holds what that plan leaves for the next, so the first apply after the
+        catch-up plans only what changed since: at 10,000 endpoints a cold plan takes seconds, and
+        it no longer waits for the registration and the watch (issue 29: restart within 5 s)."""
+        async with self._apply_lock:
+            if self._synced_once:
+                return
+            ctx = HostContext(self.host, self.underlay_dev, self.underlay_mtu)
+            key = (self.replica.revision, self._kicks, len(self.replica.objects["Endpoint"]), ctx)
+            view = self.replica.view()
+            t0 = time.monotonic()
+            try:
+                await asyncio.to_thread(self._warm_sync, view, key)
+            except Exception:  # noqa: BLE001 - the first apply plans it again
+                log.exception("planning from the copy on disk failed")
+                return
+            log.info("planned from the copy on disk in %.2f s (plan %.0f ms)", time.monotonic() - t0, self._plan_ms)
+
+    def _warm_sync(self, view: Replica, key: tuple) -> None:
+        with yielding.background():
+            self._plan(view, key)
 
     def _extra_failed(self, name: str, exc: Exception) -> None:
         """An optional service's update failed: logged with its traceback once per distinct error
