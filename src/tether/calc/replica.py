@@ -167,23 +167,30 @@ class Replica:
 #   sets are shared (pydantic only ever adds names to them, and they hold every name already);
 #   `exclude_unset`, which reads them, is not used on replica objects.
 # - pydantic stores an instance's fields in a dict of its own (832 bytes for an endpoint's 26 fields);
-#   set one by one, they go into a dict that shares its keys with every instance of the class, as a
-#   plain Python object's attributes do (280 bytes).
+#   copied from a dict that shares its keys (a plain object's attribute dict: `_KEYS`), they take
+#   296 bytes, as a plain Python object's attributes do (a dict of shared keys holds room for 30
+#   values: objects of fewer than `_SHARED_KEYS_FROM` fields keep their own dict, it is smaller).
 # - names that repeat across objects (a network's, a host's, a namespace's, label keys and values)
 #   are interned, and equal sub-objects made only of such values (an API endpoint's owner, a
 #   service port) are one object: replica objects are replaced, never changed in place.
 _FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
+_KEYS: dict[tuple[type, tuple[str, ...]], dict[str, Any]] = {}
 _INTERNED_FIELDS = frozenset({"network", "host", "namespace", "status", "type", "protocol", "encap", "dns_domain"})
 _SHARED_VALUES: dict[tuple, BaseModel] = {}
 _SHARED_LIMIT = 10_000  # distinct shared sub-objects kept (owners of CNI endpoints are all distinct)
 _SCALARS = (str, int, float, bool, type(None))
+_SHARED_KEYS_FROM = 8
+
+
+class _Attributes:
+    """A plain object: its attribute dict shares its keys with its class's other instances."""
 
 
 def _compact(model: BaseModel) -> BaseModel:
     cls = type(model)
     names = model.__pydantic_fields_set__
     fields = _FIELDS_SETS.setdefault((cls, frozenset(names)), names)
-    new = object.__new__(cls)
+    values = {}
     for k, v in model.__dict__.items():
         if isinstance(v, str):
             if k in _INTERNED_FIELDS:
@@ -195,7 +202,20 @@ def _compact(model: BaseModel) -> BaseModel:
                 v = [_shared(_compact(item)) for item in v]
         elif k == "labels" and isinstance(v, dict):
             v = {sys.intern(a): sys.intern(b) for a, b in v.items()}
-        object.__setattr__(new, k, v)
+        values[k] = v
+    if len(values) >= _SHARED_KEYS_FROM:
+        keys = (cls, tuple(values))
+        template = _KEYS.get(keys)
+        if template is None:
+            holder = type(f"_{cls.__name__}Attributes", (_Attributes,), {})()  # a class of its own: its keys only
+            for k in values:
+                setattr(holder, k, None)
+            template = _KEYS[keys] = holder.__dict__
+        d = template.copy()  # shares the keys
+        d.update(values)
+        values = d
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", values)
     object.__setattr__(new, "__pydantic_fields_set__", fields)
     object.__setattr__(new, "__pydantic_extra__", model.__pydantic_extra__)
     object.__setattr__(new, "__pydantic_private__", model.__pydantic_private__)
