@@ -386,6 +386,11 @@ class Agent:
                     self._extra_errors.pop(type(e).__name__, None)
                 except Exception as exc:  # noqa: BLE001 - optional services never stop the datapath
                     self._extra_failed(type(e).__name__, exc)
+            if verify or self.applies == 1:
+                # the first plan, nft batch and DNS records after a start are built whole, and each
+                # reconcile pass reads the kernel's state back: hand back what those left free
+                # (~7 MB at 10,000 endpoints; it takes well under a millisecond)
+                heap.trim()
 
     async def _warm_up(self) -> None:
         """A restarted agent plans from its copy on disk while it registers and catches up with the

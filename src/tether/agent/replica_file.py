@@ -17,7 +17,7 @@ def save(rep: Replica, path: str) -> None:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".replica.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(rep.encoded())
+        f.writelines(rep.encoded_parts())
     os.replace(tmp, path)
 
 
