@@ -180,14 +180,13 @@ class Replica:
 #   296 bytes, as a plain Python object's attributes do (a dict of shared keys holds room for 30
 #   values: objects of fewer than `_SHARED_KEYS_FROM` fields keep their own dict, it is smaller).
 # - names that repeat across objects (a network's, a host's, a namespace's, label keys and values)
-#   are interned, and equal sub-objects made only of such values (an API endpoint's owner, a
-#   service port) are one object: replica objects are replaced, never changed in place.
+#   are interned, and equal sub-objects made only of such values and numbers (an API endpoint's
+#   owner) are one object: replica objects are replaced, never changed in place.
 _FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
 _KEYS: dict[tuple[type, tuple[str, ...]], dict[str, Any]] = {}
 _INTERNED_FIELDS = frozenset({"network", "host", "namespace", "status", "type", "protocol", "encap", "dns_domain"})
 _SHARED_VALUES: dict[tuple, BaseModel] = {}
-_SHARED_LIMIT = 10_000  # distinct shared sub-objects kept (owners of CNI endpoints are all distinct)
-_SCALARS = (str, int, float, bool, type(None))
+_SHARED_LIMIT = 1_000  # distinct shared sub-objects kept (a few: they hold only small values)
 _SHARED_KEYS_FROM = 8
 
 
@@ -232,11 +231,13 @@ def _compact(model: BaseModel) -> BaseModel:
 
 
 def _shared(model: BaseModel) -> BaseModel:
-    """One object for equal sub-objects whose fields are all plain values (an owner, a port)."""
-    values = tuple(model.__dict__.values())
-    if model.__pydantic_extra__ or model.__pydantic_private__ or not all(isinstance(v, _SCALARS) for v in values):
+    """One object for equal sub-objects that hold no id or free text (an API endpoint's owner: its
+    type and nothing else); one with any other string (a CNI owner's container id) is its own."""
+    if model.__pydantic_extra__ or model.__pydantic_private__ or not all(
+            v is None or isinstance(v, (bool, int)) or (k in _INTERNED_FIELDS and isinstance(v, str))
+            for k, v in model.__dict__.items()):
         return model
-    key = (type(model), values)
+    key = (type(model), tuple(model.__dict__.values()))
     shared = _SHARED_VALUES.get(key)
     if shared is not None:
         return shared
