@@ -200,12 +200,14 @@ class Agent:
                      len(self.replica.objects["Endpoint"]), time.monotonic() - t0)
             self._from_disk = self.replica.revision > 0
             heap.trim()
-        warm = [asyncio.create_task(self._warm_up())] if self._from_disk else []
         await self.cni.start()
         log.warning("agent %s up: underlay %s on %s (mtu %d), CNI socket %s", self.host, self.cfg.underlay_ip,
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
         await self._start_extras()
         heap.settle()
+        # after the extras: their start (the DNS records, built on this loop) comes before the host
+        # registers, and a plan on another thread would only slow it down (one GIL)
+        warm = [asyncio.create_task(self._warm_up())] if self._from_disk else []
         tasks = warm + [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
                                                          self._reconcile_loop())]
         await self._stop.wait()
