@@ -205,11 +205,8 @@ class Agent:
                     self.underlay_dev, self.underlay_mtu, self.cfg.cni_socket)
         await self._start_extras()
         heap.settle()
-        # after the extras: their start (the DNS records, built on this loop) comes before the host
-        # registers, and a plan on another thread would only slow it down (one GIL)
-        warm = [asyncio.create_task(self._warm_up())] if self._from_disk else []
-        tasks = warm + [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
-                                                         self._reconcile_loop())]
+        tasks = [asyncio.create_task(t) for t in (self._sync_loop(), self._apply_loop(), self._heartbeat_loop(),
+                                                  self._reconcile_loop())]
         await self._stop.wait()
         for t in tasks:
             t.cancel()
@@ -393,30 +390,6 @@ class Agent:
                 # reconcile pass reads the kernel's state back: hand back what those left free
                 # (~7 MB at 10,000 endpoints; it takes well under a millisecond)
                 heap.trim()
-
-    async def _warm_up(self) -> None:
-        """A restarted agent plans from its copy on disk while it registers and catches up with the
-        server. Nothing is written to the kernel (the copy may be a second behind what is programmed),
-        but the planner then holds what that plan leaves for the next, so the first apply after the
-        catch-up plans only what changed since: at 10,000 endpoints a cold plan takes seconds, and
-        it no longer waits for the registration and the watch (issue 29: restart within 5 s)."""
-        async with self._apply_lock:
-            if self._synced_once:
-                return
-            ctx = HostContext(self.host, self.underlay_dev, self.underlay_mtu)
-            key = (self.replica.revision, self._kicks, len(self.replica.objects["Endpoint"]), ctx)
-            view = self.replica.view()
-            t0 = time.monotonic()
-            try:
-                await asyncio.to_thread(self._warm_sync, view, key)
-            except Exception:  # noqa: BLE001 - the first apply plans it again
-                log.exception("planning from the copy on disk failed")
-                return
-            log.info("planned from the copy on disk in %.2f s (plan %.0f ms)", time.monotonic() - t0, self._plan_ms)
-
-    def _warm_sync(self, view: Replica, key: tuple) -> None:
-        with yielding.background():
-            self._plan(view, key)
 
     def _extra_failed(self, name: str, exc: Exception) -> None:
         """An optional service's update failed: logged with its traceback once per distinct error
