@@ -2,7 +2,7 @@
 programmed, with a TCP stream through it that must not break (issue 29: 120 MB, 5 s at 10,000
 endpoints / 1,000 policies / 500 services).
 
-    sudo .venv/bin/python -m bench.agent_scale [--endpoints 10000] [--fake-hosts 98] [--restarts 2]
+    sudo .venv/bin/python -m bench.agent_scale [--endpoints 10000] [--fake-hosts 98] [--restarts 2] [--keep DIR]
 
 A 2-host lab (real agents h1, h2 in their namespaces); `--fake-hosts` more hosts registered through
 the API without agents carry the endpoints (1 policy per 10 endpoints, 1 service per 20), as
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,12 +121,19 @@ def main() -> None:
     p.add_argument("--fake-hosts", type=int, default=98, help="hosts without agents (default %(default)s)")
     p.add_argument("--restarts", type=int, default=2, help="restarts of h1's agent measured (default %(default)s)")
     p.add_argument("--kill", action="store_true", help="stop the agent with SIGKILL instead of SIGTERM")
+    p.add_argument("--keep", metavar="DIR", help="copy h1's agent log (its restart phases, with times) and its "
+                   "replica file (a real replica of that size, to profile the calculation in-process) to DIR")
     a = p.parse_args()
     unique("bench")
     lab = make_lab(hosts=2)
     try:
         result = measure(lab, a.endpoints, a.fake_hosts, a.restarts, a.kill)
     finally:
+        if a.keep:
+            os.makedirs(a.keep, exist_ok=True)
+            for name in ("agent.log", "replica.json"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(os.path.join(lab.agent_dir("h1"), name), os.path.join(a.keep, name))
         lab.down()
     print(json.dumps(result, indent=2))
 

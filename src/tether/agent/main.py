@@ -47,7 +47,7 @@ STATUS_INTERVAL = 10.0
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
     """(device, MTU, CIDR) of the interface holding the underlay address."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     want = ipaddress.ip_address(ip)  # an IPv6 one may be written in any of its forms
     with IPRoute() as ipr:
@@ -194,8 +194,10 @@ class Agent:
 
     async def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
+        t0 = time.monotonic()
         if replica_file.load(self.replica, self.replica_path):
-            log.info("loaded the last replica (revision %d) from disk", self.replica.revision)
+            log.info("loaded the last replica (revision %d, %d endpoints) from disk in %.2f s", self.replica.revision,
+                     len(self.replica.objects["Endpoint"]), time.monotonic() - t0)
             self._from_disk = self.replica.revision > 0
             heap.trim()
         await self.cni.start()
@@ -383,6 +385,11 @@ class Agent:
                     self._extra_errors.pop(type(e).__name__, None)
                 except Exception as exc:  # noqa: BLE001 - optional services never stop the datapath
                     self._extra_failed(type(e).__name__, exc)
+            if verify or self.applies == 1:
+                # the first plan, nft batch and DNS records after a start are built whole, and each
+                # reconcile pass reads the kernel's state back: hand back what those left free
+                # (~7 MB at 10,000 endpoints; it takes well under a millisecond)
+                heap.trim()
 
     def _extra_failed(self, name: str, exc: Exception) -> None:
         """An optional service's update failed: logged with its traceback once per distinct error

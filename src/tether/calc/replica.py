@@ -6,7 +6,8 @@ down, so a restart never needs the server to keep the datapath as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -207,12 +208,21 @@ class Replica:
         return r
 
     def encoded(self) -> str:
-        """The replica as the JSON text `load` reads, made by pydantic's serializer each time (~4 us
-        an object: 40-50 ms with 10,000 endpoints, at most once a second). Not kept per object: that
-        copy of every object's text was ~10 MB of an agent's memory at 10,000 endpoints."""
-        items = [f'{{"kind": "{kind}", "object": {obj.model_dump_json()}}}'
-                 for kind, objs in self.objects.items() for obj in objs.values()]
-        return f'{{"revision": {self.revision}, "objects": [{", ".join(items)}]}}'
+        """The replica as the JSON text `load` reads (see `encoded_parts`)."""
+        return "".join(self.encoded_parts())
+
+    def encoded_parts(self) -> Iterator[str]:
+        """The replica's JSON text in pieces, one per object, each made by pydantic's serializer when
+        asked (~4 us an object: 40-50 ms with 10,000 endpoints, at most once a second), so a writer
+        never holds the whole text (~7 MB at 10,000 endpoints). Not kept per object: that copy of
+        every object's text was ~10 MB of an agent's memory at 10,000 endpoints."""
+        yield f'{{"revision": {self.revision}, "objects": ['
+        sep = ""
+        for kind, objs in self.objects.items():
+            for obj in list(objs.values()):
+                yield f'{sep}{{"kind": "{kind}", "object": {obj.model_dump_json()}}}'
+                sep = ", "
+        yield "]}"
 
     # --- views ----------------------------------------------------------------------------------
 
@@ -260,33 +270,87 @@ class Replica:
         return self.objects["Endpoint"].get(ep_id)  # type: ignore[return-value]
 
 
-# pydantic gives every model instance a set of the names of the fields it was given: decoded from the
-# server's JSON, that is every field, ~2.3 KB for an endpoint and 0.7 KB more for its owner - over half
-# of what an endpoint takes in the agent's memory. Equal sets are shared (pydantic only ever adds
-# names to them, and they hold every name already); `exclude_unset`, which reads them, is not used on
-# replica objects.
+# What a decoded object keeps, made smaller (issue 29: agent RSS at 10,000 endpoints), without a
+# change to what it is: `_compact` returns an equal model of the same class.
+# - pydantic gives every instance a set of the names of the fields it was given: decoded from the
+#   server's JSON, that is every field, ~2.3 KB for an endpoint and 0.7 KB more for its owner. Equal
+#   sets are shared (pydantic only ever adds names to them, and they hold every name already);
+#   `exclude_unset`, which reads them, is not used on replica objects.
+# - pydantic stores an instance's fields in a dict of its own (832 bytes for an endpoint's 26 fields);
+#   copied from a dict that shares its keys (a plain object's attribute dict: `_KEYS`), they take
+#   296 bytes, as a plain Python object's attributes do (a dict of shared keys holds room for 30
+#   values: objects of fewer than `_SHARED_KEYS_FROM` fields keep their own dict, it is smaller).
+# - names that repeat across objects (a network's, a host's, a namespace's, label keys and values)
+#   are interned, and equal sub-objects made only of such values and numbers (an API endpoint's
+#   owner) are one object: replica objects are replaced, never changed in place.
 _FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
+_KEYS: dict[tuple[type, tuple[str, ...]], dict[str, Any]] = {}
+_INTERNED_FIELDS = frozenset({"network", "host", "namespace", "status", "type", "protocol", "encap", "dns_domain"})
+_SHARED_VALUES: dict[tuple, BaseModel] = {}
+_SHARED_LIMIT = 1_000  # distinct shared sub-objects kept (a few: they hold only small values)
+_SHARED_KEYS_FROM = 8
 
 
-def _share_fields_sets(model: BaseModel) -> None:
+class _Attributes:
+    """A plain object: its attribute dict shares its keys with its class's other instances."""
+
+
+def _compact(model: BaseModel) -> BaseModel:
+    cls = type(model)
     names = model.__pydantic_fields_set__
-    shared = _FIELDS_SETS.setdefault((type(model), frozenset(names)), names)
-    if shared is not names:
-        object.__setattr__(model, "__pydantic_fields_set__", shared)
-    for value in model.__dict__.values():
-        if isinstance(value, BaseModel):
-            _share_fields_sets(value)
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            for item in value:
-                _share_fields_sets(item)
+    fields = _FIELDS_SETS.setdefault((cls, frozenset(names)), names)
+    values = {}
+    for k, v in model.__dict__.items():
+        if isinstance(v, str):
+            if k in _INTERNED_FIELDS:
+                v = sys.intern(v)
+        elif isinstance(v, BaseModel):
+            v = _shared(_compact(v))
+        elif isinstance(v, list):
+            if v and isinstance(v[0], BaseModel):
+                v = [_shared(_compact(item)) for item in v]
+        elif k == "labels" and isinstance(v, dict):
+            v = {sys.intern(a): sys.intern(b) for a, b in v.items()}
+        values[k] = v
+    if len(values) >= _SHARED_KEYS_FROM:
+        keys = (cls, tuple(values))
+        template = _KEYS.get(keys)
+        if template is None:
+            holder = type(f"_{cls.__name__}Attributes", (_Attributes,), {})()  # a class of its own: its keys only
+            for k in values:
+                setattr(holder, k, None)
+            template = _KEYS[keys] = holder.__dict__
+        d = template.copy()  # shares the keys
+        d.update(values)
+        values = d
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", values)
+    object.__setattr__(new, "__pydantic_fields_set__", fields)
+    object.__setattr__(new, "__pydantic_extra__", model.__pydantic_extra__)
+    object.__setattr__(new, "__pydantic_private__", model.__pydantic_private__)
+    return new
+
+
+def _shared(model: BaseModel) -> BaseModel:
+    """One object for equal sub-objects that hold no id or free text (an API endpoint's owner: its
+    type and nothing else); one with any other string (a CNI owner's container id) is its own."""
+    if model.__pydantic_extra__ or model.__pydantic_private__ or not all(
+            v is None or isinstance(v, (bool, int)) or (k in _INTERNED_FIELDS and isinstance(v, str))
+            for k, v in model.__dict__.items()):
+        return model
+    key = (type(model), tuple(model.__dict__.values()))
+    shared = _SHARED_VALUES.get(key)
+    if shared is not None:
+        return shared
+    if len(_SHARED_VALUES) < _SHARED_LIMIT:
+        _SHARED_VALUES[key] = model
+    return model
 
 
 def _decode(kind: str, raw: Any) -> tuple[Obj | None, str]:
     """The object, or None and why the model refuses it (one bad object never stops a replica)."""
     try:
-        obj = KINDS[kind].model_validate(raw)
-        _share_fields_sets(obj)
-        return obj, ""
+        return _compact(KINDS[kind].model_validate(raw)), ""  # type: ignore[return-value]
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

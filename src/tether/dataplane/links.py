@@ -25,7 +25,7 @@ import socket
 from collections.abc import Container
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.calc.names import LINK_PREFIX, RTPROT_TETHER, VTEP_NAME, own_link

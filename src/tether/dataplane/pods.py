@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.calc.names import DOCKER_PEER, POD_GATEWAY, POD_GATEWAY6, ForeignLink, own_link, require_own_link

@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from tether.calc.names import VM_DHCP_SERVER, confined_netns, own_link, require_own_link
