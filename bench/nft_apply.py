@@ -44,7 +44,7 @@ from tether.dataplane import nft as nft_dp
 from tether.dataplane.nft import NftDataplane
 
 DUMP = re.compile(r"nlmsg_type=NFNL_SUBSYS_NFTABLES<<8\|NFT_MSG_(GET\w+), nlmsg_flags=[^,]*NLM_F_DUMP")
-RECEIVED = re.compile(r"^\d+ recvmsg\(.*\) = (\d+)$", re.M)
+RECEIVED = re.compile(r"^\d+\s+recvmsg\(.*\)\s+=\s+(\d+)$", re.M)
 
 
 def cpu() -> tuple[float, float]:
@@ -99,7 +99,7 @@ def traced_nft(fetched: list[dict[str, Any]]) -> Callable[[list[dict], str | Non
         if not commands:
             return
         with tempfile.NamedTemporaryFile("r", suffix=".strace") as trace:
-            cmd = ["strace", "-f", "-qq", "-s", "0", "-e", "trace=sendto,sendmsg,recvmsg", "-o", trace.name,
+            cmd = ["strace", "-f", "-qq", "-s", "8", "-e", "trace=sendto,sendmsg,recvmsg", "-o", trace.name,
                    "nft", "-j", "-f", "-"]
             if netns:
                 cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -142,11 +142,11 @@ def measure(size: str, repeat: int, kinds: list[str], trace: bool) -> dict[str, 
             try:
                 back = makers[kind](rep)
                 h.apply()
-                fetch[kind + "+"] = seen[-1] if seen else None
+                fetch[kind + "+"] = seen[-1] if seen else "no nft run"
                 seen.clear()
                 back()
                 h.apply()
-                fetch[kind + "-"] = seen[-1] if seen else None
+                fetch[kind + "-"] = seen[-1] if seen else "no nft run"
             finally:
                 nft_dp.run_nft = real
         for kind in kinds:
@@ -177,10 +177,14 @@ def main() -> None:
                    help="comma-separated: member, endpoint_local, service, host, endpoint_remote, policy")
     p.add_argument("--no-trace", action="store_true",
                    help="skip the one untimed round per change under strace that records what nft fetched")
+    p.add_argument("--no-netlink", action="store_true",
+                   help="element-only changes through nft too (what they cost without dataplane/nft_netlink.py)")
     a = p.parse_args()
+    if a.no_netlink and hasattr(nft_dp, "netlink_changes"):
+        nft_dp.netlink_changes = lambda changed: None  # type: ignore[attr-defined]
     trace = not a.no_trace and shutil.which("strace") is not None
     version = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    result: dict[str, Any] = {"nft": version}
+    result: dict[str, Any] = {"nft": version, "netlink": hasattr(nft_dp, "netlink_changes") and not a.no_netlink}
     kinds = a.changes.split(",")
     for size in a.sizes.split(","):
         result[size] = measure(size, a.repeat, kinds, trace)
