@@ -45,6 +45,9 @@ def plan(step: int) -> NftPlan:
         NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=frozenset((f"10.0.0.{i}", "10.0.0.9") for i in b)),
         NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict",
                elements=frozenset((("tcp", 30000 + i), "goto in-b") for i in b)),
+        NftSet("svc_backend_ip6", ("ipv6_addr", "inet_proto", "inet_service", "mark"), map_type="ipv6_addr",
+               elements=frozenset(((f"fd00:96::{i}", "sctp", 443, i), f"fd0{step}::{i}") for i in a)),
+        NftSet("svc_hairpin6", ("ipv6_addr", "ipv6_addr"), elements=frozenset((f"fd00::{i}", "fd00::9") for i in b)),
     )
     chains = (
         NftChain("forward", (rule({"vmap": {"key": {"meta": {"key": "oifname"}}, "data": "@ep_in"}}),),
