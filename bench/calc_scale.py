@@ -264,6 +264,7 @@ def main() -> None:
     p.add_argument("--sizes", default="small,big")
     a = p.parse_args()
     nft_dp.run_nft = lambda commands, netns=None: None  # no kernel: the batch is built, not sent
+    nft_dp.run_elements = lambda sock, batch: None  # the same for element-only batches (encoded, not sent)
     nft_dp.list_table = lambda netns=None: None
     result: dict[str, Any] = {}
     for size in a.sizes.split(","):

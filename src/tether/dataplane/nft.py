@@ -1,9 +1,13 @@
-"""Applying the Plan's nftables table (`inet tether`) through `nft -j -f -`.
+"""Applying the Plan's nftables table (`inet tether`) through `nft -j -f -`, and element changes over netlink.
 
-Every apply is one atomic `nft -j -f -` batch, and changes only what differs from the last apply:
-- set elements (a pod joins a label set, a backend is added): new elements through `add set|map`
-  with elements, a shrinking plain set flushed and refilled, `delete element` only when an interval
-  set shrinks (see `_element_diff`: element commands make nft 1.0.6 fetch every set's elements);
+Every apply is one atomic batch, and changes only what differs from the last apply:
+- set elements (a pod joins a label set, a backend is added): when nothing else changes and every
+  changed set is a plain (non-interval) set or map of the types `nft_netlink` encodes, one netlink
+  batch of element deletes and adds, without running nft (whose fetch before each batch made a
+  one-element change cost in proportion to the table: `nft_netlink`, bench/nft_apply.py);
+  otherwise, in the nft batch, new elements through `add set|map` with elements (nft 1.0.6 then
+  fetches no element), a small shrinking plain set flushed and refilled and a larger one, or an
+  interval set, given `delete element` (see `element_commands`);
 - structure, at chain and set granularity: a chain whose rules changed is flushed and refilled, new
   chains and sets are added, removed ones deleted, a base chain whose hook/priority/policy changed or
   a set whose definition (type, flags, map type, timeout) changed is deleted and re-added in the same
@@ -38,12 +42,13 @@ from typing import Any
 
 from tether.calc.names import NFT_TABLE, digest, own_link
 from tether.calc.plan import NftChain, NftPlan, NftSet
+from tether.dataplane import nft_netlink
 
 log = logging.getLogger(__name__)
 
 FAMILY = "inet"
 VERDICTS = ("jump ", "goto ")
-REFILL_LIMIT = 4096  # up to this many elements are re-added rather than deleting some (see _element_diff)
+REFILL_LIMIT = 64  # up to this many elements are re-added rather than deleting some (see element_commands)
 MARKER_PREFIX = "plan-"  # the marker chain: MARKER_PREFIX + hash of the table's structure
 
 
@@ -167,7 +172,10 @@ def chain_key(c: NftChain) -> str:
     return f"{c.hook}|{c.type}|{c.priority}|{c.policy}" + (f"|{c.device}" if c.device else "")
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def rules_digest(rules: tuple[str, ...]) -> str:
+    """Memoised: every apply digests every chain's rules to compare layouts (0.6 ms per apply with
+    169 chains), while most chains' rules are unchanged from one plan to the next."""
     return digest("\n".join(rules), 24)
 
 
@@ -320,6 +328,74 @@ def table_comment(table: list[dict]) -> str | None:
     return None
 
 
+@dataclass
+class Changed:
+    """A managed set whose elements change: `gone` as the kernel lists them, `new` as planned, `every`
+    all its planned elements (for a refill); `fresh`: the set is (re)created in the batch."""
+    s: NftSet
+    every: Collection
+    gone: set
+    new: list
+    fresh: bool = False
+
+
+def element_commands(changed: list[Changed]) -> tuple[list[dict], list[dict]]:
+    """nft commands for element changes: deletes (first in a batch) and adds. In nft 1.0.6 a
+    `delete element` makes nft fetch the table's chains, sets and objects and every (non-concatenated)
+    interval set's elements before the batch, a `flush set` only the sets; a small shrinking plain
+    set is flushed and refilled (up to REFILL_LIMIT elements in all), a larger one gets its element
+    deletes: a refill costs in proportion to the set (10,000 endpoints: a service's three 1,500-entry
+    maps refilled, 28 ms of CPU; their element deletes, 10 ms; bench/NOTES.md#nft_apply)."""
+    deletes: list[dict] = []
+    adds: list[dict] = []
+    shrinking = [c for c in changed if c.gone]
+    refill = (all("interval" not in c.s.flags for c in shrinking)
+              and sum(len(c.every) for c in shrinking) <= REFILL_LIMIT)
+    for c in [*(c for c in changed if c.fresh), *(c for c in changed if not c.fresh)]:  # fills first
+        s = c.s
+        if c.gone and refill:
+            deletes.append({"flush": {"map" if s.map_type is not None else "set":
+                                      {"family": FAMILY, "table": NFT_TABLE, "name": s.name}}})
+            if c.every:
+                adds.append(add_into(s, rendered(s, c.every)))
+            continue
+        if c.gone and s.map_type is not None:  # a key whose value changed: delete the old entry first
+            deletes.append(elements_command("delete", s, [render_value(k) for k, _ in c.gone]))
+        elif c.gone:
+            deletes.append(elements_command("delete", s, [render_value(x) for x in c.gone]))
+        if c.new:
+            adds.append(add_into(s, rendered(s, c.new)))
+    return deletes, adds
+
+
+def netlink_changes(changed: list[Changed]) -> nft_netlink.Batch | None:
+    """The element changes as one netlink batch (`nft_netlink`): deletes, then adds; None when
+    some element is not encoded there (interval sets, other types, a very large change)."""
+    out: list[nft_netlink.Change] = []
+    for c in changed:
+        s = c.s
+        if c.gone:
+            keys = tuple(sorted((k for k, _ in c.gone) if s.map_type is not None else c.gone, key=repr))
+            out.append(nft_netlink.Change(False, s.name, s.type, s.map_type, s.flags, keys))
+    for c in changed:
+        if c.new:
+            s = c.s
+            out.append(nft_netlink.Change(True, s.name, s.type, s.map_type, s.flags,
+                                          tuple(sorted(c.new, key=repr))))
+    try:
+        return nft_netlink.encode(NFT_TABLE, out)
+    except nft_netlink.Unencodable:
+        return None
+
+
+def run_elements(sock: nft_netlink.ElementSocket, batch: nft_netlink.Batch) -> None:
+    """Sends an element batch (the netlink twin of `run_nft`)."""
+    try:
+        sock.send(batch)
+    except OSError as e:
+        raise NftError(f"element update over netlink failed: {e}") from e
+
+
 def _names(names: list[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -335,6 +411,7 @@ class NftDataplane:
         self._elements: dict[str, set] | None = None  # managed sets: elements as the kernel lists them
         self._raw: dict[str, frozenset] = {}  # the plan elements behind _elements (unchanged -> no re-diff)
         self._counts: dict[str, int] = {}  # rules per chain, for verify
+        self._socket: nft_netlink.ElementSocket | None = None  # element-only changes (nft_netlink)
 
     def forget(self) -> None:
         """Drop the memory of the last apply (the next apply re-reads the kernel)."""
@@ -373,8 +450,11 @@ class NftDataplane:
             self._full(plan, layout, marker, report, "table replaced", extra)
             return report
         try:
-            cmds, elements, raw = self._commands(plan, layout, marker, report)
-            run_nft(cmds + extra, self.netns)
+            cmds, elements, raw, batch = self._commands(plan, layout, marker, report, netlink=not extra)
+            if batch is not None:
+                run_elements(self._element_socket(), batch)
+            else:
+                run_nft(cmds + extra, self.netns)
         except NftError as e:  # the batch is atomic: the kernel still holds the previous table
             log.warning("incremental nft update failed, replacing the whole table: %s", e)
             self.forget()
@@ -383,6 +463,11 @@ class NftDataplane:
             return report
         self._remember(plan, layout, marker, elements, raw)
         return report
+
+    def _element_socket(self) -> nft_netlink.ElementSocket:
+        if self._socket is None:
+            self._socket = nft_netlink.ElementSocket(self.netns)
+        return self._socket
 
     def _full(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, why: str,
               extra: list[dict] | None = None) -> None:
@@ -393,16 +478,24 @@ class NftDataplane:
         self._remember(plan, layout, marker, {s.name: {canon_mine(s, e) for e in s.elements} for s in managed_sets},
                        {s.name: s.elements for s in managed_sets})
 
-    def _commands(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport
-                  ) -> tuple[list[dict], dict[str, set], dict[str, frozenset]]:
-        """One batch taking the kernel from `_structure`/`_elements` to `plan`, and the element memory
-        after it. Touches only chains and sets that differ (see the module docstring for the order)."""
+    def _commands(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, netlink: bool = True
+                  ) -> tuple[list[dict], dict[str, set], dict[str, frozenset], nft_netlink.Batch | None]:
+        """One batch taking the kernel from `_structure`/`_elements` to `plan` (nft commands, or
+        element changes to send over netlink when only elements changed, `netlink` allows it and
+        every changed set's elements can be encoded there), and the element memory after it.
+        Touches only chains and sets that differ (see the module docstring for the order)."""
         old = self._structure
         assert old is not None
         if old == layout:
-            deletes, adds, elements, raw = self._element_diff(plan, set(), report)
+            changed, elements, raw = self._element_diff(plan, set(), report)
+            if netlink and changed:
+                batch = netlink_changes(changed)
+                if batch is not None:
+                    report.element_commands = len(batch.names)
+                    return [], elements, raw, batch
+            deletes, adds = element_commands(changed)
             report.element_commands = len(deletes) + len(adds)
-            return deletes + adds, elements, raw
+            return deletes + adds, elements, raw, None
         sets = {s.name: s for s in plan.sets}
         chains = {c.name: c for c in plan.chains}
         old_sets = {n: v for (k, n), v in old.items() if k == "set"}
@@ -422,7 +515,8 @@ class NftDataplane:
                          and any(nd in r for r in c.rules for nd in needles)]
         # base chains cannot be jump or goto targets, so nothing references a re-created (base) chain
 
-        deletes, adds, elements, raw = self._element_diff(plan, {*s_added, *s_redef}, report)
+        changed, elements, raw = self._element_diff(plan, {*s_added, *s_redef}, report)
+        deletes, adds = element_commands(changed)
         t = {"family": FAMILY, "table": NFT_TABLE}
         cmds: list[dict] = list(deletes)  # first: map entries pointing at chains about to go
         cmds += [{"flush": {"chain": {**t, "name": n}}} for n in (*c_refill, *c_removed, *c_redef)]
@@ -449,32 +543,33 @@ class NftDataplane:
             ("chains replaced", report.chains_replaced), ("chains added", report.chains_added),
             ("chains removed", report.chains_removed), ("sets added", report.sets_added),
             ("sets removed", report.sets_removed), ("sets redefined", report.sets_redefined)) if names]
-        return cmds, elements, raw
+        return cmds, elements, raw, None
 
     def _element_diff(self, plan: NftPlan, fresh: set[str], report: NftReport
-                      ) -> tuple[list[dict], list[dict], dict[str, set], dict[str, frozenset]]:
-        """Element deletes and adds for managed sets, and the element memory after them. Sets in
+                      ) -> tuple[list[Changed], dict[str, set], dict[str, frozenset]]:
+        """The managed sets whose elements change, and the element memory after the change. Sets in
         `fresh` are (re)created in the batch, so they get all their elements."""
         assert self._elements is not None
-        deletes: list[dict] = []
-        adds: list[dict] = []
         elements: dict[str, set] = {}
         raw: dict[str, frozenset] = {}
-        changed: list[tuple[NftSet, Collection, set, list]] = []  # (set, all its elements, gone, new)
+        changed: list[Changed] = []
         for s in plan.sets:
             if not managed(s):
                 continue
             raw[s.name] = s.elements
-            if s.name not in fresh and self._raw.get(s.name) == s.elements and s.name in self._elements:
-                elements[s.name] = self._elements[s.name]  # same plan elements as last time
+            before = self._raw.get(s.name)
+            if (s.name not in fresh and (before is s.elements or before == s.elements)
+                    and s.name in self._elements):
+                # same plan elements as last time (an equality test costs in proportion to the set
+                # unless the planner hands over the same frozenset)
+                elements[s.name] = self._elements[s.name]
                 continue
             if s.name in fresh:
                 elements[s.name] = {canon_mine(s, e) for e in s.elements}
                 if s.elements:
-                    adds.append(add_into(s, rendered(s, s.elements)))
+                    changed.append(Changed(s, s.elements, set(), list(s.elements), fresh=True))
                 continue
             have = self._elements.get(s.name, set())
-            before = self._raw.get(s.name)
             if before is not None and len(before) == len(have):
                 # the usual case, a few elements changed: only those are normalised (a set holds one
                 # element per pod, and normalising all of them was most of an apply with 500 pods).
@@ -491,27 +586,9 @@ class NftDataplane:
                 new = [want[k] for k in elements[s.name] - have]
                 every = want.values()
             if gone or new:
-                changed.append((s, every, gone, new))
+                changed.append(Changed(s, every, gone, new))
                 report.changes.append(f"{s.name}: +{len(new)} -{len(gone)}")
-        # any `delete element` makes nft fetch every set's elements first (~0.25 s with the
-        # anti-spoofing interval sets of 2,000 pods); flushing and refilling plain sets is cheaper
-        shrinking = [(s, every) for s, every, gone, _ in changed if gone]
-        refill = (all("interval" not in s.flags for s, _ in shrinking)
-                  and sum(len(every) for _, every in shrinking) <= REFILL_LIMIT)
-        for s, every, gone, new in changed:
-            if gone and refill:
-                deletes.append({"flush": {"map" if s.map_type is not None else "set":
-                                          {"family": FAMILY, "table": NFT_TABLE, "name": s.name}}})
-                if every:
-                    adds.append(add_into(s, rendered(s, every)))
-                continue
-            if gone and s.map_type is not None:  # a key whose value changed: delete the old entry first
-                deletes.append(elements_command("delete", s, [render_value(k) for k, _ in gone]))
-            elif gone:
-                deletes.append(elements_command("delete", s, [render_value(x) for x in gone]))
-            if new:
-                adds.append(add_into(s, rendered(s, new)))
-        return deletes, adds, elements, raw
+        return changed, elements, raw
 
     def verify(self, plan: NftPlan) -> bool:
         """Full reconcile: does the kernel still hold what we think (what we applied last, or else
