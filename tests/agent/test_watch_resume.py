@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from tests.fixtures.server import ServerProc
+from tether.agent import replica_file
 from tether.agent.main import Agent
 from tether.calc.replica import Replica
 from tether.client import AsyncTetherClient
@@ -27,7 +28,8 @@ def syncing_agent(s: ServerProc) -> Agent:
     a.connected, a.last_sync, a._synced_once, a._status_sent = False, 0.0, False, None
     a.lists = a.resumes = a._catch_up = 0
     a._from_disk = False
-    a._save_replica = lambda force=False: None
+    a._save_replica = lambda force=False, final=False: None
+    a.disk = replica_file.DiskCopy("/nonexistent/replica.json")  # never saved: records nothing
 
     async def register() -> int:
         return 0

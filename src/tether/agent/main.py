@@ -146,6 +146,8 @@ class Agent:
         self._links_applied: Applied | None = None
         self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
         self._saved_rev, self._saved_at = -1, 0.0
+        # the copy on disk: a base written whole now and then, and the events applied since appended
+        self.disk = replica_file.DiskCopy(self.replica_path)
         # what the last apply could not do, reported in the host's status (`_report_status`)
         self._quarantined: tuple = ()  # plan.quarantined of the last plan
         self._failures: list[str] = []  # kernel operations that failed in the last apply
@@ -195,7 +197,7 @@ class Agent:
     async def run(self) -> None:
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         t0 = time.monotonic()
-        if replica_file.load(self.replica, self.replica_path):
+        if self.disk.load(self.replica):
             log.info("loaded the last replica (revision %d, %d endpoints) from disk in %.2f s", self.replica.revision,
                      len(self.replica.objects["Endpoint"]), time.monotonic() - t0)
             self._from_disk = self.replica.revision > 0
@@ -214,7 +216,7 @@ class Agent:
             with contextlib.suppress(BaseException):
                 await t
         await self.cni.close()
-        self._save_replica(force=True)
+        self._save_replica(force=True, final=True)
         await self._stop_extras()
         await self.client.close()
         log.warning("agent %s stopped (datapath left in place)", self.host)
@@ -265,6 +267,7 @@ class Agent:
                 else:
                     snap = await self.client.snapshot()
                     self.replica.load_snapshot(snap, consume=True)
+                    self.disk.relisted()  # no log leads from the old base to this replica
                     del snap
                     heap.trim()
                     self.lists += 1
@@ -317,7 +320,9 @@ class Agent:
                 if ev["type"] == "bookmark":
                     self.last_sync = time.time()
                     continue
-                if self.replica.apply_event(ev):
+                changed = self.replica.apply_event(ev)
+                self.disk.record(ev)  # even unchanged: a host's status report is kept, not planned
+                if changed:
                     self.kick()
                 else:
                     self._unchanged_since_apply()
@@ -429,14 +434,16 @@ class Agent:
         self._plan_cache = (key, plan)
         return plan
 
-    def _save_replica(self, force: bool = False) -> None:
-        """The replica on disk lets a restarted agent serve before it reaches the server. Writing it
-        is O(objects), so during bursts it is written at most once a second (and at every stop)."""
+    def _save_replica(self, force: bool = False, final: bool = False) -> None:
+        """The replica on disk lets a restarted agent serve before it reaches the server. A save
+        appends the events applied since the last one (O(change)), and now and then writes the whole
+        replica (O(objects), `replica_file`); each costs a write, so during bursts the agent saves
+        at most once a second (and at every stop, `final`: folding a long log in then)."""
         now = time.monotonic()
         if self.replica.revision == self._saved_rev or (not force and now - self._saved_at < 1.0):
             return
         with contextlib.suppress(OSError):
-            replica_file.save(self.replica, self.replica_path)
+            self.disk.save(self.replica, replica_file.FINAL_COMPACT_AT if final else replica_file.COMPACT_AT)
             self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
