@@ -2,31 +2,38 @@
 
     .venv/bin/python -m bench.calc_scale [--repeat 5] [--sizes small,big]
 
-Synthetic replicas (no kernel, no server): `small` is 1,000 endpoints / 10 hosts / 100 policies /
-50 services, `big` 10,000 / 100 / 1,000 / 500 (policies with pod and namespace selectors and ports,
+Synthetic replicas (no kernel, no server): `small` is 1,000 endpoints / 10 hosts / 100 policies / 50
+services, `big` 10,000 / 100 / 1,000 / 500 (policies with pod and namespace selectors and ports,
 services with backends spread over the hosts). One agent (host h0) runs, for one change of each
 kind, everything its apply path does per change (agent/main.py): the replica's `view()` copy, the
 plan (`Planner.plan`), `rejudge_scope`, the nft dataplane's difference (`NftDataplane.apply` with
 the nft call stubbed out: the batch it would send is built), the links difference (`apply_links`'s
 tracker comparisons), the DNS extra's `prepare` and its install (the records' delta worked out,
-encoded for the DNS worker and applied to the agent's records; no worker runs) and the replica file
-encoding (`_save_replica`). Each change is measured `--repeat` times on its own (applied, timed,
-undone) after a warm-up apply, so the planner's memos and the dataplane's memory are those of a
-running agent. Times are the thread's CPU time. Prints one JSON object: CPU ms per part and per
-change kind at each size, and the ratio big/small of the total per change kind (issue 29's
-target: <= 1.5).
+encoded for the DNS worker and applied to the agent's records; no worker runs) and the disk copy of
+the replica (`_save_replica`, agent/replica_file.py): `save_replica` is the change's watch event
+recorded and appended to the log (a real file in a temporary directory) plus its amortised share of
+the compaction, the base's full write (`compaction_ms`, measured once per size and also reported on
+its own) times the event's bytes over the base's (the log is folded into the base once it outgrows
+it, so each logged byte pays that share of one full write). Each change is measured `--repeat` times
+on its own (applied, timed, undone) after a warm-up apply, so the planner's memos and the
+dataplane's memory are those of a running agent. Times are the thread's CPU time. Prints one JSON
+object: CPU ms per part and per change kind at each size, and the ratio big/small of the total per
+change kind (issue 29's target: <= 1.5).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 from tether.agent.dns import DnsServer
+from tether.agent.replica_file import DiskCopy
 from tether.calc.host import HostContext, rejudge_scope
 from tether.calc.planner import Planner
 from tether.calc.replica import Replica
@@ -44,6 +51,7 @@ from tether.model import (
     ServiceBackend,
     ServicePort,
     Subnet,
+    key_of,
 )
 
 SIZES = {"small": (1_000, 10, 100, 50), "big": (10_000, 100, 1_000, 500)}  # endpoints, hosts, policies, services
@@ -135,8 +143,11 @@ def replica(n_eps: int, n_hosts: int, n_pols: int, n_svcs: int) -> Replica:
 class Agent:
     """What agent/main.py keeps between applies, with the kernel calls left out."""
 
-    def __init__(self, rep: Replica) -> None:
+    def __init__(self, rep: Replica, state_dir: str, events: list[dict]) -> None:
         self.replica = rep
+        self.disk = DiskCopy(os.path.join(state_dir, "replica.json"))
+        self.events = events  # the watch events of the changes made since the last apply
+        self.compaction_ms = 0.0  # the base's full write, measured by `compaction`
         self.planner = Planner()
         self.nft = nft_dp.NftDataplane()
         self.applied = Applied()
@@ -160,9 +171,26 @@ class Agent:
         part("links", lambda: self._links(plan))
         part("nft", lambda: self.nft.apply(plan.nft))
         part("dns_prepare", lambda: self._dns(view))
-        part("save_replica", self.replica.encoded)
+        t["save_replica"] = t.get("save_replica", 0.0) + part("save_replica", self._save)
         t["total"] = sum(t.values())
         return t
+
+    def compaction(self) -> tuple[float, int]:
+        """One full write of the base (what a compaction costs): CPU ms, and the base's bytes."""
+        t0 = time.thread_time()
+        self.disk.save_full(self.replica)
+        self.compaction_ms = (time.thread_time() - t0) * 1000
+        return self.compaction_ms, os.path.getsize(self.disk.path)
+
+    def _save(self) -> float:
+        """Record the events and append them (at most once a second in the agent: here, per change);
+        returns their share of the next compaction, in ms (their bytes over the base's)."""
+        for ev in self.events:
+            self.disk.record(ev)
+        self.events.clear()
+        logged = self.disk.pending_bytes
+        self.disk.save(self.replica)
+        return self.compaction_ms * logged / max(os.path.getsize(self.disk.path), 1)
 
     def _links(self, plan: Any) -> None:
         """apply_links's work when the kernel takes every write: copy, compare, record."""
@@ -189,13 +217,22 @@ class Agent:
             install()
 
 
-def changes(n_eps: int, n_hosts: int) -> dict[str, Callable[[Replica], Callable[[], None]]]:
-    """Change kind -> a function that makes the change in the replica and returns its undo."""
+def changes(n_eps: int, n_hosts: int, events: list[dict]) -> dict[str, Callable[[Replica], Callable[[], None]]]:
+    """Change kind -> a function that makes the change in the replica and returns its undo; each
+    adds the watch event that brings it to `events` (as the agent's watch parses it)."""
+
+    def event(rep: Replica, kind: str, name: str, obj: Any | None) -> None:
+        ev = {"type": "put" if obj is not None else "delete", "kind": kind, "key": key_of(kind, name),
+              "revision": rep.revision}
+        if obj is not None:
+            ev["object"] = obj.model_dump(mode="json")
+        events.append(ev)
 
     def put(rep: Replica, kind: str, name: str, obj: Any) -> Callable[[], None]:
         old = rep.objects[kind].get(name)
         rep.objects[kind][name] = obj
         rep.revision += 1
+        event(rep, kind, name, obj)
 
         def undo() -> None:
             if old is None:
@@ -203,6 +240,7 @@ def changes(n_eps: int, n_hosts: int) -> dict[str, Callable[[Replica], Callable[
             else:
                 rep.objects[kind][name] = old
             rep.revision += 1
+            event(rep, kind, name, old)
         return undo
 
     slot = n_eps // n_hosts + 1  # a free address in the host's block
@@ -242,11 +280,22 @@ def measure(size: str, repeat: int) -> dict[str, Any]:
     n_eps, n_hosts, n_pols, n_svcs = SIZES[size]
     t0 = time.perf_counter()
     rep = replica(n_eps, n_hosts, n_pols, n_svcs)
-    agent = Agent(rep)
-    cold = agent.apply()
-    agent.apply()  # warm
-    out: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "cold_ms": round(cold["total"], 1)}
-    for kind, make in changes(n_eps, n_hosts).items():
+    events: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="calc_scale.") as state_dir:
+        agent = Agent(rep, state_dir, events)
+        cold = agent.apply()  # its save writes the base whole (nothing on disk yet)
+        agent.apply()  # warm
+        compaction_ms, base_bytes = agent.compaction()
+        out: dict[str, Any] = {"build_s": round(time.perf_counter() - t0, 1), "cold_ms": round(cold["total"], 1),
+                               "compaction_ms": round(compaction_ms, 1), "base_kb": base_bytes // 1024}
+        out.update(_changes(agent, rep, n_eps, n_hosts, events, repeat))
+    return out
+
+
+def _changes(agent: Agent, rep: Replica, n_eps: int, n_hosts: int, events: list[dict],
+             repeat: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, make in changes(n_eps, n_hosts, events).items():
         runs = []
         for _ in range(repeat):
             undo = make(rep)

@@ -76,6 +76,11 @@ class DiskCopy:
         self.full_writes = 0  # counted for tests and benchmarks
         self.appends = 0
 
+    @property
+    def pending_bytes(self) -> int:
+        """The bytes of the events recorded and not yet written."""
+        return self._pending_bytes
+
     def record(self, ev: dict[str, Any]) -> None:
         """Note a watch event the replica has just applied (exactly the dict given to `apply_event`)."""
         if self._full:
