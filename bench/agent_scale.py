@@ -131,7 +131,7 @@ def main() -> None:
     finally:
         if a.keep:
             os.makedirs(a.keep, exist_ok=True)
-            for name in ("agent.log", "replica.json"):
+            for name in ("agent.log", "replica.json", "replica.log"):  # the base and its log
                 with contextlib.suppress(OSError):
                     shutil.copy(os.path.join(lab.agent_dir("h1"), name), os.path.join(a.keep, name))
         lab.down()

@@ -269,13 +269,19 @@ def test_agent_restart_is_fast_and_removes_the_stale_socket(env: Env) -> None:
     # container, while the server hands it to the next one
     gone = unique("gone")
     ip_gone = env.run("h1", gone)
-    replica = os.path.join(env.lab.agent_dir("h1"), "replica.json")
-    wait_for(lambda: f'"{ip_gone}"' in open(replica).read(), 30, "the agent to save a replica holding `gone`")
-    stale = open(replica).read()
+    # the disk copy is a base and a log of the events since (agent/replica_file.py): `gone` is in either
+    files = [os.path.join(env.lab.agent_dir("h1"), name) for name in ("replica.json", "replica.log")]
+
+    def saved() -> list[str]:
+        return [open(p).read() if os.path.exists(p) else "" for p in files]
+
+    wait_for(lambda: any(f'"{ip_gone}"' in t for t in saved()), 30, "the agent to save a replica holding `gone`")
+    stale = saved()
     env.d["h1"].docker("rm", "-f", gone)
     env.lab.kill_agent("h1", signal.SIGKILL)
-    with open(replica, "w") as f:
-        f.write(stale)
+    for p, text in zip(files, stale, strict=True):
+        with open(p, "w") as f:
+            f.write(text)
     assert os.path.exists(sock)  # left behind by the killed agent
     t0 = time.monotonic()
     env.lab.start_agent("h1", wait=False)
