@@ -23,6 +23,7 @@ import logging
 import random
 import re
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,11 @@ def reverse_name(ip: str) -> str:
     return address_record(ip)[2]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+CACHE = 4096  # entries per memo below: they speed the first records' build and the periodic cold check,
+# while the records kept change by change hold what they need (65,536 entries held ~17 MB at 10,000 endpoints)
+
+
+@functools.lru_cache(maxsize=CACHE)
 def address_record(ip: str) -> tuple[int, bytes, str]:
     """(version, packed address, PTR owner name) of an address. Memoised: the records are rebuilt
     after every applied plan, and parsing every address again was most of that rebuild."""
@@ -173,7 +178,7 @@ class Records:
         return None
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def ptr_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     labels = name.rstrip(".").split(".")
     try:
@@ -341,7 +346,7 @@ class RecordBuilder:
                         owners[owner] = ks[0]
                 else:
                     del owners[owner]
-            for name in old.names:
+            for name in self._names(old):
                 names.setdefault(name, True)
                 left = counts[name] - 1
                 if left:
@@ -361,10 +366,14 @@ class RecordBuilder:
                     ks.sort()
                 else:
                     owners[owner] = sorted((ks, key))
-            for name in part.names:
+            for name in self._names(part):
                 had = counts.get(name, 0)
                 names.setdefault(name, had > 0)
                 counts[name] = had + 1
+
+    def _names(self, part: EndpointRecords) -> set[str]:
+        """The names that exist because of a part: its owners and every name up to their zone."""
+        return self.header.with_parents([*part.bare, *(o for o, _t, _r in part.rrs)])
 
     def _owner_rrs(self, owner: str) -> dict[int, list[bytes]] | None:
         """An owner's records from the parts that give it some (a new dict: records are replaced, never changed)."""
@@ -472,7 +481,7 @@ class RecordBuilder:
                 rrs.append((name.lower(), SRV, _rr(SRV, ttl, srv)))
                 if p.name:
                     rrs.append((f"_{p.name}._{p.protocol.lower()}.{name}".lower(), SRV, _rr(SRV, ttl, srv)))
-        return EndpointRecords(tuple(rrs), frozenset(self.header.with_parents([*bare, *(o for o, _t, _r in rrs)])))
+        return EndpointRecords(tuple(rrs), tuple(bare))
 
     def _endpoint_part(self, ep: Endpoint | None) -> EndpointRecords | None:
         """An endpoint's records; None when it has no name in the records."""
@@ -487,7 +496,7 @@ class RecordBuilder:
         try:
             suffix = f".{net.name}.{net.dns_domain.rstrip('.')}."
             alias = f"{ep.dns_name}{suffix}" if ep.dns_name and ep.dns_name != ep.name else None
-            return endpoint_records(self.header, f"{ep.name}{suffix}", ep.ips, self.ttl, alias)
+            return endpoint_records(f"{ep.name}{suffix}", ep.ips, self.ttl, alias)
         except ValueError as e:  # an address that is not one
             _skip(self.skipped, "Endpoint", ep.id, str(e))
             return None
@@ -534,11 +543,13 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class EndpointRecords:
-    """One endpoint's part of the records: (owner, type, encoded RR) of its names and addresses, and
-    the names that exist because of it (owners and the empty non-terminals up to their zone)."""
+    """One endpoint's or service's part of the records: (owner, type, encoded RR) of its names and
+    addresses, and the names it makes exist without records (a service with no address). The names
+    that exist because of it (its owners and the names up to their zone, `RecordBuilder._names`) are
+    derived when needed, not kept: a set of them per endpoint was ~0.7 KB at 10,000 endpoints."""
 
     rrs: tuple[tuple[str, int, bytes], ...]
-    names: frozenset[str]
+    bare: tuple[str, ...] = ()
 
 
 def _headless_answers(svc: Service, endpoints: Iterable[Endpoint] | EndpointIndex, ttl: int) -> list[tuple[int, bytes]]:
@@ -555,20 +566,19 @@ def _headless_answers(svc: Service, endpoints: Iterable[Endpoint] | EndpointInde
     return out
 
 
-def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int, alias: str | None = None
-                     ) -> EndpointRecords:
-    """An endpoint's part, for the zones and reverse networks of `rec`; `alias` (its Neutron
+def endpoint_records(name: str, ips: Iterable[str], ttl: int, alias: str | None = None) -> EndpointRecords:
+    """An endpoint's part; `alias` (its Neutron
     `dns_name` in the same network) gets the same addresses, and PTRs keep naming `name`."""
     ips = list(ips)
     rrs = tuple(r for ip in ips for r in address_rrs(name, ip, ttl))
     if alias:
         rrs += tuple(r for ip in ips for r in address_rrs(alias, ip, ttl) if r[1] != PTR)
-    return EndpointRecords(rrs, frozenset(rec.with_parents(owner for owner, _rtype, _rr in rrs)))
+    return EndpointRecords(rrs)
 
 
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def address_rrs(name: str, ip: str, ttl: int) -> tuple[tuple[str, int, bytes], ...]:
     """(owner, type, encoded RR) of a name's A/AAAA record and of its address's PTR. Memoised like
     `address_record`: an unchanged endpoint encodes to the same bytes at every rebuild."""
@@ -577,7 +587,7 @@ def address_rrs(name: str, ip: str, ttl: int) -> tuple[tuple[str, int, bytes], .
             (ptr, PTR, _rr(PTR, ttl, encode_name(name))))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def parents(name: str, zone: str) -> tuple[str, ...]:
     """The names between `name` and its `zone` (the zone included)."""
     labels = name.split(".")
@@ -586,7 +596,7 @@ def parents(name: str, zone: str) -> tuple[str, ...]:
         parent = ".".join(labels[i:])
         if len(parent) < len(zone):
             break
-        out.append(parent)
+        out.append(sys.intern(parent))  # one copy of `tether.local.` for every name below it
     return tuple(out)
 
 
