@@ -104,6 +104,19 @@ def address_record(ip: str) -> tuple[int, bytes, str]:
     return addr.version, addr.packed, addr.reverse_pointer + "."
 
 
+def rr_type(rr: bytes) -> int:
+    """The type of an encoded answer RR (`_rr`): the two bytes after the owner's compression pointer."""
+    return rr[2] << 8 | rr[3]
+
+
+def _grouped(rrs: Iterable[bytes]) -> tuple[bytes, ...]:
+    """RRs grouped by type, the types in the order they first come and each type's RRs in order."""
+    by: dict[int, list[bytes]] = {}
+    for rr in rrs:
+        by.setdefault(rr_type(rr), []).append(rr)
+    return tuple(rr for group in by.values() for rr in group)
+
+
 def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
     """An answer RR whose owner is the question name (compression pointer to offset 12)."""
     return b"\xc0\x0c" + struct.pack("!HHIH", rtype, CLASS_IN, ttl, len(rdata)) + rdata
@@ -111,11 +124,13 @@ def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
 
 @dataclass
 class Records:
-    """Pre-encoded records by owner name (lower case, trailing dot) and type."""
+    """Pre-encoded records by owner name (lower case, trailing dot): an owner's RRs in one tuple, grouped
+    by type (the type is read from the RR, `rr_type`): a dict of lists per owner was ~0.3 KB more for
+    each of the ~20,000 owners at 10,000 endpoints, in the agent and again in the DNS worker."""
 
     zones: tuple[str, ...] = ()  # authoritative forward zones ("tether.local.")
     reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # PTR authority
-    rrs: dict[str, dict[int, list[bytes]]] = field(default_factory=dict)
+    rrs: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     existing: set[str] = field(default_factory=set)  # every owner name and every name between it and its zone
     soa: dict[str, bytes] = field(default_factory=dict)  # zone -> authority-section SOA RR
     serial: int = 0
@@ -137,11 +152,11 @@ class Records:
         else:
             rrs = self.rrs
             self.existing.update(delta.added)
-            for owner, types in delta.rrs.items():
-                if types is None:
+            for owner, owned in delta.rrs.items():
+                if owned is None:
                     rrs.pop(owner, None)
                 else:
-                    rrs[owner] = types
+                    rrs[owner] = owned
             self.existing.difference_update(delta.removed)
         self.zones, self.reverse_nets, self.soa, self.serial = delta.zones, delta.reverse_nets, delta.soa, delta.serial
         self.generation = delta.generation
@@ -152,8 +167,8 @@ class Records:
         self.add_rr(name.lower(), rtype, _rr(rtype, ttl, rdata))
 
     def add_rr(self, owner: str, rtype: int, rr: bytes) -> None:
-        """An encoded RR (`_rr`) under a lower-case owner name."""
-        self.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
+        """An encoded RR (`_rr`, of type `rtype`) under a lower-case owner name, after its others of that type."""
+        self.rrs[owner] = _grouped([*self.rrs.get(owner, ()), rr])
         self.existing.add(owner)
 
     def with_parents(self, names: Iterable[str]) -> set[str]:
@@ -375,24 +390,20 @@ class RecordBuilder:
         """The names that exist because of a part: its owners and every name up to their zone."""
         return self.header.with_parents([*part.bare, *(o for o, _t, _r in part.rrs)])
 
-    def _owner_rrs(self, owner: str) -> dict[int, list[bytes]] | None:
-        """An owner's records from the parts that give it some (a new dict: records are replaced, never changed)."""
+    def _owner_rrs(self, owner: str) -> tuple[bytes, ...] | None:
+        """An owner's records from the parts that give it some (a new tuple: records are replaced, never changed)."""
         ks = self.owners.get(owner)
         if ks is None:
             return None
-        out: dict[int, list[bytes]] = {}
-        for key in ks if isinstance(ks, list) else (ks,):
-            for o, rtype, rr in self.parts[key].rrs:
-                if o == owner:
-                    out.setdefault(rtype, []).append(rr)
-        return out
+        return _grouped(rr for key in (ks if isinstance(ks, list) else (ks,))
+                        for o, _t, rr in self.parts[key].rrs if o == owner)
 
-    def _all_rrs(self) -> dict[str, dict[int, list[bytes]]]:
-        out: dict[str, dict[int, list[bytes]]] = {}
+    def _all_rrs(self) -> dict[str, tuple[bytes, ...]]:
+        out: dict[str, list[bytes]] = {}
         for key in sorted(self.parts):
-            for owner, rtype, rr in self.parts[key].rrs:
-                out.setdefault(owner, {}).setdefault(rtype, []).append(rr)
-        return out
+            for owner, _rtype, rr in self.parts[key].rrs:
+                out.setdefault(owner, []).append(rr)
+        return {owner: (rrs[0],) if len(rrs) == 1 else _grouped(rrs) for owner, rrs in out.items()}
 
     def _index_endpoint(self, key: str, old: Endpoint | None, ep: Endpoint | None, namespaces: set[str],
                         search: dict[str, tuple[str, ...] | None]) -> None:
@@ -528,7 +539,7 @@ class Delta:
     reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     soa: dict[str, bytes]
     serial: int
-    rrs: dict[str, dict[int, list[bytes]] | None]
+    rrs: dict[str, tuple[bytes, ...] | None]
     added: frozenset[str] | set[str]
     removed: frozenset[str] | set[str] = frozenset()
     search: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
@@ -665,9 +676,9 @@ def lookup(rec: Records, q: Query) -> tuple[int, list[bytes], tuple[bytes, ...]]
         zone = "ip6.arpa." if q.name.endswith(".ip6.arpa.") else "in-addr.arpa."  # a service address
     if q.qclass != CLASS_IN:
         return REFUSED, [], ()
-    types = rec.rrs.get(q.name)
-    if types is not None:
-        found = [rr for rrs in types.values() for rr in rrs] if q.qtype == ANY else types.get(q.qtype, [])
+    rrs = rec.rrs.get(q.name)
+    if rrs is not None:
+        found = list(rrs) if q.qtype == ANY else [rr for rr in rrs if rr_type(rr) == q.qtype]
         if found:
             return NOERROR, found, ()
     soa = (rec.soa[zone],)
@@ -729,8 +740,8 @@ def answer_bare(rec: Records, data: bytes, search: tuple[str, ...] | None) -> by
     if q is None or q.name.count(".") != 1 or q.qclass != CLASS_IN:
         return None
     for domain in search:
-        types = rec.rrs.get(f"{q.name}{domain.rstrip('.')}.")
-        found = types.get(q.qtype) if types else None
+        rrs = rec.rrs.get(f"{q.name}{domain.rstrip('.')}.")
+        found = [rr for rr in rrs if rr_type(rr) == q.qtype] if rrs else None
         if found:
             return response(q, NOERROR, random.sample(found, len(found)) if len(found) > 1 else found)
     return None
