@@ -24,7 +24,7 @@ import random
 import re
 import struct
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -281,10 +281,13 @@ class RecordBuilder:
 
     def update(self, endpoints: Mapping[str, Endpoint] | Iterable[Endpoint],
                services: Mapping[str, Service] | Iterable[Service], networks: Iterable[Network],
-               serial: int = 0, full: bool = False) -> Delta:
+               serial: int = 0, full: bool = False, changed: Mapping[str, Collection[str]] | None = None) -> Delta:
         """The delta to these objects' records from the last update's; a full set (`base` None)
         the first time, when the networks changed (zones, reverse zones, every name's suffix) or
-        when `full`. Mappings are the replica's (endpoints by id, services by `namespace/name`)."""
+        when `full`. Mappings are the replica's (endpoints by id, services by `namespace/name`).
+        `changed`: kind -> the keys of every object that may have changed since the last update (the
+        replica's journal, `calc.planner.changes_since`), read instead of a pass over every object;
+        None when nothing vouches for them."""
         nets = tuple(networks)
         rebuild = (full or self.networks is None or len(nets) != len(self.networks)
                    or any(a is not b for a, b in zip(nets, self.networks, strict=True)))
@@ -296,15 +299,19 @@ class RecordBuilder:
         names: dict[str, bool] = {}  # name -> whether it existed before this update
         search: dict[str, tuple[str, ...] | None] = {}
         namespaces: set[str] = set()
-        changed_eps = _changed(self.endpoints, eps)
+        journal = changed is not None and not rebuild and isinstance(endpoints, Mapping) \
+            and isinstance(services, Mapping)
+        changed_eps = (_changed(self.endpoints, eps) if not journal else  # type: ignore[union-attr]
+                       [k for k in changed.get("Endpoint", ()) if self.endpoints.get(k) is not eps.get(k)])
         for key in changed_eps:
             yielding.checkpoint()  # a full set is O(cluster): let CNI requests in
             old, ep = self.endpoints.get(key), eps.get(key)
             self._index_endpoint(key, old, ep, namespaces, search)
             self._set_part(("e", key), self._endpoint_part(ep), touched, names)
         if changed_eps:
-            self.endpoints = dict(eps)
-        changed_svcs = set(_changed(self.services, svcs))
+            self.endpoints = _patched(self.endpoints, eps, changed_eps if journal else None)
+        changed_svcs = set(_changed(self.services, svcs) if not journal else  # type: ignore[union-attr]
+                           [k for k in changed.get("Service", ()) if self.services.get(k) is not svcs.get(k)])
         for ns in namespaces:  # headless services' answers follow the endpoints they pick
             changed_svcs.update(self.headless_ns.get(ns, ()))
         for key in changed_eps:
@@ -315,7 +322,7 @@ class RecordBuilder:
                 self._index_service(key, old_svc, svc)
             self._set_part(("s", key), self._service_part(svc, eps), touched, names)
         if changed_svcs:
-            self.services = dict(svcs)
+            self.services = _patched(self.services, svcs, changed_svcs if journal else None)
         zones = self.header.zones
         if not rebuild and not touched and not names and not search:  # nothing DNS shows changed
             return Delta(self.generation, self.generation, zones, self.header.reverse_nets, self.header.soa,
@@ -511,6 +518,18 @@ class RecordBuilder:
         except ValueError as e:  # an address that is not one
             _skip(self.skipped, "Endpoint", ep.id, str(e))
             return None
+
+
+def _patched(last: dict[str, Any], now: Mapping[str, Any], keys: Iterable[str] | None) -> dict[str, Any]:
+    """`last` made equal to `now`: patched at `keys` (all that differ), or a copy of `now` (None)."""
+    if keys is None:
+        return dict(now)
+    for k in keys:
+        if k in now:
+            last[k] = now[k]
+        else:
+            last.pop(k, None)
+    return last
 
 
 def _changed(last: dict[str, Any], now: Mapping[str, Any]) -> list[str]:
