@@ -92,8 +92,8 @@ def reverse_name(ip: str) -> str:
     return address_record(ip)[2]
 
 
-CACHE = 4096  # entries per memo below: they speed the first records' build and the periodic cold check,
-# while the records kept change by change hold what they need (65,536 entries held ~17 MB at 10,000 endpoints)
+CACHE = 1024  # entries per memo below: they speed the first records' build and the periodic cold check,
+# while the records kept change by change hold what they need (65,536 entries: ~17 MB at 10,000 endpoints)
 
 
 @functools.lru_cache(maxsize=CACHE)
