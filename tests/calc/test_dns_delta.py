@@ -88,9 +88,12 @@ def _assert_same(worker: Records, search: dict[str, tuple[str, ...]], objs: dict
     assert search == docker_search(objs["Endpoint"].values(), objs["Network"]), f"search paths after {why}"
 
 
+@pytest.mark.parametrize("journal", [False, True], ids=["identity-pass", "journal"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(events, min_size=3, max_size=40))
-def test_records_patched_by_every_delta_equal_a_cold_build(seq: list) -> None:
+@given(seq=st.lists(events, min_size=3, max_size=40))
+def test_records_patched_by_every_delta_equal_a_cold_build(journal: bool, seq: list) -> None:
+    """`journal`: each update is told the key the event wrote (as the replica's journal tells the
+    agent, plus a key that did not change) instead of finding it by a pass over every object."""
     objs: dict[str, dict[str, Any]] = {"Endpoint": {}, "Service": {}, "Network": dict(NETS)}
     builder = RecordBuilder()
     first = builder.update(objs["Endpoint"], objs["Service"], objs["Network"].values(), serial=1)
@@ -100,7 +103,9 @@ def test_records_patched_by_every_delta_equal_a_cold_build(seq: list) -> None:
     shown = 1  # the serial of the last change the records show
     for serial, (kind, obj) in enumerate(seq, start=2):
         _store(objs, obj.kind, obj, kind == "put")
-        delta = builder.update(objs["Endpoint"], objs["Service"], objs["Network"].values(), serial=serial)
+        changed = {obj.kind: {obj.store_name()}, "Endpoint" if obj.kind != "Endpoint" else "Service": {"e0"}}
+        delta = builder.update(objs["Endpoint"], objs["Service"], objs["Network"].values(), serial=serial,
+                               changed=changed if journal else None)
         sent: Delta = pickle.loads(pickle.dumps(delta))  # as the worker gets it
         if sent.base == sent.generation:  # nothing DNS shows changed: the agent sends nothing
             assert not sent.rrs and not sent.added and not sent.search

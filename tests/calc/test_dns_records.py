@@ -252,3 +252,39 @@ def test_a_change_dns_does_not_show_leaves_the_records_and_the_workers_answer_me
     assert server.records is records and records.generation == generation and records.serial == 1
     assert records.memo == {b"q": (b"a",)}
     assert server.prepare(rep.view()) is None  # revision 2 is done
+
+
+def test_the_agents_records_follow_the_replicas_journal_and_equal_a_cold_build(monkeypatch) -> None:
+    """The DNS extra reads what changed from the replica's journal (as the planner does), not by a
+    pass over every endpoint; a view the journal cannot vouch for (a snapshot loaded) falls back to
+    the pass. Either way the records equal a cold build."""
+    from tether.agent.dns import DnsServer
+    from tether.calc import dns_records
+    from tether.calc.replica import Replica
+
+    passes = []
+    real = dns_records._changed
+    monkeypatch.setattr(dns_records, "_changed", lambda last, now: passes.append(1) or real(last, now))
+    server = DnsServer("127.0.0.1", 0, [])
+    rep = Replica()
+    rep.objects["Network"][NET.name] = NET
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 1
+    server.update(rep.view())  # the first: a full set
+    passes.clear()
+    for revision, change in enumerate((lambda: rep.objects["Endpoint"].__setitem__(EPS[1].id, EPS[1]),
+                                       lambda: rep.objects["Endpoint"].pop(EPS[0].id)), start=2):
+        change()
+        rep.revision = revision
+        server.update(rep.view())
+        assert not passes, "the journal told what changed"
+        cold = build(list(rep.objects["Endpoint"].values()), [], [NET], serial=revision)
+        assert server.records.rrs == cold.rrs and server.records.existing == cold.existing
+        passes.clear()  # the cold build's
+    rep.journal.lost()  # as a snapshot loaded
+    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
+    rep.revision = 4
+    server.update(rep.view())
+    assert passes, "a journal that lost track: a pass over every object"
+    cold = build(list(rep.objects["Endpoint"].values()), [], [NET], serial=4)
+    assert server.records.rrs == cold.rrs and server.records.existing == cold.existing

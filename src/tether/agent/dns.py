@@ -169,6 +169,7 @@ class DnsServer:
         self._revision = -1
         self._builder = dns_records.RecordBuilder()  # the records kept change by change, on the apply thread
         self._checked_at = time.monotonic()  # when they were last compared with a cold build
+        self._journal_at: tuple | None = None  # where the last update read the replica's journal (calc.planner)
         self.docker_search: dict[str, tuple[str, ...]] = {}  # container address -> search path (dns_records)
         self.full_sends = 0  # all the records sent to the worker (start, restart, gap, networks changed)
         self._tasks: set[asyncio.Future] = set()
@@ -216,9 +217,14 @@ class DnsServer:
         build replaces them everywhere."""
         if view.revision == self._revision:
             return None
+        from tether.calc.planner import changes_since  # not at the top: the DNS worker needs no models
+
         revision = view.revision
         endpoints, services = _objects(view, "Endpoint"), _objects(view, "Service")
-        delta = self._builder.update(endpoints, services, view.networks.values(), serial=revision)
+        changed, here = changes_since(view, None, self._journal_at)  # what changed, as the planner reads it
+        self._journal_at = None  # if the update raises, the next one passes over every object
+        delta = self._builder.update(endpoints, services, view.networks.values(), serial=revision, changed=changed)
+        self._journal_at = here
         if delta.base is not None and time.monotonic() - self._checked_at > FULL_CHECK_S:
             self._checked_at = time.monotonic()
             cold = dns_records.RecordBuilder(self._builder.ttl, self._builder.skipped)

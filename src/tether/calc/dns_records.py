@@ -23,7 +23,8 @@ import logging
 import random
 import re
 import struct
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,12 +92,29 @@ def reverse_name(ip: str) -> str:
     return address_record(ip)[2]
 
 
-@functools.lru_cache(maxsize=1 << 16)
+CACHE = 1024  # entries per memo below: they speed the first records' build and the periodic cold check,
+# while the records kept change by change hold what they need (65,536 entries: ~17 MB at 10,000 endpoints)
+
+
+@functools.lru_cache(maxsize=CACHE)
 def address_record(ip: str) -> tuple[int, bytes, str]:
     """(version, packed address, PTR owner name) of an address. Memoised: the records are rebuilt
     after every applied plan, and parsing every address again was most of that rebuild."""
     addr = ipaddress.ip_address(ip)
     return addr.version, addr.packed, addr.reverse_pointer + "."
+
+
+def rr_type(rr: bytes) -> int:
+    """The type of an encoded answer RR (`_rr`): the two bytes after the owner's compression pointer."""
+    return rr[2] << 8 | rr[3]
+
+
+def _grouped(rrs: Iterable[bytes]) -> tuple[bytes, ...]:
+    """RRs grouped by type, the types in the order they first come and each type's RRs in order."""
+    by: dict[int, list[bytes]] = {}
+    for rr in rrs:
+        by.setdefault(rr_type(rr), []).append(rr)
+    return tuple(rr for group in by.values() for rr in group)
 
 
 def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
@@ -106,11 +124,13 @@ def _rr(rtype: int, ttl: int, rdata: bytes) -> bytes:
 
 @dataclass
 class Records:
-    """Pre-encoded records by owner name (lower case, trailing dot) and type."""
+    """Pre-encoded records by owner name (lower case, trailing dot): an owner's RRs in one tuple, grouped
+    by type (the type is read from the RR, `rr_type`): a dict of lists per owner was ~0.3 KB more for
+    each of the ~20,000 owners at 10,000 endpoints, in the agent and again in the DNS worker."""
 
     zones: tuple[str, ...] = ()  # authoritative forward zones ("tether.local.")
     reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # PTR authority
-    rrs: dict[str, dict[int, list[bytes]]] = field(default_factory=dict)
+    rrs: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     existing: set[str] = field(default_factory=set)  # every owner name and every name between it and its zone
     soa: dict[str, bytes] = field(default_factory=dict)  # zone -> authority-section SOA RR
     serial: int = 0
@@ -132,11 +152,11 @@ class Records:
         else:
             rrs = self.rrs
             self.existing.update(delta.added)
-            for owner, types in delta.rrs.items():
-                if types is None:
+            for owner, owned in delta.rrs.items():
+                if owned is None:
                     rrs.pop(owner, None)
                 else:
-                    rrs[owner] = types
+                    rrs[owner] = owned
             self.existing.difference_update(delta.removed)
         self.zones, self.reverse_nets, self.soa, self.serial = delta.zones, delta.reverse_nets, delta.soa, delta.serial
         self.generation = delta.generation
@@ -147,8 +167,8 @@ class Records:
         self.add_rr(name.lower(), rtype, _rr(rtype, ttl, rdata))
 
     def add_rr(self, owner: str, rtype: int, rr: bytes) -> None:
-        """An encoded RR (`_rr`) under a lower-case owner name."""
-        self.rrs.setdefault(owner, {}).setdefault(rtype, []).append(rr)
+        """An encoded RR (`_rr`, of type `rtype`) under a lower-case owner name, after its others of that type."""
+        self.rrs[owner] = _grouped([*self.rrs.get(owner, ()), rr])
         self.existing.add(owner)
 
     def with_parents(self, names: Iterable[str]) -> set[str]:
@@ -173,7 +193,7 @@ class Records:
         return None
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def ptr_address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     labels = name.rstrip(".").split(".")
     try:
@@ -261,10 +281,13 @@ class RecordBuilder:
 
     def update(self, endpoints: Mapping[str, Endpoint] | Iterable[Endpoint],
                services: Mapping[str, Service] | Iterable[Service], networks: Iterable[Network],
-               serial: int = 0, full: bool = False) -> Delta:
+               serial: int = 0, full: bool = False, changed: Mapping[str, Collection[str]] | None = None) -> Delta:
         """The delta to these objects' records from the last update's; a full set (`base` None)
         the first time, when the networks changed (zones, reverse zones, every name's suffix) or
-        when `full`. Mappings are the replica's (endpoints by id, services by `namespace/name`)."""
+        when `full`. Mappings are the replica's (endpoints by id, services by `namespace/name`).
+        `changed`: kind -> the keys of every object that may have changed since the last update (the
+        replica's journal, `calc.planner.changes_since`), read instead of a pass over every object;
+        None when nothing vouches for them."""
         nets = tuple(networks)
         rebuild = (full or self.networks is None or len(nets) != len(self.networks)
                    or any(a is not b for a, b in zip(nets, self.networks, strict=True)))
@@ -276,15 +299,19 @@ class RecordBuilder:
         names: dict[str, bool] = {}  # name -> whether it existed before this update
         search: dict[str, tuple[str, ...] | None] = {}
         namespaces: set[str] = set()
-        changed_eps = _changed(self.endpoints, eps)
+        journal = changed is not None and not rebuild and isinstance(endpoints, Mapping) \
+            and isinstance(services, Mapping)
+        changed_eps = (_changed(self.endpoints, eps) if not journal else  # type: ignore[union-attr]
+                       [k for k in changed.get("Endpoint", ()) if self.endpoints.get(k) is not eps.get(k)])
         for key in changed_eps:
             yielding.checkpoint()  # a full set is O(cluster): let CNI requests in
             old, ep = self.endpoints.get(key), eps.get(key)
             self._index_endpoint(key, old, ep, namespaces, search)
             self._set_part(("e", key), self._endpoint_part(ep), touched, names)
         if changed_eps:
-            self.endpoints = dict(eps)
-        changed_svcs = set(_changed(self.services, svcs))
+            self.endpoints = _patched(self.endpoints, eps, changed_eps if journal else None)
+        changed_svcs = set(_changed(self.services, svcs) if not journal else  # type: ignore[union-attr]
+                           [k for k in changed.get("Service", ()) if self.services.get(k) is not svcs.get(k)])
         for ns in namespaces:  # headless services' answers follow the endpoints they pick
             changed_svcs.update(self.headless_ns.get(ns, ()))
         for key in changed_eps:
@@ -295,7 +322,7 @@ class RecordBuilder:
                 self._index_service(key, old_svc, svc)
             self._set_part(("s", key), self._service_part(svc, eps), touched, names)
         if changed_svcs:
-            self.services = dict(svcs)
+            self.services = _patched(self.services, svcs, changed_svcs if journal else None)
         zones = self.header.zones
         if not rebuild and not touched and not names and not search:  # nothing DNS shows changed
             return Delta(self.generation, self.generation, zones, self.header.reverse_nets, self.header.soa,
@@ -341,7 +368,7 @@ class RecordBuilder:
                         owners[owner] = ks[0]
                 else:
                     del owners[owner]
-            for name in old.names:
+            for name in self._names(old):
                 names.setdefault(name, True)
                 left = counts[name] - 1
                 if left:
@@ -361,29 +388,29 @@ class RecordBuilder:
                     ks.sort()
                 else:
                     owners[owner] = sorted((ks, key))
-            for name in part.names:
+            for name in self._names(part):
                 had = counts.get(name, 0)
                 names.setdefault(name, had > 0)
                 counts[name] = had + 1
 
-    def _owner_rrs(self, owner: str) -> dict[int, list[bytes]] | None:
-        """An owner's records from the parts that give it some (a new dict: records are replaced, never changed)."""
+    def _names(self, part: EndpointRecords) -> set[str]:
+        """The names that exist because of a part: its owners and every name up to their zone."""
+        return self.header.with_parents([*part.bare, *(o for o, _t, _r in part.rrs)])
+
+    def _owner_rrs(self, owner: str) -> tuple[bytes, ...] | None:
+        """An owner's records from the parts that give it some (a new tuple: records are replaced, never changed)."""
         ks = self.owners.get(owner)
         if ks is None:
             return None
-        out: dict[int, list[bytes]] = {}
-        for key in ks if isinstance(ks, list) else (ks,):
-            for o, rtype, rr in self.parts[key].rrs:
-                if o == owner:
-                    out.setdefault(rtype, []).append(rr)
-        return out
+        return _grouped(rr for key in (ks if isinstance(ks, list) else (ks,))
+                        for o, _t, rr in self.parts[key].rrs if o == owner)
 
-    def _all_rrs(self) -> dict[str, dict[int, list[bytes]]]:
-        out: dict[str, dict[int, list[bytes]]] = {}
+    def _all_rrs(self) -> dict[str, tuple[bytes, ...]]:
+        out: dict[str, list[bytes]] = {}
         for key in sorted(self.parts):
-            for owner, rtype, rr in self.parts[key].rrs:
-                out.setdefault(owner, {}).setdefault(rtype, []).append(rr)
-        return out
+            for owner, _rtype, rr in self.parts[key].rrs:
+                out.setdefault(owner, []).append(rr)
+        return {owner: (rrs[0],) if len(rrs) == 1 else _grouped(rrs) for owner, rrs in out.items()}
 
     def _index_endpoint(self, key: str, old: Endpoint | None, ep: Endpoint | None, namespaces: set[str],
                         search: dict[str, tuple[str, ...] | None]) -> None:
@@ -472,7 +499,7 @@ class RecordBuilder:
                 rrs.append((name.lower(), SRV, _rr(SRV, ttl, srv)))
                 if p.name:
                     rrs.append((f"_{p.name}._{p.protocol.lower()}.{name}".lower(), SRV, _rr(SRV, ttl, srv)))
-        return EndpointRecords(tuple(rrs), frozenset(self.header.with_parents([*bare, *(o for o, _t, _r in rrs)])))
+        return EndpointRecords(tuple(rrs), tuple(bare))
 
     def _endpoint_part(self, ep: Endpoint | None) -> EndpointRecords | None:
         """An endpoint's records; None when it has no name in the records."""
@@ -487,10 +514,22 @@ class RecordBuilder:
         try:
             suffix = f".{net.name}.{net.dns_domain.rstrip('.')}."
             alias = f"{ep.dns_name}{suffix}" if ep.dns_name and ep.dns_name != ep.name else None
-            return endpoint_records(self.header, f"{ep.name}{suffix}", ep.ips, self.ttl, alias)
+            return endpoint_records(f"{ep.name}{suffix}", ep.ips, self.ttl, alias)
         except ValueError as e:  # an address that is not one
             _skip(self.skipped, "Endpoint", ep.id, str(e))
             return None
+
+
+def _patched(last: dict[str, Any], now: Mapping[str, Any], keys: Iterable[str] | None) -> dict[str, Any]:
+    """`last` made equal to `now`: patched at `keys` (all that differ), or a copy of `now` (None)."""
+    if keys is None:
+        return dict(now)
+    for k in keys:
+        if k in now:
+            last[k] = now[k]
+        else:
+            last.pop(k, None)
+    return last
 
 
 def _changed(last: dict[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -519,7 +558,7 @@ class Delta:
     reverse_nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     soa: dict[str, bytes]
     serial: int
-    rrs: dict[str, dict[int, list[bytes]] | None]
+    rrs: dict[str, tuple[bytes, ...] | None]
     added: frozenset[str] | set[str]
     removed: frozenset[str] | set[str] = frozenset()
     search: dict[str, tuple[str, ...] | None] = field(default_factory=dict)
@@ -534,11 +573,13 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class EndpointRecords:
-    """One endpoint's part of the records: (owner, type, encoded RR) of its names and addresses, and
-    the names that exist because of it (owners and the empty non-terminals up to their zone)."""
+    """One endpoint's or service's part of the records: (owner, type, encoded RR) of its names and
+    addresses, and the names it makes exist without records (a service with no address). The names
+    that exist because of it (its owners and the names up to their zone, `RecordBuilder._names`) are
+    derived when needed, not kept: a set of them per endpoint was ~0.7 KB at 10,000 endpoints."""
 
     rrs: tuple[tuple[str, int, bytes], ...]
-    names: frozenset[str]
+    bare: tuple[str, ...] = ()
 
 
 def _headless_answers(svc: Service, endpoints: Iterable[Endpoint] | EndpointIndex, ttl: int) -> list[tuple[int, bytes]]:
@@ -555,20 +596,19 @@ def _headless_answers(svc: Service, endpoints: Iterable[Endpoint] | EndpointInde
     return out
 
 
-def endpoint_records(rec: Records, name: str, ips: Iterable[str], ttl: int, alias: str | None = None
-                     ) -> EndpointRecords:
-    """An endpoint's part, for the zones and reverse networks of `rec`; `alias` (its Neutron
+def endpoint_records(name: str, ips: Iterable[str], ttl: int, alias: str | None = None) -> EndpointRecords:
+    """An endpoint's part; `alias` (its Neutron
     `dns_name` in the same network) gets the same addresses, and PTRs keep naming `name`."""
     ips = list(ips)
     rrs = tuple(r for ip in ips for r in address_rrs(name, ip, ttl))
     if alias:
         rrs += tuple(r for ip in ips for r in address_rrs(alias, ip, ttl) if r[1] != PTR)
-    return EndpointRecords(rrs, frozenset(rec.with_parents(owner for owner, _rtype, _rr in rrs)))
+    return EndpointRecords(rrs)
 
 
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def address_rrs(name: str, ip: str, ttl: int) -> tuple[tuple[str, int, bytes], ...]:
     """(owner, type, encoded RR) of a name's A/AAAA record and of its address's PTR. Memoised like
     `address_record`: an unchanged endpoint encodes to the same bytes at every rebuild."""
@@ -577,7 +617,7 @@ def address_rrs(name: str, ip: str, ttl: int) -> tuple[tuple[str, int, bytes], .
             (ptr, PTR, _rr(PTR, ttl, encode_name(name))))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=CACHE)
 def parents(name: str, zone: str) -> tuple[str, ...]:
     """The names between `name` and its `zone` (the zone included)."""
     labels = name.split(".")
@@ -586,7 +626,7 @@ def parents(name: str, zone: str) -> tuple[str, ...]:
         parent = ".".join(labels[i:])
         if len(parent) < len(zone):
             break
-        out.append(parent)
+        out.append(sys.intern(parent))  # one copy of `tether.local.` for every name below it
     return tuple(out)
 
 
@@ -655,9 +695,9 @@ def lookup(rec: Records, q: Query) -> tuple[int, list[bytes], tuple[bytes, ...]]
         zone = "ip6.arpa." if q.name.endswith(".ip6.arpa.") else "in-addr.arpa."  # a service address
     if q.qclass != CLASS_IN:
         return REFUSED, [], ()
-    types = rec.rrs.get(q.name)
-    if types is not None:
-        found = [rr for rrs in types.values() for rr in rrs] if q.qtype == ANY else types.get(q.qtype, [])
+    rrs = rec.rrs.get(q.name)
+    if rrs is not None:
+        found = list(rrs) if q.qtype == ANY else [rr for rr in rrs if rr_type(rr) == q.qtype]
         if found:
             return NOERROR, found, ()
     soa = (rec.soa[zone],)
@@ -719,8 +759,8 @@ def answer_bare(rec: Records, data: bytes, search: tuple[str, ...] | None) -> by
     if q is None or q.name.count(".") != 1 or q.qclass != CLASS_IN:
         return None
     for domain in search:
-        types = rec.rrs.get(f"{q.name}{domain.rstrip('.')}.")
-        found = types.get(q.qtype) if types else None
+        rrs = rec.rrs.get(f"{q.name}{domain.rstrip('.')}.")
+        found = [rr for rr in rrs if rr_type(rr) == q.qtype] if rrs else None
         if found:
             return response(q, NOERROR, random.sample(found, len(found)) if len(found) > 1 else found)
     return None
