@@ -180,7 +180,12 @@ def outputs(text: str, planners: dict[str, Any] | None = None) -> dict[str, Any]
     rec = dns_records.build(rep.endpoints, rep.services, rep.networks.values(),
                             memos=planners.setdefault("dns", Planner()).memos)
     # memo: a cache of answers; generation: how many updates made the records
-    out["dns"] = canonical({k: v for k, v in vars(rec).items() if k not in ("memo", "generation")})
+    # rrs in the stored shape (owner -> type -> its RRs): one tuple per owner in memory since session 21
+    fields = {k: v for k, v in vars(rec).items() if k not in ("memo", "generation")}
+    fields["rrs"] = {owner: {t: [rr for rr in rrs if dns_records.rr_type(rr) == t]
+                             for t in dict.fromkeys(dns_records.rr_type(rr) for rr in rrs)}
+                     for owner, rrs in rec.rrs.items()}
+    out["dns"] = canonical(fields)
     return out
 
 

@@ -63,15 +63,6 @@ class Memos:
     service_parts: Any = None
     # calc.quarantine: (kind, name) -> (object, host, problem or None)
     checked: dict[tuple[str, str], tuple] = field(default_factory=dict)
-    # calc.dns_records: ((zones, reverse networks, TTL), endpoint id -> (endpoint, network, its
-    # records)) of the last build: an unchanged endpoint's part is reused (building every part again
-    # was ~7 ms of the agent's CPU per pod added with 500 pods present, bench/cni.py)
-    dns_endpoints: tuple[tuple, dict[str, Any]] = ((), {})
-    # calc.dns_records: (what the last records were built from besides the objects, the last records,
-    # how many parts give each name): the next build replaces only the changed objects' parts in them
-    dns_last: tuple | None = None
-    # calc.dns_records: (namespace, name) -> (service, its records) of the last build
-    dns_services: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.dns_records: objects left out of the records, each logged once
     dns_skipped: set[tuple[str, str]] = field(default_factory=set)
 
