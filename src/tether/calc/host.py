@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from tether import yielding
 from tether.calc import l3, pod_ingress, policy, services
 from tether.calc.addresses import ip_version, v4_subnets
+from tether.calc.counted import count_in, count_out
 from tether.calc.memos import Memos
 from tether.calc.names import (
     CT_DENIED,
@@ -337,18 +338,10 @@ class RemoteRoutes:
     def put(self, key: tuple[str, str], part: tuple[tuple, ...] | None) -> None:
         old = self.parts.pop(key, None)
         if old is not None:
-            for items, counts in zip(old, self.counts, strict=True):
-                for item in items:
-                    n = counts[item] - 1
-                    if n:
-                        counts[item] = n
-                    else:
-                        del counts[item]
+            count_out(old, self.counts)
         if part is not None:
             self.parts[key] = part
-            for items, counts in zip(part, self.counts, strict=True):
-                for item in items:
-                    counts[item] = counts.get(item, 0) + 1
+            count_in(part, self.counts)
 
     def track(self, i: str, ep: Endpoint | None) -> None:
         old = self.eps.pop(i, None)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from tether.calc import names
 from tether.calc.addresses import ip_version, network, v4_subnets
+from tether.calc.counted import count_in, count_out
 from tether.calc.memos import Memos
 from tether.calc.names import HAIRPIN_MARK, POD_GATEWAY6, lb_chain
 from tether.calc.nft import (
@@ -279,20 +280,6 @@ def published_chain(target: str) -> NftChain:
     ))
 
 
-def tracked_addresses(fes: list[Frontend], networks: list[Network]) -> frozenset[str]:
-    """Service traffic needs conntrack for its NAT, so every backend goes into `stateful`. A frontend
-    only needs to when it lies inside a network's subnet: the stateless rule matches only pairs of
-    network subnets (calc.same_network_pairs), so traffic to a VIP outside them is tracked anyway.
-    Listing them only grew the set that two lookups per packet search (5,000 VIPs in
-    bench/services.py), for no change in what is tracked."""
-    subnets = [network(c) for n in networks for c in v4_subnets(n)]
-    tracked = {b.ip for f in fes for b in f.backends if ip_version(b.ip) == 4}
-    for f in fes:
-        if ip_version(f.ip) == 4 and any(network(f.ip).network_address in net for net in subnets):
-            tracked.add(f.ip)
-    return frozenset(tracked)
-
-
 # IPv6 frontends: the same shape under names with a 6 (`svc_vips6`, `svc6-lb-<N>`, ...), keyed by
 # ip6 addresses. Published ports (node ports) answer on every local IPv6 address of the host:
 # `svc_nodeports6` (proto . port) -> `svc6-np-...` chains that draw a slot like the VIP's and DNAT
@@ -426,13 +413,7 @@ class ServiceParts:
             self.selected.get(ep_id, set()).discard(name)
         old = self.parts.pop(name, None)
         if old is not None:
-            for items, counts in zip(old, self.counts, strict=True):
-                for item in items:
-                    n = counts[item] - 1
-                    if n:
-                        counts[item] = n
-                    else:
-                        del counts[item]
+            count_out(old, self.counts)
         if svc is None or part is None:
             return
         self.services[name] = svc
@@ -445,9 +426,7 @@ class ServiceParts:
         for ep_id in picked:
             self.selected.setdefault(ep_id, set()).add(name)
         self.parts[name] = part
-        for items, counts in zip(part, self.counts, strict=True):
-            for item in items:
-                counts[item] = counts.get(item, 0) + 1
+        count_in(part, self.counts)
 
 
 # what a service adds, in ServiceParts.counts' order
@@ -455,7 +434,12 @@ PARTS = ("vips", "nodeports", "backend_ip", "backend_port", "empty", "hairpin", 
 
 
 def _part(fes: list[Frontend], subnets: list) -> tuple[tuple, ...]:
-    """One service's IPv4 elements, as `compile` makes them from its frontends."""
+    """IPv4 elements of frontends (one service's, kept by `ServiceParts`, or all of them, `_compile`).
+    Service traffic needs conntrack for its NAT, so every backend is `tracked` (goes into
+    `stateful`); a frontend only when it lies inside a network's subnet: the stateless rule matches
+    only pairs of network subnets (calc.same_network_pairs), so traffic to a VIP outside them is
+    tracked anyway, and listing those only grew the set two lookups per packet search (5,000 VIPs
+    in bench/services.py)."""
     vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts = ([] for _ in PARTS)
     for f in fes:
         if ip_version(f.ip) != 4:
@@ -565,37 +549,11 @@ def _compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIn
     if has_v6(services):
         np_sets6, np_chains6 = published6([f for f in every if f.published and ip_version(f.ip) == 6])
         sets6, chains6 = sets6 + np_sets6, chains6 + np_chains6
-    max_n = max([PREDEFINED_SLOTS, *(len(f.backends) for f in fes)])
-    timeouts = sorted({f.affinity for f in fes if f.affinity is not None})
-    vips: set = set()
-    nodeports: set = set()
-    backend_ip: set = set()
-    backend_port: set = set()
-    empty: set = set()
-    hairpin: set = set()
-    for f in fes:
-        key = (f.ip, f.proto, f.port)
-        if not f.backends:
-            if not f.published:
-                empty.add(key)
-            continue
-        target = lb_chain(len(f.backends), f.affinity)
-        if f.published:  # Local skips the entry chain that marks the connection for source NAT
-            verdict = f"goto {target}" if f.keep_source else f"goto svc-np-{target.removeprefix('svc-')}"
-            if f.at_address:
-                vips.add((key, verdict))
-            else:
-                nodeports.add(((f.proto, f.port), verdict))
-        else:
-            vips.add((key, f"goto {target}"))
-        for slot, b in enumerate(f.backends, start=1):
-            backend_ip.add(((f.ip, f.proto, f.port, slot), b.ip))
-            backend_port.add(((f.ip, f.proto, f.port, slot), b.port))
-            hairpin.add((b.ip, b.ip))
-
+    subnets = [network(c) for n in networks for c in v4_subnets(n)]
+    vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts = _part(fes, subnets)
     return _fragment(frozenset(vips), frozenset(nodeports), frozenset(backend_ip), frozenset(backend_port),
-                     frozenset(empty), frozenset(hairpin), tracked_addresses(fes, networks), max_n, timeouts,
-                     node_ips, bool(services), sets6, chains6, reject6, hairpin6)
+                     frozenset(empty), frozenset(hairpin), frozenset(tracked), max([PREDEFINED_SLOTS, *slots]),
+                     sorted(set(timeouts)), node_ips, bool(services), sets6, chains6, reject6, hairpin6)
 
 
 def _fragment(vips: frozenset, nodeports: frozenset, backend_ip: frozenset, backend_port: frozenset,
