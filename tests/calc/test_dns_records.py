@@ -201,10 +201,8 @@ def test_a_neutron_dns_name_resolves_to_the_ports_addresses_and_ptr_keeps_its_na
     assert ptr is not None and rdata(dns.message.from_wire(ptr)) == ["port-1a2b3c4d.blue.tether.local."]
 
 
-def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_replaced_when_they_differ(
-        caplog) -> None:
-    """The oracle runs in the agent too: every FULL_CHECK_S the kept records are compared with a cold
-    build; a difference (a defect) is logged and the cold build is what the server answers from."""
+def server_with_one_endpoint():
+    """A DNS extra (no worker started) that has sent the records of one endpoint on NET."""
     from tether.agent.dns import DnsServer
     from tether.calc.replica import Replica
 
@@ -214,6 +212,14 @@ def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_repl
     rep.objects["Endpoint"][EPS[0].id] = EPS[0]
     rep.revision = 1
     server.update(rep.view())
+    return server, rep
+
+
+def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_replaced_when_they_differ(
+        caplog) -> None:
+    """The oracle runs in the agent too: every FULL_CHECK_S the kept records are compared with a cold
+    build; a difference (a defect) is logged and the cold build is what the server answers from."""
+    server, rep = server_with_one_endpoint()
     server._builder.counts["ghost.blue.tether.local."] = 1  # a defect: a name no object makes
     server.records.existing.add("ghost.blue.tether.local.")
     rep.objects["Endpoint"][EPS[1].id] = EPS[1]
@@ -232,16 +238,9 @@ def test_records_kept_change_by_change_are_checked_against_a_cold_build_and_repl
 def test_a_change_dns_does_not_show_leaves_the_records_and_the_workers_answer_memo() -> None:
     """A policy (or a host) changes the replica's revision but no name: nothing goes to the worker,
     whose memo of answers stays, and the SOA serial stays that of the last change of names."""
-    from tether.agent.dns import DnsServer
-    from tether.calc.replica import Replica
     from tether.model import NetworkPolicy
 
-    server = DnsServer("127.0.0.1", 0, [])
-    rep = Replica()
-    rep.objects["Network"][NET.name] = NET
-    rep.objects["Endpoint"][EPS[0].id] = EPS[0]
-    rep.revision = 1
-    server.update(rep.view())
+    server, rep = server_with_one_endpoint()
     records, generation = server.records, server.records.generation
     server.records.memo[b"q"] = (b"a",)
     rep.objects["NetworkPolicy"]["default/p"] = NetworkPolicy(name="p", spec={"podSelector": {}})
