@@ -112,6 +112,17 @@ def test_the_base_and_the_events_appended_since_load_back_as_the_replica(tmp_pat
     assert _loaded(disk.path).objects == back.objects
 
 
+
+def test_a_base_without_its_revision_is_refused_and_leaves_the_replica_as_it_was(tmp_path) -> None:
+    """`load` says False and the replica is untouched (before: the objects were replaced, then the
+    missing revision raised: a replica of one file's objects at another's revision)."""
+    rep, disk = _based(tmp_path)
+    before = {kind: dict(objs) for kind, objs in rep.objects.items()}
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"objects": [{"kind": "Endpoint", "object": _ep(99).model_dump(mode="json")}]}))
+    assert not replica_file.DiskCopy(str(broken)).load(rep)
+    assert {kind: dict(objs) for kind, objs in rep.objects.items()} == before and rep.revision == 10
+
 def test_a_torn_last_line_ends_the_replay_and_the_load_still_succeeds(tmp_path) -> None:
     """A crash mid-append: the events before the torn line stand; the next save writes everything
     (an append after the torn text would never be read)."""

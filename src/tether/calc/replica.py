@@ -137,9 +137,12 @@ class Replica:
 
     def load_snapshot(self, snap: dict[str, Any], consume: bool = False) -> None:
         """`consume`: empty `snap`'s list as its items are decoded (the agent: see below)."""
+        # read and checked before anything is replaced: a malformed snapshot leaves the replica as it was
+        revision, items = snap["revision"], snap["objects"]
+        if not isinstance(revision, int) or not isinstance(items, list):
+            raise TypeError("a snapshot is {'revision': <int>, 'objects': [...]}")
         objects: dict[str, dict[str, Obj]] = {k: {} for k in KINDS}
         undecodable = []
-        items = snap["objects"]
         for i, item in enumerate(items):
             # each parsed item is dropped once decoded: the models reuse its memory, instead of the
             # whole parsed snapshot (~4 KB an endpoint) living until the last model is built
@@ -156,7 +159,7 @@ class Replica:
         self.journal.lost()
         self.objects = journaled(objects, self.journal)
         self.undecodable = undecodable
-        self.revision = self.acted = snap["revision"]
+        self.revision = self.acted = revision
         self.synced = True
 
     def apply_event(self, ev: dict[str, Any]) -> bool:
