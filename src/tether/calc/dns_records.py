@@ -163,14 +163,6 @@ class Records:
         self.memo = {}
         return True
 
-    def add(self, name: str, rtype: int, rdata: bytes, ttl: int = TTL) -> None:
-        self.add_rr(name.lower(), rtype, _rr(rtype, ttl, rdata))
-
-    def add_rr(self, owner: str, rtype: int, rr: bytes) -> None:
-        """An encoded RR (`_rr`, of type `rtype`) under a lower-case owner name, after its others of that type."""
-        self.rrs[owner] = _grouped([*self.rrs.get(owner, ()), rr])
-        self.existing.add(owner)
-
     def with_parents(self, names: Iterable[str]) -> set[str]:
         """The names and every name between each and its zone: empty non-terminals exist too (they
         answer NODATA)."""
@@ -434,9 +426,8 @@ class RecordBuilder:
                         search[ip] = None
         if ep is not None:
             self.by_ns.setdefault(ep.namespace, {})[key] = ep
-            net = self.all_nets.get(ep.network)
-            if ep.owner.type == "docker" and net is not None:
-                path = tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
+            path = _docker_path(ep, self.all_nets)
+            if path is not None:
                 for ip in ep.ips:
                     claim = self.claims.setdefault(ip, {})
                     claim[ep.id] = path
@@ -733,6 +724,14 @@ def answer(rec: Records, data: bytes) -> bytes | None:
     return response(q, rcode, answers, authority)
 
 
+def _docker_path(ep: Endpoint, networks: dict[str, Network]) -> tuple[str, ...] | None:
+    """A Docker container's search path (`docker_search`), None for any other endpoint."""
+    net = networks.get(ep.network)
+    if ep.owner.type != "docker" or net is None:
+        return None
+    return tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
+
+
 def docker_search(endpoints: Iterable[Endpoint], networks: dict[str, Network]) -> dict[str, tuple[str, ...]]:
     """Address of a Docker container -> its search path. Docker's embedded resolver (127.0.0.11)
     answers its own host's containers and forwards every other name, unchanged and from the
@@ -741,9 +740,8 @@ def docker_search(endpoints: Iterable[Endpoint], networks: dict[str, Network]) -
     path of the one with the smaller id (as `RecordBuilder.search`, whatever the order of the objects)."""
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for ep in endpoints:
-        net = networks.get(ep.network)
-        if ep.owner.type == "docker" and net is not None:
-            path = tuple(search_path(ep.namespace, ep.network, str(net.dns_domain)))
+        path = _docker_path(ep, networks)
+        if path is not None:
             for ip in ep.ips:
                 if ip not in out or ep.id < out[ip][0]:
                     out[ip] = (ep.id, path)

@@ -33,8 +33,6 @@ class Memos:
     bad: dict[tuple[str, str], Any] = field(default_factory=dict)
     # calc.host: endpoint id -> (endpoint, network, underlay MTU, its HostInterface, its routes)
     local: dict[str, tuple] = field(default_factory=dict)
-    # calc.host: (the blocks, endpoint id -> (remote endpoint, its addresses outside its host's blocks))
-    borrowed: tuple[tuple, dict[str, tuple]] = ((), {})
     # calc.pod_ingress: endpoint id -> (key, senders, its ingress chain)
     pod_chains: dict[str, tuple] = field(default_factory=dict)
     # calc.policy: (policy, direction, spec) -> its encoded rules and what makes its sets

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether import yielding
-from tether.calc import names
+from tether.calc import counted, names
 from tether.calc.addresses import ip_version, network, v4_subnets
 from tether.calc.memos import Memos
 from tether.calc.names import LINK_PREFIX, NP_OK, SG_OK, VTEP_NAME, stateless_chain
@@ -159,7 +159,6 @@ class Index:
             memos.policy_peers, memos.policy_ns = {}, nsl  # the plan's own when it is done (compile)
         idx.pols_by_label, idx.pols_any = _policy_postings(policies, memos, policies_by_name)
         return idx
-        return idx
 
     def candidates(self, selector: dict[str, Any]) -> list[Endpoint]:
         """Endpoints that may match: the shortest matchLabels posting list, else all."""
@@ -231,19 +230,13 @@ class Members:
     def add(self, ips: Iterable[str]) -> None:
         for ip in ips:
             v = ip_version(ip)
-            counts = self.counts[v]
-            counts[ip] = counts.get(ip, 0) + 1
+            counted.add(self.counts[v], ip)
             self.sets.pop(v, None)
 
     def remove(self, ips: Iterable[str]) -> None:
         for ip in ips:
             v = ip_version(ip)
-            counts = self.counts[v]
-            n = counts[ip] - 1
-            if n:
-                counts[ip] = n
-            else:
-                del counts[ip]
+            counted.drop(self.counts[v], ip)
             self.sets.pop(v, None)
 
     def nft_set(self, version: int, name: str) -> NftSet:
@@ -267,12 +260,17 @@ def _policy_postings(policies: Iterable[NetworkPolicy], memos: Memos | None,
     if memos is not None:
         memos.policy_postings = ({}, {}, {})  # if this raises half way, the next plan starts afresh
 
-    def posting(p: NetworkPolicy) -> list[NetworkPolicy]:
+    def key(p: NetworkPolicy) -> tuple[str, str, str] | None:
+        """The label posting a policy goes in (its first matchLabels pair), None: `any_`."""
         ml = (p.spec.get("podSelector") or {}).get("matchLabels") or {}
         if ml:
             k, v = next(iter(sorted(ml.items())))
-            return by_label.setdefault((p.namespace, k, v), [])
-        return any_.setdefault(p.namespace, [])
+            return p.namespace, k, v
+        return None
+
+    def posting(p: NetworkPolicy) -> list[NetworkPolicy]:
+        at = key(p)
+        return by_label.setdefault(at, []) if at is not None else any_.setdefault(p.namespace, [])
 
     if delta is None or by_name is None:
         last, by_label, any_ = {}, {}, {}
@@ -286,10 +284,9 @@ def _policy_postings(policies: Iterable[NetworkPolicy], memos: Memos | None,
                 found = posting(old)
                 found.remove(old)
                 if not found:  # no empty lists left behind: the postings are those of a cold build
-                    ml = (old.spec.get("podSelector") or {}).get("matchLabels") or {}
-                    if ml:
-                        k, v = next(iter(sorted(ml.items())))
-                        del by_label[(old.namespace, k, v)]
+                    at = key(old)
+                    if at is not None:
+                        del by_label[at]
                     else:
                         del any_[old.namespace]
             if new is not None:
@@ -723,9 +720,7 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     b.add_set("stateful", "ipv4_addr", stateful)
     b.memos.workloads = b.workloads
     if memos is not None:
-        memos.policy_layers = b._layers
-    if memos is not None:
-        memos.policy_peers = idx.peer_cache
+        memos.policy_layers, memos.policy_peers = b._layers, idx.peer_cache
     b.chains["nested_out"] = NftChain("nested_out", (
         rule({"vmap": {"key": {"concat": [meta("iifname"), payload("ip", "saddr")]}, "data": "@nested_out"}}),
         rule({"vmap": {"key": meta("iifname"), "data": "@parent_out"}}),
