@@ -75,3 +75,28 @@ def test_a_network_comes_from_the_replica_else_from_the_server_else_none() -> No
     assert asyncio.run(local.network("blue", DownClient())) is blue  # type: ignore[arg-type]
     assert asyncio.run(local.network("green", DownClient())) is None  # type: ignore[arg-type]
     assert asyncio.run(local.network("green", UpClient())).name == "green"  # type: ignore[arg-type, union-attr]
+
+
+def test_this_hosts_endpoints_come_from_the_planners_index_when_it_describes_the_replica() -> None:
+    """`here` (what the VM ports and their DHCP read after every apply) is this host's endpoints:
+    the planner's index for the replica it planned, else a pass over every endpoint; both agree."""
+    from tether.calc.host import HostContext
+    from tether.calc.planner import Planner
+
+    replica = Replica()
+    replica.objects["Network"]["blue"] = Network(name="blue", subnets=[Subnet(cidr="10.77.0.0/16")])
+    for i, host in enumerate(("h1", "h2", "h1", "h3")):
+        replica.objects["Endpoint"][f"e{i}"] = Endpoint(id=f"e{i}", name=f"e{i}", network="blue", host=host,
+                                                        ips=[f"10.77.0.{i + 2}"])
+    planner = Planner()
+    asked: list[Any] = []
+
+    def indexed(rep: Replica) -> Any:
+        asked.append(planner.local_endpoints(rep))
+        return asked[-1]
+
+    local = LocalEndpoints("h1", replica, 1500, indexed=indexed)
+    assert sorted(ep.id for ep in local.here()) == ["e0", "e2"] and asked == [None]  # nothing planned yet: a pass
+    view = replica.view()
+    planner.plan(view, HostContext("h1", "eth0", 1500))
+    assert sorted(ep.id for ep in local.here(view)) == ["e0", "e2"] and asked[-1] is not None  # the index

@@ -23,11 +23,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tether.calc.dhcp import DnsmasqConfig, dnsmasq_config
 from tether.calc.names import VXLAN_OVERHEAD, dhcp_dir
 from tether.calc.replica import Replica
+from tether.model import Endpoint
 
 log = logging.getLogger("tether.dhcp")
 
@@ -168,8 +169,10 @@ class DhcpService:
     """The agent extra: recomputes the configuration after every applied plan, watches the process."""
 
     def __init__(self, host: str, state_dir: str, underlay_mtu: int, dns_ip: Callable[[], str | None],
-                 binary: str = "dnsmasq", vxlan_overhead: int = VXLAN_OVERHEAD) -> None:
+                 binary: str = "dnsmasq", vxlan_overhead: int = VXLAN_OVERHEAD,
+                 here: Callable[[Replica], Iterable[Endpoint]] | None = None) -> None:
         self.host = host
+        self.here = here  # this host's endpoints of a replica (LocalEndpoints.here), if known
         self.underlay_mtu = underlay_mtu
         self.vxlan_overhead = vxlan_overhead  # the taps' (LocalEndpoints.vxlan_overhead): one MTU for both
         self.dns_ip = dns_ip
@@ -179,7 +182,8 @@ class DhcpService:
         self._failed: str | None = None
 
     def update(self, replica: Replica) -> None:
-        cfg = dnsmasq_config(replica, self.host, self.underlay_mtu, self.dns_ip(), overhead=self.vxlan_overhead)
+        cfg = dnsmasq_config(replica, self.host, self.underlay_mtu, self.dns_ip(), overhead=self.vxlan_overhead,
+                             endpoints=None if self.here is None else self.here(replica))
         try:
             self.dnsmasq.apply(cfg)
             self._failed = None

@@ -114,7 +114,8 @@ class Agent:
         self.underlay_dev, self.underlay_mtu, self.underlay_cidr = underlay
         # what the front ends (CNI here, Docker and VM ports as extras) share of the agent
         self.local = LocalEndpoints(self.host, self.replica, self.underlay_mtu, self.kick,
-                                    vxlan_overhead(cfg.underlay_ip))
+                                    vxlan_overhead(cfg.underlay_ip),
+                                    indexed=lambda rep: self.planner.local_endpoints(rep))
         self.cni = CniServer(self.local, self.client, cfg.cni_socket, dns=self.dns_config, not_ready=self.not_ready)
         self.underlay_ip6 = link_local_of(self.underlay_dev)
         from tether.dataplane.nft import NftDataplane

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from tether.agent.dhcp import DhcpService
@@ -24,6 +25,7 @@ from tether.calc.names import VXLAN_OVERHEAD
 from tether.calc.replica import Replica
 from tether.client import ApiError, AsyncTetherClient, ServerUnreachable
 from tether.dataplane.vif import VifSpec, reconcile_vifs
+from tether.model import Endpoint
 
 if TYPE_CHECKING:
     from tether.agent.extras import AgentHandle
@@ -31,13 +33,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.vmports")
 
 
-def wanted_vifs(rep: Replica, host: str, underlay_mtu: int, overhead: int = VXLAN_OVERHEAD) -> list[VifSpec]:
+def wanted_vifs(rep: Replica, host: str, underlay_mtu: int, overhead: int = VXLAN_OVERHEAD,
+                endpoints: Iterable[Endpoint] | None = None) -> list[VifSpec]:
     """This host's VM ports to plug; a quarantined one (a foreign interface name, a netns outside
-    the runtime's directories...) is not plugged (quarantine reports it)."""
+    the runtime's directories...) is not plugged (quarantine reports it). `endpoints`: the
+    candidates when the caller knows this host's (`LocalEndpoints.here`; default: every one)."""
     from tether.calc.quarantine import problem
 
     out = []
-    for ep in rep.endpoints:
+    for ep in rep.endpoints if endpoints is None else endpoints:
         net = rep.networks.get(ep.network)
         if ep.host != host or ep.owner.type != "vm" or not ep.interface or net is None:
             continue
@@ -62,7 +66,8 @@ class VmPorts:
     def update(self, replica: Replica) -> None:
         """Called after every applied plan. The kernel is read (a dump of every link: costly with
         hundreds of pods) only when this host's VM ports changed, at start, and every 30 s."""
-        specs = wanted_vifs(replica, self.local.host, self.local.underlay_mtu, self.local.vxlan_overhead)
+        specs = wanted_vifs(replica, self.local.host, self.local.underlay_mtu, self.local.vxlan_overhead,
+                            self.local.here(replica))
         now = time.monotonic()
         if specs != self.specs or now - self._last_full > 30:
             self.specs = specs
@@ -113,4 +118,4 @@ async def start(agent: AgentHandle) -> list[VmPorts | DhcpService]:
     """VM ports and their DHCP (agent/dhcp.py): the DNS server VMs are told of is the agent's."""
     return [VmPorts(agent.local, agent.client),
             DhcpService(agent.host, agent.cfg.state_dir, agent.underlay_mtu, lambda: agent.dns_ip,
-                        vxlan_overhead=agent.local.vxlan_overhead)]
+                        vxlan_overhead=agent.local.vxlan_overhead, here=agent.local.here)]

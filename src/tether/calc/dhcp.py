@@ -16,6 +16,7 @@ dnsmasq); hosts and options are files it re-reads on SIGHUP.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tether.calc.host import endpoint_mtu
@@ -76,12 +77,14 @@ def subnet_options(net: Network, s: Subnet, underlay_mtu: int, dns_ip: str | Non
 
 
 def dnsmasq_config(rep: Replica, host: str, underlay_mtu: int, dns_ip: str | None,
-                   lease: int = LEASE_SECONDS, overhead: int = VXLAN_OVERHEAD) -> DnsmasqConfig:
+                   lease: int = LEASE_SECONDS, overhead: int = VXLAN_OVERHEAD,
+                   endpoints: Iterable[Endpoint] | None = None) -> DnsmasqConfig:
     """The dnsmasq configuration of `host` for its VM ports (see the module's docstring); `overhead`
-    is VXLAN's on this host's underlay (`names.vxlan_overhead`), as for the taps."""
+    is VXLAN's on this host's underlay (`names.vxlan_overhead`), as for the taps; `endpoints`: the
+    candidates when the caller knows this host's (default: every endpoint of `rep`)."""
     hosts: list[str] = []
     subnets: dict[str, tuple[Network, Subnet]] = {}
-    for ep in sorted(rep.endpoints, key=lambda e: e.interface or ""):
+    for ep in sorted(rep.endpoints if endpoints is None else endpoints, key=lambda e: e.interface or ""):
         if ep.host != host or ep.owner.type != "vm" or not ep.interface or not ep.mac or not ep.admin_state_up:
             continue
         net = rep.networks.get(ep.network)
