@@ -517,7 +517,9 @@ class FlowLog:
         `name` rebuilds when a record next needs one. Building them here cost the event loop a dict
         entry per address for every pod added, while most hosts log no flow between two changes."""
         self._endpoints, self._names = list(replica.endpoints), None
-        self._local = {a for ep in self._endpoints if ep.host == self.host for a in ep.ips}
+        local = getattr(self.agent, "local", None)  # this host's endpoints from the planner's index
+        mine = local.here(replica) if local is not None else (ep for ep in self._endpoints if ep.host == self.host)
+        self._local = {a for ep in mine for a in ep.ips}
 
     def name(self, ip: str) -> str:
         """`namespace/name` of the endpoint holding `ip` ("" if none), so records name who was involved."""
