@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tether.dataplane.netns import opened_in
+
 # Linux values the socket module does not name
 IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
 IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO = 23, 2
@@ -184,11 +186,7 @@ class Pinger:
             self._drop(key)
 
     def _in_ns(self, make: Callable[[], T]) -> T:
-        if self.netns is None:
-            return make()
-        from tether.dataplane.netns import opened_in  # tests and benches only: keeps the agent's imports lean
-
-        return opened_in(self.netns, make)
+        return make() if self.netns is None else opened_in(self.netns, make)
 
     def _socket(self, version: int, dev: str | None) -> _Socket | None:
         """The socket for (family, device); None when the device does not exist. A device deleted
