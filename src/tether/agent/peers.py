@@ -1,23 +1,23 @@
 """Path health (issue 25): this agent checks every peer host over the underlay and the overlay and
 reports it to the server, which `tether status --peers` shows as a matrix.
 
-Every PEER_INTERVAL seconds, per peer and concurrently: a ping to its underlay address with the
-full underlay MTU and Don't Fragment (reachability, latency, and whether full-size packets are
-carried); when that fails but a small one passes, the largest size carried (a binary search of a
-few pings). When this host and the peer have VTEPs (a VXLAN network), the overlay too: a full-size
-ping through this host's VTEP to the peer's VTEP address (the plan routes each peer's VTEP address
-over the tunnel, so the reply comes back the same way): an underlay that answers while the overlay
-does not is VXLAN blocked on the way (UDP 4789) or a VTEP missing. The networks this host carries
-are then checked against the path: a VXLAN network whose packets,
-with the 50 bytes of VXLAN overhead (70 over an IPv6 underlay), are larger than the path carries is
+Every PEER_INTERVAL seconds, per peer and concurrently: an ICMP echo (`agent/icmp.py`: in-process,
+no `ping` process) to its underlay address with the full underlay MTU and Don't Fragment
+(reachability, latency, and whether full-size packets are carried); when that fails but a small one
+passes, the largest size carried (a binary search of a few echoes). When this host and the peer have
+VTEPs (a VXLAN network), the overlay too: a full-size echo through this host's VTEP to the peer's VTEP
+address (the plan routes each peer's VTEP address over the tunnel, so the reply comes back the same
+way): an underlay that answers while the overlay does not is VXLAN blocked on the way (UDP 4789) or a
+VTEP missing. The networks this host carries are then checked against the path: a VXLAN network whose
+packets, with the 50 bytes of VXLAN overhead (70 over an IPv6 underlay), are larger than the path carries is
 reported before users see stalled TCP. A peer whose underlay address is of the other family (IPv4
 here, IPv6 there) has no path at all (`calc.host.same_family`): reported as such, not pinged.
 Results are pushed to POST /api/v1/hosts/NAME/peers (kept in the server's memory).
 
 A round checks at most PEERS_PER_ROUND peers, PING_CONCURRENCY at a time, taking the next ones in
-turn (`next_batch`): each check is one or two `ping` processes, and checking every peer each round
-made the cluster's pings grow with hosts squared (a 100-host lab: ~2,000 processes a second).
-Beyond PEERS_PER_ROUND peers a peer's result is refreshed every ceil(peers / PEERS_PER_ROUND) rounds.
+turn (`next_batch`): checking every peer each round made the cluster's probes grow with hosts
+squared (a 100-host lab, when each probe was a `ping` process: ~2,000 processes a second). Beyond
+PEERS_PER_ROUND peers a peer's result is refreshed every ceil(peers / PEERS_PER_ROUND) rounds.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any
+
+from tether.agent.icmp import Pinger
 
 if TYPE_CHECKING:
     from tether.agent.extras import AgentHandle
@@ -39,36 +40,16 @@ PEER_INTERVAL = 10.0
 PEERS_PER_ROUND = 16
 PING_CONCURRENCY = 8
 MIN_MTU = 576
-IP_ICMP = 28  # IPv4 + ICMP headers: ping's -s is the MTU minus these
-IP6_ICMP6 = 48  # the same for IPv6 + ICMPv6
 
 
-async def ping(ip: str, size: int, dev: str | None = None, timeout: float = 1.0) -> float | None:
-    """Round trip in ms of one Don't-Fragment ping of `size` bytes of IP packet, None if lost."""
-    headers = IP6_ICMP6 if ":" in ip else IP_ICMP
-    cmd = ["ping", "-n", "-q", "-c", "1", "-W", str(timeout), "-M", "do", "-s", str(max(0, size - headers))]
-    if dev:
-        cmd += ["-I", dev]
-    try:
-        p = await asyncio.create_subprocess_exec(*cmd, ip, stdout=asyncio.subprocess.PIPE,
-                                                 stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(p.communicate(), timeout + 2)
-    except (OSError, TimeoutError):
-        return None
-    if p.returncode != 0:
-        return None
-    m = re.search(r"= [\d.]+/([\d.]+)/", out.decode(errors="replace"))
-    return float(m.group(1)) if m else 0.0
-
-
-async def carried_mtu(ip: str, high: int) -> int | None:
+async def carried_mtu(pinger: Pinger, ip: str, high: int) -> int | None:
     """The largest packet (between MIN_MTU and `high`) that reaches `ip` with DF set; None if none."""
-    if await ping(ip, MIN_MTU) is None:
+    if await pinger.ping(ip, MIN_MTU) is None:
         return None
     lo, hi = MIN_MTU, high
     while hi - lo > 8:
         mid = (lo + hi) // 2
-        if await ping(ip, mid) is not None:
+        if await pinger.ping(ip, mid) is not None:
             lo = mid
         else:
             hi = mid
@@ -123,6 +104,7 @@ class PeerHealth:
         self._task: asyncio.Task | None = None
         self._last: str | None = None  # the last peer checked: the next round starts after it
         self._slots = asyncio.Semaphore(PING_CONCURRENCY)
+        self.pinger = Pinger()  # its raw sockets open at the first probe
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -142,9 +124,10 @@ class PeerHealth:
             r["problems"] = [unlike_underlays(me, peer)]
             return r
         overhead = vxlan_overhead(me.underlay_ip) if me is not None else None
-        rtt = await ping(peer.underlay_ip, underlay_mtu)
+        rtt = await self.pinger.ping(peer.underlay_ip, underlay_mtu)
         r["underlay"] = {"ok": rtt is not None, "rtt_ms": rtt}
-        r["path_mtu"] = underlay_mtu if rtt is not None else await carried_mtu(peer.underlay_ip, underlay_mtu)
+        r["path_mtu"] = (underlay_mtu if rtt is not None
+                         else await carried_mtu(self.pinger, peer.underlay_ip, underlay_mtu))
         if r["path_mtu"] is not None:
             r["underlay"]["ok"] = True
         nets = list(getattr(self._replica, "networks", {}).values()) if self._replica is not None else []
@@ -182,16 +165,16 @@ class PeerHealth:
         return tunnelled(peer, me) and tunnelled(me, peer)
 
     async def check_overlay(self, vtep_ip: str, path_mtu: int, overhead: int | None = None) -> dict[str, Any]:
-        """A ping through the tunnel as large as the path carries once encapsulated (the VTEP's MTU
+        """An echo through the tunnel as large as the path carries once encapsulated (the VTEP's MTU
         is the underlay's minus the overhead); a small one when that is lost, to tell the MTU apart
         from a blocked tunnel."""
         from tether.calc.names import VTEP_NAME, VXLAN_OVERHEAD
 
         size = path_mtu - (VXLAN_OVERHEAD if overhead is None else overhead)
-        rtt = await ping(vtep_ip, size, VTEP_NAME)
+        rtt = await self.pinger.ping(vtep_ip, size, VTEP_NAME)
         if rtt is not None:
             return {"ok": True, "rtt_ms": rtt, "size": size}
-        small = await ping(vtep_ip, MIN_MTU, VTEP_NAME)
+        small = await self.pinger.ping(vtep_ip, MIN_MTU, VTEP_NAME)
         return {"ok": small is not None, "rtt_ms": small, "size": MIN_MTU if small is not None else None}
 
     async def _loop(self) -> None:
@@ -228,6 +211,7 @@ class PeerHealth:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+        self.pinger.close()
 
 
 async def start(agent: AgentHandle) -> list[PeerHealth]:
