@@ -306,6 +306,26 @@ def test_a_selectors_set_follows_its_peers_added_relabelled_and_deleted() -> Non
             [s for s in cold.nft.sets if s.name.startswith("sel")]
 
 
+def test_a_host_registering_again_unchanged_is_not_journaled_but_a_moved_host_is() -> None:
+    """An agent that reconnects registers again: only `heartbeat` (and the revision) change, which no
+    plan reads, so no agent plans for it; a new underlay address is planned."""
+    from datetime import UTC, datetime
+
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    planner.plan(rep.view(), c)
+    h2 = rep.objects["Host"]["h2"]
+    before = len(rep.journal.entries)
+    again = h2.model_copy(update={"heartbeat": datetime(2030, 1, 1, tzinfo=UTC)})
+    assert not rep.apply_event(_event("put", again, 50))
+    assert len(rep.journal.entries) == before and rep.objects["Host"]["h2"].heartbeat == again.heartbeat
+    moved = again.model_copy(update={"underlay_ip": "198.18.9.9"})
+    assert rep.apply_event(_event("put", moved, 51)) and len(rep.journal.entries) == before + 1
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c)
+
+
 def test_the_planner_names_this_hosts_endpoints_only_for_the_replica_it_planned_last() -> None:
     """`Planner.local_endpoints` (read by `rejudge_scope` and the agent's pending check instead of
     every endpoint) answers for the view planned last, quarantined endpoints included, else None."""

@@ -379,7 +379,12 @@ def _plural(kind: str) -> str:
     return PLURALS[kind]
 
 
+_NOT_PLANNED = frozenset({"status", "revision", "heartbeat"})
+
+
 def _status_only(old: Host, new: Obj) -> bool:
-    """True when a host event changes nothing but the host's status report (and its revision)."""
-    skip = {"status", "revision"}
+    """True when a host event changes nothing a plan reads: only the host's status report, its
+    revision, or when it last registered (an agent that reconnects registers again: in a
+    100-host start every registration was a plan on every running agent)."""
+    skip = _NOT_PLANNED
     return isinstance(new, Host) and old.model_dump(exclude=skip) == new.model_dump(exclude=skip)
