@@ -440,7 +440,7 @@ class NftDataplane:
         self._socket: nft_netlink.ElementSocket | None = None  # element-only changes (nft_netlink)
         # the ruleset generation at which the kernel holds exactly what we remember (module docstring)
         self._ours: int | None = None
-        self._listed_at = -FULL_VERIFY_EVERY  # monotonic time of the last verify that listed the table
+        self._listed_at = time.monotonic()  # of the last verify that listed the table (or of the start)
         self.last_verify = ""  # how the last verify decided: "generation" or "listing"
         self.verify_ms = 0.0  # what the last verify took (wall)
 
