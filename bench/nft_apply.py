@@ -19,6 +19,18 @@ requests by kind, bytes received). Prints one JSON object: per size, the table (
 chains, rules), the load, and per change the median CPU ms (all, and of `nft` alone) and wall ms;
 `ratio_big_small` of the CPU per change (issue 29's target for an agent's work per change: <=
 1.5). Each size's namespace is deleted at the end, whatever happens.
+
+The periodic reconcile's cost at each size (`verify`, unless `--no-verify`), in the same run:
+`NftDataplane.verify` of the loaded table when another process has committed to nftables in the
+namespace since the agent's last write (a throwaway `inet bench_other<n>` table added first: a
+full `nft -j list table` and its comparison, what every verify cost before generations were
+used) and right after it (the ruleset generation is the agent's: one GETGEN round trip). And the
+links' full read-back of the same reconcile (`links`): `dataplane.links.apply_links` with no memory
+(dumps of links, routes, the VTEP's neighbours and FDB, then the comparison) against a namespace
+holding h0's plan (a veth `eth0` underlay, one veth per local pod, the VTEP with a neighbour and
+FDB entry per remote host, a route per remote block and local pod), next to an apply by difference
+with nothing to do. It runs in a child process started inside the namespace (`ip netns exec`:
+the read-back writes the plan's sysctls, which must be the namespace's).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -41,6 +54,7 @@ from bench import calc_scale as cs
 from tether.calc.planner import Planner
 from tether.calc.replica import Replica
 from tether.dataplane import nft as nft_dp
+from tether.dataplane.links import apply_links
 from tether.dataplane.nft import NftDataplane
 
 DUMP = re.compile(r"nlmsg_type=NFNL_SUBSYS_NFTABLES<<8\|NFT_MSG_(GET\w+), nlmsg_flags=[^,]*NLM_F_DUMP")
@@ -123,7 +137,79 @@ def med(runs: list[dict[str, float]], key: str) -> float:
     return round(statistics.median(r[key] for r in runs), 2)
 
 
-def measure(size: str, repeat: int, kinds: list[str], trace: bool) -> dict[str, Any]:
+def verify_costs(h: Host, repeat: int) -> dict[str, Any]:
+    """Median CPU and wall ms of a verify that lists the table (another table was just added in the
+    namespace) and of the one after it (the generation is ours again)."""
+    plan = h.planner.plan(h.rep.view(), cs.CTX).nft
+    runs: dict[str, list[dict[str, float]]] = {"listing": [], "generation": []}
+    for i in range(repeat):
+        subprocess.run(["ip", "netns", "exec", h.nft.netns, "nft", "add", "table", "inet", f"bench_other{i}"],
+                       check=True, timeout=30)
+        for want in ("listing", "generation"):
+            (s0, c0), w0 = cpu(), time.perf_counter()
+            ok = h.nft.verify(plan)
+            (s1, c1), w1 = cpu(), time.perf_counter()
+            if not ok or h.nft.last_verify != want:
+                raise RuntimeError(f"verify: expected a {want} that finds the table intact, "
+                                   f"got {h.nft.last_verify} ok={ok}")
+            runs[want].append({"cpu_ms": (s1 - s0 + c1 - c0) * 1000, "nft_cpu_ms": (c1 - c0) * 1000,
+                               "wall_ms": (w1 - w0) * 1000})
+    out: dict[str, Any] = {k: {m: med(v, m) for m in ("cpu_ms", "nft_cpu_ms", "wall_ms")} for k, v in runs.items()}
+    out["cpu_ratio"] = round(out["listing"]["cpu_ms"] / max(out["generation"]["cpu_ms"], 1e-3), 1)
+    return out
+
+
+def plumb(ns: str, plan: Any) -> None:
+    """What the agent's host namespace holds besides its own objects: an underlay device (a veth) with
+    the host's address, and a veth per local pod (up, as after a CNI ADD); the read-back makes the rest."""
+    vtep = plan.vtep
+    lines = ["link set lo up", f"link add {cs.CTX.underlay_dev} type veth peer name bpul",
+             f"link set {cs.CTX.underlay_dev} up", "link set bpul up"]
+    if vtep is not None:
+        lines.append(f"addr add {vtep.local_ip}/16 dev {cs.CTX.underlay_dev}")
+    for k, i in enumerate(sorted(plan.interfaces, key=lambda i: i.name)):
+        lines += [f"link add {i.name} mtu {i.mtu} type veth peer name bp{k}", f"link set {i.name} up",
+                  f"link set bp{k} up"]
+    subprocess.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n", text=True, check=True,
+                   timeout=120)
+
+
+def links_child(size: str, repeat: int) -> dict[str, Any]:
+    """Inside the namespace (`ip netns exec`): h0's plan applied once, then `repeat` times the full
+    read-back (no memory) and an apply by difference; medians of this process's CPU and wall ms."""
+    n_eps, n_hosts, n_pols, n_svcs = cs.SIZES[size]
+    plan = Planner().plan(cs.replica(n_eps, n_hosts, n_pols, n_svcs).view(), cs.CTX)
+    first, applied = apply_links(plan)
+    if first.failures:
+        raise RuntimeError(f"links apply failed: {first.failures[:5]}")
+    full: list[dict[str, float]] = []
+    delta: list[dict[str, float]] = []
+    for _ in range(repeat):
+        for runs, memory in ((full, None), (delta, applied)):
+            (s0, _), w0 = cpu(), time.perf_counter()
+            report, applied = apply_links(plan, applied=memory)
+            (s1, _), w1 = cpu(), time.perf_counter()
+            if report.changed or report.failures:
+                raise RuntimeError(f"a read-back of an unchanged plan changed something: {report.changes[:5]}")
+            runs.append({"cpu_ms": (s1 - s0) * 1000, "wall_ms": (w1 - w0) * 1000})
+    return {"objects": {"interfaces": len(plan.interfaces), "routes": len(plan.routes),
+                        "neighbours": len(plan.neighbours), "fdb": len(plan.fdb)},
+            "full_readback": {m: med(full, m) for m in ("cpu_ms", "wall_ms")},
+            "by_difference": {m: med(delta, m) for m in ("cpu_ms", "wall_ms")}}
+
+
+def links_costs(size: str, ns: str, repeat: int) -> dict[str, Any]:
+    n_eps, n_hosts, n_pols, n_svcs = cs.SIZES[size]
+    plumb(ns, Planner().plan(cs.replica(n_eps, n_hosts, n_pols, n_svcs).view(), cs.CTX))
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "bench.nft_apply", "--links-child", size,
+                        "--repeat", str(repeat)], capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if r.returncode != 0:
+        raise RuntimeError(f"links read-back in {ns} failed: {r.stderr.strip()[-2000:]}")
+    return json.loads(r.stdout)
+
+
+def measure(size: str, repeat: int, kinds: list[str], trace: bool, verify: bool = True) -> dict[str, Any]:
     n_eps, n_hosts, n_pols, n_svcs = cs.SIZES[size]
     ns = f"tnfa{os.getpid()}{size[0]}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
@@ -134,7 +220,7 @@ def measure(size: str, repeat: int, kinds: list[str], trace: bool) -> dict[str, 
         load = h.apply()
         out["load"] = {k: round(load[k], 1) for k in ("cpu_ms", "nft_cpu_ms", "wall_ms")}
         h.apply()  # warm: nothing to change
-        makers = {"member": member_change(rep, h.planner, n_eps, n_hosts), **cs.changes(n_eps, n_hosts)}
+        makers = {"member": member_change(rep, h.planner, n_eps, n_hosts), **cs.changes(n_eps, n_hosts, [])}
         fetch: dict[str, Any] = {}
         for kind in kinds if trace else []:  # once each, untimed: what nft fetched
             seen: list[dict[str, Any]] = []
@@ -164,6 +250,9 @@ def measure(size: str, repeat: int, kinds: list[str], trace: bool) -> dict[str, 
                                     "wall_ms": med(runs, "wall_ms"), "commands": med(runs, "commands")}
                 if kind + sign in fetch:
                     out[kind + sign]["fetched"] = fetch[kind + sign]
+        if verify:
+            out["verify"] = verify_costs(h, repeat)
+            out["links"] = links_costs(size, ns, repeat)
         return out
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False, timeout=30)
@@ -179,7 +268,12 @@ def main() -> None:
                    help="skip the one untimed round per change under strace that records what nft fetched")
     p.add_argument("--no-netlink", action="store_true",
                    help="element-only changes through nft too (what they cost without dataplane/nft_netlink.py)")
+    p.add_argument("--no-verify", action="store_true", help="skip the reconcile's costs (verify, links read-back)")
+    p.add_argument("--links-child", metavar="SIZE", help=argparse.SUPPRESS)  # links_costs, inside the namespace
     a = p.parse_args()
+    if a.links_child:
+        print(json.dumps(links_child(a.links_child, a.repeat)))
+        return
     if a.no_netlink and hasattr(nft_dp, "netlink_changes"):
         nft_dp.netlink_changes = lambda changed: None  # type: ignore[attr-defined]
     trace = not a.no_trace and shutil.which("strace") is not None
@@ -187,7 +281,7 @@ def main() -> None:
     result: dict[str, Any] = {"nft": version, "netlink": hasattr(nft_dp, "netlink_changes") and not a.no_netlink}
     kinds = a.changes.split(",")
     for size in a.sizes.split(","):
-        result[size] = measure(size, a.repeat, kinds, trace)
+        result[size] = measure(size, a.repeat, kinds, trace, not a.no_verify)
     if "small" in result and "big" in result:
         result["ratio_big_small"] = {k: round(result["big"][k]["cpu_ms"] / max(result["small"][k]["cpu_ms"], 1e-3), 2)
                                      for k in result["small"] if k[-1] in "+-"}

@@ -61,11 +61,15 @@ def without(plan: NftPlan, chains: tuple[str, ...] = (), sets: tuple[str, ...] =
 
 class FakeKernel:
     """Records batches instead of running nft; `fail` makes the next n batches fail. An element
-    batch sent over netlink is recorded as the nft commands it stands for (`add|delete element`)."""
+    batch sent over netlink is recorded as the nft commands it stands for (`add|delete element`).
+    `gen`: the ruleset generation, which each recorded batch moves on by `commits` (1: a batch is
+    one transaction; 0: a batch that changed nothing; 2: another process committed meanwhile)."""
 
     def __init__(self) -> None:
         self.batches: list[list[dict]] = []
         self.fail = 0
+        self.gen = 100
+        self.commits = 1
 
     def run(self, commands: list[dict], netns: str | None = None) -> None:
         if not commands:
@@ -74,6 +78,7 @@ class FakeKernel:
             self.fail -= 1
             raise NftError("nft failed: simulated")
         self.batches.append(commands)
+        self.gen += self.commits
 
     def run_elements(self, sock: object, batch: nft_netlink.Batch) -> None:
         self.run([{"add" if c.add else "delete": {"element": {"family": "inet", "table": "tether", "name": c.set_name,
@@ -86,6 +91,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
     monkeypatch.setattr(nft, "run_nft", k.run)
     monkeypatch.setattr(nft, "run_elements", k.run_elements)
     monkeypatch.setattr(nft, "list_table", lambda netns=None: None)
+    monkeypatch.setattr(nft, "read_generation", lambda sock: k.gen)
     yield k
 
 

@@ -79,3 +79,40 @@ def test_a_large_change_is_split_into_messages_and_a_huge_one_is_left_to_nft() -
 def test_interval_sets_are_left_to_nft() -> None:
     with pytest.raises(nl.Unencodable):
         nl.encode("tether", [nl.Change(True, "nets", "ipv4_addr", None, ("interval",), ("10.0.0.1",))])
+
+
+# --- the ruleset generation (NFT_MSG_GETGEN) --------------------------------------------------------
+
+def newgen(seq: int, gen: int, kind: int = 10 << 8 | nl.NFT_MSG_NEWGEN) -> bytes:
+    """The kernel's answer to GETGEN (nf_tables_fill_gen_info): nfgenmsg, then the generation (32
+    bits, network order), the asking process's pid and name."""
+    body = (struct.pack("=BBH", 0, 0, 0) + nl._attr(nl.NFTA_GEN_ID, gen.to_bytes(4, "big"))
+            + nl._attr(2, (4242).to_bytes(4, "big")) + nl._attr(3, b"python3\0"))
+    return nl.HEADER.pack(nl.HEADER.size + len(body), kind, 0, seq, 0) + body
+
+
+def test_the_generation_request_is_a_getgen_of_any_family() -> None:
+    data = nl.generation_request(7)
+    assert data == nl.HEADER.pack(20, 10 << 8 | 16, nl.NLM_F_REQUEST, 7, 0) + b"\0\0\0\0"
+
+
+def test_the_generation_is_read_from_the_answer_to_that_request() -> None:
+    other = newgen(6, 1)  # an answer to an earlier request
+    assert nl.parse_generation(other + newgen(7, 0x01020304), 7) == 0x01020304
+    assert nl.parse_generation(other, 7) is None
+    assert nl.parse_generation(newgen(7, 5, kind=10 << 8 | nl.NFT_MSG_NEWSETELEM), 7) is None
+    # the kernel may mark the attribute as in network order (NLA_F_NET_BYTEORDER): same value
+    flagged = newgen(7, 9).replace(struct.pack("=HH", 8, nl.NFTA_GEN_ID), struct.pack("=HH", 8, 0x4000 | 1), 1)
+    assert nl.parse_generation(flagged, 7) == 9
+
+
+def test_a_refused_generation_request_raises_with_the_kernels_error() -> None:
+    err = nl.HEADER.pack(nl.HEADER.size + 4 + 20, nl.NLMSG_ERROR, 0, 7, 0) + struct.pack("=i", -1) + b"\0" * 20
+    with pytest.raises(OSError) as e:
+        nl.parse_generation(err, 7)
+    assert e.value.errno == 1  # EPERM: not CAP_NET_ADMIN in that namespace
+
+
+def test_the_generation_after_the_last_skips_zero() -> None:
+    assert nl.next_generation(41) == 42
+    assert nl.next_generation(0xFFFFFFFF) == 1

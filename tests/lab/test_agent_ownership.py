@@ -62,3 +62,28 @@ def test_no_kernel_writes_before_the_first_full_sync(fresh_lab: Lab) -> None:
     lab.start_server()
     lab.wait_agent("h3")
     wait_for(lambda: "tether" in nsx(ns, "nft", "list", "tables").stdout, 10, "the table after the first sync")
+
+
+def test_the_periodic_reconcile_puts_back_what_was_changed_by_hand_and_leaves_other_tables(fresh_lab: Lab) -> None:
+    """The reconcile lists the nft table only when nftables' generation shows a commit not the
+    agent's (dataplane.nft.NftDataplane.verify): an element deleted by hand is such a commit."""
+    lab = fresh_lab
+    lab.kill_agent("h1")
+    lab.state.agent_args = [*lab.state.agent_args, "--reconcile-interval", "1"]
+    lab.start_agent("h1")
+    net = unique("n")
+    lab.client().create_network(Network(name=net, subnets=[Subnet(cidr="10.47.0.0/16")], encap="vxlan"))
+    lab.run_pod("h1", "a", net)
+    b = lab.run_pod("h2", "b", net)
+    ns = lab.host("h1").ns
+    peer = lab.host("h2").ip
+    wait_for(lambda: peer in nsx(ns, "nft", "list", "set", "inet", "tether", "vxlan_peers").stdout, 10,
+             "h2 in h1's vxlan_peers")
+    time.sleep(1)  # the applies of the pods' arrival done
+    good = kernel_state(ns, handles=False)
+    nsx(ns, "nft", "add", "table", "inet", "someone_else")
+    nsx(ns, "nft", "delete", "element", "inet", "tether", "vxlan_peers", "{", peer, "}")
+    # the wait is 1 s, or 100 x what the last pass took when that is longer
+    wait_for(lambda: kernel_state(ns, handles=False) == good, 60, "the reconcile to put the element back")
+    assert "someone_else" in nsx(ns, "nft", "list", "tables").stdout
+    assert lab.reaches("h1/a", b.ip)

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -43,6 +44,18 @@ PREPARE_FAILED = object()  # its `prepare` raised: nothing to install
 # Host event every agent receives (hosts squared events per change); the heartbeat carries the
 # revision to the server at once instead (`Objects.observed_host`)
 STATUS_INTERVAL = 10.0
+# the periodic reconcile: each wait is --reconcile-interval times a uniform factor in 1 +- RECONCILE_JITTER
+# (agents started together, a whole lab or a rack after a power cut, do not read back in step) and at
+# least the last pass's duration / RECONCILE_BUDGET (the share of one CPU it may take)
+RECONCILE_JITTER = 0.2
+RECONCILE_BUDGET = 0.01
+
+
+def reconcile_delay(interval: float, last_pass_s: float, rng: random.Random | None = None) -> float:
+    """Seconds until the next reconcile pass: `interval` jittered, and never less than 100 x what the
+    last pass took (wall time: on a saturated machine the passes stretch, and so does the wait)."""
+    jittered = interval * (rng or random).uniform(1 - RECONCILE_JITTER, 1 + RECONCILE_JITTER)
+    return max(jittered, last_pass_s / RECONCILE_BUDGET)
 
 
 def underlay_of(ip: str, dev: str | None) -> tuple[str, int, str]:
@@ -145,6 +158,7 @@ class Agent:
         self._extra_errors: dict[str, str] = {}  # optional service -> its last update error (logged once)
         self._plan_cache: tuple[tuple, Any] | None = None  # (what the plan was computed from, plan)
         self._links_applied: Applied | None = None
+        self.reconcile_ms = 0.0  # wall time of the last reconcile pass's kernel work (reconcile_delay)
         self._judged: frozenset[str] = frozenset()  # calc.rejudge_scope of the last apply
         self._saved_rev, self._saved_at = -1, 0.0
         # the copy on disk: a base written whole now and then, and the events applied since appended
@@ -448,10 +462,13 @@ class Agent:
             self._saved_rev, self._saved_at = self.replica.revision, now
 
     def _apply_sync(self, view: Replica, key: tuple, keep, verify: bool) -> None:
+        t0 = time.monotonic()
         with background_priority(verify), yielding.background():
             plan = self._plan(view, key)
             scope = rejudge_scope(view, self.host, plan.nft, self.planner.local_endpoints(view))
             self._rejudge(view, scope, self._apply_plan(plan, keep, verify, pickup_grace(scope - self._judged)))
+        if verify:
+            self.reconcile_ms = (time.monotonic() - t0) * 1000
 
     def _rejudge(self, view: Replica, scope: frozenset[str], nrep) -> None:
         """After a policy change, mark the connections of the pods it may concern (before or after
@@ -484,7 +501,9 @@ class Agent:
         t1 = time.perf_counter()
         yielding.checkpoint()
         if verify:
-            self.nft.verify(plan.nft)
+            same = self.nft.verify(plan.nft)
+            log.debug("nft verified by %s in %.1f ms: %s", self.nft.last_verify, self.nft.verify_ms,
+                      "as applied" if same else "differs, re-applying")
         nrep = self.nft.apply(plan.nft, extra_nft)
         raised = raise_interfaces(plan, self._links_applied, report=lrep)  # after their ingress chains (pod_ingress)
         if raised:
@@ -597,8 +616,11 @@ class Agent:
                 log.warning("heartbeat failed: %s", e)
 
     async def _reconcile_loop(self) -> None:
+        """Every --reconcile-interval (jittered, and stretched when a pass is slow: reconcile_delay),
+        read the kernel's state back and correct it. The nft table is listed only when something
+        else committed to nftables in this namespace since the agent's last write (`NftDataplane.verify`)."""
         while True:
-            await asyncio.sleep(self.cfg.reconcile_interval)
+            await asyncio.sleep(reconcile_delay(self.cfg.reconcile_interval, self.reconcile_ms / 1000))
             if self._synced_once:
                 await self.apply(verify=True)
 
@@ -664,7 +686,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", default="/var/lib/tether-agent")
     p.add_argument("--cni-socket", default="/run/tether/cni.sock")
     p.add_argument("--label", action="append", default=[], help="host label k=v (repeatable)")
-    p.add_argument("--reconcile-interval", type=float, default=30.0)
+    p.add_argument("--reconcile-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often the kernel's state (links, routes, neighbours, FDB, the nft table) is read "
+                        "back and corrected. Each wait is this x 0.8-1.2 at random (agents started together "
+                        "spread out) and at least 100 x what the last pass took (at most ~1%% of a CPU). The nft "
+                        "table is listed only when nftables' ruleset generation shows a commit other than the "
+                        "agent's own since its last write, and at least every 10 minutes (default: 30)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--dns-ip", help="address the agent's DNS answers on (default 169.254.20.10; 'off' disables)")
     p.add_argument("--dns-port", type=int, default=53)

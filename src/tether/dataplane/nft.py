@@ -24,6 +24,20 @@ costs no element fetch).
 After a successful apply the dataplane keeps, per chain and per set, a digest of its definition and
 rules (`_structure`): the next apply diffs against it.
 
+The periodic verify (`verify`) need not list the table when nothing was committed in the namespace
+since the dataplane's own last write. The kernel numbers committed nftables transactions per
+namespace (the ruleset generation, `nft_netlink.ElementSocket.generation`: anyone's commit, to any
+table, bumps it). Around each write the dataplane reads it: when the write took it from the
+generation the dataplane knew the kernel at (or a full replace, which owes nothing to what was
+there) to exactly the next one, no one else committed meanwhile and the table is what the
+dataplane remembers at that generation (`_ours`). A verify that finds the generation still there
+skips the listing (`last_verify` "generation"); any other value (another table written, an element
+deleted by hand, a write of ours that committed nothing or raced with someone's) means a full
+listing, and a listing that matches at a generation that did not move during it makes that
+generation ours again. A full listing is also made at least every FULL_VERIFY_EVERY seconds: the
+one case the generation cannot tell apart (a batch of ours that committed nothing while exactly one
+other transaction did) is then caught within that time.
+
 Element notation in `NftSet.elements`: addresses and CIDRs as strings ("10.1.0.0/16", "10.1.0.5"),
 ranges "a-b", concatenations as tuples, map entries as (key, value) pairs whose value is a verdict
 string ("jump in-abc", "goto x", "accept", "drop") or, for data maps, an address/port/tuple.
@@ -36,6 +50,7 @@ import ipaddress
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +65,7 @@ FAMILY = "inet"
 VERDICTS = ("jump ", "goto ")
 REFILL_LIMIT = 64  # up to this many elements are re-added rather than deleting some (see element_commands)
 MARKER_PREFIX = "plan-"  # the marker chain: MARKER_PREFIX + hash of the table's structure
+FULL_VERIFY_EVERY = 600.0  # seconds: a verify lists the table at least this often (module docstring)
 
 
 class NftError(Exception):
@@ -396,6 +412,16 @@ def run_elements(sock: nft_netlink.ElementSocket, batch: nft_netlink.Batch) -> N
         raise NftError(f"element update over netlink failed: {e}") from e
 
 
+def read_generation(sock: nft_netlink.ElementSocket) -> int | None:
+    """The namespace's ruleset generation, or None when it cannot be read (then every verify lists
+    the table, as before generations were used)."""
+    try:
+        return sock.generation()
+    except OSError as e:
+        log.debug("cannot read the nftables generation: %s", e)
+        return None
+
+
 def _names(names: list[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -412,9 +438,15 @@ class NftDataplane:
         self._raw: dict[str, frozenset] = {}  # the plan elements behind _elements (unchanged -> no re-diff)
         self._counts: dict[str, int] = {}  # rules per chain, for verify
         self._socket: nft_netlink.ElementSocket | None = None  # element-only changes (nft_netlink)
+        # the ruleset generation at which the kernel holds exactly what we remember (module docstring)
+        self._ours: int | None = None
+        self._listed_at = time.monotonic()  # of the last verify that listed the table (or of the start)
+        self.last_verify = ""  # how the last verify decided: "generation" or "listing"
+        self.verify_ms = 0.0  # what the last verify took (wall)
 
     def forget(self) -> None:
         """Drop the memory of the last apply (the next apply re-reads the kernel)."""
+        self._ours = None
         self._structure = None
         self._marker = None
         self._elements = None
@@ -437,6 +469,9 @@ class NftDataplane:
             plan = NftPlan(sets=plan.sets, chains=tuple(c for c in plan.chains if c not in foreign))
         layout = layout_of(plan)
         marker = layout_hash(layout)
+        before = self._generation()
+        # the kernel holds what we remember (nothing committed since our last write, or a listing)
+        known = before is not None and before == self._ours
         if self._structure is None:
             table = list_table(self.netns)
             # adopt a table of the same structure and no more: a chain someone added (a stale ingress
@@ -446,11 +481,13 @@ class NftDataplane:
                 kernel = kernel_elements(table)
                 self._remember(plan, layout, marker, {s.name: kernel.get(s.name, set()) for s in plan.sets
                                                       if managed(s)}, {})
+                known = before is not None and self._generation() == before  # listed at `before`
         if self._structure is None:
-            self._full(plan, layout, marker, report, "table replaced", extra)
+            self._full(plan, layout, marker, report, "table replaced", extra, before)
             return report
         try:
             cmds, elements, raw, batch = self._commands(plan, layout, marker, report, netlink=not extra)
+            self._ours = None  # until the write is known to be the only commit
             if batch is not None:
                 run_elements(self._element_socket(), batch)
             else:
@@ -459,10 +496,23 @@ class NftDataplane:
             log.warning("incremental nft update failed, replacing the whole table: %s", e)
             self.forget()
             report = NftReport(failures=report.failures)
-            self._full(plan, layout, marker, report, "table replaced (incremental update failed)", extra)
+            self._full(plan, layout, marker, report, "table replaced (incremental update failed)", extra, before)
             return report
         self._remember(plan, layout, marker, elements, raw)
+        if batch is None and not cmds and not extra:  # nothing written, nothing committed
+            self._ours = before if known else None
+        else:
+            self._settle(before if known else None)
         return report
+
+    def _generation(self) -> int | None:
+        return read_generation(self._element_socket())
+
+    def _settle(self, before: int | None) -> None:
+        """After a write: the generation is ours if the write was the one commit since `before` (the
+        generation at which the kernel held what the write was computed from; None: unknown)."""
+        after = self._generation() if before is not None else None
+        self._ours = after if after is not None and after == nft_netlink.next_generation(before) else None
 
     def _element_socket(self) -> nft_netlink.ElementSocket:
         if self._socket is None:
@@ -470,8 +520,12 @@ class NftDataplane:
         return self._socket
 
     def _full(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, why: str,
-              extra: list[dict] | None = None) -> None:
+              extra: list[dict] | None = None, before: int | None = None) -> None:
+        """Replaces the table. `before`: the generation read before (a replace owes nothing to what
+        the table held, so only other commits since then matter)."""
+        self._ours = None
         run_nft(full_commands(plan, marker) + (extra or []), self.netns)
+        self._settle(before)
         report.full = True
         report.changes.append(why)
         managed_sets = [s for s in plan.sets if managed(s)]
@@ -592,8 +646,25 @@ class NftDataplane:
 
     def verify(self, plan: NftPlan) -> bool:
         """Full reconcile: does the kernel still hold what we think (what we applied last, or else
-        `plan`)? Compares the structure marker, every managed set's elements and every chain's rule
-        count. If not, forget, so the next apply replaces the table."""
+        `plan`)? If nothing was committed in the namespace since our last write (its ruleset
+        generation is still ours, module docstring), yes, without listing the table
+        (`last_verify` "generation"); otherwise (and at least every FULL_VERIFY_EVERY seconds) the
+        table is listed and its structure marker, every managed set's elements and every chain's
+        rule count compared. If they differ, forget, so the next apply re-reads or replaces it."""
+        t0 = time.monotonic()
+        try:
+            return self._verify(plan, t0)
+        finally:
+            self.verify_ms = (time.monotonic() - t0) * 1000
+
+    def _verify(self, plan: NftPlan, now: float) -> bool:
+        gen = self._generation()
+        if (gen is not None and gen == self._ours and self._structure is not None
+                and now - self._listed_at < FULL_VERIFY_EVERY):
+            self.last_verify = "generation"
+            return True
+        self.last_verify = "listing"
+        self._listed_at = now
         table = list_table(self.netns)
         if self._structure is not None and self._elements is not None:
             marker, elements, counts = self._marker, self._elements, self._counts
@@ -609,6 +680,9 @@ class NftDataplane:
             ok = ok and rule_counts(table) == counts
         if not ok:
             self.forget()
+        else:  # what we remember, listed at a generation that held still, is ours
+            known = self._structure is not None and gen is not None and self._generation() == gen
+            self._ours = gen if known else None
         return ok
 
 

@@ -10,6 +10,11 @@ a flush and refill of the whole set when one element left it: in proportion to t
 (atomic, as nft's) with one NEWSETELEM or DELSETELEM message per set and change, on a netlink
 socket the dataplane keeps in its namespace: its cost is that of the elements that changed.
 
+The same socket reads the namespace's nftables ruleset generation (NFT_MSG_GETGEN: NFTA_GEN_ID, a
+32-bit counter the kernel bumps on every committed transaction in the namespace, whoever commits
+it): one request and one small answer, with which the dataplane's periodic verify skips listing
+the whole table when nothing was committed since its own last write (`NftDataplane.verify`).
+
 Only elements of non-interval sets whose key and value types are listed in `FIELDS` (verdict maps
 too) are encoded; anything else raises `Unencodable` and the dataplane uses nft. Field encodings
 are nft's (nft(8) "DATA TYPES"): addresses in network order, `inet_service` 16 bits big-endian,
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 import os
+import select
 import socket
 import struct
 import sys
@@ -40,6 +47,9 @@ NLA_F_NESTED = 0x8000
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 15, 16
+NFTA_GEN_ID = 1
+NLA_TYPE_MASK = 0x3FFF  # an attribute's type without its NESTED and NET_BYTEORDER flags
 NFPROTO_INET = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
@@ -225,12 +235,50 @@ def encode(table: str, changes: Iterable[Change], seq: int = 1) -> Batch:
     return Batch(data, names, changes)
 
 
+def generation_request(seq: int) -> bytes:
+    """NFT_MSG_GETGEN: asks for the namespace's ruleset generation (nft's own `mnl_genid_get`)."""
+    return _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, _nfgen(socket.AF_UNSPEC))
+
+
+def next_generation(gen: int) -> int:
+    """The generation after `gen`: the kernel's counter is 32 bits and skips 0 when it wraps."""
+    return gen + 1 if gen < 0xFFFFFFFF else 1
+
+
+def parse_generation(data: bytes, seq: int) -> int | None:
+    """The NFTA_GEN_ID of the NFT_MSG_NEWGEN answer numbered `seq` among the messages in `data`
+    (None: not among them). Raises OSError if the kernel answered that request with an error."""
+    off = 0
+    while off + HEADER.size <= len(data):
+        length, kind, _, mseq, _ = HEADER.unpack_from(data, off)
+        if length < HEADER.size:
+            break
+        if mseq == seq and kind == NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", data, off + HEADER.size)
+            if err:
+                raise OSError(-err, f"reading the nftables generation: {os.strerror(-err)}")
+        elif mseq == seq and kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            at, end = off + HEADER.size + 4, off + length  # after the nfgenmsg
+            while at + NLATTR.size <= end:
+                alen, atype = NLATTR.unpack_from(data, at)
+                if alen < NLATTR.size:
+                    break
+                if atype & NLA_TYPE_MASK == NFTA_GEN_ID and alen >= NLATTR.size + 4:
+                    return int.from_bytes(data[at + NLATTR.size:at + NLATTR.size + 4], "big")
+                at += (alen + 3) // 4 * 4
+            raise OSError(errno.EPROTO, "the kernel's generation answer has no NFTA_GEN_ID")
+        off += (length + 3) // 4 * 4
+    return None
+
+
 class ElementSocket:
-    """A netfilter netlink socket in one namespace (None: the caller's), opened on first use."""
+    """A netfilter netlink socket in one namespace (None: the caller's), opened on first use: element
+    batches (`send`) and the ruleset generation (`generation`)."""
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._sock: socket.socket | None = None
+        self._seq = itertools.count(1 << 30)  # generation requests, apart from the batches' numbers
 
     def _open(self) -> socket.socket:
         def make() -> socket.socket:
@@ -276,3 +324,21 @@ class ElementSocket:
             raise
         if failures:
             raise OSError(errno.EINVAL, "element batch refused (" + "; ".join(failures) + ")")
+
+    def generation(self, timeout: float = 2.0) -> int:
+        """The namespace's nftables ruleset generation (one GETGEN round trip). Raises OSError."""
+        if self._sock is None:
+            self._sock = self._open()
+        sock = self._sock
+        seq = next(self._seq) & 0xFFFFFFFF
+        try:
+            sock.sendto(generation_request(seq), (0, 0))
+            while True:  # the kernel answers inside sendto; the wait is only a guard
+                if not select.select([sock], [], [], timeout)[0]:
+                    raise OSError(errno.ETIMEDOUT, "no answer from the kernel to a generation request")
+                gen = parse_generation(sock.recv(1 << 16), seq)
+                if gen is not None:
+                    return gen
+        except OSError:
+            self.close()
+            raise
