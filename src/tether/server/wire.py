@@ -14,7 +14,9 @@ only while snapshots are being asked for: SNAPSHOT_IDLE seconds after the last o
 dropped whole, and until the next snapshot the watch encodes its events without keeping them there.
 Each snapshot rebuilds the entries from its listing, so deleted keys leave with the next snapshot
 (or at once, by their delete event). The whole body of the last snapshot is kept as references to
-those same bytes (no copy), and sent in CHUNK-sized pieces, so a request holds one piece at a time.
+those same bytes (no copy) and sent again while the store's revision has not moved; requests that
+arrive while a listing is under way share it (agents starting at once). A body goes out in
+CHUNK-sized pieces joined as they are sent: a request holds one piece, not a 10-20 MB copy.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Wire:
         self.lines: OrderedDict[tuple[int, str], bytes | None] = OrderedDict()
         self.line_cache = line_cache
         self.last: Body | None = None  # the last snapshot, sent again while the store's revision is its
+        self.building: asyncio.Future[Body] | None = None  # the listing under way
         self.used_at = -float("inf")
         self.timer: asyncio.TimerHandle | None = None
         self.encoded = 0  # objects encoded (what the cache saves shows here)
@@ -155,12 +158,24 @@ class Wire:
     # --- the snapshot ----------------------------------------------------------------------------
 
     async def snapshot(self) -> Body:
-        """Every object at one revision. Asked again while the store's revision has not moved (many
-        agents starting at once), the same body is sent without listing the store again."""
+        """Every object at one revision, at least the store's revision when asked (a client that
+        wrote and then lists sees its write). Asked while a listing is under way or while the
+        store's revision has not moved (many agents starting at once), one listing serves all."""
         self._touch()
+        head = await self.store.revision()
         last = self.last
-        if last is not None and await self.store.revision() == last.revision:
+        if last is not None and last.revision >= head:
             return last
+        building = self.building
+        if building is not None and not building.done():
+            body = await asyncio.shield(building)
+            if body.revision >= head:
+                return body
+        building = self.building = asyncio.ensure_future(self._build())
+        building.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if all went away
+        return await asyncio.shield(building)  # a client that goes away does not cancel the others' listing
+
+    async def _build(self) -> Body:
         listed = await self.store.list(PREFIX)
         parts = [b'{"revision":%d,"objects":[' % listed.revision]
         fresh: dict[str, Entry] = {}
