@@ -5,6 +5,7 @@ a dict per object per request), values the model refuses included."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -43,10 +44,11 @@ async def populate(api: httpx.AsyncClient, store) -> None:
     """A little of every kind through the API (hosts, blocks, internal index keys, ...), and values
     the model refuses written around it: one that is JSON, one that is not."""
     async def ok(r) -> None:
-        assert (await r).status_code < 300
+        r = await r
+        assert r.status_code < 300, r.text
 
     await ok(api.post("/api/v1/networks", json=NET))
-    await ok(api.put("/api/v1/namespaces/ns1", json={"name": "ns1", "labels": {"team": "é"}}))
+    await ok(api.put("/api/v1/namespaces/ns1", json={"name": "ns1", "labels": {"team": "blue"}}))
     for h in range(2):
         await ok(api.put(f"/api/v1/hosts/h{h}", json={"name": f"h{h}", "underlay_ip": f"198.18.0.{h + 1}"}))
     for i in range(6):
@@ -58,7 +60,7 @@ async def populate(api: httpx.AsyncClient, store) -> None:
     await ok(api.put("/api/v1/namespaces/ns1/services/s", json={
         "name": "s", "namespace": "ns1", "network": "red", "selector": {"app": "a1"},
         "ports": [{"port": 80, "target_port": 8080}]}))
-    await ok(api.post("/api/v1/securitygroups", json={"name": "web"}))
+    await ok(api.post("/api/v1/securitygroups", json={"name": "web", "description": "café ☕"}))
     router = Router(name="r")
     await store.put(key_of("Router", router.store_name()), encode(router))
     bad = {"id": "old", "name": "old", "rules": [{"id": "r", "direction": "ingress", "protocol": "tcp; drop"}]}
@@ -174,7 +176,8 @@ async def test_the_encoded_objects_are_dropped_when_no_snapshot_is_asked_for(api
     await asyncio.sleep(0.5)
     assert not wire.entries and wire.last is None
     rev = await store.put(key_of("SecurityGroup", "late"), encode(SecurityGroup(name="late", id="late")))
-    ev = next(e async for e in store.watch(PREFIX, rev - 1))
+    async with asyncio.timeout(10), contextlib.aclosing(store.watch(PREFIX, rev - 1)) as events:
+        ev = await anext(e async for e in events if e.type != "progress")
     assert json.loads(wire.event_line(ev)) == old_event(ev)
     assert not wire.entries, "the watch does not fill the cache while nobody asks for snapshots"
 
