@@ -106,7 +106,7 @@ class Wire:
         self.used_at = -float("inf")
         self.timer: asyncio.TimerHandle | None = None
         self.encoded = 0  # objects encoded (what the cache saves shows here)
-        self.heads: dict[str, tuple[bytes, bytes]] = {}  # kind -> an item's opening: the first, the following
+        self.heads: dict[str, bytes] = {}  # kind -> an item's opening
 
     def keeping(self) -> bool:
         return time.monotonic() - self.used_at < self.idle
@@ -181,15 +181,17 @@ class Wire:
         fresh: dict[str, Entry] = {}
         before = self.encoded
         for kv in listed.items:
-            kind, data = self.item(kv.key, kv.value, kv.mod_revision)
-            fresh[kv.key] = (kv.mod_revision, kind, data)
-            if kind is None:
-                continue
-            first, following = self.heads.get(kind) or self.heads.setdefault(kind, self._heads(kind))
-            parts += (following if len(parts) > 1 else first, data, b"}")
-            if self.encoded - before >= YIELD_EVERY:  # a cold cache: let heartbeats and writes in
-                before = self.encoded
-                await asyncio.sleep(0)
+            entry = self.entries.get(kv.key)
+            if entry is None or entry[0] != kv.mod_revision:
+                entry = (kv.mod_revision, *self.item(kv.key, kv.value, kv.mod_revision))
+                if self.encoded - before >= YIELD_EVERY:  # a cold cache: let heartbeats and writes in
+                    before = self.encoded
+                    await asyncio.sleep(0)
+            fresh[kv.key] = entry
+            if entry[1] is not None:
+                parts += (self.heads.get(entry[1]) or self._head(entry[1]), entry[2], b"},")
+        if len(parts) > 1:
+            parts[-1] = b"}"
         parts.append(b"]}")
         body = Body(listed.revision, parts, sum(map(len, parts)))
         if self.keeping() and (self.last is None or self.last.revision <= body.revision):
@@ -199,10 +201,9 @@ class Wire:
             self.last = body
         return body
 
-    @staticmethod
-    def _heads(kind: str) -> tuple[bytes, bytes]:
-        head = b'{"kind":%s,"object":' % json.dumps(kind).encode()
-        return head, b"," + head
+    def _head(self, kind: str) -> bytes:
+        head = self.heads[kind] = b'{"kind":%s,"object":' % json.dumps(kind).encode()
+        return head
 
     def _touch(self) -> None:
         self.used_at = time.monotonic()
