@@ -138,10 +138,13 @@ async def measure(srv: ServerProc, hosts: int, endpoints: int, requests: int, bu
         async def together(path: str, n: int) -> dict:
             with PeakRss(pid) as peak:
                 c0, t0 = cpu_s(pid, children=False), time.monotonic()
-                await asyncio.gather(*(fetch(http, path) for _ in range(n)))
+                sizes = await asyncio.gather(*(fetch(http, path) for _ in range(n)), return_exceptions=True)
                 wall, cpu = time.monotonic() - t0, cpu_s(pid, children=False) - c0
+            # one process reads every body here (agents are one each): one it cannot keep reading for
+            # --write-timeout seconds is cut off by the server, as a stalled agent would be
+            cut = [str(x) for x in sizes if isinstance(x, Exception)]
             return {"requests": n, "cpu_ms_per_request": round(cpu / n * 1e3, 1), "wall_s": round(wall, 2),
-                    "server_rss_mb_peak": peak.peak}
+                    "server_rss_mb_peak": peak.peak, "cut": len(cut), "cut_first": cut[:1]}
 
         await write()  # a revision this burst's first request lists
         out["new_burst"] = await together(NEW, burst)
