@@ -140,11 +140,11 @@ async def measure(srv: ServerProc, hosts: int, endpoints: int, requests: int, bu
                 c0, t0 = cpu_s(pid, children=False), time.monotonic()
                 sizes = await asyncio.gather(*(fetch(http, path) for _ in range(n)), return_exceptions=True)
                 wall, cpu = time.monotonic() - t0, cpu_s(pid, children=False) - c0
-            # one process reads every body here (agents are one each): one it cannot keep reading for
-            # --write-timeout seconds is cut off by the server, as a stalled agent would be
-            cut = [str(x) for x in sizes if isinstance(x, Exception)]
+            # failed: an error status (503: the store did not answer in time), or a body cut off (one
+            # process reads every body here, agents one each: one it leaves unread --write-timeout s)
+            failed = [str(x).split("\n")[0] for x in sizes if isinstance(x, Exception)]
             return {"requests": n, "cpu_ms_per_request": round(cpu / n * 1e3, 1), "wall_s": round(wall, 2),
-                    "server_rss_mb_peak": peak.peak, "cut": len(cut), "cut_first": cut[:1]}
+                    "server_rss_mb_peak": peak.peak, "failed": len(failed), "failed_first": failed[:1]}
 
         await write()  # a revision this burst's first request lists
         out["new_burst"] = await together(NEW, burst)
