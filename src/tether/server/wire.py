@@ -164,7 +164,7 @@ class Wire:
         self._touch()
         head = await self.store.revision()
         last = self.last
-        if last is not None and last.revision >= head:
+        if last is not None and last.revision == head:  # (lower: the store was restored or replaced)
             return last
         building = self.building
         if building is not None and not building.done():
