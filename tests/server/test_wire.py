@@ -85,17 +85,19 @@ async def test_the_snapshot_says_what_the_old_encoding_said_refused_values_inclu
 
 
 class CountedStore:
-    """The store, its listings counted."""
+    """The store, its listings counted (and each answered `delay` seconds after it was read)."""
 
-    def __init__(self, store) -> None:
-        self.inner, self.lists = store, 0
+    def __init__(self, store, delay: float = 0) -> None:
+        self.inner, self.lists, self.delay = store, 0, delay
 
     async def revision(self) -> int:
         return await self.inner.revision()
 
     async def list(self, prefix: str):
         self.lists += 1
-        return await self.inner.list(prefix)
+        listed = await self.inner.list(prefix)
+        await asyncio.sleep(self.delay)
+        return listed
 
 
 async def snap(wire: Wire) -> dict:
@@ -137,6 +139,20 @@ async def test_the_same_revision_is_sent_the_same_body_without_listing_again(api
     moved = await wire.snapshot()
     assert moved.revision > bodies[0].revision and counted.lists == 2, "a write is seen by the next list"
     assert b'"ns2"' in b"".join(moved.parts)
+
+
+async def test_requests_after_a_write_share_one_new_listing_and_see_the_write(api, store) -> None:
+    await populate(api, store)
+    counted = CountedStore(store, delay=0.5)
+    wire = Wire(counted)
+    early = asyncio.gather(*(wire.snapshot() for _ in range(3)))
+    await asyncio.sleep(0.2)  # their listing was read, its answer is on its way
+    await api.put("/api/v1/namespaces/ns2", json={"name": "ns2"})
+    late = await asyncio.gather(*(wire.snapshot() for _ in range(5)))
+    before = await early
+    assert counted.lists == 2, "one listing for the early requests, one for all the late ones"
+    assert all(b is before[0] for b in before) and all(b is late[0] for b in late)
+    assert b'"ns2"' not in b"".join(before[0].parts) and b'"ns2"' in b"".join(late[0].parts)
 
 
 async def test_an_event_encoded_for_the_watch_is_not_encoded_again_for_the_snapshot(api, store) -> None:

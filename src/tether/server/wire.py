@@ -166,11 +166,12 @@ class Wire:
         last = self.last
         if last is not None and last.revision == head:  # (lower: the store was restored or replaced)
             return last
-        building = self.building
-        if building is not None and not building.done():
+        while (building := self.building) is not None and not building.done():
             body = await asyncio.shield(building)
             if body.revision >= head:
                 return body
+            if self.building is building:
+                break  # too old, and no newer listing under way: start one
         building = self.building = asyncio.ensure_future(self._build())
         building.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved if all went away
         return await asyncio.shield(building)  # a client that goes away does not cancel the others' listing
