@@ -8,10 +8,11 @@ encode ~12,000 dicts again; at 10,000 endpoints a hundred agents starting at onc
 busy long enough for their heartbeats to time out, and each response's dicts and body were held
 until sent (the server's RSS reached ~1 GB).
 
-Memory, bounded: `Wire.entries` holds each listed key's wire JSON (bytes: about the size of the
-stored values, ~1 KB per endpoint, much less than the dicts or models one request used to build),
-only while snapshots are being asked for: SNAPSHOT_IDLE seconds after the last one, the cache is
-dropped whole, and until the next snapshot the watch encodes its events without keeping them there.
+Memory, bounded: `Wire.entries` holds each listed key's wire JSON (bytes, about the size of the
+stored values: 17 MB kept at 10,000 endpoints, where one listing peaks at 33-38 MB and 100 old
+requests at once took the server to 630 MB; bench/NOTES.md#snapshot), only while snapshots are
+being asked for: SNAPSHOT_IDLE seconds after the last one, the cache is dropped whole, and until
+the next snapshot the watch encodes its events without keeping them there.
 Each snapshot rebuilds the entries from its listing, so deleted keys leave with the next snapshot
 (or at once, by their delete event). The whole body of the last snapshot is kept as references to
 those same bytes (no copy) and sent again while the store's revision has not moved; requests that
