@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,15 +24,14 @@ from tether.model import (
     SecurityGroup,
     SecurityGroupRule,
     Service,
-    decode,
     is_default_group,
-    kind_of_key,
 )
 from tether.server.auth import ADMIN, DOCKER_NETWORK_LABEL, DOCKER_NETWORK_VALUE, HostHasCredential, Identity
 from tether.server.fanout import Subscriber, WatchHub
 from tether.server.limits import Limits, TooManyWatches, WatchSlots, peer_of
 from tether.server.objects import ApiError, Objects, with_retries
 from tether.server.validation import check_policy, require_namespace
+from tether.server.wire import wire_of
 from tether.store.base import Compacted, Conflict
 
 router = APIRouter(prefix="/api/v1")
@@ -626,35 +624,13 @@ async def list_blocks(request: Request, network: str | None = None) -> list[dict
     return dump(await objs(request).list(Block, f"{network}:" if network else ""))
 
 
-def wire_object(key: str, value: bytes, revision: int) -> Any:
-    """A stored object as agents receive it. One the model refuses (written around the API, or by an
-    older server) goes out as stored: each agent quarantines it, where raising here would stop
-    every agent's snapshot and watch (one bad object must not stop a cluster)."""
-    try:
-        o = decode(key, value)
-    except Exception:  # noqa: BLE001 - ValidationError, or not JSON at all
-        try:
-            raw = json.loads(value)
-        except ValueError:
-            return None
-        return {**raw, "revision": revision} if isinstance(raw, dict) else raw
-    if o is None:
-        return None
-    o.revision = revision
-    return o.model_dump(mode="json")
-
-
 @router.get("/snapshot")
-async def snapshot(request: Request) -> dict:
-    from tether.model import PREFIX
-
-    listed = await objs(request).store.list(PREFIX)
-    out = []
-    for kv in listed.items:
-        kind = kind_of_key(kv.key)
-        if kind is not None:
-            out.append({"kind": kind, "object": wire_object(kv.key, kv.value, kv.mod_revision)})
-    return {"revision": listed.revision, "objects": out}
+async def snapshot(request: Request) -> Response:
+    """Every object at one revision, `{"revision": R, "objects": [{"kind": K, "object": O}, ...]}`:
+    each object encoded once for every agent (tether.server.wire), the body sent in pieces."""
+    body = await wire_of(request.app, objs(request).store).snapshot()
+    return StreamingResponse(body.chunks(), media_type="application/json",
+                             headers={"content-length": str(body.length)})
 
 
 class WatchResponse(StreamingResponse):
@@ -671,52 +647,14 @@ class WatchResponse(StreamingResponse):
             self.release()
 
 
-LINE_CACHE = 8192  # encoded events kept for the next watcher that sends the same one
-LineCache = OrderedDict[tuple[int, str], bytes | None]
-
-
-def line_cache(app: Any) -> LineCache:
-    """The app's cache of encoded events (per app: revisions of two stores are unrelated)."""
-    try:
-        return app.state.watch_lines
-    except AttributeError:
-        app.state.watch_lines = OrderedDict()
-        return app.state.watch_lines
-
-
 def watch_hub(app: Any, store: Any) -> WatchHub:
     """The app's one store watch, shared by its watch streams (tether.server.fanout)."""
     hub = getattr(app.state, "watch_hub", None)
     if hub is None or hub.store is not store:
         from tether.model import PREFIX
 
-        cache = line_cache(app)
-        hub = app.state.watch_hub = WatchHub(store, PREFIX, lambda ev: event_line(ev, cache))
+        hub = app.state.watch_hub = WatchHub(store, PREFIX, wire_of(app, store).event_line)
     return hub
-
-
-def event_line(item: Any, cache: LineCache) -> bytes | None:
-    """The JSON line of a store event, encoded once for all watchers: every watcher (each agent,
-    and a client replaying history) is sent the same events, and decoding and dumping one costs
-    ~50 us - per watcher, that was the server's main cost of a write with many watch streams."""
-    key = (item.revision, item.key)
-    line = cache.get(key, b"")
-    if line != b"":
-        return line
-    line = encode_event(item)
-    cache[key] = line
-    if len(cache) > LINE_CACHE:
-        cache.popitem(last=False)
-    return line
-
-
-def encode_event(item: Any) -> bytes | None:
-    kind = kind_of_key(item.key)
-    if kind is None:
-        return None
-    obj = wire_object(item.key, item.value, item.revision) if item.value is not None else None
-    return (json.dumps({"type": item.type, "kind": kind, "key": item.key, "object": obj,
-                        "revision": item.revision}) + "\n").encode()
 
 
 def resync_line(**why: Any) -> bytes:
@@ -771,8 +709,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
         raise ApiError(e.status, e.detail) from None
     cap, stall = limits.watch_buffer, limits.watch_stall
     credentials = request.app.state.credentials
-    cache = line_cache(request.app)
-
+    wire = wire_of(request.app, store)
     hub = watch_hub(request.app, store)
 
     async def lines() -> AsyncIterator[bytes]:
@@ -814,7 +751,7 @@ async def watch(request: Request, after_revision: int = Query(..., ge=0),
                                     "(--watch-stall); watch again from the revision given", pending=ev.revision)
                     if sub.overflow is not None:
                         return
-                    sub.push(ev.revision, event_line(ev, cache))
+                    sub.push(ev.revision, wire.event_line(ev))
                     read = ev.revision
             except Exception as e:  # noqa: BLE001 - Compacted or a store failure: the client resyncs
                 sub.fail(e)
