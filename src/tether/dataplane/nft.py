@@ -86,8 +86,10 @@ def run_nft(commands: list[dict], netns: str | None = None) -> None:
         raise NftError(f"nft failed: {r.stderr.strip()[:2000]}")
 
 
-def list_table(netns: str | None = None) -> list[dict] | None:
-    cmd = ["nft", "-j", "list", "table", FAMILY, NFT_TABLE]
+def list_table(netns: str | None = None, terse: bool = False) -> list[dict] | None:
+    """The table as nft's JSON items. `terse`: without the sets' elements, which are nearly all of
+    it with many endpoints (1.8 MB of JSON, 16 MB parsed, at 10,000 endpoints; 49 KB without)."""
+    cmd = ["nft", *(["-t"] if terse else []), "-j", "list", "table", FAMILY, NFT_TABLE]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -621,7 +623,9 @@ def delete_table(netns: str | None = None) -> None:
 
 def counters(netns: str | None = None) -> dict[str, int]:
     """Packets counted by rules that carry a comment, keyed by chain/comment (drop metrics)."""
-    table = list_table(netns) or []
+    # read every SAMPLE_INTERVAL while metrics are scraped: the sets' elements are not needed, and
+    # parsing them each time was a 16 MB transient at 10,000 endpoints (a fragmented heap after)
+    table = list_table(netns, terse=True) or []
     out: dict[str, int] = {}
     for item in table:
         r = item.get("rule")
