@@ -2,7 +2,8 @@
 programmed, with a TCP stream through it that must not break (issue 29: 120 MB, 5 s at 10,000
 endpoints / 1,000 policies / 500 services).
 
-    sudo .venv/bin/python -m bench.agent_scale [--endpoints 10000] [--fake-hosts 98] [--restarts 2] [--keep DIR]
+    sudo .venv/bin/python -m bench.agent_scale [--endpoints 10000] [--fake-hosts 98] [--restarts 2] [--settle 60]
+        [--keep DIR]
 
 A 2-host lab (real agents h1, h2 in their namespaces); `--fake-hosts` more hosts registered through
 the API without agents carry the endpoints (1 policy per 10 endpoints, 1 service per 20), as
@@ -61,7 +62,7 @@ def wait_applied(http: httpx.Client, host: str, revision: int, timeout: float) -
     return time.monotonic()
 
 
-def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool) -> dict:
+def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool, settle: float = 0) -> dict:
     headers = {"Authorization": f"Bearer {lab.token}"}
     t0 = time.monotonic()
 
@@ -83,6 +84,9 @@ def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool
                  "agent_rss_mb": round(rss_mb(pid), 1),
                  "agent_children_rss_mb": round(sum(rss_mb(c) for c in children(pid)), 1),
                  "agent_children": [open(f"/proc/{c}/comm").read().strip() for c in children(pid)], "restarts": []}
+    if settle:  # after reconcile passes, peer probes and heartbeats: what a running agent holds
+        time.sleep(settle)
+        out["agent_rss_mb_settled"] = round(rss_mb(pid), 1)
     for i in range(restarts):
         port = 5001 + i  # tcp_stream.py serves one connection
         serve = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, STREAM, "serve", str(port)],
@@ -112,6 +116,9 @@ def measure(lab: Lab, endpoints: int, fake_hosts: int, restarts: int, kill: bool
     time.sleep(2)
     out["agent_rss_mb_after_restart"] = round(rss_mb(pid), 1) if pid else None
     out["agent_children_rss_mb_after_restart"] = round(sum(rss_mb(c) for c in children(pid)), 1) if pid else None
+    if settle and pid:
+        time.sleep(settle)
+        out["agent_rss_mb_after_restart_settled"] = round(rss_mb(pid), 1)
     return out
 
 
@@ -120,6 +127,8 @@ def main() -> None:
     p.add_argument("--endpoints", type=int, default=10_000, help="endpoints on the fake hosts (default %(default)s)")
     p.add_argument("--fake-hosts", type=int, default=98, help="hosts without agents (default %(default)s)")
     p.add_argument("--restarts", type=int, default=2, help="restarts of h1's agent measured (default %(default)s)")
+    p.add_argument("--settle", type=float, default=60, help="seconds after the first sync, and after the last "
+                   "restart, to sample the agent's RSS again, settled (0: not) (default %(default)s)")
     p.add_argument("--kill", action="store_true", help="stop the agent with SIGKILL instead of SIGTERM")
     p.add_argument("--keep", metavar="DIR", help="copy h1's agent log (its restart phases, with times) and its "
                    "replica file (a real replica of that size, to profile the calculation in-process) to DIR")
@@ -127,7 +136,7 @@ def main() -> None:
     unique("bench")
     lab = make_lab(hosts=2)
     try:
-        result = measure(lab, a.endpoints, a.fake_hosts, a.restarts, a.kill)
+        result = measure(lab, a.endpoints, a.fake_hosts, a.restarts, a.kill, a.settle)
     finally:
         if a.keep:
             os.makedirs(a.keep, exist_ok=True)

@@ -9,13 +9,38 @@ import ssl
 
 def ca_hash(ca_pem: bytes) -> str:
     """`sha256:<hex>` of the CA's public key (SubjectPublicKeyInfo), as kubeadm pins it: a joining
-    host compares this with what it was told out of band before it trusts the server."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    cert = x509.load_pem_x509_certificate(ca_pem)
-    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    host compares this with what it was told out of band before it trusts the server. Read from the
+    certificate's DER by hand, not with `cryptography`: its import is ~10 MB an agent would carry
+    for its whole life after joining (issue 29's 120 MB per agent)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(ca_pem.decode("ascii"))
+        _, at, _ = _der(der, 0)  # Certificate ::= SEQUENCE { tbsCertificate, ... }
+        _, at, _ = _der(der, at)  # into tbsCertificate
+        tag, _, end = _der(der, at)
+        if tag == 0xA0:  # [0] version
+            at = end
+        for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+            _, _, at = _der(der, at)
+        tag, _, end = _der(der, at)
+        if tag != 0x30:
+            raise ValueError("no subjectPublicKeyInfo where the certificate should hold it")
+        spki = der[at:end]
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"not a PEM X.509 certificate: {e}") from None
     return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def _der(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at `at`: (tag, where its content starts, where it ends)."""
+    tag, n = der[at], der[at + 1]
+    at += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(der[at:at + k], "big")
+        at += k
+    if at + n > len(der):
+        raise ValueError("a DER element runs past the end")
+    return tag, at, at + n
 
 
 def client_context(ca_file: str | None = None, ca_pem: bytes | None = None) -> ssl.SSLContext:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import sys
 import tether.agent.main, tether.dataplane.links, tether.dataplane.pods
@@ -25,3 +27,33 @@ def test_the_agent_leaves_unused_parts_of_pyroute2_and_httpx_unimported_yet_avai
     assert out.returncode == 0, out.stderr
     assert "heavy []" in out.stdout, out.stdout
     assert "whole True" in out.stdout, out.stdout
+
+
+def test_a_joining_host_checks_the_ca_pin_without_loading_cryptography(tmp_path) -> None:
+    """`cryptography` is ~10 MB an agent would keep for its life after its first start (the join);
+    the pin it computes by hand is the one `cryptography` gives for the CA's public key."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from tether.server.tls import _make_ca
+
+    pem, _key = _make_ca("probe-ca")
+    (tmp_path / "ca.crt").write_bytes(pem)
+    spki = x509.load_pem_x509_certificate(pem).public_key().public_bytes(Encoding.DER,
+                                                                        PublicFormat.SubjectPublicKeyInfo)
+    probe = ("import sys\nfrom tether.join import join\nfrom tether.trust import ca_hash\n"
+             f"print(ca_hash(open({str(tmp_path / 'ca.crt')!r}, 'rb').read()))\n"
+             "print('loaded' if any(m.startswith('cryptography') for m in sys.modules) else 'not loaded')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["sha256:" + hashlib.sha256(spki).hexdigest(), "not", "loaded"], out.stdout
+
+
+def test_a_ca_pin_of_something_that_is_not_a_certificate_is_refused_with_why() -> None:
+    from tether.trust import ca_hash
+
+    for junk in (b"not a certificate", b"-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(ValueError, match="not a PEM X.509 certificate"):
+            ca_hash(junk)

@@ -100,3 +100,19 @@ async def test_a_resync_without_relist_resumes_and_one_with_relist_lists(sqlite_
         sqlite_server.client().apply(network(3))
         await until(lambda: "n3" in a.replica.objects["Network"])
         assert a.snapshots == 2 and a.resumes == 1, "a cut without relist must resume; a compacted history must list"
+
+
+async def test_a_listed_snapshot_keeps_one_copy_of_each_repeated_string(sqlite_server: ServerProc) -> None:
+    """The snapshot (every object of the cluster) is parsed with one copy per distinct short string,
+    as the disk copy is: the names and labels repeated over 10,000 endpoints are not 10,000 strings
+    each while the agent decodes its replica from them."""
+    c = sqlite_server.client()
+    for i in (1, 2):
+        c.apply(Network(name=f"n{i}", subnets=[Subnet(cidr=f"10.{70 + i}.0.0/16")], dns_domain="shared.example"))
+    client = AsyncTetherClient(sqlite_server.url, sqlite_server.token)
+    try:
+        snap = await client.snapshot()
+    finally:
+        await client.close()
+    domains = [o["object"]["dns_domain"] for o in snap["objects"] if o["kind"] == "Network"]
+    assert domains == ["shared.example"] * 2 and domains[0] is domains[1]

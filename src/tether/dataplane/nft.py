@@ -55,6 +55,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic_core
+
 from tether.calc.names import NFT_TABLE, digest, own_link
 from tether.calc.plan import NftChain, NftPlan, NftSet
 from tether.dataplane import nft_netlink
@@ -102,16 +104,18 @@ def run_nft(commands: list[dict], netns: str | None = None) -> None:
         raise NftError(f"nft failed: {r.stderr.strip()[:2000]}")
 
 
-def list_table(netns: str | None = None, elements: bool = True) -> list[dict] | None:
-    """The table as nft lists it; `elements=False` (`nft -t`, terse) leaves every set's elements
-    out: what reads only rules (counters every few seconds) does not pay for 10,000 endpoints'."""
-    cmd = ["nft", "-j", *([] if elements else ["-t"]), "list", "table", FAMILY, NFT_TABLE]
+def list_table(netns: str | None = None, terse: bool = False) -> list[dict] | None:
+    """The table as nft's JSON items. `terse`: without the sets' elements, which are nearly all of
+    it with many endpoints (1.8 MB of JSON, 16 MB parsed, at 10,000 endpoints; 49 KB without)."""
+    cmd = ["nft", *(["-t"] if terse else []), "-j", "list", "table", FAMILY, NFT_TABLE]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0:
         return None
-    return json.loads(r.stdout)["nftables"]
+    # the bytes parsed as they are, one copy per distinct short string (set names, verdicts): the
+    # full listing is a transient at every reconcile, 16 -> 11.5 MB at 10,000 endpoints
+    return pydantic_core.from_json(r.stdout)["nftables"]
 
 
 # --- rendering -------------------------------------------------------------------------------------
@@ -697,7 +701,9 @@ def delete_table(netns: str | None = None) -> None:
 
 def counters(netns: str | None = None) -> dict[str, int]:
     """Packets counted by rules that carry a comment, keyed by chain/comment (drop metrics)."""
-    table = list_table(netns, elements=False) or []
+    # read every SAMPLE_INTERVAL while metrics are scraped: the sets' elements are not needed, and
+    # parsing them each time was a 16 MB transient at 10,000 endpoints (a fragmented heap after)
+    table = list_table(netns, terse=True) or []
     out: dict[str, int] = {}
     for item in table:
         r = item.get("rule")
