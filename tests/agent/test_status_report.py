@@ -76,3 +76,14 @@ def test_an_applied_change_is_reported_with_its_revision_at_most_every_interval(
 
     sent = asyncio.run(run())
     assert [s[2]["applied_revision"] for s in sent] == [10, 13]
+
+
+def test_the_status_write_interval_grows_with_the_hosts_so_the_cluster_writes_a_bounded_rate() -> None:
+    """Each revision-only status write is an event every agent receives: at 100 hosts a 10 s interval
+    was 10 events a second to each agent; the interval grows so the cluster writes at most
+    STATUS_WRITES_PER_S of them a second."""
+    from tether.agent.main import STATUS_INTERVAL, STATUS_WRITES_PER_S, status_interval
+
+    assert status_interval(3) == status_interval(20) == STATUS_INTERVAL
+    for hosts in (100, 1000):
+        assert hosts / status_interval(hosts) <= STATUS_WRITES_PER_S

@@ -44,6 +44,10 @@ PREPARE_FAILED = object()  # its `prepare` raised: nothing to install
 # Host event every agent receives (hosts squared events per change); the heartbeat carries the
 # revision to the server at once instead (`Objects.observed_host`)
 STATUS_INTERVAL = 10.0
+# ... and, in a large cluster, at most this many such writes a second cluster-wide (each agent's
+# interval grows with the hosts: 100 hosts writing every 10 s were 10 events a second to every agent,
+# a third of the watch traffic per change; `status_interval`)
+STATUS_WRITES_PER_S = 2.0
 # seconds between two hand-backs of the heap's free memory after applies (`Agent._trim`)
 TRIM_INTERVAL = 2.0
 # the periodic reconcile: each wait is --reconcile-interval times a uniform factor in 1 +- RECONCILE_JITTER
@@ -51,6 +55,11 @@ TRIM_INTERVAL = 2.0
 # least the last pass's duration / RECONCILE_BUDGET (the share of one CPU it may take)
 RECONCILE_JITTER = 0.2
 RECONCILE_BUDGET = 0.01
+
+
+def status_interval(hosts: int) -> float:
+    """Seconds between two writes of a host's status that only move its applied revision."""
+    return max(STATUS_INTERVAL, hosts / STATUS_WRITES_PER_S)
 
 
 def reconcile_delay(interval: float, last_pass_s: float, rng: random.Random | None = None) -> float:
@@ -564,7 +573,7 @@ class Agent:
         applied once a change other than a status report was applied (the programming status of
         every object, `tether.server.programming`). Each write is a Host event every agent
         receives, so a new applied revision alone goes in a heartbeat at once (the server keeps it
-        in memory) and in a write at most every STATUS_INTERVAL (the last one later: what another
+        in memory) and in a write at most every `status_interval` (the last one later: what another
         server, or this one after a restart, reads)."""
         st = self.host_status(revision)
         key = (tuple((p.kind, p.name, p.reason) for p in st.problems),
@@ -575,7 +584,7 @@ class Agent:
         if key == self._status_sent:
             if self.applied_revision > self._beat_sent:
                 self._beat_now.set()
-            if time.monotonic() - self._status_at < STATUS_INTERVAL:
+            if time.monotonic() - self._status_at < status_interval(len(self.replica.hosts)):
                 self._report_soon()
                 return
         try:
@@ -608,7 +617,7 @@ class Agent:
 
     async def _report_later(self) -> None:
         """Report the applied revision when no apply is due (one that is due reports it itself)."""
-        await asyncio.sleep(max(0.0, self._status_at + STATUS_INTERVAL - time.monotonic()))
+        await asyncio.sleep(max(0.0, self._status_at + status_interval(len(self.replica.hosts)) - time.monotonic()))
         async with self._apply_lock:
             if self._applied_kicks == self._kicks and not self._dirty.is_set():
                 await self._report_status(self.replica.revision, self.replica.acted)
