@@ -830,7 +830,9 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
                          policies_by_name=rep.objects["NetworkPolicy"])  # type: ignore[arg-type]
     yielding.checkpoint()
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
-    svc = services.compile(list(rep.services), services.EndpointIndex(by_id=rep.objects["Endpoint"]),  # type: ignore[arg-type]
+    by_id = rep.objects["Endpoint"]
+    svc = services.compile(list(rep.services),
+                           services.EndpointIndex(by_id=by_id, by_ns=services.namespace_index(by_id, m)),  # type: ignore[arg-type]
                            list(rep.networks.values()), ctx.name,
                            [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m,
                            by_name=rep.objects["Service"])  # type: ignore[arg-type]

@@ -59,6 +59,10 @@ class Memos:
     frontends: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.services: what each service adds to the fragment (`ServiceParts`), None: make them afresh
     service_parts: Any = None
+    # calc.services: namespace -> endpoint id -> endpoint, and endpoint id -> its namespace, of the
+    # last plan's (screened) replica (`namespace_index`)
+    endpoints_by_ns: dict[str, dict[str, Any]] = field(default_factory=dict)
+    endpoint_ns: dict[str, str] = field(default_factory=dict)
     # calc.quarantine: (kind, name) -> (object, host, problem or None)
     checked: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.dns_records: objects left out of the records, each logged once

@@ -111,24 +111,56 @@ def target_port(sp: ServicePort, ep: Endpoint | None) -> int | None:
 
 
 class EndpointIndex:
-    """The endpoints by id and by namespace, made once per plan: looking a service's backends up in
-    the whole endpoint list was O(services x endpoints) per plan (2 s of a plan with 500 services
-    and 10,000 endpoints, bench/calc_scale.py). `by_id` may be the replica's own endpoint dict
-    (keyed by id); `by_ns` is made when a selector first needs it."""
+    """The endpoints by id and by namespace: looking a service's backends up in the whole endpoint
+    list was O(services x endpoints) per plan (2 s of a plan with 500 services and 10,000 endpoints,
+    bench/calc_scale.py). `by_id` may be the replica's own endpoint dict (keyed by id); `by_ns`
+    (namespace -> id -> endpoint) is given when the planner keeps it (`namespace_index`), else made
+    when a selector first needs it."""
 
     __slots__ = ("by_id", "_by_ns")
 
-    def __init__(self, endpoints: Iterable[Endpoint] = (), by_id: dict[str, Endpoint] | None = None) -> None:
+    def __init__(self, endpoints: Iterable[Endpoint] = (), by_id: dict[str, Endpoint] | None = None,
+                 by_ns: dict[str, dict[str, Endpoint]] | None = None) -> None:
         self.by_id: dict[str, Endpoint] = {ep.id: ep for ep in endpoints} if by_id is None else by_id
-        self._by_ns: dict[str, list[Endpoint]] | None = None
+        self._by_ns = by_ns
 
     @property
-    def by_ns(self) -> dict[str, list[Endpoint]]:
+    def by_ns(self) -> dict[str, dict[str, Endpoint]]:
         if self._by_ns is None:
             self._by_ns = {}
-            for ep in self.by_id.values():
-                self._by_ns.setdefault(ep.namespace, []).append(ep)
+            for key, ep in self.by_id.items():
+                self._by_ns.setdefault(ep.namespace, {})[key] = ep
         return self._by_ns
+
+
+def namespace_index(by_id: dict[str, Endpoint], memos: Memos) -> dict[str, dict[str, Endpoint]]:
+    """namespace -> endpoint id -> endpoint of `by_id`, kept in `memos` and changed for the endpoints
+    the journal names: a selector service changed (or one an endpoint change concerns) is looked up
+    in its namespace, and building that index from every endpoint on each such plan was most of a
+    service change at 10,000 endpoints (17 of 20 ms). An endpoint's quarantine verdict changes only
+    with the endpoint, so the screened replica's endpoints change only where the journal says."""
+    delta = memos.delta("endpoints_by_ns")
+    idx, ns_of = memos.endpoints_by_ns, memos.endpoint_ns
+    if delta is None:
+        idx, ns_of = {}, {}
+        for key, ep in by_id.items():
+            idx.setdefault(ep.namespace, {})[key] = ep
+            ns_of[key] = ep.namespace
+        memos.endpoints_by_ns, memos.endpoint_ns = idx, ns_of
+        return idx
+    for key in delta.get("Endpoint", ()):
+        old = ns_of.pop(key, None)
+        if old is not None:
+            pool = idx.get(old)
+            if pool is not None:
+                pool.pop(key, None)
+                if not pool:
+                    del idx[old]
+        ep = by_id.get(key)
+        if ep is not None:
+            idx.setdefault(ep.namespace, {})[key] = ep
+            ns_of[key] = ep.namespace
+    return idx
 
 
 def _index(endpoints: Iterable[Endpoint] | EndpointIndex) -> EndpointIndex:
@@ -139,7 +171,7 @@ def selected(svc: Service, endpoints: Iterable[Endpoint] | EndpointIndex) -> lis
     """The ready endpoints a service's selector picks (same namespace, and network when it names one)."""
     if not svc.selector:
         return []
-    pool = endpoints.by_ns.get(svc.namespace, []) if isinstance(endpoints, EndpointIndex) else endpoints
+    pool = endpoints.by_ns.get(svc.namespace, {}).values() if isinstance(endpoints, EndpointIndex) else endpoints
     return [ep for ep in pool if ep.namespace == svc.namespace and ep.ready and selects(svc.selector, ep.labels)
             and (not svc.network or ep.network == svc.network)]
 
@@ -154,12 +186,13 @@ def headless_addresses(svc: Service, endpoints: Iterable[Endpoint] | EndpointInd
 
 
 def backends_of(svc: Service, sp: ServicePort, endpoints: Iterable[Endpoint] | EndpointIndex, host: str,
-                version: int = 4) -> tuple[Backend, ...]:
+                version: int = 4, chosen: list[Endpoint] | None = None) -> tuple[Backend, ...]:
     """Ready backends of one service port (their addresses of the frontend's IP `version`), in a
-    stable order (so slots move as little as possible)."""
+    stable order (so slots move as little as possible). `chosen`: `selected(svc, endpoints)`, when
+    the caller has it."""
     out: set[Backend] = set()
     if svc.selector:
-        for ep in selected(svc, endpoints):
+        for ep in selected(svc, endpoints) if chosen is None else chosen:
             ip, port = _of_version(ep.ips, version), target_port(sp, ep)
             if ip and port:
                 out.add(Backend(ip, port, ep.host == host))
@@ -203,14 +236,17 @@ def frontends(services: list[Service], endpoints: Iterable[Endpoint] | EndpointI
     return out
 
 
-def _frontends(svc: Service, endpoints: EndpointIndex, host: str, node_ips: list[str]) -> list[Frontend]:
+def _frontends(svc: Service, endpoints: EndpointIndex, host: str, node_ips: list[str],
+               chosen: list[Endpoint] | None = None) -> list[Frontend]:
     out: list[Frontend] = []
     aff = svc.affinity_timeout if svc.session_affinity == "ClientIP" else None
     local = svc.external_traffic_policy == "Local"
+    if svc.selector and chosen is None:
+        chosen = selected(svc, endpoints)  # once for every VIP and port
     for vip in svc.vips():
         version = ip_version(vip)
         for sp in svc.ports:
-            backends = backends_of(svc, sp, endpoints, host, version)
+            backends = backends_of(svc, sp, endpoints, host, version, chosen)
             ref = f"{svc.namespace}/{svc.name}"
             proto = sp.protocol.lower()
             out.append(Frontend(ref, vip, proto, sp.port, backends, aff))
@@ -494,8 +530,9 @@ def _service_parts(by_name: dict[str, Service], endpoints: EndpointIndex, networ
         if svc is None:
             st.put(name, None, None, ())
             continue
-        picked = tuple(ep.id for ep in selected(svc, endpoints))
-        st.put(name, svc, _part(_frontends(svc, endpoints, host, node_ips), subnets), picked)
+        chosen = selected(svc, endpoints)
+        st.put(name, svc, _part(_frontends(svc, endpoints, host, node_ips, chosen), subnets),
+               tuple(ep.id for ep in chosen))
     if st.v6:
         return None
     memos.service_parts = st
