@@ -85,7 +85,9 @@ class Frontend:
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
+    """Every key of the selector has its value in the labels (an items subset test, in C: a
+    selector service looks at each endpoint of its namespace when it is recomputed)."""
+    return selector.items() <= labels.items()
 
 
 def _of_version(ips: Iterable[str], version: int) -> str | None:
