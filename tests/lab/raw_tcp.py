@@ -10,16 +10,9 @@ import struct
 import sys
 import time
 
+from tether.agent.icmp import checksum  # the Internet checksum (RFC 1071), one home
+
 FLAGS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10}
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def send(src: str, sport: int, dst: str, dport: int, flags: str, text: str) -> None:
