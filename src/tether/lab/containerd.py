@@ -452,11 +452,21 @@ def start_lab_node(lab, kube, host: str, binary: str, timeout: float = 120) -> t
         return kube.kubectl("get", "node", host, "-o", ready, check=False).stdout == "True"
     try:
         wait_for(is_ready, timeout, f"node {host} Ready (see {kl.dir}/kubelet.log)")
-    except TimeoutError:
+    except TimeoutError as e:
         if not alive(kl.pid):
             raise RuntimeError(f"kubelet for {host} exited; see {kl.dir}/kubelet.log") from None
-        raise
+        # the lab is torn down after this, its logs with it: say here what kubelet last said
+        tail = _log_tail(os.path.join(kl.dir, "kubelet.log"))
+        raise TimeoutError(f"{e}; the kubelet log ends with:\n{tail}") from None
     return ctrd, kl
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])[-4000:]
+    except OSError as e:
+        return f"(unreadable: {e})"
 
 
 def start_lab_nodes(lab, kube, binary: str, progress=print) -> None:
