@@ -14,8 +14,12 @@ def ca_hash(ca_pem: bytes) -> str:
     for its whole life after joining (issue 29's 120 MB per agent)."""
     try:
         der = ssl.PEM_cert_to_DER_cert(ca_pem.decode("ascii"))
-        _, at, _ = _der(der, 0)  # Certificate ::= SEQUENCE { tbsCertificate, ... }
-        _, at, _ = _der(der, at)  # into tbsCertificate
+        tag, at, end = _der(der, 0)  # Certificate ::= SEQUENCE { tbsCertificate, ... }
+        if tag != 0x30 or end != len(der):
+            raise ValueError("the certificate is not one DER SEQUENCE")
+        tag, at, _ = _der(der, at)  # into tbsCertificate
+        if tag != 0x30:
+            raise ValueError("no tbsCertificate SEQUENCE")
         tag, _, end = _der(der, at)
         if tag == 0xA0:  # [0] version
             at = end
@@ -31,12 +35,21 @@ def ca_hash(ca_pem: bytes) -> str:
 
 
 def _der(der: bytes, at: int) -> tuple[int, int, int]:
-    """The DER element at `at`: (tag, where its content starts, where it ends)."""
+    """The DER element at `at`: (tag, where its content starts, where it ends). Strict DER only (a
+    one-byte tag, a definite length in its shortest form), as X.509 requires: the pin is compared on
+    what this reads, TLS then trusts what OpenSSL reads, and both must read the same structure, so
+    BER forms another parser could read differently (indefinite lengths) are refused."""
     tag, n = der[at], der[at + 1]
+    if tag & 0x1F == 0x1F:
+        raise ValueError("a multi-byte DER tag")
     at += 2
     if n & 0x80:
         k = n & 0x7F
+        if not 1 <= k <= 4:
+            raise ValueError("an indefinite or oversized DER length")
         n = int.from_bytes(der[at:at + k], "big")
+        if n < 0x80 or der[at] == 0:
+            raise ValueError("a DER length not in its shortest form")
         at += k
     if at + n > len(der):
         raise ValueError("a DER element runs past the end")

@@ -3,6 +3,7 @@ mostly its imports), and both libraries still work in full for code that asks fo
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 
@@ -57,3 +58,27 @@ def test_a_ca_pin_of_something_that_is_not_a_certificate_is_refused_with_why() -
     for junk in (b"not a certificate", b"-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n"):
         with pytest.raises(ValueError, match="not a PEM X.509 certificate"):
             ca_hash(junk)
+
+
+def test_a_ca_pin_refuses_ber_forms_another_parser_could_read_differently() -> None:
+    """The pin is read by `trust._der`, TLS trusts what OpenSSL reads: an indefinite length (BER),
+    a long length form where the short one fits, or a multi-byte tag could make the two disagree
+    on where the public key is, so they are refused."""
+    import base64
+
+    from tether.trust import ca_hash
+
+    def pem(der: bytes) -> bytes:
+        return b"-----BEGIN CERTIFICATE-----\n" + base64.b64encode(der) + b"\n-----END CERTIFICATE-----\n"
+
+    from tether.server.tls import _make_ca
+
+    real = ssl.PEM_cert_to_DER_cert(_make_ca("ber-ca")[0].decode())
+    assert real[:2] == b"\x30\x82"  # a SEQUENCE with a two-byte length
+    body = real[4:]
+    assert ca_hash(pem(real)).startswith("sha256:")
+    for der in (b"\x30\x80" + body + b"\x00\x00",  # the same certificate, indefinite length
+                b"\x30\x83\x00" + real[2:4] + body,  # a length with a leading zero byte
+                b"\x3f\x01\x00\x00"):  # a multi-byte tag
+        with pytest.raises(ValueError, match="not a PEM X.509 certificate"):
+            ca_hash(pem(der))
