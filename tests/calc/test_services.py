@@ -109,6 +109,24 @@ def test_backend_changes_and_new_services_change_elements_only() -> None:
     assert len(hashes) == 1
 
 
+def test_past_the_predefined_slots_lb_chains_come_in_whole_steps() -> None:
+    """A service growing from 17 to 32 backends (every agent gets each new pod of the biggest
+    deployment) changes elements only; the 33rd makes the next step's chains, and going back
+    below it removes them."""
+    rep = Replica()
+    rep.objects["Network"]["n"] = NET
+    rep.objects["Service"]["default/web"] = web()
+    ctx = HostContext("h1", "eth0", 1500)
+    chains: dict[int, set[str]] = {}
+    for n in (16, 17, 24, 32, 33, 48, 49, 20):
+        rep.objects["Endpoint"] = {f"e{i}": ep(i) for i in range(1, n + 1)}
+        chains[n] = {c.name for c in compute_nft(rep, ctx).chains if c.name.startswith("svc-lb-")}
+    assert chains[16] == {f"svc-lb-{k}" for k in range(1, 17)}
+    assert chains[17] == chains[24] == chains[32] == chains[20] == {f"svc-lb-{k}" for k in range(1, 33)}
+    assert chains[33] == chains[48] == {f"svc-lb-{k}" for k in range(1, 49)}
+    assert max(int(c.rsplit("-", 1)[1]) for c in chains[49]) == 64
+
+
 def test_5000_services_compile_quickly() -> None:
     import time
 

@@ -52,6 +52,15 @@ from tether.calc.plan import NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Network, Service, ServicePort
 
 PREDEFINED_SLOTS = 16  # lb chains that always exist, so growing a service to 16 backends is element-only
+SLOT_STEP = 16  # past that, lb chains are made for whole steps of slots (see `slot_chains`)
+
+
+def slot_chains(most: int) -> int:
+    """How many balancing chains (`svc-lb-1` .. `-n`) a table has when its largest frontend has
+    `most` backends: PREDEFINED_SLOTS, or `most` rounded up to a whole SLOT_STEP. A service growing
+    past the largest (one more pod of the biggest deployment: every agent gets it) is then an
+    element change over netlink, not a new chain in an `nft` batch, except once per step."""
+    return max(PREDEFINED_SLOTS, -(-most // SLOT_STEP) * SLOT_STEP)
 
 FRONTEND = ("ipv4_addr", "inet_proto", "inet_service")
 _DADDR = addr_field(4, "daddr")
@@ -562,8 +571,9 @@ def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointInd
         if st.fragment is None:  # (an unchanged one is the last plan's: node addresses are in the key)
             c = st.counts
             st.fragment = _fragment(frozenset(c[0]), frozenset(c[1]), frozenset(c[2]), frozenset(c[3]),
-                                    frozenset(c[4]), frozenset(c[5]), frozenset(c[6]), max([PREDEFINED_SLOTS, *c[7]]),
-                                    sorted(c[8]), node_ips, bool(st.services), [], [], None, None)
+                                    frozenset(c[4]), frozenset(c[5]), frozenset(c[6]),
+                                    slot_chains(max(c[7], default=0)), sorted(c[8]), node_ips, bool(st.services),
+                                    [], [], None, None)
         return st.fragment
     out = _compile(services, index, networks, host, node_ips, memos)
     if not has_v6(services):  # the parts for the next plan
@@ -591,7 +601,7 @@ def _compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIn
     subnets = [network(c) for n in networks for c in v4_subnets(n)]
     vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts = _part(fes, subnets)
     return _fragment(frozenset(vips), frozenset(nodeports), frozenset(backend_ip), frozenset(backend_port),
-                     frozenset(empty), frozenset(hairpin), frozenset(tracked), max([PREDEFINED_SLOTS, *slots]),
+                     frozenset(empty), frozenset(hairpin), frozenset(tracked), slot_chains(max(slots, default=0)),
                      sorted(set(timeouts)), node_ips, bool(services), sets6, chains6, reject6, hairpin6)
 
 
