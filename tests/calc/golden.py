@@ -22,9 +22,10 @@ SCENARIOS = ("rich", "plain", "v6only")
 
 def canonical(value: Any) -> Any:
     """Plans as JSON with a fixed order: frozensets are sorted (their iteration order depends on
-    the process's string hash seed), bytes are hex."""
+    the process's string hash seed), bytes are hex; fields outside equality (a set's token and
+    delta: bookkeeping for the dataplane) are left out."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: canonical(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare}
     if isinstance(value, (frozenset, set)):
         items = [canonical(v) for v in value]
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))

@@ -7,7 +7,9 @@ scratch (a fresh `Planner`, fresh memos): the oracle the periodic reconcile also
 
 from __future__ import annotations
 
+import re
 from typing import Any
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from tether.calc.host import HostContext
 from tether.calc.memos import Memos
 from tether.calc.planner import Planner
 from tether.calc.replica import Replica
+from tether.dataplane import nft as nft_dp
 from tether.model import (
     Block,
     Endpoint,
@@ -150,17 +153,64 @@ def test_plans_kept_up_event_by_event_equal_plans_computed_from_scratch(seq: lis
     contexts = [HostContext(h, "eth0", 1500) for h in HOSTS[:2]]
     planners = {c.name: Planner() for c in contexts}
     dns_memos = Memos()
-    for c in contexts:  # warm: what a running agent has planned before the events
-        planners[c.name].plan(rep.view(), c)
+    dataplanes = {c.name: nft_dp.NftDataplane() for c in contexts}
+    made: dict[int, frozenset] = {}  # token -> the elements it names
+    with _no_kernel():
+        for c in contexts:  # warm: what a running agent has planned before the events
+            warm = planners[c.name].plan(rep.view(), c).nft
+            _check_deltas(warm, made)
+            dataplanes[c.name].apply(warm)
     for revision, (kind, obj) in enumerate(seq, start=2):
         rep.apply_event(_event(kind, obj, revision))
         view = rep.view()
         for c in contexts:
-            assert planners[c.name].plan(view, c) == Planner().plan(view, c), f"{c.name} after {kind} {obj!r}"
+            plan = planners[c.name].plan(view, c)
+            assert plan == Planner().plan(view, c), f"{c.name} after {kind} {obj!r}"
+            _check_deltas(plan.nft, made)
+            with _no_kernel():
+                _check_dataplane(dataplanes[c.name], plan.nft)
         warm = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision,
                                  memos=dns_memos)
         cold = dns_records.build(view.endpoints, view.services, view.networks.values(), serial=revision)
         assert warm == cold, f"DNS records after {kind} {obj!r}"
+
+
+def _no_kernel() -> Any:
+    return mock.patch.multiple(nft_dp, run_nft=lambda commands, netns=None: None,
+                               run_elements=lambda sock, batch: None,
+                               list_table=lambda netns=None, terse=False: None,
+                               read_generation=lambda sock: None)
+
+
+def _check_deltas(plan: Any, made: dict[int, frozenset]) -> None:
+    """A token names one set of elements; a delta takes its base's elements to the set's (a base
+    may be one no plan carried: a fragment's set merged into a plan's, whose token it then has)."""
+    for s in plan.sets:
+        if not s.token:
+            assert s.delta is None
+            continue
+        assert made.setdefault(s.token, s.elements) == s.elements, s.name
+        if s.delta is not None and s.delta.base in made:
+            base = made[s.delta.base]
+            assert s.delta.removed <= base and s.delta.added.isdisjoint(base), s.name
+            assert (base - s.delta.removed) | s.delta.added == s.elements, s.name
+
+
+def _check_dataplane(dp: Any, plan: Any) -> None:
+    """The dataplane's element changes (by delta where the plan gives one) are exactly the
+    difference, and its memory is the plan's elements as the kernel lists them."""
+    before = {k: set(v) for k, v in (dp._elements or {}).items()}
+    report = dp.apply(plan)
+    for s in plan.sets:
+        if not nft_dp.managed(s):
+            continue
+        want = {nft_dp.canon_mine(s, e) for e in s.elements}
+        assert dp._elements[s.name] == want, s.name
+        if report.full or s.name not in before:
+            continue
+        counts = re.search(rf"(?:^|; ){re.escape(s.name)}: \+(\d+) -(\d+)", "; ".join(report.changes))
+        added, gone = len(want - before[s.name]), len(before[s.name] - want)  # a map's changed value: both
+        assert (int(counts[1]), int(counts[2])) == (added, gone) if counts else not (added or gone), s.name
 
 
 # --- the journal's other paths: batches, echoes, direct writes, overflow, lost journals ------------

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from tether.calc.nft import rule
-from tether.calc.plan import NftChain, NftPlan, NftSet
+from tether.calc.plan import ElementDelta, NftChain, NftPlan, NftSet, new_token
 from tether.dataplane import nft, nft_netlink
 from tether.dataplane.nft import NftDataplane, NftError
 
@@ -178,6 +178,39 @@ def test_element_only_changes_of_plain_sets_are_element_deletes_and_adds_over_ne
     assert kernel.batches[0][1]["delete"]["element"]["elem"] == ["10.0.0.1"]
     assert kernel.batches[0][2]["add"]["element"]["elem"] == [("tth1", "goto in-b")]
     assert report.element_commands == 3 and not report.full
+
+
+def test_a_set_with_a_delta_from_the_elements_applied_last_is_changed_by_that_delta(kernel: FakeKernel) -> None:
+    """The planner's delta (calc.plan.ElementDelta) is the change when its base is the token applied
+    last; with another base the whole set is compared. A failure half way (not an nft error) leaves
+    no memory of the elements, so the next apply replaces the table rather than trust it."""
+    big = NftSet("sel-1", "ipv4_addr", elements=frozenset(f"10.0.{i // 250}.{i % 250 + 1}" for i in range(500)),
+                 token=new_token())
+    dp = applied(with_set(base_plan(), big), kernel)
+    grown = replace(big, elements=big.elements | {"10.9.0.1"}, token=new_token(),
+                    delta=ElementDelta(big.token, frozenset({"10.9.0.1"}), frozenset()))
+    assert dp.apply(with_set(base_plan(), grown)).changes == ["sel-1: +1 -0"]
+    assert kernel.batches[-1][0]["add"]["element"]["elem"] == ["10.9.0.1"]
+    # a delta from elsewhere (its base is not what was applied): compared whole, still exact
+    other = replace(grown, elements=big.elements - {"10.0.0.1"}, token=new_token(),
+                    delta=ElementDelta(big.token, frozenset(), frozenset({"10.0.0.1"})))
+    assert dp.apply(with_set(base_plan(), other)).changes == ["sel-1: +0 -2"]
+    assert dp._elements is not None and dp._elements["sel-1"] == set(other.elements)
+    shrunk = replace(other, elements=other.elements - {"10.0.0.2"}, token=new_token(),
+                     delta=ElementDelta(other.token, frozenset(), frozenset({"10.0.0.2"})))
+
+    def broken(sock: object, batch: nft_netlink.Batch) -> None:
+        raise RuntimeError("not an nft error")
+
+    kernel_send = nft.run_elements
+    nft.run_elements = broken  # type: ignore[assignment]
+    try:
+        with pytest.raises(RuntimeError):
+            dp.apply(with_set(base_plan(), shrunk))
+    finally:
+        nft.run_elements = kernel_send  # type: ignore[assignment]
+    assert dp._elements is None
+    assert dp.apply(with_set(base_plan(), shrunk)).full
 
 
 def test_an_interval_set_change_goes_through_nft_with_element_deletes(kernel: FakeKernel) -> None:

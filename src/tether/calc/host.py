@@ -52,7 +52,19 @@ from tether.calc.nft import (
     payload,
     rule,
 )
-from tether.calc.plan import FdbEntry, HostInterface, Neighbour, NftChain, NftPlan, NftSet, Plan, Route, Vtep
+from tether.calc.plan import (
+    ElementDelta,
+    FdbEntry,
+    HostInterface,
+    Neighbour,
+    NftChain,
+    NftPlan,
+    NftSet,
+    Plan,
+    Route,
+    Vtep,
+    new_token,
+)
 from tether.calc.policy import stateless_targets
 from tether.calc.replica import Replica
 from tether.model import Block, Endpoint, Host, Network
@@ -777,26 +789,52 @@ def base_nft(rep: Replica, host: str = "", stateful: bool = True, mine: Iterable
     return NftPlan(sets=sets, chains=chains)
 
 
-def merge(base: NftPlan, *fragments: NftPlan) -> NftPlan:
+def merge(base: NftPlan, *fragments: NftPlan, memo: dict[str, tuple] | None = None) -> NftPlan:
     """Add fragments to the base: chains by name are added; sets of the same name merge elements,
-    and in maps a fragment's entry replaces the base's entry for the same key."""
+    and in maps a fragment's entry replaces the base's entry for the same key. Where one side is
+    empty the other is kept as it is (its token and delta too: calc.plan.ElementDelta); `memo` (set
+    name -> the last union) lets the union of a plain set carry a delta when the base's part is
+    unchanged and the fragment's says how it changed (`stateful`: a policy's few local addresses
+    and every service backend of the cluster)."""
     sets = {s.name: s for s in base.sets}
     chains = {c.name: c for c in base.chains}
     for frag in fragments:
         for s in frag.sets:
-            if s.name in sets:
-                old = sets[s.name]
-                elements = old.elements | s.elements
-                if old.map_type:
-                    keys = {k for k, _ in s.elements}
-                    elements = frozenset(e for e in old.elements if e[0] not in keys) | s.elements
-                sets[s.name] = NftSet(old.name, old.type, old.flags, old.map_type, elements, old.timeout)
-            else:
+            old = sets.get(s.name)
+            if old is None or (not old.elements and _same_definition(old, s)):
                 sets[s.name] = s
+            elif s.elements:
+                sets[s.name] = _union(old, s, memo)
         for c in frag.chains:
             chains[c.name] = c
     return NftPlan(sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
                    chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
+
+
+def _same_definition(a: NftSet, b: NftSet) -> bool:
+    return (a.type, a.flags, a.map_type, a.timeout) == (b.type, b.flags, b.map_type, b.timeout)
+
+
+def _union(old: NftSet, s: NftSet, memo: dict[str, tuple] | None) -> NftSet:
+    """`old`'s elements with `s`'s (a map: `s`'s entry wins for a key), in `old`'s definition."""
+    if old.map_type:
+        keys = {k for k, _ in s.elements}
+        elements = frozenset(e for e in old.elements if e[0] not in keys) | s.elements
+        return NftSet(old.name, old.type, old.flags, old.map_type, elements, old.timeout)
+    last = memo.get(s.name) if memo is not None else None
+    d = s.delta
+    if (last is not None and d is not None and last[1] == d.base
+            and (last[0] is old.elements or last[0] == old.elements)):
+        prev: NftSet = last[2]
+        added, removed = d.added - old.elements, d.removed - old.elements  # `old` keeps its own
+        out = NftSet(old.name, old.type, old.flags, old.map_type, (prev.elements - removed) | added, old.timeout,
+                     new_token(), ElementDelta(prev.token, added, removed))
+    else:
+        out = NftSet(old.name, old.type, old.flags, old.map_type, old.elements | s.elements, old.timeout,
+                     new_token() if s.token else 0)
+    if memo is not None and s.token:
+        memo[s.name] = (old.elements, s.token, out)
+    return out
 
 
 def ipv6_published_lookup(lookups: tuple[str, ...]) -> tuple[str, ...]:
@@ -832,7 +870,7 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     # IPv4 node ports answer on an IPv4 underlay address: a host with an IPv6 one publishes IPv6 only
     by_id = rep.objects["Endpoint"]
     svc = services.compile(list(rep.services),
-                           services.EndpointIndex(by_id=by_id, by_ns=services.namespace_index(by_id, m)),  # type: ignore[arg-type]
+                           services.endpoint_index(by_id, m),  # type: ignore[arg-type]
                            list(rep.networks.values()), ctx.name,
                            [me.underlay_ip] if me and ip_version(me.underlay_ip) == 4 else [], m,
                            by_name=rep.objects["Service"])  # type: ignore[arg-type]
@@ -841,8 +879,8 @@ def compute_nft(rep: Replica, ctx: HostContext, memos: Memos | None = None) -> N
     kept = m.service_parts is not None and m.ran.get("service_parts") == m.generation
     base = base_nft(rep, ctx.name, stateful, mine, svc_v6=False if kept else None)
     if not l3.has_l3(rep):
-        return merge(base, pol, svc, ingress)
-    return merge(base, pol, svc, ingress, l3.compile(rep, ctx.name))
+        return merge(base, pol, svc, ingress, memo=m.unions)
+    return merge(base, pol, svc, ingress, l3.compile(rep, ctx.name), memo=m.unions)
 
 
 # --- connections a table change may now forbid ------------------------------------------------------

@@ -59,10 +59,15 @@ class Memos:
     frontends: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.services: what each service adds to the fragment (`ServiceParts`), None: make them afresh
     service_parts: Any = None
-    # calc.services: namespace -> endpoint id -> endpoint, and endpoint id -> its namespace, of the
-    # last plan's (screened) replica (`namespace_index`)
+    # calc.host.merge: set name -> (the base's elements, the fragment's token, their union) of the
+    # last plan, so the next union can carry a delta (`calc.plan.ElementDelta`)
+    unions: dict[str, tuple] = field(default_factory=dict)
+    # calc.services: namespace -> endpoint id -> endpoint, (namespace, label key, value) -> endpoint
+    # id -> endpoint, and endpoint id -> the endpoint indexed, of the last plan's (screened) replica
+    # (`endpoint_index`)
     endpoints_by_ns: dict[str, dict[str, Any]] = field(default_factory=dict)
-    endpoint_ns: dict[str, str] = field(default_factory=dict)
+    endpoints_by_label: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    endpoints_indexed: dict[str, Any] = field(default_factory=dict)
     # calc.quarantine: (kind, name) -> (object, host, problem or None)
     checked: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # calc.dns_records: objects left out of the records, each logged once

@@ -15,6 +15,7 @@ Ownership marks, so a restarted agent can tell what is its own:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +77,26 @@ class HostInterface:
     ips: tuple[str, ...] = ()  # the endpoint's own addresses (not those of nested endpoints behind it)
 
 
+_tokens = itertools.count(1)
+
+
+def new_token() -> int:
+    """A number naming one set of elements for this process's life (see `NftSet.token`)."""
+    return next(_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class ElementDelta:
+    """How a set's elements came from those of an earlier plan's set (`base`, its token): `added`
+    and `removed`. A part of the calculation that keeps its elements from one plan to the next says
+    so, and the dataplane then applies a change in proportion to it, not to the set (a service's
+    maps hold an entry per backend in the cluster: 10,000 at the scale lab's size)."""
+
+    base: int
+    added: frozenset[Any]
+    removed: frozenset[Any]
+
+
 @dataclass(frozen=True, slots=True)
 class NftSet:
     """A named set (or, with `map_type`, a map / verdict map) in the Tether table.
@@ -90,6 +111,10 @@ class NftSet:
     map_type: str | tuple[str, ...] | None = None  # e.g. "verdict" for a verdict map
     elements: frozenset[Any] = frozenset()
     timeout: int | None = None  # seconds, for dynamic sets (session affinity)
+    # `token` (not 0) names these elements: a set with the same token has the same elements; `delta`
+    # tells how they came from the set whose token is `delta.base`. Neither takes part in equality.
+    token: int = field(default=0, compare=False, repr=False)
+    delta: ElementDelta | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,6 @@ The packet mark is used as a scratch register for the slot on a connection's fir
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ from tether.calc.nft import (
     rule,
     set_mark,
 )
-from tether.calc.plan import NftChain, NftPlan, NftSet
+from tether.calc.plan import ElementDelta, NftChain, NftPlan, NftSet, new_token
 from tether.model import Endpoint, Network, Service, ServicePort
 
 PREDEFINED_SLOTS = 16  # lb chains that always exist, so growing a service to 16 backends is element-only
@@ -100,7 +99,8 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def _of_version(ips: Iterable[str], version: int) -> str | None:
-    return next((ip for ip in ips if ipaddress.ip_address(ip).version == version), None)
+    """The first address of that version (endpoint addresses are valid ones: the model checks them)."""
+    return next((ip for ip in ips if ip_version(ip) == version), None)
 
 
 def has_v6(services: Iterable[Service]) -> bool:
@@ -125,15 +125,18 @@ class EndpointIndex:
     """The endpoints by id and by namespace: looking a service's backends up in the whole endpoint
     list was O(services x endpoints) per plan (2 s of a plan with 500 services and 10,000 endpoints,
     bench/calc_scale.py). `by_id` may be the replica's own endpoint dict (keyed by id); `by_ns`
-    (namespace -> id -> endpoint) is given when the planner keeps it (`namespace_index`), else made
-    when a selector first needs it."""
+    (namespace -> id -> endpoint) and `by_label` ((namespace, label key, value) -> id -> endpoint)
+    are given when the planner keeps them (`endpoint_index`), else `by_ns` is made when a selector
+    first needs it."""
 
-    __slots__ = ("by_id", "_by_ns")
+    __slots__ = ("by_id", "_by_ns", "by_label")
 
     def __init__(self, endpoints: Iterable[Endpoint] = (), by_id: dict[str, Endpoint] | None = None,
-                 by_ns: dict[str, dict[str, Endpoint]] | None = None) -> None:
+                 by_ns: dict[str, dict[str, Endpoint]] | None = None,
+                 by_label: dict[tuple[str, str, str], dict[str, Endpoint]] | None = None) -> None:
         self.by_id: dict[str, Endpoint] = {ep.id: ep for ep in endpoints} if by_id is None else by_id
         self._by_ns = by_ns
+        self.by_label = by_label
 
     @property
     def by_ns(self) -> dict[str, dict[str, Endpoint]]:
@@ -143,35 +146,50 @@ class EndpointIndex:
                 self._by_ns.setdefault(ep.namespace, {})[key] = ep
         return self._by_ns
 
+    def candidates(self, namespace: str, selector: dict[str, str]) -> Iterable[Endpoint]:
+        """Endpoints of the namespace among which `selector` picks: those with its rarest label
+        when the label index is kept (a service looks at its few pods, not its namespace's)."""
+        if self.by_label is not None and selector:
+            return min((self.by_label.get((namespace, k, v), {}) for k, v in selector.items()), key=len).values()
+        return self.by_ns.get(namespace, {}).values()
 
-def namespace_index(by_id: dict[str, Endpoint], memos: Memos) -> dict[str, dict[str, Endpoint]]:
-    """namespace -> endpoint id -> endpoint of `by_id`, kept in `memos` and changed for the endpoints
-    the journal names: a selector service changed (or one an endpoint change concerns) is looked up
-    in its namespace, and building that index from every endpoint on each such plan was most of a
-    service change at 10,000 endpoints (17 of 20 ms). An endpoint's quarantine verdict changes only
-    with the endpoint, so the screened replica's endpoints change only where the journal says."""
-    delta = memos.delta("endpoints_by_ns")
-    idx, ns_of = memos.endpoints_by_ns, memos.endpoint_ns
+
+def endpoint_index(by_id: dict[str, Endpoint], memos: Memos) -> EndpointIndex:
+    """`by_id` indexed by namespace and by label, the indexes kept in `memos` and changed for the
+    endpoints the journal names: a selector service changed (or one an endpoint change concerns)
+    is looked up among its pods, and building the index from every endpoint on each such plan was
+    most of a service change at 10,000 endpoints (17 of 20 ms); scanning the namespace for the
+    selector, 1.4 of a remote pod's 9 ms. An endpoint's quarantine verdict changes only with the
+    endpoint, so the screened replica's endpoints change only where the journal says."""
+    delta = memos.delta("endpoint_index")
+    by_ns, by_label, indexed = memos.endpoints_by_ns, memos.endpoints_by_label, memos.endpoints_indexed
     if delta is None:
-        idx, ns_of = {}, {}
-        for key, ep in by_id.items():
-            idx.setdefault(ep.namespace, {})[key] = ep
-            ns_of[key] = ep.namespace
-        memos.endpoints_by_ns, memos.endpoint_ns = idx, ns_of
-        return idx
-    for key in delta.get("Endpoint", ()):
-        old = ns_of.pop(key, None)
+        by_ns, by_label, indexed = {}, {}, {}
+        memos.endpoints_by_ns, memos.endpoints_by_label, memos.endpoints_indexed = by_ns, by_label, indexed
+        keys: Iterable[str] = by_id
+    else:
+        keys = delta.get("Endpoint", ())
+    for key in keys:
+        old = indexed.pop(key, None)
         if old is not None:
-            pool = idx.get(old)
-            if pool is not None:
-                pool.pop(key, None)
-                if not pool:
-                    del idx[old]
+            _unfile(by_ns, old.namespace, key)
+            for k, v in old.labels.items():
+                _unfile(by_label, (old.namespace, k, v), key)
         ep = by_id.get(key)
         if ep is not None:
-            idx.setdefault(ep.namespace, {})[key] = ep
-            ns_of[key] = ep.namespace
-    return idx
+            by_ns.setdefault(ep.namespace, {})[key] = ep
+            for k, v in ep.labels.items():
+                by_label.setdefault((ep.namespace, k, v), {})[key] = ep
+            indexed[key] = ep
+    return EndpointIndex(by_id=by_id, by_ns=by_ns, by_label=by_label)
+
+
+def _unfile(index: dict, where: object, key: str) -> None:
+    pool = index.get(where)
+    if pool is not None:
+        pool.pop(key, None)
+        if not pool:
+            del index[where]
 
 
 def _index(endpoints: Iterable[Endpoint] | EndpointIndex) -> EndpointIndex:
@@ -182,7 +200,7 @@ def selected(svc: Service, endpoints: Iterable[Endpoint] | EndpointIndex) -> lis
     """The ready endpoints a service's selector picks (same namespace, and network when it names one)."""
     if not svc.selector:
         return []
-    pool = endpoints.by_ns.get(svc.namespace, {}).values() if isinstance(endpoints, EndpointIndex) else endpoints
+    pool = endpoints.candidates(svc.namespace, svc.selector) if isinstance(endpoints, EndpointIndex) else endpoints
     return [ep for ep in pool if ep.namespace == svc.namespace and ep.ready and selects(svc.selector, ep.labels)
             and (not svc.network or ep.network == svc.network)]
 
@@ -434,7 +452,10 @@ class ServiceParts:
     """What each service adds to the IPv4 maps and sets of the fragment, kept from one plan to the
     next (`Memos.service_parts`) with how many services add each element: a plan recomputes the
     services the journal names and those whose backends changed, instead of every frontend of the
-    cluster. Not used while a service has an IPv6 address (those plans are made in full)."""
+    cluster. Not used while a service has an IPv6 address (those plans are made in full).
+    Each set of the fragment it makes is named by a token and says what changed since the last
+    one made (`plan.ElementDelta`); an unchanged one is the same frozenset, so the dataplane's work
+    per change is the change, not the cluster's backends."""
 
     def __init__(self, key: tuple) -> None:
         self.key = key  # (host, node addresses, networks): a change of any makes a new one
@@ -447,6 +468,11 @@ class ServiceParts:
         self.picked: dict[str, tuple[str, ...]] = {}  # selector service -> the endpoints it picked
         self.v6 = 0  # services with an IPv6 address
         self.fragment: NftPlan | None = None  # made from these parts (None: since changed)
+        # per set PART: the elements of the last fragment, their token, and the elements that may
+        # have come or gone since (those of every part put in or taken out)
+        self.made: list[frozenset] = [frozenset() for _ in SET_PARTS]
+        self.tokens: list[int] = [0 for _ in SET_PARTS]
+        self.touched: list[set] = [set() for _ in SET_PARTS]
 
     def put(self, name: str, svc: Service | None, part: tuple[tuple, ...] | None, picked: tuple[str, ...]) -> None:
         self.fragment = None
@@ -461,6 +487,11 @@ class ServiceParts:
         old = self.parts.pop(name, None)
         if old is not None:
             count_out(old, self.counts)
+        for i in range(len(SET_PARTS)):
+            if old is not None and (part is None or old[i] != part[i]):
+                self.touched[i].update(old[i])
+            if part is not None and (old is None or old[i] != part[i]):
+                self.touched[i].update(part[i])
         if svc is None or part is None:
             return
         self.services[name] = svc
@@ -475,9 +506,34 @@ class ServiceParts:
         self.parts[name] = part
         count_in(part, self.counts)
 
+    def _elements(self, i: int) -> tuple[frozenset, int, ElementDelta | None]:
+        """Set PART i as the fragment gets it: (elements, token, delta since the last fragment's)."""
+        made, token, touched, counts = self.made[i], self.tokens[i], self.touched[i], self.counts[i]
+        delta = None
+        if token:
+            added = frozenset(x for x in touched if x in counts and x not in made)
+            removed = frozenset(x for x in touched if x not in counts and x in made)
+            if not added and not removed:
+                touched.clear()
+                return made, token, None
+            delta = ElementDelta(token, added, removed)
+        touched.clear()
+        self.made[i], self.tokens[i] = frozenset(counts), new_token()  # a C-level copy: the dict's hashes
+        return self.made[i], self.tokens[i], delta
+
+    def made_fragment(self, node_ips: list[str]) -> NftPlan:
+        """The fragment of these parts (the last one while nothing was put since)."""
+        if self.fragment is None:
+            c = self.counts
+            self.fragment = _fragment([self._elements(i) for i in range(len(SET_PARTS))],
+                                      slot_chains(max(c[7], default=0)), sorted(c[8]), node_ips,
+                                      bool(self.services), [], [], None, None)
+        return self.fragment
+
 
 # what a service adds, in ServiceParts.counts' order
 PARTS = ("vips", "nodeports", "backend_ip", "backend_port", "empty", "hairpin", "tracked", "slots", "timeouts")
+SET_PARTS = PARTS[:7]  # those that are sets of the fragment, in `_fragment`'s order
 
 
 def _part(fes: list[Frontend], subnets: list) -> tuple[tuple, ...]:
@@ -567,26 +623,21 @@ def compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointInd
         return _compile(services, endpoints, networks, host, node_ips, memos)
     index = _index(endpoints)
     st = _service_parts(by_name, index, networks, host, node_ips, memos)
-    if st is not None:
-        if st.fragment is None:  # (an unchanged one is the last plan's: node addresses are in the key)
-            c = st.counts
-            st.fragment = _fragment(frozenset(c[0]), frozenset(c[1]), frozenset(c[2]), frozenset(c[3]),
-                                    frozenset(c[4]), frozenset(c[5]), frozenset(c[6]),
-                                    slot_chains(max(c[7], default=0)), sorted(c[8]), node_ips, bool(st.services),
-                                    [], [], None, None)
-        return st.fragment
-    out = _compile(services, index, networks, host, node_ips, memos)
-    if not has_v6(services):  # the parts for the next plan
-        subnets = [network(c) for n in networks for c in v4_subnets(n)]
-        st = ServiceParts((host, tuple(node_ips), tuple(networks)))
-        by_service: dict[str, list[Frontend]] = {}
-        for f in frontends(services, index, host, node_ips, memos):
-            by_service.setdefault(f.service, []).append(f)
-        for name, svc in by_name.items():
-            st.put(name, svc, _part(by_service.get(f"{svc.namespace}/{svc.name}", []), subnets),
-                   tuple(ep.id for ep in selected(svc, index)))
-        memos.service_parts = st
-    return out
+    if st is not None:  # (an unchanged fragment is the last plan's: node addresses are in the key)
+        return st.made_fragment(node_ips)
+    if has_v6(services):
+        return _compile(services, index, networks, host, node_ips, memos)
+    # the parts for the next plan, and this plan's fragment made from them
+    subnets = [network(c) for n in networks for c in v4_subnets(n)]
+    st = ServiceParts((host, tuple(node_ips), tuple(networks)))
+    by_service: dict[str, list[Frontend]] = {}
+    for f in frontends(services, index, host, node_ips, memos):
+        by_service.setdefault(f.service, []).append(f)
+    for name, svc in by_name.items():
+        st.put(name, svc, _part(by_service.get(f"{svc.namespace}/{svc.name}", []), subnets),
+               tuple(ep.id for ep in selected(svc, index)))
+    memos.service_parts = st
+    return st.made_fragment(node_ips)
 
 
 def _compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIndex, networks: list[Network],
@@ -599,17 +650,17 @@ def _compile(services: list[Service], endpoints: Iterable[Endpoint] | EndpointIn
         np_sets6, np_chains6 = published6([f for f in every if f.published and ip_version(f.ip) == 6])
         sets6, chains6 = sets6 + np_sets6, chains6 + np_chains6
     subnets = [network(c) for n in networks for c in v4_subnets(n)]
-    vips, nodeports, backend_ip, backend_port, empty, hairpin, tracked, slots, timeouts = _part(fes, subnets)
-    return _fragment(frozenset(vips), frozenset(nodeports), frozenset(backend_ip), frozenset(backend_port),
-                     frozenset(empty), frozenset(hairpin), frozenset(tracked), slot_chains(max(slots, default=0)),
+    part = _part(fes, subnets)
+    slots, timeouts = part[len(SET_PARTS)], part[len(SET_PARTS) + 1]
+    return _fragment([(frozenset(x), 0, None) for x in part[:len(SET_PARTS)]], slot_chains(max(slots, default=0)),
                      sorted(set(timeouts)), node_ips, bool(services), sets6, chains6, reject6, hairpin6)
 
 
-def _fragment(vips: frozenset, nodeports: frozenset, backend_ip: frozenset, backend_port: frozenset,
-              empty: frozenset, hairpin: frozenset, tracked: frozenset, max_n: int, timeouts: list[int],
+def _fragment(elements: list[tuple[frozenset, int, ElementDelta | None]], max_n: int, timeouts: list[int],
               node_ips: list[str], any_services: bool, sets6: list[NftSet], chains6: list[NftChain],
               reject6: str | None, hairpin6: str | None) -> NftPlan:
-    """The fragment from its elements (`compile`'s, or those `ServiceParts` keeps)."""
+    """The fragment from its sets' elements, in SET_PARTS order, each (elements, token, delta)
+    (`_compile`'s, or those `ServiceParts` keeps)."""
     chains = [random_chain(n) for n in range(1, max_n + 1)]
     chains += [affinity_chain(t, n) for t in timeouts for n in range(1, max_n + 1)]
     chains += [published_chain(c.name) for c in list(chains)]
@@ -630,15 +681,12 @@ def _fragment(vips: frozenset, nodeports: frozenset, backend_ip: frozenset, back
         *((reject6,) if reject6 else ()))))
     chains += chains6
 
-    sets = [
-        NftSet("svc_vips", FRONTEND, map_type="verdict", elements=vips),
-        NftSet("svc_nodeports", ("inet_proto", "inet_service"), map_type="verdict", elements=nodeports),
-        NftSet("svc_backend_ip", (*FRONTEND, "mark"), map_type="ipv4_addr", elements=backend_ip),
-        NftSet("svc_backend_port", (*FRONTEND, "mark"), map_type="inet_service", elements=backend_port),
-        NftSet("svc_empty", FRONTEND, elements=empty),
-        NftSet("svc_hairpin", ("ipv4_addr", "ipv4_addr"), elements=hairpin),
-        NftSet("stateful", "ipv4_addr", elements=tracked),
-    ]
+    shapes = [("svc_vips", FRONTEND, "verdict"), ("svc_nodeports", ("inet_proto", "inet_service"), "verdict"),
+              ("svc_backend_ip", (*FRONTEND, "mark"), "ipv4_addr"),
+              ("svc_backend_port", (*FRONTEND, "mark"), "inet_service"), ("svc_empty", FRONTEND, None),
+              ("svc_hairpin", ("ipv4_addr", "ipv4_addr"), None), ("stateful", "ipv4_addr", None)]
+    sets = [NftSet(name, typ, map_type=map_type, elements=els, token=token, delta=delta)
+            for (name, typ, map_type), (els, token, delta) in zip(shapes, elements, strict=True)]
     sets += sets6
     if timeouts:
         sets += [NftSet(f"svc_aff_{k}", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),

@@ -441,8 +441,9 @@ class NftDataplane:
         self._structure: Layout | None = None  # per chain/set digests of what the kernel holds
         self._marker: str | None = None
         self._elements: dict[str, set] | None = None  # managed sets: elements as the kernel lists them
-        self._raw: dict[str, frozenset] = {}  # the plan elements behind _elements (unchanged -> no re-diff)
-        self._counts: dict[str, int] = {}  # rules per chain, for verify
+        # the plan's managed sets behind _elements (the same elements: no re-diff; their tokens)
+        self._sets: dict[str, NftSet] = {}
+        self._applied: NftPlan | None = None  # the last plan applied (its rule counts, for verify)
         self._socket: nft_netlink.ElementSocket | None = None  # element-only changes (nft_netlink)
         # the ruleset generation at which the kernel holds exactly what we remember (module docstring)
         self._ours: int | None = None
@@ -456,13 +457,13 @@ class NftDataplane:
         self._structure = None
         self._marker = None
         self._elements = None
-        self._raw = {}
-        self._counts = {}
+        self._sets = {}
+        self._applied = None
 
     def _remember(self, plan: NftPlan, layout: Layout, marker: str, elements: dict[str, set],
-                  raw: dict[str, frozenset]) -> None:
-        self._structure, self._marker, self._elements, self._raw = layout, marker, elements, raw
-        self._counts = planned_rule_counts(plan)
+                  sets: dict[str, NftSet]) -> None:
+        self._structure, self._marker, self._elements, self._sets = layout, marker, elements, sets
+        self._applied = plan
 
     def apply(self, plan: NftPlan, extra: list[dict] | None = None) -> NftReport:
         """`extra`: commands to run in the same batch, after the plan's (elements for sets whose
@@ -492,7 +493,7 @@ class NftDataplane:
             self._full(plan, layout, marker, report, "table replaced", extra, before)
             return report
         try:
-            cmds, elements, raw, batch = self._commands(plan, layout, marker, report, netlink=not extra)
+            cmds, elements, behind, batch = self._commands(plan, layout, marker, report, netlink=not extra)
             self._ours = None  # until the write is known to be the only commit
             if batch is not None:
                 run_elements(self._element_socket(), batch)
@@ -504,7 +505,10 @@ class NftDataplane:
             report = NftReport(failures=report.failures)
             self._full(plan, layout, marker, report, "table replaced (incremental update failed)", extra, before)
             return report
-        self._remember(plan, layout, marker, elements, raw)
+        except BaseException:
+            self.forget()  # the element memory is changed in place (`_element_diff`): not to be trusted
+            raise
+        self._remember(plan, layout, marker, elements, behind)
         if batch is None and not cmds and not extra:  # nothing written, nothing committed
             self._ours = before if known else None
         else:
@@ -536,10 +540,10 @@ class NftDataplane:
         report.changes.append(why)
         managed_sets = [s for s in plan.sets if managed(s)]
         self._remember(plan, layout, marker, {s.name: {canon_mine(s, e) for e in s.elements} for s in managed_sets},
-                       {s.name: s.elements for s in managed_sets})
+                       {s.name: s for s in managed_sets})
 
     def _commands(self, plan: NftPlan, layout: Layout, marker: str, report: NftReport, netlink: bool = True
-                  ) -> tuple[list[dict], dict[str, set], dict[str, frozenset], nft_netlink.Batch | None]:
+                  ) -> tuple[list[dict], dict[str, set], dict[str, NftSet], nft_netlink.Batch | None]:
         """One batch taking the kernel from `_structure`/`_elements` to `plan` (nft commands, or
         element changes to send over netlink when only elements changed, `netlink` allows it and
         every changed set's elements can be encoded there), and the element memory after it.
@@ -547,15 +551,15 @@ class NftDataplane:
         old = self._structure
         assert old is not None
         if old == layout:
-            changed, elements, raw = self._element_diff(plan, set(), report)
+            changed, elements, behind = self._element_diff(plan, set(), report)
             if netlink and changed:
                 batch = netlink_changes(changed)
                 if batch is not None:
                     report.element_commands = len(batch.names)
-                    return [], elements, raw, batch
+                    return [], elements, behind, batch
             deletes, adds = element_commands(changed)
             report.element_commands = len(deletes) + len(adds)
-            return deletes + adds, elements, raw, None
+            return deletes + adds, elements, behind, None
         sets = {s.name: s for s in plan.sets}
         chains = {c.name: c for c in plan.chains}
         old_sets = {n: v for (k, n), v in old.items() if k == "set"}
@@ -575,7 +579,7 @@ class NftDataplane:
                          and any(nd in r for r in c.rules for nd in needles)]
         # base chains cannot be jump or goto targets, so nothing references a re-created (base) chain
 
-        changed, elements, raw = self._element_diff(plan, {*s_added, *s_redef}, report)
+        changed, elements, behind = self._element_diff(plan, {*s_added, *s_redef}, report)
         deletes, adds = element_commands(changed)
         t = {"family": FAMILY, "table": NFT_TABLE}
         cmds: list[dict] = list(deletes)  # first: map entries pointing at chains about to go
@@ -603,33 +607,50 @@ class NftDataplane:
             ("chains replaced", report.chains_replaced), ("chains added", report.chains_added),
             ("chains removed", report.chains_removed), ("sets added", report.sets_added),
             ("sets removed", report.sets_removed), ("sets redefined", report.sets_redefined)) if names]
-        return cmds, elements, raw, None
+        return cmds, elements, behind, None
 
     def _element_diff(self, plan: NftPlan, fresh: set[str], report: NftReport
-                      ) -> tuple[list[Changed], dict[str, set], dict[str, frozenset]]:
+                      ) -> tuple[list[Changed], dict[str, set], dict[str, NftSet]]:
         """The managed sets whose elements change, and the element memory after the change. Sets in
         `fresh` are (re)created in the batch, so they get all their elements."""
         assert self._elements is not None
         elements: dict[str, set] = {}
-        raw: dict[str, frozenset] = {}
+        sets: dict[str, NftSet] = {}
         changed: list[Changed] = []
         for s in plan.sets:
             if not managed(s):
                 continue
-            raw[s.name] = s.elements
-            before = self._raw.get(s.name)
-            if (s.name not in fresh and (before is s.elements or before == s.elements)
-                    and s.name in self._elements):
+            sets[s.name] = s
+            last = self._sets.get(s.name)
+            before = last.elements if last is not None else None
+            have = self._elements.get(s.name)
+            d = s.delta
+            if (s.name not in fresh and have is not None and before is not s.elements and d is not None
+                    and last is not None and d.base == last.token and len(before) == len(have)):
+                # the planner says what changed since the elements applied last: only that is
+                # normalised and compared, and the memory is changed in place (a service map holds
+                # an entry per backend of the cluster); exact for the reason given below
+                fresh_c = {canon_mine(s, e): e for e in d.added}
+                gone = ({canon_mine(s, e) for e in d.removed} - fresh_c.keys()) & have
+                new = [e for k, e in fresh_c.items() if k not in have]
+                have -= gone
+                have.update(fresh_c)
+                elements[s.name] = have
+                if gone or new:
+                    changed.append(Changed(s, s.elements, gone, new))
+                    report.changes.append(f"{s.name}: +{len(new)} -{len(gone)}")
+                continue
+            if (s.name not in fresh and have is not None and (before is s.elements or before == s.elements)):
                 # same plan elements as last time (an equality test costs in proportion to the set
                 # unless the planner hands over the same frozenset)
-                elements[s.name] = self._elements[s.name]
+                elements[s.name] = have
                 continue
             if s.name in fresh:
                 elements[s.name] = {canon_mine(s, e) for e in s.elements}
                 if s.elements:
                     changed.append(Changed(s, s.elements, set(), list(s.elements), fresh=True))
                 continue
-            have = self._elements.get(s.name, set())
+            have = have if have is not None else set()
             if before is not None and len(before) == len(have):
                 # the usual case, a few elements changed: only those are normalised (a set holds one
                 # element per pod, and normalising all of them was most of an apply with 500 pods).
@@ -648,7 +669,7 @@ class NftDataplane:
             if gone or new:
                 changed.append(Changed(s, every, gone, new))
                 report.changes.append(f"{s.name}: +{len(new)} -{len(gone)}")
-        return changed, elements, raw
+        return changed, elements, sets
 
     def verify(self, plan: NftPlan) -> bool:
         """Full reconcile: does the kernel still hold what we think (what we applied last, or else
@@ -673,7 +694,8 @@ class NftDataplane:
         self._listed_at = now
         table = list_table(self.netns)
         if self._structure is not None and self._elements is not None:
-            marker, elements, counts = self._marker, self._elements, self._counts
+            marker, elements = self._marker, self._elements
+            counts = planned_rule_counts(self._applied) if self._applied is not None else {}
         else:
             marker = structure_hash(plan)
             elements = {s.name: {canon_mine(s, e) for e in s.elements} for s in plan.sets if managed(s)}
