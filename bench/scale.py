@@ -10,9 +10,10 @@ real pods carrying probes: a `probe` pod on each of up to 10 sampled hosts and a
 (host A). Then, per size:
 - new pod: CNI ADD on h1 returns -> first ICMP echo reply seen by each sampled host's probe pod
   (tether.lab.icmp_watch, raw ICMP every 2 ms, CLOCK_MONOTONIC shared with this process);
-- policy: a NetworkPolicy selecting the probe pods is applied (deny all ingress) -> the last reply
+- policy: a new NetworkPolicy selecting the probe pods is created (deny all ingress) -> the last reply
   the prober on h1 gets from each; then changed to admit the prober -> the first reply from each
-  (the sampled hosts' agents enforce it); p50/p99 over both directions;
+  (the sampled hosts' agents enforce it), then changed to select no pod; each change made once every
+  host applied the one before; p50/p99 over both directions;
 - cost per change: `--changes` changes (an endpoint added, a policy edited, a service edited, in
   turn), each waited for until every host reports it applied (GET /hosts, status.applied_revision);
   CPU (utime+stime, children included: nft) of every agent and of the server from /proc/<pid>/stat
@@ -30,6 +31,7 @@ Targets (issue 29), evaluated on the big size against the small one in `targets`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -44,6 +46,7 @@ from typing import Any
 import httpx
 
 from bench.procstat import cpu_s, rss_mb
+from tether.client import ApiError
 from tether.lab.cluster import Lab, wait_for
 from tether.lab.scale import LARGE, NETWORK, SMALL, Size, objects, populate
 from tether.model import Endpoint, NetworkPolicy, Service, ServicePort
@@ -173,35 +176,47 @@ GUARD = "probe-guard"
 
 
 def policy(lab: Lab, prober: Any, probes: dict[str, Any], trials: int) -> dict:
+    """Each trial: a new policy denying the probe pods' ingress (created), then changed to admit
+    the prober, then changed to select no pod; each change is made on a settled cluster (every
+    host applied the last one), so what is measured is that change alone, not the tail of the
+    one before on the other hosts (a deny created while 90 agents were still applying the last
+    trial's reset waited behind them)."""
     ips = ",".join(p.ip for p in probes.values())
     w = start_watch(prober.ns)
     c = lab.client()
     lat_deny: list[float] = []
     lat_allow: list[float] = []
     unenforced = 0
+    names = [f"{GUARD}-{i}" for i in range(trials)]
     try:
         before = ask(w, f"up {ips} {PROBE_S}")
         if any(v is None for v in before.values()):
             raise RuntimeError(f"probe pods unreachable from h1 before the policy: {before}")
-        for _ in range(trials):
+        for name in names:
             deny = {"podSelector": {"matchLabels": {"role": "probe"}}, "policyTypes": ["Ingress"]}
             t0 = time.monotonic()
-            c.apply(NetworkPolicy(name=GUARD, namespace="default", spec=deny))
+            rev = c.apply(NetworkPolicy(name=name, namespace="default", spec=deny)).revision
             for t in ask(w, f"down {ips} {PROBE_S} 1.0").values():
                 lat_deny.append(max(0.0, (t or t0) - t0))
             if max(lat_deny[-len(probes):]) >= PROBE_S - 1:
                 unenforced += 1
+            settle(lab, rev)
             allow = {**deny, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "prober"}}}]}]}
             t0 = time.monotonic()
-            c.apply(NetworkPolicy(name=GUARD, namespace="default", spec=allow))
+            rev = c.apply(NetworkPolicy(name=name, namespace="default", spec=allow)).revision
             for t in ask(w, f"up {ips} {PROBE_S}").values():
                 if t is None:
                     unenforced += 1
                 else:
                     lat_allow.append(max(0.0, t - t0))
-            c.delete("NetworkPolicy", f"default/{GUARD}")
+            settle(lab, rev)
+            none = {"podSelector": {"matchLabels": {"role": "no-such-pod"}}, "policyTypes": ["Ingress"]}
+            settle(lab, c.apply(NetworkPolicy(name=name, namespace="default", spec=none)).revision)
             ask(w, f"up {ips} {PROBE_S}")
     finally:
+        for name in names:
+            with contextlib.suppress(ApiError):
+                c.delete("NetworkPolicy", f"default/{name}")
         c.close()
         w.stdin.close()  # type: ignore[union-attr]
         w.wait(10)
