@@ -158,3 +158,43 @@ def test_an_ipv6_underlay_gets_its_vtep_fdb_and_ipv4_routes_via_ipv6(netns: Call
     assert via6["via"] == {"family": "inet6", "host": "fd00:77::2"} and via6["dev"] == "ul6", via6
     again, _ = apply_links(plan, netns=path)  # the read-back (full pass) matches: nothing rewritten
     assert again.changes == [], again.changes
+
+
+def test_the_vteps_neighbours_and_fdb_are_read_back_and_stray_entries_corrected(netns: Callable[[], str]) -> None:
+    """The full pass reads the VTEP's neighbour and FDB entries with rtnl_batch's dump (every
+    device's entries come back; only the VTEP's count): an entry added behind Tether's back on the
+    VTEP is removed, one deleted is put back, and entries on other devices are left alone."""
+    from tether.calc.plan import FdbEntry, Neighbour, Vtep
+
+    ns = netns()
+    path = f"/var/run/netns/{ns}"
+    ip(ns, "link", "set", "lo", "up")
+    ip(ns, "link", "add", "ul4", "type", "veth", "peer", "name", "ul4p")
+    ip(ns, "link", "set", "ul4", "up")
+    ip(ns, "addr", "add", "198.18.9.1/24", "dev", "ul4")
+    ip(ns, "neigh", "add", "198.18.9.7", "lladdr", "02:bb:00:00:00:07", "dev", "ul4", "nud", "permanent")  # not ours
+    peers = {f"02:aa:00:00:00:{i:02x}": (f"198.18.9.{i}", f"169.254.64.{i}") for i in range(2, 6)}
+    plan = Plan(vtep=Vtep("tth.vxlan", 4096, "198.18.9.1", "ul4", "02:aa:00:00:00:01", "169.254.64.1", 1450),
+                fdb=frozenset(FdbEntry(mac, under, "tth.vxlan") for mac, (under, _) in peers.items()),
+                neighbours=frozenset(Neighbour(vtep, mac, "tth.vxlan") for mac, (_, vtep) in peers.items()),
+                underlay_dev="ul4")
+    report, _ = apply_links(plan, netns=path)
+    assert not report.failures, report.failures
+    idx = ip_json(ns, "link", "show", "tth.vxlan")[0]["ifindex"]
+    with contextlib.closing(RtnlSocket(path)) as rt:
+        neigh = {(n, mac) for n, mac, _ in rt.neighbours(socket.AF_INET, idx)}
+        fdb = {(mac, dst) for dst, mac, _ in rt.neighbours(7, idx) if dst}
+    assert neigh == {(vtep, mac) for mac, (_, vtep) in peers.items()}
+    assert fdb == {(mac, under) for mac, (under, _) in peers.items()}
+    ip(ns, "neigh", "del", "169.254.64.3", "dev", "tth.vxlan")
+    ip(ns, "neigh", "add", "169.254.64.99", "lladdr", "02:aa:00:00:00:99", "dev", "tth.vxlan", "nud", "permanent")
+    subprocess.run(["ip", "netns", "exec", ns, "bridge", "fdb", "append", "02:aa:00:00:00:99", "dev", "tth.vxlan",
+                    "dst", "198.18.9.99"], check=True, timeout=30)
+    fixed, _ = apply_links(plan, netns=path)
+    assert "neigh 169.254.64.3" in fixed.changes and "del neigh 169.254.64.99" in fixed.changes, fixed.changes
+    assert "del fdb 02:aa:00:00:00:99 -> 198.18.9.99" in fixed.changes, fixed.changes
+    vtep_neigh = {n["dst"] for n in ip_json(ns, "neigh", "show", "dev", "tth.vxlan")}
+    assert vtep_neigh == {vtep for _, vtep in peers.values()}
+    assert "198.18.9.7" in {n["dst"] for n in ip_json(ns, "neigh", "show", "dev", "ul4")}
+    again, _ = apply_links(plan, netns=path)
+    assert again.changes == [], again.changes

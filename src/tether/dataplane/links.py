@@ -33,10 +33,9 @@ from tether.calc.plan import Plan, Route, Vtep
 from tether.dataplane import rtnl_batch as nl
 from tether.dataplane.netns import open_ipr
 from tether.dataplane.pods import get_link, host_side_sysctls, write_sysctl
-from tether.dataplane.rtnl_batch import NUD_PERMANENT, RT_SCOPE_LINK, RTNH_F_ONLINK, RouteState, RtnlSocket
+from tether.dataplane.rtnl_batch import AF_BRIDGE, NUD_PERMANENT, RT_SCOPE_LINK, RTNH_F_ONLINK, RouteState, RtnlSocket
 from tether.dataplane.tracker import DeltaTracker
 
-AF_BRIDGE = 7
 NTF_SELF = 0x02
 
 
@@ -249,8 +248,8 @@ def apply_links(plan: Plan, *, keep_interfaces: Container[str] = frozenset(), ne
         _apply_interfaces(rt, ipr, links, plan, st, keep_interfaces, report)
         vtep_idx = links.index(VTEP_NAME) if resync and plan.vtep is not None else None
         if vtep_idx is not None:
-            st.neighbours.reload(_neighbours(ipr(), vtep_idx))
-            st.fdb.reload(dict.fromkeys(_fdb_entries(ipr(), vtep_idx)))
+            st.neighbours.reload(_neighbours(rt, vtep_idx))
+            st.fdb.reload(dict.fromkeys(_fdb_entries(rt, vtep_idx)))
         if plan.vtep is not None:
             _apply_peers(ipr, links, plan, st, report)
         if resync:
@@ -433,23 +432,17 @@ def _try(report: ApplyReport, what: str, op, *args, **kw) -> bool:
         return False
 
 
-def _neighbours(ipr: IPRoute, idx: int) -> dict[str, tuple[str, int]]:
+def _neighbours(rt: RtnlSocket, idx: int) -> dict[str, tuple[str, int]]:
     """The neighbour entries on the VTEP: ip -> (MAC, NUD state)."""
     have = {}
     for family in (socket.AF_INET, socket.AF_INET6):
-        for n in ipr.get_neighbours(ifindex=idx, family=family):
-            if family == socket.AF_INET6 and not n["state"] & NUD_PERMANENT:
+        for ip, mac, state in rt.neighbours(family, idx):
+            if family == socket.AF_INET6 and not state & NUD_PERMANENT:
                 continue  # the kernel's own (its multicast and neighbour discovery entries)
-            have[n.get("NDA_DST")] = (n.get("NDA_LLADDR"), n["state"])
+            if ip is not None:
+                have[ip] = (mac, state)
     return have
 
 
-def _fdb_entries(ipr: IPRoute, idx: int) -> set[tuple[str, str]]:
-    out = set()
-    for n in ipr.get_neighbours(family=AF_BRIDGE, ifindex=idx):
-        if n["ifindex"] != idx:
-            continue
-        mac, dst = n.get("NDA_LLADDR"), n.get("NDA_DST")
-        if mac and dst:
-            out.add((mac, dst))
-    return out
+def _fdb_entries(rt: RtnlSocket, idx: int) -> set[tuple[str, str]]:
+    return {(mac, dst) for dst, mac, _state in rt.neighbours(AF_BRIDGE, idx) if mac and dst}

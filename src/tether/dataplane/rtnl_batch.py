@@ -11,8 +11,9 @@ answers each on its own: one failing does not stop the next.
 
 The full read-back of the periodic reconcile dumps every link and route of the host, and pyroute2
 decodes every attribute of every message: 1.3 s of Python for 2,000 links, holding the GIL while
-CNI requests wait. `RtnlSocket.links` and `.routes` dump the same with the fields the dataplane
-compares, parsed here. Everything else uses pyroute2.
+CNI requests wait. `RtnlSocket.links`, `.routes` and `.neighbours` dump the same with the fields the
+dataplane compares, parsed here (the neighbour and FDB dumps list every device's entries; only the
+VTEP's are decoded). Everything else uses pyroute2.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 CREATE = NLM_F_CREATE | NLM_F_EXCL
 REPLACE = NLM_F_CREATE | NLM_F_REPLACE
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR = 16, 17, 18, 20
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH = 24, 25, 26, 28
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH, RTM_GETNEIGH = 24, 25, 26, 28, 30
+AF_BRIDGE = 7  # a neighbour dump of this family lists the forwarding database (FDB)
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_NET_NS_FD = 1, 3, 4, 18, 20, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
@@ -193,6 +195,23 @@ class RtnlSocket:
             out.append(RouteState(f"{ipaddress.ip_address(dst) if dst else any_addr}/{dst_len}",
                                   struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else None,
                                   str(ipaddress.ip_address(gw)) if gw else None, rproto, scope, flags, tbl))
+        return out
+
+
+    def neighbours(self, family: int, index: int) -> list[tuple[str | None, str | None, int]]:
+        """(address, MAC, NUD state) of each neighbour entry of one device; family AF_BRIDGE: its FDB
+        entries (address: the remote VTEP, when the entry has one)."""
+        out = []
+        for rtype, msg in self.dump(RTM_GETNEIGH, NDMSG.pack(family, index, 0, 0, 0)):
+            if rtype != RTM_NEWNEIGH:
+                continue
+            _fam, ifindex, state, _flags, _type = NDMSG.unpack_from(msg)
+            if ifindex != index:  # the kernel filters by device only in strict mode: here
+                continue
+            attrs = _attrs(msg, NDMSG.size, (NDA_DST, NDA_LLADDR))
+            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
+            ip = socket.inet_ntop(socket.AF_INET if len(dst) == 4 else socket.AF_INET6, dst) if dst else None
+            out.append((ip, mac.hex(":") if mac else None, state))
         return out
 
 
