@@ -7,6 +7,7 @@ the field. Objects are stored as JSON under `key_of(obj)`; the server fills `id`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import uuid
@@ -285,16 +286,22 @@ class Host(Obj):
     @model_validator(mode="after")
     def _underlay(self) -> Host:
         if self.underlay_cidr is not None:
-            try:
-                net = ipaddress.ip_network(self.underlay_cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"underlay_cidr {self.underlay_cidr[:80]!r} is not a CIDR; write it like "
-                                 "192.168.1.0/24") from None
-            if ipaddress.ip_address(self.underlay_ip) not in net:
-                raise ValueError(f"underlay_cidr {net} does not contain underlay_ip {self.underlay_ip}; give the "
-                                 "subnet of the underlay interface")
-            self.underlay_cidr = str(net)
+            self.underlay_cidr = _underlay_subnet(self.underlay_cidr, self.underlay_ip)
         return self
+
+
+@functools.lru_cache(maxsize=4096)
+def _underlay_subnet(cidr: str, underlay_ip: str) -> str:
+    """The underlay CIDR normalised, checked to hold the host's address. Memoised: every agent parses
+    every Host event (a status report, a heartbeat), the same few values each time."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise ValueError(f"underlay_cidr {cidr[:80]!r} is not a CIDR; write it like 192.168.1.0/24") from None
+    if ipaddress.ip_address(underlay_ip) not in net:
+        raise ValueError(f"underlay_cidr {net} does not contain underlay_ip {underlay_ip}; give the "
+                         "subnet of the underlay interface")
+    return str(net)
 
 
 class HostRoute(Strict):
