@@ -4,7 +4,8 @@
 
 Synthetic replicas (no kernel, no server): `small` is 1,000 endpoints / 10 hosts / 100 policies / 50
 services, `big` 10,000 / 100 / 1,000 / 500 (policies with pod and namespace selectors and ports,
-services with backends spread over the hosts). One agent (host h0) runs, for one change of each
+services selecting one app of a namespace each, as in the scale lab: at the big size the services'
+maps hold an entry for every endpoint). One agent (host h0) runs, for one change of each
 kind, everything its apply path does per change (agent/main.py): the replica's `view()` copy, the
 plan (`Planner.plan`), `rejudge_scope`, the nft dataplane's difference (`NftDataplane.apply` with
 the nft call stubbed out: the batch it would send is built), the links difference (`apply_links`'s
@@ -48,7 +49,6 @@ from tether.model import (
     Network,
     NetworkPolicy,
     Service,
-    ServiceBackend,
     ServicePort,
     Subnet,
     key_of,
@@ -101,14 +101,12 @@ def policy(j: int, port: int = 0) -> NetworkPolicy:
 
 
 def service(k: int, n_eps: int, extra: int = 0) -> Service:
-    backends = [(k * 7 + b * 131) % n_eps for b in range(3 + extra)]
+    """Service k selects one app of one namespace, as the scale lab's do (tether.lab.scale): at the
+    big size every endpoint is a backend of one of them (20 each), so the services' maps hold an
+    entry per endpoint of the cluster. `extra` changes its target port."""
     return Service(name=f"s{k}", namespace=f"ns{k % NAMESPACES}", network="pods",
-                   cluster_ip=f"10.250.{k // 250}.{k % 250 + 1}",
-                   ports=[ServicePort(name="http", port=80, target_port=8080)],
-                   backends=[ServiceBackend(ip=ADDRS[b], endpoint=f"e{b}") for b in backends])
-
-
-ADDRS: dict[int, str] = {}
+                   cluster_ip=f"10.250.{k // 250}.{k % 250 + 1}", selector={"app": f"a{k // NAMESPACES % APPS}"},
+                   ports=[ServicePort(name="http", port=80, target_port=8080 + extra)])
 
 
 def replica(n_eps: int, n_hosts: int, n_pols: int, n_svcs: int) -> Replica:
@@ -121,11 +119,9 @@ def replica(n_eps: int, n_hosts: int, n_pols: int, n_svcs: int) -> Replica:
         o["Host"][f"h{i}"] = host(i)
         b = block(i)
         o["Block"][b.store_name()] = b
-    ADDRS.clear()
     for i in range(n_eps):
         h, slot = i % n_hosts, i // n_hosts
         ep = endpoint(i, h, slot)
-        ADDRS[i] = ep.ips[0]
         o["Endpoint"][ep.id] = ep
     for j in range(n_pols):
         p = policy(j)
@@ -314,7 +310,8 @@ def main() -> None:
     a = p.parse_args()
     nft_dp.run_nft = lambda commands, netns=None: None  # no kernel: the batch is built, not sent
     nft_dp.run_elements = lambda sock, batch: None  # the same for element-only batches (encoded, not sent)
-    nft_dp.list_table = lambda netns=None: None
+    nft_dp.list_table = lambda netns=None, terse=False: None
+    nft_dp.read_generation = lambda sock: None  # nor the namespace's generation read
     result: dict[str, Any] = {}
     for size in a.sizes.split(","):
         result[size] = measure(size, a.repeat)

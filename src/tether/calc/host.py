@@ -827,8 +827,9 @@ def _union(old: NftSet, s: NftSet, memo: dict[str, tuple] | None) -> NftSet:
             and (last[0] is old.elements or last[0] == old.elements)):
         prev: NftSet = last[2]
         added, removed = d.added - old.elements, d.removed - old.elements  # `old` keeps its own
-        out = NftSet(old.name, old.type, old.flags, old.map_type, (prev.elements - removed) | added, old.timeout,
-                     new_token(), ElementDelta(prev.token, added, removed))
+        elements = prev.elements - removed if removed else prev.elements
+        out = NftSet(old.name, old.type, old.flags, old.map_type, elements | added if added else elements,
+                     old.timeout, new_token(), ElementDelta(prev.token, added, removed))
     else:
         out = NftSet(old.name, old.type, old.flags, old.map_type, old.elements | s.elements, old.timeout,
                      new_token() if s.token else 0)

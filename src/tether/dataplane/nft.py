@@ -305,6 +305,8 @@ def canon_mine(s: NftSet, e: Any) -> Any:
             return _norm_prefix(v)
         return v
 
+    if "/" not in repr(e):  # nothing to normalise (most elements: no prefix anywhere in them)
+        return e
     if s.map_type is not None:
         k, v = norm(e[0]), norm(e[1])
         return e if k is e[0] and v is e[1] else (k, v)
