@@ -246,6 +246,7 @@ def changes(lab: Lab, size: Size, n: int) -> dict:
     idle_srv_rate = (cpu_s(lab.state.server_pid) - idle_srv0) / (time.monotonic() - it0)
     cpu0 = [cpu_s(p) for p in agents]
     srv0 = cpu_s(lab.state.server_pid)
+    watched0 = watcher.bytes, watcher.events  # what came during the idle measurement is not counted
     t0 = time.monotonic()
     waits = []
     by_kind: dict[str, list[float]] = {"endpoint_added": [], "policy_edited": [], "service_edited": []}
@@ -284,7 +285,8 @@ def changes(lab: Lab, size: Size, n: int) -> dict:
             "agent_cpu_ms_by_kind": {k: round(statistics.mean(v) * 1000, 1) if v else None for k, v in by_kind.items()},
             "server_cpu_ms_per_change": round(max(0.0, srv - idle_srv_rate * wall / n) * 1000, 2),
             "server_cpu_ms_per_change_raw": round(srv * 1000, 2),
-            "watch_bytes_per_change": round(watcher.bytes / n), "watch_events_per_change": round(watcher.events / n, 1),
+            "watch_bytes_per_change": round((watcher.bytes - watched0[0]) / n),
+            "watch_events_per_change": round((watcher.events - watched0[1]) / n, 1),
             "applied_everywhere_p50_ms": pct(waits, 0.5), "wall_s": round(wall, 1)}
 
 

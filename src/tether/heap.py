@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 # Net new container objects (allocated minus freed) that set off a collection of the youngest
 # generation; Python's default is 700
@@ -30,9 +31,16 @@ def trim() -> None:
     """Hand the heap's free memory back to the system. glibc keeps what a big transient freed (the
     agent's parse of a 10,000-object snapshot: ~40 MB of dicts, dropped once the models are built),
     so without this the agent's RSS stays at that peak for its whole life."""
-    try:
-        import ctypes
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None  # glibc's malloc_trim once looked up, False: there is none
