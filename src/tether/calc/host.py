@@ -53,6 +53,7 @@ from tether.calc.nft import (
     rule,
 )
 from tether.calc.plan import (
+    BY_NAME,
     ElementDelta,
     FdbEntry,
     HostInterface,
@@ -807,8 +808,8 @@ def merge(base: NftPlan, *fragments: NftPlan, memo: dict[str, tuple] | None = No
                 sets[s.name] = _union(old, s, memo)
         for c in frag.chains:
             chains[c.name] = c
-    return NftPlan(sets=tuple(sorted(sets.values(), key=lambda s: s.name)),
-                   chains=tuple(sorted(chains.values(), key=lambda c: c.name)))
+    return NftPlan(sets=tuple(sorted(sets.values(), key=BY_NAME)),
+                   chains=tuple(sorted(chains.values(), key=BY_NAME)))
 
 
 def _same_definition(a: NftSet, b: NftSet) -> bool:

@@ -16,6 +16,7 @@ Ownership marks, so a restarted agent can tell what is its own:
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +77,8 @@ class HostInterface:
     mac: str = ""  # the pod side's MAC: with `ips`, permanent neighbours once the veth is up
     ips: tuple[str, ...] = ()  # the endpoint's own addresses (not those of nested endpoints behind it)
 
+
+BY_NAME = operator.attrgetter("name")  # the order of a plan's sets and chains (a C-level sort key)
 
 _tokens = itertools.count(1)
 

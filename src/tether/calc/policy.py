@@ -49,7 +49,7 @@ from tether.calc.nft import (
     prefix,
     rule,
 )
-from tether.calc.plan import NftChain, NftPlan, NftSet
+from tether.calc.plan import BY_NAME, NftChain, NftPlan, NftSet
 from tether.model import Endpoint, Namespace, Network, NetworkPolicy, SecurityGroup, SecurityGroupRule
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "icmpv6": 58, "ipv6-icmp": 58}
@@ -735,8 +735,8 @@ def compile(endpoints: Iterable[Endpoint], namespaces: Iterable[Namespace], poli
     for name, elems in maps.items():
         key: str | tuple[str, ...] = ("ifname", "ipv4_addr") if name.startswith("nested") else "ifname"
         sets.append(NftSet(name, key, map_type="verdict", elements=frozenset(elems)))
-    return NftPlan(sets=tuple(sorted(sets, key=lambda s: s.name)),
-                   chains=tuple(sorted(b.chains.values(), key=lambda c: c.name)))
+    return NftPlan(sets=tuple(sorted(sets, key=BY_NAME)),
+                   chains=tuple(sorted(b.chains.values(), key=BY_NAME)))
 
 
 def drop_owners(comment: str) -> list[str]:
