@@ -376,6 +376,25 @@ def test_a_host_registering_again_unchanged_is_not_journaled_but_a_moved_host_is
     assert planner.plan(view, c) == Planner().plan(view, c)
 
 
+def test_a_blocks_allocations_are_not_planned_but_a_block_changing_hands_is() -> None:
+    """Every pod added writes its block's allocations (the server's IPAM record), which no plan
+    reads: every agent keeps the new block without planning again; a block given to another host
+    is planned (and the plan equals a cold one)."""
+    rep = _start()
+    c = HostContext("h1", "eth0", 1500)
+    planner = Planner()
+    planner.plan(rep.view(), c)
+    name, block = next((n, b) for n, b in rep.objects["Block"].items() if b.host == "h2")
+    before = len(rep.journal.entries)
+    used = block.model_copy(update={"allocations": {block.cidr.split("/")[0][:-1] + "5": "e1"}})
+    assert not rep.apply_event(_event("put", used, 50))
+    assert len(rep.journal.entries) == before and rep.objects["Block"][name].allocations == used.allocations
+    moved = used.model_copy(update={"host": "h3"})
+    assert rep.apply_event(_event("put", moved, 51)) and len(rep.journal.entries) == before + 1
+    view = rep.view()
+    assert planner.plan(view, c) == Planner().plan(view, c)
+
+
 def test_the_planner_names_this_hosts_endpoints_only_for_the_replica_it_planned_last() -> None:
     """`Planner.local_endpoints` (read by `rejudge_scope` and the agent's pending check instead of
     every endpoint) answers for the view planned last, quarantined endpoints included, else None."""

@@ -183,9 +183,10 @@ class Replica:
             self.acted = max(self.acted, ev["revision"])
             return True
         old = self.objects[kind].get(store_name)
-        if kind == "Host" and isinstance(old, Host) and _status_only(old, obj):
-            # no plan reads a host's status: nothing to apply, and not journaled (every host reports
-            # every few seconds: the planner would look at each host's endpoints again)
+        if old is not None and _unplanned_change(kind, old, obj):
+            # no plan reads what changed: nothing to apply, and not journaled (every host reports
+            # every few seconds, every pod added writes its block's allocations: the planner would
+            # look at each host's endpoints again, every agent would plan every pod twice)
             dict.__setitem__(self.objects[kind], store_name, obj)
             return False
         self.acted = max(self.acted, ev["revision"])
@@ -379,12 +380,17 @@ def _plural(kind: str) -> str:
     return PLURALS[kind]
 
 
-_NOT_PLANNED = frozenset({"status", "revision", "heartbeat"})
+# per kind, the fields no plan reads: a host's status report, when it last registered (an agent
+# that reconnects registers again: in a 100-host start every registration was a plan on every
+# running agent); a block's allocations (the server's IPAM record: agents route whole blocks and
+# read each endpoint's own addresses)
+_NOT_PLANNED = {"Host": frozenset({"status", "revision", "heartbeat"}),
+                "Block": frozenset({"allocations", "revision"})}
 
 
-def _status_only(old: Host, new: Obj) -> bool:
-    """True when a host event changes nothing a plan reads: only the host's status report, its
-    revision, or when it last registered (an agent that reconnects registers again: in a
-    100-host start every registration was a plan on every running agent)."""
-    skip = _NOT_PLANNED
-    return isinstance(new, Host) and old.model_dump(exclude=skip) == new.model_dump(exclude=skip)
+def _unplanned_change(kind: str, old: Obj, new: Obj) -> bool:
+    """True when an event changes only fields that no plan reads (`_NOT_PLANNED`)."""
+    skip = _NOT_PLANNED.get(kind)
+    return (skip is not None and type(old) is type(new)
+            and old.model_dump(exclude=skip) == new.model_dump(exclude=skip))
+
