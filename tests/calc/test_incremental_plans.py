@@ -153,7 +153,7 @@ def test_plans_kept_up_event_by_event_equal_plans_computed_from_scratch(seq: lis
     contexts = [HostContext(h, "eth0", 1500) for h in HOSTS[:2]]
     planners = {c.name: Planner() for c in contexts}
     dns_memos = Memos()
-    dataplanes = {c.name: nft_dp.NftDataplane() for c in contexts}
+    dataplanes = {c.name: nft_dp.NftDataplane("nowhere") for c in contexts}  # no kernel: see _no_kernel
     made: dict[int, frozenset] = {}  # token -> the elements it names
     with _no_kernel():
         for c in contexts:  # warm: what a running agent has planned before the events
