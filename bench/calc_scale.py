@@ -100,7 +100,7 @@ def policy(j: int, port: int = 0) -> NetworkPolicy:
     return NetworkPolicy(id=f"p{j}", name=f"p{j}", namespace=f"ns{ns}", spec=spec)
 
 
-def service(k: int, n_eps: int, extra: int = 0) -> Service:
+def service(k: int, extra: int = 0) -> Service:
     """Service k selects one app of one namespace, as the scale lab's do (tether.lab.scale): at the
     big size every endpoint is a backend of one of them (20 each), so the services' maps hold an
     entry per endpoint of the cluster. `extra` changes its target port."""
@@ -127,7 +127,7 @@ def replica(n_eps: int, n_hosts: int, n_pols: int, n_svcs: int) -> Replica:
         p = policy(j)
         o["NetworkPolicy"][p.store_name()] = p
     for k in range(n_svcs):
-        s = service(k, n_eps)
+        s = service(k)
         o["Service"][s.store_name()] = s
     r.revision = r.acted = 1
     r.synced = True
@@ -254,7 +254,7 @@ def changes(n_eps: int, n_hosts: int, events: list[dict]) -> dict[str, Callable[
         return put(rep, "NetworkPolicy", p.store_name(), p)
 
     def service_change(rep: Replica) -> Callable[[], None]:
-        s = service(3, n_eps, extra=1)
+        s = service(3, extra=1)
         return put(rep, "Service", s.store_name(), s)
 
     def host_added(rep: Replica) -> Callable[[], None]:

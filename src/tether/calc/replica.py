@@ -393,4 +393,3 @@ def _unplanned_change(kind: str, old: Obj, new: Obj) -> bool:
     skip = _NOT_PLANNED.get(kind)
     return (skip is not None and type(old) is type(new)
             and old.model_dump(exclude=skip) == new.model_dump(exclude=skip))
-

@@ -534,6 +534,11 @@ class ServiceParts:
 # what a service adds, in ServiceParts.counts' order
 PARTS = ("vips", "nodeports", "backend_ip", "backend_port", "empty", "hairpin", "tracked", "slots", "timeouts")
 SET_PARTS = PARTS[:7]  # those that are sets of the fragment, in `_fragment`'s order
+# the fragment's set made of each SET_PARTS part: (name, type, map type)
+SET_SHAPES = (("svc_vips", FRONTEND, "verdict"), ("svc_nodeports", ("inet_proto", "inet_service"), "verdict"),
+              ("svc_backend_ip", (*FRONTEND, "mark"), "ipv4_addr"),
+              ("svc_backend_port", (*FRONTEND, "mark"), "inet_service"), ("svc_empty", FRONTEND, None),
+              ("svc_hairpin", ("ipv4_addr", "ipv4_addr"), None), ("stateful", "ipv4_addr", None))
 
 
 def _part(fes: list[Frontend], subnets: list) -> tuple[tuple, ...]:
@@ -681,12 +686,8 @@ def _fragment(elements: list[tuple[frozenset, int, ElementDelta | None]], max_n:
         *((reject6,) if reject6 else ()))))
     chains += chains6
 
-    shapes = [("svc_vips", FRONTEND, "verdict"), ("svc_nodeports", ("inet_proto", "inet_service"), "verdict"),
-              ("svc_backend_ip", (*FRONTEND, "mark"), "ipv4_addr"),
-              ("svc_backend_port", (*FRONTEND, "mark"), "inet_service"), ("svc_empty", FRONTEND, None),
-              ("svc_hairpin", ("ipv4_addr", "ipv4_addr"), None), ("stateful", "ipv4_addr", None)]
     sets = [NftSet(name, typ, map_type=map_type, elements=els, token=token, delta=delta)
-            for (name, typ, map_type), (els, token, delta) in zip(shapes, elements, strict=True)]
+            for (name, typ, map_type), (els, token, delta) in zip(SET_SHAPES, elements, strict=True)]
     sets += sets6
     if timeouts:
         sets += [NftSet(f"svc_aff_{k}", ("ipv4_addr", "ipv4_addr", "inet_proto", "inet_service"),
